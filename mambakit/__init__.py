@@ -1,0 +1,10 @@
+"""mambakit: Mamba selective state-space models in plain PyTorch (CPU) and Triton (GPU)."""
+from mambakit.errors import CheckpointError, MambaKitError
+from mambakit.layers.mamba import Mamba
+from mambakit.models.config import MambaConfig
+from mambakit.models.lm import MambaLMHeadModel
+from mambakit.ops import selective_scan_fn, selective_scan_ref
+
+__version__ = "0.1.0"
+__all__ = ["Mamba", "MambaConfig", "MambaLMHeadModel", "MambaKitError", "CheckpointError", "selective_scan_fn",
+           "selective_scan_ref", "__version__"]

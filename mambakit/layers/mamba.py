@@ -1,0 +1,152 @@
+"""The Mamba-1 block: in_proj -> causal depthwise conv1d -> SiLU -> selective SSM, gated by SiLU(z) -> out_proj.
+
+Parameter names, shapes and initialisation follow the official `mamba_ssm.Mamba`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mambakit.errors import MambaKitError
+from mambakit.layers.state import SSMState
+from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_state_after
+from mambakit.ops.selective_scan import selective_scan_fn, selective_state_update
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    """The y with softplus(y) = x, for x > 0."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def init_dt_bias(d: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None) -> Tensor:
+    """Inverse softplus of dt drawn log-uniformly in [dt_min, dt_max] and floored at dt_init_floor: (d,) float32."""
+    dt = torch.exp(torch.rand(d, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return inverse_softplus(dt.clamp(min=dt_init_floor))
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise MambaKitError(f"Mamba {name} must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
+
+
+class Mamba(nn.Module):
+    """Mamba-1 mixer. Input and output: (batch, seqlen, d_model)."""
+
+    def __init__(
+        self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: Union[int, str] = "auto",
+        dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False, layer_idx: Optional[int] = None,
+        scan_backend: str = "auto", device=None, dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
+                            ("dt_min", dt_min), ("dt_max", dt_max), ("dt_scale", dt_scale)):
+            _check_positive(name, value)
+        if dt_init not in ("random", "constant"):
+            raise MambaKitError(f"Mamba dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if dt_min > dt_max:
+            raise MambaKitError(f"Mamba dt_min must be <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        _check_positive("dt_rank", self.dt_rank)
+        self.layer_idx = layer_idx
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        dt_init_std = self.dt_rank ** -0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                nn.init.constant_(self.dt_proj.weight, dt_init_std)
+            else:
+                nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+            self.dt_proj.bias.copy_(init_dt_bias(self.d_inner, dt_min, dt_max, dt_init_floor, device))
+        self.dt_proj.bias._no_reinit = True  # a later global init must keep this bias
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))  # S4D-real: A = -(1..d_state) for every channel
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> SSMState:
+        """Zero state: conv (batch, d_inner, d_conv) in the model dtype, ssm (batch, d_inner, d_state) in float32."""
+        device = device or self.out_proj.weight.device
+        conv_dtype = dtype or self.conv1d.weight.dtype
+        return SSMState(
+            conv=torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+        )
+
+    def forward(self, hidden_states: Tensor, state: Optional[SSMState] = None, seq_idx: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+        """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+
+        state: continue from it (chunked prefill) and update it in place to the state after the last token.
+        seq_idx: (batch, seqlen) packed-sequence index; no information crosses a change of index.
+        mask: (batch, seqlen) 1 for real tokens, 0 for padding; padded positions leave the state untouched.
+        """
+        batch, seqlen, _ = hidden_states.shape
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
+        x, z = xz.chunk(2, dim=1)
+        if mask is not None:
+            x = x * mask[:, None, :].to(x.dtype)
+        conv_weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+        conv_state = state.conv if state is not None else None
+        x_conv = causal_conv1d_fn(x, conv_weight, self.conv1d.bias, activation="silu", conv_state=conv_state,
+                                  seq_idx=seq_idx)
+        if mask is not None:
+            x_conv = x_conv * mask[:, None, :].to(x_conv.dtype)
+        x_dbl = self.x_proj(x_conv.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen), bias added in the scan
+        B = B.transpose(1, 2)  # (batch, d_state, seqlen)
+        C = C.transpose(1, 2)
+        A = -torch.exp(self.A_log.float())
+        delta_bias = self.dt_proj.bias.float()
+        if mask is not None:
+            # a padded step must neither decay the state nor add to it: delta = 0 there after the softplus
+            dt = dt.float()
+            dt = torch.where(mask[:, None, :].bool(), dt, torch.full_like(dt, -1e4) - delta_bias[:, None])
+        y, last_state = selective_scan_fn(
+            x_conv, dt, A, B, C, self.D.float(), z=z, delta_bias=delta_bias, delta_softplus=True,
+            return_last_state=True, initial_state=state.ssm if state is not None else None, seq_idx=seq_idx,
+            backend=self.scan_backend,
+        )
+        if state is not None:
+            with torch.no_grad():
+                state.conv.copy_(self._conv_state_after(x, state.conv, mask))
+                state.ssm.copy_(last_state)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _conv_state_after(self, x: Tensor, conv_state: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The last d_conv real inputs of each row (left or right padding), after the previous state."""
+        return conv_state_after(x, self.d_conv, conv_state, mask)
+
+    def step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
+        """One decoding step. hidden_states: (batch, 1, d_model) or (batch, d_model); state updated in place.
+
+        Returns (batch, 1, d_model) (or (batch, d_model) for a 2-D input).
+        """
+        squeeze = hidden_states.dim() == 2
+        h = hidden_states if squeeze else hidden_states[:, 0]
+        x, z = self.in_proj(h).chunk(2, dim=-1)  # (batch, d_inner) each
+        x = causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)
+        A = -torch.exp(self.A_log.float())
+        y = selective_state_update(state.ssm, x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(),
+                                   dt_softplus=True)
+        out = self.out_proj(y)
+        return out if squeeze else out[:, None]

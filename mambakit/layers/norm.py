@@ -1,0 +1,54 @@
+"""RMSNorm and the gated RMSNorm of Mamba-2."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mambakit.errors import MambaKitError
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x: (..., d) normalised in float32 by its root mean square over d, scaled by weight (d,); returns x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class RMSNormGated(nn.Module):
+    """norm(y * silu(z)) (norm_before_gate=False, the Mamba-2 default) or norm(y) * silu(z), normalised per group of
+    `group_size` channels (d_inner / ngroups), as mamba_ssm and transformers 5.x do."""
+
+    def __init__(self, d: int, eps: float = 1e-5, group_size: Optional[int] = None, norm_before_gate: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        group_size = group_size or d
+        if d % group_size != 0:
+            raise MambaKitError(f"RMSNormGated group_size must divide d={d}, got {group_size}")
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
+
+    def forward(self, y: Tensor, z: Optional[Tensor] = None) -> Tensor:
+        """y, z: (..., d). Returns (..., d) in y's dtype."""
+        dtype = y.dtype
+        yf = y.float()
+        if z is not None and not self.norm_before_gate:
+            yf = yf * F.silu(z.float())
+        groups = yf.unflatten(-1, (-1, self.group_size))
+        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = groups.flatten(-2) * self.weight.float()
+        if z is not None and self.norm_before_gate:
+            out = out * F.silu(z.float())
+        return out.to(dtype)

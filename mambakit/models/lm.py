@@ -1,0 +1,216 @@
+"""The Mamba language model: embedding -> n_layer x [residual + mixer(RMSNorm(residual))] -> RMSNorm -> LM head.
+
+Module and parameter names follow `mamba_ssm.MambaLMHeadModel` (backbone.embedding, backbone.layers.{i}.norm,
+backbone.layers.{i}.mixer.*, backbone.norm_f, lm_head), so its checkpoints map one to one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mambakit.errors import MambaKitError
+from mambakit.layers.mamba import Mamba
+from mambakit.layers.norm import RMSNorm
+from mambakit.models.config import MambaConfig
+
+
+def _make_mixer(config: MambaConfig, layer_idx: int, device, dtype) -> nn.Module:
+    factory = {"device": device, "dtype": dtype}
+    if layer_idx in config.attn_layer_idx:
+        from mambakit.layers.attention import MHA
+
+        return MHA(config.d_model, layer_idx=layer_idx, **config.attn_cfg, **factory)
+    kwargs = {k: v for k, v in config.ssm_cfg.items() if k != "layer"}
+    if config.mixer_layer == "Mamba2":
+        from mambakit.layers.mamba2 import Mamba2
+
+        return Mamba2(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
+    try:
+        return Mamba(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
+    except TypeError as exc:
+        raise MambaKitError(f"invalid ssm_cfg for Mamba1: {exc}") from exc
+
+
+class GatedMLP(nn.Module):
+    """fc2(y * silu(gate)) with (y, gate) = fc1(x); hidden width rounded up to a multiple of 128 (as mamba_ssm)."""
+
+    def __init__(self, d_model: int, hidden: int, multiple_of: int = 128, device=None, dtype=None):
+        super().__init__()
+        hidden = (hidden + multiple_of - 1) // multiple_of * multiple_of
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(y * F.silu(gate))
+
+
+class Block(nn.Module):
+    """Pre-norm block with the residual carried separately: residual += hidden; hidden = mixer(norm(residual))."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+        self.mixer = _make_mixer(config, layer_idx, device, dtype)
+        if config.d_intermediate > 0:
+            self.norm2 = RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+            self.mlp = GatedMLP(config.d_model, config.d_intermediate, device=device, dtype=dtype)
+        else:
+            self.mlp = None
+
+    def _add_norm(self, hidden: Tensor, residual: Optional[Tensor], norm: RMSNorm) -> tuple[Tensor, Tensor]:
+        residual = hidden if residual is None else residual + hidden
+        normed = norm(residual.to(norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.float()
+        return normed, residual
+
+    def forward(self, hidden: Tensor, residual: Optional[Tensor], state=None, step: bool = False,
+                **mixer_kwargs) -> tuple[Tensor, Tensor]:
+        """hidden, residual: (batch, seqlen, d_model) (residual None for the first block)."""
+        normed, residual = self._add_norm(hidden, residual, self.norm)
+        if step:
+            hidden = self.mixer.step(normed, state)
+        else:
+            hidden = self.mixer(normed, state=state, **mixer_kwargs)
+        if self.mlp is not None:
+            normed, residual = self._add_norm(hidden, residual, self.norm2)
+            hidden = self.mlp(normed)
+        return hidden, residual
+
+
+class MixerModel(nn.Module):
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(Block(config, i, device=device, dtype=dtype) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+
+    def forward(self, input_ids: Tensor, cache: Optional["InferenceCache"] = None, step: bool = False,
+                **mixer_kwargs) -> Tensor:
+        hidden = self.embedding(input_ids)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            state = cache.states[i] if cache is not None else None
+            hidden, residual = layer(hidden, residual, state=state, step=step, **mixer_kwargs)
+        residual = hidden if residual is None else residual + hidden
+        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor  # (batch, seqlen, padded_vocab_size)
+    loss: Optional[Tensor] = None
+
+
+@dataclass
+class InferenceCache:
+    """Per-layer recurrent states (constant size whatever the context length) and the number of tokens seen."""
+
+    states: list[Any] = field(default_factory=list)
+    seqlen_offset: int = 0
+
+    def reorder(self, index: Tensor) -> None:
+        for s in self.states:
+            s.reorder(index)
+
+
+def _init_weights(module: nn.Module, n_layer: int, n_residuals_per_layer: int) -> None:
+    """mamba_ssm's init: zero linear biases (except marked ones), N(0, 0.02) embeddings, out_proj/fc2 rescaled."""
+    if isinstance(module, nn.Linear):
+        if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    for name in ("out_proj", "fc2"):
+        sub = getattr(module, name, None)
+        if isinstance(sub, nn.Linear):
+            nn.init.kaiming_uniform_(sub.weight, a=math.sqrt(5))
+            with torch.no_grad():
+                sub.weight /= math.sqrt(n_residuals_per_layer * n_layer)
+
+
+class MambaLMHeadModel(nn.Module):
+    """Mamba language model. `model(input_ids).logits`: (batch, seqlen, padded_vocab_size)."""
+
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.backbone = MixerModel(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        n_res = 1 if config.d_intermediate == 0 else 2
+        self.apply(partial(_init_weights, n_layer=config.n_layer, n_residuals_per_layer=n_res))
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def _check_ids(self, input_ids: Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise MambaKitError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise MambaKitError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.padded_vocab_size):
+            raise MambaKitError(f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in "
+                                f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+    def forward(self, input_ids: Tensor, cache: Optional[InferenceCache] = None, labels: Optional[Tensor] = None,
+                num_last_tokens: int = 0, seq_idx: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None) -> CausalLMOutput:
+        """input_ids: (batch, seqlen). cache: continue from it and update it (prefill or chunked prefill).
+        labels: (batch, seqlen) next-token targets (-100 ignored) for a mean cross-entropy `loss`.
+        seq_idx: (batch, seqlen) packed sequences. attention_mask: (batch, seqlen) 1 = token, 0 = padding."""
+        self._check_ids(input_ids)
+        kwargs = {}
+        if seq_idx is not None:
+            kwargs["seq_idx"] = seq_idx
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise MambaKitError(f"attention_mask must have shape {tuple(input_ids.shape)} like input_ids, "
+                                    f"got {tuple(attention_mask.shape)}")
+            kwargs["mask"] = attention_mask
+        hidden = self.backbone(input_ids, cache=cache, **kwargs)
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        if num_last_tokens > 0:
+            hidden = hidden[:, -num_last_tokens:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def allocate_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> InferenceCache:
+        states = [layer.mixer.allocate_state(batch_size, dtype=dtype, device=device) for layer in self.backbone.layers]
+        return InferenceCache(states=states)
+
+    @torch.no_grad()
+    def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
+        """One decoding step. input_ids: (batch,) or (batch, 1). Returns logits (batch, padded_vocab_size)."""
+        ids = input_ids.reshape(-1, 1)
+        hidden = self.backbone(ids, cache=cache, step=True)
+        cache.seqlen_offset += 1
+        return self.lm_head(hidden[:, -1])
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
+                 eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Prefill the prompt, then decode one token at a time from the constant-size state.
+
+        Returns (batch, seqlen + max_new_tokens) token ids (rows that hit eos_token_id are filled with it).
+        temperature 0 (or top_k 1) is greedy.
+        """
+        from mambakit.models.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
+                        attention_mask=attention_mask)

@@ -1,0 +1,96 @@
+"""Causal depthwise conv1d and its one-step update (rolling conv state) for decoding.
+
+x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,); conv_state: (batch, dim, width) holding the last `width`
+inputs (the layout of the official `causal_conv1d` package).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambakit.errors import MambaKitError
+
+ACTIVATIONS = (None, "silu", "swish")
+
+
+def _activate(y: Tensor, activation: Optional[str]) -> Tensor:
+    if activation not in ACTIVATIONS:
+        raise MambaKitError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return F.silu(y) if activation in ("silu", "swish") else y
+
+
+def causal_conv1d_fn(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None,
+    conv_state: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
+) -> Tensor:
+    """y_t = act(bias + sum_k weight[:, k] * x_{t - width + 1 + k}), causal (inputs before t = 0 are zero, or the
+    last inputs held in `conv_state` when continuing a sequence).
+
+    seq_idx: (batch, seqlen) integer; taps that reach into a previous packed sequence are dropped.
+    conv_state, if given, is read (not modified); use `conv_state_after` to get the state after x.
+    Returns y: (batch, dim, seqlen) in x's dtype.
+    """
+    batch, dim, seqlen = x.shape
+    if weight.dim() != 2 or weight.shape[0] != dim:
+        raise MambaKitError(f"weight must have shape (dim={dim}, width), got {tuple(weight.shape)}")
+    width = weight.shape[1]
+    if conv_state is not None:
+        if conv_state.shape != (batch, dim, width):
+            raise MambaKitError(
+                f"conv_state must have shape (batch={batch}, dim={dim}, width={width}), got {tuple(conv_state.shape)}")
+        history = conv_state[..., 1:].to(x.dtype)
+    else:
+        history = x.new_zeros(batch, dim, width - 1)
+    xx = torch.cat([history, x], dim=-1)  # (batch, dim, width - 1 + seqlen)
+    if seq_idx is None:
+        y = F.conv1d(xx, weight.unsqueeze(1).to(x.dtype), None, groups=dim)
+    else:
+        if seq_idx.shape != (batch, seqlen):
+            raise MambaKitError(f"seq_idx must have shape (batch={batch}, seqlen={seqlen}), got {tuple(seq_idx.shape)}")
+        windows = xx.unfold(-1, width, 1)  # (batch, dim, seqlen, width): tap k reads x_{t - width + 1 + k}
+        padded_idx = F.pad(seq_idx, (width - 1, 0), value=-1)
+        padded_idx[:, : width - 1] = seq_idx[:, :1]  # history belongs to the first sequence
+        tap_idx = padded_idx.unfold(-1, width, 1)  # (batch, seqlen, width)
+        same = (tap_idx == seq_idx[..., None]).to(x.dtype)
+        y = torch.einsum("bdlk,blk,dk->bdl", windows, same, weight.to(x.dtype))
+    if bias is not None:
+        y = y + bias.to(y.dtype)[:, None]
+    return _activate(y, activation)
+
+
+def conv_state_after(x: Tensor, width: int, conv_state: Optional[Tensor] = None,
+                     mask: Optional[Tensor] = None) -> Tensor:
+    """The conv state (batch, dim, width) after feeding x (batch, dim, seqlen), continuing from `conv_state`.
+
+    mask: (batch, seqlen), 1 for real tokens; each row's state ends at its last real token (right padding is skipped).
+    """
+    batch, dim, seqlen = x.shape
+    prev = conv_state.to(x.dtype) if conv_state is not None else x.new_zeros(batch, dim, width)
+    xx = torch.cat([prev, x], dim=-1)  # (batch, dim, width + seqlen)
+    if mask is None:
+        return xx[..., -width:]
+    positions = torch.arange(1, seqlen + 1, device=x.device)
+    end = (mask.to(torch.long) * positions).amax(dim=-1) + width  # (batch,) one past the last real input in xx
+    idx = end[:, None] - width + torch.arange(width, device=x.device)  # (batch, width)
+    return torch.gather(xx, -1, idx[:, None, :].expand(batch, dim, width))
+
+
+def causal_conv1d_update(
+    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None,
+) -> Tensor:
+    """One decoding step. x: (batch, dim); conv_state: (batch, dim, width), shifted left and updated in place.
+
+    Returns y: (batch, dim) in x's dtype.
+    """
+    if conv_state.dim() != 3 or conv_state.shape[:2] != x.shape or conv_state.shape[2] != weight.shape[1]:
+        raise MambaKitError(
+            f"conv_state must have shape (batch, dim, width) = {(*x.shape, weight.shape[1])}, got {tuple(conv_state.shape)}")
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[..., -1] = x.to(conv_state.dtype)
+    y = (conv_state.to(x.dtype) * weight.to(x.dtype)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return _activate(y, activation)

@@ -1,0 +1,417 @@
+"""The training loop behind ``mambakit train``: a byte-level Mamba LM on a text corpus.
+
+AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup then cosine decay, gradient clipping,
+a validation loss on a fixed set of held-out batches every `eval_interval` steps, atomic checkpoints
+(`mambakit.models.checkpoint`) that ``--resume`` continues from, a loss-curve PNG and a generated sample.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from mambakit.data import BatchSampler, ByteTokenizer, bytes_to_tensor, load_text_corpus, split_train_val
+from mambakit.errors import MambaKitError
+from mambakit.models.checkpoint import (
+    load_checkpoint,
+    load_config,
+    load_optimizer_state,
+    load_trainer_state,
+    save_checkpoint,
+)
+from mambakit.models.config import MambaConfig
+
+ARCHS = {"mamba1": "Mamba1", "mamba2": "Mamba2"}
+CHECKPOINT_SUBDIR = "checkpoint"
+
+#: Defaults of `TrainArgs` fields left as None. Sized for the built-in corpus on a 2-core CPU: a few minutes.
+DEFAULTS: dict[str, Any] = {
+    "data": None,
+    "steps": 600,
+    "d_model": 128,
+    "n_layer": 2,
+    "d_state": None,  # 16 for mamba1, 64 for mamba2 (see `default_d_state`)
+    "arch": "mamba1",
+    "seq_len": 256,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": None,  # min(100, steps // 10)
+    "min_lr_ratio": 0.1,
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+    "eval_interval": 100,
+    "eval_batches": 8,
+    "save_interval": None,  # = eval_interval
+    "seed": 0,
+    "device": "auto",
+    "sample_prompt": "def ",
+    "sample_tokens": 200,
+}
+#: Fields that fix the model's shape: on --resume they come from the checkpoint and must not contradict it.
+MODEL_FIELDS = ("d_model", "n_layer", "d_state", "arch")
+
+
+@dataclass
+class TrainArgs:
+    """Options of a training run. None means: the stored value when resuming, else `DEFAULTS`."""
+
+    out: str = "runs/mamba"
+    resume: bool = False
+    progress: bool = True
+    data: str | None = None
+    steps: int | None = None
+    d_model: int | None = None
+    n_layer: int | None = None
+    d_state: int | None = None
+    arch: str | None = None
+    seq_len: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup_steps: int | None = None
+    min_lr_ratio: float | None = None
+    weight_decay: float | None = None
+    grad_clip: float | None = None
+    eval_interval: int | None = None
+    eval_batches: int | None = None
+    save_interval: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    sample_prompt: str | None = None
+    sample_tokens: int | None = None
+
+
+def default_d_state(arch: str) -> int:
+    """The state size used when --d-state is not given: 16 for Mamba-1, 64 for Mamba-2."""
+    return 64 if arch == "mamba2" else 16
+
+
+def resolve_args(args: TrainArgs, stored: dict[str, Any] | None = None) -> TrainArgs:
+    """Fill None fields from `stored` (a resumed run's arguments), then from `DEFAULTS`; validate the result."""
+    stored = stored or {}
+    out = TrainArgs(out=args.out, resume=args.resume, progress=args.progress)
+    for f in fields(TrainArgs):
+        if f.name in ("out", "resume", "progress"):
+            continue
+        value = getattr(args, f.name)
+        if value is None:
+            value = stored.get(f.name, DEFAULTS[f.name])
+        setattr(out, f.name, value)
+    if out.d_state is None:
+        out.d_state = default_d_state(out.arch)
+    if out.warmup_steps is None:
+        out.warmup_steps = min(100, out.steps // 10)
+    if out.save_interval is None:
+        out.save_interval = out.eval_interval
+    validate_args(out)
+    return out
+
+
+def validate_args(args: TrainArgs) -> None:
+    """Raise `MambaKitError` naming the first option with an invalid value."""
+    for name in ("steps", "d_model", "n_layer", "d_state", "seq_len", "batch_size", "eval_interval", "eval_batches",
+                 "save_interval"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise MambaKitError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    for name in ("warmup_steps", "sample_tokens"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or value < 0:
+            raise MambaKitError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
+    if not (isinstance(args.lr, (int, float)) and math.isfinite(args.lr) and args.lr > 0):
+        raise MambaKitError(f"--lr must be a positive number, got {args.lr!r}")
+    if not (isinstance(args.grad_clip, (int, float)) and args.grad_clip > 0):
+        raise MambaKitError(f"--grad-clip must be a positive number, got {args.grad_clip!r}")
+    if not (isinstance(args.weight_decay, (int, float)) and args.weight_decay >= 0):
+        raise MambaKitError(f"--weight-decay must be a number >= 0, got {args.weight_decay!r}")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise MambaKitError(f"min_lr_ratio must lie in [0, 1], got {args.min_lr_ratio!r}")
+    if args.arch not in ARCHS:
+        raise MambaKitError(f"--arch must be one of {sorted(ARCHS)}, got {args.arch!r}")
+    if not args.sample_prompt and args.sample_tokens:
+        raise MambaKitError("the sample prompt must not be empty")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'; errors when CUDA is asked but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise MambaKitError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
+        try:
+            device = torch.device(name)
+        except RuntimeError as exc:
+            raise MambaKitError(f"invalid device {name!r}: {exc}") from exc
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MambaKitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return device
+    raise MambaKitError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+
+
+def build_config(args: TrainArgs, vocab_size: int = 256) -> MambaConfig:
+    """The `MambaConfig` of a new model for these (resolved) arguments."""
+    if args.arch == "mamba2":
+        d_inner = 2 * args.d_model  # expand 2
+        headdim = next((h for h in (64, 32, 16) if d_inner % h == 0), None)
+        if headdim is None:
+            raise MambaKitError(f"--arch mamba2 needs --d-model to be a multiple of 8, got {args.d_model}")
+        ssm_cfg: dict[str, Any] = {"layer": "Mamba2", "d_state": args.d_state, "headdim": headdim, "chunk_size": 64}
+    else:
+        ssm_cfg = {"layer": "Mamba1", "d_state": args.d_state}
+    return MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=vocab_size, ssm_cfg=ssm_cfg)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (2-D and up) only; vectors, norms, biases, A_log and D get none.
+
+    A parameter marked ``_no_weight_decay = True`` (the mamba_ssm convention for A_log and D) is never decayed.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.dim() < 2 or getattr(p, "_no_weight_decay", False) or name.endswith(("A_log", ".D"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    """Learning rate of (0-based) `step`: linear warmup over `warmup_steps`, then cosine down to lr·min_lr_ratio."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    span = max(1, args.steps - args.warmup_steps)
+    progress = min(1.0, (step - args.warmup_steps) / span)
+    min_lr = args.lr * args.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats) of the model on inputs `x` and targets `y`, both (batch, seqlen)."""
+    logits = model(x).logits  # (batch, seqlen, padded_vocab)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
+    """Mean loss over fixed validation batches (model put back in its previous train/eval mode)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        total += lm_loss(model, x.to(device), y.to(device)).item()
+    model.train(was_training)
+    return total / len(batches)
+
+
+def plot_losses(history: dict[str, list], path: Path) -> bool:
+    """Write the loss curves (train, smoothed, and validation) to a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if history["train"]:
+        steps, losses = zip(*history["train"])
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
+        smooth, ema = [], losses[0]
+        for v in losses:
+            ema = 0.95 * ema + 0.05 * v
+            smooth.append(ema)
+        ax.plot(steps, smooth, color="tab:blue", label="train (EMA)")
+    if history["val"]:
+        steps, losses = zip(*history["val"])
+        ax.plot(steps, losses, "o-", color="tab:orange", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / byte)")
+    ax.set_title("mambakit train")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+@torch.no_grad()
+def generate_sample(model: torch.nn.Module, prompt: str, max_new_tokens: int, seed: int, device: torch.device) -> str:
+    """Prompt plus a sampled continuation (temperature 0.8, top-p 0.95), decoded as bytes."""
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok.encode(prompt)], dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.8, top_p=0.95, seed=seed)
+    model.train(was_training)
+    return tok.decode(out[0].tolist())
+
+
+def _prepare_data(args: TrainArgs, log: Callable[[str], None]) -> tuple[BatchSampler, list]:
+    raw = load_text_corpus(args.data)
+    train_bytes, val_bytes = split_train_val(raw)
+    source = args.data if args.data is not None else "built-in corpus (Python standard library sources)"
+    log(f"data: {source}: {len(raw):,} bytes ({len(train_bytes):,} train, {len(val_bytes):,} validation)")
+    if len(val_bytes) < args.seq_len + 1:
+        raise MambaKitError(
+            f"the validation split ({len(val_bytes)} bytes, the last 5% of the data) is shorter than "
+            f"--seq-len + 1 = {args.seq_len + 1}; use more data or a smaller --seq-len"
+        )
+    sampler = BatchSampler(bytes_to_tensor(train_bytes), args.batch_size, args.seq_len, seed=args.seed)
+    val_sampler = BatchSampler(bytes_to_tensor(val_bytes), args.batch_size, args.seq_len, seed=args.seed + 7919)
+    val_batches = [val_sampler.batch(i) for i in range(args.eval_batches)]
+    return sampler, val_batches
+
+
+def _check_resume_shape(args: TrainArgs, config: MambaConfig) -> None:
+    """Explicit model-shape options must agree with the checkpoint being resumed."""
+    arch = {v: k for k, v in ARCHS.items()}[config.mixer_layer]
+    have = {"d_model": config.d_model, "n_layer": config.n_layer, "arch": arch,
+            "d_state": config.ssm_cfg.get("d_state", default_d_state(arch))}
+    for name in MODEL_FIELDS:
+        given = getattr(args, name)
+        if given is not None and given != have[name]:
+            raise MambaKitError(
+                f"--{name.replace('_', '-')} {given} does not match the checkpoint being resumed "
+                f"({name} = {have[name]}); drop the option or train into a new --out"
+            )
+
+
+def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary: losses, tokens/s, steps, wall time, checkpoint, sample."""
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    out_dir = Path(args.out)
+    ckpt_dir = out_dir / CHECKPOINT_SUBDIR
+    state: dict[str, Any] = {}
+    if args.resume:
+        stored_state = load_trainer_state(ckpt_dir) if ckpt_dir.exists() else None
+        if stored_state is None:
+            raise MambaKitError(f"--resume: no checkpoint with trainer state in {str(ckpt_dir)!r}")
+        state = stored_state
+        stored_args = state.get("args", {})
+        _check_resume_shape(args, load_config(ckpt_dir))
+        args = resolve_args(args, {k: v for k, v in stored_args.items() if k not in MODEL_FIELDS})
+    else:
+        args = resolve_args(args)
+    device = resolve_device(args.device)
+    sampler, val_batches = _prepare_data(args, log)
+    from mambakit.models.lm import MambaLMHeadModel  # imported late: models/lm.py imports the layers and ops
+
+    if args.resume:
+        model = load_checkpoint(ckpt_dir, device=device)
+        config = model.config
+        args.d_model, args.n_layer = config.d_model, config.n_layer
+        args.arch = {v: k for k, v in ARCHS.items()}[config.mixer_layer]
+        args.d_state = config.ssm_cfg.get("d_state", default_d_state(args.arch))
+    else:
+        config = build_config(args)
+        torch.manual_seed(args.seed)
+        model = MambaLMHeadModel(config, device=device)
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    if args.resume:
+        opt_state = load_optimizer_state(ckpt_dir, map_location=device)
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        log(f"resumed from {ckpt_dir} at step {state['step']}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {args.arch}, d_model {config.d_model}, n_layer {config.n_layer}, d_state {args.d_state}, "
+        f"{n_params:,} parameters; device {device}; {args.steps} steps of {args.batch_size}x{args.seq_len} bytes")
+
+    start_step = int(state.get("step", 0))
+    history: dict[str, list] = state.get("history") or {"train": [], "val": []}
+    train_time = float(state.get("train_time_s", 0.0))
+    tokens_seen = int(state.get("tokens_seen", 0))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if start_step == 0 and not history["val"]:
+        history["val"].append((0, evaluate(model, val_batches, device)))
+        log(f"step 0: validation loss {history['val'][-1][1]:.4f}")
+
+    def checkpoint(step: int) -> None:
+        trainer_state = {"step": step, "seed": args.seed, "args": asdict(args), "history": history,
+                         "train_time_s": train_time, "tokens_seen": tokens_seen,
+                         "rng": "batches depend only on (seed, step); no generator state is needed"}
+        save_checkpoint(model, ckpt_dir, optimizer=optimizer, trainer_state=trainer_state)
+
+    tokens_per_step = args.batch_size * args.seq_len
+    bar = tqdm(total=args.steps, initial=min(start_step, args.steps), disable=not args.progress,
+               dynamic_ncols=True, desc="train")
+    done = start_step
+    try:
+        for step in range(start_step, args.steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = sampler.batch(step)
+            loss = lm_loss(model, x.to(device), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise MambaKitError(f"training diverged at step {step + 1} (loss {loss_value}); try a smaller --lr")
+            train_time += time.perf_counter() - t0
+            tokens_seen += tokens_per_step
+            done = step + 1
+            history["train"].append((done, loss_value))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):,.0f}")
+            if done % args.eval_interval == 0 or done == args.steps:
+                val = evaluate(model, val_batches, device)
+                history["val"].append((done, val))
+                bar.write(f"step {done}: train loss {loss_value:.4f}, validation loss {val:.4f}, lr {lr:.2e}")
+            if done % args.save_interval == 0 and done != args.steps:
+                checkpoint(done)
+    except KeyboardInterrupt:
+        bar.close()
+        if done > start_step:
+            checkpoint(done)
+            log(f"interrupted: saved checkpoint at step {done} to {ckpt_dir} (continue with --resume)")
+        raise
+    finally:
+        bar.close()
+    if done > start_step:
+        checkpoint(done)
+        log(f"saved checkpoint (step {done}) to {ckpt_dir}")
+    else:
+        log(f"checkpoint is already at step {start_step} >= --steps {args.steps}; nothing to train")
+    if plot_losses(history, out_dir / "loss.png"):
+        log(f"loss curve: {out_dir / 'loss.png'}")
+
+    sample = ""
+    if args.sample_tokens > 0:
+        sample = generate_sample(model, args.sample_prompt, args.sample_tokens, args.seed, device)
+        log("sample:\n" + sample)
+    recent = [v for _, v in history["train"][-20:]]
+    summary = {
+        "steps": done,
+        "initial_val_loss": history["val"][0][1] if history["val"] else None,
+        "final_val_loss": history["val"][-1][1] if history["val"] else None,
+        "final_train_loss": sum(recent) / len(recent) if recent else None,
+        "tokens_per_s": tokens_seen / train_time if train_time > 0 else None,
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - t_start,
+        "n_params": n_params,
+        "checkpoint": str(ckpt_dir),
+        "sample": sample,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    message = f"done: {done} steps"
+    if history["val"]:
+        message += f", validation loss {summary['initial_val_loss']:.4f} -> {summary['final_val_loss']:.4f}"
+    if summary["tokens_per_s"]:
+        message += f", {summary['tokens_per_s']:,.0f} tokens/s"
+    log(message + f", wall time {summary['wall_time_s']:.1f} s")
+    return summary

@@ -243,7 +243,8 @@ def _chunk_states_forward(delta_c, u_c, B_c, A, H_prev, reset_c):
     if starts is None:
         Z += carry
     else:
-        in_first_segment = (starts == 0)[:, None, None, None, :]
+        # the state before the chunk reaches its first segment, unless a new sequence starts right at the chunk start
+        in_first_segment = ((starts == 0) & ~reset_c[:, :1])[:, None, None, None, :]
         Z += carry * in_first_segment
     h = Z / geo.e_in
     return h, x, geo

@@ -1,0 +1,200 @@
+"""The chunked selective scan against the sequential reference: outputs, final states, gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambakit.errors import MambaKitError
+from mambakit.ops.selective_scan import (
+    selective_scan_chunked,
+    selective_scan_fn,
+    selective_scan_ref,
+    selective_state_update,
+)
+from tests.conftest import rel_err
+
+
+def make_inputs(batch, dim, d_state, seqlen, groups=0, dtype=torch.float64, with_D=True, with_z=True, with_bias=True,
+                with_h0=False, packed=False, delta_scale=0.5, seed=0):
+    """groups=0: B, C (batch, d_state, seqlen); groups>=1: grouped layout."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype).requires_grad_()
+
+    bc_shape = (batch, d_state, seqlen) if groups == 0 else (batch, groups, d_state, seqlen)
+    kw = dict(
+        u=r(batch, dim, seqlen), delta=r(batch, dim, seqlen, scale=delta_scale, shift=-1.0),
+        A=(-torch.rand(dim, d_state, generator=g, dtype=torch.float64) * 4 - 0.1).to(dtype).requires_grad_(),
+        B=r(*bc_shape), C=r(*bc_shape),
+        D=r(dim) if with_D else None, z=r(batch, dim, seqlen) if with_z else None,
+        delta_bias=r(dim, scale=0.3) if with_bias else None, delta_softplus=True,
+        initial_state=r(batch, dim, d_state) if with_h0 else None,
+    )
+    if packed:
+        idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+        for b in range(batch):
+            cuts = sorted(torch.randint(1, max(seqlen, 2), (3,), generator=g).tolist())
+            for c in cuts:
+                idx[b, c:] += 1
+        kw["seq_idx"] = idx
+    return kw
+
+
+def grads(fn, kw, chunk=None):
+    extra = {"chunk_size": chunk} if chunk else {}
+    y, last = fn(**kw, return_last_state=True, **extra)
+    g = torch.Generator().manual_seed(123)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+    gs = torch.randn(last.shape, generator=g, dtype=torch.float64).to(last.dtype)
+    names = [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    gr = torch.autograd.grad((y * gy).sum() + (last * gs).sum(), [kw[n] for n in names])
+    return y, last, dict(zip(names, gr))
+
+
+SHAPES = [
+    # batch, dim, d_state, seqlen, groups, chunk
+    (2, 4, 3, 1, 0, 8),
+    (1, 6, 1, 13, 0, 4),
+    (2, 6, 4, 37, 3, 8),
+    (3, 8, 5, 64, 2, 16),
+    (1, 3, 2, 101, 1, 32),
+    (2, 4, 16, 129, 0, 64),
+]
+
+
+@pytest.mark.parametrize("batch,dim,d_state,seqlen,groups,chunk", SHAPES)
+@pytest.mark.parametrize("options", [dict(), dict(with_h0=True), dict(packed=True, with_h0=True),
+                                     dict(with_D=False, with_z=False, with_bias=False)])
+def test_chunked_matches_reference_fp64(batch, dim, d_state, seqlen, groups, chunk, options):
+    kw = make_inputs(batch, dim, d_state, seqlen, groups, seed=seqlen * 7 + dim, **options)
+    y_ref, s_ref, g_ref = grads(selective_scan_ref, kw)
+    y, s, g = grads(selective_scan_chunked, kw, chunk)
+    assert rel_err(y, y_ref) < 1e-12
+    assert rel_err(s, s_ref) < 1e-12
+    assert g.keys() == g_ref.keys()
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < 1e-10, name
+
+
+def test_chunked_fp32_close_to_fp64_reference():
+    kw64 = make_inputs(2, 16, 8, 300, 2, with_h0=True, seed=5)
+    kw32 = {k: (v.detach().float().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in kw64.items()}
+    y_ref, s_ref, g_ref = grads(selective_scan_ref, kw64)
+    y, s, g = grads(selective_scan_chunked, kw32)
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(s, s_ref) < 1e-5
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < 1e-4, name
+
+
+def test_bf16_inputs_are_computed_in_fp32():
+    kw = make_inputs(2, 8, 4, 200, 0, dtype=torch.bfloat16, seed=3)
+    ref_kw = {k: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in kw.items()}
+    y = selective_scan_chunked(**kw)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, selective_scan_ref(**ref_kw)) < 1e-2
+
+
+def test_long_sequence_with_large_decays_stays_finite():
+    # delta*A sums over a chunk far beyond exp's range: the chunk size shrinks and nothing overflows
+    kw = make_inputs(1, 4, 4, 3000, 0, dtype=torch.float32, delta_scale=3.0, seed=11)
+    with torch.no_grad():
+        kw["A"].mul_(5.0)
+    ref_kw = {k: (v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in kw.items()}
+    y, last = selective_scan_chunked(**kw, return_last_state=True)
+    y_ref, last_ref = selective_scan_ref(**ref_kw, return_last_state=True)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(last, last_ref) < 1e-5
+    y.sum().backward()
+    assert all(torch.isfinite(kw[n].grad).all() for n in ("u", "delta", "A", "B", "C"))
+
+
+def test_single_step_decay_beyond_range_falls_back_exactly():
+    kw = make_inputs(1, 2, 2, 20, 0, seed=2)
+    with torch.no_grad():
+        kw["delta"][0, 0, 5] = 400.0  # softplus ~ 400, times |A| >= 0.1: a decay of e^-40 or far less in one step
+        kw["A"].mul_(10.0)
+    y = selective_scan_chunked(**kw)
+    assert rel_err(y, selective_scan_ref(**kw)) < 1e-12
+
+
+def test_packed_sequences_equal_each_sequence_alone():
+    torch.manual_seed(0)
+    dim, d_state, lengths = 6, 4, [7, 30, 1, 22]
+    kw = make_inputs(1, dim, d_state, sum(lengths), 0, with_h0=False, seed=9)
+    kw["seq_idx"] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(torch.int32)
+    y, last = selective_scan_chunked(**kw, return_last_state=True, chunk_size=8)
+    start = 0
+    for n in lengths:
+        part = {k: (v[..., start:start + n] if k in ("u", "delta", "B", "C", "z") else v)
+                for k, v in kw.items() if k != "seq_idx"}
+        y_alone, last_alone = selective_scan_ref(**part, return_last_state=True)
+        assert rel_err(y[..., start:start + n], y_alone) < 1e-12
+        start += n
+    assert rel_err(last, last_alone) < 1e-12
+
+
+def test_gradcheck_fast_path():
+    kw = make_inputs(1, 2, 2, 9, 0, with_h0=True, packed=True, seed=4)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+
+    def f(*tensors):
+        args = dict(kw, **dict(zip(names, tensors)))
+        y, last = selective_scan_chunked(**args, return_last_state=True, chunk_size=4)
+        return y, last
+
+    assert torch.autograd.gradcheck(f, [kw[n] for n in names])
+
+
+def test_gradcheck_reference():
+    kw = make_inputs(1, 2, 2, 5, 0, with_h0=True, seed=6)
+    names = ["u", "delta", "A", "B", "C", "initial_state"]
+
+    def f(*tensors):
+        return selective_scan_ref(**dict(kw, **dict(zip(names, tensors))), return_last_state=True)
+
+    assert torch.autograd.gradcheck(f, [kw[n] for n in names])
+
+
+def test_state_update_steps_equal_scan():
+    kw = make_inputs(2, 6, 4, 12, 2, with_h0=True, seed=8)
+    kw = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    y_ref, last_ref = selective_scan_ref(**kw, return_last_state=True)
+    state = kw["initial_state"].clone()
+    ys = []
+    for t in range(12):
+        ys.append(selective_state_update(state, kw["u"][..., t], kw["delta"][..., t], kw["A"], kw["B"][..., t],
+                                         kw["C"][..., t], kw["D"], kw["z"][..., t], kw["delta_bias"], True))
+    assert rel_err(torch.stack(ys, -1), y_ref) < 1e-12
+    assert rel_err(state, last_ref) < 1e-12
+
+
+def test_dispatch_backends_agree():
+    kw = make_inputs(1, 4, 3, 20, 0, seed=1)
+    y_t = selective_scan_fn(**kw, backend="torch")
+    y_r = selective_scan_fn(**kw, backend="ref")
+    assert rel_err(y_t, y_r) < 1e-12
+    with pytest.raises(MambaKitError, match="backend"):
+        selective_scan_fn(**kw, backend="cuda-magic")
+
+
+@pytest.mark.parametrize("fn", [selective_scan_ref, selective_scan_chunked])
+def test_bad_inputs_name_the_argument(fn):
+    kw = make_inputs(2, 4, 3, 10, 0, seed=1)
+    bad = [
+        ("delta", kw["delta"][..., :9], "delta"),
+        ("A", kw["A"][:3], "A must have shape"),
+        ("B", kw["B"][:, :2], "B must have shape"),
+        ("C", torch.randn(2, 3, 3, 10, dtype=torch.float64), "C must have shape"),
+        ("D", torch.randn(5, dtype=torch.float64), "D must have shape"),
+        ("z", kw["z"][:1], "z must have shape"),
+        ("initial_state", torch.randn(2, 4, 2, dtype=torch.float64), "initial_state"),
+    ]
+    for name, value, msg in bad:
+        with pytest.raises(MambaKitError, match=msg):
+            fn(**dict(kw, **{name: value}))
+    with pytest.raises(MambaKitError, match="seq_idx must be an integer"):
+        fn(**kw, seq_idx=torch.zeros(2, 10))

@@ -81,12 +81,14 @@ class Mamba(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------------
     def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> SSMState:
-        """Zero state: conv (batch, d_inner, d_conv) in the model dtype, ssm (batch, d_inner, d_state) in float32."""
+        """Zero state: conv (batch, d_inner, d_conv) in the model dtype, ssm (batch, d_inner, d_state) in
+        float32 (float64 for a float64 model)."""
         device = device or self.out_proj.weight.device
         conv_dtype = dtype or self.conv1d.weight.dtype
+        ssm_dtype = torch.float64 if conv_dtype == torch.float64 else torch.float32
         return SSMState(
             conv=torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype),
-            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),
         )
 
     def forward(self, hidden_states: Tensor, state: Optional[SSMState] = None, seq_idx: Optional[Tensor] = None,
@@ -113,14 +115,15 @@ class Mamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen), bias added in the scan
         B = B.transpose(1, 2)  # (batch, d_state, seqlen)
         C = C.transpose(1, 2)
-        A = -torch.exp(self.A_log.float())
-        delta_bias = self.dt_proj.bias.float()
+        fp = torch.float64 if x_conv.dtype == torch.float64 else torch.float32
+        A = -torch.exp(self.A_log.to(fp))
+        delta_bias = self.dt_proj.bias.to(fp)
         if mask is not None:
             # a padded step must neither decay the state nor add to it: delta = 0 there after the softplus
-            dt = dt.float()
+            dt = dt.to(fp)
             dt = torch.where(mask[:, None, :].bool(), dt, torch.full_like(dt, -1e4) - delta_bias[:, None])
         y, last_state = selective_scan_fn(
-            x_conv, dt, A, B, C, self.D.float(), z=z, delta_bias=delta_bias, delta_softplus=True,
+            x_conv, dt, A, B, C, self.D.to(fp), z=z, delta_bias=delta_bias, delta_softplus=True,
             return_last_state=True, initial_state=state.ssm if state is not None else None, seq_idx=seq_idx,
             backend=self.scan_backend,
         )
@@ -145,8 +148,9 @@ class Mamba(nn.Module):
         x = causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)
-        A = -torch.exp(self.A_log.float())
-        y = selective_state_update(state.ssm, x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias.float(),
+        fp = state.ssm.dtype
+        A = -torch.exp(self.A_log.to(fp))
+        y = selective_state_update(state.ssm, x, dt, A, B, C, self.D.to(fp), z=z, dt_bias=self.dt_proj.bias.to(fp),
                                    dt_softplus=True)
         out = self.out_proj(y)
         return out if squeeze else out[:, None]

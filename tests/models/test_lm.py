@@ -10,9 +10,13 @@ from mambakit.models.lm import MambaLMHeadModel
 from tests.conftest import rel_err
 
 
-def tiny(**kw) -> MambaLMHeadModel:
+MAMBA2 = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 16}
+ARCHS = pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+
+
+def tiny(arch: str = "mamba1", **kw) -> MambaLMHeadModel:
     torch.manual_seed(0)
-    cfg = dict(d_model=32, n_layer=2, vocab_size=50)
+    cfg = dict(d_model=32, n_layer=2, vocab_size=50, ssm_cfg=dict(MAMBA2) if arch == "mamba2" else {})
     cfg.update(kw)
     return MambaLMHeadModel(MambaConfig(**cfg)).eval()
 
@@ -34,8 +38,9 @@ def test_dt_bias_survives_global_init():
     assert bias.abs().min() > 0  # not zeroed by the LM's init
 
 
-def test_prefill_then_steps_equal_parallel_forward():
-    model = tiny(d_intermediate=48)
+@ARCHS
+def test_prefill_then_steps_equal_parallel_forward(arch):
+    model = tiny(arch, d_intermediate=48)
     ids = torch.randint(0, 50, (3, 41))
     with torch.no_grad():
         full = model(ids).logits
@@ -47,8 +52,9 @@ def test_prefill_then_steps_equal_parallel_forward():
     assert cache.seqlen_offset == 41
 
 
-def test_chunked_prefill_equals_one_forward():
-    model = tiny()
+@ARCHS
+def test_chunked_prefill_equals_one_forward(arch):
+    model = tiny(arch)
     ids = torch.randint(0, 50, (2, 300))
     with torch.no_grad():
         full = model(ids).logits
@@ -57,8 +63,9 @@ def test_chunked_prefill_equals_one_forward():
     assert rel_err(torch.cat(parts, 1), full) <= 1e-5
 
 
-def test_state_size_is_constant():
-    model = tiny()
+@ARCHS
+def test_state_size_is_constant(arch):
+    model = tiny(arch)
     cache = model.allocate_cache(1)
     sizes = [s.ssm.numel() + s.conv.numel() for s in cache.states]
     with torch.no_grad():
@@ -68,8 +75,9 @@ def test_state_size_is_constant():
     assert [s.ssm.numel() + s.conv.numel() for s in cache.states] == sizes
 
 
-def test_generation_reproducible_and_greedy():
-    model = tiny()
+@ARCHS
+def test_generation_reproducible_and_greedy(arch):
+    model = tiny(arch)
     prompt = torch.randint(0, 50, (2, 7))
     a = model.generate(prompt, 12, temperature=0.8, top_k=10, top_p=0.9, seed=3)
     b = model.generate(prompt, 12, temperature=0.8, top_k=10, top_p=0.9, seed=3)
@@ -91,8 +99,9 @@ def test_eos_stops_and_fills():
     assert out.shape == (1, 10) and (out[0, 4:] == first).all()
 
 
-def test_left_padded_batch_equals_each_sequence_alone():
-    model = tiny()
+@ARCHS
+def test_left_padded_batch_equals_each_sequence_alone(arch):
+    model = tiny(arch)
     seqs = [torch.randint(1, 50, (n,)) for n in (9, 4, 6)]
     width = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)

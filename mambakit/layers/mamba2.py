@@ -1,0 +1,159 @@
+"""The Mamba-2 block: one in_proj producing [z, x, B, C, dt], a causal conv over xBC, the SSD scan with a scalar
+decay per head, the gated RMSNorm norm(y * silu(z)) and out_proj.
+
+Parameter names, shapes, packing and initialisation follow the official `mamba_ssm.Mamba2`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mambakit.errors import MambaKitError
+from mambakit.layers.mamba import init_dt_bias
+from mambakit.layers.norm import RMSNormGated
+from mambakit.layers.state import SSMState
+from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_state_after
+from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_step
+
+
+class Mamba2(nn.Module):
+    """Mamba-2 mixer. Input and output: (batch, seqlen, d_model)."""
+
+    def __init__(
+        self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64, ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1.0, 16.0), D_has_hdim: bool = False, rmsnorm: bool = True,
+        norm_before_gate: bool = False, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, float("inf")), bias: bool = False, conv_bias: bool = True,
+        chunk_size: int = 256, layer_idx: Optional[int] = None, norm_eps: float = 1e-5, device=None, dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
+                            ("headdim", headdim), ("ngroups", ngroups), ("chunk_size", chunk_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise MambaKitError(f"Mamba2 {name} must be a positive integer, got {value!r}")
+        d_inner = expand * d_model
+        if d_inner % headdim != 0:
+            raise MambaKitError(f"Mamba2 d_inner = expand * d_model = {d_inner} must be divisible by headdim={headdim}")
+        nheads = d_inner // headdim
+        if nheads % ngroups != 0:
+            raise MambaKitError(f"Mamba2 nheads = d_inner / headdim = {nheads} must be divisible by ngroups={ngroups}")
+        lo, hi = A_init_range
+        if not 0 < lo <= hi:
+            raise MambaKitError(f"Mamba2 A_init_range must satisfy 0 < low <= high, got {A_init_range}")
+        if not 0 <= dt_limit[0] < dt_limit[1]:
+            raise MambaKitError(f"Mamba2 dt_limit must satisfy 0 <= low < high, got {dt_limit}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner, self.headdim, self.ngroups, self.nheads = d_inner, headdim, ngroups, nheads
+        self.D_has_hdim, self.rmsnorm, self.chunk_size = D_has_hdim, rmsnorm, chunk_size
+        self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
+        self.layer_idx = layer_idx
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        self.dt_bias = nn.Parameter(init_dt_bias(nheads, dt_min, dt_max, dt_init_floor, device))
+        self.dt_bias._no_weight_decay = True
+        self.dt_bias._no_reinit = True
+        A = torch.empty(nheads, dtype=torch.float32, device=device).uniform_(lo, hi)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(d_inner if D_has_hdim else nheads, device=device))
+        self.D._no_weight_decay = True
+        if rmsnorm:
+            self.norm = RMSNormGated(d_inner, eps=norm_eps, group_size=d_inner // ngroups,
+                                     norm_before_gate=norm_before_gate, **factory)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> SSMState:
+        """Zero state: conv (batch, conv_dim, d_conv), ssm (batch, nheads, headdim, d_state) in float32
+        (float64 for a float64 model)."""
+        device = device or self.out_proj.weight.device
+        conv_dtype = dtype or self.conv1d.weight.dtype
+        ssm_dtype = torch.float64 if conv_dtype == torch.float64 else torch.float32
+        return SSMState(
+            conv=torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=conv_dtype),
+            ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype),
+        )
+
+    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., d_in_proj) -> z (..., d_inner), xBC (..., conv_dim), dt (..., nheads)."""
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., conv_dim) -> x (..., nheads, headdim), B, C (..., ngroups, d_state)."""
+        gn = self.ngroups * self.d_state
+        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        return (x.unflatten(-1, (self.nheads, self.headdim)), B.unflatten(-1, (self.ngroups, self.d_state)),
+                C.unflatten(-1, (self.ngroups, self.d_state)))
+
+    def _D(self, fp: torch.dtype) -> Tensor:
+        D = self.D.to(fp)
+        return D.view(self.nheads, self.headdim) if self.D_has_hdim else D
+
+    def _finish(self, y: Tensor, z: Tensor) -> Tensor:
+        """y: (..., d_inner) -> (..., d_model), through the gated norm (or the gate alone without rmsnorm)."""
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        return self.out_proj(y)
+
+    def forward(self, hidden_states: Tensor, state: Optional[SSMState] = None, seq_idx: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+        """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+
+        state: continue from it (chunked prefill) and update it in place to the state after the last token.
+        seq_idx: (batch, seqlen) packed-sequence index. mask: (batch, seqlen) 1 = token, 0 = padding (the padded
+        positions leave the state untouched).
+        """
+        z, xBC, dt = self._split(self.in_proj(hidden_states))
+        xBC = xBC.transpose(1, 2)  # (batch, conv_dim, seqlen)
+        if mask is not None:
+            xBC = xBC * mask[:, None, :].to(xBC.dtype)
+        conv_state = state.conv if state is not None else None
+        xBC_conv = causal_conv1d_fn(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                                    conv_state=conv_state, seq_idx=seq_idx)
+        if mask is not None:
+            xBC_conv = xBC_conv * mask[:, None, :].to(xBC_conv.dtype)
+        x, B, C = self._split_xbc(xBC_conv.transpose(1, 2))
+        fp = torch.float64 if x.dtype == torch.float64 else torch.float32
+        A = -torch.exp(self.A_log.to(fp))
+        dt_args = dict(dt_bias=self.dt_bias.to(fp), dt_softplus=True, dt_limit=self.dt_limit)
+        if mask is not None:
+            # process dt here so that padded positions get exactly delta = 0 (no decay, no input), whatever dt_limit
+            dt = F.softplus(dt.to(fp) + self.dt_bias.to(fp))
+            if self.dt_limit != (0.0, float("inf")):
+                dt = dt.clamp(*self.dt_limit)
+            dt = dt * mask[..., None].to(fp)
+            dt_args = {}
+        gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
+        y, last = mamba_chunk_scan_combined(
+            x, dt, A, B, C, self.chunk_size, D=self._D(fp), z=gate, seq_idx=seq_idx,
+            initial_states=state.ssm if state is not None else None, return_final_states=True, **dt_args,
+        )
+        if state is not None:
+            with torch.no_grad():
+                state.conv.copy_(conv_state_after(xBC, self.d_conv, state.conv, mask))
+                state.ssm.copy_(last)
+        return self._finish(y.flatten(-2), z)
+
+    def step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
+        """One decoding step. hidden_states: (batch, 1, d_model) or (batch, d_model); state updated in place."""
+        squeeze = hidden_states.dim() == 2
+        h = hidden_states if squeeze else hidden_states[:, 0]
+        z, xBC, dt = self._split(self.in_proj(h))
+        xBC = causal_conv1d_update(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                   activation="silu")
+        x, B, C = self._split_xbc(xBC)
+        fp = state.ssm.dtype
+        gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
+        y = ssd_step(state.ssm, x, dt, -torch.exp(self.A_log.to(fp)), B, C, D=self._D(fp), z=gate,
+                     dt_bias=self.dt_bias.to(fp), dt_softplus=True, dt_limit=self.dt_limit)
+        out = self._finish(y.flatten(-2).to(h.dtype), z)
+        return out if squeeze else out[:, None]
+
+

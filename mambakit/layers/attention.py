@@ -1,0 +1,119 @@
+"""Causal multi-head attention with rotary positions (PyTorch SDPA): the Transformer baseline and the attention
+layers of hybrid stacks (`MambaConfig.attn_layer_idx`). Parameter names follow `mamba_ssm.modules.mha.MHA`
+(in_proj packs q, k, v; out_proj)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mambakit.errors import MambaKitError
+
+
+@dataclass
+class KVState:
+    """Keys and values seen so far: k, v (batch, num_heads_kv, seqlen_so_far, head_dim) and which of those positions
+    are real tokens, valid (batch, seqlen_so_far). Unlike an SSM state, it grows with the context."""
+
+    k: Tensor
+    v: Tensor
+    valid: Tensor
+
+    @property
+    def seqlen(self) -> int:
+        return self.k.shape[2]
+
+    def reorder(self, index: Tensor) -> None:
+        self.k, self.v, self.valid = (t.index_select(0, index) for t in (self.k, self.v, self.valid))
+
+
+def rotary(x: Tensor, positions: Tensor, rotary_dim: int, base: float) -> Tensor:
+    """Rotate the first rotary_dim features of x (batch, heads, seqlen, head_dim) by positions (batch, seqlen)
+    (GPT-NeoX half-split layout)."""
+    if rotary_dim == 0:
+        return x
+    half = rotary_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, device=x.device, dtype=torch.float32) / half))
+    angles = positions.float()[..., None] * inv_freq  # (batch, seqlen, half)
+    cos, sin = angles.cos()[:, None].to(x.dtype), angles.sin()[:, None].to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+class MHA(nn.Module):
+    """Causal attention mixer. Input and output: (batch, seqlen, d_model)."""
+
+    def __init__(self, d_model: int, num_heads: int = 8, num_heads_kv: Optional[int] = None,
+                 head_dim: Optional[int] = None, rotary_emb_dim: Optional[int] = None, rotary_emb_base: float = 10000.0,
+                 qkv_proj_bias: bool = True, out_proj_bias: bool = True, causal: bool = True,
+                 layer_idx: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        num_heads_kv = num_heads_kv or num_heads
+        if num_heads <= 0 or num_heads % num_heads_kv != 0:
+            raise MambaKitError(f"MHA num_heads={num_heads} must be positive and divisible by num_heads_kv={num_heads_kv}")
+        if head_dim is None:
+            if d_model % num_heads != 0:
+                raise MambaKitError(f"MHA d_model={d_model} must be divisible by num_heads={num_heads}")
+            head_dim = d_model // num_heads
+        rotary_emb_dim = head_dim if rotary_emb_dim is None else rotary_emb_dim
+        if rotary_emb_dim % 2 or rotary_emb_dim > head_dim:
+            raise MambaKitError(f"MHA rotary_emb_dim must be even and <= head_dim={head_dim}, got {rotary_emb_dim}")
+        if not causal:
+            raise MambaKitError("MHA is a causal language-model mixer: causal=False is not supported")
+        self.num_heads, self.num_heads_kv, self.head_dim = num_heads, num_heads_kv, head_dim
+        self.rotary_emb_dim, self.rotary_emb_base = rotary_emb_dim, rotary_emb_base
+        self.layer_idx = layer_idx
+        qkv_dim = head_dim * (num_heads + 2 * num_heads_kv)
+        self.in_proj = nn.Linear(d_model, qkv_dim, bias=qkv_proj_bias, device=device, dtype=dtype)
+        self.out_proj = nn.Linear(head_dim * num_heads, d_model, bias=out_proj_bias, device=device, dtype=dtype)
+
+    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> KVState:
+        device = device or self.out_proj.weight.device
+        dtype = dtype or self.out_proj.weight.dtype
+        empty = torch.zeros(batch_size, self.num_heads_kv, 0, self.head_dim, device=device, dtype=dtype)
+        return KVState(k=empty, v=empty.clone(), valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device))
+
+    def forward(self, hidden_states: Tensor, state: Optional[KVState] = None, seq_idx: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+        """hidden_states: (batch, seqlen, d_model). state: attend to the cached keys/values too and append to them.
+        mask: (batch, seqlen) 1 = token, 0 = padding (keys at pads are ignored; positions count real tokens only)."""
+        if seq_idx is not None:
+            raise MambaKitError("MHA does not support seq_idx (packed sequences); use SSM layers or unpack")
+        batch, seqlen, _ = hidden_states.shape
+        device = hidden_states.device
+        q, k, v = torch.split(self.in_proj(hidden_states),
+                              [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
+                               self.num_heads_kv * self.head_dim], dim=-1)
+        q = q.view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seqlen, self.num_heads_kv, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seqlen, self.num_heads_kv, self.head_dim).transpose(1, 2)
+        valid_new = mask.bool() if mask is not None else torch.ones(batch, seqlen, dtype=torch.bool, device=device)
+        past_valid = state.valid if state is not None else torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        # positions count real tokens only, so a padded row matches the same row alone
+        positions = (past_valid.sum(-1, keepdim=True) + valid_new.long().cumsum(-1) - 1).clamp(min=0)
+        q = rotary(q, positions, self.rotary_emb_dim, self.rotary_emb_base)
+        k = rotary(k, positions, self.rotary_emb_dim, self.rotary_emb_base)
+        if state is not None:
+            k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
+            state.k, state.v = k.detach(), v.detach()
+            state.valid = torch.cat([past_valid, valid_new], dim=1)
+        past, total = past_valid.shape[1], k.shape[2]
+        query_pos = torch.arange(past, past + seqlen, device=device)[:, None]
+        key_pos = torch.arange(total, device=device)[None]
+        key_ok = torch.cat([past_valid, valid_new], dim=1)  # (batch, total)
+        # causal and real keys only; a padded query sees itself so that its row is never all -inf
+        attn_mask = ((key_pos <= query_pos)[None] & key_ok[:, None, :]) | (key_pos == query_pos)[None]
+        rep = self.num_heads // self.num_heads_kv
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None])
+        return self.out_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+    def step(self, hidden_states: Tensor, state: KVState) -> Tensor:
+        """One decoding step: (batch, 1, d_model) or (batch, d_model)."""
+        squeeze = hidden_states.dim() == 2
+        out = self.forward(hidden_states[:, None] if squeeze else hidden_states, state=state)
+        return out[:, 0] if squeeze else out

@@ -220,34 +220,32 @@ def _segmented_revcumsum(x: Tensor, ends: Optional[Tensor]) -> Tensor:
 
 
 class _ChunkGeometry:
-    """Per-chunk quantities shared by the forward and the backward recomputation.
+    """Per-chunk decay factors shared by the forward and the backward recomputation.
 
-    Shapes use G groups of Dg channels: delta/u (batch, G, Dg, 1, T), A (1, G, Dg, N, 1), B/C (batch, G, 1, N, T).
+    Shapes use G groups of Dg channels: delta (batch, G, Dg, 1, T), A (1, G, Dg, N, 1).
+    e_in = e^{r - sigma_t} (batch, G, Dg, N, T) and e_r = e^{r} (batch, G, Dg, N), with r = sigma_T / 2.
     """
 
     def __init__(self, delta: Tensor, A: Tensor):
         dcum = torch.cumsum(delta, dim=-1)  # (batch, G, Dg, 1, T)
-        self.sigma = A * dcum  # (batch, G, Dg, N, T), decreasing, <= 0
-        self.r = 0.5 * self.sigma[..., -1:]  # (batch, G, Dg, N, 1)
-        self.e_in = torch.exp(self.r - self.sigma)  # e^{r - sigma_t}
-        self.e_r = torch.exp(self.r)
+        half_total = 0.5 * dcum[..., -1:]
+        self.e_in = torch.exp_(A * (half_total - dcum))  # r - sigma_t = A * (dcum_T / 2 - dcum_t)
+        self.e_r = torch.exp(A * half_total)[..., 0]
 
 
 def _chunk_states_forward(delta_c, u_c, B_c, A, H_prev, reset_c):
-    """Recompute the states h of one chunk from the state before it. Returns (h, x) with x = delta*u*B."""
+    """The states h (batch, G, Dg, N, T) of one chunk, from the state H_prev (batch, G, Dg, N) before it."""
     geo = _ChunkGeometry(delta_c, A)
-    x = (delta_c * u_c) * B_c  # (batch, G, Dg, N, T)
+    z = geo.e_in * (delta_c * u_c)
+    z *= B_c  # e^{r - sigma_s} x_s
+    carry = geo.e_r * H_prev
+    if reset_c is not None:  # no carry when a new sequence starts right at the chunk start
+        carry = carry * (~reset_c[:, 0]).to(carry.dtype)[:, None, None, None]
+    z[..., 0] += carry  # folded into the first term: later segments subtract it with their prefix
     starts = _segment_starts(reset_c) if reset_c is not None else None
-    Z = _segmented_cumsum(x * geo.e_in, starts)
-    carry = geo.e_r * H_prev[..., None]  # (batch, G, Dg, N, 1)
-    if starts is None:
-        Z += carry
-    else:
-        # the state before the chunk reaches its first segment, unless a new sequence starts right at the chunk start
-        in_first_segment = ((starts == 0) & ~reset_c[:, :1])[:, None, None, None, :]
-        Z += carry * in_first_segment
-    h = Z / geo.e_in
-    return h, x, geo
+    h = _segmented_cumsum(z, starts)
+    h /= geo.e_in
+    return h, geo
 
 
 class _ChunkedSelectiveScan(torch.autograd.Function):
@@ -272,7 +270,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             e = min(s + chunk, L)
             saved_states[k] = H
             reset_c = reset[:, s:e] if reset is not None else None
-            h, _, _ = _chunk_states_forward(d5[..., s:e], u5[..., s:e], B5[..., s:e], A5, H, reset_c)
+            h, _ = _chunk_states_forward(d5[..., s:e], u5[..., s:e], B5[..., s:e], A5, H, reset_c)
             y[..., s:e] = (h * C5[..., s:e]).sum(3)
             H = h[..., -1]
         ctx.save_for_backward(u, delta, A, B, C, saved_states, reset)
@@ -306,24 +304,22 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             e = min(s + chunk, L)
             reset_c = reset[:, s:e] if reset is not None else None
             d_c, u_c, B_c, C_c, gy_c = d5[..., s:e], u5[..., s:e], B5[..., s:e], C5[..., s:e], gy5[..., s:e]
-            h, x, geo = _chunk_states_forward(d_c, u_c, B_c, A5, saved_states[k], reset_c)
-            ends = _segment_ends(reset_c) if reset_c is not None else None
-            c = C_c * gy_c  # (batch, G, Dg, N, T)
-            lam = _segmented_revcumsum(c / geo.e_in, ends)
-            carry = geo.e_r * Gnext[..., None]
-            if ends is None:
-                lam += carry
-            else:
-                lam += carry * (ends == (e - s - 1))[:, None, None, None, :]
-            lam *= geo.e_in  # lambda_t = dLoss/dh_t
-            # contributions
+            h, geo = _chunk_states_forward(d_c, u_c, B_c, A5, saved_states[k], reset_c)
+            # adjoint lambda_t = dLoss/dh_t by a reverse cumulative sum, the carry folded into the last term
+            lam = C_c * gy_c
+            lam /= geo.e_in
+            lam[..., -1] += geo.e_r * Gnext
+            lam = _segmented_revcumsum(lam, _segment_ends(reset_c) if reset_c is not None else None)
+            lam *= geo.e_in
             g_C[..., s:e] = (gy_c * h).sum(2, keepdim=True)
             lamB = (lam * B_c).sum(3, keepdim=True)  # (batch, G, Dg, 1, T)
             g_u[..., s:e] = lamB * d_c
-            w = lam * (h - x)  # dLoss/d(log decay_t), per state element
+            du = d_c * u_c
+            g_B[..., s:e] = (lam * du).sum(2, keepdim=True)
+            # w = dLoss/d(log decay_t) = lambda_t * (h_t - x_t), per state element
+            w = h.sub_(du * B_c).mul_(lam)
             g_delta[..., s:e] = lamB * u_c + (w * A5).sum(3, keepdim=True)
             g_A += (w * d_c).sum((0, 4))
-            g_B[..., s:e] = (lam * (d_c * u_c)).sum(2, keepdim=True)
             # adjoint into the state before this chunk: through the first step's decay (zero across a reset)
             first = lam[..., 0] * torch.exp(A5[..., 0] * d_c[..., 0])
             if reset_c is not None:

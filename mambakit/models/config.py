@@ -8,14 +8,14 @@ from typing import Any
 
 from mambakit.errors import MambaKitError
 
-MIXER_LAYERS = ("Mamba1", "Mamba2")
+MIXER_LAYERS = ("Mamba1", "Mamba2", "S4")
 
 
 @dataclass
 class MambaConfig:
     """Configuration of `MambaLMHeadModel`, with the field names of the official `mamba_ssm.MambaConfig`.
 
-    `ssm_cfg` holds the mixer's keyword arguments plus `"layer": "Mamba1" | "Mamba2"` (default Mamba1).
+    `ssm_cfg` holds the mixer's keyword arguments plus `"layer": "Mamba1" | "Mamba2" | "S4"` (default Mamba1).
     `attn_layer_idx` lists the layers that are attention instead of SSM (hybrid stacks), configured by `attn_cfg`.
     """
 

@@ -28,13 +28,15 @@ def _make_mixer(config: MambaConfig, layer_idx: int, device, dtype) -> nn.Module
         return MHA(config.d_model, layer_idx=layer_idx, **config.attn_cfg, **factory)
     kwargs = {k: v for k, v in config.ssm_cfg.items() if k != "layer"}
     if config.mixer_layer == "Mamba2":
-        from mambakit.layers.mamba2 import Mamba2
-
-        return Mamba2(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
+        from mambakit.layers.mamba2 import Mamba2 as mixer_cls
+    elif config.mixer_layer == "S4":
+        from mambakit.layers.s4 import S4 as mixer_cls
+    else:
+        mixer_cls = Mamba
     try:
-        return Mamba(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
+        return mixer_cls(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
     except TypeError as exc:
-        raise MambaKitError(f"invalid ssm_cfg for Mamba1: {exc}") from exc
+        raise MambaKitError(f"invalid ssm_cfg for {config.mixer_layer}: {exc}") from exc
 
 
 class GatedMLP(nn.Module):

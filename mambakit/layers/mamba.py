@@ -5,7 +5,7 @@ Parameter names, shapes and initialisation follow the official `mamba_ssm.Mamba`
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,22 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise MambaKitError(f"Mamba {name} must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
 
 
+class MambaScanInputs(NamedTuple):
+    """x: conv input (batch, d_inner, seqlen); u: conv output after SiLU, the scan input; delta: pre-bias,
+    pre-softplus (batch, d_inner, seqlen); delta_bias, D: (d_inner,); A: (d_inner, d_state); B, C:
+    (batch, d_state, seqlen); z: gate (batch, d_inner, seqlen)."""
+
+    x: Tensor
+    u: Tensor
+    delta: Tensor
+    delta_bias: Tensor
+    A: Tensor
+    B: Tensor
+    C: Tensor
+    D: Tensor
+    z: Tensor
+
+
 class Mamba(nn.Module):
     """Mamba-1 mixer. Input and output: (batch, seqlen, d_model)."""
 
@@ -58,6 +74,7 @@ class Mamba(nn.Module):
         _check_positive("dt_rank", self.dt_rank)
         self.layer_idx = layer_idx
         self.scan_backend = scan_backend
+        self.delta_hook: Optional[Callable[[Tensor], Tensor]] = None  # rewrites pre-bias delta (ReMamba)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
@@ -91,6 +108,34 @@ class Mamba(nn.Module):
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),
         )
 
+    def ssm_inputs(self, hidden_states: Tensor, conv_state: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
+                   mask: Optional[Tensor] = None) -> "MambaScanInputs":
+        """Everything the selective scan reads, computed from hidden_states (batch, seqlen, d_model).
+
+        Used by `forward` and by analysis code (hidden attention, ReMamba) so that the math lives in one place.
+        `delta_hook`, if set, rewrites the pre-bias, pre-softplus delta (batch, d_inner, seqlen).
+        """
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
+        x, z = xz.chunk(2, dim=1)
+        if mask is not None:
+            x = x * mask[:, None, :].to(x.dtype)
+        x_conv = causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
+                                  conv_state=conv_state, seq_idx=seq_idx)
+        if mask is not None:
+            x_conv = x_conv * mask[:, None, :].to(x_conv.dtype)
+        x_dbl = self.x_proj(x_conv.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen), bias added in the scan
+        if self.delta_hook is not None:
+            dt = self.delta_hook(dt)
+        fp = torch.float64 if x_conv.dtype == torch.float64 else torch.float32
+        delta_bias = self.dt_proj.bias.to(fp)
+        if mask is not None:
+            # a padded step must neither decay the state nor add to it: delta = 0 there after the softplus
+            dt = torch.where(mask[:, None, :].bool(), dt.to(fp), torch.full_like(dt, -1e4, dtype=fp) - delta_bias[:, None])
+        return MambaScanInputs(x=x, u=x_conv, delta=dt, delta_bias=delta_bias, A=-torch.exp(self.A_log.to(fp)),
+                               B=B.transpose(1, 2), C=C.transpose(1, 2), D=self.D.to(fp), z=z)
+
     def forward(self, hidden_states: Tensor, state: Optional[SSMState] = None, seq_idx: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None) -> Tensor:
         """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
@@ -99,37 +144,15 @@ class Mamba(nn.Module):
         seq_idx: (batch, seqlen) packed-sequence index; no information crosses a change of index.
         mask: (batch, seqlen) 1 for real tokens, 0 for padding; padded positions leave the state untouched.
         """
-        batch, seqlen, _ = hidden_states.shape
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
-        x, z = xz.chunk(2, dim=1)
-        if mask is not None:
-            x = x * mask[:, None, :].to(x.dtype)
-        conv_weight = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
-        conv_state = state.conv if state is not None else None
-        x_conv = causal_conv1d_fn(x, conv_weight, self.conv1d.bias, activation="silu", conv_state=conv_state,
-                                  seq_idx=seq_idx)
-        if mask is not None:
-            x_conv = x_conv * mask[:, None, :].to(x_conv.dtype)
-        x_dbl = self.x_proj(x_conv.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen), bias added in the scan
-        B = B.transpose(1, 2)  # (batch, d_state, seqlen)
-        C = C.transpose(1, 2)
-        fp = torch.float64 if x_conv.dtype == torch.float64 else torch.float32
-        A = -torch.exp(self.A_log.to(fp))
-        delta_bias = self.dt_proj.bias.to(fp)
-        if mask is not None:
-            # a padded step must neither decay the state nor add to it: delta = 0 there after the softplus
-            dt = dt.to(fp)
-            dt = torch.where(mask[:, None, :].bool(), dt, torch.full_like(dt, -1e4) - delta_bias[:, None])
+        s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask)
         y, last_state = selective_scan_fn(
-            x_conv, dt, A, B, C, self.D.to(fp), z=z, delta_bias=delta_bias, delta_softplus=True,
+            s.u, s.delta, s.A, s.B, s.C, s.D, z=s.z, delta_bias=s.delta_bias, delta_softplus=True,
             return_last_state=True, initial_state=state.ssm if state is not None else None, seq_idx=seq_idx,
             backend=self.scan_backend,
         )
         if state is not None:
             with torch.no_grad():
-                state.conv.copy_(self._conv_state_after(x, state.conv, mask))
+                state.conv.copy_(self._conv_state_after(s.x, state.conv, mask))
                 state.ssm.copy_(last_state)
         return self.out_proj(y.transpose(1, 2))
 
@@ -148,6 +171,8 @@ class Mamba(nn.Module):
         x = causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)
+        if self.delta_hook is not None:
+            dt = self.delta_hook(dt[:, :, None])[:, :, 0]
         fp = state.ssm.dtype
         A = -torch.exp(self.A_log.to(fp))
         y = selective_state_update(state.ssm, x, dt, A, B, C, self.D.to(fp), z=z, dt_bias=self.dt_proj.bias.to(fp),

@@ -5,7 +5,7 @@ Parameter names, shapes, packing and initialisation follow the official `mamba_s
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,22 @@ from mambakit.layers.norm import RMSNormGated
 from mambakit.layers.state import SSMState
 from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_state_after
 from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_step
+
+
+class Mamba2ScanInputs(NamedTuple):
+    """xBC: conv input (batch, conv_dim, seqlen); x: (batch, seqlen, nheads, headdim) after conv + SiLU; dt:
+    (batch, seqlen, nheads), raw unless dt_args is empty; A: (nheads,); B, C: (batch, seqlen, ngroups, d_state);
+    D: (nheads,) or (nheads, headdim); z: (batch, seqlen, d_inner); dt_args: the dt processing left to the scan."""
+
+    xBC: Tensor
+    x: Tensor
+    dt: Tensor
+    A: Tensor
+    B: Tensor
+    C: Tensor
+    D: Tensor
+    z: Tensor
+    dt_args: dict
 
 
 class Mamba2(nn.Module):
@@ -51,6 +67,7 @@ class Mamba2(nn.Module):
         self.D_has_hdim, self.rmsnorm, self.chunk_size = D_has_hdim, rmsnorm, chunk_size
         self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
         self.layer_idx = layer_idx
+        self.delta_hook: Optional[Callable[[Tensor], Tensor]] = None  # rewrites pre-bias dt (ReMamba)
         self.conv_dim = d_inner + 2 * ngroups * d_state
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias, **factory)
@@ -102,26 +119,26 @@ class Mamba2(nn.Module):
             y = self.norm(y, z)
         return self.out_proj(y)
 
-    def forward(self, hidden_states: Tensor, state: Optional[SSMState] = None, seq_idx: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
-        """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+    def ssm_inputs(self, hidden_states: Tensor, conv_state: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
+                   mask: Optional[Tensor] = None) -> "Mamba2ScanInputs":
+        """Everything the SSD scan reads, computed from hidden_states (batch, seqlen, d_model).
 
-        state: continue from it (chunked prefill) and update it in place to the state after the last token.
-        seq_idx: (batch, seqlen) packed-sequence index. mask: (batch, seqlen) 1 = token, 0 = padding (the padded
-        positions leave the state untouched).
+        Used by `forward` and by analysis code (hidden attention, ReMamba). `delta_hook`, if set, rewrites the
+        pre-bias, pre-softplus dt (batch, seqlen, nheads). With a mask, dt is returned already processed
+        (softplus, limits, zero at pads) and `dt_args` is empty.
         """
         z, xBC, dt = self._split(self.in_proj(hidden_states))
+        if self.delta_hook is not None:
+            dt = self.delta_hook(dt)
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, seqlen)
         if mask is not None:
             xBC = xBC * mask[:, None, :].to(xBC.dtype)
-        conv_state = state.conv if state is not None else None
         xBC_conv = causal_conv1d_fn(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu",
                                     conv_state=conv_state, seq_idx=seq_idx)
         if mask is not None:
             xBC_conv = xBC_conv * mask[:, None, :].to(xBC_conv.dtype)
         x, B, C = self._split_xbc(xBC_conv.transpose(1, 2))
         fp = torch.float64 if x.dtype == torch.float64 else torch.float32
-        A = -torch.exp(self.A_log.to(fp))
         dt_args = dict(dt_bias=self.dt_bias.to(fp), dt_softplus=True, dt_limit=self.dt_limit)
         if mask is not None:
             # process dt here so that padded positions get exactly delta = 0 (no decay, no input), whatever dt_limit
@@ -130,22 +147,36 @@ class Mamba2(nn.Module):
                 dt = dt.clamp(*self.dt_limit)
             dt = dt * mask[..., None].to(fp)
             dt_args = {}
-        gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
+        return Mamba2ScanInputs(xBC=xBC, x=x, dt=dt, A=-torch.exp(self.A_log.to(fp)), B=B, C=C, D=self._D(fp), z=z,
+                                dt_args=dt_args)
+
+    def forward(self, hidden_states: Tensor, state: Optional[SSMState] = None, seq_idx: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+        """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+
+        state: continue from it (chunked prefill) and update it in place to the state after the last token.
+        seq_idx: (batch, seqlen) packed-sequence index. mask: (batch, seqlen) 1 = token, 0 = padding (the padded
+        positions leave the state untouched).
+        """
+        s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask)
+        gate = None if self.rmsnorm else s.z.unflatten(-1, (self.nheads, self.headdim))
         y, last = mamba_chunk_scan_combined(
-            x, dt, A, B, C, self.chunk_size, D=self._D(fp), z=gate, seq_idx=seq_idx,
-            initial_states=state.ssm if state is not None else None, return_final_states=True, **dt_args,
+            s.x, s.dt, s.A, s.B, s.C, self.chunk_size, D=s.D, z=gate, seq_idx=seq_idx,
+            initial_states=state.ssm if state is not None else None, return_final_states=True, **s.dt_args,
         )
         if state is not None:
             with torch.no_grad():
-                state.conv.copy_(conv_state_after(xBC, self.d_conv, state.conv, mask))
+                state.conv.copy_(conv_state_after(s.xBC, self.d_conv, state.conv, mask))
                 state.ssm.copy_(last)
-        return self._finish(y.flatten(-2), z)
+        return self._finish(y.flatten(-2), s.z)
 
     def step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
         """One decoding step. hidden_states: (batch, 1, d_model) or (batch, d_model); state updated in place."""
         squeeze = hidden_states.dim() == 2
         h = hidden_states if squeeze else hidden_states[:, 0]
         z, xBC, dt = self._split(self.in_proj(h))
+        if self.delta_hook is not None:
+            dt = self.delta_hook(dt[:, None])[:, 0]
         xBC = causal_conv1d_update(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                                    activation="silu")
         x, B, C = self._split_xbc(xBC)

@@ -39,6 +39,13 @@ def _make_mixer(config: MambaConfig, layer_idx: int, device, dtype) -> nn.Module
         raise MambaKitError(f"invalid ssm_cfg for {config.mixer_layer}: {exc}") from exc
 
 
+def _make_norm(config: MambaConfig, device, dtype) -> nn.Module:
+    """RMSNorm (the default) or LayerNorm with bias when config.rms_norm is False, as mamba_ssm."""
+    if config.rms_norm:
+        return RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+    return nn.LayerNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+
+
 class GatedMLP(nn.Module):
     """fc2(y * silu(gate)) with (y, gate) = fc1(x); hidden width rounded up to a multiple of 128 (as mamba_ssm)."""
 
@@ -59,15 +66,15 @@ class Block(nn.Module):
     def __init__(self, config: MambaConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
-        self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+        self.norm = _make_norm(config, device, dtype)
         self.mixer = _make_mixer(config, layer_idx, device, dtype)
         if config.d_intermediate > 0:
-            self.norm2 = RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+            self.norm2 = _make_norm(config, device, dtype)
             self.mlp = GatedMLP(config.d_model, config.d_intermediate, device=device, dtype=dtype)
         else:
             self.mlp = None
 
-    def _add_norm(self, hidden: Tensor, residual: Optional[Tensor], norm: RMSNorm) -> tuple[Tensor, Tensor]:
+    def _add_norm(self, hidden: Tensor, residual: Optional[Tensor], norm: nn.Module) -> tuple[Tensor, Tensor]:
         residual = hidden if residual is None else residual + hidden
         normed = norm(residual.to(norm.weight.dtype))
         if self.residual_in_fp32:
@@ -93,7 +100,7 @@ class MixerModel(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(Block(config, i, device=device, dtype=dtype) for i in range(config.n_layer))
-        self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+        self.norm_f = _make_norm(config, device, dtype)
 
     def forward(self, input_ids: Tensor, cache: Optional["InferenceCache"] = None, step: bool = False,
                 **mixer_kwargs) -> Tensor:
@@ -150,6 +157,19 @@ class MambaLMHeadModel(nn.Module):
         n_res = 1 if config.d_intermediate == 0 else 2
         self.apply(partial(_init_weights, n_layer=config.n_layer, n_residuals_per_layer=n_res))
         self.tie_weights()
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None) -> "MambaLMHeadModel":
+        """Load a local checkpoint folder: transformers (mamba / mamba2), mamba_ssm or mambakit format."""
+        from mambakit.models.pretrained import from_pretrained
+
+        return from_pretrained(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path, format: str = "hf") -> None:
+        """Write a checkpoint folder that transformers (format="hf") or mamba_ssm (format="mamba_ssm") loads."""
+        from mambakit.models.pretrained import save_pretrained
+
+        save_pretrained(self, path, format=format)
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:

@@ -99,7 +99,7 @@ def _list(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:_MAX_LISTED])
     more = f", ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
-    return f"{len(keys)}: [{shown}{more}]"
+    return f"({len(keys)}): [{shown}{more}]"
 
 
 def _is_int(v: Any) -> bool:
@@ -145,8 +145,8 @@ def _resolve_dir(path: Union[str, os.PathLike]) -> Path:
         if _HUB_ID.match(text) and not text.startswith("."):
             local = text.split("/")[-1]
             raise CheckpointError(
-                f"no folder {text!r} found locally. It looks like a Hugging Face Hub id; mambakit does not download. "
-                f"Download it first, e.g. `huggingface-cli download {text} --local-dir {local}` (or `hf download "
+                f"no folder {text!r} found locally. If it is a Hugging Face Hub id: mambakit does not download, so "
+                f"download it first, e.g. `huggingface-cli download {text} --local-dir {local}` (or `hf download "
                 f"{text} --local-dir {local}`), then pass the folder: from_pretrained({local!r})")
         raise CheckpointError(f"checkpoint folder {text!r} does not exist")
     if not p.is_dir():
@@ -323,6 +323,9 @@ def config_to_hf(model: torch.nn.Module, extra: Optional[dict[str, Any]] = None)
         problems.append("rms_norm=False has no transformers equivalent (always RMSNorm)")
     known = {"layer", *_RUNTIME_SSM_KEYS}
     layer = config.mixer_layer
+    if layer not in ("Mamba1", "Mamba2"):
+        raise CheckpointError(f"cannot save this model in transformers format: its mixer {layer!r} is neither "
+                              "Mamba1 nor Mamba2")
     ssm = config.ssm_cfg
     hf: dict[str, Any] = {}
     if layer == "Mamba1":
@@ -432,6 +435,8 @@ def config_to_mamba_ssm(model: torch.nn.Module) -> dict[str, Any]:
     """The official mamba_ssm config.json of `model` (its MambaConfig fields; no norm_epsilon field there)."""
     config: MambaConfig = model.config
     problems = []
+    if config.mixer_layer not in ("Mamba1", "Mamba2"):
+        problems.append(f"mixer {config.mixer_layer!r}: mamba_ssm has only Mamba1 and Mamba2")
     if config.norm_epsilon != OFFICIAL_NORM_EPS:
         problems.append(f"norm_epsilon={config.norm_epsilon} (mamba_ssm hard-codes {OFFICIAL_NORM_EPS})")
     if not config.rms_norm:
@@ -618,12 +623,12 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
             model.pretrained_source = {"format": fmt, "path": str(directory), "config": raw}
             return model
     if fmt == "hf":
-        config = config_from_hf(raw, where=f"{where}/{CONFIG_NAME} (transformers {raw['model_type']})")
+        config = config_from_hf(raw, where=f"{str(directory / CONFIG_NAME)!r} (transformers {raw['model_type']})")
         stored, source = read_weights(directory)
         stored, names = _hf_to_ours(stored, where)
         to_file = lambda k: HF_EMBEDDING_KEY if k == EMBEDDING_KEY else k  # noqa: E731
     else:
-        config = config_from_mamba_ssm(raw, where=f"{where}/{CONFIG_NAME} ({fmt})")
+        config = config_from_mamba_ssm(raw, where=f"{str(directory / CONFIG_NAME)!r} ({fmt})")
         stored, source = read_weights(directory)
         names, to_file = {}, (lambda k: k)
     if auto:

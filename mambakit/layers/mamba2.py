@@ -19,6 +19,9 @@ from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_sta
 from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_step
 
 
+_CPU_CHUNK = 64
+
+
 class Mamba2ScanInputs(NamedTuple):
     """xBC: conv input (batch, conv_dim, seqlen); x: (batch, seqlen, nheads, headdim) after conv + SiLU; dt:
     (batch, seqlen, nheads), raw unless dt_args is empty; A: (nheads,); B, C: (batch, seqlen, ngroups, d_state);
@@ -160,8 +163,10 @@ class Mamba2(nn.Module):
         """
         s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask)
         gate = None if self.rmsnorm else s.z.unflatten(-1, (self.nheads, self.headdim))
+        # chunk_size only trades speed for memory (the function is the same); on CPU 64 is fastest
+        chunk = self.chunk_size if s.x.is_cuda else min(self.chunk_size, _CPU_CHUNK)
         y, last = mamba_chunk_scan_combined(
-            s.x, s.dt, s.A, s.B, s.C, self.chunk_size, D=s.D, z=gate, seq_idx=seq_idx,
+            s.x, s.dt, s.A, s.B, s.C, chunk, D=s.D, z=gate, seq_idx=seq_idx,
             initial_states=state.ssm if state is not None else None, return_final_states=True, **s.dt_args,
         )
         if state is not None:

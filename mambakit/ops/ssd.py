@@ -14,7 +14,7 @@ Three forms of the same function are provided, all with the official ``mamba_ssm
 
 * :func:`ssd_recurrent` -- the sequential recurrence above (the reference; slow, plain autograd).
 * :func:`ssd_quadratic` -- the "attention" (dual) form ``y = (L o C B^T)(dt x)`` over the whole sequence
-  (quadratic in seqlen; plain autograd).
+  (quadratic in seqlen; plain autograd); its matrix is :func:`ssd_attention_matrix`.
 * :func:`ssd_chunked` -- the block decomposition used by Mamba-2 (linear in seqlen), with a hand-written backward
   that recomputes the chunk-local quadratic blocks instead of storing them.
 
@@ -55,6 +55,7 @@ from mambakit.errors import MambaKitError
 __all__ = [
     "mamba_chunk_scan_combined",
     "ssd",
+    "ssd_attention_matrix",
     "ssd_chunked",
     "ssd_quadratic",
     "ssd_recurrent",
@@ -92,7 +93,8 @@ class _Dims(NamedTuple):
 
 def _shape_text(named: Sequence[Tuple[str, Optional[int]]]) -> str:
     """``[("batch", 2), ("d_state", None)]`` -> ``"(batch=2, d_state)"``."""
-    return "(" + ", ".join(name if size is None else f"{name}={size}" for name, size in named) + ")"
+    parts = [name if size is None else f"{name}={size}" for name, size in named]
+    return "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
 
 
 def _require_tensor(name: str, value: object, dtypes: Sequence[torch.dtype] = _FLOAT_DTYPES) -> Tensor:
@@ -123,9 +125,9 @@ def _require_device(name: str, value: Tensor, device: torch.device) -> None:
 def _check_dt_options(dt_softplus: object, dt_limit: object) -> None:
     if not isinstance(dt_softplus, bool):
         raise MambaKitError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
-    ok = isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dt_limit)  # type: ignore[union-attr]
-    if not ok or not (dt_limit[0] <= dt_limit[1]):  # type: ignore[index]
+    pair = isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2
+    numbers = pair and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dt_limit)  # type: ignore
+    if not numbers or dt_limit[0] > dt_limit[1]:  # type: ignore[index]
         raise MambaKitError(f"dt_limit must be a pair (low, high) of floats with low <= high, got {dt_limit!r}")
 
 
@@ -234,14 +236,14 @@ def _process_dt(
     return dt
 
 
-def _skip_and_gate(y: Tensor, x: Tensor, D: Optional[Tensor], z: Optional[Tensor]) -> Tensor:
-    """``y + D * x`` then ``* silu(z)``; y, x, z: (..., nheads, headdim), D: (nheads,) or (nheads, headdim)."""
-    if D is not None:
-        d = D.to(y.dtype)
-        y = y + x * (d[:, None] if d.dim() == 1 else d)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    return y
+def _skip_weight(D: Tensor) -> Tensor:
+    """D (nheads,) or (nheads, headdim) -> broadcastable against (..., nheads, headdim)."""
+    return D[:, None] if D.dim() == 1 else D
+
+
+def _add_skip(y: Tensor, x: Tensor, D: Optional[Tensor]) -> Tensor:
+    """``y + D * x``; y, x: (..., nheads, headdim)."""
+    return y if D is None else y + x * _skip_weight(D)
 
 
 def _segments(seq_idx: Optional[Tensor]) -> Optional[Tensor]:
@@ -257,15 +259,18 @@ def _segments(seq_idx: Optional[Tensor]) -> Optional[Tensor]:
 
 def _run_form(core, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
               return_final_states, *, need_chunk_size: bool) -> SSDOutput:
-    """Validate, process dt, cast to the compute dtype, run ``core`` and apply D and the gate."""
+    """Validate, process dt, cast to the compute dtype, run ``core`` (which adds D * x) and apply the gate."""
     _validate_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
                    need_chunk_size=need_chunk_size)
     dtype = _compute_dtype(x, dt, A, B, C)
     dt_c = _process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
     x_c = x.to(dtype)
     init = None if initial_states is None else initial_states.to(dtype)
-    y, final = core(x_c, dt_c, A.to(dtype), B.to(dtype), C.to(dtype), init, seq_idx, chunk_size)
-    y = _skip_and_gate(y, x_c, D, z).to(x.dtype)
+    D_c = None if D is None else D.to(dtype)
+    y, final = core(x_c, dt_c, A.to(dtype), B.to(dtype), C.to(dtype), D_c, init, seq_idx, chunk_size)
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    y = y.to(x.dtype)
     return (y, final) if return_final_states else y
 
 
@@ -291,7 +296,7 @@ def _step(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor)
     return state, y.view(batch, nheads, headdim)
 
 
-def _recurrent_core(x, dt, A, B, C, initial_states, seq_idx, chunk_size=None) -> Tuple[Tensor, Tensor]:
+def _recurrent_core(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size=None) -> Tuple[Tensor, Tensor]:
     batch, seqlen, nheads, headdim = x.shape
     d_state = B.shape[-1]
     state = initial_states
@@ -304,7 +309,7 @@ def _recurrent_core(x, dt, A, B, C, initial_states, seq_idx, chunk_size=None) ->
             state = state * keep[:, None, None, None]
         state, y = _step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t])
         ys.append(y)
-    return torch.stack(ys, dim=1), state
+    return _add_skip(torch.stack(ys, dim=1), x, D), state
 
 
 def ssd_recurrent(
@@ -349,37 +354,92 @@ def _segsum_exp(acs: Tensor, keep: Tensor) -> Tensor:
     return diff.masked_fill_(~keep, -math.inf).exp_()
 
 
-def _quadratic_core(x, dt, A, B, C, initial_states, seq_idx, chunk_size=None) -> Tuple[Tensor, Tensor]:
+def _log_decays(dt: Tensor, A: Tensor) -> Tensor:
+    """Inclusive cumulative sums of dt*A over the whole sequence, in float64 whatever the compute dtype (a long
+    cumsum must not cost the small differences): dt (batch, seqlen, nheads) -> (batch, nheads, seqlen)."""
+    return torch.cumsum(dt.double() * A.double(), dim=1).transpose(1, 2)
+
+
+def _attention_matrix(dt: Tensor, A: Tensor, B: Tensor, C: Tensor, seg: Optional[Tensor]) -> Tensor:
+    """The quadratic form's matrix (batch, nheads, seqlen, seqlen) in dt's dtype; seg from :func:`_segments`."""
+    batch, seqlen, nheads = dt.shape
+    ngroups = B.shape[2]
+    r = nheads // ngroups
+    keep = torch.ones(seqlen, seqlen, dtype=torch.bool, device=dt.device).tril()[None]
+    if seg is not None:
+        keep = keep & (seg[:, :, None] == seg[:, None, :])  # (batch, seqlen, seqlen)
+    L = _segsum_exp(_log_decays(dt, A), keep[:, None]).to(dt.dtype)  # (batch, nheads, seqlen, seqlen)
+    scores = torch.matmul(C.transpose(1, 2), B.permute(0, 2, 3, 1))  # (batch, ngroups, seqlen, seqlen)
+    step = dt.transpose(1, 2).reshape(batch, ngroups, r, 1, seqlen)  # dt_j scales column j
+    M = L.view(batch, ngroups, r, seqlen, seqlen) * scores[:, :, None] * step
+    return M.view(batch, nheads, seqlen, seqlen)
+
+
+def ssd_attention_matrix(dt: Tensor, A: Tensor, B: Tensor, C: Tensor, seq_idx: Optional[Tensor] = None) -> Tensor:
+    """The matrix of SSD's quadratic ("attention") form, ``y = M x + D x`` without an initial state.
+
+    ``M[b, h, i, j] = (C_i . B_j) * exp(A_h * sum_{k=j+1..i} dt_k) * dt_j`` for j <= i in the same packed sequence,
+    else exactly 0 (decays from differences of a float64 cumulative sum, masked before the exp).
+
+    Args:
+        dt: (batch, seqlen, nheads), already processed (bias, softplus and limit applied).
+        A: (nheads,); B, C: (batch, seqlen, ngroups, d_state) with ngroups dividing nheads.
+        seq_idx: (batch, seqlen) int, optional: no entries across a change of seq_idx.
+
+    Returns:
+        (batch, nheads, seqlen, seqlen) in float32 (float64 if an input is float64). Memory is quadratic in seqlen.
+    """
+    dt = _require_tensor("dt", dt)
+    if dt.dim() != 3 or min(dt.shape) < 1:
+        raise MambaKitError(f"dt must have shape (batch, seqlen, nheads) with every size >= 1, got {tuple(dt.shape)}")
+    batch, seqlen, nheads = dt.shape
+    A = _require_tensor("A", A)
+    _require_shape("A", A, [("nheads", nheads)])
+    B = _require_tensor("B", B)
+    if not (B.dim() == 4 and tuple(B.shape[:2]) == (batch, seqlen) and min(B.shape) >= 1
+            and nheads % B.shape[2] == 0):
+        raise MambaKitError(
+            f"B must have shape (batch={batch}, seqlen={seqlen}, ngroups, d_state) with nheads={nheads} "
+            f"divisible by ngroups, got {tuple(B.shape)}"
+        )
+    C = _require_tensor("C", C)
+    _require_shape("C", C, [("batch", batch), ("seqlen", seqlen), ("ngroups", B.shape[2]), ("d_state", B.shape[3])],
+                   " (the shape of B)")
+    if seq_idx is not None:
+        seq_idx = _require_tensor("seq_idx", seq_idx, _INT_DTYPES)
+        _require_shape("seq_idx", seq_idx, [("batch", batch), ("seqlen", seqlen)])
+    for name, value in (("A", A), ("B", B), ("C", C), ("seq_idx", seq_idx)):
+        if value is not None:
+            _require_device(name, value, dt.device)
+    dtype = _compute_dtype(dt, A, B, C)
+    return _attention_matrix(dt.to(dtype), A.to(dtype), B.to(dtype), C.to(dtype), _segments(seq_idx))
+
+
+def _quadratic_core(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size=None) -> Tuple[Tensor, Tensor]:
     batch, seqlen, nheads, headdim = x.shape
     ngroups, d_state = B.shape[2], B.shape[3]
     r = nheads // ngroups
     seg = _segments(seq_idx)
+    y = torch.matmul(_attention_matrix(dt, A, B, C, seg), x.transpose(1, 2))  # (batch, nheads, seqlen, headdim)
     if seg is None:
         seg = torch.zeros(batch, seqlen, dtype=torch.long, device=x.device)
-    acs = torch.cumsum(dt * A, dim=1).transpose(1, 2)  # (batch, nheads, seqlen)
-    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=x.device).tril()
-    keep = causal & (seg[:, :, None] == seg[:, None, :])  # (batch, seqlen, seqlen)
-    L = _segsum_exp(acs, keep[:, None])  # (batch, nheads, seqlen, seqlen)
+    acs = _log_decays(dt, A)  # (batch, nheads, seqlen), float64
     Bg, Cg = B.transpose(1, 2), C.transpose(1, 2)  # (batch, ngroups, seqlen, d_state)
-    scores = torch.matmul(Cg, Bg.transpose(-1, -2))  # (batch, ngroups, seqlen, seqlen)
-    M = (L.view(batch, ngroups, r, seqlen, seqlen) * scores[:, :, None]).view(batch, nheads, seqlen, seqlen)
-    xdt = (x * dt[..., None]).transpose(1, 2)  # (batch, nheads, seqlen, headdim)
-    y = torch.matmul(M, xdt)  # (batch, nheads, seqlen, headdim)
-    # decay from the end of the sequence back to each position (within the last segment)
+    # final state: decay from each position to the end of the sequence (within the last segment)
     in_last = (seg == seg[:, -1:])[:, None, :]
-    to_end = torch.exp(torch.where(in_last, acs[:, :, -1:] - acs, -math.inf))  # (batch, nheads, seqlen)
-    xw = (xdt * to_end[..., None]).view(batch, ngroups, r, seqlen, headdim)
-    final = torch.einsum("bgrlp,bgln->bgrpn", xw, Bg)
+    to_end = torch.exp(torch.where(in_last, acs[:, :, -1:] - acs, -math.inf)).to(x.dtype)  # (batch, nheads, seqlen)
+    xw = (x * dt[..., None]).transpose(1, 2) * to_end[..., None]  # (batch, nheads, seqlen, headdim)
+    final = torch.einsum("bgrlp,bgln->bgrpn", xw.reshape(batch, ngroups, r, seqlen, headdim), Bg)
     final = final.reshape(batch, nheads, headdim, d_state)
-    if initial_states is not None:
+    if initial_states is not None:  # it reaches the first segment only
         in_first = (seg == 0)[:, None, :]
-        from_start = torch.exp(torch.where(in_first, acs, -math.inf))  # (batch, nheads, seqlen)
+        from_start = torch.exp(torch.where(in_first, acs, -math.inf)).to(x.dtype)  # (batch, nheads, seqlen)
         init = initial_states.view(batch, ngroups, r, headdim, d_state)
         y_init = torch.einsum("bgln,bgrpn->bgrlp", Cg, init).reshape(batch, nheads, seqlen, headdim)
         y = y + y_init * from_start[..., None]
-        carry = torch.exp(torch.where(seg[:, -1:] == 0, acs[:, :, -1], -math.inf))  # (batch, nheads)
+        carry = torch.exp(torch.where(seg[:, -1:] == 0, acs[:, :, -1], -math.inf)).to(x.dtype)  # (batch, nheads)
         final = final + initial_states * carry[:, :, None, None]
-    return y.transpose(1, 2), final
+    return _add_skip(y.transpose(1, 2), x, D), final
 
 
 def ssd_quadratic(
@@ -434,6 +494,7 @@ class _Chunks(NamedTuple):
     B: Tensor  # (c, b, g, Q, n)
     C: Tensor  # (c, b, g, Q, n)
     acs: Tensor  # (c, b, h, Q)  within-chunk inclusive cumsum of dt*A
+    acs_lo: Optional[Tensor]  # (c, b, h, Q)  float32 only: the rounding error of acs (acs + acs_lo = float64 sum)
     e: Tensor  # (c, b, Q, h)  exp(acs): decay from the chunk start (0 past a sequence boundary)
     w: Tensor  # (c, b, Q, h)  exp(acs_last - acs): decay to the chunk end (0 before a sequence boundary)
     alpha: Tensor  # (c, b, h)  exp(acs_last): decay over the whole chunk (0 if it holds a boundary)
@@ -451,7 +512,7 @@ def _pad_time(t: Tensor, pad: int) -> Tensor:
 def _to_chunks(t: Tensor, c: int, Q: int, pad: int) -> Tensor:
     """(b, seqlen, *rest) -> contiguous chunk-major (c, b, Q, *rest), zero-padded at the end."""
     t = _pad_time(t, pad)
-    return t.view((t.shape[0], c, Q) + tuple(t.shape[2:])).transpose(0, 1).contiguous()
+    return t.reshape((t.shape[0], c, Q) + tuple(t.shape[2:])).transpose(0, 1).contiguous()
 
 
 def _from_chunks(t: Tensor, seqlen: int) -> Tensor:
@@ -486,9 +547,11 @@ def _build_chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, seg: O
         over_chunk = torch.where((seg_last == seg_prev)[..., None], over_chunk, ninf)
         cross = (seg_c[:, :, :, None] != seg_c[:, :, None, :])[:, :, None]
     dtype = x.dtype
+    acs64 = acs64.transpose(2, 3).contiguous()
+    acs = acs64.to(dtype)
     return _Chunks(
         dims=dims, Q=Q, c=c, X=X, Xh=X.transpose(2, 3).contiguous(), B=Bc, C=Cc,
-        acs=acs64.to(dtype).transpose(2, 3).contiguous(),
+        acs=acs, acs_lo=None if dtype == torch.float64 else (acs64 - acs.double()).to(dtype),
         e=from_start.exp().to(dtype), w=to_end.exp().to(dtype), alpha=over_chunk.exp().to(dtype),
         tril=torch.ones(Q, Q, dtype=dtype, device=x.device).tril(), cross=cross,
     )
@@ -517,9 +580,15 @@ def _block_decay(ch: _Chunks, k0: int, k1: int, out: Tensor) -> Tensor:
 
     The upper triangle is set to 0 BEFORE the exp (so it holds 1, never the exp of a large positive number) and
     is zeroed through the masked scores of :func:`_block_scores`. Arguments are floored at ``_LOG_DECAY_FLOOR``.
+    In float32 the difference is compensated: ``acs_i - acs_j`` is exact when the two are close (Sterbenz), and
+    the float32 rounding errors of the sums (``acs_lo``) are added back, so a large cumulative decay within the
+    chunk does not cost the precision of the small differences that matter.
     """
     acs = ch.acs[k0:k1]
     torch.sub(acs[..., :, None], acs[..., None, :], out=out)
+    if ch.acs_lo is not None:
+        lo = ch.acs_lo[k0:k1]
+        out.add_(lo[..., :, None]).sub_(lo[..., None, :])
     return out.mul_(ch.tril).clamp_min_(_LOG_DECAY_FLOOR).exp_()
 
 
@@ -636,8 +705,8 @@ def _chunked_backward(ch: _Chunks, states: Tensor, gy: Tensor, grad_final: Optio
         k = k1 - k0
         shape = (k, b, h, Q, Q)
         L = _block_decay(ch, k0, k1, out=scratch.get(0, shape))
-        M = torch.mul(L.view(k, b, g, r, Q, Q), _block_scores(ch, k0, k1), out=scratch.get(1, shape[:2] + (g, r, Q, Q)))
-        M = M.view(shape)
+        M = scratch.get(1, shape)
+        torch.mul(L.view(k, b, g, r, Q, Q), _block_scores(ch, k0, k1), out=M.view(k, b, g, r, Q, Q))
         gM = torch.matmul(gyh[k0:k1], ch.Xh[k0:k1].transpose(-1, -2), out=scratch.get(2, shape))
         gX[k0:k1] += torch.matmul(M.transpose(-1, -2), gyh[k0:k1]).transpose(2, 3)
         M.mul_(gM)  # gradient w.r.t. the log of L (zero where masked)
@@ -653,46 +722,56 @@ def _chunked_backward(ch: _Chunks, states: Tensor, gy: Tensor, grad_final: Optio
 
 
 class _ChunkedSSD(torch.autograd.Function):
-    """Core of the chunked form: (x, dt, A, B, C, initial_states) -> (y without D/gate, final state).
+    """Core of the chunked form: (x, dt, A, B, C, D, initial_states) -> (y without the gate, final state).
 
     The backward recomputes the chunk-local quadratic blocks (nothing of size seqlen * chunk_size is stored);
     only the state entering each chunk, (c, b, h, p, n), is saved.
     """
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, initial_states, seg, chunk_size):  # type: ignore[override]
+    def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size):  # type: ignore[override]
+        # inputs are often views of one packed projection: strided operands make every later elementwise op
+        # several times slower, so take contiguous copies once (a no-op for contiguous inputs)
+        x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
         ch = _build_chunks(x, dt, A, B, C, seg, chunk_size)
         y, states, final = _chunked_forward(ch, initial_states)
-        ctx.save_for_backward(x, dt, A, B, C, seg, states)
+        y = _from_chunks(y, x.shape[1])
+        if D is not None:
+            y.addcmul_(x, _skip_weight(D))
+        ctx.save_for_backward(x, dt, A, B, C, D, seg, states)
         ctx.chunk_size = chunk_size
         ctx.has_initial = initial_states is not None
-        return _from_chunks(y, x.shape[1]), _states_to_public(final, ch.dims)
+        return y, _states_to_public(final, ch.dims)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_final):  # type: ignore[override]
-        x, dt, A, B, C, seg, states = ctx.saved_tensors
+        x, dt, A, B, C, D, seg, states = ctx.saved_tensors
         ch = _build_chunks(x, dt, A, B, C, seg, ctx.chunk_size)
         d = ch.dims
         seqlen, pad = d.seqlen, ch.c * ch.Q - d.seqlen
-        if grad_y is None:
-            grad_y = torch.zeros_like(x)
-        gy = _to_chunks(grad_y.to(x.dtype), ch.c, ch.Q, pad)
+        grad_y = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
+        gy = _to_chunks(grad_y, ch.c, ch.Q, pad)
         gf = None if grad_final is None else _states_to_internal(grad_final.to(x.dtype), d.ngroups)
         gX, g_dA, gB, gC, g_init = _chunked_backward(ch, states, gy, gf)
         gX = _from_chunks(gX, seqlen)
         g_dA = _from_chunks(g_dA, seqlen)
-        gx = gX * dt[..., None]
         gdt = (gX * x).sum(-1) + g_dA * A
         gA = (g_dA * dt).sum((0, 1))
+        gx = gX.mul_(dt[..., None])
+        gD = None
+        if D is not None:
+            gx.addcmul_(grad_y, _skip_weight(D))
+            gD = (grad_y * x).sum((0, 1))  # (nheads, headdim)
+            gD = gD.sum(-1) if D.dim() == 1 else gD
         gB = _from_chunks(gB.transpose(2, 3), seqlen)
         gC = _from_chunks(gC.transpose(2, 3), seqlen)
         g_init = _states_to_public(g_init, d) if ctx.has_initial else None
-        return gx, gdt, gA, gB, gC, g_init, None, None
+        return gx, gdt, gA, gB, gC, gD, g_init, None, None
 
 
-def _chunked_core(x, dt, A, B, C, initial_states, seq_idx, chunk_size) -> Tuple[Tensor, Tensor]:
-    return _ChunkedSSD.apply(x, dt, A, B, C, initial_states, _segments(seq_idx), chunk_size)
+def _chunked_core(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size) -> Tuple[Tensor, Tensor]:
+    return _ChunkedSSD.apply(x, dt, A, B, C, D, initial_states, _segments(seq_idx), chunk_size)
 
 
 def ssd_chunked(
@@ -843,4 +922,7 @@ def ssd_step(
     x_c = x.to(dtype)
     new_state, y = _step(state.to(dtype), x_c, dt_c, A.to(dtype), B.to(dtype), C.to(dtype))
     state.copy_(new_state)
-    return _skip_and_gate(y, x_c, D, z).to(x.dtype)
+    y = _add_skip(y, x_c, None if D is None else D.to(dtype))
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(x.dtype)

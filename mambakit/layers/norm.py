@@ -10,11 +10,17 @@ from torch import Tensor, nn
 from mambakit.errors import MambaKitError
 
 
+def _norm_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x: (..., d) normalised in float32 by its root mean square over d, scaled by weight (d,); returns x's dtype."""
-    xf = x.float()
+    """x: (..., d) normalised in float32 (float64 for float64 x) by its root mean square over d, scaled by weight (d,);
+    returns x's dtype."""
+    fp = _norm_dtype(x)
+    xf = x.to(fp)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    return (y * weight.to(fp)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -42,13 +48,13 @@ class RMSNormGated(nn.Module):
 
     def forward(self, y: Tensor, z: Optional[Tensor] = None) -> Tensor:
         """y, z: (..., d). Returns (..., d) in y's dtype."""
-        dtype = y.dtype
-        yf = y.float()
+        dtype, fp = y.dtype, _norm_dtype(y)
+        yf = y.to(fp)
         if z is not None and not self.norm_before_gate:
-            yf = yf * F.silu(z.float())
+            yf = yf * F.silu(z.to(fp))
         groups = yf.unflatten(-1, (-1, self.group_size))
         groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = groups.flatten(-2) * self.weight.float()
+        out = groups.flatten(-2) * self.weight.to(fp)
         if z is not None and self.norm_before_gate:
-            out = out * F.silu(z.float())
+            out = out * F.silu(z.to(fp))
         return out.to(dtype)

@@ -8,7 +8,6 @@ from mambakit.ops.selective_scan import (
 )
 from mambakit.ops.ssd import (
     mamba_chunk_scan_combined,
-    ssd,
     ssd_attention_matrix,
     ssd_chunked,
     ssd_quadratic,
@@ -18,6 +17,6 @@ from mambakit.ops.ssd import (
 
 __all__ = [
     "causal_conv1d_fn", "causal_conv1d_update", "selective_scan_chunked", "selective_scan_fn", "selective_scan_ref",
-    "selective_state_update", "mamba_chunk_scan_combined", "ssd", "ssd_attention_matrix", "ssd_chunked",
+    "selective_state_update", "mamba_chunk_scan_combined", "ssd_attention_matrix", "ssd_chunked",
     "ssd_quadratic", "ssd_recurrent", "ssd_step",
 ]

@@ -16,6 +16,15 @@ from mambakit.errors import MambaKitError
 ACTIVATIONS = (None, "silu", "swish")
 
 
+def _triton_conv():
+    """The Triton conv kernel when Triton is importable (used for CUDA tensors), else None."""
+    try:
+        from mambakit.ops.triton.conv1d import causal_conv1d_triton
+    except ImportError:
+        return None
+    return causal_conv1d_triton
+
+
 def _activate(y: Tensor, activation: Optional[str]) -> Tensor:
     if activation not in ACTIVATIONS:
         raise MambaKitError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -37,6 +46,8 @@ def causal_conv1d_fn(
     if weight.dim() != 2 or weight.shape[0] != dim:
         raise MambaKitError(f"weight must have shape (dim={dim}, width), got {tuple(weight.shape)}")
     width = weight.shape[1]
+    if x.is_cuda and conv_state is None and _triton_conv() is not None:
+        return _triton_conv()(x, weight, bias, activation, seq_idx=seq_idx)
     if conv_state is not None:
         if conv_state.shape != (batch, dim, width):
             raise MambaKitError(

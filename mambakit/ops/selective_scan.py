@@ -417,6 +417,10 @@ def selective_state_update(
     state: (batch, dim, d_state); x, dt, z: (batch, dim); A: (dim, d_state); B, C: (batch, d_state) or
     (batch, groups, d_state); D, dt_bias: (dim,). Returns y: (batch, dim) in x's dtype.
     """
+    if state.is_cuda and _triton_available():
+        from mambakit.ops.triton.state_update import selective_state_update_triton
+
+        return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     batch, dim, d_state = state.shape
     for name, t in (("x", x), ("dt", dt), ("z", z)):
         if t is not None and t.shape != (batch, dim):

@@ -1,0 +1,202 @@
+"""The Triton selective scan against the sequential reference, run on the CPU through the Triton interpreter.
+
+Forward, final state and every gradient on small awkward shapes (fp32 rel err <= 1e-5 against a float64 reference),
+bit-identical gradients run after run, half-precision inputs, strides, dispatch and the error cases.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from mambakit.errors import MambaKitError  # noqa: E402
+from mambakit.ops.selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+from tests.ops.test_selective_scan import make_inputs  # noqa: E402
+
+
+def _interpreted_module(name: str):
+    """Import `name` with its kernels interpreted (reload it if an earlier import compiled them for a GPU)."""
+    mod = importlib.import_module(name)
+    if not getattr(mod, "_INTERPRETED", False):
+        mod = importlib.reload(sys.modules[name])
+    return mod
+
+
+ss_triton = _interpreted_module("mambakit.ops.triton.selective_scan")
+selective_scan_triton = ss_triton.selective_scan_triton
+
+SMALL = dict(chunk=8, fwd_block_t=4, bwd_block_t=2)  # several chunks and tiles even at seqlen <= 40
+
+
+def _grad_names(kw):
+    return [k for k, v in kw.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+
+def _run(fn, kw, names, gy, gs, **extra):
+    y, last = fn(**kw, return_last_state=True, **extra)
+    loss = (y.double() * gy).sum() + (last.double() * gs).sum()
+    grads = torch.autograd.grad(loss, [kw[n] for n in names])
+    return y, last, dict(zip(names, grads))
+
+
+def _check(batch, dim, d_state, seqlen, groups=0, tol=1e-5, cfg=None, **flags):
+    kw = make_inputs(batch, dim, d_state, seqlen, groups=groups, dtype=torch.float32, seed=seqlen * 7 + dim, **flags)
+    names = _grad_names(kw)
+    kw64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor)
+                and v.is_floating_point() else v) for k, v in kw.items()}
+    g = torch.Generator().manual_seed(5)
+    gy = torch.randn(batch, dim, seqlen, generator=g, dtype=torch.float64)
+    gs = torch.randn(batch, dim, d_state, generator=g, dtype=torch.float64)
+    y, last, grads = _run(selective_scan_triton, kw, names, gy, gs, **(cfg or {}))
+    yr, lastr, gr = _run(selective_scan_ref, kw64, names, gy, gs)
+    assert y.dtype == torch.float32 and last.dtype == torch.float32
+    errs = {"y": rel_err(y, yr), "last_state": rel_err(last, lastr)}
+    errs.update({f"d{n}": rel_err(grads[n], gr[n]) for n in names})
+    for n in names:
+        assert grads[n].shape == kw[n].shape and grads[n].dtype == kw[n].dtype
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"rel errors above {tol}: {bad}"
+
+
+# (batch, dim, d_state, seqlen, groups, flags, cfg)
+CASES = [
+    pytest.param(2, 4, 4, 13, 0, {}, None, id="default-config"),
+    pytest.param(1, 3, 3, 1, 0, {}, SMALL, id="seqlen1"),
+    pytest.param(1, 5, 1, 17, 0, {"with_h0": True}, SMALL, id="dstate1-prime"),
+    pytest.param(2, 4, 8, 37, 0, {"with_h0": True, "packed": True}, SMALL, id="h0-seqidx"),
+    pytest.param(1, 8, 2, 23, 2, {}, SMALL, id="grouped2"),
+    pytest.param(1, 6, 5, 29, 2, {"with_h0": True}, SMALL, id="grouped-odd-groupsize"),
+    pytest.param(1, 7, 4, 19, 0, {"with_D": False, "with_z": False, "with_bias": False}, SMALL, id="bare"),
+    pytest.param(2, 3, 6, 40, 0, {"with_z": False, "packed": True}, dict(chunk=16, fwd_block_t=8, bwd_block_t=4),
+                 id="no-z-packed-chunk16"),
+    pytest.param(1, 2, 4, 31, 0, {"with_D": False, "with_h0": True}, dict(chunk=4, fwd_block_t=4, bwd_block_t=4),
+                 id="chunk-equals-tile"),
+]
+
+
+@pytest.mark.parametrize("batch,dim,d_state,seqlen,groups,flags,cfg", CASES)
+def test_matches_reference(batch, dim, d_state, seqlen, groups, flags, cfg):
+    _check(batch, dim, d_state, seqlen, groups, cfg=cfg, **flags)
+
+
+def test_no_softplus_and_large_decay():
+    kw = make_inputs(1, 4, 4, 21, dtype=torch.float32, delta_scale=3.0, seed=3)
+    kw["delta_softplus"] = False
+    kw["delta"] = kw["delta"].detach().abs().requires_grad_()  # positive steps, some large (strong decay)
+    names = _grad_names(kw)
+    kw64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+            for k, v in kw.items()}
+    gen = torch.Generator().manual_seed(21)
+    gy = torch.randn(1, 4, 21, generator=gen, dtype=torch.float64)
+    gs = torch.randn(1, 4, 4, generator=gen, dtype=torch.float64)
+    y, last, g = _run(selective_scan_triton, kw, names, gy, gs, **SMALL)
+    yr, lastr, gr = _run(selective_scan_ref, kw64, names, gy, gs)
+    assert rel_err(y, yr) <= 1e-5 and rel_err(last, lastr) <= 1e-5
+    for n in names:
+        assert rel_err(g[n], gr[n]) <= 1e-5, n
+
+
+def test_backward_is_deterministic():
+    kw = make_inputs(1, 8, 4, 25, groups=2, dtype=torch.float32, with_h0=True, packed=True, seed=11)
+    names = _grad_names(kw)
+    gen = torch.Generator().manual_seed(25)
+    gy = torch.randn(1, 8, 25, generator=gen, dtype=torch.float64)
+    gs = torch.randn(1, 8, 4, generator=gen, dtype=torch.float64)
+    y1, l1, g1 = _run(selective_scan_triton, kw, names, gy, gs, **SMALL)
+    y2, l2, g2 = _run(selective_scan_triton, kw, names, gy, gs, **SMALL)
+    assert torch.equal(y1, y2) and torch.equal(l1, l2)
+    for n in names:
+        assert torch.equal(g1[n], g2[n]), n
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    kw = make_inputs(2, 4, 4, 19, dtype=torch.float32, seed=2)
+    half = ("u", "delta", "B", "C", "z")
+    kw = {k: (v.detach().to(dtype).requires_grad_() if k in half else v) for k, v in kw.items()}
+    names = _grad_names(kw)
+    kw64 = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+            for k, v in kw.items()}
+    gen = torch.Generator().manual_seed(8)
+    # the kernel receives dLoss/dy in y's dtype: give the reference the same rounded gradient
+    gy = torch.randn(2, 4, 19, generator=gen, dtype=torch.float64).to(dtype).double()
+    gs = torch.randn(2, 4, 4, generator=gen, dtype=torch.float64)
+    y, last, g = _run(selective_scan_triton, kw, names, gy, gs, **SMALL)
+    yr, lastr, gr = _run(selective_scan_ref, kw64, names, gy, gs)
+    assert y.dtype == dtype and last.dtype == torch.float32
+    assert rel_err(y, yr) <= 1e-2 and rel_err(last, lastr) <= 1e-3
+    for n in names:
+        assert g[n].dtype == kw[n].dtype
+        assert rel_err(g[n], gr[n]) <= 1e-2, n
+
+
+def test_non_contiguous_inputs_and_3d_bc_grads():
+    batch, dim, N, L = 2, 4, 3, 15
+    g = torch.Generator().manual_seed(9)
+    u = torch.randn(batch, L, dim, generator=g).transpose(1, 2).requires_grad_()  # channel-last views
+    delta = (torch.randn(batch, L, dim, generator=g) * 0.5 - 1).transpose(1, 2).requires_grad_()
+    z = torch.randn(batch, L, dim, generator=g).transpose(1, 2)
+    A = -torch.rand(N, dim, generator=g).t()
+    B = torch.randn(batch, L, N, generator=g).transpose(1, 2).requires_grad_()
+    C = torch.randn(batch, L, N, generator=g).transpose(1, 2).requires_grad_()
+    args = dict(D=torch.randn(dim, generator=g), z=z, delta_bias=torch.randn(dim, generator=g) * 0.3,
+                delta_softplus=True)
+    y = selective_scan_triton(u, delta, A, B, C, **args, **SMALL)
+    yr = selective_scan_ref(u, delta, A, B, C, **args)
+    assert rel_err(y, yr) <= 1e-5
+    gy = torch.randn(y.shape, generator=g)
+    gt = torch.autograd.grad((y * gy).sum(), [u, delta, B, C])
+    gr = torch.autograd.grad((yr * gy).sum(), [u, delta, B, C])
+    for a, b in zip(gt, gr):
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-4
+
+
+def test_no_grad_and_dispatch():
+    kw = make_inputs(1, 4, 4, 9, dtype=torch.float32, seed=4)
+    with torch.no_grad():
+        y = selective_scan_fn(**kw, backend="triton")
+        yr = selective_scan_ref(**kw)
+    assert rel_err(y, yr) <= 1e-5
+    y2, last = selective_scan_triton(**kw, return_last_state=True)
+    assert last.shape == (1, 4, 4) and rel_err(y2, yr) <= 1e-5
+
+
+def test_float64_falls_back_to_torch_path():
+    kw = make_inputs(1, 3, 2, 7, dtype=torch.float64, seed=6)
+    y = selective_scan_triton(**kw)
+    assert y.dtype == torch.float64 and rel_err(y, selective_scan_ref(**kw)) <= 1e-12
+
+
+def test_errors():
+    kw = make_inputs(1, 2, 257, 3, dtype=torch.float32, seed=1)
+    with pytest.raises(MambaKitError, match="d_state <= 256"):
+        selective_scan_triton(**kw)
+    kw = make_inputs(1, 2, 2, 3, dtype=torch.float32, seed=1)
+    with pytest.raises(MambaKitError, match="delta"):
+        selective_scan_triton(**{**kw, "delta": kw["delta"][..., :2]})
+    with pytest.raises(MambaKitError, match="CUDA"):
+        orig = ss_triton._INTERPRETED
+        ss_triton._INTERPRETED = False
+        try:
+            selective_scan_triton(**kw)
+        finally:
+            ss_triton._INTERPRETED = orig
+
+
+def test_config_keeps_time_in_registers():
+    """The launch shapes the performance relies on: a thread covers (BLOCK_D / 8 / warps) channels x NH states."""
+    cfg = ss_triton.pick_config(16, 2048, 2048, 1)
+    assert (cfg.NH, cfg.NL, cfg.fwd_block_d, cfg.fwd_warps, cfg.chunk) == (4, 4, 16, 1, 64)
+    assert (cfg.bwd_block_d, cfg.bwd_block_t, cfg.bwd_warps) == (16, 4, 1)
+    for n in (1, 2, 3, 16, 64, 256):
+        c = ss_triton.pick_config(n, 48, 16, 3)
+        assert c.NH * c.NL >= n and 16 % c.fwd_block_d == 0 and 16 % c.bwd_block_d == 0

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.autocast import autocast_off
 
 # Largest |sum of delta*A| over one chunk that the chunked CPU scan accepts. Its factors are exponentials of at most
 # half of this (about e^60 = 1e26), far from fp32 overflow; a chunk with a larger decay range is cut smaller.
@@ -252,6 +253,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
     """Core scan y_t = <C_t, h_t> without D/z/bias (those are cheap elementwise ops done by autograd outside)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, u, delta, A, B, C, h0, reset, chunk):
         # u, delta: (batch, dim, L); A: (dim, N); B, C: (batch, G, N, L); h0: (batch, dim, N); reset: (batch, L) or None
         batch, dim, L = u.shape
@@ -278,6 +280,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
         return y.view(batch, dim, L), H.reshape(batch, dim, N).clone()
 
     @staticmethod
+    @autocast_off
     def backward(ctx, gy, g_last):
         u, delta, A, B, C, saved_states, reset = ctx.saved_tensors
         chunk = ctx.chunk

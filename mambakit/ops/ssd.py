@@ -51,6 +51,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.autocast import autocast_off
 
 __all__ = [
     "mamba_chunk_scan_combined",
@@ -729,6 +730,7 @@ class _ChunkedSSD(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size):  # type: ignore[override]
         # inputs are often views of one packed projection: strided operands make every later elementwise op
         # several times slower, so take contiguous copies once (a no-op for contiguous inputs)
@@ -745,6 +747,7 @@ class _ChunkedSSD(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx, grad_y, grad_final):  # type: ignore[override]
         x, dt, A, B, C, D, seg, states = ctx.saved_tensors
         ch = _build_chunks(x, dt, A, B, C, seg, ctx.chunk_size)

@@ -134,3 +134,14 @@ def test_bad_inputs():
         model.generate(torch.tensor([[1]]), 2, temperature=-1)
     with pytest.raises(MambaKitError, match="attention_mask"):
         model(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3))
+
+
+@ARCHS
+def test_bf16_autocast_training_step(arch):
+    model = tiny(arch)
+    ids = torch.randint(0, 50, (2, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())

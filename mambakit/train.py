@@ -34,7 +34,7 @@ CHECKPOINT_SUBDIR = "checkpoint"
 DEFAULTS: dict[str, Any] = {
     "data": None,
     "steps": 600,
-    "d_model": 128,
+    "d_model": 256,
     "n_layer": 2,
     "d_state": None,  # 16 for mamba1, 64 for mamba2 (see `default_d_state`)
     "arch": "mamba1",

@@ -68,6 +68,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_default_modes(directory: Path) -> None:
+    """Give the checkpoint the permissions of an ordinary mkdir/open (mkdtemp makes 0700, safetensors 0600)."""
+    mask = _current_umask()
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~mask)
+    os.chmod(directory, 0o777 & ~mask)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -128,6 +142,7 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
         if trainer_state is not None:
             _write_json(tmp / TRAINER_STATE_NAME, trainer_state)
+        _apply_default_modes(tmp)
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)

@@ -62,6 +62,10 @@ def test_round_trip_same_logits_and_retied(tmp_path: Path) -> None:
     assert loaded.lm_head.weight is loaded.backbone.embedding.weight
     assert load_config(path) == model.config
     assert leftovers(tmp_path) == []
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
+    assert (path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_untied_lm_head_is_stored(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The ``mambakit`` command line: ``mambakit train`` and ``mambakit generate``.
+"""The ``mambakit`` command line: ``train``, ``generate``, ``explain`` (and ``tasks``).
 
 Bad input (missing data, unreadable checkpoint, invalid numbers, unknown device, ...) prints one line
 ``error: ...`` on stderr and exits with status 2; it never shows a traceback.
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_train_parser(sub)
     _add_generate_parser(sub)
+    from mambakit.interpret.cli import add_explain_parser
+
+    add_explain_parser(sub)
     return parser
 
 
@@ -177,15 +180,19 @@ def _load_tokenizer(checkpoint: Path) -> Any:
 def _cmd_generate(ns: argparse.Namespace) -> int:
     import torch
 
-    from mambakit.models.checkpoint import load_checkpoint
+    from mambakit.models.pretrained import from_pretrained
     from mambakit.train import resolve_device
 
     if not ns.prompt:
         raise MambaKitError("--prompt must not be empty")
     device = resolve_device(ns.device)
     checkpoint = _find_checkpoint(ns.checkpoint)
-    model = load_checkpoint(checkpoint, device=device)
+    model = from_pretrained(checkpoint, device=device)  # mambakit, transformers or mamba_ssm folder
     tokenizer = _load_tokenizer(checkpoint)
+    if tokenizer.__class__.__name__ == "ByteTokenizer" and model.config.vocab_size > 256 + 8:
+        raise MambaKitError(f"{checkpoint} has a vocabulary of {model.config.vocab_size} tokens but no tokenizer.json; "
+                            "copy the tokenizer.json of the model family (e.g. EleutherAI/gpt-neox-20b for the "
+                            "original Mamba checkpoints) into the folder")
     ids = tokenizer.encode(ns.prompt)
     if not ids:
         raise MambaKitError("--prompt encodes to no tokens")

@@ -23,9 +23,6 @@ from torch import Tensor
 from mambakit.errors import MambaKitError
 from mambakit.ops.autocast import autocast_off
 
-# Largest |sum of delta*A| over one chunk that the chunked CPU scan accepts. Its factors are exponentials of at most
-# half of this (about e^60 = 1e26), far from fp32 overflow; a chunk with a larger decay range is cut smaller.
-_MAX_CHUNK_LOG_DECAY = 120.0
 _DEFAULT_CHUNK = 64
 
 
@@ -160,176 +157,111 @@ def selective_scan_ref(
 # ----------------------------------------------------------------------------------------------------------------------
 # Chunked CPU fast path
 # ----------------------------------------------------------------------------------------------------------------------
-# Within a chunk of T steps, with sigma_t = A * cumsum(delta)_t (the log of the decay since the chunk start) and a
-# per-element reference r = sigma_T / 2:
-#     h_t = e^{sigma_t - r} * (e^{r} * H_prev + sum_{s<=t} e^{r - sigma_s} x_s),       x_s = delta_s u_s B_s
-# so the recurrence becomes one cumulative sum, with every exponent bounded by |sigma_T| / 2. The adjoint runs
-# backwards the same way:  lambda_t = e^{r - sigma_t} * (e^{r} G_next + sum_{s>=t} e^{sigma_s - r} C_s gy_s).
-# Only the chunk-boundary states are kept for the backward; everything inside a chunk is recomputed.
+# Time-major layout: rows are time steps, each row the whole (batch, G, Dg, N) state. Per chunk of T steps, the
+# elementwise work (decays exp(delta*A), inputs delta*u*B, read-out with C, every gradient term) runs as a few
+# vectorised ops over the chunk; the recurrence itself is one fused multiply-add per step (h_t = a_t h_{t-1} + x_t),
+# and the adjoint one per step backwards (lambda_t = C_t gy_t + a_{t+1} lambda_{t+1}). Decays are products of
+# factors <= 1, so nothing can overflow. Resets (seq_idx) zero the decay where a new sequence starts. Only the
+# states at chunk boundaries are kept for the backward, which recomputes the rest chunk by chunk.
 
 
-def _pick_chunk_size(delta: Tensor, A: Tensor, preferred: int) -> int:
-    """Largest power-of-two chunk <= preferred whose worst decay range stays below the overflow-safe bound (0 if none)."""
-    batch, dim, seqlen = delta.shape
-    a_max = A.abs().amax(dim=1)  # (dim,)
-    T = preferred
-    while T >= 2:
-        pad = (-seqlen) % T
-        sums = F.pad(delta, (0, pad)).view(batch, dim, -1, T).sum(-1)  # (batch, dim, nchunks)
-        if float((sums * a_max[:, None]).amax()) <= _MAX_CHUNK_LOG_DECAY:
-            return T
-        T //= 2
-    return 0
+def _chunk_decays(delta_c: Tensor, A: Tensor, keep_c: Optional[Tensor]) -> Tensor:
+    """a_t = exp(delta_t * A), zeroed where a new sequence starts. delta_c (T, b, G, Dg, 1) -> (T, b, G, Dg, N)."""
+    dA = torch.exp_(delta_c * A)
+    if keep_c is not None:
+        dA *= keep_c[:, :, None, None, None]
+    return dA
 
 
-def _segment_starts(reset: Tensor) -> Tensor:
-    """reset: (batch, T) bool -> (batch, T) long: index of the first position of each position's segment."""
-    T = reset.shape[-1]
-    pos = torch.arange(T, device=reset.device).expand_as(reset)
-    starts = torch.where(reset, pos, torch.zeros_like(pos))
-    return torch.cummax(starts, dim=-1).values
-
-
-def _segment_ends(reset: Tensor) -> Tensor:
-    """reset: (batch, T) bool -> (batch, T) long: index of the last position of each position's segment."""
-    T = reset.shape[-1]
-    nxt = torch.zeros_like(reset)
-    nxt[:, :-1] = reset[:, 1:]
-    pos = torch.arange(T, device=reset.device).expand_as(reset)
-    ends = torch.where(nxt, pos, torch.full_like(pos, T - 1))
-    return torch.flip(torch.cummin(torch.flip(ends, (-1,)), dim=-1).values, (-1,))
-
-
-def _segmented_cumsum(x: Tensor, starts: Optional[Tensor]) -> Tensor:
-    """Cumulative sum over the last dim of x (batch, G, Dg, N, T), restarted at segment starts (batch, T)."""
-    out = torch.cumsum(x, dim=-1)
-    if starts is None:
-        return out
-    shifted = F.pad(out, (1, 0))[..., :-1]  # shifted[t] = out[t-1], 0 at t = 0
-    idx = starts[:, None, None, None, :].expand_as(out)
-    return out - torch.gather(shifted, -1, idx)
-
-
-def _segmented_revcumsum(x: Tensor, ends: Optional[Tensor]) -> Tensor:
-    """Reverse cumulative sum over the last dim (sum over s >= t), restarted at segment ends (batch, T)."""
-    out = torch.flip(torch.cumsum(torch.flip(x, (-1,)), dim=-1), (-1,))
-    if ends is None:
-        return out
-    shifted = F.pad(out, (0, 1))[..., 1:]  # shifted[t] = out[t+1], 0 at t = T-1
-    idx = ends[:, None, None, None, :].expand_as(out)
-    return out - torch.gather(shifted, -1, idx)
-
-
-class _ChunkGeometry:
-    """Per-chunk decay factors shared by the forward and the backward recomputation.
-
-    Shapes use G groups of Dg channels: delta (batch, G, Dg, 1, T), A (1, G, Dg, N, 1).
-    e_in = e^{r - sigma_t} (batch, G, Dg, N, T) and e_r = e^{r} (batch, G, Dg, N), with r = sigma_T / 2.
-    """
-
-    def __init__(self, delta: Tensor, A: Tensor):
-        dcum = torch.cumsum(delta, dim=-1)  # (batch, G, Dg, 1, T)
-        half_total = 0.5 * dcum[..., -1:]
-        self.e_in = torch.exp_(A * (half_total - dcum))  # r - sigma_t = A * (dcum_T / 2 - dcum_t)
-        self.e_r = torch.exp(A * half_total)[..., 0]
-
-
-def _chunk_states_forward(delta_c, u_c, B_c, A, H_prev, reset_c):
-    """The states h (batch, G, Dg, N, T) of one chunk, from the state H_prev (batch, G, Dg, N) before it."""
-    geo = _ChunkGeometry(delta_c, A)
-    z = geo.e_in * (delta_c * u_c)
-    z *= B_c  # e^{r - sigma_s} x_s
-    carry = geo.e_r * H_prev
-    if reset_c is not None:  # no carry when a new sequence starts right at the chunk start
-        carry = carry * (~reset_c[:, 0]).to(carry.dtype)[:, None, None, None]
-    z[..., 0] += carry  # folded into the first term: later segments subtract it with their prefix
-    starts = _segment_starts(reset_c) if reset_c is not None else None
-    h = _segmented_cumsum(z, starts)
-    h /= geo.e_in
-    return h, geo
+def _chunk_states(dA: Tensor, du_c: Tensor, B_c: Tensor, H_prev: Tensor) -> Tensor:
+    """States of one chunk: buf (T + 1, b, G, Dg, N) with buf[0] = H_prev and buf[t + 1] = h_t."""
+    T = dA.shape[0]
+    buf = torch.empty((T + 1,) + dA.shape[1:], dtype=dA.dtype, device=dA.device)
+    buf[0] = H_prev
+    torch.mul(du_c, B_c, out=buf[1:])  # x_t = delta_t u_t B_t
+    for t in range(T):
+        torch.addcmul(buf[t + 1], dA[t], buf[t], out=buf[t + 1])
+    return buf
 
 
 class _ChunkedSelectiveScan(torch.autograd.Function):
-    """Core scan y_t = <C_t, h_t> without D/z/bias (those are cheap elementwise ops done by autograd outside)."""
+    """Core scan y_t = <C_t, h_t> without D/z/bias (those are cheap elementwise ops done by autograd outside).
+
+    Time-major inputs: u, delta (L, b, dim); A (dim, N); B, C (L, b, G, N); h0 (b, dim, N); keep (L, b) or None.
+    Returns y (L, b, dim) and the last state (b, dim, N).
+    """
 
     @staticmethod
     @autocast_off
-    def forward(ctx, u, delta, A, B, C, h0, reset, chunk):
-        # u, delta: (batch, dim, L); A: (dim, N); B, C: (batch, G, N, L); h0: (batch, dim, N); reset: (batch, L) or None
-        batch, dim, L = u.shape
-        G, N = B.shape[1], B.shape[2]
+    def forward(ctx, u, delta, A, B, C, h0, keep, chunk):
+        L, batch, dim = u.shape
+        G, N = B.shape[2], B.shape[3]
         Dg = dim // G
-        A5 = A.view(1, G, Dg, N, 1)
-        H = h0.view(batch, G, Dg, N)
-        y = torch.empty(batch, G, Dg, L, dtype=u.dtype, device=u.device)
+        A5 = A.view(G, Dg, N)
+        d5 = delta.view(L, batch, G, Dg, 1)
+        du5 = (delta * u).view(L, batch, G, Dg, 1)
+        B5 = B.view(L, batch, G, 1, N)
+        C5 = C.view(L, batch, G, 1, N)
+        y = torch.empty(L, batch, G, Dg, dtype=u.dtype, device=u.device)
         bounds = list(range(0, L, chunk))
-        saved_states = torch.empty(len(bounds), batch, G, Dg, N, dtype=u.dtype, device=u.device)
-        u5 = u.view(batch, G, Dg, 1, L)
-        d5 = delta.view(batch, G, Dg, 1, L)
-        B5 = B.view(batch, G, 1, N, L)
-        C5 = C.view(batch, G, 1, N, L)
+        saved_states = torch.empty((len(bounds), batch, G, Dg, N), dtype=u.dtype, device=u.device)
+        H = h0.view(batch, G, Dg, N)
         for k, s in enumerate(bounds):
             e = min(s + chunk, L)
             saved_states[k] = H
-            reset_c = reset[:, s:e] if reset is not None else None
-            h, _ = _chunk_states_forward(d5[..., s:e], u5[..., s:e], B5[..., s:e], A5, H, reset_c)
-            y[..., s:e] = (h * C5[..., s:e]).sum(3)
-            H = h[..., -1]
-        ctx.save_for_backward(u, delta, A, B, C, saved_states, reset)
+            dA = _chunk_decays(d5[s:e], A5, keep[s:e] if keep is not None else None)
+            buf = _chunk_states(dA, du5[s:e], B5[s:e], H)
+            torch.sum(buf[1:] * C5[s:e], dim=-1, out=y[s:e])
+            H = buf[-1]
+        ctx.save_for_backward(u, delta, A, B, C, saved_states, keep)
         ctx.chunk = chunk
-        return y.view(batch, dim, L), H.reshape(batch, dim, N).clone()
+        return y.view(L, batch, dim), H.reshape(batch, dim, N).clone()
 
     @staticmethod
     @autocast_off
     def backward(ctx, gy, g_last):
-        u, delta, A, B, C, saved_states, reset = ctx.saved_tensors
+        u, delta, A, B, C, saved_states, keep = ctx.saved_tensors
         chunk = ctx.chunk
-        batch, dim, L = u.shape
-        G, N = B.shape[1], B.shape[2]
+        L, batch, dim = u.shape
+        G, N = B.shape[2], B.shape[3]
         Dg = dim // G
-        A5 = A.view(1, G, Dg, N, 1)
-        u5 = u.view(batch, G, Dg, 1, L)
-        d5 = delta.view(batch, G, Dg, 1, L)
-        B5 = B.view(batch, G, 1, N, L)
-        C5 = C.view(batch, G, 1, N, L)
-        gy5 = (gy if gy is not None else torch.zeros_like(u)).view(batch, G, Dg, 1, L)
+        A5 = A.view(G, Dg, N)
+        u5 = u.view(L, batch, G, Dg, 1)
+        d5 = delta.view(L, batch, G, Dg, 1)
+        du5 = (delta * u).view(L, batch, G, Dg, 1)
+        B5 = B.view(L, batch, G, 1, N)
+        C5 = C.view(L, batch, G, 1, N)
+        gy5 = (gy if gy is not None else torch.zeros_like(u)).view(L, batch, G, Dg, 1)
         g_u = torch.empty_like(u5)
         g_delta = torch.empty_like(d5)
-        g_A = torch.zeros_like(A5[0, ..., 0])  # (G, Dg, N)
         g_B = torch.empty_like(B5)
         g_C = torch.empty_like(C5)
-        # adjoint flowing into the last state of the current chunk from the future
-        Gnext = (g_last if g_last is not None else torch.zeros(batch, dim, N, dtype=u.dtype, device=u.device))
-        Gnext = Gnext.reshape(batch, G, Dg, N)
+        g_A = torch.zeros_like(A5)
+        # adjoint of the last state of the current chunk coming from the future (or from the returned last state)
+        G_next = (g_last if g_last is not None else torch.zeros(batch, dim, N, dtype=u.dtype, device=u.device))
+        G_next = G_next.reshape(batch, G, Dg, N)
         bounds = list(range(0, L, chunk))
         for k in reversed(range(len(bounds))):
             s = bounds[k]
             e = min(s + chunk, L)
-            reset_c = reset[:, s:e] if reset is not None else None
-            d_c, u_c, B_c, C_c, gy_c = d5[..., s:e], u5[..., s:e], B5[..., s:e], C5[..., s:e], gy5[..., s:e]
-            h, geo = _chunk_states_forward(d_c, u_c, B_c, A5, saved_states[k], reset_c)
-            # adjoint lambda_t = dLoss/dh_t by a reverse cumulative sum, the carry folded into the last term
-            lam = C_c * gy_c
-            lam /= geo.e_in
-            lam[..., -1] += geo.e_r * Gnext
-            lam = _segmented_revcumsum(lam, _segment_ends(reset_c) if reset_c is not None else None)
-            lam *= geo.e_in
-            g_C[..., s:e] = (gy_c * h).sum(2, keepdim=True)
-            lamB = (lam * B_c).sum(3, keepdim=True)  # (batch, G, Dg, 1, T)
-            g_u[..., s:e] = lamB * d_c
-            du = d_c * u_c
-            g_B[..., s:e] = (lam * du).sum(2, keepdim=True)
-            # w = dLoss/d(log decay_t) = lambda_t * (h_t - x_t), per state element
-            w = h.sub_(du * B_c).mul_(lam)
-            g_delta[..., s:e] = lamB * u_c + (w * A5).sum(3, keepdim=True)
-            g_A += (w * d_c).sum((0, 4))
-            # adjoint into the state before this chunk: through the first step's decay (zero across a reset)
-            first = lam[..., 0] * torch.exp(A5[..., 0] * d_c[..., 0])
-            if reset_c is not None:
-                first = first * (~reset_c[:, 0]).to(first.dtype)[:, None, None, None]
-            Gnext = first
-        return (g_u.view(batch, dim, L), g_delta.view(batch, dim, L), g_A.view(dim, N), g_B.view(batch, G, N, L),
-                g_C.view(batch, G, N, L), Gnext.reshape(batch, dim, N), None, None)
+            T = e - s
+            dA = _chunk_decays(d5[s:e], A5, keep[s:e] if keep is not None else None)
+            buf = _chunk_states(dA, du5[s:e], B5[s:e], saved_states[k])
+            h, h_prev = buf[1:], buf[:-1]
+            lam = C5[s:e] * gy5[s:e]  # lambda_t = dLoss/dh_t, built backwards in place
+            lam[-1] += G_next
+            for t in range(T - 2, -1, -1):
+                torch.addcmul(lam[t], dA[t + 1], lam[t + 1], out=lam[t])
+            g_C[s:e] = (h * gy5[s:e]).sum(3, keepdim=True)
+            lamB = (lam * B5[s:e]).sum(-1, keepdim=True)  # (T, b, G, Dg, 1)
+            g_u[s:e] = lamB * d5[s:e]
+            g_B[s:e] = (lam * du5[s:e]).sum(3, keepdim=True)
+            G_next = dA[0] * lam[0]  # into the state before the chunk (zero across a reset)
+            w = dA.mul_(h_prev).mul_(lam)  # dLoss/d(log a_t) = lambda_t a_t h_{t-1}
+            g_delta[s:e] = lamB * u5[s:e] + (w * A5).sum(-1, keepdim=True)
+            g_A += (w * d5[s:e]).sum((0, 1))
+        return (g_u.view(L, batch, dim), g_delta.view(L, batch, dim), g_A.view(dim, N), g_B.view(L, batch, G, N),
+                g_C.view(L, batch, G, N), G_next.reshape(batch, dim, N), None, None)
 
 
 def selective_scan_chunked(
@@ -343,24 +275,23 @@ def selective_scan_chunked(
     boundaries are kept for the backward pass, which recomputes the rest chunk by chunk.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise MambaKitError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     dtype = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     delta_p = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    A_c = A.to(dtype)
-    chunk = _pick_chunk_size(delta_p.detach(), A_c.detach(), chunk_size)
-    if chunk == 0:  # a single step decays by more than e^-120: the loop handles it exactly
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                  initial_state, seq_idx)
-    Bg = _grouped(B).to(dtype).contiguous()
-    Cg = _grouped(C).to(dtype).contiguous()
+    # time-major copies: one row per time step
+    u_t = u.to(dtype).permute(2, 0, 1).contiguous()
+    d_t = delta_p.permute(2, 0, 1).contiguous()
+    B_t = _grouped(B).to(dtype).permute(3, 0, 1, 2).contiguous()
+    C_t = _grouped(C).to(dtype).permute(3, 0, 1, 2).contiguous()
     if initial_state is None:
         h0 = torch.zeros(batch, dim, A.shape[1], dtype=dtype, device=u.device)
     else:
-        h0 = initial_state.to(dtype)
-    reset = _reset_mask(seq_idx) if seq_idx is not None else None
-    y, last = _ChunkedSelectiveScan.apply(u.to(dtype).contiguous(), delta_p.contiguous(), A_c.contiguous(), Bg, Cg,
-                                          h0.contiguous(), reset, chunk)
-    y = _finish_output(y, u, D, z)
+        h0 = initial_state.to(dtype).contiguous()
+    keep = (~_reset_mask(seq_idx)).to(dtype).t().contiguous() if seq_idx is not None else None  # (seqlen, batch)
+    y, last = _ChunkedSelectiveScan.apply(u_t, d_t, A.to(dtype).contiguous(), B_t, C_t, h0, keep, chunk_size)
+    y = _finish_output(y.permute(1, 2, 0), u, D, z)
     return (y, last) if return_last_state else y
 
 

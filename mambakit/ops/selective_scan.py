@@ -133,23 +133,24 @@ def selective_scan_ref(
     dtype = _compute_dtype(u)
     batch, dim, seqlen = u.shape
     delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
-    Bg, Cg = _grouped(B).to(dtype), _grouped(C).to(dtype)
+    Bg, Cg = _grouped(B).to(dtype), _grouped(C).to(dtype)  # (batch, groups, d_state, seqlen)
     heads_per_group = dim // Bg.shape[1]
-    Bd = Bg.repeat_interleave(heads_per_group, dim=1)  # (batch, dim, d_state, seqlen)
-    Cd = Cg.repeat_interleave(heads_per_group, dim=1)
     A = A.to(dtype)
-    uf = u.to(dtype)
     h = torch.zeros(batch, dim, A.shape[1], dtype=dtype, device=u.device)
     if initial_state is not None:
         h = initial_state.to(dtype)
-    reset = _reset_mask(seq_idx) if seq_idx is not None else None
+    keep = (~_reset_mask(seq_idx)).to(dtype).unbind(-1) if seq_idx is not None else None
+    # per-step slices via unbind: their backward stacks small gradients instead of scattering into full tensors
+    steps = zip(delta.unbind(-1), u.to(dtype).unbind(-1), Bg.unbind(-1), Cg.unbind(-1))
     ys = []
-    for t in range(seqlen):
-        decay = torch.exp(delta[:, :, t, None] * A)
-        if reset is not None:
-            decay = decay * (~reset[:, t]).to(dtype)[:, None, None]
-        h = decay * h + (delta[:, :, t] * uf[:, :, t])[:, :, None] * Bd[..., t]
-        ys.append((h * Cd[..., t]).sum(-1))
+    for t, (delta_t, u_t, B_t, C_t) in enumerate(steps):
+        decay = torch.exp(delta_t[:, :, None] * A)  # (batch, dim, d_state)
+        if keep is not None:
+            decay = decay * keep[t][:, None, None]
+        B_t = B_t.repeat_interleave(heads_per_group, dim=1)  # (batch, dim, d_state)
+        C_t = C_t.repeat_interleave(heads_per_group, dim=1)
+        h = decay * h + (delta_t * u_t)[:, :, None] * B_t
+        ys.append((h * C_t).sum(-1))
     y = _finish_output(torch.stack(ys, dim=-1), u, D, z)
     return (y, h) if return_last_state else y
 

@@ -1,4 +1,4 @@
-"""The ``mambakit`` command line: ``train``, ``generate``, ``explain`` (and ``tasks``).
+"""The ``mambakit`` command line: ``train``, ``generate``, ``explain`` and ``tasks`` (synthetic tasks, Mamba-ND).
 
 Bad input (missing data, unreadable checkpoint, invalid numbers, unknown device, ...) prints one line
 ``error: ...`` on stderr and exits with status 2; it never shows a traceback.
@@ -112,9 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_generate_parser(sub)
     from mambakit.interpret.cli import add_explain_parser
+    from mambakit.tasks.cli import add_tasks_parser
 
     add_explain_parser(sub)
+    add_tasks_parser(sub)
     return parser
+
+
+ND_TASKS = ("mamba-nd-digits", "mamba-nd-video")
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
@@ -215,6 +220,11 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mambakit`` command line; returns the exit status (2 for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "tasks" and argv[1] in ND_TASKS:  # the Mamba-ND tasks have their own options
+        from mambakit.nd.cli import main as nd_main
+
+        return nd_main(argv[1:])
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)

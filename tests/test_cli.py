@@ -176,3 +176,12 @@ def test_unwritable_out_exit_2(corpus: Path, tmp_path: Path, capsys: pytest.Capt
     blocker.write_text("x")
     assert main(["train", "--data", str(corpus), "--out", str(blocker / "sub"), *TINY]) == 2
     error_line(capsys)
+
+
+def test_tasks_and_nd_subcommands_are_wired(capsys):
+    from mambakit.cli import main
+
+    assert main(["tasks", "bogus-task"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["tasks", "mamba-nd-digits", "--help"]) == 0
+    assert main(["explain", "--help"]) == 0

@@ -1,0 +1,20 @@
+"""Synthetic tasks that show what selectivity buys (``mambakit tasks``): selective copying (and plain copying),
+induction heads and multi-query associative recall (MQAR), with a training/evaluation runner and plots.
+
+* :mod:`~mambakit.tasks.generators` -- seeded batch generators: ``(input_ids, targets)`` with -100 where no loss;
+* :mod:`~mambakit.tasks.runner` -- :func:`run_task` (train from scratch, evaluate, plot) and :func:`run_sweep`;
+* :mod:`~mambakit.tasks.cli` -- the ``tasks`` subcommand (:func:`add_tasks_parser`, :func:`tasks_main`).
+"""
+from mambakit.tasks.generators import (
+    IGNORE,
+    TASKS,
+    induction_heads,
+    make_batch,
+    mqar,
+    selective_copying,
+    task_vocab_size,
+)
+from mambakit.tasks.runner import MIXERS, TASK_DEFAULTS, build_model_config, run_sweep, run_task
+
+__all__ = ["IGNORE", "TASKS", "MIXERS", "TASK_DEFAULTS", "induction_heads", "make_batch", "mqar", "selective_copying",
+           "task_vocab_size", "build_model_config", "run_sweep", "run_task"]

@@ -1,0 +1,155 @@
+"""``mambakit tasks NAME``: train a small model from scratch on a synthetic task and print its accuracy.
+
+Wired into ``mambakit/cli.py`` by :func:`add_tasks_parser`; :func:`tasks_main` runs it (from a parsed namespace, or
+from a list of arguments). Bad input raises MambaKitError naming the argument, which the command line prints as one
+``error: ...`` line (exit status 2).
+
+``--mixer``, ``--d-model``, ``--d-state`` and ``--seq-len`` take several values: every combination is trained (a
+sweep, e.g. MQAR over lengths and widths) and a summary plot ``NAME_sweep.png`` is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, List, Optional, Sequence, Union
+
+from mambakit.errors import MambaKitError
+
+DEFAULT_OUT = "runs/tasks"
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from mambakit.tasks.generators import TASKS
+    from mambakit.tasks.runner import MIXERS
+
+    p.add_argument("name", metavar="NAME", help=f"the task: {' | '.join(TASKS)}")
+    p.add_argument("--mixer", nargs="+", default=["mamba"], metavar="MIXER",
+                   help=f"sequence mixer(s): {' | '.join(MIXERS)} (default: mamba)")
+    p.add_argument("--steps", type=_int, help="optimizer steps (default: per task, see mambakit.tasks.TASK_DEFAULTS)")
+    p.add_argument("--batch-size", type=_int, help="sequences per step (default: per task)")
+    p.add_argument("--d-model", type=_int, nargs="+", help="model width(s) (default: per task)")
+    p.add_argument("--n-layer", type=_int, help="number of blocks (default: per task)")
+    p.add_argument("--d-state", type=_int, nargs="+",
+                   help="SSM state size(s) (default: s4 64, mamba 16, mamba2 64; ignored by attention)")
+    p.add_argument("--seq-len", type=_int, nargs="+", help="training length(s) (default: per task)")
+    p.add_argument("--lr", type=_float, help="peak learning rate (default: per task)")
+    p.add_argument("--seed", type=_int, default=0, help="seed of the model and the data (default: %(default)s)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG and JSON results (default: %(default)s)")
+    p.add_argument("--eval-lengths", type=_int, nargs="*",
+                   help="also evaluate at these lengths after training (default: induction-heads 256..16384)")
+    p.add_argument("--eval-samples", type=_int, default=256,
+                   help="held-out sequences at the training length (default: %(default)s)")
+    p.add_argument("--vocab", type=_int, help="data tokens (default: 16; mqar: 256 token ids)")
+    p.add_argument("--n-tokens", type=_int, help="(selective-)copying: tokens to memorise (default: 16)")
+    p.add_argument("--n-pairs", type=_int, help="mqar: key-value pairs per sequence (default: 16)")
+    p.add_argument("--headdim", type=_int, help="mamba2 head size (default: the first of 64, 32, 16, 8 dividing "
+                   "2*d_model)")
+    p.add_argument("--stop-at", type=_float, help="stop once the held-out accuracy reaches this (0..1]")
+    p.add_argument("--max-time", type=_float, help="stop training after this many seconds (per run)")
+    p.add_argument("--eval-chunk", type=_int, default=4096,
+                   help="tokens per chunk when evaluating long sequences through the cache (default: %(default)s)")
+    p.add_argument("--long-eval-tokens", type=_int, default=1 << 20,
+                   help="token budget per extra eval length: max(4, budget // length) sequences (default: %(default)s)")
+    p.add_argument("--max-attention-len", type=_int, default=16384,
+                   help="skip attention evaluations above this length (time and memory grow with it) "
+                   "(default: %(default)s)")
+    p.add_argument("--threads", type=_int, help="CPU threads (default: torch's; 1 is much faster for these small "
+                   "models when the CPU is shared with other jobs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``tasks`` on an argparse subparsers object (``parser.add_subparsers(...)``); its handler is
+    :func:`tasks_main` (set as ``func``). Returns the subcommand's parser."""
+    p = subparsers.add_parser(
+        "tasks",
+        help="train a small model on a synthetic task (selective copying, induction heads, MQAR)",
+        description="Train a small S4 / Mamba / Mamba-2 / attention model from scratch on a synthetic task that "
+        "shows what selectivity buys, print its held-out accuracy and write a plot (accuracy vs training step, and "
+        "vs evaluation length).",
+    )
+    _add_arguments(p)
+    p.set_defaults(func=tasks_main)
+    return p
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """Parser for `tasks_main(list_of_args)`: a usage error raises MambaKitError instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise MambaKitError(f"mambakit tasks: {message}")
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _RaisingParser(prog="mambakit tasks")
+    _add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _fmt(acc: Optional[float]) -> str:
+    return "  n/a " if acc is None else f"{100 * acc:5.1f}%"
+
+
+def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
+    """Run ``mambakit tasks`` from a parsed namespace or an argument list; prints the accuracies, returns 0."""
+    from mambakit.tasks.generators import TASKS
+    from mambakit.tasks.runner import MIXERS, run_sweep, run_task
+
+    ns = args if isinstance(args, argparse.Namespace) else _parse(args)
+    if ns.name not in TASKS:
+        raise MambaKitError(f"NAME must be one of {', '.join(TASKS)}; got {ns.name!r}")
+    bad = [m for m in ns.mixer if m not in MIXERS]
+    if bad:
+        raise MambaKitError(f"--mixer must be one of {', '.join(MIXERS)}; got {bad[0]!r}")
+    common = dict(steps=ns.steps, batch=ns.batch_size, lr=ns.lr, n_layer=ns.n_layer, seed=ns.seed, device=ns.device,
+                  eval_lengths=ns.eval_lengths, vocab=ns.vocab, n_tokens=ns.n_tokens, n_pairs=ns.n_pairs, headdim=ns.headdim,
+                  eval_samples=ns.eval_samples, stop_at=ns.stop_at, max_time=ns.max_time, threads=ns.threads,
+                  eval_chunk=ns.eval_chunk, long_eval_tokens=ns.long_eval_tokens,
+                  max_attention_len=ns.max_attention_len, progress=not ns.no_progress)
+    d_models: List[Optional[int]] = list(ns.d_model or [None])
+    seq_lens: List[Optional[int]] = list(ns.seq_len or [None])
+    d_states: List[Optional[int]] = list(ns.d_state or [None])
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    if len(ns.mixer) * len(d_models) * len(seq_lens) * len(d_states) == 1:
+        rows = [run_task(ns.name, ns.mixer[0], d_model=d_models[0], d_state=d_states[0], seq_len=seq_lens[0],
+                         out=ns.out, log=log, **common)]
+    else:
+        rows = run_sweep(ns.name, ns.mixer, d_models, seq_lens, out=ns.out, d_states=d_states, log=log, **common)
+    print(f"{'task':18s} {'mixer':9s} {'d_model':>7s} {'d_state':>7s} {'seq_len':>7s} {'params':>8s} "
+          f"{'steps':>6s} {'accuracy':>8s}")
+    for r in rows:
+        c = r["config"]
+        print(f"{r['task']:18s} {r['mixer']:9s} {c['d_model']:7d} {str(c['d_state'] or '-'):>7s} {c['seq_len']:7d} "
+              f"{r['n_params']:8d} {r['steps_run']:6d} {_fmt(r['accuracy']):>8s}")
+        for L, e in r["eval_lengths"].items():
+            print(f"    at length {int(L):>8d}: {_fmt(e['accuracy'])}" + (f"  ({e['skipped']})" if e.get("skipped")
+                                                                           else f"  ({e['samples']} sequences)"))
+        if r.get("plot"):
+            print(f"    plot: {r['plot']}")
+    if len(rows) > 1 and ns.out:
+        print(f"sweep plot: {ns.out}/{ns.name}_sweep.png")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":  # python -m mambakit.tasks.cli NAME ... (the same as `mambakit tasks NAME ...`)
+    try:
+        sys.exit(tasks_main(sys.argv[1:]))
+    except MambaKitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

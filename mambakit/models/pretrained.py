@@ -647,16 +647,9 @@ _CHECKPOINT_FILE = re.compile(
 
 
 def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from mambakit.models.checkpoint import _fsync_dir
+
+    _fsync_dir(path)  # also flushes a plain file: both just open, fsync and close
 
 
 def _atomic_dir(target: Path, write: Callable[[Path], None]) -> Path:

@@ -117,8 +117,9 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
     if bad:
         raise MambaKitError(f"--mixer must be one of {', '.join(MIXERS)}; got {bad[0]!r}")
     common = dict(steps=ns.steps, batch=ns.batch_size, lr=ns.lr, n_layer=ns.n_layer, seed=ns.seed, device=ns.device,
-                  eval_lengths=ns.eval_lengths, vocab=ns.vocab, n_tokens=ns.n_tokens, n_pairs=ns.n_pairs, headdim=ns.headdim,
-                  eval_samples=ns.eval_samples, stop_at=ns.stop_at, max_time=ns.max_time, threads=ns.threads,
+                  eval_lengths=ns.eval_lengths, vocab=ns.vocab, n_tokens=ns.n_tokens, n_pairs=ns.n_pairs,
+                  headdim=ns.headdim, eval_samples=ns.eval_samples, stop_at=ns.stop_at, max_time=ns.max_time,
+                  threads=ns.threads,
                   eval_chunk=ns.eval_chunk, long_eval_tokens=ns.long_eval_tokens,
                   max_attention_len=ns.max_attention_len, progress=not ns.no_progress)
     d_models: List[Optional[int]] = list(ns.d_model or [None])

@@ -156,7 +156,8 @@ def accuracy_on(model: torch.nn.Module, data: Sequence[tuple[torch.Tensor, torch
     return correct / max(total, 1)
 
 
-def _eval_set(name: str, n: int, batch: int, seq_len: int, seed: int, **task_kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _eval_set(name: str, n: int, batch: int, seq_len: int, seed: int,
+              **task_kw: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed held-out set of n sequences (its own generator, never the training one), in batches."""
     g = torch.Generator().manual_seed(10_000_019 + 7919 * seed + seq_len)
     out = []

@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(argv) >= 2 and argv[0] == "tasks" and argv[1] in ND_TASKS:  # the Mamba-ND tasks have their own options
         from mambakit.nd.cli import main as nd_main
 
-        return nd_main(argv[1:])
+        return nd_main(argv[1:], prog="mambakit tasks")
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)

@@ -177,9 +177,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Standalone entry: ``python -m mambakit.nd.cli TASK [options]``; exit status 2 on bad input."""
-    parser = _Parser(prog="python -m mambakit.nd.cli", description="Mamba-ND tasks.")
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m mambakit.nd.cli") -> int:
+    """Standalone entry: ``python -m mambakit.nd.cli TASK [options]``; exit status 2 on bad input. ``prog`` names
+    the command in usage and error messages (``mambakit tasks`` when called from the main command line)."""
+    parser = _Parser(prog=prog, description="Mamba-ND tasks.")
     sub = parser.add_subparsers(dest="task", metavar="TASK", parser_class=_Parser)
     sub.required = True
     add_nd_parsers(sub)

@@ -102,9 +102,11 @@ class MixerModel(nn.Module):
         self.layers = nn.ModuleList(Block(config, i, device=device, dtype=dtype) for i in range(config.n_layer))
         self.norm_f = _make_norm(config, device, dtype)
 
-    def forward(self, input_ids: Tensor, cache: Optional["InferenceCache"] = None, step: bool = False,
-                **mixer_kwargs) -> Tensor:
-        hidden = self.embedding(input_ids)
+    def forward(self, input_ids: Optional[Tensor], cache: Optional["InferenceCache"] = None, step: bool = False,
+                inputs_embeds: Optional[Tensor] = None, **mixer_kwargs) -> Tensor:
+        """input_ids: (batch, seqlen), or inputs_embeds: (batch, seqlen, d_model) in its place -> (batch, seqlen,
+        d_model) after the final norm."""
+        hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for i, layer in enumerate(self.layers):
             state = cache.states[i] if cache is not None else None
@@ -185,24 +187,40 @@ class MambaLMHeadModel(nn.Module):
             raise MambaKitError(f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in "
                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
-    def forward(self, input_ids: Tensor, cache: Optional[InferenceCache] = None, labels: Optional[Tensor] = None,
-                num_last_tokens: int = 0, seq_idx: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None) -> CausalLMOutput:
+    def _check_embeds(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
+        """Exactly one of the two; returns a (batch, seqlen) tensor of the inputs' shape for the other checks."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise MambaKitError("give exactly one of input_ids and inputs_embeds, got "
+                                f"{'both' if input_ids is not None else 'neither'}")
+        if input_ids is not None:
+            self._check_ids(input_ids)
+            return input_ids
+        d = self.config.d_model
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d:
+            raise MambaKitError(f"inputs_embeds must have shape (batch, seqlen, d_model={d}), got "
+                                f"{tuple(inputs_embeds.shape)}")
+        return inputs_embeds[..., 0]
+
+    def forward(self, input_ids: Optional[Tensor] = None, cache: Optional[InferenceCache] = None,
+                labels: Optional[Tensor] = None, num_last_tokens: int = 0, seq_idx: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None) -> CausalLMOutput:
         """input_ids: (batch, seqlen). cache: continue from it and update it (prefill or chunked prefill).
         labels: (batch, seqlen) next-token targets (-100 ignored) for a mean cross-entropy `loss`.
-        seq_idx: (batch, seqlen) packed sequences. attention_mask: (batch, seqlen) 1 = token, 0 = padding."""
-        self._check_ids(input_ids)
+        seq_idx: (batch, seqlen) packed sequences. attention_mask: (batch, seqlen) 1 = token, 0 = padding.
+        inputs_embeds: (batch, seqlen, d_model) vectors fed in place of the token embeddings (give it instead of
+        input_ids; used by ReMamba)."""
+        inputs_2d = self._check_embeds(input_ids, inputs_embeds)
         kwargs = {}
         if seq_idx is not None:
             kwargs["seq_idx"] = seq_idx
         if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise MambaKitError(f"attention_mask must have shape {tuple(input_ids.shape)} like input_ids, "
-                                    f"got {tuple(attention_mask.shape)}")
+            if attention_mask.shape != inputs_2d.shape:
+                raise MambaKitError(f"attention_mask must have shape {tuple(inputs_2d.shape)} like the "
+                                    f"inputs, got {tuple(attention_mask.shape)}")
             kwargs["mask"] = attention_mask
-        hidden = self.backbone(input_ids, cache=cache, **kwargs)
+        hidden = self.backbone(input_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs)
         if cache is not None:
-            cache.seqlen_offset += input_ids.shape[1]
+            cache.seqlen_offset += inputs_2d.shape[1]
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
         logits = self.lm_head(hidden)

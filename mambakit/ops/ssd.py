@@ -820,8 +820,9 @@ def mamba_chunk_scan_combined(
     dt_softplus: bool = False,
     dt_limit: Tuple[float, float] = DEFAULT_DT_LIMIT,
     return_final_states: bool = False,
+    backend: str = "auto",
 ) -> SSDOutput:
-    """The Mamba-2 SSD op with the official ``mamba_ssm`` signature (CPU / any device, plain PyTorch).
+    """The Mamba-2 SSD op with the official ``mamba_ssm`` signature, plus ``backend``.
 
     Args:
         x: (batch, seqlen, nheads, headdim).
@@ -837,6 +838,9 @@ def mamba_chunk_scan_combined(
         seq_idx: (batch, seqlen) int, optional: packed sequences; the state is reset where it changes.
         dt_softplus, dt_limit: see ``dt``.
         return_final_states: also return the state after the last position.
+        backend: "auto" (Triton kernels for CUDA tensors that are not float64, else PyTorch), "torch" (the chunked
+            PyTorch form, any device) or "triton" (mambakit.ops.triton.ssd; chunk_size is then an upper bound on
+            its internal chunk of 16..64 positions, which changes nothing but speed).
 
     Returns:
         y (batch, seqlen, nheads, headdim) in x's dtype, or ``(y, final_states)`` with final_states
@@ -845,9 +849,47 @@ def mamba_chunk_scan_combined(
     Raises:
         MambaKitError: an argument has the wrong type, shape, dtype or device.
     """
+    if backend not in BACKENDS:
+        raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        use_triton = isinstance(x, Tensor) and x.is_cuda and x.dtype != torch.float64 and _triton_available()
+        backend = "triton" if use_triton else "torch"
+    if backend == "triton":
+        return _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
+                            dt_limit, return_final_states)
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                        seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit,
                        return_final_states=return_final_states)
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_available() -> bool:
+    try:
+        import mambakit.ops.triton.ssd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
+                 return_final_states) -> SSDOutput:
+    """The Triton kernels (mambakit.ops.triton.ssd) for the scan; dt processing, D and the gate in PyTorch."""
+    _validate_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
+                   need_chunk_size=True)
+    if x.dtype == torch.float64:
+        raise MambaKitError("backend='triton' takes float16, bfloat16 or float32 x, got float64 (use 'torch')")
+    from mambakit.ops.triton.ssd import ssd_triton_core
+
+    dt_c = _process_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
+    y, final = ssd_triton_core(x, dt_c, A, B, C, initial_states, _segments(seq_idx), chunk_size)
+    if D is not None or z is not None:
+        y = _add_skip(y.float(), x.float(), None if D is None else D.float())
+        if z is not None:
+            y = y * F.silu(z.float())
+        y = y.to(x.dtype)
+    return (y, final) if return_final_states else y
 
 
 ssd = mamba_chunk_scan_combined

@@ -1,0 +1,124 @@
+"""The Triton SSD kernels against the float64 recurrence, run on the CPU through the Triton interpreter.
+
+Every awkward case of tests/ops/test_ssd.py (ragged lengths, packed sequences, groups, d_state 1, ...), forward,
+final state and every gradient in float32 (rel err <= 1e-5); several chunks; half-precision inputs; strided inputs;
+bit-identical gradients run after run; dispatch and errors.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from mambakit.errors import MambaKitError  # noqa: E402
+from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_recurrent  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+from tests.ops.test_ssd import CASES, FLOAT_KEYS, make_inputs, with_dtype  # noqa: E402
+
+_mod = importlib.import_module("mambakit.ops.triton.ssd")
+if not getattr(_mod, "_INTERPRETED", False):
+    _mod = importlib.reload(sys.modules["mambakit.ops.triton.ssd"])
+
+
+def _grad_keys(kw):
+    return [k for k in FLOAT_KEYS if k in kw]
+
+
+def _run(fn, kw, gy, gf, **extra):
+    y, final = fn(**kw, **extra)
+    loss = (y.double() * gy).sum() + (final.double() * gf).sum()
+    keys = _grad_keys(kw)
+    grads = torch.autograd.grad(loss, [kw[k] for k in keys])
+    return y, final, dict(zip(keys, grads))
+
+
+def _compare(kw64, dtype=torch.float32, tol=1e-5):
+    ref = with_dtype(kw64, torch.float64, requires_grad=True)
+    fast = with_dtype(kw64, dtype, requires_grad=True)
+    y_shape = kw64["x"].shape
+    g = torch.Generator().manual_seed(7)
+    gy = torch.randn(y_shape, generator=g, dtype=torch.float64)
+    gf = torch.randn(y_shape[0], y_shape[2], y_shape[3], kw64["B"].shape[-1], generator=g, dtype=torch.float64)
+    yr, fr, gr = _run(ssd_recurrent, ref, gy, gf)
+    y, f, gt = _run(mamba_chunk_scan_combined, fast, gy, gf, backend="triton")
+    assert y.dtype == dtype and f.dtype == torch.float32
+    errors = {"y": rel_err(y, yr), "final": rel_err(f, fr)}
+    errors.update({f"d{k}": rel_err(gt[k], gr[k]) for k in gr})
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_recurrence(name):
+    _compare(make_inputs(**CASES[name]))
+
+
+def test_many_chunks_long_sequence():
+    # 300 positions in chunks of 16: 19 chunks, state passing over all of them, a ragged tail
+    _compare(make_inputs(batch=1, seqlen=300, nheads=2, headdim=5, ngroups=1, d_state=3, chunk_size=16,
+                         D="head", z=True, dt_softplus=True, dt_bias=True, initial_states=True))
+
+
+def test_large_tiles_headdim_and_state():
+    # headdim 40 and d_state 33 are padded to 64-wide tiles; d_state > 128 picks 32-position chunks
+    _compare(make_inputs(batch=1, seqlen=40, nheads=2, headdim=40, ngroups=1, d_state=33, chunk_size=64,
+                         dt_softplus=True, initial_states=True))
+    _compare(make_inputs(batch=1, seqlen=35, nheads=1, headdim=4, ngroups=1, d_state=130, chunk_size=256,
+                         dt_softplus=True))
+
+
+# bfloat16 is checked on the GPU only (benchmarks/gpu_check_ssd.py): the Triton interpreter's tl.dot returns garbage
+# for bfloat16 operands (a 16x16 bf16 product is off by ~1e10 there; float16 is exact).
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_half_precision_inputs(dtype):
+    _compare(make_inputs(seqlen=45, nheads=4, headdim=8, ngroups=2, d_state=16, chunk_size=16, D="head", z=True,
+                         dt_softplus=True, initial_states=True), dtype=dtype, tol=1e-2)
+
+
+def test_strided_inputs_from_one_projection():
+    # as in the Mamba-2 block: x, B, C and dt are views into one packed projection
+    kw = make_inputs(seqlen=21, nheads=4, headdim=3, ngroups=2, d_state=5, chunk_size=16, dt_softplus=True,
+                     dtype=torch.float32)
+    b, L = kw["x"].shape[:2]
+    packed = torch.cat([kw["x"].reshape(b, L, -1), kw["B"].reshape(b, L, -1), kw["C"].reshape(b, L, -1),
+                        kw["dt"]], dim=-1)
+    cut = [12, 10, 10, 4]
+    x, B, C, dt = torch.split(packed, cut, dim=-1)
+    views = dict(kw, x=x.reshape(b, L, 4, 3), B=B.reshape(b, L, 2, 5), C=C.reshape(b, L, 2, 5), dt=dt)
+    assert not views["x"].is_contiguous()
+    y = mamba_chunk_scan_combined(**views, backend="triton")[0]
+    yr = mamba_chunk_scan_combined(**kw, backend="torch")[0]
+    assert rel_err(y, yr) <= 1e-5
+
+
+def test_backward_is_deterministic():
+    kw = with_dtype(make_inputs(batch=2, seqlen=50, nheads=4, headdim=8, ngroups=1, d_state=8, chunk_size=16,
+                                dt_softplus=True, initial_states=True), torch.float32, requires_grad=True)
+    gy = torch.randn(kw["x"].shape)
+    runs = []
+    for _ in range(2):
+        y, _ = mamba_chunk_scan_combined(**kw, backend="triton")
+        runs.append(torch.autograd.grad((y * gy).sum(), [kw[k] for k in _grad_keys(kw)]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_dispatch_and_errors():
+    kw = make_inputs(seqlen=9, chunk_size=16, dtype=torch.float32)
+    auto = mamba_chunk_scan_combined(**kw)[0]  # CPU tensors: the PyTorch path
+    assert rel_err(auto, mamba_chunk_scan_combined(**kw, backend="torch")[0]) == 0.0
+    with pytest.raises(MambaKitError, match="backend"):
+        mamba_chunk_scan_combined(**kw, backend="cuda")
+    with pytest.raises(MambaKitError, match="float64"):
+        mamba_chunk_scan_combined(**make_inputs(seqlen=9, chunk_size=16), backend="triton")
+    bad = dict(kw, B=kw["B"][:, :, :1].repeat(1, 1, 3, 1))  # 3 groups do not divide 4 heads
+    with pytest.raises(MambaKitError, match="ngroups"):
+        mamba_chunk_scan_combined(**bad, backend="triton")

@@ -101,6 +101,9 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=DEFAULT_MAX_PROMPT_TOKENS,
                    help="refuse longer prompts (default: %(default)s)")
+    from mambakit.remamba.cli import add_remamba_arguments
+
+    add_remamba_arguments(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -192,7 +195,14 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
         raise MambaKitError("--prompt must not be empty")
     device = resolve_device(ns.device)
     checkpoint = _find_checkpoint(ns.checkpoint)
+    from mambakit.remamba.cli import remamba_config
+
+    remamba = remamba_config(ns)
     model = from_pretrained(checkpoint, device=device)  # mambakit, transformers or mamba_ssm folder
+    if remamba is not None:
+        from mambakit.remamba.cli import load_for_generate
+
+        model = load_for_generate(ns, model, checkpoint)
     tokenizer = _load_tokenizer(checkpoint)
     if tokenizer.__class__.__name__ == "ByteTokenizer" and model.config.vocab_size > 256 + 8:
         raise MambaKitError(f"{checkpoint} has a vocabulary of {model.config.vocab_size} tokens but no tokenizer.json; "
@@ -211,7 +221,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     with torch.no_grad():
         out = model.generate(input_ids, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
-                             top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed)
+                             top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed,
+                             **({"remamba": remamba} if remamba is not None else {}))
     all_ids = [i for i in out[0].tolist() if i < vocab]  # drop ids of the vocabulary's padding, if ever sampled
     sys.stdout.write(tokenizer.decode(all_ids) + "\n")
     sys.stdout.flush()

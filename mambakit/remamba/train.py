@@ -106,11 +106,12 @@ def prepare(lm: ReMambaLM, cfg: ReMambaTrainConfig) -> list[nn.Parameter]:
     return params
 
 
-def answer_loss_plain(lm: ReMambaLM, prompts: Tensor, answers: Tensor) -> Tensor:
-    """Mean cross-entropy of the answers (batch, A) after the prompts (batch, L), plain forward pass."""
+def answer_loss_plain(base: nn.Module, prompts: Tensor, answers: Tensor) -> Tensor:
+    """Mean cross-entropy of the answers (batch, A) after the prompts (batch, L), plain forward pass of `base`
+    (a MambaLMHeadModel)."""
     ids = torch.cat([prompts, answers[:, :-1]], dim=1)
     n_ans = answers.shape[1]
-    logits = lm.base(ids, num_last_tokens=n_ans).logits
+    logits = base(ids, num_last_tokens=n_ans).logits
     return F.cross_entropy(logits.float().flatten(0, 1), answers.flatten())
 
 
@@ -139,7 +140,7 @@ def train_added(lm: ReMambaLM, batches: BatchFn, cfg: ReMambaTrainConfig,
         prompts, answers = batches(g)
         opt.zero_grad(set_to_none=True)
         if cfg.mode == "plain":
-            loss = answer_loss_plain(lm, prompts, answers)
+            loss = answer_loss_plain(lm.base, prompts, answers)
             loss.backward()
             total = float(loss.detach())
         else:

@@ -1,0 +1,51 @@
+"""A long-context retrieval task for ReMamba's demonstration: find a key's value far back in a noisy prompt.
+
+Tokens: keys 0..n_keys-1, values n_keys..2*n_keys-1, SEP = 2*n_keys, ASK = 2*n_keys+1 (vocab 2*n_keys+2). A prompt
+of length L is noise (keys and values drawn uniformly, so noise looks like data) with n_pairs needles
+``SEP key value`` (distinct keys) placed without overlap in the first `zone` fraction of the first L-2 positions,
+and ends with ``ASK key``; the answer is that key's value (one token).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mambakit.errors import MambaKitError
+
+
+def kv_vocab(n_keys: int = 16) -> dict[str, int]:
+    """Token ids: {'sep', 'ask', 'vocab_size'}."""
+    return {"sep": 2 * n_keys, "ask": 2 * n_keys + 1, "vocab_size": 2 * n_keys + 2}
+
+
+def kv_retrieval(batch: int, length: int, n_pairs: int = 2, zone: float = 1.0, n_keys: int = 16,
+                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Returns prompts (batch, length) and answers (batch, 1), int64. zone in (0, 1]: the needles lie in the first
+    zone * (length - 2) positions (zone 0.1: at least 90% of the prompt between the needles and the question)."""
+    for name, value, low in (("batch", batch, 1), ("n_pairs", n_pairs, 1), ("n_keys", n_keys, 1)):
+        if not isinstance(value, int) or value < low:
+            raise MambaKitError(f"kv_retrieval {name} must be an integer >= {low}, got {value!r}")
+    if n_pairs > n_keys:
+        raise MambaKitError(f"kv_retrieval n_pairs must be <= n_keys={n_keys}, got {n_pairs}")
+    if not 0 < zone <= 1:
+        raise MambaKitError(f"kv_retrieval zone must lie in (0, 1], got {zone!r}")
+    slots = int(zone * (length - 2)) // 3  # non-overlapping 3-token slots for the needles
+    if slots < n_pairs:
+        raise MambaKitError(f"kv_retrieval length {length} with zone {zone} leaves room for {slots} needles, "
+                            f"fewer than n_pairs={n_pairs}")
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    voc = kv_vocab(n_keys)
+    ids = torch.randint(0, 2 * n_keys, (batch, length), generator=g)
+    keys = torch.rand(batch, n_keys, generator=g).argsort(dim=1)[:, :n_pairs]  # distinct keys
+    values = torch.randint(n_keys, 2 * n_keys, (batch, n_pairs), generator=g)
+    slot = torch.rand(batch, slots, generator=g).argsort(dim=1)[:, :n_pairs] * 3  # (batch, n_pairs) start positions
+    rows = torch.arange(batch)[:, None]
+    ids[rows, slot] = voc["sep"]
+    ids[rows, slot + 1] = keys
+    ids[rows, slot + 2] = values
+    asked = torch.randint(0, n_pairs, (batch,), generator=g)
+    ids[:, -2] = voc["ask"]
+    ids[:, -1] = keys[torch.arange(batch), asked]
+    return ids, values[torch.arange(batch), asked][:, None]

@@ -948,6 +948,7 @@ def ssd_step(
     dt_bias: Optional[Tensor] = None,
     dt_softplus: bool = False,
     dt_limit: Tuple[float, float] = DEFAULT_DT_LIMIT,
+    backend: str = "auto",
 ) -> Tensor:
     """One-token decode step; updates ``state`` IN PLACE.
 
@@ -957,11 +958,24 @@ def ssd_step(
         x: (batch, nheads, headdim); z: same shape, optional gate.
         dt: (batch, nheads); dt_bias: (nheads,); dt_softplus, dt_limit: as :func:`mamba_chunk_scan_combined`.
         A: (nheads,); B, C: (batch, ngroups, d_state); D: (nheads,) or (nheads, headdim), optional.
+        backend: "auto" (the Triton decode kernel for contiguous CUDA states that are not float64 when dt_limit is
+            the default, else PyTorch), "torch" or "triton".
 
     Returns:
         y (batch, nheads, headdim) in x's dtype: exactly one step of the recurrence of :func:`ssd_recurrent`.
     """
     _validate_step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+    if backend not in BACKENDS:
+        raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        fits = state.is_cuda and state.is_contiguous() and _compute_dtype(state, x, dt, A, B, C) == torch.float32
+        backend = "triton" if fits and tuple(dt_limit) == DEFAULT_DT_LIMIT and _triton_available() else "torch"
+    if backend == "triton":
+        if tuple(dt_limit) != DEFAULT_DT_LIMIT:
+            raise MambaKitError(f"backend='triton' supports only the default dt_limit (0, inf), got {dt_limit}")
+        from mambakit.ops.triton.state_update import ssd_step_triton
+
+        return ssd_step_triton(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     dtype = _compute_dtype(state, x, dt, A, B, C)
     dt_c = _process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
     x_c = x.to(dtype)

@@ -21,6 +21,7 @@ return y without the D skip and the z gate (also done by the caller, so autograd
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -28,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# Triton decides at decoration time whether a kernel is compiled or interpreted: remember which one this module got.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 @triton.jit
 def _decay_masks(acs, seg, seg_prev, HAS_SEG: tl.constexpr, Q: tl.constexpr):

@@ -32,7 +32,7 @@ def _softplus(x):
 
 @triton.jit
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
-                         dim, dstate, dim_per_group, ngroups,
+                         dim, dstate, dim_per_group, ngroups, s_ad, s_an,
                          s_sb, s_sd, s_sn, s_xb, s_xd, s_dtb, s_dtd, s_zb, s_zd, s_bb, s_bg, s_bn, s_cb, s_cg, s_cn,
                          HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                          BLOCK_D: tl.constexpr, NP: tl.constexpr):
@@ -49,7 +49,7 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
         dt += tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
         dt = _softplus(dt)
-    A = tl.load(A_ptr + d64[:, None] * dstate + n1[None, :], mask=m2, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + d64[:, None] * s_ad + n1[None, :] * s_an, mask=m2, other=0.0).to(tl.float32)
     g = d64 // dim_per_group  # (BLOCK_D,) group of each channel
     Bv = tl.load(B_ptr + pid_b * s_bb + g[:, None] * s_bg + n1[None, :] * s_bn, mask=m2, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + pid_b * s_cb + g[:, None] * s_cg + n1[None, :] * s_cn, mask=m2, other=0.0).to(tl.float32)
@@ -71,8 +71,10 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
 def selective_state_update_triton(
     state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
     z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+    contiguous_A: bool = True,
 ) -> Tensor:
-    """One decode step with a Triton kernel; `state` is updated in place (no autograd). Returns y: (batch, dim)."""
+    """One decode step with a Triton kernel; `state` is updated in place (no autograd). Returns y: (batch, dim).
+    contiguous_A=False reads A through its strides (a broadcast view stays a view)."""
     if state.dim() != 3:
         raise MambaKitError(f"state must have shape (batch, dim, d_state), got {tuple(state.shape)}")
     batch, dim, d_state = state.shape
@@ -101,16 +103,41 @@ def selective_state_update_triton(
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
     Dc = D.contiguous() if D is not None else None
     bias = dt_bias.contiguous() if dt_bias is not None else None
-    Ac = A.contiguous()
+    Ac = A.contiguous() if contiguous_A else A
     zz = z if z is not None else x
     grid = (triton.cdiv(dim, bd), batch)
     with torch.no_grad():
         _state_update_kernel[grid](
             state, x, dt, Ac, Bg, Cg, Dc if Dc is not None else Ac, zz, bias if bias is not None else Ac, y,
-            dim, d_state, dim // G, G,
+            dim, d_state, dim // G, G, Ac.stride(0), Ac.stride(1),
             state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
             zz.stride(0), zz.stride(1), Bg.stride(0), Bg.stride(1), Bg.stride(2), Cg.stride(0), Cg.stride(1),
             Cg.stride(2),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
             BLOCK_D=bd, NP=NP, num_warps=4)
     return y
+
+
+def ssd_step_triton(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+) -> Tensor:
+    """Mamba-2 decode step (`mambakit.ops.ssd.ssd_step` without dt_limit) on the same kernel, `state` updated in place.
+
+    state: (batch, nheads, headdim, d_state), contiguous; x, z: (batch, nheads, headdim); dt: (batch, nheads);
+    A, dt_bias: (nheads,); B, C: (batch, ngroups, d_state); D: (nheads,) or (nheads, headdim).
+    The heads' channels are laid side by side as dim = nheads * headdim; the per-head A and dt are broadcast over a
+    head's channels with stride-0 views (A) or a small copy (dt), so no (dim, d_state) tensor is written.
+    Returns y: (batch, nheads, headdim)."""
+    batch, nheads, headdim, d_state = state.shape
+    if not state.is_contiguous():
+        raise MambaKitError("state must be contiguous for the Triton decode step")
+    dim = nheads * headdim
+    per_channel = lambda t: t.repeat_interleave(headdim, dim=-1)  # noqa: E731  (..., nheads) -> (..., dim)
+    A_ch = per_channel(A.float())[:, None].expand(dim, d_state)
+    D_ch = None if D is None else (per_channel(D) if D.dim() == 1 else D.reshape(dim))
+    y = selective_state_update_triton(
+        state.view(batch, dim, d_state), x.reshape(batch, dim), per_channel(dt), A_ch, B, C, D=D_ch,
+        z=None if z is None else z.reshape(batch, dim), dt_bias=None if dt_bias is None else per_channel(dt_bias),
+        dt_softplus=dt_softplus, contiguous_A=False)
+    return y.view(batch, nheads, headdim)

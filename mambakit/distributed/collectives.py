@@ -30,7 +30,7 @@ def count_comm() -> Iterator[CommCounter]:
     try:
         yield counter
     finally:
-        _ACTIVE.remove(counter)
+        del _ACTIVE[next(i for i, c in enumerate(_ACTIVE) if c is counter)]  # by identity: counters compare by value
 
 
 def _record(kind: str, tensor: Tensor) -> None:

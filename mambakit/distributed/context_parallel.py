@@ -58,8 +58,8 @@ class _IncomingState(torch.autograd.Function):
     """(h_local, log_decay) of this rank -> h_in, the state entering this rank's segment.
 
     h_local: (*S) the segment's final state from a zero start; log_decay: broadcastable to S, the segment's total
-    log decay. Forward all-gathers both; backward all-gathers dL/dh_in. The weight of rank j's state at rank r is
-    W(j, r) = exp(s_{j+1} + ... + s_{r-1}), so
+    log decay. Forward all-gathers both (one call); backward all-gathers dL/dh_in. The weight of rank j's state at
+    rank r is W(j, r) = exp(s_{j+1} + ... + s_{r-1}), so
     dL/dh_local(j) = G_j = sum_{r>j} W(j, r) g_r  (G_j = g_{j+1} + exp(s_{j+1}) G_{j+1}), and
     dL/ds_j = sum over broadcast dims of G_j * exp(s_j) * h_in(j).
     """
@@ -67,8 +67,9 @@ class _IncomingState(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_local: Tensor, log_decay: Tensor, group: ProcessGroup) -> Tensor:  # type: ignore[override]
         rank, world = group_rank_world(group)
-        hs = all_gather_stack(h_local, group)
-        decays = all_gather_stack(log_decay, group).exp()
+        packed = all_gather_stack(torch.cat([h_local.flatten(), log_decay.flatten().to(h_local.dtype)]), group)
+        hs = packed[:, : h_local.numel()].view(world, *h_local.shape)
+        decays = packed[:, h_local.numel():].view(world, *log_decay.shape).exp()
         h_in = torch.zeros_like(h_local)
         for j in range(rank):
             h_in = decays[j] * h_in + hs[j]

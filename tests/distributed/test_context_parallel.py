@@ -191,6 +191,7 @@ def test_comm_is_o_state_and_independent_of_seqlen(results):
     first, last = per_rank[0]["mamba2_block"], per_rank[-1]["mamba2_block"]
     halo = 2 * (4 - 1) * 16 * 8  # batch * (d_conv - 1) * d_model float64
     assert first["fwd"]["bytes"]["send"] == halo and "send" not in last["fwd"]["bytes"]
+    assert first["fwd"]["calls"]["all_gather"] == 1 and first["bwd"]["calls"]["all_gather"] == 1
 
 
 def test_short_segment_is_refused(results):

@@ -117,13 +117,14 @@ def context_parallel_ssd(
     fp = _ssd_dtype(x, dt, A, B, C)
     dt_p = _process_dt(dt, dt_bias, dt_softplus, dt_limit, fp)  # (batch, L, nheads)
     A_p = A.to(fp)
-    y0, h_local = mamba_chunk_scan_combined(x, dt_p, A_p, B, C, chunk_size, D=D, return_final_states=True)
+    # x in the compute dtype (the op computes in it anyway) so that y0 is not rounded to half before the correction
+    y0, h_local = mamba_chunk_scan_combined(x.to(fp), dt_p, A_p, B, C, chunk_size, D=D, return_final_states=True)
     log_decay = torch.cumsum(dt_p * A_p, dim=1)  # (batch, L, nheads): log decay from the segment start to t
     h_in = incoming_state(h_local, log_decay[:, -1, :, None, None], group)  # (batch, nheads, headdim, d_state)
     b, L, h, p = x.shape
     g, n = dims.ngroups, dims.d_state
     readout = torch.einsum("blgn,bgrpn->blgrp", C.to(fp), h_in.view(b, g, h // g, p, n)).reshape(b, L, h, p)
-    y = y0.to(fp) + readout * log_decay.exp()[..., None]
+    y = y0 + readout * log_decay.exp()[..., None]
     if z is not None:
         y = y * F.silu(z.to(fp))
     y = y.to(x.dtype)

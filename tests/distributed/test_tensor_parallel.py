@@ -88,6 +88,8 @@ def _model_case(rank: int, world: int, ckpt_dir: str) -> dict:
     ref = model(ids).logits.detach()
     tp_model = parallelize_mamba2(copy.deepcopy(model))
     errs = {"logits": rel_err(tp_model(ids).logits, ref)}
+    errs["generate_differs"] = float(not torch.equal(tp_model.generate(ids, 4, temperature=0),
+                                                     model.generate(ids, 4, temperature=0)))
     state = full_state_dict(tp_model)
     errs["full_state_dict_exact"] = float(state.keys() != model.state_dict().keys()
                                           or any(not torch.equal(state[k], v) for k, v in model.state_dict().items()))
@@ -137,7 +139,7 @@ def test_checkpoint_round_trip(results):
     world, per_rank = results
     for r in per_rank:
         errs = r["model"]["errs"]
-        assert errs["full_state_dict_exact"] == 0.0
+        assert errs["full_state_dict_exact"] == 0.0 and errs["generate_differs"] == 0.0
         assert errs["ckpt_to_unsharded"] == 0.0
         assert errs["logits"] < 1e-5 and errs["ckpt_to_tp_logits"] < 1e-5  # float32, summation order
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
@@ -64,7 +65,10 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--d-state", type=positive_int, help="SSM state size (default: 16 for mamba1, 64 for mamba2)")
     p.add_argument("--seq-len", type=positive_int, help=f"training sequence length in bytes "
                    f"(default: {DEFAULTS['seq_len']})")
-    p.add_argument("--batch-size", type=positive_int, help=f"sequences per step (default: {DEFAULTS['batch_size']})")
+    p.add_argument("--batch-size", type=positive_int, help=f"sequences per optimizer step, all ranks and micro-batches "
+                   f"together (the global batch; default: {DEFAULTS['batch_size']})")
+    p.add_argument("--grad-accum", type=positive_int, help="micro-batches accumulated per optimizer step on each rank "
+                   f"(default: {DEFAULTS['grad_accum']})")
     p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: {DEFAULTS['lr']})")
     p.add_argument("--warmup-steps", type=non_negative_int, help="linear warmup steps (default: min(100, steps/10))")
     p.add_argument("--weight-decay", type=non_negative_float,
@@ -82,6 +86,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample-tokens", type=non_negative_int,
                    help=f"bytes generated for the final sample, 0 = none (default: {DEFAULTS['sample_tokens']})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist_group = p.add_argument_group("distributed (data-parallel) training")
+    dist_group.add_argument("--nproc", type=positive_int, help="run N data-parallel processes on this machine "
+                            "(launches torchrun; same as 'torchrun --nproc-per-node N -m mambakit train ...')")
+    dist_group.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state "
+                            "(FSDP2) instead of replicating them (DDP)")
+    dist_group.add_argument("--bf16", action="store_true", help="bf16 autocast with fp32 master weights (CUDA only)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -126,15 +136,25 @@ ND_TASKS = ("mamba-nd-digits", "mamba-nd-video")
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from mambakit.train import TrainArgs, train
+    from mambakit.distributed.launch import launch, under_torchrun
+    from mambakit.distributed.sampler import check_batch_split
+    from mambakit.train import TrainArgs, resolve_run, train
 
     args = TrainArgs(
         out=ns.out, resume=ns.resume, progress=not ns.no_progress, data=ns.data, steps=ns.steps, d_model=ns.d_model,
         n_layer=ns.n_layer, d_state=ns.d_state, arch=ns.arch, seq_len=ns.seq_len, batch_size=ns.batch_size, lr=ns.lr,
         warmup_steps=ns.warmup_steps, weight_decay=ns.weight_decay, eval_interval=ns.eval_interval,
         eval_batches=ns.eval_batches, save_interval=ns.save_interval, seed=ns.seed, device=ns.device,
-        sample_prompt=ns.sample_prompt, sample_tokens=ns.sample_tokens,
+        sample_prompt=ns.sample_prompt, sample_tokens=ns.sample_tokens, grad_accum=ns.grad_accum, fsdp=ns.fsdp,
+        bf16=ns.bf16,
     )
+    if ns.nproc is not None and not under_torchrun():
+        resolved, _ = resolve_run(args)  # bad options fail here, in one process, before anything is launched
+        check_batch_split(resolved.batch_size, ns.nproc, resolved.grad_accum)
+        return launch(ns.nproc, ns.argv)  # re-runs this command line in N processes (without --nproc)
+    if ns.nproc is not None and str(ns.nproc) != os.environ.get("WORLD_SIZE"):
+        raise MambaKitError(f"--nproc {ns.nproc} contradicts torchrun's world size {os.environ.get('WORLD_SIZE')}; "
+                            "drop --nproc when starting with torchrun")
     train(args)
     return 0
 
@@ -241,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, message already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    ns.argv = argv  # the command line as given (``train --nproc N`` re-runs it under torchrun)
     try:
         return ns.func(ns)
     except MambaKitError as exc:

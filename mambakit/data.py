@@ -170,11 +170,17 @@ class BatchSampler:
                 "use more data or a smaller sequence length"
             )
 
-    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch number `index`: inputs and next-token targets, each (batch_size, seq_len) int64."""
+    def batch(self, index: int, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number `index`: inputs and next-token targets, each (batch_size, seq_len) int64.
+
+        `rows` keeps only those rows of the batch (a data-parallel rank's share): (len(rows), seq_len) each,
+        equal to the same rows of the whole batch, without gathering the others.
+        """
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + index) % (2**63))
         n_starts = self.data.numel() - self.seq_len  # valid window starts: [0, n_starts)
         starts = torch.randint(0, n_starts, (self.batch_size,), generator=gen)
+        if rows is not None:
+            starts = starts[rows]
         offsets = torch.arange(self.seq_len + 1)
         windows = self.data[starts[:, None] + offsets[None, :]].long()  # (batch, seq_len + 1)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

@@ -3,9 +3,16 @@
 AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup then cosine decay, gradient clipping,
 a validation loss on a fixed set of held-out batches every `eval_interval` steps, atomic checkpoints
 (`mambakit.models.checkpoint`) that ``--resume`` continues from, a loss-curve PNG and a generated sample.
+
+Under ``torchrun`` (or ``mambakit train --nproc N``) the same loop runs data-parallel (`mambakit.distributed`):
+DDP, or FSDP2 with ``fsdp=True``. ``batch_size`` is always the global batch; each rank takes a disjoint share,
+split into ``grad_accum`` micro-batches, so the run follows the single-process one (same batches, same
+updates up to float rounding). Rank 0 logs and writes the (consolidated) checkpoint, which resumes at any
+world size.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -17,6 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from mambakit.data import BatchSampler, ByteTokenizer, bytes_to_tensor, load_text_corpus, split_train_val
+from mambakit.distributed.data_parallel import (
+    DataParallelConfig,
+    consolidated_state,
+    gradient_sync,
+    mean_over_ranks,
+    shard_optimizer_state,
+    unwrap,
+    wrap_model,
+)
+from mambakit.distributed.launch import DistContext, barrier, setup_distributed, teardown
+from mambakit.distributed.sampler import ShardedBatchSampler, check_batch_split
 from mambakit.errors import MambaKitError
 from mambakit.models.checkpoint import (
     load_checkpoint,
@@ -39,7 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "d_state": None,  # 16 for mamba1, 64 for mamba2 (see `default_d_state`)
     "arch": "mamba1",
     "seq_len": 256,
-    "batch_size": 8,
+    "batch_size": 8,  # the global batch: all ranks and micro-batches together
+    "grad_accum": 1,
     "lr": 3e-3,
     "warmup_steps": None,  # min(100, steps // 10)
     "min_lr_ratio": 0.1,
@@ -55,6 +74,8 @@ DEFAULTS: dict[str, Any] = {
 }
 #: Fields that fix the model's shape: on --resume they come from the checkpoint and must not contradict it.
 MODEL_FIELDS = ("d_model", "n_layer", "d_state", "arch")
+#: Fields that belong to one launch (never taken from the run being resumed).
+LAUNCH_FIELDS = ("out", "resume", "progress", "fsdp", "bf16")
 
 
 @dataclass
@@ -72,6 +93,7 @@ class TrainArgs:
     arch: str | None = None
     seq_len: int | None = None
     batch_size: int | None = None
+    grad_accum: int | None = None
     lr: float | None = None
     warmup_steps: int | None = None
     min_lr_ratio: float | None = None
@@ -84,6 +106,8 @@ class TrainArgs:
     device: str | None = None
     sample_prompt: str | None = None
     sample_tokens: int | None = None
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    bf16: bool = False  # bf16 autocast with fp32 master weights (CUDA only)
 
 
 def default_d_state(arch: str) -> int:
@@ -94,9 +118,9 @@ def default_d_state(arch: str) -> int:
 def resolve_args(args: TrainArgs, stored: dict[str, Any] | None = None) -> TrainArgs:
     """Fill None fields from `stored` (a resumed run's arguments), then from `DEFAULTS`; validate the result."""
     stored = stored or {}
-    out = TrainArgs(out=args.out, resume=args.resume, progress=args.progress)
+    out = TrainArgs(**{name: getattr(args, name) for name in LAUNCH_FIELDS})
     for f in fields(TrainArgs):
-        if f.name in ("out", "resume", "progress"):
+        if f.name in LAUNCH_FIELDS:
             continue
         value = getattr(args, f.name)
         if value is None:
@@ -114,8 +138,8 @@ def resolve_args(args: TrainArgs, stored: dict[str, Any] | None = None) -> Train
 
 def validate_args(args: TrainArgs) -> None:
     """Raise `MambaKitError` naming the first option with an invalid value."""
-    for name in ("steps", "d_model", "n_layer", "d_state", "seq_len", "batch_size", "eval_interval", "eval_batches",
-                 "save_interval"):
+    for name in ("steps", "d_model", "n_layer", "d_state", "seq_len", "batch_size", "grad_accum", "eval_interval",
+                 "eval_batches", "save_interval"):
         value = getattr(args, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise MambaKitError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -285,13 +309,35 @@ def _check_resume_shape(args: TrainArgs, config: MambaConfig) -> None:
             )
 
 
-def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) training; returns a summary: losses, tokens/s, steps, wall time, checkpoint, sample."""
-    from tqdm.auto import tqdm
+def _precision_context(args: TrainArgs, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when --bf16 (parameters, gradients and optimizer state stay fp32); else nothing."""
+    if not args.bf16:
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise MambaKitError(f"--bf16 needs a CUDA device (bf16 autocast is off on CPU), but the device is {device}; "
+                            "drop --bf16 or use --device cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
+
+def train(args: TrainArgs, log: Callable[[str], None] = print,
+          on_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary: losses, tokens/s, steps, wall time, checkpoint, sample.
+
+    Started by torchrun (or inside an initialised process group), the run is data-parallel over all ranks;
+    only rank 0 logs and writes files. `on_checkpoint(step)` is called on every rank after each checkpoint.
+    """
     t_start = time.perf_counter()
-    out_dir = Path(args.out)
-    ckpt_dir = out_dir / CHECKPOINT_SUBDIR
+    args, state = resolve_run(args)
+    ctx = setup_distributed(args.device)
+    try:
+        return _train(args, state, ctx, log if ctx.is_main else (lambda message: None), on_checkpoint, t_start)
+    finally:
+        teardown(ctx)
+
+
+def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
+    """The resolved arguments and, with --resume, the stored trainer state (else {})."""
+    ckpt_dir = Path(args.out) / CHECKPOINT_SUBDIR
     state: dict[str, Any] = {}
     if args.resume:
         stored_state = load_trainer_state(ckpt_dir) if ckpt_dir.exists() else None
@@ -303,63 +349,108 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
         args = resolve_args(args, {k: v for k, v in stored_args.items() if k not in MODEL_FIELDS})
     else:
         args = resolve_args(args)
-    device = resolve_device(args.device)
-    sampler, val_batches = _prepare_data(args, log)
+    return args, state
+
+
+def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callable[[str], None],
+           on_checkpoint: Callable[[int], None] | None, t_start: float) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    out_dir = Path(args.out)
+    ckpt_dir = out_dir / CHECKPOINT_SUBDIR
+    device = resolve_device(args.device) if not ctx.distributed else ctx.device
+    dp = DataParallelConfig(ctx, fsdp=args.fsdp)
+    micro_batch = check_batch_split(args.batch_size, ctx.world_size, args.grad_accum)
+    precision = _precision_context(args, device)
+    global_sampler, val_batches = _prepare_data(args, log)
+    sampler = ShardedBatchSampler(global_sampler, ctx.rank, ctx.world_size, args.grad_accum)
     from mambakit.models.lm import MambaLMHeadModel  # imported late: models/lm.py imports the layers and ops
 
     if args.resume:
-        model = load_checkpoint(ckpt_dir, device=device)
-        config = model.config
+        inner = load_checkpoint(ckpt_dir, device=device)
+        config = inner.config
         args.d_model, args.n_layer = config.d_model, config.n_layer
         args.arch = {v: k for k, v in ARCHS.items()}[config.mixer_layer]
         args.d_state = config.ssm_cfg.get("d_state", default_d_state(args.arch))
     else:
         config = build_config(args)
         torch.manual_seed(args.seed)
-        model = MambaLMHeadModel(config, device=device)
-    model.train()
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+        inner = MambaLMHeadModel(config, device=device)
+    inner.train()
+    n_params = sum(p.numel() for p in inner.parameters())
+    model = wrap_model(inner, dp)  # DDP wrapper, or `inner` itself (sharded in place by FSDP2, or single)
+    optimizer = torch.optim.AdamW(param_groups(inner, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     if args.resume:
         opt_state = load_optimizer_state(ckpt_dir, map_location=device)
         if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
+            optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer, dp))
         log(f"resumed from {ckpt_dir} at step {state['step']}")
-    n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {args.arch}, d_model {config.d_model}, n_layer {config.n_layer}, d_state {args.d_state}, "
         f"{n_params:,} parameters; device {device}; {args.steps} steps of {args.batch_size}x{args.seq_len} bytes")
+    if ctx.distributed or args.grad_accum > 1:
+        log(f"parallel: {dp.mode} over {ctx.world_size} rank(s) ({ctx.backend or 'no backend'}); per rank "
+            f"{args.grad_accum} micro-batch(es) of {micro_batch} sequences; global batch {args.batch_size}"
+            + ("; bf16 autocast, fp32 master weights" if args.bf16 else ""))
+    eval_model = unwrap(model) if dp.mode != "fsdp" else model  # FSDP2 forwards are collective: all ranks run them
+
+    def run_eval() -> float:
+        dp.counter.active = False
+        with precision:
+            value = evaluate(eval_model, val_batches, device)
+        dp.counter.active = True
+        return value
 
     start_step = int(state.get("step", 0))
     history: dict[str, list] = state.get("history") or {"train": [], "val": []}
     train_time = float(state.get("train_time_s", 0.0))
     tokens_seen = int(state.get("tokens_seen", 0))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if start_step == 0 and not history["val"]:
-        history["val"].append((0, evaluate(model, val_batches, device)))
+        history["val"].append((0, run_eval()))
         log(f"step 0: validation loss {history['val'][-1][1]:.4f}")
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, collective: bool = True) -> None:
         trainer_state = {"step": step, "seed": args.seed, "args": asdict(args), "history": history,
                          "train_time_s": train_time, "tokens_seen": tokens_seen,
+                         "world_size": ctx.world_size, "parallel": dp.mode,
                          "rng": "batches depend only on (seed, step); no generator state is needed"}
-        save_checkpoint(model, ckpt_dir, optimizer=optimizer, trainer_state=trainer_state)
+        if dp.mode == "fsdp" or ctx.is_main:  # FSDP2 gathers its shards: a collective of all ranks
+            model_state, opt_state = consolidated_state(model, optimizer, dp)
+        if ctx.is_main:
+            save_checkpoint(inner, ckpt_dir, trainer_state=trainer_state, model_state=model_state,
+                            optimizer_state=opt_state)
+        if collective:
+            barrier(ctx)
+        if on_checkpoint is not None:
+            on_checkpoint(step)
 
     tokens_per_step = args.batch_size * args.seq_len
-    bar = tqdm(total=args.steps, initial=min(start_step, args.steps), disable=not args.progress,
+    bar = tqdm(total=args.steps, initial=min(start_step, args.steps), disable=not (args.progress and ctx.is_main),
                dynamic_ncols=True, desc="train")
+    say = bar.write if ctx.is_main else log
     done = start_step
+    comm_per_step: dict[str, Any] = {}
     try:
         for step in range(start_step, args.steps):
             t0 = time.perf_counter()
+            dp.counter.reset()
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = sampler.batch(step)
-            loss = lm_loss(model, x.to(device), y.to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            micro_batches = sampler.micro_batches(step)
+            loss_sum = torch.zeros((), device=device)
+            for i, (x, y) in enumerate(micro_batches):
+                with gradient_sync(model, dp, enabled=i == len(micro_batches) - 1):
+                    with precision:
+                        loss = lm_loss(model, x.to(device), y.to(device))
+                    (loss / len(micro_batches)).backward()
+                loss_sum += loss.detach()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
-            loss_value = loss.item()
+            comm_per_step = dp.counter.snapshot()
+            loss_value = mean_over_ranks(loss_sum / len(micro_batches), dp)
             if not math.isfinite(loss_value):
                 raise MambaKitError(f"training diverged at step {step + 1} (loss {loss_value}); try a smaller --lr")
             train_time += time.perf_counter() - t0
@@ -369,15 +460,15 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):,.0f}")
             if done % args.eval_interval == 0 or done == args.steps:
-                val = evaluate(model, val_batches, device)
+                val = run_eval()
                 history["val"].append((done, val))
-                bar.write(f"step {done}: train loss {loss_value:.4f}, validation loss {val:.4f}, lr {lr:.2e}")
+                say(f"step {done}: train loss {loss_value:.4f}, validation loss {val:.4f}, lr {lr:.2e}")
             if done % args.save_interval == 0 and done != args.steps:
                 checkpoint(done)
     except KeyboardInterrupt:
         bar.close()
-        if done > start_step:
-            checkpoint(done)
+        if done > start_step and dp.mode != "fsdp":  # FSDP2 would need all ranks to gather: not after an interrupt
+            checkpoint(done, collective=False)
             log(f"interrupted: saved checkpoint at step {done} to {ckpt_dir} (continue with --resume)")
         raise
     finally:
@@ -387,12 +478,13 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
         log(f"saved checkpoint (step {done}) to {ckpt_dir}")
     else:
         log(f"checkpoint is already at step {start_step} >= --steps {args.steps}; nothing to train")
-    if plot_losses(history, out_dir / "loss.png"):
+    if ctx.is_main and plot_losses(history, out_dir / "loss.png"):
         log(f"loss curve: {out_dir / 'loss.png'}")
 
     sample = ""
-    if args.sample_tokens > 0:
-        sample = generate_sample(model, args.sample_prompt, args.sample_tokens, args.seed, device)
+    if args.sample_tokens > 0 and ctx.is_main:
+        sampling_model = unwrap(model) if dp.mode != "fsdp" else load_checkpoint(ckpt_dir, device=device)
+        sample = generate_sample(sampling_model, args.sample_prompt, args.sample_tokens, args.seed, device)
         log("sample:\n" + sample)
     recent = [v for _, v in history["train"][-20:]]
     summary = {
@@ -406,12 +498,19 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
         "n_params": n_params,
         "checkpoint": str(ckpt_dir),
         "sample": sample,
+        "parallel": dp.mode,
+        "world_size": ctx.world_size,
+        "grad_accum": args.grad_accum,
+        "comm_per_step": comm_per_step,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if ctx.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     message = f"done: {done} steps"
     if history["val"]:
         message += f", validation loss {summary['initial_val_loss']:.4f} -> {summary['final_val_loss']:.4f}"
     if summary["tokens_per_s"]:
         message += f", {summary['tokens_per_s']:,.0f} tokens/s"
+    if comm_per_step.get("total_bytes"):
+        message += f", {comm_per_step['total_bytes']:,} bytes in gradient/parameter collectives per step"
     log(message + f", wall time {summary['wall_time_s']:.1f} s")
     return summary

@@ -93,11 +93,17 @@ def _is_tied(model: torch.nn.Module) -> bool:
     return head is not None and emb is not None and head is emb
 
 
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict to store: contiguous CPU tensors, the tied lm_head weight left out."""
+def model_state_for_saving(
+    model: torch.nn.Module, model_state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict to store: contiguous CPU tensors, the tied lm_head weight left out.
+
+    `model_state` replaces ``model.state_dict()`` when given (e.g. full tensors gathered from sharded ranks).
+    """
     tied = bool(getattr(model.config, "tie_embeddings", False)) and _is_tied(model)
     state = {}
-    for key, tensor in model.state_dict().items():
+    source = model.state_dict() if model_state is None else model_state
+    for key, tensor in source.items():
         if tied and key == TIED_KEY:
             continue
         state[key] = tensor.detach().to("cpu").contiguous()
@@ -109,8 +115,13 @@ def save_checkpoint(
     directory: str | os.PathLike[str],
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` (and optionally optimizer and trainer state) to `directory`, atomically.
+
+    `model_state` and `optimizer_state`, when given, are written instead of ``model.state_dict()`` and
+    ``optimizer.state_dict()`` (distributed training passes the full tensors gathered from its ranks).
 
     All files go to a temporary directory beside `directory` (same filesystem), are fsynced, and the
     temporary directory is then renamed into place. An existing checkpoint at `directory` is replaced:
@@ -125,7 +136,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
         model.config.save_json(tmp / CONFIG_NAME)
-        state = model_state_for_saving(model)
+        state = model_state_for_saving(model, model_state)
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()})
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _write_json(
@@ -135,10 +146,12 @@ def save_checkpoint(
                 "format_version": FORMAT_VERSION,
                 "mambakit_version": _package_version(),
                 "dtypes": dtypes,
-                "tied_lm_head": TIED_KEY not in state and TIED_KEY in model.state_dict(),
+                "tied_lm_head": TIED_KEY not in state and TIED_KEY in (model_state or model.state_dict()),
             },
         )
-        if optimizer is not None:
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_NAME)
+        elif optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
         if trainer_state is not None:
             _write_json(tmp / TRAINER_STATE_NAME, trainer_state)

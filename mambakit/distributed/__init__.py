@@ -19,3 +19,21 @@ from mambakit.distributed.launch import DistContext, launch, setup_distributed, 
 from mambakit.distributed.sampler import ShardedBatchSampler, check_batch_split
 
 # --- tensor parallel and context parallel (tensor_parallel.py, context_parallel.py): names added below ---
+from mambakit.distributed.collectives import count_comm
+from mambakit.distributed.context_parallel import (
+    ContextParallelMamba,
+    ContextParallelMamba2,
+    context_parallel,
+    context_parallel_selective_scan,
+    context_parallel_ssd,
+    sequence_shard,
+)
+from mambakit.distributed.tensor_parallel import (
+    TensorParallelMamba2,
+    full_state_dict,
+    load_full_state_dict,
+    parallelize_mamba2,
+    save_tensor_parallel_checkpoint,
+    shard_mamba2,
+    unshard_mamba2,
+)

@@ -143,7 +143,8 @@ class TensorParallelMamba2(Mamba2):
     """The local shard of a Mamba-2 block. Input and output: (batch, seqlen, d_model), the same on every rank.
 
     Built from an unsharded `Mamba2` (its parameters are copied, sliced) by :func:`shard_mamba2`. Local sizes:
-    nheads/W heads, ngroups/W groups, d_inner/W channels; `full_sizes` keeps the unsharded ones.
+    nheads/W heads, ngroups/W groups, d_inner/W channels; `full_sizes` keeps the unsharded ones. A `delta_hook`
+    is kept and sees the local heads' dt, (batch, seqlen, nheads/W).
     """
 
     def __init__(self, block: Mamba2, group: ProcessGroup = None):

@@ -134,7 +134,7 @@ def _state_passing_fwd(S_ptr, acs_ptr, seg_ptr, init_ptr, H_ptr, final_ptr,
         state = tl.zeros((BLOCK,), dtype=tl.float32)
     for c in range(nchunks):
         off = ((b * nchunks + c) * nheads + h) * PN
-        tl.store(H_ptr + off + offs, state, mask=m)
+        tl.store(H_ptr + off + offs, state.to(H_ptr.dtype.element_ty), mask=m)
         alpha = _chunk_alpha(acs_ptr, seg_ptr, b, h, c, nheads, Lpad, HAS_SEG, Q)
         state = alpha * state + tl.load(S_ptr + off + offs, mask=m, other=0.0)
     tl.store(final_ptr + (b * nheads + h) * PN + offs, state, mask=m)
@@ -225,7 +225,8 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_pt
                seqlen, nheads, ngroups, heads_per_group, P, N, nchunks, Lpad,
                sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                sdy_b, sdy_l, sdy_h, sdy_p, sdx_b, sdx_l, sdx_h, sdx_p,
-               HAS_SEG: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+               HAS_SEG: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+               PREC32: tl.constexpr):
     """One program per (chunk, batch * group): loops over the group's heads.
 
     Writes dx (x's shape, float32), ddt (batch, nheads, Lpad) float32, the per-chunk part of dA
@@ -257,12 +258,13 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_pt
         a_last, L, e, w, alpha = _decay_masks(acs, seg, seg_prev, HAS_SEG, Q)
         x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=mp, other=0.0)
         dy = tl.load(dy_ptr + b * sdy_b + t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p, mask=mp, other=0.0)
-        xt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)  # X~ = dt * x
+        # X~ = dt * x is kept in float32: the products with it feed the dA reduction, whose terms cancel (tf32 there)
+        xt = x.to(tl.float32) * dt[:, None]
         off = ((b * nchunks + c) * nheads + h) * P * N
         Hc = tl.load(H_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0).to(Cm.dtype)  # (BP, BN)
-        Gc = tl.load(G_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0).to(Cm.dtype)  # (BP, BN)
+        Gc = tl.load(G_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0)  # (BP, BN) float32
         # intra-chunk
-        Gxy = tl.dot(dy, tl.trans(xt), input_precision=PREC)  # (Q, Q): dy_t . X~_s
+        Gxy = tl.dot(dy.to(tl.float32), tl.trans(xt), input_precision=PREC32)  # (Q, Q): dy_t . X~_s
         GL = Gxy * L
         dC += tl.dot(GL.to(Bm.dtype), Bm, input_precision=PREC)
         dB += tl.dot(tl.trans(GL).to(Cm.dtype), Cm, input_precision=PREC)
@@ -275,9 +277,9 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_pt
         dC += dC_in
         da += tl.sum(dC_in * Cm.to(tl.float32), axis=1)
         # chunk-local state: S = sum_s w_s B_s X~_s^T, gradient G (state at the chunk end)
-        dB_st = w[:, None] * tl.dot(xt, Gc, input_precision=PREC)  # (Q, BN)
+        dB_st = w[:, None] * tl.dot(xt, Gc, input_precision=PREC32)  # (Q, BN)
         dB += dB_st
-        dxt += w[:, None] * tl.dot(Bm, tl.trans(Gc), input_precision=PREC)
+        dxt += w[:, None] * tl.dot(Bm, tl.trans(Gc.to(Bm.dtype)), input_precision=PREC)
         u = tl.sum(dB_st * Bm.to(tl.float32), axis=1)  # (Q,)
         d_last = tl.sum(u, axis=0) + tl.load(dlast_ptr + (b * nheads + h) * nchunks + c)
         da = da - u + tl.where(idx == Q - 1, d_last, 0.0)
@@ -300,10 +302,13 @@ def _pow2(v: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(v))
 
 
-def _chunk_len(d_state: int, headdim: int, chunk_size: int) -> int:
+def _chunk_len(d_state: int, headdim: int, chunk_size: int, itemsize: int) -> int:
     """Positions per chunk: a power of two in [16, chunk_size] small enough for the (Q x Q) and (Q x d_state) tiles
-    to stay in registers (the result does not depend on it: chunking only reorders the same sums)."""
+    to fit in registers and shared memory (the result does not depend on it: chunking only reorders the sums).
+    float32 tiles take twice the room of 16-bit ones."""
     cap = 64 if max(d_state, headdim) <= 128 else 32
+    if itemsize > 2:
+        cap //= 2
     q = 16
     while q * 2 <= min(cap, chunk_size):
         q *= 2
@@ -336,7 +341,7 @@ class _Plan:
         self.batch, self.seqlen, self.nheads, self.P = x.shape
         self.ngroups, self.N = B.shape[2], B.shape[3]
         self.hpg = self.nheads // self.ngroups
-        self.Q = _chunk_len(self.N, self.P, chunk_size)
+        self.Q = _chunk_len(self.N, self.P, chunk_size, x.element_size())
         self.nchunks = -(-self.seqlen // self.Q)
         self.Lpad = self.nchunks * self.Q
         self.BP, self.BN = _pow2(self.P), _pow2(self.N)
@@ -344,6 +349,8 @@ class _Plan:
         self.PN = self.P * self.N
         self.BLOCK = min(1024, triton.next_power_of_2(self.PN))
         self.nblocks = triton.cdiv(self.PN, self.BLOCK)
+        # the backward's head loop double-buffers its (headdim x d_state) state tiles only where they are small
+        self.bwd_stages = 2 if x.element_size() == 2 and self.BP * self.BN <= 8192 else 1
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_states: Optional[Tensor],
@@ -365,7 +372,7 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_
     _chunk_state_fwd[grid](x, dtp, A, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
                            pl.Lpad, *x.stride(), *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BP=pl.BP, BN=pl.BN,
                            PREC=pl.prec, num_warps=4)
-    H = torch.empty_like(S)
+    H = torch.empty_like(S, dtype=x.dtype if x.element_size() == 2 else torch.float32)
     final = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
     init = initial_states.float().contiguous() if initial_states is not None else final
     _state_passing_fwd[(pl.batch * pl.nheads, pl.nblocks)](
@@ -391,12 +398,12 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, saved: Tuple[Tensor
     has_seg = segp is not None
     segp_arg = segp if has_seg else dtp
     dy = dy.to(x.dtype)
-    dHl = torch.empty_like(H)
+    dHl = torch.empty_like(H, dtype=torch.float32)
     BPy = min(pl.BP, 64)
     _chunk_read_bwd[(pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy))](
         dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
         *dy.stride(), *C.stride(), HAS_SEG=has_seg, Q=pl.Q, BP=BPy, BN=pl.BN, PREC=pl.prec, num_warps=4)
-    G = torch.empty_like(H)
+    G = torch.empty_like(H, dtype=torch.float32)
     dinit = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
     dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
     dfin = dfinal.float().contiguous() if dfinal is not None else dinit
@@ -414,7 +421,8 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, saved: Tuple[Tensor
         x, dtp, A, B, C, segp_arg, acs, H, G, dy, dlast, dx, ddt, dA_part, dB, dC,
         pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_SEG=has_seg, Q=pl.Q, BP=pl.BP, BN=pl.BN,
-        PREC=pl.prec, num_warps=8)
+        PREC=pl.prec, PREC32="ieee" if x.dtype == torch.float32 else "tf32", num_warps=8,
+        num_stages=pl.bwd_stages)
     ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
     return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dinit
 

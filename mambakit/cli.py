@@ -114,6 +114,8 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     from mambakit.remamba.cli import add_remamba_arguments
 
     add_remamba_arguments(p)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the one-token decoding step from a CUDA graph (CUDA devices and SSM-only models)")
     p.set_defaults(func=_cmd_generate)
 
 
@@ -214,10 +216,14 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     if not ns.prompt:
         raise MambaKitError("--prompt must not be empty")
     device = resolve_device(ns.device)
+    if ns.cuda_graph and torch.device(device).type != "cuda":
+        raise MambaKitError(f"--cuda-graph needs a CUDA device, got --device {ns.device} ({device})")
     checkpoint = _find_checkpoint(ns.checkpoint)
     from mambakit.remamba.cli import remamba_config
 
     remamba = remamba_config(ns)
+    if remamba is not None and ns.cuda_graph:
+        raise MambaKitError("--cuda-graph is not supported with the ReMamba options: drop one of them")
     model = from_pretrained(checkpoint, device=device)  # mambakit, transformers or mamba_ssm folder
     if remamba is not None:
         from mambakit.remamba.cli import load_for_generate
@@ -242,7 +248,8 @@ def _cmd_generate(ns: argparse.Namespace) -> int:
     with torch.no_grad():
         out = model.generate(input_ids, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
                              top_k=ns.top_k, top_p=ns.top_p, seed=ns.seed,
-                             **({"remamba": remamba} if remamba is not None else {}))
+                             **({"remamba": remamba} if remamba is not None else {}),
+                             **({"cuda_graph": True} if ns.cuda_graph else {}))
     all_ids = [i for i in out[0].tolist() if i < vocab]  # drop ids of the vocabulary's padding, if ever sampled
     sys.stdout.write(tokenizer.decode(all_ids) + "\n")
     sys.stdout.flush()

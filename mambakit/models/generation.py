@@ -57,19 +57,38 @@ def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, top
 @torch.no_grad()
 def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
-             eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None) -> Tensor:
-    """input_ids: (batch, seqlen) (left-padded where attention_mask has zeros). Returns (batch, seqlen + new)."""
+             eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+             cuda_graph: bool = False) -> Tensor:
+    """input_ids: (batch, seqlen) (left-padded where attention_mask has zeros). Returns (batch, seqlen + new).
+
+    cuda_graph: decode through a `GraphedDecoder` (the one-token step captured in a CUDA graph, replayed per token;
+    CUDA only, SSM layers only: MambaKitError otherwise). Same tokens as eager decoding."""
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise MambaKitError(f"input_ids must have shape (batch, seqlen >= 1), got {tuple(input_ids.shape)}")
+    if not isinstance(cuda_graph, bool):
+        raise MambaKitError(f"cuda_graph must be True or False, got {cuda_graph!r}")
     vocab = model.config.vocab_size
     generator = None
     if seed is not None:
         generator = torch.Generator(device=input_ids.device)
         generator.manual_seed(seed)
     batch = input_ids.shape[0]
-    cache = model.allocate_cache(batch, device=input_ids.device)
-    logits = model(input_ids, cache=cache, num_last_tokens=1, attention_mask=attention_mask).logits[:, -1]
+    if cuda_graph:
+        from mambakit.models.cuda_graph import check_graphable, graphed_decoder
+
+        device = check_graphable(model, batch)
+        if input_ids.device != device:
+            raise MambaKitError(f"input_ids must be on the model's device {device}, got {input_ids.device}")
+        decoder = graphed_decoder(model, batch)
+        logits = decoder.prefill(input_ids, attention_mask=attention_mask)
+        step = decoder.step
+    else:
+        cache = model.allocate_cache(batch, device=input_ids.device)
+        logits = model(input_ids, cache=cache, num_last_tokens=1, attention_mask=attention_mask).logits[:, -1]
+
+        def step(next_token: Tensor) -> Tensor:
+            return model.step(next_token, cache)
     tokens = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
@@ -81,7 +100,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         if i + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
             break
-        logits = model.step(next_token, cache)
+        logits = step(next_token)
     if tokens.shape[1] < input_ids.shape[1] + max_new_tokens and eos_token_id is not None:
         pad = torch.full((batch, input_ids.shape[1] + max_new_tokens - tokens.shape[1]), eos_token_id,
                          dtype=tokens.dtype, device=tokens.device)

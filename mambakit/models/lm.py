@@ -74,7 +74,12 @@ class Block(nn.Module):
         else:
             self.mlp = None
 
-    def _add_norm(self, hidden: Tensor, residual: Optional[Tensor], norm: nn.Module) -> tuple[Tensor, Tensor]:
+    def _add_norm(self, hidden: Tensor, residual: Optional[Tensor], norm: nn.Module,
+                  step: bool = False) -> tuple[Tensor, Tensor]:
+        if step and hidden.is_cuda and isinstance(norm, RMSNorm) and not torch.is_grad_enabled():
+            from mambakit.ops.triton.decode import add_rms_norm_step  # decoding: one kernel instead of eleven
+
+            return add_rms_norm_step(hidden, residual, norm.weight, norm.eps, self.residual_in_fp32)
         residual = hidden if residual is None else residual + hidden
         normed = norm(residual.to(norm.weight.dtype))
         if self.residual_in_fp32:
@@ -84,13 +89,13 @@ class Block(nn.Module):
     def forward(self, hidden: Tensor, residual: Optional[Tensor], state=None, step: bool = False,
                 **mixer_kwargs) -> tuple[Tensor, Tensor]:
         """hidden, residual: (batch, seqlen, d_model) (residual None for the first block)."""
-        normed, residual = self._add_norm(hidden, residual, self.norm)
+        normed, residual = self._add_norm(hidden, residual, self.norm, step)
         if step:
             hidden = self.mixer.step(normed, state)
         else:
             hidden = self.mixer(normed, state=state, **mixer_kwargs)
         if self.mlp is not None:
-            normed, residual = self._add_norm(hidden, residual, self.norm2)
+            normed, residual = self._add_norm(hidden, residual, self.norm2, step)
             hidden = self.mlp(normed)
         return hidden, residual
 
@@ -243,14 +248,16 @@ class MambaLMHeadModel(nn.Module):
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
-                 eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None) -> Tensor:
+                 eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+                 cuda_graph: bool = False) -> Tensor:
         """Prefill the prompt, then decode one token at a time from the constant-size state.
 
         Returns (batch, seqlen + max_new_tokens) token ids (rows that hit eos_token_id are filled with it).
-        temperature 0 (or top_k 1) is greedy.
+        temperature 0 (or top_k 1) is greedy. cuda_graph: replay the one-token step from a CUDA graph
+        (`mambakit.models.cuda_graph`; CUDA and SSM-only models, else MambaKitError).
         """
         from mambakit.models.generation import generate
 
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
-                        attention_mask=attention_mask)
+                        attention_mask=attention_mask, cuda_graph=cuda_graph)

@@ -1,7 +1,8 @@
 """A long-context retrieval task for ReMamba's demonstration: find a key's value far back in a noisy prompt.
 
-Tokens: keys 0..n_keys-1, values n_keys..2*n_keys-1, SEP = 2*n_keys, ASK = 2*n_keys+1 (vocab 2*n_keys+2). A prompt
-of length L is noise (keys and values drawn uniformly, so noise looks like data) with n_pairs needles
+Tokens: keys 0..n_keys-1, values n_keys..2*n_keys-1, SEP = 2*n_keys, ASK = 2*n_keys+1, noise 2*n_keys+2 ..
+3*n_keys+1 (vocab 3*n_keys+2). A prompt of length L is noise (drawn uniformly from the noise tokens) with n_pairs
+needles
 ``SEP key value`` (distinct keys) placed without overlap in the first `zone` fraction of the first L-2 positions,
 and ends with ``ASK key``; the answer is that key's value (one token).
 """
@@ -16,8 +17,8 @@ from mambakit.errors import MambaKitError
 
 
 def kv_vocab(n_keys: int = 16) -> dict[str, int]:
-    """Token ids: {'sep', 'ask', 'vocab_size'}."""
-    return {"sep": 2 * n_keys, "ask": 2 * n_keys + 1, "vocab_size": 2 * n_keys + 2}
+    """Token ids: {'sep', 'ask', 'noise' (the first noise token), 'vocab_size'}."""
+    return {"sep": 2 * n_keys, "ask": 2 * n_keys + 1, "noise": 2 * n_keys + 2, "vocab_size": 3 * n_keys + 2}
 
 
 def kv_retrieval(batch: int, length: int, n_pairs: int = 2, zone: float = 1.0, n_keys: int = 16,
@@ -37,7 +38,7 @@ def kv_retrieval(batch: int, length: int, n_pairs: int = 2, zone: float = 1.0, n
                             f"fewer than n_pairs={n_pairs}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     voc = kv_vocab(n_keys)
-    ids = torch.randint(0, 2 * n_keys, (batch, length), generator=g)
+    ids = torch.randint(voc["noise"], voc["vocab_size"], (batch, length), generator=g)
     keys = torch.rand(batch, n_keys, generator=g).argsort(dim=1)[:, :n_pairs]  # distinct keys
     values = torch.randint(n_keys, 2 * n_keys, (batch, n_pairs), generator=g)
     slot = torch.rand(batch, slots, generator=g).argsort(dim=1)[:, :n_pairs] * 3  # (batch, n_pairs) start positions
@@ -49,3 +50,24 @@ def kv_retrieval(batch: int, length: int, n_pairs: int = 2, zone: float = 1.0, n
     ids[:, -2] = voc["ask"]
     ids[:, -1] = keys[torch.arange(batch), asked]
     return ids, values[torch.arange(batch), asked][:, None]
+
+
+def kv_training_batch(batch: int, length: int, n_pairs: int = 2, n_keys: int = 16,
+                      generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Dense supervision for training a base model from scratch: a kv_retrieval context (needles anywhere) followed
+    by every key asked once, ``ASK key value`` in random order. Returns ids (batch, length + 3 * n_pairs - 2) and
+    targets of the same shape (the value at the position of each asked key, -100 elsewhere)."""
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    voc = kv_vocab(n_keys)
+    prompts, _ = kv_retrieval(batch, length, n_pairs, 1.0, n_keys, g)
+    ctx = prompts[:, :-2]  # drop the single question
+    rows = torch.arange(batch)[:, None]
+    sep = (ctx == voc["sep"]).nonzero()[:, 1].view(batch, n_pairs)  # needle starts, ascending
+    keys, values = ctx[rows, sep + 1], ctx[rows, sep + 2]
+    order = torch.rand(batch, n_pairs, generator=g).argsort(dim=1)
+    queries = torch.stack([torch.full_like(keys, voc["ask"]), keys[rows, order], values[rows, order]], dim=2)
+    ids = torch.cat([ctx, queries.flatten(1)], dim=1)
+    targets = torch.full_like(ids, -100)
+    key_pos = ctx.shape[1] + 1 + 3 * torch.arange(n_pairs)
+    targets[:, key_pos] = ids[:, key_pos + 1]
+    return ids, targets

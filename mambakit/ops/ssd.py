@@ -875,7 +875,7 @@ def _triton_available() -> bool:
 
 def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
                  return_final_states) -> SSDOutput:
-    """The Triton kernels (mambakit.ops.triton.ssd) for the scan; dt processing, D and the gate in PyTorch."""
+    """The Triton kernels (mambakit.ops.triton.ssd) for the scan and D skip; dt processing and the gate in PyTorch."""
     _validate_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
                    need_chunk_size=True)
     if x.dtype == torch.float64:
@@ -883,12 +883,9 @@ def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
     from mambakit.ops.triton.ssd import ssd_triton_core
 
     dt_c = _process_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
-    y, final = ssd_triton_core(x, dt_c, A, B, C, initial_states, _segments(seq_idx), chunk_size)
-    if D is not None or z is not None:
-        y = _add_skip(y.float(), x.float(), None if D is None else D.float())
-        if z is not None:
-            y = y * F.silu(z.float())
-        y = y.to(x.dtype)
+    y, final = ssd_triton_core(x, dt_c, A, B, C, D, initial_states, _segments(seq_idx), chunk_size)
+    if z is not None:
+        y = (y.float() * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_states else y
 
 

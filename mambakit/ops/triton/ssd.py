@@ -95,6 +95,14 @@ def _chunk_alpha(acs_ptr, seg_ptr, b, h, c, nheads, Lpad, HAS_SEG: tl.constexpr,
 
 
 @triton.jit
+def _load_D(D_ptr, h, p, P, D_HDIM: tl.constexpr):
+    """The skip weight of head h for channels p: (BP,) float32 (D is (nheads,) or (nheads, headdim))."""
+    if D_HDIM:
+        return tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)
+    return tl.load(D_ptr + h + p * 0).to(tl.float32)
+
+
+@triton.jit
 def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, acs_ptr, S_ptr,
                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
@@ -141,12 +149,12 @@ def _state_passing_fwd(S_ptr, acs_ptr, seg_ptr, init_ptr, H_ptr, final_ptr,
 
 
 @triton.jit
-def _chunk_scan_fwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, y_ptr,
+def _chunk_scan_fwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr, y_ptr,
                     seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
                     sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                     sy_b, sy_l, sy_h, sy_p,
-                    HAS_SEG: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                    PREC: tl.constexpr):
+                    HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
+                    BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     c, b, h, g, t, valid = _head_coords(seqlen, nheads, heads_per_group, Q)
     p = tl.program_id(2) * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
@@ -165,6 +173,8 @@ def _chunk_scan_fwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, y_ptr,
     off = ((b * nchunks + c) * nheads + h) * P * N
     H = tl.load(H_ptr + off + p[None, :] * N + n[:, None], mask=(n < N)[:, None] & (p < P)[None, :], other=0.0)
     y += e[:, None] * tl.dot(Cm, H.to(Cm.dtype), input_precision=PREC)
+    if HAS_D:
+        y += x.to(tl.float32) * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
     tl.store(y_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty),
              mask=mp)
 
@@ -220,17 +230,18 @@ def _state_passing_bwd(dHl_ptr, H_ptr, acs_ptr, seg_ptr, dfinal_ptr, G_ptr, dini
 
 
 @triton.jit
-def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, dy_ptr, dlast_ptr,
-               dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr,
+def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, dy_ptr, dlast_ptr,
+               dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
                seqlen, nheads, ngroups, heads_per_group, P, N, nchunks, Lpad,
                sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                sdy_b, sdy_l, sdy_h, sdy_p, sdx_b, sdx_l, sdx_h, sdx_p,
-               HAS_SEG: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-               PREC32: tl.constexpr):
+               HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
+               BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """One program per (chunk, batch * group): loops over the group's heads.
 
     Writes dx (x's shape, float32), ddt (batch, nheads, Lpad) float32, the per-chunk part of dA
-    (batch, nheads, nchunks), dB and dC ((batch, seqlen, ngroups, d_state) float32)."""
+    (batch, nheads, nchunks), dB and dC ((batch, seqlen, ngroups, d_state) float32), and with D the per-chunk
+    sums of dy * x (batch, nchunks, nheads, BP)."""
     c = tl.program_id(0)
     bg = tl.program_id(1)
     b = (bg // ngroups).to(tl.int64)
@@ -258,13 +269,12 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_pt
         a_last, L, e, w, alpha = _decay_masks(acs, seg, seg_prev, HAS_SEG, Q)
         x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=mp, other=0.0)
         dy = tl.load(dy_ptr + b * sdy_b + t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p, mask=mp, other=0.0)
-        # X~ = dt * x is kept in float32: the products with it feed the dA reduction, whose terms cancel (tf32 there)
-        xt = x.to(tl.float32) * dt[:, None]
+        xt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)  # X~ = dt * x
         off = ((b * nchunks + c) * nheads + h) * P * N
         Hc = tl.load(H_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0).to(Cm.dtype)  # (BP, BN)
-        Gc = tl.load(G_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0)  # (BP, BN) float32
+        Gc = tl.load(G_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0).to(Cm.dtype)  # (BP, BN)
         # intra-chunk
-        Gxy = tl.dot(dy.to(tl.float32), tl.trans(xt), input_precision=PREC32)  # (Q, Q): dy_t . X~_s
+        Gxy = tl.dot(dy, tl.trans(xt), input_precision=PREC)  # (Q, Q): dy_t . X~_s
         GL = Gxy * L
         dC += tl.dot(GL.to(Bm.dtype), Bm, input_precision=PREC)
         dB += tl.dot(tl.trans(GL).to(Cm.dtype), Cm, input_precision=PREC)
@@ -277,9 +287,9 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_pt
         dC += dC_in
         da += tl.sum(dC_in * Cm.to(tl.float32), axis=1)
         # chunk-local state: S = sum_s w_s B_s X~_s^T, gradient G (state at the chunk end)
-        dB_st = w[:, None] * tl.dot(xt, Gc, input_precision=PREC32)  # (Q, BN)
+        dB_st = w[:, None] * tl.dot(xt, Gc, input_precision=PREC)  # (Q, BN)
         dB += dB_st
-        dxt += w[:, None] * tl.dot(Bm, tl.trans(Gc.to(Bm.dtype)), input_precision=PREC)
+        dxt += w[:, None] * tl.dot(Bm, tl.trans(Gc), input_precision=PREC)
         u = tl.sum(dB_st * Bm.to(tl.float32), axis=1)  # (Q,)
         d_last = tl.sum(u, axis=0) + tl.load(dlast_ptr + (b * nheads + h) * nchunks + c)
         da = da - u + tl.where(idx == Q - 1, d_last, 0.0)
@@ -288,7 +298,12 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_pt
         ddt = rc * A + tl.sum(dxt * xf, axis=1)
         tl.store(ddt_ptr + row + t, ddt)
         tl.store(dA_ptr + (b * nheads + h) * nchunks + c, tl.sum(rc * dt, axis=0))
-        tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + h * sdx_h + p[None, :] * sdx_p, dxt * dt[:, None], mask=mp)
+        dx = dxt * dt[:, None]
+        if HAS_D:
+            dyf = dy.to(tl.float32)
+            dx += dyf * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
+            tl.store(dD_ptr + ((b * nchunks + c) * nheads + h) * BP + p, tl.sum(dyf * xf, axis=0))
+        tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + h * sdx_h + p[None, :] * sdx_p, dx, mask=mp)
     tl.store(dB_ptr + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dB, mask=mn)
     tl.store(dC_ptr + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dC, mask=mn)
 
@@ -353,13 +368,13 @@ class _Plan:
         self.bwd_stages = 2 if x.element_size() == 2 and self.BP * self.BN <= 8192 else 1
 
 
-def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_states: Optional[Tensor],
-                seg: Optional[Tensor], chunk_size: int) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads) processed, float32; A: (nheads,) float32;
-    B, C: (batch, seqlen, ngroups, d_state); initial_states: (batch, nheads, headdim, d_state) or None;
+    B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states: (batch, nheads, headdim, d_state) or None;
     seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype. chunk_size: upper bound of the chunk.
 
-    Returns y (x's layout and dtype, without D and gate), the final state (float32) and what the backward needs."""
+    Returns y (x's layout and dtype, with D * x, without the gate), the final state (float32) and what the backward needs."""
     pl = _Plan(x, B, chunk_size)
     dev = x.device
     dtp = _padded_rows(dt, pl.Lpad)
@@ -382,16 +397,17 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_
     y = torch.empty_like(x)
     BPy = min(pl.BP, 64)
     _chunk_scan_fwd[(pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy))](
-        x, dtp, B, C, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
-        *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=has_seg, Q=pl.Q, BP=BPy, BN=pl.BN,
+        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
+        *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=has_seg, HAS_D=D is not None,
+        D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BP=BPy, BN=pl.BN,
         PREC=pl.prec, num_warps=4)
     return y, final, (dtp, segp, acs, H)
 
 
-def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, saved: Tuple[Tensor, ...], dy: Tensor,
-                 dfinal: Optional[Tensor], chunk_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dx, ddt, dA, dB, dC, dinit) in float32; dx: x's shape, ddt: (batch, seqlen, nheads),
-    dA: (nheads,), dB, dC: B's shape, dinit: (batch, nheads, headdim, d_state)."""
+def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], saved: Tuple[Tensor, ...],
+                 dy: Tensor, dfinal: Optional[Tensor], chunk_size: int) -> Tuple[Optional[Tensor], ...]:
+    """Gradients (dx, ddt, dA, dB, dC, dD, dinit) in float32; dx: x's shape, ddt: (batch, seqlen, nheads),
+    dA: (nheads,), dB, dC: B's shape, dD: D's shape (None without D), dinit: (batch, nheads, headdim, d_state)."""
     dtp, segp, acs, H = saved
     pl = _Plan(x, B, chunk_size)
     dev = x.device
@@ -417,14 +433,21 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, saved: Tuple[Tensor
     dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
     dB = torch.empty((pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
     dC = torch.empty_like(dB)
+    dD_part = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.BP), device=dev, dtype=torch.float32) if D is not None \
+        else dA_part
     _chunk_bwd[(pl.nchunks, pl.batch * pl.ngroups)](
-        x, dtp, A, B, C, segp_arg, acs, H, G, dy, dlast, dx, ddt, dA_part, dB, dC,
+        x, dtp, A, B, C, D if D is not None else dtp, segp_arg, acs, H, G, dy, dlast, dx, ddt, dA_part, dB, dC,
+        dD_part,
         pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
-        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_SEG=has_seg, Q=pl.Q, BP=pl.BP, BN=pl.BN,
-        PREC=pl.prec, PREC32="ieee" if x.dtype == torch.float32 else "tf32", num_warps=8,
-        num_stages=pl.bwd_stages)
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_SEG=has_seg, HAS_D=D is not None,
+        D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BP=pl.BP, BN=pl.BN,
+        PREC=pl.prec, num_warps=8, num_stages=pl.bwd_stages)
     ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
-    return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dinit
+    dD = None
+    if D is not None:
+        dD = dD_part.sum(dim=(0, 1))[:, : pl.P]
+        dD = dD if D.dim() == 2 else dD.sum(-1)
+    return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dD, dinit
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -434,28 +457,30 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, saved: Tuple[Tensor
 
 class _SSDTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, initial_states, seg, chunk_size):  # type: ignore[override]
-        y, final, saved = ssd_forward(x, dt, A, B, C, initial_states, seg, chunk_size)
+    def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size):  # type: ignore[override]
+        y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size)
         dtp, segp, acs, H = saved
-        ctx.save_for_backward(x, A, B, C, dtp, acs, H, segp)
+        ctx.save_for_backward(x, A, B, C, D, dtp, acs, H, segp)
         ctx.chunk_size = chunk_size
         ctx.has_init = initial_states is not None
         return y, final
 
     @staticmethod
     def backward(ctx, gy, gfinal):  # type: ignore[override]
-        x, A, B, C, dtp, acs, H, segp = ctx.saved_tensors
+        x, A, B, C, D, dtp, acs, H, segp = ctx.saved_tensors
         dy = gy if gy is not None else torch.zeros_like(x)
-        dx, ddt, dA, dB, dC, dinit = ssd_backward(x, A, B, C, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size)
-        return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dinit if ctx.has_init else None,
+        dx, ddt, dA, dB, dC, dD, dinit = ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal,
+                                                      ctx.chunk_size)
+        return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dinit if ctx.has_init else None,
                 None, None)
 
 
-def ssd_triton_core(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_states: Optional[Tensor],
-                    seg: Optional[Tensor], chunk_size: int) -> Tuple[Tensor, Tensor]:
-    """Differentiable SSD core (no D, no gate). x: (batch, seqlen, nheads, headdim) float16/bfloat16/float32;
-    dt: (batch, seqlen, nheads) processed; B, C are cast to x's dtype. Returns y (x's dtype) and the final state
-    (float32)."""
+def ssd_triton_core(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                    initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int) -> Tuple[Tensor, Tensor]:
+    """Differentiable SSD core with the D skip, without the gate. x: (batch, seqlen, nheads, headdim)
+    float16/bfloat16/float32; dt: (batch, seqlen, nheads) processed; B, C are cast to x's dtype; D: (nheads,) or
+    (nheads, headdim) or None. Returns y (x's dtype) and the final state (float32)."""
     io = x.dtype
     init = None if initial_states is None else initial_states.float()
-    return _SSDTriton.apply(x, dt.float(), A.float().contiguous(), B.to(io), C.to(io), init, seg, chunk_size)
+    Df = None if D is None else D.float().contiguous()
+    return _SSDTriton.apply(x, dt.float(), A.float().contiguous(), B.to(io), C.to(io), Df, init, seg, chunk_size)

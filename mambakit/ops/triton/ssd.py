@@ -232,7 +232,7 @@ def _state_passing_bwd(dHl_ptr, H_ptr, acs_ptr, seg_ptr, dfinal_ptr, G_ptr, dini
 @triton.jit
 def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, dy_ptr, dlast_ptr,
                dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
-               seqlen, nheads, ngroups, heads_per_group, P, N, nchunks, Lpad,
+               seqlen, nheads, ngroups, heads_per_group, heads_per_split, P, N, nchunks, Lpad,
                sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                sdy_b, sdy_l, sdy_h, sdy_p, sdx_b, sdx_l, sdx_h, sdx_p,
                HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
@@ -244,6 +244,7 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_pt
     sums of dy * x (batch, nchunks, nheads, BP)."""
     c = tl.program_id(0)
     bg = tl.program_id(1)
+    split = tl.program_id(2).to(tl.int64)
     b = (bg // ngroups).to(tl.int64)
     g = bg % ngroups
     idx = tl.arange(0, Q)
@@ -260,8 +261,8 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_pt
     dB = tl.zeros((Q, BN), dtype=tl.float32)
     dC = tl.zeros((Q, BN), dtype=tl.float32)
     seg, seg_prev = _load_seg(seg_ptr, b, c, Lpad, Q, HAS_SEG)
-    for j in range(heads_per_group):
-        h = g * heads_per_group + j
+    for j in range(heads_per_split):
+        h = g * heads_per_group + split * heads_per_split + j
         row = (b * nheads + h) * Lpad
         dt = tl.load(dt_ptr + row + t)
         acs = tl.load(acs_ptr + row + t)
@@ -304,8 +305,9 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_pt
             dx += dyf * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
             tl.store(dD_ptr + ((b * nchunks + c) * nheads + h) * BP + p, tl.sum(dyf * xf, axis=0))
         tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + h * sdx_h + p[None, :] * sdx_p, dx, mask=mp)
-    tl.store(dB_ptr + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dB, mask=mn)
-    tl.store(dC_ptr + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dC, mask=mn)
+    part = split * tl.num_programs(1) // ngroups * Lpad * ngroups * N  # this split's (batch, Lpad, ngroups, N) slab
+    tl.store(dB_ptr + part + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dB, mask=mn)
+    tl.store(dC_ptr + part + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dC, mask=mn)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -365,7 +367,19 @@ class _Plan:
         self.BLOCK = min(1024, triton.next_power_of_2(self.PN))
         self.nblocks = triton.cdiv(self.PN, self.BLOCK)
         # the backward's head loop double-buffers its (headdim x d_state) state tiles only where they are small
-        self.bwd_stages = 2 if x.element_size() == 2 and self.BP * self.BN <= 8192 else 1
+        # (H100 sweep, benchmarks/sweep_ssd_bwd.py: 4 warps; 2 stages at d_state 64, 1 at 128)
+        self.bwd_stages = 2 if x.element_size() == 2 and self.BP * self.BN <= 4096 else 1
+        self.bwd_warps = 4
+
+    def head_splits(self, target_programs: int = 256) -> int:
+        """The backward sums dB and dC over a group's heads in registers; with few (chunk, batch, group) programs
+        the heads are split over this many programs (a power of two dividing heads_per_group), whose partial sums
+        are then added in a fixed order."""
+        splits = 1
+        while (self.hpg % (splits * 2) == 0
+               and self.nchunks * self.batch * self.ngroups * splits < target_programs):
+            splits *= 2
+        return splits
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -431,22 +445,24 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     dx = torch.empty(x.shape, device=dev, dtype=torch.float32)
     ddt = torch.empty_like(dtp)
     dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
-    dB = torch.empty((pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
+    splits = pl.head_splits()
+    dB = torch.empty((splits, pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
     dC = torch.empty_like(dB)
     dD_part = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.BP), device=dev, dtype=torch.float32) if D is not None \
         else dA_part
-    _chunk_bwd[(pl.nchunks, pl.batch * pl.ngroups)](
+    _chunk_bwd[(pl.nchunks, pl.batch * pl.ngroups, splits)](
         x, dtp, A, B, C, D if D is not None else dtp, segp_arg, acs, H, G, dy, dlast, dx, ddt, dA_part, dB, dC,
         dD_part,
-        pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
+        pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_SEG=has_seg, HAS_D=D is not None,
         D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BP=pl.BP, BN=pl.BN,
-        PREC=pl.prec, num_warps=8, num_stages=pl.bwd_stages)
+        PREC=pl.prec, num_warps=pl.bwd_warps, num_stages=pl.bwd_stages)
     ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
     dD = None
     if D is not None:
         dD = dD_part.sum(dim=(0, 1))[:, : pl.P]
         dD = dD if D.dim() == 2 else dD.sum(-1)
+    dB, dC = (t[0] if splits == 1 else t.sum(0) for t in (dB, dC))  # fixed order: deterministic
     return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dD, dinit
 
 

@@ -11,7 +11,8 @@
    our Triton SSD (d_state 64 and 128) forward and forward+backward; PyTorch SDPA (causal, flash backend) with the
    same batch and 32 heads x 64; our Mamba-1 fused scan at the same width (dim 2048, d_state 16); achieved TFLOP/s
    of the SSD matmul parts against a bf16 matmul timed in the same run; the official mamba_ssm 2.3.2 times given
-   in the issue as a fixed reference column.
+   in the issue as a fixed reference column; fla-core's chunk_simple_gla (the same problem as q = C, k = B,
+   v = dt x, g = dt A) when fla is importable.
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed). Exit code 1 if a check fails.
 """
 from __future__ import annotations
@@ -177,6 +178,53 @@ def time_ssd(batch, L, d_state, backend="triton"):
     return fwd, bench_ms(fb, grad_to_none=list(leaves.values()))
 
 
+def fla_inputs(batch, L, d_state):
+    """The SSD as fla's chunk_simple_gla: q = C, k = B (broadcast to the 32 heads), v = dt * x, g = dt * A (log
+    decay), scale 1; dt already processed. Prepared outside the timed call (fla gets the easier job)."""
+    kw = ssd_inputs(batch, L, 32, 64, 1, d_state, torch.bfloat16, init=False)
+    dt = F.softplus(kw["dt"] + kw["dt_bias"])
+    q = kw["C"].expand(batch, L, 32, d_state).contiguous()
+    k = kw["B"].expand(batch, L, 32, d_state).contiguous()
+    v = (kw["x"].float() * dt[..., None]).to(torch.bfloat16)
+    g = (dt * kw["A"]).float()
+    return kw, q, k, v, g
+
+
+def time_fla(batch, L, d_state):
+    """(fwd, fwd+bwd) ms of fla-core's chunk_simple_gla, or None if fla is not installed."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        return None
+    _, q, k, v, g = fla_inputs(batch, L, d_state)
+    leaves = [t.requires_grad_() for t in (q, k, v, g)]
+    run = lambda: chunk_simple_gla(q, k, v, g=g, scale=1.0)[0]  # noqa: E731
+    gy = torch.randn_like(v)
+    fwd = bench_ms(run)
+    try:
+        return fwd, bench_ms(lambda: run().backward(gy), grad_to_none=leaves)
+    except RuntimeError as exc:  # fla refuses its gated backward on Hopper with Triton 3.4-3.7.0 (its issue #640)
+        log(f"    fla backward refused: {str(exc)[:90]}")
+        return fwd, float("nan")
+
+
+def check_fla_equivalence() -> None:
+    """fla's op on the same problem gives our y (without D): shows the comparison is like for like."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        log("## fla-core not installed: no comparison")
+        return
+    from mambakit.ops.ssd import mamba_chunk_scan_combined
+
+    kw, q, k, v, g = fla_inputs(2, 1000, 64)
+    kw = {key: val for key, val in kw.items() if key not in ("D", "z")}
+    y = mamba_chunk_scan_combined(**{**kw, "x": kw["x"].float(), "B": kw["B"].float(), "C": kw["C"].float()},
+                                  backend="torch")
+    yf = chunk_simple_gla(q, k, v, g=g, scale=1.0)[0]
+    log(f"## fla-core chunk_simple_gla vs our SSD (torch form, fp32) on the same problem: rel err {rel_err(yf, y):.2e}")
+
+
 def time_sdpa(batch, L):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -224,7 +272,8 @@ def speed(seqlens, d_states, tokens) -> None:
         f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s")
     log("ms (ratio = other / ours: > 1 means we are faster)")
     hdr = (f"{'seqlen':>6s} {'N':>4s} {'ssd fwd':>8s} {'ssd f+b':>8s} {'TFLOP/s':>8s} {'official f/fb':>14s} "
-           f"{'x off fb':>8s} {'sdpa fwd':>9s} {'sdpa f+b':>9s} {'x sdpa fb':>9s} {'mamba1 f+b':>10s} {'x m1':>6s}")
+           f"{'x off fb':>8s} {'sdpa fwd':>9s} {'sdpa f+b':>9s} {'x sdpa fb':>9s} {'mamba1 f+b':>10s} {'x m1':>6s} "
+           f"{'fla f/fb':>14s} {'x fla fb':>8s}")
     log(hdr)
     cache = {}
     for L in seqlens:
@@ -236,8 +285,9 @@ def speed(seqlens, d_states, tokens) -> None:
             f, fb = time_ssd(batch, L, N)
             tf = ssd_fwd_flops(batch * L, N) / f / 1e9
             of, ofb = OFFICIAL[N] if N in OFFICIAL and batch * L == 65536 else (float("nan"),) * 2
+            ff, ffb = time_fla(batch, L, N) or (float("nan"),) * 2
             log(f"{L:6d} {N:4d} {f:8.3f} {fb:8.3f} {tf:8.1f} {of:6.2f}/{ofb:6.2f} {ofb / fb:8.2f} {sf:9.3f} "
-                f"{sfb:9.3f} {sfb / fb:9.2f} {m1fb:10.3f} {m1fb / fb:6.2f}")
+                f"{sfb:9.3f} {sfb / fb:9.2f} {m1fb:10.3f} {m1fb / fb:6.2f} {ff:6.3f}/{ffb:7.3f} {ffb / fb:8.2f}")
         torch.cuda.empty_cache()
 
 
@@ -283,6 +333,7 @@ def main() -> None:
     first_call_latency()
     if not a.skip_check:
         correctness(a.quick)
+    check_fla_equivalence()
     speed(a.seqlens, a.d_states, a.tokens)
     kernel_breakdown(128)
     if FAILS:

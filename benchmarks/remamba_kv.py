@@ -1,13 +1,19 @@
 """ReMamba on CPU: key-value retrieval with the needles far from the question (issue 10).
 
-1. Train a small Mamba LM from scratch on `mambakit.remamba.data.kv_retrieval` at a short length (needles anywhere).
-2. Evaluate it at longer lengths with the needles in the first `--zone` of the prompt (far from the question).
+Task `recall` (default): `mambakit.remamba.data.recall_training_batch` / `recall_prompt`, the MQAR layout of
+`mambakit tasks mqar` (pairs ``k v`` first, keys asked later) with random noise tokens instead of a filler; at
+evaluation the pairs open the prompt and the question is its last token (`--n-pairs 1`: passkey retrieval).
+Task `kv` (the first attempt): `kv_retrieval` / `kv_training_batch`, one ``SEP key value`` needle in the first
+`--zone` of the prompt.
+
+1. Train a small Mamba LM from scratch at a short length (`--base-len`).
+2. Evaluate it at longer lengths with the needles far from the question.
 3. Train ReMamba's added parameters (Q, K, V, b; optionally LoRA / dt) on the frozen base at `--adapt-lens`.
 4. Train plain fine-tuning (LoRA on in_proj/out_proj, rank chosen for the same parameter count, + dt if ReMamba
    trains dt) on the same data for the same steps.
 5. Print accuracy vs context length for base, base + ReMamba and base + plain fine-tuning; write JSON to --out.
 
-Example: OMP_NUM_THREADS=1 python benchmarks/remamba_kv.py --out /tmp/remamba
+Example: OMP_NUM_THREADS=1 python benchmarks/remamba_kv.py --out /tmp/remamba2
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 from mambakit.models.config import MambaConfig
 from mambakit.models.lm import MambaLMHeadModel
 from mambakit.remamba import ReMambaConfig, ReMambaLM
-from mambakit.remamba.data import kv_retrieval, kv_training_batch, kv_vocab
+from mambakit.remamba.data import kv_retrieval, kv_training_batch, kv_vocab, recall_prompt, recall_training_batch
 from mambakit.remamba.lora import dt_parameters, rank_for_budget
 from mambakit.remamba.train import ReMambaTrainConfig, answer_loss_plain, train_added
 
@@ -40,11 +46,18 @@ def train_base(args, vocab: int) -> MambaLMHeadModel:
     opt = torch.optim.AdamW(base.parameters(), lr=args.base_lr, weight_decay=0.1)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
+    warm = args.base_warmup
     for step in range(args.base_steps):
-        lr = args.base_lr * min(1.0, (step + 1) / 100) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.base_steps)))
+        if step < warm:
+            lr = args.base_lr * (step + 1) / warm
+        else:
+            lr = args.base_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, args.base_steps - warm))))
         for group in opt.param_groups:
             group["lr"] = lr
-        ids, targets = kv_training_batch(args.batch, args.base_len, args.base_pairs, args.n_keys, g)
+        if args.task == "recall":
+            ids, targets = recall_training_batch(args.batch, args.base_len, args.base_pairs, args.n_keys, g)
+        else:
+            ids, targets = kv_training_batch(args.batch, args.base_len, args.base_pairs, args.n_keys, g)
         loss = base(ids, labels=targets).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -55,13 +68,20 @@ def train_base(args, vocab: int) -> MambaLMHeadModel:
     return base
 
 
+def eval_prompts(n: int, length: int, args, g: torch.Generator):
+    """(prompts (n, length), answers (n, 1)) of the evaluation / adaptation task."""
+    if args.task == "recall":
+        return recall_prompt(n, length, args.n_pairs, args.n_keys, g)
+    return kv_retrieval(n, length, args.n_pairs, args.zone, args.n_keys, g)
+
+
 @torch.no_grad()
 def accuracy(lm: ReMambaLM, length: int, args, remamba: ReMambaConfig | None) -> float:
     g = torch.Generator().manual_seed(10_007 + length)
     correct = 0
     for start in range(0, args.eval_samples, args.eval_batch):
         n = min(args.eval_batch, args.eval_samples - start)
-        prompts, answers = kv_retrieval(n, length, args.n_pairs, args.zone, args.n_keys, g)
+        prompts, answers = eval_prompts(n, length, args, g)
         if remamba is None:
             logits = lm.base(prompts, num_last_tokens=1).logits[:, -1]
         else:
@@ -75,7 +95,7 @@ def adapt_batches(args):
 
     def draw(g: torch.Generator):
         length = lens[int(torch.randint(0, len(lens), (1,), generator=g))]
-        return kv_retrieval(args.adapt_batch, length, args.n_pairs, args.zone, args.n_keys, g)
+        return eval_prompts(args.adapt_batch, length, args, g)
 
     return draw
 
@@ -84,6 +104,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/remamba")
     p.add_argument("--arch", choices=("mamba1", "mamba2"), default="mamba1")
+    p.add_argument("--task", choices=("recall", "kv"), default="recall")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--d-state", type=int, default=16)
@@ -94,6 +115,7 @@ def main() -> None:
     p.add_argument("--base-pairs", type=int, default=4, help="needles per training context of the base (each asked)")
     p.add_argument("--base-steps", type=int, default=1000)
     p.add_argument("--base-lr", type=float, default=3e-3)
+    p.add_argument("--base-warmup", type=int, default=100)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--adapt-lens", type=int, nargs="+", default=[256, 512])
     p.add_argument("--adapt-steps", type=int, default=200)
@@ -117,8 +139,8 @@ def main() -> None:
     vocab = kv_vocab(args.n_keys)["vocab_size"]
     t_start = time.process_time()
 
-    base_path = out / f"base_{args.arch}_{args.d_model}_{args.n_layer}_{args.d_state}_{args.base_len}_" \
-                      f"{args.base_steps}_{args.seed}.pt"
+    base_path = out / f"base_{args.task}_{args.base_pairs}_{args.n_keys}_{args.arch}_{args.d_model}_{args.n_layer}_" \
+                      f"{args.d_state}_{args.base_len}_{args.base_steps}_{args.seed}.pt"
     if base_path.exists():
         base = torch.load(base_path, weights_only=False)
         log(f"base model from {base_path}")
@@ -159,8 +181,8 @@ def main() -> None:
     for name, accs in rows.items():
         print(f"| {name} | {counts[name]} | " + " | ".join(f"{100 * accs[L]:.1f}%" for L in args.eval_lens) + " |")
     print(f"process CPU time {time.process_time() - t_start:.0f} s")
-    result = {"args": vars(args), "rows": rows, "counts": counts, "lora_rank_plain": rank,
-              "losses": {"remamba": info_r["losses"], "plain": info_p["losses"]}}
+    result = {"cpu_seconds": time.process_time() - t_start, "args": vars(args), "rows": rows, "counts": counts,
+              "lora_rank_plain": rank, "losses": {"remamba": info_r["losses"], "plain": info_p["losses"]}}
     (out / f"result_{args.arch}_seed{args.seed}.json").write_text(json.dumps(result, indent=1))
 
 

@@ -53,8 +53,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also evaluate at these lengths after training (default: induction-heads 256..16384)")
     p.add_argument("--eval-samples", type=_int, default=256,
                    help="held-out sequences at the training length (default: %(default)s)")
-    p.add_argument("--vocab", type=_int, help="data tokens (default: 16; mqar: 256 token ids)")
-    p.add_argument("--n-tokens", type=_int, help="(selective-)copying: tokens to memorise (default: 16)")
+    p.add_argument("--vocab", type=_int, help="data tokens (default: 16; mqar: 64 token ids)")
+    p.add_argument("--n-tokens", type=_int, help="(selective-)copying: tokens to memorise (default: selective-copying 4, copying 16)")
     p.add_argument("--n-pairs", type=_int, help="mqar: key-value pairs per sequence (default: 16)")
     p.add_argument("--headdim", type=_int, help="mamba2 head size (default: the first of 64, 32, 16, 8 dividing "
                    "2*d_model)")

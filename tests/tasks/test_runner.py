@@ -142,3 +142,14 @@ def test_main_cli_exit_2(capsys):
     assert main(["tasks", "mqar", "--steps", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--steps" in err[0]
+
+
+def test_task_defaults_are_consistent():
+    """Every task's defaults (the sizes reported in benchmarks/RESULTS.md) make a valid batch of the task."""
+    from mambakit.tasks.runner import TASK_DEFAULTS
+
+    for name, d in TASK_DEFAULTS.items():
+        ids, targets = make_batch(name, 2, d["seq_len"], torch.Generator().manual_seed(0), vocab=d["vocab"],
+                                  n_tokens=d.get("n_tokens", 16), n_pairs=d.get("n_pairs", 8))
+        assert ids.shape == targets.shape == (2, d["seq_len"])
+        assert int(ids.max()) < task_vocab_size(name, d["vocab"]) and bool((targets != -100).any())

@@ -236,8 +236,10 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_pt
                sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                sdy_b, sdy_l, sdy_h, sdy_p, sdx_b, sdx_l, sdx_h, sdx_p,
                HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
-               BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """One program per (chunk, batch * group): loops over the group's heads.
+               BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DO_DX: tl.constexpr, DO_DBC: tl.constexpr):
+    """One program per (chunk, batch * group[, head split]): loops over the (split's) heads of the group.
+    DO_DX: the per-head gradients (dx, ddt, dA, dD); DO_DBC: dB and dC summed over the heads (both, or one each
+    in two launches: see `_Plan.split_bwd`).
 
     Writes dx (x's shape, float32), ddt (batch, nheads, Lpad) float32, the per-chunk part of dA
     (batch, nheads, nchunks), dB and dC ((batch, seqlen, ngroups, d_state) float32), and with D the per-chunk
@@ -257,7 +259,8 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_pt
     mpn = (p < P)[:, None] & (n < N)[None, :]
     Cm = tl.load(C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n, mask=mn, other=0.0)
     Bm = tl.load(B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + n[None, :] * sB_n, mask=mn, other=0.0)
-    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): CB[t, s] = C_t . B_s
+    if DO_DX:
+        CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): CB[t, s] = C_t . B_s
     dB = tl.zeros((Q, BN), dtype=tl.float32)
     dC = tl.zeros((Q, BN), dtype=tl.float32)
     seg, seg_prev = _load_seg(seg_ptr, b, c, Lpad, Q, HAS_SEG)
@@ -274,40 +277,38 @@ def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_pt
         off = ((b * nchunks + c) * nheads + h) * P * N
         Hc = tl.load(H_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0).to(Cm.dtype)  # (BP, BN)
         Gc = tl.load(G_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0).to(Cm.dtype)  # (BP, BN)
-        # intra-chunk
         Gxy = tl.dot(dy, tl.trans(xt), input_precision=PREC)  # (Q, Q): dy_t . X~_s
         GL = Gxy * L
-        dC += tl.dot(GL.to(Bm.dtype), Bm, input_precision=PREC)
-        dB += tl.dot(tl.trans(GL).to(Cm.dtype), Cm, input_precision=PREC)
-        CBL = (CB * L).to(dy.dtype)
-        dxt = tl.dot(tl.trans(CBL), dy, input_precision=PREC)  # (Q, BP)
-        T = GL * CB
-        da = tl.sum(T, axis=1) - tl.sum(T, axis=0)
-        # inter-chunk read-out: y_t += e_t C_t H
-        dC_in = e[:, None] * tl.dot(dy, Hc, input_precision=PREC)  # (Q, BN)
-        dC += dC_in
-        da += tl.sum(dC_in * Cm.to(tl.float32), axis=1)
-        # chunk-local state: S = sum_s w_s B_s X~_s^T, gradient G (state at the chunk end)
-        dB_st = w[:, None] * tl.dot(xt, Gc, input_precision=PREC)  # (Q, BN)
-        dB += dB_st
-        dxt += w[:, None] * tl.dot(Bm, tl.trans(Gc), input_precision=PREC)
-        u = tl.sum(dB_st * Bm.to(tl.float32), axis=1)  # (Q,)
-        d_last = tl.sum(u, axis=0) + tl.load(dlast_ptr + (b * nheads + h) * nchunks + c)
-        da = da - u + tl.where(idx == Q - 1, d_last, 0.0)
-        rc = tl.cumsum(da, axis=0, reverse=True)  # gradient of dt_t * A
-        xf = x.to(tl.float32)
-        ddt = rc * A + tl.sum(dxt * xf, axis=1)
-        tl.store(ddt_ptr + row + t, ddt)
-        tl.store(dA_ptr + (b * nheads + h) * nchunks + c, tl.sum(rc * dt, axis=0))
-        dx = dxt * dt[:, None]
-        if HAS_D:
-            dyf = dy.to(tl.float32)
-            dx += dyf * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
-            tl.store(dD_ptr + ((b * nchunks + c) * nheads + h) * BP + p, tl.sum(dyf * xf, axis=0))
-        tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + h * sdx_h + p[None, :] * sdx_p, dx, mask=mp)
-    part = split * tl.num_programs(1) // ngroups * Lpad * ngroups * N  # this split's (batch, Lpad, ngroups, N) slab
-    tl.store(dB_ptr + part + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dB, mask=mn)
-    tl.store(dC_ptr + part + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dC, mask=mn)
+        dC_in = e[:, None] * tl.dot(dy, Hc, input_precision=PREC)  # (Q, BN): from the read-out y_t += e_t C_t H
+        dB_st = w[:, None] * tl.dot(xt, Gc, input_precision=PREC)  # (Q, BN): from S = sum_s w_s B_s X~_s^T
+        if DO_DBC:
+            dC += tl.dot(GL.to(Bm.dtype), Bm, input_precision=PREC) + dC_in
+            dB += tl.dot(tl.trans(GL).to(Cm.dtype), Cm, input_precision=PREC) + dB_st
+        if DO_DX:
+            CBL = (CB * L).to(dy.dtype)
+            dxt = tl.dot(tl.trans(CBL), dy, input_precision=PREC)  # (Q, BP)
+            dxt += w[:, None] * tl.dot(Bm, tl.trans(Gc), input_precision=PREC)
+            T = GL * CB
+            da = tl.sum(T, axis=1) - tl.sum(T, axis=0)
+            da += tl.sum(dC_in * Cm.to(tl.float32), axis=1)
+            u = tl.sum(dB_st * Bm.to(tl.float32), axis=1)  # (Q,)
+            d_last = tl.sum(u, axis=0) + tl.load(dlast_ptr + (b * nheads + h) * nchunks + c)
+            da = da - u + tl.where(idx == Q - 1, d_last, 0.0)
+            rc = tl.cumsum(da, axis=0, reverse=True)  # gradient of dt_t * A
+            xf = x.to(tl.float32)
+            ddt = rc * A + tl.sum(dxt * xf, axis=1)
+            tl.store(ddt_ptr + row + t, ddt)
+            tl.store(dA_ptr + (b * nheads + h) * nchunks + c, tl.sum(rc * dt, axis=0))
+            dx = dxt * dt[:, None]
+            if HAS_D:
+                dyf = dy.to(tl.float32)
+                dx += dyf * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
+                tl.store(dD_ptr + ((b * nchunks + c) * nheads + h) * BP + p, tl.sum(dyf * xf, axis=0))
+            tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + h * sdx_h + p[None, :] * sdx_p, dx, mask=mp)
+    if DO_DBC:
+        part = split * tl.num_programs(1) // ngroups * Lpad * ngroups * N  # this split's (batch, Lpad, ngroups, N)
+        tl.store(dB_ptr + part + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dB, mask=mn)
+        tl.store(dC_ptr + part + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dC, mask=mn)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -351,6 +352,11 @@ def _padded_segments(seg: Optional[Tensor], Lpad: int) -> Optional[Tensor]:
     return out.contiguous()
 
 
+#: Run the backward's per-head gradients and its dB/dC sums as two launches of `_chunk_bwd` (fewer live registers
+#: in each) instead of one.
+SPLIT_BACKWARD = True
+
+
 class _Plan:
     """Shapes and launch parameters shared by forward and backward."""
 
@@ -366,10 +372,10 @@ class _Plan:
         self.PN = self.P * self.N
         self.BLOCK = min(1024, triton.next_power_of_2(self.PN))
         self.nblocks = triton.cdiv(self.PN, self.BLOCK)
-        # the backward's head loop double-buffers its (headdim x d_state) state tiles only where they are small
-        # (H100 sweep, benchmarks/sweep_ssd_bwd.py: 4 warps; 2 stages at d_state 64, 1 at 128)
-        self.bwd_stages = 2 if x.element_size() == 2 and self.BP * self.BN <= 4096 else 1
-        self.bwd_warps = 4
+        # H100 sweep (benchmarks/sweep_ssd_bwd.py): two launches; 4 warps at d_state 64, 8 at 128; 2 stages
+        self.bwd_stages = 2 if x.element_size() == 2 else 1
+        self.bwd_warps = 4 if self.BP * self.BN <= 4096 else 8
+        self.split_bwd = SPLIT_BACKWARD
 
     def head_splits(self, target_programs: int = 256) -> int:
         """The backward sums dB and dC over a group's heads in registers; with few (chunk, batch, group) programs
@@ -450,13 +456,20 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     dC = torch.empty_like(dB)
     dD_part = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.BP), device=dev, dtype=torch.float32) if D is not None \
         else dA_part
-    _chunk_bwd[(pl.nchunks, pl.batch * pl.ngroups, splits)](
-        x, dtp, A, B, C, D if D is not None else dtp, segp_arg, acs, H, G, dy, dlast, dx, ddt, dA_part, dB, dC,
-        dD_part,
-        pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad,
-        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_SEG=has_seg, HAS_D=D is not None,
-        D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BP=pl.BP, BN=pl.BN,
-        PREC=pl.prec, num_warps=pl.bwd_warps, num_stages=pl.bwd_stages)
+    def launch(n_splits: int, do_dx: bool, do_dbc: bool) -> None:
+        _chunk_bwd[(pl.nchunks, pl.batch * pl.ngroups, n_splits)](
+            x, dtp, A, B, C, D if D is not None else dtp, segp_arg, acs, H, G, dy, dlast, dx, ddt, dA_part, dB, dC,
+            dD_part,
+            pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.hpg // n_splits, pl.P, pl.N, pl.nchunks, pl.Lpad,
+            *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_SEG=has_seg,
+            HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BP=pl.BP, BN=pl.BN,
+            PREC=pl.prec, DO_DX=do_dx, DO_DBC=do_dbc, num_warps=pl.bwd_warps, num_stages=pl.bwd_stages)
+
+    if pl.split_bwd:  # one program per head for dx/ddt/dA/dD, then dB/dC summed over the heads
+        launch(pl.hpg, True, False)
+        launch(splits, False, True)
+    else:
+        launch(splits, True, True)
     ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
     dD = None
     if D is not None:

@@ -155,3 +155,12 @@ def test_decode_step_kernel_matches_torch(D_kind):
         assert rel_err(y_tri, y_ref) <= 1e-6 and rel_err(s_tri, s_ref) <= 1e-6
     with pytest.raises(MambaKitError, match="dt_limit"):
         ssd_step(s_tri, x, dt, A, B, C, dt_limit=(0.0, 1.0), backend="triton")
+
+
+def test_split_backward_matches(monkeypatch):
+    # the backward as two launches (per-head gradients, then dB/dC over the heads) gives the same result
+    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    for split in (False, True):
+        monkeypatch.setattr(ssd_mod, "SPLIT_BACKWARD", split)
+        _compare(make_inputs(**CASES["everything"]))
+        _compare(make_inputs(**CASES["batch1-heads-per-group"]))

@@ -1,9 +1,7 @@
 """The Triton causal conv1d (+ SiLU) against the torch version, forward and gradients, on the CPU interpreter."""
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
 
@@ -16,16 +14,9 @@ import torch  # noqa: E402
 from mambakit.errors import MambaKitError  # noqa: E402
 from mambakit.ops.conv1d import causal_conv1d_fn  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
+from tests.ops.triton import interpreted_module  # noqa: E402
 
-
-def _interpreted_module(name: str):
-    mod = importlib.import_module(name)
-    if not getattr(mod, "_INTERPRETED", False):
-        mod = importlib.reload(sys.modules[name])
-    return mod
-
-
-conv_triton = _interpreted_module("mambakit.ops.triton.conv1d")
+conv_triton = interpreted_module("mambakit.ops.triton.conv1d")
 causal_conv1d_triton = conv_triton.causal_conv1d_triton
 
 

@@ -5,9 +5,7 @@ bit-identical gradients run after run, half-precision inputs, strides, dispatch 
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
 
@@ -21,17 +19,9 @@ from mambakit.errors import MambaKitError  # noqa: E402
 from mambakit.ops.selective_scan import selective_scan_fn, selective_scan_ref  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 from tests.ops.test_selective_scan import make_inputs  # noqa: E402
+from tests.ops.triton import interpreted_module  # noqa: E402
 
-
-def _interpreted_module(name: str):
-    """Import `name` with its kernels interpreted (reload it if an earlier import compiled them for a GPU)."""
-    mod = importlib.import_module(name)
-    if not getattr(mod, "_INTERPRETED", False):
-        mod = importlib.reload(sys.modules[name])
-    return mod
-
-
-ss_triton = _interpreted_module("mambakit.ops.triton.selective_scan")
+ss_triton = interpreted_module("mambakit.ops.triton.selective_scan")
 selective_scan_triton = ss_triton.selective_scan_triton
 
 SMALL = dict(chunk=8, fwd_block_t=4, bwd_block_t=2)  # several chunks and tiles even at seqlen <= 40

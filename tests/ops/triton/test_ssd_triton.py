@@ -6,7 +6,6 @@ bit-identical gradients run after run; dispatch and errors.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -22,19 +21,10 @@ from mambakit.errors import MambaKitError  # noqa: E402
 from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_recurrent  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 from tests.ops.test_ssd import CASES, FLOAT_KEYS, make_inputs, with_dtype  # noqa: E402
+from tests.ops.triton import interpreted_module  # noqa: E402
 
-
-
-def _interpreted_module(name: str):
-    """Import `name` with its kernels interpreted (reload it if an earlier import compiled them for a GPU)."""
-    mod = importlib.import_module(name)
-    if not getattr(mod, "_INTERPRETED", False):
-        mod = importlib.reload(sys.modules[name])
-    return mod
-
-
-_interpreted_module("mambakit.ops.triton.ssd")
-_interpreted_module("mambakit.ops.triton.state_update")
+interpreted_module("mambakit.ops.triton.ssd")
+interpreted_module("mambakit.ops.triton.state_update")
 
 
 def _grad_keys(kw):

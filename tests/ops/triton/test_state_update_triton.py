@@ -1,9 +1,7 @@
 """The Triton one-token decode step against the torch version (in-place state update), on the CPU interpreter."""
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
 
@@ -16,16 +14,9 @@ import torch  # noqa: E402
 from mambakit.errors import MambaKitError  # noqa: E402
 from mambakit.ops.selective_scan import selective_scan_ref, selective_state_update  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
+from tests.ops.triton import interpreted_module  # noqa: E402
 
-
-def _interpreted_module(name: str):
-    mod = importlib.import_module(name)
-    if not getattr(mod, "_INTERPRETED", False):
-        mod = importlib.reload(sys.modules[name])
-    return mod
-
-
-upd_triton = _interpreted_module("mambakit.ops.triton.state_update")
+upd_triton = interpreted_module("mambakit.ops.triton.state_update")
 selective_state_update_triton = upd_triton.selective_state_update_triton
 
 

@@ -31,32 +31,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-FAILS: list[str] = []
-LOG = None
+import benchmarks.gpu_check_selective_scan as report  # noqa: E402  (shared log / check / failure list)
+from benchmarks.gpu_check_selective_scan import FAILS, check, log, rel_err  # noqa: E402
+
 # official mamba_ssm 2.3.2 Triton SSD on an H100 (issue 6), bf16, 32 x 64, 65536 tokens: (fwd, fwd+bwd) ms
 OFFICIAL = {64: (1.05, 4.96), 128: (1.43, 6.30)}
-
-
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
-    if LOG is not None:
-        LOG.write(msg + "\n")
-        LOG.flush()
-
-
-def rel_err(out, ref) -> float:
-    out64, ref64 = out.detach().double(), ref.detach().double()
-    if not (torch.isfinite(out64).all() and torch.isfinite(ref64).all()):
-        return float("inf")
-    den = torch.linalg.norm(ref64)
-    return float(torch.linalg.norm(out64 - ref64) / den) if den > 0 else float(torch.linalg.norm(out64))
-
-
-def check(name: str, err: float, tol: float) -> None:
-    ok = err <= tol
-    if not ok:
-        FAILS.append(f"{name}: {err:.3e} > {tol:.0e}")
-    log(f"    {name:<30s} {err:10.3e}  (tol {tol:.0e}) {'ok' if ok else 'FAIL'}")
 
 
 def ssd_inputs(batch, seqlen, nheads, headdim, ngroups, d_state, dtype, seed=0, packed=False, init=True):
@@ -319,7 +298,6 @@ def kernel_breakdown(d_state: int, L: int = 2048, tokens: int = 65536) -> None:
 
 
 def main() -> None:
-    global LOG
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
@@ -328,7 +306,7 @@ def main() -> None:
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--log")
     a = p.parse_args()
-    LOG = open(a.log, "w") if a.log else None
+    report.LOG = open(a.log, "w") if a.log else None
     log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     first_call_latency()
     if not a.skip_check:

@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--skip-decode", action="store_true", help="only the training steps")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"| LM ({args.d_model}, {args.n_layer} layers) | batch x seqlen | step ms | tokens/s | first step s | peak GiB |")
@@ -93,6 +94,8 @@ def main() -> None:
         except Exception as exc:  # report and go on: one failure must not hide the other numbers
             print(f"| {arch} | failed: {type(exc).__name__}: {exc} |", flush=True)
         torch.cuda.empty_cache()
+    if args.skip_decode:
+        return
     print(f"\n| decode (Mamba-1, fp16, eager steps) | prefill {args.prompt} s | ms per step | tokens/s |")
     print("|---|---|---|---|")
     for batch in (1, 16, 64):

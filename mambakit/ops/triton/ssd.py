@@ -8,16 +8,20 @@ positions. With ``a`` the within-chunk inclusive cumsum of ``dt * A`` and ``X~ =
     y_t      = sum_{s<=t} (C_t . B_s) exp(a_t - a_s) X~_s      intra-chunk, (C B^T o L) X~ : two matmuls
              + exp(a_t) C_t H_c                                 inter-chunk read-out       : one matmul
 
+Chunks are long (``Q`` up to 256 positions, so that few states go through memory) and are worked on in blocks of
+``BQ`` positions (the (BQ x BQ) tiles of the intra-chunk sums are looped over, as in flash attention).
+
 Kernels (forward): ``_chunk_state_fwd`` (cumsum + S_c), ``_state_passing_fwd`` (H_c, final state),
-``_chunk_scan_fwd`` (y). Backward: ``_chunk_read_bwd`` (gradient of H_c from the read-out), ``_state_passing_bwd``
-(reverse pass over chunks), ``_chunk_bwd`` (dx, ddt, dB, dC, dA per chunk; one program per (chunk, batch, group)
-loops over the group's heads so that dB and dC are summed in registers: no atomics, bit-identical gradients run
-after run). The states that are kept (H_c at chunk starts) are O(batch * nheads * headdim * d_state * seqlen / Q).
+``_chunk_scan_fwd`` (y, one program per query block). Backward: ``_chunk_read_bwd`` (gradient of H_c from the
+read-out), ``_state_passing_bwd`` (reverse pass over chunks), ``_chunk_dx_bwd`` (dx per key block and head),
+``_chunk_dC_bwd`` / ``_chunk_dB_bwd`` (dC per query block, dB per key block, each summed over the group's heads in
+registers: no atomics, bit-identical gradients run after run), ``_dt_bwd`` (ddt and dA from the pieces of dL/da the
+others wrote). The states that are kept (H_c at chunk starts) are O(batch * nheads * headdim * d_state * seqlen / Q).
 
 ``seq_idx`` (packed sequences) is handled by masks: a decay that crosses a sequence boundary is zero.
 
 The kernels take the already processed dt (bias, softplus, clamp: done by the caller in PyTorch) in float32 and
-return y without the D skip and the z gate (also done by the caller, so autograd handles them).
+return y with the D skip, without the z gate (done by the caller, so autograd handles it).
 """
 from __future__ import annotations
 
@@ -32,55 +36,91 @@ from torch import Tensor
 # Triton decides at decoration time whether a kernel is compiled or interpreted: remember which one this module got.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-@triton.jit
-def _decay_masks(acs, seg, seg_prev, HAS_SEG: tl.constexpr, Q: tl.constexpr):
-    """acs, seg: (Q,). Returns (a_last, L (Q,Q), e (Q,), w (Q,), alpha) with masks applied.
 
-    L[t, s] = exp(a_t - a_s) for s <= t in the same sequence; e_t = exp(a_t) if t is still in the sequence that
-    entered the chunk; w_s = exp(a_last - a_s) if s is in the chunk's last sequence; alpha = exp(a_last) if the chunk
-    holds no boundary."""
-    idx = tl.arange(0, Q)
-    a_last = tl.sum(tl.where(idx == Q - 1, acs, 0.0), axis=0)
-    keep = idx[:, None] >= idx[None, :]
-    keep_e = idx >= 0
-    keep_w = idx >= 0
-    alpha = tl.exp(a_last)
+# ----------------------------------------------------------------------------------------------------------------------
+# Small helpers shared by the kernels. Positions are absolute (0..Lpad); a chunk is Q positions, a block BQ of them.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_positions(c, k, seqlen, Q: tl.constexpr, BQ: tl.constexpr):
+    """Positions of block k of chunk c (BQ,) and which of them are inside the sequence."""
+    pos = c * Q + k * BQ + tl.arange(0, BQ)
+    return pos, pos < seqlen
+
+
+@triton.jit
+def _load_seg(seg_ptr, b, pos, Lpad, HAS_SEG: tl.constexpr, BQ: tl.constexpr):
+    """Segment numbers at the positions pos (BQ,); zeros without packed sequences."""
     if HAS_SEG:
-        seg_last = tl.sum(tl.where(idx == Q - 1, seg, 0), axis=0)
-        keep = keep & (seg[:, None] == seg[None, :])
-        keep_e = seg == seg_prev
-        keep_w = seg == seg_last
-        alpha = tl.where(seg_last == seg_prev, alpha, 0.0)
-    L = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], float("-inf")))
-    e = tl.where(keep_e, tl.exp(acs), 0.0)
-    w = tl.where(keep_w, tl.exp(a_last - acs), 0.0)
-    return a_last, L, e, w, alpha
+        return tl.load(seg_ptr + b * Lpad + pos)
+    return tl.zeros((BQ,), dtype=tl.int32)
 
 
 @triton.jit
-def _head_coords(seqlen, nheads, heads_per_group, Q: tl.constexpr):
-    """Program ids (chunk, batch * nheads) -> chunk c, batch b, head h, group g, positions t (Q,), t < seqlen."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // nheads).to(tl.int64)
-    h = bh % nheads
-    g = h // heads_per_group
-    t = c * Q + tl.arange(0, Q)
-    return c, b, h, g, t, t < seqlen
-
-
-@triton.jit
-def _load_seg(seg_ptr, b, c, Lpad, Q: tl.constexpr, HAS_SEG: tl.constexpr):
-    """Segment ids of chunk c (Q,) and the segment entering it (that of the previous chunk's last position)."""
+def _chunk_segments(seg_ptr, b, c, Lpad, HAS_SEG: tl.constexpr, Q: tl.constexpr):
+    """(segment entering chunk c = that of the previous chunk's last position, segment at the chunk's end)."""
     if HAS_SEG:
         base = seg_ptr + b * Lpad
-        seg = tl.load(base + c * Q + tl.arange(0, Q))
-        seg_prev = tl.load(base + tl.maximum(c * Q - 1, 0))
-        seg_prev = tl.where(c == 0, 0, seg_prev)
+        seg_prev = tl.where(c == 0, 0, tl.load(base + tl.maximum(c * Q - 1, 0)))
+        seg_last = tl.load(base + c * Q + Q - 1)
     else:
-        seg = tl.zeros((Q,), dtype=tl.int32)
         seg_prev = 0
-    return seg, seg_prev
+        seg_last = 0
+    return seg_prev, seg_last
+
+
+@triton.jit
+def _decay_tile(acs_t, acs_s, seg_t, seg_s, t, s, HAS_SEG: tl.constexpr):
+    """L[t, s] = exp(a_t - a_s) for s <= t in the same sequence, else 0: (len(t), len(s)) float32."""
+    keep = t[:, None] >= s[None, :]
+    if HAS_SEG:
+        keep = keep & (seg_t[:, None] == seg_s[None, :])
+    return tl.exp(tl.where(keep, acs_t[:, None] - acs_s[None, :], float("-inf")))
+
+
+@triton.jit
+def _entry_decay(acs, seg, seg_prev, HAS_SEG: tl.constexpr):
+    """e_t = exp(a_t) where t still belongs to the sequence that entered the chunk, else 0."""
+    e = tl.exp(acs)
+    if HAS_SEG:
+        e = tl.where(seg == seg_prev, e, 0.0)
+    return e
+
+
+@triton.jit
+def _exit_decay(acs, a_last, seg, seg_last, HAS_SEG: tl.constexpr):
+    """w_s = exp(a_last - a_s) where s belongs to the chunk's last sequence, else 0."""
+    w = tl.exp(a_last - acs)
+    if HAS_SEG:
+        w = tl.where(seg == seg_last, w, 0.0)
+    return w
+
+
+@triton.jit
+def _block_program(seg_ptr, seqlen, nsplit, Lpad, HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr):
+    """Program ids (chunk * NB + block, batch * nsplit) -> chunk c, block k, batch b, head-or-group j, the block's
+    positions (BQ,), which are in the sequence, their segments, and the chunk's (entering, last) segments."""
+    NB: tl.constexpr = Q // BQ
+    c = tl.program_id(0) // NB
+    k = tl.program_id(0) % NB
+    b = (tl.program_id(1) // nsplit).to(tl.int64)
+    j = tl.program_id(1) % nsplit
+    pos, valid = _block_positions(c, k, seqlen, Q, BQ)
+    seg = _load_seg(seg_ptr, b, pos, Lpad, HAS_SEG, BQ)
+    seg_prev, seg_last = _chunk_segments(seg_ptr, b, c, Lpad, HAS_SEG, Q)
+    return c, k, b, j, pos, valid, seg, seg_prev, seg_last
+
+
+@triton.jit
+def _key_decay(acs_ptr, seg_ptr, row, b, c, k, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG: tl.constexpr, Q: tl.constexpr,
+               BQ: tl.constexpr):
+    """Key block k of chunk c seen from query positions t: its positions s (BQ,), which are in the sequence, and
+    the decay tile L[t, s] (len(t), BQ)."""
+    s, valid_s = _block_positions(c, k, seqlen, Q, BQ)
+    L = _decay_tile(acs_t, tl.load(acs_ptr + row + s), seg_t, _load_seg(seg_ptr, b, s, Lpad, HAS_SEG, BQ), t, s,
+                    HAS_SEG)
+    return s, valid_s, L
 
 
 @triton.jit
@@ -88,8 +128,7 @@ def _chunk_alpha(acs_ptr, seg_ptr, b, h, c, nheads, Lpad, HAS_SEG: tl.constexpr,
     """Decay over the whole chunk c, exp(a_last); 0 if a sequence boundary lies in it."""
     alpha = tl.exp(tl.load(acs_ptr + (b * nheads + h) * Lpad + c * Q + Q - 1))
     if HAS_SEG:
-        seg_last = tl.load(seg_ptr + b * Lpad + c * Q + Q - 1)
-        seg_prev = tl.where(c == 0, 0, tl.load(seg_ptr + b * Lpad + tl.maximum(c * Q - 1, 0)))
+        seg_prev, seg_last = _chunk_segments(seg_ptr, b, c, Lpad, HAS_SEG, Q)
         alpha = tl.where(seg_last == seg_prev, alpha, 0.0)
     return alpha
 
@@ -103,26 +142,55 @@ def _load_D(D_ptr, h, p, P, D_HDIM: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptr, b, pos, valid, j, cols, ncols, s_b, s_l, s_j, s_c):
+    """A (len(pos), len(cols)) tile of a (batch, seqlen, heads-or-groups, cols) tensor; zeros outside."""
+    return tl.load(ptr + b * s_b + pos[:, None] * s_l + j * s_j + cols[None, :] * s_c,
+                   mask=valid[:, None] & (cols < ncols)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_state(ptr, off, p, n, P, N):
+    """A (BP, BN) state tile H[p, n] from a (..., headdim, d_state) tensor at offset off."""
+    return tl.load(ptr + off + p[:, None] * N + n[None, :], mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
 def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, acs_ptr, S_ptr,
                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
-                     HAS_SEG: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                     HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                      PREC: tl.constexpr):
-    c, b, h, g, t, valid = _head_coords(seqlen, nheads, heads_per_group, Q)
+    """One program per (chunk, batch * head): the within-chunk cumsum a of dt * A (stored) and the chunk-local state
+    S = sum_s exp(a_last - a_s) B_s X~_s^T, accumulated block by block and rescaled to each block's end."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nheads).to(tl.int64)
+    h = bh % nheads
+    g = h // heads_per_group
+    row = (b * nheads + h) * Lpad
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
-    dt = tl.load(dt_ptr + (b * nheads + h) * Lpad + t)  # padded with zeros by the caller
     A = tl.load(A_ptr + h)
-    acs = tl.cumsum(dt * A, axis=0)
-    tl.store(acs_ptr + (b * nheads + h) * Lpad + t, acs)
-    seg, seg_prev = _load_seg(seg_ptr, b, c, Lpad, Q, HAS_SEG)
-    a_last, L, e, w, alpha = _decay_masks(acs, seg, seg_prev, HAS_SEG, Q)
-    x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-                mask=valid[:, None] & (p < P)[None, :], other=0.0)
-    Bm = tl.load(B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + n[None, :] * sB_n,
-                 mask=valid[:, None] & (n < N)[None, :], other=0.0)
-    xw = (x.to(tl.float32) * (w * dt)[:, None]).to(Bm.dtype)
-    S = tl.dot(tl.trans(Bm), xw, input_precision=PREC)  # (BN, BP)
+    seg_prev, seg_last = _chunk_segments(seg_ptr, b, c, Lpad, HAS_SEG, Q)
+    S = tl.zeros((BN, BP), dtype=tl.float32)
+    carry = A * 0.0  # a at the end of the previous block
+    for k in range(Q // BQ):
+        s, valid = _block_positions(c, k, seqlen, Q, BQ)
+        dt = tl.load(dt_ptr + row + s)  # padded with zeros by the caller
+        acs = carry + tl.cumsum(dt * A, axis=0)
+        tl.store(acs_ptr + row + s, acs)
+        a_end = tl.sum(tl.where(tl.arange(0, BQ) == BQ - 1, acs, 0.0), axis=0)
+        w = _exit_decay(acs, a_end, _load_seg(seg_ptr, b, s, Lpad, HAS_SEG, BQ), seg_last, HAS_SEG)
+        x = _load_rows(x_ptr, b, s, valid, h, p, P, sx_b, sx_l, sx_h, sx_p)
+        Bm = _load_rows(B_ptr, b, s, valid, g, n, N, sB_b, sB_l, sB_g, sB_n)
+        xw = (x.to(tl.float32) * (w * dt)[:, None]).to(Bm.dtype)
+        S = S * tl.exp(a_end - carry) + tl.dot(tl.trans(Bm), xw, input_precision=PREC)  # (BN, BP)
+        carry = a_end
     off = ((b * nchunks + c) * nheads + h) * P * N
     tl.store(S_ptr + off + p[None, :] * N + n[:, None], S, mask=(n < N)[:, None] & (p < P)[None, :])
 
@@ -131,6 +199,7 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, acs_ptr, S_ptr,
 def _state_passing_fwd(S_ptr, acs_ptr, seg_ptr, init_ptr, H_ptr, final_ptr,
                        nheads, PN, nchunks, Lpad,
                        HAS_INIT: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr):
+    """H_c (state entering chunk c) for every chunk, sequential over chunks, and the final state."""
     bh = tl.program_id(0)
     b = (bh // nheads).to(tl.int64)
     h = bh % nheads
@@ -154,50 +223,70 @@ def _chunk_scan_fwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr,
                     sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                     sy_b, sy_l, sy_h, sy_p,
                     HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
-                    BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    c, b, h, g, t, valid = _head_coords(seqlen, nheads, heads_per_group, Q)
+                    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """One program per (query block of a chunk, batch * head, headdim block): y_t for the block's positions t,
+    sum over the key blocks up to it of (C_t . B_s) L[t, s] X~_s, plus exp(a_t) C_t H_c, plus D x_t."""
+    c, i, b, h, t, valid_t, seg_t, seg_prev, seg_last = _block_program(seg_ptr, seqlen, nheads, Lpad, HAS_SEG, Q, BQ)
+    g = h // heads_per_group
+    row = (b * nheads + h) * Lpad
     p = tl.program_id(2) * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
-    dt = tl.load(dt_ptr + (b * nheads + h) * Lpad + t)
-    acs = tl.load(acs_ptr + (b * nheads + h) * Lpad + t)
-    seg, seg_prev = _load_seg(seg_ptr, b, c, Lpad, Q, HAS_SEG)
-    a_last, L, e, w, alpha = _decay_masks(acs, seg, seg_prev, HAS_SEG, Q)
-    mn = valid[:, None] & (n < N)[None, :]
-    Cm = tl.load(C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n, mask=mn, other=0.0)
-    Bm = tl.load(B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + n[None, :] * sB_n, mask=mn, other=0.0)
-    mp = valid[:, None] & (p < P)[None, :]
-    x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=mp, other=0.0)
-    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q)
-    M = (CB * L * dt[None, :]).to(x.dtype)
-    y = tl.dot(M, x, input_precision=PREC)
+    acs_t = tl.load(acs_ptr + row + t)
+    Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
+    y = tl.zeros((BQ, BP), dtype=tl.float32)
+    for k in range(0, i + 1):
+        s, valid_s, L = _key_decay(acs_ptr, seg_ptr, row, b, c, k, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG, Q, BQ)
+        dt_s = tl.load(dt_ptr + row + s)
+        Bm = _load_rows(B_ptr, b, s, valid_s, g, n, N, sB_b, sB_l, sB_g, sB_n)
+        x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
+        CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (BQ, BQ)
+        y += tl.dot((CB * L * dt_s[None, :]).to(x_s.dtype), x_s, input_precision=PREC)
     off = ((b * nchunks + c) * nheads + h) * P * N
     H = tl.load(H_ptr + off + p[None, :] * N + n[:, None], mask=(n < N)[:, None] & (p < P)[None, :], other=0.0)
+    e = _entry_decay(acs_t, seg_t, seg_prev, HAS_SEG)
     y += e[:, None] * tl.dot(Cm, H.to(Cm.dtype), input_precision=PREC)
+    mp = valid_t[:, None] & (p < P)[None, :]
     if HAS_D:
-        y += x.to(tl.float32) * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
+        x_t = _load_rows(x_ptr, b, t, valid_t, h, p, P, sx_b, sx_l, sx_h, sx_p)
+        y += x_t.to(tl.float32) * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
     tl.store(y_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty),
              mask=mp)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward. With X~ = dt x, T[t, s] = (dy_t . X~_s) L[t, s] (C_t . B_s) and a the within-chunk cumsum of dt A:
+#   dL/da_t = e_t dy_t . (C_t H_c)                       the read-out             (from the dC kernel)
+#           + rowsum_t(T) - colsum_t(T) - u_t            u_s = X~_s . (state part of dX~_s)   (from the dx kernel)
+#           + [t = chunk end] (sum_s u_s + alpha-part)
+# and the gradient of dt_t A is the reverse cumsum of dL/da within the chunk (`_dt_bwd`). T is formed in float32
+# from float32 tiles: rounding (C B^T o L) or (dy X~^T o L) to 16 bits first would cost dA its precision.
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _chunk_read_bwd(dy_ptr, C_ptr, seg_ptr, acs_ptr, dHl_ptr,
                     seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
                     sdy_b, sdy_l, sdy_h, sdy_p, sC_b, sC_l, sC_g, sC_n,
-                    HAS_SEG: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     PREC: tl.constexpr):
     """Gradient of the state entering chunk c from that chunk's read-out: sum_t e_t C_t^T dy_t  (N, P)."""
-    c, b, h, g, t, valid = _head_coords(seqlen, nheads, heads_per_group, Q)
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nheads).to(tl.int64)
+    h = bh % nheads
+    g = h // heads_per_group
+    row = (b * nheads + h) * Lpad
     p = tl.program_id(2) * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
-    acs = tl.load(acs_ptr + (b * nheads + h) * Lpad + t)
-    seg, seg_prev = _load_seg(seg_ptr, b, c, Lpad, Q, HAS_SEG)
-    a_last, L, e, w, alpha = _decay_masks(acs, seg, seg_prev, HAS_SEG, Q)
-    Cm = tl.load(C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n,
-                 mask=valid[:, None] & (n < N)[None, :], other=0.0)
-    dy = tl.load(dy_ptr + b * sdy_b + t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
-                 mask=valid[:, None] & (p < P)[None, :], other=0.0)
-    Ce = (Cm.to(tl.float32) * e[:, None]).to(dy.dtype)
-    dH = tl.dot(tl.trans(Ce), dy, input_precision=PREC)  # (BN, BP)
+    seg_prev, seg_last = _chunk_segments(seg_ptr, b, c, Lpad, HAS_SEG, Q)
+    dH = tl.zeros((BN, BP), dtype=tl.float32)
+    for k in range(Q // BQ):
+        t, valid = _block_positions(c, k, seqlen, Q, BQ)
+        e = _entry_decay(tl.load(acs_ptr + row + t), _load_seg(seg_ptr, b, t, Lpad, HAS_SEG, BQ), seg_prev, HAS_SEG)
+        Cm = _load_rows(C_ptr, b, t, valid, g, n, N, sC_b, sC_l, sC_g, sC_n)
+        dy = _load_rows(dy_ptr, b, t, valid, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p)
+        Ce = (Cm.to(tl.float32) * e[:, None]).to(dy.dtype)
+        dH += tl.dot(tl.trans(Ce), dy, input_precision=PREC)  # (BN, BP)
     off = ((b * nchunks + c) * nheads + h) * P * N
     tl.store(dHl_ptr + off + p[None, :] * N + n[:, None], dH, mask=(n < N)[:, None] & (p < P)[None, :])
 
@@ -230,85 +319,219 @@ def _state_passing_bwd(dHl_ptr, H_ptr, acs_ptr, seg_ptr, dfinal_ptr, G_ptr, dini
 
 
 @triton.jit
-def _chunk_bwd(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, dy_ptr, dlast_ptr,
-               dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
-               seqlen, nheads, ngroups, heads_per_group, heads_per_split, P, N, nchunks, Lpad,
-               sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
-               sdy_b, sdy_l, sdy_h, sdy_p, sdx_b, sdx_l, sdx_h, sdx_p,
-               HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
-               BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DO_DX: tl.constexpr, DO_DBC: tl.constexpr):
-    """One program per (chunk, batch * group[, head split]): loops over the (split's) heads of the group.
-    DO_DX: the per-head gradients (dx, ddt, dA, dD); DO_DBC: dB and dC summed over the heads (both, or one each
-    in two launches: see `_Plan.split_bwd`).
-
-    Writes dx (x's shape, float32), ddt (batch, nheads, Lpad) float32, the per-chunk part of dA
-    (batch, nheads, nchunks), dB and dC ((batch, seqlen, ngroups, d_state) float32), and with D the per-chunk
-    sums of dy * x (batch, nchunks, nheads, BP)."""
-    c = tl.program_id(0)
-    bg = tl.program_id(1)
-    split = tl.program_id(2).to(tl.int64)
-    b = (bg // ngroups).to(tl.int64)
-    g = bg % ngroups
-    idx = tl.arange(0, Q)
-    t = c * Q + idx
-    valid = t < seqlen
+def _chunk_dx_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, G_ptr, dy_ptr,
+                  dx_ptr, q_ptr, dacol_ptr, rowpart_ptr, usum_ptr, dD_ptr,
+                  seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
+                  sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                  sdy_b, sdy_l, sdy_h, sdy_p, sdx_b, sdx_l, sdx_h, sdx_p,
+                  HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
+                  BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """One program per (key block of a chunk, batch * head): dX~_s = sum over the query blocks from it to the chunk
+    end of (C_t . B_s) L[t, s] dy_t, plus w_s G_c B_s (the state it feeds). Writes dx (float32), q_s = x_s . dX~_s,
+    colsum_s(T) + u_s, the rowsums of T over this block's columns for each later query block (summed by `_dt_bwd`),
+    the block's sum of u_s, and with D the block's sums of dy * x."""
+    NB: tl.constexpr = Q // BQ
+    c, k, b, h, s, valid_s, seg_s, seg_prev, seg_last = _block_program(seg_ptr, seqlen, nheads, Lpad, HAS_SEG, Q, BQ)
+    g = h // heads_per_group
+    row = (b * nheads + h) * Lpad
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
-    mn = valid[:, None] & (n < N)[None, :]
-    mp = valid[:, None] & (p < P)[None, :]
-    mpn = (p < P)[:, None] & (n < N)[None, :]
-    Cm = tl.load(C_ptr + b * sC_b + t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n, mask=mn, other=0.0)
-    Bm = tl.load(B_ptr + b * sB_b + t[:, None] * sB_l + g * sB_g + n[None, :] * sB_n, mask=mn, other=0.0)
-    if DO_DX:
-        CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): CB[t, s] = C_t . B_s
-    dB = tl.zeros((Q, BN), dtype=tl.float32)
-    dC = tl.zeros((Q, BN), dtype=tl.float32)
-    seg, seg_prev = _load_seg(seg_ptr, b, c, Lpad, Q, HAS_SEG)
-    for j in range(heads_per_split):
-        h = g * heads_per_group + split * heads_per_split + j
+    dt_s = tl.load(dt_ptr + row + s)
+    acs_s = tl.load(acs_ptr + row + s)
+    Bm = _load_rows(B_ptr, b, s, valid_s, g, n, N, sB_b, sB_l, sB_g, sB_n)
+    x_in = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
+    x = x_in.to(tl.float32)
+    # dt is applied to the float32 products, not to 16-bit copies of x: X~ rounded to 16 bits costs dA precision
+    dxt = tl.zeros((BQ, BP), dtype=tl.float32)
+    colsum = tl.zeros((BQ,), dtype=tl.float32)
+    rowpart = rowpart_ptr + ((b * nheads + h) * nchunks + c) * NB * Q + k * Q
+    for i in range(k, NB):
+        t, valid_t = _block_positions(c, i, seqlen, Q, BQ)
+        L = _decay_tile(tl.load(acs_ptr + row + t), acs_s, _load_seg(seg_ptr, b, t, Lpad, HAS_SEG, BQ), seg_s,
+                        t, s, HAS_SEG)
+        Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
+        dy_t = _load_rows(dy_ptr, b, t, valid_t, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p)
+        CBL = tl.dot(Cm, tl.trans(Bm), input_precision=PREC) * L  # (BQ_t, BQ_s)
+        dxt += tl.dot(tl.trans(CBL.to(dy_t.dtype)), dy_t, input_precision=PREC)
+        T = tl.dot(dy_t, tl.trans(x_in), input_precision=PREC) * (CBL * dt_s[None, :])
+        colsum += tl.sum(T, axis=0)
+        tl.store(rowpart + i * BQ + tl.arange(0, BQ), tl.sum(T, axis=1))
+    w = _exit_decay(acs_s, tl.load(acs_ptr + row + c * Q + Q - 1), seg_s, seg_last, HAS_SEG)
+    off = ((b * nchunks + c) * nheads + h) * P * N
+    Gc = _load_state(G_ptr, off, p, n, P, N).to(Bm.dtype)  # (BP, BN)
+    dxt_state = w[:, None] * tl.dot(Bm, tl.trans(Gc), input_precision=PREC)  # (BQ, BP)
+    u = tl.sum(dxt_state * x, axis=1) * dt_s
+    tl.store(dacol_ptr + row + s, colsum + u)
+    tl.store(usum_ptr + (b * nheads + h) * nchunks * NB + c * NB + k, tl.sum(u, axis=0))
+    dxt += dxt_state
+    tl.store(q_ptr + row + s, tl.sum(dxt * x, axis=1))
+    dx = dxt * dt_s[:, None]
+    if HAS_D:
+        dy_s = _load_rows(dy_ptr, b, s, valid_s, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p).to(tl.float32)
+        dx += dy_s * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
+        tl.store(dD_ptr + ((b * nchunks * NB + c * NB + k) * nheads + h) * BP + p, tl.sum(dy_s * x, axis=0))
+    tl.store(dx_ptr + b * sdx_b + s[:, None] * sdx_l + h * sdx_h + p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty),
+             mask=valid_s[:, None] & (p < P)[None, :])
+
+
+@triton.jit
+def _chunk_dC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, dy_ptr, dC_ptr, row_ptr,
+                  seqlen, nheads, ngroups, heads_per_group, P, N, nchunks, Lpad,
+                  sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                  sdy_b, sdy_l, sdy_h, sdy_p,
+                  HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                  PREC: tl.constexpr):
+    """One program per (query block of a chunk, batch * group): dC_t summed over the group's heads in registers
+    (no atomics: bit-identical run after run) of sum_{s<=t} (dy_t . X~_s) L[t, s] B_s + e_t dy_t H_c.
+    Also writes the read-out's part of dL/da_t, e_t dy_t . (C_t H_c), per head."""
+    c, i, b, g, t, valid_t, seg_t, seg_prev, seg_last = _block_program(seg_ptr, seqlen, ngroups, Lpad, HAS_SEG, Q, BQ)
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
+    dC = tl.zeros((BQ, BN), dtype=tl.float32)
+    for j in range(heads_per_group):
+        h = g * heads_per_group + j
         row = (b * nheads + h) * Lpad
-        dt = tl.load(dt_ptr + row + t)
-        acs = tl.load(acs_ptr + row + t)
-        A = tl.load(A_ptr + h)
-        a_last, L, e, w, alpha = _decay_masks(acs, seg, seg_prev, HAS_SEG, Q)
-        x = tl.load(x_ptr + b * sx_b + t[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=mp, other=0.0)
-        dy = tl.load(dy_ptr + b * sdy_b + t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p, mask=mp, other=0.0)
-        xt = (x.to(tl.float32) * dt[:, None]).to(x.dtype)  # X~ = dt * x
+        acs_t = tl.load(acs_ptr + row + t)
+        dy_t = _load_rows(dy_ptr, b, t, valid_t, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p)
         off = ((b * nchunks + c) * nheads + h) * P * N
-        Hc = tl.load(H_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0).to(Cm.dtype)  # (BP, BN)
-        Gc = tl.load(G_ptr + off + p[:, None] * N + n[None, :], mask=mpn, other=0.0).to(Cm.dtype)  # (BP, BN)
-        Gxy = tl.dot(dy, tl.trans(xt), input_precision=PREC)  # (Q, Q): dy_t . X~_s
-        GL = Gxy * L
-        dC_in = e[:, None] * tl.dot(dy, Hc, input_precision=PREC)  # (Q, BN): from the read-out y_t += e_t C_t H
-        dB_st = w[:, None] * tl.dot(xt, Gc, input_precision=PREC)  # (Q, BN): from S = sum_s w_s B_s X~_s^T
-        if DO_DBC:
-            dC += tl.dot(GL.to(Bm.dtype), Bm, input_precision=PREC) + dC_in
-            dB += tl.dot(tl.trans(GL).to(Cm.dtype), Cm, input_precision=PREC) + dB_st
-        if DO_DX:
-            CBL = (CB * L).to(dy.dtype)
-            dxt = tl.dot(tl.trans(CBL), dy, input_precision=PREC)  # (Q, BP)
-            dxt += w[:, None] * tl.dot(Bm, tl.trans(Gc), input_precision=PREC)
-            T = GL * CB
-            da = tl.sum(T, axis=1) - tl.sum(T, axis=0)
-            da += tl.sum(dC_in * Cm.to(tl.float32), axis=1)
-            u = tl.sum(dB_st * Bm.to(tl.float32), axis=1)  # (Q,)
-            d_last = tl.sum(u, axis=0) + tl.load(dlast_ptr + (b * nheads + h) * nchunks + c)
-            da = da - u + tl.where(idx == Q - 1, d_last, 0.0)
-            rc = tl.cumsum(da, axis=0, reverse=True)  # gradient of dt_t * A
-            xf = x.to(tl.float32)
-            ddt = rc * A + tl.sum(dxt * xf, axis=1)
-            tl.store(ddt_ptr + row + t, ddt)
-            tl.store(dA_ptr + (b * nheads + h) * nchunks + c, tl.sum(rc * dt, axis=0))
-            dx = dxt * dt[:, None]
-            if HAS_D:
-                dyf = dy.to(tl.float32)
-                dx += dyf * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
-                tl.store(dD_ptr + ((b * nchunks + c) * nheads + h) * BP + p, tl.sum(dyf * xf, axis=0))
-            tl.store(dx_ptr + b * sdx_b + t[:, None] * sdx_l + h * sdx_h + p[None, :] * sdx_p, dx, mask=mp)
-    if DO_DBC:
-        part = split * tl.num_programs(1) // ngroups * Lpad * ngroups * N  # this split's (batch, Lpad, ngroups, N)
-        tl.store(dB_ptr + part + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dB, mask=mn)
-        tl.store(dC_ptr + part + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dC, mask=mn)
+        Hc = _load_state(H_ptr, off, p, n, P, N).to(Cm.dtype)  # (BP, BN)
+        acc = _entry_decay(acs_t, seg_t, seg_prev, HAS_SEG)[:, None] * tl.dot(dy_t, Hc, input_precision=PREC)
+        tl.store(row_ptr + row + t, tl.sum(acc * Cm.to(tl.float32), axis=1))
+        for k in range(0, i + 1):
+            s, valid_s, L = _key_decay(acs_ptr, seg_ptr, row, b, c, k, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG, Q, BQ)
+            dt_s = tl.load(dt_ptr + row + s)
+            x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
+            Bm = _load_rows(B_ptr, b, s, valid_s, g, n, N, sB_b, sB_l, sB_g, sB_n)
+            GL = tl.dot(dy_t, tl.trans(x_s), input_precision=PREC) * (L * dt_s[None, :])  # (BQ_t, BQ_s)
+            acc += tl.dot(GL.to(Bm.dtype), Bm, input_precision=PREC)
+        dC += acc
+    tl.store(dC_ptr + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dC,
+             mask=valid_t[:, None] & (n < N)[None, :])
+
+
+@triton.jit
+def _chunk_dB_bwd(x_ptr, dt_ptr, C_ptr, seg_ptr, acs_ptr, G_ptr, dy_ptr, dB_ptr,
+                  seqlen, nheads, ngroups, heads_per_group, P, N, nchunks, Lpad,
+                  sx_b, sx_l, sx_h, sx_p, sC_b, sC_l, sC_g, sC_n, sdy_b, sdy_l, sdy_h, sdy_p,
+                  HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                  PREC: tl.constexpr):
+    """One program per (key block of a chunk, batch * group): dB_s summed over the group's heads of
+    sum_{t>=s} (dy_t . X~_s) L[t, s] C_t + w_s X~_s G_c."""
+    NB: tl.constexpr = Q // BQ
+    c, k, b, g, s, valid_s, seg_s, seg_prev, seg_last = _block_program(seg_ptr, seqlen, ngroups, Lpad, HAS_SEG, Q, BQ)
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    dB = tl.zeros((BQ, BN), dtype=tl.float32)
+    for j in range(heads_per_group):
+        h = g * heads_per_group + j
+        row = (b * nheads + h) * Lpad
+        acs_s = tl.load(acs_ptr + row + s)
+        dt_s = tl.load(dt_ptr + row + s)
+        x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
+        off = ((b * nchunks + c) * nheads + h) * P * N
+        Gc = _load_state(G_ptr, off, p, n, P, N).to(x_s.dtype)  # (BP, BN)
+        w = _exit_decay(acs_s, tl.load(acs_ptr + row + c * Q + Q - 1), seg_s, seg_last, HAS_SEG)
+        acc = (w * dt_s)[:, None] * tl.dot(x_s, Gc, input_precision=PREC)
+        for i in range(k, NB):
+            t, valid_t = _block_positions(c, i, seqlen, Q, BQ)
+            L = _decay_tile(tl.load(acs_ptr + row + t), acs_s, _load_seg(seg_ptr, b, t, Lpad, HAS_SEG, BQ), seg_s,
+                            t, s, HAS_SEG)
+            dy_t = _load_rows(dy_ptr, b, t, valid_t, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p)
+            Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
+            GL = tl.dot(dy_t, tl.trans(x_s), input_precision=PREC) * (L * dt_s[None, :])  # (BQ_t, BQ_s)
+            acc += tl.dot(tl.trans(GL).to(Cm.dtype), Cm, input_precision=PREC)
+        dB += acc
+    tl.store(dB_ptr + ((b * Lpad + s[:, None]) * ngroups + g) * N + n[None, :], dB,
+             mask=valid_s[:, None] & (n < N)[None, :])
+
+
+@triton.jit
+def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, dy_ptr, dC_ptr, dBp_ptr, row_ptr,
+                   seqlen, nheads, ngroups, heads_per_group, P, N, nchunks, Lpad,
+                   sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                   sdy_b, sdy_l, sdy_h, sdy_p,
+                   HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                   PREC: tl.constexpr):
+    """One program per (query block i of a chunk, batch * group). For each key block k <= i the gradient of C B^T,
+    dCB[t, s] = sum over the group's heads of (dy_t . X~_s) L[t, s], is summed in registers (no atomics:
+    bit-identical run after run); then dC_i += dCB B_k and dCB^T C_i is block k's part of dB from this query block
+    (written to slot i of dBp; slot NB gets the state term below; the caller sums the slots). Also the per-head
+    chunk-boundary terms:
+    dC_t += e_t dy_t H_c, dB_s += w_s X~_s G_c (block i), and the read-out's part of dL/da_t, e_t dy_t . (C_t H_c)."""
+    NB: tl.constexpr = Q // BQ
+    c, i, b, g, t, valid_t, seg_t, seg_prev, seg_last = _block_program(seg_ptr, seqlen, ngroups, Lpad, HAS_SEG, Q, BQ)
+    p = tl.arange(0, BP)
+    n = tl.arange(0, BN)
+    mn_t = valid_t[:, None] & (n < N)[None, :]
+    Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
+    dC = tl.zeros((BQ, BN), dtype=tl.float32)
+    dB = tl.zeros((BQ, BN), dtype=tl.float32)
+    for j in range(heads_per_group):
+        h = g * heads_per_group + j
+        row = (b * nheads + h) * Lpad
+        acs_t = tl.load(acs_ptr + row + t)
+        dt_t = tl.load(dt_ptr + row + t)
+        dy_t = _load_rows(dy_ptr, b, t, valid_t, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p)
+        x_t = _load_rows(x_ptr, b, t, valid_t, h, p, P, sx_b, sx_l, sx_h, sx_p)
+        off = ((b * nchunks + c) * nheads + h) * P * N
+        Hc = _load_state(H_ptr, off, p, n, P, N).to(Cm.dtype)  # (BP, BN)
+        Gc = _load_state(G_ptr, off, p, n, P, N).to(x_t.dtype)  # (BP, BN)
+        read = _entry_decay(acs_t, seg_t, seg_prev, HAS_SEG)[:, None] * tl.dot(dy_t, Hc, input_precision=PREC)
+        tl.store(row_ptr + row + t, tl.sum(read * Cm.to(tl.float32), axis=1))
+        dC += read
+        w = _exit_decay(acs_t, tl.load(acs_ptr + row + c * Q + Q - 1), seg_t, seg_last, HAS_SEG)
+        dB += (w * dt_t)[:, None] * tl.dot(x_t, Gc, input_precision=PREC)
+    for k in range(0, i + 1):
+        s, valid_s = _block_positions(c, k, seqlen, Q, BQ)
+        seg_s = _load_seg(seg_ptr, b, s, Lpad, HAS_SEG, BQ)
+        dCB = tl.zeros((BQ, BQ), dtype=tl.float32)
+        for j in range(heads_per_group):
+            h = g * heads_per_group + j
+            row = (b * nheads + h) * Lpad
+            dt_s = tl.load(dt_ptr + row + s)
+            x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
+            dy_t = _load_rows(dy_ptr, b, t, valid_t, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p)
+            L = _decay_tile(tl.load(acs_ptr + row + t), tl.load(acs_ptr + row + s), seg_t, seg_s, t, s, HAS_SEG)
+            dCB += tl.dot(dy_t, tl.trans(x_s), input_precision=PREC) * (L * dt_s[None, :])
+        Bm = _load_rows(B_ptr, b, s, valid_s, g, n, N, sB_b, sB_l, sB_g, sB_n)
+        dC += tl.dot(dCB.to(Bm.dtype), Bm, input_precision=PREC)
+        part = tl.dot(tl.trans(dCB).to(Cm.dtype), Cm, input_precision=PREC)  # (BQ_s, BN)
+        tl.store(dBp_ptr + (((b * Lpad + s[:, None]) * (NB + 1) + i) * ngroups + g) * N + n[None, :], part,
+                 mask=valid_s[:, None] & (n < N)[None, :])
+    tl.store(dC_ptr + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dC, mask=mn_t)
+    tl.store(dBp_ptr + (((b * Lpad + t[:, None]) * (NB + 1) + NB) * ngroups + g) * N + n[None, :], dB, mask=mn_t)
+
+
+@triton.jit
+def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dlast_ptr, ddt_ptr, dA_ptr,
+            nheads, nchunks, Lpad, Q: tl.constexpr, BQ: tl.constexpr):
+    """One program per (chunk, batch * head): dL/da_t (see above; the chunk-end terms enter at the last
+    position), its reverse cumsum r within the chunk (the gradient of dt_t * A), ddt_t = r_t A + q_t and the chunk's
+    part of dA = sum_t r_t dt_t."""
+    NB: tl.constexpr = Q // BQ
+    c = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % nheads
+    row = bh * Lpad
+    A = tl.load(A_ptr + h)
+    carry = tl.load(dlast_ptr + bh * nchunks + c)
+    for k in range(NB):
+        carry += tl.load(usum_ptr + (bh * nchunks + c) * NB + k)
+    dA = A * 0.0
+    for kk in range(NB):
+        i = NB - 1 - kk
+        pos = c * Q + i * BQ + tl.arange(0, BQ)
+        dt = tl.load(dt_ptr + row + pos)
+        q = tl.load(q_ptr + row + pos)
+        da = tl.load(row_ptr + row + pos) - tl.load(dacol_ptr + row + pos)
+        for k in range(0, i + 1):  # rowsums of T over the key blocks up to this one
+            da += tl.load(rowpart_ptr + ((bh * nchunks + c) * NB + k) * Q + i * BQ + tl.arange(0, BQ))
+        r = carry + tl.cumsum(da, axis=0, reverse=True)
+        carry += tl.sum(da, axis=0)
+        tl.store(ddt_ptr + row + pos, r * A + q)
+        dA += tl.sum(r * dt, axis=0)
+    tl.store(dA_ptr + bh * nchunks + c, dA)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -320,15 +543,33 @@ def _pow2(v: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(v))
 
 
-def _chunk_len(d_state: int, headdim: int, chunk_size: int, itemsize: int) -> int:
-    """Positions per chunk: a power of two in [16, chunk_size] small enough for the (Q x Q) and (Q x d_state) tiles
-    to fit in registers and shared memory (the result does not depend on it: chunking only reorders the sums).
-    float32 tiles take twice the room of 16-bit ones."""
+#: Upper bounds on the chunk (positions whose states are not stored: larger chunks move fewer states through memory
+#: but do more intra-chunk work) and on the block (positions per tile). None: the defaults chosen in `_Plan`.
+MAX_CHUNK: int = 128
+MAX_BLOCK: Optional[int] = None
+
+
+def _block_len(d_state: int, headdim: int, chunk_size: int, itemsize: int) -> int:
+    """Positions per tile: a power of two in [16, chunk_size] small enough for the (BQ x BQ) and (BQ x d_state)
+    tiles to fit in registers and shared memory. float32 tiles take twice the room of 16-bit ones."""
     cap = 64 if max(d_state, headdim) <= 128 else 32
     if itemsize > 2:
         cap //= 2
+    if MAX_BLOCK is not None:
+        cap = min(cap, MAX_BLOCK)
     q = 16
     while q * 2 <= min(cap, chunk_size):
+        q *= 2
+    return q
+
+
+def _chunk_len(block: int, chunk_size: int, itemsize: int) -> int:
+    """Positions per chunk: the largest power of two <= min(chunk_size, MAX_CHUNK), a multiple of the block (the
+    result does not depend on it: chunking only reorders the sums). float32 inputs keep chunks of <= 64: the
+    reverse cumsum of dL/da over a long chunk cancels large terms and dA would lose float32 precision."""
+    cap = min(chunk_size, MAX_CHUNK, 64 if itemsize > 2 else MAX_CHUNK)
+    q = block
+    while q * 2 <= cap:
         q *= 2
     return q
 
@@ -352,9 +593,10 @@ def _padded_segments(seg: Optional[Tensor], Lpad: int) -> Optional[Tensor]:
     return out.contiguous()
 
 
-#: Run the backward's per-head gradients and its dB/dC sums as two launches of `_chunk_bwd` (fewer live registers
-#: in each) instead of one.
-SPLIT_BACKWARD = True
+#: dB and dC from one kernel that sums the gradient of C B^T over the heads (`_chunk_dBC_bwd`) instead of two
+#: that each recompute the per-head products (`_chunk_dC_bwd`, `_chunk_dB_bwd`). None: by d_state (H100 sweep,
+#: benchmarks/sweep_ssd.py: one kernel is 10 % faster at d_state 64, two are 12 % faster at 128).
+MERGED_DBC: Optional[bool] = None
 
 
 class _Plan:
@@ -364,7 +606,9 @@ class _Plan:
         self.batch, self.seqlen, self.nheads, self.P = x.shape
         self.ngroups, self.N = B.shape[2], B.shape[3]
         self.hpg = self.nheads // self.ngroups
-        self.Q = _chunk_len(self.N, self.P, chunk_size, x.element_size())
+        self.BQ = _block_len(self.N, self.P, chunk_size, x.element_size())
+        self.Q = _chunk_len(self.BQ, chunk_size, x.element_size())
+        self.NB = self.Q // self.BQ
         self.nchunks = -(-self.seqlen // self.Q)
         self.Lpad = self.nchunks * self.Q
         self.BP, self.BN = _pow2(self.P), _pow2(self.N)
@@ -372,20 +616,10 @@ class _Plan:
         self.PN = self.P * self.N
         self.BLOCK = min(1024, triton.next_power_of_2(self.PN))
         self.nblocks = triton.cdiv(self.PN, self.BLOCK)
-        # H100 sweep (benchmarks/sweep_ssd_bwd.py): two launches; 4 warps at d_state 64, 8 at 128; 2 stages
-        self.bwd_stages = 2 if x.element_size() == 2 else 1
-        self.bwd_warps = 4 if self.BP * self.BN <= 4096 else 8
-        self.split_bwd = SPLIT_BACKWARD
-
-    def head_splits(self, target_programs: int = 256) -> int:
-        """The backward sums dB and dC over a group's heads in registers; with few (chunk, batch, group) programs
-        the heads are split over this many programs (a power of two dividing heads_per_group), whose partial sums
-        are then added in a fixed order."""
-        splits = 1
-        while (self.hpg % (splits * 2) == 0
-               and self.nchunks * self.batch * self.ngroups * splits < target_programs):
-            splits *= 2
-        return splits
+        # H100 sweep (benchmarks/sweep_ssd.py): 4 warps at d_state 64 and 128 (8 is 1.5-2x slower), 2 stages
+        self.stages = 2 if x.element_size() == 2 else 1
+        self.warps = 4
+        self.merged_dbc = self.BN <= 64 if MERGED_DBC is None else MERGED_DBC
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -403,10 +637,10 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     segp_arg = segp if has_seg else dtp
     acs = torch.empty_like(dtp)
     S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
-    grid = (pl.nchunks, pl.batch * pl.nheads)
-    _chunk_state_fwd[grid](x, dtp, A, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
-                           pl.Lpad, *x.stride(), *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BP=pl.BP, BN=pl.BN,
-                           PREC=pl.prec, num_warps=4)
+    _chunk_state_fwd[(pl.nchunks, pl.batch * pl.nheads)](
+        x, dtp, A, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad, *x.stride(),
+        *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BP=pl.BP, BN=pl.BN, PREC=pl.prec, num_warps=pl.warps,
+        num_stages=pl.stages)
     H = torch.empty_like(S, dtype=x.dtype if x.element_size() == 2 else torch.float32)
     final = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
     init = initial_states.float().contiguous() if initial_states is not None else final
@@ -416,11 +650,11 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     del S
     y = torch.empty_like(x)
     BPy = min(pl.BP, 64)
-    _chunk_scan_fwd[(pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy))](
-        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
-        *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=has_seg, HAS_D=D is not None,
-        D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BP=BPy, BN=pl.BN,
-        PREC=pl.prec, num_warps=4)
+    _chunk_scan_fwd[(pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy))](
+        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
+        pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=has_seg,
+        HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BQ=pl.BQ, BP=BPy, BN=pl.BN,
+        PREC=pl.prec, num_warps=pl.warps, num_stages=pl.stages)
     return y, final, (dtp, segp, acs, H)
 
 
@@ -434,11 +668,13 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     has_seg = segp is not None
     segp_arg = segp if has_seg else dtp
     dy = dy.to(x.dtype)
+    common = dict(HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BN=pl.BN, PREC=pl.prec, num_warps=pl.warps,
+                  num_stages=pl.stages)
     dHl = torch.empty_like(H, dtype=torch.float32)
     BPy = min(pl.BP, 64)
     _chunk_read_bwd[(pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy))](
         dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
-        *dy.stride(), *C.stride(), HAS_SEG=has_seg, Q=pl.Q, BP=BPy, BN=pl.BN, PREC=pl.prec, num_warps=4)
+        *dy.stride(), *C.stride(), BP=BPy, **common)
     G = torch.empty_like(H, dtype=torch.float32)
     dinit = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
     dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
@@ -448,34 +684,47 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
         HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
     del dHl
     dlast = dlast.sum(-1) if pl.nblocks > 1 else dlast[..., 0].contiguous()
-    dx = torch.empty(x.shape, device=dev, dtype=torch.float32)
+
+    dx = torch.empty(x.shape, device=dev, dtype=x.dtype)  # accumulated in float32, rounded once on the way out
+    q = torch.empty_like(dtp)
+    dacol = torch.empty_like(dtp)
+    rowpart = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.NB, pl.Q), device=dev, dtype=torch.float32)
+    usum = torch.empty((pl.batch, pl.nheads, pl.nchunks * pl.NB), device=dev, dtype=torch.float32)
+    dD_part = torch.empty((pl.batch, pl.nchunks * pl.NB, pl.nheads, pl.BP), device=dev, dtype=torch.float32) \
+        if D is not None else usum
+    _chunk_dx_bwd[(pl.nchunks * pl.NB, pl.batch * pl.nheads)](
+        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, G, dy, dx, q, dacol, rowpart, usum, dD_part,
+        pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_D=D is not None,
+        D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, **common)
+    dC = torch.empty((pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
+    row = torch.empty_like(dtp)
+    if pl.merged_dbc:
+        # slot i < NB of dBp: the part of dB from query block i (zeros where i precedes the key block); slot NB:
+        # the state term
+        dBp = torch.zeros((pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
+        _chunk_dBC_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups)](
+            x, dtp, B, C, segp_arg, acs, H, G, dy, dC, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N,
+            pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(), BP=pl.BP,
+            **common)
+        dB = dBp.sum(2)  # fixed order: deterministic
+    else:
+        _chunk_dC_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups)](
+            x, dtp, B, C, segp_arg, acs, H, dy, dC, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N,
+            pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(), BP=pl.BP, **common)
+        dB = torch.empty_like(dC)
+        _chunk_dB_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups)](
+            x, dtp, C, segp_arg, acs, G, dy, dB, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N,
+            pl.nchunks, pl.Lpad, *x.stride(), *C.stride(), *dy.stride(), BP=pl.BP, **common)
     ddt = torch.empty_like(dtp)
     dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
-    splits = pl.head_splits()
-    dB = torch.empty((splits, pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
-    dC = torch.empty_like(dB)
-    dD_part = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.BP), device=dev, dtype=torch.float32) if D is not None \
-        else dA_part
-    def launch(n_splits: int, do_dx: bool, do_dbc: bool) -> None:
-        _chunk_bwd[(pl.nchunks, pl.batch * pl.ngroups, n_splits)](
-            x, dtp, A, B, C, D if D is not None else dtp, segp_arg, acs, H, G, dy, dlast, dx, ddt, dA_part, dB, dC,
-            dD_part,
-            pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.hpg // n_splits, pl.P, pl.N, pl.nchunks, pl.Lpad,
-            *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_SEG=has_seg,
-            HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BP=pl.BP, BN=pl.BN,
-            PREC=pl.prec, DO_DX=do_dx, DO_DBC=do_dbc, num_warps=pl.bwd_warps, num_stages=pl.bwd_stages)
-
-    if pl.split_bwd:  # one program per head for dx/ddt/dA/dD, then dB/dC summed over the heads
-        launch(pl.hpg, True, False)
-        launch(splits, False, True)
-    else:
-        launch(splits, True, True)
+    _dt_bwd[(pl.nchunks, pl.batch * pl.nheads)](dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, pl.nheads,
+                                                pl.nchunks, pl.Lpad, Q=pl.Q, BQ=pl.BQ, num_warps=1)
     ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
     dD = None
     if D is not None:
         dD = dD_part.sum(dim=(0, 1))[:, : pl.P]
         dD = dD if D.dim() == 2 else dD.sum(-1)
-    dB, dC = (t[0] if splits == 1 else t.sum(0) for t in (dB, dC))  # fixed order: deterministic
     return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dD, dinit
 
 

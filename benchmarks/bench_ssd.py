@@ -89,10 +89,15 @@ def correctness(quick: bool) -> None:
             # y comes out in `dtype`, so its incoming gradient is rounded to `dtype` too: give the float64
             # reference the same rounded gradient (any bf16 model sees it; dA, a sum of terms of both signs over
             # the whole sequence, is the gradient most sensitive to it)
-            yr, fr, gr = grads_of(kw64, "torch", gy.to(dtype).double(), gf)
             kw = {k: (v.to(dtype) if k in ("x", "B", "C", "z") else
                       v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                   for k, v in kw64.items()}
+            # the reference gets the very inputs the kernels get (rounded to `dtype`), so that what is measured is
+            # the kernels' error, not the rounding of the inputs (dA, a sum of terms of both signs over the whole
+            # sequence, amplifies the latter)
+            same = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                    for k, v in kw.items()}
+            yr, fr, gr = grads_of(same, "torch", gy.to(dtype).double(), gf)
             log(f"  batch {batch} seqlen {L} heads {h} headdim {p} groups {g} d_state {n} packed {packed} "
                 f"{str(dtype)[6:]}")
             y, f, gt = grads_of(kw, "triton", gy, gf)
@@ -240,9 +245,15 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def ssd_fwd_flops(tokens, d_state, nheads=32, headdim=64, Q=64) -> float:
-    """Matmul FLOPs of our forward: per head and position, C B^T and M X over a Q-chunk, the chunk state and C H."""
-    return tokens * nheads * (2 * Q * d_state + 2 * Q * headdim + 4 * d_state * headdim)
+def ssd_fwd_flops(tokens, d_state, nheads=32, headdim=64) -> float:
+    """Matmul FLOPs of our forward (chunks of Q positions in blocks of BQ, from the kernels' plan): per head and
+    position, C B^T and M X over the (NB + 1) / 2 key blocks up to its own on average, the chunk state and C H."""
+    from mambakit.ops.triton.ssd import _block_len, _chunk_len
+
+    BQ = _block_len(d_state, headdim, 256, 2)
+    Q = _chunk_len(BQ, 256, 2)
+    keys = (Q // BQ + 1) / 2 * BQ
+    return tokens * nheads * (2 * keys * (d_state + headdim) + 4 * d_state * headdim)
 
 
 def speed(seqlens, d_states, tokens) -> None:

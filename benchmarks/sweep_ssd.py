@@ -21,9 +21,9 @@ from mambakit.ops.ssd import mamba_chunk_scan_combined  # noqa: E402
 from mambakit.ops.triton import ssd as tssd  # noqa: E402
 
 
-def configure(chunk: int, block: int, warps: int, stages: int, merged: int = 1) -> None:
+def configure(chunk: int, block: int, warps: int, stages: int) -> None:
     """Make every later launch use these settings."""
-    tssd.MAX_CHUNK, tssd.MAX_BLOCK, tssd.MERGED_DBC = chunk, block, bool(merged)
+    tssd.MAX_CHUNK, tssd.MAX_BLOCK = chunk, block
     original = configure.original
 
     def init(self, x, B, chunk_size):
@@ -55,7 +55,6 @@ def main() -> None:
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     p.add_argument("--stages", type=int, nargs="+", default=[2])
     p.add_argument("--d-states", type=int, nargs="+", default=[64, 128])
-    p.add_argument("--merged", type=int, nargs="+", default=[0, 1], help="MERGED_DBC values (0, 1)")
     p.add_argument("--check", action="store_true", help="run bench_ssd's correctness checks first (defaults)")
     p.add_argument("--breakdown", type=int, nargs=4, action="append", metavar=("CHUNK", "BLOCK", "WARPS", "STAGES"),
                    help="per-kernel times of these settings (d_state 64 and 128)")
@@ -64,14 +63,12 @@ def main() -> None:
     if a.check:
         correctness(quick=False)
     log("\n## sweep: ms, bf16, 32 x 64 heads, 65536 tokens, seqlen 2048")
-    log(f"{'N':>4s} {'chunk':>5s} {'block':>5s} {'warps':>5s} {'stages':>6s} {'merged':>6s} {'fwd':>7s} "
-        f"{'fwd+bwd':>8s}")
-    for N, chunk, block, warps, stages, merged in itertools.product(a.d_states, a.chunks, a.blocks, a.warps,
-                                                                    a.stages, a.merged):
+    log(f"{'N':>4s} {'chunk':>5s} {'block':>5s} {'warps':>5s} {'stages':>6s} {'fwd':>7s} {'fwd+bwd':>8s}")
+    for N, chunk, block, warps, stages in itertools.product(a.d_states, a.chunks, a.blocks, a.warps, a.stages):
         if block > chunk:
             continue
-        configure(chunk, block, warps, stages, merged)
-        head = f"{N:4d} {chunk:5d} {block:5d} {warps:5d} {stages:6d} {merged:6d}"
+        configure(chunk, block, warps, stages)
+        head = f"{N:4d} {chunk:5d} {block:5d} {warps:5d} {stages:6d}"
         try:
             f, fb = time_one(N)
             log(f"{head} {f:7.3f} {fb:8.3f}")

@@ -14,8 +14,8 @@ Chunks are long (``Q`` up to 256 positions, so that few states go through memory
 Kernels (forward): ``_chunk_state_fwd`` (cumsum + S_c), ``_state_passing_fwd`` (H_c, final state),
 ``_chunk_scan_fwd`` (y, one program per query block). Backward: ``_chunk_read_bwd`` (gradient of H_c from the
 read-out), ``_state_passing_bwd`` (reverse pass over chunks), ``_chunk_dx_bwd`` (dx per key block and head),
-``_chunk_dC_bwd`` / ``_chunk_dB_bwd`` (dC per query block, dB per key block, each summed over the group's heads in
-registers: no atomics, bit-identical gradients run after run), ``_dt_bwd`` (ddt and dA from the pieces of dL/da the
+``_chunk_dBC_bwd`` (dC and dB per query block from the gradient of C B^T summed over the group's heads in registers:
+no atomics, bit-identical gradients run after run), ``_dt_bwd`` (ddt and dA from the pieces of dL/da the
 others wrote). The states that are kept (H_c at chunk starts) are O(batch * nheads * headdim * d_state * seqlen / Q).
 
 ``seq_idx`` (packed sequences) is handled by masks: a decay that crosses a sequence boundary is zero.
@@ -310,7 +310,7 @@ def _state_passing_bwd(dHl_ptr, H_ptr, acs_ptr, seg_ptr, dfinal_ptr, G_ptr, dini
     for i in range(nchunks):
         c = nchunks - 1 - i
         off = ((b * nchunks + c) * nheads + h) * PN
-        tl.store(G_ptr + off + offs, grad, mask=m)
+        tl.store(G_ptr + off + offs, grad.to(G_ptr.dtype.element_ty), mask=m)
         alpha = _chunk_alpha(acs_ptr, seg_ptr, b, h, c, nheads, Lpad, HAS_SEG, Q)
         H = tl.load(H_ptr + off + offs, mask=m, other=0.0)
         tl.store(dlast_ptr + ((b * nheads + h) * nchunks + c) * nblocks + blk, alpha * tl.sum(grad * H, axis=0))
@@ -372,78 +372,6 @@ def _chunk_dx_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, G_ptr, d
         tl.store(dD_ptr + ((b * nchunks * NB + c * NB + k) * nheads + h) * BP + p, tl.sum(dy_s * x, axis=0))
     tl.store(dx_ptr + b * sdx_b + s[:, None] * sdx_l + h * sdx_h + p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty),
              mask=valid_s[:, None] & (p < P)[None, :])
-
-
-@triton.jit
-def _chunk_dC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, dy_ptr, dC_ptr, row_ptr,
-                  seqlen, nheads, ngroups, heads_per_group, P, N, nchunks, Lpad,
-                  sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
-                  sdy_b, sdy_l, sdy_h, sdy_p,
-                  HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  PREC: tl.constexpr):
-    """One program per (query block of a chunk, batch * group): dC_t summed over the group's heads in registers
-    (no atomics: bit-identical run after run) of sum_{s<=t} (dy_t . X~_s) L[t, s] B_s + e_t dy_t H_c.
-    Also writes the read-out's part of dL/da_t, e_t dy_t . (C_t H_c), per head."""
-    c, i, b, g, t, valid_t, seg_t, seg_prev, seg_last = _block_program(seg_ptr, seqlen, ngroups, Lpad, HAS_SEG, Q, BQ)
-    p = tl.arange(0, BP)
-    n = tl.arange(0, BN)
-    Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
-    dC = tl.zeros((BQ, BN), dtype=tl.float32)
-    for j in range(heads_per_group):
-        h = g * heads_per_group + j
-        row = (b * nheads + h) * Lpad
-        acs_t = tl.load(acs_ptr + row + t)
-        dy_t = _load_rows(dy_ptr, b, t, valid_t, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p)
-        off = ((b * nchunks + c) * nheads + h) * P * N
-        Hc = _load_state(H_ptr, off, p, n, P, N).to(Cm.dtype)  # (BP, BN)
-        acc = _entry_decay(acs_t, seg_t, seg_prev, HAS_SEG)[:, None] * tl.dot(dy_t, Hc, input_precision=PREC)
-        tl.store(row_ptr + row + t, tl.sum(acc * Cm.to(tl.float32), axis=1))
-        for k in range(0, i + 1):
-            s, valid_s, L = _key_decay(acs_ptr, seg_ptr, row, b, c, k, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG, Q, BQ)
-            dt_s = tl.load(dt_ptr + row + s)
-            x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
-            Bm = _load_rows(B_ptr, b, s, valid_s, g, n, N, sB_b, sB_l, sB_g, sB_n)
-            GL = tl.dot(dy_t, tl.trans(x_s), input_precision=PREC) * (L * dt_s[None, :])  # (BQ_t, BQ_s)
-            acc += tl.dot(GL.to(Bm.dtype), Bm, input_precision=PREC)
-        dC += acc
-    tl.store(dC_ptr + ((b * Lpad + t[:, None]) * ngroups + g) * N + n[None, :], dC,
-             mask=valid_t[:, None] & (n < N)[None, :])
-
-
-@triton.jit
-def _chunk_dB_bwd(x_ptr, dt_ptr, C_ptr, seg_ptr, acs_ptr, G_ptr, dy_ptr, dB_ptr,
-                  seqlen, nheads, ngroups, heads_per_group, P, N, nchunks, Lpad,
-                  sx_b, sx_l, sx_h, sx_p, sC_b, sC_l, sC_g, sC_n, sdy_b, sdy_l, sdy_h, sdy_p,
-                  HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                  PREC: tl.constexpr):
-    """One program per (key block of a chunk, batch * group): dB_s summed over the group's heads of
-    sum_{t>=s} (dy_t . X~_s) L[t, s] C_t + w_s X~_s G_c."""
-    NB: tl.constexpr = Q // BQ
-    c, k, b, g, s, valid_s, seg_s, seg_prev, seg_last = _block_program(seg_ptr, seqlen, ngroups, Lpad, HAS_SEG, Q, BQ)
-    p = tl.arange(0, BP)
-    n = tl.arange(0, BN)
-    dB = tl.zeros((BQ, BN), dtype=tl.float32)
-    for j in range(heads_per_group):
-        h = g * heads_per_group + j
-        row = (b * nheads + h) * Lpad
-        acs_s = tl.load(acs_ptr + row + s)
-        dt_s = tl.load(dt_ptr + row + s)
-        x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
-        off = ((b * nchunks + c) * nheads + h) * P * N
-        Gc = _load_state(G_ptr, off, p, n, P, N).to(x_s.dtype)  # (BP, BN)
-        w = _exit_decay(acs_s, tl.load(acs_ptr + row + c * Q + Q - 1), seg_s, seg_last, HAS_SEG)
-        acc = (w * dt_s)[:, None] * tl.dot(x_s, Gc, input_precision=PREC)
-        for i in range(k, NB):
-            t, valid_t = _block_positions(c, i, seqlen, Q, BQ)
-            L = _decay_tile(tl.load(acs_ptr + row + t), acs_s, _load_seg(seg_ptr, b, t, Lpad, HAS_SEG, BQ), seg_s,
-                            t, s, HAS_SEG)
-            dy_t = _load_rows(dy_ptr, b, t, valid_t, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p)
-            Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
-            GL = tl.dot(dy_t, tl.trans(x_s), input_precision=PREC) * (L * dt_s[None, :])  # (BQ_t, BQ_s)
-            acc += tl.dot(tl.trans(GL).to(Cm.dtype), Cm, input_precision=PREC)
-        dB += acc
-    tl.store(dB_ptr + ((b * Lpad + s[:, None]) * ngroups + g) * N + n[None, :], dB,
-             mask=valid_s[:, None] & (n < N)[None, :])
 
 
 @triton.jit
@@ -547,6 +475,9 @@ def _pow2(v: int, minimum: int = 16) -> int:
 #: but do more intra-chunk work) and on the block (positions per tile). None: the defaults chosen in `_Plan`.
 MAX_CHUNK: int = 128
 MAX_BLOCK: Optional[int] = None
+#: float32 inputs keep short chunks: the reverse cumsum of dL/da over a chunk cancels large terms, and on an H100 dA
+#: lost float32 precision with 64-position chunks (1.05e-5 relative on a packed case; <= 2.5e-6 with 32).
+MAX_CHUNK_FP32: int = 32
 
 
 def _block_len(d_state: int, headdim: int, chunk_size: int, itemsize: int) -> int:
@@ -565,9 +496,8 @@ def _block_len(d_state: int, headdim: int, chunk_size: int, itemsize: int) -> in
 
 def _chunk_len(block: int, chunk_size: int, itemsize: int) -> int:
     """Positions per chunk: the largest power of two <= min(chunk_size, MAX_CHUNK), a multiple of the block (the
-    result does not depend on it: chunking only reorders the sums). float32 inputs keep chunks of <= 64: the
-    reverse cumsum of dL/da over a long chunk cancels large terms and dA would lose float32 precision."""
-    cap = min(chunk_size, MAX_CHUNK, 64 if itemsize > 2 else MAX_CHUNK)
+    result does not depend on it: chunking only reorders the sums); at most MAX_CHUNK_FP32 for float32."""
+    cap = min(chunk_size, MAX_CHUNK, MAX_CHUNK_FP32 if itemsize > 2 else MAX_CHUNK)
     q = block
     while q * 2 <= cap:
         q *= 2
@@ -593,12 +523,6 @@ def _padded_segments(seg: Optional[Tensor], Lpad: int) -> Optional[Tensor]:
     return out.contiguous()
 
 
-#: dB and dC from one kernel that sums the gradient of C B^T over the heads (`_chunk_dBC_bwd`) instead of two
-#: that each recompute the per-head products (`_chunk_dC_bwd`, `_chunk_dB_bwd`). None: by d_state (H100 sweep,
-#: benchmarks/sweep_ssd.py: one kernel is 10 % faster at d_state 64, two are 12 % faster at 128).
-MERGED_DBC: Optional[bool] = None
-
-
 class _Plan:
     """Shapes and launch parameters shared by forward and backward."""
 
@@ -619,7 +543,6 @@ class _Plan:
         # H100 sweep (benchmarks/sweep_ssd.py): 4 warps at d_state 64 and 128 (8 is 1.5-2x slower), 2 stages
         self.stages = 2 if x.element_size() == 2 else 1
         self.warps = 4
-        self.merged_dbc = self.BN <= 64 if MERGED_DBC is None else MERGED_DBC
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -675,7 +598,7 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     _chunk_read_bwd[(pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy))](
         dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
         *dy.stride(), *C.stride(), BP=BPy, **common)
-    G = torch.empty_like(H, dtype=torch.float32)
+    G = torch.empty_like(H)  # input dtype for 16-bit inputs like H: every reader rounds it to that dtype anyway
     dinit = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
     dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
     dfin = dfinal.float().contiguous() if dfinal is not None else dinit
@@ -699,23 +622,13 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
         D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, **common)
     dC = torch.empty((pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
     row = torch.empty_like(dtp)
-    if pl.merged_dbc:
-        # slot i < NB of dBp: the part of dB from query block i (zeros where i precedes the key block); slot NB:
-        # the state term
-        dBp = torch.zeros((pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
-        _chunk_dBC_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups)](
-            x, dtp, B, C, segp_arg, acs, H, G, dy, dC, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N,
-            pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(), BP=pl.BP,
-            **common)
-        dB = dBp.sum(2)  # fixed order: deterministic
-    else:
-        _chunk_dC_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups)](
-            x, dtp, B, C, segp_arg, acs, H, dy, dC, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N,
-            pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(), BP=pl.BP, **common)
-        dB = torch.empty_like(dC)
-        _chunk_dB_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups)](
-            x, dtp, C, segp_arg, acs, G, dy, dB, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N,
-            pl.nchunks, pl.Lpad, *x.stride(), *C.stride(), *dy.stride(), BP=pl.BP, **common)
+    # slot i < NB of dBp: the part of dB from query block i (zeros where i precedes the key block); slot NB: the
+    # state term
+    dBp = torch.zeros((pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
+    _chunk_dBC_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups)](
+        x, dtp, B, C, segp_arg, acs, H, G, dy, dC, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N,
+        pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(), BP=pl.BP, **common)
+    dB = dBp.sum(2)  # fixed order: deterministic
     ddt = torch.empty_like(dtp)
     dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
     _dt_bwd[(pl.nchunks, pl.batch * pl.nheads)](dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, pl.nheads,

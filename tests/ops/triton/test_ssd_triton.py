@@ -155,7 +155,9 @@ BLOCKED_CASES = ["everything", "packed", "packed-unsorted-ids", "groups3-dhead",
 def test_chunks_of_several_blocks(name, monkeypatch):
     # 64-position chunks computed as 4 blocks of 16 (the tiled intra-chunk loops, the cumsum carried across blocks,
     # blocks wholly past the sequence end)
-    monkeypatch.setattr(sys.modules["mambakit.ops.triton.ssd"], "MAX_BLOCK", 16)
+    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
+    monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 64)
     _compare(make_inputs(**dict(CASES[name], chunk_size=64)))
 
 
@@ -164,18 +166,10 @@ def test_several_blocks_long_sequence(monkeypatch):
     ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
     monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 32)
     monkeypatch.setattr(ssd_mod, "MAX_CHUNK", 64)
+    monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 64)
     kw = make_inputs(batch=1, seqlen=300, nheads=2, headdim=5, ngroups=1, d_state=3, chunk_size=256,
                      D="head", z=True, dt_softplus=True, dt_bias=True, initial_states=True)
     assert ssd_mod._Plan(kw["x"].half(), kw["B"], 256).NB == 2
     _compare(kw)
     _compare(kw, dtype=torch.float16, tol=3e-3)
 
-
-@pytest.mark.parametrize("name", ["everything", "groups3-dhead", "packed-ragged"])
-def test_dB_dC_in_two_kernels(name, monkeypatch):
-    # the backward's other path for dB and dC (two kernels, used at d_state > 64), also with several blocks
-    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
-    monkeypatch.setattr(ssd_mod, "MERGED_DBC", False)
-    _compare(make_inputs(**CASES[name]))
-    monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
-    _compare(make_inputs(**dict(CASES[name], chunk_size=64)))

@@ -376,7 +376,7 @@ def _chunk_dx_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, G_ptr, d
 
 @triton.jit
 def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, dy_ptr, dC_ptr, dBp_ptr, row_ptr,
-                   seqlen, nheads, ngroups, heads_per_group, P, N, nchunks, Lpad,
+                   seqlen, nheads, ngroups, heads_per_group, heads_per_split, P, N, nchunks, Lpad,
                    sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                    sdy_b, sdy_l, sdy_h, sdy_p,
                    HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
@@ -384,7 +384,8 @@ def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, 
     """One program per (query block i of a chunk, batch * group). For each key block k <= i the gradient of C B^T,
     dCB[t, s] = sum over the group's heads of (dy_t . X~_s) L[t, s], is summed in registers (no atomics:
     bit-identical run after run); then dC_i += dCB B_k and dCB^T C_i is block k's part of dB from this query block
-    (written to slot i of dBp; slot NB gets the state term below; the caller sums the slots). Also the per-head
+    (written to slot i of dBp; slot NB gets the state term below; the caller sums the slots). With few programs
+    the heads are split over program_id(2), each split writing its own partial sums. Also the per-head
     chunk-boundary terms:
     dC_t += e_t dy_t H_c, dB_s += w_s X~_s G_c (block i), and the read-out's part of dL/da_t, e_t dy_t . (C_t H_c)."""
     NB: tl.constexpr = Q // BQ
@@ -395,8 +396,12 @@ def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, 
     Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
     dC = tl.zeros((BQ, BN), dtype=tl.float32)
     dB = tl.zeros((BQ, BN), dtype=tl.float32)
-    for j in range(heads_per_group):
-        h = g * heads_per_group + j
+    split = tl.program_id(2)
+    h0 = g * heads_per_group + split * heads_per_split
+    dC_ptr += split.to(tl.int64) * tl.num_programs(1) * Lpad * N  # this split's (batch, Lpad, ngroups, N)
+    dBp_ptr += split.to(tl.int64) * tl.num_programs(1) * Lpad * (NB + 1) * N
+    for j in range(heads_per_split):
+        h = h0 + j
         row = (b * nheads + h) * Lpad
         acs_t = tl.load(acs_ptr + row + t)
         dt_t = tl.load(dt_ptr + row + t)
@@ -414,8 +419,8 @@ def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, 
         s, valid_s = _block_positions(c, k, seqlen, Q, BQ)
         seg_s = _load_seg(seg_ptr, b, s, Lpad, HAS_SEG, BQ)
         dCB = tl.zeros((BQ, BQ), dtype=tl.float32)
-        for j in range(heads_per_group):
-            h = g * heads_per_group + j
+        for j in range(heads_per_split):
+            h = h0 + j
             row = (b * nheads + h) * Lpad
             dt_s = tl.load(dt_ptr + row + s)
             x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
@@ -544,14 +549,27 @@ class _Plan:
         self.stages = 2 if x.element_size() == 2 else 1
         self.warps = 4
 
+    def head_splits(self, target_programs: int = 1024) -> int:
+        """`_chunk_dBC_bwd` sums over a group's heads in registers, one program per (block, batch, group): with
+        fewer programs than the GPU holds (a Mamba-2 LM: batch 8 x 2048, one group: 256) the heads are split over
+        this many programs (a power of two dividing heads_per_group)."""
+        programs = self.nchunks * self.NB * self.batch * self.ngroups
+        splits = 1
+        while self.hpg % (splits * 2) == 0 and programs * splits < target_programs:
+            splits *= 2
+        return splits
+
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+                initial_states: Optional[Tensor], seg: Optional[Tensor],
+                chunk_size: int) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads) processed, float32; A: (nheads,) float32;
-    B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states: (batch, nheads, headdim, d_state) or None;
-    seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype. chunk_size: upper bound of the chunk.
+    B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states:
+    (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype.
+    chunk_size: upper bound of the chunk.
 
-    Returns y (x's layout and dtype, with D * x, without the gate), the final state (float32) and what the backward needs."""
+    Returns y (x's layout and dtype, with D * x, without the gate), the final state (float32) and what the backward
+    needs."""
     pl = _Plan(x, B, chunk_size)
     dev = x.device
     dtp = _padded_rows(dt, pl.Lpad)
@@ -620,15 +638,18 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
         pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_D=D is not None,
         D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, **common)
-    dC = torch.empty((pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
     row = torch.empty_like(dtp)
     # slot i < NB of dBp: the part of dB from query block i (zeros where i precedes the key block); slot NB: the
-    # state term
-    dBp = torch.zeros((pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
-    _chunk_dBC_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups)](
-        x, dtp, B, C, segp_arg, acs, H, G, dy, dC, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg, pl.P, pl.N,
-        pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(), BP=pl.BP, **common)
-    dB = dBp.sum(2)  # fixed order: deterministic
+    # state term. Partial sums per head split, added in a fixed order: deterministic.
+    splits = pl.head_splits()
+    dC = torch.empty((splits, pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
+    dBp = torch.zeros((splits, pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
+    _chunk_dBC_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups, splits)](
+        x, dtp, B, C, segp_arg, acs, H, G, dy, dC, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg,
+        pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
+        BP=pl.BP, **common)
+    dB = dBp.sum((0, 3))
+    dC = dC[0] if splits == 1 else dC.sum(0)
     ddt = torch.empty_like(dtp)
     dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
     _dt_bwd[(pl.nchunks, pl.batch * pl.nheads)](dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, pl.nheads,

@@ -47,22 +47,29 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SSM state size(s) (default: s4 64, mamba 16, mamba2 64; ignored by attention)")
     p.add_argument("--seq-len", type=_int, nargs="+", help="training length(s) (default: per task)")
     p.add_argument("--lr", type=_float, help="peak learning rate (default: per task)")
+    p.add_argument("--weight-decay", type=_float,
+                   help="AdamW weight decay of the matrices (default: per task; induction-heads 0, others 0.1)")
+    p.add_argument("--warmup", type=_int, help="linear warmup steps (default: min(100, steps / 10))")
     p.add_argument("--seed", type=_int, default=0, help="seed of the model and the data (default: %(default)s)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG and JSON results (default: %(default)s)")
     p.add_argument("--eval-lengths", type=_int, nargs="*",
-                   help="also evaluate at these lengths after training (default: induction-heads 256..16384)")
+                   help="also evaluate at these lengths after training (default: induction-heads 256 1024 4096 16384 "
+                   "65536)")
     p.add_argument("--eval-samples", type=_int, default=256,
                    help="held-out sequences at the training length (default: %(default)s)")
-    p.add_argument("--vocab", type=_int, help="data tokens (default: 16; mqar: 64 token ids)")
-    p.add_argument("--n-tokens", type=_int, help="(selective-)copying: tokens to memorise (default: selective-copying 4, copying 16)")
-    p.add_argument("--n-pairs", type=_int, help="mqar: key-value pairs per sequence (default: 16)")
+    p.add_argument("--eval-interval", type=_int, help="training steps between held-out evaluations (default: steps / 10)")
+    p.add_argument("--vocab", type=_int, help="data tokens (default: 16; mqar: 256 token ids)")
+    p.add_argument("--n-tokens", type=_int,
+                   help="(selective-)copying: tokens to memorise (default: selective-copying 4, copying 16)")
+    p.add_argument("--n-pairs", type=_int, help="mqar: key-value pairs per sequence (default: 32)")
     p.add_argument("--headdim", type=_int, help="mamba2 head size (default: the first of 64, 32, 16, 8 dividing "
                    "2*d_model)")
+    p.add_argument("--num-heads", type=_int, help="attention heads (default: d_model / 16)")
     p.add_argument("--stop-at", type=_float, help="stop once the held-out accuracy reaches this (0..1]")
     p.add_argument("--max-time", type=_float, help="stop training after this many seconds (per run)")
     p.add_argument("--eval-chunk", type=_int, default=4096,
                    help="tokens per chunk when evaluating long sequences through the cache (default: %(default)s)")
-    p.add_argument("--long-eval-tokens", type=_int, default=1 << 20,
+    p.add_argument("--long-eval-tokens", type=_int, default=1 << 19,
                    help="token budget per extra eval length: max(4, budget // length) sequences (default: %(default)s)")
     p.add_argument("--max-attention-len", type=_int, default=16384,
                    help="skip attention evaluations above this length (time and memory grow with it) "
@@ -105,6 +112,22 @@ def _fmt(acc: Optional[float]) -> str:
     return "  n/a " if acc is None else f"{100 * acc:5.1f}%"
 
 
+def _keep_freed_memory() -> bool:
+    """Ask glibc's allocator to keep freed memory instead of returning it to the OS (mallopt M_TRIM_THRESHOLD and
+    M_MMAP_THRESHOLD to 1 GiB). The CPU training steps allocate and free the same large temporaries every step; with
+    the default policy each step page-faults them in again, which cost 45-150 s of system time per default run (up to
+    a fifth of the CPU time of a Mamba-1 run). False where there is no glibc (macOS, Windows, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-1, 1 << 30)) and bool(mallopt(-3, 1 << 30))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+
+
 def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
     """Run ``mambakit tasks`` from a parsed namespace or an argument list; prints the accuracies, returns 0."""
     from mambakit.tasks.generators import TASKS
@@ -118,10 +141,12 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
         raise MambaKitError(f"--mixer must be one of {', '.join(MIXERS)}; got {bad[0]!r}")
     common = dict(steps=ns.steps, batch=ns.batch_size, lr=ns.lr, n_layer=ns.n_layer, seed=ns.seed, device=ns.device,
                   eval_lengths=ns.eval_lengths, vocab=ns.vocab, n_tokens=ns.n_tokens, n_pairs=ns.n_pairs,
-                  headdim=ns.headdim, eval_samples=ns.eval_samples, stop_at=ns.stop_at, max_time=ns.max_time,
-                  threads=ns.threads,
+                  headdim=ns.headdim, num_heads=ns.num_heads, weight_decay=ns.weight_decay, warmup=ns.warmup,
+                  eval_interval=ns.eval_interval, eval_samples=ns.eval_samples, stop_at=ns.stop_at,
+                  max_time=ns.max_time, threads=ns.threads,
                   eval_chunk=ns.eval_chunk, long_eval_tokens=ns.long_eval_tokens,
                   max_attention_len=ns.max_attention_len, progress=not ns.no_progress)
+    _keep_freed_memory()
     d_models: List[Optional[int]] = list(ns.d_model or [None])
     seq_lens: List[Optional[int]] = list(ns.seq_len or [None])
     d_states: List[Optional[int]] = list(ns.d_state or [None])

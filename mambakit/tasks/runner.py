@@ -31,18 +31,19 @@ EVAL_BATCH_TOKENS = 1 << 18
 #: State size per mixer when d_state is not given (attention has none): S4's usual 64, Mamba-1's 16, Mamba-2's 64.
 DEFAULT_D_STATE = {"s4": 64, "mamba": 16, "mamba2": 64, "attention": None}
 
-#: Per-task defaults of `run_task`, sized so that one default run takes ten minutes or less of CPU time on one thread
-#: (measured times: benchmarks/RESULTS.md, "Synthetic tasks"). They are smaller than the papers' settings (selective
-#: copying: 16 tokens in 4096; here 4 tokens in 256); pass seq_len, n_tokens, ... to change them.
+#: Per-task defaults of `run_task`, sized so that one default run of each mixer the task compares takes ten minutes or
+#: less of CPU time on one thread (measured times: benchmarks/RESULTS.md, "Synthetic tasks"). They are smaller than the
+#: papers' settings (selective copying: 16 tokens in 4096, here 4 tokens in 256; MQAR: here 32 pairs in 128 with 256
+#: token ids, d_model 32); pass seq_len, n_tokens, ... to change them. The same values serve every mixer of a task.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "selective-copying": {"steps": 1500, "batch": 16, "lr": 5e-3, "d_model": 64, "n_layer": 2, "seq_len": 256,
-                          "vocab": 16, "n_tokens": 4, "eval_lengths": ()},
+    "selective-copying": {"steps": 2000, "batch": 16, "lr": 4e-3, "d_model": 64, "n_layer": 2, "seq_len": 256,
+                          "vocab": 16, "n_tokens": 4, "weight_decay": 0.1, "eval_lengths": ()},
     "copying": {"steps": 1500, "batch": 32, "lr": 2e-3, "d_model": 64, "n_layer": 2, "seq_len": 128,
-                "vocab": 16, "n_tokens": 16, "eval_lengths": ()},
-    "induction-heads": {"steps": 1000, "batch": 32, "lr": 2e-3, "d_model": 64, "n_layer": 2, "seq_len": 256,
-                        "vocab": 16, "eval_lengths": (256, 512, 1024, 2048, 4096, 8192, 16384)},
-    "mqar": {"steps": 3000, "batch": 32, "lr": 5e-3, "d_model": 64, "n_layer": 2, "seq_len": 64, "vocab": 64,
-             "n_pairs": 16, "eval_lengths": ()},
+                "vocab": 16, "n_tokens": 16, "weight_decay": 0.1, "eval_lengths": ()},
+    "induction-heads": {"steps": 2000, "batch": 16, "lr": 2e-3, "d_model": 64, "n_layer": 2, "seq_len": 256,
+                        "vocab": 16, "weight_decay": 0.0, "eval_lengths": (256, 1024, 4096, 16384, 65536)},
+    "mqar": {"steps": 5000, "batch": 32, "lr": 3e-3, "d_model": 32, "n_layer": 2, "seq_len": 128, "vocab": 256,
+             "n_pairs": 32, "weight_decay": 0.1, "eval_lengths": ()},
 }
 
 
@@ -291,8 +292,8 @@ def run_task(name: str, mixer: str = "mamba", steps: Optional[int] = None, batch
              eval_lengths: Optional[Sequence[int]] = None, out: Optional[str | Path] = None, *,
              vocab: Optional[int] = None, n_tokens: Optional[int] = None, n_pairs: Optional[int] = None,
              headdim: Optional[int] = None, num_heads: Optional[int] = None, attn_mlp: bool = True,
-             warmup: Optional[int] = None, weight_decay: float = 0.1, grad_clip: float = 1.0,
-             eval_interval: Optional[int] = None, eval_samples: int = 256, long_eval_tokens: int = 1 << 20,
+             warmup: Optional[int] = None, weight_decay: Optional[float] = None, grad_clip: float = 1.0,
+             eval_interval: Optional[int] = None, eval_samples: int = 256, long_eval_tokens: int = 1 << 19,
              min_long_eval_samples: int = 4, eval_chunk: int = 4096, max_attention_len: int = 16384,
              max_full_len: int = 65536, stop_at: Optional[float] = None, max_time: Optional[float] = None,
              threads: Optional[int] = None, ssm_kwargs: Optional[dict[str, Any]] = None, progress: bool = True,
@@ -338,6 +339,7 @@ def run_task(name: str, mixer: str = "mamba", steps: Optional[int] = None, batch
     vocab = d["vocab"] if vocab is None else vocab
     n_tokens = d.get("n_tokens", 16) if n_tokens is None else n_tokens
     n_pairs = d.get("n_pairs", 8) if n_pairs is None else n_pairs
+    weight_decay = d.get("weight_decay", 0.1) if weight_decay is None else weight_decay
     eval_lengths = list(d["eval_lengths"] if eval_lengths is None else eval_lengths)
     for key, value in (("steps", steps), ("batch_size", batch), ("d_model", d_model), ("n_layer", n_layer),
                        ("seq_len", seq_len), ("vocab", vocab), ("eval_samples", eval_samples),

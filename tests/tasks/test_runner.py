@@ -88,6 +88,24 @@ def test_cli_handler_tiny_run(tmp_path, capsys):
     assert json.loads((out / "mqar_mamba2.json").read_text())["config"]["d_state"] == 8
 
 
+def test_cli_training_flags_and_task_weight_decay(tmp_path):
+    """--weight-decay / --warmup / --eval-interval / --num-heads reach run_task; without --weight-decay the task's
+    default applies (induction heads: none)."""
+    from mambakit.tasks.runner import TASK_DEFAULTS
+
+    args = ["induction-heads", "--mixer", "attention", "--steps", "2", "--batch-size", "2", "--d-model", "16",
+            "--n-layer", "1", "--seq-len", "12", "--vocab", "4", "--eval-samples", "2", "--eval-lengths",
+            "--weight-decay", "0.05", "--warmup", "1", "--eval-interval", "1", "--num-heads", "2", "--threads", "1",
+            "--out", str(tmp_path), "--no-progress"]
+    assert tasks_main(args) == 0
+    saved = json.loads((tmp_path / "induction-heads_attention.json").read_text())
+    cfg = saved["config"]
+    assert (cfg["weight_decay"], cfg["warmup"], cfg["eval_interval"]) == (0.05, 1, 1)
+    assert cfg["model_config"]["attn_cfg"]["num_heads"] == 2 and saved["history"]["eval_step"] == [0, 1, 2]
+    r = run_task("induction-heads", "mamba", steps=1, **{**TINY, "vocab": 4})
+    assert r["config"]["weight_decay"] == TASK_DEFAULTS["induction-heads"]["weight_decay"]
+
+
 def test_cli_parser_registration_and_sweep(tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="mambakit")
     add_tasks_parser(parser.add_subparsers(dest="command"))
@@ -153,3 +171,10 @@ def test_task_defaults_are_consistent():
                                   n_tokens=d.get("n_tokens", 16), n_pairs=d.get("n_pairs", 8))
         assert ids.shape == targets.shape == (2, d["seq_len"])
         assert int(ids.max()) < task_vocab_size(name, d["vocab"]) and bool((targets != -100).any())
+
+
+def test_keep_freed_memory_is_harmless():
+    """The allocator setting of the tasks command returns a bool on every platform (False without glibc)."""
+    from mambakit.tasks.cli import _keep_freed_memory
+
+    assert isinstance(_keep_freed_memory(), bool)

@@ -26,7 +26,9 @@ return y with the D skip, without the z gate (done by the caller, so autograd ha
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -578,20 +580,20 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     segp_arg = segp if has_seg else dtp
     acs = torch.empty_like(dtp)
     S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
-    _chunk_state_fwd[(pl.nchunks, pl.batch * pl.nheads)](
+    _launch(_chunk_state_fwd, (pl.nchunks, pl.batch * pl.nheads))(
         x, dtp, A, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad, *x.stride(),
         *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BP=pl.BP, BN=pl.BN, PREC=pl.prec, num_warps=pl.warps,
         num_stages=pl.stages)
     H = torch.empty_like(S, dtype=x.dtype if x.element_size() == 2 else torch.float32)
     final = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
     init = initial_states.float().contiguous() if initial_states is not None else final
-    _state_passing_fwd[(pl.batch * pl.nheads, pl.nblocks)](
+    _launch(_state_passing_fwd, (pl.batch * pl.nheads, pl.nblocks))(
         S, acs, segp_arg, init, H, final, pl.nheads, pl.PN, pl.nchunks, pl.Lpad,
         HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
     del S
     y = torch.empty_like(x)
     BPy = min(pl.BP, 64)
-    _chunk_scan_fwd[(pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy))](
+    _launch(_chunk_scan_fwd, (pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)))(
         x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
         pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=has_seg,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BQ=pl.BQ, BP=BPy, BN=pl.BN,
@@ -613,14 +615,14 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
                   num_stages=pl.stages)
     dHl = torch.empty_like(H, dtype=torch.float32)
     BPy = min(pl.BP, 64)
-    _chunk_read_bwd[(pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy))](
+    _launch(_chunk_read_bwd, (pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)))(
         dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
         *dy.stride(), *C.stride(), BP=BPy, **common)
     G = torch.empty_like(H)  # input dtype for 16-bit inputs like H: every reader rounds it to that dtype anyway
     dinit = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
     dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
     dfin = dfinal.float().contiguous() if dfinal is not None else dinit
-    _state_passing_bwd[(pl.batch * pl.nheads, pl.nblocks)](
+    _launch(_state_passing_bwd, (pl.batch * pl.nheads, pl.nblocks))(
         dHl, H, acs, segp_arg, dfin, G, dinit, dlast, pl.nheads, pl.PN, pl.nchunks, pl.Lpad, pl.nblocks,
         HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
     del dHl
@@ -633,7 +635,7 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     usum = torch.empty((pl.batch, pl.nheads, pl.nchunks * pl.NB), device=dev, dtype=torch.float32)
     dD_part = torch.empty((pl.batch, pl.nchunks * pl.NB, pl.nheads, pl.BP), device=dev, dtype=torch.float32) \
         if D is not None else usum
-    _chunk_dx_bwd[(pl.nchunks * pl.NB, pl.batch * pl.nheads)](
+    _launch(_chunk_dx_bwd, (pl.nchunks * pl.NB, pl.batch * pl.nheads))(
         x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, G, dy, dx, q, dacol, rowpart, usum, dD_part,
         pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_D=D is not None,
@@ -644,7 +646,7 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     splits = pl.head_splits()
     dC = torch.empty((splits, pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
     dBp = torch.zeros((splits, pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
-    _chunk_dBC_bwd[(pl.nchunks * pl.NB, pl.batch * pl.ngroups, splits)](
+    _launch(_chunk_dBC_bwd, (pl.nchunks * pl.NB, pl.batch * pl.ngroups, splits))(
         x, dtp, B, C, segp_arg, acs, H, G, dy, dC, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg,
         pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
         BP=pl.BP, **common)
@@ -652,14 +654,55 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     dC = dC[0] if splits == 1 else dC.sum(0)
     ddt = torch.empty_like(dtp)
     dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
-    _dt_bwd[(pl.nchunks, pl.batch * pl.nheads)](dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, pl.nheads,
-                                                pl.nchunks, pl.Lpad, Q=pl.Q, BQ=pl.BQ, num_warps=1)
+    _launch(_dt_bwd, (pl.nchunks, pl.batch * pl.nheads))(
+        dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, pl.nheads, pl.nchunks, pl.Lpad, Q=pl.Q, BQ=pl.BQ,
+        num_warps=1)
     ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
     dD = None
     if D is not None:
         dD = dD_part.sum(dim=(0, 1))[:, : pl.P]
         dD = dD if D.dim() == 2 else dD.sum(-1)
     return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dD, dinit
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# First call: compile every kernel of forward and backward at once, in threads
+# ----------------------------------------------------------------------------------------------------------------------
+
+_RECORD = threading.local()  # .launches: a list while ssd_forward / ssd_backward only record their launches
+_COMPILED: set = set()
+
+
+def _launch(kernel, grid: Tuple[int, ...]) -> Callable[..., None]:
+    """kernel[grid], or, while recording, a function that notes the launch instead of making it."""
+    launches = getattr(_RECORD, "launches", None)
+    if launches is None:
+        return kernel[grid]
+    return lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
+
+
+def _precompile(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int) -> None:
+    """Compile the kernels that a forward and a backward with these arguments will launch, in parallel threads
+    (Triton compiles one kernel after the other on first launch: ~1 s each, ~10 of them). Runs the launchers with
+    launches recorded, not made, on freshly allocated (unfilled) buffers; a launch whose specialisation differs later
+    (e.g. an upstream gradient with other strides) just compiles then. Once per distinct configuration."""
+    key = (x.dtype, x.shape[2:], B.shape[2:], x.stride(), None if D is None else D.dim(), initial_states is None,
+           seg is None, chunk_size, x.device)
+    if _INTERPRETED or key in _COMPILED:
+        return
+    _COMPILED.add(key)
+    _RECORD.launches = []
+    try:
+        y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size)
+        ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), None, chunk_size)
+        launches = _RECORD.launches
+    finally:
+        _RECORD.launches = None
+    with ThreadPoolExecutor(max_workers=min(len(launches), os.cpu_count() or 1)) as pool:
+        done = [pool.submit(kernel.warmup, *args, grid=grid, **kwargs) for kernel, grid, args, kwargs in launches]
+        for future in done:
+            future.result()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -670,6 +713,7 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
 class _SSDTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size):  # type: ignore[override]
+        _precompile(x, dt, A, B, C, D, initial_states, seg, chunk_size)
         y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size)
         dtp, segp, acs, H = saved
         ctx.save_for_backward(x, A, B, C, D, dtp, acs, H, segp)

@@ -173,3 +173,23 @@ def test_several_blocks_long_sequence(monkeypatch):
     _compare(kw)
     _compare(kw, dtype=torch.float16, tol=3e-3)
 
+
+
+def test_first_call_records_every_launch():
+    # _precompile (GPU only) runs the launchers with launches recorded, then compiles them all in threads: the
+    # recording must capture each kernel of forward and backward once, in order
+    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    kw = with_dtype(make_inputs(seqlen=40, nheads=4, headdim=8, ngroups=2, d_state=16, chunk_size=16, D="head"),
+                    torch.float32)
+    x, B, C = kw["x"], kw["B"], kw["C"]
+    dt = torch.nn.functional.softplus(kw["dt"]).float()
+    ssd_mod._RECORD.launches = []
+    try:
+        y, final, saved = ssd_mod.ssd_forward(x, dt, kw["A"], B, C, kw["D"], None, None, 16)
+        ssd_mod.ssd_backward(x, kw["A"], B, C, kw["D"], saved, torch.zeros_like(y), None, 16)
+        launches = ssd_mod._RECORD.launches
+    finally:
+        ssd_mod._RECORD.launches = None
+    names = [kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__ for kernel, *_ in launches]
+    assert names == ["_chunk_state_fwd", "_state_passing_fwd", "_chunk_scan_fwd", "_chunk_read_bwd",
+                     "_state_passing_bwd", "_chunk_dx_bwd", "_chunk_dBC_bwd", "_dt_bwd"]

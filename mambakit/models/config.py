@@ -11,6 +11,15 @@ from mambakit.errors import MambaKitError
 MIXER_LAYERS = ("Mamba1", "Mamba2", "S4")
 
 
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """cls(**data) for a config dataclass, refusing keys that are not its fields (a typo must not pass silently)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise MambaKitError(f"unknown {cls.__name__} fields {unknown}; known fields are {sorted(known)}")
+    return cls(**data)
+
+
 @dataclass
 class MambaConfig:
     """Configuration of `MambaLMHeadModel`, with the field names of the official `mamba_ssm.MambaConfig`.
@@ -61,11 +70,7 @@ class MambaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MambaConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MambaKitError(f"unknown MambaConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from mambakit.errors import MambaKitError
+from mambakit.models.config import config_from_dict
 
 _EPS = 1e-9  # ceil(0.3 * 10) must be 3, not 4 (0.3 * 10 = 3.0000000000000004)
 
@@ -78,11 +79,7 @@ class ReMambaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ReMambaConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise MambaKitError(f"unknown ReMambaConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

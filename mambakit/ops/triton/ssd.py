@@ -100,6 +100,17 @@ def _exit_decay(acs, a_last, seg, seg_last, HAS_SEG: tl.constexpr):
 
 
 @triton.jit
+def _chunk_head_program(nheads, heads_per_group, Lpad):
+    """Program ids (chunk, batch * nheads) -> chunk c, batch b, head h, group g, and the offset of (b, h)'s row in
+    the (batch, nheads, Lpad) tensors."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // nheads).to(tl.int64)
+    h = bh % nheads
+    return c, b, h, h // heads_per_group, (b * nheads + h) * Lpad
+
+
+@triton.jit
 def _block_program(seg_ptr, seqlen, nsplit, Lpad, HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr):
     """Program ids (chunk * NB + block, batch * nsplit) -> chunk c, block k, batch b, head-or-group j, the block's
     positions (BQ,), which are in the sequence, their segments, and the chunk's (entering, last) segments."""
@@ -169,12 +180,7 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, acs_ptr, S_ptr,
                      PREC: tl.constexpr):
     """One program per (chunk, batch * head): the within-chunk cumsum a of dt * A (stored) and the chunk-local state
     S = sum_s exp(a_last - a_s) B_s X~_s^T, accumulated block by block and rescaled to each block's end."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // nheads).to(tl.int64)
-    h = bh % nheads
-    g = h // heads_per_group
-    row = (b * nheads + h) * Lpad
+    c, b, h, g, row = _chunk_head_program(nheads, heads_per_group, Lpad)
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
     A = tl.load(A_ptr + h)
@@ -272,12 +278,7 @@ def _chunk_read_bwd(dy_ptr, C_ptr, seg_ptr, acs_ptr, dHl_ptr,
                     HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     PREC: tl.constexpr):
     """Gradient of the state entering chunk c from that chunk's read-out: sum_t e_t C_t^T dy_t  (N, P)."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // nheads).to(tl.int64)
-    h = bh % nheads
-    g = h // heads_per_group
-    row = (b * nheads + h) * Lpad
+    c, b, h, g, row = _chunk_head_program(nheads, heads_per_group, Lpad)
     p = tl.program_id(2) * BP + tl.arange(0, BP)
     n = tl.arange(0, BN)
     seg_prev, seg_last = _chunk_segments(seg_ptr, b, c, Lpad, HAS_SEG, Q)

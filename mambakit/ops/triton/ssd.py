@@ -167,6 +167,28 @@ def _load_state(ptr, off, p, n, P, N):
     return tl.load(ptr + off + p[:, None] * N + n[None, :], mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
 
 
+@triton.jit
+def _state_tile_program(nheads, heads_per_group, P, N, Lpad, BP: tl.constexpr, BN: tl.constexpr):
+    """Program ids (batch * nheads, headdim block, d_state block) -> batch b, head h, group g, the offset of (b, h)'s
+    row in the (batch, nheads, Lpad) tensors, the tile's channels p (BP,) and states n (BN,), its mask and its
+    offsets in a (..., headdim, d_state) state, both (BN, BP)."""
+    bh = tl.program_id(0)
+    b = (bh // nheads).to(tl.int64)
+    h = bh % nheads
+    p = tl.program_id(1) * BP + tl.arange(0, BP)
+    n = tl.program_id(2) * BN + tl.arange(0, BN)
+    mask = (n < N)[:, None] & (p < P)[None, :]
+    return b, h, h // heads_per_group, (b * nheads + h) * Lpad, p, n, mask, p[None, :] * N + n[:, None]
+
+
+@triton.jit
+def _first_state_tile(ptr, offs, mask, PRESENT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """A (BN, BP) float32 state tile loaded at offs, or zeros if the tensor is absent."""
+    if PRESENT:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.zeros((BN, BP), dtype=tl.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------------
@@ -223,6 +245,47 @@ def _state_passing_fwd(S_ptr, acs_ptr, seg_ptr, init_ptr, H_ptr, final_ptr,
         alpha = _chunk_alpha(acs_ptr, seg_ptr, b, h, c, nheads, Lpad, HAS_SEG, Q)
         state = alpha * state + tl.load(S_ptr + off + offs, mask=m, other=0.0)
     tl.store(final_ptr + (b * nheads + h) * PN + offs, state, mask=m)
+
+
+@triton.jit
+def _chunk_states_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, init_ptr, acs_ptr, H_ptr, final_ptr,
+                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
+                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
+                      HAS_INIT: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr,
+                      BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """One program per (batch * head, headdim block, d_state block), sequential over the chunks of the whole
+    sequence: the within-chunk cumsum a of dt * A (stored), the state H_c entering every chunk (stored) and the final
+    state. The state stays in registers from chunk to chunk (chunk-local states never go through memory); each
+    block of BQ positions s updates it as state <- exp(a_end - a_start) state + sum_s exp(a_end - a_s) B_s X~_s^T."""
+    b, h, g, row, p, n, m_state, state_off = _state_tile_program(nheads, heads_per_group, P, N, Lpad, BP, BN)
+    # one program per (batch, head) stores the cumsum; the others compute the same values
+    acs_mask = (tl.arange(0, BQ) * 0 + tl.program_id(1) + tl.program_id(2)) == 0
+    A = tl.load(A_ptr + h)
+    state = _first_state_tile(init_ptr, (b * nheads + h) * P * N + state_off, m_state, HAS_INIT, BP, BN)
+    for c in range(nchunks):
+        tl.store(H_ptr + ((b * nchunks + c) * nheads + h) * P * N + state_off, state.to(H_ptr.dtype.element_ty),
+                 mask=m_state)
+        carry = A * 0.0  # a at the end of the previous block of the chunk
+        for k in tl.static_range(Q // BQ):
+            s, valid = _block_positions(c, k, seqlen, Q, BQ)
+            dt = tl.load(dt_ptr + row + s)  # padded with zeros by the caller
+            acs = carry + tl.cumsum(dt * A, axis=0)
+            tl.store(acs_ptr + row + s, acs, mask=acs_mask)
+            a_end = tl.sum(tl.where(tl.arange(0, BQ) == BQ - 1, acs, 0.0), axis=0)
+            decay = tl.exp(a_end - carry)
+            w = tl.exp(a_end - acs)
+            if HAS_SEG:
+                seg_end = tl.load(seg_ptr + b * Lpad + c * Q + k * BQ + BQ - 1)
+                seg_before = tl.load(seg_ptr + b * Lpad + tl.maximum(c * Q + k * BQ - 1, 0))
+                seg_before = tl.where(c * Q + k * BQ == 0, 0, seg_before)
+                w = tl.where(_load_seg(seg_ptr, b, s, Lpad, HAS_SEG, BQ) == seg_end, w, 0.0)
+                decay = tl.where(seg_before == seg_end, decay, 0.0)
+            x = _load_rows(x_ptr, b, s, valid, h, p, P, sx_b, sx_l, sx_h, sx_p)
+            Bm = _load_rows(B_ptr, b, s, valid, g, n, N, sB_b, sB_l, sB_g, sB_n)
+            xw = (x.to(tl.float32) * (w * dt)[:, None]).to(Bm.dtype)
+            state = state * decay + tl.dot(tl.trans(Bm), xw, input_precision=PREC)  # (BN, BP)
+            carry = a_end
+    tl.store(final_ptr + (b * nheads + h) * P * N + state_off, state, mask=m_state)
 
 
 @triton.jit
@@ -319,6 +382,42 @@ def _state_passing_bwd(dHl_ptr, H_ptr, acs_ptr, seg_ptr, dfinal_ptr, G_ptr, dini
         tl.store(dlast_ptr + ((b * nheads + h) * nchunks + c) * nblocks + blk, alpha * tl.sum(grad * H, axis=0))
         grad = alpha * grad + tl.load(dHl_ptr + off + offs, mask=m, other=0.0)
     tl.store(dinit_ptr + (b * nheads + h) * PN + offs, grad, mask=m)
+
+
+@triton.jit
+def _chunk_states_bwd(dy_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, dfinal_ptr, G_ptr, dinit_ptr, dlast_ptr,
+                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
+                      sdy_b, sdy_l, sdy_h, sdy_p, sC_b, sC_l, sC_g, sC_n,
+                      HAS_DFINAL: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr,
+                      BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Reverse pass, one program per (batch * head, headdim block, d_state block), sequential over the chunks from
+    the end: G_c (gradient of the state at the END of chunk c, stored), dinit, and per chunk this tile's part of the
+    gradient of a_last that comes through alpha (alpha <G_c, H_c>). The gradient of H_c from chunk c's read-out,
+    sum_t e_t C_t^T dy_t, is accumulated in registers: G_{c-1} = alpha_c G_c + that."""
+    b, h, g, row, p, n, m_state, state_off = _state_tile_program(nheads, heads_per_group, P, N, Lpad, BP, BN)
+    tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+    ntiles = tl.num_programs(1) * tl.num_programs(2)
+    grad = _first_state_tile(dfinal_ptr, (b * nheads + h) * P * N + state_off, m_state, HAS_DFINAL, BP, BN)
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        off = ((b * nchunks + c) * nheads + h) * P * N
+        tl.store(G_ptr + off + state_off, grad.to(G_ptr.dtype.element_ty), mask=m_state)
+        H = tl.load(H_ptr + off + state_off, mask=m_state, other=0.0).to(tl.float32)
+        alpha = _chunk_alpha(acs_ptr, seg_ptr, b, h, c, nheads, Lpad, HAS_SEG, Q)
+        tl.store(dlast_ptr + ((b * nheads + h) * nchunks + c) * ntiles + tile,
+                 alpha * tl.sum(tl.sum(grad * H, axis=1), axis=0))
+        seg_prev, seg_last = _chunk_segments(seg_ptr, b, c, Lpad, HAS_SEG, Q)
+        dread = tl.zeros((BN, BP), dtype=tl.float32)
+        for k in tl.static_range(Q // BQ):
+            t, valid = _block_positions(c, k, seqlen, Q, BQ)
+            e = _entry_decay(tl.load(acs_ptr + row + t), _load_seg(seg_ptr, b, t, Lpad, HAS_SEG, BQ), seg_prev,
+                             HAS_SEG)
+            Cm = _load_rows(C_ptr, b, t, valid, g, n, N, sC_b, sC_l, sC_g, sC_n)
+            dy = _load_rows(dy_ptr, b, t, valid, h, p, P, sdy_b, sdy_l, sdy_h, sdy_p)
+            Ce = (Cm.to(tl.float32) * e[:, None]).to(dy.dtype)
+            dread += tl.dot(tl.trans(Ce), dy, input_precision=PREC)  # (BN, BP)
+        grad = alpha * grad + dread
+    tl.store(dinit_ptr + (b * nheads + h) * P * N + state_off, grad, mask=m_state)
 
 
 @triton.jit
@@ -486,6 +585,16 @@ MAX_BLOCK: Optional[int] = None
 #: float32 inputs keep short chunks: the reverse cumsum of dL/da over a chunk cancels large terms, and on an H100 dA
 #: lost float32 precision with 64-position chunks (1.05e-5 relative on a packed case; <= 2.5e-6 with 32).
 MAX_CHUNK_FP32: int = 32
+#: The states H_c entering the chunks (and, backward, their gradients): one sequential pass over the sequence per
+#: (batch, head, state tile) that keeps the state in registers (True), or the chunk-local states written to memory
+#: and passed along by a separate kernel (False). None: the pass when there are (batch, head) pairs enough to
+#: fill half the GPU's multiprocessors (H100 sweep: at 65536 tokens it is 15-25 % faster forward from 1K to 16K,
+#: but 1.6x slower at batch 1 x 64K, 32 pairs).
+FUSED_STATES: Optional[bool] = None
+#: (headdim, d_state) tile of that pass; None: `_Plan.state_tiles` picks it.
+STATE_TILE: Optional[Tuple[int, int]] = None
+#: Positions per step of that pass, 16-bit inputs (H100: whole 128-position chunks were 2-10 % faster than 64-blocks).
+MAX_STATE_BLOCK: int = 128
 
 
 def _block_len(d_state: int, headdim: int, chunk_size: int, itemsize: int) -> int:
@@ -531,6 +640,10 @@ def _padded_segments(seg: Optional[Tensor], Lpad: int) -> Optional[Tensor]:
     return out.contiguous()
 
 
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 class _Plan:
     """Shapes and launch parameters shared by forward and backward."""
 
@@ -541,6 +654,8 @@ class _Plan:
         self.BQ = _block_len(self.N, self.P, chunk_size, x.element_size())
         self.Q = _chunk_len(self.BQ, chunk_size, x.element_size())
         self.NB = self.Q // self.BQ
+        # float32 keeps its short blocks there too: dA is ill-conditioned (see MAX_CHUNK_FP32)
+        self.state_block = self.BQ if x.element_size() > 2 else min(self.Q, MAX_STATE_BLOCK)
         self.nchunks = -(-self.seqlen // self.Q)
         self.Lpad = self.nchunks * self.Q
         self.BP, self.BN = _pow2(self.P), _pow2(self.N)
@@ -551,6 +666,28 @@ class _Plan:
         # H100 sweep (benchmarks/sweep_ssd.py): 4 warps at d_state 64 and 128 (8 is 1.5-2x slower), 2 stages
         self.stages = 2 if x.element_size() == 2 else 1
         self.warps = 4
+
+    def fused_states(self, device: torch.device) -> bool:
+        if FUSED_STATES is not None:
+            return FUSED_STATES
+        return self.batch * self.nheads >= _multiprocessors(device) // 2
+
+    def state_tiles(self, device: torch.device) -> Tuple[int, int]:
+        """(headdim, d_state) tile of `_chunk_states_fwd` / `_chunk_states_bwd`: one program per (batch, head, tile)
+        runs through the whole sequence, so with few (batch, head) pairs the state is cut into tiles until there are
+        programs enough to fill the GPU (one per multiprocessor). headdim is cut first: its tiles share the B and C
+        tiles, which all the heads of a group read anyway."""
+        if STATE_TILE is not None:
+            return STATE_TILE
+        sms = _multiprocessors(device)
+        bp, bn = min(self.BP, 64), min(self.BN, 64)
+        while self.batch * self.nheads * triton.cdiv(self.P, bp) * triton.cdiv(self.N, bn) < sms // 2 \
+                and max(bp, bn) > 16:
+            if bp > 16:
+                bp //= 2
+            else:
+                bn //= 2
+        return bp, bn
 
     def head_splits(self, target_programs: int = 1024) -> int:
         """`_chunk_dBC_bwd` sums over a group's heads in registers, one program per (block, batch, group): with
@@ -580,18 +717,27 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     has_seg = segp is not None
     segp_arg = segp if has_seg else dtp
     acs = torch.empty_like(dtp)
-    S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
-    _launch(_chunk_state_fwd, (pl.nchunks, pl.batch * pl.nheads))(
-        x, dtp, A, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad, *x.stride(),
-        *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BP=pl.BP, BN=pl.BN, PREC=pl.prec, num_warps=pl.warps,
-        num_stages=pl.stages)
-    H = torch.empty_like(S, dtype=x.dtype if x.element_size() == 2 else torch.float32)
+    H = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev,
+                    dtype=x.dtype if x.element_size() == 2 else torch.float32)
     final = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
     init = initial_states.float().contiguous() if initial_states is not None else final
-    _launch(_state_passing_fwd, (pl.batch * pl.nheads, pl.nblocks))(
-        S, acs, segp_arg, init, H, final, pl.nheads, pl.PN, pl.nchunks, pl.Lpad,
-        HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
-    del S
+    if pl.fused_states(dev):
+        BPs, BNs = pl.state_tiles(dev)
+        _launch(_chunk_states_fwd, (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs)))(
+            x, dtp, A, B, segp_arg, init, acs, H, final, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
+            pl.Lpad, *x.stride(), *B.stride(), HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q,
+            BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps,
+            num_stages=pl.stages)
+    else:
+        S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
+        _launch(_chunk_state_fwd, (pl.nchunks, pl.batch * pl.nheads))(
+            x, dtp, A, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
+            *x.stride(), *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BP=pl.BP, BN=pl.BN, PREC=pl.prec,
+            num_warps=pl.warps, num_stages=pl.stages)
+        _launch(_state_passing_fwd, (pl.batch * pl.nheads, pl.nblocks))(
+            S, acs, segp_arg, init, H, final, pl.nheads, pl.PN, pl.nchunks, pl.Lpad,
+            HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
+        del S
     y = torch.empty_like(x)
     BPy = min(pl.BP, 64)
     _launch(_chunk_scan_fwd, (pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)))(
@@ -614,20 +760,31 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     dy = dy.to(x.dtype)
     common = dict(HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BN=pl.BN, PREC=pl.prec, num_warps=pl.warps,
                   num_stages=pl.stages)
-    dHl = torch.empty_like(H, dtype=torch.float32)
-    BPy = min(pl.BP, 64)
-    _launch(_chunk_read_bwd, (pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)))(
-        dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
-        *dy.stride(), *C.stride(), BP=BPy, **common)
     G = torch.empty_like(H)  # input dtype for 16-bit inputs like H: every reader rounds it to that dtype anyway
     dinit = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
-    dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
     dfin = dfinal.float().contiguous() if dfinal is not None else dinit
-    _launch(_state_passing_bwd, (pl.batch * pl.nheads, pl.nblocks))(
-        dHl, H, acs, segp_arg, dfin, G, dinit, dlast, pl.nheads, pl.PN, pl.nchunks, pl.Lpad, pl.nblocks,
-        HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
-    del dHl
-    dlast = dlast.sum(-1) if pl.nblocks > 1 else dlast[..., 0].contiguous()
+    if pl.fused_states(dev):
+        BPs, BNs = pl.state_tiles(dev)
+        grid = (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs))
+        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, grid[1] * grid[2]), device=dev,
+                            dtype=torch.float32)
+        _launch(_chunk_states_bwd, grid)(
+            dy, C, segp_arg, acs, H, dfin, G, dinit, dlast, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
+            pl.Lpad, *dy.stride(), *C.stride(), HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q,
+            BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps,
+            num_stages=pl.stages)
+    else:
+        dHl = torch.empty_like(H, dtype=torch.float32)
+        BPy = min(pl.BP, 64)
+        _launch(_chunk_read_bwd, (pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)))(
+            dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
+            *dy.stride(), *C.stride(), BP=BPy, **common)
+        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
+        _launch(_state_passing_bwd, (pl.batch * pl.nheads, pl.nblocks))(
+            dHl, H, acs, segp_arg, dfin, G, dinit, dlast, pl.nheads, pl.PN, pl.nchunks, pl.Lpad, pl.nblocks,
+            HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
+        del dHl
+    dlast = dlast.sum(-1) if dlast.shape[-1] > 1 else dlast[..., 0].contiguous()
 
     dx = torch.empty(x.shape, device=dev, dtype=x.dtype)  # accumulated in float32, rounded once on the way out
     q = torch.empty_like(dtp)
@@ -670,6 +827,9 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
 # First call: compile every kernel of forward and backward at once, in threads
 # ----------------------------------------------------------------------------------------------------------------------
 
+#: Compile all kernels of a configuration in parallel threads before its first launch (False: one after the other,
+#: on first launch, as Triton does by itself).
+PRECOMPILE: bool = True
 _RECORD = threading.local()  # .launches: a list while ssd_forward / ssd_backward only record their launches
 _COMPILED: set = set()
 
@@ -690,7 +850,7 @@ def _precompile(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     (e.g. an upstream gradient with other strides) just compiles then. Once per distinct configuration."""
     key = (x.dtype, x.shape[2:], B.shape[2:], x.stride(), None if D is None else D.dim(), initial_states is None,
            seg is None, chunk_size, x.device)
-    if _INTERPRETED or key in _COMPILED:
+    if _INTERPRETED or not PRECOMPILE or key in _COMPILED:
         return
     _COMPILED.add(key)
     _RECORD.launches = []

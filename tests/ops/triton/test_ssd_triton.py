@@ -174,6 +174,31 @@ def test_several_blocks_long_sequence(monkeypatch):
     _compare(kw, dtype=torch.float16, tol=3e-3)
 
 
+@pytest.mark.parametrize("tile", [(16, 16), (32, 16)])
+def test_state_pass_in_tiles(tile, monkeypatch):
+    # the sequential state passes (forward and backward) with the state cut into several (headdim, d_state) tiles,
+    # packed sequences, an initial state and chunks of two blocks: each tile's share of dA must be summed once
+    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    monkeypatch.setattr(ssd_mod, "STATE_TILE", tile)
+    monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
+    monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 32)
+    kw = make_inputs(batch=2, seqlen=75, nheads=2, headdim=40, ngroups=1, d_state=33, chunk_size=32, nseqs=3,
+                     initial_states=True, D="head", dt_softplus=True)
+    plan = ssd_mod._Plan(kw["x"].float(), kw["B"], 32)
+    assert plan.NB == 2 and plan.state_tiles(kw["x"].device) == tile
+    _compare(kw)
+
+
+@pytest.mark.parametrize("name", ["everything", "packed", "packed-unsorted-ids", "chunk-gt-seqlen"])
+def test_state_passing_through_memory(name, monkeypatch):
+    # the other way to the chunk states (used with few (batch, head) pairs): chunk-local states through memory and
+    # separate state-passing kernels, forward and backward
+    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    monkeypatch.setattr(ssd_mod, "FUSED_STATES", False)
+    monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
+    monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 64)
+    _compare(make_inputs(**dict(CASES[name], chunk_size=64)))
+
 
 def test_first_call_records_every_launch():
     # _precompile (GPU only) runs the launchers with launches recorded, then compiles them all in threads: the
@@ -191,5 +216,5 @@ def test_first_call_records_every_launch():
     finally:
         ssd_mod._RECORD.launches = None
     names = [kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__ for kernel, *_ in launches]
-    assert names == ["_chunk_state_fwd", "_state_passing_fwd", "_chunk_scan_fwd", "_chunk_read_bwd",
-                     "_state_passing_bwd", "_chunk_dx_bwd", "_chunk_dBC_bwd", "_dt_bwd"]
+    assert names == ["_chunk_states_fwd", "_chunk_scan_fwd", "_chunk_states_bwd", "_chunk_dx_bwd", "_chunk_dBC_bwd",
+                     "_dt_bwd"]

@@ -4,9 +4,11 @@
 
 Each measurement runs in a fresh process with its own empty Triton cache:
 - ``block``: CUDA start, the first bf16 matmul forward+backward (cuBLAS start-up), then the Mamba2 block's first
-  forward+backward under bf16 autocast (d_model 768, d_state 128, batch 2 x 2048), with the SSD kernels compiled in
-  parallel threads before their first launch (the default) or one after the other (``--serial``);
-- ``compile``: every Triton compile of that first call, in the order and with the duration it had.
+  forward+backward under bf16 autocast (d_model 768, d_state 128, batch 2 x 2048), with the kernels of each op's first
+  call compiled side by side in forked processes (the default, `mambakit.ops.triton.compile`) or one after the
+  other on first launch, as Triton does by itself;
+- a warm run (same cache, new process): what is left when nothing is compiled;
+- when each kernel became ready in the parent (compiled or loaded from the disk cache).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def child(serial: bool) -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mambakit.layers.mamba2 import Mamba2
-    from mambakit.ops.triton import ssd as tssd
+    from mambakit.ops.triton import compile as parallel_compile
 
     compiles = []  # (kernel, seconds after the block's first call began when its compile ended)
     compiled_init = triton.compiler.CompiledKernel.__init__
@@ -37,7 +39,7 @@ def child(serial: bool) -> None:
         compiles.append((getattr(self, "name", "?"), round(time.perf_counter() - t_block, 2)))
 
     triton.compiler.CompiledKernel.__init__ = noted_init
-    tssd.PRECOMPILE = not serial
+    parallel_compile.ENABLED = not serial
     t_import = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -72,7 +74,7 @@ def child(serial: bool) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--child", choices=["threads", "serial"])
+    p.add_argument("--child", choices=["parallel", "serial"])
     a = p.parse_args()
     if a.child:
         child(a.child == "serial")
@@ -81,9 +83,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     details = []
     for _ in range(a.repeats):
-        threads_cache = tempfile.mkdtemp(prefix="mambakit-first-call-")
-        runs = [("cold, SSD kernels compiled in threads", "threads", threads_cache),
-                ("warm cache (same process start, kernels loaded from disk)", "threads", threads_cache),
+        parallel_cache = tempfile.mkdtemp(prefix="mambakit-first-call-")
+        runs = [("cold, first-call kernels compiled in parallel processes", "parallel", parallel_cache),
+                ("warm cache (same process start, kernels loaded from disk)", "parallel", parallel_cache),
                 ("cold, compiled one after the other", "serial", tempfile.mkdtemp(prefix="mambakit-first-call-"))]
         for label, mode, cache in runs:
             env = dict(os.environ, TRITON_CACHE_DIR=cache)

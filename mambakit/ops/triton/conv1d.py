@@ -12,7 +12,7 @@ order (deterministic, no atomics).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.triton.compile import precompile_once, specialisation
 
 _ACTIVATIONS = (None, "silu", "swish")
 
@@ -130,19 +131,51 @@ def _blocks(dim: int, seqlen: int, backward: bool):
     return bd, bt
 
 
+def _conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor]) -> Tensor:
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    bd, bt = _blocks(dim, seqlen, backward=False)
+    y = torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(seqlen, bt), triton.cdiv(dim, bd), batch)
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, y,
+        dim, seqlen, x.stride(0), x.stride(1), x.stride(2),
+        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None,
+        BLOCK_D=bd, BT=bt, num_warps=4)
+    return y
+
+
+def _conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor],
+                   gy: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    bd, bt = _blocks(dim, seqlen, backward=True)
+    n_tblocks = triton.cdiv(seqlen, bt)
+    gy = gy.contiguous()
+    dx = torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
+    dw_part = torch.empty(batch, n_tblocks, dim, width, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(batch, n_tblocks, dim, device=x.device, dtype=torch.float32) if bias is not None else None
+    grid = (n_tblocks, triton.cdiv(dim, bd), batch)
+    _conv_bwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, gy, dx, dw_part,
+        db_part if db_part is not None else dw_part,
+        dim, seqlen, n_tblocks, x.stride(0), x.stride(1), x.stride(2),
+        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None,
+        BLOCK_D=bd, BT=bt, num_warps=4)
+    dw = dw_part.sum((0, 1)).to(weight.dtype)
+    db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    return dx, dw, db
+
+
 class _CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, silu, seq_idx):
-        batch, dim, seqlen = x.shape
-        width = weight.shape[1]
-        bd, bt = _blocks(dim, seqlen, backward=False)
-        y = torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(seqlen, bt), triton.cdiv(dim, bd), batch)
-        _conv_fwd_kernel[grid](
-            x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, y,
-            dim, seqlen, x.stride(0), x.stride(1), x.stride(2),
-            WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None,
-            BLOCK_D=bd, BT=bt, num_warps=4)
+        # the first call compiles the forward and backward kernels side by side (mambakit.ops.triton.compile)
+        key = (x.dtype, weight.dtype, weight.shape, bias is not None, silu, seq_idx is not None, x.device,
+               specialisation(x.shape[1], x.shape[2], x))
+        precompile_once(key, lambda: _conv_backward(x, weight, bias, silu, seq_idx,
+                                                    _conv_forward(x, weight, bias, silu, seq_idx)))
+        y = _conv_forward(x, weight, bias, silu, seq_idx)
         ctx.save_for_backward(x, weight, bias, seq_idx)
         ctx.silu = silu
         return y
@@ -150,23 +183,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight, bias, seq_idx = ctx.saved_tensors
-        batch, dim, seqlen = x.shape
-        width = weight.shape[1]
-        bd, bt = _blocks(dim, seqlen, backward=True)
-        n_tblocks = triton.cdiv(seqlen, bt)
-        gy = gy.contiguous()
-        dx = torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
-        dw_part = torch.empty(batch, n_tblocks, dim, width, device=x.device, dtype=torch.float32)
-        db_part = torch.empty(batch, n_tblocks, dim, device=x.device, dtype=torch.float32) if bias is not None else None
-        grid = (n_tblocks, triton.cdiv(dim, bd), batch)
-        _conv_bwd_kernel[grid](
-            x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, gy, dx, dw_part,
-            db_part if db_part is not None else dw_part,
-            dim, seqlen, n_tblocks, x.stride(0), x.stride(1), x.stride(2),
-            WIDTH=width, HAS_BIAS=bias is not None, SILU=ctx.silu, HAS_SEQ=seq_idx is not None,
-            BLOCK_D=bd, BT=bt, num_warps=4)
-        dw = dw_part.sum((0, 1)).to(weight.dtype)
-        db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+        dx, dw, db = _conv_backward(x, weight, bias, ctx.silu, seq_idx, gy)
         return dx, dw, db, None, None
 
 

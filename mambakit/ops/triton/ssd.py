@@ -26,14 +26,14 @@ return y with the D skip, without the z gate (done by the caller, so autograd ha
 from __future__ import annotations
 
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from mambakit.ops.triton.compile import precompile_once, specialisation
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted: remember which one this module got.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -723,24 +723,24 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     init = initial_states.float().contiguous() if initial_states is not None else final
     if pl.fused_states(dev):
         BPs, BNs = pl.state_tiles(dev)
-        _launch(_chunk_states_fwd, (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs)))(
+        _chunk_states_fwd[pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs)](
             x, dtp, A, B, segp_arg, init, acs, H, final, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
             pl.Lpad, *x.stride(), *B.stride(), HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q,
             BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps,
             num_stages=pl.stages)
     else:
         S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
-        _launch(_chunk_state_fwd, (pl.nchunks, pl.batch * pl.nheads))(
+        _chunk_state_fwd[pl.nchunks, pl.batch * pl.nheads](
             x, dtp, A, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
             *x.stride(), *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BP=pl.BP, BN=pl.BN, PREC=pl.prec,
             num_warps=pl.warps, num_stages=pl.stages)
-        _launch(_state_passing_fwd, (pl.batch * pl.nheads, pl.nblocks))(
+        _state_passing_fwd[pl.batch * pl.nheads, pl.nblocks](
             S, acs, segp_arg, init, H, final, pl.nheads, pl.PN, pl.nchunks, pl.Lpad,
             HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
         del S
     y = torch.empty_like(x)
     BPy = min(pl.BP, 64)
-    _launch(_chunk_scan_fwd, (pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)))(
+    _chunk_scan_fwd[pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
         x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
         pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=has_seg,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BQ=pl.BQ, BP=BPy, BN=pl.BN,
@@ -768,7 +768,7 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
         grid = (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs))
         dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, grid[1] * grid[2]), device=dev,
                             dtype=torch.float32)
-        _launch(_chunk_states_bwd, grid)(
+        _chunk_states_bwd[grid](
             dy, C, segp_arg, acs, H, dfin, G, dinit, dlast, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
             pl.Lpad, *dy.stride(), *C.stride(), HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q,
             BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps,
@@ -776,11 +776,11 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     else:
         dHl = torch.empty_like(H, dtype=torch.float32)
         BPy = min(pl.BP, 64)
-        _launch(_chunk_read_bwd, (pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)))(
+        _chunk_read_bwd[pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
             dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
             *dy.stride(), *C.stride(), BP=BPy, **common)
         dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
-        _launch(_state_passing_bwd, (pl.batch * pl.nheads, pl.nblocks))(
+        _state_passing_bwd[pl.batch * pl.nheads, pl.nblocks](
             dHl, H, acs, segp_arg, dfin, G, dinit, dlast, pl.nheads, pl.PN, pl.nchunks, pl.Lpad, pl.nblocks,
             HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
         del dHl
@@ -793,7 +793,7 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     usum = torch.empty((pl.batch, pl.nheads, pl.nchunks * pl.NB), device=dev, dtype=torch.float32)
     dD_part = torch.empty((pl.batch, pl.nchunks * pl.NB, pl.nheads, pl.BP), device=dev, dtype=torch.float32) \
         if D is not None else usum
-    _launch(_chunk_dx_bwd, (pl.nchunks * pl.NB, pl.batch * pl.nheads))(
+    _chunk_dx_bwd[pl.nchunks * pl.NB, pl.batch * pl.nheads](
         x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, G, dy, dx, q, dacol, rowpart, usum, dD_part,
         pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
         *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_D=D is not None,
@@ -804,7 +804,7 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     splits = pl.head_splits()
     dC = torch.empty((splits, pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
     dBp = torch.zeros((splits, pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
-    _launch(_chunk_dBC_bwd, (pl.nchunks * pl.NB, pl.batch * pl.ngroups, splits))(
+    _chunk_dBC_bwd[pl.nchunks * pl.NB, pl.batch * pl.ngroups, splits](
         x, dtp, B, C, segp_arg, acs, H, G, dy, dC, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg,
         pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
         BP=pl.BP, **common)
@@ -812,7 +812,7 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     dC = dC[0] if splits == 1 else dC.sum(0)
     ddt = torch.empty_like(dtp)
     dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
-    _launch(_dt_bwd, (pl.nchunks, pl.batch * pl.nheads))(
+    _dt_bwd[pl.nchunks, pl.batch * pl.nheads](
         dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, pl.nheads, pl.nchunks, pl.Lpad, Q=pl.Q, BQ=pl.BQ,
         num_warps=1)
     ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
@@ -824,46 +824,16 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# First call: compile every kernel of forward and backward at once, in threads
+# First call: compile every kernel of forward and backward at once, in child processes (mambakit.ops.triton.compile)
 # ----------------------------------------------------------------------------------------------------------------------
 
-#: Compile all kernels of a configuration in parallel threads before its first launch (False: one after the other,
-#: on first launch, as Triton does by itself).
-PRECOMPILE: bool = True
-_RECORD = threading.local()  # .launches: a list while ssd_forward / ssd_backward only record their launches
-_COMPILED: set = set()
 
-
-def _launch(kernel, grid: Tuple[int, ...]) -> Callable[..., None]:
-    """kernel[grid], or, while recording, a function that notes the launch instead of making it."""
-    launches = getattr(_RECORD, "launches", None)
-    if launches is None:
-        return kernel[grid]
-    return lambda *args, **kwargs: launches.append((kernel, grid, args, kwargs))
-
-
-def _precompile(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int) -> None:
-    """Compile the kernels that a forward and a backward with these arguments will launch, in parallel threads
-    (Triton compiles one kernel after the other on first launch: ~1 s each, ~10 of them). Runs the launchers with
-    launches recorded, not made, on freshly allocated (unfilled) buffers; a launch whose specialisation differs later
-    (e.g. an upstream gradient with other strides) just compiles then. Once per distinct configuration."""
-    key = (x.dtype, x.shape[2:], B.shape[2:], x.stride(), None if D is None else D.dim(), initial_states is None,
-           seg is None, chunk_size, x.device)
-    if _INTERPRETED or not PRECOMPILE or key in _COMPILED:
-        return
-    _COMPILED.add(key)
-    _RECORD.launches = []
-    try:
-        y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size)
-        ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), None, chunk_size)
-        launches = _RECORD.launches
-    finally:
-        _RECORD.launches = None
-    with ThreadPoolExecutor(max_workers=min(len(launches), os.cpu_count() or 1)) as pool:
-        done = [pool.submit(kernel.warmup, *args, grid=grid, **kwargs) for kernel, grid, args, kwargs in launches]
-        for future in done:
-            future.result()
+def _config_key(x: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], has_init: bool, seg: Optional[Tensor],
+                chunk_size: int, *more: Tensor) -> tuple:
+    """What decides which kernel specialisations a call launches: dtypes, head and state sizes, the options, and
+    what Triton specialises on of the lengths, strides and addresses."""
+    return (x.dtype, x.shape[2:], B.shape[2:], None if D is None else D.dim(), has_init, seg is None, chunk_size,
+            x.device, specialisation(x.shape[0], x.shape[1], -(-x.shape[1] // chunk_size), x, B, C, *more))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -874,7 +844,12 @@ def _precompile(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 class _SSDTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size):  # type: ignore[override]
-        _precompile(x, dt, A, B, C, D, initial_states, seg, chunk_size)
+        def first_call() -> None:  # forward and backward (the upstream gradients guessed: contiguous, materialised)
+            y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size)
+            ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), torch.empty_like(final), chunk_size)
+
+        key = _config_key(x, B, C, D, initial_states is not None, seg, chunk_size)
+        precompile_once(("forward",) + key, first_call)
         y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size)
         dtp, segp, acs, H = saved
         ctx.save_for_backward(x, A, B, C, D, dtp, acs, H, segp)
@@ -886,6 +861,9 @@ class _SSDTriton(torch.autograd.Function):
     def backward(ctx, gy, gfinal):  # type: ignore[override]
         x, A, B, C, D, dtp, acs, H, segp = ctx.saved_tensors
         dy = gy if gy is not None else torch.zeros_like(x)
+        precompile_once(("backward", dy.dtype, gfinal is None)
+                    + _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy),
+                    lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size))
         dx, ddt, dA, dB, dC, dD, dinit = ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal,
                                                       ctx.chunk_size)
         return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dinit if ctx.has_init else None,

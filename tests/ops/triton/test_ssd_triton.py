@@ -198,23 +198,3 @@ def test_state_passing_through_memory(name, monkeypatch):
     monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
     monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 64)
     _compare(make_inputs(**dict(CASES[name], chunk_size=64)))
-
-
-def test_first_call_records_every_launch():
-    # _precompile (GPU only) runs the launchers with launches recorded, then compiles them all in threads: the
-    # recording must capture each kernel of forward and backward once, in order
-    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
-    kw = with_dtype(make_inputs(seqlen=40, nheads=4, headdim=8, ngroups=2, d_state=16, chunk_size=16, D="head"),
-                    torch.float32)
-    x, B, C = kw["x"], kw["B"], kw["C"]
-    dt = torch.nn.functional.softplus(kw["dt"]).float()
-    ssd_mod._RECORD.launches = []
-    try:
-        y, final, saved = ssd_mod.ssd_forward(x, dt, kw["A"], B, C, kw["D"], None, None, 16)
-        ssd_mod.ssd_backward(x, kw["A"], B, C, kw["D"], saved, torch.zeros_like(y), None, 16)
-        launches = ssd_mod._RECORD.launches
-    finally:
-        ssd_mod._RECORD.launches = None
-    names = [kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__ for kernel, *_ in launches]
-    assert names == ["_chunk_states_fwd", "_chunk_scan_fwd", "_chunk_states_bwd", "_chunk_dx_bwd", "_chunk_dBC_bwd",
-                     "_dt_bwd"]

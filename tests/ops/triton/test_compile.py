@@ -1,0 +1,77 @@
+"""Parallel first-call compiles (mambakit.ops.triton.compile) without a GPU: the cache hook notes only this
+thread's mambakit kernels, and forked children compile a noted kernel for an H100 into Triton's on-disk cache."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from types import SimpleNamespace
+
+os.environ["TRITON_INTERPRET"] = "1"  # as in every test here, before triton is imported (the children compile for real)
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from mambakit.ops.triton.compile import noting_compiles  # noqa: E402
+
+
+def _call_hook(module: str) -> object:
+    from triton import knobs
+
+    compile_args = {"specialization_data": '{"options": {"num_warps": 4}}', "signature": {"x": "i32"},
+                    "constants": {}, "configs": [{}]}
+    return knobs.runtime.jit_cache_hook(key="k", repr="r", fn=SimpleNamespace(module=module, jit_function="kernel"),
+                                        compile=compile_args, is_manual_warmup=False, already_compiled=False)
+
+
+def test_noting_compiles_takes_only_this_threads_mambakit_kernels():
+    from triton import knobs
+
+    before = knobs.runtime.jit_cache_hook
+    with noting_compiles() as noted:
+        assert _call_hook("mambakit.ops.triton.ssd") is True  # skipped: noted instead
+        assert not _call_hook("somebody.else")  # compiled as usual
+        other = []
+        thread = threading.Thread(target=lambda: other.append(_call_hook("mambakit.ops.triton.ssd")))
+        thread.start()
+        thread.join()
+        assert not other[0]  # another thread's compile goes ahead
+    assert knobs.runtime.jit_cache_hook is before
+    assert len(noted) == 1 and noted[0].kernel == "kernel" and noted[0].options == {"num_warps": 4}
+
+
+CHILD_SCRIPT = textwrap.dedent("""
+    import glob, os, sys
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from mambakit.ops.triton.compile import CompileRequest, compile_in_children
+
+    @triton.jit
+    def scale(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)
+
+    requests = [CompileRequest(scale, "key", {"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}, {(2,): 64}, {},
+                               {"num_warps": 4, "num_stages": 2})]
+    done = compile_in_children(requests + requests, GPUTarget("cuda", 90, 32))  # the duplicate is compiled once
+    cubins = glob.glob(os.path.join(os.environ["TRITON_CACHE_DIR"], "*", "scale.cubin"))
+    print("compiled", done, "cubins", len(cubins))
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_children_compile_into_the_cache(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    script = tmp_path / "compile_scale.py"
+    script.write_text(CHILD_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "compiled 1 cubins 1" in run.stdout, run.stdout + run.stderr[-2000:]

@@ -12,7 +12,6 @@ run of row blocks of one group, accumulating its weight-gradient partial sum in 
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -22,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.triton.device import multiprocessor_count
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted: remember which one this module got.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -122,13 +122,6 @@ def _block(group_size: int, backward: bool) -> tuple[int, int, int]:
     return block_rows, block_d, max(1, min(8, block_rows * block_d // 512))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # interpreter: few programs, so that each walks several row blocks
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 class _RMSNormGatedTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, z, weight, eps, group_size, norm_before_gate):
@@ -159,7 +152,7 @@ class _RMSNormGatedTriton(torch.autograd.Function):
         do2 = _rows_2d(dout, d)
         block_rows, block_d, warps = _block(group_size, backward=True)
         n_blocks = triton.cdiv(n_rows, block_rows)
-        target = max(1, 4 * _sm_count(y2.device) // ngroups)  # row programs per group
+        target = max(1, 4 * multiprocessor_count(y2.device) // ngroups)  # row programs per group
         blocks_per_prog = triton.cdiv(n_blocks, min(n_blocks, target))
         n_progs = triton.cdiv(n_blocks, blocks_per_prog)
         dy = torch.empty(n_rows, d, device=y2.device, dtype=y2.dtype)

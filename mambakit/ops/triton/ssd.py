@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops.triton.compile import precompile_once, specialisation
+from mambakit.ops.triton.device import multiprocessor_count
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted: remember which one this module got.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -640,10 +641,6 @@ def _padded_segments(seg: Optional[Tensor], Lpad: int) -> Optional[Tensor]:
     return out.contiguous()
 
 
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 class _Plan:
     """Shapes and launch parameters shared by forward and backward."""
 
@@ -670,7 +667,7 @@ class _Plan:
     def fused_states(self, device: torch.device) -> bool:
         if FUSED_STATES is not None:
             return FUSED_STATES
-        return self.batch * self.nheads >= _multiprocessors(device) // 2
+        return self.batch * self.nheads >= multiprocessor_count(device) // 2
 
     def state_tiles(self, device: torch.device) -> Tuple[int, int]:
         """(headdim, d_state) tile of `_chunk_states_fwd` / `_chunk_states_bwd`: one program per (batch, head, tile)
@@ -679,7 +676,7 @@ class _Plan:
         tiles, which all the heads of a group read anyway."""
         if STATE_TILE is not None:
             return STATE_TILE
-        sms = _multiprocessors(device)
+        sms = multiprocessor_count(device)
         bp, bn = min(self.BP, 64), min(self.BN, 64)
         while self.batch * self.nheads * triton.cdiv(self.P, bp) * triton.cdiv(self.N, bn) < sms // 2 \
                 and max(bp, bn) > 16:
@@ -726,8 +723,7 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
         _chunk_states_fwd[pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs)](
             x, dtp, A, B, segp_arg, init, acs, H, final, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
             pl.Lpad, *x.stride(), *B.stride(), HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q,
-            BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps,
-            num_stages=pl.stages)
+            BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps, num_stages=pl.stages)
     else:
         S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
         _chunk_state_fwd[pl.nchunks, pl.batch * pl.nheads](
@@ -766,13 +762,11 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     if pl.fused_states(dev):
         BPs, BNs = pl.state_tiles(dev)
         grid = (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs))
-        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, grid[1] * grid[2]), device=dev,
-                            dtype=torch.float32)
+        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, grid[1] * grid[2]), device=dev, dtype=torch.float32)
         _chunk_states_bwd[grid](
             dy, C, segp_arg, acs, H, dfin, G, dinit, dlast, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
             pl.Lpad, *dy.stride(), *C.stride(), HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q,
-            BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps,
-            num_stages=pl.stages)
+            BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps, num_stages=pl.stages)
     else:
         dHl = torch.empty_like(H, dtype=torch.float32)
         BPy = min(pl.BP, 64)
@@ -861,9 +855,10 @@ class _SSDTriton(torch.autograd.Function):
     def backward(ctx, gy, gfinal):  # type: ignore[override]
         x, A, B, C, D, dtp, acs, H, segp = ctx.saved_tensors
         dy = gy if gy is not None else torch.zeros_like(x)
-        precompile_once(("backward", dy.dtype, gfinal is None)
-                    + _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy),
-                    lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size))
+        # the real upstream gradients may specialise the backward kernels otherwise than forward's guess
+        key = _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy)
+        precompile_once(("backward", dy.dtype, gfinal is None) + key,
+                        lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size))
         dx, ddt, dA, dB, dC, dD, dinit = ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal,
                                                       ctx.chunk_size)
         return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dinit if ctx.has_init else None,

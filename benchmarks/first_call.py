@@ -8,7 +8,9 @@ Each measurement runs in a fresh process with its own empty Triton cache:
   call compiled side by side in forked processes (the default, `mambakit.ops.triton.compile`) or one after the
   other on first launch, as Triton does by itself;
 - a warm run (same cache, new process): what is left when nothing is compiled;
-- when each kernel became ready in the parent (compiled or loaded from the disk cache).
+- when each kernel became ready in the parent (compiled or loaded from the disk cache);
+- where the parent's time went: dry runs, waiting for the children (and how many), `triton.compile` in the parent
+  (a compile, or a load from the disk cache), first launches (building the launcher, loading onto the GPU).
 """
 from __future__ import annotations
 
@@ -40,12 +42,33 @@ def child(serial: bool) -> None:
 
     triton.compiler.CompiledKernel.__init__ = noted_init
     parallel_compile.ENABLED = not serial
+    spent = {}  # what -> [calls, seconds]
+
+    def timed(owner, name, what, count=lambda *a, **k: 1):
+        inner = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                entry = spent.setdefault(what, [0, 0.0])
+                entry[0] += count(*args, **kwargs)
+                entry[1] += time.perf_counter() - t
+
+        setattr(owner, name, wrapper)
+
+    timed(parallel_compile, "precompile", "first-call dry runs + children")
+    timed(parallel_compile, "compile_in_children", "children (kernels)", count=lambda requests, *a, **k: len(requests))
+    timed(triton.compiler, "compile", "triton.compile in the parent")
+    timed(triton.compiler.CompiledKernel, "_init_handles", "first launches (launcher + load)")
     t_import = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()
     t_cuda = time.perf_counter() - t0
+    timed(triton.runtime.driver.active.launcher_cls, "__init__", "launcher builds")
 
     t0 = time.perf_counter()
     a = torch.randn(256, 768, device="cuda", requires_grad=True)
@@ -62,13 +85,14 @@ def child(serial: bool) -> None:
     torch.cuda.synchronize()
     t_block = time.perf_counter()
     compiles.clear()
+    spent.clear()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = block(x)
     y.float().sum().backward()
     torch.cuda.synchronize()
     t_block = time.perf_counter() - t_block
     print(json.dumps(dict(import_s=t_import, cuda_s=t_cuda, cublas_s=t_cublas, block_s=t_block,
-                          compiles=compiles)))
+                          compiles=compiles, spent=spent)))
 
 
 def main() -> None:
@@ -98,11 +122,14 @@ def main() -> None:
             r = json.loads(run.stdout.strip().splitlines()[-1])
             print(f"| {label} | {r['import_s']:.2f} | {r['cuda_s']:.2f} | {r['cublas_s']:.2f} | "
                   f"**{r['block_s']:.2f}** | {len(r['compiles'])} |")
-            details.append((label, r["compiles"]))
-    for label, compiles in details:
+            details.append((label, r["compiles"], r["spent"]))
+    for label, compiles, spent in details:
         print(f"\n{label}: kernel, seconds into the block's first call when it was ready")
         for name, at in compiles:
             print(f"  {name:32s} {at:6.2f}")
+        print("  where the time went (calls, s; nested: the first launches include the launcher builds):")
+        for what, (calls, seconds) in spent.items():
+            print(f"    {what:40s} {calls:4d} {seconds:7.2f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
 from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_state_after
 from mambakit.ops.selective_scan import selective_scan_fn, selective_state_update
@@ -144,6 +145,8 @@ class Mamba(nn.Module):
         seq_idx: (batch, seqlen) packed-sequence index; no information crosses a change of index.
         mask: (batch, seqlen) 1 for real tokens, 0 for padding; padded positions leave the state untouched.
         """
+        if state is None and self.scan_backend in ("auto", "triton"):  # the Triton kernels' first call
+            compile_first_call(self, hidden_states, seq_idx, mask)
         s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask)
         y, last_state = selective_scan_fn(
             s.u, s.delta, s.A, s.B, s.C, s.D, z=s.z, delta_bias=s.delta_bias, delta_softplus=True,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from mambakit.errors import MambaKitError
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNormGated
+from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
 from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_state_after
 from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_step
@@ -161,6 +162,8 @@ class Mamba2(nn.Module):
         seq_idx: (batch, seqlen) packed-sequence index. mask: (batch, seqlen) 1 = token, 0 = padding (the padded
         positions leave the state untouched).
         """
+        if state is None:  # the Triton kernels' first call (CUDA)
+            compile_first_call(self, hidden_states, seq_idx, mask)
         s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask)
         gate = None if self.rmsnorm else s.z.unflatten(-1, (self.nheads, self.headdim))
         # chunk_size only trades speed for memory (the function is the same); on CPU 64 is fastest

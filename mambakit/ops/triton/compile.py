@@ -6,9 +6,13 @@ kernel noted instead of done (those launches are skipped, so ``run`` must only w
 compiles the noted kernels in forked child processes, one per kernel, into Triton's on-disk cache. The real launches
 that follow load them from there. A child that fails or hangs only costs time: its kernel is then compiled on
 launch, as without this.
+
+Each child also builds the kernel's launcher (Triton 3.6 compiles a small C module per kernel signature with the host
+compiler on first launch, ~0.4 s each, and caches it on disk too). Kernels already in the on-disk cache get no child.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -22,6 +26,8 @@ import triton
 
 #: Seconds to wait for the children before leaving the rest of the compiles to the launches.
 CHILD_TIMEOUT_S: float = 120.0
+
+_NOTING = threading.local()  # .depth: how many noting_compiles are open in this thread
 
 
 class CompileRequest(NamedTuple):
@@ -58,20 +64,49 @@ def noting_compiles(module_prefix: str = "mambakit.") -> Iterator[List[CompileRe
         return None
 
     knobs.runtime.jit_cache_hook = hook
+    _NOTING.depth = getattr(_NOTING, "depth", 0) + 1
     try:
         yield noted
     finally:
+        _NOTING.depth -= 1
         knobs.runtime.jit_cache_hook = previous
 
 
-def _compile(request: CompileRequest, target: Any) -> None:
-    """Compile one request for target into Triton's cache (what JITFunction does on a first launch)."""
+def _source_and_options(request: CompileRequest, target: Any) -> tuple:
     from triton.compiler import ASTSource, make_backend
 
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in request.options.items()}
-    options = make_backend(target).parse_options(options)
+    backend = make_backend(target)
     source = ASTSource(request.kernel, request.signature, request.constants, request.attrs)
-    triton.compile(source, target=target, options=options.__dict__)
+    return source, backend, backend.parse_options(options)  # as JITFunction passes them to triton.compile
+
+
+def _compile(request: CompileRequest, target: Any) -> None:
+    """Compile one request for target into Triton's cache, and build its launcher (what a first launch does,
+    short of loading the kernel onto the GPU)."""
+    source, _, options = _source_and_options(request, target)
+    kernel = triton.compile(source, target=target, options=options.__dict__)
+    try:  # a launcher needs no GPU to be built; where this fails the first launch builds it
+        triton.runtime.driver.active.launcher_cls(kernel.src, kernel.metadata)
+    except Exception:  # noqa: BLE001 (only time is at stake)
+        pass
+
+
+def _in_disk_cache(request: CompileRequest, target: Any) -> bool:
+    """Whether Triton's on-disk cache already holds this compile (the lookup triton.compile starts with). False
+    where this Triton's internals differ: the request then just gets its child."""
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+        from triton.runtime.cache import get_cache_key, get_cache_manager
+
+        source, backend, options = _source_and_options(request, target)
+        options = backend.parse_options(dict(options.__dict__, **source.parse_options()))  # as triton.compile does
+        key = get_cache_key(source, backend, options, env_vars=get_cache_invalidating_env_vars())
+        manager = get_cache_manager(hashlib.sha256(key.encode("utf-8")).hexdigest())
+        name = f"{source.name[:150]}.json"
+        return name in (manager.get_group(name) or {})
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def compile_in_children(requests: List[CompileRequest], target: Any, timeout_s: float = CHILD_TIMEOUT_S) -> int:
@@ -136,6 +171,8 @@ def precompile_once(key: Any, run: Callable[[], Any]) -> None:
     if not ENABLED or key in _DONE or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return
     _DONE.add(key)
+    if getattr(_NOTING, "depth", 0):  # within an enclosing first call's run: its note of compiles takes these in
+        return
     precompile(run)
 
 
@@ -145,8 +182,50 @@ def precompile(run: Callable[[], Any]) -> int:
     if not hasattr(os, "fork"):
         return 0
     with noting_compiles() as requests:
-        run()
+        try:
+            run()
+        except Exception:  # noqa: BLE001 (on the skipped launches' unset outputs; a real error comes back in the real call)
+            pass
     if not requests:
         return 0
     target = triton.runtime.driver.active.get_current_target()
-    return compile_in_children(requests, target)
+    return compile_in_children([r for r in requests if not _in_disk_cache(r, target)], target)
+
+
+def module_first_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Callable[[], None]:
+    """A ``run`` for `precompile_once`: ``module(*args, **kwargs)`` and, where autograd records it, a backward
+    through it, on detached copies of its parameters and tensor inputs, so that no ``.grad``, parameter hook or
+    outer autograd graph is touched. A module with forward hooks (here or below) or a ``delta_hook`` set is not run
+    (the hooks would see the extra call): its ops then compile their own first calls."""
+
+    def run() -> None:
+        if getattr(module, "delta_hook", None) is not None or any(
+                m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
+            return
+        if not torch.is_grad_enabled():
+            module(*args, **kwargs)
+            return
+
+        def leaf(v: Any) -> Any:
+            return v.detach().requires_grad_(v.requires_grad) if torch.is_tensor(v) and v.is_floating_point() else v
+
+        params = {name: leaf(p) for name, p in module.named_parameters()}
+        args_, kwargs_ = [leaf(a) for a in args], {k: leaf(v) for k, v in kwargs.items()}
+        out = torch.func.functional_call(module, params, tuple(args_), kwargs_)
+        inputs = [t for t in (*params.values(), *args_, *kwargs_.values()) if torch.is_tensor(t) and t.requires_grad]
+        if torch.is_tensor(out) and out.requires_grad and inputs:
+            torch.autograd.grad(out, inputs, torch.empty_like(out), allow_unused=True)
+
+    return run
+
+
+def module_call_key(module: torch.nn.Module, hidden_states: torch.Tensor, *optional: Any) -> tuple:
+    """A first-call key for a mixer layer: its type, its plain settings (sizes, flags) and parameters (shape, dtype,
+    requires_grad), the input's dtype and Triton specialisation, autocast and grad mode, which optional inputs are
+    given. (A key that says too little only costs a skipped first-call compile: the ops then compile their own.)"""
+    autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    settings = tuple((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, tuple)))
+    params = tuple((p.shape, p.dtype, p.requires_grad) for p in module.parameters())
+    return (type(module), settings, params, hidden_states.dtype, autocast, torch.is_grad_enabled(),
+            tuple(o is None for o in optional), hidden_states.device,
+            specialisation(*hidden_states.shape[:-1], hidden_states))

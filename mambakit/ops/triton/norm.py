@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.triton.compile import precompile_once, specialisation
 from mambakit.ops.triton.device import multiprocessor_count
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted: remember which one this module got.
@@ -122,22 +123,59 @@ def _block(group_size: int, backward: bool) -> tuple[int, int, int]:
     return block_rows, block_d, max(1, min(8, block_rows * block_d // 512))
 
 
+def _norm_forward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, eps: float, group_size: int,
+                  norm_before_gate: bool) -> tuple[Tensor, Tensor]:
+    """y2, z2: (rows, d); weight: (d,). Returns out (rows, d) in y2's dtype and rstd (rows, d // group_size) fp32."""
+    n_rows, d = y2.shape
+    ngroups = d // group_size
+    out = torch.empty(n_rows, d, device=y2.device, dtype=y2.dtype)
+    rstd = torch.empty(n_rows, ngroups, device=y2.device, dtype=torch.float32)
+    block_rows, block_d, warps = _block(group_size, backward=False)
+    grid = (triton.cdiv(n_rows, block_rows), ngroups)
+    _norm_fwd_kernel[grid](
+        y2, z2 if z2 is not None else y2, weight, out, rstd, n_rows, group_size, ngroups,
+        y2.stride(0), z2.stride(0) if z2 is not None else 0, float(eps),
+        HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate,
+        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
+    return out, rstd
+
+
+def _norm_backward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, rstd: Tensor, do2: Tensor, group_size: int,
+                   norm_before_gate: bool) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """Gradients (dy (rows, d), dz (rows, d) or None, dweight (d,)) for the upstream gradient do2 (rows, d)."""
+    n_rows, d = y2.shape
+    ngroups = d // group_size
+    block_rows, block_d, warps = _block(group_size, backward=True)
+    n_blocks = triton.cdiv(n_rows, block_rows)
+    target = max(1, 4 * multiprocessor_count(y2.device) // ngroups)  # row programs per group
+    blocks_per_prog = triton.cdiv(n_blocks, min(n_blocks, target))
+    n_progs = triton.cdiv(n_blocks, blocks_per_prog)
+    dy = torch.empty(n_rows, d, device=y2.device, dtype=y2.dtype)
+    dz = torch.empty(n_rows, d, device=y2.device, dtype=z2.dtype) if z2 is not None else None
+    dw_part = torch.empty(n_progs, d, device=y2.device, dtype=torch.float32)
+    _norm_bwd_kernel[(n_progs, ngroups)](
+        y2, z2 if z2 is not None else y2, weight, rstd, do2, dy, dz if dz is not None else dy, dw_part,
+        n_rows, group_size, ngroups, y2.stride(0), z2.stride(0) if z2 is not None else 0, do2.stride(0),
+        blocks_per_prog, HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate,
+        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
+    return dy, dz, dw_part.sum(0).to(weight.dtype)
+
+
 class _RMSNormGatedTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, z, weight, eps, group_size, norm_before_gate):
         d = y.shape[-1]
         y2 = _rows_2d(y, d)
         z2 = _rows_2d(z, d) if z is not None else None
-        n_rows, ngroups = y2.shape[0], d // group_size
-        out = torch.empty(n_rows, d, device=y.device, dtype=y.dtype)
-        rstd = torch.empty(n_rows, ngroups, device=y.device, dtype=torch.float32)
-        block_rows, block_d, warps = _block(group_size, backward=False)
-        grid = (triton.cdiv(n_rows, block_rows), ngroups)
-        _norm_fwd_kernel[grid](
-            y2, z2 if z2 is not None else y2, weight, out, rstd, n_rows, group_size, ngroups,
-            y2.stride(0), z2.stride(0) if z2 is not None else 0, float(eps),
-            HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate,
-            BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
+
+        def first_call() -> None:  # forward and backward, the upstream gradient guessed (contiguous, y's dtype)
+            out, rstd = _norm_forward(y2, z2, weight, eps, group_size, norm_before_gate)
+            _norm_backward(y2, z2, weight, rstd, torch.empty_like(out), group_size, norm_before_gate)
+
+        key = (y.dtype, None if z is None else z.dtype, weight.dtype, d, group_size, norm_before_gate, y.device,
+               specialisation(y2.shape[0], y2, *(() if z2 is None else (z2,))))
+        precompile_once(("rms_norm",) + key, first_call)
+        out, rstd = _norm_forward(y2, z2, weight, eps, group_size, norm_before_gate)
         ctx.save_for_backward(y2, z2, weight, rstd)
         ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
         ctx.y_shape, ctx.z_shape = y.shape, (z.shape if z is not None else None)
@@ -146,24 +184,8 @@ class _RMSNormGatedTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         y2, z2, weight, rstd = ctx.saved_tensors
-        n_rows, d = y2.shape
-        group_size = ctx.group_size
-        ngroups = d // group_size
-        do2 = _rows_2d(dout, d)
-        block_rows, block_d, warps = _block(group_size, backward=True)
-        n_blocks = triton.cdiv(n_rows, block_rows)
-        target = max(1, 4 * multiprocessor_count(y2.device) // ngroups)  # row programs per group
-        blocks_per_prog = triton.cdiv(n_blocks, min(n_blocks, target))
-        n_progs = triton.cdiv(n_blocks, blocks_per_prog)
-        dy = torch.empty(n_rows, d, device=y2.device, dtype=y2.dtype)
-        dz = torch.empty(n_rows, d, device=y2.device, dtype=z2.dtype) if z2 is not None else None
-        dw_part = torch.empty(n_progs, d, device=y2.device, dtype=torch.float32)
-        _norm_bwd_kernel[(n_progs, ngroups)](
-            y2, z2 if z2 is not None else y2, weight, rstd, do2, dy, dz if dz is not None else dy, dw_part,
-            n_rows, group_size, ngroups, y2.stride(0), z2.stride(0) if z2 is not None else 0, do2.stride(0),
-            blocks_per_prog, HAS_Z=z2 is not None, NORM_BEFORE_GATE=ctx.norm_before_gate,
-            BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
-        dw = dw_part.sum(0).to(weight.dtype)
+        dy, dz, dw = _norm_backward(y2, z2, weight, rstd, _rows_2d(dout, y2.shape[1]), ctx.group_size,
+                                    ctx.norm_before_gate)
         return (dy.view(ctx.y_shape), dz.view(ctx.z_shape) if dz is not None else None, dw, None, None, None)
 
 

@@ -1,0 +1,88 @@
+"""A layer's first-call dry run (mambakit.ops.triton.compile.module_first_call): it runs the layer's forward and
+backward without touching the real parameters' gradients, hooks or the caller's graph; it stays out of the way of
+hooks; its key changes with what changes the kernels."""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # as in every Triton test here, before triton is imported
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from mambakit.layers.first_call import compile_first_call  # noqa: E402
+from mambakit.layers.mamba import Mamba  # noqa: E402
+from mambakit.layers.mamba2 import Mamba2  # noqa: E402
+from mambakit.ops.triton import compile as triton_compile  # noqa: E402
+
+
+def _layers():
+    torch.manual_seed(0)
+    return [Mamba2(d_model=16, d_state=4, headdim=8, chunk_size=8), Mamba(d_model=16, d_state=4)]
+
+
+@pytest.mark.parametrize("layer", _layers(), ids=["mamba2", "mamba"])
+def test_dry_run_calls_forward_and_backward_and_leaves_grads_alone(layer, monkeypatch):
+    calls = []
+    forward = type(layer).forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(layer), "forward", counted)
+    grads = []
+    autograd_grad = torch.autograd.grad
+
+    def noted_grad(outputs, inputs, *args, **kwargs):
+        result = autograd_grad(outputs, inputs, *args, **kwargs)
+        grads.append(sum(g is not None for g in result))
+        return result
+
+    monkeypatch.setattr(torch.autograd, "grad", noted_grad)
+    x = torch.randn(2, 11, 16, requires_grad=True)
+    seen = []
+    for p in layer.parameters():
+        p.register_hook(lambda g: seen.append(g))
+    triton_compile.module_first_call(layer, x, seq_idx=None, mask=None)()
+    assert calls == [True] and grads == [len(list(layer.parameters())) + 1]  # a backward into x and every weight
+    assert all(p.grad is None for p in layer.parameters()) and x.grad is None and not seen
+    with torch.no_grad():
+        triton_compile.module_first_call(layer, x, seq_idx=None, mask=None)()
+    assert calls == [True, False]
+
+
+def test_dry_run_stays_out_of_the_way_of_hooks():
+    layer = _layers()[0]
+    x = torch.randn(1, 5, 16)
+    seen = []
+    handle = layer.out_proj.register_forward_hook(lambda m, i, o: seen.append(o))
+    triton_compile.module_first_call(layer, x, seq_idx=None, mask=None)()
+    assert not seen  # a submodule's hook: not run
+    handle.remove()
+    layer.delta_hook = lambda dt: seen.append(dt) or dt
+    triton_compile.module_first_call(layer, x, seq_idx=None, mask=None)()
+    assert not seen
+
+
+def test_key_follows_what_changes_the_kernels():
+    layer = _layers()[0]
+    x = torch.randn(2, 16, 16)
+    key = triton_compile.module_call_key(layer, x, None, None)
+    assert key == triton_compile.module_call_key(layer, torch.randn(4, 32, 16), None, None)  # new sizes, same flags
+    assert key != triton_compile.module_call_key(layer, torch.randn(4, 33, 16), None, None)  # seqlen % 16 differs
+    assert key != triton_compile.module_call_key(layer, x.double(), None, None)
+    assert key != triton_compile.module_call_key(layer, x, torch.zeros(2, 16, dtype=torch.int32), None)
+    with torch.no_grad():
+        assert key != triton_compile.module_call_key(layer, x, None, None)
+    other = Mamba2(d_model=16, d_state=4, headdim=8, chunk_size=16)
+    assert key != triton_compile.module_call_key(other, x, None, None)
+
+
+def test_nothing_happens_on_the_cpu(monkeypatch):
+    layer = _layers()[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as if kernels were compiled: still nothing to do off CUDA
+    monkeypatch.setattr(triton_compile, "precompile", lambda run: pytest.fail("precompile on CPU tensors"))
+    compile_first_call(layer, torch.randn(1, 4, 16), None, None)

@@ -19,15 +19,13 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List, NamedTuple
+from typing import Any, Callable, Iterator, List, NamedTuple, Optional
 
 import torch
 import triton
 
 #: Seconds to wait for the children before leaving the rest of the compiles to the launches.
 CHILD_TIMEOUT_S: float = 120.0
-
-_NOTING = threading.local()  # .depth: how many noting_compiles are open in this thread
 
 
 class CompileRequest(NamedTuple):
@@ -41,19 +39,45 @@ class CompileRequest(NamedTuple):
     options: dict
 
 
+class _Note(list):
+    """The compile requests of one open `noting_compiles`: those of its thread, and those of the autograd graph
+    tasks lent to it (a CUDA backward runs in an autograd engine thread, which may run other graph tasks too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.graph_tasks: set = set()
+
+    def takes_this_call(self) -> bool:
+        return threading.get_ident() == self.thread or (
+            bool(self.graph_tasks) and _graph_task() in self.graph_tasks)
+
+
+def _graph_task() -> int:
+    """The id of the autograd graph task running here (-1: none, or this torch does not tell)."""
+    return torch._C._current_graph_task_id() if hasattr(torch._C, "_current_graph_task_id") else -1
+
+
+_OPEN: List[_Note] = []  # open notes, innermost last
+
+
+def _open_note() -> Optional[_Note]:
+    """The innermost open note that takes this thread's (or this graph task's) calls, or None."""
+    return next((note for note in reversed(_OPEN) if note.takes_this_call()), None)
+
+
 @contextmanager
 def noting_compiles(module_prefix: str = "mambakit.") -> Iterator[List[CompileRequest]]:
-    """Within: in this thread, a kernel of a module under ``module_prefix`` that is not compiled yet is neither
-    compiled nor launched; its compile request is appended to the yielded list. Other threads, other kernels and
-    kernels already compiled run as usual."""
+    """Within: in this thread (and in the autograd graph tasks lent to it, see `module_first_call`), a kernel of a
+    module under ``module_prefix`` that is not compiled yet is neither compiled nor launched; its compile request is
+    appended to the yielded list. Other threads, other kernels and kernels already compiled run as usual."""
     from triton import knobs
 
-    noted: List[CompileRequest] = []
-    thread = threading.get_ident()
+    noted = _Note()
     previous = knobs.runtime.jit_cache_hook
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002 (Triton's names)
-        if threading.get_ident() == thread and str(fn.module).startswith(module_prefix):
+        if noted.takes_this_call() and str(fn.module).startswith(module_prefix):
             options = json.loads(compile["specialization_data"])["options"]
             noted.append(CompileRequest(fn.jit_function, str(key), compile["signature"], compile["constants"],
                                         compile["configs"][0], options))
@@ -64,11 +88,11 @@ def noting_compiles(module_prefix: str = "mambakit.") -> Iterator[List[CompileRe
         return None
 
     knobs.runtime.jit_cache_hook = hook
-    _NOTING.depth = getattr(_NOTING, "depth", 0) + 1
+    _OPEN.append(noted)
     try:
         yield noted
     finally:
-        _NOTING.depth -= 1
+        _OPEN.remove(noted)
         knobs.runtime.jit_cache_hook = previous
 
 
@@ -171,7 +195,7 @@ def precompile_once(key: Any, run: Callable[[], Any]) -> None:
     if not ENABLED or key in _DONE or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return
     _DONE.add(key)
-    if getattr(_NOTING, "depth", 0):  # within an enclosing first call's run: its note of compiles takes these in
+    if _open_note() is not None:  # within an enclosing first call's run: its note of compiles takes these in
         return
     precompile(run)
 
@@ -214,7 +238,14 @@ def module_first_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Cal
         out = torch.func.functional_call(module, params, tuple(args_), kwargs_)
         inputs = [t for t in (*params.values(), *args_, *kwargs_.values()) if torch.is_tensor(t) and t.requires_grad]
         if torch.is_tensor(out) and out.requires_grad and inputs:
-            torch.autograd.grad(out, inputs, torch.empty_like(out), allow_unused=True)
+            note = _open_note()
+            if note is not None:  # the backward's graph task notes its compiles too, in whatever thread it runs
+                out.register_hook(lambda grad: note.graph_tasks.add(_graph_task()))
+            try:  # a materialised upstream gradient, given through a product: grad_outputs imports sympy (~2 s)
+                torch.autograd.grad((out * torch.empty_like(out)).sum(), inputs, allow_unused=True)
+            finally:
+                if note is not None:
+                    note.graph_tasks.clear()
 
     return run
 

@@ -88,3 +88,34 @@ def test_a_first_call_inside_another_is_left_to_it(monkeypatch):
         triton_compile.precompile_once(("test", "nested"), lambda: ran.append(1))
     assert not ran and ("test", "nested") in triton_compile._DONE  # the enclosing run notes its compiles
     triton_compile._DONE.discard(("test", "nested"))
+
+
+def test_a_lent_graph_task_notes_its_compiles_in_any_thread_and_no_other_task_does():
+    import torch
+
+    from mambakit.ops.triton.compile import _graph_task
+
+    results = []
+
+    class Launch(torch.autograd.Function):  # its backward "launches" a kernel not compiled yet
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            results.append(bool(_call_hook("mambakit.ops.triton.ssd")))
+            return grad * 2
+
+    def backward_passes(note):  # in another thread, as a CUDA backward runs in autograd's own thread
+        x = torch.ones(2, requires_grad=True)
+        lent = Launch.apply(x).sum()
+        lent.register_hook(lambda grad: note.graph_tasks.add(_graph_task()))
+        torch.autograd.grad(lent, [x])
+        torch.autograd.grad(Launch.apply(x).sum(), [x])  # another graph task
+
+    with noting_compiles() as noted:
+        thread = threading.Thread(target=backward_passes, args=(noted,))
+        thread.start()
+        thread.join()
+    assert results == [True, False] and len(noted) == 1

@@ -38,9 +38,12 @@ configure.original = tssd._Plan.__init__
 
 
 def configure_states(tile: str) -> None:
-    """'unfused': chunk states + state passing; 'auto': the fused pass with the plan's tile; 'PxN': that tile."""
+    """'unfused': chunk states + state passing; 'auto': the fused pass with the plan's tile; 'PxN': that tile;
+    a suffix '+pairs' / '+single': two chunks / one chunk per step of the forward pass (none: the plan decides)."""
+    tile, _, step = tile.partition("+")
     tssd.FUSED_STATES = tile != "unfused"
     tssd.STATE_TILE = tuple(int(v) for v in tile.split("x")) if "x" in tile else None
+    tssd.STATE_PAIRS = {"pairs": True, "single": False}.get(step)
 
 
 def time_one(N: int, L: int = 2048, tokens: int = 65536):

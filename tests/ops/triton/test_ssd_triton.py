@@ -198,3 +198,36 @@ def test_state_passing_through_memory(name, monkeypatch):
     monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
     monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 64)
     _compare(make_inputs(**dict(CASES[name], chunk_size=64)))
+
+
+@pytest.mark.parametrize("nchunks_parity", ["odd", "even"])
+def test_state_pass_two_chunks_per_step(nchunks_parity, monkeypatch):
+    # the forward pass with pairs of chunks per step: an odd number of chunks leaves the last pair half empty;
+    # packed sequences and an initial state cross the pairs; float32 (blocks within chunks) and float16
+    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    monkeypatch.setattr(ssd_mod, "STATE_PAIRS", True)
+    monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
+    monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 32)
+    seqlen = 75 if nchunks_parity == "odd" else 128  # chunks of 32: 3 or 4
+    kw = make_inputs(batch=2, seqlen=seqlen, nheads=2, headdim=6, ngroups=1, d_state=5, chunk_size=32, nseqs=3,
+                     initial_states=True, D="head", dt_softplus=True)
+    assert ssd_mod._Plan(kw["x"].float(), kw["B"], 32).pairs(kw["x"].device)
+    _compare(kw)
+    _compare(kw, dtype=torch.float16, tol=3e-3)
+
+
+def test_plan_of_the_state_pass_on_an_h100(monkeypatch):
+    # the launch plan on a 132-multiprocessor GPU: headdim cut until the pass has a program per multiprocessor,
+    # two chunks per step for 16-bit inputs only
+    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    monkeypatch.setattr(ssd_mod, "multiprocessor_count", lambda device: 132)
+
+    def plan(batch, seqlen, d_state, dtype=torch.bfloat16):
+        x = torch.empty(batch, seqlen, 32, 64, dtype=dtype, device="meta")
+        B = torch.empty(batch, seqlen, 1, d_state, dtype=dtype, device="meta")
+        return ssd_mod._Plan(x, B, 128)
+
+    assert plan(4, 16384, 64).state_tiles("cuda") == (32, 64)  # 128 (batch, head) pairs: 256 programs
+    assert plan(4, 16384, 128).state_tiles("cuda") == (64, 64)  # two d_state tiles: 256 programs already
+    assert plan(32, 2048, 64).state_tiles("cuda") == (64, 64)
+    assert plan(4, 16384, 64).pairs("cuda") and not plan(4, 16384, 64, torch.float32).pairs("cuda")

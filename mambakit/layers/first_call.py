@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 
@@ -25,7 +26,9 @@ def compile_first_call(layer: nn.Module, hidden_states: Tensor, seq_idx: Optiona
                        mask: Optional[Tensor]) -> None:
     """Before ``layer(hidden_states, seq_idx=seq_idx, mask=mask)`` (no recurrent state) on CUDA: the first time
     for this configuration, compile the Triton kernels of that call and of its backward in parallel processes."""
-    compile_ = _compile_module() if hidden_states.is_cuda else None
+    if not hidden_states.is_cuda or torch.compiler.is_compiling():  # nothing to compile; nothing to trace
+        return
+    compile_ = _compile_module()
     if compile_ is None:
         return
     compile_.precompile_once(compile_.module_call_key(layer, hidden_states, seq_idx, mask),

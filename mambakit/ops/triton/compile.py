@@ -202,13 +202,14 @@ def precompile_once(key: Any, run: Callable[[], Any]) -> None:
 
 def precompile(run: Callable[[], Any]) -> int:
     """Note the compiles that ``run()`` would do (skipping those launches), then do them in parallel children.
-    Returns the number of kernels compiled that way (0 where fork is unavailable)."""
+    An exception in ``run`` ends it early (what it noted is still compiled); the real call that follows raises it
+    again if it is real. Returns the number of kernels compiled that way (0 where fork is unavailable)."""
     if not hasattr(os, "fork"):
         return 0
     with noting_compiles() as requests:
         try:
             run()
-        except Exception:  # noqa: BLE001 (on the skipped launches' unset outputs; a real error comes back in the real call)
+        except Exception:  # noqa: BLE001 (it ran on the skipped launches' unset outputs; a real error recurs later)
             pass
     if not requests:
         return 0

@@ -61,7 +61,8 @@ CHILD_SCRIPT = textwrap.dedent("""
     before = _in_disk_cache(requests[0], target)
     done = compile_in_children(requests + requests, target)  # the duplicate is compiled once
     cubins = glob.glob(os.path.join(os.environ["TRITON_CACHE_DIR"], "*", "scale.cubin"))
-    print("compiled", done, "cubins", len(cubins), "cached before", before, "after", _in_disk_cache(requests[0], target))
+    after = _in_disk_cache(requests[0], target)
+    print("compiled", done, "cubins", len(cubins), "cached before", before, "after", after)
 """)
 
 
@@ -119,3 +120,12 @@ def test_a_lent_graph_task_notes_its_compiles_in_any_thread_and_no_other_task_do
         thread.start()
         thread.join()
     assert results == [True, False] and len(noted) == 1
+
+
+def test_a_failing_dry_run_does_not_fail_the_call():
+    from mambakit.ops.triton import compile as triton_compile
+
+    def run():
+        raise ValueError("computed on a skipped launch's unset output")
+
+    assert triton_compile.precompile(run) == 0  # nothing noted, nothing compiled, nothing raised

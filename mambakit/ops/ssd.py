@@ -882,8 +882,9 @@ def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
         raise MambaKitError("backend='triton' takes float16, bfloat16 or float32 x, got float64 (use 'torch')")
     from mambakit.ops.triton.ssd import ssd_triton_core
 
-    dt_c = _process_dt(dt, dt_bias, dt_softplus, dt_limit, torch.float32)
-    y, final = ssd_triton_core(x, dt_c, A, B, C, D, initial_states, _segments(seq_idx), chunk_size)
+    limit = tuple(dt_limit) if tuple(dt_limit) != DEFAULT_DT_LIMIT else None  # the bias, softplus, clamp: in-kernel
+    y, final = ssd_triton_core(x, dt, A, B, C, D, initial_states, _segments(seq_idx), chunk_size, dt_bias=dt_bias,
+                               dt_softplus=dt_softplus, dt_limit=limit)
     if z is not None:
         y = (y.float() * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_states else y

@@ -29,6 +29,7 @@ import os
 from typing import Callable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -659,11 +660,53 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _padded_rows(t: Tensor, Lpad: int) -> Tensor:
-    """(batch, seqlen, nheads) -> (batch, nheads, Lpad) float32, zero-padded."""
-    out = t.new_zeros((t.shape[0], t.shape[2], Lpad), dtype=torch.float32)
-    out[:, :, : t.shape[1]] = t.transpose(1, 2)
+@triton.jit
+def _dt_prepare(dt_ptr, bias_ptr, out_ptr, seqlen, nheads, Lpad, s_b, s_l, s_h, lo, hi,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (batch * head, block of positions): dt (batch, seqlen, nheads), any float dtype -> (batch,
+    nheads, Lpad) float32: + bias, softplus (x past 20), clamp to [lo, hi]; 0 past seqlen."""
+    bh = tl.program_id(0)
+    b = (bh // nheads).to(tl.int64)
+    h = bh % nheads
+    pos = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = pos < seqlen
+    v = tl.load(dt_ptr + b * s_b + pos * s_l + h * s_h, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:  # log1p(e^v) as log(u) e / (u - 1), u = 1 + e^v: accurate where e^v is tiny
+        e = tl.exp(tl.minimum(v, 20.0))
+        u = 1.0 + e
+        v = tl.where(v > 20.0, v, tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0)))
+    if HAS_LIMIT:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    tl.store(out_ptr + (b * nheads + h) * Lpad + pos, tl.where(valid, v, 0.0), mask=pos < Lpad)
+
+
+def _prepare_dt(dt: Tensor, bias: Optional[Tensor], softplus: bool, limit: Optional[Tuple[float, float]],
+                Lpad: int) -> Tensor:
+    """dt (batch, seqlen, nheads) -> (batch, nheads, Lpad) float32, processed as the official kernels do (bias,
+    softplus, clamp to limit where given) and zero-padded, in one kernel."""
+    batch, seqlen, nheads = dt.shape
+    out = torch.empty((batch, nheads, Lpad), device=dt.device, dtype=torch.float32)
+    BLOCK = 1024
+    lo, hi = limit if limit is not None else (0.0, 0.0)
+    _dt_prepare[batch * nheads, triton.cdiv(Lpad, BLOCK)](
+        dt, bias if bias is not None else dt, out, seqlen, nheads, Lpad, *dt.stride(), float(lo), float(hi),
+        HAS_BIAS=bias is not None, SOFTPLUS=softplus, HAS_LIMIT=limit is not None, BLOCK=BLOCK, num_warps=4)
     return out
+
+
+def _dt_processing_grad(ddt: Tensor, dt: Tensor, bias: Optional[Tensor], softplus: bool,
+                        limit: Optional[Tuple[float, float]]) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradients of the raw dt (its dtype) and of the bias from that of the processed dt, ddt (batch, seqlen,
+    nheads) float32 (what autograd gives the PyTorch form of `_prepare_dt`: clamp passes where lo <= v <= hi)."""
+    v = dt.float() + bias.float() if bias is not None else dt.float()
+    if limit is not None:
+        pre = F.softplus(v) if softplus else v
+        ddt = ddt * ((pre >= limit[0]) & (pre <= limit[1]))
+    if softplus:
+        ddt = ddt * torch.sigmoid(v)
+    return ddt.to(dt.dtype), (ddt.sum((0, 1)).to(bias.dtype) if bias is not None else None)
 
 
 def _padded_segments(seg: Optional[Tensor], Lpad: int) -> Optional[Tensor]:
@@ -741,9 +784,11 @@ class _Plan:
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                initial_states: Optional[Tensor], seg: Optional[Tensor],
-                chunk_size: int) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
-    """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads) processed, float32; A: (nheads,) float32;
+                initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
+                dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+                dt_limit: Optional[Tuple[float, float]] = None) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+    """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), processed here (+ dt_bias (nheads,),
+    softplus, clamp to dt_limit where given); A: (nheads,) float32;
     B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states:
     (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype.
     chunk_size: upper bound of the chunk.
@@ -752,7 +797,7 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     needs."""
     pl = _Plan(x, B, chunk_size)
     dev = x.device
-    dtp = _padded_rows(dt, pl.Lpad)
+    dtp = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad)
     segp = _padded_segments(seg, pl.Lpad)
     has_seg = segp is not None
     segp_arg = segp if has_seg else dtp
@@ -881,23 +926,28 @@ def _config_key(x: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], has_init: 
 
 class _SSDTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size):  # type: ignore[override]
+    def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size, dt_bias, dt_softplus,  # type: ignore[override]
+                dt_limit):
+        processing = (dt_bias, dt_softplus, dt_limit)
+
         def first_call() -> None:  # forward and backward (the upstream gradients guessed: contiguous, materialised)
-            y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size)
+            y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing)
             ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), torch.empty_like(final), chunk_size)
 
-        key = _config_key(x, B, C, D, initial_states is not None, seg, chunk_size)
+        key = _config_key(x, B, C, D, initial_states is not None, seg, chunk_size, dt) + (
+            dt_bias is not None, dt_softplus, dt_limit is not None)
         precompile_once(("forward",) + key, first_call)
-        y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size)
+        y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing)
         dtp, segp, acs, H = saved
-        ctx.save_for_backward(x, A, B, C, D, dtp, acs, H, segp)
+        ctx.save_for_backward(x, A, B, C, D, dtp, acs, H, segp, dt, dt_bias)
         ctx.chunk_size = chunk_size
         ctx.has_init = initial_states is not None
+        ctx.dt_softplus, ctx.dt_limit = dt_softplus, dt_limit
         return y, final
 
     @staticmethod
     def backward(ctx, gy, gfinal):  # type: ignore[override]
-        x, A, B, C, D, dtp, acs, H, segp = ctx.saved_tensors
+        x, A, B, C, D, dtp, acs, H, segp, dt, dt_bias = ctx.saved_tensors
         dy = gy if gy is not None else torch.zeros_like(x)
         # the real upstream gradients may specialise the backward kernels otherwise than forward's guess
         key = _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy)
@@ -905,16 +955,21 @@ class _SSDTriton(torch.autograd.Function):
                         lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size))
         dx, ddt, dA, dB, dC, dD, dinit = ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal,
                                                       ctx.chunk_size)
+        ddt, dbias = _dt_processing_grad(ddt, dt, dt_bias, ctx.dt_softplus, ctx.dt_limit)
         return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dinit if ctx.has_init else None,
-                None, None)
+                None, None, dbias, None, None)
 
 
 def ssd_triton_core(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                    initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int) -> Tuple[Tensor, Tensor]:
+                    initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
+                    dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+                    dt_limit: Optional[Tuple[float, float]] = None) -> Tuple[Tensor, Tensor]:
     """Differentiable SSD core with the D skip, without the gate. x: (batch, seqlen, nheads, headdim)
-    float16/bfloat16/float32; dt: (batch, seqlen, nheads) processed; B, C are cast to x's dtype; D: (nheads,) or
-    (nheads, headdim) or None. Returns y (x's dtype) and the final state (float32)."""
+    float16/bfloat16/float32; dt: (batch, seqlen, nheads), processed in the first kernel (+ dt_bias (nheads,),
+    softplus, clamp to dt_limit where given); B, C are cast to x's dtype; D: (nheads,) or (nheads, headdim) or None.
+    Returns y (x's dtype) and the final state (float32)."""
     io = x.dtype
     init = None if initial_states is None else initial_states.float()
     Df = None if D is None else D.float().contiguous()
-    return _SSDTriton.apply(x, dt.float(), A.float().contiguous(), B.to(io), C.to(io), Df, init, seg, chunk_size)
+    return _SSDTriton.apply(x, dt, A.float().contiguous(), B.to(io), C.to(io), Df, init, seg, chunk_size, dt_bias,
+                            dt_softplus, dt_limit)

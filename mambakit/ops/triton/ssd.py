@@ -676,7 +676,7 @@ def _dt_prepare(dt_ptr, bias_ptr, out_ptr, seqlen, nheads, Lpad, s_b, s_l, s_h, 
     if SOFTPLUS:  # log1p(e^v) as log(u) e / (u - 1), u = 1 + e^v: accurate where e^v is tiny
         e = tl.exp(tl.minimum(v, 20.0))
         u = 1.0 + e
-        v = tl.where(v > 20.0, v, tl.where(u == 1.0, e, tl.log(u) * e / (u - 1.0)))
+        v = tl.where(v > 20.0, v, tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0)))
     if HAS_LIMIT:
         v = tl.minimum(tl.maximum(v, lo), hi)
     tl.store(out_ptr + (b * nheads + h) * Lpad + pos, tl.where(valid, v, 0.0), mask=pos < Lpad)

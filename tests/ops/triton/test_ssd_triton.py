@@ -231,3 +231,32 @@ def test_plan_of_the_state_pass_on_an_h100(monkeypatch):
     assert plan(4, 16384, 128).state_tiles("cuda") == (64, 64)  # two d_state tiles: 256 programs already
     assert plan(32, 2048, 64).state_tiles("cuda") == (64, 64)
     assert plan(4, 16384, 64).pairs("cuda") and not plan(4, 16384, 64, torch.float32).pairs("cuda")
+
+
+@pytest.mark.parametrize("limit", [None, (0.05, 3.0)])
+def test_dt_processing_kernel_and_its_gradient(limit):
+    # the in-kernel dt processing against PyTorch's (float64): softplus far into both tails (log1p accuracy where
+    # e^v is tiny, the identity past 20), the bias, the clamp, zero padding; and the gradients of raw dt and bias
+    import torch.nn.functional as F
+
+    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    g = torch.Generator().manual_seed(3)
+    dt = (torch.rand(2, 37, 3, generator=g, dtype=torch.float64) * 60 - 30).to(torch.bfloat16)
+    bias = torch.randn(3, generator=g)
+    ref = F.softplus(dt.double() + bias.double())
+    if limit is not None:
+        ref = ref.clamp(*limit)
+    out = ssd_mod._prepare_dt(dt, bias, True, limit, 40)
+    assert out.shape == (2, 3, 40) and out.dtype == torch.float32
+    assert torch.all(out[:, :, 37:] == 0)
+    got = out[:, :, :37].transpose(1, 2).double()
+    assert torch.allclose(got, ref, rtol=1e-6, atol=0), (got - ref).abs().max()
+
+    dt_leaf, bias_leaf = dt.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    v = F.softplus(dt_leaf + bias_leaf)
+    v = v.clamp(*limit) if limit is not None else v
+    upstream = torch.randn(2, 37, 3, generator=g, dtype=torch.float64)
+    ref_dt, ref_bias = torch.autograd.grad(v, [dt_leaf, bias_leaf], upstream)
+    ddt, dbias = ssd_mod._dt_processing_grad(upstream.float(), dt, bias, True, limit)
+    assert ddt.dtype == dt.dtype and dbias.dtype == bias.dtype
+    assert rel_err(ddt.double(), ref_dt) < 1e-2 and rel_err(dbias.double(), ref_bias) < 1e-5

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNormGated
-from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
 from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_state_after
 from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_step

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 from mambakit.errors import MambaKitError
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
-from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_state_after
-from mambakit.ops.selective_scan import selective_scan_fn, selective_state_update
+from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
+from mambakit.ops.mixer_step import mamba1_step
+from mambakit.ops.selective_scan import selective_scan_fn
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
@@ -170,15 +171,10 @@ class Mamba(nn.Module):
         """
         squeeze = hidden_states.dim() == 2
         h = hidden_states if squeeze else hidden_states[:, 0]
-        x, z = self.in_proj(h).chunk(2, dim=-1)  # (batch, d_inner) each
-        x = causal_conv1d_update(x, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)
-        if self.delta_hook is not None:
-            dt = self.delta_hook(dt[:, :, None])[:, :, 0]
-        fp = state.ssm.dtype
-        A = -torch.exp(self.A_log.to(fp))
-        y = selective_state_update(state.ssm, x, dt, A, B, C, self.D.to(fp), z=z, dt_bias=self.dt_proj.bias.to(fp),
-                                   dt_softplus=True)
+        hook = self.delta_hook
+        transform = None if hook is None else (lambda dt: hook(dt[:, :, None])[:, :, 0])
+        y = mamba1_step(self.in_proj(h), state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                        self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
+                        dt_transform=transform)
         out = self.out_proj(y)
         return out if squeeze else out[:, None]

@@ -16,8 +16,9 @@ from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNormGated
 from mambakit.layers.state import SSMState
-from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_state_after
-from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_step
+from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
+from mambakit.ops.mixer_step import mamba2_step
+from mambakit.ops.ssd import mamba_chunk_scan_combined
 
 
 _CPU_CHUNK = 64
@@ -182,17 +183,13 @@ class Mamba2(nn.Module):
         """One decoding step. hidden_states: (batch, 1, d_model) or (batch, d_model); state updated in place."""
         squeeze = hidden_states.dim() == 2
         h = hidden_states if squeeze else hidden_states[:, 0]
-        z, xBC, dt = self._split(self.in_proj(h))
-        if self.delta_hook is not None:
-            dt = self.delta_hook(dt[:, None])[:, 0]
-        xBC = causal_conv1d_update(xBC, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                                   activation="silu")
-        x, B, C = self._split_xbc(xBC)
-        fp = state.ssm.dtype
-        gate = None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim))
-        y = ssd_step(state.ssm, x, dt, -torch.exp(self.A_log.to(fp)), B, C, D=self._D(fp), z=gate,
-                     dt_bias=self.dt_bias.to(fp), dt_softplus=True, dt_limit=self.dt_limit)
-        out = self._finish(y.flatten(-2).to(h.dtype), z)
+        zxbcdt = self.in_proj(h)
+        hook = self.delta_hook
+        transform = None if hook is None else (lambda dt: hook(dt[:, None])[:, 0])
+        y = mamba2_step(zxbcdt, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
+                        self.A_log, self.D, self.ngroups, self.dt_limit, gate=not self.rmsnorm,
+                        dt_transform=transform)
+        out = self._finish(y.to(h.dtype), zxbcdt[:, :self.d_inner])
         return out if squeeze else out[:, None]
 
 

@@ -116,6 +116,10 @@ class MixerModel(nn.Module):
         for i, layer in enumerate(self.layers):
             state = cache.states[i] if cache is not None else None
             hidden, residual = layer(hidden, residual, state=state, step=step, **mixer_kwargs)
+        if step and hidden.is_cuda and isinstance(self.norm_f, RMSNorm) and not torch.is_grad_enabled():
+            from mambakit.ops.triton.decode import add_rms_norm_step  # decoding: one kernel instead of three
+
+            return add_rms_norm_step(hidden, residual, self.norm_f.weight, self.norm_f.eps, residual_in_fp32=True)[0]
         residual = hidden if residual is None else residual + hidden
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 

@@ -1,0 +1,104 @@
+"""One LM training step (forward + cross-entropy + backward, optimizer excluded) side by side with the official
+mamba_ssm, with the per-kernel breakdown of each (torch profiler).
+
+    python benchmarks/profile_train_step.py                    # 130M shape, batch 8 x 2048, bf16 autocast
+    python benchmarks/profile_train_step.py --device cpu --tiny  # smoke test
+
+Both models get the same fp32 weights (ours loaded into the official through its state dict) and the same tokens;
+the loss is the same fp32 cross-entropy for both. Prints ms per step (median of --repeats), peak GiB, and the top
+--top kernels of one step by total GPU time with their call counts. Without the official package it runs mambakit
+alone and says so.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from _common import Rows, device_line, import_official, sync, table, time_ms
+from mambakit import MambaConfig, MambaLMHeadModel
+
+
+def ssm_cfg(arch: str) -> dict[str, Any]:
+    return {"layer": "Mamba2", "d_state": 128, "headdim": 64} if arch == "mamba2" else {}
+
+
+def kernel_breakdown(fn, top: int) -> list[tuple[str, float, int]]:
+    """(name, total ms, calls) of the `top` GPU kernels of one call of fn, by total time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    total: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            total[e.name] += e.device_time_total / 1e3
+            calls[e.name] += 1
+    ranked = sorted(total, key=total.get, reverse=True)
+    print(f"#   all kernels: {sum(total.values()):.2f} ms in {sum(calls.values())} launches")
+    return [(n, total[n], calls[n]) for n in ranked[:top]]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--archs", nargs="+", default=["mamba1", "mamba2"], choices=["mamba1", "mamba2"])
+    ap.add_argument("--d-model", type=int, default=768)
+    ap.add_argument("--n-layer", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=50277)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--no-official", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.d_model, args.n_layer, args.batch, args.seqlen, args.vocab, args.repeats = 32, 2, 2, 64, 256, 1
+    print(f"# {device_line()}")
+    official = None if args.no_official or args.device != "cuda" else import_official()
+    rows = Rows("train_step")
+    for arch in args.archs:
+        torch.manual_seed(0)
+        cfg = dict(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab, ssm_cfg=ssm_cfg(arch))
+        models = {"mambakit": MambaLMHeadModel(MambaConfig(**cfg), device=args.device)}
+        if official is not None:
+            theirs = official["LM"](official["Config"](**cfg, fused_add_norm=True), device=args.device)
+            theirs.load_state_dict(models["mambakit"].state_dict(), strict=True)
+            models["official"] = theirs
+        ids = torch.randint(0, args.vocab, (args.batch, args.seqlen + 1), device=args.device)
+        for name, model in models.items():
+            def step(model=model):
+                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+                    logits = model(ids[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                return loss
+
+            step()
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = time_ms(step, repeats=args.repeats, warmup=1)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
+            rows.add(arch=arch, engine=name, ms=ms, peak_GiB=peak, batch=args.batch, seqlen=args.seqlen,
+                     d_model=args.d_model, n_layer=args.n_layer)
+            if args.device == "cuda":
+                print(f"# {name} {arch}: top kernels of one step (total ms, calls)")
+                for kname, kms, kcalls in kernel_breakdown(step, args.top):
+                    print(f"#   {kms:8.2f} ms {kcalls:5d}x  {kname[:140]}")
+        del models
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    rows.save()
+    print(table(rows.rows, ["arch", "engine", "ms", "peak_GiB", "batch", "seqlen"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""A mixer's one-token decoding step between its in_proj and its out_proj, as one op per mixer.
+
+    mamba1_step: conv-state update, conv + SiLU, x_proj, dt_proj, softplus, the state update, D skip, SiLU(z) gate;
+    mamba2_step: conv-state update, conv + SiLU, dt processing, the per-head state update, D skip (and the gate when
+                 the layer has no gated RMSNorm).
+
+backend "auto" runs the fused Triton kernels (`mambakit.ops.triton.mixer_step`: two kernels for Mamba-1, two for
+Mamba-2 with the conv update) on CUDA and the PyTorch composition of the single-purpose ops elsewhere; "torch" and
+"triton" force one. The PyTorch composition is the reference the kernels are tested against (in float64).
+Inference only: the states are updated in place and nothing is recorded for autograd.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambakit.errors import MambaKitError
+from mambakit.ops.conv1d import causal_conv1d_update
+from mambakit.ops.selective_scan import selective_state_update
+from mambakit.ops.ssd import ssd_step
+
+BACKENDS = ("auto", "torch", "triton")
+DtTransform = Callable[[Tensor], Tensor]
+
+
+def _check(name: str, t: Optional[Tensor], shape: tuple[int, ...]) -> None:
+    if t is not None and tuple(t.shape) != shape:
+        raise MambaKitError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _use_triton(backend: str, tensors: list[Tensor], fused_ok: bool) -> bool:
+    if backend not in BACKENDS:
+        raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not fused_ok:
+            raise MambaKitError("backend='triton' needs contiguous weights and states (last dim), non-float64 tensors "
+                                "and no dt_transform")
+        return True
+    if not (fused_ok and tensors[0].is_cuda):
+        return False
+    try:
+        import mambakit.ops.triton.mixer_step  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _fusable(*tensors: Optional[Tensor]) -> bool:
+    return all(t is None or (t.dtype != torch.float64 and t.stride(-1) == 1) for t in tensors)
+
+
+@torch.no_grad()
+def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
+                x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor,
+                D: Optional[Tensor], dt_transform: Optional[DtTransform] = None, backend: str = "auto") -> Tensor:
+    """One Mamba-1 token after in_proj.
+
+    xz: (batch, 2 * d_inner), [x, z]; conv_state: (batch, d_inner, d_conv) and ssm_state: (batch, d_inner, d_state),
+    both updated in place; conv_weight: (d_inner, d_conv); conv_bias, D, dt_proj_bias: (d_inner,); x_proj_weight:
+    (dt_rank + 2 * d_state, d_inner); dt_proj_weight: (d_inner, dt_rank); A_log: (d_inner, d_state), A = -exp(A_log).
+    dt_transform: rewrites the pre-bias dt (batch, d_inner) (ReMamba); it runs the PyTorch path.
+    Returns y: (batch, d_inner) in xz's dtype, gated by SiLU(z), before out_proj.
+    """
+    batch, d_inner, d_state = ssm_state.shape
+    dt_rank = dt_proj_weight.shape[-1]
+    _check("xz", xz, (batch, 2 * d_inner))
+    _check("conv_state", conv_state, (batch, d_inner, conv_weight.shape[-1]))
+    _check("conv_weight", conv_weight, (d_inner, conv_state.shape[-1]))
+    for name, t in (("conv_bias", conv_bias), ("dt_proj_bias", dt_proj_bias), ("D", D)):
+        _check(name, t, (d_inner,))
+    _check("x_proj_weight", x_proj_weight, (dt_rank + 2 * d_state, d_inner))
+    _check("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank))
+    _check("A_log", A_log, (d_inner, d_state))
+    fused_ok = dt_transform is None and _fusable(xz, conv_state, ssm_state, conv_weight, x_proj_weight,
+                                                 dt_proj_weight, A_log) and conv_weight.is_contiguous() \
+        and x_proj_weight.is_contiguous() and dt_proj_weight.is_contiguous() and A_log.is_contiguous()
+    if _use_triton(backend, [xz], fused_ok):
+        from mambakit.ops.triton.mixer_step import mamba1_step_triton
+
+        return mamba1_step_triton(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
+                                  dt_proj_bias, A_log, D, ssm_state)
+    x, z = xz.chunk(2, dim=-1)
+    x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu")
+    dt, B, C = torch.split(F.linear(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
+    dt = F.linear(dt, dt_proj_weight)
+    if dt_transform is not None:
+        dt = dt_transform(dt)
+    fp = ssm_state.dtype
+    return selective_state_update(ssm_state, x, dt, -torch.exp(A_log.to(fp)), B, C, None if D is None else D.to(fp),
+                                  z=z, dt_bias=dt_proj_bias.to(fp), dt_softplus=True)
+
+
+@torch.no_grad()
+def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
+                conv_bias: Optional[Tensor], dt_bias: Tensor, A_log: Tensor, D: Optional[Tensor], ngroups: int,
+                dt_limit: tuple[float, float] = (0.0, float("inf")), gate: bool = False,
+                dt_transform: Optional[DtTransform] = None, backend: str = "auto") -> Tensor:
+    """One Mamba-2 token after in_proj.
+
+    zxbcdt: (batch, 2 * d_inner + 2 * ngroups * d_state + nheads), [z, x, B, C, dt]; conv_state: (batch, conv_dim,
+    d_conv) with conv_dim = d_inner + 2 * ngroups * d_state, and ssm_state: (batch, nheads, headdim, d_state), both
+    updated in place; conv_weight: (conv_dim, d_conv); conv_bias: (conv_dim,); dt_bias, A_log: (nheads,); D:
+    (nheads,) or (d_inner,); dt_limit: dt clamped to it after the softplus. gate: apply SiLU(z) here (a layer without
+    its gated RMSNorm). dt_transform: rewrites the pre-bias dt (batch, nheads) (ReMamba); it runs the PyTorch path.
+    Returns y: (batch, d_inner) in zxbcdt's dtype, before the gated norm and out_proj.
+    """
+    batch, nheads, headdim, d_state = ssm_state.shape
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    if ngroups < 1 or nheads % ngroups:
+        raise MambaKitError(f"ngroups must divide nheads={nheads}, got {ngroups}")
+    _check("zxbcdt", zxbcdt, (batch, d_inner + conv_dim + nheads))
+    _check("conv_state", conv_state, (batch, conv_dim, conv_weight.shape[-1]))
+    _check("conv_weight", conv_weight, (conv_dim, conv_state.shape[-1]))
+    _check("conv_bias", conv_bias, (conv_dim,))
+    _check("dt_bias", dt_bias, (nheads,))
+    _check("A_log", A_log, (nheads,))
+    if D is not None and tuple(D.shape) not in ((nheads,), (d_inner,)):
+        raise MambaKitError(f"D must have shape ({nheads},) or ({d_inner},), got {tuple(D.shape)}")
+    fused_ok = dt_transform is None and _fusable(zxbcdt, conv_state, ssm_state, conv_weight) \
+        and ssm_state.is_contiguous()
+    if _use_triton(backend, [zxbcdt], fused_ok):
+        from mambakit.ops.triton.decode import conv1d_update_triton
+        from mambakit.ops.triton.mixer_step import mamba2_state_step_triton
+
+        xbc = conv1d_update_triton(zxbcdt[:, d_inner:d_inner + conv_dim], conv_state, conv_weight, conv_bias, "silu")
+        return mamba2_state_step_triton(xbc, zxbcdt, d_inner + conv_dim, dt_bias, A_log, D, ssm_state, ngroups,
+                                        dt_limit, gate)
+    z, xBC, dt = torch.split(zxbcdt, [d_inner, conv_dim, nheads], dim=-1)
+    if dt_transform is not None:
+        dt = dt_transform(dt)
+    xBC = causal_conv1d_update(xBC, conv_state, conv_weight, conv_bias, activation="silu")
+    x, B, C = torch.split(xBC, [d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
+    fp = ssm_state.dtype
+    Dh = None if D is None else (D.to(fp).view(nheads, headdim) if D.numel() == d_inner else D.to(fp))
+    y = ssd_step(ssm_state, x.unflatten(-1, (nheads, headdim)), dt, -torch.exp(A_log.to(fp)),
+                 B.unflatten(-1, (ngroups, d_state)), C.unflatten(-1, (ngroups, d_state)), D=Dh,
+                 z=z.unflatten(-1, (nheads, headdim)) if gate else None, dt_bias=dt_bias.to(fp), dt_softplus=True,
+                 dt_limit=dt_limit)
+    return y.flatten(-2).to(zxbcdt.dtype)

@@ -1,0 +1,187 @@
+"""Triton kernels of a whole mixer's one-token step between its in_proj and its out_proj.
+
+Mamba-1 takes two kernels: (1) conv-state update + depthwise conv + SiLU + this block of channels' share of x_proj
+(partial sums, one row per channel block), (2) the partial sums added up (a fixed order: deterministic), dt_proj,
+softplus, the state update, the D skip and the SiLU(z) gate. Mamba-2 takes one kernel after the conv update: dt
+processing (bias, softplus, clamp), the per-head state update, the read-out and the D skip (the gated RMSNorm
+follows). A = -exp(A_log) is formed in the kernels, so no per-step PyTorch kernels remain.
+
+Inference only (no autograd). Intermediates are rounded to the input dtype where the PyTorch step rounds them (the
+conv output, x_proj's output, dt_proj's output), everything else is float32; the SSM state is read and written in
+its own dtype. Public entry points with checks and the PyTorch reference: `mambakit.ops.mixer_step`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mambakit.ops.triton.state_update import _softplus  # one softplus for the decode kernels
+
+# Triton decides at decoration time whether a kernel is compiled or interpreted: remember which one this module got.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _m1_conv_xproj_kernel(xz_ptr, cs_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, part_ptr,
+                          dim, width, n_out, n_blocks, s_xzb, s_csb, s_csd, s_csw,
+                          HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, WP: tl.constexpr, BLOCK_O: tl.constexpr):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = d < dim
+    k = tl.arange(0, WP)
+    xt = xz_ptr.dtype.element_ty
+    x = tl.load(xz_ptr + b * s_xzb + d, mask=md, other=0.0)
+    row = cs_ptr + b * s_csb + d[:, None] * s_csd
+    mk = md[:, None] & (k[None, :] < width)
+    shifted = tl.load(row + (k[None, :] + 1) * s_csw, mask=md[:, None] & (k[None, :] + 1 < width), other=0.0)
+    new = tl.where(k[None, :] == width - 1, x.to(cs_ptr.dtype.element_ty)[:, None], shifted)
+    tl.store(row + k[None, :] * s_csw, new, mask=mk)
+    w = tl.load(cw_ptr + d[:, None] * width + k[None, :], mask=mk, other=0.0)
+    y = tl.sum(new.to(xt).to(tl.float32) * w.to(xt).to(tl.float32), axis=1)
+    if HAS_BIAS:
+        y += tl.load(cb_ptr + d, mask=md, other=0.0).to(xt).to(tl.float32)
+    y = y * tl.sigmoid(y)
+    y = tl.where(md, y, 0.0).to(xt)
+    tl.store(xc_ptr + b * dim + d, y, mask=md)
+    o = tl.arange(0, BLOCK_O)
+    wx = tl.load(wx_ptr + o[:, None] * dim + d[None, :], mask=(o < n_out)[:, None] & md[None, :], other=0.0)
+    part = tl.sum(wx.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
+    tl.store(part_ptr + (b * n_blocks + pid_d) * BLOCK_O + o, part)
+
+
+@triton.jit
+def _m1_scan_step_kernel(part_ptr, xc_ptr, xz_ptr, wdt_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr,
+                         dim, dstate, dt_rank, n_blocks, s_xzb, s_sb, s_sd,
+                         HAS_D: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
+                         NB: tl.constexpr, BLOCK_O: tl.constexpr):
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    xt = xc_ptr.dtype.element_ty
+    j = tl.arange(0, NB)
+    mj = j < n_blocks
+    prow = part_ptr + (b * n_blocks + j[:, None]) * BLOCK_O
+    # x_proj's output = the blocks' partial sums in a fixed order, rounded to the input dtype (as the GEMM's)
+    r = tl.arange(0, RP)
+    dt_low = tl.sum(tl.load(prow + r[None, :], mask=mj[:, None] & (r < dt_rank)[None, :], other=0.0), axis=0)
+    dt_low = dt_low.to(xt).to(tl.float32)
+    n = tl.arange(0, NP)
+    mn = n < dstate
+    Bv = tl.sum(tl.load(prow + dt_rank + n[None, :], mask=mj[:, None] & mn[None, :], other=0.0), axis=0)
+    Cv = tl.sum(tl.load(prow + dt_rank + dstate + n[None, :], mask=mj[:, None] & mn[None, :], other=0.0), axis=0)
+    Bv = Bv.to(xt).to(tl.float32)
+    Cv = Cv.to(xt).to(tl.float32)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = d < dim
+    wdt = tl.load(wdt_ptr + d[:, None] * dt_rank + r[None, :], mask=md[:, None] & (r < dt_rank)[None, :], other=0.0)
+    dt = tl.sum(wdt.to(tl.float32) * dt_low[None, :], axis=1).to(xt).to(tl.float32)
+    dt = _softplus(dt + tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32))
+    m2 = md[:, None] & mn[None, :]
+    A = -tl.exp(tl.load(alog_ptr + d[:, None] * dstate + n[None, :], mask=m2, other=0.0).to(tl.float32))
+    x = tl.load(xc_ptr + b * dim + d, mask=md, other=0.0).to(tl.float32)
+    s_off = b * s_sb + d[:, None] * s_sd + n[None, :]
+    h = tl.load(st_ptr + s_off, mask=m2, other=0.0).to(tl.float32)
+    h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(st_ptr + s_off, h.to(st_ptr.dtype.element_ty), mask=m2)
+    h = h.to(st_ptr.dtype.element_ty).to(tl.float32)
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
+    z = tl.load(xz_ptr + b * s_xzb + dim + d, mask=md, other=0.0).to(tl.float32)
+    y = y * (z * tl.sigmoid(z))
+    tl.store(y_ptr + b * dim + d, y.to(y_ptr.dtype.element_ty), mask=md)
+
+
+def mamba1_step_triton(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias, x_proj_weight: Tensor,
+                       dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor, D, ssm_state: Tensor) -> Tensor:
+    """xz: (batch, 2 * d_inner) in_proj output ([x, z], last dim contiguous); conv_state (batch, d_inner, d_conv) and
+    ssm_state (batch, d_inner, d_state, last dim contiguous) updated in place. Returns y: (batch, d_inner)."""
+    batch = xz.shape[0]
+    dim, width = conv_weight.shape
+    d_state = A_log.shape[1]
+    dt_rank = dt_proj_weight.shape[1]
+    n_out = x_proj_weight.shape[0]
+    block_d = 64
+    n_blocks = triton.cdiv(dim, block_d)
+    block_o = triton.next_power_of_2(n_out)
+    xc = torch.empty(batch, dim, device=xz.device, dtype=xz.dtype)
+    part = torch.empty(batch, n_blocks, block_o, device=xz.device, dtype=torch.float32)
+    _m1_conv_xproj_kernel[(n_blocks, batch)](
+        xz, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, x_proj_weight, xc, part,
+        dim, width, n_out, n_blocks, xz.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
+        HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, WP=triton.next_power_of_2(width), BLOCK_O=block_o,
+        num_warps=4)
+    y = torch.empty(batch, dim, device=xz.device, dtype=xz.dtype)
+    block_d2 = 32
+    _m1_scan_step_kernel[(triton.cdiv(dim, block_d2), batch)](
+        part, xc, xz, dt_proj_weight, dt_proj_bias, A_log, D if D is not None else A_log, ssm_state, y,
+        dim, d_state, dt_rank, n_blocks, xz.stride(0), ssm_state.stride(0), ssm_state.stride(1),
+        HAS_D=D is not None, BLOCK_D=block_d2, NP=triton.next_power_of_2(d_state),
+        RP=triton.next_power_of_2(dt_rank), NB=triton.next_power_of_2(n_blocks), BLOCK_O=block_o, num_warps=4)
+    return y
+
+
+@triton.jit
+def _m2_state_step_kernel(xbc_ptr, zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr,
+                          headdim, dstate, heads_per_group, d_inner, ngroups, dt_col, z_col, s_xbcb, s_zxb,
+                          s_sb, s_sh, s_sp, dt_lo, dt_hi,
+                          HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, CLAMP: tl.constexpr,
+                          BLOCK_P: tl.constexpr, NP: tl.constexpr):
+    pid_p = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = h // heads_per_group
+    dt = tl.load(zx_ptr + b * s_zxb + dt_col + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+    dt = _softplus(dt)
+    if CLAMP:
+        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
+    dA = tl.exp(dt * -tl.exp(tl.load(alog_ptr + h).to(tl.float32)))
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mp = p < headdim
+    n = tl.arange(0, NP)
+    mn = n < dstate
+    row = xbc_ptr + b * s_xbcb
+    x = tl.load(row + h * headdim + p, mask=mp, other=0.0).to(tl.float32)
+    Bv = tl.load(row + d_inner + g * dstate + n, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(row + d_inner + (ngroups + g) * dstate + n, mask=mn, other=0.0).to(tl.float32)
+    m2 = mp[:, None] & mn[None, :]
+    s_off = b * s_sb + h * s_sh + p[:, None] * s_sp + n[None, :]
+    s = tl.load(st_ptr + s_off, mask=m2, other=0.0).to(tl.float32)
+    s = s * dA + (dt * x)[:, None] * Bv[None, :]
+    tl.store(st_ptr + s_off, s.to(st_ptr.dtype.element_ty), mask=m2)
+    s = s.to(st_ptr.dtype.element_ty).to(tl.float32)
+    y = tl.sum(s * Cv[None, :], axis=1)
+    if HAS_D:
+        if D_HAS_HDIM:
+            y += x * tl.load(D_ptr + h * headdim + p, mask=mp, other=0.0).to(tl.float32)
+        else:
+            y += x * tl.load(D_ptr + h).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(zx_ptr + b * s_zxb + z_col + h * headdim + p, mask=mp, other=0.0).to(tl.float32)
+        y = y * (z * tl.sigmoid(z))
+    tl.store(y_ptr + b * (d_inner) + h * headdim + p, y.to(y_ptr.dtype.element_ty), mask=mp)
+
+
+def mamba2_state_step_triton(xbc: Tensor, zxbcdt: Tensor, dt_col: int, dt_bias: Tensor, A_log: Tensor, D,
+                             ssm_state: Tensor, ngroups: int, dt_limit: tuple[float, float], gate: bool) -> Tensor:
+    """xbc: (batch, conv_dim) after conv + SiLU ([x, B, C], last dim contiguous); zxbcdt: (batch, d_in_proj) in_proj
+    output (z in columns [0, d_inner), dt from column dt_col); ssm_state: (batch, nheads, headdim, d_state) updated in
+    place. gate: multiply by SiLU(z) here (Mamba2 without its RMSNorm). Returns y: (batch, nheads * headdim)."""
+    batch, nheads, headdim, d_state = ssm_state.shape
+    d_inner = nheads * headdim
+    y = torch.empty(batch, d_inner, device=xbc.device, dtype=xbc.dtype)
+    np_ = triton.next_power_of_2(d_state)
+    # small state tiles (about 8 float32 per thread): many programs in flight, few registers
+    block_p = max(1, min(triton.next_power_of_2(headdim), 1024 // np_))
+    clamp = tuple(dt_limit) != (0.0, float("inf"))
+    _m2_state_step_kernel[(triton.cdiv(headdim, block_p), nheads, batch)](
+        xbc, zxbcdt, dt_bias, A_log, D if D is not None else A_log, ssm_state, y,
+        headdim, d_state, nheads // ngroups, d_inner, ngroups, dt_col, 0, xbc.stride(0), zxbcdt.stride(0),
+        ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), float(dt_limit[0]), float(dt_limit[1]),
+        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.numel() == d_inner, HAS_Z=gate, CLAMP=clamp,
+        BLOCK_P=block_p, NP=np_, num_warps=4)
+    return y

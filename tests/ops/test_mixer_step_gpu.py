@@ -1,0 +1,83 @@
+"""GPU: the fused one-token mixer steps in bfloat16 and float32 against their PyTorch composition in float64, for
+the 130M shapes (Mamba-1: d_inner 1536, d_state 16, dt_rank 48; Mamba-2: 24 heads x 64, d_state 128), and a
+Mamba-1 / Mamba-2 LM's graphed decode against its eager decode and its full forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambakit import MambaConfig, MambaLMHeadModel
+from mambakit.ops.mixer_step import mamba1_step, mamba2_step
+from tests.conftest import rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def _cast(d, dtype):
+    return {k: (None if v is None else v.to("cuda", dtype if k not in ("A_log", "D", "dt_proj_bias", "dt_bias")
+                                             else torch.float32)) for k, v in d.items()}
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_mamba1_step_cuda(dtype, tol, batch):
+    g = torch.Generator().manual_seed(batch)
+    d, n, r = 1536, 16, 48
+    p = dict(conv_weight=torch.randn(d, 4, generator=g) * 0.5, conv_bias=torch.randn(d, generator=g) * 0.3,
+             x_proj_weight=torch.randn(r + 2 * n, d, generator=g) * d ** -0.5,
+             dt_proj_weight=torch.randn(d, r, generator=g) * r ** -0.5, dt_proj_bias=torch.randn(d, generator=g) - 3,
+             A_log=torch.log(torch.rand(d, n, generator=g) * 4 + 0.5), D=torch.randn(d, generator=g))
+    pc = _cast(p, dtype)
+    conv = torch.randn(batch, d, 4, generator=g)
+    ssm = torch.randn(batch, d, n, generator=g)
+    xz = torch.randn(batch, 2 * d, generator=g)
+    # the reference sees the same rounded inputs, in float64
+    p64 = {k: (None if v is None else v.double().cpu()) for k, v in pc.items()}
+    conv64, ssm64 = conv.to(dtype).double(), ssm.double()
+    ref = mamba1_step(xz.to(dtype).double(), conv64, ssm64, **p64, backend="torch")
+    conv_c, ssm_c = conv.to("cuda", dtype), ssm.cuda()
+    out = mamba1_step(xz.to("cuda", dtype), conv_c, ssm_c, **pc, backend="triton")
+    torch.cuda.synchronize()
+    assert rel_err(out.cpu(), ref) < tol
+    assert rel_err(ssm_c.cpu(), ssm64) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_mamba2_step_cuda(dtype, tol, batch):
+    g = torch.Generator().manual_seed(batch + 1)
+    h, hd, n = 24, 64, 128
+    di = h * hd
+    cd = di + 2 * n
+    p = dict(conv_weight=torch.randn(cd, 4, generator=g) * 0.5, conv_bias=torch.randn(cd, generator=g) * 0.3,
+             dt_bias=torch.randn(h, generator=g) * 0.5 - 2, A_log=torch.log(torch.rand(h, generator=g) * 8 + 1),
+             D=torch.randn(h, generator=g))
+    pc = _cast(p, dtype)
+    p64 = {k: v.double().cpu() for k, v in pc.items()}
+    conv = torch.randn(batch, cd, 4, generator=g).to(dtype)
+    ssm = torch.randn(batch, h, hd, n, generator=g)
+    zx = torch.randn(batch, di + cd + h, generator=g).to(dtype)
+    conv64, ssm64 = conv.double(), ssm.double()
+    ref = mamba2_step(zx.double(), conv64, ssm64, **p64, ngroups=1, backend="torch")
+    conv_c, ssm_c = conv.cuda(), ssm.cuda()
+    out = mamba2_step(zx.cuda(), conv_c, ssm_c, **pc, ngroups=1, backend="triton")
+    torch.cuda.synchronize()
+    assert rel_err(out.cpu(), ref) < tol
+    assert rel_err(ssm_c.cpu(), ssm64) < tol
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_lm_graphed_decode_equals_eager_and_forward(layer):
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=256, n_layer=3, vocab_size=1000, ssm_cfg={"layer": layer})
+    model = MambaLMHeadModel(cfg, device="cuda", dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (4, 40), device="cuda")
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.allocate_cache(4)
+        model(ids[:, :30], cache=cache)
+        stepped = torch.stack([model.step(ids[:, t], cache) for t in range(30, 40)], 1)
+    assert rel_err(stepped, full[:, 30:]) < 1e-4
+    eager = model.generate(ids[:, :8], max_new_tokens=12, temperature=0)
+    graphed = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, cuda_graph=True)
+    assert torch.equal(eager, graphed)

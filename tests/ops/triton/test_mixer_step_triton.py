@@ -1,0 +1,179 @@
+"""The fused one-token mixer steps (`mambakit.ops.mixer_step`, backend "triton") against their PyTorch composition
+in float64, on the CPU interpreter: several consecutive steps on fresh random inputs of awkward shapes (channels not
+a multiple of the blocks, d_state and dt_rank not powers of two, groups, per-channel D, dt_limit, no conv bias, the
+gate), the states updated in place, rows independent (a NaN row leaves the others untouched), errors."""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from mambakit.errors import MambaKitError  # noqa: E402
+from mambakit.ops.mixer_step import mamba1_step, mamba2_step  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+from tests.ops.triton import interpreted_module  # noqa: E402
+
+interpreted_module("mambakit.ops.triton.decode")
+interpreted_module("mambakit.ops.triton.mixer_step")
+
+
+def _m1_params(g, d_inner, d_state, dt_rank, d_conv, conv_bias, with_D):
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    return dict(conv_weight=r(d_inner, d_conv, scale=0.5), conv_bias=r(d_inner, scale=0.3) if conv_bias else None,
+                x_proj_weight=r(dt_rank + 2 * d_state, d_inner, scale=d_inner ** -0.5),
+                dt_proj_weight=r(d_inner, dt_rank, scale=dt_rank ** -0.5), dt_proj_bias=r(d_inner, scale=0.5) - 3,
+                A_log=torch.log(torch.rand(d_inner, d_state, generator=g, dtype=torch.float64) * 4 + 0.5),
+                D=r(d_inner) if with_D else None)
+
+
+def _f32(d):
+    return {k: (None if v is None else v.float()) for k, v in d.items()}
+
+
+M1_CASES = {  # batch, d_inner, d_state, dt_rank, d_conv, conv_bias, D
+    "d100_n5_r7": (3, 100, 5, 7, 4, True, True),
+    "d64_n16_r4_nobias": (1, 64, 16, 4, 4, False, True),
+    "d130_n16_r48_noD_w3": (2, 130, 16, 48, 3, True, False),
+}
+
+
+@pytest.mark.parametrize("case", M1_CASES)
+def test_mamba1_step_matches_float64_composition(case):
+    batch, d_inner, d_state, dt_rank, d_conv, conv_bias, with_D = M1_CASES[case]
+    g = torch.Generator().manual_seed(hash(case) % 2**31)
+    p64 = _m1_params(g, d_inner, d_state, dt_rank, d_conv, conv_bias, with_D)
+    conv64 = torch.randn(batch, d_inner, d_conv, generator=g, dtype=torch.float64)
+    ssm64 = torch.randn(batch, d_inner, d_state, generator=g, dtype=torch.float64)
+    conv32, ssm32 = conv64.float(), ssm64.float()
+    for _ in range(3):
+        xz = torch.randn(batch, 2 * d_inner, generator=g, dtype=torch.float64)
+        ref = mamba1_step(xz, conv64, ssm64, **p64, backend="torch")
+        out = mamba1_step(xz.float(), conv32, ssm32, **_f32(p64), backend="triton")
+        assert out.dtype == torch.float32 and out.shape == (batch, d_inner)
+        assert rel_err(out, ref) < 1e-5
+        assert rel_err(ssm32, ssm64) < 1e-5
+        assert rel_err(conv32, conv64) < 1e-6
+
+
+def _m2_params(g, nheads, headdim, d_state, ngroups, d_conv, d_per_channel):
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    return dict(conv_weight=r(conv_dim, d_conv, scale=0.5), conv_bias=r(conv_dim, scale=0.3),
+                dt_bias=r(nheads, scale=0.5) - 2, A_log=torch.log(torch.rand(nheads, generator=g,
+                                                                            dtype=torch.float64) * 8 + 1),
+                D=r(d_inner if d_per_channel else nheads))
+
+
+M2_CASES = {  # batch, nheads, headdim, d_state, ngroups, D per channel, dt_limit, gate
+    "h6_p12_n10_g2": (2, 6, 12, 10, 2, False, (0.0, float("inf")), False),
+    "h4_p64_n16_g1_clamp": (1, 4, 64, 16, 1, True, (0.01, 0.05), False),
+    "h6_p40_n24_g3_gate": (3, 6, 40, 24, 3, False, (0.0, float("inf")), True),
+}
+
+
+@pytest.mark.parametrize("case", M2_CASES)
+def test_mamba2_step_matches_float64_composition(case):
+    batch, nheads, headdim, d_state, ngroups, per_channel, dt_limit, gate = M2_CASES[case]
+    g = torch.Generator().manual_seed(hash(case) % 2**31)
+    p64 = _m2_params(g, nheads, headdim, d_state, ngroups, 4, per_channel)
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    conv64 = torch.randn(batch, conv_dim, 4, generator=g, dtype=torch.float64)
+    ssm64 = torch.randn(batch, nheads, headdim, d_state, generator=g, dtype=torch.float64)
+    conv32, ssm32 = conv64.float(), ssm64.float()
+    for _ in range(3):
+        zx = torch.randn(batch, d_inner + conv_dim + nheads, generator=g, dtype=torch.float64)
+        kw = dict(ngroups=ngroups, dt_limit=dt_limit, gate=gate)
+        ref = mamba2_step(zx, conv64, ssm64, **p64, **kw, backend="torch")
+        out = mamba2_step(zx.float(), conv32, ssm32, **_f32(p64), **kw, backend="triton")
+        assert out.shape == (batch, d_inner)
+        assert rel_err(out, ref) < 1e-5
+        assert rel_err(ssm32, ssm64) < 1e-5
+        assert rel_err(conv32, conv64) < 1e-6
+
+
+def test_rows_are_independent_even_with_nan():
+    g = torch.Generator().manual_seed(5)
+    p = _f32(_m1_params(g, 70, 6, 5, 4, True, True))
+    xz = torch.randn(3, 140, generator=g)
+    conv, ssm = torch.randn(3, 70, 4, generator=g), torch.randn(3, 70, 6, generator=g)
+    clean = mamba1_step(xz, conv.clone(), ssm.clone(), **p, backend="triton")
+    bad = xz.clone()
+    bad[1, 3] = float("nan")
+    conv_b, ssm_b = conv.clone(), ssm.clone()
+    out = mamba1_step(bad, conv_b, ssm_b, **p, backend="triton")
+    assert torch.equal(out[[0, 2]], clean[[0, 2]])
+    assert torch.isfinite(ssm_b[[0, 2]]).all() and not torch.isfinite(out[1]).all()
+
+
+def test_errors_name_the_argument():
+    g = torch.Generator().manual_seed(0)
+    p = _f32(_m1_params(g, 32, 4, 3, 4, True, True))
+    with pytest.raises(MambaKitError, match="xz"):
+        mamba1_step(torch.zeros(2, 63), torch.zeros(2, 32, 4), torch.zeros(2, 32, 4), **p)
+    with pytest.raises(MambaKitError, match="backend"):
+        mamba1_step(torch.zeros(2, 64), torch.zeros(2, 32, 4), torch.zeros(2, 32, 4), **p, backend="cuda")
+    with pytest.raises(MambaKitError, match="dt_transform"):
+        mamba1_step(torch.zeros(2, 64), torch.zeros(2, 32, 4), torch.zeros(2, 32, 4), **p, backend="triton",
+                    dt_transform=lambda dt: dt)
+
+
+
+_SM90_SCRIPT = r"""
+import os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mambakit.ops.triton import mixer_step as ms
+
+bf, f32 = "*bf16", "*fp32"
+kernels = {
+    "m1_conv_xproj": (ms._m1_conv_xproj_kernel, dict(xz_ptr=bf, cs_ptr=bf, cw_ptr=bf, cb_ptr=bf, wx_ptr=bf,
+                                                     xc_ptr=bf, part_ptr=f32),
+                      dict(HAS_BIAS=True, BLOCK_D=64, WP=4, BLOCK_O=128)),
+    "m1_scan_step": (ms._m1_scan_step_kernel, dict(part_ptr=f32, xc_ptr=bf, xz_ptr=bf, wdt_ptr=bf, dtb_ptr=bf,
+                                                   alog_ptr=f32, D_ptr=f32, st_ptr=f32, y_ptr=bf),
+                     dict(HAS_D=True, BLOCK_D=32, NP=16, RP=64, NB=32, BLOCK_O=128)),
+    "m2_state_step": (ms._m2_state_step_kernel, dict(xbc_ptr=bf, zx_ptr=bf, dtb_ptr=f32, alog_ptr=f32, D_ptr=f32,
+                                                     st_ptr=f32, y_ptr=bf, dt_lo="fp32", dt_hi="fp32"),
+                      dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=False, CLAMP=False, BLOCK_P=8, NP=128)),
+}
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for name, (fn, types, consts) in kernels.items():
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in fn.arg_names}
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+    except TypeError as exc:  # another Triton version's compile API
+        print("API", exc)
+        sys.exit(0)
+    path = os.path.join(tempfile.mkdtemp(), name + ".cubin")
+    open(path, "wb").write(cubin)
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    print(name, " ".join(line.strip() for line in usage.splitlines() if "REG:" in line))
+"""
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """The interpreter compiles nothing: build the three kernels for Hopper (Triton's own ptxas, no GPU needed) in a
+    child without TRITON_INTERPRET, with the 130M shapes' constants, and read their resource usage: every kernel
+    compiles, with no local memory (no register spills)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    if run.stdout.startswith("API"):
+        pytest.skip(f"this Triton's compile API differs: {run.stdout}")
+    lines = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
+    assert set(lines) == {"m1_conv_xproj", "m1_scan_step", "m2_state_step"}, run.stdout
+    for name, usage in lines.items():
+        assert "REG:" in usage and "LOCAL:0" in usage and "STACK:0" in usage, f"{name}: {usage}"

@@ -226,6 +226,8 @@ class MambaLMHeadModel(nn.Module):
             if attention_mask.shape != inputs_2d.shape:
                 raise MambaKitError(f"attention_mask must have shape {tuple(inputs_2d.shape)} like the "
                                     f"inputs, got {tuple(attention_mask.shape)}")
+            if attention_mask.dtype.is_complex or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise MambaKitError("attention_mask must hold only 0 (padding) and 1 (token)")
             kwargs["mask"] = attention_mask
         hidden = self.backbone(input_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs)
         if cache is not None:

@@ -108,7 +108,7 @@ def load_config(directory: PathLike) -> MambaConfig:
 def load_checkpoint(
     directory: PathLike,
     device: Union[str, torch.device] = "cpu",
-    dtype: Optional[torch.dtype] = None,
+    dtype: Union[torch.dtype, str, None] = None,
 ) -> MambaLMHeadModel:
     """Build a `MambaLMHeadModel` from a checkpoint directory and load its weights.
 

@@ -81,14 +81,15 @@ def mismatches(stored: Mapping[str, TensorInfo], expected: Mapping[str, torch.Te
 
 
 def _materialise(model: MambaLMHeadModel, stored: Mapping[str, torch.Tensor], tied: bool,
-                 device: Union[str, torch.device]) -> None:
-    """Replace every meta tensor of `model` by its stored value (on `device`, in the model's dtype)."""
+                 device: Union[str, torch.device], mapped: bool) -> None:
+    """Replace every meta tensor of `model` by its stored value (on `device`, in the model's dtype). mapped: the
+    stored tensors are views of the file (safetensors maps it): copy them, so that the model never changes with it."""
     expected = model.state_dict()
     attrs = {name: dict(vars(p)) for name, p in model.named_parameters(remove_duplicate=False)}
     state = {}
     for k, ref in expected.items():
         src = stored[EMBEDDING_KEY] if (tied and k == LM_HEAD_KEY) else stored[k]
-        state[k] = src.to(device=device, dtype=ref.dtype)
+        state[k] = src.to(device=device, dtype=ref.dtype, copy=mapped)
     model.load_state_dict(state, strict=True, assign=True)
     for name, p in model.named_parameters(remove_duplicate=False):
         for a, v in attrs.get(name, {}).items():
@@ -139,6 +140,6 @@ def load_model(config: MambaConfig, weights: WeightFiles, where: str, device: Un
         raise CheckpointError.listing(fail, [
             f"{LM_HEAD_KEY} differs from the embedding {file_name(EMBEDDING_KEY)}, but the config ties them "
             "(tie_word_embeddings / tie_embeddings is true)"])
-    _materialise(model, stored, tied, device)
+    _materialise(model, stored, tied, device, mapped=weights.safetensors)
     model.eval()
     return model

@@ -157,3 +157,17 @@ def test_native_round_trip_of_every_block_kind(tmp_path, overrides):
     assert (loaded.lm_head.weight is loaded.backbone.embedding.weight) == loaded.config.tie_embeddings
     nwd = lambda m: sorted(n for n, p in m.named_parameters() if getattr(p, "_no_weight_decay", False))  # noqa: E731
     assert nwd(loaded) == nwd(model)
+
+
+def test_loaded_weights_do_not_change_with_the_file(tmp_path):
+    """safetensors maps the file; the loaded model holds copies, so rewriting the file in place cannot alter it."""
+    model = tiny().eval()
+    save_checkpoint(model, tmp_path / "ck")
+    loaded = load_checkpoint(tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    data = weights.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")  # length prefix + JSON header; the tensor data follows
+    with open(weights, "r+b") as f:  # the same inode, its tensor data zeroed in place (as `cp` over it would)
+        f.write(data[:header] + bytes(len(data) - header))
+    for (name, p), (_, q) in zip(loaded.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q), name

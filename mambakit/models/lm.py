@@ -169,18 +169,8 @@ class MambaLMHeadModel(nn.Module):
         self.apply(partial(_init_weights, n_layer=config.n_layer, n_residuals_per_layer=n_res))
         self.tie_weights()
 
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=None) -> "MambaLMHeadModel":
-        """Load a local checkpoint folder: transformers (mamba / mamba2), mamba_ssm or mambakit format."""
-        from mambakit.models.pretrained import from_pretrained
-
-        return from_pretrained(path, device=device, dtype=dtype)
-
-    def save_pretrained(self, path, format: str = "hf") -> None:
-        """Write a checkpoint folder that transformers (format="hf") or mamba_ssm (format="mamba_ssm") loads."""
-        from mambakit.models.pretrained import save_pretrained
-
-        save_pretrained(self, path, format=format)
+    # from_pretrained(path, device, dtype) and save_pretrained(path, format) are attached by mambakit.models.io (the
+    # checkpoint I/O package, above this module; `import mambakit` imports it): this module knows nothing about files.
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:

@@ -1,4 +1,4 @@
-"""Tests of mambakit.models.checkpoint: round trip, tied weights, optimizer state, atomic saves, clear errors."""
+"""Tests of the native checkpoints (mambakit.models.io.native, through the old path mambakit.models.checkpoint): round trip, tied weights, optimizer state, atomic saves, clear errors."""
 from __future__ import annotations
 
 import json
@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import mambakit.models.checkpoint as ckpt
 from mambakit.errors import CheckpointError
 from mambakit.models.checkpoint import (
     load_checkpoint,
@@ -20,8 +20,7 @@ from mambakit.models.checkpoint import (
     save_checkpoint,
 )
 from mambakit.models.config import MambaConfig
-
-MambaLMHeadModel = pytest.importorskip("mambakit.models.lm").MambaLMHeadModel
+from mambakit.models.lm import MambaLMHeadModel
 
 
 def tiny_config(**overrides) -> MambaConfig:
@@ -124,7 +123,7 @@ def test_failed_write_keeps_old_checkpoint(tmp_path: Path, monkeypatch: pytest.M
         Path(filename).write_bytes(b"partial")  # a half-written file, then the failure
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", broken_save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tiny_model(1), tmp_path / "ck", trainer_state={"step": 6})
     monkeypatch.undo()
@@ -137,7 +136,7 @@ def test_failed_first_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
     def interrupted_save_file(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "save_file", interrupted_save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted_save_file)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tiny_model(), tmp_path / "ck")
     assert list(tmp_path.iterdir()) == []
@@ -155,7 +154,7 @@ def test_failed_swap_restores_old_checkpoint(tmp_path: Path, monkeypatch: pytest
             raise OSError("rename failed")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         save_checkpoint(tiny_model(1), tmp_path / "ck")
     monkeypatch.undo()

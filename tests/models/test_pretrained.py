@@ -1,4 +1,5 @@
-"""mambakit.models.pretrained against Hugging Face transformers (CPU, fp32, tiny random models).
+"""Loading and saving against Hugging Face transformers (CPU, fp32, tiny random models), through the old import path
+mambakit.models.pretrained (the code lives in mambakit.models.io).
 
 transformers -> mambakit (safetensors, sharded safetensors, pytorch_model.bin), mambakit -> transformers, the
 mamba_ssm layout, the native format, dtype handling and every error path. Random weights are perturbed with a seeded
@@ -417,7 +418,9 @@ def test_missing_untied_lm_head_and_differing_tied_head(hf_dir):
     with pytest.raises(CheckpointError, match="missing tensors.*lm_head.weight"):
         from_pretrained(hf_dir)
     _edit_config(hf_dir, tie_word_embeddings=True)
-    assert from_pretrained(hf_dir).lm_head.weight is not None  # tied: lm_head may be absent
+    tied = from_pretrained(hf_dir)  # tied: lm_head may be absent, and is the embedding
+    assert tied.lm_head.weight is tied.backbone.embedding.weight
+    assert torch.equal(tied.lm_head.weight, load_file(str(hf_dir / "model.safetensors"))["backbone.embeddings.weight"])
     _edit_weights(hf_dir, lambda sd: sd.update({"lm_head.weight": torch.randn(101, 32)}))
     with pytest.raises(CheckpointError, match="differs from the embedding"):
         from_pretrained(hf_dir)

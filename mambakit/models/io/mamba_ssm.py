@@ -1,0 +1,105 @@
+"""The official `mamba_ssm` format: config.json in its field names (``d_model``, ``n_layer``, ``ssm_cfg``, ...) and
+pytorch_model.bin with the official key names (those of mambakit), lm_head.weight stored and the vocabulary padded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mambakit.errors import CheckpointError, MambaKitError
+from mambakit.models.config import MambaConfig
+from mambakit.models.io.folder import is_int, is_number, json_float, write_json
+from mambakit.models.io.names import BIN_NAME, CONFIG_NAME, RUNTIME_SSM_KEYS
+from mambakit.models.io.state import check_tie, cpu_state
+
+# ssm_cfg entries of the official package that only matter for initialisation or for its CUDA kernels.
+_IGNORED_SSM_KEYS = ("use_fast_path", "use_mem_eff_path", "conv_init", "process_group", "sequence_parallel")
+_FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg", "rms_norm",
+           "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")
+OFFICIAL_NORM_EPS = 1e-5  # mamba_ssm hard-codes the epsilon of its RMSNorms (no config field)
+
+
+def config_from_mamba_ssm(raw: dict[str, Any], where: str = CONFIG_NAME) -> MambaConfig:
+    """MambaConfig from a config.json in mamba_ssm field names (mambakit's own config is a superset)."""
+    problems: list[str] = []
+    data = dict(raw)
+    known = set(MambaConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        problems.append(f"unknown fields {unknown} (known: {sorted(known)})")
+    ssm = data.get("ssm_cfg") or {}
+    if not isinstance(ssm, dict):
+        problems.append(f"ssm_cfg must be an object, got {ssm!r}")
+        ssm = {}
+    ssm = dict(ssm)
+    for key in _IGNORED_SSM_KEYS:
+        ssm.pop(key, None)
+    if "d_ssm" in ssm:
+        d_ssm = ssm.pop("d_ssm")
+        d_inner = None
+        if is_int(data.get("d_model")) and is_number(ssm.get("expand", 2)):
+            d_inner = int(ssm.get("expand", 2) * data["d_model"])
+        if d_ssm is not None and d_ssm != d_inner:
+            problems.append(f"ssm_cfg d_ssm={d_ssm!r} (an SSM narrower than d_inner={d_inner}) is not supported")
+    if isinstance(ssm.get("dt_limit"), list):
+        try:
+            ssm["dt_limit"] = tuple(json_float(x) for x in ssm["dt_limit"])
+        except ValueError as exc:
+            problems.append(f"ssm_cfg dt_limit {ssm['dt_limit']!r}: {exc}")
+    if isinstance(ssm.get("A_init_range"), list):
+        ssm["A_init_range"] = tuple(ssm["A_init_range"])
+    data["ssm_cfg"] = ssm
+    if data.get("rms_norm", True) is not True:
+        problems.append("rms_norm=false (LayerNorm blocks) is not supported; mambakit blocks use RMSNorm")
+    if problems:
+        raise CheckpointError.listing(f"unsupported {where}", problems)
+    try:
+        return MambaConfig(**{k: v for k, v in data.items() if k in known})
+    except (MambaKitError, TypeError) as exc:
+        raise CheckpointError(f"unsupported {where}: {exc}") from exc
+
+
+def config_to_mamba_ssm(model: torch.nn.Module) -> dict[str, Any]:
+    """The official mamba_ssm config.json of `model` (its MambaConfig fields; no norm_epsilon field there)."""
+    config: MambaConfig = model.config
+    problems = []
+    if config.mixer_layer not in ("Mamba1", "Mamba2"):
+        problems.append(f"mixer {config.mixer_layer!r}: mamba_ssm has only Mamba1 and Mamba2")
+    if config.norm_epsilon != OFFICIAL_NORM_EPS:
+        problems.append(f"norm_epsilon={config.norm_epsilon} (mamba_ssm hard-codes {OFFICIAL_NORM_EPS})")
+    if not config.rms_norm:
+        problems.append("rms_norm=False")
+    ssm = {k: v for k, v in config.ssm_cfg.items() if k not in RUNTIME_SSM_KEYS}
+    if config.mixer_layer == "Mamba2":
+        eps = ssm.pop("norm_eps", OFFICIAL_NORM_EPS)
+        if eps != OFFICIAL_NORM_EPS:
+            problems.append(f"ssm_cfg norm_eps={eps} (mamba_ssm hard-codes {OFFICIAL_NORM_EPS} in the gated norm)")
+        if "dt_limit" in ssm:
+            lo, hi = (float(x) for x in ssm["dt_limit"])
+            if (lo, hi) == (0.0, float("inf")):
+                del ssm["dt_limit"]  # official compares with the tuple (0, inf); a JSON list would miss its fast path
+            else:
+                ssm["dt_limit"] = [lo, hi]
+        if "A_init_range" in ssm:
+            ssm["A_init_range"] = list(ssm["A_init_range"])
+    if problems:
+        raise CheckpointError.listing("cannot save this model in mamba_ssm format", problems)
+    out = {k: getattr(config, k) for k in _FIELDS}
+    out["ssm_cfg"] = ssm
+    return out
+
+
+def mamba_ssm_writer(model: torch.nn.Module) -> Callable[[Path], None]:
+    """What writes `model` in the official layout into a folder (lm_head.weight included, even when tied); every
+    reason it cannot is raised here, before any file is written."""
+    ssm_config = config_to_mamba_ssm(model)
+    check_tie(model)
+    state = cpu_state(model)
+
+    def write(tmp: Path) -> None:
+        write_json(tmp / CONFIG_NAME, ssm_config)
+        torch.save(state, tmp / BIN_NAME)
+
+    return write

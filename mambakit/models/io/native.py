@@ -1,0 +1,150 @@
+"""mambakit's own checkpoints: a directory written atomically, read back with clear errors.
+
+Layout of a checkpoint directory::
+
+    config.json          MambaConfig.to_dict() (loadable by MambaConfig.load_json as is)
+    model.safetensors    the state dict; with tied embeddings `lm_head.weight` is stored once, as
+                         `backbone.embedding.weight`, and re-tied at load
+    mambakit.json        {"format": "mambakit", "format_version": 1, "mambakit_version": ..., "dtypes": ...}
+    optimizer.pt         optional: optimizer.state_dict() (read with torch.load(weights_only=True))
+    trainer_state.json   optional: step, seed, arguments, loss history (for ``mambakit train --resume``)
+
+`save_checkpoint` writes through `atomic.write_folder`: an interrupted save leaves either the old or the new
+checkpoint, never a mix, and a new save keeps no file of the old one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from mambakit.errors import CheckpointError, MambaKitError
+from mambakit.models.config import MambaConfig
+from mambakit.models.io.atomic import write_folder
+from mambakit.models.io.folder import resolve_folder, write_json
+from mambakit.models.io.names import (CONFIG_NAME, LM_HEAD_KEY, META_NAME, OPTIMIZER_NAME, SAFETENSORS_NAME,
+                                      TRAINER_STATE_NAME)
+from mambakit.models.io.state import cpu_state, is_tied, load_model
+from mambakit.models.io.weights import WeightFiles, write_safetensors
+from mambakit.models.lm import MambaLMHeadModel
+
+FORMAT_VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mambakit")
+    except Exception:  # not installed (run from a source tree)
+        return "unknown"
+
+
+def model_state_for_saving(
+    model: torch.nn.Module, model_state: Optional[dict[str, torch.Tensor]] = None
+) -> dict[str, torch.Tensor]:
+    """The state dict to store: contiguous CPU tensors, the tied lm_head weight left out.
+
+    `model_state` replaces ``model.state_dict()`` when given (e.g. full tensors gathered from sharded ranks).
+    """
+    tied = bool(getattr(model.config, "tie_embeddings", False)) and is_tied(model)
+    state = cpu_state(model, model_state)
+    if tied:
+        state.pop(LM_HEAD_KEY, None)
+    return state
+
+
+def save_checkpoint(
+    model: torch.nn.Module,
+    directory: PathLike,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    trainer_state: Optional[dict[str, Any]] = None,
+    model_state: Optional[dict[str, torch.Tensor]] = None,
+    optimizer_state: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Write `model` (and optionally optimizer and trainer state) to `directory`, atomically.
+
+    `model_state` and `optimizer_state`, when given, are written instead of ``model.state_dict()`` and
+    ``optimizer.state_dict()`` (distributed training passes the full tensors gathered from its ranks).
+    An existing checkpoint at `directory` is replaced as a whole; on any error it is left as it was.
+    Returns the checkpoint path.
+    """
+    def write(tmp: Path) -> None:
+        model.config.save_json(tmp / CONFIG_NAME)
+        state = model_state_for_saving(model, model_state)
+        dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if t.is_floating_point()})
+        write_safetensors(state, tmp / SAFETENSORS_NAME)
+        write_json(tmp / META_NAME, {
+            "format": "mambakit",
+            "format_version": FORMAT_VERSION,
+            "mambakit_version": _package_version(),
+            "dtypes": dtypes,
+            "tied_lm_head": LM_HEAD_KEY not in state and LM_HEAD_KEY in (model_state or model.state_dict()),
+        })
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_NAME)
+        elif optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+        if trainer_state is not None:
+            write_json(tmp / TRAINER_STATE_NAME, trainer_state)
+
+    return write_folder(Path(directory), write)
+
+
+def load_config(directory: PathLike) -> MambaConfig:
+    """The `MambaConfig` stored in a checkpoint directory's config.json."""
+    path = resolve_folder(directory)
+    try:
+        return MambaConfig.load_json(path / CONFIG_NAME)
+    except (MambaKitError, TypeError) as exc:
+        raise CheckpointError(f"invalid {CONFIG_NAME} in checkpoint {str(path)!r}: {exc}") from exc
+
+
+def load_checkpoint(
+    directory: PathLike,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Union[torch.dtype, str, None] = None,
+) -> MambaLMHeadModel:
+    """Build a `MambaLMHeadModel` from a checkpoint directory and load its weights.
+
+    dtype: a torch dtype, None (torch's default) or "auto" (the stored embedding's dtype). Raises
+    `CheckpointError` for a missing directory, a missing or invalid config.json, missing or unreadable weights,
+    and weights that do not fit the configuration (every missing / unexpected tensor and shape mismatch in one
+    message, found from the file's header before the model is allocated). Tied embeddings are re-tied (lm_head
+    shares the embedding tensor). The model is returned in eval mode.
+    """
+    path = resolve_folder(directory)
+    config = load_config(path)
+    if not (path / SAFETENSORS_NAME).is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {SAFETENSORS_NAME}")
+    return load_model(config, WeightFiles(path, SAFETENSORS_NAME), repr(str(path)), device=device, dtype=dtype)
+
+
+def load_optimizer_state(directory: PathLike, map_location: Union[str, torch.device] = "cpu") -> Optional[dict[str, Any]]:
+    """The optimizer state dict saved in a checkpoint, or None when it holds none (read with weights_only=True)."""
+    path = resolve_folder(directory, need_config=False) / OPTIMIZER_NAME
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt or foreign file
+        raise CheckpointError(f"cannot read optimizer state {str(path)!r}: {exc}") from exc
+
+
+def load_trainer_state(directory: PathLike) -> Optional[dict[str, Any]]:
+    """The trainer state (step, seed, arguments, history) saved in a checkpoint, or None when it holds none."""
+    path = resolve_folder(directory, need_config=False) / TRAINER_STATE_NAME
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read trainer state {str(path)!r}: {exc}") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"trainer state {str(path)!r} must be a JSON object with an integer 'step'")
+    return state

@@ -1,0 +1,145 @@
+"""Stored tensors against the model a config describes: one check, one mismatch report, one tie rule, for every
+format.
+
+`load_model` checks the shapes and dtypes in the file's headers against a model built on the meta device (no
+memory, no random init) BEFORE any tensor is allocated, so a small config.json that describes a huge model fails at
+once with the mismatch instead of allocating it; only then are the tensors read and assigned.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Mapping, Optional, Union
+
+import torch
+
+from mambakit.errors import CheckpointError, name_list
+from mambakit.models.config import MambaConfig
+from mambakit.models.io.names import CONFIG_NAME, EMBEDDING_KEY, LM_HEAD_KEY
+from mambakit.models.io.weights import TensorInfo, WeightFiles
+from mambakit.models.lm import MambaLMHeadModel
+
+_LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.")
+
+
+def is_tied(model: torch.nn.Module) -> bool:
+    """Whether the model's lm_head weight is the very tensor of its embedding."""
+    sd = model.state_dict(keep_vars=True)
+    head, emb = sd.get(LM_HEAD_KEY), sd.get(EMBEDDING_KEY)
+    return head is not None and emb is not None and head is emb
+
+
+def check_tie(model: torch.nn.Module) -> bool:
+    """Whether lm_head is tied to the embedding (config.tie_embeddings); CheckpointError when the config ties them but
+    the values differ."""
+    if not model.config.tie_embeddings:
+        return False
+    head, emb = model.lm_head.weight, model.backbone.embedding.weight
+    if head is not emb and not torch.equal(head.detach().cpu(), emb.detach().cpu()):
+        raise CheckpointError("config.tie_embeddings is true but lm_head.weight differs from the embedding "
+                              "(call model.tie_weights() or set tie_embeddings=False)")
+    return True
+
+
+def cpu_state(model: torch.nn.Module, state: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """`state` (default: model.state_dict()) as detached contiguous CPU tensors, ready to be written."""
+    source = model.state_dict() if state is None else state
+    return {k: t.detach().to("cpu").contiguous() for k, t in source.items()}
+
+
+def _layer_count_problem(stored: Mapping[str, TensorInfo], n_layer: int, file_name: Callable[[str], str]) -> list[str]:
+    """The config's n_layer against the layers the file holds, checked before a model of n_layer blocks is built."""
+    held = {int(m.group(1)) for k in stored if (m := _LAYER_KEY.match(k))}
+    count = max(held) + 1 if held else 0
+    if n_layer <= count:
+        return []
+    first = file_name(f"backbone.layers.{count}.").rstrip(".")
+    last = file_name(f"backbone.layers.{n_layer - 1}.").rstrip(".")
+    return [f"{CONFIG_NAME} says n_layer={n_layer} but the file holds tensors of {count} layer(s): {first} to {last} "
+            "are missing"]
+
+
+def mismatches(stored: Mapping[str, TensorInfo], expected: Mapping[str, torch.Tensor], tied: bool,
+               file_name: Callable[[str], str]) -> list[str]:
+    """Every difference between the stored tensors and those the model expects (keys in mambakit names; messages in
+    the file's names): missing, unexpected, mis-shaped, and integer tensors where floats are expected."""
+    problems = []
+    missing = [file_name(k) for k in expected if k not in stored and not (tied and k == LM_HEAD_KEY)]
+    unexpected = [file_name(k) for k in stored if k not in expected]
+    if missing:
+        problems.append(f"missing tensors {name_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors (not used by this config) {name_list(unexpected)}")
+    for k in sorted(k for k in stored if k in expected):
+        info, want = stored[k], expected[k]
+        if info.shape != tuple(want.shape):
+            problems.append(f"{file_name(k)}: shape {info.shape} in the file, {tuple(want.shape)} expected by "
+                            f"{CONFIG_NAME}")
+        elif (want.is_floating_point() or want.is_complex()) and not (
+                info.dtype is not None and (info.dtype.is_floating_point or info.dtype.is_complex)):
+            problems.append(f"{file_name(k)}: dtype {info.dtype} in the file, a floating dtype expected")
+    return problems
+
+
+def _materialise(model: MambaLMHeadModel, stored: Mapping[str, torch.Tensor], tied: bool,
+                 device: Union[str, torch.device], mapped: bool) -> None:
+    """Replace every meta tensor of `model` by its stored value (on `device`, in the model's dtype). mapped: the
+    stored tensors are views of the file (safetensors maps it): copy them, so that the model never changes with it."""
+    expected = model.state_dict()
+    attrs = {name: dict(vars(p)) for name, p in model.named_parameters(remove_duplicate=False)}
+    state = {}
+    for k, ref in expected.items():
+        src = stored[EMBEDDING_KEY] if (tied and k == LM_HEAD_KEY) else stored[k]
+        state[k] = src.to(device=device, dtype=ref.dtype, copy=mapped)
+    model.load_state_dict(state, strict=True, assign=True)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        for a, v in attrs.get(name, {}).items():
+            if not hasattr(p, a):
+                setattr(p, a, v)  # _no_weight_decay, _no_reinit, ... markers survive the assignment
+    model.tie_weights()
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover and torch.device(device).type != "meta":
+        raise CheckpointError(f"internal error: tensors left unloaded: {leftover}")
+
+
+def load_model(config: MambaConfig, weights: WeightFiles, where: str, device: Union[str, torch.device] = "cpu",
+               dtype: Union[torch.dtype, str, None] = None,
+               rename: Optional[Callable[[list[str]], dict[str, str]]] = None,
+               to_file: Callable[[str], str] = lambda k: k) -> MambaLMHeadModel:
+    """A `MambaLMHeadModel` of `config` holding the tensors of `weights`, in eval mode.
+
+    rename(file keys) maps the file's keys to mambakit's (default: the same names); to_file(key) names a mambakit
+    key as the format would (for tensors the file lacks). dtype: a torch dtype, None (torch's default) or "auto"
+    (the stored embedding's dtype). `where` names the checkpoint in messages. Raises CheckpointError naming every
+    mismatch, found from the headers before any tensor is read (safetensors) or allocated.
+    """
+    where = f"{where} ({weights.source})"
+    headers = weights.headers()
+    names = (rename or (lambda keys: {k: k for k in keys}))(list(headers))
+    stored_info = {names[k]: v for k, v in headers.items()}
+    back = {ours: k for k, ours in names.items()}
+    file_name = lambda k: back.get(k, to_file(k))  # noqa: E731
+    fail = f"weights of {where} do not match its {CONFIG_NAME}"
+    problems = _layer_count_problem(stored_info, config.n_layer, file_name)
+    if problems:
+        raise CheckpointError.listing(fail, problems)
+    if isinstance(dtype, str) and dtype == "auto":
+        emb = stored_info.get(EMBEDDING_KEY)
+        dtype = emb.dtype if emb is not None and emb.dtype is not None and emb.dtype.is_floating_point else None
+    try:
+        with torch.device("meta"):  # also catches a layer that creates a tensor without its device argument
+            model = MambaLMHeadModel(config, device="meta", dtype=dtype)
+    except Exception as exc:  # MambaKitError, TypeError for an unknown kwarg, ImportError, ...
+        raise CheckpointError(f"{where}: cannot build the model its {CONFIG_NAME} describes: {exc}") from exc
+    tied = bool(config.tie_embeddings)
+    problems = mismatches(stored_info, model.state_dict(), tied, file_name)
+    if problems:
+        raise CheckpointError.listing(fail, problems)
+
+    stored = {names.get(k, k): t for k, t in weights.tensors().items()}
+    if tied and LM_HEAD_KEY in stored and not torch.equal(stored[LM_HEAD_KEY], stored[EMBEDDING_KEY]):
+        raise CheckpointError.listing(fail, [
+            f"{LM_HEAD_KEY} differs from the embedding {file_name(EMBEDDING_KEY)}, but the config ties them "
+            "(tie_word_embeddings / tie_embeddings is true)"])
+    _materialise(model, stored, tied, device, mapped=weights.safetensors)
+    model.eval()
+    return model

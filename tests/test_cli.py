@@ -44,7 +44,8 @@ def error_line(capsys: pytest.CaptureFixture) -> str:
 def test_train_writes_checkpoint_and_summary(run_dir: Path) -> None:
     assert (run_dir / "checkpoint" / "model.safetensors").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["final_val_loss"] < summary["initial_val_loss"] + 0.5
+    assert summary["steps"] == 4
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.05  # 4 steps from ln(256): the loss falls
 
 
 def test_generate_prints_prompt_and_continuation(run_dir: Path, capsys: pytest.CaptureFixture) -> None:

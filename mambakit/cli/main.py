@@ -8,6 +8,7 @@ from mambakit.cli.args import Commands, Parser
 from mambakit.cli.explain import add_explain_parser
 from mambakit.cli.generate import add_generate_parser
 from mambakit.cli.nd import add_nd_parsers
+from mambakit.cli.process import headless_plots
 from mambakit.cli.tasks import add_tasks_parser
 from mambakit.cli.train import add_train_parser
 
@@ -28,4 +29,5 @@ def build_parser() -> Parser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``mambakit`` command line (`argv`: the arguments, default sys.argv[1:]); returns the exit status:
     0, 2 for bad input (one ``error: ...`` line on stderr), 130 when interrupted."""
+    headless_plots()
     return build_parser().run(sys.argv[1:] if argv is None else argv)

@@ -1,6 +1,18 @@
 """The process-wide settings the command line makes (and the library never does)."""
 from __future__ import annotations
 
+import os
+import sys
+
+
+def headless_plots() -> None:
+    """Make matplotlib draw into files only (the Agg backend, no display needed), in this process and in the ones it
+    starts. Costs nothing when matplotlib is not imported yet: the backend is then chosen through MPLBACKEND."""
+    os.environ["MPLBACKEND"] = "Agg"
+    matplotlib = sys.modules.get("matplotlib")
+    if matplotlib is not None:
+        matplotlib.use("Agg")
+
 
 def keep_freed_memory() -> bool:
     """Ask glibc's allocator to keep freed memory instead of returning it to the OS (mallopt M_TRIM_THRESHOLD and

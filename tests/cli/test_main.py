@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import mambakit
 from mambakit.cli import build_parser, main
 from mambakit.cli.nd import nd_task_main
 from mambakit.cli.tasks import tasks_main
@@ -95,6 +97,23 @@ def test_the_parser_routes_the_mamba_nd_tasks() -> None:
 def test_routed_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2
     assert message in error_line(capsys)
+
+
+def test_main_draws_headless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry point selects matplotlib's file-only backend for this process and the ones it starts."""
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    assert main(["explain", "--help"]) == 0
+    assert os.environ["MPLBACKEND"] == "Agg"
+    if "matplotlib" in sys.modules:
+        assert sys.modules["matplotlib"].get_backend().lower() == "agg"
+
+
+def test_only_the_command_line_changes_the_process() -> None:
+    """No library module selects a matplotlib backend or changes the C allocator: the CLI does (mambakit.cli.process)."""
+    package = Path(mambakit.__file__).parent
+    offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if p.parent.name != "cli" and re.search(r"matplotlib\.use\(|\bmallopt\b", p.read_text())]
+    assert offenders == []
 
 
 def test_subcommand_handlers_are_public() -> None:

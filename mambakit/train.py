@@ -238,9 +238,6 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
 def plot_losses(history: dict[str, list], path: Path) -> bool:
     """Write the loss curves (train, smoothed, and validation) to a PNG; False when matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False

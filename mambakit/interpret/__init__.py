@@ -4,8 +4,8 @@
   (the scan's own, and the full-block form with conv, SiLU and gates folded in);
 * :mod:`~mambakit.interpret.attribution` -- per-layer means, rollout, gradient-weighted rollout, token relevance
   over a whole `MambaLMHeadModel`;
-* :mod:`~mambakit.interpret.plots` -- heatmaps and relevance bars (matplotlib, imported when drawing);
-* :mod:`~mambakit.interpret.cli` -- ``mambakit explain``.
+* :mod:`~mambakit.interpret.plots` -- heatmaps and relevance bars (matplotlib, imported when drawing).
+The ``explain`` subcommand itself is :mod:`mambakit.cli.explain`.
 """
 from mambakit.interpret.attribution import (
     FORMS,

@@ -1,4 +1,4 @@
-"""Pictures of hidden attention: heatmaps with token labels on both axes, and relevance bars (matplotlib, Agg).
+"""Pictures of hidden attention: heatmaps with token labels on both axes, and relevance bars (matplotlib).
 
 matplotlib is imported only when a picture is drawn; without it, MambaKitError says how to install it.
 """
@@ -23,7 +23,6 @@ def _pyplot():
         import matplotlib
     except ImportError as exc:
         raise MambaKitError("drawing pictures needs matplotlib: pip install matplotlib (or mambakit[plot])") from exc
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

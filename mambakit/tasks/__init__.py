@@ -2,8 +2,8 @@
 induction heads and multi-query associative recall (MQAR), with a training/evaluation runner and plots.
 
 * :mod:`~mambakit.tasks.generators` -- seeded batch generators: ``(input_ids, targets)`` with -100 where no loss;
-* :mod:`~mambakit.tasks.runner` -- :func:`run_task` (train from scratch, evaluate, plot) and :func:`run_sweep`;
-* :mod:`~mambakit.tasks.cli` -- the ``tasks`` subcommand (:func:`add_tasks_parser`, :func:`tasks_main`).
+* :mod:`~mambakit.tasks.runner` -- :func:`run_task` (train from scratch, evaluate, plot) and :func:`run_sweep`.
+The ``tasks`` subcommand itself is :mod:`mambakit.cli.tasks`.
 """
 from mambakit.tasks.generators import (
     IGNORE,

@@ -174,9 +174,6 @@ def plot_results(results: dict[str, Any], path: Path) -> bool:
     """Accuracy vs training step (and, for length evaluations, accuracy vs eval length) as a PNG; False when
     matplotlib is missing."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
@@ -219,9 +216,6 @@ def plot_results(results: dict[str, Any], path: Path) -> bool:
 def plot_lengths(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     """Accuracy vs evaluation length, one line per run (e.g. Mamba vs attention on induction heads)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
@@ -253,9 +247,6 @@ def plot_lengths(rows: Sequence[dict[str, Any]], path: Path) -> bool:
 def plot_sweep(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     """Accuracy vs d_model, one line per mixer (and d_state), one panel per sequence length."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False

@@ -2,7 +2,6 @@
 whose deciding token the relevance must find."""
 from __future__ import annotations
 
-import argparse
 
 import pytest
 import torch
@@ -160,50 +159,6 @@ def test_pictures_are_written(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 1000
     with pytest.raises(MambaKitError, match="one label per position"):
         plot_explanation(ex, tmp_path, labels[:-1])
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from mambakit.models.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=2, vocab_size=256, ssm_cfg={"d_state": 4}))
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "checkpoint")
-
-
-def test_explain_command_writes_pictures_and_prints_top_tokens(checkpoint, tmp_path, capsys):
-    from mambakit.interpret.cli import add_explain_parser
-
-    parser = argparse.ArgumentParser(prog="mambakit")
-    add_explain_parser(parser.add_subparsers(dest="command"))
-    out = tmp_path / "out"
-    ns = parser.parse_args(["explain", "--checkpoint", str(checkpoint), "--prompt", "hello, world", "--layer", "1",
-                            "--out", str(out), "--device", "cpu"])
-    assert ns.func(ns) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["attribution.png", "layer_01.png", "relevance.png",
-                                                     "rollout.png"]
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("prediction after the last token d:")
-    assert lines[1].startswith("top-5 source tokens")
-    ranked = lines[2:7]
-    assert [line.split()[0] for line in ranked] == ["1.", "2.", "3.", "4.", "5."]
-    positions = [int(line.split()[2]) for line in ranked]
-    assert len(set(positions)) == 5 and all(0 <= p < 11 for p in positions)
-    assert lines[-1] == f"wrote 4 pictures to {out}"
-
-
-def test_explain_command_errors(checkpoint, tmp_path):
-    from mambakit.interpret.cli import explain_main
-
-    base = ["--out", str(tmp_path), "--device", "cpu"]
-    with pytest.raises(MambaKitError, match="does not exist"):
-        explain_main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "hi", *base])
-    with pytest.raises(MambaKitError, match="--prompt must not be empty"):
-        explain_main(["--checkpoint", str(checkpoint), "--prompt", "", *base])
-    with pytest.raises(MambaKitError, match=r"--layer must lie in \[0, 2\)"):
-        explain_main(["--checkpoint", str(checkpoint), "--prompt", "hi", "--layer", "2", *base])
-    with pytest.raises(MambaKitError, match="max-prompt-tokens"):
-        explain_main(["--checkpoint", str(checkpoint), "--prompt", "hello", "--max-prompt-tokens", "3", *base])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

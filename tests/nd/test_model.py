@@ -1,7 +1,6 @@
 """Mamba-ND model: patch embedding, the ND block around an unchanged mixer, heads, the ViT baseline, data, training."""
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -10,7 +9,6 @@ from torch import nn
 
 from mambakit.errors import MambaKitError
 from mambakit.layers.mamba import Mamba
-from mambakit.nd.cli import add_nd_parsers, main, options_from_namespace
 from mambakit.nd.data import DIRECTIONS, render_moving_digits, split_indices, video_task
 from mambakit.nd.model import MambaND, NDBlock, NDConfig, PatchEmbed
 from mambakit.nd.orders import ORDER_MODES, ScanOrder, default_orders, layer_routes, scan_permutation
@@ -239,18 +237,3 @@ def test_bad_options_raise(options, match):
     with pytest.raises(MambaKitError, match="unknown Mamba-ND task"):
         run_nd_task("mamba-nd-audio")
 
-
-def test_cli_parsers_and_errors(capsys):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="cmd")
-    parsers = add_nd_parsers(sub)
-    assert set(parsers) == {"mamba-nd-digits", "mamba-nd-video"}
-    ns = parser.parse_args(["mamba-nd-video", "--mixer", "mamba1", "--order-mode", "fixed", "--patch", "2,4,4",
-                            "--steps", "3", "--seed", "1", "--no-progress"])
-    assert ns.nd_task == "mamba-nd-video"
-    opts = options_from_namespace(ns)
-    assert opts == {"mixer": "mamba1", "order_mode": "fixed", "patch": (2, 4, 4), "steps": 3, "seed": 1,
-                    "progress": False}
-    assert main(["mamba-nd-digits", "--steps", "0"]) == 2
-    assert main(["mamba-nd-digits", "--patch", "3", "--no-progress"]) == 2
-    assert "multiple of patch_size" in capsys.readouterr().err

@@ -1,8 +1,7 @@
-"""`mambakit.tasks.runner` and the ``tasks`` command: tiny trainings beat chance, chunked evaluation is exact,
+"""`mambakit.tasks.runner`: tiny trainings beat chance, chunked evaluation is exact,
 results/plots are written, bad arguments raise MambaKitError naming the argument."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import torch
 
 from mambakit.errors import MambaKitError
 from mambakit.models.lm import MambaLMHeadModel
-from mambakit.tasks.cli import add_tasks_parser, tasks_main
 from mambakit.tasks.generators import make_batch, task_vocab_size
 from mambakit.tasks.runner import MIXERS, build_model_config, count_correct, run_task
 
@@ -76,48 +74,6 @@ def test_all_mixers_build_and_step():
         assert (r["config"]["d_state"] is None) == (mixer == "attention")
 
 
-def test_cli_handler_tiny_run(tmp_path, capsys):
-    out = tmp_path / "out"
-    args = ["mqar", "--mixer", "mamba2", "--steps", "3", "--batch-size", "4", "--d-model", "16", "--n-layer", "1",
-            "--d-state", "8", "--seq-len", "12", "--n-pairs", "2", "--vocab", "8", "--eval-samples", "8",
-            "--threads", "1", "--out", str(out), "--no-progress"]
-    assert tasks_main(args) == 0
-    text = capsys.readouterr().out
-    assert "accuracy" in text and "mamba2" in text
-    assert (out / "mqar_mamba2.png").stat().st_size > 0
-    assert json.loads((out / "mqar_mamba2.json").read_text())["config"]["d_state"] == 8
-
-
-def test_cli_training_flags_and_task_weight_decay(tmp_path):
-    """--weight-decay / --warmup / --eval-interval / --num-heads reach run_task; without --weight-decay the task's
-    default applies (induction heads: none)."""
-    from mambakit.tasks.runner import TASK_DEFAULTS
-
-    args = ["induction-heads", "--mixer", "attention", "--steps", "2", "--batch-size", "2", "--d-model", "16",
-            "--n-layer", "1", "--seq-len", "12", "--vocab", "4", "--eval-samples", "2", "--eval-lengths",
-            "--weight-decay", "0.05", "--warmup", "1", "--eval-interval", "1", "--num-heads", "2", "--threads", "1",
-            "--out", str(tmp_path), "--no-progress"]
-    assert tasks_main(args) == 0
-    saved = json.loads((tmp_path / "induction-heads_attention.json").read_text())
-    cfg = saved["config"]
-    assert (cfg["weight_decay"], cfg["warmup"], cfg["eval_interval"]) == (0.05, 1, 1)
-    assert cfg["model_config"]["attn_cfg"]["num_heads"] == 2 and saved["history"]["eval_step"] == [0, 1, 2]
-    r = run_task("induction-heads", "mamba", steps=1, **{**TINY, "vocab": 4})
-    assert r["config"]["weight_decay"] == TASK_DEFAULTS["induction-heads"]["weight_decay"]
-
-
-def test_cli_parser_registration_and_sweep(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="mambakit")
-    add_tasks_parser(parser.add_subparsers(dest="command"))
-    ns = parser.parse_args(["tasks", "selective-copying", "--mixer", "s4", "mamba", "--steps", "1", "--batch-size",
-                            "2", "--d-model", "8", "--n-layer", "1", "--seq-len", "8", "--eval-samples", "2",
-                            "--vocab", "4", "--n-tokens", "2", "--threads", "1", "--out", str(tmp_path),
-                            "--no-progress"])
-    assert ns.func(ns) == 0
-    assert (tmp_path / "selective-copying_sweep.png").exists()
-    assert len(json.loads((tmp_path / "selective-copying_sweep.json").read_text())) == 2
-
-
 @pytest.mark.parametrize("kwargs, flag", [
     (dict(name="nope"), "NAME"),
     (dict(mixer="rnn"), "--mixer"),
@@ -137,31 +93,6 @@ def test_run_task_bad_arguments(kwargs, flag):
         run_task(**call)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["nope"], "NAME"),
-    (["mqar", "--mixer", "lstm"], "--mixer"),
-    (["mqar", "--steps", "x"], "--steps"),
-    (["mqar", "--steps", "-3"], "--steps"),
-    (["mqar", "--lr", "0"], "--lr"),
-    (["induction-heads", "--batch-size", "0"], "--batch-size"),
-])
-def test_cli_bad_arguments(argv, flag):
-    with pytest.raises(MambaKitError, match=flag):
-        tasks_main(argv)
-
-
-def test_main_cli_exit_2(capsys):
-    """Once the lead wires `add_tasks_parser` into mambakit/cli.py: bad input is one error line, exit status 2."""
-    from mambakit.cli import build_parser, main
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if "tasks" not in sub.choices:
-        pytest.skip("the tasks subcommand is not wired into mambakit/cli.py yet")
-    assert main(["tasks", "mqar", "--steps", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "--steps" in err[0]
-
-
 def test_task_defaults_are_consistent():
     """Every task's defaults (the sizes reported in benchmarks/RESULTS.md) make a valid batch of the task."""
     from mambakit.tasks.runner import TASK_DEFAULTS
@@ -172,9 +103,3 @@ def test_task_defaults_are_consistent():
         assert ids.shape == targets.shape == (2, d["seq_len"])
         assert int(ids.max()) < task_vocab_size(name, d["vocab"]) and bool((targets != -100).any())
 
-
-def test_keep_freed_memory_is_harmless():
-    """The allocator setting of the tasks command returns a bool on every platform (False without glibc)."""
-    from mambakit.tasks.cli import _keep_freed_memory
-
-    assert isinstance(_keep_freed_memory(), bool)

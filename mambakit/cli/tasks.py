@@ -1,8 +1,9 @@
 """``mambakit tasks NAME``: train a small model from scratch on a synthetic task and print its accuracy.
 
-Wired into ``mambakit/cli.py`` by :func:`add_tasks_parser`; :func:`tasks_main` runs it (from a parsed namespace, or
-from a list of arguments). Bad input raises MambaKitError naming the argument, which the command line prints as one
-``error: ...`` line (exit status 2).
+:func:`add_tasks_parser` registers the subcommand; :func:`tasks_main` runs it (from a parsed namespace, or from a list
+of arguments). Bad input raises MambaKitError naming the argument, which the command line prints as one
+``error: ...`` line (exit status 2). The Mamba-ND tasks (``mambakit tasks mamba-nd-digits ...``) have their own
+parsers, routed to by the first argument (:mod:`mambakit.cli.nd`).
 
 ``--mixer``, ``--d-model``, ``--d-state`` and ``--seq-len`` take several values: every combination is trained (a
 sweep, e.g. MQAR over lengths and widths) and a summary plot ``NAME_sweep.png`` is written.
@@ -13,68 +14,56 @@ import argparse
 import sys
 from typing import Any, List, Optional, Sequence, Union
 
+from mambakit.cli.args import Parser, integer, number
+from mambakit.cli.process import keep_freed_memory
 from mambakit.errors import MambaKitError
+from mambakit.tasks.generators import TASKS
+from mambakit.tasks.runner import MIXERS, run_sweep, run_task
 
 DEFAULT_OUT = "runs/tasks"
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-
-
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from mambakit.tasks.generators import TASKS
-    from mambakit.tasks.runner import MIXERS
-
     p.add_argument("name", metavar="NAME", help=f"the task: {' | '.join(TASKS)}")
     p.add_argument("--mixer", nargs="+", default=["mamba"], metavar="MIXER",
                    help=f"sequence mixer(s): {' | '.join(MIXERS)} (default: mamba)")
-    p.add_argument("--steps", type=_int, help="optimizer steps (default: per task, see mambakit.tasks.TASK_DEFAULTS)")
-    p.add_argument("--batch-size", type=_int, help="sequences per step (default: per task)")
-    p.add_argument("--d-model", type=_int, nargs="+", help="model width(s) (default: per task)")
-    p.add_argument("--n-layer", type=_int, help="number of blocks (default: per task)")
-    p.add_argument("--d-state", type=_int, nargs="+",
+    p.add_argument("--steps", type=integer, help="optimizer steps (default: per task, see mambakit.tasks.TASK_DEFAULTS)")
+    p.add_argument("--batch-size", type=integer, help="sequences per step (default: per task)")
+    p.add_argument("--d-model", type=integer, nargs="+", help="model width(s) (default: per task)")
+    p.add_argument("--n-layer", type=integer, help="number of blocks (default: per task)")
+    p.add_argument("--d-state", type=integer, nargs="+",
                    help="SSM state size(s) (default: s4 64, mamba 16, mamba2 64; ignored by attention)")
-    p.add_argument("--seq-len", type=_int, nargs="+", help="training length(s) (default: per task)")
-    p.add_argument("--lr", type=_float, help="peak learning rate (default: per task)")
-    p.add_argument("--weight-decay", type=_float,
+    p.add_argument("--seq-len", type=integer, nargs="+", help="training length(s) (default: per task)")
+    p.add_argument("--lr", type=number, help="peak learning rate (default: per task)")
+    p.add_argument("--weight-decay", type=number,
                    help="AdamW weight decay of the matrices (default: per task; induction-heads 0, others 0.1)")
-    p.add_argument("--warmup", type=_int, help="linear warmup steps (default: min(100, steps / 10))")
-    p.add_argument("--seed", type=_int, default=0, help="seed of the model and the data (default: %(default)s)")
+    p.add_argument("--warmup", type=integer, help="linear warmup steps (default: min(100, steps / 10))")
+    p.add_argument("--seed", type=integer, default=0, help="seed of the model and the data (default: %(default)s)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG and JSON results (default: %(default)s)")
-    p.add_argument("--eval-lengths", type=_int, nargs="*",
+    p.add_argument("--eval-lengths", type=integer, nargs="*",
                    help="also evaluate at these lengths after training (default: induction-heads 256 1024 4096 16384 "
                    "65536)")
-    p.add_argument("--eval-samples", type=_int, default=256,
+    p.add_argument("--eval-samples", type=integer, default=256,
                    help="held-out sequences at the training length (default: %(default)s)")
-    p.add_argument("--eval-interval", type=_int, help="training steps between held-out evaluations (default: steps / 10)")
-    p.add_argument("--vocab", type=_int, help="data tokens (default: 16; mqar: 256 token ids)")
-    p.add_argument("--n-tokens", type=_int,
+    p.add_argument("--eval-interval", type=integer,
+                   help="training steps between held-out evaluations (default: steps / 10)")
+    p.add_argument("--vocab", type=integer, help="data tokens (default: 16; mqar: 256 token ids)")
+    p.add_argument("--n-tokens", type=integer,
                    help="(selective-)copying: tokens to memorise (default: selective-copying 4, copying 16)")
-    p.add_argument("--n-pairs", type=_int, help="mqar: key-value pairs per sequence (default: 32)")
-    p.add_argument("--headdim", type=_int, help="mamba2 head size (default: the first of 64, 32, 16, 8 dividing "
+    p.add_argument("--n-pairs", type=integer, help="mqar: key-value pairs per sequence (default: 32)")
+    p.add_argument("--headdim", type=integer, help="mamba2 head size (default: the first of 64, 32, 16, 8 dividing "
                    "2*d_model)")
-    p.add_argument("--num-heads", type=_int, help="attention heads (default: d_model / 16)")
-    p.add_argument("--stop-at", type=_float, help="stop once the held-out accuracy reaches this (0..1]")
-    p.add_argument("--max-time", type=_float, help="stop training after this many seconds (per run)")
-    p.add_argument("--eval-chunk", type=_int, default=4096,
+    p.add_argument("--num-heads", type=integer, help="attention heads (default: d_model / 16)")
+    p.add_argument("--stop-at", type=number, help="stop once the held-out accuracy reaches this (0..1]")
+    p.add_argument("--max-time", type=number, help="stop training after this many seconds (per run)")
+    p.add_argument("--eval-chunk", type=integer, default=4096,
                    help="tokens per chunk when evaluating long sequences through the cache (default: %(default)s)")
-    p.add_argument("--long-eval-tokens", type=_int, default=1 << 19,
+    p.add_argument("--long-eval-tokens", type=integer, default=1 << 19,
                    help="token budget per extra eval length: max(4, budget // length) sequences (default: %(default)s)")
-    p.add_argument("--max-attention-len", type=_int, default=16384,
+    p.add_argument("--max-attention-len", type=integer, default=16384,
                    help="skip attention evaluations above this length (time and memory grow with it) "
                    "(default: %(default)s)")
-    p.add_argument("--threads", type=_int, help="CPU threads (default: torch's; 1 is much faster for these small "
+    p.add_argument("--threads", type=integer, help="CPU threads (default: torch's; 1 is much faster for these small "
                    "models when the CPU is shared with other jobs)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,45 +84,20 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-class _RaisingParser(argparse.ArgumentParser):
-    """Parser for `tasks_main(list_of_args)`: a usage error raises MambaKitError instead of exiting."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise MambaKitError(f"mambakit tasks: {message}")
-
-
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = _RaisingParser(prog="mambakit tasks")
-    _add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 def _fmt(acc: Optional[float]) -> str:
     return "  n/a " if acc is None else f"{100 * acc:5.1f}%"
 
 
-def _keep_freed_memory() -> bool:
-    """Ask glibc's allocator to keep freed memory instead of returning it to the OS (mallopt M_TRIM_THRESHOLD and
-    M_MMAP_THRESHOLD to 1 GiB). The CPU training steps allocate and free the same large temporaries every step; with
-    the default policy each step page-faults them in again, which cost 45-150 s of system time per default run (up to
-    a fifth of the CPU time of a Mamba-1 run). False where there is no glibc (macOS, Windows, musl)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(-1, 1 << 30)) and bool(mallopt(-3, 1 << 30))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
-
-
 def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
-    """Run ``mambakit tasks`` from a parsed namespace or an argument list; prints the accuracies, returns 0."""
-    from mambakit.tasks.generators import TASKS
-    from mambakit.tasks.runner import MIXERS, run_sweep, run_task
-
-    ns = args if isinstance(args, argparse.Namespace) else _parse(args)
+    """Run ``mambakit tasks`` from a parsed namespace or an argument list (a usage error in the list raises
+    MambaKitError); prints the accuracies, returns 0. Keeps freed memory in this process (see
+    :func:`mambakit.cli.process.keep_freed_memory`)."""
+    if isinstance(args, argparse.Namespace):
+        ns = args
+    else:
+        parser = Parser(prog="mambakit tasks", raising=True)
+        _add_arguments(parser)
+        ns = parser.parse_args(list(args))
     if ns.name not in TASKS:
         raise MambaKitError(f"NAME must be one of {', '.join(TASKS)}; got {ns.name!r}")
     bad = [m for m in ns.mixer if m not in MIXERS]
@@ -146,7 +110,7 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
                   max_time=ns.max_time, threads=ns.threads,
                   eval_chunk=ns.eval_chunk, long_eval_tokens=ns.long_eval_tokens,
                   max_attention_len=ns.max_attention_len, progress=not ns.no_progress)
-    _keep_freed_memory()
+    keep_freed_memory()
     d_models: List[Optional[int]] = list(ns.d_model or [None])
     seq_lens: List[Optional[int]] = list(ns.seq_len or [None])
     d_states: List[Optional[int]] = list(ns.d_state or [None])
@@ -171,11 +135,3 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
         print(f"sweep plot: {ns.out}/{ns.name}_sweep.png")
     sys.stdout.flush()
     return 0
-
-
-if __name__ == "__main__":  # python -m mambakit.tasks.cli NAME ... (the same as `mambakit tasks NAME ...`)
-    try:
-        sys.exit(tasks_main(sys.argv[1:]))
-    except MambaKitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)

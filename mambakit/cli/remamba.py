@@ -5,8 +5,11 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from mambakit.errors import MambaKitError
 from mambakit.remamba.config import ReMambaConfig
+from mambakit.remamba.io import load_remamba
 
 _FLAGS = {"p": "--remamba-p", "rho": "--remamba-rho", "s": "--remamba-s"}
 
@@ -38,8 +41,6 @@ def remamba_config(ns: argparse.Namespace) -> Optional[ReMambaConfig]:
     return ReMambaConfig(**values)
 
 
-def load_for_generate(ns: argparse.Namespace, model, checkpoint: Path):
+def load_for_generate(ns: argparse.Namespace, model: torch.nn.Module, checkpoint: Path) -> torch.nn.Module:
     """The ReMambaLM of the command line: `model` with the adapter from --remamba-adapter or the checkpoint."""
-    from mambakit.remamba.io import load_remamba
-
     return load_remamba(model, ns.remamba_adapter or checkpoint)

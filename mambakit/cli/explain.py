@@ -1,8 +1,8 @@
 """``mambakit explain``: pictures of a trained model's hidden attention for one prompt, and the tokens that mattered
 most for the prediction after it.
 
-Wired into ``mambakit/cli.py`` by :func:`add_explain_parser`; :func:`explain_main` runs it (from a parsed namespace,
-or from a list of arguments). Bad input raises MambaKitError, which the command line prints as one error line.
+:func:`add_explain_parser` registers the subcommand; :func:`explain_main` runs it (from a parsed namespace, or from a
+list of arguments). Bad input raises MambaKitError, which the command line prints as one error line.
 """
 from __future__ import annotations
 
@@ -11,41 +11,34 @@ import sys
 from pathlib import Path
 from typing import Any, List, Sequence, Union
 
+import torch
+
+from mambakit.cli.args import Parser, integer, positive_int
+from mambakit.cli.loading import Tokenizer, find_checkpoint, load_model, load_tokenizer
+from mambakit.cli.prompt import encode_prompt, require_prompt
+from mambakit.data import ByteTokenizer
 from mambakit.errors import MambaKitError
+from mambakit.interpret.attribution import FORMS, explain, mixer_layers, token_relevance
+from mambakit.interpret.plots import byte_token_labels, plot_explanation
+from mambakit.train import resolve_device
 
 DEFAULT_OUT = "explain"
 DEFAULT_MAX_PROMPT_TOKENS = 1024
 TOP_K = 5
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from mambakit.interpret.attribution import FORMS
-
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder (or a training --out folder holding checkpoint/)")
     p.add_argument("--prompt", required=True, help="text whose next-token prediction is explained")
-    p.add_argument("--layer", type=_int, default=None,
+    p.add_argument("--layer", type=integer, default=None,
                    help="draw the hidden attention of this layer only (0-based; default: every layer)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNGs (default: %(default)s)")
     p.add_argument("--form", choices=FORMS, default="block",
                    help="'block': the full-block matrices (conv, SiLU and gates folded in; attributes to tokens), "
                    "'ssm': the scan's matrices alone (attributes to conv outputs) (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
-    p.add_argument("--max-prompt-tokens", type=_positive_int, default=DEFAULT_MAX_PROMPT_TOKENS,
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=DEFAULT_MAX_PROMPT_TOKENS,
                    help="refuse longer prompts (the maps are quadratic in length) (default: %(default)s)")
 
 
@@ -64,10 +57,8 @@ def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _token_labels(tokenizer: Any, ids: List[int]) -> List[str]:
-    from mambakit.data import ByteTokenizer
-    from mambakit.interpret.plots import byte_token_labels
-
+def _token_labels(tokenizer: Tokenizer, ids: List[int]) -> List[str]:
+    """One short printable label per token id (for the axes and the printed ranking)."""
     if isinstance(tokenizer, ByteTokenizer):
         return byte_token_labels(ids)
     labels = []
@@ -79,55 +70,39 @@ def _token_labels(tokenizer: Any, ids: List[int]) -> List[str]:
 
 def explain_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
     """Run ``mambakit explain``. args: the parsed namespace (from the parser of :func:`add_explain_parser`) or the
-    subcommand's arguments as strings. Writes the PNGs into --out, prints the top source tokens, returns 0.
+    subcommand's arguments as strings. Reads a mambakit, transformers or mamba_ssm checkpoint, writes the PNGs into
+    --out, prints the top source tokens, returns 0.
 
-    Raises MambaKitError for bad input: missing or unreadable checkpoint, empty or too long prompt, --layer out of
-    range, a model with mixers other than Mamba / Mamba2.
+    Raises MambaKitError for bad input: bad arguments, missing or unreadable checkpoint, empty or too long prompt,
+    --layer out of range, a model with mixers other than Mamba / Mamba2.
     """
     if not isinstance(args, argparse.Namespace):
-        parser = argparse.ArgumentParser(prog="mambakit explain")
+        parser = Parser(prog="mambakit explain", raising=True)
         _add_arguments(parser)
         args = parser.parse_args(list(args))
-    import torch
-
-    from mambakit.cli import _find_checkpoint, _load_tokenizer
-    from mambakit.interpret.attribution import explain, mixer_layers, token_relevance
-    from mambakit.interpret.plots import plot_explanation
-    from mambakit.models.checkpoint import load_checkpoint
-    from mambakit.train import resolve_device
-
-    if not args.prompt:
-        raise MambaKitError("--prompt must not be empty")
+    require_prompt(args.prompt)
     device = resolve_device(args.device)
-    checkpoint = _find_checkpoint(args.checkpoint)
-    model = load_checkpoint(checkpoint, device=device)
+    checkpoint = find_checkpoint(args.checkpoint)
+    model = load_model(checkpoint, device)
     n_layer = len(mixer_layers(model))
     if args.layer is not None and not 0 <= args.layer < n_layer:
         raise MambaKitError(f"--layer must lie in [0, {n_layer}) for this {n_layer}-layer model, got {args.layer}")
-    tokenizer = _load_tokenizer(checkpoint)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise MambaKitError("--prompt encodes to no tokens")
-    if len(ids) > args.max_prompt_tokens:
-        raise MambaKitError(f"--prompt is {len(ids)} tokens long, more than --max-prompt-tokens "
-                            f"{args.max_prompt_tokens}")
     vocab = model.config.vocab_size
-    if max(ids) >= vocab:
-        raise MambaKitError(f"the prompt holds token id {max(ids)}, outside the model's vocabulary of {vocab}; "
-                            "does the tokenizer match the checkpoint?")
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    tokenizer = load_tokenizer(checkpoint, vocab)
+    ids = encode_prompt(tokenizer, args.prompt, vocab, args.max_prompt_tokens)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, prompt length)
     ex = explain(model, input_ids, form=args.form)
     labels = _token_labels(tokenizer, ids)
     out = Path(args.out)
     written = plot_explanation(ex, out, labels, layers=None if args.layer is None else [args.layer])
 
-    probs = torch.softmax(ex.logits[0, :vocab].double(), -1)
+    probs = torch.softmax(ex.logits[0, :vocab].double(), -1)  # (vocab,)
     target = int(ex.target[0])
     predicted = _token_labels(tokenizer, [target])[0]
     print(f"prediction after the last token {labels[-1]}: {predicted} (p = {float(probs[target]):.3f})")
     if len(ids) > 1:
         self_share = float(ex.relevance[0, -1])
-        others = token_relevance(ex.attribution, exclude_self=True)[0]
+        others = token_relevance(ex.attribution, exclude_self=True)[0]  # (prompt length,)
         k = min(TOP_K, len(ids) - 1)
         scores, positions = torch.topk(others[:-1], k)
         print(f"top-{k} source tokens (gradient-weighted {args.form} attention rollout; the predicting token itself "

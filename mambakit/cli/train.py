@@ -1,0 +1,84 @@
+"""``mambakit train``: train a byte-level Mamba language model (on one process, or data-parallel under torchrun)."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from mambakit.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
+from mambakit.distributed.launch import launch, under_torchrun
+from mambakit.distributed.sampler import check_batch_split
+from mambakit.errors import MambaKitError
+from mambakit.train import DEFAULTS, TrainArgs, resolve_run, train
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``train`` on an argparse subparsers object; its handler is :func:`train_main` (set as ``func``).
+    Returns the subcommand's parser."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a byte-level Mamba language model",
+        description="Train a byte-level Mamba LM. With no options: the built-in corpus (the Python standard "
+        "library's sources) and a small model sized for a few minutes on a laptop CPU.",
+    )
+    p.add_argument("--data", help="a text file or a folder of text files (default: the built-in corpus)")
+    p.add_argument("--out", default="runs/mamba", help="output folder: checkpoint/, loss.png, summary.json "
+                   "(default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default: {DEFAULTS['steps']})")
+    p.add_argument("--arch", choices=("mamba1", "mamba2"), help=f"mixer layer (default: {DEFAULTS['arch']})")
+    p.add_argument("--d-model", type=positive_int, help=f"model width (default: {DEFAULTS['d_model']})")
+    p.add_argument("--n-layer", type=positive_int, help=f"number of blocks (default: {DEFAULTS['n_layer']})")
+    p.add_argument("--d-state", type=positive_int, help="SSM state size (default: 16 for mamba1, 64 for mamba2)")
+    p.add_argument("--seq-len", type=positive_int, help=f"training sequence length in bytes "
+                   f"(default: {DEFAULTS['seq_len']})")
+    p.add_argument("--batch-size", type=positive_int, help=f"sequences per optimizer step, all ranks and micro-batches "
+                   f"together (the global batch; default: {DEFAULTS['batch_size']})")
+    p.add_argument("--grad-accum", type=positive_int, help="micro-batches accumulated per optimizer step on each rank "
+                   f"(default: {DEFAULTS['grad_accum']})")
+    p.add_argument("--lr", type=positive_float, help=f"peak learning rate (default: {DEFAULTS['lr']})")
+    p.add_argument("--warmup-steps", type=non_negative_int, help="linear warmup steps (default: min(100, steps/10))")
+    p.add_argument("--weight-decay", type=non_negative_float,
+                   help=f"AdamW weight decay on matrices (default: {DEFAULTS['weight_decay']})")
+    p.add_argument("--eval-interval", type=positive_int,
+                   help=f"steps between validation losses (default: {DEFAULTS['eval_interval']})")
+    p.add_argument("--eval-batches", type=positive_int,
+                   help=f"fixed validation batches per evaluation (default: {DEFAULTS['eval_batches']})")
+    p.add_argument("--save-interval", type=positive_int, help="steps between checkpoints (default: eval interval)")
+    p.add_argument("--seed", type=non_negative_int, help=f"random seed (default: {DEFAULTS['seed']})")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--sample-prompt", help=f"prompt of the sample printed at the end "
+                   f"(default: {DEFAULTS['sample_prompt']!r})")
+    p.add_argument("--sample-tokens", type=non_negative_int,
+                   help=f"bytes generated for the final sample, 0 = none (default: {DEFAULTS['sample_tokens']})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist_group = p.add_argument_group("distributed (data-parallel) training")
+    dist_group.add_argument("--nproc", type=positive_int, help="run N data-parallel processes on this machine "
+                            "(launches torchrun; same as 'torchrun --nproc-per-node N -m mambakit train ...')")
+    dist_group.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state "
+                            "(FSDP2) instead of replicating them (DDP)")
+    dist_group.add_argument("--bf16", action="store_true", help="bf16 autocast with fp32 master weights (CUDA only)")
+    p.set_defaults(func=train_main)
+    return p
+
+
+def train_main(ns: argparse.Namespace) -> int:
+    """Run ``mambakit train`` from its parsed namespace (with ``argv``, the command line, for --nproc); returns 0.
+    Bad options raise MambaKitError."""
+    args = TrainArgs(
+        out=ns.out, resume=ns.resume, progress=not ns.no_progress, data=ns.data, steps=ns.steps, d_model=ns.d_model,
+        n_layer=ns.n_layer, d_state=ns.d_state, arch=ns.arch, seq_len=ns.seq_len, batch_size=ns.batch_size, lr=ns.lr,
+        warmup_steps=ns.warmup_steps, weight_decay=ns.weight_decay, eval_interval=ns.eval_interval,
+        eval_batches=ns.eval_batches, save_interval=ns.save_interval, seed=ns.seed, device=ns.device,
+        sample_prompt=ns.sample_prompt, sample_tokens=ns.sample_tokens, grad_accum=ns.grad_accum, fsdp=ns.fsdp,
+        bf16=ns.bf16,
+    )
+    if ns.nproc is not None and not under_torchrun():
+        resolved, _ = resolve_run(args)  # bad options fail here, in one process, before anything is launched
+        check_batch_split(resolved.batch_size, ns.nproc, resolved.grad_accum)
+        return launch(ns.nproc, ns.argv)  # re-runs this command line in N processes (without --nproc)
+    if ns.nproc is not None and str(ns.nproc) != os.environ.get("WORLD_SIZE"):
+        raise MambaKitError(f"--nproc {ns.nproc} contradicts torchrun's world size {os.environ.get('WORLD_SIZE')}; "
+                            "drop --nproc when starting with torchrun")
+    train(args)
+    return 0

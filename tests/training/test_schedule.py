@@ -35,7 +35,7 @@ def test_monotone_after_warmup_and_warmup_longer_than_run() -> None:
 
 
 def test_matches_the_former_lm_formula() -> None:
-    """The LM trainer wrote min_lr + c·(lr - min_lr); the shared form lr·(r + (1 - r)·c) is the same up to rounding."""
+    """The LM trainer wrote min_lr + c·(lr - min_lr); the shared lr·(r + (1 - r)·c) is the same up to rounding."""
     lr, steps, warmup, r = 3e-3, 600, 60, 0.1
     for step in range(warmup, steps + 1):
         c = 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (steps - warmup))))

@@ -364,7 +364,7 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
     # training time and tokens of the steps before this launch (a resumed run); the loop counts this launch's
     time_before = float(state.get("train_time_s", 0.0))
     tokens_per_step = args.batch_size * args.seq_len
-    progress = {"train_time": time_before, "tokens_seen": int(state.get("tokens_seen", 0)), "comm_per_step": {}}
+    run_totals = {"train_time": time_before, "tokens_seen": int(state.get("tokens_seen", 0)), "comm_per_step": {}}
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if start_step == 0 and not history["val"]:
@@ -373,7 +373,7 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
 
     def checkpoint(step: int, collective: bool = True) -> None:
         trainer_state = {"step": step, "seed": args.seed, "args": asdict(args), "history": history,
-                         "train_time_s": progress["train_time"], "tokens_seen": progress["tokens_seen"],
+                         "train_time_s": run_totals["train_time"], "tokens_seen": run_totals["tokens_seen"],
                          "world_size": ctx.world_size, "parallel": dp.mode,
                          "rng": "batches depend only on (seed, step); no generator state is needed"}
         if dp.mode == "fsdp" or ctx.is_main:  # FSDP2 gathers its shards: a collective of all ranks
@@ -387,9 +387,9 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
             on_checkpoint(step)
 
     def after_step(record: StepRecord) -> None:
-        progress["comm_per_step"] = dp.counter.snapshot()
-        progress["train_time"] = time_before + record.train_time_s
-        progress["tokens_seen"] += tokens_per_step
+        run_totals["comm_per_step"] = dp.counter.snapshot()
+        run_totals["train_time"] = time_before + record.train_time_s
+        run_totals["tokens_seen"] += tokens_per_step
         history["train"].append((record.step, record.loss))
 
     def eval_hook(record: StepRecord) -> tuple[float, str]:
@@ -415,11 +415,12 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
         before_step=lambda step: dp.counter.reset(),
         after_step=after_step, evaluate=eval_hook, checkpoint=checkpoint, on_interrupt=on_interrupt,
         postfix=lambda r: {"loss": f"{r.loss:.3f}",
-                           "tok_s": f"{progress['tokens_seen'] / max(progress['train_time'], 1e-9):,.0f}"},
+                           "tok_s": f"{run_totals['tokens_seen'] / max(run_totals['train_time'], 1e-9):,.0f}"},
         log=log,
     )
     done = run.done
-    train_time, tokens_seen, comm_per_step = progress["train_time"], progress["tokens_seen"], progress["comm_per_step"]
+    train_time, tokens_seen = run_totals["train_time"], run_totals["tokens_seen"]
+    comm_per_step = run_totals["comm_per_step"]
     if done > start_step:
         checkpoint(done)
         log(f"saved checkpoint (step {done}) to {ckpt_dir}")

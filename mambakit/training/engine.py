@@ -137,19 +137,20 @@ def run_loop(
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             batches = micro_batches(step)
-            loss_sum: Any = 0
+            n = len(batches)
+            loss_sum: Any = None
             metrics: dict[str, float] = {}
             for i, batch in enumerate(batches):
-                with sync(i == len(batches) - 1) if sync is not None else contextlib.nullcontext():
+                with sync(i == n - 1) if sync is not None else contextlib.nullcontext():
                     with precision:
                         out = loss_fn(batch)
                     loss, metrics = out if isinstance(out, tuple) else (out, {})
-                    (loss / len(batches)).backward()
-                loss_sum = loss_sum + loss.detach()
+                    (loss / n if n > 1 else loss).backward()
+                loss_sum = loss.detach() if i == 0 else loss_sum + loss.detach()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(clip_params(), cfg.grad_clip)
             optimizer.step()
-            loss_value = reduce_loss(loss_sum / len(batches))
+            loss_value = reduce_loss(loss_sum / n if n > 1 else loss_sum)
             done = step + 1
             if cfg.check_finite and not math.isfinite(loss_value):
                 raise MambaKitError(f"training diverged at step {done} (loss {loss_value}); try a smaller --lr")

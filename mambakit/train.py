@@ -1,8 +1,10 @@
 """The training loop behind ``mambakit train``: a byte-level Mamba LM on a text corpus.
 
-AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup then cosine decay, gradient clipping,
-a validation loss on a fixed set of held-out batches every `eval_interval` steps, atomic checkpoints
-(`mambakit.models.checkpoint`) that ``--resume`` continues from, a loss-curve PNG and a generated sample.
+The step loop is `mambakit.training.run_loop`; this module supplies the LM's data, loss, evaluation and
+checkpoints: AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup then cosine decay to
+lr·min_lr_ratio, gradient clipping, a validation loss on a fixed set of held-out batches every `eval_interval`
+steps, atomic checkpoints (`mambakit.models.checkpoint`) that ``--resume`` continues from, a loss-curve PNG and a
+generated sample.
 
 Under ``torchrun`` (or ``mambakit train --nproc N``) the same loop runs data-parallel (`mambakit.distributed`):
 DDP, or FSDP2 with ``fsdp=True``. ``batch_size`` is always the global batch; each rank takes a disjoint share,
@@ -12,7 +14,6 @@ world size.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -36,6 +37,8 @@ from mambakit.distributed.data_parallel import (
 from mambakit.distributed.launch import DistContext, barrier, setup_distributed, teardown
 from mambakit.distributed.sampler import ShardedBatchSampler, check_batch_split
 from mambakit.errors import MambaKitError
+from mambakit.layers.registry import default_d_state as _registry_d_state
+from mambakit.layers.registry import default_headdim, mixer_spec
 from mambakit.models.checkpoint import (
     load_checkpoint,
     load_config,
@@ -44,8 +47,14 @@ from mambakit.models.checkpoint import (
     save_checkpoint,
 )
 from mambakit.models.config import MambaConfig
+# param_groups and resolve_device live in mambakit.training; importing them from here keeps working
+from mambakit.training import LoopConfig, StepRecord, adamw, param_groups, precision_context, resolve_device, run_loop
+from mambakit.training import lr_at as _lr_at
 
-ARCHS = {"mamba1": "Mamba1", "mamba2": "Mamba2"}
+#: The --arch spellings of the LM trainer -> mixer names of `mambakit.layers.registry`.
+ARCHS = {arch: mixer_spec(arch).name for arch in ("mamba1", "mamba2")}
+#: AdamW of the LM trainer.
+BETAS, EPS = (0.9, 0.95), 1e-8
 CHECKPOINT_SUBDIR = "checkpoint"
 
 #: Defaults of `TrainArgs` fields left as None. Sized for the built-in corpus on a 2-core CPU: a few minutes.
@@ -111,8 +120,10 @@ class TrainArgs:
 
 
 def default_d_state(arch: str) -> int:
-    """The state size used when --d-state is not given: 16 for Mamba-1, 64 for Mamba-2."""
-    return 64 if arch == "mamba2" else 16
+    """The state size used when --d-state is not given: 16 for Mamba-1, 64 for Mamba-2 (the registry's)."""
+    if arch not in ARCHS:
+        raise MambaKitError(f"--arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    return _registry_d_state(arch)
 
 
 def resolve_args(args: TrainArgs, stored: dict[str, Any] | None = None) -> TrainArgs:
@@ -161,60 +172,20 @@ def validate_args(args: TrainArgs) -> None:
         raise MambaKitError("the sample prompt must not be empty")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'; errors when CUDA is asked but absent."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise MambaKitError(f"--device {name} asked for CUDA, but no CUDA device is available; use --device cpu")
-        try:
-            device = torch.device(name)
-        except RuntimeError as exc:
-            raise MambaKitError(f"invalid device {name!r}: {exc}") from exc
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MambaKitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return device
-    raise MambaKitError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto")
-
-
 def build_config(args: TrainArgs, vocab_size: int = 256) -> MambaConfig:
     """The `MambaConfig` of a new model for these (resolved) arguments."""
-    if args.arch == "mamba2":
-        d_inner = 2 * args.d_model  # expand 2
-        headdim = next((h for h in (64, 32, 16) if d_inner % h == 0), None)
-        if headdim is None:
-            raise MambaKitError(f"--arch mamba2 needs --d-model to be a multiple of 8, got {args.d_model}")
-        ssm_cfg: dict[str, Any] = {"layer": "Mamba2", "d_state": args.d_state, "headdim": headdim, "chunk_size": 64}
-    else:
-        ssm_cfg = {"layer": "Mamba1", "d_state": args.d_state}
+    layer = ARCHS[args.arch]
+    ssm_cfg: dict[str, Any] = {"layer": layer, "d_state": args.d_state}
+    if mixer_spec(layer).has_heads:
+        if args.d_model % 8:  # d_inner = 2 * d_model: a head size of at least 16 divides it
+            raise MambaKitError(f"--arch {args.arch} needs --d-model to be a multiple of 8, got {args.d_model}")
+        ssm_cfg.update(headdim=default_headdim(2 * args.d_model), chunk_size=64)
     return MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=vocab_size, ssm_cfg=ssm_cfg)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices (2-D and up) only; vectors, norms, biases, A_log and D get none.
-
-    A parameter marked ``_no_weight_decay = True`` (the mamba_ssm convention for A_log and D) is never decayed.
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.dim() < 2 or getattr(p, "_no_weight_decay", False) or name.endswith(("A_log", ".D"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
     """Learning rate of (0-based) `step`: linear warmup over `warmup_steps`, then cosine down to lr·min_lr_ratio."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    span = max(1, args.steps - args.warmup_steps)
-    progress = min(1.0, (step - args.warmup_steps) / span)
-    min_lr = args.lr * args.min_lr_ratio
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+    return _lr_at(step, args.steps, args.lr, args.warmup_steps, args.min_lr_ratio)
 
 
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -306,16 +277,6 @@ def _check_resume_shape(args: TrainArgs, config: MambaConfig) -> None:
             )
 
 
-def _precision_context(args: TrainArgs, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when --bf16 (parameters, gradients and optimizer state stay fp32); else nothing."""
-    if not args.bf16:
-        return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise MambaKitError(f"--bf16 needs a CUDA device (bf16 autocast is off on CPU), but the device is {device}; "
-                            "drop --bf16 or use --device cuda")
-    return torch.autocast("cuda", dtype=torch.bfloat16)
-
-
 def train(args: TrainArgs, log: Callable[[str], None] = print,
           on_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns a summary: losses, tokens/s, steps, wall time, checkpoint, sample.
@@ -351,14 +312,12 @@ def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
 
 def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callable[[str], None],
            on_checkpoint: Callable[[int], None] | None, t_start: float) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
     out_dir = Path(args.out)
     ckpt_dir = out_dir / CHECKPOINT_SUBDIR
     device = resolve_device(args.device) if not ctx.distributed else ctx.device
     dp = DataParallelConfig(ctx, fsdp=args.fsdp)
     micro_batch = check_batch_split(args.batch_size, ctx.world_size, args.grad_accum)
-    precision = _precision_context(args, device)
+    precision = precision_context(args.bf16, device)
     global_sampler, val_batches = _prepare_data(args, log)
     sampler = ShardedBatchSampler(global_sampler, ctx.rank, ctx.world_size, args.grad_accum)
     from mambakit.models.lm import MambaLMHeadModel  # imported late: models/lm.py imports the layers and ops
@@ -376,7 +335,7 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
     inner.train()
     n_params = sum(p.numel() for p in inner.parameters())
     model = wrap_model(inner, dp)  # DDP wrapper, or `inner` itself (sharded in place by FSDP2, or single)
-    optimizer = torch.optim.AdamW(param_groups(inner, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = adamw(param_groups(inner, args.weight_decay), lr=args.lr, betas=BETAS, eps=EPS)
     if args.resume:
         opt_state = load_optimizer_state(ckpt_dir, map_location=device)
         if opt_state is not None:
@@ -399,8 +358,10 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
 
     start_step = int(state.get("step", 0))
     history: dict[str, list] = state.get("history") or {"train": [], "val": []}
-    train_time = float(state.get("train_time_s", 0.0))
-    tokens_seen = int(state.get("tokens_seen", 0))
+    # training time and tokens of the steps before this launch (a resumed run); the loop counts this launch's
+    time_before = float(state.get("train_time_s", 0.0))
+    tokens_per_step = args.batch_size * args.seq_len
+    run_totals = {"train_time": time_before, "tokens_seen": int(state.get("tokens_seen", 0)), "comm_per_step": {}}
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     if start_step == 0 and not history["val"]:
@@ -409,7 +370,7 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
 
     def checkpoint(step: int, collective: bool = True) -> None:
         trainer_state = {"step": step, "seed": args.seed, "args": asdict(args), "history": history,
-                         "train_time_s": train_time, "tokens_seen": tokens_seen,
+                         "train_time_s": run_totals["train_time"], "tokens_seen": run_totals["tokens_seen"],
                          "world_size": ctx.world_size, "parallel": dp.mode,
                          "rng": "batches depend only on (seed, step); no generator state is needed"}
         if dp.mode == "fsdp" or ctx.is_main:  # FSDP2 gathers its shards: a collective of all ranks
@@ -422,54 +383,41 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
         if on_checkpoint is not None:
             on_checkpoint(step)
 
-    tokens_per_step = args.batch_size * args.seq_len
-    bar = tqdm(total=args.steps, initial=min(start_step, args.steps), disable=not (args.progress and ctx.is_main),
-               dynamic_ncols=True, desc="train")
-    say = bar.write if ctx.is_main else log
-    done = start_step
-    comm_per_step: dict[str, Any] = {}
-    try:
-        for step in range(start_step, args.steps):
-            t0 = time.perf_counter()
-            dp.counter.reset()
-            lr = lr_at(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            micro_batches = sampler.micro_batches(step)
-            loss_sum = torch.zeros((), device=device)
-            for i, (x, y) in enumerate(micro_batches):
-                with gradient_sync(model, dp, enabled=i == len(micro_batches) - 1):
-                    with precision:
-                        loss = lm_loss(model, x.to(device), y.to(device))
-                    (loss / len(micro_batches)).backward()
-                loss_sum += loss.detach()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            comm_per_step = dp.counter.snapshot()
-            loss_value = mean_over_ranks(loss_sum / len(micro_batches), dp)
-            if not math.isfinite(loss_value):
-                raise MambaKitError(f"training diverged at step {step + 1} (loss {loss_value}); try a smaller --lr")
-            train_time += time.perf_counter() - t0
-            tokens_seen += tokens_per_step
-            done = step + 1
-            history["train"].append((done, loss_value))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / max(train_time, 1e-9):,.0f}")
-            if done % args.eval_interval == 0 or done == args.steps:
-                val = run_eval()
-                history["val"].append((done, val))
-                say(f"step {done}: train loss {loss_value:.4f}, validation loss {val:.4f}, lr {lr:.2e}")
-            if done % args.save_interval == 0 and done != args.steps:
-                checkpoint(done)
-    except KeyboardInterrupt:
-        bar.close()
+    def after_step(record: StepRecord) -> None:
+        run_totals["comm_per_step"] = dp.counter.snapshot()
+        run_totals["train_time"] = time_before + record.train_time_s
+        run_totals["tokens_seen"] += tokens_per_step
+        history["train"].append((record.step, record.loss))
+
+    def eval_hook(record: StepRecord) -> tuple[float, str]:
+        val = run_eval()
+        history["val"].append((record.step, val))
+        return val, f"step {record.step}: train loss {record.loss:.4f}, validation loss {val:.4f}, lr {record.lr:.2e}"
+
+    def on_interrupt(done: int) -> None:
         if done > start_step and dp.mode != "fsdp":  # FSDP2 would need all ranks to gather: not after an interrupt
             checkpoint(done, collective=False)
             log(f"interrupted: saved checkpoint at step {done} to {ckpt_dir} (continue with --resume)")
-        raise
-    finally:
-        bar.close()
+
+    loop = LoopConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+                      grad_clip=args.grad_clip, eval_interval=args.eval_interval, save_interval=args.save_interval,
+                      start_step=start_step, progress=args.progress and ctx.is_main, desc="train")
+    run = run_loop(
+        loop, optimizer,
+        micro_batches=sampler.micro_batches,
+        loss_fn=lambda xy: lm_loss(model, xy[0].to(device), xy[1].to(device)),
+        clip_params=model.parameters, precision=precision,
+        sync=lambda last: gradient_sync(model, dp, enabled=last),
+        reduce_loss=lambda loss: mean_over_ranks(loss, dp),
+        before_step=lambda step: dp.counter.reset(),
+        after_step=after_step, evaluate=eval_hook, checkpoint=checkpoint, on_interrupt=on_interrupt,
+        postfix=lambda r: {"loss": f"{r.loss:.3f}",
+                           "tok_s": f"{run_totals['tokens_seen'] / max(run_totals['train_time'], 1e-9):,.0f}"},
+        log=log,
+    )
+    done = run.done
+    train_time, tokens_seen = run_totals["train_time"], run_totals["tokens_seen"]
+    comm_per_step = run_totals["comm_per_step"]
     if done > start_step:
         checkpoint(done)
         log(f"saved checkpoint (step {done}) to {ckpt_dir}")

@@ -18,11 +18,8 @@ from mambakit.train import (
     lr_at,
     param_groups,
     resolve_args,
-    resolve_device,
     train,
 )
-
-pytest.importorskip("mambakit.models.lm")
 
 TINY = dict(steps=6, d_model=16, n_layer=1, d_state=4, seq_len=16, batch_size=2, eval_interval=3, eval_batches=1,
             sample_tokens=4, progress=False)
@@ -93,14 +90,13 @@ def test_param_groups_decay_matrices_only() -> None:
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_resolve_device() -> None:
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type in ("cpu", "cuda")
-    with pytest.raises(MambaKitError, match="unknown device"):
-        resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(MambaKitError, match="no CUDA device"):
-            resolve_device("cuda")
+def test_old_import_paths_are_the_engine_s() -> None:
+    import mambakit.training as training
+
+    assert train_module.resolve_device is training.resolve_device
+    assert train_module.param_groups is training.param_groups
+    args = resolve_args(TrainArgs(steps=50, warmup_steps=5, lr=2e-3, min_lr_ratio=0.2))
+    assert [lr_at(s, args) for s in range(51)] == [training.lr_at(s, 50, 2e-3, 5, 0.2) for s in range(51)]
 
 
 def test_tiny_run_writes_everything(corpus: Path, tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.registry import mixer_spec, ssm_layer_names
 
-MIXER_LAYERS = ("Mamba1", "Mamba2", "S4")
+#: The names of `ssm_cfg["layer"]` (see `mambakit.layers.registry`).
+MIXER_LAYERS = ssm_layer_names()
 
 
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
@@ -24,7 +26,8 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
 class MambaConfig:
     """Configuration of `MambaLMHeadModel`, with the field names of the official `mamba_ssm.MambaConfig`.
 
-    `ssm_cfg` holds the mixer's keyword arguments plus `"layer": "Mamba1" | "Mamba2" | "S4"` (default Mamba1).
+    `ssm_cfg` holds the mixer's keyword arguments plus `"layer": "Mamba1" | "Mamba2" | "S4"` (default Mamba1; any
+    spelling of `mambakit.layers.registry`, e.g. "mamba2", is accepted and stored as the name).
     `attn_layer_idx` lists the layers that are attention instead of SSM (hybrid stacks), configured by `attn_cfg`.
     """
 
@@ -50,8 +53,9 @@ class MambaConfig:
         if not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
             raise MambaKitError(f"MambaConfig.d_intermediate must be an integer >= 0, got {self.d_intermediate!r}")
         layer = self.ssm_cfg.get("layer", "Mamba1")
-        if layer not in MIXER_LAYERS:
-            raise MambaKitError(f"MambaConfig.ssm_cfg['layer'] must be one of {MIXER_LAYERS}, got {layer!r}")
+        name = mixer_spec(layer, allowed=MIXER_LAYERS, arg="MambaConfig.ssm_cfg['layer']").name
+        if name != layer:
+            self.ssm_cfg = {**self.ssm_cfg, "layer": name}
         bad = [i for i in self.attn_layer_idx if not (isinstance(i, int) and 0 <= i < self.n_layer)]
         if bad:
             raise MambaKitError(f"MambaConfig.attn_layer_idx entries must lie in [0, n_layer={self.n_layer}), got {bad}")

@@ -15,24 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
-from mambakit.layers.mamba import Mamba
 from mambakit.layers.norm import RMSNorm
+from mambakit.layers.registry import mixer_spec
 from mambakit.models.config import MambaConfig
 
 
 def _make_mixer(config: MambaConfig, layer_idx: int, device, dtype) -> nn.Module:
+    """Layer `layer_idx`'s mixer: attention when listed in `attn_layer_idx`, else the `ssm_cfg` layer (registry)."""
     factory = {"device": device, "dtype": dtype}
     if layer_idx in config.attn_layer_idx:
-        from mambakit.layers.attention import MHA
-
-        return MHA(config.d_model, layer_idx=layer_idx, **config.attn_cfg, **factory)
+        return mixer_spec("MHA").layer_class()(config.d_model, layer_idx=layer_idx, **config.attn_cfg, **factory)
     kwargs = {k: v for k, v in config.ssm_cfg.items() if k != "layer"}
-    if config.mixer_layer == "Mamba2":
-        from mambakit.layers.mamba2 import Mamba2 as mixer_cls
-    elif config.mixer_layer == "S4":
-        from mambakit.layers.s4 import S4 as mixer_cls
-    else:
-        mixer_cls = Mamba
+    mixer_cls = mixer_spec(config.mixer_layer).layer_class()
     try:
         return mixer_cls(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
     except TypeError as exc:

@@ -22,12 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
-from mambakit.layers.mamba import Mamba
-from mambakit.layers.mamba2 import Mamba2
 from mambakit.layers.norm import RMSNorm
+from mambakit.layers.registry import default_headdim, mixer_spec
 from mambakit.nd.orders import ORDER_MODES, ScanOrder, from_scan_order, layer_routes, mixers_per_layer, to_scan_order
 
+#: The mixers Mamba-ND lists (any spelling of them in `mambakit.layers.registry` is accepted, e.g. "Mamba2").
 MIXERS = ("mamba1", "mamba2")
+MIXER_NAMES = tuple(mixer_spec(m).name for m in MIXERS)  # their registry names
+#: Mamba-ND's Mamba-2 head size: 32 when it divides d_inner (else gcd(d_inner, 64); `default_headdim`).
+HEADDIM_PREFERENCE = (32,)
 HEADS = ("classify", "dense")
 
 
@@ -52,18 +55,15 @@ def _as_tuple(name: str, value: Any, ndim: Optional[int] = None) -> Tuple[int, .
 def make_mixer(kind: str, d_model: int, layer_idx: Optional[int] = None, **kwargs: Any) -> nn.Module:
     """A 1-D sequence mixer (batch, seqlen, d_model) -> same shape: ``mamba1`` = :class:`Mamba`
     (d_state 16, d_conv 4, expand 2 unless given), ``mamba2`` = :class:`Mamba2` (d_state 64, headdim 32 when it
-    divides expand * d_model, chunk_size 64 unless given)."""
-    if kind == "mamba1":
-        return Mamba(d_model, layer_idx=layer_idx, **kwargs)
-    if kind == "mamba2":
-        kw = dict(kwargs)
-        kw.setdefault("d_state", 64)
+    divides expand * d_model, chunk_size 64 unless given). The defaults are the registry's except the head size."""
+    spec = mixer_spec(kind, allowed=MIXER_NAMES)
+    kw = dict(kwargs)
+    kw.setdefault("d_state", spec.d_state)
+    if spec.has_heads:
         kw.setdefault("chunk_size", 64)
         if "headdim" not in kw:
-            d_inner = kw.get("expand", 2) * d_model
-            kw["headdim"] = 32 if d_inner % 32 == 0 else math.gcd(d_inner, 64)
-        return Mamba2(d_model, layer_idx=layer_idx, **kw)
-    raise MambaKitError(f"mixer must be one of {', '.join(MIXERS)}, got {kind!r}")
+            kw["headdim"] = default_headdim(kw.get("expand", 2) * d_model, HEADDIM_PREFERENCE)
+    return spec.layer_class()(d_model, layer_idx=layer_idx, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -183,8 +183,7 @@ class NDConfig:
                 raise MambaKitError(f"{name} must be a positive integer, got {v!r}")
         if self.head not in HEADS:
             raise MambaKitError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.mixer not in MIXERS:
-            raise MambaKitError(f"mixer must be one of {', '.join(MIXERS)}, got {self.mixer!r}")
+        mixer_spec(self.mixer, allowed=MIXER_NAMES)  # raises for a mixer Mamba-ND does not take
         if self.order_mode not in ORDER_MODES:
             raise MambaKitError(f"order_mode must be one of {', '.join(ORDER_MODES)}, got {self.order_mode!r}")
         if any(s % p for s, p in zip(self.input_size, self.patch_size)):

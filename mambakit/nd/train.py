@@ -1,8 +1,9 @@
 """Training and evaluation of Mamba-ND (and its ViT baseline) on the offline N-D tasks.
 
 :func:`run_nd_task` is the one entry point: ``run_nd_task("mamba-nd-digits", mixer="mamba2", steps=600)`` builds
-the data and the model, trains with AdamW (linear warmup, cosine decay), evaluates on the fixed test split and returns
-a dict of results (test accuracy, parameter count, wall time, the resolved options).
+the data and the model, trains with AdamW (betas 0.9/0.98, linear warmup, cosine decay to lr/10) on the training
+engine (`mambakit.training.run_loop`), evaluates on the fixed test split and returns a dict of results (test accuracy,
+parameter count, wall time, the resolved options).
 """
 from __future__ import annotations
 
@@ -15,13 +16,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.registry import mixer_spec
 from mambakit.nd.data import NDTaskData, digits_task, video_task
-from mambakit.nd.model import HEADS, MIXERS, MambaND, NDConfig
+from mambakit.nd.model import HEADS, MIXER_NAMES, MambaND, NDConfig
 from mambakit.nd.orders import ORDER_MODES
 from mambakit.nd.vit import ViTND, vit_config_matching
+from mambakit.training import LoopConfig, adamw, lr_at, param_groups, resolve_device, run_loop  # noqa: F401 (lr_at)
 
 ND_TASKS = ("mamba-nd-digits", "mamba-nd-video")
+#: The model families: "mamba" = Mamba-ND (its mixer chosen by the `mixer` option), "vit" = the ViT baseline.
 MODELS = ("mamba", "vit")
+#: AdamW of Mamba-ND; parameter names never decayed beyond the vectors and the `_no_weight_decay` ones.
+BETAS = (0.9, 0.98)
+NO_DECAY_SUFFIXES = ("pos_embed",)
 
 #: Defaults per task; every key can be overridden by a keyword of run_nd_task.
 TASK_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -51,7 +58,8 @@ def _resolve(name: str, options: Dict[str, Any]) -> Dict[str, Any]:
         raise MambaKitError(f"unknown option(s) for {name}: {', '.join(sorted(unknown))}; "
                             f"known: {', '.join(sorted(opts))}")
     opts.update({k: v for k, v in options.items() if v is not None or k in ("d_state", "warmup_steps", "threads")})
-    for key, allowed in (("model", MODELS), ("head", HEADS), ("mixer", MIXERS), ("order_mode", ORDER_MODES)):
+    mixer_spec(opts["mixer"], allowed=MIXER_NAMES)
+    for key, allowed in (("model", MODELS), ("head", HEADS), ("order_mode", ORDER_MODES)):
         if opts[key] not in allowed:
             raise MambaKitError(f"{key} must be one of {', '.join(allowed)}, got {opts[key]!r}")
     for key in ("steps", "batch_size", "d_model", "depth", "eval_batch_size", "vit_heads"):
@@ -95,24 +103,6 @@ def build_model(config: NDConfig, model: str = "mamba", vit_heads: int = 4) -> T
         return mamba, config
     vit_config, _ = vit_config_matching(config, mamba.num_params(), n_heads=vit_heads)
     return ViTND(vit_config, n_heads=vit_heads), vit_config
-
-
-def lr_at(step: int, steps: int, lr: float, warmup: int, final_fraction: float = 0.1) -> float:
-    """Linear warmup over `warmup` steps, then cosine decay to final_fraction * lr at the last step."""
-    if warmup > 0 and step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def _param_groups(model: nn.Module, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.dim() < 2 or getattr(p, "_no_weight_decay", False) or name.endswith("pos_embed"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _targets(logits: Tensor, y: Tensor) -> Tensor:
@@ -163,8 +153,6 @@ def run_nd_task(name: str, **options: Any) -> Dict[str, Any]:
     Bad options raise MambaKitError.
     """
     opts = _resolve(name, options)
-    from mambakit.train import resolve_device
-
     device = resolve_device(opts["device"])
     previous_threads = torch.get_num_threads()
     if opts["threads"] is not None:
@@ -182,37 +170,23 @@ def _train_and_evaluate(name: str, opts: Dict[str, Any], device: torch.device) -
     model.to(device).train()
     steps, batch_size = opts["steps"], opts["batch_size"]
     warmup = opts["warmup_steps"] if opts["warmup_steps"] is not None else min(100, steps // 10)
-    optimizer = torch.optim.AdamW(_param_groups(model, opts["weight_decay"]), lr=opts["lr"], betas=(0.9, 0.98))
+    optimizer = adamw(param_groups(model, opts["weight_decay"], NO_DECAY_SUFFIXES), lr=opts["lr"], betas=BETAS)
     g = torch.Generator().manual_seed(opts["seed"] + 12345)
 
-    label = f"{name} {opts['model'] if opts['model'] == 'vit' else opts['mixer'] + '/' + opts['order_mode']}"
-    bar = None
-    if opts["progress"]:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=label, unit="step", dynamic_ncols=True)
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, opts["lr"], warmup)
-        x, y = data.sample_train(batch_size, g)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    def loss_fn(batch: Tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         logits = model(x).float()
-        loss = F.cross_entropy(logits, _targets(logits, y))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opts["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opts["grad_clip"])
-        optimizer.step()
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+        return F.cross_entropy(logits, _targets(logits, y))
+
+    label = f"{name} {opts['model'] if opts['model'] == 'vit' else opts['mixer'] + '/' + opts['order_mode']}"
+    loop = LoopConfig(steps=steps, lr=opts["lr"], warmup_steps=warmup, min_lr_ratio=0.1, grad_clip=opts["grad_clip"],
+                      check_finite=False, progress=opts["progress"], desc=label)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    run_loop(loop, optimizer, micro_batches=lambda step: [data.sample_train(batch_size, g)], loss_fn=loss_fn,
+             clip_params=model.parameters, after_step=lambda r: losses.append(r.loss),
+             postfix=lambda r: {"loss": f"{sum(losses[-20:]) / len(losses[-20:]):.3f}"})
     train_time = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
     accuracy, test_loss = evaluate(model, data.x_test, data.y_test, opts["eval_batch_size"])
     wall = time.perf_counter() - t0
     tail = losses[-50:]

@@ -5,7 +5,8 @@ projection in full (`train_dt`). Everything else in the base stays frozen. In mo
 LoRA / dt only with a plain forward pass: the baseline "same extra parameter budget spent on plain fine-tuning".
 
 As in the paper, p, rho and s are drawn per example (s = 0, p ~ U(0.1, 0.3), rho ~ U(0.05, 0.2) by default), so
-examples run one at a time (their compressed lengths differ) and gradients are accumulated over a batch.
+examples run one at a time (their compressed lengths differ) and gradients are accumulated over a batch: each
+example is one micro-batch of the training engine (`mambakit.training.run_loop`).
 Stage 1 runs the base without gradient: with LoRA, the adapters learn through stage 2 only.
 """
 from __future__ import annotations
@@ -23,6 +24,10 @@ from mambakit.errors import MambaKitError
 from mambakit.remamba.config import ReMambaConfig
 from mambakit.remamba.lora import add_lora, dt_parameters
 from mambakit.remamba.model import ReMambaLM
+from mambakit.training import LoopConfig, StepRecord, adamw, run_loop
+
+#: AdamW of ReMamba: torch's default betas, weight decay on every trained parameter.
+BETAS = (0.9, 0.999)
 
 MODES = ("remamba", "plain")
 #: draws a batch: generator -> (prompts (batch, L), answers (batch, A)) int64
@@ -115,48 +120,45 @@ def answer_loss_plain(base: nn.Module, prompts: Tensor, answers: Tensor) -> Tens
     return F.cross_entropy(logits.float().flatten(0, 1), answers.flatten())
 
 
-def _lr_at(step: int, cfg: ReMambaTrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 def train_added(lm: ReMambaLM, batches: BatchFn, cfg: ReMambaTrainConfig,
                 log: Optional[Callable[[str], None]] = None, log_every: int = 50) -> dict[str, Any]:
     """Train the added parameters of `lm` on batches from `batches`. Returns {'losses': per step,
     'n_trainable': count, 'seconds': wall time}."""
     params = prepare(lm, cfg)
     n_trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(params, lr=cfg.lr, betas=BETAS, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
     g_span = torch.Generator().manual_seed(cfg.seed + 1)
     lm.train()
     losses: list[float] = []
-    t0 = time.time()
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+    example_losses: list[float] = []  # of the current step; the step's loss is their float64 mean
+
+    def micro_batches(step: int) -> list[tuple[Tensor, Tensor]]:
         prompts, answers = batches(g)
-        opt.zero_grad(set_to_none=True)
+        if cfg.mode == "plain":
+            return [(prompts, answers)]
+        return [(prompts[i:i + 1], answers[i:i + 1]) for i in range(prompts.shape[0])]
+
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> Tensor:
+        prompts, answers = batch
         if cfg.mode == "plain":
             loss = answer_loss_plain(lm.base, prompts, answers)
-            loss.backward()
-            total = float(loss.detach())
         else:
-            total = 0.0
-            n = prompts.shape[0]
-            for i in range(n):
-                out = lm(prompts[i:i + 1], cfg.sample(g_span), answer_ids=answers[i:i + 1])
-                (out.loss / n).backward()
-                total += float(out.loss.detach()) / n
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        losses.append(total)
-        if log is not None and (step + 1) % log_every == 0:
+            loss = lm(prompts, cfg.sample(g_span), answer_ids=answers).loss
+        example_losses.append(float(loss.detach()))
+        return loss
+
+    def after_step(r: StepRecord) -> None:
+        losses.append(sum(v / len(example_losses) for v in example_losses))
+        example_losses.clear()
+        if log is not None and r.step % log_every == 0:
             recent = losses[-log_every:]
-            log(f"[{cfg.mode}] step {step + 1}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
+            log(f"[{cfg.mode}] step {r.step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
                 f"({time.time() - t0:.0f} s)")
+
+    loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup, min_lr_ratio=0.1, grad_clip=cfg.grad_clip,
+                      check_finite=False, progress=False)
+    t0 = time.time()
+    run_loop(loop, opt, micro_batches, loss_fn, clip_params=lambda: params, after_step=after_step)
     lm.eval()
     return {"losses": losses, "n_trainable": n_trainable, "seconds": time.time() - t0}

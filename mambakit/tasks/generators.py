@@ -162,6 +162,15 @@ def task_vocab_size(name: str, vocab: Optional[int] = None) -> int:
     raise MambaKitError(f"task must be one of {TASKS}, got {name!r}")
 
 
+def chance_accuracy(name: str, vocab: int) -> float:
+    """Accuracy of a uniform guess among the possible answers: 1/vocab (data tokens), MQAR 1/(number of values)."""
+    if name == "mqar":
+        return 1 / (vocab - vocab // 2)
+    if name in TASKS:
+        return 1 / vocab
+    raise MambaKitError(f"task must be one of {TASKS}, got {name!r}")
+
+
 def make_batch(name: str, batch: int, seq_len: int, generator: torch.Generator, vocab: Optional[int] = None,
                n_tokens: int = 16, n_pairs: int = 8) -> tuple[Tensor, Tensor]:
     """A batch of task `name` (one of TASKS); vocab None = the task's default (16, 16, 256)."""

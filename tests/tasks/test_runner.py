@@ -1,4 +1,4 @@
-"""`mambakit.tasks.runner`: tiny trainings beat chance, chunked evaluation is exact,
+"""`mambakit.tasks.runner` and the ``tasks`` command: tiny trainings beat chance, chunked evaluation is exact,
 results/plots are written, bad arguments raise MambaKitError naming the argument."""
 from __future__ import annotations
 
@@ -103,3 +103,26 @@ def test_task_defaults_are_consistent():
         assert ids.shape == targets.shape == (2, d["seq_len"])
         assert int(ids.max()) < task_vocab_size(name, d["vocab"]) and bool((targets != -100).any())
 
+
+def test_task_config_defaults_and_spellings():
+    """run_task's options are a TaskConfig: None takes the task's default; any registry spelling of a mixer works."""
+    from mambakit.tasks.config import TASK_DEFAULTS, TaskConfig, resolve_task_config
+
+    cfg = resolve_task_config(TaskConfig("copying", "mamba2", d_model=16))
+    d = TASK_DEFAULTS["copying"]
+    assert (cfg.steps, cfg.batch, cfg.lr, cfg.d_model, cfg.n_tokens) == (d["steps"], d["batch"], d["lr"], 16,
+                                                                         d["n_tokens"])
+    assert cfg.eval_lengths == [] and cfg.n_pairs == 8 and cfg.d_state is None and cfg.warmup is None
+    with pytest.raises(TypeError):
+        run_task("mqar", "mamba", colour="red")
+    r = run_task("mqar", "mamba1", steps=1, n_pairs=2, vocab=8, **TINY)
+    assert r["mixer"] == "mamba1" and r["config"]["d_state"] == 16
+    assert r["config"]["model_config"]["ssm_cfg"]["layer"] == "Mamba1"
+
+
+def test_threads_set_for_the_run_and_restored():
+    torch.set_num_threads(2)
+    seen = run_task("mqar", "mamba", steps=1, n_pairs=2, vocab=8, **{**TINY, "threads": 1})["threads"]
+    assert seen == 1 and torch.get_num_threads() == 2
+    untouched = run_task("mqar", "mamba", steps=1, n_pairs=2, vocab=8, **{**TINY, "threads": None})["threads"]
+    assert untouched == 2 and torch.get_num_threads() == 2

@@ -58,20 +58,19 @@ def _pow2(v: int, minimum: int = 16) -> int:
 #: but do more intra-chunk work) and on the block (positions per tile). None: the defaults chosen in `_Plan`.
 MAX_CHUNK: int = 128
 MAX_BLOCK: Optional[int] = None
-#: float32 inputs keep short chunks: the reverse cumsum of dL/da over a chunk cancels large terms, and on an H100 dA
-#: lost float32 precision with 64-position chunks (1.05e-5 relative on a packed case; <= 2.5e-6 with 32).
+#: float32 inputs keep short chunks: the reverse cumsum of dL/da over a chunk cancels large terms, and dA lost
+#: float32 precision with 64-position chunks (benchmarks/RESULTS.md).
 MAX_CHUNK_FP32: int = 32
 #: The states H_c entering the chunks (and, backward, their gradients): one sequential pass over the sequence per
 #: (batch, head, state tile) that keeps the state in registers (True), or the chunk-local states written to memory
 #: and passed along by a separate kernel (False). None: the pass when there are (batch, head) pairs enough to
-#: fill half the GPU's multiprocessors (H100 sweep: at 65536 tokens it is 15-25 % faster forward from 1K to 16K,
-#: but 1.6x slower at batch 1 x 64K, 32 pairs).
+#: fill half the GPU's multiprocessors (the sweep in benchmarks/RESULTS.md: faster with many pairs, slower with few).
 FUSED_STATES: Optional[bool] = None
 #: (headdim, d_state) tile of that pass; None: `_Plan.state_tiles` picks it.
 STATE_TILE: Optional[Tuple[int, int]] = None
 #: Two chunks per step of that pass (forward); None: `_Plan.pairs` decides.
 STATE_PAIRS: Optional[bool] = None
-#: Positions per step of that pass, 16-bit inputs (H100: whole 128-position chunks were 2-10 % faster than 64-blocks).
+#: Positions per step of that pass, 16-bit inputs (whole 128-position chunks were faster than 64-blocks).
 MAX_STATE_BLOCK: int = 128
 
 
@@ -179,7 +178,7 @@ class _Plan:
         self.PN = self.P * self.N
         self.BLOCK = min(1024, triton.next_power_of_2(self.PN))
         self.nblocks = triton.cdiv(self.PN, self.BLOCK)
-        # H100 sweep (benchmarks/sweep_ssd.py): 4 warps at d_state 64 and 128 (8 is 1.5-2x slower), 2 stages
+        # from the sweep of benchmarks/sweep_ssd.py: 4 warps at d_state 64 and 128 (8 is slower), 2 stages
         self.stages = 2 if x.element_size() == 2 else 1
         self.warps = 4
 
@@ -190,8 +189,7 @@ class _Plan:
 
     def pairs(self, device: torch.device) -> bool:
         """Two chunks per step of the forward state pass (`_chunk_states_fwd`): for 16-bit inputs (whole chunks per
-        step). H100, bf16, 65536 tokens: 0.78 -> 0.75 ms forward at d_state 64, 16K (0.72 -> 0.69 with 32x64 tiles),
-        0.97 -> 0.93 at d_state 128; equal at 2K. float32 keeps single chunks (not measured)."""
+        step): faster at long sequences, equal at short ones (benchmarks/RESULTS.md); float32 keeps single chunks."""
         if STATE_PAIRS is not None:
             return STATE_PAIRS
         return self.sixteen_bit
@@ -200,8 +198,7 @@ class _Plan:
         """(headdim, d_state) tile of `_chunk_states_fwd` / `_chunk_states_bwd`: one program per (batch, head, tile)
         runs through the whole sequence, so with few (batch, head) pairs the state is cut into tiles until there are
         programs enough to fill the GPU (one per multiprocessor). headdim is cut first: its tiles share the B and C
-        tiles, which all the heads of a group read anyway. (H100, bf16, d_state 64, 16K x 4: 128 programs of 64x64
-        0.75 ms forward, 256 of 32x64 0.69.)"""
+        tiles, which all the heads of a group read anyway."""
         if STATE_TILE is not None:
             return STATE_TILE
         sms = multiprocessor_count(device)

@@ -8,7 +8,7 @@ that follow load them from there. A child that fails or hangs only costs time: i
 launch, as without this.
 
 Each child also builds the kernel's launcher (Triton 3.6 compiles a small C module per kernel signature with the host
-compiler on first launch, ~0.4 s each, and caches it on disk too). Kernels already in the on-disk cache get no child.
+compiler on first launch, and caches it on disk too). Kernels already in the on-disk cache get no child.
 """
 from __future__ import annotations
 
@@ -243,7 +243,7 @@ def module_first_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Cal
             note = _open_note()
             if note is not None:  # the backward's graph task notes its compiles too, in whatever thread it runs
                 out.register_hook(lambda grad: note.graph_tasks.add(_graph_task()))
-            try:  # a materialised upstream gradient, given through a product: grad_outputs imports sympy (~2 s)
+            try:  # a materialised upstream gradient, given through a product: grad_outputs imports sympy (slow)
                 torch.autograd.grad((out * torch.empty_like(out)).sum(), inputs, allow_unused=True)
             finally:
                 if note is not None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -40,6 +39,7 @@ from mambakit.ops.ssd.triton_fwd import (  # noqa: F401
 from mambakit.ops.ssd.triton_bwd import (  # noqa: F401
     _chunk_read_bwd, _state_passing_bwd, _chunk_states_bwd, _chunk_dx_bwd, _chunk_dBC_bwd, _dt_bwd,
 )
+from mambakit.ops.dt import process_dt
 from mambakit.ops.triton.compile import precompile_once, specialisation
 from mambakit.ops.triton.device import multiprocessor_count
 from mambakit.ops.triton.math import softplus
@@ -141,9 +141,9 @@ def _dt_processing_grad(ddt: Tensor, dt: Tensor, bias: Optional[Tensor], softplu
     """Gradients of the raw dt (its dtype) and of the bias from that of the processed dt, ddt (batch, seqlen,
     nheads) float32: what autograd gives through `mambakit.ops.dt.process_dt` (the clamp passes where
     lo <= v <= hi), written out because that is faster (benchmarks/RESULTS.md)."""
-    v = dt.float() + bias.float() if bias is not None else dt.float()
+    v = process_dt(dt, bias, dtype=torch.float32)  # before the softplus
     if limit is not None:
-        pre = F.softplus(v) if softplus else v
+        pre = process_dt(v, dt_softplus=softplus)  # before the clamp
         ddt = ddt * ((pre >= limit[0]) & (pre <= limit[1]))
     if softplus:
         ddt = ddt * torch.sigmoid(v)

@@ -203,8 +203,7 @@ class ContextParallelMamba2(_ContextParallelBlock):
         blk = self.block
         conv_state = _conv_history(blk, hidden_states, self.group, lambda zxbcdt: blk.split_projection(zxbcdt)[1])
         s = blk.ssm_inputs(hidden_states, conv_state)
-        gate = None if blk.rmsnorm else s.z.unflatten(-1, (blk.nheads, blk.headdim))
-        y = context_parallel_ssd(s.x, s.dt, s.A, s.B, s.C, blk.scan_chunk_size(s.x), D=s.D, z=gate,
+        y = context_parallel_ssd(s.x, s.dt, s.A, s.B, s.C, blk.scan_chunk_size(s.x), D=s.D, z=blk.scan_gate(s),
                                  group=self.group, **s.dt_args)
         return blk.finish(y.flatten(-2), s.z)
 

@@ -173,12 +173,16 @@ class Mamba2(DtTransformMixin, nn.Module):
         return Mamba2ScanInputs(xBC=xBC, x=x, dt=dt, A=-torch.exp(self.A_log.to(fp)), B=B, C=C, D=self._D(fp), z=z,
                                 dt_args=dt_args)
 
+    def scan_gate(self, s: Mamba2ScanInputs) -> Optional[Tensor]:
+        """The gate the scan applies, (batch, seqlen, nheads, headdim): z without rmsnorm, None with it (the gated
+        norm of `finish` applies z then)."""
+        return None if self.rmsnorm else s.z.unflatten(-1, (self.nheads, self.headdim))
+
     def scan(self, s: Mamba2ScanInputs, initial_states: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None):
         """The SSD scan on `ssm_inputs` (with the gate when there is no norm): returns y (batch, seqlen, nheads,
         headdim) and the final state (batch, nheads, headdim, d_state), from initial_states if given."""
-        gate = None if self.rmsnorm else s.z.unflatten(-1, (self.nheads, self.headdim))
         return mamba_chunk_scan_combined(
-            s.x, s.dt, s.A, s.B, s.C, self.scan_chunk_size(s.x), D=s.D, z=gate, seq_idx=seq_idx,
+            s.x, s.dt, s.A, s.B, s.C, self.scan_chunk_size(s.x), D=s.D, z=self.scan_gate(s), seq_idx=seq_idx,
             initial_states=initial_states, return_final_states=True, **s.dt_args,
         )
 

@@ -52,7 +52,8 @@ def causal_conv1d_update(
     """
     if conv_state.dim() != 3 or conv_state.shape[:2] != x.shape or conv_state.shape[2] != weight.shape[1]:
         raise MambaKitError(
-            f"conv_state must have shape (batch, dim, width) = {(*x.shape, weight.shape[1])}, got {tuple(conv_state.shape)}")
+            f"conv_state must have shape (batch, dim, width) = {(*x.shape, weight.shape[1])}, "
+            f"got {tuple(conv_state.shape)}")
     if conv_state.is_cuda and not (x.requires_grad and torch.is_grad_enabled()) and _triton_conv() is not None:
         from mambakit.ops.triton.decode import conv1d_update_triton  # one kernel instead of seven
 

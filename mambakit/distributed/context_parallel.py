@@ -31,13 +31,10 @@ from torch import Tensor, nn
 from mambakit.distributed.collectives import ProcessGroup, all_gather_stack, group_rank_world, halo_from_previous
 from mambakit.errors import MambaKitError
 from mambakit.layers.mamba import Mamba
-from mambakit.layers.mamba2 import Mamba2, _CPU_CHUNK
-from mambakit.ops.selective_scan import (
-    _compute_dtype as _scan_dtype, _prepare_delta, check_selective_scan_inputs, selective_scan_fn,
-)
-from mambakit.ops.ssd import (
-    DEFAULT_DT_LIMIT, _compute_dtype as _ssd_dtype, _process_dt, _validate_scan, mamba_chunk_scan_combined,
-)
+from mambakit.layers.mamba2 import Mamba2
+from mambakit.ops.dt import DEFAULT_DT_LIMIT, compute_dtype, process_dt
+from mambakit.ops.selective_scan import check_selective_scan_inputs, prepare_delta, selective_scan_fn
+from mambakit.ops.ssd import check_ssd_inputs, mamba_chunk_scan_combined
 
 __all__ = [
     "ContextParallelMamba", "ContextParallelMamba2", "context_parallel", "context_parallel_selective_scan",
@@ -112,10 +109,10 @@ def context_parallel_ssd(
     Communication: one all-gather of batch*nheads*(headdim*d_state + 1) values forward, one of
     batch*nheads*headdim*d_state backward.
     """
-    dims = _validate_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, None, None, dt_softplus, dt_limit,
-                          need_chunk_size=True)
-    fp = _ssd_dtype(x, dt, A, B, C)
-    dt_p = _process_dt(dt, dt_bias, dt_softplus, dt_limit, fp)  # (batch, L, nheads)
+    dims = check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, None, None, dt_softplus, dt_limit,
+                            need_chunk_size=True)
+    fp = compute_dtype(x, dt, A, B, C)
+    dt_p = process_dt(dt, dt_bias, dt_softplus, dt_limit, fp)  # (batch, L, nheads)
     A_p = A.to(fp)
     # x in the compute dtype (the op computes in it anyway) so that y0 is not rounded to half before the correction
     y0, h_local = mamba_chunk_scan_combined(x.to(fp), dt_p, A_p, B, C, chunk_size, D=D, return_final_states=True)
@@ -147,7 +144,7 @@ def context_parallel_selective_scan(
     2*batch*dim*d_state values forward, one of batch*dim*d_state backward.
     """
     check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias, None, None)
-    delta_p = _prepare_delta(delta, delta_bias, delta_softplus, _scan_dtype(u))  # (batch, dim, L)
+    delta_p = prepare_delta(delta, delta_bias, delta_softplus, compute_dtype(u))  # (batch, dim, L)
     _, h_local = selective_scan_fn(u, delta_p, A, B, C, return_last_state=True, backend=backend)
     log_decay = A.to(delta_p.dtype) * delta_p.sum(-1)[..., None]  # (batch, dim, d_state)
     h_in = incoming_state(h_local, log_decay, group)
@@ -204,12 +201,11 @@ class ContextParallelMamba2(_ContextParallelBlock):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         blk = self.block
-        conv_state = _conv_history(blk, hidden_states, self.group, lambda zxbcdt: blk._split(zxbcdt)[1])
+        conv_state = _conv_history(blk, hidden_states, self.group, lambda zxbcdt: blk.split_projection(zxbcdt)[1])
         s = blk.ssm_inputs(hidden_states, conv_state)
-        gate = None if blk.rmsnorm else s.z.unflatten(-1, (blk.nheads, blk.headdim))
-        chunk = blk.chunk_size if s.x.is_cuda else min(blk.chunk_size, _CPU_CHUNK)
-        y = context_parallel_ssd(s.x, s.dt, s.A, s.B, s.C, chunk, D=s.D, z=gate, group=self.group, **s.dt_args)
-        return blk._finish(y.flatten(-2), s.z)
+        y = context_parallel_ssd(s.x, s.dt, s.A, s.B, s.C, blk.scan_chunk_size(s.x), D=s.D, z=blk.scan_gate(s),
+                                 group=self.group, **s.dt_args)
+        return blk.finish(y.flatten(-2), s.z)
 
 
 class ContextParallelMamba(_ContextParallelBlock):
@@ -222,8 +218,9 @@ class ContextParallelMamba(_ContextParallelBlock):
         conv_state = _conv_history(blk, hidden_states, self.group, lambda xz: xz[..., : blk.d_inner])
         s = blk.ssm_inputs(hidden_states, conv_state)
         y = context_parallel_selective_scan(s.u, s.delta, s.A, s.B, s.C, s.D, z=s.z, delta_bias=s.delta_bias,
-                                            delta_softplus=True, group=self.group, backend=blk.scan_backend)
-        return blk.out_proj(y.transpose(1, 2))
+                                            delta_softplus=s.delta_softplus, group=self.group,
+                                            backend=blk.scan_backend)
+        return blk.finish(y)
 
 
 def context_parallel(block: Union[Mamba, Mamba2], group: ProcessGroup = None) -> nn.Module:

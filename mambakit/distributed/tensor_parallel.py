@@ -143,8 +143,8 @@ class TensorParallelMamba2(Mamba2):
     """The local shard of a Mamba-2 block. Input and output: (batch, seqlen, d_model), the same on every rank.
 
     Built from an unsharded `Mamba2` (its parameters are copied, sliced) by :func:`shard_mamba2`. Local sizes:
-    nheads/W heads, ngroups/W groups, d_inner/W channels; `full_sizes` keeps the unsharded ones. A `delta_hook`
-    is kept and sees the local heads' dt, (batch, seqlen, nheads/W).
+    nheads/W heads, ngroups/W groups, d_inner/W channels; `full_sizes` keeps the unsharded ones. An installed dt
+    transform (`mambakit.layers.dt_transform`) is kept and sees the local heads' dt, (batch, seqlen, nheads/W).
     """
 
     def __init__(self, block: Mamba2, group: ProcessGroup = None):
@@ -168,7 +168,7 @@ class TensorParallelMamba2(Mamba2):
         for name in ("d_model", "d_state", "d_conv", "expand", "headdim", "D_has_hdim", "rmsnorm", "chunk_size",
                      "dt_limit", "layer_idx"):
             setattr(self, name, getattr(block, name))
-        self.delta_hook = block.delta_hook
+        self.dt_transform = block.dt_transform
         self.nheads, self.ngroups = block.nheads // world, block.ngroups // world
         self.d_inner = self.nheads * self.headdim
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
@@ -229,7 +229,7 @@ def unshard_mamba2(tp: TensorParallelMamba2) -> Mamba2:
     w = tp.out_proj.weight
     block = Mamba2(**tp.full_config, device=w.device, dtype=w.dtype)
     _assign(block, state)
-    block.delta_hook = tp.delta_hook
+    block.dt_transform = tp.dt_transform
     return block
 
 

@@ -42,8 +42,10 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.mamba import Mamba
 from mambakit.layers.mamba2 import Mamba2
 from mambakit.ops.conv1d import causal_conv1d_fn
-from mambakit.ops.selective_scan import _prepare_delta
-from mambakit.ops.ssd import _process_dt, _segments, mamba_chunk_scan_combined
+from mambakit.ops.dt import process_dt
+from mambakit.ops.segments import causal_segment_mask, segments
+from mambakit.ops.selective_scan import prepare_delta
+from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_attention_matrix
 
 __all__ = [
     "BlockAttention",
@@ -111,11 +113,7 @@ def _check_hidden(layer: nn.Module, hidden_states: Tensor) -> None:
 
 def _keep_mask(seqlen: int, seq_idx: Optional[Tensor], device) -> Tensor:
     """bool (batch or 1, seqlen, seqlen): True where j <= i and i, j lie in the same packed sequence."""
-    keep = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril()[None]
-    seg = _segments(seq_idx) if seq_idx is not None else None
-    if seg is not None:
-        keep = keep & (seg[:, :, None] == seg[:, None, :])
-    return keep
+    return causal_segment_mask(seqlen, segments(seq_idx), device)
 
 
 def _auto_blocks(batch: int, nchannels: int, seqlen: int, d_state: int, block_rows: Optional[int],
@@ -283,7 +281,7 @@ class _Mamba1View:
         self.layer, self.seq_idx = layer, seq_idx
         s = layer.ssm_inputs(hidden_states, seq_idx=seq_idx, mask=mask)
         self.dtype = dtype = torch.float64 if s.u.dtype == torch.float64 else torch.float32
-        self.delta = _prepare_delta(s.delta, s.delta_bias, True, dtype)  # what the scan uses
+        self.delta = prepare_delta(s.delta, s.delta_bias, s.delta_softplus, dtype)  # what the scan uses
         self.A, self.B, self.C, self.D = s.A.to(dtype), s.B.to(dtype), s.C.to(dtype), s.D.to(dtype)
         self.u = s.u.to(dtype)  # (batch, d_inner, L): the scan input, what alpha multiplies
         self.x = s.x.to(dtype)  # (batch, d_inner, L): the conv input, what the block matrix multiplies
@@ -357,7 +355,7 @@ class _Mamba2View:
         self.s = s
         self.dtype = dtype = torch.float64 if s.x.dtype == torch.float64 else torch.float32
         if s.dt_args:
-            self.dt = _process_dt(s.dt, s.dt_args["dt_bias"], s.dt_args["dt_softplus"], s.dt_args["dt_limit"], dtype)
+            self.dt = process_dt(s.dt, dtype=dtype, **s.dt_args)
         else:
             self.dt = s.dt.to(dtype)  # already processed (masked input)
         self.A, self.B, self.C = s.A.to(dtype), s.B.to(dtype), s.C.to(dtype)
@@ -376,8 +374,6 @@ class _Mamba2View:
 
     def heads_matrix(self, heads: Tensor) -> Tensor:
         """alpha_h for the given heads: (batch, len(heads), L, L), from the SSD op."""
-        from mambakit.ops.ssd import ssd_attention_matrix
-
         if heads.numel() == self.nheads and bool((heads == torch.arange(self.nheads, device=heads.device)).all()):
             return ssd_attention_matrix(self.dt, self.A, self.B, self.C, seq_idx=self.seq_idx)
         group = heads // (self.nheads // self.ngroups)  # each selected head becomes its own group
@@ -440,12 +436,8 @@ def _mamba2_output_gate(layer: Mamba2, s, dt: Tensor, A: Tensor, B: Tensor, C: T
         return silu_z.transpose(1, 2)
     y = mamba_chunk_scan_combined(s.x.to(dtype), dt, A, B, C, layer.chunk_size, D=s.D.to(dtype), seq_idx=seq_idx)
     y = y.flatten(2)  # (batch, L, d_inner)
-    norm = layer.norm
-    normed = y if norm.norm_before_gate else y * silu_z
-    groups = normed.unflatten(-1, (-1, norm.group_size))
-    scale = torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + norm.eps)  # per token and group
-    scale = scale.expand_as(groups).flatten(-2)
-    return (silu_z * scale * norm.weight.to(dtype)).transpose(1, 2)
+    scale = layer.norm.rms_scale(y, z, dtype=dtype)  # per token and group, (batch, L, d_inner)
+    return (silu_z * scale * layer.norm.weight.to(dtype)).transpose(1, 2)
 
 
 def layer_view(layer: nn.Module, hidden_states: Tensor, seq_idx: Optional[Tensor] = None,

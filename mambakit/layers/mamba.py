@@ -5,16 +5,18 @@ Parameter names, shapes and initialisation follow the official `mamba_ssm.Mamba`
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
+from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mixer_step import mamba1_step
 from mambakit.ops.selective_scan import selective_scan_fn
 
@@ -37,23 +39,31 @@ def _check_positive(name: str, value, allow_zero: bool = False) -> None:
 
 
 class MambaScanInputs(NamedTuple):
-    """x: conv input (batch, d_inner, seqlen); u: conv output after SiLU, the scan input; delta: pre-bias,
-    pre-softplus (batch, d_inner, seqlen); delta_bias, D: (d_inner,); A: (d_inner, d_state); B, C:
-    (batch, d_state, seqlen); z: gate (batch, d_inner, seqlen)."""
+    """x: conv input (batch, d_inner, seqlen); u: conv output after SiLU, the scan input; delta: (batch, d_inner,
+    seqlen), pre-bias and pre-softplus unless a mask was given (then processed, 0 at pads, with delta_bias None and
+    delta_softplus False); delta_bias, D: (d_inner,); A: (d_inner, d_state); B, C: (batch, d_state, seqlen); z: gate
+    (batch, d_inner, seqlen); delta_softplus: whether the scan still applies the softplus."""
 
     x: Tensor
     u: Tensor
     delta: Tensor
-    delta_bias: Tensor
+    delta_bias: Optional[Tensor]
     A: Tensor
     B: Tensor
     C: Tensor
     D: Tensor
     z: Tensor
+    delta_softplus: bool = True
 
 
-class Mamba(nn.Module):
-    """Mamba-1 mixer. Input and output: (batch, seqlen, d_model)."""
+class Mamba(DtTransformMixin, nn.Module):
+    """Mamba-1 mixer. Input and output: (batch, seqlen, d_model).
+
+    Public surface for applications: `ssm_inputs` (everything the scan reads), `scan` (the scan on them), `finish`
+    (the output projection), and the dt transform (`mambakit.layers.dt_transform`; dt is (batch, d_inner, seqlen)).
+    """
+
+    dt_time_dim = 2
 
     def __init__(
         self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: Union[int, str] = "auto",
@@ -76,7 +86,6 @@ class Mamba(nn.Module):
         _check_positive("dt_rank", self.dt_rank)
         self.layer_idx = layer_idx
         self.scan_backend = scan_backend
-        self.delta_hook: Optional[Callable[[Tensor], Tensor]] = None  # rewrites pre-bias delta (ReMamba)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
@@ -110,12 +119,18 @@ class Mamba(nn.Module):
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),
         )
 
+    @property
+    def dt_size(self) -> int:
+        """Channels of this layer's dt: d_inner."""
+        return self.d_inner
+
     def ssm_inputs(self, hidden_states: Tensor, conv_state: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
-                   mask: Optional[Tensor] = None) -> "MambaScanInputs":
+                   mask: Optional[Tensor] = None, dt_transform: Optional[DtTransform] = None) -> "MambaScanInputs":
         """Everything the selective scan reads, computed from hidden_states (batch, seqlen, d_model).
 
-        Used by `forward` and by analysis code (hidden attention, ReMamba) so that the math lives in one place.
-        `delta_hook`, if set, rewrites the pre-bias, pre-softplus delta (batch, d_inner, seqlen).
+        Used by `forward` and by applications (hidden attention, ReMamba, context parallel) so that the math lives
+        in one place. dt_transform (default: the installed one, see `transforming_dt`) rewrites the pre-bias,
+        pre-softplus delta (batch, d_inner, seqlen). With a mask, delta is returned processed and 0 at the pads.
         """
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
         x, z = xz.chunk(2, dim=1)
@@ -128,37 +143,49 @@ class Mamba(nn.Module):
         x_dbl = self.x_proj(x_conv.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen), bias added in the scan
-        if self.delta_hook is not None:
-            dt = self.delta_hook(dt)
+        transform = self._pick_dt_transform(dt_transform)
+        if transform is not None:
+            dt = transform(dt)
         fp = torch.float64 if x_conv.dtype == torch.float64 else torch.float32
-        delta_bias = self.dt_proj.bias.to(fp)
-        if mask is not None:
-            # a padded step must neither decay the state nor add to it: delta = 0 there after the softplus
-            dt = torch.where(mask[:, None, :].bool(), dt.to(fp), torch.full_like(dt, -1e4, dtype=fp) - delta_bias[:, None])
+        delta_bias: Optional[Tensor] = self.dt_proj.bias.to(fp)
+        softplus = True
+        if mask is not None:  # a padded step must neither decay the state nor add to it: delta = 0 there
+            dt = mask_dt(process_dt(dt, delta_bias, True, dtype=fp, channel_dim=1), mask, time_dim=2)
+            delta_bias, softplus = None, False
         return MambaScanInputs(x=x, u=x_conv, delta=dt, delta_bias=delta_bias, A=-torch.exp(self.A_log.to(fp)),
-                               B=B.transpose(1, 2), C=C.transpose(1, 2), D=self.D.to(fp), z=z)
+                               B=B.transpose(1, 2), C=C.transpose(1, 2), D=self.D.to(fp), z=z, delta_softplus=softplus)
+
+    def scan(self, s: MambaScanInputs, initial_state: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None):
+        """The selective scan on `ssm_inputs`: returns y (batch, d_inner, seqlen) and the last state (batch,
+        d_inner, d_state), starting from initial_state (batch, d_inner, d_state) if given."""
+        return selective_scan_fn(
+            s.u, s.delta, s.A, s.B, s.C, s.D, z=s.z, delta_bias=s.delta_bias, delta_softplus=s.delta_softplus,
+            return_last_state=True, initial_state=initial_state, seq_idx=seq_idx, backend=self.scan_backend,
+        )
+
+    def finish(self, y: Tensor) -> Tensor:
+        """The scan's output y (batch, d_inner, seqlen) -> the layer's output (batch, seqlen, d_model)."""
+        return self.out_proj(y.transpose(1, 2))
 
     def forward(self, hidden_states: Tensor, state: Optional[SSMState] = None, seq_idx: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
+                mask: Optional[Tensor] = None, dt_transform: Optional[DtTransform] = None) -> Tensor:
         """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
 
         state: continue from it (chunked prefill) and update it in place to the state after the last token.
         seq_idx: (batch, seqlen) packed-sequence index; no information crosses a change of index.
         mask: (batch, seqlen) 1 for real tokens, 0 for padding; padded positions leave the state untouched.
+        dt_transform: applied to the raw delta (batch, d_inner, seqlen), see `mambakit.layers.dt_transform`.
         """
-        if state is None and self.scan_backend in ("auto", "triton"):  # the Triton kernels' first call
-            compile_first_call(self, hidden_states, seq_idx, mask)
-        s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask)
-        y, last_state = selective_scan_fn(
-            s.u, s.delta, s.A, s.B, s.C, s.D, z=s.z, delta_bias=s.delta_bias, delta_softplus=True,
-            return_last_state=True, initial_state=state.ssm if state is not None else None, seq_idx=seq_idx,
-            backend=self.scan_backend,
-        )
+        if state is None and self.scan_backend in ("auto", "triton") and self._pick_dt_transform(dt_transform) is None:
+            compile_first_call(self, hidden_states, seq_idx, mask)  # the Triton kernels' first call (no transform:
+            # its dry run would call the transform once more)
+        s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask, dt_transform)
+        y, last_state = self.scan(s, state.ssm if state is not None else None, seq_idx)
         if state is not None:
             with torch.no_grad():
                 state.conv.copy_(self._conv_state_after(s.x, state.conv, mask))
                 state.ssm.copy_(last_state)
-        return self.out_proj(y.transpose(1, 2))
+        return self.finish(y)
 
     def _conv_state_after(self, x: Tensor, conv_state: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The last d_conv real inputs of each row (left or right padding), after the previous state."""
@@ -171,7 +198,7 @@ class Mamba(nn.Module):
         """
         squeeze = hidden_states.dim() == 2
         h = hidden_states if squeeze else hidden_states[:, 0]
-        hook = self.delta_hook
+        hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, :, None])[:, :, 0])
         y = mamba1_step(self.in_proj(h), state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                         self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,

@@ -5,22 +5,23 @@ Parameter names, shapes, packing and initialisation follow the official `mamba_s
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNormGated
 from mambakit.layers.state import SSMState
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
+from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mixer_step import mamba2_step
 from mambakit.ops.ssd import mamba_chunk_scan_combined
 
-
+#: chunk_size only trades speed for memory (the function is the same); on CPU 64 is fastest
 _CPU_CHUNK = 64
 
 
@@ -40,8 +41,15 @@ class Mamba2ScanInputs(NamedTuple):
     dt_args: dict
 
 
-class Mamba2(nn.Module):
-    """Mamba-2 mixer. Input and output: (batch, seqlen, d_model)."""
+class Mamba2(DtTransformMixin, nn.Module):
+    """Mamba-2 mixer. Input and output: (batch, seqlen, d_model).
+
+    Public surface for applications: `split_projection` (in_proj output -> z, xBC, dt), `ssm_inputs` (everything the
+    scan reads), `scan_chunk_size`, `scan`, `finish` (gated norm and output projection), and the dt transform
+    (`mambakit.layers.dt_transform`; dt is (batch, seqlen, nheads)).
+    """
+
+    dt_time_dim = 1
 
     def __init__(
         self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 2, headdim: int = 64, ngroups: int = 1,
@@ -72,7 +80,6 @@ class Mamba2(nn.Module):
         self.D_has_hdim, self.rmsnorm, self.chunk_size = D_has_hdim, rmsnorm, chunk_size
         self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
         self.layer_idx = layer_idx
-        self.delta_hook: Optional[Callable[[Tensor], Tensor]] = None  # rewrites pre-bias dt (ReMamba)
         self.conv_dim = d_inner + 2 * ngroups * d_state
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias, **factory)
@@ -103,9 +110,15 @@ class Mamba2(nn.Module):
             ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype),
         )
 
-    def _split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(..., d_in_proj) -> z (..., d_inner), xBC (..., conv_dim), dt (..., nheads)."""
+    @property
+    def dt_size(self) -> int:
+        """Channels of this layer's dt: nheads."""
+        return self.nheads
+
+    def split_projection(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The in_proj output (..., d_in_proj) -> z (..., d_inner), xBC (..., conv_dim), dt (..., nheads)."""
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
 
     def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(..., conv_dim) -> x (..., nheads, headdim), B, C (..., ngroups, d_state)."""
@@ -118,23 +131,30 @@ class Mamba2(nn.Module):
         D = self.D.to(fp)
         return D.view(self.nheads, self.headdim) if self.D_has_hdim else D
 
-    def _finish(self, y: Tensor, z: Tensor) -> Tensor:
-        """y: (..., d_inner) -> (..., d_model), through the gated norm (or the gate alone without rmsnorm)."""
+    def finish(self, y: Tensor, z: Tensor) -> Tensor:
+        """The scan's output y (..., d_inner) and the gate z (..., d_inner) -> (..., d_model), through the gated norm
+        (without rmsnorm the scan has applied the gate already)."""
         if self.rmsnorm:
             y = self.norm(y, z)
         return self.out_proj(y)
 
+
+    def scan_chunk_size(self, x: Tensor) -> int:
+        """The SSD chunk for inputs like x: the configured one on CUDA, at most 64 elsewhere (CPU speed)."""
+        return self.chunk_size if x.is_cuda else min(self.chunk_size, _CPU_CHUNK)
+
     def ssm_inputs(self, hidden_states: Tensor, conv_state: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
-                   mask: Optional[Tensor] = None) -> "Mamba2ScanInputs":
+                   mask: Optional[Tensor] = None, dt_transform: Optional[DtTransform] = None) -> "Mamba2ScanInputs":
         """Everything the SSD scan reads, computed from hidden_states (batch, seqlen, d_model).
 
-        Used by `forward` and by analysis code (hidden attention, ReMamba). `delta_hook`, if set, rewrites the
-        pre-bias, pre-softplus dt (batch, seqlen, nheads). With a mask, dt is returned already processed
-        (softplus, limits, zero at pads) and `dt_args` is empty.
+        Used by `forward` and by applications (hidden attention, ReMamba, context parallel). dt_transform (default:
+        the installed one, see `transforming_dt`) rewrites the pre-bias, pre-softplus dt (batch, seqlen, nheads).
+        With a mask, dt is returned already processed (softplus, limits, zero at pads) and `dt_args` is empty.
         """
-        z, xBC, dt = self._split(self.in_proj(hidden_states))
-        if self.delta_hook is not None:
-            dt = self.delta_hook(dt)
+        z, xBC, dt = self.split_projection(self.in_proj(hidden_states))
+        transform = self._pick_dt_transform(dt_transform)
+        if transform is not None:
+            dt = transform(dt)
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, seqlen)
         if mask is not None:
             xBC = xBC * mask[:, None, :].to(xBC.dtype)
@@ -147,49 +167,54 @@ class Mamba2(nn.Module):
         dt_args = dict(dt_bias=self.dt_bias.to(fp), dt_softplus=True, dt_limit=self.dt_limit)
         if mask is not None:
             # process dt here so that padded positions get exactly delta = 0 (no decay, no input), whatever dt_limit
-            dt = F.softplus(dt.to(fp) + self.dt_bias.to(fp))
-            if self.dt_limit != (0.0, float("inf")):
-                dt = dt.clamp(*self.dt_limit)
-            dt = dt * mask[..., None].to(fp)
+            dt = mask_dt(process_dt(dt, dtype=fp, **dt_args), mask, time_dim=1)
             dt_args = {}
         return Mamba2ScanInputs(xBC=xBC, x=x, dt=dt, A=-torch.exp(self.A_log.to(fp)), B=B, C=C, D=self._D(fp), z=z,
                                 dt_args=dt_args)
 
+    def scan_gate(self, s: Mamba2ScanInputs) -> Optional[Tensor]:
+        """The gate the scan applies, (batch, seqlen, nheads, headdim): z without rmsnorm, None with it (the gated
+        norm of `finish` applies z then)."""
+        return None if self.rmsnorm else s.z.unflatten(-1, (self.nheads, self.headdim))
+
+    def scan(self, s: Mamba2ScanInputs, initial_states: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None):
+        """The SSD scan on `ssm_inputs` (with the gate when there is no norm): returns y (batch, seqlen, nheads,
+        headdim) and the final state (batch, nheads, headdim, d_state), from initial_states if given."""
+        return mamba_chunk_scan_combined(
+            s.x, s.dt, s.A, s.B, s.C, self.scan_chunk_size(s.x), D=s.D, z=self.scan_gate(s), seq_idx=seq_idx,
+            initial_states=initial_states, return_final_states=True, **s.dt_args,
+        )
+
     def forward(self, hidden_states: Tensor, state: Optional[SSMState] = None, seq_idx: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> Tensor:
+                mask: Optional[Tensor] = None, dt_transform: Optional[DtTransform] = None) -> Tensor:
         """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
 
         state: continue from it (chunked prefill) and update it in place to the state after the last token.
         seq_idx: (batch, seqlen) packed-sequence index. mask: (batch, seqlen) 1 = token, 0 = padding (the padded
-        positions leave the state untouched).
+        positions leave the state untouched). dt_transform: applied to the raw dt (batch, seqlen, nheads), see
+        `mambakit.layers.dt_transform`.
         """
-        if state is None:  # the Triton kernels' first call (CUDA)
-            compile_first_call(self, hidden_states, seq_idx, mask)
-        s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask)
-        gate = None if self.rmsnorm else s.z.unflatten(-1, (self.nheads, self.headdim))
-        # chunk_size only trades speed for memory (the function is the same); on CPU 64 is fastest
-        chunk = self.chunk_size if s.x.is_cuda else min(self.chunk_size, _CPU_CHUNK)
-        y, last = mamba_chunk_scan_combined(
-            s.x, s.dt, s.A, s.B, s.C, chunk, D=s.D, z=gate, seq_idx=seq_idx,
-            initial_states=state.ssm if state is not None else None, return_final_states=True, **s.dt_args,
-        )
+        if state is None and self._pick_dt_transform(dt_transform) is None:
+            compile_first_call(self, hidden_states, seq_idx, mask)  # the Triton kernels' first call (CUDA)
+        s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask, dt_transform)
+        y, last = self.scan(s, state.ssm if state is not None else None, seq_idx)
         if state is not None:
             with torch.no_grad():
                 state.conv.copy_(conv_state_after(s.xBC, self.d_conv, state.conv, mask))
                 state.ssm.copy_(last)
-        return self._finish(y.flatten(-2), s.z)
+        return self.finish(y.flatten(-2), s.z)
 
     def step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
         """One decoding step. hidden_states: (batch, 1, d_model) or (batch, d_model); state updated in place."""
         squeeze = hidden_states.dim() == 2
         h = hidden_states if squeeze else hidden_states[:, 0]
         zxbcdt = self.in_proj(h)
-        hook = self.delta_hook
+        hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, None])[:, 0])
         y = mamba2_step(zxbcdt, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
                         self.A_log, self.D, self.ngroups, self.dt_limit, gate=not self.rmsnorm,
                         dt_transform=transform)
-        out = self._finish(y.to(h.dtype), zxbcdt[:, :self.d_inner])
+        out = self.finish(y.to(h.dtype), zxbcdt[:, :self.d_inner])
         return out if squeeze else out[:, None]
 
 

@@ -18,6 +18,7 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.norm import RMSNorm
 from mambakit.layers.registry import mixer_spec
 from mambakit.models.config import MambaConfig
+from mambakit.ops.norm import add_rms_norm
 
 
 def _make_mixer(config: MambaConfig, layer_idx: int, device, dtype) -> nn.Module:
@@ -70,10 +71,8 @@ class Block(nn.Module):
 
     def _add_norm(self, hidden: Tensor, residual: Optional[Tensor], norm: nn.Module,
                   step: bool = False) -> tuple[Tensor, Tensor]:
-        if step and hidden.is_cuda and isinstance(norm, RMSNorm) and not torch.is_grad_enabled():
-            from mambakit.ops.triton.decode import add_rms_norm_step  # decoding: one kernel instead of eleven
-
-            return add_rms_norm_step(hidden, residual, norm.weight, norm.eps, self.residual_in_fp32)
+        if step and isinstance(norm, RMSNorm) and not torch.is_grad_enabled():  # decoding: one fused kernel on CUDA
+            return add_rms_norm(hidden, residual, norm.weight, norm.eps, self.residual_in_fp32)
         residual = hidden if residual is None else residual + hidden
         normed = norm(residual.to(norm.weight.dtype))
         if self.residual_in_fp32:
@@ -110,10 +109,8 @@ class MixerModel(nn.Module):
         for i, layer in enumerate(self.layers):
             state = cache.states[i] if cache is not None else None
             hidden, residual = layer(hidden, residual, state=state, step=step, **mixer_kwargs)
-        if step and hidden.is_cuda and isinstance(self.norm_f, RMSNorm) and not torch.is_grad_enabled():
-            from mambakit.ops.triton.decode import add_rms_norm_step  # decoding: one kernel instead of three
-
-            return add_rms_norm_step(hidden, residual, self.norm_f.weight, self.norm_f.eps, residual_in_fp32=True)[0]
+        if step and isinstance(self.norm_f, RMSNorm) and not torch.is_grad_enabled():
+            return add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps, residual_in_fp32=True)[0]
         residual = hidden if residual is None else residual + hidden
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 

@@ -1,28 +1,26 @@
 """Stage 2's selective adaptation: at the compressed positions every Mamba layer's pre-bias, pre-softplus delta
 becomes ``w_t * delta_t + b`` (b one learned vector per layer); elsewhere delta is unchanged. Implemented through
-the layers' `delta_hook`, never by copying a layer.
+the layers' public dt transform (`mambakit.layers.dt_transform`), never by copying a layer.
 
 Mamba-1 hands the hook delta as (batch, d_inner, seqlen) and b has d_inner entries; Mamba-2 hands dt as
 (batch, seqlen, nheads) and b has nheads entries (delta is per head there).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.dt_transform import DtTransformMixin
 
 
 def delta_size(mixer: nn.Module) -> Optional[int]:
-    """Entries of b for this mixer: d_inner (Mamba-1), nheads (Mamba-2), None for mixers without a delta hook."""
-    if not hasattr(mixer, "delta_hook"):
-        return None
-    if hasattr(mixer, "nheads"):
-        return int(mixer.nheads)
-    return int(mixer.d_inner)
+    """Entries of b for this mixer: its `dt_size` (d_inner for Mamba-1, nheads for Mamba-2), None for mixers
+    without a dt (attention, S4)."""
+    return int(mixer.dt_size) if isinstance(mixer, DtTransformMixin) else None
 
 
 def _time_profile(weights: Tensor, start: int, total: int) -> tuple[Tensor, Tensor]:
@@ -57,18 +55,15 @@ def make_delta_hook(weights: Tensor, bias: Tensor, start: int, per_head: bool) -
 @contextmanager
 def selective_adaptation(mixers: Sequence[nn.Module], biases: Sequence[Optional[Tensor]], weights: Tensor,
                          start: int) -> Iterator[None]:
-    """Install the hooks on every mixer that has one for the duration of the block; restores the previous hooks.
+    """Install the transforms on every mixer that has a dt for the duration of the block; restores the previous
+    ones.
 
     mixers[i] pairs with biases[i] (None for a mixer without a delta, e.g. attention). weights: (batch, K).
     """
-    saved = []
-    try:
+    with ExitStack() as stack:
         for mixer, b in zip(mixers, biases):
             if b is None:
                 continue
-            saved.append((mixer, mixer.delta_hook))
-            mixer.delta_hook = make_delta_hook(weights, b, start, per_head=hasattr(mixer, "nheads"))
+            hook = make_delta_hook(weights, b, start, per_head=mixer.dt_time_dim == 1)
+            stack.enter_context(mixer.transforming_dt(hook))
         yield
-    finally:
-        for mixer, previous in saved:
-            mixer.delta_hook = previous

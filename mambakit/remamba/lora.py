@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.dt_transform import DtTransformMixin
 
 LORA_TARGETS = ("in_proj", "out_proj")
 
@@ -57,7 +58,7 @@ class LoRALinear(nn.Module):
 def _targets(base: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
     """(mixer, attribute name, linear layer) for in_proj and out_proj of every Mamba / Mamba-2 mixer of `base`."""
     for layer in base.backbone.layers:
-        if hasattr(layer.mixer, "delta_hook"):
+        if isinstance(layer.mixer, DtTransformMixin):
             for name in LORA_TARGETS:
                 yield layer.mixer, name, getattr(layer.mixer, name)
 

@@ -72,7 +72,7 @@ def test_mamba1_alpha_reproduces_the_scan(seqlen):
         with torch.no_grad():
             s = layer.ssm_inputs(hidden, **kw)
             ref = selective_scan_ref(s.u, s.delta, s.A, s.B, s.C, s.D, z=s.z, delta_bias=s.delta_bias,
-                                     delta_softplus=True, seq_idx=kw.get("seq_idx"))
+                                     delta_softplus=s.delta_softplus, seq_idx=kw.get("seq_idx"))
         alpha = mamba1_hidden_attention(layer, hidden, **kw)
         assert alpha.shape == (2, layer.d_inner, seqlen, seqlen) and alpha.dtype == torch.float64
         assert bool((torch.triu(alpha, 1) == 0).all())
@@ -122,7 +122,7 @@ def test_mamba1_no_nan_with_huge_decay():
     alpha = mamba1_hidden_attention(layer, hidden, block_rows=8)
     assert bool(torch.isfinite(alpha).all())
     s = layer.ssm_inputs(hidden)
-    ref = selective_scan_ref(s.u, s.delta, s.A, s.B, s.C, s.D, delta_bias=s.delta_bias, delta_softplus=True)
+    ref = selective_scan_ref(s.u, s.delta, s.A, s.B, s.C, s.D, delta_bias=s.delta_bias, delta_softplus=s.delta_softplus)
     assert rel_err(torch.einsum("bdij,bdj->bdi", alpha, s.u) + s.D[:, None] * s.u, ref) < TOL
     alpha32 = mamba1_hidden_attention(layer.float(), hidden.float(), block_rows=8)
     assert alpha32.dtype == torch.float32 and bool(torch.isfinite(alpha32).all())

@@ -61,10 +61,21 @@ def test_dry_run_stays_out_of_the_way_of_hooks():
     handle = layer.out_proj.register_forward_hook(lambda m, i, o: seen.append(o))
     triton_compile.module_first_call(layer, x, seq_idx=None, mask=None)()
     assert not seen  # a submodule's hook: not run
-    handle.remove()
-    layer.delta_hook = lambda dt: seen.append(dt) or dt
-    triton_compile.module_first_call(layer, x, seq_idx=None, mask=None)()
-    assert not seen
+
+
+@pytest.mark.parametrize("layer", _layers(), ids=["mamba2", "mamba"])
+def test_no_dry_run_with_a_dt_transform(layer, monkeypatch):
+    # the layer itself skips its first-call dry run while a dt transform applies (it would run the transform twice)
+    module = __import__(type(layer).__module__, fromlist=["compile_first_call"])
+    dry_runs = []
+    monkeypatch.setattr(module, "compile_first_call", lambda *args: dry_runs.append(args))
+    x = torch.randn(1, 5, 16)
+    layer(x)
+    assert len(dry_runs) == 1
+    with layer.transforming_dt(lambda dt: dt * 2):
+        layer(x)
+    layer(x, dt_transform=lambda dt: dt * 2)
+    assert len(dry_runs) == 1
 
 
 def test_key_follows_what_changes_the_kernels():

@@ -1,1 +1,7 @@
-"""Triton kernels (NVIDIA GPUs, or the CPU interpreter with TRITON_INTERPRET=1) for the ops in `mambakit.ops`."""
+"""What the ops' Triton kernels share: first-call parallel compiles (`compile`), device facts and the
+TRITON_INTERPRET switch read at call time (`device`), jit math (`math`), and the one-token decode kernels
+(`decode`, `state_update`).
+
+Each op's own kernels live beside it (`mambakit.ops.<op>.triton`); the modules `selective_scan`, `ssd`, `conv1d`
+and `norm` here are their old import paths (the same module objects).
+"""

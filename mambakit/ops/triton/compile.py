@@ -8,7 +8,7 @@ that follow load them from there. A child that fails or hangs only costs time: i
 launch, as without this.
 
 Each child also builds the kernel's launcher (Triton 3.6 compiles a small C module per kernel signature with the host
-compiler on first launch, ~0.4 s each, and caches it on disk too). Kernels already in the on-disk cache get no child.
+compiler on first launch, and caches it on disk too). Kernels already in the on-disk cache get no child.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, List, NamedTuple, Optional
 
 import torch
 import triton
+
+from mambakit.ops.triton.device import interpreted
 
 #: Seconds to wait for the children before leaving the rest of the compiles to the launches.
 CHILD_TIMEOUT_S: float = 120.0
@@ -192,7 +194,7 @@ def specialisation(*values: Any) -> tuple:
 def precompile_once(key: Any, run: Callable[[], Any]) -> None:
     """Once per key: `precompile(run)`. Skipped when disabled and when Triton interprets kernels (nothing to
     compile; run would just repeat the work)."""
-    if not ENABLED or key in _DONE or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if not ENABLED or key in _DONE or interpreted():
         return
     _DONE.add(key)
     if _open_note() is not None:  # within an enclosing first call's run: its note of compiles takes these in
@@ -220,12 +222,11 @@ def precompile(run: Callable[[], Any]) -> int:
 def module_first_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Callable[[], None]:
     """A ``run`` for `precompile_once`: ``module(*args, **kwargs)`` and, where autograd records it, a backward
     through it, on detached copies of its parameters and tensor inputs, so that no ``.grad``, parameter hook or
-    outer autograd graph is touched. A module with forward hooks (here or below) or a ``delta_hook`` set is not run
-    (the hooks would see the extra call): its ops then compile their own first calls."""
+    outer autograd graph is touched. A module with forward hooks (here or below) is not run (the hooks would see the
+    extra call): its ops then compile their own first calls."""
 
     def run() -> None:
-        if getattr(module, "delta_hook", None) is not None or any(
-                m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
+        if any(m._forward_hooks or m._forward_pre_hooks for m in module.modules()):
             return
         if not torch.is_grad_enabled():
             module(*args, **kwargs)
@@ -242,7 +243,7 @@ def module_first_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Cal
             note = _open_note()
             if note is not None:  # the backward's graph task notes its compiles too, in whatever thread it runs
                 out.register_hook(lambda grad: note.graph_tasks.add(_graph_task()))
-            try:  # a materialised upstream gradient, given through a product: grad_outputs imports sympy (~2 s)
+            try:  # a materialised upstream gradient, given through a product: grad_outputs imports sympy (slow)
                 torch.autograd.grad((out * torch.empty_like(out)).sum(), inputs, allow_unused=True)
             finally:
                 if note is not None:

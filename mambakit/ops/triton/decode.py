@@ -8,7 +8,6 @@ Inference only (no autograd); same results as the PyTorch versions up to float32
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -17,8 +16,8 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.triton.device import interpreted
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -48,7 +47,7 @@ def add_rms_norm_step(hidden: Tensor, residual: Optional[Tensor], weight: Tensor
     if weight.shape != (d,) or (residual is not None and residual.shape != hidden.shape):
         raise MambaKitError(f"add_rms_norm_step: hidden {tuple(hidden.shape)}, residual "
                             f"{None if residual is None else tuple(residual.shape)}, weight {tuple(weight.shape)}")
-    if not hidden.is_cuda and not _INTERPRETED:
+    if not hidden.is_cuda and not interpreted():
         raise MambaKitError(f"add_rms_norm_step needs CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
     res_dtype = hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
     if residual_in_fp32:
@@ -99,7 +98,7 @@ def conv1d_update_triton(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
     if weight.shape != (dim, width) or (bias is not None and bias.shape != (dim,)):
         raise MambaKitError(f"conv1d_update_triton: weight must be ({dim}, {width}) and bias ({dim},), got "
                             f"{tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
-    if not x.is_cuda and not _INTERPRETED:
+    if not x.is_cuda and not interpreted():
         raise MambaKitError(f"conv1d_update_triton needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
     w = weight.contiguous()
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)

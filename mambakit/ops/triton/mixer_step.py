@@ -12,17 +12,14 @@ its own dtype. Public entry points with checks and the PyTorch reference: `mamba
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from mambakit.ops.triton.state_update import _softplus  # one softplus for the decode kernels
+from mambakit.ops.triton.math import softplus
 
-# Triton decides at decoration time whether a kernel is compiled or interpreted: remember which one this module got.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -79,7 +76,7 @@ def _m1_scan_step_kernel(part_ptr, xc_ptr, xz_ptr, wdt_ptr, dtb_ptr, alog_ptr, D
     md = d < dim
     wdt = tl.load(wdt_ptr + d[:, None] * dt_rank + r[None, :], mask=md[:, None] & (r < dt_rank)[None, :], other=0.0)
     dt = tl.sum(wdt.to(tl.float32) * dt_low[None, :], axis=1).to(xt).to(tl.float32)
-    dt = _softplus(dt + tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32))
+    dt = softplus(dt + tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32))
     m2 = md[:, None] & mn[None, :]
     A = -tl.exp(tl.load(alog_ptr + d[:, None] * dstate + n[None, :], mask=m2, other=0.0).to(tl.float32))
     x = tl.load(xc_ptr + b * dim + d, mask=md, other=0.0).to(tl.float32)
@@ -136,7 +133,7 @@ def _m2_state_step_kernel(xbc_ptr, zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_p
     b = tl.program_id(2).to(tl.int64)
     g = h // heads_per_group
     dt = tl.load(zx_ptr + b * s_zxb + dt_col + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
-    dt = _softplus(dt)
+    dt = softplus(dt)
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
     dA = tl.exp(dt * -tl.exp(tl.load(alog_ptr + h).to(tl.float32)))

@@ -7,7 +7,6 @@ The arithmetic is done in float32 whatever the state's dtype (the state is read 
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -16,18 +15,10 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.triton.device import interpreted
+from mambakit.ops.triton.math import softplus
 
 
-# Triton decides at decoration time whether a kernel is compiled or interpreted: remember which one this module got.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _softplus(x):
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
-    return tl.where(x > 20.0, x, lp)
 
 
 @triton.jit
@@ -48,7 +39,7 @@ def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     A = tl.load(A_ptr + d64[:, None] * s_ad + n1[None, :] * s_an, mask=m2, other=0.0).to(tl.float32)
     g = d64 // dim_per_group  # (BLOCK_D,) group of each channel
     Bv = tl.load(B_ptr + pid_b * s_bb + g[:, None] * s_bg + n1[None, :] * s_bn, mask=m2, other=0.0).to(tl.float32)
@@ -92,7 +83,7 @@ def selective_state_update_triton(
             or Cg.shape != Bg.shape):
         raise MambaKitError(f"B and C must have shape (batch={batch}, d_state={d_state}) or (batch, groups, d_state) "
                             f"with groups dividing dim={dim}; got {tuple(B.shape)} and {tuple(C.shape)}")
-    if not state.is_cuda and not _INTERPRETED:
+    if not state.is_cuda and not interpreted():
         raise MambaKitError("selective_state_update_triton needs CUDA tensors (or TRITON_INTERPRET=1); "
                             f"got tensors on {state.device}")
     if d_state > 256:

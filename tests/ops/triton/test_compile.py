@@ -9,13 +9,11 @@ import textwrap
 import threading
 from types import SimpleNamespace
 
-os.environ["TRITON_INTERPRET"] = "1"  # as in every test here, before triton is imported (the children compile for real)
-
-import pytest  # noqa: E402
+import pytest
 
 triton = pytest.importorskip("triton")
 
-from mambakit.ops.triton.compile import noting_compiles  # noqa: E402
+from mambakit.ops.triton.compile import noting_compiles
 
 
 def _call_hook(module: str) -> object:

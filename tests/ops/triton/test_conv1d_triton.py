@@ -1,22 +1,18 @@
 """The Triton causal conv1d (+ SiLU) against the torch version, forward and gradients, on the CPU interpreter."""
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-import torch  # noqa: E402
+import torch
 
-from mambakit.errors import MambaKitError  # noqa: E402
-from mambakit.ops.conv1d import causal_conv1d_fn  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
-from tests.ops.triton import interpreted_module  # noqa: E402
+from mambakit.errors import MambaKitError
+from mambakit.ops.conv1d import causal_conv1d_fn
+from tests.conftest import rel_err
+from tests.ops.triton import interpreted_module
 
-conv_triton = interpreted_module("mambakit.ops.triton.conv1d")
+conv_triton = interpreted_module("mambakit.ops.conv1d.triton")
 causal_conv1d_triton = conv_triton.causal_conv1d_triton
 
 

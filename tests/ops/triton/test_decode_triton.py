@@ -1,21 +1,17 @@
 """The fused decode-step kernels (add + RMSNorm, conv-state update) against the PyTorch path, on the CPU interpreter."""
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-import torch  # noqa: E402
+import torch
 
-from mambakit.errors import MambaKitError  # noqa: E402
-from mambakit.layers.norm import rms_norm  # noqa: E402
-from mambakit.ops.conv1d import causal_conv1d_update  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
-from tests.ops.triton import interpreted_module  # noqa: E402
+from mambakit.errors import MambaKitError
+from mambakit.layers.norm import rms_norm
+from mambakit.ops.conv1d import causal_conv1d_update
+from tests.conftest import rel_err
+from tests.ops.triton import interpreted_module
 
 decode = interpreted_module("mambakit.ops.triton.decode")
 

@@ -6,23 +6,20 @@ bit-identical gradients run after run; the layer dispatch; errors.
 """
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-import torch  # noqa: E402
+import torch
 
-from mambakit.errors import MambaKitError  # noqa: E402
-from mambakit.layers import norm as norm_layer  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
-from tests.ops.triton import interpreted_module  # noqa: E402
+from mambakit.errors import MambaKitError
+from mambakit.layers import norm as norm_layer
+from tests.conftest import rel_err
+from tests.ops.triton import interpreted_module
 
-tnorm = interpreted_module("mambakit.ops.triton.norm")
+tnorm = interpreted_module("mambakit.ops.norm.triton")
 
 EPS = 1e-5
 

@@ -6,24 +6,21 @@ bit-identical gradients run after run; dispatch and errors.
 """
 from __future__ import annotations
 
-import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-import torch  # noqa: E402
+import torch
 
-from mambakit.errors import MambaKitError  # noqa: E402
-from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_recurrent  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
-from tests.ops.test_ssd import CASES, FLOAT_KEYS, make_inputs, with_dtype  # noqa: E402
-from tests.ops.triton import interpreted_module  # noqa: E402
+from mambakit.errors import MambaKitError
+from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd_recurrent
+from tests.conftest import rel_err
+from tests.ops.test_ssd import CASES, FLOAT_KEYS, make_inputs, with_dtype
+from tests.ops.triton import interpreted_module
 
-interpreted_module("mambakit.ops.triton.ssd")
+interpreted_module("mambakit.ops.ssd.triton")
 interpreted_module("mambakit.ops.triton.state_update")
 
 
@@ -155,7 +152,7 @@ BLOCKED_CASES = ["everything", "packed", "packed-unsorted-ids", "groups3-dhead",
 def test_chunks_of_several_blocks(name, monkeypatch):
     # 64-position chunks computed as 4 blocks of 16 (the tiled intra-chunk loops, the cumsum carried across blocks,
     # blocks wholly past the sequence end)
-    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    ssd_mod = sys.modules["mambakit.ops.ssd.triton"]
     monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
     monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 64)
     _compare(make_inputs(**dict(CASES[name], chunk_size=64)))
@@ -163,7 +160,7 @@ def test_chunks_of_several_blocks(name, monkeypatch):
 
 def test_several_blocks_long_sequence(monkeypatch):
     # 300 positions: 5 chunks of 2 blocks of 32 (float16: 32-position blocks), state passing, ragged tail
-    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    ssd_mod = sys.modules["mambakit.ops.ssd.triton"]
     monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 32)
     monkeypatch.setattr(ssd_mod, "MAX_CHUNK", 64)
     monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 64)
@@ -178,7 +175,7 @@ def test_several_blocks_long_sequence(monkeypatch):
 def test_state_pass_in_tiles(tile, monkeypatch):
     # the sequential state passes (forward and backward) with the state cut into several (headdim, d_state) tiles,
     # packed sequences, an initial state and chunks of two blocks: each tile's share of dA must be summed once
-    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    ssd_mod = sys.modules["mambakit.ops.ssd.triton"]
     monkeypatch.setattr(ssd_mod, "STATE_TILE", tile)
     monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
     monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 32)
@@ -193,7 +190,7 @@ def test_state_pass_in_tiles(tile, monkeypatch):
 def test_state_passing_through_memory(name, monkeypatch):
     # the other way to the chunk states (used with few (batch, head) pairs): chunk-local states through memory and
     # separate state-passing kernels, forward and backward
-    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    ssd_mod = sys.modules["mambakit.ops.ssd.triton"]
     monkeypatch.setattr(ssd_mod, "FUSED_STATES", False)
     monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
     monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 64)
@@ -204,7 +201,7 @@ def test_state_passing_through_memory(name, monkeypatch):
 def test_state_pass_two_chunks_per_step(nchunks_parity, monkeypatch):
     # the forward pass with pairs of chunks per step: an odd number of chunks leaves the last pair half empty;
     # packed sequences and an initial state cross the pairs; float32 (blocks within chunks) and float16
-    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    ssd_mod = sys.modules["mambakit.ops.ssd.triton"]
     monkeypatch.setattr(ssd_mod, "STATE_PAIRS", True)
     monkeypatch.setattr(ssd_mod, "MAX_BLOCK", 16)
     monkeypatch.setattr(ssd_mod, "MAX_CHUNK_FP32", 32)
@@ -219,7 +216,7 @@ def test_state_pass_two_chunks_per_step(nchunks_parity, monkeypatch):
 def test_plan_of_the_state_pass_on_an_h100(monkeypatch):
     # the launch plan on a 132-multiprocessor GPU: headdim cut until the pass has a program per multiprocessor,
     # two chunks per step for 16-bit inputs only
-    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    ssd_mod = sys.modules["mambakit.ops.ssd.triton"]
     monkeypatch.setattr(ssd_mod, "multiprocessor_count", lambda device: 132)
 
     def plan(batch, seqlen, d_state, dtype=torch.bfloat16):
@@ -239,7 +236,7 @@ def test_dt_processing_kernel_and_its_gradient(limit):
     # e^v is tiny, the identity past 20), the bias, the clamp, zero padding; and the gradients of raw dt and bias
     import torch.nn.functional as F
 
-    ssd_mod = sys.modules["mambakit.ops.triton.ssd"]
+    ssd_mod = sys.modules["mambakit.ops.ssd.triton"]
     g = torch.Generator().manual_seed(3)
     dt = (torch.rand(2, 37, 3, generator=g, dtype=torch.float64) * 60 - 30).to(torch.bfloat16)
     bias = torch.randn(3, generator=g)

@@ -1,20 +1,16 @@
 """The Triton one-token decode step against the torch version (in-place state update), on the CPU interpreter."""
 from __future__ import annotations
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU interpreter
-
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton")
 
-import torch  # noqa: E402
+import torch
 
-from mambakit.errors import MambaKitError  # noqa: E402
-from mambakit.ops.selective_scan import selective_scan_ref, selective_state_update  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
-from tests.ops.triton import interpreted_module  # noqa: E402
+from mambakit.errors import MambaKitError
+from mambakit.ops.selective_scan import selective_scan_ref, selective_state_update
+from tests.conftest import rel_err
+from tests.ops.triton import interpreted_module
 
 upd_triton = interpreted_module("mambakit.ops.triton.state_update")
 selective_state_update_triton = upd_triton.selective_state_update_triton

@@ -1,4 +1,4 @@
-"""Causal depthwise conv1d and its one-step update (rolling conv state) for decoding.
+"""Causal depthwise conv1d in PyTorch (the reference and the CPU path), its one-step update, the state after x.
 
 x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,); conv_state: (batch, dim, width) holding the last `width`
 inputs (the layout of the official `causal_conv1d` package).
@@ -16,38 +16,21 @@ from mambakit.errors import MambaKitError
 ACTIVATIONS = (None, "silu", "swish")
 
 
-def _triton_conv():
-    """The Triton conv kernel when Triton is importable (used for CUDA tensors), else None."""
-    try:
-        from mambakit.ops.triton.conv1d import causal_conv1d_triton
-    except ImportError:
-        return None
-    return causal_conv1d_triton
-
-
-def _activate(y: Tensor, activation: Optional[str]) -> Tensor:
+def activate(y: Tensor, activation: Optional[str]) -> Tensor:
+    """y after the activation (None, "silu" or its alias "swish")."""
     if activation not in ACTIVATIONS:
         raise MambaKitError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
-def causal_conv1d_fn(
+def causal_conv1d_torch(
     x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None,
     conv_state: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
 ) -> Tensor:
-    """y_t = act(bias + sum_k weight[:, k] * x_{t - width + 1 + k}), causal (inputs before t = 0 are zero, or the
-    last inputs held in `conv_state` when continuing a sequence).
-
-    seq_idx: (batch, seqlen) integer; taps that reach into a previous packed sequence are dropped.
-    conv_state, if given, is read (not modified); use `conv_state_after` to get the state after x.
-    Returns y: (batch, dim, seqlen) in x's dtype.
-    """
+    """`mambakit.ops.conv1d.causal_conv1d_fn` in PyTorch (any device); weight already checked. y: (batch, dim,
+    seqlen) in x's dtype."""
     batch, dim, seqlen = x.shape
-    if weight.dim() != 2 or weight.shape[0] != dim:
-        raise MambaKitError(f"weight must have shape (dim={dim}, width), got {tuple(weight.shape)}")
     width = weight.shape[1]
-    if x.is_cuda and conv_state is None and _triton_conv() is not None:
-        return _triton_conv()(x, weight, bias, activation, seq_idx=seq_idx)
     if conv_state is not None:
         if conv_state.shape != (batch, dim, width):
             raise MambaKitError(
@@ -69,7 +52,7 @@ def causal_conv1d_fn(
         y = torch.einsum("bdlk,blk,dk->bdl", windows, same, weight.to(x.dtype))
     if bias is not None:
         y = y + bias.to(y.dtype)[:, None]
-    return _activate(y, activation)
+    return activate(y, activation)
 
 
 def conv_state_after(x: Tensor, width: int, conv_state: Optional[Tensor] = None,
@@ -89,23 +72,13 @@ def conv_state_after(x: Tensor, width: int, conv_state: Optional[Tensor] = None,
     return torch.gather(xx, -1, idx[:, None, :].expand(batch, dim, width))
 
 
-def causal_conv1d_update(
-    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None,
-) -> Tensor:
-    """One decoding step. x: (batch, dim); conv_state: (batch, dim, width), shifted left and updated in place.
-
-    Returns y: (batch, dim) in x's dtype.
-    """
-    if conv_state.dim() != 3 or conv_state.shape[:2] != x.shape or conv_state.shape[2] != weight.shape[1]:
-        raise MambaKitError(
-            f"conv_state must have shape (batch, dim, width) = {(*x.shape, weight.shape[1])}, got {tuple(conv_state.shape)}")
-    if conv_state.is_cuda and not (x.requires_grad and torch.is_grad_enabled()) and _triton_conv() is not None:
-        from mambakit.ops.triton.decode import conv1d_update_triton  # one kernel instead of seven
-
-        return conv1d_update_triton(x, conv_state, weight, bias, activation)
+def conv1d_update_torch(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                        activation: Optional[str] = None) -> Tensor:
+    """`mambakit.ops.conv1d.causal_conv1d_update` in PyTorch: conv_state (batch, dim, width) shifted left and updated
+    in place; returns y (batch, dim) in x's dtype."""
     conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
     conv_state[..., -1] = x.to(conv_state.dtype)
     y = (conv_state.to(x.dtype) * weight.to(x.dtype)).sum(-1)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return _activate(y, activation)
+    return activate(y, activation)

@@ -1,0 +1,529 @@
+"""Triton selective scan (the S6 recurrence of Mamba-1): fused forward, deterministic recomputing backward.
+
+Same contract as `mambakit.ops.selective_scan.naive.selective_scan_ref`:
+    u, delta, z: (batch, dim, seqlen);  A: (dim, d_state);
+    B, C: (batch, d_state, seqlen) or (batch, G, d_state, seqlen)
+    D, delta_bias: (dim,);  initial_state / last state: (batch, dim, d_state) float32;  seq_idx: (batch, seqlen) int
+    h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t,   y_t = <C_t, h_t> + D u_t,   y_t *= silu(z_t)
+
+Design (see benchmarks/RESULTS_triton_scan.md for the numbers):
+- One program owns a block of channels x all (padded) states of one batch element and walks time in tiles of BT steps.
+  Compute tensors are 4D (BT, NH, BLOCK_D, NL) with state index n = nh * NL + nl. With Triton's default layout for
+  that shape the lanes cover (BLOCK_D, NL) and each thread holds all BT steps and all NH high state indices, so the
+  scan along time (tl.associative_scan on axis 0) is a plain in-register recurrence (no shuffles), the read-out
+  sum over states is mostly in-thread (log2(NL) shuffle levels), and tl.flip along time is free (register renaming).
+- Forward: discretisation (exp2(delta * A * log2 e), delta * B * u), scan, read-out with C, D skip and silu(z) gate in
+  one kernel; the state stays in registers. Only the state at the start of every chunk of CHUNK steps is written (for
+  the backward) plus the final state.
+- Backward: per program, chunks in reverse. Pass A recomputes the chunk from its saved start state and writes the
+  state at each tile start into a small per-program scratch (L2-resident); pass B walks the tiles backwards,
+  recomputes each tile's states from the scratch and runs the adjoint
+      lambda_t = C_t g_t + exp(delta_{t+1} A) lambda_{t+1}
+  as a reversed associative scan (flip, scan, flip) whose elements carry (a, 1, a*c, c), so that no time shift is
+  needed. Reductions over the batch/time/channel-blocks (dA, dB, dC, dD, d delta_bias) are written as per-program
+  partial sums and summed by torch in a fixed order: no atomics, so gradients are bit-identical run to run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mambakit.errors import MambaKitError
+from mambakit.ops.selective_scan.chunked import selective_scan_chunked
+from mambakit.ops.selective_scan.common import check_selective_scan_inputs
+from mambakit.ops.triton.device import interpreted
+from mambakit.ops.triton.math import softplus
+
+MAX_D_STATE = 256
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small jit helpers
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _scan_combine(a1, b1, a2, b2):
+    # (a1, b1) is the earlier segment, (a2, b2) the later: h -> a2 (a1 h + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _adjoint_combine(p_y, q_y, m_y, l_y, p_x, q_x, m_x, l_x):
+    # Scanned over time reversed: y is the accumulated later-time segment, x the earlier one. A segment [p..q] holds
+    # P = a_p..a_q, Q = a_{p+1}..a_q, L = lambda_p from inside the segment, M = a_p * L (the adjoint passed to h_{p-1}).
+    return p_x * p_y, q_x * p_y, m_x + p_x * m_y, l_x + q_x * m_y
+
+
+@triton.jit
+def _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row, seq_row, t, seqlen, mask_d, m_nb,
+              LOAD_Z: tl.constexpr, LOAD_C: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Issue every load of one time tile (in the inputs' dtypes). Called one tile ahead of its use, so the loads are
+    in flight while the previous tile is computed. Tensors that are not asked for come back as placeholders."""
+    mt = t < seqlen
+    m2 = mt[:, None] & mask_d[None, :]
+    m3 = mt[:, None, None] & m_nb
+    offs2 = row + t[:, None]
+    u = tl.load(u_ptr + offs2, mask=m2, other=0.0)
+    d = tl.load(delta_ptr + offs2, mask=m2, other=0.0)
+    Bt = tl.load(B_ptr + bc_row + t[:, None, None], mask=m3, other=0.0)
+    if LOAD_Z:
+        z = tl.load(z_ptr + offs2, mask=m2, other=0.0)
+    else:
+        z = u
+    if LOAD_C:
+        Ct = tl.load(C_ptr + bc_row + t[:, None, None], mask=m3, other=0.0)
+    else:
+        Ct = Bt
+    if HAS_SEQ:
+        s_cur = tl.load(seq_ptr + seq_row + t, mask=mt, other=0)
+        s_prev = tl.load(seq_ptr + seq_row + t - 1, mask=mt & (t > 0), other=0)
+        reset = (s_cur != s_prev) & (t > 0) & mt
+    else:
+        reset = t < 0
+    return u, d, z, Bt, Ct, reset
+
+
+@triton.jit
+def _prep_delta(d_raw, m2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """The discretisation step in fp32 (bias, softplus); 0 outside the sequence. Returns (pre-softplus, step)."""
+    raw = d_raw.to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias[None, :]
+    if SOFTPLUS:
+        dt = softplus(raw)
+    else:
+        dt = raw
+    dt = tl.where(m2, dt, 0.0)
+    return raw, dt
+
+
+@triton.jit
+def _tile_decay(dt, A2, reset, HAS_SEQ: tl.constexpr):
+    """exp(delta A) as (BT, NH, BLOCK_D, NL); 0 where a new packed sequence starts."""
+    dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])
+    if HAS_SEQ:
+        dA = tl.where(reset[:, None, None, None], 0.0, dA)
+    return dA
+
+
+@triton.jit
+def _tile_states(dA, x, h, BT: tl.constexpr):
+    """States of a tile, h_t = dA_t h_{t-1} + x_t, from the state h before it. Returns (states, last state)."""
+    t1 = tl.arange(0, BT)
+    xin = tl.where((t1 == 0)[:, None, None, None], x + dA * h[None, :, :, :], x)
+    _, hs = tl.associative_scan((dA, xin), 0, _scan_combine)
+    h_last = tl.sum(tl.where((t1 == BT - 1)[:, None, None, None], hs, 0.0), axis=0)
+    return hs, h_last
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward kernel
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
+    y_ptr, states_ptr, last_ptr,
+    dim, seqlen, dstate, dim_per_group, ngroups, nchunks,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d1 = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = d1 < dim
+    t1 = tl.arange(0, BT)
+    n3 = tl.arange(0, NH)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # (NH, 1, NL)
+    d3 = d1[None, :, None]  # (1, BLOCK_D, 1)
+    m_s3 = (n3 < dstate) & (d3 < dim)
+    st_off = d3 * dstate + n3  # (NH, BLOCK_D, NL) offsets in a (dim, dstate) state
+    A2 = tl.load(A_ptr + st_off, mask=m_s3, other=0.0).to(tl.float32) * 1.4426950408889634
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
+    # 64-bit offsets of this program's blocks, 32-bit offsets inside them
+    blk = (pid_b * dim + pid_d * BLOCK_D) * seqlen
+    u_ptr += blk
+    delta_ptr += blk
+    y_ptr += blk
+    z_ptr += blk
+    row = tl.arange(0, BLOCK_D)[None, :] * seqlen  # (1, BLOCK_D)
+    seq_row = pid_b * seqlen
+    g = (pid_d * BLOCK_D) // dim_per_group
+    nb = tl.arange(0, NH)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]  # (1, NH, NL)
+    m_nb = nb < dstate
+    bc_blk = (pid_b * ngroups + g) * dstate * seqlen
+    B_ptr += bc_blk
+    C_ptr += bc_blk
+    bc_row = nb * seqlen  # (1, NH, NL)
+    state_base = pid_b * dim * dstate
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_base + st_off, mask=m_s3, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros((NH, BLOCK_D, NL), tl.float32)
+    ntiles = tl.cdiv(seqlen, BT)
+    u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row, seq_row, t1,
+                                             seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ)
+    for it in range(0, ntiles):
+        if SAVE_STATES:
+            if it % TPC == 0:
+                tl.store(states_ptr + (pid_b * nchunks + it // TPC) * dim * dstate + st_off, h, mask=m_s3)
+        t = it * BT + t1
+        u_c, d_c, z_c, B_c, C_c, reset = u_n, d_n, z_n, B_n, C_n, r_n
+        u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row, seq_row,
+                                                 t + BT, seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ)
+        m2 = (t < seqlen)[:, None] & mask_d[None, :]
+        u = u_c.to(tl.float32)
+        raw, dt = _prep_delta(d_c, m2, bias, HAS_BIAS, SOFTPLUS)
+        dA = _tile_decay(dt, A2, reset, HAS_SEQ)
+        x = (dt * u)[:, None, :, None] * B_c.to(tl.float32)[:, :, None, :]
+        hs, h = _tile_states(dA, x, h, BT)
+        y = tl.sum(tl.sum(hs * C_c.to(tl.float32)[:, :, None, :], axis=1), axis=2)  # (BT, BLOCK_D)
+        if HAS_D:
+            y += u * Dv[None, :]
+        if HAS_Z:
+            zz = z_c.to(tl.float32)
+            y = y * (zz * tl.sigmoid(zz))
+        tl.store(y_ptr + row + t[:, None], y.to(y_ptr.dtype.element_ty), mask=m2)
+    tl.store(last_ptr + state_base + st_off, h, mask=m_s3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Backward kernel
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _selective_scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, states_ptr, gy_ptr, glast_ptr,
+    scratch_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr, dh0_ptr,
+    dim, seqlen, dstate, dim_per_group, ngroups, nchunks, n_dblocks, chunk,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_GLAST: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    d1 = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = d1 < dim
+    t1 = tl.arange(0, BT)
+    n3 = tl.arange(0, NH)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]
+    d3 = d1[None, :, None]
+    m_s3 = (n3 < dstate) & (d3 < dim)
+    st_off = d3 * dstate + n3
+    A = tl.load(A_ptr + st_off, mask=m_s3, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
+    Dv = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
+    blk = (pid_b * dim + pid_d * BLOCK_D) * seqlen
+    u_ptr += blk
+    delta_ptr += blk
+    z_ptr += blk
+    gy_ptr += blk
+    du_ptr += blk
+    ddelta_ptr += blk
+    dz_ptr += blk
+    row = tl.arange(0, BLOCK_D)[None, :] * seqlen
+    seq_row = pid_b * seqlen
+    g = (pid_d * BLOCK_D) // dim_per_group
+    nb = tl.arange(0, NH)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+    m_nb = nb < dstate
+    bc_blk = (pid_b * ngroups + g) * dstate * seqlen
+    B_ptr += bc_blk
+    C_ptr += bc_blk
+    bc_row = nb * seqlen
+    part_blk = (pid_b * n_dblocks + pid_d) * dstate * seqlen
+    dB_part_ptr += part_blk
+    dC_part_ptr += part_blk
+    part_row = nb * seqlen  # (1, NH, NL) into this program's block of the dB/dC partials
+    state_base = pid_b * dim * dstate
+    # this program's scratch: TPC states laid out [tile][d][nl][nh], written and read by this program only (nh
+    # fastest: the coalesced layout of these accesses is then the compute layout, no shuffling through shared memory)
+    sc_off = (tl.arange(0, BLOCK_D)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]) * NH \
+        + tl.arange(0, NH)[:, None, None]
+    SC: tl.constexpr = NH * BLOCK_D * NL
+    scratch_ptr += (pid_b * n_dblocks + pid_d) * (TPC * SC)
+
+    if HAS_GLAST:
+        mu = tl.load(glast_ptr + state_base + st_off, mask=m_s3, other=0.0).to(tl.float32)
+    else:
+        mu = tl.zeros((NH, BLOCK_D, NL), tl.float32)  # adjoint of the state just before the tiles still to do
+    dA_acc = tl.zeros((NH, BLOCK_D, NL), tl.float32)
+    dD_acc = tl.zeros((BT, BLOCK_D), tl.float32)
+    dbias_acc = tl.zeros((BT, BLOCK_D), tl.float32)
+    for kk in range(0, nchunks):
+        k = nchunks - 1 - kk
+        c0 = k * chunk
+        n_valid = tl.minimum(TPC, tl.cdiv(seqlen - c0, BT))
+        # Pass A: the state at the start of each tile of chunk k, into the scratch
+        h = tl.load(states_ptr + (pid_b * nchunks + k) * dim * dstate + st_off, mask=m_s3, other=0.0)
+        u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row,
+                                                 seq_row, c0 + t1, seqlen, mask_d, m_nb, False, False, HAS_SEQ)
+        for j in range(0, n_valid):
+            tl.store(scratch_ptr + j * SC + sc_off, h)
+            t = c0 + j * BT + t1
+            u_c, d_c, B_c, reset = u_n, d_n, B_n, r_n
+            tn = tl.where(j + 1 < n_valid - 1, t + BT, seqlen)  # nothing to prefetch past the chunk's last scan
+            u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row,
+                                                     seq_row, tn, seqlen, mask_d, m_nb, False, False, HAS_SEQ)
+            if j < n_valid - 1:
+                m2 = (t < seqlen)[:, None] & mask_d[None, :]
+                raw, dt = _prep_delta(d_c, m2, bias, HAS_BIAS, SOFTPLUS)
+                dA = _tile_decay(dt, A2, reset, HAS_SEQ)
+                x = (dt * u_c.to(tl.float32))[:, None, :, None] * B_c.to(tl.float32)[:, :, None, :]
+                hs, h = _tile_states(dA, x, h, BT)
+        tl.debug_barrier()
+        # Pass B: tiles backwards; each tile's loads are issued while the tile after it is computed
+        t = c0 + (n_valid - 1) * BT + t1
+        u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row,
+                                                 seq_row, t, seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ)
+        g_n = tl.load(gy_ptr + row + t[:, None], mask=(t < seqlen)[:, None] & mask_d[None, :], other=0.0)
+        hp_n = tl.load(scratch_ptr + (n_valid - 1) * SC + sc_off)
+        for jj in range(0, n_valid):
+            j = n_valid - 1 - jj
+            t = c0 + j * BT + t1
+            u_c, d_c, z_c, B_c, C_c, reset, g_c, h_prev = u_n, d_n, z_n, B_n, C_n, r_n, g_n, hp_n
+            jp = tl.maximum(j - 1, 0)
+            tp = tl.where(j > 0, t - BT, seqlen)  # nothing to prefetch before the chunk's first tile
+            u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row,
+                                                     seq_row, tp, seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ)
+            g_n = tl.load(gy_ptr + row + tp[:, None], mask=(tp < seqlen)[:, None] & mask_d[None, :], other=0.0)
+            hp_n = tl.load(scratch_ptr + jp * SC + sc_off)
+            m2 = (t < seqlen)[:, None] & mask_d[None, :]
+            m3 = (t < seqlen)[:, None, None] & m_nb
+            u = u_c.to(tl.float32)
+            Bt = B_c.to(tl.float32)
+            Ct = C_c.to(tl.float32)
+            raw, dt = _prep_delta(d_c, m2, bias, HAS_BIAS, SOFTPLUS)
+            dA = _tile_decay(dt, A2, reset, HAS_SEQ)
+            dtu = dt * u
+            x = dtu[:, None, :, None] * Bt[:, :, None, :]
+            hs, h_last = _tile_states(dA, x, h_prev, BT)
+            gout = g_c.to(tl.float32)
+            offs2 = row + t[:, None]
+            if HAS_Z:
+                zz = z_c.to(tl.float32)
+                sz = tl.sigmoid(zz)
+                y_pre = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=1), axis=2) + u * Dv[None, :]
+                dz = gout * y_pre * sz * (1.0 + zz * (1.0 - sz))
+                tl.store(dz_ptr + offs2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                gc = gout * zz * sz  # gradient of the pre-gate output
+            else:
+                gc = gout
+            if HAS_D:
+                dD_acc += gc * u
+            # adjoint: lambda_t = C_t gc_t + dA_{t+1} lambda_{t+1}, the carry mu enters at the tile's last step
+            c = gc[:, None, :, None] * Ct[:, :, None, :]
+            c = tl.where((t1 == BT - 1)[:, None, None, None], c + mu[None, :, :, :], c)
+            ones = tl.full(c.shape, 1.0, tl.float32)
+            _, _, m_r, l_r = tl.associative_scan(
+                (tl.flip(dA, 0), ones, tl.flip(dA * c, 0), tl.flip(c, 0)), 0, _adjoint_combine)
+            lam = tl.flip(l_r, 0)
+            mu = tl.sum(tl.where((t1 == 0)[:, None, None, None], tl.flip(m_r, 0), 0.0), axis=0)
+            # channel-block partial sums of dC and dB, (BT, NH, NL)
+            dC_t = tl.sum(gc[:, None, :, None] * hs, axis=2)
+            dB_t = tl.sum(lam * dtu[:, None, :, None], axis=2)
+            p_offs = part_row + t[:, None, None]
+            tl.store(dC_part_ptr + p_offs, dC_t, mask=m3)
+            tl.store(dB_part_ptr + p_offs, dB_t, mask=m3)
+            # per-channel gradients, (BT, BLOCK_D)
+            w = lam * (hs - x)  # dLoss/d(log decay_t)
+            s_lb = tl.sum(tl.sum(lam * Bt[:, :, None, :], axis=1), axis=2)
+            s_aw = tl.sum(tl.sum(w * A[None, :, :, :], axis=1), axis=2)
+            dA_acc += tl.sum(w * dt[:, None, :, None], axis=0)
+            du = dt * s_lb + gc * Dv[None, :]
+            ddt = u * s_lb + s_aw
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(raw)
+            ddt = tl.where(m2, ddt, 0.0)
+            dbias_acc += ddt
+            tl.store(du_ptr + offs2, du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddelta_ptr + offs2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+        tl.debug_barrier()
+    tl.store(dA_part_ptr + state_base + st_off, dA_acc, mask=m_s3)
+    tl.store(dh0_ptr + state_base + st_off, mu, mask=m_s3)
+    if HAS_D:
+        tl.store(dD_part_ptr + pid_b * dim + d1, tl.sum(dD_acc, axis=0), mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + pid_b * dim + d1, tl.sum(dbias_acc, axis=0), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScanConfig:
+    """Block shapes. The state dim is padded to NP = NH * NL (powers of two); NL lanes share one channel."""
+    NH: int
+    NL: int
+    fwd_block_d: int
+    fwd_block_t: int
+    fwd_warps: int
+    bwd_block_d: int
+    bwd_block_t: int
+    bwd_warps: int
+    chunk: int
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def pick_config(d_state: int, dim: int, dim_per_group: int, ngroups: int, chunk: Optional[int] = None,
+                fwd_block_t: Optional[int] = None, bwd_block_t: Optional[int] = None) -> ScanConfig:
+    NP = _next_pow2(d_state)
+    # lanes per channel: a few for the usual small states (the state sum is then mostly in-thread), a whole warp for
+    # large ones (registers); each thread holds BT steps x NH states x d_per_thread channels
+    NL = min(NP, 4) if NP <= 32 else 32
+    NH = NP // NL
+    lanes_d = 32 // NL
+    d_per_thread = max(1, min(2, (8 if NP <= 32 else 4) // NH))
+    cap = _next_pow2(dim)
+    if ngroups > 1:  # a channel block must not straddle two groups of B/C
+        cap = min(cap, dim_per_group & -dim_per_group)
+    fwd_bd = min(lanes_d * d_per_thread, cap)
+    bwd_bd = fwd_bd
+    bwd_warps = 1
+    fbt = fwd_block_t or (8 if NP <= 32 else 4)
+    bbt = bwd_block_t or (4 if NP <= 32 and NH <= 4 else 2)
+    ch = chunk or 64
+    if ch % fbt or ch % bbt:
+        raise MambaKitError(f"chunk ({ch}) must be a multiple of the time tiles ({fbt}, {bbt})")
+    return ScanConfig(NH, NL, fwd_bd, fbt, 1, bwd_bd, bbt, bwd_warps, ch)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Autograd wrapper
+# ----------------------------------------------------------------------------------------------------------------------
+def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A real pointer for an absent optional input (never read: its HAS_* flag is off)."""
+    return t if t is not None else like
+
+
+class _SelectiveScanTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, cfg, save_states):
+        batch, dim, seqlen = u.shape
+        G, N = B.shape[1], B.shape[2]
+        nchunks = triton.cdiv(seqlen, cfg.chunk) if save_states else 1
+        y = torch.empty_like(u)
+        last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
+        states = torch.empty(batch, nchunks, dim, N, device=u.device, dtype=torch.float32)
+        grid = (triton.cdiv(dim, cfg.fwd_block_d), batch)
+        _selective_scan_fwd_kernel[grid](
+            u, delta, A, B, C, _opt(D, A), _opt(z, u), _opt(delta_bias, A), _opt(initial_state, last),
+            _opt(seq_idx, u), y, states, last,
+            dim, seqlen, N, dim // G, G, nchunks,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states,
+            BLOCK_D=cfg.fwd_block_d, NH=cfg.NH, NL=cfg.NL, BT=cfg.fwd_block_t, TPC=cfg.chunk // cfg.fwd_block_t,
+            num_warps=cfg.fwd_warps, num_stages=1,
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, states)
+        ctx.delta_softplus = bool(delta_softplus)
+        ctx.cfg = cfg
+        ctx.has_h0 = initial_state is not None
+        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+        return y, last
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
+        cfg = ctx.cfg
+        batch, dim, seqlen = u.shape
+        G, N = B.shape[1], B.shape[2]
+        nchunks = states.shape[1]
+        dev = u.device
+        f32 = torch.float32
+        if gy is None:
+            gy = torch.zeros_like(u)
+        gy = gy.contiguous()
+        if glast is not None:
+            glast = glast.to(f32).contiguous()
+        bd = cfg.bwd_block_d
+        n_dblocks = triton.cdiv(dim, bd)
+        tpc = cfg.chunk // cfg.bwd_block_t
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        dA_part = torch.empty(batch, dim, N, device=dev, dtype=f32)
+        dB_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
+        dC_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
+        dD_part = torch.empty(batch, dim, device=dev, dtype=f32) if D is not None else None
+        dbias_part = torch.empty(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
+        dh0 = torch.empty(batch, dim, N, device=dev, dtype=f32)
+        scratch = torch.empty(batch * n_dblocks * tpc * cfg.NH * bd * cfg.NL, device=dev, dtype=f32)
+        _selective_scan_bwd_kernel[(n_dblocks, batch)](
+            u, delta, A, B, C, _opt(D, A), _opt(z, u), _opt(delta_bias, A), _opt(seq_idx, u), states, gy,
+            _opt(glast, dh0), scratch,
+            du, ddelta, _opt(dz, du), dA_part, dB_part, dC_part, _opt(dD_part, dA_part), _opt(dbias_part, dA_part), dh0,
+            dim, seqlen, N, dim // G, G, nchunks, n_dblocks, cfg.chunk,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
+            HAS_GLAST=glast is not None, HAS_SEQ=seq_idx is not None,
+            BLOCK_D=bd, NH=cfg.NH, NL=cfg.NL, BT=cfg.bwd_block_t, TPC=tpc,
+            num_warps=cfg.bwd_warps, num_stages=1,
+        )
+        # fixed-order reductions of the partial sums
+        dA = dA_part.sum(0).to(A.dtype)
+        blocks_per_group = n_dblocks // G
+        dB = dB_part.view(batch, G, blocks_per_group, N, seqlen).sum(2).to(B.dtype)
+        dC = dC_part.view(batch, G, blocks_per_group, N, seqlen).sum(2).to(C.dtype)
+        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+        dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+        dh0_out = dh0.to(ctx.h0_dtype) if ctx.has_h0 else None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0_out, None, None, None
+
+
+def selective_scan_triton(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False, return_last_state: bool = False,
+    initial_state: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None, *, chunk: Optional[int] = None,
+    fwd_block_t: Optional[int] = None, bwd_block_t: Optional[int] = None, config: Optional[ScanConfig] = None,
+):
+    """Selective scan with Triton kernels; same contract as `selective_scan_ref` (differentiable in every tensor input).
+
+    Inputs float32/float16/bfloat16 (float64 falls back to the chunked PyTorch path, which computes in float64), any
+    strides (copied to contiguous when needed). d_state <= 256. Runs on CUDA tensors, or on the CPU under
+    TRITON_INTERPRET=1.
+    chunk / fwd_block_t / bwd_block_t override the time tiling (chunk = steps between saved states; for tests);
+    config replaces the whole launch configuration (for benchmarks).
+    """
+    check_selective_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    if u.dtype == torch.float64:
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      initial_state, seq_idx)
+    if not u.is_cuda and not interpreted():
+        raise MambaKitError("selective_scan_triton needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+                            f"got tensors on {u.device}")
+    d_state = A.shape[1]
+    if d_state > MAX_D_STATE:
+        raise MambaKitError(f"selective_scan_triton supports d_state <= {MAX_D_STATE}, got {d_state}")
+    for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise MambaKitError(f"{name} must be float32, float16 or bfloat16 for the Triton scan, got {t.dtype}")
+    Bg = B.unsqueeze(1) if B.dim() == 3 else B
+    Cg = C.unsqueeze(1) if C.dim() == 3 else C
+    G = Bg.shape[1]
+    dim = u.shape[1]
+    cfg = config or pick_config(d_state, dim, dim // G, G, chunk, fwd_block_t, bwd_block_t)
+    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    A32 = A.float()
+    h0 = initial_state.float().contiguous() if initial_state is not None else None
+    Dc = D.float().contiguous() if D is not None else None
+    bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, last = _SelectiveScanTriton.apply(
+        u.contiguous(), delta.contiguous(), A32.contiguous(), Bg.contiguous(), Cg.contiguous(), Dc,
+        z.contiguous() if z is not None else None, bias, delta_softplus, h0, seq, cfg, save_states)
+    return (y, last) if return_last_state else y

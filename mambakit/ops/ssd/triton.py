@@ -1,0 +1,414 @@
+"""Triton kernels of the chunked SSD (Mamba-2), forward and backward, on tensor cores.
+
+The math is that of :func:`mambakit.ops.ssd.ssd_chunked`. Per (batch, head) the sequence is cut into chunks of ``Q``
+positions. With ``a`` the within-chunk inclusive cumsum of ``dt * A`` and ``X~ = dt * x``::
+
+    S_c      = sum_s exp(a_last - a_s) B_s X~_s^T             chunk-local state        (d_state, headdim)
+    H_{c+1}  = exp(a_last) H_c + S_c                           state passing (sequential over chunks only)
+    y_t      = sum_{s<=t} (C_t . B_s) exp(a_t - a_s) X~_s      intra-chunk, (C B^T o L) X~ : two matmuls
+             + exp(a_t) C_t H_c                                 inter-chunk read-out       : one matmul
+
+Chunks are long (``Q`` up to 256 positions, so that few states go through memory) and are worked on in blocks of
+``BQ`` positions (the (BQ x BQ) tiles of the intra-chunk sums are looped over, as in flash attention).
+
+The kernels live in `triton_fwd` and `triton_bwd` (their tile helpers in `triton_tiles`); this module plans and
+launches them. Kernels (forward): ``_chunk_state_fwd`` (cumsum + S_c), ``_state_passing_fwd`` (H_c, final state),
+``_chunk_scan_fwd`` (y, one program per query block). Backward: ``_chunk_read_bwd`` (gradient of H_c from the
+read-out), ``_state_passing_bwd`` (reverse pass over chunks), ``_chunk_dx_bwd`` (dx per key block and head),
+``_chunk_dBC_bwd`` (dC and dB per query block from the gradient of C B^T summed over the group's heads in registers:
+no atomics, bit-identical gradients run after run), ``_dt_bwd`` (ddt and dA from the pieces of dL/da the
+others wrote). The states that are kept (H_c at chunk starts) are O(batch * nheads * headdim * d_state * seqlen / Q).
+
+``seq_idx`` (packed sequences) is handled by masks: a decay that crosses a sequence boundary is zero.
+
+The first kernel processes dt (bias, softplus, clamp) into float32; the kernels return y with the D skip, without
+the z gate (done by the caller, so autograd handles it).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mambakit.ops.ssd.triton_fwd import (  # noqa: F401
+    _chunk_state_fwd, _state_passing_fwd, _chunk_states_fwd, _chunk_scan_fwd,
+)
+from mambakit.ops.ssd.triton_bwd import (  # noqa: F401
+    _chunk_read_bwd, _state_passing_bwd, _chunk_states_bwd, _chunk_dx_bwd, _chunk_dBC_bwd, _dt_bwd,
+)
+from mambakit.ops.dt import process_dt
+from mambakit.ops.triton.compile import precompile_once, specialisation
+from mambakit.ops.triton.device import multiprocessor_count
+from mambakit.ops.triton.math import softplus
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _pow2(v: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(v))
+
+
+#: Upper bounds on the chunk (positions whose states are not stored: larger chunks move fewer states through memory
+#: but do more intra-chunk work) and on the block (positions per tile). None: the defaults chosen in `_Plan`.
+MAX_CHUNK: int = 128
+MAX_BLOCK: Optional[int] = None
+#: float32 inputs keep short chunks: the reverse cumsum of dL/da over a chunk cancels large terms, and dA lost
+#: float32 precision with 64-position chunks (benchmarks/RESULTS.md).
+MAX_CHUNK_FP32: int = 32
+#: The states H_c entering the chunks (and, backward, their gradients): one sequential pass over the sequence per
+#: (batch, head, state tile) that keeps the state in registers (True), or the chunk-local states written to memory
+#: and passed along by a separate kernel (False). None: the pass when there are (batch, head) pairs enough to
+#: fill half the GPU's multiprocessors (the sweep in benchmarks/RESULTS.md: faster with many pairs, slower with few).
+FUSED_STATES: Optional[bool] = None
+#: (headdim, d_state) tile of that pass; None: `_Plan.state_tiles` picks it.
+STATE_TILE: Optional[Tuple[int, int]] = None
+#: Two chunks per step of that pass (forward); None: `_Plan.pairs` decides.
+STATE_PAIRS: Optional[bool] = None
+#: Positions per step of that pass, 16-bit inputs (whole 128-position chunks were faster than 64-blocks).
+MAX_STATE_BLOCK: int = 128
+
+
+def _block_len(d_state: int, headdim: int, chunk_size: int, itemsize: int) -> int:
+    """Positions per tile: a power of two in [16, chunk_size] small enough for the (BQ x BQ) and (BQ x d_state)
+    tiles to fit in registers and shared memory. float32 tiles take twice the room of 16-bit ones."""
+    cap = 64 if max(d_state, headdim) <= 128 else 32
+    if itemsize > 2:
+        cap //= 2
+    if MAX_BLOCK is not None:
+        cap = min(cap, MAX_BLOCK)
+    q = 16
+    while q * 2 <= min(cap, chunk_size):
+        q *= 2
+    return q
+
+
+def _chunk_len(block: int, chunk_size: int, itemsize: int) -> int:
+    """Positions per chunk: the largest power of two <= min(chunk_size, MAX_CHUNK), a multiple of the block (the
+    result does not depend on it: chunking only reorders the sums); at most MAX_CHUNK_FP32 for float32."""
+    cap = min(chunk_size, MAX_CHUNK, MAX_CHUNK_FP32 if itemsize > 2 else MAX_CHUNK)
+    q = block
+    while q * 2 <= cap:
+        q *= 2
+    return q
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _dt_prepare(dt_ptr, bias_ptr, out_ptr, seqlen, nheads, Lpad, s_b, s_l, s_h, lo, hi,
+                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (batch * head, block of positions): dt (batch, seqlen, nheads), any float dtype -> (batch,
+    nheads, Lpad) float32: + bias, softplus (x past 20), clamp to [lo, hi]; 0 past seqlen."""
+    bh = tl.program_id(0)
+    b = (bh // nheads).to(tl.int64)
+    h = bh % nheads
+    pos = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = pos < seqlen
+    v = tl.load(dt_ptr + b * s_b + pos * s_l + h * s_h, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        v = softplus(v)
+    if HAS_LIMIT:
+        v = tl.minimum(tl.maximum(v, lo), hi)
+    tl.store(out_ptr + (b * nheads + h) * Lpad + pos, tl.where(valid, v, 0.0), mask=pos < Lpad)
+
+
+def _prepare_dt(dt: Tensor, bias: Optional[Tensor], softplus: bool, limit: Optional[Tuple[float, float]],
+                Lpad: int) -> Tensor:
+    """dt (batch, seqlen, nheads) -> (batch, nheads, Lpad) float32, processed as the official kernels do (bias,
+    softplus, clamp to limit where given) and zero-padded, in one kernel."""
+    batch, seqlen, nheads = dt.shape
+    out = torch.empty((batch, nheads, Lpad), device=dt.device, dtype=torch.float32)
+    BLOCK = 1024
+    lo, hi = limit if limit is not None else (0.0, 0.0)
+    _dt_prepare[batch * nheads, triton.cdiv(Lpad, BLOCK)](
+        dt, bias if bias is not None else dt, out, seqlen, nheads, Lpad, *dt.stride(), float(lo), float(hi),
+        HAS_BIAS=bias is not None, SOFTPLUS=softplus, HAS_LIMIT=limit is not None, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+def _dt_processing_grad(ddt: Tensor, dt: Tensor, bias: Optional[Tensor], softplus: bool,
+                        limit: Optional[Tuple[float, float]]) -> Tuple[Tensor, Optional[Tensor]]:
+    """Gradients of the raw dt (its dtype) and of the bias from that of the processed dt, ddt (batch, seqlen,
+    nheads) float32: what autograd gives through `mambakit.ops.dt.process_dt` (the clamp passes where
+    lo <= v <= hi), written out because that is faster (benchmarks/RESULTS.md)."""
+    v = process_dt(dt, bias, dtype=torch.float32)  # before the softplus
+    if limit is not None:
+        pre = process_dt(v, dt_softplus=softplus)  # before the clamp
+        ddt = ddt * ((pre >= limit[0]) & (pre <= limit[1]))
+    if softplus:
+        ddt = ddt * torch.sigmoid(v)
+    return ddt.to(dt.dtype), (ddt.sum((0, 1)).to(bias.dtype) if bias is not None else None)
+
+
+def _padded_segments(seg: Optional[Tensor], Lpad: int) -> Optional[Tensor]:
+    if seg is None:
+        return None
+    out = seg[:, -1:].expand(seg.shape[0], Lpad).to(torch.int32).clone()
+    out[:, : seg.shape[1]] = seg
+    return out.contiguous()
+
+
+class _Plan:
+    """Shapes and launch parameters shared by forward and backward."""
+
+    def __init__(self, x: Tensor, B: Tensor, chunk_size: int) -> None:
+        self.batch, self.seqlen, self.nheads, self.P = x.shape
+        self.ngroups, self.N = B.shape[2], B.shape[3]
+        self.hpg = self.nheads // self.ngroups
+        self.BQ = _block_len(self.N, self.P, chunk_size, x.element_size())
+        self.Q = _chunk_len(self.BQ, chunk_size, x.element_size())
+        self.NB = self.Q // self.BQ
+        # float32 keeps its short blocks there too: dA is ill-conditioned (see MAX_CHUNK_FP32)
+        self.state_block = self.BQ if x.element_size() > 2 else min(self.Q, MAX_STATE_BLOCK)
+        self.nchunks = -(-self.seqlen // self.Q)
+        self.Lpad = self.nchunks * self.Q
+        self.BP, self.BN = _pow2(self.P), _pow2(self.N)
+        self.prec = _precision(x.dtype)
+        self.sixteen_bit = x.element_size() == 2
+        self.PN = self.P * self.N
+        self.BLOCK = min(1024, triton.next_power_of_2(self.PN))
+        self.nblocks = triton.cdiv(self.PN, self.BLOCK)
+        # from the sweep of benchmarks/sweep_ssd.py: 4 warps at d_state 64 and 128 (8 is slower), 2 stages
+        self.stages = 2 if x.element_size() == 2 else 1
+        self.warps = 4
+
+    def fused_states(self, device: torch.device) -> bool:
+        if FUSED_STATES is not None:
+            return FUSED_STATES
+        return self.batch * self.nheads >= multiprocessor_count(device) // 2
+
+    def pairs(self, device: torch.device) -> bool:
+        """Two chunks per step of the forward state pass (`_chunk_states_fwd`): for 16-bit inputs (whole chunks per
+        step): faster at long sequences, equal at short ones (benchmarks/RESULTS.md); float32 keeps single chunks."""
+        if STATE_PAIRS is not None:
+            return STATE_PAIRS
+        return self.sixteen_bit
+
+    def state_tiles(self, device: torch.device) -> Tuple[int, int]:
+        """(headdim, d_state) tile of `_chunk_states_fwd` / `_chunk_states_bwd`: one program per (batch, head, tile)
+        runs through the whole sequence, so with few (batch, head) pairs the state is cut into tiles until there are
+        programs enough to fill the GPU (one per multiprocessor). headdim is cut first: its tiles share the B and C
+        tiles, which all the heads of a group read anyway."""
+        if STATE_TILE is not None:
+            return STATE_TILE
+        sms = multiprocessor_count(device)
+        bp, bn = min(self.BP, 64), min(self.BN, 64)
+        while self.batch * self.nheads * triton.cdiv(self.P, bp) * triton.cdiv(self.N, bn) < sms \
+                and max(bp, bn) > 16:
+            if bp > 16:
+                bp //= 2
+            else:
+                bn //= 2
+        return bp, bn
+
+    def head_splits(self, target_programs: int = 1024) -> int:
+        """`_chunk_dBC_bwd` sums over a group's heads in registers, one program per (block, batch, group): with
+        fewer programs than the GPU holds (a Mamba-2 LM: batch 8 x 2048, one group: 256) the heads are split over
+        this many programs (a power of two dividing heads_per_group)."""
+        programs = self.nchunks * self.NB * self.batch * self.ngroups
+        splits = 1
+        while self.hpg % (splits * 2) == 0 and programs * splits < target_programs:
+            splits *= 2
+        return splits
+
+
+def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
+                dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+                dt_limit: Optional[Tuple[float, float]] = None) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+    """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), processed here (+ dt_bias (nheads,),
+    softplus, clamp to dt_limit where given); A: (nheads,) float32;
+    B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states:
+    (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype.
+    chunk_size: upper bound of the chunk.
+
+    Returns y (x's layout and dtype, with D * x, without the gate), the final state (float32) and what the backward
+    needs."""
+    pl = _Plan(x, B, chunk_size)
+    dev = x.device
+    dtp = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad)
+    segp = _padded_segments(seg, pl.Lpad)
+    has_seg = segp is not None
+    segp_arg = segp if has_seg else dtp
+    acs = torch.empty_like(dtp)
+    H = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev,
+                    dtype=x.dtype if x.element_size() == 2 else torch.float32)
+    final = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
+    init = initial_states.float().contiguous() if initial_states is not None else final
+    if pl.fused_states(dev):
+        BPs, BNs = pl.state_tiles(dev)
+        _chunk_states_fwd[pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs)](
+            x, dtp, A, B, segp_arg, init, acs, H, final, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
+            pl.Lpad, *x.stride(), *B.stride(), HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q,
+            BQ=pl.state_block, BP=BPs, BN=BNs, PAIRS=pl.pairs(dev), PREC=pl.prec, num_warps=pl.warps,
+            num_stages=pl.stages)
+    else:
+        S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
+        _chunk_state_fwd[pl.nchunks, pl.batch * pl.nheads](
+            x, dtp, A, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
+            *x.stride(), *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BP=pl.BP, BN=pl.BN, PREC=pl.prec,
+            num_warps=pl.warps, num_stages=pl.stages)
+        _state_passing_fwd[pl.batch * pl.nheads, pl.nblocks](
+            S, acs, segp_arg, init, H, final, pl.nheads, pl.PN, pl.nchunks, pl.Lpad,
+            HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
+        del S
+    y = torch.empty_like(x)
+    BPy = min(pl.BP, 64)
+    _chunk_scan_fwd[pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
+        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
+        pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=has_seg,
+        HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BQ=pl.BQ, BP=BPy, BN=pl.BN,
+        PREC=pl.prec, num_warps=pl.warps, num_stages=pl.stages)
+    return y, final, (dtp, segp, acs, H)
+
+
+def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], saved: Tuple[Tensor, ...],
+                 dy: Tensor, dfinal: Optional[Tensor], chunk_size: int) -> Tuple[Optional[Tensor], ...]:
+    """Gradients (dx, ddt, dA, dB, dC, dD, dinit) in float32; dx: x's shape, ddt: (batch, seqlen, nheads),
+    dA: (nheads,), dB, dC: B's shape, dD: D's shape (None without D), dinit: (batch, nheads, headdim, d_state)."""
+    dtp, segp, acs, H = saved
+    pl = _Plan(x, B, chunk_size)
+    dev = x.device
+    has_seg = segp is not None
+    segp_arg = segp if has_seg else dtp
+    dy = dy.to(x.dtype)
+    common = dict(HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BN=pl.BN, PREC=pl.prec, num_warps=pl.warps,
+                  num_stages=pl.stages)
+    G = torch.empty_like(H)  # input dtype for 16-bit inputs like H: every reader rounds it to that dtype anyway
+    dinit = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
+    dfin = dfinal.float().contiguous() if dfinal is not None else dinit
+    if pl.fused_states(dev):
+        BPs, BNs = pl.state_tiles(dev)
+        grid = (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs))
+        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, grid[1] * grid[2]), device=dev, dtype=torch.float32)
+        _chunk_states_bwd[grid](
+            dy, C, segp_arg, acs, H, dfin, G, dinit, dlast, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
+            pl.Lpad, *dy.stride(), *C.stride(), HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q,
+            BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps, num_stages=pl.stages)
+    else:
+        dHl = torch.empty_like(H, dtype=torch.float32)
+        BPy = min(pl.BP, 64)
+        _chunk_read_bwd[pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
+            dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
+            *dy.stride(), *C.stride(), BP=BPy, **common)
+        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
+        _state_passing_bwd[pl.batch * pl.nheads, pl.nblocks](
+            dHl, H, acs, segp_arg, dfin, G, dinit, dlast, pl.nheads, pl.PN, pl.nchunks, pl.Lpad, pl.nblocks,
+            HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
+        del dHl
+    dlast = dlast.sum(-1) if dlast.shape[-1] > 1 else dlast[..., 0].contiguous()
+
+    dx = torch.empty(x.shape, device=dev, dtype=x.dtype)  # accumulated in float32, rounded once on the way out
+    q = torch.empty_like(dtp)
+    dacol = torch.empty_like(dtp)
+    rowpart = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.NB, pl.Q), device=dev, dtype=torch.float32)
+    usum = torch.empty((pl.batch, pl.nheads, pl.nchunks * pl.NB), device=dev, dtype=torch.float32)
+    dD_part = torch.empty((pl.batch, pl.nchunks * pl.NB, pl.nheads, pl.BP), device=dev, dtype=torch.float32) \
+        if D is not None else usum
+    _chunk_dx_bwd[pl.nchunks * pl.NB, pl.batch * pl.nheads](
+        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, G, dy, dx, q, dacol, rowpart, usum, dD_part,
+        pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_D=D is not None,
+        D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, **common)
+    row = torch.empty_like(dtp)
+    # slot i < NB of dBp: the part of dB from query block i (zeros where i precedes the key block); slot NB: the
+    # state term. Partial sums per head split, added in a fixed order: deterministic.
+    splits = pl.head_splits()
+    dC = torch.empty((splits, pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
+    dBp = torch.zeros((splits, pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
+    _chunk_dBC_bwd[pl.nchunks * pl.NB, pl.batch * pl.ngroups, splits](
+        x, dtp, B, C, segp_arg, acs, H, G, dy, dC, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg,
+        pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
+        BP=pl.BP, **common)
+    dB = dBp.sum((0, 3))
+    dC = dC[0] if splits == 1 else dC.sum(0)
+    ddt = torch.empty_like(dtp)
+    dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
+    _dt_bwd[pl.nchunks, pl.batch * pl.nheads](
+        dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, pl.nheads, pl.nchunks, pl.Lpad, Q=pl.Q, BQ=pl.BQ,
+        num_warps=1)
+    ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
+    dD = None
+    if D is not None:
+        dD = dD_part.sum(dim=(0, 1))[:, : pl.P]
+        dD = dD if D.dim() == 2 else dD.sum(-1)
+    return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dD, dinit
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# First call: compile every kernel of forward and backward at once, in child processes (mambakit.ops.triton.compile)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _config_key(x: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], has_init: bool, seg: Optional[Tensor],
+                chunk_size: int, *more: Tensor) -> tuple:
+    """What decides which kernel specialisations a call launches: dtypes, head and state sizes, the options, and
+    what Triton specialises on of the lengths, strides and addresses."""
+    return (x.dtype, x.shape[2:], B.shape[2:], None if D is None else D.dim(), has_init, seg is None, chunk_size,
+            x.device, specialisation(x.shape[0], x.shape[1], -(-x.shape[1] // chunk_size), x, B, C, *more))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Autograd and the public op
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _SSDTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size, dt_bias, dt_softplus,  # type: ignore[override]
+                dt_limit):
+        processing = (dt_bias, dt_softplus, dt_limit)
+
+        def first_call() -> None:  # forward and backward (the upstream gradients guessed: contiguous, materialised)
+            y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing)
+            ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), torch.empty_like(final), chunk_size)
+
+        key = _config_key(x, B, C, D, initial_states is not None, seg, chunk_size, dt) + (
+            dt_bias is not None, dt_softplus, dt_limit is not None)
+        precompile_once(("forward",) + key, first_call)
+        y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing)
+        dtp, segp, acs, H = saved
+        ctx.save_for_backward(x, A, B, C, D, dtp, acs, H, segp, dt, dt_bias)
+        ctx.chunk_size = chunk_size
+        ctx.has_init = initial_states is not None
+        ctx.dt_softplus, ctx.dt_limit = dt_softplus, dt_limit
+        return y, final
+
+    @staticmethod
+    def backward(ctx, gy, gfinal):  # type: ignore[override]
+        x, A, B, C, D, dtp, acs, H, segp, dt, dt_bias = ctx.saved_tensors
+        dy = gy if gy is not None else torch.zeros_like(x)
+        # the real upstream gradients may specialise the backward kernels otherwise than forward's guess
+        key = _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy)
+        precompile_once(("backward", dy.dtype, gfinal is None) + key,
+                        lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size))
+        dx, ddt, dA, dB, dC, dD, dinit = ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal,
+                                                      ctx.chunk_size)
+        ddt, dbias = _dt_processing_grad(ddt, dt, dt_bias, ctx.dt_softplus, ctx.dt_limit)
+        return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dinit if ctx.has_init else None,
+                None, None, dbias, None, None)
+
+
+def ssd_triton_core(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                    initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
+                    dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+                    dt_limit: Optional[Tuple[float, float]] = None) -> Tuple[Tensor, Tensor]:
+    """Differentiable SSD core with the D skip, without the gate. x: (batch, seqlen, nheads, headdim)
+    float16/bfloat16/float32; dt: (batch, seqlen, nheads), processed in the first kernel (+ dt_bias (nheads,),
+    softplus, clamp to dt_limit where given); B, C are cast to x's dtype; D: (nheads,) or (nheads, headdim) or None.
+    Returns y (x's dtype) and the final state (float32)."""
+    io = x.dtype
+    init = None if initial_states is None else initial_states.float()
+    Df = None if D is None else D.float().contiguous()
+    return _SSDTriton.apply(x, dt, A.float().contiguous(), B.to(io), C.to(io), Df, init, seg, chunk_size, dt_bias,
+                            dt_softplus, dt_limit)

@@ -15,6 +15,7 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
+from mambakit.layers.step import negative_exp, project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mixer_step import mamba1_step
@@ -200,8 +201,9 @@ class Mamba(DtTransformMixin, nn.Module):
         h = hidden_states if squeeze else hidden_states[:, 0]
         hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, :, None])[:, :, 0])
-        y = mamba1_step(self.in_proj(h), state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias,
-                        self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
-                        dt_transform=transform)
-        out = self.out_proj(y)
+        A = None if h.is_cuda else negative_exp(self, "A_log", state.ssm.dtype)  # the kernels form their own
+        y = mamba1_step(project_step(self.in_proj, h), state.conv, state.ssm, self.conv1d.weight.squeeze(1),
+                        self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
+                        self.D, dt_transform=transform, A=A)
+        out = project_step(self.out_proj, y)
         return out if squeeze else out[:, None]

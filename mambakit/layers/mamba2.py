@@ -16,6 +16,7 @@ from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNormGated
 from mambakit.layers.state import SSMState
+from mambakit.layers.step import project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mixer_step import mamba2_step
@@ -208,13 +209,16 @@ class Mamba2(DtTransformMixin, nn.Module):
         """One decoding step. hidden_states: (batch, 1, d_model) or (batch, d_model); state updated in place."""
         squeeze = hidden_states.dim() == 2
         h = hidden_states if squeeze else hidden_states[:, 0]
-        zxbcdt = self.in_proj(h)
+        zxbcdt = project_step(self.in_proj, h)
         hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, None])[:, 0])
         y = mamba2_step(zxbcdt, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
                         self.A_log, self.D, self.ngroups, self.dt_limit, gate=not self.rmsnorm,
                         dt_transform=transform)
-        out = self.finish(y.to(h.dtype), zxbcdt[:, :self.d_inner])
+        y = y.to(h.dtype)
+        if self.rmsnorm:
+            y = self.norm(y, zxbcdt[:, :self.d_inner])
+        out = project_step(self.out_proj, y)
         return out if squeeze else out[:, None]
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from mambakit.errors import MambaKitError
 from mambakit.layers.norm import RMSNorm
 from mambakit.layers.registry import mixer_spec
+from mambakit.layers.step import project_step
 from mambakit.models.config import MambaConfig
 from mambakit.ops.norm import add_rms_norm
 
@@ -231,7 +232,7 @@ class MambaLMHeadModel(nn.Module):
         ids = input_ids.reshape(-1, 1)
         hidden = self.backbone(ids, cache=cache, step=True)
         cache.seqlen_offset += 1
-        return self.lm_head(hidden[:, -1])
+        return project_step(self.lm_head, hidden[:, -1])
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,

@@ -5,8 +5,9 @@
                  the layer has no gated RMSNorm).
 
 backend "auto" runs the fused Triton kernels (`mambakit.ops.triton.mixer_step`: two kernels for Mamba-1, two for
-Mamba-2 with the conv update) on CUDA and the PyTorch composition of the single-purpose ops elsewhere; "torch" and
-"triton" force one. The PyTorch composition is the reference the kernels are tested against (in float64).
+Mamba-2 with the conv update) on CUDA and a lean PyTorch step ("torch") elsewhere; "ref" is the composition of the
+single-purpose ops (conv update, projections, `selective_state_update` / `ssd_step`), the reference both fast forms
+are tested against in float64. `linear_step` is the projections' matrix product for one token.
 Inference only: the states are updated in place and nothing is recorded for autograd.
 """
 from __future__ import annotations
@@ -22,7 +23,9 @@ from mambakit.ops.conv1d import causal_conv1d_update
 from mambakit.ops.selective_scan import selective_state_update
 from mambakit.ops.ssd import ssd_step
 
-BACKENDS = ("auto", "torch", "triton")
+from mambakit.ops.backends import check_backend
+from mambakit.ops.dt import process_dt
+
 DtTransform = Callable[[Tensor], Tensor]
 
 
@@ -31,23 +34,31 @@ def _check(name: str, t: Optional[Tensor], shape: tuple[int, ...]) -> None:
         raise MambaKitError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _use_triton(backend: str, tensors: list[Tensor], fused_ok: bool) -> bool:
-    if backend not in BACKENDS:
-        raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not fused_ok:
-            raise MambaKitError("backend='triton' needs contiguous weights and states (last dim), non-float64 tensors "
-                                "and no dt_transform")
-        return True
-    if not (fused_ok and tensors[0].is_cuda):
-        return False
-    try:
-        import mambakit.ops.triton.mixer_step  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _pick(backend: str, tensor: Tensor, fused_ok: bool) -> str:
+    """"triton", "torch" (the lean PyTorch step) or "ref" (the composition of the single-purpose ops)."""
+    backend = check_backend(backend)
+    if backend == "triton" and not fused_ok:
+        raise MambaKitError("backend='triton' needs contiguous weights and states (last dim), non-float64 tensors "
+                            "and no dt_transform")
+    if backend != "auto":
+        return backend
+    if fused_ok and tensor.is_cuda:
+        try:
+            import mambakit.ops.triton.mixer_step  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    return "torch"
+
+
+def linear_step(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear for one decoding step: x (batch, in), weight (out, in) -> (batch, out). A bfloat16 batch of one on
+    the CPU goes through a matrix-vector product, which reads the weight at a much higher rate there than the
+    general matrix product does (benchmarks/RESULTS.md, CPU decode)."""
+    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+        y = torch.mv(weight, x[0])[None]
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 def _fusable(*tensors: Optional[Tensor]) -> bool:
@@ -57,13 +68,17 @@ def _fusable(*tensors: Optional[Tensor]) -> bool:
 @torch.no_grad()
 def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
                 x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor,
-                D: Optional[Tensor], dt_transform: Optional[DtTransform] = None, backend: str = "auto") -> Tensor:
+                D: Optional[Tensor], dt_transform: Optional[DtTransform] = None, backend: str = "auto",
+                A: Optional[Tensor] = None) -> Tensor:
     """One Mamba-1 token after in_proj.
 
     xz: (batch, 2 * d_inner), [x, z]; conv_state: (batch, d_inner, d_conv) and ssm_state: (batch, d_inner, d_state),
     both updated in place; conv_weight: (d_inner, d_conv); conv_bias, D, dt_proj_bias: (d_inner,); x_proj_weight:
     (dt_rank + 2 * d_state, d_inner); dt_proj_weight: (d_inner, dt_rank); A_log: (d_inner, d_state), A = -exp(A_log).
     dt_transform: rewrites the pre-bias dt (batch, d_inner) (ReMamba); it runs the PyTorch path.
+    A: -exp(A_log) when the caller keeps it (the PyTorch path then skips forming it; the kernels form their own).
+    backend: "auto" (the kernels on CUDA, else "torch"), "torch" (one lean PyTorch step), "triton", "ref" (the
+    composition of conv1d update, x_proj, dt_proj and `selective_state_update`: the reference).
     Returns y: (batch, d_inner) in xz's dtype, gated by SiLU(z), before out_proj.
     """
     batch, d_inner, d_state = ssm_state.shape
@@ -79,20 +94,37 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     fused_ok = dt_transform is None and _fusable(xz, conv_state, ssm_state, conv_weight, x_proj_weight,
                                                  dt_proj_weight, A_log) and conv_weight.is_contiguous() \
         and x_proj_weight.is_contiguous() and dt_proj_weight.is_contiguous() and A_log.is_contiguous()
-    if _use_triton(backend, [xz], fused_ok):
+    choice = _pick(backend, xz, fused_ok)
+    if choice == "triton":
         from mambakit.ops.triton.mixer_step import mamba1_step_triton
 
         return mamba1_step_triton(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                                   dt_proj_bias, A_log, D, ssm_state)
     x, z = xz.chunk(2, dim=-1)
     x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu")
-    dt, B, C = torch.split(F.linear(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
-    dt = F.linear(dt, dt_proj_weight)
+    if choice == "ref":
+        dt, B, C = torch.split(F.linear(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
+        dt = F.linear(dt, dt_proj_weight)
+        if dt_transform is not None:
+            dt = dt_transform(dt)
+        fp = ssm_state.dtype
+        return selective_state_update(ssm_state, x, dt, -torch.exp(A_log.to(fp)), B, C,
+                                      None if D is None else D.to(fp), z=z, dt_bias=dt_proj_bias.to(fp),
+                                      dt_softplus=True)
+    # the lean step: the same arithmetic as the composition in fewer, larger tensor operations
+    dt, B, C = torch.split(linear_step(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
+    dt = linear_step(dt, dt_proj_weight)
     if dt_transform is not None:
         dt = dt_transform(dt)
     fp = ssm_state.dtype
-    return selective_state_update(ssm_state, x, dt, -torch.exp(A_log.to(fp)), B, C, None if D is None else D.to(fp),
-                                  z=z, dt_bias=dt_proj_bias.to(fp), dt_softplus=True)
+    dt = process_dt(dt, dt_proj_bias, dt_softplus=True, dtype=fp)  # (batch, d_inner)
+    A = -torch.exp(A_log.to(fp)) if A is None else A.to(fp)
+    xf = x.to(fp)
+    ssm_state.mul_(torch.exp(dt[..., None] * A)).add_((dt * xf)[..., None] * B.to(fp)[:, None, :])
+    y = torch.bmm(ssm_state, C.to(fp)[..., None])[..., 0]  # (batch, d_inner)
+    if D is not None:
+        y = torch.addcmul(y, xf, D.to(fp))
+    return (y * F.silu(z.to(fp))).to(xz.dtype)
 
 
 @torch.no_grad()
@@ -107,6 +139,7 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
     updated in place; conv_weight: (conv_dim, d_conv); conv_bias: (conv_dim,); dt_bias, A_log: (nheads,); D:
     (nheads,) or (d_inner,); dt_limit: dt clamped to it after the softplus. gate: apply SiLU(z) here (a layer without
     its gated RMSNorm). dt_transform: rewrites the pre-bias dt (batch, nheads) (ReMamba); it runs the PyTorch path.
+    backend: as `mamba1_step` ("ref": conv1d update + `ssd_step`).
     Returns y: (batch, d_inner) in zxbcdt's dtype, before the gated norm and out_proj.
     """
     batch, nheads, headdim, d_state = ssm_state.shape
@@ -124,7 +157,8 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
         raise MambaKitError(f"D must have shape ({nheads},) or ({d_inner},), got {tuple(D.shape)}")
     fused_ok = dt_transform is None and _fusable(zxbcdt, conv_state, ssm_state, conv_weight) \
         and ssm_state.is_contiguous()
-    if _use_triton(backend, [zxbcdt], fused_ok):
+    choice = _pick(backend, zxbcdt, fused_ok)
+    if choice == "triton":
         from mambakit.ops.triton.decode import conv1d_update_triton
         from mambakit.ops.triton.mixer_step import mamba2_state_step_triton
 
@@ -137,9 +171,26 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
     xBC = causal_conv1d_update(xBC, conv_state, conv_weight, conv_bias, activation="silu")
     x, B, C = torch.split(xBC, [d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
     fp = ssm_state.dtype
-    Dh = None if D is None else (D.to(fp).view(nheads, headdim) if D.numel() == d_inner else D.to(fp))
-    y = ssd_step(ssm_state, x.unflatten(-1, (nheads, headdim)), dt, -torch.exp(A_log.to(fp)),
-                 B.unflatten(-1, (ngroups, d_state)), C.unflatten(-1, (ngroups, d_state)), D=Dh,
-                 z=z.unflatten(-1, (nheads, headdim)) if gate else None, dt_bias=dt_bias.to(fp), dt_softplus=True,
-                 dt_limit=dt_limit)
-    return y.flatten(-2).to(zxbcdt.dtype)
+    if choice == "ref":
+        Dh = None if D is None else (D.to(fp).view(nheads, headdim) if D.numel() == d_inner else D.to(fp))
+        y = ssd_step(ssm_state, x.unflatten(-1, (nheads, headdim)), dt, -torch.exp(A_log.to(fp)),
+                     B.unflatten(-1, (ngroups, d_state)), C.unflatten(-1, (ngroups, d_state)), D=Dh,
+                     z=z.unflatten(-1, (nheads, headdim)) if gate else None, dt_bias=dt_bias.to(fp),
+                     dt_softplus=True, dt_limit=dt_limit, backend="torch")
+        return y.flatten(-2).to(zxbcdt.dtype)
+    # the lean step: heads of a group read the group's B and C (broadcast, no per-head copies)
+    dt = process_dt(dt, dt_bias, dt_softplus=True, dt_limit=dt_limit, dtype=fp)  # (batch, nheads)
+    dA = torch.exp(dt * -torch.exp(A_log.to(fp)))  # (batch, nheads)
+    hpg = nheads // ngroups
+    xf = x.to(fp).view(batch, ngroups, hpg, headdim)
+    state = ssm_state.view(batch, ngroups, hpg, headdim, d_state)
+    Bg = B.to(fp).view(batch, ngroups, 1, 1, d_state)
+    state.mul_(dA.view(batch, ngroups, hpg, 1, 1)).add_((dt.view(batch, ngroups, hpg, 1) * xf)[..., None] * Bg)
+    y = torch.matmul(state, C.to(fp).view(batch, ngroups, 1, d_state, 1))[..., 0]  # (batch, ngroups, hpg, headdim)
+    y = y.reshape(batch, d_inner)
+    if D is not None:
+        Dc = D.to(fp) if D.numel() == d_inner else D.to(fp).repeat_interleave(headdim)
+        y = torch.addcmul(y, xf.reshape(batch, d_inner), Dc)
+    if gate:
+        y = y * F.silu(z.to(fp))
+    return y.to(zxbcdt.dtype)

@@ -34,7 +34,7 @@ def test_mamba1_step_cuda(dtype, tol, batch):
     # the reference sees the same rounded inputs, in float64
     p64 = {k: (None if v is None else v.double().cpu()) for k, v in pc.items()}
     conv64, ssm64 = conv.to(dtype).double(), ssm.double()
-    ref = mamba1_step(xz.to(dtype).double(), conv64, ssm64, **p64, backend="torch")
+    ref = mamba1_step(xz.to(dtype).double(), conv64, ssm64, **p64, backend="ref")
     conv_c, ssm_c = conv.to("cuda", dtype), ssm.cuda()
     out = mamba1_step(xz.to("cuda", dtype), conv_c, ssm_c, **pc, backend="triton")
     torch.cuda.synchronize()
@@ -58,7 +58,7 @@ def test_mamba2_step_cuda(dtype, tol, batch):
     ssm = torch.randn(batch, h, hd, n, generator=g)
     zx = torch.randn(batch, di + cd + h, generator=g).to(dtype)
     conv64, ssm64 = conv.double(), ssm.double()
-    ref = mamba2_step(zx.double(), conv64, ssm64, **p64, ngroups=1, backend="torch")
+    ref = mamba2_step(zx.double(), conv64, ssm64, **p64, ngroups=1, backend="ref")
     conv_c, ssm_c = conv.cuda(), ssm.cuda()
     out = mamba2_step(zx.cuda(), conv_c, ssm_c, **pc, ngroups=1, backend="triton")
     torch.cuda.synchronize()

@@ -53,7 +53,7 @@ def test_mamba1_step_matches_float64_composition(case):
     conv32, ssm32 = conv64.float(), ssm64.float()
     for _ in range(3):
         xz = torch.randn(batch, 2 * d_inner, generator=g, dtype=torch.float64)
-        ref = mamba1_step(xz, conv64, ssm64, **p64, backend="torch")
+        ref = mamba1_step(xz, conv64, ssm64, **p64, backend="ref")
         out = mamba1_step(xz.float(), conv32, ssm32, **_f32(p64), backend="triton")
         assert out.dtype == torch.float32 and out.shape == (batch, d_inner)
         assert rel_err(out, ref) < 1e-5
@@ -91,7 +91,7 @@ def test_mamba2_step_matches_float64_composition(case):
     for _ in range(3):
         zx = torch.randn(batch, d_inner + conv_dim + nheads, generator=g, dtype=torch.float64)
         kw = dict(ngroups=ngroups, dt_limit=dt_limit, gate=gate)
-        ref = mamba2_step(zx, conv64, ssm64, **p64, **kw, backend="torch")
+        ref = mamba2_step(zx, conv64, ssm64, **p64, **kw, backend="ref")
         out = mamba2_step(zx.float(), conv32, ssm32, **_f32(p64), **kw, backend="triton")
         assert out.shape == (batch, d_inner)
         assert rel_err(out, ref) < 1e-5

@@ -44,6 +44,10 @@ class Parser(argparse.ArgumentParser):
             return exc.code if isinstance(exc.code, int) else 2
         ns.argv = argv
         try:
+            if hasattr(ns, "threads"):
+                from mambakit.cli.process import set_threads
+
+                set_threads(ns.threads)
             return ns.func(ns)
         except (MambaKitError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -143,3 +147,12 @@ def positive_ints(text: str) -> Union[int, Tuple[int, ...]]:
     if any(p <= 0 for p in parts):
         raise argparse.ArgumentTypeError(f"must hold positive integers, got {text!r}")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+THREADS_HELP = ("torch CPU threads (default: the cores other processes leave free, at least 1; or OMP_NUM_THREADS "
+                "when set)")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """The --threads option every subcommand has (applied by `Parser.run` before the subcommand runs)."""
+    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)

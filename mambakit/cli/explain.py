@@ -13,7 +13,7 @@ from typing import Any, List, Sequence, Union
 
 import torch
 
-from mambakit.cli.args import Parser, integer, positive_int
+from mambakit.cli.args import add_threads_argument, integer, Parser, positive_int
 from mambakit.cli.loading import Tokenizer, find_checkpoint, load_model, load_tokenizer
 from mambakit.cli.prompt import encode_prompt, require_prompt
 from mambakit.data import ByteTokenizer
@@ -53,6 +53,7 @@ def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
         f"top-{TOP_K} source tokens for that prediction.",
     )
     _add_arguments(p)
+    add_threads_argument(p)
     p.set_defaults(func=explain_main)
     return p
 

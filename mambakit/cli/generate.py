@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mambakit.cli.args import non_negative_float, non_negative_int, positive_int, probability
+from mambakit.cli.args import add_threads_argument, non_negative_float, non_negative_int, positive_int, probability
 from mambakit.cli.loading import find_checkpoint, load_model, load_tokenizer
 from mambakit.cli.prompt import encode_prompt, require_prompt
 from mambakit.cli.remamba import add_remamba_arguments, load_for_generate, remamba_config
@@ -38,6 +38,7 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_remamba_arguments(p)
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the one-token decoding step from a CUDA graph (CUDA devices and SSM-only models)")
+    add_threads_argument(p)
     p.set_defaults(func=generate_main)
     return p
 

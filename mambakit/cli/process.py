@@ -32,3 +32,49 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(-1, 1 << 30)) and bool(mallopt(-3, 1 << 30))  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+
+
+def busy_cores(samples: int = 5, interval: float = 0.01) -> int:
+    """How many cores other processes keep busy right now: the median over a few samples of the runnable tasks in
+    /proc/loadavg (minus this one), or the 1-minute load average where there is no /proc."""
+    import statistics
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(max(0, int(f.read().split()[3].split("/")[0]) - 1))
+        except (OSError, ValueError, IndexError):
+            break
+        if i + 1 < samples:
+            time.sleep(interval)
+    if counts:
+        return int(statistics.median(counts))
+    try:
+        return int(os.getloadavg()[0] + 0.5)
+    except (OSError, AttributeError):
+        return 0
+
+
+def auto_threads() -> int:
+    """CPU threads for this process: the cores it may run on less those other processes keep busy, at least one.
+    Fewer threads than cores when the others are busy: torch's threads wait for each other, and a thread that
+    shares its core makes all of them wait (benchmarks/RESULTS.md, thread policy)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, cores - busy_cores()))
+
+
+def set_threads(requested: "int | None") -> int:
+    """Set torch's intra-op CPU threads for the command: `requested` (--threads), else OMP_NUM_THREADS when the
+    environment sets it, else `auto_threads()`. Returns the number set."""
+    import torch
+
+    if requested is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        requested = int(env) if env.isdigit() and int(env) > 0 else auto_threads()
+    torch.set_num_threads(requested)
+    return requested

@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Any
 
-from mambakit.cli.args import non_negative_float, non_negative_int, positive_float, positive_int
+from mambakit.cli.args import add_threads_argument, non_negative_float, non_negative_int, positive_float, positive_int
 from mambakit.distributed.launch import launch, under_torchrun
 from mambakit.distributed.sampler import check_batch_split
 from mambakit.errors import MambaKitError
@@ -58,6 +58,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     dist_group.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state "
                             "(FSDP2) instead of replicating them (DDP)")
     dist_group.add_argument("--bf16", action="store_true", help="bf16 autocast with fp32 master weights (CUDA only)")
+    add_threads_argument(p)
     p.set_defaults(func=train_main)
     return p
 

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 from mambakit.cli.args import Commands, Parser
 from mambakit.cli.explain import add_explain_parser
 from mambakit.cli.generate import add_generate_parser
+from mambakit.cli.info import add_info_parser
 from mambakit.cli.nd import add_nd_parsers
 from mambakit.cli.process import headless_plots
 from mambakit.cli.tasks import add_tasks_parser
@@ -21,6 +22,7 @@ def build_parser() -> Parser:
     add_train_parser(sub)
     add_generate_parser(sub)
     add_explain_parser(sub)
+    add_info_parser(sub)
     add_tasks_parser(sub)
     add_nd_parsers(sub.routes("tasks"))
     return parser

@@ -31,7 +31,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
     assert "--d-model" in capsys.readouterr().out
     assert main(["--help"]) == 0
     listed = re.findall(r"^    (\w+) ", capsys.readouterr().out, flags=re.M)
-    assert listed == ["train", "generate", "explain", "tasks"]
+    assert listed == ["train", "generate", "explain", "info", "tasks"]
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ def test_busy_cores_reads_a_count():
     assert isinstance(n, int) and n >= 0
 
 
-@pytest.mark.parametrize("command", ["train", "generate", "explain", "tasks"])
+@pytest.mark.parametrize("command", ["train", "generate", "explain", "info", "tasks"])
 def test_every_subcommand_has_threads(command):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

@@ -22,13 +22,14 @@ def resolve_folder(path: Union[str, os.PathLike], need_config: bool = True) -> P
     p = Path(text).expanduser()
     if not p.exists():
         hint = backup_hint(p)
-        if _HUB_ID.match(text) and not text.startswith(".") and not hint:
+        # "org/name" whose "org" is no local folder reads as a Hub id; "runs/x" with a runs/ here is a local path
+        if _HUB_ID.match(text) and not text.startswith(".") and not hint and not Path(text.split("/")[0]).exists():
             local = text.split("/")[-1]
             raise CheckpointError(
-                f"checkpoint folder {text!r} does not exist here. If it is a Hugging Face Hub id: mambakit does not "
-                f"download, so download it first, e.g. `huggingface-cli download {text} --local-dir {local}` (or `hf "
-                f"download {text} --local-dir {local}`), then pass the folder: from_pretrained({local!r})")
-        raise CheckpointError(f"checkpoint directory {text!r} does not exist{hint}")
+                f"checkpoint folder {text!r} does not exist. If it is a Hugging Face Hub id: mambakit does not "
+                f"download, so download it first (e.g. `hf download {text} --local-dir {local}`) and pass the folder "
+                f"{local!r}")
+        raise CheckpointError(f"checkpoint folder {text!r} does not exist{hint}")
     if not p.is_dir():
         raise CheckpointError(f"checkpoint path {text!r} is a file, not a directory; pass the folder that holds "
                               f"{CONFIG_NAME} and the weights")

@@ -38,8 +38,12 @@ def causal_conv1d_fn(
     batch, dim, seqlen = x.shape
     if weight.dim() != 2 or weight.shape[0] != dim:
         raise MambaKitError(f"weight must have shape (dim={dim}, width), got {tuple(weight.shape)}")
-    if x.is_cuda and conv_state is None and _triton_conv() is not None:
-        return _triton_conv()(x, weight, bias, activation, seq_idx=seq_idx)
+    if x.is_cuda and _triton_conv() is not None and x.dtype != torch.float64:
+        if conv_state is None:
+            return _triton_conv()(x, weight, bias, activation, seq_idx=seq_idx)
+        from mambakit.ops.conv1d.triton import causal_conv1d_triton_from_state  # a prefill continuing a state
+
+        return causal_conv1d_triton_from_state(x, weight, bias, activation, conv_state, seq_idx)
     return causal_conv1d_torch(x, weight, bias, activation, conv_state, seq_idx)
 
 

@@ -207,3 +207,23 @@ def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     return _CausalConv1dTriton.apply(x, weight.contiguous(), bias.contiguous() if bias is not None else None,
                                      activation in ("silu", "swish"), seq)
+
+
+def causal_conv1d_triton_from_state(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
+                                    conv_state: Tensor, seq_idx: Optional[Tensor] = None) -> Tensor:
+    """`causal_conv1d_triton` continuing from `conv_state` (batch, dim, width), the last `width` inputs before x
+    (read, not modified): the state's last width - 1 columns are put in front of x, the conv runs over both, and
+    the outputs of x's positions are kept (seq_idx: the history belongs to x's first sequence). Differentiable in
+    x, weight, bias and conv_state. y: (batch, dim, seqlen) in x's dtype."""
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    if conv_state.shape != (batch, dim, width):
+        raise MambaKitError(f"conv_state must have shape (batch={batch}, dim={dim}, width={width}), got "
+                            f"{tuple(conv_state.shape)}")
+    if seq_idx is not None and seq_idx.shape != (batch, seqlen):
+        raise MambaKitError(f"seq_idx must have shape (batch={batch}, seqlen={seqlen}), got {tuple(seq_idx.shape)}")
+    if seqlen == 0:
+        return x.new_empty(batch, dim, 0)
+    xx = torch.cat([conv_state[..., 1:].to(x.dtype), x], dim=-1)
+    seq = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=1)
+    return causal_conv1d_triton(xx, weight, bias, activation, seq_idx=seq)[..., width - 1:]

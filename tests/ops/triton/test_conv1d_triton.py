@@ -74,3 +74,32 @@ def test_errors():
         causal_conv1d_triton(x, torch.randn(2, 4))
     with pytest.raises(MambaKitError, match="seq_idx"):
         causal_conv1d_triton(x, torch.randn(3, 4), seq_idx=torch.zeros(1, 4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("batch,dim,seqlen,width,packed", [(2, 5, 17, 4, False), (3, 6, 9, 3, True),
+                                                          (1, 4, 1, 4, False)])
+def test_conv_continuing_a_state_matches_torch(batch, dim, seqlen, width, packed):
+    """The prefill that continues a conv state (chunked prefill, a cache): forward and every gradient, conv_state's
+    included, against the PyTorch path in float64."""
+    g = torch.Generator().manual_seed(seqlen * dim)
+    x = torch.randn(batch, dim, seqlen, generator=g, dtype=torch.float64, requires_grad=True)
+    state = torch.randn(batch, dim, width, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(dim, width, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(dim, generator=g, dtype=torch.float64, requires_grad=True)
+    seq = _packed_idx(batch, seqlen, g) if packed else None
+    from mambakit.ops.conv1d.naive import causal_conv1d_torch
+
+    ref = causal_conv1d_torch(x, w, b, "silu", state, seq)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (x, state, w, b), gy)
+    leaves = [t.detach().float().requires_grad_() for t in (x, state, w, b)]
+    out = conv_triton.causal_conv1d_triton_from_state(leaves[0], leaves[2], leaves[3], "silu", leaves[1], seq)
+    assert rel_err(out, ref) < 1e-5
+    for got, want in zip(torch.autograd.grad(out, leaves, gy.float()), ref_grads):
+        assert rel_err(got, want) < 1e-5
+
+
+def test_conv_from_state_checks_the_state_shape():
+    with pytest.raises(MambaKitError, match="conv_state"):
+        conv_triton.causal_conv1d_triton_from_state(torch.zeros(1, 4, 5), torch.zeros(4, 4), None, "silu",
+                                                    torch.zeros(1, 4, 3))

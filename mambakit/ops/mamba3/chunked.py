@@ -14,7 +14,7 @@ and states that the naive recurrence would make NaN; so a NaN or inf at position
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import Tensor
 from mambakit.errors import MambaKitError
 from mambakit.ops.mamba3.common import (
     TWO_PI,
+    Dims,
     angle_increment,
     compute_dtype,
     heads_of_groups,
@@ -52,13 +53,32 @@ def _reaches(reach: Tensor, bad: Tensor, equation: str) -> Tensor:
     return torch.einsum(equation, reach.to(bad.dtype), bad) > 0
 
 
-def mamba3_chunked(
-    Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor, K_bias: Tensor,
-    Angles: Tensor, D: Optional[Tensor] = None, Z: Optional[Tensor] = None,
-    Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, chunk_size: int = 64,
-    return_final_states: bool = False, seq_idx: Optional[Tensor] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-    """The Mamba-3 SISO scan by chunks; arguments and results as :func:`mambakit.ops.mamba3.mamba3_scan`."""
+class Prepared(NamedTuple):
+    """The per-position pieces of the block decomposition in the chunked layout (batch, nchunks, Q, ...), padded
+    with zeros at the end; shared by the PyTorch form below and the Triton kernel."""
+
+    dims: Dims
+    fp: torch.dtype
+    chunk: int
+    q_rot: Tensor  # (batch, nchunks, Q, nheads, d_state): rotated Q with bias
+    k_rot: Tensor  # (batch, nchunks, Q, nheads, d_state): rotated K with bias
+    v: Tensor  # (batch, nchunks, Q, nheads, headdim)
+    adt: Tensor  # (batch, nchunks, Q, nheads)
+    gamma: Tensor  # (batch, nchunks, Q, nheads): lambda_j DT_j, the weight of position j in its own output
+    scale: Tensor  # (batch, nchunks, Q, nheads): gamma_j + the next position's look-back weight
+    seg: Tensor  # (batch, nchunks, Q) segment number inside the chunk (0 without seq_idx)
+    from_start: Tensor  # (batch, nchunks, Q) bool: no sequence starts inside the chunk at or before the position
+    to_end: Tensor  # (batch, nchunks, Q) bool: no sequence starts inside the chunk after the position
+    final_angle: Tensor  # (batch, nheads, n_angles)
+    first_back: Tensor  # (batch, nheads): (1 - lambda_0) DT_0, the first position's look-back to Input_States
+
+
+def prepare(Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor, K_bias: Tensor,
+            Angles: Tensor, D: Optional[Tensor], Z: Optional[Tensor],
+            Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]], chunk_size: int,
+            seq_idx: Optional[Tensor]) -> Prepared:
+    """Validate, cast to the compute dtype, chunk, and compute the angles (carried over chunks), the rotations and
+    the trapezoid's weights."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise MambaKitError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dims = validate(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, seq_idx)
@@ -105,9 +125,34 @@ def mamba3_chunked(
         carries.append(carry)
         last = local[:, c, -1] + torch.where(from_start[:, c, -1, None, None], carry, 0.0)
         carry = torch.remainder(last, TWO_PI)
-    final_angle = carry
     theta = local + torch.where(from_start[..., None, None], torch.stack(carries, 1)[:, :, None], 0.0)
     q_rot, k_rot = rotate(q, theta), rotate(k, theta)  # (batch, nchunks, Q, nheads, d_state)
+
+    return Prepared(dims, fp, Qc, q_rot, k_rot, v, adt, gamma, scale, seg_c, from_start, to_end, carry,
+                    (1 - lam[:, 0]) * dt[:, 0])
+
+
+def start_state(p: Prepared, Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
+    """The ssm state (batch, nheads, headdim, d_state) that the first chunk starts from: zero, or Input_States' ssm
+    plus the first position's look-back to Input_States' v and k (the decay alpha_0 is applied in the chunk)."""
+    if Input_States is None:
+        return p.v.new_zeros(p.dims.batch, p.dims.nheads, p.dims.headdim, p.dims.d_state)
+    _, ssm0, k0, v0 = (s.to(p.fp) for s in Input_States)
+    return ssm0 + p.first_back[..., None, None] * v0[..., :, None] * k0[..., None, :]
+
+
+def mamba3_chunked(
+    Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor, K_bias: Tensor,
+    Angles: Tensor, D: Optional[Tensor] = None, Z: Optional[Tensor] = None,
+    Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, chunk_size: int = 64,
+    return_final_states: bool = False, seq_idx: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """The Mamba-3 SISO scan by chunks; arguments and results as :func:`mambakit.ops.mamba3.mamba3_scan`."""
+    p = prepare(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx)
+    fp, Qc, q_rot, k_rot, v, adt, gamma, scale = p.fp, p.chunk, p.q_rot, p.k_rot, p.v, p.adt, p.gamma, p.scale
+    seg_c, from_start, to_end = p.seg, p.from_start, p.to_end
+    batch, L, H, P = p.dims.batch, p.dims.seqlen, p.dims.nheads, p.dims.headdim
+    nchunks = q_rot.shape[1]
 
     # decays inside a chunk
     acs = adt.cumsum(2).permute(0, 1, 3, 2)  # (batch, nchunks, nheads, Q)
@@ -131,12 +176,7 @@ def mamba3_chunked(
     k_end = torch.where(to_end[..., None, None], k_rot * w_end[..., None], 0.0)
     chunk_states = torch.einsum("bcjhp,bcjhn->bchpn", v_safe, k_end)  # (batch, nchunks, nheads, P, N)
     chunk_decay = torch.where(from_start[:, :, -1, None], torch.exp(acs[..., -1]), 0.0)  # (batch, nchunks, nheads)
-    if Input_States is None:
-        h = v.new_zeros(batch, H, P, dims.d_state)
-    else:
-        _, ssm0, k0, v0 = (s.to(fp) for s in Input_States)
-        first_back = ((1 - lam[:, 0]) * dt[:, 0])[..., None, None]  # (batch, nheads, 1, 1)
-        h = ssm0 + first_back * v0[..., :, None] * k0[..., None, :]
+    h = start_state(p, Input_States)
     if not finite:
         bad = (~torch.isfinite(v)).to(fp)  # (batch, nchunks, Q, nheads, P)
         y = torch.where(_reaches(keep, bad, "bcij,bcjhp->bcihp"), math.nan, y)
@@ -156,4 +196,4 @@ def mamba3_chunked(
     if not return_final_states:
         return y
     last_k = k_rot.flatten(1, 2)[:, L - 1]
-    return y, final_angle, h, last_k, v.flatten(1, 2)[:, L - 1]
+    return y, p.final_angle, h, last_k, v.flatten(1, 2)[:, L - 1]

@@ -3,8 +3,9 @@
 * :func:`mamba3_scan` -- the public scan with the official ``mamba3_siso_combined`` argument names (``seq_idx``
   in place of ``cu_seqlens``) and a ``backend``.
 * :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding).
-* :mod:`.naive` (the step recurrence, the reference) and :mod:`.chunked` (the block decomposition, fast on CPU)
-  share the scan's signature, so every test can be ``chunked(**kw) == naive(**kw)``.
+* :mod:`.naive` (the step recurrence, the reference), :mod:`.chunked` (the block decomposition, fast on CPU) and
+  :mod:`.triton` (the forward as one portable Triton kernel) share the scan's signature, so every test can be
+  ``chunked(**kw) == naive(**kw)``.
 
 The math, the layouts and the precision rules are in :mod:`mambakit.ops.mamba3.common`.
 """
@@ -22,8 +23,9 @@ from mambakit.ops.mamba3.naive import mamba3_scan_ref, step_core
 
 __all__ = ["BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref", "mamba3_step"]
 
-#: "auto": the chunked PyTorch form (the only fast form so far); "torch": the same; "ref": the step recurrence.
-BACKENDS = ("auto", "torch", "ref")
+#: "auto": the chunked PyTorch form (the Triton kernel has no backward yet); "torch": the same; "triton": the Triton
+#: forward kernel (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1, no gradients); "ref": the step recurrence.
+BACKENDS = ("auto", "torch", "triton", "ref")
 
 
 def mamba3_scan(
@@ -59,7 +61,10 @@ def mamba3_scan(
     """
     if backend not in BACKENDS:
         raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    form = mamba3_scan_ref if backend == "ref" else mamba3_chunked
+    if backend == "triton":
+        from mambakit.ops.mamba3.triton import mamba3_scan_triton as form
+    else:
+        form = mamba3_scan_ref if backend == "ref" else mamba3_chunked
     return form(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=D, Z=Z, Input_States=Input_States,
                 chunk_size=chunk_size, return_final_states=return_final_states, seq_idx=seq_idx)
 

@@ -168,7 +168,7 @@ class Mamba3(nn.Module):
         angles = angle.to(fp)[:, :, None].expand(batch, seqlen, self.nheads, self.num_rope_angles)
         start = None if state is None else state.parts()
         if mask is not None:
-            x, B, DT, ADT, angles, start = self._pad_rule(mask.bool(), x, B, DT, ADT, angles, trap.to(fp), state)
+            x, B, DT, ADT, angles, trap, start = self._pad_rule(mask.bool(), x, B, DT, ADT, angles, trap, state)
         return Mamba3ScanInputs(
             Q=C, K=B, V=x, ADT=ADT.transpose(1, 2), DT=DT.transpose(1, 2), Trap=trap.transpose(1, 2),
             Q_bias=self.C_bias[:, 0].to(fp), K_bias=self.B_bias[:, 0].to(fp), Angles=angles, D=self.D.to(fp),
@@ -177,12 +177,13 @@ class Mamba3(nn.Module):
 
     @staticmethod
     def _pad_rule(keep: Tensor, x, B, DT, ADT, angles, trap, state: Optional[Mamba3State]):
-        """Apply the mask keep (batch, seqlen) bool: dt = A*dt = angle = 0 at pads; a pad carries x and B of the
-        last token before it. Pads before a row's first token carry zeros, and the look-back of that token to the
+        """Apply the mask keep (batch, seqlen) bool: dt = A*dt = angle = trap = 0 at pads (a NaN there reaches
+        nothing); a pad carries x and B of the last token before it. Pads before a row's first token carry zeros, and the look-back of that token to the
         given state is folded into the start state (the pads in between do not decay it)."""
         zero = torch.zeros((), dtype=DT.dtype, device=DT.device)
         DT, ADT = torch.where(keep[..., None], DT, zero), torch.where(keep[..., None], ADT, zero)
         angles = torch.where(keep[..., None, None], angles, zero)
+        trap = torch.where(keep[..., None], trap, torch.zeros((), dtype=trap.dtype, device=trap.device))
         seqlen = keep.shape[1]
         positions = torch.arange(seqlen, device=keep.device)
         last = torch.cummax(torch.where(keep, positions, -1), dim=1).values  # last token at or before t, or -1
@@ -192,17 +193,17 @@ class Mamba3(nn.Module):
         B = torch.where((last >= 0)[..., None, None], B.gather(1, source[..., None, None].expand_as(B)),
                         torch.zeros((), dtype=B.dtype, device=B.device))
         if state is None:
-            return x, B, DT, ADT, angles, None
+            return x, B, DT, ADT, angles, trap, None
         first = torch.where(keep, positions, seqlen).min(dim=1).values  # (batch,); seqlen for a row of pads only
         late = (first > 0) & (first < seqlen)  # the first token comes after pads
         f = first.clamp(max=seqlen - 1)[:, None, None]
-        lam_f = torch.sigmoid(trap.gather(1, f.expand(-1, -1, trap.shape[2])))[:, 0]  # (batch, nheads)
+        lam_f = torch.sigmoid(trap.gather(1, f.expand(-1, -1, trap.shape[2])).to(DT.dtype))[:, 0]  # (batch, nheads)
         dt_f = DT.gather(1, f.expand(-1, -1, DT.shape[2]))[:, 0]
         fold = torch.where(late[:, None], (1 - lam_f) * dt_f, zero)[..., None, None]
         ssm = state.ssm + fold * state.v[..., :, None] * state.k[..., None, :]
         k = torch.where(late[:, None, None], zero, state.k)
         v = torch.where(late[:, None, None], zero, state.v)
-        return x, B, DT, ADT, angles, (state.angle, ssm, k, v)
+        return x, B, DT, ADT, angles, trap, (state.angle, ssm, k, v)
 
     def finish(self, y: Tensor, z: Tensor) -> Tensor:
         """y: (..., nheads, headdim) from the scan (gated there unless is_outproj_norm), z: (..., d_inner) ->

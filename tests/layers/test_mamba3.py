@@ -132,6 +132,30 @@ def test_padding_mask_continuing_from_a_state():
     _compare_states(before, kept, tol=1e-15)  # a row of pads only leaves the state as it was
 
 
+def test_nan_stays_causal_and_out_of_pads():
+    m = _layer(**CONFIGS[1])
+    x = torch.randn(2, 20, 32, dtype=torch.float64)
+    clean = m(x)
+    poisoned = x.clone()
+    poisoned[:, 11] = float("nan")
+    out = m(poisoned)
+    assert rel_err(out[:, :11], clean[:, :11]) < 1e-14 and not torch.isfinite(out[:, 11]).all()
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[:, 11] = 0
+    mask[1, 15:] = 0
+    poisoned[1, 15:] = float("nan")
+    state = m.allocate_state(2, dtype=torch.float64)
+    out = m(poisoned, state=state, mask=mask)
+    assert torch.isfinite(state.ssm).all()
+    for row in range(2):  # the NaN pads change neither the tokens' outputs nor the state
+        tokens = mask[row].bool()
+        alone_state = m.allocate_state(1, dtype=torch.float64)
+        alone = m(x[row:row + 1, tokens], state=alone_state)
+        assert rel_err(out[row:row + 1, tokens], alone) < 1e-12
+        for a, b in zip(state.parts(), alone_state.parts()):
+            assert rel_err(a[row:row + 1], b) < 1e-12
+
+
 def test_packed_sequences_equal_separate_calls():
     m = _layer(**CONFIGS[2])
     x = torch.randn(1, 20, 32, dtype=torch.float64)

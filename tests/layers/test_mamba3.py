@@ -48,7 +48,7 @@ def _layer(seed=0, dtype=torch.float64, d_model=32, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs", CONFIGS)
-@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 5])
 def test_step_loop_equals_forward_float64(kwargs, batch):
     m = _layer(**kwargs)
     x = torch.randn(batch, 13, 32, dtype=torch.float64)

@@ -1,0 +1,245 @@
+"""The Mamba-3 block (SISO): one in_proj producing [z, x, B, C, dd_dt, dd_A, trap, angle], RMSNorm on B and C, the
+Mamba-3 scan (trapezoidal two-term update, data-dependent rotations of B and C, B/C biases; no conv), the gate
+y * silu(z) or, with `is_outproj_norm`, the gated RMSNorm norm(y) * silu(z), and out_proj.
+
+Parameter names, shapes, packing and initialisation follow the official `mamba_ssm.modules.mamba3.Mamba3`. A per
+token is ``clamp(-f(dd_A), max=-A_floor)`` with f the heavy-tail activation (``A_activation="heavy_tail"``, the
+official main branch) or softplus (``"softplus"``, the official 2.3.2.post1 release).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mambakit.errors import MambaKitError
+from mambakit.layers.mamba import init_dt_bias
+from mambakit.layers.norm import RMSNorm, RMSNormGated
+from mambakit.ops.mamba3 import mamba3_scan, mamba3_step
+
+A_ACTIVATIONS = ("heavy_tail", "softplus")
+
+
+def heavy_tail(x: Tensor) -> Tensor:
+    """1 + x for x >= 0, 1 / (1 - x) for x < 0: positive, continuous and differentiable at 0 (derivative 1 there).
+    Same shape as x."""
+    return torch.where(x >= 0, 1 + x, torch.reciprocal(1 - x.clamp(max=0)))
+
+
+@dataclass
+class Mamba3State:
+    """Inference state of a Mamba-3 layer, updated in place: angle (batch, nheads, n_angles), ssm (batch, nheads,
+    headdim, d_state), k (batch, nheads, d_state) the last token's rotated B with bias, v (batch, nheads, headdim)
+    the last token's x. All float32 (float64 for a float64 model)."""
+
+    angle: Tensor
+    ssm: Tensor
+    k: Tensor
+    v: Tensor
+
+    def parts(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.angle, self.ssm, self.k, self.v
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search, dropping finished rows) in place of the stored tensors."""
+        self.angle, self.ssm, self.k, self.v = (t.index_select(0, index) for t in self.parts())
+
+
+class Mamba3ScanInputs(NamedTuple):
+    """The keyword arguments of `mamba3_scan` (shapes there: Q = C, K = B after RMSNorm, V = x, Z = the gate or None
+    with is_outproj_norm, Input_States the state to start from or None), and z (batch, seqlen, d_inner)."""
+
+    Q: Tensor
+    K: Tensor
+    V: Tensor
+    ADT: Tensor
+    DT: Tensor
+    Trap: Tensor
+    Q_bias: Tensor
+    K_bias: Tensor
+    Angles: Tensor
+    D: Tensor
+    Z: Optional[Tensor]
+    Input_States: Optional[tuple]
+    z: Tensor
+
+    def scan_kwargs(self) -> dict:
+        kw = self._asdict()
+        del kw["z"]
+        return kw
+
+
+class Mamba3(nn.Module):
+    """Mamba-3 mixer (SISO). Input and output: (batch, seqlen, d_model)."""
+
+    def __init__(
+        self, d_model: int, d_state: int = 128, expand: int = 2, headdim: int = 64, ngroups: int = 1,
+        rope_fraction: float = 0.5, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+        A_floor: float = 1e-4, A_activation: str = "heavy_tail", is_outproj_norm: bool = False,
+        is_mimo: bool = False, mimo_rank: int = 4, chunk_size: int = 64, layer_idx: Optional[int] = None,
+        device=None, dtype=None,
+    ):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("expand", expand), ("headdim", headdim),
+                            ("ngroups", ngroups), ("chunk_size", chunk_size), ("mimo_rank", mimo_rank)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise MambaKitError(f"Mamba3 {name} must be a positive integer, got {value!r}")
+        if is_mimo:
+            raise MambaKitError(f"Mamba3 is_mimo must be False (only SISO is implemented so far), got {is_mimo!r} "
+                                f"with mimo_rank={mimo_rank}")
+        if rope_fraction not in (0.5, 1.0):
+            raise MambaKitError(f"Mamba3 rope_fraction must be 0.5 or 1.0, got {rope_fraction!r}")
+        if A_activation not in A_ACTIVATIONS:
+            raise MambaKitError(f"Mamba3 A_activation must be one of {A_ACTIVATIONS}, got {A_activation!r}")
+        if not (isinstance(A_floor, (int, float)) and A_floor >= 0):
+            raise MambaKitError(f"Mamba3 A_floor must be a number >= 0, got {A_floor!r}")
+        d_inner = expand * d_model
+        if d_inner % headdim != 0:
+            raise MambaKitError(f"Mamba3 d_inner = expand * d_model = {d_inner} must be divisible by headdim={headdim}")
+        nheads = d_inner // headdim
+        if nheads % ngroups != 0:
+            raise MambaKitError(f"Mamba3 nheads = d_inner / headdim = {nheads} must be divisible by ngroups={ngroups}")
+        rotated = int(d_state * rope_fraction) // 2 * 2  # the first `rotated` state dims turn, in pairs
+        if rotated < 2:
+            raise MambaKitError(f"Mamba3 d_state * rope_fraction must be >= 2 (one rotated pair), got "
+                                f"d_state={d_state}, rope_fraction={rope_fraction}")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.expand, self.headdim = d_model, d_state, expand, headdim
+        self.d_inner, self.nheads, self.ngroups, self.num_bc_heads = d_inner, nheads, ngroups, ngroups
+        self.rope_fraction, self.num_rope_angles = rope_fraction, rotated // 2
+        self.A_floor, self.A_activation, self.is_outproj_norm = float(A_floor), A_activation, is_outproj_norm
+        self.is_mimo, self.mimo_rank, self.chunk_size, self.layer_idx = False, 1, chunk_size, layer_idx
+
+        d_in_proj = 2 * d_inner + 2 * d_state * ngroups + 3 * nheads + self.num_rope_angles
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=False, **factory)
+        self.dt_bias = nn.Parameter(init_dt_bias(nheads, dt_min, dt_max, dt_init_floor, device))
+        self.dt_bias._no_weight_decay = True
+        self.B_bias = nn.Parameter(torch.ones(nheads, 1, d_state, device=device))
+        self.C_bias = nn.Parameter(torch.ones(nheads, 1, d_state, device=device))
+        self.B_norm = RMSNorm(d_state, eps=1e-5, **factory)
+        self.C_norm = RMSNorm(d_state, eps=1e-5, **factory)
+        self.D = nn.Parameter(torch.ones(nheads, device=device))
+        self.D._no_weight_decay = True
+        if is_outproj_norm:
+            self.norm = RMSNormGated(d_inner, eps=1e-5, group_size=headdim, norm_before_gate=True, **factory)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False, **factory)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> Mamba3State:
+        """Zero state (the four parts of `Mamba3State`) in float32, float64 for a float64 model or dtype."""
+        device = device or self.out_proj.weight.device
+        fp = torch.float64 if (dtype or self.out_proj.weight.dtype) == torch.float64 else torch.float32
+        b, h = batch_size, self.nheads
+        return Mamba3State(*(torch.zeros(*shape, device=device, dtype=fp) for shape in (
+            (b, h, self.num_rope_angles), (b, h, self.headdim, self.d_state), (b, h, self.d_state),
+            (b, h, self.headdim))))
+
+    def split_projection(self, projected: Tensor) -> tuple[Tensor, ...]:
+        """(..., d_in_proj) -> z, x (..., d_inner), B, C (..., ngroups * d_state), dd_dt, dd_A, trap (..., nheads),
+        angle (..., num_rope_angles): the official order."""
+        gn = self.ngroups * self.d_state
+        return torch.split(projected, [self.d_inner, self.d_inner, gn, gn, self.nheads, self.nheads, self.nheads,
+                                       self.num_rope_angles], dim=-1)
+
+    def _A(self, dd_A: Tensor) -> Tensor:
+        f = heavy_tail(dd_A) if self.A_activation == "heavy_tail" else F.softplus(dd_A)
+        return torch.clamp(-f, max=-self.A_floor)
+
+    def ssm_inputs(self, hidden_states: Tensor, state: Optional[Mamba3State] = None, seq_idx: Optional[Tensor] = None,
+                   mask: Optional[Tensor] = None) -> Mamba3ScanInputs:
+        """Everything the scan reads, computed from hidden_states (batch, seqlen, d_model) and the state to start
+        from (not modified). seq_idx is accepted for the common surface (the scan takes it, not the inputs).
+
+        With a mask (batch, seqlen; 1 = token, 0 = padding) the padded positions neither decay nor add to the state
+        (dt = 0 there) and carry the x and B of the token before them, so that the next token's look-back term
+        and the final state see the previous real token.
+        """
+        z, x, B, C, dd_dt, dd_A, trap, angle = self.split_projection(self.in_proj(hidden_states))
+        fp = torch.float64 if x.dtype == torch.float64 else torch.float32
+        batch, seqlen = hidden_states.shape[:2]
+        x = x.unflatten(-1, (self.nheads, self.headdim))
+        B = self.B_norm(B.unflatten(-1, (self.ngroups, self.d_state)))
+        C = self.C_norm(C.unflatten(-1, (self.ngroups, self.d_state)))
+        DT = F.softplus(dd_dt.to(fp) + self.dt_bias.to(fp))  # (batch, seqlen, nheads)
+        ADT = self._A(dd_A.to(fp)) * DT
+        angles = angle.to(fp)[:, :, None].expand(batch, seqlen, self.nheads, self.num_rope_angles)
+        start = None if state is None else state.parts()
+        if mask is not None:
+            x, B, DT, ADT, angles, trap, start = self._pad_rule(mask.bool(), x, B, DT, ADT, angles, trap, state)
+        return Mamba3ScanInputs(
+            Q=C, K=B, V=x, ADT=ADT.transpose(1, 2), DT=DT.transpose(1, 2), Trap=trap.transpose(1, 2),
+            Q_bias=self.C_bias[:, 0].to(fp), K_bias=self.B_bias[:, 0].to(fp), Angles=angles, D=self.D.to(fp),
+            Z=None if self.is_outproj_norm else z.unflatten(-1, (self.nheads, self.headdim)), Input_States=start,
+            z=z)
+
+    @staticmethod
+    def _pad_rule(keep: Tensor, x, B, DT, ADT, angles, trap, state: Optional[Mamba3State]):
+        """Apply the mask keep (batch, seqlen) bool: dt = A*dt = angle = trap = 0 at pads (a NaN there reaches
+        nothing); a pad carries x and B of the last token before it. Pads before a row's first token carry zeros, and the look-back of that token to the
+        given state is folded into the start state (the pads in between do not decay it)."""
+        zero = torch.zeros((), dtype=DT.dtype, device=DT.device)
+        DT, ADT = torch.where(keep[..., None], DT, zero), torch.where(keep[..., None], ADT, zero)
+        angles = torch.where(keep[..., None, None], angles, zero)
+        trap = torch.where(keep[..., None], trap, torch.zeros((), dtype=trap.dtype, device=trap.device))
+        seqlen = keep.shape[1]
+        positions = torch.arange(seqlen, device=keep.device)
+        last = torch.cummax(torch.where(keep, positions, -1), dim=1).values  # last token at or before t, or -1
+        source = last.clamp(min=0)
+        x = torch.where((last >= 0)[..., None, None], x.gather(1, source[..., None, None].expand_as(x)),
+                        torch.zeros((), dtype=x.dtype, device=x.device))
+        B = torch.where((last >= 0)[..., None, None], B.gather(1, source[..., None, None].expand_as(B)),
+                        torch.zeros((), dtype=B.dtype, device=B.device))
+        if state is None:
+            return x, B, DT, ADT, angles, trap, None
+        first = torch.where(keep, positions, seqlen).min(dim=1).values  # (batch,); seqlen for a row of pads only
+        late = (first > 0) & (first < seqlen)  # the first token comes after pads
+        f = first.clamp(max=seqlen - 1)[:, None, None]
+        lam_f = torch.sigmoid(trap.gather(1, f.expand(-1, -1, trap.shape[2])).to(DT.dtype))[:, 0]  # (batch, nheads)
+        dt_f = DT.gather(1, f.expand(-1, -1, DT.shape[2]))[:, 0]
+        fold = torch.where(late[:, None], (1 - lam_f) * dt_f, zero)[..., None, None]
+        ssm = state.ssm + fold * state.v[..., :, None] * state.k[..., None, :]
+        k = torch.where(late[:, None, None], zero, state.k)
+        v = torch.where(late[:, None, None], zero, state.v)
+        return x, B, DT, ADT, angles, trap, (state.angle, ssm, k, v)
+
+    def finish(self, y: Tensor, z: Tensor) -> Tensor:
+        """y: (..., nheads, headdim) from the scan (gated there unless is_outproj_norm), z: (..., d_inner) ->
+        (..., d_model)."""
+        y = y.flatten(-2)
+        if self.is_outproj_norm:
+            y = self.norm(y, z)
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+    def forward(self, hidden_states: Tensor, state: Optional[Mamba3State] = None, seq_idx: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
+        """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
+
+        state: continue from it (chunked prefill) and update it in place to the state after the last token.
+        seq_idx: (batch, seqlen) packed-sequence index (every state part restarts where it changes). mask:
+        (batch, seqlen) 1 = token, 0 = padding (the padded positions leave the state untouched).
+        """
+        s = self.ssm_inputs(hidden_states, state, seq_idx, mask)
+        y, *final = mamba3_scan(**s.scan_kwargs(), chunk_size=self.chunk_size, return_final_states=True,
+                                seq_idx=seq_idx)
+        if state is not None:
+            with torch.no_grad():
+                if mask is not None:  # a row of pads only keeps its k and v
+                    has_token = mask.bool().any(1)[:, None, None]
+                    final[2] = torch.where(has_token, final[2], state.k)
+                    final[3] = torch.where(has_token, final[3], state.v)
+                for target, value in zip(state.parts(), final):
+                    target.copy_(value)
+        return self.finish(y, s.z)
+
+    def step(self, hidden_states: Tensor, state: Mamba3State) -> Tensor:
+        """One decoding step from the constant-size state. hidden_states: (batch, 1, d_model) or (batch, d_model);
+        state updated in place."""
+        squeeze = hidden_states.dim() == 2
+        s = self.ssm_inputs(hidden_states[:, None] if squeeze else hidden_states)
+        y = mamba3_step(state.parts(), s.Q[:, 0], s.K[:, 0], s.V[:, 0], s.ADT[..., 0], s.DT[..., 0], s.Trap[..., 0],
+                        s.Q_bias, s.K_bias, s.Angles[:, 0], D=s.D, Z=None if s.Z is None else s.Z[:, 0])
+        out = self.finish(y[:, None], s.z)
+        return out[:, 0] if squeeze else out

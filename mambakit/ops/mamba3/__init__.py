@@ -1,0 +1,99 @@
+"""Mamba-3 SISO: the trapezoidal two-term recurrence with data-dependent rotations of B and C.
+
+* :func:`mamba3_scan` -- the public scan with the official ``mamba3_siso_combined`` argument names (``seq_idx``
+  in place of ``cu_seqlens``) and a ``backend``.
+* :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding).
+* :mod:`.naive` (the step recurrence, the reference), :mod:`.chunked` (the block decomposition, fast on CPU) and
+  :mod:`.triton` (the forward as one portable Triton kernel) share the scan's signature, so every test can be
+  ``chunked(**kw) == naive(**kw)``.
+
+The math, the layouts and the precision rules are in :mod:`mambakit.ops.mamba3.common`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambakit.errors import MambaKitError
+from mambakit.ops.mamba3.chunked import mamba3_chunked
+from mambakit.ops.mamba3.common import Mamba3States, compute_dtype, heads_of_groups, validate, validate_states
+from mambakit.ops.mamba3.naive import mamba3_scan_ref, step_core
+
+__all__ = ["BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref", "mamba3_step"]
+
+#: "auto": the chunked PyTorch form (the Triton kernel has no backward yet); "torch": the same; "triton": the Triton
+#: forward kernel (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1, no gradients); "ref": the step recurrence.
+BACKENDS = ("auto", "torch", "triton", "ref")
+
+
+def mamba3_scan(
+    Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor, K_bias: Tensor,
+    Angles: Tensor, D: Optional[Tensor] = None, Z: Optional[Tensor] = None,
+    Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, chunk_size: int = 64,
+    return_final_states: bool = False, seq_idx: Optional[Tensor] = None, backend: str = "auto",
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """The Mamba-3 SISO scan.
+
+    Args:
+        Q, K: (batch, seqlen, ngroups, d_state), C and B after their RMSNorm; ngroups divides nheads.
+        V: (batch, seqlen, nheads, headdim), x.
+        ADT, DT: (batch, nheads, seqlen), A * dt and dt (dt after softplus, A < 0).
+        Trap: (batch, nheads, seqlen), the trapezoid's logit (lambda = sigmoid(Trap)).
+        Q_bias, K_bias: (nheads, d_state).
+        Angles: (batch, seqlen, nheads, n_angles), the raw angle projections, 2 * n_angles <= d_state.
+        D: (nheads,) skip, optional. Z: (batch, seqlen, nheads, headdim) gate ``y *= silu(Z)``, optional.
+        Input_States: (angle, ssm, k, v) as :class:`Mamba3States` (batch, nheads, n_angles),
+            (batch, nheads, headdim, d_state), (batch, nheads, d_state), (batch, nheads, headdim), optional:
+            the state before the first position (of the first packed sequence).
+        chunk_size: positive int; changes only speed and memory.
+        return_final_states: also return the four parts after the last position.
+        seq_idx: (batch, seqlen) int, optional: packed sequences; every state part restarts at each change.
+        backend: one of :data:`BACKENDS`.
+
+    Returns:
+        y (batch, seqlen, nheads, headdim) in V's dtype, or (y, angle, ssm, k, v) with the final states in float32
+        (float64 for float64 inputs).
+
+    Raises:
+        MambaKitError: an argument has the wrong type, shape, dtype or device, or an unknown backend.
+    """
+    if backend not in BACKENDS:
+        raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        from mambakit.ops.mamba3.triton import mamba3_scan_triton as form
+    else:
+        form = mamba3_scan_ref if backend == "ref" else mamba3_chunked
+    return form(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=D, Z=Z, Input_States=Input_States,
+                chunk_size=chunk_size, return_final_states=return_final_states, seq_idx=seq_idx)
+
+
+def mamba3_step(
+    states: Tuple[Tensor, Tensor, Tensor, Tensor], Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor,
+    Trap: Tensor, Q_bias: Tensor, K_bias: Tensor, Angles: Tensor, D: Optional[Tensor] = None,
+    Z: Optional[Tensor] = None,
+) -> Tensor:
+    """One token; updates the four tensors of ``states`` IN PLACE (computed in float32, or float64 when a state or
+    an input is float64, then stored in each state's dtype).
+
+    Args:
+        states: (angle, ssm, k, v) as in :func:`mamba3_scan`'s Input_States.
+        Q, K: (batch, ngroups, d_state); V, Z: (batch, nheads, headdim); ADT, DT, Trap: (batch, nheads);
+        Q_bias, K_bias: (nheads, d_state); Angles: (batch, nheads, n_angles); D: (nheads,), optional.
+
+    Returns:
+        y (batch, nheads, headdim) in V's dtype: exactly one step of the recurrence of :func:`mamba3_scan_ref`.
+    """
+    dims = validate(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, None, None, seq_dims=False)
+    validate_states(states, dims, "states")
+    fp = compute_dtype(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *states)
+    before = Mamba3States(*(s.to(fp) for s in states))
+    y, after = step_core(before, heads_of_groups(Q.to(fp), dims.nheads), heads_of_groups(K.to(fp), dims.nheads),
+                         V.to(fp), ADT.to(fp), DT.to(fp), Trap.to(fp), Q_bias.to(fp), K_bias.to(fp), Angles.to(fp),
+                         None if D is None else D.to(fp))
+    for target, value in zip(states, after):
+        target.copy_(value)
+    if Z is not None:
+        y = y * F.silu(Z.to(fp))
+    return y.to(V.dtype)

@@ -1,0 +1,42 @@
+"""Random inputs of the Mamba-3 scan for the op tests."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def scan_inputs(batch=2, seqlen=37, nheads=4, ngroups=2, headdim=5, d_state=7, n_angles=3, dtype=torch.float64,
+                states=True, packed=True, gate=True, seed=0):
+    """Keyword arguments of mamba3_scan: random Q, K, V, dt in (0, ~2), A*dt < 0, angles large enough to wrap 2 pi."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    DT = F.softplus(randn(batch, nheads, seqlen))
+    kw = dict(Q=randn(batch, seqlen, ngroups, d_state), K=randn(batch, seqlen, ngroups, d_state),
+              V=randn(batch, seqlen, nheads, headdim), DT=DT,
+              ADT=-(torch.rand(batch, nheads, seqlen, generator=g, dtype=torch.float64).to(dtype) * DT),
+              Trap=randn(batch, nheads, seqlen), Q_bias=randn(nheads, d_state), K_bias=randn(nheads, d_state),
+              Angles=randn(batch, seqlen, nheads, n_angles, scale=2.0), D=randn(nheads))
+    if gate:
+        kw["Z"] = randn(batch, seqlen, nheads, headdim)
+    if states:
+        kw["Input_States"] = (torch.rand(batch, nheads, n_angles, generator=g, dtype=torch.float64).to(dtype)
+                              * 2 * math.pi, randn(batch, nheads, headdim, d_state), randn(batch, nheads, d_state),
+                              randn(batch, nheads, headdim))
+    if packed:
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.long)
+        seq_idx[0, seqlen // 3:] = 1
+        seq_idx[0, 2 * seqlen // 3:] = 2
+        seq_idx[-1, seqlen - 4:] = 7
+        kw["seq_idx"] = seq_idx
+    return kw
+
+
+def angle_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest distance between two angle tensors on the circle."""
+    d = torch.remainder(a.double() - b.double() + math.pi, 2 * math.pi) - math.pi
+    return float(d.abs().max())

@@ -52,7 +52,7 @@ from mambakit.training import LoopConfig, StepRecord, adamw, param_groups, preci
 from mambakit.training import lr_at as _lr_at
 
 #: The --arch spellings of the LM trainer -> mixer names of `mambakit.layers.registry`.
-ARCHS = {arch: mixer_spec(arch).name for arch in ("mamba1", "mamba2")}
+ARCHS = {arch: mixer_spec(arch).name for arch in ("mamba1", "mamba2", "mamba3")}
 #: AdamW of the LM trainer.
 BETAS, EPS = (0.9, 0.95), 1e-8
 CHECKPOINT_SUBDIR = "checkpoint"

@@ -9,7 +9,7 @@ from mambakit.cli.args import add_threads_argument, non_negative_float, non_nega
 from mambakit.distributed.launch import launch, under_torchrun
 from mambakit.distributed.sampler import check_batch_split
 from mambakit.errors import MambaKitError
-from mambakit.train import DEFAULTS, TrainArgs, resolve_run, train
+from mambakit.train import ARCHS, DEFAULTS, TrainArgs, resolve_run, train
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/mamba", help="output folder: checkpoint/, loss.png, summary.json "
                    "(default: %(default)s)")
     p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default: {DEFAULTS['steps']})")
-    p.add_argument("--arch", choices=("mamba1", "mamba2"), help=f"mixer layer (default: {DEFAULTS['arch']})")
+    p.add_argument("--arch", choices=tuple(ARCHS), help=f"mixer layer (default: {DEFAULTS['arch']})")
     p.add_argument("--d-model", type=positive_int, help=f"model width (default: {DEFAULTS['d_model']})")
     p.add_argument("--n-layer", type=positive_int, help=f"number of blocks (default: {DEFAULTS['n_layer']})")
     p.add_argument("--d-state", type=positive_int, help="SSM state size (default: 16 for mamba1, 64 for mamba2)")

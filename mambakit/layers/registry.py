@@ -5,6 +5,7 @@ name       layer class                     accepted spellings          default d
 =========  ==============================  ==========================  ===============  =========================
 Mamba1     `mambakit.layers.mamba.Mamba`   Mamba1, mamba1, mamba       16               -
 Mamba2     `mambakit.layers.mamba2.Mamba2` Mamba2, mamba2              64               `default_headdim`
+Mamba3     `mambakit.layers.mamba3.Mamba3` Mamba3, mamba3              64               `default_headdim`
 S4         `mambakit.layers.s4.S4`         S4, s4                      64               -
 MHA        `mambakit.layers.attention.MHA` MHA, attention              (no state)       -
 =========  ==============================  ==========================  ===============  =========================
@@ -60,6 +61,7 @@ class MixerSpec:
 _SPECS = (
     MixerSpec("Mamba1", "mambakit.layers.mamba", "Mamba", ("Mamba1", "mamba1", "mamba"), d_state=16),
     MixerSpec("Mamba2", "mambakit.layers.mamba2", "Mamba2", ("Mamba2", "mamba2"), d_state=64, has_heads=True),
+    MixerSpec("Mamba3", "mambakit.layers.mamba3", "Mamba3", ("Mamba3", "mamba3"), d_state=64, has_heads=True),
     MixerSpec("S4", "mambakit.layers.s4", "S4", ("S4", "s4"), d_state=64),
     MixerSpec("MHA", "mambakit.layers.attention", "MHA", ("MHA", "attention"), d_state=None, ssm=False),
 )
@@ -69,7 +71,7 @@ _BY_SPELLING: Mapping[str, MixerSpec] = MappingProxyType({w: s for s in _SPECS f
 
 
 def ssm_layer_names() -> tuple[str, ...]:
-    """The names valid in `MambaConfig.ssm_cfg["layer"]`: ("Mamba1", "Mamba2", "S4")."""
+    """The names valid in `MambaConfig.ssm_cfg["layer"]`: ("Mamba1", "Mamba2", "Mamba3", "S4")."""
     return tuple(s.name for s in _SPECS if s.ssm)
 
 
@@ -88,7 +90,7 @@ def mixer_spec(spelling: str, allowed: Optional[Iterable[str]] = None, arg: str 
 
 
 def default_d_state(spelling: str) -> Optional[int]:
-    """The state size of a mixer when none is given: Mamba1 16, Mamba2 64, S4 64, attention None."""
+    """The state size of a mixer when none is given: Mamba1 16, Mamba2 64, Mamba3 64, S4 64, attention None."""
     return mixer_spec(spelling).d_state
 
 

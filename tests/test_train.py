@@ -61,7 +61,7 @@ def test_resolve_args_defaults_and_derived_values() -> None:
 @pytest.mark.parametrize(
     "field, value",
     [("steps", 0), ("d_model", -1), ("batch_size", 0), ("seq_len", 0), ("lr", 0.0), ("lr", float("nan")),
-     ("eval_interval", 0), ("arch", "mamba3"), ("warmup_steps", -1)],
+     ("eval_interval", 0), ("arch", "mamba9"), ("warmup_steps", -1)],
 )
 def test_invalid_args(field: str, value) -> None:
     with pytest.raises(MambaKitError, match=field.replace("_", "-") if field != "arch" else "arch"):

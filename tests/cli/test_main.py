@@ -48,7 +48,7 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
         (["train", "--lr", "0"], "--lr: must be a positive number"),
         (["train", "--lr", "nan"], "--lr: must be a positive number"),
         (["train", "--eval-interval", "0"], "--eval-interval"),
-        (["train", "--arch", "mamba3"], "invalid choice"),
+        (["train", "--arch", "mamba9"], "invalid choice"),
         (["train", "--data", "/no/such/file.txt"], "does not exist"),
         (["train", "--device", "tpu"], "unknown device"),
         (["generate", "--prompt", "x"], "--checkpoint"),

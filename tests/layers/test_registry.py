@@ -36,14 +36,15 @@ def test_classes_and_defaults() -> None:
     from mambakit.layers.attention import MHA
     from mambakit.layers.mamba import Mamba
     from mambakit.layers.mamba2 import Mamba2
+    from mambakit.layers.mamba3 import Mamba3
     from mambakit.layers.s4 import S4
 
     classes = {name: spec.layer_class() for name, spec in MIXERS.items()}
-    assert classes == {"Mamba1": Mamba, "Mamba2": Mamba2, "S4": S4, "MHA": MHA}
-    assert {m: default_d_state(m) for m in ("mamba", "mamba2", "s4", "attention")} == \
-        {"mamba": 16, "mamba2": 64, "s4": 64, "attention": None}
-    assert ssm_layer_names() == ("Mamba1", "Mamba2", "S4")
-    assert [name for name, spec in MIXERS.items() if spec.has_heads] == ["Mamba2"]
+    assert classes == {"Mamba1": Mamba, "Mamba2": Mamba2, "Mamba3": Mamba3, "S4": S4, "MHA": MHA}
+    assert {m: default_d_state(m) for m in ("mamba", "mamba2", "mamba3", "s4", "attention")} == \
+        {"mamba": 16, "mamba2": 64, "mamba3": 64, "s4": 64, "attention": None}
+    assert ssm_layer_names() == ("Mamba1", "Mamba2", "Mamba3", "S4")
+    assert [name for name, spec in MIXERS.items() if spec.has_heads] == ["Mamba2", "Mamba3"]
 
 
 def test_headdim_rule_matches_the_former_three_rules() -> None:

@@ -1,4 +1,6 @@
-"""Shared pieces of the benchmarks: one GPU timer, one relative error, the official package's import, JSON rows.
+"""Shared pieces of the benchmarks: the timers (median wall time, median CUDA-event time, first-call seconds), one
+relative error, the check report (log, check, failure list), the allocator poison, the official package's import,
+JSON rows.
 
 Benchmarks import this file as `from _common import ...` (they run as scripts from the repository root with
 `python benchmarks/<name>.py`, so `benchmarks/` is on sys.path).
@@ -34,12 +36,74 @@ def time_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def gpu_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100, grad_to_none: Optional[list] = None) -> float:
+    """Median time of fn() in milliseconds from triton.testing.do_bench (CUDA events, L2 flushed between calls);
+    warmup and rep are do_bench's budgets in milliseconds; the .grad of grad_to_none's tensors is reset per call."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def first_call_s(fn: Callable[[], Any]) -> float:
+    """Seconds of one call of fn(), the device synchronised before and after (the first call pays any compile)."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; inf when out has a non-finite value (NaN never passes)."""
+    """||out - ref|| / ||ref|| in float64 (||out|| when ref is zero); inf when either has a non-finite value."""
     out64, ref64 = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out64).all():
+    if not (torch.isfinite(out64).all() and torch.isfinite(ref64).all()):
         return float("inf")
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300))
+    den = torch.linalg.norm(ref64)
+    return float(torch.linalg.norm(out64 - ref64) / den) if den > 0 else float(torch.linalg.norm(out64))
+
+
+class Report:
+    """The checks of a GPU benchmark: `log` prints (and writes to the log file, if one is open), `check` logs an error
+    against its tolerance and records a failure; `finish` logs the verdict and returns the exit code."""
+
+    def __init__(self) -> None:
+        self.fails: list[str] = []
+        self.file: Optional[Any] = None
+
+    def open_log(self, path: Optional[str]) -> None:
+        self.file = open(path, "w") if path else None
+
+    def log(self, msg: str = "") -> None:
+        print(msg, flush=True)
+        if self.file is not None:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+    def fail(self, what: str) -> None:
+        self.fails.append(what)
+
+    def check(self, name: str, err: float, tol: float) -> None:
+        ok = err <= tol
+        if not ok:
+            self.fail(f"{name}: {err:.3e} > {tol:.0e}")
+        self.log(f"    {name:<34s} {err:10.3e}  (tol {tol:.0e}) {'ok' if ok else 'FAIL'}")
+
+    def finish(self) -> int:
+        self.log("\nFAILED: " + "; ".join(self.fails) if self.fails else "\nall checks passed")
+        return 1 if self.fails else 0
+
+
+#: The one report of the running benchmark (scripts that import another's functions share it).
+report = Report()
+
+
+def poison() -> None:
+    """Fill the CUDA caching allocator's free memory with NaN bytes so that unwritten outputs show up as NaN."""
+    free, _ = torch.cuda.mem_get_info()
+    n = int(min(free * 0.5, 12 * 2**30))
+    t = torch.empty(n, dtype=torch.uint8, device="cuda")
+    t.fill_(0xFF)
+    del t
 
 
 def import_official() -> Optional[dict[str, Any]]:

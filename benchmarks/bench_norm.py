@@ -18,17 +18,16 @@ import contextlib
 import os
 import sys
 import tempfile
-import time
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mambakit-triton-cache-")
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
-import benchmarks.gpu_check_selective_scan as report  # noqa: E402  (shared log / check / failure list)
-from benchmarks.gpu_check_selective_scan import FAILS, check, log, poison, rel_err  # noqa: E402
+from _common import first_call_s, gpu_ms, poison, rel_err, report  # noqa: E402
+
+log, check = report.log, report.check
 from mambakit.layers import norm as norm_layer  # noqa: E402
 
 EPS = 1e-5
@@ -101,7 +100,7 @@ def check_case(label, shape, group_size, gated, nbg, z_view, dtype) -> None:
     y, z, w, gout = make_inputs(shape, gated, z_view, dtype)
     layer = make_layer(shape[-1], group_size, gated, nbg, w)
     if not norm_layer._use_triton(y, layer.weight, z):
-        FAILS.append(f"{label}: the layer does not dispatch to Triton")
+        report.fail(f"{label}: the layer does not dispatch to Triton")
         log("    not dispatched to Triton: FAIL")
         return
     poison()
@@ -123,11 +122,8 @@ def check_case(label, shape, group_size, gated, nbg, z_view, dtype) -> None:
 def first_call_latency() -> None:
     y, z, w, gout = make_inputs((64, 1536), True, False, torch.bfloat16)
     layer = make_layer(1536, 1536, True, False, w)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    grads_of(layer, y, z, gout)
-    torch.cuda.synchronize()
-    log(f"first forward+backward (cold Triton cache, compiles both kernels): {time.perf_counter() - t0:.2f} s")
+    seconds = first_call_s(lambda: grads_of(layer, y, z, gout))
+    log(f"first forward+backward (cold Triton cache, compiles both kernels): {seconds:.2f} s")
 
 
 def bytes_moved(y, z, backward: bool) -> int:
@@ -154,8 +150,7 @@ def time_case(label, shape, group_size, gated, nbg, z_view):
     times = {}
     for path, ctx in (("torch", torch_path), ("triton", contextlib.nullcontext)):
         with ctx():
-            times[path] = (do_bench(fwd, return_mode="median"),
-                           do_bench(fwd_bwd, grad_to_none=leaves, return_mode="median"))
+            times[path] = (gpu_ms(fwd), gpu_ms(fwd_bwd, grad_to_none=leaves))
     (tf, tfb), (gf, gfb) = times["torch"], times["triton"]
     gbs_f = bytes_moved(y, z, False) / gf / 1e6
     gbs_fb = (bytes_moved(y, z, False) + bytes_moved(y, z, True)) / gfb / 1e6
@@ -170,7 +165,7 @@ def main() -> None:
     a = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_norm.py needs a CUDA device")
-    report.LOG = open(a.log, "w") if a.log else None
+    report.open_log(a.log)
     log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     first_call_latency()
     if not a.skip_check:
@@ -183,8 +178,7 @@ def main() -> None:
     log("|---|---|---|---|---|---|---|---|---|")
     for label, case in CASES.items():
         time_case(label, *case)
-    log("\nFAILED: " + "; ".join(FAILS) if FAILS else "\nall checks passed")
-    sys.exit(1 if FAILS else 0)
+    sys.exit(report.finish())
 
 
 if __name__ == "__main__":

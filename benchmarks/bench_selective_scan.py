@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from _common import gpu_ms  # noqa: E402
 
 from mambakit.ops.selective_scan import selective_scan_fn  # noqa: E402
 from mambakit.ops.triton import selective_scan as tss  # noqa: E402
@@ -50,7 +50,7 @@ def time_fwd(kw, backend, rep, **extra):
     def f():
         with torch.no_grad():
             selective_scan_fn(**kw, backend=backend) if not extra else tss.selective_scan_triton(**kw, **extra)
-    return do_bench(f, warmup=max(25, rep // 4), rep=rep, return_mode="median")
+    return gpu_ms(f, warmup=max(25, rep // 4), rep=rep)
 
 
 def time_fwd_bwd(kw, backend, rep, **extra):
@@ -61,7 +61,7 @@ def time_fwd_bwd(kw, backend, rep, **extra):
     def f():
         y = selective_scan_fn(**kw, backend=backend) if not extra else tss.selective_scan_triton(**kw, **extra)
         y.backward(gy)
-    ms = do_bench(f, warmup=max(25, rep // 4), rep=rep, grad_to_none=leaves(kw), return_mode="median")
+    ms = gpu_ms(f, warmup=max(25, rep // 4), rep=rep, grad_to_none=leaves(kw))
     for t in leaves(kw):
         t.requires_grad_(False)
         t.grad = None
@@ -100,7 +100,7 @@ def kernel_breakdown(kw, reps=5):
 def copy_bandwidth():
     x = torch.empty(2**28, device="cuda", dtype=torch.float32).normal_()
     y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    ms = gpu_ms(lambda: y.copy_(x), warmup=50, rep=300)
     return 2 * x.numel() * 4 / (ms * 1e-3)
 
 

@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mambakit-triton-cache-")
 os.environ.pop("TRITON_INTERPRET", None)
@@ -29,10 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
-import benchmarks.gpu_check_selective_scan as report  # noqa: E402  (shared log / check / failure list)
-from benchmarks.gpu_check_selective_scan import FAILS, check, log, rel_err  # noqa: E402
+from _common import first_call_s, gpu_ms, rel_err, report  # noqa: E402
+
+log, check = report.log, report.check
 
 # official mamba_ssm 2.3.2 Triton SSD on an H100 (issue 6), bf16, 32 x 64, 65536 tokens: (fwd, fwd+bwd) ms
 OFFICIAL = {64: (1.05, 4.96), 128: (1.43, 6.30)}
@@ -110,7 +109,7 @@ def correctness(quick: bool) -> None:
                 same = all(torch.equal(gt[k], again[k]) for k in gt)
                 log(f"    gradients bit-identical across runs: {same}")
                 if not same:
-                    FAILS.append("non-deterministic gradients")
+                    report.fail("non-deterministic gradients")
     log("  decode step (Triton vs PyTorch, 3 steps)")
     from mambakit.ops.ssd import ssd_step
 
@@ -132,18 +131,18 @@ def first_call_latency() -> None:
     torch.manual_seed(0)
     block = Mamba2(d_model=768, d_state=128, headdim=64, device="cuda")
     x = torch.randn(2, 2048, 768, device="cuda", requires_grad=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y = block(x)
-    y.float().sum().backward()
-    torch.cuda.synchronize()
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = block(x)
+        y.float().sum().backward()
+
     log(f"## first call: Mamba2 block (d_model 768, d_state 128) forward+backward, cold Triton cache: "
-        f"{time.perf_counter() - t0:.2f} s")
+        f"{first_call_s(step):.2f} s")
 
 
 def bench_ms(fn, rep=200, grad_to_none=None) -> float:
-    return do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+    return gpu_ms(fn, warmup=25, rep=rep, grad_to_none=grad_to_none)
 
 
 def time_ssd(batch, L, d_state, backend="triton"):
@@ -319,7 +318,7 @@ def main() -> None:
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--log")
     a = p.parse_args()
-    report.LOG = open(a.log, "w") if a.log else None
+    report.open_log(a.log)
     log(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     first_call_latency()
     if not a.skip_check:
@@ -327,10 +326,7 @@ def main() -> None:
     check_fla_equivalence()
     speed(a.seqlens, a.d_states, a.tokens)
     kernel_breakdown(128)
-    if FAILS:
-        log("\nFAILED: " + "; ".join(FAILS))
-        sys.exit(1)
-    log("\nall checks passed")
+    sys.exit(report.finish())
 
 
 if __name__ == "__main__":

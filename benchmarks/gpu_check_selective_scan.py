@@ -25,39 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-FAILS: list[str] = []
-LOG = None
+from _common import poison, rel_err, report  # noqa: E402
 
-
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
-    if LOG is not None:
-        LOG.write(msg + "\n")
-        LOG.flush()
-
-
-def rel_err(out, ref) -> float:
-    out64, ref64 = out.detach().double(), ref.detach().double()
-    if not (torch.isfinite(out64).all() and torch.isfinite(ref64).all()):
-        return float("inf")
-    den = torch.linalg.norm(ref64)
-    return float(torch.linalg.norm(out64 - ref64) / den) if den > 0 else float(torch.linalg.norm(out64))
-
-
-def check(name: str, err: float, tol: float) -> None:
-    ok = err <= tol
-    if not ok:
-        FAILS.append(f"{name}: {err:.3e} > {tol:.0e}")
-    log(f"    {name:<34s} {err:10.3e}  (tol {tol:.0e}) {'ok' if ok else 'FAIL'}")
-
-
-def poison() -> None:
-    """Fill the caching allocator's free memory with NaN bytes so that unwritten outputs show up as NaN."""
-    free, _ = torch.cuda.mem_get_info()
-    n = int(min(free * 0.5, 12 * 2**30))
-    t = torch.empty(n, dtype=torch.uint8, device="cuda")
-    t.fill_(0xFF)
-    del t
+log, check = report.log, report.check
 
 
 def scan_inputs(batch, dim, N, L, dtype, groups=0, with_z=True, with_D=True, with_bias=True, with_h0=False,
@@ -131,7 +101,7 @@ def check_scan_case(label, batch, dim, N, L, dtype, determinism=False, **flags):
         y2, last2, grads2 = run_scan(selective_scan_triton, kw, gy, gs)
         same = torch.equal(y, y2) and torch.equal(last, last2) and all(torch.equal(grads[n], grads2[n]) for n in grads)
         if not same:
-            FAILS.append(f"scan {label}: not deterministic")
+            report.fail(f"scan {label}: not deterministic")
         log(f"    determinism (2 runs bit-identical)  {'ok' if same else 'FAIL'}")
     del kw, kw64, grads, gr, y, yr
 
@@ -168,7 +138,7 @@ def check_conv_case(label, batch, dim, L, width, dtype, channel_last=False, pack
     g2 = torch.autograd.grad(y2, [x, w, b], gy)
     same = torch.equal(y, y2) and all(torch.equal(a, c) for a, c in zip(gt, g2))
     if not same:
-        FAILS.append(f"conv {label}: not deterministic")
+        report.fail(f"conv {label}: not deterministic")
     log(f"    determinism                         {'ok' if same else 'FAIL'}")
 
 
@@ -231,18 +201,16 @@ def first_call_latency():
         f"{t1 - t0:.2f} s (conv fwd {ts[1] - ts[0]:.2f} s, scan fwd {ts[2] - ts[1]:.2f} s, "
         f"both backwards {ts[3] - ts[2]:.2f} s); second call {1e3 * t2:.1f} ms")
     if t1 - t0 > 10.0:
-        FAILS.append(f"first-call latency {t1 - t0:.1f} s > 10 s")
+        report.fail(f"first-call latency {t1 - t0:.1f} s > 10 s")
     return t1 - t0
 
 
 def main() -> int:
-    global LOG
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the largest cases")
     ap.add_argument("--log", default=None)
     args = ap.parse_args()
-    if args.log:
-        LOG = open(args.log, "w")
+    report.open_log(args.log)
     if not torch.cuda.is_available():
         log("no CUDA device")
         return 2
@@ -273,9 +241,9 @@ def main() -> int:
     check_update_case("bf16 in, fp32 state, grouped", 16, 1024, 128, 8, torch.float32, torch.bfloat16)
     check_update_case("bf16 state", 8, 512, 16, 0, torch.bfloat16, torch.bfloat16)
     log("")
-    if FAILS:
-        log(f"FAILED ({len(FAILS)}):")
-        for f in FAILS:
+    if report.fails:
+        log(f"FAILED ({len(report.fails)}):")
+        for f in report.fails:
             log("  " + f)
         return 1
     log("all GPU checks passed")

@@ -16,10 +16,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.bench_ssd import bench_ms, correctness, kernel_breakdown, ssd_inputs  # noqa: E402
-from benchmarks.gpu_check_selective_scan import FAILS, log  # noqa: E402
+from _common import report  # noqa: E402
+from bench_ssd import bench_ms, correctness, kernel_breakdown, ssd_inputs  # noqa: E402
 from mambakit.ops.ssd import mamba_chunk_scan_combined  # noqa: E402
 from mambakit.ops.triton import ssd as tssd  # noqa: E402
+
+log = report.log
 
 
 def configure(chunk: int, block: int, warps: int, stages: int) -> None:
@@ -96,8 +98,8 @@ def main() -> None:
         log(f"\n# settings: chunk {chunk} block {block} warps {warps} stages {stages}")
         for N in a.d_states:
             kernel_breakdown(N)
-    if FAILS:
-        log("\nFAILED: " + "; ".join(FAILS))
+    if report.fails:
+        log("\nFAILED: " + "; ".join(report.fails))
         sys.exit(1)
 
 

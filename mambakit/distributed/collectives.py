@@ -68,11 +68,6 @@ def all_gather_stack(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     return out
 
 
-def shift_to_next(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
-    """Send `tensor` to rank + 1 and return what rank - 1 sent (zeros on rank 0). Same shape on every rank."""
-    return _shift(tensor.contiguous(), group, +1)
-
-
 def _shift(tensor: Tensor, group: ProcessGroup, step: int) -> Tensor:
     rank, world = group_rank_world(group)
     out = torch.zeros_like(tensor)

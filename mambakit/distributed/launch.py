@@ -17,9 +17,6 @@ import torch.distributed as dist
 
 from mambakit.errors import MambaKitError
 
-#: Environment variables torchrun sets in each worker process.
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
 
 @dataclass
 class DistContext:

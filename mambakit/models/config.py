@@ -29,6 +29,9 @@ class MambaConfig:
     `ssm_cfg` holds the mixer's keyword arguments plus `"layer": "Mamba1" | "Mamba2" | "S4"` (default Mamba1; any
     spelling of `mambakit.layers.registry`, e.g. "mamba2", is accepted and stored as the name).
     `attn_layer_idx` lists the layers that are attention instead of SSM (hybrid stacks), configured by `attn_cfg`.
+    `fused_add_norm` is read and written for compatibility (official configs carry it); it switches nothing:
+    mambakit fuses the residual add + RMSNorm where it can on its own (the decode path does, through
+    `mambakit.ops.norm.add_rms_norm`).
     """
 
     d_model: int = 256
@@ -40,7 +43,7 @@ class MambaConfig:
     attn_cfg: dict[str, Any] = field(default_factory=dict)
     rms_norm: bool = True
     residual_in_fp32: bool = True
-    fused_add_norm: bool = False  # accepted for compatibility; the add+norm is never fused on CPU
+    fused_add_norm: bool = False  # read for compatibility; see the class docstring
     pad_vocab_size_multiple: int = 8
     tie_embeddings: bool = True
     norm_epsilon: float = 1e-5

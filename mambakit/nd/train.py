@@ -143,7 +143,7 @@ def run_nd_task(name: str, **options: Any) -> Dict[str, Any]:
     'multi', steps, batch_size, lr, weight_decay, warmup_steps, grad_clip, d_model, depth, d_state (mixer state
     size; None = the mixer's default), patch, image_size / frames / canvas, augment (random shifts for digits),
     seed, device ('cpu', 'cuda', 'auto'), threads (torch CPU threads during the run, restored afterwards; default 1:
-    these models are small, and on a CPU shared with other processes two threads ran 10x slower than one; None =
+    these models are small, and on a CPU shared with other processes more threads ran much slower than one; None =
     leave torch's setting), progress (tqdm bar on stderr).
 
     Returns: task, model, mixer, order_mode, seed, steps, batch_size, params, d_model (of the model built),

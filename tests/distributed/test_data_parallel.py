@@ -26,7 +26,6 @@ from mambakit.errors import MambaKitError
 from mambakit.models.checkpoint import load_checkpoint, load_optimizer_state, load_trainer_state
 from mambakit.train import TrainArgs, train
 
-pytest.importorskip("mambakit.models.lm")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from mambakit.errors import MambaKitError
 from mambakit.ops.ssd import (
     mamba_chunk_scan_combined,
-    ssd,
     ssd_attention_matrix,
     ssd_chunked,
     ssd_quadratic,
@@ -160,11 +159,10 @@ def test_forms_agree_long() -> None:
         assert rel_err(s, s_ref) <= 1e-10
 
 
-def test_return_final_states_flag_and_alias() -> None:
+def test_return_final_states_flag() -> None:
     kw = make_inputs(seqlen=9, return_final_states=False)
     y = mamba_chunk_scan_combined(**kw)
     assert isinstance(y, torch.Tensor)
-    assert ssd is mamba_chunk_scan_combined
     y2, _ = ssd_chunked(**{**kw, "return_final_states": True})
     assert torch.equal(y, y2)
 

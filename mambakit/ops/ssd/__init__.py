@@ -18,7 +18,7 @@ Three forms of the same function are provided, all with the official ``mamba_ssm
 * :func:`ssd_chunked` -- the block decomposition used by Mamba-2 (linear in seqlen), with a hand-written backward
   that recomputes the chunk-local quadratic blocks instead of storing them.
 
-:func:`mamba_chunk_scan_combined` (alias :data:`ssd`) is the public dispatcher with the official signature and
+:func:`mamba_chunk_scan_combined` is the public dispatcher with the official signature and
 validation; :func:`ssd_step` is the one-token decode step. Modules: `naive` (recurrent), `quadratic`, `chunked`,
 `triton` (kernels, imported only when used), `validate`, `common`.
 
@@ -64,7 +64,6 @@ __all__ = [
     "check_ssd_inputs",
     "compute_dtype",
     "mamba_chunk_scan_combined",
-    "ssd",
     "ssd_attention_matrix",
     "ssd_chunked",
     "ssd_quadratic",
@@ -153,9 +152,6 @@ def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
     if z is not None:
         y = (y.float() * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_states else y
-
-
-ssd = mamba_chunk_scan_combined
 
 
 def ssd_step(

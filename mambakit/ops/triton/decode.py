@@ -1,7 +1,7 @@
 """Triton kernels for the one-token decoding step, each replacing a run of small PyTorch kernels.
 
-At batch 1..64 a decode step is a few hundred tiny kernels whose count, not their bytes, sets the time (also inside
-a CUDA graph, about 2 us each). Two runs dominate:
+At small batches a decode step is a few hundred tiny kernels whose count, not their bytes, sets the time (also inside
+a CUDA graph; the launch costs are in benchmarks/RESULTS.md). Two runs dominate:
   * `add_rms_norm_step`: residual + hidden, RMSNorm, the residual kept in float32 (11 kernels -> 1);
   * `conv1d_update_triton`: shift the conv state, insert the new column, depthwise dot, bias, SiLU (7 kernels -> 1).
 Inference only (no autograd); same results as the PyTorch versions up to float32 rounding order.

@@ -1,0 +1,77 @@
+"""Every benchmark script runs its CPU smoke mode (tiny shapes) in a subprocess and exits 0; the scripts that write
+JSON rows write them to $OUT, and results_table.py turns them into markdown. GPU-only scripts are skipped."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+#: script -> (smoke arguments, the JSON lines files it writes to $OUT)
+SMOKE = {
+    "bench_decode.py": (["--device", "cpu", "--tiny"], ["decode.jsonl"]),
+    "bench_generate.py": (["--device", "cpu", "--tiny"], []),
+    "profile_train_step.py": (["--device", "cpu", "--tiny"], ["train_step.jsonl"]),
+    "bench_cpu.py": (["--seqlens", "32", "--batch", "1", "--repeats", "1", "--max-slow-tokens", "32",
+                      "--impls", "mambakit"], []),
+    "bench_ssd_cpu.py": (["--threads", "1", "--seqlens", "64", "--batch", "1", "--nheads", "2", "--headdim", "8",
+                          "--d-state", "8", "--chunk-size", "16", "--repeats", "1"], []),
+    "interpret_sanity.py": (["--task", "all", "--steps", "3", "--n-eval", "8", "--batch", "4"], []),
+    "remamba_kv.py": (["--d-model", "16", "--n-layer", "1", "--d-state", "4", "--n-keys", "4", "--base-len", "16",
+                       "--base-pairs", "1", "--base-steps", "2", "--base-warmup", "1", "--batch", "4",
+                       "--adapt-lens", "32", "--adapt-steps", "2", "--adapt-batch", "2", "--eval-lens", "32",
+                       "--eval-samples", "4", "--eval-batch", "4"], []),
+    "bench_distributed_comm.py": (["--worlds", "2", "--seqlens", "64"], []),
+}
+
+#: script -> why it has no CPU smoke mode here
+SKIPPED = {
+    "bench_data_parallel_comm.py": "starts a gloo process group per strategy (slow on a shared CPU); the same "
+                                   "code paths run in tests/distributed/test_data_parallel.py",
+    "bench_lm_gpu.py": "GPU only: times the Triton paths of a full LM",
+    "bench_norm.py": "GPU only: checks and times the Triton norm kernels (cold Triton cache)",
+    "bench_selective_scan.py": "GPU only: times the Triton selective scan against copy bandwidth",
+    "bench_ssd.py": "GPU only: checks and times the Triton SSD kernels",
+    "first_call.py": "GPU only: cold-cache compile times of the Triton kernels",
+    "gpu_check_selective_scan.py": "GPU only: large-shape checks of the Triton scan, conv and decode kernels",
+    "sweep_ssd.py": "GPU only: sweeps the Triton SSD kernels' launch settings",
+}
+
+
+def run(script: str, args: list[str], out: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(out), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=out, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_script_is_listed() -> None:
+    scripts = {p.name for p in BENCH.glob("*.py") if not p.name.startswith("_") and p.name != "results_table.py"}
+    assert scripts == set(SMOKE) | set(SKIPPED)
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE) + sorted(SKIPPED))
+def test_smoke(script: str, tmp_path: Path) -> None:
+    if script in SKIPPED:
+        pytest.skip(SKIPPED[script])
+    args, jsonl = SMOKE[script]
+    if script == "remamba_kv.py":
+        args = [*args, "--out", str(tmp_path / "remamba")]
+    proc = run(script, args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for name in jsonl:
+        rows = (tmp_path / name).read_text().splitlines()
+        assert rows, f"{script} wrote no rows to {name}"
+        table = run("results_table.py", [str(tmp_path / name)], tmp_path)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.startswith(f"### {name}\n") and table.stdout.count("\n|") == len(rows) + 2
+
+
+def test_results_table_refuses_a_missing_file(tmp_path: Path) -> None:
+    proc = run("results_table.py", [str(tmp_path / "none.jsonl")], tmp_path)
+    assert proc.returncode == 2 and "no such file" in proc.stderr

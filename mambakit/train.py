@@ -47,6 +47,7 @@ from mambakit.models.checkpoint import (
     save_checkpoint,
 )
 from mambakit.models.config import MambaConfig
+from mambakit.models.io.atomic import tidy
 # param_groups and resolve_device live in mambakit.training; importing them from here keeps working
 from mambakit.training import LoopConfig, StepRecord, adamw, param_groups, precision_context, resolve_device, run_loop
 from mambakit.training import lr_at as _lr_at
@@ -298,6 +299,7 @@ def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
     ckpt_dir = Path(args.out) / CHECKPOINT_SUBDIR
     state: dict[str, Any] = {}
     if args.resume:
+        tidy(ckpt_dir)  # what a killed save left: deleted, or the newest complete checkpoint renamed back
         stored_state = load_trainer_state(ckpt_dir) if ckpt_dir.exists() else None
         if stored_state is None:
             raise MambaKitError(f"--resume: no checkpoint with trainer state in {str(ckpt_dir)!r}")

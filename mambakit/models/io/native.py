@@ -71,8 +71,9 @@ def save_checkpoint(
 
     `model_state` and `optimizer_state`, when given, are written instead of ``model.state_dict()`` and
     ``optimizer.state_dict()`` (distributed training passes the full tensors gathered from its ranks).
-    An existing checkpoint at `directory` is replaced as a whole; on any error it is left as it was.
-    Returns the checkpoint path.
+    An existing checkpoint at `directory` is replaced as a whole; on any error it is left as it was. A full disk (or
+    another failed write) raises `SaveError`, an OSError naming the step being saved and the step of the checkpoint
+    left intact. Returns the checkpoint path.
     """
     def write(tmp: Path) -> None:
         model.config.save_json(tmp / CONFIG_NAME)
@@ -93,7 +94,18 @@ def save_checkpoint(
         if trainer_state is not None:
             write_json(tmp / TRAINER_STATE_NAME, trainer_state)
 
-    return write_folder(Path(directory), write)
+    step = (trainer_state or {}).get("step")
+    what = f"the checkpoint of step {step}" if step is not None else "the checkpoint"
+    return write_folder(Path(directory), write, what=what, describe=_stored_step)
+
+
+def _stored_step(directory: Path) -> str:
+    """' (step N)' for a checkpoint folder whose trainer state records its step, else ''."""
+    try:
+        step = json.loads((directory / TRAINER_STATE_NAME).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (step {step})" if isinstance(step, int) else ""
 
 
 def load_config(directory: PathLike) -> MambaConfig:

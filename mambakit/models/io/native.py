@@ -121,6 +121,7 @@ def load_checkpoint(
     directory: PathLike,
     device: Union[str, torch.device] = "cpu",
     dtype: Union[torch.dtype, str, None] = None,
+    allow_non_finite: bool = False,
 ) -> MambaLMHeadModel:
     """Build a `MambaLMHeadModel` from a checkpoint directory and load its weights.
 
@@ -128,13 +129,15 @@ def load_checkpoint(
     `CheckpointError` for a missing directory, a missing or invalid config.json, missing or unreadable weights,
     and weights that do not fit the configuration (every missing / unexpected tensor and shape mismatch in one
     message, found from the file's header before the model is allocated). Tied embeddings are re-tied (lm_head
-    shares the embedding tensor). The model is returned in eval mode.
+    shares the embedding tensor). Weights holding NaN or infinite values are refused (CheckpointError naming them)
+    unless allow_non_finite is True. The model is returned in eval mode.
     """
     path = resolve_folder(directory)
     config = load_config(path)
     if not (path / SAFETENSORS_NAME).is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {SAFETENSORS_NAME}")
-    return load_model(config, WeightFiles(path, SAFETENSORS_NAME), repr(str(path)), device=device, dtype=dtype)
+    return load_model(config, WeightFiles(path, SAFETENSORS_NAME), repr(str(path)), device=device, dtype=dtype,
+                      allow_non_finite=allow_non_finite)
 
 
 def load_optimizer_state(directory: PathLike, map_location: Union[str, torch.device] = "cpu") -> Optional[dict[str, Any]]:

@@ -36,7 +36,7 @@ from mambakit.distributed.data_parallel import (
 )
 from mambakit.distributed.launch import DistContext, barrier, setup_distributed, teardown
 from mambakit.distributed.sampler import ShardedBatchSampler, check_batch_split
-from mambakit.errors import MambaKitError
+from mambakit.errors import CheckpointError, MambaKitError
 from mambakit.layers.registry import default_d_state as _registry_d_state
 from mambakit.layers.registry import default_headdim, mixer_spec
 from mambakit.models.checkpoint import (
@@ -278,6 +278,24 @@ def _check_resume_shape(args: TrainArgs, config: MambaConfig) -> None:
             )
 
 
+def _load_optimizer(optimizer: torch.optim.Optimizer, opt_state: dict[str, Any], dp: DataParallelConfig,
+                    ckpt_dir: Path) -> None:
+    """Load a stored optimizer state; CheckpointError when it does not fit the model (other groups, parameters or
+    shapes) instead of torch's error at load or at the first step."""
+    fail = f"the optimizer state in {str(ckpt_dir)!r} does not fit this model"
+    try:
+        optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer, dp))
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{fail}: {exc}; delete its optimizer.pt to resume with a fresh optimizer") from exc
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise CheckpointError(f"{fail}: {name} has shape {tuple(value.shape)} for a parameter of "
+                                          f"shape {tuple(p.shape)}; delete its optimizer.pt to resume with a fresh "
+                                          "optimizer")
+
+
 def train(args: TrainArgs, log: Callable[[str], None] = print,
           on_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns a summary: losses, tokens/s, steps, wall time, checkpoint, sample.
@@ -341,7 +359,7 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
     if args.resume:
         opt_state = load_optimizer_state(ckpt_dir, map_location=device)
         if opt_state is not None:
-            optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer, dp))
+            _load_optimizer(optimizer, opt_state, dp, ckpt_dir)
         log(f"resumed from {ckpt_dir} at step {state['step']}")
     log(f"model: {args.arch}, d_model {config.d_model}, n_layer {config.n_layer}, d_state {args.d_state}, "
         f"{n_params:,} parameters; device {device}; {args.steps} steps of {args.batch_size}x{args.seq_len} bytes")

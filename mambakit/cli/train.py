@@ -47,6 +47,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, help=f"random seed (default: {DEFAULTS['seed']})")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out (without it, "
+                   "a new run into a folder holding one is refused)")
     p.add_argument("--sample-prompt", help=f"prompt of the sample printed at the end "
                    f"(default: {DEFAULTS['sample_prompt']!r})")
     p.add_argument("--sample-tokens", type=non_negative_int,
@@ -71,7 +73,7 @@ def train_main(ns: argparse.Namespace) -> int:
         warmup_steps=ns.warmup_steps, weight_decay=ns.weight_decay, eval_interval=ns.eval_interval,
         eval_batches=ns.eval_batches, save_interval=ns.save_interval, seed=ns.seed, device=ns.device,
         sample_prompt=ns.sample_prompt, sample_tokens=ns.sample_tokens, grad_accum=ns.grad_accum, fsdp=ns.fsdp,
-        bf16=ns.bf16,
+        bf16=ns.bf16, overwrite=ns.overwrite,
     )
     if ns.nproc is not None and not under_torchrun():
         resolved, _ = resolve_run(args)  # bad options fail here, in one process, before anything is launched

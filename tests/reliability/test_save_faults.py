@@ -60,7 +60,7 @@ def test_train_on_a_full_disk_is_one_error_line(tmp_path, monkeypatch, capsys, c
     line = error_line(capsys)
     assert "No space left on device" in line and "step 6" in line and "(step 4) is intact" in line
     monkeypatch.undo()
-    assert load_trainer_state(out / "checkpoint")["step"] == 4 and hidden(out) == []
+    assert load_trainer_state(out / "checkpoint")["step"] == 4 and hidden(out) == [".mambakit.lock"]
 
 
 REAL_LIMIT = """

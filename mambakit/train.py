@@ -14,8 +14,10 @@ world size.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -36,7 +38,7 @@ from mambakit.distributed.data_parallel import (
 )
 from mambakit.distributed.launch import DistContext, barrier, setup_distributed, teardown
 from mambakit.distributed.sampler import ShardedBatchSampler, check_batch_split
-from mambakit.errors import MambaKitError
+from mambakit.errors import CheckpointError, MambaKitError
 from mambakit.layers.registry import default_d_state as _registry_d_state
 from mambakit.layers.registry import default_headdim, mixer_spec
 from mambakit.models.checkpoint import (
@@ -47,9 +49,12 @@ from mambakit.models.checkpoint import (
     save_checkpoint,
 )
 from mambakit.models.config import MambaConfig
+from mambakit.models.io.atomic import tidy
+from mambakit.models.io.names import CONFIG_NAME
 # param_groups and resolve_device live in mambakit.training; importing them from here keeps working
 from mambakit.training import LoopConfig, StepRecord, adamw, param_groups, precision_context, resolve_device, run_loop
 from mambakit.training import lr_at as _lr_at
+from mambakit.training.lock import exclusive
 
 #: The --arch spellings of the LM trainer -> mixer names of `mambakit.layers.registry`.
 ARCHS = {arch: mixer_spec(arch).name for arch in ("mamba1", "mamba2", "mamba3")}
@@ -84,7 +89,7 @@ DEFAULTS: dict[str, Any] = {
 #: Fields that fix the model's shape: on --resume they come from the checkpoint and must not contradict it.
 MODEL_FIELDS = ("d_model", "n_layer", "d_state", "arch")
 #: Fields that belong to one launch (never taken from the run being resumed).
-LAUNCH_FIELDS = ("out", "resume", "progress", "fsdp", "bf16")
+LAUNCH_FIELDS = ("out", "resume", "progress", "fsdp", "bf16", "overwrite")
 
 
 @dataclass
@@ -117,6 +122,7 @@ class TrainArgs:
     sample_tokens: int | None = None
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     bf16: bool = False  # bf16 autocast with fp32 master weights (CUDA only)
+    overwrite: bool = False  # without --resume, replace a checkpoint already in --out (else refused)
 
 
 def default_d_state(arch: str) -> int:
@@ -277,6 +283,24 @@ def _check_resume_shape(args: TrainArgs, config: MambaConfig) -> None:
             )
 
 
+def _load_optimizer(optimizer: torch.optim.Optimizer, opt_state: dict[str, Any], dp: DataParallelConfig,
+                    ckpt_dir: Path) -> None:
+    """Load a stored optimizer state; CheckpointError when it does not fit the model (other groups, parameters or
+    shapes) instead of torch's error at load or at the first step."""
+    fail = f"the optimizer state in {str(ckpt_dir)!r} does not fit this model"
+    try:
+        optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer, dp))
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{fail}: {exc}; delete its optimizer.pt to resume with a fresh optimizer") from exc
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise CheckpointError(f"{fail}: {name} has shape {tuple(value.shape)} for a parameter of "
+                                          f"shape {tuple(p.shape)}; delete its optimizer.pt to resume with a fresh "
+                                          "optimizer")
+
+
 def train(args: TrainArgs, log: Callable[[str], None] = print,
           on_checkpoint: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns a summary: losses, tokens/s, steps, wall time, checkpoint, sample.
@@ -285,12 +309,18 @@ def train(args: TrainArgs, log: Callable[[str], None] = print,
     only rank 0 logs and writes files. `on_checkpoint(step)` is called on every rank after each checkpoint.
     """
     t_start = time.perf_counter()
-    args, state = resolve_run(args)
-    ctx = setup_distributed(args.device)
-    try:
-        return _train(args, state, ctx, log if ctx.is_main else (lambda message: None), on_checkpoint, t_start)
-    finally:
-        teardown(ctx)
+    # rank 0 alone holds the lock of --out (torchrun's RANK, or a process group initialised by the caller)
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    main_rank = (torch.distributed.get_rank() == 0) if group else os.environ.get("RANK", "0") == "0"
+    with exclusive(Path(args.out)) if main_rank else contextlib.nullcontext() as taken_over:
+        if taken_over:
+            log(f"took over the lock of --out {args.out!r} from {taken_over}, which is no longer running")
+        args, state = resolve_run(args)
+        ctx = setup_distributed(args.device)
+        try:
+            return _train(args, state, ctx, log if ctx.is_main else (lambda message: None), on_checkpoint, t_start)
+        finally:
+            teardown(ctx)
 
 
 def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
@@ -298,6 +328,7 @@ def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
     ckpt_dir = Path(args.out) / CHECKPOINT_SUBDIR
     state: dict[str, Any] = {}
     if args.resume:
+        tidy(ckpt_dir)  # what a killed save left: deleted, or the newest complete checkpoint renamed back
         stored_state = load_trainer_state(ckpt_dir) if ckpt_dir.exists() else None
         if stored_state is None:
             raise MambaKitError(f"--resume: no checkpoint with trainer state in {str(ckpt_dir)!r}")
@@ -306,6 +337,10 @@ def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
         _check_resume_shape(args, load_config(ckpt_dir))
         args = resolve_args(args, {k: v for k, v in stored_args.items() if k not in MODEL_FIELDS})
     else:
+        if (ckpt_dir / CONFIG_NAME).exists() and not args.overwrite:
+            step = (load_trainer_state(ckpt_dir) or {}).get("step")
+            raise MambaKitError(f"--out {args.out!r} already holds a checkpoint" + (f" (step {step})" if step else "")
+                                + "; continue it with --resume, replace it with --overwrite, or choose another --out")
         args = resolve_args(args)
     return args, state
 
@@ -336,11 +371,19 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
     n_params = sum(p.numel() for p in inner.parameters())
     model = wrap_model(inner, dp)  # DDP wrapper, or `inner` itself (sharded in place by FSDP2, or single)
     optimizer = adamw(param_groups(inner, args.weight_decay), lr=args.lr, betas=BETAS, eps=EPS)
+    start_step = int(state.get("step", 0))
     if args.resume:
         opt_state = load_optimizer_state(ckpt_dir, map_location=device)
         if opt_state is not None:
-            optimizer.load_state_dict(shard_optimizer_state(opt_state, optimizer, dp))
+            _load_optimizer(optimizer, opt_state, dp, ckpt_dir)
         log(f"resumed from {ckpt_dir} at step {state['step']}")
+        before = state.get("args", {}).get("steps")
+        if isinstance(before, int) and before != args.steps and start_step < args.steps:
+            was = _lr_at(start_step, before, args.lr, args.warmup_steps, args.min_lr_ratio)
+            log(f"note: --steps {args.steps} differs from the {before} this run was started with: the learning-rate "
+                f"schedule (warmup {args.warmup_steps}, cosine to lr*{args.min_lr_ratio}) now ends at step "
+                f"{args.steps}, so step {start_step + 1} runs at lr {lr_at(start_step, args):.2e} instead of "
+                f"{was:.2e}; the result differs from a {args.steps}-step run from scratch")
     log(f"model: {args.arch}, d_model {config.d_model}, n_layer {config.n_layer}, d_state {args.d_state}, "
         f"{n_params:,} parameters; device {device}; {args.steps} steps of {args.batch_size}x{args.seq_len} bytes")
     if ctx.distributed or args.grad_accum > 1:
@@ -356,7 +399,6 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
         dp.counter.active = True
         return value
 
-    start_step = int(state.get("step", 0))
     history: dict[str, list] = state.get("history") or {"train": [], "val": []}
     # training time and tokens of the steps before this launch (a resumed run); the loop counts this launch's
     time_before = float(state.get("train_time_s", 0.0))

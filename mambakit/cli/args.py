@@ -136,6 +136,8 @@ non_negative_int = checked(int, "an integer >= 0", lambda v: v >= 0)
 positive_float = checked(float, "a positive number", _finite(lambda v: v > 0))
 non_negative_float = checked(float, "a number >= 0", _finite(lambda v: v >= 0))
 probability = checked(float, "a number in (0, 1]", _finite(lambda v: 0 < v <= 1))
+seed = checked(int, "an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)  # what torch's generators take
+non_empty = checked(str, "a non-empty path", lambda v: bool(v.strip()))
 
 
 def positive_ints(text: str) -> Union[int, Tuple[int, ...]]:

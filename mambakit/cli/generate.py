@@ -7,7 +7,14 @@ from typing import Any
 
 import torch
 
-from mambakit.cli.args import add_threads_argument, non_negative_float, non_negative_int, positive_int, probability
+from mambakit.cli.args import (
+    add_threads_argument,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
+    seed,
+)
 from mambakit.cli.loading import find_checkpoint, load_model, load_tokenizer
 from mambakit.cli.prompt import encode_prompt, require_prompt
 from mambakit.cli.remamba import add_remamba_arguments, load_for_generate, remamba_config
@@ -31,7 +38,7 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens, 0 = all "
                    "(default: %(default)s)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (default: %(default)s)")
-    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed for sampling")
+    p.add_argument("--seed", type=seed, default=None, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=DEFAULT_MAX_PROMPT_TOKENS,
                    help="refuse longer prompts (default: %(default)s)")

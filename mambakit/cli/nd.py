@@ -14,7 +14,7 @@ import math
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from mambakit.cli.args import Parser, checked, non_negative_int, positive_float, positive_int, positive_ints
+from mambakit.cli.args import Parser, checked, non_negative_int, positive_float, positive_int, positive_ints, seed
 from mambakit.errors import MambaKitError
 from mambakit.nd.model import HEADS, MIXERS
 from mambakit.nd.orders import ORDER_MODES
@@ -64,7 +64,7 @@ def add_nd_arguments(p: argparse.ArgumentParser, task: str) -> None:
     else:
         p.add_argument("--frames", type=positive_int, help=f"frames per video (default: {T['frames']})")
         p.add_argument("--canvas", type=positive_ints, help=f"canvas size H or H,W (default: {T['canvas']})")
-    p.add_argument("--seed", type=non_negative_int, help=f"random seed of the model and the training batches "
+    p.add_argument("--seed", type=seed, help=f"random seed of the model and the training batches "
                    f"(the train/test split is fixed) (default: {C['seed']})")
     p.add_argument("--device", help=f"cpu, cuda, cuda:N or auto (default: {C['device']})")
     p.add_argument("--threads", type=positive_int, help=f"torch CPU threads (default: {C['threads']}; more only helps "

@@ -8,9 +8,13 @@ from mambakit.errors import MambaKitError
 
 
 def require_prompt(prompt: str) -> None:
-    """Raise MambaKitError for an empty --prompt (checked before any model is loaded)."""
+    """Raise MambaKitError for an empty --prompt or one that is not valid UTF-8 (checked before any model is loaded)."""
     if not prompt:
         raise MambaKitError("--prompt must not be empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes of the command line that are not UTF-8 arrive as lone surrogates
+        raise MambaKitError(f"--prompt must be valid UTF-8 text, got undecodable bytes at position {exc.start}") from None
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, vocab_size: int, max_tokens: int) -> List[int]:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any, List, Optional, Sequence, Union
 
-from mambakit.cli.args import integer, number, Parser, THREADS_HELP
+from mambakit.cli.args import THREADS_HELP, Parser, integer, number, seed
 from mambakit.cli.process import keep_freed_memory
 from mambakit.errors import MambaKitError
 from mambakit.tasks.generators import TASKS
@@ -38,7 +38,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=number,
                    help="AdamW weight decay of the matrices (default: per task; induction-heads 0, others 0.1)")
     p.add_argument("--warmup", type=integer, help="linear warmup steps (default: min(100, steps / 10))")
-    p.add_argument("--seed", type=integer, default=0, help="seed of the model and the data (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the model and the data (default: %(default)s)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG and JSON results (default: %(default)s)")
     p.add_argument("--eval-lengths", type=integer, nargs="*",
                    help="also evaluate at these lengths after training (default: induction-heads 256 1024 4096 16384 "

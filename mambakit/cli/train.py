@@ -5,7 +5,15 @@ import argparse
 import os
 from typing import Any
 
-from mambakit.cli.args import add_threads_argument, non_negative_float, non_negative_int, positive_float, positive_int
+from mambakit.cli.args import (
+    add_threads_argument,
+    non_empty,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed,
+)
 from mambakit.distributed.launch import launch, under_torchrun
 from mambakit.distributed.sampler import check_batch_split
 from mambakit.errors import MambaKitError
@@ -21,7 +29,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Train a byte-level Mamba LM. With no options: the built-in corpus (the Python standard "
         "library's sources) and a small model sized for a few minutes on a laptop CPU.",
     )
-    p.add_argument("--data", help="a text file or a folder of text files (default: the built-in corpus)")
+    p.add_argument("--data", type=non_empty, help="a text file or a folder of text files (default: the built-in corpus)")
     p.add_argument("--out", default="runs/mamba", help="output folder: checkpoint/, loss.png, summary.json "
                    "(default: %(default)s)")
     p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default: {DEFAULTS['steps']})")
@@ -44,9 +52,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=positive_int,
                    help=f"fixed validation batches per evaluation (default: {DEFAULTS['eval_batches']})")
     p.add_argument("--save-interval", type=positive_int, help="steps between checkpoints (default: eval interval)")
-    p.add_argument("--seed", type=non_negative_int, help=f"random seed (default: {DEFAULTS['seed']})")
+    p.add_argument("--seed", type=seed, help=f"random seed (default: {DEFAULTS['seed']})")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out (without it, "
+                   "a new run into a folder holding one is refused)")
     p.add_argument("--sample-prompt", help=f"prompt of the sample printed at the end "
                    f"(default: {DEFAULTS['sample_prompt']!r})")
     p.add_argument("--sample-tokens", type=non_negative_int,
@@ -72,7 +82,7 @@ def train_main(ns: argparse.Namespace) -> int:
         warmup_steps=ns.warmup_steps, weight_decay=ns.weight_decay, eval_interval=ns.eval_interval,
         eval_batches=ns.eval_batches, save_interval=ns.save_interval, seed=ns.seed, device=ns.device,
         sample_prompt=ns.sample_prompt, sample_tokens=ns.sample_tokens, grad_accum=ns.grad_accum, fsdp=ns.fsdp,
-        bf16=ns.bf16,
+        bf16=ns.bf16, overwrite=ns.overwrite,
     )
     if ns.nproc is not None and not under_torchrun():
         resolved, _ = resolve_run(args)  # bad options fail here, in one process, before anything is launched

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,13 @@ class MambaConfig:
                 raise MambaKitError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.d_intermediate, int) or self.d_intermediate < 0:
             raise MambaKitError(f"MambaConfig.d_intermediate must be an integer >= 0, got {self.d_intermediate!r}")
+        for name, kind in (("ssm_cfg", dict), ("attn_cfg", dict), ("attn_layer_idx", list)):
+            if not isinstance(getattr(self, name), kind):
+                raise MambaKitError(f"MambaConfig.{name} must be a {'JSON object' if kind is dict else 'list'}, "
+                                    f"got {getattr(self, name)!r}")
+        eps = self.norm_epsilon
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
+            raise MambaKitError(f"MambaConfig.norm_epsilon must be a positive finite number, got {eps!r}")
         layer = self.ssm_cfg.get("layer", "Mamba1")
         name = mixer_spec(layer, allowed=MIXER_LAYERS, arg="MambaConfig.ssm_cfg['layer']").name
         if name != layer:

@@ -30,10 +30,11 @@ __all__ = ["from_pretrained", "save_pretrained", "detect_format", "read_weights"
 
 
 def _model_from_pretrained(cls: type, path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                           dtype: Union[torch.dtype, str, None] = None) -> MambaLMHeadModel:
+                           dtype: Union[torch.dtype, str, None] = None,
+                           allow_non_finite: bool = False) -> MambaLMHeadModel:
     """Load a local checkpoint folder: transformers (mamba / mamba2), mamba_ssm or mambakit format (see
     `mambakit.models.io.from_pretrained`)."""
-    return from_pretrained(path, device=device, dtype=dtype)
+    return from_pretrained(path, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
 
 
 def _model_save_pretrained(self: MambaLMHeadModel, path: Union[str, os.PathLike], format: str = "hf") -> None:

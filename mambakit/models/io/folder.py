@@ -9,17 +9,20 @@ from pathlib import Path
 from typing import Any, Union
 
 from mambakit.errors import CheckpointError
-from mambakit.models.io.atomic import backup_hint
+from mambakit.models.io.atomic import backup_hint, recover
 from mambakit.models.io.names import CONFIG_NAME
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def resolve_folder(path: Union[str, os.PathLike], need_config: bool = True) -> Path:
-    """The checkpoint folder `path` (``~`` expanded); CheckpointError when it does not exist, is a file, or (with
+    """The checkpoint folder `path` (``~`` expanded), recovered first when an interrupted save left it missing (see
+    `atomic.recover`); CheckpointError when it does not exist, is a file, or (with
     need_config) holds no config.json. The messages say what to pass instead where that can be guessed."""
     text = os.fspath(path)
     p = Path(text).expanduser()
+    if not p.exists():
+        recover(p)
     if not p.exists():
         hint = backup_hint(p)
         # "org/name" whose "org" is no local folder reads as a Hub id; "runs/x" with a runs/ here is a local path

@@ -66,7 +66,7 @@ def detect_format(path: Union[str, os.PathLike]) -> str:
 
 
 def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
-                    dtype: Union[torch.dtype, str, None] = None) -> MambaLMHeadModel:
+                    dtype: Union[torch.dtype, str, None] = None, allow_non_finite: bool = False) -> MambaLMHeadModel:
     """Load a `MambaLMHeadModel` from a LOCAL checkpoint folder in transformers, mamba_ssm or mambakit format.
 
     dtype: None keeps torch's default dtype (float32) for the weights; "auto" uses the dtype of the stored
@@ -74,7 +74,8 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
     The model is returned in eval mode, with `model.pretrained_source` = {"format", "path", "config"} (the raw
     config.json) so that `save_pretrained` can keep the token ids of a transformers checkpoint.
     Raises CheckpointError naming every problem (missing folder, unsupported config values, missing / unexpected /
-    mis-shaped tensors), the tensors checked against the config before the model is allocated.
+    mis-shaped tensors), the tensors checked against the config before the model is allocated; weights holding NaN
+    or infinite values are refused, naming them, unless allow_non_finite is True.
     """
     directory = resolve_folder(path)
     raw = read_json(directory / CONFIG_NAME)
@@ -82,15 +83,17 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
     dtype = _resolve_dtype(dtype)
     where = repr(str(directory))
     if fmt == "mambakit":
-        model = native.load_checkpoint(directory, device=device, dtype=dtype)
+        model = native.load_checkpoint(directory, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
     elif fmt == "hf":
         config = transformers.config_from_hf(
             raw, where=f"{str(directory / CONFIG_NAME)!r} (transformers {raw['model_type']})")
         model = load_model(config, find_weights(directory), where, device=device, dtype=dtype,
-                           rename=lambda keys: transformers.hf_names(keys, where), to_file=transformers.hf_name)
+                           rename=lambda keys: transformers.hf_names(keys, where), to_file=transformers.hf_name,
+                           allow_non_finite=allow_non_finite)
     else:
         config = mamba_ssm.config_from_mamba_ssm(raw, where=f"{str(directory / CONFIG_NAME)!r} ({fmt})")
-        model = load_model(config, find_weights(directory), where, device=device, dtype=dtype)
+        model = load_model(config, find_weights(directory), where, device=device, dtype=dtype,
+                           allow_non_finite=allow_non_finite)
     model.pretrained_source = {"format": fmt, "path": str(directory), "config": raw}
     return model
 

@@ -24,7 +24,7 @@ import torch
 from mambakit.errors import CheckpointError, MambaKitError
 from mambakit.models.config import MambaConfig
 from mambakit.models.io.atomic import write_folder
-from mambakit.models.io.folder import resolve_folder, write_json
+from mambakit.models.io.folder import is_int, is_number, resolve_folder, write_json
 from mambakit.models.io.names import (CONFIG_NAME, LM_HEAD_KEY, META_NAME, OPTIMIZER_NAME, SAFETENSORS_NAME,
                                       TRAINER_STATE_NAME)
 from mambakit.models.io.state import cpu_state, is_tied, load_model
@@ -71,8 +71,9 @@ def save_checkpoint(
 
     `model_state` and `optimizer_state`, when given, are written instead of ``model.state_dict()`` and
     ``optimizer.state_dict()`` (distributed training passes the full tensors gathered from its ranks).
-    An existing checkpoint at `directory` is replaced as a whole; on any error it is left as it was.
-    Returns the checkpoint path.
+    An existing checkpoint at `directory` is replaced as a whole; on any error it is left as it was. A full disk (or
+    another failed write) raises `SaveError`, an OSError naming the step being saved and the step of the checkpoint
+    left intact. Returns the checkpoint path.
     """
     def write(tmp: Path) -> None:
         model.config.save_json(tmp / CONFIG_NAME)
@@ -93,7 +94,18 @@ def save_checkpoint(
         if trainer_state is not None:
             write_json(tmp / TRAINER_STATE_NAME, trainer_state)
 
-    return write_folder(Path(directory), write)
+    step = (trainer_state or {}).get("step")
+    what = f"the checkpoint of step {step}" if step is not None else "the checkpoint"
+    return write_folder(Path(directory), write, what=what, describe=_stored_step)
+
+
+def _stored_step(directory: Path) -> str:
+    """' (step N)' for a checkpoint folder whose trainer state records its step, else ''."""
+    try:
+        step = json.loads((directory / TRAINER_STATE_NAME).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f" (step {step})" if isinstance(step, int) else ""
 
 
 def load_config(directory: PathLike) -> MambaConfig:
@@ -109,6 +121,7 @@ def load_checkpoint(
     directory: PathLike,
     device: Union[str, torch.device] = "cpu",
     dtype: Union[torch.dtype, str, None] = None,
+    allow_non_finite: bool = False,
 ) -> MambaLMHeadModel:
     """Build a `MambaLMHeadModel` from a checkpoint directory and load its weights.
 
@@ -116,13 +129,15 @@ def load_checkpoint(
     `CheckpointError` for a missing directory, a missing or invalid config.json, missing or unreadable weights,
     and weights that do not fit the configuration (every missing / unexpected tensor and shape mismatch in one
     message, found from the file's header before the model is allocated). Tied embeddings are re-tied (lm_head
-    shares the embedding tensor). The model is returned in eval mode.
+    shares the embedding tensor). Weights holding NaN or infinite values are refused (CheckpointError naming them)
+    unless allow_non_finite is True. The model is returned in eval mode.
     """
     path = resolve_folder(directory)
     config = load_config(path)
     if not (path / SAFETENSORS_NAME).is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} has no {SAFETENSORS_NAME}")
-    return load_model(config, WeightFiles(path, SAFETENSORS_NAME), repr(str(path)), device=device, dtype=dtype)
+    return load_model(config, WeightFiles(path, SAFETENSORS_NAME), repr(str(path)), device=device, dtype=dtype,
+                      allow_non_finite=allow_non_finite)
 
 
 def load_optimizer_state(directory: PathLike, map_location: Union[str, torch.device] = "cpu") -> Optional[dict[str, Any]]:
@@ -145,6 +160,39 @@ def load_trainer_state(directory: PathLike) -> Optional[dict[str, Any]]:
         state = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"cannot read trainer state {str(path)!r}: {exc}") from exc
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+    if not isinstance(state, dict) or not is_int(state.get("step")):
         raise CheckpointError(f"trainer state {str(path)!r} must be a JSON object with an integer 'step'")
+    problems = _trainer_state_problems(state)
+    if problems:
+        raise CheckpointError.listing(f"trainer state {str(path)!r}", problems)
     return state
+
+
+# Types of the trainer state's entries and of its stored arguments (None allowed for arguments: "the default").
+_STATE_TYPES = {"train_time_s": ("a number >= 0", lambda v: is_number(v) and v >= 0),
+                "tokens_seen": ("an integer >= 0", lambda v: is_int(v) and v >= 0),
+                "args": ("a JSON object", lambda v: isinstance(v, dict)),
+                "history": ("an object of 'train' and 'val' lists of [step, loss] pairs", lambda v: _is_history(v))}
+_ARG_TYPES = {**{k: ("an integer", is_int) for k in (
+    "steps", "d_model", "n_layer", "d_state", "seq_len", "batch_size", "grad_accum", "warmup_steps",
+    "eval_interval", "eval_batches", "save_interval", "seed", "sample_tokens")},
+    **{k: ("a number", is_number) for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip")},
+    **{k: ("a string", lambda v: isinstance(v, str)) for k in ("data", "arch", "device", "sample_prompt")}}
+
+
+def _is_history(v: Any) -> bool:
+    return isinstance(v, dict) and all(
+        isinstance(v.get(k, []), list) and all(isinstance(p, list) and len(p) == 2 and is_int(p[0]) and
+                                               is_number(p[1]) for p in v.get(k, [])) for k in ("train", "val"))
+
+
+def _trainer_state_problems(state: dict[str, Any]) -> list[str]:
+    problems = [] if state["step"] >= 0 else [f"'step' must be >= 0, got {state['step']}"]
+    for key, (what, test) in _STATE_TYPES.items():
+        if key in state and not test(state[key]):
+            problems.append(f"{key!r} must be {what}, got {state[key]!r}"[:200])
+    args = state.get("args")
+    for key, (what, test) in (_ARG_TYPES.items() if isinstance(args, dict) else ()):
+        if args.get(key) is not None and not test(args[key]):
+            problems.append(f"'args.{key}' must be {what} or null, got {args[key]!r}")
+    return problems

@@ -101,16 +101,27 @@ def _materialise(model: MambaLMHeadModel, stored: Mapping[str, torch.Tensor], ti
         raise CheckpointError(f"internal error: tensors left unloaded: {leftover}")
 
 
+def non_finite(model: torch.nn.Module, file_name: Callable[[str], str] = lambda k: k) -> list[str]:
+    """'name (count of numel)' of every floating parameter or buffer of `model` holding a NaN or an infinity (one
+    device sync for all tensors)."""
+    named = [(k, t) for k, t in model.state_dict().items() if t.is_floating_point() and not t.is_meta and t.numel()]
+    if not named:
+        return []
+    bad = torch.stack([(~torch.isfinite(t)).sum() for _, t in named]).tolist()
+    return [f"{file_name(k)} ({n} of {t.numel()})" for (k, t), n in zip(named, bad) if n]
+
+
 def load_model(config: MambaConfig, weights: WeightFiles, where: str, device: Union[str, torch.device] = "cpu",
                dtype: Union[torch.dtype, str, None] = None,
                rename: Optional[Callable[[list[str]], dict[str, str]]] = None,
-               to_file: Callable[[str], str] = lambda k: k) -> MambaLMHeadModel:
+               to_file: Callable[[str], str] = lambda k: k, allow_non_finite: bool = False) -> MambaLMHeadModel:
     """A `MambaLMHeadModel` of `config` holding the tensors of `weights`, in eval mode.
 
     rename(file keys) maps the file's keys to mambakit's (default: the same names); to_file(key) names a mambakit
     key as the format would (for tensors the file lacks). dtype: a torch dtype, None (torch's default) or "auto"
     (the stored embedding's dtype). `where` names the checkpoint in messages. Raises CheckpointError naming every
-    mismatch, found from the headers before any tensor is read (safetensors) or allocated.
+    mismatch, found from the headers before any tensor is read (safetensors) or allocated, and naming the tensors
+    that hold NaN or infinite values unless allow_non_finite is True.
     """
     where = f"{where} ({weights.source})"
     headers = weights.headers()
@@ -141,5 +152,10 @@ def load_model(config: MambaConfig, weights: WeightFiles, where: str, device: Un
             f"{LM_HEAD_KEY} differs from the embedding {file_name(EMBEDDING_KEY)}, but the config ties them "
             "(tie_word_embeddings / tie_embeddings is true)"])
     _materialise(model, stored, tied, device, mapped=weights.safetensors)
+    if not allow_non_finite:
+        bad = non_finite(model, file_name)
+        if bad:
+            raise CheckpointError(f"weights of {where} hold NaN or infinite values in {name_list(bad)} (values per "
+                                  "tensor); pass allow_non_finite=True to load them anyway")
     model.eval()
     return model

@@ -77,6 +77,16 @@ def _bin_tensors(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _inside(directory: Path, name: str) -> bool:
+    """Whether the shard file `name` of an index lies in `directory` (a relative path without '..', no link out)."""
+    if not name or os.path.isabs(name) or Path(name).drive or ".." in Path(name).parts or "\\" in name:
+        return False
+    try:
+        return (directory / name).resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
 def _sharded(directory: Path, index_name: str, read: Callable[[Path], dict[str, V]]) -> dict[str, V]:
     """read(shard) of every shard an index names, merged; CheckpointError naming every inconsistency."""
     index_path = directory / index_name
@@ -84,6 +94,10 @@ def _sharded(directory: Path, index_name: str, read: Callable[[Path], dict[str, 
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{str(index_path)!r} has no 'weight_map'")
     files = sorted(set(weight_map.values()), key=str)
+    outside = [f for f in files if isinstance(f, str) and not _inside(directory, f)]
+    if outside:
+        raise CheckpointError(f"{str(index_path)!r} names shard files outside the checkpoint folder (absolute, "
+                              f"'..' or a link leaving it): {outside}; shards must lie in the folder itself")
     missing_files = [f for f in files if not isinstance(f, str) or not (directory / f).is_file()]
     if missing_files:
         raise CheckpointError(f"{str(index_path)!r} names shard files that are not in the folder: {missing_files}")

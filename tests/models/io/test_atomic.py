@@ -60,7 +60,7 @@ def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
 
     def rename(src, dst):
         calls.append(src)
-        if len(calls) == 2:  # the old folder has been moved away; moving the new one in fails
+        if len(calls) == 3:  # (1: tmp -> new) the old folder has been moved away; moving the new one in fails
             raise OSError("rename failed")
         return real_rename(src, dst)
 

@@ -29,7 +29,7 @@ LAYERS: Dict[str, int] = {
     "models": 3,
     # applications
     "data": 4, "train": 4, "training": 4, "tasks": 4, "nd": 4, "remamba": 4, "interpret": 4, "distributed": 4,
-    "io": 4,
+    "io": 4, "compat": 4,
     # the command line
     "cli": 5, "__main__": 5,
 }

@@ -1,0 +1,1 @@
+"""`mamba_ssm.models`: `config_mamba.MambaConfig` (official defaults) and `mixer_seq_simple.MambaLMHeadModel`."""

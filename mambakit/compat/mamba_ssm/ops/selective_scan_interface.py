@@ -1,0 +1,118 @@
+"""`mamba_ssm.ops.selective_scan_interface`: `selective_scan_fn`, `selective_scan_ref`, `mamba_inner_fn`,
+`mamba_inner_ref`, with the official argument lists, on `mambakit.ops`.
+
+Layouts (official): u, delta, z (batch, dim, seqlen); A (dim, d_state), real; B, C (batch, d_state, seqlen),
+grouped (batch, groups, d_state, seqlen) or time-invariant (dim, d_state); D, delta_bias (dim,); last state
+(batch, dim, d_state). `mamba_inner_fn` is the composition conv -> x_proj -> dt_proj -> scan -> out_proj, its
+gradients by autograd (not the official fused kernel).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambakit.errors import MambaKitError
+from mambakit.ops.conv1d import causal_conv1d_fn
+from mambakit.ops.norm import rms_norm
+from mambakit.ops.selective_scan import selective_scan_fn as scan
+from mambakit.ops.selective_scan import selective_scan_ref as scan_ref
+
+__all__ = ["mamba_inner_fn", "mamba_inner_ref", "selective_scan_fn", "selective_scan_ref"]
+
+
+def varying(name: str, t: Tensor, u: Tensor, A: Tensor) -> Tensor:
+    """B or C in a layout mambakit's scan takes: time-invariant (dim, d_state) becomes the grouped form with one
+    group per channel, (batch, dim, d_state, seqlen) (a stride-0 view); the other layouts pass unchanged."""
+    if A.is_complex():
+        raise MambaKitError("A must be real: complex A is not supported by mambakit.compat yet, got dtype "
+                            f"{A.dtype}")
+    if t.dim() != 2:
+        return t
+    if t.shape != A.shape:
+        raise MambaKitError(f"{name} must have shape (batch, d_state, seqlen), (batch, groups, d_state, seqlen) or "
+                            f"(dim, d_state)={tuple(A.shape)}, got {tuple(t.shape)}")
+    batch, _, seqlen = u.shape
+    return t[None, :, :, None].expand(batch, -1, -1, seqlen)
+
+
+def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                      z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                      return_last_state: bool = False):
+    """The selective scan (official signature): y (batch, dim, seqlen) in u's dtype, or (y, last_state) with
+    last_state (batch, dim, d_state). As official, no gradient flows from last_state."""
+    out = scan(u, delta, A, varying("B", B, u, A), varying("C", C, u, A), D, z, delta_bias, delta_softplus,
+               return_last_state)
+    if return_last_state:
+        return out[0], out[1].detach()
+    return out
+
+
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                       return_last_state: bool = False):
+    """The sequential reference (official signature), float32 (float64 for float64 inputs); differentiable."""
+    return scan_ref(u, delta, A, varying("B", B, u, A), varying("C", C, u, A), D, z, delta_bias, delta_softplus,
+                    return_last_state)
+
+
+def _inner(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_proj_weight: Tensor,
+           delta_proj_weight: Tensor, out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], A: Tensor,
+           B: Optional[Tensor], C: Optional[Tensor], D: Optional[Tensor], delta_bias: Optional[Tensor],
+           B_proj_bias: Optional[Tensor], C_proj_bias: Optional[Tensor], delta_softplus: bool,
+           rms_weights: tuple, eps: float, scan_fn) -> Tensor:
+    """The Mamba-1 inner path, xz (batch, 2 * dim, seqlen) -> (batch, seqlen, d_model)."""
+    if xz.dim() != 3 or xz.shape[1] % 2:
+        raise MambaKitError(f"xz must have shape (batch, 2 * dim, seqlen), got {tuple(xz.shape)}")
+    x, z = xz.chunk(2, dim=1)  # (batch, dim, seqlen) each
+    weight = conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight  # (dim, 1, w) -> (dim, w)
+    x = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu")
+    rank = delta_proj_weight.shape[1]
+    d_state = A.shape[-1]
+    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (batch, seqlen, rank + 2 * d_state)
+    b_rms, c_rms, dt_rms = rms_weights
+    delta = F.linear(x_dbl[..., :rank], delta_proj_weight)  # (batch, seqlen, dim)
+    if dt_rms is not None:
+        delta = rms_norm(delta, dt_rms, eps)
+    if B is None:
+        B = x_dbl[..., rank:rank + d_state]
+        if B_proj_bias is not None:
+            B = B + B_proj_bias.to(B.dtype)
+        B = (B if b_rms is None else rms_norm(B, b_rms, eps)).transpose(1, 2)  # (batch, d_state, seqlen)
+    if C is None:
+        C = x_dbl[..., -d_state:]
+        if C_proj_bias is not None:
+            C = C + C_proj_bias.to(C.dtype)
+        C = (C if c_rms is None else rms_norm(C, c_rms, eps)).transpose(1, 2)
+    y = scan_fn(x, delta.transpose(1, 2), A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+def mamba_inner_fn(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_proj_weight: Tensor,
+                   delta_proj_weight: Tensor, out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], A: Tensor,
+                   B: Optional[Tensor] = None, C: Optional[Tensor] = None, D: Optional[Tensor] = None,
+                   delta_bias: Optional[Tensor] = None, B_proj_bias: Optional[Tensor] = None,
+                   C_proj_bias: Optional[Tensor] = None, delta_softplus: bool = True, checkpoint_lvl: int = 1,
+                   b_rms_weight: Optional[Tensor] = None, c_rms_weight: Optional[Tensor] = None,
+                   dt_rms_weight: Optional[Tensor] = None, b_c_dt_rms_eps: float = 1e-6) -> Tensor:
+    """Mamba-1's inner path with the official argument list: xz (batch, 2 * dim, seqlen) -> (batch, seqlen,
+    d_model). B, C None: taken from x_proj's output (plus B_proj_bias / C_proj_bias, RMS-normed by b_rms_weight /
+    c_rms_weight when given); dt_rms_weight RMS-norms delta over dim. checkpoint_lvl (0 or 1) is accepted; autograd
+    keeps what it needs."""
+    if checkpoint_lvl not in (0, 1):
+        raise MambaKitError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
+    return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
+                  A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
+                  (b_rms_weight, c_rms_weight, dt_rms_weight), b_c_dt_rms_eps, selective_scan_fn)
+
+
+def mamba_inner_ref(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_proj_weight: Tensor,
+                    delta_proj_weight: Tensor, out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], A: Tensor,
+                    B: Optional[Tensor] = None, C: Optional[Tensor] = None, D: Optional[Tensor] = None,
+                    delta_bias: Optional[Tensor] = None, B_proj_bias: Optional[Tensor] = None,
+                    C_proj_bias: Optional[Tensor] = None, delta_softplus: bool = True) -> Tensor:
+    """The official reference's signature: the same composition through the sequential scan."""
+    return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
+                  A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus, (None, None, None), 1e-6,
+                  selective_scan_ref)

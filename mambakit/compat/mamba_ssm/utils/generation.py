@@ -1,0 +1,156 @@
+"""`mamba_ssm.utils.generation`: `InferenceParams`, `sample`, `decode`, `GenerationMixin` with the official
+semantics, on mambakit's sampling and one-token steps.
+
+`decode` / `generate`: max_length is the total length (prompt + new tokens; at least one new token is produced);
+greedy by default (top_k=1); top_k=0 means no limit, top_p=0 means off; stops early once every row's last token is
+eos_token_id. Returns sequences (batch, length) or, with return_dict_in_generate, an object with .sequences and
+.scores (a tuple of (batch, vocab) logits per new token when output_scores, else None).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from mambakit.errors import MambaKitError
+from mambakit.layers.state import SSMState
+from mambakit.models.generation import sample_next_token
+
+__all__ = ["GenerateDecoderOnlyOutput", "GenerationMixin", "InferenceParams", "decode", "sample", "states_of"]
+
+
+@dataclass
+class InferenceParams:
+    """The official decoding state holder: key_value_memory_dict maps layer_idx -> (conv_state, ssm_state) for SSM
+    layers (mambakit's own state object for attention layers); seqlen_offset counts the tokens already consumed (the
+    caller advances it, as official)."""
+
+    max_seqlen: int
+    max_batch_size: int
+    seqlen_offset: int = 0
+    batch_size_offset: int = 0
+    key_value_memory_dict: Dict[int, Any] = field(default_factory=dict)
+    lengths_per_sample: Optional[Tensor] = None
+
+    def reset(self, max_seqlen: int, max_batch_size: int) -> None:
+        self.max_seqlen = max_seqlen
+        self.max_batch_size = max_batch_size
+        self.seqlen_offset = 0
+        if self.lengths_per_sample is not None:
+            self.lengths_per_sample.zero_()
+
+
+def as_official(state: Any) -> Any:
+    """mambakit's SSMState -> the official (conv_state, ssm_state) tuple; other states unchanged."""
+    return (state.conv, state.ssm) if isinstance(state, SSMState) else state
+
+
+def as_mambakit(entry: Any) -> Any:
+    """An entry of key_value_memory_dict -> the state object mambakit's layers update in place."""
+    return SSMState(conv=entry[0], ssm=entry[1]) if isinstance(entry, tuple) else entry
+
+
+def states_of(mixer, inference_params: InferenceParams, batch: int) -> Any:
+    """The state of one mixer (its layer_idx) in inference_params, allocated on first use; mambakit's object."""
+    store = inference_params.key_value_memory_dict
+    if mixer.layer_idx not in store:
+        store[mixer.layer_idx] = as_official(mixer.allocate_state(batch))
+    return as_mambakit(store[mixer.layer_idx])
+
+
+def sample(logits: Tensor, top_k: int = 1, top_p: float = 0.0, min_p: float = 0.0,
+           temperature: float = 1.0) -> Tensor:
+    """logits (batch, vocab) -> token ids (batch,); official defaults (greedy; top_p=0 off, top_k=0 unlimited)."""
+    if top_p < 0.0 or top_p > 1.0:
+        raise MambaKitError(f"top_p must lie in [0, 1] (0 = off), got {top_p!r}")
+    return sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p if top_p > 0.0 else 1.0,
+                             min_p=min_p)
+
+
+@dataclass
+class GenerateDecoderOnlyOutput:
+    """sequences: (batch, length); scores: one (batch, vocab) tensor per new token, or None."""
+
+    sequences: Tensor
+    scores: Optional[Tuple[Tensor, ...]] = None
+
+
+def _penalise(logits: Tensor, tokens: Tensor, penalty: float) -> Tensor:
+    if penalty == 1.0:
+        return logits
+    seen = torch.gather(logits, 1, tokens)
+    return logits.scatter(1, tokens, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+@torch.no_grad()
+def decode(input_ids: Tensor, model, max_length: int, top_k: int = 1, top_p: float = 0.0, min_p: float = 0.0,
+           temperature: float = 1.0, repetition_penalty: float = 1.0, eos_token_id: Optional[int] = None,
+           teacher_outputs: Optional[Tensor] = None, vocab_size: Optional[int] = None, cg: bool = False,
+           enable_timing: bool = False, output_scores: bool = False, streamer=None) -> GenerateDecoderOnlyOutput:
+    """The official decoding loop: input_ids (batch, seqlen) -> sequences (batch, <= max_length).
+
+    model: anything with the official forward(input_ids, position_ids, inference_params, num_last_tokens) and
+    .logits. teacher_outputs (batch, length): tokens taken instead of sampling where given. cg is accepted and
+    decodes eagerly (mambakit's CUDA-graph decoder is `MambaLMHeadModel.generate(cuda_graph=True)`); enable_timing
+    is accepted and ignored.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise MambaKitError(f"input_ids must be a tensor of shape (batch, seqlen >= 1), got {shape}")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise MambaKitError(f"max_length must be a positive integer (the total length), got {max_length!r}")
+    batch = input_ids.shape[0]
+    params = InferenceParams(max_seqlen=max_length, max_batch_size=batch)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    sequences, scores = [input_ids], []
+    history = input_ids
+    while True:
+        last = sequences[-1]
+        if params.seqlen_offset > 0:
+            if eos_token_id is not None and bool((last == eos_token_id).all()):
+                break
+            if params.seqlen_offset >= max_length - 1:
+                break
+        position_ids = None
+        if params.seqlen_offset > 0:
+            position_ids = torch.full((batch, 1), params.seqlen_offset, dtype=torch.long, device=input_ids.device)
+        logits = model(last, position_ids=position_ids, inference_params=params, num_last_tokens=1).logits[:, -1]
+        if vocab_size is not None:
+            logits = logits[..., :vocab_size]
+        if output_scores:
+            scores.append(logits.clone())
+        params.seqlen_offset += last.shape[1]
+        logits = _penalise(logits.float(), history, repetition_penalty)
+        if teacher_outputs is not None and teacher_outputs.shape[1] > params.seqlen_offset:
+            token = teacher_outputs[:, params.seqlen_offset]
+        else:
+            token = sample(logits, top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature)
+        token = token[:, None].to(input_ids.dtype)
+        history = torch.cat([history, token], dim=1)
+        sequences.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+    if streamer is not None:
+        streamer.end()
+    return GenerateDecoderOnlyOutput(sequences=torch.cat(sequences, dim=1), scores=tuple(scores))
+
+
+class GenerationMixin:
+    """The official `generate` / `allocate_inference_cache` pair for a model with the official forward."""
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
+        raise NotImplementedError
+
+    def generate(self, input_ids: Tensor, max_length: int, top_k: int = 1, top_p: float = 0.0, min_p: float = 0.0,
+                 temperature: float = 1.0, return_dict_in_generate: bool = False, output_scores: bool = False,
+                 **kwargs):
+        """Official semantics (see `decode`): sequences (batch, <= max_length), or with return_dict_in_generate
+        an object with .sequences and .scores (None unless output_scores)."""
+        out = decode(input_ids, self, max_length, top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature,
+                     output_scores=output_scores, **kwargs)
+        if not output_scores:
+            out.scores = None
+        return out if return_dict_in_generate else out.sequences

@@ -18,7 +18,7 @@ from mambakit.layers.state import SSMState
 from mambakit.layers.step import negative_exp, project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
-from mambakit.ops.mixer_step import mamba1_step
+from mambakit.ops.mixer_step import mamba1_step, weightless_rms
 from mambakit.ops.selective_scan import selective_scan_fn
 
 
@@ -60,6 +60,9 @@ class MambaScanInputs(NamedTuple):
 class Mamba(DtTransformMixin, nn.Module):
     """Mamba-1 mixer. Input and output: (batch, seqlen, d_model).
 
+    bcdt_rms: apply a weightless RMSNorm (epsilon bcdt_rms_eps) to dt_low (batch, seqlen, dt_rank), B and C (batch,
+    seqlen, d_state) after x_proj, as Falcon-Mamba does.
+
     Public surface for applications: `ssm_inputs` (everything the scan reads), `scan` (the scan on them), `finish`
     (the output projection), and the dt transform (`mambakit.layers.dt_transform`; dt is (batch, d_inner, seqlen)).
     """
@@ -70,7 +73,7 @@ class Mamba(DtTransformMixin, nn.Module):
         self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: Union[int, str] = "auto",
         dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
         dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False, layer_idx: Optional[int] = None,
-        scan_backend: str = "auto", device=None, dtype=None,
+        scan_backend: str = "auto", bcdt_rms: bool = False, bcdt_rms_eps: float = 1e-6, device=None, dtype=None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
@@ -78,6 +81,9 @@ class Mamba(DtTransformMixin, nn.Module):
             _check_positive(name, value)
         if dt_init not in ("random", "constant"):
             raise MambaKitError(f"Mamba dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if not isinstance(bcdt_rms, bool):
+            raise MambaKitError(f"Mamba bcdt_rms must be True or False, got {bcdt_rms!r}")
+        _check_positive("bcdt_rms_eps", bcdt_rms_eps)
         if dt_min > dt_max:
             raise MambaKitError(f"Mamba dt_min must be <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         factory = {"device": device, "dtype": dtype}
@@ -87,6 +93,8 @@ class Mamba(DtTransformMixin, nn.Module):
         _check_positive("dt_rank", self.dt_rank)
         self.layer_idx = layer_idx
         self.scan_backend = scan_backend
+        # Falcon-Mamba: a weightless RMSNorm on dt_low (before dt_proj), B and C after x_proj
+        self.bcdt_rms, self.bcdt_rms_eps = bcdt_rms, float(bcdt_rms_eps)
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
@@ -143,6 +151,8 @@ class Mamba(DtTransformMixin, nn.Module):
             x_conv = x_conv * mask[:, None, :].to(x_conv.dtype)
         x_dbl = self.x_proj(x_conv.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.bcdt_rms:
+            dt, B, C = (weightless_rms(t, self.bcdt_rms_eps) for t in (dt, B, C))
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen), bias added in the scan
         transform = self._pick_dt_transform(dt_transform)
         if transform is not None:
@@ -204,6 +214,7 @@ class Mamba(DtTransformMixin, nn.Module):
         A = None if h.is_cuda else negative_exp(self, "A_log", state.ssm.dtype)  # the kernels form their own
         y = mamba1_step(project_step(self.in_proj, h), state.conv, state.ssm, self.conv1d.weight.squeeze(1),
                         self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
-                        self.D, dt_transform=transform, A=A)
+                        self.D, dt_transform=transform, A=A,
+                        bcdt_rms_eps=self.bcdt_rms_eps if self.bcdt_rms else None)
         out = project_step(self.out_proj, y)
         return out if squeeze else out[:, None]

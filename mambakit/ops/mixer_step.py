@@ -38,8 +38,8 @@ def _pick(backend: str, tensor: Tensor, fused_ok: bool) -> str:
     """"triton", "torch" (the lean PyTorch step) or "ref" (the composition of the single-purpose ops)."""
     backend = check_backend(backend)
     if backend == "triton" and not fused_ok:
-        raise MambaKitError("backend='triton' needs contiguous weights and states (last dim), non-float64 tensors "
-                            "and no dt_transform")
+        raise MambaKitError("backend='triton' needs contiguous weights and states (last dim), non-float64 tensors, "
+                            "no dt_transform and (Mamba-1) no bcdt_rms_eps")
     if backend != "auto":
         return backend
     if fused_ok and tensor.is_cuda:
@@ -61,6 +61,20 @@ def linear_step(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     return F.linear(x, weight, bias)
 
 
+def weightless_rms(x: Tensor, eps: float) -> Tensor:
+    """RMSNorm without a weight over the last dim, computed in float32 (float64 stays float64): x * rsqrt(mean(x^2)
+    + eps), returned in x's dtype. Any shape (..., n)."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _bcdt_norm(dt: Tensor, B: Tensor, C: Tensor, eps: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """dt_low, B and C each through `weightless_rms` when eps is given (Falcon-Mamba), else unchanged."""
+    if eps is None:
+        return dt, B, C
+    return weightless_rms(dt, eps), weightless_rms(B, eps), weightless_rms(C, eps)
+
+
 def _fusable(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or (t.dtype != torch.float64 and t.stride(-1) == 1) for t in tensors)
 
@@ -69,7 +83,7 @@ def _fusable(*tensors: Optional[Tensor]) -> bool:
 def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
                 x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor,
                 D: Optional[Tensor], dt_transform: Optional[DtTransform] = None, backend: str = "auto",
-                A: Optional[Tensor] = None) -> Tensor:
+                A: Optional[Tensor] = None, bcdt_rms_eps: Optional[float] = None) -> Tensor:
     """One Mamba-1 token after in_proj.
 
     xz: (batch, 2 * d_inner), [x, z]; conv_state: (batch, d_inner, d_conv) and ssm_state: (batch, d_inner, d_state),
@@ -77,6 +91,9 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     (dt_rank + 2 * d_state, d_inner); dt_proj_weight: (d_inner, dt_rank); A_log: (d_inner, d_state), A = -exp(A_log).
     dt_transform: rewrites the pre-bias dt (batch, d_inner) (ReMamba); it runs the PyTorch path.
     A: -exp(A_log) when the caller keeps it (the PyTorch path then skips forming it; the kernels form their own).
+    bcdt_rms_eps: when given, dt_low (batch, dt_rank), B and C (batch, d_state) after x_proj each go through a
+    weightless RMSNorm with this epsilon (Falcon-Mamba); the fused kernels do not cover it yet, so "auto" then runs
+    the PyTorch path and "triton" is refused.
     backend: "auto" (the kernels on CUDA, else "torch"), "torch" (one lean PyTorch step), "triton", "ref" (the
     composition of conv1d update, x_proj, dt_proj and `selective_state_update`: the reference).
     Returns y: (batch, d_inner) in xz's dtype, gated by SiLU(z), before out_proj.
@@ -91,9 +108,11 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     _check("x_proj_weight", x_proj_weight, (dt_rank + 2 * d_state, d_inner))
     _check("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank))
     _check("A_log", A_log, (d_inner, d_state))
-    fused_ok = dt_transform is None and _fusable(xz, conv_state, ssm_state, conv_weight, x_proj_weight,
-                                                 dt_proj_weight, A_log) and conv_weight.is_contiguous() \
-        and x_proj_weight.is_contiguous() and dt_proj_weight.is_contiguous() and A_log.is_contiguous()
+    if bcdt_rms_eps is not None and not (isinstance(bcdt_rms_eps, (int, float)) and bcdt_rms_eps > 0):
+        raise MambaKitError(f"bcdt_rms_eps must be a positive number or None, got {bcdt_rms_eps!r}")
+    fused_ok = dt_transform is None and bcdt_rms_eps is None \
+        and _fusable(xz, conv_state, ssm_state, conv_weight, x_proj_weight, dt_proj_weight, A_log) \
+        and conv_weight.is_contiguous() and x_proj_weight.is_contiguous() and dt_proj_weight.is_contiguous() and A_log.is_contiguous()
     choice = _pick(backend, xz, fused_ok)
     if choice == "triton":
         from mambakit.ops.triton.mixer_step import mamba1_step_triton
@@ -104,6 +123,7 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu")
     if choice == "ref":
         dt, B, C = torch.split(F.linear(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
+        dt, B, C = _bcdt_norm(dt, B, C, bcdt_rms_eps)
         dt = F.linear(dt, dt_proj_weight)
         if dt_transform is not None:
             dt = dt_transform(dt)
@@ -113,6 +133,7 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
                                       dt_softplus=True)
     # the lean step: the same arithmetic as the composition in fewer, larger tensor operations
     dt, B, C = torch.split(linear_step(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
+    dt, B, C = _bcdt_norm(dt, B, C, bcdt_rms_eps)
     dt = linear_step(dt, dt_proj_weight)
     if dt_transform is not None:
         dt = dt_transform(dt)

@@ -1,5 +1,6 @@
-"""The Hugging Face `transformers` format: Mamba / Mamba-2 folders (config.json with ``model_type`` "mamba" or
-"mamba2"; weights in model.safetensors, sharded safetensors, pytorch_model.bin or sharded .bin).
+"""The Hugging Face `transformers` format: Mamba / Mamba-2 / Falcon-Mamba folders (config.json with ``model_type``
+"mamba", "mamba2" or "falcon_mamba", the last a Mamba-1 whose mixers apply a weightless RMSNorm to dt, B and C,
+``bcdt_rms`` in ssm_cfg; weights in model.safetensors, sharded safetensors, pytorch_model.bin or sharded .bin).
 
 transformers names the embedding ``backbone.embeddings.weight`` (mambakit and mamba_ssm: ``backbone.embedding.weight``)
 and omits ``lm_head.weight`` when the embeddings are tied. It does not pad the vocabulary, so such a model is built
@@ -22,10 +23,11 @@ from mambakit.models.io.names import (CONFIG_NAME, EMBEDDING_KEY, HF_EMBEDDING_K
 from mambakit.models.io.state import check_tie, cpu_state
 from mambakit.models.io.weights import write_safetensors
 
-HF_MODEL_TYPES = ("mamba", "mamba2")
-HF_ARCHITECTURES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM"}
+HF_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba")
+HF_ARCHITECTURES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
+                    "falcon_mamba": "FalconMambaForCausalLM"}
 # Other model types of the family that transformers knows; their computation differs, so they are refused by name.
-HF_RELATED_TYPES = ("falcon_mamba", "jamba", "bamba", "zamba", "zamba2", "nemotron_h", "granitemoehybrid",
+HF_RELATED_TYPES = ("jamba", "bamba", "zamba", "zamba2", "nemotron_h", "granitemoehybrid",
                     "falcon_h1", "mamba2_hybrid")
 
 # transformers' defaults for fields a config.json may leave out (MambaConfig / Mamba2Config of transformers 5.x;
@@ -42,6 +44,8 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                    time_step_min=0.001, time_step_max=0.1, time_step_floor=1e-4,
                    time_step_limit=[0.0, float("inf")], chunk_size=256, tie_word_embeddings=False),
 }
+# FalconMambaConfig: MambaConfig's defaults plus the mixer norms' epsilon
+_HF_DEFAULTS["falcon_mamba"] = dict(_HF_DEFAULTS["mamba"], mixer_rms_eps=1e-6)
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -93,7 +97,10 @@ def config_from_hf(raw: dict[str, Any], where: str = CONFIG_NAME) -> MambaConfig
     if "dt_min" in init and "dt_max" in init and init["dt_min"] > init["dt_max"]:
         init.pop("dt_min"), init.pop("dt_max")
 
-    if mt == "mamba":
+    if mt in ("mamba", "falcon_mamba"):
+        if mt == "falcon_mamba":
+            init["bcdt_rms"] = True
+            init["bcdt_rms_eps"] = need("mixer_rms_eps", pos_num, "a positive number")
         rank = cfg.get("time_step_rank")
         if rank == "auto" and d_model is not None:
             rank = math.ceil(d_model / 16)
@@ -167,7 +174,7 @@ def config_to_hf(model: torch.nn.Module, extra: Optional[dict[str, Any]] = None)
     hf: dict[str, Any] = {}
     if layer == "Mamba1":
         known |= {"d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
-                  "dt_init_floor", "conv_bias", "bias"}
+                  "dt_init_floor", "conv_bias", "bias", "bcdt_rms", "bcdt_rms_eps"}
     else:
         known |= {"d_state", "d_conv", "expand", "headdim", "ngroups", "A_init_range", "D_has_hdim", "rmsnorm",
                   "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias", "conv_bias",
@@ -191,7 +198,9 @@ def config_to_hf(model: torch.nn.Module, extra: Optional[dict[str, Any]] = None)
         if (m.in_proj.bias is None) != (m.out_proj.bias is None):
             problems.append("in_proj and out_proj must both have a bias or both have none (transformers' use_bias)")
         if layer == "Mamba1":
-            hf = dict(architectures=[HF_ARCHITECTURES["mamba"]], model_type="mamba", **common,
+            falcon = {"mixer_rms_eps": m.bcdt_rms_eps} if m.bcdt_rms else {}
+            mt = "falcon_mamba" if m.bcdt_rms else "mamba"
+            hf = dict(architectures=[HF_ARCHITECTURES[mt]], model_type=mt, **common, **falcon,
                       intermediate_size=m.d_inner, time_step_rank=m.dt_rank,
                       time_step_scale=float(ssm.get("dt_scale", 1.0)), time_step_min=float(ssm.get("dt_min", 0.001)),
                       time_step_max=float(ssm.get("dt_max", 0.1)),

@@ -27,6 +27,8 @@ SMOKE = {
                        "--adapt-lens", "32", "--adapt-steps", "2", "--adapt-batch", "2", "--eval-lens", "32",
                        "--eval-samples", "4", "--eval-batch", "4"], []),
     "bench_distributed_comm.py": (["--worlds", "2", "--seqlens", "64"], []),
+    "bench_mamba3_cpu.py": (["--threads", "1", "--seqlens", "32", "--nheads", "2", "--headdim", "8", "--d-state",
+                             "8", "--chunk-size", "16", "--repeats", "1"], []),
 }
 
 #: script -> why it has no CPU smoke mode here

@@ -30,14 +30,15 @@ Precision: float64 if any floating input is float64, else float32 (half inputs a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.dt import compute_dtype  # noqa: F401  (part of this module's surface)
+from mambakit.ops.ssd.validate import require_shape as _require_shape, require_tensor as _require_tensor
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TWO_PI = 2 * math.pi
 
 
@@ -62,32 +63,9 @@ class Dims(NamedTuple):
     n_angles: int
 
 
-def _require_tensor(name: str, value: object, dtypes: Sequence[torch.dtype] = _FLOAT_DTYPES) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise MambaKitError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in dtypes:
-        wanted = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise MambaKitError(f"{name} must have dtype in ({wanted}), got {value.dtype}")
-    return value
-
-
-def _require_shape(name: str, value: Tensor, named: Sequence[Tuple[str, Optional[int]]]) -> None:
-    """Raise unless value.shape matches named (None sizes are free but must be >= 1)."""
-    ok = value.dim() == len(named) and all(
-        (size is None and actual >= 1) or actual == size for (_, size), actual in zip(named, value.shape))
-    if not ok:
-        text = ", ".join(n if s is None else f"{n}={s}" for n, s in named)
-        raise MambaKitError(f"{name} must have shape ({text}), got {tuple(value.shape)}")
-
-
 def _require_device(name: str, value: Tensor, device: torch.device) -> None:
     if value.device != device:
         raise MambaKitError(f"{name} must be on the same device as V ({device}), got {value.device}")
-
-
-def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """float64 if any tensor is float64, else float32."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def validate(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, seq_idx,

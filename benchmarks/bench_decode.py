@@ -224,8 +224,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="weights and activations (default: bf16 on CUDA, fp32 on the CPU)")
     args = ap.parse_args(argv)
-    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    args.dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.tiny:
         args.shapes, args.prompt, args.new_tokens, args.check_tokens, args.vocab = ["tiny"], 16, 4, 4, 256
         args.batches = [b for b in args.batches if b <= 2] or [1]

@@ -59,23 +59,34 @@ def _adjoint_combine(p_y, q_y, m_y, l_y, p_x, q_x, m_x, l_x):
 
 
 @triton.jit
-def _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row, seq_row, t, seqlen, mask_d, m_nb,
-              LOAD_Z: tl.constexpr, LOAD_C: tl.constexpr, HAS_SEQ: tl.constexpr):
+def _wide(t, BIG: tl.constexpr):
+    """Time indices as 64-bit when time offsets (t * stride) may pass 2**31 (long channel-last tensors)."""
+    if BIG:
+        return t.to(tl.int64)
+    else:
+        return t
+
+
+@triton.jit
+def _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, ro_u, ro_dl, ro_z, st_u, st_dl, st_z,
+              ro_B, ro_C, st_B, st_C, seq_row, t, seqlen, mask_d, m_nb,
+              LOAD_Z: tl.constexpr, LOAD_C: tl.constexpr, HAS_SEQ: tl.constexpr, BIG: tl.constexpr):
     """Issue every load of one time tile (in the inputs' dtypes). Called one tile ahead of its use, so the loads are
-    in flight while the previous tile is computed. Tensors that are not asked for come back as placeholders."""
+    in flight while the previous tile is computed. Tensors that are not asked for come back as placeholders.
+    ro_*: the channel (or state) part of each tensor's offsets, st_*: its time stride."""
     mt = t < seqlen
     m2 = mt[:, None] & mask_d[None, :]
     m3 = mt[:, None, None] & m_nb
-    offs2 = row + t[:, None]
-    u = tl.load(u_ptr + offs2, mask=m2, other=0.0)
-    d = tl.load(delta_ptr + offs2, mask=m2, other=0.0)
-    Bt = tl.load(B_ptr + bc_row + t[:, None, None], mask=m3, other=0.0)
+    tw = _wide(t, BIG)
+    u = tl.load(u_ptr + ro_u + tw[:, None] * st_u, mask=m2, other=0.0)
+    d = tl.load(delta_ptr + ro_dl + tw[:, None] * st_dl, mask=m2, other=0.0)
+    Bt = tl.load(B_ptr + ro_B + tw[:, None, None] * st_B, mask=m3, other=0.0)
     if LOAD_Z:
-        z = tl.load(z_ptr + offs2, mask=m2, other=0.0)
+        z = tl.load(z_ptr + ro_z + tw[:, None] * st_z, mask=m2, other=0.0)
     else:
         z = u
     if LOAD_C:
-        Ct = tl.load(C_ptr + bc_row + t[:, None, None], mask=m3, other=0.0)
+        Ct = tl.load(C_ptr + ro_C + tw[:, None, None] * st_C, mask=m3, other=0.0)
     else:
         Ct = Bt
     if HAS_SEQ:
@@ -128,9 +139,12 @@ def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
     y_ptr, states_ptr, last_ptr,
     dim, seqlen, dstate, dim_per_group, ngroups, nchunks,
+    su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sz_b, sz_d, sz_t, sy_b, sy_d, sy_t,
+    sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr,
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
+    BIG: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -148,37 +162,42 @@ def _selective_scan_fwd_kernel(
     Dv = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
-    # 64-bit offsets of this program's blocks, 32-bit offsets inside them
-    blk = (pid_b * dim + pid_d * BLOCK_D) * seqlen
-    u_ptr += blk
-    delta_ptr += blk
-    y_ptr += blk
-    z_ptr += blk
-    row = tl.arange(0, BLOCK_D)[None, :] * seqlen  # (1, BLOCK_D)
+    # 64-bit offsets of this program's blocks, 32-bit offsets inside them (unless BIG)
+    d0 = (pid_d * BLOCK_D).to(tl.int64)
+    u_ptr += pid_b * su_b + d0 * su_d
+    delta_ptr += pid_b * sdl_b + d0 * sdl_d
+    y_ptr += pid_b * sy_b + d0 * sy_d
+    z_ptr += pid_b * sz_b + d0 * sz_d
+    dd = tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D)
     seq_row = pid_b * seqlen
     g = (pid_d * BLOCK_D) // dim_per_group
     nb = tl.arange(0, NH)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]  # (1, NH, NL)
     m_nb = nb < dstate
-    bc_blk = (pid_b * ngroups + g) * dstate * seqlen
-    B_ptr += bc_blk
-    C_ptr += bc_blk
-    bc_row = nb * seqlen  # (1, NH, NL)
+    B_ptr += pid_b * sB_b + g * sB_g
+    C_ptr += pid_b * sC_b + g * sC_g
+    ro_B = nb * sB_n
+    ro_C = nb * sC_n
+    ro_u = dd * su_d
+    ro_dl = dd * sdl_d
+    ro_z = dd * sz_d
     state_base = pid_b * dim * dstate
     if HAS_H0:
         h = tl.load(h0_ptr + state_base + st_off, mask=m_s3, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((NH, BLOCK_D, NL), tl.float32)
     ntiles = tl.cdiv(seqlen, BT)
-    u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row, seq_row, t1,
-                                             seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ)
+    u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, ro_u, ro_dl, ro_z,
+                                             su_t, sdl_t, sz_t, ro_B, ro_C, sB_t, sC_t, seq_row, t1,
+                                             seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ, BIG)
     for it in range(0, ntiles):
         if SAVE_STATES:
             if it % TPC == 0:
                 tl.store(states_ptr + (pid_b * nchunks + it // TPC) * dim * dstate + st_off, h, mask=m_s3)
         t = it * BT + t1
         u_c, d_c, z_c, B_c, C_c, reset = u_n, d_n, z_n, B_n, C_n, r_n
-        u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row, seq_row,
-                                                 t + BT, seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ)
+        u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, ro_u, ro_dl, ro_z,
+                                                 su_t, sdl_t, sz_t, ro_B, ro_C, sB_t, sC_t, seq_row,
+                                                 t + BT, seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ, BIG)
         m2 = (t < seqlen)[:, None] & mask_d[None, :]
         u = u_c.to(tl.float32)
         raw, dt = _prep_delta(d_c, m2, bias, HAS_BIAS, SOFTPLUS)
@@ -191,7 +210,7 @@ def _selective_scan_fwd_kernel(
         if HAS_Z:
             zz = z_c.to(tl.float32)
             y = y * (zz * tl.sigmoid(zz))
-        tl.store(y_ptr + row + t[:, None], y.to(y_ptr.dtype.element_ty), mask=m2)
+        tl.store(y_ptr + dd * sy_d + _wide(t, BIG)[:, None] * sy_t, y.to(y_ptr.dtype.element_ty), mask=m2)
     tl.store(last_ptr + state_base + st_off, h, mask=m_s3)
 
 
@@ -204,9 +223,13 @@ def _selective_scan_bwd_kernel(
     scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr, dh0_ptr,
     dim, seqlen, dstate, dim_per_group, ngroups, nchunks, n_dblocks, chunk,
+    su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sz_b, sz_d, sz_t, sg_b, sg_d, sg_t,
+    sdu_b, sdu_d, sdu_t, sddl_b, sddl_d, sddl_t, sdz_b, sdz_d, sdz_t,
+    sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_GLAST: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
+    BIG: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -225,23 +248,26 @@ def _selective_scan_bwd_kernel(
     Dv = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
-    blk = (pid_b * dim + pid_d * BLOCK_D) * seqlen
-    u_ptr += blk
-    delta_ptr += blk
-    z_ptr += blk
-    gy_ptr += blk
-    du_ptr += blk
-    ddelta_ptr += blk
-    dz_ptr += blk
-    row = tl.arange(0, BLOCK_D)[None, :] * seqlen
+    d0 = (pid_d * BLOCK_D).to(tl.int64)
+    u_ptr += pid_b * su_b + d0 * su_d
+    delta_ptr += pid_b * sdl_b + d0 * sdl_d
+    z_ptr += pid_b * sz_b + d0 * sz_d
+    gy_ptr += pid_b * sg_b + d0 * sg_d
+    du_ptr += pid_b * sdu_b + d0 * sdu_d
+    ddelta_ptr += pid_b * sddl_b + d0 * sddl_d
+    dz_ptr += pid_b * sdz_b + d0 * sdz_d
+    dd = tl.arange(0, BLOCK_D)[None, :]
+    ro_u = dd * su_d
+    ro_dl = dd * sdl_d
+    ro_z = dd * sz_d
     seq_row = pid_b * seqlen
     g = (pid_d * BLOCK_D) // dim_per_group
     nb = tl.arange(0, NH)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
     m_nb = nb < dstate
-    bc_blk = (pid_b * ngroups + g) * dstate * seqlen
-    B_ptr += bc_blk
-    C_ptr += bc_blk
-    bc_row = nb * seqlen
+    B_ptr += pid_b * sB_b + g * sB_g
+    C_ptr += pid_b * sC_b + g * sC_g
+    ro_B = nb * sB_n
+    ro_C = nb * sC_n
     part_blk = (pid_b * n_dblocks + pid_d) * dstate * seqlen
     dB_part_ptr += part_blk
     dC_part_ptr += part_blk
@@ -267,15 +293,17 @@ def _selective_scan_bwd_kernel(
         n_valid = tl.minimum(TPC, tl.cdiv(seqlen - c0, BT))
         # Pass A: the state at the start of each tile of chunk k, into the scratch
         h = tl.load(states_ptr + (pid_b * nchunks + k) * dim * dstate + st_off, mask=m_s3, other=0.0)
-        u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row,
-                                                 seq_row, c0 + t1, seqlen, mask_d, m_nb, False, False, HAS_SEQ)
+        u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, ro_u, ro_dl, ro_z,
+                                                 su_t, sdl_t, sz_t, ro_B, ro_C, sB_t, sC_t,
+                                                 seq_row, c0 + t1, seqlen, mask_d, m_nb, False, False, HAS_SEQ, BIG)
         for j in range(0, n_valid):
             tl.store(scratch_ptr + j * SC + sc_off, h)
             t = c0 + j * BT + t1
             u_c, d_c, B_c, reset = u_n, d_n, B_n, r_n
             tn = tl.where(j + 1 < n_valid - 1, t + BT, seqlen)  # nothing to prefetch past the chunk's last scan
-            u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row,
-                                                     seq_row, tn, seqlen, mask_d, m_nb, False, False, HAS_SEQ)
+            u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, ro_u, ro_dl, ro_z,
+                                                     su_t, sdl_t, sz_t, ro_B, ro_C, sB_t, sC_t,
+                                                     seq_row, tn, seqlen, mask_d, m_nb, False, False, HAS_SEQ, BIG)
             if j < n_valid - 1:
                 m2 = (t < seqlen)[:, None] & mask_d[None, :]
                 raw, dt = _prep_delta(d_c, m2, bias, HAS_BIAS, SOFTPLUS)
@@ -285,9 +313,11 @@ def _selective_scan_bwd_kernel(
         tl.debug_barrier()
         # Pass B: tiles backwards; each tile's loads are issued while the tile after it is computed
         t = c0 + (n_valid - 1) * BT + t1
-        u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row,
-                                                 seq_row, t, seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ)
-        g_n = tl.load(gy_ptr + row + t[:, None], mask=(t < seqlen)[:, None] & mask_d[None, :], other=0.0)
+        u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, ro_u, ro_dl, ro_z,
+                                                 su_t, sdl_t, sz_t, ro_B, ro_C, sB_t, sC_t,
+                                                 seq_row, t, seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ, BIG)
+        g_n = tl.load(gy_ptr + dd * sg_d + _wide(t, BIG)[:, None] * sg_t,
+                      mask=(t < seqlen)[:, None] & mask_d[None, :], other=0.0)
         hp_n = tl.load(scratch_ptr + (n_valid - 1) * SC + sc_off)
         for jj in range(0, n_valid):
             j = n_valid - 1 - jj
@@ -295,9 +325,11 @@ def _selective_scan_bwd_kernel(
             u_c, d_c, z_c, B_c, C_c, reset, g_c, h_prev = u_n, d_n, z_n, B_n, C_n, r_n, g_n, hp_n
             jp = tl.maximum(j - 1, 0)
             tp = tl.where(j > 0, t - BT, seqlen)  # nothing to prefetch before the chunk's first tile
-            u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, row, bc_row,
-                                                     seq_row, tp, seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ)
-            g_n = tl.load(gy_ptr + row + tp[:, None], mask=(tp < seqlen)[:, None] & mask_d[None, :], other=0.0)
+            u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, ro_u, ro_dl, ro_z,
+                                                     su_t, sdl_t, sz_t, ro_B, ro_C, sB_t, sC_t,
+                                                     seq_row, tp, seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ, BIG)
+            g_n = tl.load(gy_ptr + dd * sg_d + _wide(tp, BIG)[:, None] * sg_t,
+                          mask=(tp < seqlen)[:, None] & mask_d[None, :], other=0.0)
             hp_n = tl.load(scratch_ptr + jp * SC + sc_off)
             m2 = (t < seqlen)[:, None] & mask_d[None, :]
             m3 = (t < seqlen)[:, None, None] & m_nb
@@ -310,13 +342,13 @@ def _selective_scan_bwd_kernel(
             x = dtu[:, None, :, None] * Bt[:, :, None, :]
             hs, h_last = _tile_states(dA, x, h_prev, BT)
             gout = g_c.to(tl.float32)
-            offs2 = row + t[:, None]
+            tw = _wide(t, BIG)[:, None]
             if HAS_Z:
                 zz = z_c.to(tl.float32)
                 sz = tl.sigmoid(zz)
                 y_pre = tl.sum(tl.sum(hs * Ct[:, :, None, :], axis=1), axis=2) + u * Dv[None, :]
                 dz = gout * y_pre * sz * (1.0 + zz * (1.0 - sz))
-                tl.store(dz_ptr + offs2, dz.to(dz_ptr.dtype.element_ty), mask=m2)
+                tl.store(dz_ptr + dd * sdz_d + tw * sdz_t, dz.to(dz_ptr.dtype.element_ty), mask=m2)
                 gc = gout * zz * sz  # gradient of the pre-gate output
             else:
                 gc = gout
@@ -347,8 +379,8 @@ def _selective_scan_bwd_kernel(
                 ddt = ddt * tl.sigmoid(raw)
             ddt = tl.where(m2, ddt, 0.0)
             dbias_acc += ddt
-            tl.store(du_ptr + offs2, du.to(du_ptr.dtype.element_ty), mask=m2)
-            tl.store(ddelta_ptr + offs2, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
+            tl.store(du_ptr + dd * sdu_d + tw * sdu_t, du.to(du_ptr.dtype.element_ty), mask=m2)
+            tl.store(ddelta_ptr + dd * sddl_d + tw * sddl_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()
     tl.store(dA_part_ptr + state_base + st_off, dA_acc, mask=m_s3)
     tl.store(dh0_ptr + state_base + st_off, mu, mask=m_s3)
@@ -410,25 +442,100 @@ def _opt(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like
 
 
+def _strides3(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _big(seqlen: int, *tensors: Optional[Tensor]) -> bool:
+    """Whether some time offset t * stride(time) of these tensors can pass 2**31 - 1 (then 64-bit offsets)."""
+    return any(t is not None and (seqlen - 1) * abs(t.stride(-1)) + 1024 >= 2 ** 31 for t in tensors)
+
+
+def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                 delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor],
+                 seq_idx: Optional[Tensor], cfg: ScanConfig, save_states: bool,
+                 out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the forward kernel. u, delta, z, out: (batch, dim, seqlen) of any strides (time contiguous or channel
+    contiguous: both are read in place); B, C: (batch, G, d_state, seqlen) of any strides; A (dim, d_state) float32
+    contiguous; D, delta_bias (dim,) float32; initial_state (batch, dim, d_state) float32 contiguous; seq_idx int32.
+    y goes into `out` when given, else into a new tensor laid out like u. Returns (y, last state (batch, dim,
+    d_state) float32, the states saved for the backward (batch, nchunks, dim, d_state) float32)."""
+    batch, dim, seqlen = u.shape
+    G, N = B.shape[1], B.shape[2]
+    nchunks = triton.cdiv(seqlen, cfg.chunk) if save_states else 1
+    y = torch.empty_like(u) if out is None else out
+    last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
+    states = torch.empty(batch, nchunks, dim, N, device=u.device, dtype=torch.float32)
+    grid = (triton.cdiv(dim, cfg.fwd_block_d), batch)
+    _selective_scan_fwd_kernel[grid](
+        u, delta, A, B, C, _opt(D, A), _opt(z, u), _opt(delta_bias, A), _opt(initial_state, last),
+        _opt(seq_idx, u), y, states, last,
+        dim, seqlen, N, dim // G, G, nchunks,
+        *_strides3(u), *_strides3(delta), *_strides3(_opt(z, u)), *_strides3(y), *B.stride(), *C.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states,
+        BLOCK_D=cfg.fwd_block_d, NH=cfg.NH, NL=cfg.NL, BT=cfg.fwd_block_t, TPC=cfg.chunk // cfg.fwd_block_t,
+        BIG=_big(seqlen, u, delta, z, y, B, C), num_warps=cfg.fwd_warps, num_stages=1,
+    )
+    return y, last, states
+
+
+def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, seq_idx: Optional[Tensor],
+                  states: Tensor, cfg: ScanConfig, gy: Tensor, glast: Optional[Tensor],
+                  dz_out: Optional[Tensor] = None, du_out: Optional[Tensor] = None) -> tuple:
+    """Launch the backward kernel on the forward's inputs and saved states. gy: (batch, dim, seqlen) of any strides;
+    glast: (batch, dim, d_state) or None. du / ddelta are laid out like u / delta (or go into du_out), dz into dz_out
+    when given (any strides: e.g. a slice of a bigger gradient buffer). Returns (du, ddelta, dA (dim, d_state),
+    dB, dC (batch, G, d_state, seqlen), dD, d delta_bias, d initial_state (batch, dim, d_state)), all float32
+    except du, ddelta, dz (the inputs' dtypes), dB and dC (B's and C's dtypes)."""
+    batch, dim, seqlen = u.shape
+    G, N = B.shape[1], B.shape[2]
+    nchunks = states.shape[1]
+    dev = u.device
+    f32 = torch.float32
+    if glast is not None:
+        glast = glast.to(f32).contiguous()
+    bd = cfg.bwd_block_d
+    n_dblocks = triton.cdiv(dim, bd)
+    tpc = cfg.chunk // cfg.bwd_block_t
+    du = torch.empty_like(u) if du_out is None else du_out
+    ddelta = torch.empty_like(delta)
+    dz = (torch.empty_like(z) if dz_out is None else dz_out) if z is not None else None
+    dA_part = torch.empty(batch, dim, N, device=dev, dtype=f32)
+    dB_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
+    dC_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
+    dD_part = torch.empty(batch, dim, device=dev, dtype=f32) if D is not None else None
+    dbias_part = torch.empty(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
+    dh0 = torch.empty(batch, dim, N, device=dev, dtype=f32)
+    scratch = torch.empty(batch * n_dblocks * tpc * cfg.NH * bd * cfg.NL, device=dev, dtype=f32)
+    zz = _opt(z, u)
+    _selective_scan_bwd_kernel[(n_dblocks, batch)](
+        u, delta, A, B, C, _opt(D, A), zz, _opt(delta_bias, A), _opt(seq_idx, u), states, gy,
+        _opt(glast, dh0), scratch,
+        du, ddelta, _opt(dz, du), dA_part, dB_part, dC_part, _opt(dD_part, dA_part), _opt(dbias_part, dA_part), dh0,
+        dim, seqlen, N, dim // G, G, nchunks, n_dblocks, cfg.chunk,
+        *_strides3(u), *_strides3(delta), *_strides3(zz), *_strides3(gy),
+        *_strides3(du), *_strides3(ddelta), *_strides3(_opt(dz, du)), *B.stride(), *C.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_GLAST=glast is not None, HAS_SEQ=seq_idx is not None,
+        BLOCK_D=bd, NH=cfg.NH, NL=cfg.NL, BT=cfg.bwd_block_t, TPC=tpc,
+        BIG=_big(seqlen, u, delta, z, gy, du, ddelta, dz, B, C), num_warps=cfg.bwd_warps, num_stages=1,
+    )
+    # fixed-order reductions of the partial sums
+    blocks_per_group = n_dblocks // G
+    dB = dB_part.view(batch, G, blocks_per_group, N, seqlen).sum(2).to(B.dtype)
+    dC = dC_part.view(batch, G, blocks_per_group, N, seqlen).sum(2).to(C.dtype)
+    dD = dD_part.sum(0) if D is not None else None
+    dbias = dbias_part.sum(0) if delta_bias is not None else None
+    return du, ddelta, dz, dA_part.sum(0), dB, dC, dD, dbias, dh0
+
+
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, cfg, save_states):
-        batch, dim, seqlen = u.shape
-        G, N = B.shape[1], B.shape[2]
-        nchunks = triton.cdiv(seqlen, cfg.chunk) if save_states else 1
-        y = torch.empty_like(u)
-        last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
-        states = torch.empty(batch, nchunks, dim, N, device=u.device, dtype=torch.float32)
-        grid = (triton.cdiv(dim, cfg.fwd_block_d), batch)
-        _selective_scan_fwd_kernel[grid](
-            u, delta, A, B, C, _opt(D, A), _opt(z, u), _opt(delta_bias, A), _opt(initial_state, last),
-            _opt(seq_idx, u), y, states, last,
-            dim, seqlen, N, dim // G, G, nchunks,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-            HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states,
-            BLOCK_D=cfg.fwd_block_d, NH=cfg.NH, NL=cfg.NL, BT=cfg.fwd_block_t, TPC=cfg.chunk // cfg.fwd_block_t,
-            num_warps=cfg.fwd_warps, num_stages=1,
-        )
+        y, last, states = scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
+                                       cfg, save_states)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, states)
         ctx.delta_softplus = bool(delta_softplus)
         ctx.cfg = cfg
@@ -439,49 +546,14 @@ class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, glast):
         u, delta, A, B, C, D, z, delta_bias, seq_idx, states = ctx.saved_tensors
-        cfg = ctx.cfg
-        batch, dim, seqlen = u.shape
-        G, N = B.shape[1], B.shape[2]
-        nchunks = states.shape[1]
-        dev = u.device
-        f32 = torch.float32
         if gy is None:
             gy = torch.zeros_like(u)
-        gy = gy.contiguous()
-        if glast is not None:
-            glast = glast.to(f32).contiguous()
-        bd = cfg.bwd_block_d
-        n_dblocks = triton.cdiv(dim, bd)
-        tpc = cfg.chunk // cfg.bwd_block_t
-        du = torch.empty_like(u)
-        ddelta = torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dA_part = torch.empty(batch, dim, N, device=dev, dtype=f32)
-        dB_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
-        dC_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
-        dD_part = torch.empty(batch, dim, device=dev, dtype=f32) if D is not None else None
-        dbias_part = torch.empty(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
-        dh0 = torch.empty(batch, dim, N, device=dev, dtype=f32)
-        scratch = torch.empty(batch * n_dblocks * tpc * cfg.NH * bd * cfg.NL, device=dev, dtype=f32)
-        _selective_scan_bwd_kernel[(n_dblocks, batch)](
-            u, delta, A, B, C, _opt(D, A), _opt(z, u), _opt(delta_bias, A), _opt(seq_idx, u), states, gy,
-            _opt(glast, dh0), scratch,
-            du, ddelta, _opt(dz, du), dA_part, dB_part, dC_part, _opt(dD_part, dA_part), _opt(dbias_part, dA_part), dh0,
-            dim, seqlen, N, dim // G, G, nchunks, n_dblocks, cfg.chunk,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus,
-            HAS_GLAST=glast is not None, HAS_SEQ=seq_idx is not None,
-            BLOCK_D=bd, NH=cfg.NH, NL=cfg.NL, BT=cfg.bwd_block_t, TPC=tpc,
-            num_warps=cfg.bwd_warps, num_stages=1,
-        )
-        # fixed-order reductions of the partial sums
-        dA = dA_part.sum(0).to(A.dtype)
-        blocks_per_group = n_dblocks // G
-        dB = dB_part.view(batch, G, blocks_per_group, N, seqlen).sum(2).to(B.dtype)
-        dC = dC_part.view(batch, G, blocks_per_group, N, seqlen).sum(2).to(C.dtype)
-        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-        dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+        du, ddelta, dz, dA, dB, dC, dD, dbias, dh0 = scan_backward(
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, seq_idx, states, ctx.cfg, gy, glast)
+        dD = dD.to(D.dtype) if D is not None else None
+        dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
         dh0_out = dh0.to(ctx.h0_dtype) if ctx.has_h0 else None
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0_out, None, None, None
+        return du, ddelta, dA.to(A.dtype), dB, dC, dD, dz, dbias, None, dh0_out, None, None, None
 
 
 def selective_scan_triton(
@@ -493,7 +565,7 @@ def selective_scan_triton(
     """Selective scan with Triton kernels; same contract as `selective_scan_ref` (differentiable in every tensor input).
 
     Inputs float32/float16/bfloat16 (float64 falls back to the chunked PyTorch path, which computes in float64), any
-    strides (copied to contiguous when needed). d_state <= 256. Runs on CUDA tensors, or on the CPU under
+    strides, read in place (y and the gradients of u and delta are laid out like u and delta). d_state <= 256. Runs on CUDA tensors, or on the CPU under
     TRITON_INTERPRET=1.
     chunk / fwd_block_t / bwd_block_t override the time tiling (chunk = steps between saved states; for tests);
     config replaces the whole launch configuration (for benchmarks).
@@ -523,7 +595,6 @@ def selective_scan_triton(
     bias = delta_bias.float().contiguous() if delta_bias is not None else None
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    y, last = _SelectiveScanTriton.apply(
-        u.contiguous(), delta.contiguous(), A32.contiguous(), Bg.contiguous(), Cg.contiguous(), Dc,
-        z.contiguous() if z is not None else None, bias, delta_softplus, h0, seq, cfg, save_states)
+    y, last = _SelectiveScanTriton.apply(u, delta, A32.contiguous(), Bg, Cg, Dc, z, bias, delta_softplus, h0, seq,
+                                         cfg, save_states)
     return (y, last) if return_last_state else y

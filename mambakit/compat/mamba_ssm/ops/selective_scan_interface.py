@@ -3,8 +3,9 @@
 
 Layouts (official): u, delta, z (batch, dim, seqlen); A (dim, d_state), real; B, C (batch, d_state, seqlen),
 grouped (batch, groups, d_state, seqlen) or time-invariant (dim, d_state); D, delta_bias (dim,); last state
-(batch, dim, d_state). `mamba_inner_fn` is the composition conv -> x_proj -> dt_proj -> scan -> out_proj, its
-gradients by autograd (not the official fused kernel).
+(batch, dim, d_state). `mamba_inner_fn` is `mambakit.ops.mamba_inner` (on CUDA the fused Triton form, as the official
+fused kernel: little saved, the conv output and delta recomputed in the backward) when B and C come from x_proj
+without extra biases or norms, else the composition conv -> x_proj -> dt_proj -> scan -> out_proj by autograd.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.conv1d import causal_conv1d_fn
+from mambakit.ops.mamba_inner import mamba_inner
 from mambakit.ops.norm import rms_norm
 from mambakit.ops.selective_scan import selective_scan_fn as scan
 from mambakit.ops.selective_scan import selective_scan_ref as scan_ref
@@ -102,6 +104,10 @@ def mamba_inner_fn(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tens
     keeps what it needs."""
     if checkpoint_lvl not in (0, 1):
         raise MambaKitError(f"checkpoint_lvl must be 0 or 1, got {checkpoint_lvl!r}")
+    extras = (B, C, B_proj_bias, C_proj_bias, b_rms_weight, c_rms_weight, dt_rms_weight)
+    if all(t is None for t in extras) and not A.is_complex():
+        return mamba_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                           out_proj_bias, A, D, delta_bias, delta_softplus)
     return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
                   A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus,
                   (b_rms_weight, c_rms_weight, dt_rms_weight), b_c_dt_rms_eps, selective_scan_fn)

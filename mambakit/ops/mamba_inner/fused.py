@@ -1,0 +1,108 @@
+"""The fused Mamba-1 inner path: one autograd function over the Triton conv and selective-scan kernels.
+
+Layout: xz is read through its (batch, 2 * d_inner, seqlen) view of the in_proj output (batch, seqlen, 2 * d_inner);
+the conv output u and the scan output y are written channel-last, (batch, seqlen, d_inner) in memory, so x_proj
+and out_proj read them as plain (batch * seqlen, d_inner) matrices; delta comes out of dt_proj channel-last and B, C
+are read in place from x_proj's output. The backward writes the gradient of xz straight into one channel-last
+buffer (the conv's dx into its x half, the scan's dz into its z half), so the in_proj backward reads it in place.
+Saved for the backward: xz, x_proj's output, y and the scan's chunk states; the conv output and delta are recomputed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mambakit.ops.conv1d.triton import conv1d_backward, conv1d_forward
+from mambakit.ops.selective_scan.triton import pick_config, scan_backward, scan_forward
+
+
+def _channels_last(batch: int, seqlen: int, dim: int, like: Tensor) -> Tensor:
+    """A new (batch, dim, seqlen) tensor whose memory is (batch, seqlen, dim)."""
+    return torch.empty(batch, seqlen, dim, device=like.device, dtype=like.dtype).transpose(1, 2)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(batch, dim, seqlen) channel-last view -> its (batch * seqlen, dim) matrix (no copy)."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])
+
+
+class _MambaInnerFused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, out_b, A, D, delta_bias, softplus, seq_idx,
+                cfg, save_states):
+        batch, two_d, seqlen = xz.shape
+        d = two_d // 2
+        rank, n = dt_proj_w.shape[1], A.shape[1]
+        x, z = xz[:, :d], xz[:, d:]
+        u = conv1d_forward(x, conv_w, conv_b, True, seq_idx, out=_channels_last(batch, seqlen, d, xz))
+        x_dbl = _rows(u) @ x_proj_w.t()  # (batch * seqlen, rank + 2 n)
+        delta = (x_dbl[:, :rank] @ dt_proj_w.t()).view(batch, seqlen, d).transpose(1, 2)
+        bc = x_dbl.view(batch, seqlen, -1).transpose(1, 2)  # (batch, rank + 2 n, seqlen), a view
+        B, C = bc[:, None, rank:rank + n], bc[:, None, rank + n:]
+        y, _, states = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, None, seq_idx, cfg, save_states,
+                                    out=_channels_last(batch, seqlen, d, xz))
+        out = torch.nn.functional.linear(_rows(y), out_w, out_b).view(batch, seqlen, -1)
+        ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, A, D, delta_bias, seq_idx, x_dbl, y,
+                              states)
+        ctx.softplus, ctx.cfg, ctx.has_out_b = softplus, cfg, out_b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, A, D, delta_bias, seq_idx, x_dbl, y, states = \
+            ctx.saved_tensors
+        batch, two_d, seqlen = xz.shape
+        d = two_d // 2
+        rank, n = dt_proj_w.shape[1], A.shape[1]
+        g2 = gout.reshape(batch * seqlen, -1).to(y.dtype)
+        d_out_w = g2.t() @ _rows(y)
+        d_out_b = g2.sum(0) if ctx.has_out_b else None
+        gy = (g2 @ out_w).view(batch, seqlen, d).transpose(1, 2)
+        # recompute the conv output and delta
+        x, z = xz[:, :d], xz[:, d:]
+        u = conv1d_forward(x, conv_w, conv_b, True, seq_idx, out=_channels_last(batch, seqlen, d, xz))
+        dt_low = x_dbl[:, :rank]
+        delta = (dt_low @ dt_proj_w.t()).view(batch, seqlen, d).transpose(1, 2)
+        bc = x_dbl.view(batch, seqlen, -1).transpose(1, 2)
+        B, C = bc[:, None, rank:rank + n], bc[:, None, rank + n:]
+        dxz = _channels_last(batch, seqlen, two_d, xz)
+        du, ddelta, _, dA, dB, dC, dD, dbias, _ = scan_backward(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, seq_idx, states, ctx.cfg, gy, None,
+            dz_out=dxz[:, d:], du_out=_channels_last(batch, seqlen, d, xz))
+        ddelta2 = _rows(ddelta)
+        d_dt_proj_w = ddelta2.t() @ dt_low
+        d_x_dbl = torch.empty_like(x_dbl)
+        d_x_dbl[:, :rank].copy_(ddelta2 @ dt_proj_w)
+        d_x_dbl.view(batch, seqlen, -1)[:, :, rank:rank + n].copy_(dB[:, 0].transpose(1, 2))
+        d_x_dbl.view(batch, seqlen, -1)[:, :, rank + n:].copy_(dC[:, 0].transpose(1, 2))
+        d_x_proj_w = d_x_dbl.t() @ _rows(u)
+        du_rows = _rows(du)
+        du_rows.addmm_(d_x_dbl, x_proj_w)  # the conv output feeds both the scan and x_proj
+        _, d_conv_w, d_conv_b = conv1d_backward(x, conv_w, conv_b, True, seq_idx, du, dx_out=dxz[:, :d])
+        dD = dD.to(D.dtype) if D is not None else None
+        dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
+        return (dxz, d_conv_w, d_conv_b, d_x_proj_w, d_dt_proj_w, d_out_w, d_out_b, dA.to(A.dtype), dD, dbias,
+                None, None, None, None)
+
+
+def mamba_inner_fused(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_proj_weight: Tensor,
+                      delta_proj_weight: Tensor, out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], A: Tensor,
+                      D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,
+                      seq_idx: Optional[Tensor] = None) -> Tensor:
+    """The fused form of `mambakit.ops.mamba_inner.mamba_inner` (checked arguments; CUDA tensors, or the CPU under
+    TRITON_INTERPRET=1). xz: (batch, 2 * d_inner, seqlen) -> (batch, seqlen, d_model) in xz's dtype."""
+    dt = xz.dtype
+    d = xz.shape[1] // 2
+    cfg = pick_config(A.shape[1], d, d, 1)
+    f32 = torch.float32
+    weights = (conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias)
+    conv_w, conv_b, x_w, dt_w, out_w, out_b = (w.to(dt) if w is not None else None for w in weights)
+    tensors = (xz, A, D, delta_bias) + weights
+    save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    return _MambaInnerFused.apply(
+        xz, conv_w.contiguous(), conv_b, x_w.contiguous(), dt_w.contiguous(), out_w.contiguous(), out_b,
+        A.to(f32).contiguous(), D.to(f32) if D is not None else None,
+        delta_bias.to(f32) if delta_bias is not None else None, bool(delta_softplus), seq, cfg, save_states)

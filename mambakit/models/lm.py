@@ -72,8 +72,10 @@ class Block(nn.Module):
 
     def _add_norm(self, hidden: Tensor, residual: Optional[Tensor], norm: nn.Module,
                   step: bool = False) -> tuple[Tensor, Tensor]:
-        if step and isinstance(norm, RMSNorm) and not torch.is_grad_enabled():  # decoding: one fused kernel on CUDA
-            return add_rms_norm(hidden, residual, norm.weight, norm.eps, self.residual_in_fp32)
+        if isinstance(norm, RMSNorm):  # one fused kernel each way on CUDA, the PyTorch composition elsewhere
+            cast = hidden.is_cuda and torch.is_autocast_enabled("cuda") and not step
+            out_dtype = torch.get_autocast_dtype("cuda") if cast else None  # what the next projection reads
+            return add_rms_norm(hidden, residual, norm.weight, norm.eps, self.residual_in_fp32, out_dtype=out_dtype)
         residual = hidden if residual is None else residual + hidden
         normed = norm(residual.to(norm.weight.dtype))
         if self.residual_in_fp32:
@@ -110,8 +112,11 @@ class MixerModel(nn.Module):
         for i, layer in enumerate(self.layers):
             state = cache.states[i] if cache is not None else None
             hidden, residual = layer(hidden, residual, state=state, step=step, **mixer_kwargs)
-        if step and isinstance(self.norm_f, RMSNorm) and not torch.is_grad_enabled():
-            return add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps, residual_in_fp32=True)[0]
+        if isinstance(self.norm_f, RMSNorm):
+            cast = hidden.is_cuda and torch.is_autocast_enabled("cuda") and not step
+            out_dtype = torch.get_autocast_dtype("cuda") if cast else None  # what the LM head reads
+            return add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps, residual_in_fp32=True,
+                                out_dtype=out_dtype)[0]
         residual = hidden if residual is None else residual + hidden
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 

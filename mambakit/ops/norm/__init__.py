@@ -57,23 +57,30 @@ def rms_norm_gated(y: Tensor, z: Optional[Tensor], weight: Tensor, eps: float, g
 
 
 def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, residual_in_fp32: bool,
-                 backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """The pre-norm block's residual add and RMSNorm, for inference (no autograd through the Triton kernel).
+                 backend: str = "auto", out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """The pre-norm block's residual add and RMSNorm.
 
     hidden, residual: (..., d) (residual None for the first block). Returns (normed, residual'), residual' =
-    residual + hidden (hidden if residual is None), normed = rms_norm(residual'.to(weight.dtype)) in weight's dtype,
-    residual' in float32 when residual_in_fp32. backend "auto": one fused Triton kernel for CUDA tensors outside
-    autograd, else the PyTorch composition.
+    residual + hidden (hidden if residual is None), normed = rms_norm(residual'.to(weight.dtype)) in out_dtype
+    (default: weight's dtype; e.g. the autocast dtype, which saves the cast before the next projection), residual'
+    in float32 when residual_in_fp32. backend "auto": fused Triton kernels for CUDA tensors (with a fused backward
+    under autograd), else the PyTorch composition.
     """
     backend = check_backend(backend)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                        or (residual is not None and residual.requires_grad))
     if backend == "auto":
-        backend = "triton" if use_triton(hidden, weight) and not grad else "torch"
+        backend = "triton" if use_triton(hidden, weight) else "torch"
     if backend == "triton":
-        from mambakit.ops.triton.decode import add_rms_norm_step
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                            or (residual is not None and residual.requires_grad))
+        if not grad and out_dtype in (None, weight.dtype):
+            from mambakit.ops.triton.decode import add_rms_norm_step
 
-        return add_rms_norm_step(hidden, residual, weight, eps, residual_in_fp32)
+            return add_rms_norm_step(hidden, residual, weight, eps, residual_in_fp32)
+        from mambakit.ops.norm.add_triton import add_rms_norm_triton
+
+        return add_rms_norm_triton(hidden, residual, weight, eps, residual_in_fp32, out_dtype)
     residual = hidden if residual is None else residual + hidden
     normed = rms_norm(residual.to(weight.dtype), weight, eps, backend="torch")
+    if out_dtype is not None:
+        normed = normed.to(out_dtype)
     return normed, residual.float() if residual_in_fp32 else residual

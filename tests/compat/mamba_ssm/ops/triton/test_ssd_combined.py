@@ -238,3 +238,26 @@ def test_split_conv1d_scan_errors_name_the_argument():
         mamba_split_conv1d_scan_combined(*args, p["D"], 4, ngroups=2, activation="relu")
     with pytest.raises(MambaKitError, match="outproj_bias"):
         mamba_split_conv1d_scan_combined(*args, p["D"], 4, ngroups=2, outproj_bias=p["outproj_bias"])
+
+
+@pytest.mark.gpu
+def test_cuda_split_conv1d_scan_and_varlen_states():
+    p, sizes = split_inputs(d_mlp=2, seed=11, seqlen=40)
+    seq_idx = torch.tensor([[0] * 25 + [1] * 15, [3] * 40], dtype=torch.int32)
+    cuda = {k: v.detach().cuda().requires_grad_() for k, v in p.items()}
+    out, final = mamba_split_conv1d_scan_combined(
+        cuda["zxbcdt"], cuda["conv1d_weight"], cuda["conv1d_bias"], cuda["dt_bias"], cuda["A"], cuda["D"], 16,
+        seq_idx=seq_idx.cuda(), return_final_states=True, rmsnorm_weight=cuda["rmsnorm_weight"],
+        outproj_weight=cuda["outproj_weight"], outproj_bias=cuda["outproj_bias"], ngroups=2)
+    want, want_final = split_ref64(p, sizes, seq_idx=seq_idx)
+    torch.testing.assert_close(out.double().cpu(), want, **TOL)
+    torch.testing.assert_close(final.double().cpu(), want_final, **TOL)
+    out.sum().backward()
+    assert all(torch.isfinite(v.grad).all() for v in cuda.values() if v.grad is not None)
+    x, dt, A, B, C, D, dt_bias, h0, cu, seq_idx = varlen_inputs([30, 3, 50])
+    to = lambda t: t.detach().cuda()  # noqa: E731
+    _, states = mamba_chunk_scan_combined(to(x), to(dt), to(A), to(B), to(C), 16, D=to(D), dt_bias=to(dt_bias),
+                                          initial_states=to(h0), seq_idx=to(seq_idx), cu_seqlens=to(cu),
+                                          dt_softplus=True, return_varlen_states=True)
+    _, want_states = each_alone(x, dt, A, B, C, D, dt_bias, h0, cu, None)
+    torch.testing.assert_close(states.double().cpu(), want_states, **TOL)

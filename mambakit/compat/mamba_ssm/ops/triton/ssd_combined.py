@@ -132,9 +132,9 @@ def _split_conv_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_si
     z0, x0, z, xBC, dt = torch.split(zxbcdt, [d_mlp, d_mlp, dim, dim + 2 * ngroups * dstate, nheads], dim=-1)
     xBC = causal_conv1d_fn(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, activation, None, seq_idx).transpose(1, 2)
     x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
-    zh = z.unflatten(-1, (nheads, headdim))
+    gate = z.unflatten(-1, (nheads, headdim)) if rmsnorm_weight is None else None  # else the norm gates
     y, final = ssd_combined(x.unflatten(-1, (nheads, headdim)), dt, A, B.unflatten(-1, (ngroups, dstate)),
-                            C.unflatten(-1, (ngroups, dstate)), chunk_size, D=D, z=zh if rmsnorm_weight is None else None,
+                            C.unflatten(-1, (ngroups, dstate)), chunk_size, D=D, z=gate,
                             dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True,
                             dt_limit=dt_limit, return_final_states=True, backend=backend)
     out = y.flatten(-2)  # (batch, seqlen, dim)

@@ -64,3 +64,61 @@ def test_bad_shapes():
         causal_conv1d_fn(x, torch.randn(3, 4), conv_state=torch.zeros(2, 3, 3))
     with pytest.raises(MambaKitError, match="activation"):
         causal_conv1d_fn(x, torch.randn(3, 4), activation="relu")
+
+
+def _segment_loop(x, weight, bias, seq_idx):
+    """float64 per-sequence conv: each run of one seq_idx value convolved alone, padding (seq_idx < 0) output 0."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for b in range(x.shape[0]):
+        idx = seq_idx[b].tolist()
+        t = 0
+        while t < len(idx):
+            end = t
+            while end < len(idx) and idx[end] == idx[t]:
+                end += 1
+            if idx[t] >= 0:
+                out[b, :, t:end] = reference(x[b:b + 1, :, t:end].double(), weight.double(), bias.double())[0]
+            t = end
+    return out
+
+
+def test_seq_idx_minus_one_is_padding_with_output_zero():
+    torch.manual_seed(3)
+    x, w, b = torch.randn(2, 5, 13), torch.randn(5, 4), torch.randn(5)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1],
+                            [-1, -1, 2, 2, 2, 2, 3, 3, -1, 4, 4, 4, 4]], dtype=torch.int32)
+    y = causal_conv1d_fn(x, w, b, "silu", seq_idx=seq_idx)
+    assert rel_err(y, _segment_loop(x, w, b, seq_idx)) < 1e-6
+    assert bool((y.masked_select(seq_idx[:, None, :] < 0) == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_with_seq_idx_accumulate_in_float32(dtype):
+    torch.manual_seed(4)
+    x = torch.randn(2, 6, 80).to(dtype).requires_grad_()
+    w, b = torch.randn(6, 4).to(dtype).requires_grad_(), torch.randn(6).to(dtype).requires_grad_()
+    seq_idx = (torch.arange(80) // 23)[None].repeat(2, 1)
+    gy = torch.randn(2, 6, 80, dtype=torch.float64)
+    y = causal_conv1d_fn(x, w, b, "silu", seq_idx=seq_idx)
+    assert y.dtype == dtype
+    grads = torch.autograd.grad((y.double() * gy).sum(), (x, w, b))
+    p64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y64 = causal_conv1d_fn(*p64, "silu", seq_idx=seq_idx)
+    refs = torch.autograd.grad((y64 * gy).sum(), p64)
+    # only the final rounding to the half dtype: the 160-term weight gradient sums stay in float32
+    eps = torch.finfo(dtype).eps
+    assert rel_err(y, y64) <= eps
+    for got, want in zip(grads, refs):
+        assert rel_err(got, want) <= eps
+
+
+@pytest.mark.gpu
+def test_cuda_seq_idx_padding_and_half_accumulation():
+    torch.manual_seed(5)
+    x = torch.randn(2, 8, 40, device="cuda").bfloat16()
+    w, b = torch.randn(8, 4, device="cuda"), torch.randn(8, device="cuda")
+    seq_idx = torch.tensor([[0] * 20 + [1] * 12 + [-1] * 8, [-1] * 5 + [2] * 35], dtype=torch.int32, device="cuda")
+    y = causal_conv1d_fn(x, w, b, "silu", seq_idx=seq_idx)
+    want = _segment_loop(x.cpu(), w.cpu(), b.cpu(), seq_idx.cpu())
+    assert rel_err(y.cpu(), want) <= torch.finfo(torch.bfloat16).eps
+    assert bool((y.masked_select(seq_idx[:, None, :] < 0) == 0).all())

@@ -198,3 +198,58 @@ def test_bad_inputs_name_the_argument(fn):
             fn(**dict(kw, **{name: value}))
     with pytest.raises(MambaKitError, match="seq_idx must be an integer"):
         fn(**kw, seq_idx=torch.zeros(2, 10))
+
+
+def _step64(state, x, dt, A, B, C, D, z, dt_bias):
+    """Mamba-1 layout, float64, dt_softplus: (y, new_state); B, C (batch, groups, d_state)."""
+    state, x, z = state.double(), x.double(), z.double()
+    dt = torch.nn.functional.softplus(dt.double() + dt_bias.double())
+    reps = state.shape[1] // B.shape[1]
+    Bd, Cd = (t.double().repeat_interleave(reps, 1) for t in (B, C))
+    new = state * torch.exp(dt[..., None] * A.double()) + (dt * x)[..., None] * Bd
+    y = ((new * Cd).sum(-1) + x * D.double()) * torch.nn.functional.silu(z)
+    return y, new
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_state_update_half_state_is_computed_in_float32(dtype):
+    g = torch.Generator().manual_seed(9)
+    batch, dim, d_state, groups = 3, 6, 5, 2
+    state = torch.randn(batch, dim, d_state, generator=g).to(dtype)
+    x, dt, z = (torch.randn(batch, dim, generator=g).to(dtype) for _ in range(3))
+    A = -torch.rand(dim, d_state, generator=g) - 0.5
+    B, C = (torch.randn(batch, groups, d_state, generator=g).to(dtype) for _ in range(2))
+    D, dt_bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    want_y, want_state = _step64(state, x, dt, A, B, C, D, z, dt_bias)
+    y = selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, True)
+    assert y.dtype == dtype and state.dtype == dtype
+    # one rounding at the end: the stored state is the float64 value rounded (to float32 error)
+    assert rel_err(state, want_state.to(dtype)) < 1e-6
+    assert rel_err(y, want_y) <= torch.finfo(dtype).eps
+
+
+def test_state_update_heads_layout_equals_ssd_step():
+    from mambakit.ops.ssd import ssd_step
+
+    g = torch.Generator().manual_seed(10)
+    batch, nheads, headdim, d_state, ngroups = 2, 4, 3, 5, 2
+    state = torch.randn(batch, nheads, headdim, d_state, generator=g, dtype=torch.float64)
+    x, z = (torch.randn(batch, nheads, headdim, generator=g, dtype=torch.float64) for _ in range(2))
+    dt = torch.randn(batch, nheads, generator=g, dtype=torch.float64)
+    A = -torch.rand(nheads, generator=g, dtype=torch.float64) - 0.5
+    B, C = (torch.randn(batch, ngroups, d_state, generator=g, dtype=torch.float64) for _ in range(2))
+    D, dt_bias = (torch.randn(nheads, generator=g, dtype=torch.float64) for _ in range(2))
+    ref_state = state.clone()
+    want = ssd_step(ref_state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True)
+    per_head = lambda t: t[..., None].expand(*t.shape, headdim)  # noqa: E731  (the official stride-0 broadcast)
+    y = selective_state_update(state, x, per_head(dt), A[:, None, None].expand(-1, headdim, d_state), B, C,
+                               per_head(D), z, per_head(dt_bias), True)
+    assert rel_err(y, want) < 1e-14 and rel_err(state, ref_state) < 1e-14
+    pool = torch.zeros(3, nheads, headdim, d_state, dtype=torch.float64)
+    pool[2], pool[0] = state[0], state[1]
+    y2 = selective_state_update(pool, x, per_head(dt), A[:, None, None].expand(-1, headdim, d_state), B, C,
+                                per_head(D), z, per_head(dt_bias), True, state_batch_indices=torch.tensor([2, -1]))
+    assert bool((y2[1] == 0).all()) and torch.equal(pool[0], state[1])
+    with pytest.raises(MambaKitError, match="state_batch_indices"):
+        selective_state_update(pool, x, per_head(dt), A[:, None, None].expand(-1, headdim, d_state), B, C,
+                               state_batch_indices=torch.zeros(3, dtype=torch.long))

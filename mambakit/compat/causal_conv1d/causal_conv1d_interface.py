@@ -17,13 +17,9 @@ from torch import Tensor
 from mambakit.errors import MambaKitError
 from mambakit.ops.conv1d import ACTIVATIONS, causal_conv1d_fn as conv1d, causal_conv1d_update as conv1d_step
 from mambakit.ops.conv1d import conv_state_after
+from mambakit.ops.conv1d.naive import compute_dtype
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_ref", "causal_conv1d_update", "causal_conv1d_update_ref"]
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 for float64 x, else float32 (half inputs accumulate in float32)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check(x: Tensor, weight: Tensor, activation: Optional[str]) -> None:
@@ -54,13 +50,8 @@ def causal_conv1d_fn(
     if initial_states is not None and initial_states.shape != (batch, dim, width - 1):
         raise MambaKitError(f"initial_states must have shape (batch={batch}, dim={dim}, width - 1={width - 1}), "
                             f"got {tuple(initial_states.shape)}")
-    fast = x.is_cuda and seq_idx is None and initial_states is None  # the Triton kernel accumulates in float32
-    fp = x.dtype if fast else compute_dtype(x)
-    conv_state = None if initial_states is None else F.pad(initial_states.to(fp), (1, 0))  # (batch, dim, width)
-    out = conv1d(x.to(fp), weight.to(fp), None if bias is None else bias.to(fp), activation, conv_state, seq_idx)
-    if seq_idx is not None:
-        out = out.masked_fill(seq_idx[:, None, :] < 0, 0.0)
-    out = out.to(x.dtype)
+    conv_state = None if initial_states is None else F.pad(initial_states, (1, 0))  # (batch, dim, width)
+    out = conv1d(x, weight, bias, activation, conv_state, seq_idx)  # float32 accumulation, seq_idx < 0 -> 0
     if not return_final_states:
         return out
     final = conv_state_after(x, width - 1, initial_states).to(x.dtype)  # (batch, dim, width - 1)

@@ -13,7 +13,9 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.backends import kernels
-from mambakit.ops.conv1d.naive import ACTIVATIONS, causal_conv1d_torch, conv1d_update_torch, conv_state_after
+from mambakit.ops.conv1d.naive import (
+    ACTIVATIONS, causal_conv1d_torch, check_seq_idx, conv1d_update_torch, conv_state_after, zero_padding,
+)
 
 __all__ = ["ACTIVATIONS", "causal_conv1d_fn", "causal_conv1d_update", "conv_state_after"]
 
@@ -31,19 +33,25 @@ def causal_conv1d_fn(
     """y_t = act(bias + sum_k weight[:, k] * x_{t - width + 1 + k}), causal (inputs before t = 0 are zero, or the
     last inputs held in `conv_state` when continuing a sequence).
 
-    seq_idx: (batch, seqlen) integer; taps that reach into a previous packed sequence are dropped.
+    seq_idx: (batch, seqlen) integer; taps that reach into another packed sequence are dropped, and positions with
+    seq_idx < 0 are padding (output 0), as in the official `causal_conv1d`.
     conv_state, if given, is read (not modified); use `conv_state_after` to get the state after x.
+    Half-precision inputs accumulate in float32 on every path (forward and gradients).
     Returns y: (batch, dim, seqlen) in x's dtype.
     """
     batch, dim, seqlen = x.shape
     if weight.dim() != 2 or weight.shape[0] != dim:
         raise MambaKitError(f"weight must have shape (dim={dim}, width), got {tuple(weight.shape)}")
+    if seq_idx is not None:
+        check_seq_idx(seq_idx, batch, seqlen)
     if x.is_cuda and _triton_conv() is not None and x.dtype != torch.float64:
         if conv_state is None:
-            return _triton_conv()(x, weight, bias, activation, seq_idx=seq_idx)
-        from mambakit.ops.conv1d.triton import causal_conv1d_triton_from_state  # a prefill continuing a state
+            y = _triton_conv()(x, weight, bias, activation, seq_idx=seq_idx)
+        else:
+            from mambakit.ops.conv1d.triton import causal_conv1d_triton_from_state  # a prefill continuing a state
 
-        return causal_conv1d_triton_from_state(x, weight, bias, activation, conv_state, seq_idx)
+            y = causal_conv1d_triton_from_state(x, weight, bias, activation, conv_state, seq_idx)
+        return zero_padding(y, seq_idx)  # the kernel drops cross-sequence taps but does not zero the padding
     return causal_conv1d_torch(x, weight, bias, activation, conv_state, seq_idx)
 
 

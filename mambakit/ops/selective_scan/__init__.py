@@ -65,16 +65,20 @@ def selective_scan_fn(
 def selective_state_update(
     state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
     z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+    state_batch_indices: Optional[Tensor] = None,
 ) -> Tensor:
     """One step of the recurrence for decoding, updating `state` in place (official `selective_state_update`).
 
-    state: (batch, dim, d_state); x, dt, z: (batch, dim); A: (dim, d_state); B, C: (batch, d_state) or
-    (batch, groups, d_state); D, dt_bias: (dim,). Returns y: (batch, dim) in x's dtype. CUDA states go to the
-    Triton decode kernel when Triton is available.
+    Mamba-1 layout: state (batch, dim, d_state); x, dt, z: (batch, dim); A: (dim, d_state); B, C: (batch, d_state)
+    or (batch, groups, d_state); D, dt_bias: (dim,). Returns y: (batch, dim) in x's dtype.
+    Heads layout (Mamba-2): state (batch, nheads, headdim, d_state); x, dt, z: (batch, nheads, headdim); A:
+    (nheads, headdim, d_state); B, C: (batch, ngroups, d_state); D, dt_bias: (nheads, headdim). Returns y:
+    (batch, nheads, headdim). state_batch_indices: (batch,) integer state row per batch row, negative = padding
+    (y 0, no state touched). Computed in float32 (float64 for float64 state or x) whatever the state's dtype.
+    Mamba-1 CUDA states without indices go to the Triton decode kernel when Triton is available.
     """
-    if state.is_cuda and triton_available():
+    if state.dim() == 3 and state_batch_indices is None and state.is_cuda and triton_available():
         from mambakit.ops.triton.state_update import selective_state_update_triton
 
         return selective_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return selective_state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-
+    return selective_state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)

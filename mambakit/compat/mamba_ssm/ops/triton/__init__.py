@@ -1,3 +1,4 @@
-"""`mamba_ssm.ops.triton`: the decode step (`selective_state_update`) and the norms (`layer_norm`,
-`layernorm_gated`). The names mirror the official modules; the work is done by mambakit's dispatchers, which use
-Triton kernels for CUDA tensors where they have them and PyTorch elsewhere."""
+"""`mamba_ssm.ops.triton`: the decode step (`selective_state_update`), the norms (`layer_norm`, `layernorm_gated`)
+and the Mamba-2 SSD op with its fused path (`ssd_combined`). The names mirror the official modules; the work is
+done by mambakit's dispatchers, which use Triton kernels for CUDA tensors where they have them and PyTorch
+elsewhere."""

@@ -35,7 +35,7 @@ from mambakit.ops.conv1d.naive import causal_conv1d_torch  # noqa: E402
 
 log, check = report.log, report.check
 WIDTH = 4
-SWEEP = {True: [(32, 64), (64, 32), (64, 128), (128, 32)], False: [(4, 256), (8, 128), (16, 128), (4, 512)]}
+SWEEP = {True: [(64, 32), (64, 64), (32, 128), (128, 32)], False: [(4, 256), (8, 256), (16, 128), (4, 512)]}
 
 
 def official_conv():

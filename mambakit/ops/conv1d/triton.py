@@ -39,12 +39,14 @@ BACKWARD_GATHER: bool = True
 
 def block_sizes(channel_last: bool, backward: bool) -> Tuple[int, int]:
     """(BLOCK_D, BT): channels and time steps of one program's tile. Channel-last x (dim the fastest axis) wants a
-    wide channel axis (whole cache lines along dim), time-contiguous x a long time axis. num_warps is 4."""
+    wide channel axis (cache-line segments along dim), time-contiguous x a long time axis. num_warps is 4. The
+    backward's tiles are smaller (it holds more per element: g', its halo, dx); fewer time tiles mean fewer weight /
+    bias partial sums (batch * time tiles * dim * (width + 1) floats)."""
     if interpreted():
         return 4, 16  # small tiles: several blocks (and partial ones) on the tests' small shapes
     if channel_last:
-        return 64, 64
-    return 8, 256
+        return (32, 64) if backward else (64, 64)
+    return (8, 128) if backward else (8, 256)
 
 
 @triton.jit
@@ -208,6 +210,7 @@ def _seq(seq_idx: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _grid(x: Tensor, backward: bool) -> Tuple[int, int, Tuple[int, int, int]]:
+    """(BLOCK_D, BT, grid): one program per (time tile, channel block, batch row) of x (batch, dim, seqlen)."""
     batch, dim, seqlen = x.shape
     bd, bt = block_sizes(is_channel_last(x), backward)
     bd, bt = min(bd, triton.next_power_of_2(dim)), min(bt, triton.next_power_of_2(seqlen))

@@ -72,7 +72,12 @@ def _conv_pre(x_ptr, w_ptr, xrow, sx_t, sw_d, sw_k, d1, mask_d, t, seqlen, seq_p
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr, dim, seqlen, sx_b, sx_d, sx_t, sy_b, sy_d, sy_t,
                      sw_d, sw_k, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr):
+                     HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr,
+                     AXB: tl.constexpr, AXD: tl.constexpr, AXT: tl.constexpr,
+                     AYB: tl.constexpr, AYD: tl.constexpr, AYT: tl.constexpr):
+    # strides come divided by their constexpr power-of-two factors (see `_strides`)
+    sx_b, sx_d, sx_t = sx_b * AXB, sx_d * AXD, sx_t * AXT
+    sy_b, sy_d, sy_t = sy_b * AYB, sy_d * AYD, sy_t * AYT
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -109,7 +114,13 @@ def _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
                      dim, seqlen, n_tblocks, sx_b, sx_d, sx_t, sg_b, sg_d, sg_t, sdx_b, sdx_d, sdx_t, sw_d, sw_k,
                      WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
-                     GATHER: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr, HALO: tl.constexpr):
+                     GATHER: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr, HALO: tl.constexpr,
+                     AXB: tl.constexpr, AXD: tl.constexpr, AXT: tl.constexpr,
+                     AGB: tl.constexpr, AGD: tl.constexpr, AGT: tl.constexpr,
+                     ADB: tl.constexpr, ADD: tl.constexpr, ADT: tl.constexpr):
+    sx_b, sx_d, sx_t = sx_b * AXB, sx_d * AXD, sx_t * AXT
+    sg_b, sg_d, sg_t = sg_b * AGB, sg_d * AGD, sg_t * AGT
+    sdx_b, sdx_d, sdx_t = sdx_b * ADB, sdx_d * ADD, sdx_t * ADT
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -193,7 +204,7 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[
     if seq_idx is not None and seq_idx.shape != (batch, seqlen):
         raise MambaKitError(f"seq_idx must have shape (batch={batch}, seqlen={seqlen}), got {tuple(seq_idx.shape)}")
     if not x.is_cuda and not interpreted():
-        raise MambaKitError("causal_conv1d_triton needs CUDA tensors (or TRITON_INTERPRET=1); "
+        raise MambaKitError("the Triton conv needs CUDA tensors (or TRITON_INTERPRET=1); "
                             f"got tensors on {x.device}")
     if x.dtype not in _FLOATS:
         raise MambaKitError(f"x must be float32, float16 or bfloat16 for the Triton conv, got {x.dtype}")
@@ -207,6 +218,20 @@ def _check_buffer(name: str, buf: Tensor, x: Tensor) -> None:
 
 def _seq(seq_idx: Optional[Tensor]) -> Optional[Tensor]:
     return None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+
+
+def _strides(t: Tensor) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
+    """t's strides as (quotients, factors): each stride = quotient * factor, the factor its largest power-of-two
+    divisor up to 16 (1 for a stride of 1; 16 for an axis of size 1, whose stride is never used). The kernels take
+    the factors as constexprs, so that rows stay known to be aligned (vector loads) when a stride is a multiple of
+    8 but not of 16, which Triton's own specialisation (16 or nothing) does not see: the channel-last slice of a
+    Mamba-2 in_proj output, 3352 wide for d_model 768, is one."""
+    quotients, factors = [], []
+    for size, stride in zip(t.shape, t.stride()):
+        f = 16 if size == 1 else next(f for f in (16, 8, 4, 2, 1) if stride % f == 0)
+        quotients.append(0 if size == 1 else stride // f)
+        factors.append(f)
+    return tuple(quotients), tuple(factors)
 
 
 def _grid(x: Tensor, backward: bool) -> Tuple[int, int, Tuple[int, int, int]]:
@@ -234,11 +259,12 @@ def conv1d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool
         return out
     seq, bias = _seq(seq_idx), None if bias is None else bias.contiguous()
     bd, bt, grid = _grid(x, backward=False)
+    (sx, ax), (sy, ay) = _strides(x), _strides(out)
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, seq if seq is not None else x, out,
-        x.shape[1], x.shape[2], *x.stride(), *out.stride(), *weight.stride(),
+        x.shape[1], x.shape[2], *sx, *sy, *weight.stride(),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None,
-        BLOCK_D=bd, BT=bt, num_warps=4)
+        BLOCK_D=bd, BT=bt, AXB=ax[0], AXD=ax[1], AXT=ax[2], AYB=ay[0], AYD=ay[1], AYT=ay[2], num_warps=4)
     return out
 
 
@@ -264,15 +290,17 @@ def conv1d_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: boo
         return dx_out, torch.zeros_like(weight), db
     seq, bias = _seq(seq_idx), None if bias is None else bias.contiguous()
     bd, bt, grid = _grid(x, backward=True)
+    (sx, ax), (sg, ag), (sd, ad) = _strides(x), _strides(gy), _strides(dx_out)
     n_tblocks = grid[0]
     dw_part = torch.empty(batch, n_tblocks, dim, width, device=x.device, dtype=torch.float32)
     db_part = torch.empty(batch, n_tblocks, dim, device=x.device, dtype=torch.float32) if bias is not None else None
     _conv_bwd_kernel[grid](
         x, weight, bias if bias is not None else weight, seq if seq is not None else x, gy, dx_out, dw_part,
         db_part if db_part is not None else dw_part,
-        dim, seqlen, n_tblocks, *x.stride(), *gy.stride(), *dx_out.stride(), *weight.stride(),
+        dim, seqlen, n_tblocks, *sx, *sg, *sd, *weight.stride(),
         WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None, GATHER=BACKWARD_GATHER,
-        BLOCK_D=bd, BT=bt, HALO=triton.next_power_of_2(max(width - 1, 1)), num_warps=4)
+        BLOCK_D=bd, BT=bt, HALO=triton.next_power_of_2(max(width - 1, 1)), AXB=ax[0], AXD=ax[1], AXT=ax[2],
+        AGB=ag[0], AGD=ag[1], AGT=ag[2], ADB=ad[0], ADD=ad[1], ADT=ad[2], num_warps=4)
     dw = dw_part.sum((0, 1)).to(weight.dtype)
     db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
     return dx_out, dw, db

@@ -311,7 +311,7 @@ class _CausalConv1dTriton(torch.autograd.Function):
     def forward(ctx, x, weight, bias, silu, seq_idx):
         # the first call compiles the forward and backward kernels side by side (mambakit.ops.triton.compile)
         key = (x.dtype, weight.dtype, weight.shape, bias is not None, silu, seq_idx is not None, x.device,
-               is_channel_last(x), specialisation(x.shape[1], x.shape[2], x))
+               _strides(x)[1], specialisation(x.shape[1], x.shape[2], x))
         precompile_once(key, lambda: conv1d_backward(x, weight, bias, silu, seq_idx,
                                                      conv1d_forward(x, weight, bias, silu, seq_idx)))
         y = conv1d_forward(x, weight, bias, silu, seq_idx)

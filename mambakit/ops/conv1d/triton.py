@@ -7,11 +7,11 @@ Same contract as `mambakit.ops.conv1d.causal_conv1d_fn` without `conv_state`:
 
 `conv1d_forward` / `conv1d_backward` are the kernels' entry points (outputs into given buffers of any strides);
 `causal_conv1d_triton` is the differentiable op. The backward computes g' = dL/d(pre-activation) once per output
-position of its tile (plus a halo of width - 1 positions past the tile) and shifts it in registers (`tl.gather`) for
-the transposed conv; weight and bias gradients are per-(batch, time block) partial sums reduced by torch in a fixed
-order (deterministic, no atomics). Every tile is (BLOCK_D, BT) over (channel, time); Triton orders each load along
-whichever axis its pointers are contiguous in (real strides are passed, so a stride of 1 is specialised), and
-`block_sizes` picks the tile shape by layout.
+position of its tile (plus a halo of width - 1 positions past the tile) and shifts it within the program
+(`tl.gather`: warp shuffles or shared memory) for the transposed conv; weight and bias gradients are per-(batch,
+time block) partial sums reduced by torch in a fixed order (deterministic, no atomics). Every tile is (BLOCK_D, BT)
+over (channel, time); Triton orders each load along whichever axis its pointers are contiguous in (real strides are
+passed, so a stride of 1 is specialised), and `block_sizes` picks the tile shape by layout.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ BENCH = ROOT / "benchmarks"
 
 #: script -> (smoke arguments, the JSON lines files it writes to $OUT)
 SMOKE = {
+    "bench_conv1d.py": (["--tiny"], ["conv1d.jsonl"]),
     "bench_decode.py": (["--device", "cpu", "--tiny"], ["decode.jsonl"]),
     "bench_generate.py": (["--device", "cpu", "--tiny"], []),
     "profile_train_step.py": (["--device", "cpu", "--tiny"], ["train_step.jsonl"]),

@@ -1,13 +1,17 @@
-"""Triton causal depthwise conv1d with fused SiLU (forward and backward).
+"""Triton causal depthwise conv1d with fused SiLU (forward and backward), for any strides of its tensors.
 
 Same contract as `mambakit.ops.conv1d.causal_conv1d_fn` without `conv_state`:
-    x: (batch, dim, seqlen), any strides (the channel-last views the Mamba block makes are read in place);
+    x: (batch, dim, seqlen), any strides (the channel-last views the Mamba blocks make are read in place);
     weight: (dim, width); bias: (dim,); seq_idx: (batch, seqlen) integer, taps reaching into another packed sequence
-    are dropped.  y_t = act(bias + sum_k weight[:, k] * x_{t - width + 1 + k}), y: (batch, dim, seqlen) in x's dtype.
+    are dropped.  y_t = act(bias + sum_k weight[:, k] * x_{t - width + 1 + k}), y: (batch, dim, seqlen).
 
-Backward recomputes the pre-activation over a halo of width - 1 steps and applies the transposed conv in the same
-kernel; weight and bias gradients are written as per-(batch, time block) partial sums and summed by torch in a fixed
-order (deterministic, no atomics).
+`conv1d_forward` / `conv1d_backward` are the kernels' entry points (outputs into given buffers of any strides);
+`causal_conv1d_triton` is the differentiable op. The backward computes g' = dL/d(pre-activation) once per output
+position of its tile (plus a halo of width - 1 positions past the tile) and shifts it within the program
+(`tl.gather`: warp shuffles or shared memory) for the transposed conv; weight and bias gradients are per-(batch,
+time block) partial sums reduced by torch in a fixed order (deterministic, no atomics). Every tile is (BLOCK_D, BT)
+over (channel, time); Triton orders each load along whichever axis its pointers are contiguous in (real strides are
+passed, so a stride of 1 is specialised), and `block_sizes` picks the tile shape by layout.
 """
 from __future__ import annotations
 
@@ -22,11 +26,31 @@ from mambakit.errors import MambaKitError
 from mambakit.ops.triton.compile import precompile_once, specialisation
 from mambakit.ops.triton.device import interpreted
 
+__all__ = ["block_sizes", "causal_conv1d_triton", "causal_conv1d_triton_from_state", "conv1d_backward",
+           "conv1d_forward", "is_channel_last"]
+
 _ACTIVATIONS = (None, "silu", "swish")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+#: The backward shifts g' with `tl.gather` (True) or recomputes it at each shift (False: width^2 loads of x per
+#: tile; a fallback for a Triton whose gather does not compile).
+BACKWARD_GATHER: bool = True
+
+
+def block_sizes(channel_last: bool, backward: bool) -> Tuple[int, int]:
+    """(BLOCK_D, BT): channels and time steps of one program's tile. Channel-last x (dim the fastest axis) wants a
+    wide channel axis (cache-line segments along dim), time-contiguous x a long time axis. num_warps is 4. The
+    backward's tiles are smaller (it holds more per element: g', its halo, dx); fewer time tiles mean fewer weight /
+    bias partial sums (batch * time tiles * dim * (width + 1) floats)."""
+    if interpreted():
+        return 4, 16  # small tiles: several blocks (and partial ones) on the tests' small shapes
+    if channel_last:
+        return (32, 64) if backward else (64, 64)
+    return (8, 128) if backward else (8, 256)
 
 
 @triton.jit
-def _conv_pre(x_ptr, w_ptr, xrow, sx_t, d1, mask_d, t, seqlen, seq_ptr, seq_row,
+def _conv_pre(x_ptr, w_ptr, xrow, sx_t, sw_d, sw_k, d1, mask_d, t, seqlen, seq_ptr, seq_row,
               WIDTH: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Pre-activation (without bias) at times t (BT,) for channels d1 (BLOCK_D,): (BLOCK_D, BT) fp32."""
     acc = tl.zeros((d1.shape[0], t.shape[0]), tl.float32)
@@ -40,15 +64,20 @@ def _conv_pre(x_ptr, w_ptr, xrow, sx_t, d1, mask_d, t, seqlen, seq_ptr, seq_row,
             s_s = tl.load(seq_ptr + seq_row + ts, mask=ok, other=0)
             ok = ok & (s_s == s_t)
         xv = tl.load(x_ptr + xrow + ts[None, :].to(tl.int64) * sx_t, mask=mask_d[:, None] & ok[None, :], other=0.0)
-        wk = tl.load(w_ptr + d1 * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+        wk = tl.load(w_ptr + d1 * sw_d + k * sw_k, mask=mask_d, other=0.0).to(tl.float32)
         acc += wk[:, None] * xv.to(tl.float32)
     return acc
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr, dim, seqlen, sx_b, sx_d, sx_t,
-                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BT: tl.constexpr):
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr, dim, seqlen, sx_b, sx_d, sx_t, sy_b, sy_d, sy_t,
+                     sw_d, sw_k, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr,
+                     AXB: tl.constexpr, AXD: tl.constexpr, AXT: tl.constexpr,
+                     AYB: tl.constexpr, AYD: tl.constexpr, AYT: tl.constexpr):
+    # strides come divided by their constexpr power-of-two factors (see `_strides`)
+    sx_b, sx_d, sx_t = sx_b * AXB, sx_d * AXD, sx_t * AXT
+    sy_b, sy_d, sy_t = sy_b * AYB, sy_d * AYD, sy_t * AYT
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -56,138 +85,115 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr, dim, seqlen, sx_b, sx_
     mask_d = d1 < dim
     t = pid_t * BT + tl.arange(0, BT)
     xrow = pid_b * sx_b + d1[:, None].to(tl.int64) * sx_d
-    acc = _conv_pre(x_ptr, w_ptr, xrow, sx_t, d1, mask_d, t, seqlen, seq_ptr, pid_b * seqlen, WIDTH, HAS_SEQ)
+    acc = _conv_pre(x_ptr, w_ptr, xrow, sx_t, sw_d, sw_k, d1, mask_d, t, seqlen, seq_ptr, pid_b * seqlen,
+                    WIDTH, HAS_SEQ)
     if HAS_BIAS:
         acc += tl.load(b_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    yoff = (pid_b * dim + d1[:, None].to(tl.int64)) * seqlen + t[None, :]
+    yoff = pid_b * sy_b + d1[:, None].to(tl.int64) * sy_d + t[None, :].to(tl.int64) * sy_t
     tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=mask_d[:, None] & (t < seqlen)[None, :])
 
 
 @triton.jit
+def _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw_d, sw_k, d1, mask_d, t, seqlen,
+                 seq_row, WIDTH: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """g' = dL/d(pre-activation) at times t >= 0 (BT,): gy * silu'(pre) (gy without SiLU), exactly 0 at t >= seqlen.
+    (BLOCK_D, BT) fp32; bias (BLOCK_D,) fp32."""
+    m2 = mask_d[:, None] & (t < seqlen)[None, :]
+    g = tl.load(gy_ptr + grow + t[None, :].to(tl.int64) * sg_t, mask=m2, other=0.0).to(tl.float32)
+    if SILU:
+        pre = _conv_pre(x_ptr, w_ptr, xrow, sx_t, sw_d, sw_k, d1, mask_d, t, seqlen, seq_ptr, seq_row,
+                        WIDTH, HAS_SEQ) + bias[:, None]
+        sg = tl.sigmoid(pre)
+        g = tl.where(m2, g * sg * (1.0 + pre * (1.0 - sg)), 0.0)
+    return g
+
+
+@triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-                     dim, seqlen, n_tblocks, sx_b, sx_d, sx_t,
+                     dim, seqlen, n_tblocks, sx_b, sx_d, sx_t, sg_b, sg_d, sg_t, sdx_b, sdx_d, sdx_t, sw_d, sw_k,
                      WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BT: tl.constexpr):
+                     GATHER: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr, HALO: tl.constexpr,
+                     AXB: tl.constexpr, AXD: tl.constexpr, AXT: tl.constexpr,
+                     AGB: tl.constexpr, AGD: tl.constexpr, AGT: tl.constexpr,
+                     ADB: tl.constexpr, ADD: tl.constexpr, ADT: tl.constexpr):
+    sx_b, sx_d, sx_t = sx_b * AXB, sx_d * AXD, sx_t * AXT
+    sg_b, sg_d, sg_t = sg_b * AGB, sg_d * AGD, sg_t * AGT
+    sdx_b, sdx_d, sdx_t = sdx_b * ADB, sdx_d * ADD, sdx_t * ADT
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     d1 = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = d1 < dim
-    s = pid_t * BT + tl.arange(0, BT)  # the inputs whose gradient this program writes
+    col = tl.arange(0, BT)
+    s = pid_t * BT + col  # the inputs whose gradient this program writes, and the outputs whose g' it sums
     ms = s < seqlen
     xrow = pid_b * sx_b + d1[:, None].to(tl.int64) * sx_d
-    grow = (pid_b * dim + d1[:, None].to(tl.int64)) * seqlen  # gy / dx are contiguous (batch, dim, seqlen)
+    grow = pid_b * sg_b + d1[:, None].to(tl.int64) * sg_d
     seq_row = pid_b * seqlen
     if HAS_BIAS:
         bias = tl.load(b_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), tl.float32)
+    g = _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw_d, sw_k, d1, mask_d, s, seqlen,
+                     seq_row, WIDTH, SILU, HAS_SEQ)
+    # weight / bias partial sums over this program's outputs t = s
+    part = ((pid_b * n_tblocks + pid_t) * dim + d1).to(tl.int64)
+    if HAS_BIAS:
+        tl.store(db_part_ptr + part, tl.sum(g, axis=1), mask=mask_d)
     if HAS_SEQ:
         s_s = tl.load(seq_ptr + seq_row + s, mask=ms, other=0)
+    for k in tl.static_range(WIDTH):
+        ts = s - (WIDTH - 1) + k
+        ok = ms & (ts >= 0)
+        if HAS_SEQ:
+            ok = ok & (tl.load(seq_ptr + seq_row + ts, mask=ok, other=0) == s_s)
+        xv = tl.load(x_ptr + xrow + ts[None, :].to(tl.int64) * sx_t, mask=mask_d[:, None] & ok[None, :],
+                     other=0.0).to(tl.float32)
+        tl.store(dw_part_ptr + part * WIDTH + k, tl.sum(tl.where(ok[None, :], g * xv, 0.0), axis=1), mask=mask_d)
+    if GATHER:
+        # g' of the width - 1 outputs past the tile, which the tile's last inputs feed
+        gh = _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw_d, sw_k, d1, mask_d,
+                          pid_t * BT + BT + tl.arange(0, HALO), seqlen, seq_row, WIDTH, SILU, HAS_SEQ)
+    # input s feeds output s + j through tap width - 1 - j
     dx = tl.zeros((BLOCK_D, BT), tl.float32)
     for j in tl.static_range(WIDTH):
-        # outputs t = s + j read input s through tap k = WIDTH - 1 - j
         t = s + j
-        mt = t < seqlen
-        g = tl.load(gy_ptr + grow + t[None, :], mask=mask_d[:, None] & mt[None, :], other=0.0).to(tl.float32)
-        if SILU:
-            pre = _conv_pre(x_ptr, w_ptr, xrow, sx_t, d1, mask_d, t, seqlen, seq_ptr, seq_row, WIDTH, HAS_SEQ)
-            if HAS_BIAS:
-                pre += bias[:, None]
-            sg = tl.sigmoid(pre)
-            g = g * sg * (1.0 + pre * (1.0 - sg))
-        ok = mt
+        ok = t < seqlen
         if HAS_SEQ:
-            s_t = tl.load(seq_ptr + seq_row + t, mask=mt, other=0)
-            ok = ok & (s_t == s_s)
-        wk = tl.load(w_ptr + d1 * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-        dx += tl.where(ok[None, :], g * wk[:, None], 0.0)
+            ok = ok & (tl.load(seq_ptr + seq_row + t, mask=ok, other=0) == s_s)
         if j == 0:
-            # weight / bias partial sums over this program's outputs t = s
-            part = ((pid_b * n_tblocks + pid_t) * dim + d1).to(tl.int64)
-            if HAS_BIAS:
-                tl.store(db_part_ptr + part, tl.sum(g, axis=1), mask=mask_d)
-            for k in tl.static_range(WIDTH):
-                ts = s - (WIDTH - 1) + k
-                okk = ms & (ts >= 0)
-                if HAS_SEQ:
-                    s_k = tl.load(seq_ptr + seq_row + ts, mask=okk, other=0)
-                    okk = okk & (s_k == s_s)
-                xv = tl.load(x_ptr + xrow + ts[None, :].to(tl.int64) * sx_t, mask=mask_d[:, None] & okk[None, :],
-                             other=0.0).to(tl.float32)
-                tl.store(dw_part_ptr + part * WIDTH + k, tl.sum(g * xv, axis=1), mask=mask_d)
-    tl.store(dx_ptr + grow + s[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_d[:, None] & ms[None, :])
+            gj = g
+        elif GATHER:
+            i = col + j
+            in_tile = tl.gather(g, tl.broadcast_to(tl.minimum(i, BT - 1)[None, :], (BLOCK_D, BT)), axis=1)
+            past = tl.gather(gh, tl.broadcast_to(tl.maximum(i - BT, 0)[None, :], (BLOCK_D, BT)), axis=1)
+            gj = tl.where((i < BT)[None, :], in_tile, past)
+        else:
+            gj = _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw_d, sw_k, d1, mask_d,
+                              t, seqlen, seq_row, WIDTH, SILU, HAS_SEQ)
+        wk = tl.load(w_ptr + d1 * sw_d + (WIDTH - 1 - j) * sw_k, mask=mask_d, other=0.0).to(tl.float32)
+        dx += tl.where(ok[None, :], gj * wk[:, None], 0.0)
+    dxoff = pid_b * sdx_b + d1[:, None].to(tl.int64) * sdx_d + s[None, :].to(tl.int64) * sdx_t
+    tl.store(dx_ptr + dxoff, dx.to(dx_ptr.dtype.element_ty), mask=mask_d[:, None] & ms[None, :])
 
 
-def _blocks(dim: int, seqlen: int, backward: bool):
-    bd = min(16, triton.next_power_of_2(dim))
-    bt = min(64 if backward else 128, triton.next_power_of_2(seqlen))
-    if interpreted():
-        bt = min(bt, 32)
-    return bd, bt
+def is_channel_last(x: Tensor) -> bool:
+    """Whether x (batch, dim, seqlen) has dim as its fastest axis (stride 1) and time strided: a (batch, dim,
+    seqlen) view of a (batch, seqlen, C) buffer, C >= dim."""
+    return x.stride(1) == 1 and x.stride(2) != 1
 
 
-def _conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor]) -> Tensor:
+def _empty_like_layout(x: Tensor) -> Tensor:
+    """An uninitialised (batch, dim, seqlen) tensor in x's dtype: channel-last when x is, else contiguous."""
     batch, dim, seqlen = x.shape
-    width = weight.shape[1]
-    bd, bt = _blocks(dim, seqlen, backward=False)
-    y = torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(seqlen, bt), triton.cdiv(dim, bd), batch)
-    _conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, y,
-        dim, seqlen, x.stride(0), x.stride(1), x.stride(2),
-        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None,
-        BLOCK_D=bd, BT=bt, num_warps=4)
-    return y
+    if is_channel_last(x):
+        return torch.empty(batch, seqlen, dim, device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
 
 
-def _conv_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor],
-                   gy: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    batch, dim, seqlen = x.shape
-    width = weight.shape[1]
-    bd, bt = _blocks(dim, seqlen, backward=True)
-    n_tblocks = triton.cdiv(seqlen, bt)
-    gy = gy.contiguous()
-    dx = torch.empty(batch, dim, seqlen, device=x.device, dtype=x.dtype)
-    dw_part = torch.empty(batch, n_tblocks, dim, width, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(batch, n_tblocks, dim, device=x.device, dtype=torch.float32) if bias is not None else None
-    grid = (n_tblocks, triton.cdiv(dim, bd), batch)
-    _conv_bwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, seq_idx if seq_idx is not None else x, gy, dx, dw_part,
-        db_part if db_part is not None else dw_part,
-        dim, seqlen, n_tblocks, x.stride(0), x.stride(1), x.stride(2),
-        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq_idx is not None,
-        BLOCK_D=bd, BT=bt, num_warps=4)
-    dw = dw_part.sum((0, 1)).to(weight.dtype)
-    db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
-    return dx, dw, db
-
-
-class _CausalConv1dTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, silu, seq_idx):
-        # the first call compiles the forward and backward kernels side by side (mambakit.ops.triton.compile)
-        key = (x.dtype, weight.dtype, weight.shape, bias is not None, silu, seq_idx is not None, x.device,
-               specialisation(x.shape[1], x.shape[2], x))
-        precompile_once(key, lambda: _conv_backward(x, weight, bias, silu, seq_idx,
-                                                    _conv_forward(x, weight, bias, silu, seq_idx)))
-        y = _conv_forward(x, weight, bias, silu, seq_idx)
-        ctx.save_for_backward(x, weight, bias, seq_idx)
-        ctx.silu = silu
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, bias, seq_idx = ctx.saved_tensors
-        dx, dw, db = _conv_backward(x, weight, bias, ctx.silu, seq_idx, gy)
-        return dx, dw, db, None, None
-
-
-def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None,
-                         seq_idx: Optional[Tensor] = None) -> Tensor:
-    """Causal depthwise conv1d (+ SiLU) with Triton kernels; differentiable in x, weight and bias."""
-    if activation not in _ACTIVATIONS:
-        raise MambaKitError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], seq_idx: Optional[Tensor]) -> None:
     if x.dim() != 3:
         raise MambaKitError(f"x must have shape (batch, dim, seqlen), got {tuple(x.shape)}")
     batch, dim, seqlen = x.shape
@@ -198,15 +204,144 @@ def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if seq_idx is not None and seq_idx.shape != (batch, seqlen):
         raise MambaKitError(f"seq_idx must have shape (batch={batch}, seqlen={seqlen}), got {tuple(seq_idx.shape)}")
     if not x.is_cuda and not interpreted():
-        raise MambaKitError("causal_conv1d_triton needs CUDA tensors (or TRITON_INTERPRET=1); "
+        raise MambaKitError("the Triton conv needs CUDA tensors (or TRITON_INTERPRET=1); "
                             f"got tensors on {x.device}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.dtype not in _FLOATS:
         raise MambaKitError(f"x must be float32, float16 or bfloat16 for the Triton conv, got {x.dtype}")
+
+
+def _check_buffer(name: str, buf: Tensor, x: Tensor) -> None:
+    if buf.shape != x.shape or buf.device != x.device or buf.dtype not in _FLOATS:
+        raise MambaKitError(f"{name} must be a float32/float16/bfloat16 tensor of shape {tuple(x.shape)} on "
+                            f"{x.device}, got {buf.dtype} {tuple(buf.shape)} on {buf.device}")
+
+
+def _seq(seq_idx: Optional[Tensor]) -> Optional[Tensor]:
+    return None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+
+
+def _strides(t: Tensor) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
+    """t's strides as (quotients, factors): each stride = quotient * factor, the factor its largest power-of-two
+    divisor up to 16 (1 for a stride of 1; 16 for an axis of size 1, whose stride is never used). The kernels take
+    the factors as constexprs, so that rows stay known to be aligned (vector loads) when a stride is a multiple of
+    8 but not of 16, which Triton's own specialisation (16 or nothing) does not see: the channel-last slice of a
+    Mamba-2 in_proj output, 3352 wide for d_model 768, is one."""
+    quotients, factors = [], []
+    for size, stride in zip(t.shape, t.stride()):
+        f = 16 if size == 1 else next(f for f in (16, 8, 4, 2, 1) if stride % f == 0)
+        quotients.append(0 if size == 1 else stride // f)
+        factors.append(f)
+    return tuple(quotients), tuple(factors)
+
+
+def _grid(x: Tensor, backward: bool) -> Tuple[int, int, Tuple[int, int, int]]:
+    """(BLOCK_D, BT, grid): one program per (time tile, channel block, batch row) of x (batch, dim, seqlen)."""
+    batch, dim, seqlen = x.shape
+    bd, bt = block_sizes(is_channel_last(x), backward)
+    bd, bt = min(bd, triton.next_power_of_2(dim)), min(bt, triton.next_power_of_2(seqlen))
+    return bd, bt, (triton.cdiv(seqlen, bt), triton.cdiv(dim, bd), batch)
+
+
+def conv1d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor],
+                   out: Optional[Tensor] = None) -> Tensor:
+    """The causal conv (+ SiLU when `silu`), not differentiable. x: (batch, dim, seqlen), any strides; weight:
+    (dim, width); bias: (dim,) or None; seq_idx: (batch, seqlen) integer or None.
+
+    out: (batch, dim, seqlen), any strides (e.g. a channel-last view of a (batch, seqlen, dim) buffer), not
+    overlapping x; written and returned. Without it y is allocated in x's dtype, channel-last when x is (see
+    `is_channel_last`), else contiguous. Returns y: (batch, dim, seqlen)."""
+    _check(x, weight, bias, seq_idx)
+    if out is None:
+        out = _empty_like_layout(x)
+    else:
+        _check_buffer("out", out, x)
+    if x.numel() == 0:
+        return out
+    seq, bias = _seq(seq_idx), None if bias is None else bias.contiguous()
+    bd, bt, grid = _grid(x, backward=False)
+    (sx, ax), (sy, ay) = _strides(x), _strides(out)
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq if seq is not None else x, out,
+        x.shape[1], x.shape[2], *sx, *sy, *weight.stride(),
+        WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None,
+        BLOCK_D=bd, BT=bt, AXB=ax[0], AXD=ax[1], AXT=ax[2], AYB=ay[0], AYD=ay[1], AYT=ay[2], num_warps=4)
+    return out
+
+
+def conv1d_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor],
+                    gy: Tensor, dx_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Gradients of `conv1d_forward` given gy = dL/dy. x, gy: (batch, dim, seqlen), any strides; weight: (dim, width);
+    bias: (dim,) or None; seq_idx: (batch, seqlen) integer or None.
+
+    dx_out: (batch, dim, seqlen), any strides (e.g. a slice view of a bigger gradient buffer), not overlapping x or
+    gy; written (not accumulated into) and returned. Without it dx is allocated like `conv1d_forward`'s y.
+    Returns (dx (batch, dim, seqlen), dweight (dim, width) in weight's dtype, dbias (dim,) in bias's dtype or None).
+    Deterministic: the same inputs give bit-identical gradients."""
+    _check(x, weight, bias, seq_idx)
+    _check_buffer("gy", gy, x)
+    if dx_out is None:
+        dx_out = _empty_like_layout(x)
+    else:
+        _check_buffer("dx_out", dx_out, x)
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    if x.numel() == 0:
+        db = None if bias is None else torch.zeros_like(bias)
+        return dx_out, torch.zeros_like(weight), db
+    seq, bias = _seq(seq_idx), None if bias is None else bias.contiguous()
+    bd, bt, grid = _grid(x, backward=True)
+    (sx, ax), (sg, ag), (sd, ad) = _strides(x), _strides(gy), _strides(dx_out)
+    n_tblocks = grid[0]
+    dw_part = torch.empty(batch, n_tblocks, dim, width, device=x.device, dtype=torch.float32)
+    db_part = torch.empty(batch, n_tblocks, dim, device=x.device, dtype=torch.float32) if bias is not None else None
+    _conv_bwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, seq if seq is not None else x, gy, dx_out, dw_part,
+        db_part if db_part is not None else dw_part,
+        dim, seqlen, n_tblocks, *sx, *sg, *sd, *weight.stride(),
+        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None, GATHER=BACKWARD_GATHER,
+        BLOCK_D=bd, BT=bt, HALO=triton.next_power_of_2(max(width - 1, 1)), AXB=ax[0], AXD=ax[1], AXT=ax[2],
+        AGB=ag[0], AGD=ag[1], AGT=ag[2], ADB=ad[0], ADD=ad[1], ADT=ad[2], num_warps=4)
+    dw = dw_part.sum((0, 1)).to(weight.dtype)
+    db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    return dx_out, dw, db
+
+
+class _CausalConv1dTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu, seq_idx):
+        # the first call compiles the forward and backward kernels side by side (mambakit.ops.triton.compile)
+        key = (x.dtype, weight.dtype, weight.shape, bias is not None, silu, seq_idx is not None, x.device,
+               _strides(x)[1], specialisation(x.shape[1], x.shape[2], x))
+        precompile_once(key, lambda: conv1d_backward(x, weight, bias, silu, seq_idx,
+                                                     conv1d_forward(x, weight, bias, silu, seq_idx)))
+        y = conv1d_forward(x, weight, bias, silu, seq_idx)
+        ctx.save_for_backward(x, weight, bias, seq_idx)
+        ctx.silu = silu
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, seq_idx = ctx.saved_tensors
+        dx, dw, db = conv1d_backward(x, weight, bias, ctx.silu, seq_idx, gy)
+        return dx, dw, db, None, None
+
+
+def causal_conv1d_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None,
+                         seq_idx: Optional[Tensor] = None) -> Tensor:
+    """Causal depthwise conv1d (+ SiLU) with Triton kernels; differentiable in x, weight and bias.
+
+    x: (batch, dim, seqlen), any strides; weight: (dim, width); bias: (dim,); seq_idx: (batch, seqlen) integer.
+    Returns y: (batch, dim, seqlen) in x's dtype, laid out like x: channel-last (dim the fastest axis, so that
+    y.transpose(1, 2) is a contiguous (batch, seqlen, dim) tensor a following projection reads without a copy) when
+    x is channel-last, else contiguous. dx comes back in the same layout."""
+    if activation not in _ACTIVATIONS:
+        raise MambaKitError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    _check(x, weight, bias, seq_idx)
+    batch, dim, seqlen = x.shape
     if seqlen == 0:
         return x.new_empty(batch, dim, 0)
-    seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     return _CausalConv1dTriton.apply(x, weight.contiguous(), bias.contiguous() if bias is not None else None,
-                                     activation in ("silu", "swish"), seq)
+                                     activation in ("silu", "swish"), _seq(seq_idx))
 
 
 def causal_conv1d_triton_from_state(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],

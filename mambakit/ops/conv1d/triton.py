@@ -362,23 +362,3 @@ def causal_conv1d_triton_from_state(x: Tensor, weight: Tensor, bias: Optional[Te
     xx = torch.cat([conv_state[..., 1:].to(x.dtype), x], dim=-1)
     seq = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=1)
     return causal_conv1d_triton(xx, weight, bias, activation, seq_idx=seq)[..., width - 1:]
-
-
-def conv1d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor],
-                   out: Optional[Tensor] = None) -> Tensor:
-    """TEMPORARY shim (replaced by the conv branch)."""
-    y = _conv_forward(x, weight, bias, silu, seq_idx)
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
-
-
-def conv1d_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor],
-                    gy: Tensor, dx_out: Optional[Tensor] = None):
-    """TEMPORARY shim (replaced by the conv branch)."""
-    dx, dw, db = _conv_backward(x, weight, bias, silu, seq_idx, gy)
-    if dx_out is not None:
-        dx_out.copy_(dx)
-        dx = dx_out
-    return dx, dw, db

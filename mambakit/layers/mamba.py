@@ -18,7 +18,7 @@ from mambakit.layers.state import SSMState
 from mambakit.layers.step import negative_exp, project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
-from mambakit.ops.mamba_inner import fused_available, mamba_inner
+from mambakit.ops.mamba_inner import fused_available, mamba_inner, mamba_inner_fused_inference
 from mambakit.ops.mixer_step import mamba1_step, weightless_rms
 from mambakit.ops.selective_scan import selective_scan_fn
 
@@ -191,8 +191,8 @@ class Mamba(DtTransformMixin, nn.Module):
         if state is None and self.scan_backend in ("auto", "triton") and self._pick_dt_transform(dt_transform) is None:
             compile_first_call(self, hidden_states, seq_idx, mask)  # the Triton kernels' first call (no transform:
             # its dry run would call the transform once more)
-        if self._fused_inner_ok(hidden_states, state, mask, dt_transform):
-            return self._fused_inner(hidden_states, seq_idx)
+        if self._fused_inner_ok(hidden_states, state, mask, dt_transform, seq_idx):
+            return self._fused_inner(hidden_states, seq_idx, state)
         s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask, dt_transform)
         y, last_state = self.scan(s, state.ssm if state is not None else None, seq_idx)
         if state is not None:
@@ -202,11 +202,14 @@ class Mamba(DtTransformMixin, nn.Module):
         return self.finish(y)
 
     def _fused_inner_ok(self, hidden_states: Tensor, state: Optional[SSMState], mask: Optional[Tensor],
-                        dt_transform: Optional[DtTransform]) -> bool:
+                        dt_transform: Optional[DtTransform], seq_idx: Optional[Tensor]) -> bool:
         """Whether the whole inner path can run as the fused op (`mambakit.ops.mamba_inner`): Triton scan chosen
-        on CUDA, no recurrent state, mask, dt transform or Falcon-Mamba norms, plain projections without hooks (a
-        LoRA wrapper or a tensor-parallel hook must see its own call)."""
-        if state is not None or mask is not None or self.bcdt_rms or self._pick_dt_transform(dt_transform) is not None:
+        on CUDA, no mask, dt transform or Falcon-Mamba norms, plain projections without hooks (a LoRA wrapper or a
+        tensor-parallel hook must see its own call); with a recurrent state only outside autograd and without
+        seq_idx (a prefill)."""
+        if mask is not None or self.bcdt_rms or self._pick_dt_transform(dt_transform) is not None:
+            return False
+        if state is not None and (torch.is_grad_enabled() or seq_idx is not None):
             return False
         if self.scan_backend not in ("auto", "triton") or hidden_states.dtype == torch.float64:
             return False
@@ -215,13 +218,18 @@ class Mamba(DtTransformMixin, nn.Module):
         return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
                    for m in (self.x_proj, self.dt_proj, self.out_proj))
 
-    def _fused_inner(self, hidden_states: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
+    def _fused_inner(self, hidden_states: Tensor, seq_idx: Optional[Tensor], state: Optional[SSMState]) -> Tensor:
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen), a view
         fp = torch.float32
-        return mamba_inner(xz, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight,
-                           self.dt_proj.weight, self.out_proj.weight, self.out_proj.bias,
-                           -torch.exp(self.A_log.to(fp)), self.D.to(fp), self.dt_proj.bias.to(fp), True, seq_idx,
-                           backend="triton")
+        args = (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.to(fp)), self.D.to(fp),
+                self.dt_proj.bias.to(fp))
+        if state is None:
+            return mamba_inner(xz, *args, True, seq_idx, backend="triton")
+        out, last = mamba_inner_fused_inference(xz, *args, state.conv, state.ssm)
+        state.conv.copy_(self._conv_state_after(xz[:, :self.d_inner], state.conv, None))
+        state.ssm.copy_(last)
+        return out
 
     def _conv_state_after(self, x: Tensor, conv_state: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The last d_conv real inputs of each row (left or right padding), after the previous state."""

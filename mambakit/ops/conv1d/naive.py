@@ -82,9 +82,9 @@ def conv_state_after(x: Tensor, width: int, conv_state: Optional[Tensor] = None,
     """
     batch, dim, seqlen = x.shape
     prev = conv_state.to(x.dtype) if conv_state is not None else x.new_zeros(batch, dim, width)
+    if mask is None:  # only the last width inputs matter: no copy of the whole sequence
+        return torch.cat([prev, x[..., -width:]], dim=-1)[..., -width:]
     xx = torch.cat([prev, x], dim=-1)  # (batch, dim, width + seqlen)
-    if mask is None:
-        return xx[..., -width:]
     positions = torch.arange(1, seqlen + 1, device=x.device)
     end = (mask.to(torch.long) * positions).amax(dim=-1) + width  # (batch,) one past the last real input in xx
     idx = end[:, None] - width + torch.arange(width, device=x.device)  # (batch, width)

@@ -70,9 +70,29 @@ def _conv_pre(x_ptr, w_ptr, xrow, sx_t, sw_d, sw_k, d1, mask_d, t, seqlen, seq_p
 
 
 @triton.jit
-def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr, dim, seqlen, sx_b, sx_d, sx_t, sy_b, sy_d, sy_t,
-                     sw_d, sw_k, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     HAS_SEQ: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr,
+def _conv_history(s_ptr, w_ptr, srow, ss_w, sw_d, sw_k, d1, mask_d, t, seqlen, seq_ptr, seq_row,
+                  WIDTH: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The taps that reach before x's first step, read from the conv state (the last WIDTH inputs, position -1 at
+    index WIDTH - 1): (BLOCK_D, BT) fp32. With seq_idx the history belongs to x's first sequence."""
+    acc = tl.zeros((d1.shape[0], t.shape[0]), tl.float32)
+    mt = (t >= 0) & (t < seqlen)
+    if HAS_SEQ:
+        first = tl.load(seq_ptr + seq_row)
+        mt = mt & (tl.load(seq_ptr + seq_row + t, mask=mt, other=0) == first)
+    for k in tl.static_range(WIDTH - 1):
+        ts = t - (WIDTH - 1) + k
+        ok = mt & (ts < 0)
+        sv = tl.load(s_ptr + srow + (WIDTH + ts)[None, :].to(tl.int64) * ss_w, mask=mask_d[:, None] & ok[None, :],
+                     other=0.0)
+        wk = tl.load(w_ptr + d1 * sw_d + k * sw_k, mask=mask_d, other=0.0).to(tl.float32)
+        acc += wk[:, None] * sv.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr, s_ptr, dim, seqlen, sx_b, sx_d, sx_t, sy_b, sy_d, sy_t,
+                     sw_d, sw_k, ss_b, ss_d, ss_w, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     HAS_SEQ: tl.constexpr, HAS_STATE: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr,
                      AXB: tl.constexpr, AXD: tl.constexpr, AXT: tl.constexpr,
                      AYB: tl.constexpr, AYD: tl.constexpr, AYT: tl.constexpr):
     # strides come divided by their constexpr power-of-two factors (see `_strides`)
@@ -87,6 +107,10 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr, dim, seqlen, sx_b, sx_
     xrow = pid_b * sx_b + d1[:, None].to(tl.int64) * sx_d
     acc = _conv_pre(x_ptr, w_ptr, xrow, sx_t, sw_d, sw_k, d1, mask_d, t, seqlen, seq_ptr, pid_b * seqlen,
                     WIDTH, HAS_SEQ)
+    if HAS_STATE:
+        srow = pid_b * ss_b + d1[:, None].to(tl.int64) * ss_d
+        acc += _conv_history(s_ptr, w_ptr, srow, ss_w, sw_d, sw_k, d1, mask_d, t, seqlen, seq_ptr, pid_b * seqlen,
+                             WIDTH, HAS_SEQ)
     if HAS_BIAS:
         acc += tl.load(b_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)[:, None]
     if SILU:
@@ -243,9 +267,12 @@ def _grid(x: Tensor, backward: bool) -> Tuple[int, int, Tuple[int, int, int]]:
 
 
 def conv1d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor],
-                   out: Optional[Tensor] = None) -> Tensor:
+                   out: Optional[Tensor] = None, conv_state: Optional[Tensor] = None) -> Tensor:
     """The causal conv (+ SiLU when `silu`), not differentiable. x: (batch, dim, seqlen), any strides; weight:
     (dim, width); bias: (dim,) or None; seq_idx: (batch, seqlen) integer or None.
+
+    conv_state: (batch, dim, width), any strides, x's dtype: the last `width` inputs before x (continuing a
+    sequence; the history belongs to x's first packed sequence); None: zeros before x.
 
     out: (batch, dim, seqlen), any strides (e.g. a channel-last view of a (batch, seqlen, dim) buffer), not
     overlapping x; written and returned. Without it y is allocated in x's dtype, channel-last when x is (see
@@ -257,13 +284,18 @@ def conv1d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool
         _check_buffer("out", out, x)
     if x.numel() == 0:
         return out
+    if conv_state is not None and (conv_state.shape != (*x.shape[:2], weight.shape[1]) or conv_state.dtype != x.dtype):
+        raise MambaKitError(f"conv_state must be a {x.dtype} tensor of shape {(*x.shape[:2], weight.shape[1])}, got "
+                            f"{conv_state.dtype} {tuple(conv_state.shape)}")
     seq, bias = _seq(seq_idx), None if bias is None else bias.contiguous()
     bd, bt, grid = _grid(x, backward=False)
     (sx, ax), (sy, ay) = _strides(x), _strides(out)
+    state = conv_state if conv_state is not None else x
     _conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, seq if seq is not None else x, out,
-        x.shape[1], x.shape[2], *sx, *sy, *weight.stride(),
+        x, weight, bias if bias is not None else weight, seq if seq is not None else x, out, state,
+        x.shape[1], x.shape[2], *sx, *sy, *weight.stride(), *state.stride(),
         WIDTH=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None,
+        HAS_STATE=conv_state is not None,
         BLOCK_D=bd, BT=bt, AXB=ax[0], AXD=ax[1], AXT=ax[2], AYB=ay[0], AYD=ay[1], AYT=ay[2], num_warps=4)
     return out
 
@@ -359,6 +391,13 @@ def causal_conv1d_triton_from_state(x: Tensor, weight: Tensor, bias: Optional[Te
         raise MambaKitError(f"seq_idx must have shape (batch={batch}, seqlen={seqlen}), got {tuple(seq_idx.shape)}")
     if seqlen == 0:
         return x.new_empty(batch, dim, 0)
+    if activation not in _ACTIVATIONS:
+        raise MambaKitError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    tensors = (x, weight, bias, conv_state)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        # inference (a prefill continuing a state): the kernel reads the history from the state itself
+        return conv1d_forward(x, weight.contiguous(), bias, activation in ("silu", "swish"), seq_idx,
+                              conv_state=conv_state.to(x.dtype))
     xx = torch.cat([conv_state[..., 1:].to(x.dtype), x], dim=-1)
     seq = None if seq_idx is None else torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=1)
     return causal_conv1d_triton(xx, weight, bias, activation, seq_idx=seq)[..., width - 1:]

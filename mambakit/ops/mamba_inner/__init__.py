@@ -23,7 +23,7 @@ from mambakit.ops.backends import check_backend, kernels
 from mambakit.ops.mamba_inner.naive import mamba_inner_torch
 from mambakit.ops.triton.device import interpreted
 
-__all__ = ["mamba_inner", "mamba_inner_torch", "fused_available"]
+__all__ = ["fused_available", "mamba_inner", "mamba_inner_fused_inference", "mamba_inner_torch"]
 
 
 def fused_available() -> bool:
@@ -48,6 +48,14 @@ def _check(xz: Tensor, conv1d_weight: Tensor, x_proj_weight: Tensor, delta_proj_
     for name, shape in expected.items():
         if got[name] != shape:
             raise MambaKitError(f"{name} must have shape {shape}, got {got[name]}")
+
+
+def mamba_inner_fused_inference(*args, **kwargs):
+    """The fused forward continuing a recurrent state, for a prefill (no autograd): see
+    `mambakit.ops.mamba_inner.fused.mamba_inner_fused_inference`. Returns (out, last SSM state)."""
+    from mambakit.ops.mamba_inner.fused import mamba_inner_fused_inference as run
+
+    return run(*args, **kwargs)
 
 
 def mamba_inner(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_proj_weight: Tensor,

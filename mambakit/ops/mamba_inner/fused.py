@@ -87,6 +87,36 @@ class _MambaInnerFused(torch.autograd.Function):
                 None, None, None, None)
 
 
+@torch.no_grad()
+def mamba_inner_fused_inference(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor],
+                                x_proj_weight: Tensor, delta_proj_weight: Tensor, out_proj_weight: Tensor,
+                                out_proj_bias: Optional[Tensor], A: Tensor, D: Optional[Tensor],
+                                delta_bias: Optional[Tensor], conv_state: Tensor, ssm_state: Tensor,
+                                delta_softplus: bool = True) -> tuple[Tensor, Tensor]:
+    """The fused forward continuing a recurrent state (a prefill; no autograd). conv_state: (batch, d_inner, width)
+    the last inputs before xz's first step; ssm_state: (batch, d_inner, d_state). Neither is modified. Returns
+    (out (batch, seqlen, d_model), the SSM state after the last step (batch, d_inner, d_state) float32)."""
+    dt = xz.dtype
+    batch, two_d, seqlen = xz.shape
+    d = two_d // 2
+    rank, n = delta_proj_weight.shape[1], A.shape[1]
+    cfg = pick_config(n, d, d, 1)
+    x, z = xz[:, :d], xz[:, d:]
+    u = conv1d_forward(x, conv1d_weight.to(dt).contiguous(), None if conv1d_bias is None else conv1d_bias.to(dt),
+                       True, None, out=_channels_last(batch, seqlen, d, xz), conv_state=conv_state.to(dt))
+    x_dbl = _rows(u) @ x_proj_weight.to(dt).t()
+    delta = (x_dbl[:, :rank] @ delta_proj_weight.to(dt).t()).view(batch, seqlen, d).transpose(1, 2)
+    bc = x_dbl.view(batch, seqlen, -1).transpose(1, 2)
+    f32 = torch.float32
+    y, last, _ = scan_forward(u, delta, A.to(f32).contiguous(), bc[:, None, rank:rank + n], bc[:, None, rank + n:],
+                              None if D is None else D.to(f32), z, None if delta_bias is None else delta_bias.to(f32),
+                              delta_softplus, ssm_state.to(f32).contiguous(), None, cfg, False,
+                              out=_channels_last(batch, seqlen, d, xz))
+    bias = None if out_proj_bias is None else out_proj_bias.to(dt)
+    out = torch.nn.functional.linear(_rows(y), out_proj_weight.to(dt), bias).view(batch, seqlen, -1)
+    return out, last
+
+
 def mamba_inner_fused(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_proj_weight: Tensor,
                       delta_proj_weight: Tensor, out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], A: Tensor,
                       D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,

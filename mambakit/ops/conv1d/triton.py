@@ -33,8 +33,14 @@ _ACTIVATIONS = (None, "silu", "swish")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 #: The backward shifts g' with `tl.gather` (True) or recomputes it at each shift (False: width^2 loads of x per
-#: tile; a fallback for a Triton whose gather does not compile).
+#: tile). Only channel-last tiles use the gather: on time-contiguous tiles the time axis spans warps, and Triton
+#: 3.6 aborts compiling a gather that is not warp-local (its OptimizeThreadLocality pass asserts).
 BACKWARD_GATHER: bool = True
+
+
+def use_gather(x: Tensor) -> bool:
+    """Whether the backward of x's layout shifts g' with `tl.gather` (channel-last tiles only)."""
+    return BACKWARD_GATHER and is_channel_last(x)
 
 
 def block_sizes(channel_last: bool, backward: bool) -> Tuple[int, int]:
@@ -330,7 +336,7 @@ def conv1d_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: boo
         x, weight, bias if bias is not None else weight, seq if seq is not None else x, gy, dx_out, dw_part,
         db_part if db_part is not None else dw_part,
         dim, seqlen, n_tblocks, *sx, *sg, *sd, *weight.stride(),
-        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None, GATHER=BACKWARD_GATHER,
+        WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None, GATHER=use_gather(x),
         BLOCK_D=bd, BT=bt, HALO=triton.next_power_of_2(max(width - 1, 1)), AXB=ax[0], AXD=ax[1], AXT=ax[2],
         AGB=ag[0], AGD=ag[1], AGT=ag[2], ADB=ad[0], ADD=ad[1], ADT=ad[2], num_warps=4)
     dw = dw_part.sum((0, 1)).to(weight.dtype)

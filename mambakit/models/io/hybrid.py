@@ -2,7 +2,9 @@
 writing them back (``save_pretrained(model, path, format="hf")``).
 
 Supported: ``bamba`` (`BambaForCausalLM`: Mamba-2 mixers, grouped-query attention with partial RoPE at
-``attn_layer_indices``, a SwiGLU MLP after every mixer). Every value mambakit would not compute exactly is refused,
+``attn_layer_indices``, a SwiGLU MLP after every mixer) and ``nemotron_h`` (`NemotronHForCausalLM`: each layer ONE
+of a Mamba-2 mixer, attention without positional encoding, or a plain MLP, from ``layers_block_type`` or the legacy
+``hybrid_override_pattern``; MoE layers and multi-token-prediction heads are refused). Every value mambakit would not compute exactly is refused,
 all of them in one CheckpointError.
 """
 from __future__ import annotations
@@ -21,8 +23,8 @@ from mambakit.models.io.names import CONFIG_NAME, SAFETENSORS_NAME
 from mambakit.models.io.transformers import hf_state
 from mambakit.models.io.weights import write_safetensors
 
-HYBRID_MODEL_TYPES = ("bamba",)
-HYBRID_ARCHITECTURES = {"bamba": "BambaForCausalLM"}
+HYBRID_MODEL_TYPES = ("bamba", "nemotron_h")
+HYBRID_ARCHITECTURES = {"bamba": "BambaForCausalLM", "nemotron_h": "NemotronHForCausalLM"}
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 # BambaConfig's defaults (transformers 5.x) for the fields that change the computation
@@ -163,12 +165,111 @@ def _bamba_config(raw: dict[str, Any], where: str) -> HybridConfig:
         raise CheckpointError(f"unsupported {where}: {exc}") from exc
 
 
+# NemotronHConfig's defaults (transformers 5.x) for the fields that change the computation
+_NEMOTRON_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=131072, hidden_size=4096, tie_word_embeddings=False, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, sliding_window=None, intermediate_size=21504, mlp_hidden_act="relu2", mlp_bias=False,
+    ssm_state_size=128, mamba_num_heads=128, mamba_head_dim=64, mamba_hidden_act="silu", n_groups=8, conv_kernel=4,
+    time_step_min=0.001, use_conv_bias=True, chunk_size=128, num_nextn_predict_layers=0, use_bias=False,
+    layer_norm_epsilon=1e-5)
+# the older field names NemotronHConfig still reads (they win over the new ones, as there)
+_NEMOTRON_LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_dt_min": "time_step_min",
+                    "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size"}
+_NEMOTRON_PATTERN = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
+_NEMOTRON_LAYERS = {"linear_attention": {"mixer": "mamba2", "mlp": None},
+                    "full_attention": {"mixer": "attention", "mlp": None}, "mlp": {"mixer": None, "mlp": "plain"}}
+_MLP_ACTS = ("relu2", "relu", "silu", "gelu")
+
+
+def _nemotron_layer_types(r: _Reader) -> list[str]:
+    types = r.cfg.get("layers_block_type", r.cfg.get("layer_types"))
+    pattern = r.cfg.get("hybrid_override_pattern")
+    if types is None and isinstance(pattern, str):
+        bad = sorted(set(pattern) - set(_NEMOTRON_PATTERN))
+        if bad:
+            r.problems.append(f"hybrid_override_pattern {pattern!r} holds unknown layer letters {bad} (known: "
+                              f"{list(_NEMOTRON_PATTERN)})")
+            return []
+        types = [_NEMOTRON_PATTERN[c] for c in pattern]
+    if types is None:
+        types = ["linear_attention", "moe", "full_attention", "mlp"]  # NemotronHConfig's default
+    if not isinstance(types, list) or not types:
+        r.problems.append(f"layers_block_type must be a non-empty list, got {types!r}")
+        return []
+    moe = [i for i, t in enumerate(types) if t == "moe"]
+    if moe:
+        r.problems.append(f"MoE layers (layers {moe}) are not supported yet")
+    unknown = sorted({str(t) for t in types if t not in _NEMOTRON_LAYERS and t != "moe"})
+    if unknown:
+        r.problems.append(f"layers_block_type holds unknown layer types {unknown} (known: "
+                          f"{[*_NEMOTRON_LAYERS, 'moe']})")
+    return types if not (moe or unknown) else []
+
+
+def _nemotron_config(raw: dict[str, Any], where: str) -> HybridConfig:
+    raw = dict(raw)
+    for old, new in _NEMOTRON_LEGACY.items():
+        if raw.get(old) is not None:
+            raw[new] = raw[old]
+    r = _Reader(raw, _NEMOTRON_DEFAULTS)
+    cfg, problems = r.cfg, r.problems
+    types = _nemotron_layer_types(r)
+    d_model, vocab = r.pos_int("hidden_size"), r.pos_int("vocab_size")
+    heads, head_dim, d_ff = r.pos_int("num_attention_heads"), r.pos_int("head_dim"), r.pos_int("intermediate_size")
+    kv_heads = cfg.get("num_key_value_heads") if cfg.get("num_key_value_heads") is not None else heads
+    if not (is_int(kv_heads) and kv_heads > 0 and heads and heads % kv_heads == 0):
+        problems.append(f"num_key_value_heads must be a positive divisor of num_attention_heads={heads}, got "
+                        f"{kv_heads!r}")
+    if cfg.get("sliding_window") is not None:
+        problems.append(f"sliding_window {cfg['sliding_window']!r} is not supported (full attention only)")
+    if cfg.get("mamba_hidden_act") != "silu":
+        problems.append(f"mamba_hidden_act {cfg.get('mamba_hidden_act')!r} is not supported (Mamba-2 uses 'silu')")
+    act = cfg.get("mlp_hidden_act")
+    if act not in _MLP_ACTS:
+        problems.append(f"mlp_hidden_act {act!r} is not supported; supported: {list(_MLP_ACTS)}")
+    n_mtp = cfg.get("num_nextn_predict_layers")
+    if n_mtp not in (0, None):
+        problems.append(f"num_nextn_predict_layers={n_mtp!r}: multi-token-prediction heads are not supported")
+    eps, tie = r.pos_num("layer_norm_epsilon"), r.flag("tie_word_embeddings")
+    mlp_bias, bias, conv_bias = r.flag("mlp_bias"), r.flag("use_bias"), r.flag("use_conv_bias")
+    d_state, m_heads, d_head = r.pos_int("ssm_state_size"), r.pos_int("mamba_num_heads"), r.pos_int("mamba_head_dim")
+    m_groups, d_conv, chunk = r.pos_int("n_groups"), r.pos_int("conv_kernel"), r.pos_int("chunk_size")
+    dt_min = r.need("time_step_min", lambda v: is_number(v) and 0 <= v < math.inf, "a number >= 0")
+    expand = None
+    if None not in (m_heads, d_head, d_model):
+        if (m_heads * d_head) % d_model:
+            problems.append(f"the Mamba width mamba_num_heads * mamba_head_dim = {m_heads * d_head} must be a "
+                            f"multiple of hidden_size = {d_model}")
+        else:
+            expand = m_heads * d_head // d_model
+        if m_groups and m_heads % m_groups:
+            problems.append(f"mamba_num_heads {m_heads} must be divisible by n_groups {m_groups}")
+    if problems:
+        raise CheckpointError.listing(f"unsupported {where}", problems)
+    try:
+        return HybridConfig(
+            d_model=d_model, vocab_size=vocab, layers=[dict(_NEMOTRON_LAYERS[t]) for t in types], norm_epsilon=eps,
+            tie_embeddings=tie,
+            # transformers clamps dt to [time_step_min, inf) and ignores time_step_limit here
+            mamba2=dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=d_head, ngroups=m_groups,
+                        chunk_size=chunk, dt_limit=(float(dt_min), math.inf), bias=bias, conv_bias=conv_bias,
+                        norm_eps=eps, rmsnorm=True, norm_before_gate=False, D_has_hdim=False),
+            # NemotronHAttention has no biases whatever attention_bias says, and no positional encoding
+            attention=dict(num_heads=heads, num_heads_kv=kv_heads, head_dim=head_dim, rotary_emb_dim=0,
+                           qkv_proj_bias=False, out_proj_bias=False, separate_qkv=True),
+            mlp=dict(d_intermediate=d_ff, activation=act, bias=mlp_bias))
+    except MambaKitError as exc:
+        raise CheckpointError(f"unsupported {where}: {exc}") from exc
+
+
 def config_from_hybrid_hf(raw: dict[str, Any], where: str = CONFIG_NAME) -> HybridConfig:
     """The HybridConfig that computes what transformers computes for this config.json (model_type in
     HYBRID_MODEL_TYPES); CheckpointError listing every unsupported or invalid value."""
     mt = raw.get("model_type")
     if mt == "bamba":
         return _bamba_config(raw, where)
+    if mt == "nemotron_h":
+        return _nemotron_config(raw, where)
     raise CheckpointError(f"{where}: model_type must be one of {list(HYBRID_MODEL_TYPES)}, got {mt!r}")
 
 
@@ -194,7 +295,24 @@ def _bamba_key(key: str, config: HybridConfig) -> str:
     return f"model.layers.{i}.{part}.{rest}"
 
 
-_KEY_RULES = {"bamba": _bamba_key}
+def _nemotron_key(key: str, config: HybridConfig) -> str:
+    """The transformers name of a mambakit key of a Nemotron-H model (each layer holds one part: norm + mixer; files
+    name the base model ``backbone``, as NVIDIA's originals do)."""
+    top = {"backbone.embedding.weight": "backbone.embeddings.weight"}
+    if key in top:
+        return top[key]
+    m = _LAYER_KEY.match(key)
+    if m is None:
+        return key
+    i, part, rest = int(m.group(1)), m.group(2), m.group(3)
+    if part == "mixer" and config.layers[i]["mixer"] == "attention" and rest.startswith("out_proj."):
+        rest = "o_proj." + rest[len("out_proj."):]
+    return f"backbone.layers.{i}.{'norm' if part in ('norm', 'norm2') else 'mixer'}.{rest}"
+
+
+_KEY_RULES = {"bamba": _bamba_key, "nemotron_h": _nemotron_key}
+# other prefixes a file may use for the base model (transformers reads both)
+_FILE_PREFIXES = {"nemotron_h": ("model.", "backbone.")}
 
 
 def hybrid_key_map(config: HybridConfig, model_type: str) -> dict[str, str]:
@@ -211,7 +329,14 @@ def hybrid_names(config: HybridConfig, model_type: str) -> tuple[Callable[[list[
     as unexpected), and a mambakit key -> its name in the file."""
     ours_to_file = hybrid_key_map(config, model_type)
     file_to_ours = {v: k for k, v in ours_to_file.items()}
-    return (lambda keys: {k: file_to_ours.get(k, k) for k in keys}), (lambda k: ours_to_file.get(k, k))
+    alias, canonical = _FILE_PREFIXES.get(model_type, ("", ""))
+
+    def ours(key: str) -> str:
+        if alias and key.startswith(alias):
+            key = canonical + key[len(alias):]
+        return file_to_ours.get(key, key)
+
+    return (lambda keys: {k: ours(k) for k in keys}), (lambda k: ours_to_file.get(k, k))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -267,7 +392,53 @@ def _bamba_hf(model: HybridLM, problems: list[str]) -> dict[str, Any]:
     return hf
 
 
-_WRITERS = {"bamba": _bamba_hf}
+def _nemotron_hf(model: HybridLM, problems: list[str]) -> dict[str, Any]:
+    config: HybridConfig = model.config
+    kinds = {"mamba2": "linear_attention", "attention": "full_attention", "plain": "mlp"}
+    types = []
+    for i, spec in enumerate(config.layers):
+        parts = [p for p in (spec["mixer"], spec["mlp"]) if p is not None]
+        if len(parts) != 1 or parts[0] not in kinds:
+            problems.append(f"layer {i} ({spec}) must be exactly one of a Mamba-2 mixer, attention or a plain MLP")
+        else:
+            types.append(kinds[parts[0]])
+    for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+        if getattr(config, name) != 1.0:
+            problems.append(f"{name}={getattr(config, name)} has no Nemotron-H equivalent (1.0)")
+    act = config.mlp.get("activation", "silu")
+    if act not in _MLP_ACTS:
+        problems.append(f"MLP activation {act!r} has no Nemotron-H equivalent ({list(_MLP_ACTS)})")
+    hf: dict[str, Any] = dict(vocab_size=config.vocab_size, hidden_size=config.d_model, layers_block_type=types,
+                              layer_norm_epsilon=config.norm_epsilon, tie_word_embeddings=bool(config.tie_embeddings),
+                              mlp_hidden_act=act, mamba_hidden_act="silu", num_nextn_predict_layers=0)
+    if "d_intermediate" in config.mlp:
+        hf.update(intermediate_size=config.mlp["d_intermediate"], mlp_bias=bool(config.mlp.get("bias", False)))
+    mambas, attns = _uniform(model, "Mamba2"), _uniform(model, "MHA")
+    if mambas:
+        m = mambas[0]
+        if m.D_has_hdim or not m.rmsnorm or m.norm.norm_before_gate or m.norm.eps != config.norm_epsilon:
+            problems.append("Nemotron-H's Mamba-2 mixers have D per head and norm(y * silu(z)) with the block "
+                            "norms' epsilon")
+        if m.dt_limit[1] != math.inf:
+            problems.append(f"dt_limit {m.dt_limit} has no Nemotron-H equivalent ([time_step_min, inf))")
+        if (m.in_proj.bias is None) != (m.out_proj.bias is None):
+            problems.append("in_proj and out_proj must both have a bias or both have none (use_bias)")
+        hf.update(mamba_num_heads=m.nheads, mamba_head_dim=m.headdim, n_groups=m.ngroups, ssm_state_size=m.d_state,
+                  conv_kernel=m.d_conv, expand=m.expand, chunk_size=m.chunk_size,
+                  use_conv_bias=m.conv1d.bias is not None, use_bias=m.in_proj.bias is not None,
+                  time_step_min=float(m.dt_limit[0]))
+    if attns:
+        a = attns[0]
+        if not a.separate_qkv or a.q_proj.bias is not None or a.out_proj.bias is not None:
+            problems.append("Nemotron-H attention has separate q/k/v projections without biases")
+        if a.rotary_emb_dim or a.softmax_scale is not None:
+            problems.append("Nemotron-H attention has no positional encoding and the softmax scale head_dim ** -0.5")
+        hf.update(num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads_kv, head_dim=a.head_dim,
+                  attention_bias=False)
+    return hf
+
+
+_WRITERS = {"bamba": _bamba_hf, "nemotron_h": _nemotron_hf}
 
 
 def hybrid_config_to_hf(model: HybridLM, model_type: str = "bamba",
@@ -289,11 +460,13 @@ def hybrid_config_to_hf(model: HybridLM, model_type: str = "bamba",
 
 
 def hybrid_writer(model: HybridLM) -> Callable[[Path], None]:
-    """What writes `model` in transformers format into a folder (as the model_type it was loaded from, else bamba);
+    """What writes `model` in transformers format into a folder (as the model_type it was loaded from, else bamba
+    when every layer has a mixer and an MLP, else nemotron_h);
     every reason it cannot is raised here, before any file is written."""
     source = getattr(model, "pretrained_source", None) or {}
     extra = source.get("config") if source.get("format") == "hf" else None
-    model_type = (extra or {}).get("model_type", "bamba")
+    default = "bamba" if all(s["mixer"] and s["mlp"] for s in model.config.layers) else "nemotron_h"
+    model_type = (extra or {}).get("model_type", default)
     hf_config = hybrid_config_to_hf(model, model_type, extra)
     state = hf_state(model, hybrid_key_map(model.config, model_type).__getitem__)
 

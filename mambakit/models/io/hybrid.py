@@ -230,7 +230,8 @@ def _nemotron_config(raw: dict[str, Any], where: str) -> HybridConfig:
     n_mtp = cfg.get("num_nextn_predict_layers")
     if n_mtp not in (0, None):
         problems.append(f"num_nextn_predict_layers={n_mtp!r}: multi-token-prediction heads are not supported")
-    eps, tie = r.pos_num("layer_norm_epsilon"), r.flag("tie_word_embeddings")
+    eps = r.pos_num("layer_norm_epsilon")
+    r.flag("tie_word_embeddings")  # checked, but NemotronHForCausalLM ties nothing: lm_head is always its own tensor
     mlp_bias, bias, conv_bias = r.flag("mlp_bias"), r.flag("use_bias"), r.flag("use_conv_bias")
     d_state, m_heads, d_head = r.pos_int("ssm_state_size"), r.pos_int("mamba_num_heads"), r.pos_int("mamba_head_dim")
     m_groups, d_conv, chunk = r.pos_int("n_groups"), r.pos_int("conv_kernel"), r.pos_int("chunk_size")
@@ -249,7 +250,7 @@ def _nemotron_config(raw: dict[str, Any], where: str) -> HybridConfig:
     try:
         return HybridConfig(
             d_model=d_model, vocab_size=vocab, layers=[dict(_NEMOTRON_LAYERS[t]) for t in types], norm_epsilon=eps,
-            tie_embeddings=tie,
+            tie_embeddings=False,
             # transformers clamps dt to [time_step_min, inf) and ignores time_step_limit here
             mamba2=dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=d_head, ngroups=m_groups,
                         chunk_size=chunk, dt_limit=(float(dt_min), math.inf), bias=bias, conv_bias=conv_bias,
@@ -408,8 +409,10 @@ def _nemotron_hf(model: HybridLM, problems: list[str]) -> dict[str, Any]:
     act = config.mlp.get("activation", "silu")
     if act not in _MLP_ACTS:
         problems.append(f"MLP activation {act!r} has no Nemotron-H equivalent ({list(_MLP_ACTS)})")
+    if config.tie_embeddings:
+        problems.append("tied embeddings have no Nemotron-H equivalent (NemotronHForCausalLM never ties lm_head)")
     hf: dict[str, Any] = dict(vocab_size=config.vocab_size, hidden_size=config.d_model, layers_block_type=types,
-                              layer_norm_epsilon=config.norm_epsilon, tie_word_embeddings=bool(config.tie_embeddings),
+                              layer_norm_epsilon=config.norm_epsilon, tie_word_embeddings=False,
                               mlp_hidden_act=act, mamba_hidden_act="silu", num_nextn_predict_layers=0)
     if "d_intermediate" in config.mlp:
         hf.update(intermediate_size=config.mlp["d_intermediate"], mlp_bias=bool(config.mlp.get("bias", False)))

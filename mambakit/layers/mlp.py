@@ -1,6 +1,7 @@
 """The feed-forward layers of the hybrid stacks, with the parameter names of transformers' Llama-style MLPs.
 
 gated (SwiGLU and the like): down_proj(act(gate_proj(x)) * up_proj(x)); plain: down_proj(act(up_proj(x))).
+packed (gated only): one gate_up_proj whose first half of outputs is the gate, as Granite's input_linear.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class MLP(nn.Module):
     """Feed-forward layer. Input and output: (..., d_model); hidden width d_intermediate."""
 
     def __init__(self, d_model: int, d_intermediate: int, activation: str = "silu", gated: bool = True,
-                 bias: bool = False, device=None, dtype=None):
+                 bias: bool = False, packed: bool = False, device=None, dtype=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise MambaKitError(f"MLP activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -34,14 +35,22 @@ class MLP(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise MambaKitError(f"MLP {name} must be a positive integer, got {value!r}")
         factory = {"bias": bias, "device": device, "dtype": dtype}
-        self.activation, self.gated = activation, gated
+        if packed and not gated:
+            raise MambaKitError("MLP packed=True needs gated=True (it packs the gate and up projections)")
+        self.activation, self.gated, self.packed = activation, gated, packed
         self.act = ACTIVATIONS[activation]
-        if gated:
-            self.gate_proj = nn.Linear(d_model, d_intermediate, **factory)
-        self.up_proj = nn.Linear(d_model, d_intermediate, **factory)
+        if packed:
+            self.gate_up_proj = nn.Linear(d_model, 2 * d_intermediate, **factory)
+        else:
+            if gated:
+                self.gate_proj = nn.Linear(d_model, d_intermediate, **factory)
+            self.up_proj = nn.Linear(d_model, d_intermediate, **factory)
         self.down_proj = nn.Linear(d_intermediate, d_model, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.packed:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         up = self.up_proj(x)
         hidden = self.act(self.gate_proj(x)) * up if self.gated else self.act(up)
         return self.down_proj(hidden)

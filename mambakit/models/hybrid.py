@@ -3,7 +3,9 @@ transformers (Bamba, Nemotron-H, ...) are built.
 
 Layer i is ``config.layers[i] = {"mixer": M, "mlp": F}`` with M one of "mamba2" (`mambakit.layers.mamba2.Mamba2`,
 configured by ``config.mamba2``), "attention" (`mambakit.layers.attention.MHA`, by ``config.attention``) or None,
-and F one of "gated" / "plain" (`mambakit.layers.mlp.MLP`, by ``config.mlp``) or None; at least one of the two. Each
+and F one of "gated" / "plain" (`mambakit.layers.mlp.MLP`, by ``config.mlp``), "moe" (`mambakit.layers.moe.
+SharedExpertMoE`: routed experts by ``config.moe`` plus the ``config.mlp`` MLP as the shared expert) or None; at
+least one of the two. Each
 present part is a pre-norm residual step: h = h + residual_multiplier * part(RMSNorm(h)), the mixer first.
 
 Module names: backbone.embedding, backbone.layers.{i}.norm / .mixer (the mixer part), backbone.layers.{i}.norm2 /
@@ -25,12 +27,13 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.attention import MHA
 from mambakit.layers.mamba2 import Mamba2
 from mambakit.layers.mlp import MLP
+from mambakit.layers.moe import SharedExpertMoE
 from mambakit.layers.norm import RMSNorm
 from mambakit.models.config import config_from_dict
 from mambakit.models.lm import CausalLM, InferenceCache, _init_weights
 
 MIXER_KINDS = ("mamba2", "attention")
-MLP_KINDS = ("gated", "plain")
+MLP_KINDS = ("gated", "plain", "moe")
 
 
 def _positive(v: Any) -> bool:
@@ -43,7 +46,8 @@ class HybridConfig:
 
     layers: one {"mixer": "mamba2" | "attention" | None, "mlp": "gated" | "plain" | None} per layer.
     mamba2 / attention: keyword arguments of `Mamba2` / `MHA` (every such layer alike).
-    mlp: {"d_intermediate": int, "activation": "silu" | "relu2" | ..., "bias": bool}.
+    mlp: {"d_intermediate": int, "activation": "silu" | "relu2" | ..., "bias": bool, "packed": bool}.
+    moe: {"d_intermediate", "num_experts", "top_k", "activation"} of `TopKMoE` (layers whose mlp is "moe").
     embedding_multiplier scales the embeddings, residual_multiplier every residual branch, and the logits are
     divided by logits_scaling (the µP multipliers of Granite; 1.0 elsewhere).
     """
@@ -54,6 +58,7 @@ class HybridConfig:
     mamba2: dict[str, Any] = field(default_factory=dict)
     attention: dict[str, Any] = field(default_factory=dict)
     mlp: dict[str, Any] = field(default_factory=dict)
+    moe: dict[str, Any] = field(default_factory=dict)
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     pad_vocab_size_multiple: int = 1
@@ -70,7 +75,7 @@ class HybridConfig:
             if not _positive(getattr(self, name)):
                 raise MambaKitError(f"HybridConfig.{name} must be a positive finite number, got "
                                     f"{getattr(self, name)!r}")
-        for name in ("mamba2", "attention", "mlp"):
+        for name in ("mamba2", "attention", "mlp", "moe"):
             if not isinstance(getattr(self, name), dict):
                 raise MambaKitError(f"HybridConfig.{name} must be a JSON object, got {getattr(self, name)!r}")
         if not isinstance(self.layers, list) or not self.layers:
@@ -83,6 +88,10 @@ class HybridConfig:
                                     f"'mlp': one of {[None, *MLP_KINDS]}}}, not both None; got {spec!r}")
         if any(s["mlp"] for s in self.layers) and "d_intermediate" not in self.mlp:
             raise MambaKitError("HybridConfig.mlp must give d_intermediate when a layer has an MLP")
+        need = {"d_intermediate", "num_experts", "top_k"}
+        if any(s["mlp"] == "moe" for s in self.layers) and not need <= set(self.moe):
+            raise MambaKitError("HybridConfig.moe must give d_intermediate, num_experts and top_k when a layer is "
+                                f"'moe', got {self.moe!r}")
 
     @property
     def n_layer(self) -> int:
@@ -125,7 +134,10 @@ class HybridBlock(nn.Module):
                 self.mixer = mixer_cls(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
             if spec["mlp"] is not None:
                 self.norm2 = RMSNorm(config.d_model, eps=config.norm_epsilon, **factory)
-                self.mlp = MLP(config.d_model, gated=spec["mlp"] == "gated", **config.mlp, **factory)
+                if spec["mlp"] == "moe":
+                    self.mlp = SharedExpertMoE(config.d_model, config.moe, config.mlp, **factory)
+                else:
+                    self.mlp = MLP(config.d_model, gated=spec["mlp"] == "gated", **config.mlp, **factory)
         except TypeError as exc:
             raise MambaKitError(f"invalid HybridConfig for layer {layer_idx} ({spec}): {exc}") from exc
 

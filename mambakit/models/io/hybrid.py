@@ -10,6 +10,7 @@ one CheckpointError.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -37,13 +38,15 @@ class HybridType:
     read: Callable[[dict[str, Any], str], HybridConfig]
     key: Callable[[str, HybridConfig], str]
     write: Callable[[HybridLM, list[str]], dict[str, Any]]
-    file_prefix: tuple[str, str] = ("", "")
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 TYPES: dict[str, HybridType] = {
     "bamba": HybridType("BambaForCausalLM", bamba.bamba_config, bamba.bamba_key, bamba.bamba_hf),
     "nemotron_h": HybridType("NemotronHForCausalLM", nemotron_h.nemotron_config, nemotron_h.nemotron_key,
-                             nemotron_h.nemotron_hf, file_prefix=("model.", "backbone.")),
+                             nemotron_h.nemotron_hf, aliases=((r"^model\.", "backbone."),)),
+    "granitemoehybrid": HybridType("GraniteMoeHybridForCausalLM", bamba.granite_config, bamba.granite_key,
+                                   bamba.granite_hf, aliases=bamba.GRANITE_ALIASES),
 }
 HYBRID_MODEL_TYPES = tuple(TYPES)
 
@@ -71,11 +74,11 @@ def hybrid_names(config: HybridConfig, model_type: str) -> tuple[Callable[[list[
     as unexpected), and a mambakit key -> its name in the file."""
     ours_to_file = hybrid_key_map(config, model_type)
     file_to_ours = {v: k for k, v in ours_to_file.items()}
-    alias, canonical = TYPES[model_type].file_prefix
+    aliases = [(re.compile(pattern), repl) for pattern, repl in TYPES[model_type].aliases]
 
     def ours(key: str) -> str:
-        if alias and key.startswith(alias):
-            key = canonical + key[len(alias):]
+        for pattern, repl in aliases:
+            key = pattern.sub(repl, key)
         return file_to_ours.get(key, key)
 
     return (lambda keys: {k: ours(k) for k in keys}), (lambda k: ours_to_file.get(k, k))
@@ -100,12 +103,17 @@ def hybrid_config_to_hf(model: HybridLM, model_type: str = "bamba",
 
 
 def hybrid_writer(model: HybridLM) -> Callable[[Path], None]:
-    """What writes `model` in transformers format into a folder (as the model_type it was loaded from, else bamba
-    when every layer has a mixer and an MLP, else nemotron_h);
+    """What writes `model` in transformers format into a folder (as the model_type it was loaded from, else the type
+    its layers fit: granitemoehybrid for packed or MoE MLPs after every mixer, bamba for other MLPs after every
+    mixer, else nemotron_h);
     every reason it cannot is raised here, before any file is written."""
     source = getattr(model, "pretrained_source", None) or {}
     extra = source.get("config") if source.get("format") == "hf" else None
-    default = "bamba" if all(s["mixer"] and s["mlp"] for s in model.config.layers) else "nemotron_h"
+    config = model.config
+    default = "nemotron_h"
+    if all(s["mixer"] and s["mlp"] for s in config.layers):
+        granite = config.mlp.get("packed") or any(s["mlp"] == "moe" for s in config.layers)
+        default = "granitemoehybrid" if granite else "bamba"
     model_type = (extra or {}).get("model_type", default)
     hf_config = hybrid_config_to_hf(model, model_type, extra)
     state = hf_state(model, hybrid_key_map(model.config, model_type).__getitem__)

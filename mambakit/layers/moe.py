@@ -41,20 +41,24 @@ class TopKMoE(nn.Module):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (tokens, d_model) -> (weights (tokens, top_k) in x's dtype, expert ids (tokens, top_k))."""
-        logits = self.router(x).float()
+        logits = self.router(x)
+        if logits.dtype != torch.float64:
+            logits = logits.float()  # the choice and the weights in float32 at least, as transformers
         top, index = logits.topk(self.top_k, dim=-1)
         return torch.softmax(top, dim=-1).to(x.dtype), index
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, index = self.route(flat)
-        out = torch.zeros_like(flat)
+        # one row per (token, chosen slot), each written once: a plain indexed store, then a sum over the slots
+        # (index_add_ is far slower on the CPU and gives the same sum)
+        rows = flat.new_zeros(flat.shape[0] * self.top_k, flat.shape[1])
         for e in torch.unique(index).tolist():  # only the experts some token chose
             token, slot = torch.where(index == e)
             gate, up = F.linear(flat[token], self.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.down_proj[e]) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
-        return out.view_as(x)
+            rows[token * self.top_k + slot] = y.to(rows.dtype)
+        return rows.view(-1, self.top_k, flat.shape[1]).sum(1).view_as(x)
 
 
 class SharedExpertMoE(nn.Module):

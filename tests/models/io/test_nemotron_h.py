@@ -16,8 +16,9 @@ from mambakit.errors import CheckpointError  # noqa: E402
 from mambakit.layers.attention import KVState  # noqa: E402
 from mambakit.layers.state import SSMState  # noqa: E402
 from mambakit.models.hybrid import HybridLM  # noqa: E402
-from mambakit.models.io import from_pretrained, save_pretrained  # noqa: E402
+from mambakit.models.io import from_pretrained  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
+from tests.models.io.hybrid_helpers import round_trip, save_cases  # noqa: E402
 from tests.models.test_pretrained import ids_for, is_hf_full_forward_greedy, perturb_  # noqa: E402
 from tests.models.test_pretrained import our_logits as logits  # noqa: E402
 
@@ -45,13 +46,7 @@ def hf_nemotron(case: str, seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    out = {}
-    for case in CASES:
-        ref = hf_nemotron(case)
-        folder = tmp_path_factory.mktemp(case) / "hf"
-        ref.save_pretrained(folder)
-        out[case] = (ref, folder)
-    return out
+    return save_cases(hf_nemotron, CASES, tmp_path_factory)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -88,16 +83,8 @@ def test_nemotron_h_cache_chunked_prefill_and_left_padding(saved):
 @pytest.mark.parametrize("case", list(CASES))
 def test_nemotron_h_saves_for_transformers(case, saved, tmp_path):
     ref, folder = saved[case]
-    model = from_pretrained(folder)
-    ids = ids_for(ref.config.vocab_size, seqlen=19, seed=1)
-    want = logits(ref, ids)
-    out = save_pretrained(model, tmp_path / "out", format="hf")
-    raw = json.loads((out / "config.json").read_text())
-    assert raw["model_type"] == "nemotron_h" and raw["layers_block_type"] == ref.config.layers_block_type
-    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(back).__name__ == "NemotronHForCausalLM"
-    assert rel_err(logits(back, ids), want) <= TOL
-    assert rel_err(logits(from_pretrained(out), ids), want) <= TOL
+    raw = round_trip(ref, folder, tmp_path / "out")
+    assert raw["layers_block_type"] == ref.config.layers_block_type
 
 
 def test_nemotron_h_legacy_pattern_and_model_prefix_load(saved, tmp_path):

@@ -141,7 +141,7 @@ def test_bamba_missing_and_unexpected_tensors_are_named(saved, tmp_path):
         from_pretrained(bad)
 
 
-def test_generate_cli_reads_a_bamba_folder(tmp_path, capsys):
+def test_generate_and_info_cli_read_a_bamba_folder(tmp_path, capsys):
     ref = hf_bamba("gqa", vocab_size=256)
     ref.save_pretrained(tmp_path / "hf")
     assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "hi", "--max-new-tokens", "5",
@@ -150,3 +150,6 @@ def test_generate_cli_reads_a_bamba_folder(tmp_path, capsys):
     prompt = torch.tensor([tok.encode("hi")])
     want = tok.decode(from_pretrained(tmp_path / "hf").generate(prompt, 5, temperature=0)[0].tolist())
     assert capsys.readouterr().out == want + "\n"
+    assert main(["info", str(tmp_path / "hf")]) == 0
+    assert "mixer: hybrid (mixer+mlp per layer: attention+gated, mamba2+gated; attention at layers [1, 3])" in \
+        capsys.readouterr().out

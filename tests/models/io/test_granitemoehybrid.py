@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "GraniteMoeHybridForCausalLM"):
     pytest.skip("this transformers has no GraniteMoeHybrid", allow_module_level=True)
 
-from mambakit.errors import CheckpointError  # noqa: E402
+from mambakit.errors import CheckpointError, MambaKitError  # noqa: E402
 from mambakit.layers.moe import SharedExpertMoE  # noqa: E402
 from mambakit.models.io import from_pretrained  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
@@ -103,3 +103,11 @@ def test_granite_unsupported_values_are_refused_together(saved, tmp_path):
     for part in ("position_embedding_type 'alibi'", "layer_types must list 3 entries", "num_experts_per_tok",
                  "logits_scaling must be a positive number"):
         assert part in text
+
+
+def test_granite_moe_refuses_cuda_graph_decoding(saved):
+    from mambakit.models.cuda_graph import check_graphable
+
+    _, folder = saved["moe-rope"]
+    with pytest.raises(MambaKitError, match="routed experts"):
+        check_graphable(from_pretrained(folder), 1)

@@ -69,7 +69,8 @@ def detect_format(path: Union[str, os.PathLike]) -> str:
 
 def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
                     dtype: Union[torch.dtype, str, None] = None, allow_non_finite: bool = False) -> MambaLMHeadModel:
-    """Load a `MambaLMHeadModel` from a LOCAL checkpoint folder in transformers, mamba_ssm or mambakit format.
+    """Load a `MambaLMHeadModel` from a LOCAL checkpoint folder in transformers, mamba_ssm or mambakit format (a
+    `HybridLM` for the transformers hybrids, `mambakit.models.io.hybrid.HYBRID_MODEL_TYPES`).
 
     dtype: None keeps torch's default dtype (float32) for the weights; "auto" uses the dtype of the stored
     embedding; or a torch dtype / name ("bfloat16", ...). A_log, D and the dt bias stay float32 as in mamba_ssm.
@@ -107,7 +108,8 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
 
 
 def save_pretrained(model: torch.nn.Module, path: Union[str, os.PathLike], format: str = "hf") -> Path:
-    """Save `model` (a MambaLMHeadModel) to the folder `path`, atomically, and return the folder.
+    """Save `model` (a MambaLMHeadModel, or a HybridLM: format "hf" only) to the folder `path`, atomically, and
+    return the folder.
 
     format="hf": config.json (model_type mamba / mamba2) + model.safetensors with transformers key names, loadable by
     ``transformers.AutoModelForCausalLM.from_pretrained(path)`` with the same logits. The vocabulary is written

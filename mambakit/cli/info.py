@@ -12,8 +12,10 @@ from mambakit.cli.args import add_threads_argument
 from mambakit.cli.loading import MAX_BYTE_VOCAB, find_checkpoint
 from mambakit.errors import CheckpointError
 from mambakit.models.config import MambaConfig
+from mambakit.models.hybrid import HybridConfig
 from mambakit.models.io.folder import read_json, resolve_folder
 from mambakit.models.io.formats import detect_format
+from mambakit.models.io.hybrid import HYBRID_MODEL_TYPES, config_from_hybrid_hf
 from mambakit.models.io.mamba_ssm import config_from_mamba_ssm
 from mambakit.models.io.names import CONFIG_NAME, OPTIMIZER_NAME, TRAINER_STATE_NAME
 from mambakit.models.io.native import load_config
@@ -23,11 +25,13 @@ from mambakit.models.io.weights import find_weights
 FORMAT_NAMES = {"mambakit": "mambakit (native)", "hf": "transformers", "mamba_ssm": "mamba_ssm"}
 
 
-def _config(folder: Path, fmt: str) -> MambaConfig:
+def _config(folder: Path, fmt: str) -> MambaConfig | HybridConfig:
     if fmt == "mambakit":
         return load_config(folder)
     raw = read_json(folder / CONFIG_NAME)
     where = str(folder / CONFIG_NAME)
+    if fmt == "hf" and raw.get("model_type") in HYBRID_MODEL_TYPES:
+        return config_from_hybrid_hf(raw, where)
     return config_from_hf(raw, where) if fmt == "hf" else config_from_mamba_ssm(raw, where)
 
 
@@ -41,22 +45,30 @@ def describe(path: str) -> dict[str, Any]:
     dtypes = sorted({str(h.dtype).replace("torch.", "") for h in headers.values()})
     n_params = sum(math.prod(h.shape) for h in headers.values())
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    mixers = "attention" if config.attn_layer_idx and len(config.attn_layer_idx) == config.n_layer else \
-        config.mixer_layer + (f" + attention at layers {config.attn_layer_idx}" if config.attn_layer_idx else "")
-    ssm = {k: v for k, v in config.ssm_cfg.items() if k != "layer"}
+    hybrid = isinstance(config, HybridConfig)
+    if hybrid:
+        kinds = sorted({f"{s['mixer'] or '-'}+{s['mlp'] or '-'}" for s in config.layers})
+        mixers = f"hybrid (mixer+mlp per layer: {', '.join(kinds)}; attention at layers {config.attn_layer_idx})"
+        ssm, d_intermediate = dict(config.mamba2), config.mlp.get("d_intermediate", 0)
+    else:
+        mixers = "attention" if config.attn_layer_idx and len(config.attn_layer_idx) == config.n_layer else \
+            config.mixer_layer + (f" + attention at layers {config.attn_layer_idx}" if config.attn_layer_idx else "")
+        ssm, d_intermediate = {k: v for k, v in config.ssm_cfg.items() if k != "layer"}, config.d_intermediate
     has_tokenizer = (folder / "tokenizer.json").is_file()
     tokenizer = "tokenizer.json" if has_tokenizer else (
         "bytes (no tokenizer.json)" if config.padded_vocab_size <= MAX_BYTE_VOCAB
         else "missing: the vocabulary needs its model family's tokenizer.json")
-    uses = [f"mambakit generate --checkpoint {folder} --prompt ...", f"mambakit explain --checkpoint {folder} ..."]
+    uses = [f"mambakit generate --checkpoint {folder} --prompt ..."]
+    if not hybrid:
+        uses.append(f"mambakit explain --checkpoint {folder} ...")
     if fmt == "mambakit":
         uses.append("mambakit train --out <its run folder> --resume (continue training)")
-    uses.append("python: mambakit.models.io.from_pretrained(folder), then save_pretrained(model, out, format='hf' "
-                "or 'mamba_ssm')")
+    uses.append("python: mambakit.models.io.from_pretrained(folder), then save_pretrained(model, out, format='hf'" +
+                (")" if hybrid else " or 'mamba_ssm')"))
     info: dict[str, Any] = {
         "folder": str(folder), "format": FORMAT_NAMES[fmt], "weights": weights.source,
         "mixer": mixers, "d_model": config.d_model, "n_layer": config.n_layer, "vocab_size": config.vocab_size,
-        "ssm_cfg": ssm, "d_intermediate": config.d_intermediate, "tie_embeddings": config.tie_embeddings,
+        "ssm_cfg": ssm, "d_intermediate": d_intermediate, "tie_embeddings": config.tie_embeddings,
         "stored_tensors": len(headers), "stored_parameters": n_params, "dtypes": dtypes, "bytes_on_disk": size,
         "tokenizer": tokenizer, "can_be_used_for": uses,
     }

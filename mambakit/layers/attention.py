@@ -1,6 +1,7 @@
 """Causal multi-head attention with rotary positions (PyTorch SDPA): the Transformer baseline and the attention
 layers of hybrid stacks (`MambaConfig.attn_layer_idx`). Parameter names follow `mamba_ssm.modules.mha.MHA`
-(in_proj packs q, k, v; out_proj)."""
+(in_proj packs q, k, v; out_proj), or, with separate_qkv=True, the q_proj / k_proj / v_proj of transformers'
+Llama-style attention (the hybrid checkpoints)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,7 +50,10 @@ class MHA(nn.Module):
     def __init__(self, d_model: int, num_heads: int = 8, num_heads_kv: Optional[int] = None,
                  head_dim: Optional[int] = None, rotary_emb_dim: Optional[int] = None, rotary_emb_base: float = 10000.0,
                  qkv_proj_bias: bool = True, out_proj_bias: bool = True, causal: bool = True,
+                 separate_qkv: bool = False, softmax_scale: Optional[float] = None,
                  layer_idx: Optional[int] = None, device=None, dtype=None):
+        """num_heads_kv < num_heads: grouped-query attention. rotary_emb_dim: the leading features of each head that
+        are rotated (0: no positional encoding). softmax_scale: the factor of q·k (default head_dim ** -0.5)."""
         super().__init__()
         num_heads_kv = num_heads_kv or num_heads
         if num_heads <= 0 or num_heads % num_heads_kv != 0:
@@ -63,11 +67,19 @@ class MHA(nn.Module):
             raise MambaKitError(f"MHA rotary_emb_dim must be even and <= head_dim={head_dim}, got {rotary_emb_dim}")
         if not causal:
             raise MambaKitError("MHA is a causal language-model mixer: causal=False is not supported")
+        if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+            raise MambaKitError(f"MHA softmax_scale must be a positive number or None, got {softmax_scale!r}")
         self.num_heads, self.num_heads_kv, self.head_dim = num_heads, num_heads_kv, head_dim
         self.rotary_emb_dim, self.rotary_emb_base = rotary_emb_dim, rotary_emb_base
-        self.layer_idx = layer_idx
-        qkv_dim = head_dim * (num_heads + 2 * num_heads_kv)
-        self.in_proj = nn.Linear(d_model, qkv_dim, bias=qkv_proj_bias, device=device, dtype=dtype)
+        self.layer_idx, self.separate_qkv = layer_idx, separate_qkv
+        self.softmax_scale = None if softmax_scale is None else float(softmax_scale)
+        factory = {"bias": qkv_proj_bias, "device": device, "dtype": dtype}
+        if separate_qkv:
+            self.q_proj = nn.Linear(d_model, head_dim * num_heads, **factory)
+            self.k_proj = nn.Linear(d_model, head_dim * num_heads_kv, **factory)
+            self.v_proj = nn.Linear(d_model, head_dim * num_heads_kv, **factory)
+        else:
+            self.in_proj = nn.Linear(d_model, head_dim * (num_heads + 2 * num_heads_kv), **factory)
         self.out_proj = nn.Linear(head_dim * num_heads, d_model, bias=out_proj_bias, device=device, dtype=dtype)
 
     def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> KVState:
@@ -84,9 +96,12 @@ class MHA(nn.Module):
             raise MambaKitError("MHA does not support seq_idx (packed sequences); use SSM layers or unpack")
         batch, seqlen, _ = hidden_states.shape
         device = hidden_states.device
-        q, k, v = torch.split(self.in_proj(hidden_states),
-                              [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
-                               self.num_heads_kv * self.head_dim], dim=-1)
+        if self.separate_qkv:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        else:
+            q, k, v = torch.split(self.in_proj(hidden_states),
+                                  [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
+                                   self.num_heads_kv * self.head_dim], dim=-1)
         q = q.view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seqlen, self.num_heads_kv, self.head_dim).transpose(1, 2)
         v = v.view(batch, seqlen, self.num_heads_kv, self.head_dim).transpose(1, 2)
@@ -109,7 +124,7 @@ class MHA(nn.Module):
         rep = self.num_heads // self.num_heads_kv
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None], scale=self.softmax_scale)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
 
     def step(self, hidden_states: Tensor, state: KVState) -> Tensor:

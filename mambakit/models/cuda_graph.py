@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.moe import TopKMoE
 
 
 def _model_device(model) -> torch.device:
@@ -35,6 +36,9 @@ def check_graphable(model, batch_size) -> torch.device:
         raise MambaKitError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not (hasattr(model, "allocate_cache") and hasattr(model, "step")):
         raise MambaKitError(f"GraphedDecoder needs a mambakit LM (allocate_cache and step), got {type(model).__name__}")
+    if isinstance(model, torch.nn.Module) and any(isinstance(m, TopKMoE) for m in model.modules()):
+        raise MambaKitError("CUDA-graph decoding does not support routed experts (MoE layers choose their experts on "
+                            "the host at every token): use cuda_graph=False")
     attn = list(getattr(getattr(model, "config", None), "attn_layer_idx", None) or [])
     if attn:
         raise MambaKitError(f"CUDA-graph decoding supports SSM layers only; this model has attention layers {attn} "
@@ -92,7 +96,7 @@ class GraphedDecoder:
     def reset(self) -> None:
         """Zero the static state (in place: the graph keeps pointing at the same tensors)."""
         for state in self.cache.states:
-            for t in vars(state).values():
+            for t in (vars(state).values() if state is not None else ()):  # None: a layer without a mixer
                 if isinstance(t, Tensor):
                     t.zero_()
         self.cache.seqlen_offset = 0

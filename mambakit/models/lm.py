@@ -136,7 +136,8 @@ class InferenceCache:
 
     def reorder(self, index: Tensor) -> None:
         for s in self.states:
-            s.reorder(index)
+            if s is not None:  # a layer without a mixer keeps no state
+                s.reorder(index)
 
 
 def _init_weights(module: nn.Module, n_layer: int, n_residuals_per_layer: int) -> None:
@@ -154,20 +155,13 @@ def _init_weights(module: nn.Module, n_layer: int, n_residuals_per_layer: int) -
                 sub.weight /= math.sqrt(n_residuals_per_layer * n_layer)
 
 
-class MambaLMHeadModel(nn.Module):
-    """Mamba language model. `model(input_ids).logits`: (batch, seqlen, padded_vocab_size)."""
+class CausalLM(nn.Module):
+    """What every mambakit language model shares: input checks, forward with an optional cache, the one-token step
+    and generation. A subclass builds `self.config` (with vocab_size, padded_vocab_size, d_model, tie_embeddings),
+    `self.backbone` (embedding, layers; called as backbone(input_ids, cache=, step=, inputs_embeds=, mask=,
+    seq_idx=) -> (batch, seqlen, d_model)) and `self.lm_head`, and defines `allocate_cache`."""
 
-    def __init__(self, config: MambaConfig, device=None, dtype=None):
-        super().__init__()
-        self.config = config
-        self.backbone = MixerModel(config, device=device, dtype=dtype)
-        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
-        n_res = 1 if config.d_intermediate == 0 else 2
-        self.apply(partial(_init_weights, n_layer=config.n_layer, n_residuals_per_layer=n_res))
-        self.tie_weights()
-
-    # from_pretrained(path, device, dtype) and save_pretrained(path, format) are attached by mambakit.models.io (the
-    # checkpoint I/O package, above this module; `import mambakit` imports it): this module knows nothing about files.
+    config: Any
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -227,10 +221,6 @@ class MambaLMHeadModel(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def allocate_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> InferenceCache:
-        states = [layer.mixer.allocate_state(batch_size, dtype=dtype, device=device) for layer in self.backbone.layers]
-        return InferenceCache(states=states)
-
     @torch.no_grad()
     def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
         """One decoding step. input_ids: (batch,) or (batch, 1). Returns logits (batch, padded_vocab_size)."""
@@ -254,3 +244,23 @@ class MambaLMHeadModel(nn.Module):
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
                         attention_mask=attention_mask, cuda_graph=cuda_graph)
+
+
+class MambaLMHeadModel(CausalLM):
+    """Mamba language model. `model(input_ids).logits`: (batch, seqlen, padded_vocab_size)."""
+
+    def __init__(self, config: MambaConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.backbone = MixerModel(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        n_res = 1 if config.d_intermediate == 0 else 2
+        self.apply(partial(_init_weights, n_layer=config.n_layer, n_residuals_per_layer=n_res))
+        self.tie_weights()
+
+    # from_pretrained(path, device, dtype) and save_pretrained(path, format) are attached by mambakit.models.io (the
+    # checkpoint I/O package, above this module; `import mambakit` imports it): this module knows nothing about files.
+
+    def allocate_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> InferenceCache:
+        states = [layer.mixer.allocate_state(batch_size, dtype=dtype, device=device) for layer in self.backbone.layers]
+        return InferenceCache(states=states)

@@ -12,12 +12,13 @@ import torch
 
 from mambakit.errors import CheckpointError, MambaKitError
 from mambakit.models.config import MambaConfig
-from mambakit.models.io import mamba_ssm, native, transformers
+from mambakit.models.io import hybrid, mamba_ssm, native, transformers
 from mambakit.models.io.atomic import write_folder
 from mambakit.models.io.folder import read_json, resolve_folder
 from mambakit.models.io.names import CONFIG_NAME, META_NAME, is_weights_or_config
 from mambakit.models.io.state import load_model
 from mambakit.models.io.weights import find_weights
+from mambakit.models.hybrid import HybridConfig
 from mambakit.models.lm import MambaLMHeadModel
 
 FORMATS = ("hf", "mamba_ssm", "mambakit")  # what detect_format returns
@@ -46,9 +47,10 @@ def _detect(directory: Path, raw: dict[str, Any]) -> str:
     where = str(directory / CONFIG_NAME)
     if "model_type" in raw:
         mt = raw["model_type"]
-        if mt in transformers.HF_MODEL_TYPES:
+        if mt in transformers.HF_MODEL_TYPES or mt in hybrid.HYBRID_MODEL_TYPES:
             return "hf"
-        supported = f"supported transformers model types: {list(transformers.HF_MODEL_TYPES)}"
+        supported = ("supported transformers model types: "
+                     f"{list(transformers.HF_MODEL_TYPES) + list(hybrid.HYBRID_MODEL_TYPES)}")
         if mt in transformers.HF_RELATED_TYPES:
             raise CheckpointError(f"{where!r}: model_type {mt!r} is not supported (its computation differs from "
                                   f"Mamba / Mamba-2); {supported}")
@@ -67,7 +69,8 @@ def detect_format(path: Union[str, os.PathLike]) -> str:
 
 def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu",
                     dtype: Union[torch.dtype, str, None] = None, allow_non_finite: bool = False) -> MambaLMHeadModel:
-    """Load a `MambaLMHeadModel` from a LOCAL checkpoint folder in transformers, mamba_ssm or mambakit format.
+    """Load a `MambaLMHeadModel` from a LOCAL checkpoint folder in transformers, mamba_ssm or mambakit format (a
+    `HybridLM` for the transformers hybrids, `mambakit.models.io.hybrid.HYBRID_MODEL_TYPES`).
 
     dtype: None keeps torch's default dtype (float32) for the weights; "auto" uses the dtype of the stored
     embedding; or a torch dtype / name ("bfloat16", ...). A_log, D and the dt bias stay float32 as in mamba_ssm.
@@ -84,6 +87,12 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
     where = repr(str(directory))
     if fmt == "mambakit":
         model = native.load_checkpoint(directory, device=device, dtype=dtype, allow_non_finite=allow_non_finite)
+    elif fmt == "hf" and raw["model_type"] in hybrid.HYBRID_MODEL_TYPES:
+        mt = raw["model_type"]
+        config = hybrid.config_from_hybrid_hf(raw, where=f"{str(directory / CONFIG_NAME)!r} (transformers {mt})")
+        rename, to_file = hybrid.hybrid_names(config, mt)
+        model = load_model(config, find_weights(directory), where, device=device, dtype=dtype, rename=rename,
+                           to_file=to_file, allow_non_finite=allow_non_finite)
     elif fmt == "hf":
         config = transformers.config_from_hf(
             raw, where=f"{str(directory / CONFIG_NAME)!r} (transformers {raw['model_type']})")
@@ -99,7 +108,8 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
 
 
 def save_pretrained(model: torch.nn.Module, path: Union[str, os.PathLike], format: str = "hf") -> Path:
-    """Save `model` (a MambaLMHeadModel) to the folder `path`, atomically, and return the folder.
+    """Save `model` (a MambaLMHeadModel, or a HybridLM: format "hf" only) to the folder `path`, atomically, and
+    return the folder.
 
     format="hf": config.json (model_type mamba / mamba2) + model.safetensors with transformers key names, loadable by
     ``transformers.AutoModelForCausalLM.from_pretrained(path)`` with the same logits. The vocabulary is written
@@ -109,6 +119,11 @@ def save_pretrained(model: torch.nn.Module, path: Union[str, os.PathLike], forma
     Raises CheckpointError listing every reason when the model cannot be expressed in the target format.
     """
     config: Optional[MambaConfig] = getattr(model, "config", None)
+    if isinstance(config, HybridConfig) and hasattr(model, "backbone"):
+        if format != "hf":
+            raise MambaKitError(f"a hybrid model (HybridLM) saves in format 'hf' only, got {format!r}")
+        return write_folder(Path(path).expanduser(), hybrid.hybrid_writer(model),
+                            keep=lambda name: not is_weights_or_config(name))
     if not isinstance(config, MambaConfig) or not hasattr(model, "backbone"):
         raise MambaKitError(f"save_pretrained expects a MambaLMHeadModel, got {type(model).__name__}")
     if format not in SAVE_FORMATS:

@@ -16,6 +16,7 @@ from mambakit.errors import CheckpointError, name_list
 from mambakit.models.config import MambaConfig
 from mambakit.models.io.names import CONFIG_NAME, EMBEDDING_KEY, LM_HEAD_KEY
 from mambakit.models.io.weights import TensorInfo, WeightFiles
+from mambakit.models.hybrid import HybridConfig, HybridLM
 from mambakit.models.lm import MambaLMHeadModel
 
 _LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.")
@@ -111,11 +112,11 @@ def non_finite(model: torch.nn.Module, file_name: Callable[[str], str] = lambda 
     return [f"{file_name(k)} ({n} of {t.numel()})" for (k, t), n in zip(named, bad) if n]
 
 
-def load_model(config: MambaConfig, weights: WeightFiles, where: str, device: Union[str, torch.device] = "cpu",
+def load_model(config: Union[MambaConfig, HybridConfig], weights: WeightFiles, where: str, device: Union[str, torch.device] = "cpu",
                dtype: Union[torch.dtype, str, None] = None,
                rename: Optional[Callable[[list[str]], dict[str, str]]] = None,
-               to_file: Callable[[str], str] = lambda k: k, allow_non_finite: bool = False) -> MambaLMHeadModel:
-    """A `MambaLMHeadModel` of `config` holding the tensors of `weights`, in eval mode.
+               to_file: Callable[[str], str] = lambda k: k, allow_non_finite: bool = False) -> Union[MambaLMHeadModel, HybridLM]:
+    """A `MambaLMHeadModel` (a `HybridLM` for a HybridConfig) of `config` holding the tensors of `weights`, in eval mode.
 
     rename(file keys) maps the file's keys to mambakit's (default: the same names); to_file(key) names a mambakit
     key as the format would (for tensors the file lacks). dtype: a torch dtype, None (torch's default) or "auto"
@@ -138,7 +139,8 @@ def load_model(config: MambaConfig, weights: WeightFiles, where: str, device: Un
         dtype = emb.dtype if emb is not None and emb.dtype is not None and emb.dtype.is_floating_point else None
     try:
         with torch.device("meta"):  # also catches a layer that creates a tensor without its device argument
-            model = MambaLMHeadModel(config, device="meta", dtype=dtype)
+            model_cls = HybridLM if isinstance(config, HybridConfig) else MambaLMHeadModel
+            model = model_cls(config, device="meta", dtype=dtype)
     except Exception as exc:  # MambaKitError, TypeError for an unknown kwarg, ImportError, ...
         raise CheckpointError(f"{where}: cannot build the model its {CONFIG_NAME} describes: {exc}") from exc
     tied = bool(config.tie_embeddings)

@@ -27,7 +27,7 @@ HF_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba")
 HF_ARCHITECTURES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
                     "falcon_mamba": "FalconMambaForCausalLM"}
 # Other model types of the family that transformers knows; their computation differs, so they are refused by name.
-HF_RELATED_TYPES = ("jamba", "bamba", "zamba", "zamba2", "nemotron_h", "granitemoehybrid",
+HF_RELATED_TYPES = ("jamba", "zamba", "zamba2",
                     "falcon_h1", "mamba2_hybrid")
 
 # transformers' defaults for fields a config.json may leave out (MambaConfig / Mamba2Config of transformers 5.x;
@@ -255,8 +255,9 @@ def hf_name(key: str) -> str:
     return HF_EMBEDDING_KEY if key == EMBEDDING_KEY else key
 
 
-def hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict in transformers names: the vocabulary unpadded, a tied lm_head left out, no shared memory."""
+def hf_state(model: torch.nn.Module, name: Callable[[str], str] = hf_name) -> dict[str, torch.Tensor]:
+    """The state dict in transformers names (`name` of each mambakit key): the vocabulary unpadded, a tied lm_head
+    left out, no shared memory."""
     vocab = model.config.vocab_size
     tied = check_tie(model)
     out = {}
@@ -265,7 +266,7 @@ def hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             continue
         if k in (EMBEDDING_KEY, LM_HEAD_KEY) and t.shape[0] != vocab:
             t = t[:vocab]  # transformers does not pad the vocabulary; the padding rows are never a real token
-        out[hf_name(k)] = t.contiguous().clone()
+        out[name(k)] = t.contiguous().clone()
     return out
 
 

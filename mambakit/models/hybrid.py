@@ -1,0 +1,201 @@
+"""Hybrid language models: a stack of layers, each listed with its own kinds, the way the Mamba-2 hybrids of
+transformers (Bamba, Nemotron-H, ...) are built.
+
+Layer i is ``config.layers[i] = {"mixer": M, "mlp": F}`` with M one of "mamba2" (`mambakit.layers.mamba2.Mamba2`,
+configured by ``config.mamba2``), "attention" (`mambakit.layers.attention.MHA`, by ``config.attention``) or None,
+and F one of "gated" / "plain" (`mambakit.layers.mlp.MLP`, by ``config.mlp``), "moe" (`mambakit.layers.moe.
+SharedExpertMoE`: routed experts by ``config.moe`` plus the ``config.mlp`` MLP as the shared expert) or None; at
+least one of the two. Each
+present part is a pre-norm residual step: h = h + residual_multiplier * part(RMSNorm(h)), the mixer first.
+
+Module names: backbone.embedding, backbone.layers.{i}.norm / .mixer (the mixer part), backbone.layers.{i}.norm2 /
+.mlp (the MLP part), backbone.norm_f, lm_head (the keys that `mambakit.models.io` checks for every format).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mambakit.errors import MambaKitError
+from mambakit.layers.attention import MHA
+from mambakit.layers.mamba2 import Mamba2
+from mambakit.layers.mlp import MLP
+from mambakit.layers.moe import SharedExpertMoE
+from mambakit.layers.norm import RMSNorm
+from mambakit.models.config import config_from_dict
+from mambakit.models.lm import CausalLM, InferenceCache, _init_weights
+
+MIXER_KINDS = ("mamba2", "attention")
+MLP_KINDS = ("gated", "plain", "moe")
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+@dataclass
+class HybridConfig:
+    """Configuration of `HybridLM`.
+
+    layers: one {"mixer": "mamba2" | "attention" | None, "mlp": "gated" | "plain" | None} per layer.
+    mamba2 / attention: keyword arguments of `Mamba2` / `MHA` (every such layer alike).
+    mlp: {"d_intermediate": int, "activation": "silu" | "relu2" | ..., "bias": bool, "packed": bool}.
+    moe: {"d_intermediate", "num_experts", "top_k", "activation"} of `TopKMoE` (layers whose mlp is "moe").
+    embedding_multiplier scales the embeddings, residual_multiplier every residual branch, and the logits are
+    divided by logits_scaling (the µP multipliers of Granite; 1.0 elsewhere).
+    """
+
+    d_model: int = 256
+    vocab_size: int = 256
+    layers: list[dict[str, Optional[str]]] = field(default_factory=lambda: [{"mixer": "mamba2", "mlp": "gated"}])
+    mamba2: dict[str, Any] = field(default_factory=dict)
+    attention: dict[str, Any] = field(default_factory=dict)
+    mlp: dict[str, Any] = field(default_factory=dict)
+    moe: dict[str, Any] = field(default_factory=dict)
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    pad_vocab_size_multiple: int = 1
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "vocab_size", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise MambaKitError(f"HybridConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("norm_epsilon", "embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            if not _positive(getattr(self, name)):
+                raise MambaKitError(f"HybridConfig.{name} must be a positive finite number, got "
+                                    f"{getattr(self, name)!r}")
+        for name in ("mamba2", "attention", "mlp", "moe"):
+            if not isinstance(getattr(self, name), dict):
+                raise MambaKitError(f"HybridConfig.{name} must be a JSON object, got {getattr(self, name)!r}")
+        if not isinstance(self.layers, list) or not self.layers:
+            raise MambaKitError(f"HybridConfig.layers must be a non-empty list, got {self.layers!r}")
+        for i, spec in enumerate(self.layers):
+            ok = (isinstance(spec, dict) and set(spec) == {"mixer", "mlp"} and spec["mixer"] in (None, *MIXER_KINDS)
+                  and spec["mlp"] in (None, *MLP_KINDS) and (spec["mixer"], spec["mlp"]) != (None, None))
+            if not ok:
+                raise MambaKitError(f"HybridConfig.layers[{i}] must be {{'mixer': one of {[None, *MIXER_KINDS]}, "
+                                    f"'mlp': one of {[None, *MLP_KINDS]}}}, not both None; got {spec!r}")
+        if any(s["mlp"] for s in self.layers) and "d_intermediate" not in self.mlp:
+            raise MambaKitError("HybridConfig.mlp must give d_intermediate when a layer has an MLP")
+        need = {"d_intermediate", "num_experts", "top_k"}
+        if any(s["mlp"] == "moe" for s in self.layers) and not need <= set(self.moe):
+            raise MambaKitError("HybridConfig.moe must give d_intermediate, num_experts and top_k when a layer is "
+                                f"'moe', got {self.moe!r}")
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layers)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def attn_layer_idx(self) -> list[int]:
+        """The attention layers (whose KV cache grows with the context)."""
+        return [i for i, s in enumerate(self.layers) if s["mixer"] == "attention"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HybridConfig":
+        return config_from_dict(cls, data)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+class HybridBlock(nn.Module):
+    """Layer `layer_idx` of a HybridConfig: the mixer part and / or the MLP part, each pre-norm with a residual."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        spec = config.layers[layer_idx]
+        factory = {"device": device, "dtype": dtype}
+        self.residual_multiplier = float(config.residual_multiplier)
+        self.norm = self.mixer = self.norm2 = self.mlp = None
+        try:
+            if spec["mixer"] is not None:
+                self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon, **factory)
+                mixer_cls, kwargs = (Mamba2, config.mamba2) if spec["mixer"] == "mamba2" else (MHA, config.attention)
+                self.mixer = mixer_cls(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
+            if spec["mlp"] is not None:
+                self.norm2 = RMSNorm(config.d_model, eps=config.norm_epsilon, **factory)
+                if spec["mlp"] == "moe":
+                    self.mlp = SharedExpertMoE(config.d_model, config.moe, config.mlp, **factory)
+                else:
+                    self.mlp = MLP(config.d_model, gated=spec["mlp"] == "gated", **config.mlp, **factory)
+        except TypeError as exc:
+            raise MambaKitError(f"invalid HybridConfig for layer {layer_idx} ({spec}): {exc}") from exc
+
+    def _residual(self, hidden: Tensor, branch: Tensor) -> Tensor:
+        if self.residual_multiplier != 1.0:
+            branch = branch * self.residual_multiplier
+        return hidden + branch
+
+    def forward(self, hidden: Tensor, state=None, step: bool = False, **mixer_kwargs) -> Tensor:
+        """hidden: (batch, seqlen, d_model) -> (batch, seqlen, d_model). state: the mixer's cache entry (or None)."""
+        if self.mixer is not None:
+            normed = self.norm(hidden)
+            out = self.mixer.step(normed, state) if step else self.mixer(normed, state=state, **mixer_kwargs)
+            hidden = self._residual(hidden, out)
+        if self.mlp is not None:
+            hidden = self._residual(hidden, self.mlp(self.norm2(hidden)))
+        return hidden
+
+
+class HybridBackbone(nn.Module):
+    def __init__(self, config: HybridConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(HybridBlock(config, i, device=device, dtype=dtype) for i in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
+
+    def forward(self, input_ids: Optional[Tensor], cache: Optional[InferenceCache] = None, step: bool = False,
+                inputs_embeds: Optional[Tensor] = None, **mixer_kwargs) -> Tensor:
+        """input_ids: (batch, seqlen), or inputs_embeds: (batch, seqlen, d_model) -> (batch, seqlen, d_model) after
+        the final norm, divided by logits_scaling (so that the LM head's output is the logits)."""
+        hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.config.embedding_multiplier != 1.0:
+            hidden = hidden * self.config.embedding_multiplier
+        for i, layer in enumerate(self.layers):
+            state = cache.states[i] if cache is not None else None
+            hidden = layer(hidden, state=state, step=step, **mixer_kwargs)
+        hidden = self.norm_f(hidden)
+        if self.config.logits_scaling != 1.0:
+            hidden = hidden / self.config.logits_scaling
+        return hidden
+
+
+class HybridLM(CausalLM):
+    """Hybrid language model. `model(input_ids).logits`: (batch, seqlen, padded_vocab_size); the cache holds each
+    layer's own state (a KVState for attention, an SSMState for Mamba-2, None for an MLP-only layer)."""
+
+    def __init__(self, config: HybridConfig, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(config, HybridConfig):
+            raise MambaKitError(f"HybridLM needs a HybridConfig, got {type(config).__name__}")
+        self.config = config
+        self.backbone = HybridBackbone(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        self.apply(partial(_init_weights, n_layer=config.n_layer, n_residuals_per_layer=2))
+        self.tie_weights()
+
+    def allocate_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> InferenceCache:
+        states = [None if layer.mixer is None else layer.mixer.allocate_state(batch_size, dtype=dtype, device=device)
+                  for layer in self.backbone.layers]
+        return InferenceCache(states=states)

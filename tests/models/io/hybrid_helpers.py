@@ -1,0 +1,52 @@
+"""What the tests of the transformers hybrids (bamba, nemotron_h, granitemoehybrid) share."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+NEW_TOKENS = 8  # greedy tokens compared with transformers' generate (few: its CPU generate is slow)
+
+
+@torch.no_grad()
+def hf_generate(model: torch.nn.Module, prompt: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                new_tokens: int = NEW_TOKENS) -> torch.Tensor:
+    """transformers' greedy generate; an explicit mask, else prompt tokens equal to pad_token_id read as padding."""
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt) if mask is None else mask,
+                          max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
+def save_cases(build: Callable[[str], torch.nn.Module], cases, tmp_path_factory) -> dict[str, tuple]:
+    """case -> (the transformers model build(case), the folder it was saved into)."""
+    out = {}
+    for case in cases:
+        ref = build(case)
+        folder = Path(tmp_path_factory.mktemp(case)) / "hf"
+        ref.save_pretrained(folder)
+        out[case] = (ref, folder)
+    return out
+
+
+def round_trip(ref: torch.nn.Module, folder: Path, out: Path, seqlen: int = 19, tol: float = 1e-5) -> dict:
+    """Load `folder` with mambakit, save it in transformers format into `out`, and check that transformers and
+    mambakit both read it back with ref's logits and ref's class; returns the written config.json."""
+    import json
+
+    import transformers
+
+    from mambakit.models.io import from_pretrained, save_pretrained
+    from tests.conftest import rel_err
+    from tests.models.test_pretrained import ids_for, our_logits
+
+    model = from_pretrained(folder)
+    ids = ids_for(ref.config.vocab_size, seqlen=seqlen, seed=1)
+    want = our_logits(ref, ids)
+    save_pretrained(model, out, format="hf")
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["model_type"] == ref.config.model_type and raw["architectures"] == [type(ref).__name__]
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back) is type(ref)
+    assert rel_err(our_logits(back, ids), want) <= tol
+    assert rel_err(our_logits(from_pretrained(out), ids), want) <= tol
+    return raw

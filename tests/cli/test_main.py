@@ -59,7 +59,9 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture) -> None:
         (["generate", "--checkpoint", ".", "--prompt", "x", "--top-k", "-1"], "--top-k"),
     ],
 )
-def test_bad_arguments_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+def test_bad_arguments_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture, tmp_path,
+                              monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default --out (runs/mamba) must not be a checkpoint left in the checkout
     assert main(argv) == 2
     assert message in error_line(capsys)
 

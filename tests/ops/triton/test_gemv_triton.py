@@ -163,3 +163,22 @@ def test_step_without_pre_norm_keeps_its_signature():
     with torch.no_grad():
         out = layer.step(torch.randn(2, 16), state)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 16)
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_lm_decode_through_the_fused_steps(fused, monkeypatch, arch):
+    """Prefill, then steps through the fused kernels: the logits of the unfused steps and of the full forward."""
+    from tests.models.test_lm import tiny
+
+    model = tiny(arch, n_layer=3)
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits
+        got = {}
+        for name, fn in (("fused", lambda *t: True), ("unfused", lambda *t: False)):
+            monkeypatch.setattr(norm_linear, "use_gemv", fn)
+            cache = model.allocate_cache(2)
+            model(ids[:, :8], cache=cache)
+            got[name] = torch.stack([model.step(ids[:, t], cache) for t in range(8, 12)], 1)
+    assert rel_err(got["fused"], got["unfused"]) < 1e-5
+    assert rel_err(got["fused"], full[:, 8:]) < 1e-5

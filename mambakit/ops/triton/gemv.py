@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
-from mambakit.ops.triton.device import interpreted
+from mambakit.ops.triton.device import interpreted, multiprocessor_count
 
 MODE_PLAIN, MODE_ADD_NORM, MODE_GATED_NORM = 0, 1, 2
 
@@ -103,15 +103,25 @@ def _gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, n_rows
              mask=mr[:, None] & mn[None, :])
 
 
-def launch_config(batch: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) for a (batch, k) x (n, k)^T product. On the interpreter small blocks,
-    so that the loops over k and the masked edges run in the tests."""
+def launch_config(batch: int, n: int, group_size: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) for a (batch, k) x (n, k)^T product normalised per group_size
+    (k for no norm or one group).
+
+    About two programs per multiprocessor along n (a batch-1 GEMV is bound by how many loads are in flight, so
+    every multiprocessor gets work), a k block that divides the group where it can (no masked-off tail), and at
+    most about 8K products per step of the k loop (the k block kept >= 64, fewer output rows at larger batches).
+    On the interpreter small blocks, so that the loops over k and the masked edges run in the tests."""
     block_b = min(triton.next_power_of_2(max(batch, 1)), MAX_BLOCK_B)
     if interpreted():
-        return block_b, 8, 16, 1
-    block_k = min(512, triton.next_power_of_2(k))
-    # about 8K products per step of the k loop: fewer output rows per program as the batch block grows
-    block_n = max(4, min(64, 8192 // (block_b * block_k)))
+        return block_b, 16, 16, 1
+    block_n = max(4, min(64, triton.next_power_of_2(max(1, n // (2 * multiprocessor_count(device))))))
+    block_k = 512
+    while block_k > 64 and group_size % block_k:
+        block_k //= 2
+    if group_size % block_k:
+        block_k = min(512, triton.next_power_of_2(group_size))
+    block_k = max(64, min(block_k, 8192 // (block_b * block_n)))
+    block_n = max(2, min(block_n, 8192 // (block_b * block_k)))
     return block_b, block_n, block_k, 4
 
 
@@ -144,7 +154,7 @@ def _launch(mode: int, a: Tensor, b: Optional[Tensor], norm_weight: Optional[Ten
     rows = a2.shape[0]
     out = torch.empty(rows, n, device=a.device, dtype=weight.dtype)
     res = torch.empty(rows, k, device=a.device, dtype=res_dtype) if mode == MODE_ADD_NORM else None
-    block_b, block_n, block_k, warps = launch_config(rows, n, k)
+    block_b, block_n, block_k, warps = launch_config(rows, n, group_size, a.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_b))
     if rows > 0 and n > 0:
         _gemv_kernel[grid](

@@ -17,7 +17,7 @@ from mambakit.layers.step import PreNorm  # noqa: E402
 from mambakit.ops import norm_linear  # noqa: E402
 from mambakit.ops.norm import add_rms_norm  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.ops.triton import interpreted_module  # noqa: E402
+from tests.ops.triton import interpreted_module, sm90_resource_usage  # noqa: E402
 
 gemv = interpreted_module("mambakit.ops.triton.gemv")
 
@@ -197,3 +197,19 @@ def test_gpu_launch_config(monkeypatch):
             assert bb * bn * bk <= 8192 and (k % bk == 0 or k < 64)
             if batch == 1 and n >= 768:
                 assert -(-n // bn) >= 132
+
+
+
+def test_kernel_compiles_for_sm90_without_spills():
+    """The interpreter compiles nothing: build the kernel for Hopper (no GPU needed) as the 130M in_proj at batch 1
+    and Mamba-2's tail at batch 8 use it, and read its resource usage: no local memory (no register spills)."""
+    ptrs = {"b_ptr": "*fp32", "res_ptr": "*fp32", "eps": "fp32"}
+    fixed = dict(HAS_B=True, HAS_BIAS=False, NORM_BEFORE_GATE=False)
+    usage = sm90_resource_usage("mambakit.ops.triton.gemv", "_gemv_kernel", "*bf16", {
+        "add_norm": (ptrs, dict(fixed, MODE=1, BLOCK_B=1, BLOCK_N=16, BLOCK_K=256)),
+        "gated": ({"res_ptr": "*fp32", "eps": "fp32"}, dict(fixed, MODE=2, BLOCK_B=8, BLOCK_N=4, BLOCK_K=256)),
+    })
+    if usage is None:
+        pytest.skip("this Triton's compile API differs")
+    for name, line in usage.items():
+        assert "REG:" in line and "LOCAL:0" in line and "STACK:0" in line, f"{name}: {line}"

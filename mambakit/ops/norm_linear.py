@@ -37,14 +37,15 @@ def _kernels():
     return kernels("mambakit.ops.triton.gemv")
 
 
-def use_gemv(x: Tensor, weight: Tensor, *others: Optional[Tensor]) -> bool:
+def use_gemv(x: Tensor, weight: Tensor, *others: Optional[Tensor],
+             product_dtype: Optional[torch.dtype] = None) -> bool:
     """Whether backend="auto" takes the kernel for input x (..., in_features) and weight (out_features,
-    in_features): CUDA, x in weight's dtype (float32/16, bfloat16), at most GEMV_MAX_BATCH rows, every other tensor
-    on x's device, no autograd, Triton importable."""
+    in_features): CUDA, at most GEMV_MAX_BATCH rows, what the product reads (product_dtype, default x's dtype) in
+    weight's dtype (float32/16, bfloat16), every other tensor on x's device, no autograd, Triton importable."""
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, *others))
-    return (x.is_cuda and x.dtype == weight.dtype and weight.dtype in _DTYPES and weight.dim() == 2
-            and x.numel() // max(x.shape[-1], 1) <= GEMV_MAX_BATCH and not grad
-            and all(t is None or (t.device == x.device and t.dtype in _DTYPES) for t in (weight, *others))
+    return (x.is_cuda and (product_dtype or x.dtype) == weight.dtype and weight.dtype in _DTYPES
+            and weight.dim() == 2 and x.numel() // max(x.shape[-1], 1) <= GEMV_MAX_BATCH and not grad
+            and all(t is None or (t.device == x.device and t.dtype in _DTYPES) for t in (x, weight, *others))
             and _kernels() is not None)
 
 
@@ -74,8 +75,8 @@ def add_rms_norm_linear(hidden: Tensor, residual: Optional[Tensor], norm_weight:
     residual' (..., d), where (normed, residual') = `add_rms_norm(hidden, residual, norm_weight, eps,
     residual_in_fp32)`.
     """
-    ok = use_gemv(hidden, weight, residual, norm_weight, bias) and norm_weight.dtype == weight.dtype
-    picked = _pick(backend, ok)
+    # the product reads the norm's output, in the norm weight's dtype
+    picked = _pick(backend, use_gemv(hidden, weight, residual, norm_weight, bias, product_dtype=norm_weight.dtype))
     if picked == "triton":
         return _kernels().add_rms_norm_gemv_triton(hidden, residual, norm_weight, eps, residual_in_fp32, weight, bias)
     normed, residual = add_rms_norm(hidden, residual, norm_weight, eps, residual_in_fp32, backend=picked)

@@ -119,7 +119,7 @@ def test_auto_keeps_the_cpu_path():
 @pytest.fixture
 def fused(monkeypatch):
     """Make backend="auto" take the kernels for the CPU tensors here (the interpreter), the plain GEMV included."""
-    monkeypatch.setattr(norm_linear, "use_gemv", lambda *tensors: True)
+    monkeypatch.setattr(norm_linear, "use_gemv", lambda *tensors, **kw: True)
     monkeypatch.setattr(norm_linear, "PLAIN_GEMV", True)
 
 
@@ -176,7 +176,7 @@ def test_lm_decode_through_the_fused_steps(fused, monkeypatch, arch):
     with torch.no_grad():
         full = model(ids).logits
         got = {}
-        for name, fn in (("fused", lambda *t: True), ("unfused", lambda *t: False)):
+        for name, fn in (("fused", lambda *t, **kw: True), ("unfused", lambda *t, **kw: False)):
             monkeypatch.setattr(norm_linear, "use_gemv", fn)
             cache = model.allocate_cache(2)
             model(ids[:, :8], cache=cache)

@@ -24,7 +24,8 @@ from mambakit.ops.norm import add_rms_norm, rms_norm_gated
 __all__ = ["GEMV_MAX_BATCH", "PLAIN_GEMV", "add_rms_norm_linear", "gemv_linear", "rms_norm_gated_linear",
            "use_gemv"]
 
-#: the most rows (batch x tokens) that backend="auto" sends to the GEMV kernels; more go to cuBLAS
+#: the most rows (batch x tokens) that backend="auto" sends to the GEMV kernels; more go to cuBLAS (read at each
+#: call: a CUDA graph captured before a change keeps the kernels it captured)
 GEMV_MAX_BATCH = 8
 
 #: whether backend="auto" sends a plain projection (gemv_linear) to the kernel too, not only the norm-fused ones

@@ -15,7 +15,7 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
-from mambakit.layers.step import negative_exp, project_step
+from mambakit.layers.step import PreNorm, negative_exp, norm_project_step, project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mamba_inner import fused_available, mamba_inner, mamba_inner_fused_inference
@@ -235,19 +235,30 @@ class Mamba(DtTransformMixin, nn.Module):
         """The last d_conv real inputs of each row (left or right padding), after the previous state."""
         return conv_state_after(x, self.d_conv, conv_state, mask)
 
-    def step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
+    #: `step` takes a `PreNorm` (the block's residual add + RMSNorm, fused into in_proj)
+    step_fuses_pre_norm = True
+
+    def step(self, hidden_states: Tensor, state: SSMState, pre_norm: Optional[PreNorm] = None):
         """One decoding step. hidden_states: (batch, 1, d_model) or (batch, d_model); state updated in place.
 
-        Returns (batch, 1, d_model) (or (batch, d_model) for a 2-D input).
+        Returns (batch, 1, d_model) (or (batch, d_model) for a 2-D input). With pre_norm, hidden_states is the
+        block's input before its residual add + RMSNorm (pre_norm.residual shaped like it), done here inside
+        in_proj, and the result is (output, new residual).
         """
         squeeze = hidden_states.dim() == 2
         h = hidden_states if squeeze else hidden_states[:, 0]
+        if pre_norm is not None and pre_norm.residual is not None and not squeeze:
+            pre_norm = pre_norm._replace(residual=pre_norm.residual[:, 0])
+        xz, residual = norm_project_step(self.in_proj, h, pre_norm)
         hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, :, None])[:, :, 0])
         A = None if h.is_cuda else negative_exp(self, "A_log", state.ssm.dtype)  # the kernels form their own
-        y = mamba1_step(project_step(self.in_proj, h), state.conv, state.ssm, self.conv1d.weight.squeeze(1),
+        y = mamba1_step(xz, state.conv, state.ssm, self.conv1d.weight.squeeze(1),
                         self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
                         self.D, dt_transform=transform, A=A,
                         bcdt_rms_eps=self.bcdt_rms_eps if self.bcdt_rms else None)
-        out = project_step(self.out_proj, y)
-        return out if squeeze else out[:, None]
+        out = project_step(self.out_proj, y, gemv=True)
+        out = out if squeeze else out[:, None]
+        if pre_norm is None:
+            return out
+        return out, residual if squeeze else residual[:, None]

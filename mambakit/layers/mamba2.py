@@ -16,7 +16,7 @@ from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNormGated
 from mambakit.layers.state import SSMState
-from mambakit.layers.step import project_step
+from mambakit.layers.step import PreNorm, gated_norm_project_step, norm_project_step, project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mixer_step import mamba2_step
@@ -205,20 +205,32 @@ class Mamba2(DtTransformMixin, nn.Module):
                 state.ssm.copy_(last)
         return self.finish(y.flatten(-2), s.z)
 
-    def step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
-        """One decoding step. hidden_states: (batch, 1, d_model) or (batch, d_model); state updated in place."""
+    #: `step` takes a `PreNorm` (the block's residual add + RMSNorm, fused into in_proj)
+    step_fuses_pre_norm = True
+
+    def step(self, hidden_states: Tensor, state: SSMState, pre_norm: Optional[PreNorm] = None):
+        """One decoding step. hidden_states: (batch, 1, d_model) or (batch, d_model); state updated in place.
+
+        Returns (batch, 1, d_model) (or (batch, d_model) for a 2-D input). With pre_norm, hidden_states is the
+        block's input before its residual add + RMSNorm (pre_norm.residual shaped like it), done here inside
+        in_proj, and the result is (output, new residual).
+        """
         squeeze = hidden_states.dim() == 2
         h = hidden_states if squeeze else hidden_states[:, 0]
-        zxbcdt = project_step(self.in_proj, h)
+        if pre_norm is not None and pre_norm.residual is not None and not squeeze:
+            pre_norm = pre_norm._replace(residual=pre_norm.residual[:, 0])
+        zxbcdt, residual = norm_project_step(self.in_proj, h, pre_norm)
         hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, None])[:, 0])
         y = mamba2_step(zxbcdt, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
                         self.A_log, self.D, self.ngroups, self.dt_limit, gate=not self.rmsnorm,
                         dt_transform=transform)
-        y = y.to(h.dtype)
+        y = y.to(zxbcdt.dtype)
         if self.rmsnorm:
-            y = self.norm(y, zxbcdt[:, :self.d_inner])
-        out = project_step(self.out_proj, y)
-        return out if squeeze else out[:, None]
-
-
+            out = gated_norm_project_step(self.norm, self.out_proj, y, zxbcdt[:, :self.d_inner])
+        else:
+            out = project_step(self.out_proj, y)
+        out = out if squeeze else out[:, None]
+        if pre_norm is None:
+            return out
+        return out, residual if squeeze else residual[:, None]

@@ -1,19 +1,63 @@
-"""What the mixers' one-token steps share: the projections' matrix product, and A = -exp(A_log) kept per weight
-version instead of formed at every token."""
+"""What the mixers' one-token steps share: the projections' matrix product (with the norm before it fused in where
+it can be), and A = -exp(A_log) kept per weight version instead of formed at every token."""
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
+from mambakit.layers.norm import RMSNormGated
 from mambakit.ops.mixer_step import linear_step
+from mambakit.ops.norm import add_rms_norm
+from mambakit.ops.norm_linear import add_rms_norm_linear, gemv_linear, rms_norm_gated_linear
 
 
-def project_step(linear: nn.Module, x: Tensor) -> Tensor:
+class PreNorm(NamedTuple):
+    """The pre-norm block's residual add + RMSNorm, handed to a mixer's step so that it can fuse them into its
+    in_proj: residual (batch, d_model) or None (first block), the RMSNorm's weight (d_model,) and eps, and whether
+    the residual is kept in float32."""
+
+    residual: Optional[Tensor]
+    weight: Tensor
+    eps: float
+    residual_in_fp32: bool
+
+
+def _plain(linear: nn.Module) -> bool:
+    """A bare nn.Linear without hooks (not a LoRA wrapper, a subclass or a tensor-parallel shard)."""
+    return type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks)
+
+
+def project_step(linear: nn.Module, x: Tensor, gemv: bool = False) -> Tensor:
     """linear(x) for one token x (batch, in_features): a plain nn.Linear goes through `linear_step` (the CPU's faster
-    bfloat16 batch-1 product); anything else (LoRA wrappers, modules with hooks) is called as it is."""
-    if type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks):
-        return linear_step(x, linear.weight, linear.bias)
+    bfloat16 batch-1 product), or `gemv_linear` with gemv (the switchable GEMV kernel on CUDA); anything else (LoRA
+    wrappers, modules with hooks) is called as it is."""
+    if _plain(linear):
+        return (gemv_linear if gemv else linear_step)(x, linear.weight, linear.bias)
     return linear(x)
+
+
+def norm_project_step(linear: nn.Module, x: Tensor, pre_norm: Optional[PreNorm]) -> tuple[Tensor, Optional[Tensor]]:
+    """(linear(normed), residual') for one token x (batch, in_features): with pre_norm, (normed, residual') =
+    add_rms_norm(x, pre_norm.residual, ...), fused with the product for a plain nn.Linear (`add_rms_norm_linear`);
+    without it, (project_step(linear, x), None)."""
+    if pre_norm is None:
+        return project_step(linear, x), None
+    if _plain(linear):
+        return add_rms_norm_linear(x, pre_norm.residual, pre_norm.weight, pre_norm.eps, pre_norm.residual_in_fp32,
+                                   linear.weight, linear.bias)
+    normed, residual = add_rms_norm(x, pre_norm.residual, pre_norm.weight, pre_norm.eps, pre_norm.residual_in_fp32)
+    return linear(normed), residual
+
+
+def gated_norm_project_step(norm: nn.Module, linear: nn.Module, y: Tensor, z: Tensor) -> Tensor:
+    """linear(norm(y, z)) for one token, y, z (batch, d): one fused call (`rms_norm_gated_linear`) when norm is a
+    hook-free RMSNormGated and linear a plain nn.Linear."""
+    if type(norm) is RMSNormGated and _plain(linear) and not (norm._forward_hooks or norm._forward_pre_hooks):
+        return rms_norm_gated_linear(y, z, norm.weight, norm.eps, norm.group_size, norm.norm_before_gate,
+                                     linear.weight, linear.bias)
+    return project_step(linear, norm(y, z))
 
 
 def negative_exp(layer: nn.Module, name: str, dtype: torch.dtype) -> Tensor:

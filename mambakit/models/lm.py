@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from mambakit.errors import MambaKitError
 from mambakit.layers.norm import RMSNorm
 from mambakit.layers.registry import mixer_spec
-from mambakit.layers.step import project_step
+from mambakit.layers.step import PreNorm, project_step
 from mambakit.models.config import MambaConfig
 from mambakit.ops.norm import add_rms_norm
 
@@ -82,9 +82,18 @@ class Block(nn.Module):
             residual = residual.float()
         return normed, residual
 
+    def _fuses_step_norm(self) -> bool:
+        """Whether a decoding step hands the add + RMSNorm to the mixer's step (`PreNorm`): an RMSNorm block without
+        an MLP, a mixer whose step takes it, no autograd."""
+        return (self.mlp is None and type(self.norm) is RMSNorm and not torch.is_grad_enabled()
+                and getattr(self.mixer, "step_fuses_pre_norm", False))
+
     def forward(self, hidden: Tensor, residual: Optional[Tensor], state=None, step: bool = False,
                 **mixer_kwargs) -> tuple[Tensor, Tensor]:
         """hidden, residual: (batch, seqlen, d_model) (residual None for the first block)."""
+        if step and self._fuses_step_norm():  # decoding: the add + RMSNorm goes into the mixer's in_proj
+            return self.mixer.step(hidden, state, pre_norm=PreNorm(residual, self.norm.weight, self.norm.eps,
+                                                                   self.residual_in_fp32))
         normed, residual = self._add_norm(hidden, residual, self.norm, step)
         if step:
             hidden = self.mixer.step(normed, state)

@@ -29,3 +29,47 @@ def interpreted_module(name: str):
         for m in stale:
             importlib.reload(m)
     return sys.modules[name]
+
+
+_SM90_CHILD = r"""
+import json, os, subprocess, sys, tempfile
+import importlib
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+module, kernel, default_ptr, variants = json.loads(sys.argv[1])
+fn = getattr(importlib.import_module(module), kernel)
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = {}
+for name, (types, consts) in variants.items():
+    sig = {a: "constexpr" if a in consts else types.get(a, default_ptr if a.endswith("_ptr") else "i32")
+           for a in fn.arg_names}
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+    except TypeError:
+        print("null")
+        sys.exit(0)
+    path = os.path.join(tempfile.mkdtemp(), name + ".cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    dump = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    out[name] = " ".join(line.strip() for line in dump.splitlines() if "REG:" in line)
+print(json.dumps(out))
+"""
+
+
+def sm90_resource_usage(module: str, kernel: str, default_ptr: str, variants: dict):
+    """Compile `module.kernel` for Hopper (sm_90, Triton's own ptxas: no GPU needed) in a child without
+    TRITON_INTERPRET, once per variant {name: (argument types, constexprs)} (pointers default to default_ptr, other
+    arguments to i32; float arguments must be given), and return {name: cuobjdump's resource-usage line}, or None
+    where this Triton's compile API differs."""
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _SM90_CHILD, json.dumps([module, kernel, default_ptr, variants])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

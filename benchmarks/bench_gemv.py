@@ -1,0 +1,130 @@
+"""The decode step's norm-fused GEMV kernels against the unfused pair (the norm kernel, then cuBLAS), per launch.
+
+    python benchmarks/bench_gemv.py                               # GPU: bf16, batches 1-16, the issue-20 shapes
+    python benchmarks/bench_gemv.py --batches 1 8 --shapes 768x3072
+    python benchmarks/bench_gemv.py --device cpu --tiny           # smoke test: the interpreter, tiny shapes
+
+Ops, each fused (one `mambakit.ops.triton.gemv` launch) and unfused (what the decode step ran before):
+  add_norm: add_rms_norm(hidden, residual) -> F.linear (the in_proj shapes, in_features = d_model);
+  gated:    rms_norm_gated(y, z) -> F.linear (the out_proj shapes);
+  plain:    F.linear alone against the plain GEMV kernel (the out_proj shapes; PLAIN_GEMV's choice).
+Timing on CUDA: one CUDA graph replaying the op over enough copies of the weight that they do not fit in L2 (as in
+a decode step, where every weight is read once), CUDA events around the replays; us per op. Also reported: the
+rate over the weight bytes, and the relative error of fused against unfused.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+#: (in_features, out_features) -> the op kinds timed on it
+SHAPES = {"768x3072": ("add_norm",), "768x3352": ("add_norm",), "2048x8192": ("add_norm",),
+          "1536x768": ("gated", "plain"), "4096x2048": ("gated", "plain")}
+TINY = {"24x40": ("add_norm",), "40x24": ("gated", "plain")}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, batches 1 2 (the CPU smoke test)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--shapes", nargs="+", default=None, help=f"of {sorted(SHAPES)}")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--ngroups", type=int, default=1, help="groups of the gated norm")
+    p.add_argument("--l2-bytes", type=float, default=256e6, help="weight copies per graph reach at least this")
+    p.add_argument("--replays", type=int, default=20)
+    return p.parse_args()
+
+
+ARGS = parse()
+if ARGS.device == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels run on the CPU interpreter
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from _common import Rows, device_line, rel_err, report, table, time_ms  # noqa: E402
+from mambakit.ops import norm_linear  # noqa: E402
+from mambakit.ops.norm import add_rms_norm, rms_norm_gated  # noqa: E402
+from mambakit.ops.triton import gemv  # noqa: E402
+
+
+def graph_us(calls: list[Callable[[], object]], replays: int) -> float:
+    """us per call of one CUDA graph that runs every call once, replayed `replays` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls:  # compiles, allocator warm-up
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * len(calls))
+
+
+def ops(kind: str, x, x2, nw, w, eps: float, group: int) -> tuple[Callable, Callable]:
+    """(fused, unfused) zero-argument calls of one op kind on one weight copy w."""
+    if kind == "add_norm":
+        def unfused():
+            normed, res = add_rms_norm(x, x2, nw, eps, True)
+            return F.linear(normed, w), res
+        return (lambda: gemv.add_rms_norm_gemv_triton(x, x2, nw, eps, True, w)), unfused
+    if kind == "gated":
+        return ((lambda: gemv.rms_norm_gated_gemv_triton(x, x2, nw, eps, group, False, w)),
+                (lambda: F.linear(rms_norm_gated(x, x2, nw, eps, group, False), w)))
+    return (lambda: gemv.gemv_triton(x, w)), (lambda: F.linear(x, w))
+
+
+def main() -> int:
+    device, dtype = ARGS.device, getattr(torch, ARGS.dtype)
+    shapes = TINY if ARGS.tiny else {s: SHAPES[s] for s in (ARGS.shapes or SHAPES)}
+    batches = [1, 2] if ARGS.tiny else ARGS.batches
+    rows = Rows("gemv")
+    report.log(f"# {device_line() if device == 'cuda' else 'cpu (Triton interpreter)'}; {ARGS.dtype}; "
+               f"GEMV_MAX_BATCH = {norm_linear.GEMV_MAX_BATCH}")
+    g = torch.Generator(device=device).manual_seed(0)
+    for shape, kinds in shapes.items():
+        k, n = (int(v) for v in shape.split("x"))
+        wbytes = n * k * torch.finfo(dtype).bits // 8
+        copies = 1 if device == "cpu" else max(1, int(ARGS.l2_bytes // wbytes))
+        weights = [(torch.randn(n, k, generator=g, device=device) * k ** -0.5).to(dtype) for _ in range(copies)]
+        nw = (torch.rand(k, generator=g, device=device) + 0.5).to(dtype)
+        for kind in kinds:
+            for batch in batches:
+                x = torch.randn(batch, k, generator=g, device=device).to(dtype)
+                second = {"add_norm": torch.randn(batch, k, generator=g, device=device),
+                          "gated": torch.randn(batch, 2 * k, generator=g, device=device).to(dtype)[:, :k]}.get(kind)
+                pairs = [ops(kind, x, second, nw, w, 1e-5, k // ARGS.ngroups) for w in weights]
+                out_f, out_u = pairs[0][0](), pairs[0][1]()
+                first = (lambda o: o[0] if isinstance(o, tuple) else o)
+                err = rel_err(first(out_f), first(out_u))
+                report.check(f"{shape} {kind} batch {batch}", err, 2e-2 if dtype != torch.float32 else 1e-5)
+                if device == "cuda":
+                    fused_us = graph_us([p[0] for p in pairs], ARGS.replays)
+                    unfused_us = graph_us([p[1] for p in pairs], ARGS.replays)
+                else:
+                    fused_us = time_ms(pairs[0][0], repeats=1, warmup=0) * 1e3
+                    unfused_us = time_ms(pairs[0][1], repeats=1, warmup=0) * 1e3
+                rows.add(bench="gemv", shape=shape, op=kind, batch=batch, dtype=ARGS.dtype, device=device,
+                         fused_us=fused_us, unfused_us=unfused_us, speedup=unfused_us / fused_us,
+                         fused_GBps=wbytes / fused_us / 1e3, rel_err=err)
+    rows.save()
+    report.log("\n" + table(rows.rows, ["shape", "op", "batch", "fused_us", "unfused_us", "speedup", "fused_GBps",
+                                        "rel_err"]))
+    return report.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

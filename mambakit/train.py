@@ -49,6 +49,7 @@ from mambakit.models.checkpoint import (
     save_checkpoint,
 )
 from mambakit.models.config import MambaConfig
+from mambakit.models.memory import check_fits, training_bytes
 from mambakit.models.io.atomic import tidy
 from mambakit.models.io.names import CONFIG_NAME
 # param_groups and resolve_device live in mambakit.training; importing them from here keeps working
@@ -345,6 +346,14 @@ def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
     return args, state
 
 
+def _check_memory(args: TrainArgs, config: MambaConfig, micro_batch: int, device: torch.device, shards: int) -> None:
+    """Refuse, before anything is allocated, a run whose sizes cannot fit this device (`mambakit.models.memory`)."""
+    need = training_bytes(config, micro_batch, args.seq_len, bf16=args.bf16, shards=shards)
+    check_fits(need, device, f"training d_model {config.d_model}, n_layer {config.n_layer} on micro-batches of "
+               f"{micro_batch} x {args.seq_len} bytes",
+               hint="lower --d-model, --n-layer, --seq-len or --batch-size (or raise --grad-accum)")
+
+
 def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callable[[str], None],
            on_checkpoint: Callable[[int], None] | None, t_start: float) -> dict[str, Any]:
     out_dir = Path(args.out)
@@ -352,6 +361,8 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
     device = resolve_device(args.device) if not ctx.distributed else ctx.device
     dp = DataParallelConfig(ctx, fsdp=args.fsdp)
     micro_batch = check_batch_split(args.batch_size, ctx.world_size, args.grad_accum)
+    _check_memory(args, load_config(ckpt_dir) if args.resume else build_config(args), micro_batch, device,
+                  shards=ctx.world_size if args.fsdp else 1)
     precision = precision_context(args.bf16, device)
     global_sampler, val_batches = _prepare_data(args, log)
     sampler = ShardedBatchSampler(global_sampler, ctx.rank, ctx.world_size, args.grad_accum)

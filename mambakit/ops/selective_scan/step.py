@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mambakit.errors import MambaKitError
 from mambakit.ops.dt import process_dt
 from mambakit.ops.selective_scan.common import shape_error
 
@@ -29,6 +30,9 @@ def selective_state_update_torch(
     dtype = state.dtype
     Bg = B.unsqueeze(1) if B.dim() == 2 else B
     Cg = C.unsqueeze(1) if C.dim() == 2 else C
+    if B.dim() != C.dim() or B.dim() not in (2, 3):
+        raise MambaKitError(f"B and C must both be (batch, d_state) or both (batch, groups, d_state), got B of shape "
+                            f"{tuple(B.shape)} and C of shape {tuple(C.shape)}")
     if Bg.shape[0] != batch or Bg.shape[2] != d_state or dim % Bg.shape[1] != 0 or Cg.shape != Bg.shape:
         raise shape_error("B", f"(batch={batch}, d_state={d_state}) or (batch, groups, d_state), C alike", B)
     reps = dim // Bg.shape[1]

@@ -49,6 +49,7 @@ from mambakit.models.checkpoint import (
     save_checkpoint,
 )
 from mambakit.models.config import MambaConfig
+from mambakit.models.generation import MAX_NEW_TOKENS
 from mambakit.models.memory import check_fits, training_bytes
 from mambakit.models.io.atomic import tidy
 from mambakit.models.io.names import CONFIG_NAME
@@ -169,12 +170,14 @@ def validate_args(args: TrainArgs) -> None:
         raise MambaKitError(f"--lr must be a positive number, got {args.lr!r}")
     if not (isinstance(args.grad_clip, (int, float)) and args.grad_clip > 0):
         raise MambaKitError(f"--grad-clip must be a positive number, got {args.grad_clip!r}")
-    if not (isinstance(args.weight_decay, (int, float)) and args.weight_decay >= 0):
+    if not (isinstance(args.weight_decay, (int, float)) and math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise MambaKitError(f"--weight-decay must be a number >= 0, got {args.weight_decay!r}")
     if not 0 <= args.min_lr_ratio <= 1:
         raise MambaKitError(f"min_lr_ratio must lie in [0, 1], got {args.min_lr_ratio!r}")
     if args.arch not in ARCHS:
         raise MambaKitError(f"--arch must be one of {sorted(ARCHS)}, got {args.arch!r}")
+    if args.sample_tokens > MAX_NEW_TOKENS:
+        raise MambaKitError(f"--sample-tokens must be at most {MAX_NEW_TOKENS}, got {args.sample_tokens}")
     if not args.sample_prompt and args.sample_tokens:
         raise MambaKitError("the sample prompt must not be empty")
 
@@ -349,9 +352,10 @@ def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
 def _check_memory(args: TrainArgs, config: MambaConfig, micro_batch: int, device: torch.device, shards: int) -> None:
     """Refuse, before anything is allocated, a run whose sizes cannot fit this device (`mambakit.models.memory`)."""
     need = training_bytes(config, micro_batch, args.seq_len, bf16=args.bf16, shards=shards)
+    need += 2 * 8 * args.eval_batches * args.batch_size * (args.seq_len + 1)  # the held-out (x, y) int64 batches
     check_fits(need, device, f"training d_model {config.d_model}, n_layer {config.n_layer} on micro-batches of "
                f"{micro_batch} x {args.seq_len} bytes",
-               hint="lower --d-model, --n-layer, --seq-len or --batch-size (or raise --grad-accum)")
+               hint="lower --d-model, --n-layer, --seq-len, --batch-size or --eval-batches (or raise --grad-accum)")
 
 
 def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callable[[str], None],

@@ -97,6 +97,9 @@ for flag, value in [("--d-model", "10000000"), ("--n-layer", "1000000"), ("--bat
                   None, "needs at least"))
     if flag != "--eval-batches":
         CASES.append((f"tasks {flag} huge", ["tasks", "mqar", "--steps", "1", flag, value], None, "needs at least"))
+for task, flag, value in [("mamba-nd-digits", "--d-model", "10000000"), ("mamba-nd-digits", "--batch-size", HUGE),
+                          ("mamba-nd-digits", "--image-size", "1000000"), ("mamba-nd-video", "--depth", "10000000")]:
+    CASES.append((f"{task} {flag} huge", ["tasks", task, "--steps", "1", flag, value], None, "needs at least"))
 CASES.append(("tasks --vocab huge", ["tasks", "mqar", "--steps", "1", "--vocab", "1000000000000"], None,
               "needs at least"))
 for command in (["train", "--data", "{corpus}", "--out", "{tmp}/g", *TINY], ["generate", "--checkpoint", RUN, "--prompt", "ab"],

@@ -49,6 +49,8 @@ from mambakit.models.checkpoint import (
     save_checkpoint,
 )
 from mambakit.models.config import MambaConfig
+from mambakit.models.generation import MAX_NEW_TOKENS
+from mambakit.models.memory import check_fits, training_bytes
 from mambakit.models.io.atomic import tidy
 from mambakit.models.io.names import CONFIG_NAME
 # param_groups and resolve_device live in mambakit.training; importing them from here keeps working
@@ -168,12 +170,14 @@ def validate_args(args: TrainArgs) -> None:
         raise MambaKitError(f"--lr must be a positive number, got {args.lr!r}")
     if not (isinstance(args.grad_clip, (int, float)) and args.grad_clip > 0):
         raise MambaKitError(f"--grad-clip must be a positive number, got {args.grad_clip!r}")
-    if not (isinstance(args.weight_decay, (int, float)) and args.weight_decay >= 0):
+    if not (isinstance(args.weight_decay, (int, float)) and math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise MambaKitError(f"--weight-decay must be a number >= 0, got {args.weight_decay!r}")
     if not 0 <= args.min_lr_ratio <= 1:
         raise MambaKitError(f"min_lr_ratio must lie in [0, 1], got {args.min_lr_ratio!r}")
     if args.arch not in ARCHS:
         raise MambaKitError(f"--arch must be one of {sorted(ARCHS)}, got {args.arch!r}")
+    if args.sample_tokens > MAX_NEW_TOKENS:
+        raise MambaKitError(f"--sample-tokens must be at most {MAX_NEW_TOKENS}, got {args.sample_tokens}")
     if not args.sample_prompt and args.sample_tokens:
         raise MambaKitError("the sample prompt must not be empty")
 
@@ -345,6 +349,15 @@ def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
     return args, state
 
 
+def _check_memory(args: TrainArgs, config: MambaConfig, micro_batch: int, device: torch.device, shards: int) -> None:
+    """Refuse, before anything is allocated, a run whose sizes cannot fit this device (`mambakit.models.memory`)."""
+    need = training_bytes(config, micro_batch, args.seq_len, bf16=args.bf16, shards=shards)
+    need += 2 * 8 * args.eval_batches * args.batch_size * (args.seq_len + 1)  # the held-out (x, y) int64 batches
+    check_fits(need, device, f"training d_model {config.d_model}, n_layer {config.n_layer} on micro-batches of "
+               f"{micro_batch} x {args.seq_len} bytes",
+               hint="lower --d-model, --n-layer, --seq-len, --batch-size or --eval-batches (or raise --grad-accum)")
+
+
 def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callable[[str], None],
            on_checkpoint: Callable[[int], None] | None, t_start: float) -> dict[str, Any]:
     out_dir = Path(args.out)
@@ -352,6 +365,8 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
     device = resolve_device(args.device) if not ctx.distributed else ctx.device
     dp = DataParallelConfig(ctx, fsdp=args.fsdp)
     micro_batch = check_batch_split(args.batch_size, ctx.world_size, args.grad_accum)
+    _check_memory(args, load_config(ckpt_dir) if args.resume else build_config(args), micro_batch, device,
+                  shards=ctx.world_size if args.fsdp else 1)
     precision = precision_context(args.bf16, device)
     global_sampler, val_batches = _prepare_data(args, log)
     sampler = ShardedBatchSampler(global_sampler, ctx.rank, ctx.world_size, args.grad_accum)

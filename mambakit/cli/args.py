@@ -11,6 +11,7 @@ import math
 import sys
 from typing import Any, Callable, Dict, NoReturn, Optional, Sequence, Tuple, Union
 
+from mambakit.cli.process import MAX_THREADS
 from mambakit.errors import MambaKitError
 
 
@@ -151,10 +152,11 @@ def positive_ints(text: str) -> Union[int, Tuple[int, ...]]:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-THREADS_HELP = ("torch CPU threads (default: the cores other processes leave free, at least 1; or OMP_NUM_THREADS "
-                "when set)")
+THREADS_HELP = (f"torch CPU threads, 1 to {MAX_THREADS} (default: the cores other processes leave free, at least 1; "
+                "or OMP_NUM_THREADS when set)")
+threads = checked(int, f"an integer in [1, {MAX_THREADS}]", lambda v: 1 <= v <= MAX_THREADS)
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     """The --threads option every subcommand has (applied by `Parser.run` before the subcommand runs)."""
-    p.add_argument("--threads", type=positive_int, help=THREADS_HELP)
+    p.add_argument("--threads", type=threads, help=THREADS_HELP)

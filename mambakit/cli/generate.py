@@ -9,6 +9,7 @@ import torch
 
 from mambakit.cli.args import (
     add_threads_argument,
+    checked,
     non_negative_float,
     non_negative_int,
     positive_int,
@@ -19,7 +20,10 @@ from mambakit.cli.loading import find_checkpoint, load_model, load_tokenizer
 from mambakit.cli.prompt import encode_prompt, require_prompt
 from mambakit.cli.remamba import add_remamba_arguments, load_for_generate, remamba_config
 from mambakit.errors import MambaKitError
+from mambakit.models.generation import MAX_NEW_TOKENS
 from mambakit.train import resolve_device
+
+new_tokens = checked(int, f"an integer in [1, {MAX_NEW_TOKENS}]", lambda v: 1 <= v <= MAX_NEW_TOKENS)
 
 DEFAULT_MAX_PROMPT_TOKENS = 100_000
 
@@ -32,11 +36,12 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder (or a training --out folder holding checkpoint/)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=positive_int, default=200, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=new_tokens, default=200,
+                   help=f"tokens to generate, 1 to {MAX_NEW_TOKENS} (default: %(default)s)")
     p.add_argument("--temperature", type=non_negative_float, default=0.8,
                    help="sampling temperature, 0 = greedy (default: %(default)s)")
-    p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens, 0 = all "
-                   "(default: %(default)s)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="keep the k most likely tokens, 0 = all; a k "
+                   "above the vocabulary size keeps all, as in transformers (default: %(default)s)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=seed, default=None, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")

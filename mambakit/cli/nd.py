@@ -14,7 +14,9 @@ import math
 import sys
 from typing import Any, Dict, Optional, Sequence
 
-from mambakit.cli.args import Parser, checked, non_negative_int, positive_float, positive_int, positive_ints, seed
+from mambakit.cli.args import (
+    Parser, checked, non_negative_int, positive_float, positive_int, positive_ints, seed, threads,
+)
 from mambakit.errors import MambaKitError
 from mambakit.nd.model import HEADS, MIXERS
 from mambakit.nd.orders import ORDER_MODES
@@ -67,7 +69,7 @@ def add_nd_arguments(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--seed", type=seed, help=f"random seed of the model and the training batches "
                    f"(the train/test split is fixed) (default: {C['seed']})")
     p.add_argument("--device", help=f"cpu, cuda, cuda:N or auto (default: {C['device']})")
-    p.add_argument("--threads", type=positive_int, help=f"torch CPU threads (default: {C['threads']}; more only helps "
+    p.add_argument("--threads", type=threads, help=f"torch CPU threads (default: {C['threads']}; more only helps "
                    "on an otherwise idle machine)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
+MAX_THREADS = 4096  # beyond any machine's cores; torch.set_num_threads overflows on far larger numbers
+
 
 def headless_plots() -> None:
     """Make matplotlib draw into files only (the Agg backend, no display needed), in this process and in the ones it
@@ -75,6 +77,6 @@ def set_threads(requested: "int | None") -> int:
 
     if requested is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
-        requested = int(env) if env.isdigit() and int(env) > 0 else auto_threads()
+        requested = int(env) if env.isdigit() and 0 < int(env) <= MAX_THREADS else auto_threads()
     torch.set_num_threads(requested)
     return requested

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any, List, Optional, Sequence, Union
 
-from mambakit.cli.args import THREADS_HELP, Parser, integer, number, seed
+from mambakit.cli.args import THREADS_HELP, Parser, integer, number, seed, threads
 from mambakit.cli.process import keep_freed_memory
 from mambakit.errors import MambaKitError
 from mambakit.tasks.generators import TASKS
@@ -63,7 +63,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-attention-len", type=integer, default=16384,
                    help="skip attention evaluations above this length (time and memory grow with it) "
                    "(default: %(default)s)")
-    p.add_argument("--threads", type=integer, help=THREADS_HELP)
+    p.add_argument("--threads", type=threads, help=THREADS_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.checks import check_mixer_input
 from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
@@ -188,6 +189,7 @@ class Mamba(DtTransformMixin, nn.Module):
         mask: (batch, seqlen) 1 for real tokens, 0 for padding; padded positions leave the state untouched.
         dt_transform: applied to the raw delta (batch, d_inner, seqlen), see `mambakit.layers.dt_transform`.
         """
+        check_mixer_input(self, hidden_states, seq_idx, mask)
         if state is None and self.scan_backend in ("auto", "triton") and self._pick_dt_transform(dt_transform) is None:
             compile_first_call(self, hidden_states, seq_idx, mask)  # the Triton kernels' first call (no transform:
             # its dry run would call the transform once more)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.checks import check_mixer_input
 from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
@@ -195,6 +196,7 @@ class Mamba2(DtTransformMixin, nn.Module):
         positions leave the state untouched). dt_transform: applied to the raw dt (batch, seqlen, nheads), see
         `mambakit.layers.dt_transform`.
         """
+        check_mixer_input(self, hidden_states, seq_idx, mask)
         if state is None and self._pick_dt_transform(dt_transform) is None:
             compile_first_call(self, hidden_states, seq_idx, mask)  # the Triton kernels' first call (CUDA)
         s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask, dt_transform)

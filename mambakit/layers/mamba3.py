@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
+from mambakit.layers.checks import check_mixer_input
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNorm, RMSNormGated
 from mambakit.ops.mamba3 import mamba3_scan, mamba3_step
@@ -221,6 +222,7 @@ class Mamba3(nn.Module):
         seq_idx: (batch, seqlen) packed-sequence index (every state part restarts where it changes). mask:
         (batch, seqlen) 1 = token, 0 = padding (the padded positions leave the state untouched).
         """
+        check_mixer_input(self, hidden_states, seq_idx, mask)
         s = self.ssm_inputs(hidden_states, state, seq_idx, mask)
         y, *final = mamba3_scan(**s.scan_kwargs(), chunk_size=self.chunk_size, return_final_states=True,
                                 seq_idx=seq_idx)

@@ -48,12 +48,17 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+#: The most tokens one generate call may add: far beyond what the models are trained for, and small enough that the
+#: (batch, prompt + max_new_tokens) output is allocatable; a larger count is a typo (1e20), not a request.
+MAX_NEW_TOKENS = 10**7
+
+
 def check_sampling_args(max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float,
                         repetition_penalty: float, seed: Optional[int] = None,
                         eos_token_id: Optional[int] = None, vocab_size: Optional[int] = None) -> None:
     """MambaKitError naming the argument, the expected and the actual value, for any out-of-range option."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise MambaKitError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not _is_int(max_new_tokens) or not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise MambaKitError(f"max_new_tokens must be an integer in [0, {MAX_NEW_TOKENS}], got {max_new_tokens!r}")
     if not _is_real(temperature) or temperature < 0:
         raise MambaKitError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if not _is_int(top_k) or top_k < 0:

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
 from mambakit.layers.registry import mixer_spec
+from mambakit.models.config import MambaConfig
+from mambakit.models.memory import check_fits, training_bytes
 from mambakit.nd.data import NDTaskData, digits_task, video_task
 from mambakit.nd.model import HEADS, MIXER_NAMES, MambaND, NDConfig
 from mambakit.nd.orders import ORDER_MODES
@@ -163,7 +165,29 @@ def run_nd_task(name: str, **options: Any) -> Dict[str, Any]:
         torch.set_num_threads(previous_threads)
 
 
+def _check_memory(name: str, opts: Dict[str, Any], device: torch.device) -> None:
+    """Refuse, before the data or the model is built, sizes this device cannot hold (`mambakit.models.memory`; the
+    model as a Mamba LM of the same width and depth, one token per patch, and the upsampled digit images)."""
+    if name == "mamba-nd-digits":
+        grid = (opts["image_size"],) * 2 if isinstance(opts["image_size"], int) else None
+        data_bytes = 1797 * 4 * math.prod(grid) if grid else 0  # the 1797 sklearn digits, float32
+    else:
+        canvas = opts["canvas"]
+        canvas = (canvas,) * 2 if isinstance(canvas, int) else tuple(canvas)
+        grid, data_bytes = (opts["frames"], *canvas), 0
+    patch = opts["patch"] if isinstance(opts["patch"], tuple) else (opts["patch"],) * len(grid or ())
+    if not grid or len(patch) != len(grid) or not all(isinstance(v, int) and v > 0 for v in (*grid, *patch)):
+        return  # NDConfig and the data builders name the bad option
+    tokens = math.prod(-(-g // p) for g, p in zip(grid, patch))
+    proxy = MambaConfig(d_model=opts["d_model"], n_layer=opts["depth"], vocab_size=1)
+    need = training_bytes(proxy, opts["batch_size"], tokens) + data_bytes
+    check_fits(need, device, f"{name} with d_model {opts['d_model']}, depth {opts['depth']} on batches of "
+               f"{opts['batch_size']} x {tokens} patches", hint="lower --d-model, --depth, --batch-size or the "
+               "input size")
+
+
 def _train_and_evaluate(name: str, opts: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    _check_memory(name, opts, device)
     data, config = build_task(name, opts)
     torch.manual_seed(opts["seed"])
     model, built_config = build_model(config, opts["model"], opts["vit_heads"])

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from mambakit.layers.registry import mixer_spec
+from mambakit.models.memory import check_fits, training_bytes
 from mambakit.tasks.config import (  # noqa: F401  (DEFAULT_D_STATE, MIXERS, mamba2_headdim: re-exported)
     DEFAULT_D_STATE,
     MIXERS,
@@ -85,6 +86,10 @@ def train_task(cfg: TaskConfig, log: Callable[[str], None] = print) -> dict[str,
                                 cfg.num_heads, cfg.attn_mlp)
     if cfg.ssm_kwargs and spec.ssm:
         config.ssm_cfg.update(cfg.ssm_kwargs)
+    need = training_bytes(config, cfg.batch, cfg.seq_len) + 2 * 8 * cfg.eval_samples * cfg.seq_len  # + eval (x, y)
+    check_fits(need, dev, f"task {name} with d_model {config.d_model}, n_layer {config.n_layer}, vocabulary "
+               f"{config.vocab_size} on batches of {cfg.batch} x {cfg.seq_len} tokens",
+               hint="lower --d-model, --n-layer, --vocab, --batch-size, --seq-len or --eval-samples")
     eval_interval = cfg.eval_interval or max(1, cfg.steps // 10)
     warmup = min(100, cfg.steps // 10) if cfg.warmup is None else cfg.warmup
 

@@ -1,6 +1,7 @@
 """Issue 21, class 7: every subcommand, fed hostile values, fails with exit status 2 and one `error:` line on stderr,
 never a traceback: oversized seeds and numbers, prompts that are not UTF-8, empty paths, broken config.json files,
-optimizer states and trainer states of the wrong types on --resume."""
+optimizer states and trainer states of the wrong types on --resume, sizes no machine holds (refused before anything
+is allocated), token and thread counts out of range."""
 from __future__ import annotations
 
 import json
@@ -89,7 +90,40 @@ for key, value in [("lr", "x"), ("min_lr_ratio", "x"), ("data", 5), ("device", 5
                    ("seed", 2**70)]:
     CASES.append((f"stored args {key}={value!r}", ["train", "--resume", "--out", RUN, "--steps", "6", "--data",
                                                    "{corpus}", "--no-progress"], set_arg(key, value), key))
+HUGE = "1000000000"
+for flag, value in [("--d-model", "10000000"), ("--n-layer", "1000000"), ("--batch-size", HUGE), ("--seq-len", HUGE),
+                    ("--eval-batches", HUGE)]:
+    CASES.append((f"train {flag} huge", ["train", "--data", "{corpus}", "--out", "{tmp}/f", "--steps", "2", flag, value],
+                  None, "needs at least"))
+    if flag != "--eval-batches":
+        CASES.append((f"tasks {flag} huge", ["tasks", "mqar", "--steps", "1", flag, value], None, "needs at least"))
+for task, flag, value in [("mamba-nd-digits", "--d-model", "10000000"), ("mamba-nd-digits", "--batch-size", HUGE),
+                          ("mamba-nd-digits", "--image-size", "1000000"), ("mamba-nd-video", "--depth", "10000000")]:
+    CASES.append((f"{task} {flag} huge", ["tasks", task, "--steps", "1", flag, value], None, "needs at least"))
+CASES.append(("tasks --vocab huge", ["tasks", "mqar", "--steps", "1", "--vocab", "1000000000000"], None,
+              "needs at least"))
+for command in (["train", "--data", "{corpus}", "--out", "{tmp}/g", *TINY], ["generate", "--checkpoint", RUN, "--prompt", "ab"],
+                ["explain", "--checkpoint", RUN, "--prompt", "ab", "--out", "{tmp}/e"], ["info"],
+                ["tasks", "mqar", "--steps", "1"], ["tasks", "mamba-nd-digits", "--steps", "1"]):
+    for value in (BIG, "0", "1e3"):
+        CASES.append((f"{' '.join(command[:2])} threads {value}", [*command, "--threads", value], None, "--threads"))
 CASES += [
+    ("generate max-new-tokens 1e20", ["generate", "--checkpoint", RUN, "--prompt", "ab", "--max-new-tokens", "1e20"],
+     None, "--max-new-tokens"),
+    ("generate max-new-tokens 10**20", ["generate", "--checkpoint", RUN, "--prompt", "ab", "--max-new-tokens",
+                                        "100000000000000000000"], None, "in [1, 10000000]"),
+    ("generate max-new-tokens 0", ["generate", "--checkpoint", RUN, "--prompt", "ab", "--max-new-tokens", "0"], None,
+     "--max-new-tokens"),
+    ("generate top-k 1e20", ["generate", "--checkpoint", RUN, "--prompt", "ab", "--top-k", "1e20"], None, "--top-k"),
+    ("generate top-k -1", ["generate", "--checkpoint", RUN, "--prompt", "ab", "--top-k", "-1"], None, "--top-k"),
+    ("generate temperature nan", ["generate", "--checkpoint", RUN, "--prompt", "ab", "--temperature", "nan"], None,
+     "--temperature"),
+    ("train sample-tokens 10**20", ["train", "--data", "{corpus}", "--out", "{tmp}/h", *TINY, "--sample-tokens", BIG],
+     None, "--sample-tokens"),
+    ("train weight-decay inf", ["train", "--data", "{corpus}", "--out", "{tmp}/i", *TINY, "--weight-decay", "inf"],
+     None, "--weight-decay"),
+    ("vocab_size huge", ["generate", "--checkpoint", RUN, "--prompt", "ab"],
+     set_key("config.json", "vocab_size", 10**12), "shape"),
     ("tasks seed 2**64", ["tasks", "mqar", "--seed", BIG, "--steps", "1"], None, "--seed"),
     ("tasks steps -1", ["tasks", "mqar", "--steps", "-1"], None, "--steps"),
     ("tasks lr nan", ["tasks", "mqar", "--lr", "nan", "--steps", "1"], None, "--lr"),
@@ -110,3 +144,12 @@ def test_hostile_value_is_one_error_line(tmp_path, trained, corpus, capsys, name
     capsys.readouterr()
     assert main(argv) == 2
     assert words in error_line(capsys)
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token(trained, capsys):
+    """As transformers' top-k: a k larger than the vocabulary is the whole vocabulary (said in --help)."""
+    argv = ["generate", "--checkpoint", str(trained), "--prompt", "ab", "--max-new-tokens", "3", "--seed", "0"]
+    assert main([*argv, "--top-k", "100000000000000000000"]) == 0
+    huge = capsys.readouterr().out
+    assert main([*argv, "--top-k", "0"]) == 0
+    assert capsys.readouterr().out == huge

@@ -18,6 +18,7 @@ from mambakit.models.io.names import CONFIG_NAME, EMBEDDING_KEY, LM_HEAD_KEY
 from mambakit.models.io.weights import TensorInfo, WeightFiles
 from mambakit.models.hybrid import HybridConfig, HybridLM
 from mambakit.models.lm import MambaLMHeadModel
+from mambakit.models.memory import check_fits
 
 _LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.")
 
@@ -148,6 +149,8 @@ def load_model(config: Union[MambaConfig, HybridConfig], weights: WeightFiles, w
     if problems:
         raise CheckpointError.listing(fail, problems)
 
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    check_fits(size, device, f"loading {where}", hint="load it on another device or in a smaller dtype")
     stored = {names.get(k, k): t for k, t in weights.tensors().items()}
     if tied and LM_HEAD_KEY in stored and not torch.equal(stored[LM_HEAD_KEY], stored[EMBEDDING_KEY]):
         raise CheckpointError.listing(fail, [

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.backends import kernels
+from mambakit.ops.checks import require_tensors
 from mambakit.ops.conv1d.naive import (
     ACTIVATIONS, causal_conv1d_torch, check_seq_idx, conv1d_update_torch, conv_state_after, zero_padding,
 )
@@ -39,6 +40,9 @@ def causal_conv1d_fn(
     Half-precision inputs accumulate in float32 on every path (forward and gradients).
     Returns y: (batch, dim, seqlen) in x's dtype.
     """
+    require_tensors(x=x, weight=weight, bias=bias, conv_state=conv_state, seq_idx=seq_idx)
+    if x.dim() != 3:
+        raise MambaKitError(f"x must have shape (batch, dim, seqlen), got {tuple(x.shape)}")
     batch, dim, seqlen = x.shape
     if weight.dim() != 2 or weight.shape[0] != dim:
         raise MambaKitError(f"weight must have shape (dim={dim}, width), got {tuple(weight.shape)}")
@@ -62,6 +66,7 @@ def causal_conv1d_update(
 
     Returns y: (batch, dim) in x's dtype.
     """
+    require_tensors(x=x, conv_state=conv_state, weight=weight, bias=bias)
     if conv_state.dim() != 3 or conv_state.shape[:2] != x.shape or conv_state.shape[2] != weight.shape[1]:
         raise MambaKitError(
             f"conv_state must have shape (batch, dim, width) = {(*x.shape, weight.shape[1])}, "

@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.causal import nan_where, not_finite, poisoned_lanes
 from mambakit.ops.mamba3.chunked import prepare, start_state
 from mambakit.ops.mamba3.common import segment_starts
 
@@ -140,6 +141,8 @@ def mamba3_scan_triton(
     q, k_rot = flat(p.q_rot), flat(p.k_rot)
     k = (k_rot * flat(p.scale)[..., None]).contiguous()
     v, adt = flat(p.v), flat(p.adt)
+    v_in, bad_v = v, not_finite(v, (3,))  # the kernel's chunk masks the future by multiplying V with 0: zero it
+    v, poison = v.masked_fill(bad_v[..., None], 0.0), poisoned_lanes([bad_v], time_dim=1)
     diag = ((q * k_rot).sum(-1) * flat(p.gamma)).contiguous()
     starts = segment_starts(seq_idx)
     seg = None if starts is None else starts.cumsum(1).to(torch.int32).contiguous()  # (batch, seqlen)
@@ -157,10 +160,11 @@ def mamba3_scan_triton(
         CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=_block(dims.d_state), HAS_SEG=seg is not None,
         HAS_H0=h0 is not None, HAS_D=D is not None,
     )
+    y, hT = nan_where(poison[..., None], y), nan_where(poison[:, -1, :, None, None], hT)
     if Z is not None:
         y = y * F.silu(Z.to(torch.float32))
     y = y.to(V.dtype)
     if not return_final_states:
         return y
-    return y, p.final_angle, hT, k_rot[:, L - 1], v[:, L - 1]
+    return y, p.final_angle, hT, k_rot[:, L - 1], v_in[:, L - 1]
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from mambakit.ops.backends import BACKENDS, check_backend, kernels
+from mambakit.ops.checks import require_tensors
 from mambakit.ops.norm.naive import gated_norm_input, group_rms_scale, norm_dtype, rms_norm_gated_torch, rms_norm_torch
 
 __all__ = ["BACKENDS", "add_rms_norm", "gated_norm_input", "group_rms_scale", "norm_dtype", "rms_norm", "rms_norm_gated",
@@ -33,6 +34,7 @@ def use_triton(x: Tensor, weight: Tensor, z: Optional[Tensor] = None) -> bool:
 
 
 def _backend(backend: str, x: Tensor, weight: Tensor, z: Optional[Tensor]) -> str:
+    require_tensors(x=x, weight=weight, z=z)
     if check_backend(backend) == "auto":
         return "triton" if use_triton(x, weight, z) else "torch"
     return backend
@@ -66,6 +68,7 @@ def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps
     in float32 when residual_in_fp32. backend "auto": fused Triton kernels for CUDA tensors (with a fused backward
     under autograd), else the PyTorch composition.
     """
+    require_tensors(hidden=hidden, residual=residual, weight=weight)
     backend = check_backend(backend)
     if backend == "auto":
         backend = "triton" if use_triton(hidden, weight) else "torch"

@@ -22,6 +22,7 @@ from typing import Optional
 from torch import Tensor
 
 from mambakit.ops.backends import BACKENDS, check_backend, kernels
+from mambakit.ops.checks import require_tensors
 from mambakit.ops.selective_scan.chunked import selective_scan_chunked
 from mambakit.ops.selective_scan.common import check_selective_scan_inputs, compute_dtype, prepare_delta
 from mambakit.ops.selective_scan.naive import selective_scan_ref
@@ -48,6 +49,8 @@ def selective_scan_fn(
     PyTorch), "triton" or "ref" (the sequential loop). Returns y (batch, dim, seqlen), or (y, last_state) with
     `return_last_state=True`.
     """
+    require_tensors(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
+                    seq_idx=seq_idx)
     if check_backend(backend) == "auto":
         backend = "triton" if (u.is_cuda and triton_available()) else "torch"
     if backend == "triton":
@@ -77,6 +80,7 @@ def selective_state_update(
     (y 0, no state touched). Computed in float32 (float64 for float64 state or x) whatever the state's dtype.
     Mamba-1 CUDA states without indices go to the Triton decode kernel when Triton is available.
     """
+    require_tensors(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     if state.dim() == 3 and state_batch_indices is None and state.is_cuda and triton_available():
         from mambakit.ops.triton.state_update import selective_state_update_triton
 

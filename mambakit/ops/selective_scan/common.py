@@ -23,10 +23,6 @@ def shape_error(name: str, expected: str, got: Tensor) -> MambaKitError:
     return MambaKitError(f"{name} must have shape {expected}, got {tuple(got.shape)}")
 
 
-def shape_error(name: str, expected: str, got: Tensor) -> MambaKitError:
-    return MambaKitError(f"{name} must have shape {expected}, got {tuple(got.shape)}")
-
-
 def check_selective_scan_inputs(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
     delta_bias: Optional[Tensor], initial_state: Optional[Tensor], seq_idx: Optional[Tensor],
@@ -57,6 +53,9 @@ def check_selective_scan_inputs(
             raise shape_error(
                 name, f"(batch={batch}, d_state={d_state}, seqlen={seqlen}) or (batch, groups, d_state, seqlen) "
                 f"with groups dividing dim={dim}", t)
+    if B.dim() != C.dim():
+        raise MambaKitError(f"B and C must both be grouped (batch, groups, d_state, seqlen) or both not, got B of "
+                            f"shape {tuple(B.shape)} and C of shape {tuple(C.shape)}")
     if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
         raise MambaKitError(f"B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):

@@ -52,8 +52,9 @@ from mambakit.errors import MambaKitError
 from mambakit.ops.backends import BACKENDS, check_backend, kernels
 from mambakit.ops.dt import DEFAULT_DT_LIMIT, compute_dtype, process_dt
 from mambakit.ops.segments import segments
+from mambakit.ops.triton.device import interpreted
 from mambakit.ops.ssd.chunked import ssd_chunked
-from mambakit.ops.ssd.common import SSDOutput, add_skip
+from mambakit.ops.ssd.common import SSDOutput, add_skip, guard_inputs, guard_outputs
 from mambakit.ops.ssd.naive import recurrence_step, ssd_recurrent
 from mambakit.ops.ssd.quadratic import ssd_attention_matrix, ssd_quadratic
 from mambakit.ops.ssd.validate import check_ssd_inputs, check_ssd_step_inputs
@@ -144,11 +145,18 @@ def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
                      need_chunk_size=True)
     if x.dtype == torch.float64:
         raise MambaKitError("backend='triton' takes float16, bfloat16 or float32 x, got float64 (use 'torch')")
+    if not x.is_cuda and not interpreted():
+        raise MambaKitError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), "
+                            f"got x on {x.device} (use backend='torch' or 'auto')")
     from mambakit.ops.ssd.triton import ssd_triton_core
 
+    seqlen_chunk = max(16, 1 << (x.shape[1] - 1).bit_length())  # the kernels' chunks: powers of two >= 16
+    chunk_size = min(chunk_size, seqlen_chunk)
     limit = tuple(dt_limit) if tuple(dt_limit) != DEFAULT_DT_LIMIT else None  # the bias, softplus, clamp: in-kernel
+    x, dt, B, poison = guard_inputs(x, dt, B)  # the kernels' chunks mask the future by multiplying with 0
     y, final = ssd_triton_core(x, dt, A, B, C, D, initial_states, segments(seq_idx), chunk_size, dt_bias=dt_bias,
                                dt_softplus=dt_softplus, dt_limit=limit)
+    y, final = guard_outputs(y, final, poison)
     if z is not None:
         y = (y.float() * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_states else y

@@ -321,7 +321,8 @@ class _ChunkedSSD(torch.autograd.Function):
 
 
 def _chunked_core(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size) -> Tuple[Tensor, Tensor]:
-    return _ChunkedSSD.apply(x, dt, A, B, C, D, initial_states, segments(seq_idx), chunk_size)
+    # a chunk longer than the sequence would only add zero padding: (chunk x chunk) blocks of it
+    return _ChunkedSSD.apply(x, dt, A, B, C, D, initial_states, segments(seq_idx), min(chunk_size, x.shape[1]))
 
 
 def ssd_chunked(

@@ -6,6 +6,7 @@ from typing import Optional, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor
 
+from mambakit.ops.causal import nan_where, not_finite, poisoned_lanes
 from mambakit.ops.dt import compute_dtype, process_dt
 from mambakit.ops.ssd.validate import check_ssd_inputs
 
@@ -23,8 +24,9 @@ def add_skip(y: Tensor, x: Tensor, D: Optional[Tensor]) -> Tensor:
 
 
 def run_form(core, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
-             return_final_states, *, need_chunk_size: bool) -> SSDOutput:
-    """Validate, process dt, cast to the compute dtype, run ``core`` (which adds D * x) and apply the gate."""
+             return_final_states, *, need_chunk_size: bool, guard: bool = True) -> SSDOutput:
+    """Validate, process dt, cast to the compute dtype, run ``core`` (which adds D * x) and apply the gate.
+    ``guard``: keep non-finite values causal (:func:`guard_inputs`); the recurrence needs no guard."""
     check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
                      need_chunk_size=need_chunk_size)
     dtype = compute_dtype(x, dt, A, B, C)
@@ -32,9 +34,35 @@ def run_form(core, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, se
     x_c = x.to(dtype)
     init = None if initial_states is None else initial_states.to(dtype)
     D_c = None if D is None else D.to(dtype)
-    y, final = core(x_c, dt_c, A.to(dtype), B.to(dtype), C.to(dtype), D_c, init, seq_idx, chunk_size)
+    B_c = B.to(dtype)
+    if guard:
+        x_c, dt_c, B_c, poison = guard_inputs(x_c, dt_c, B_c)
+    y, final = core(x_c, dt_c, A.to(dtype), B_c, C.to(dtype), D_c, init, seq_idx, chunk_size)
+    if guard:
+        y, final = guard_outputs(y, final, poison)
     if z is not None:
         y = y * F.silu(z.to(dtype))
     y = y.to(x.dtype)
     return (y, final) if return_final_states else y
 
+
+
+def guard_inputs(x: Tensor, dt: Tensor, B: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zero the non-finite (x * dt, B) positions before a block form (see `mambakit.ops.causal`).
+
+    x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads); B: (batch, seqlen, ngroups, d_state).
+    Returns (x, dt, B, poison) with poison (batch, seqlen, nheads) bool: True from a lane's first such position on.
+    """
+    bad_xdt = not_finite(x * dt[..., None], (3,))  # (b, L, h): NaN/inf in x or dt, or their product overflowing
+    bad_B = not_finite(B, (3,))  # (b, L, g)
+    per_head = bad_B.repeat_interleave(x.shape[2] // B.shape[2], dim=2)
+    poison = poisoned_lanes([bad_xdt, per_head], time_dim=1)
+    return (x.masked_fill(bad_xdt[..., None], 0.0), dt.masked_fill(bad_xdt, 0.0), B.masked_fill(bad_B[..., None], 0.0),
+            poison)
+
+
+def guard_outputs(y: Tensor, final: Optional[Tensor], poison: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """NaN in y (batch, seqlen, nheads, headdim) where poisoned, and in the final states (batch, nheads, headdim,
+    d_state) of the lanes poisoned at the last position."""
+    y = nan_where(poison[..., None], y)
+    return y, None if final is None else nan_where(poison[:, -1, :, None, None], final)

@@ -66,5 +66,5 @@ def ssd_recurrent(
     ``return_final_states``.
     """
     return run_form(_recurrent_core, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
-                     dt_softplus, dt_limit, return_final_states, need_chunk_size=False)
+                     dt_softplus, dt_limit, return_final_states, need_chunk_size=False, guard=False)
 

@@ -60,7 +60,7 @@ def check_dt_options(dt_softplus: object, dt_limit: object) -> None:
         raise MambaKitError(f"dt_softplus must be a bool, got {type(dt_softplus).__name__}")
     pair = isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2
     numbers = pair and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dt_limit)  # type: ignore
-    if not numbers or dt_limit[0] > dt_limit[1]:  # type: ignore[index]
+    if not numbers or not dt_limit[0] <= dt_limit[1]:  # type: ignore[index]  (False for NaN)
         raise MambaKitError(f"dt_limit must be a pair (low, high) of floats with low <= high, got {dt_limit!r}")
 
 

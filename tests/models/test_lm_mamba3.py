@@ -1,14 +1,17 @@
 """Mamba-3 through the LM: built from ssm_cfg={"layer": "Mamba3"} (any accepted spelling), decoding equals the
-forward, generate runs, the native checkpoint round trip is exact, the other formats refuse it clearly, and
+forward, generate runs, the native and official mamba_ssm checkpoint round trips are exact (transformers refuses
+it clearly), an official config.json written by hand loads, and
 `mambakit train --arch mamba3` trains."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from mambakit import CheckpointError, MambaConfig, MambaLMHeadModel
 from mambakit.cli.main import main
-from mambakit.models.io import load_checkpoint, save_checkpoint, save_pretrained
+from mambakit.models.io import from_pretrained, load_checkpoint, save_checkpoint, save_pretrained
 from tests.conftest import rel_err
 
 
@@ -41,9 +44,76 @@ def test_native_round_trip_and_clear_refusals(model, tmp_path):
     save_checkpoint(model, tmp_path / "native")
     with torch.no_grad():
         assert torch.equal(load_checkpoint(tmp_path / "native")(ids).logits, model(ids).logits)
-    for fmt in ("hf", "mamba_ssm"):
-        with pytest.raises(CheckpointError, match="Mamba3"):
-            save_pretrained(model, tmp_path / fmt, format=fmt)
+    with pytest.raises(CheckpointError, match="Mamba3"):
+        save_pretrained(model, tmp_path / "hf", format="hf")
+
+
+OFFICIAL_MAMBA3_NAMES = ("in_proj.weight", "dt_bias", "B_bias", "C_bias", "B_norm.weight", "C_norm.weight", "D",
+                         "out_proj.weight")
+
+
+def _perturbed(ssm_cfg, seed=3):
+    torch.manual_seed(seed)
+    m = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=60, ssm_cfg=ssm_cfg)).eval()
+    with torch.no_grad():  # biases and norms away from their init, so that a mis-wired tensor shows
+        for name, p in m.named_parameters():
+            if name.endswith(("_bias", ".D", "norm.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+@pytest.mark.parametrize("ssm_cfg", [{"layer": "Mamba3", "d_state": 16, "headdim": 16},
+                                     {"layer": "mamba3", "d_state": 10, "headdim": 8, "rope_fraction": 1.0,
+                                      "ngroups": 2, "is_outproj_norm": True, "A_floor": 1e-3}])
+def test_mamba_ssm_round_trip(ssm_cfg, tmp_path):
+    model = _perturbed(ssm_cfg)
+    path = save_pretrained(model, tmp_path / "ssm", format="mamba_ssm")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "pytorch_model.bin"]
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["ssm_cfg"]["layer"] == "Mamba3" and "A_activation" not in cfg["ssm_cfg"]
+    sd = torch.load(path / "pytorch_model.bin", weights_only=True)
+    names = OFFICIAL_MAMBA3_NAMES + (("norm.weight",) if ssm_cfg.get("is_outproj_norm") else ())
+    assert {k.split("mixer.", 1)[1] for k in sd if ".mixer." in k} == set(names)
+    mixer = model.backbone.layers[0].mixer
+    assert sd["backbone.layers.0.mixer.B_bias"].shape == (mixer.nheads, 1, mixer.d_state)  # (H, R=1, N)
+    assert {"backbone.embedding.weight", "lm_head.weight"} <= set(sd)
+    loaded = from_pretrained(path)
+    assert loaded.pretrained_source["format"] == "mamba_ssm" and loaded.config.ssm_cfg == model.config.ssm_cfg
+    ids = torch.randint(0, 60, (2, 21), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_official_mamba3_checkpoint_written_by_hand(tmp_path):
+    """As the official LM writes it: init-only and absorbed ssm_cfg keys, no A_activation (heavy-tail A)."""
+    model = _perturbed({"layer": "Mamba3", "d_state": 16, "headdim": 16, "is_outproj_norm": True})
+    d = tmp_path / "official"
+    d.mkdir()
+    ssm_cfg = {"layer": "Mamba3", "d_state": 16, "headdim": 16, "expand": 2, "ngroups": 1, "rope_fraction": 0.5,
+               "is_outproj_norm": True, "is_mimo": False, "mimo_rank": 4, "fuse_pregate_headwise_norm": True,
+               "dropout": 0.0, "chunk_size": 64, "dt_min": 0.001, "dt_max": 0.1}
+    (d / "config.json").write_text(json.dumps(dict(
+        d_model=32, d_intermediate=0, n_layer=2, vocab_size=60, ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={},
+        rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True)))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    torch.save(sd, d / "pytorch_model.bin")
+    loaded = from_pretrained(d)
+    assert loaded.backbone.layers[1].mixer.A_activation == "heavy_tail"
+    ids = torch.randint(0, 60, (3, 17), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, model(ids).logits) < 1e-6
+    (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
+                                               "ssm_cfg": {**ssm_cfg, "is_mimo": True}}))
+    with pytest.raises(CheckpointError, match="is_mimo=True.*not supported"):
+        from_pretrained(d)
+
+
+def test_softplus_mamba3_is_not_written_as_the_official_model(tmp_path):
+    model = _perturbed({"layer": "Mamba3", "d_state": 16, "headdim": 16, "A_activation": "softplus"})
+    with pytest.raises(CheckpointError, match="A_activation='softplus'"):
+        save_pretrained(model, tmp_path / "ssm", format="mamba_ssm")
+    assert not (tmp_path / "ssm").exists()
 
 
 def test_train_arch_mamba3(tmp_path, capsys):

@@ -135,6 +135,7 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
         if r.get("plot"):
             print(f"    plot: {r['plot']}")
     if len(rows) > 1 and ns.out:
-        print(f"sweep plot: {ns.out}/{rows[0]['task']}_sweep.png")
+        print(f"sweep plot: {ns.out}/{rows[0]['task']}_sweep.png"
+              + (f", lengths plot: {ns.out}/{rows[0]['task']}_lengths.png" if rows[0]["eval_lengths"] else ""))
     sys.stdout.flush()
     return 0

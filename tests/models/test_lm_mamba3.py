@@ -39,6 +39,38 @@ def test_steps_after_a_prefill_equal_the_forward(model):
     assert out.shape == (3, 10)
 
 
+@pytest.mark.parametrize("headdim", [8, 16, 32, 64])
+def test_float64_prefill_in_pieces_then_steps_equal_one_forward(headdim):
+    torch.manual_seed(headdim)
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=50, ssm_cfg={"layer": "Mamba3", "d_state": 8,
+                                                                     "headdim": headdim, "chunk_size": 4})
+    m = MambaLMHeadModel(cfg).double().eval()
+    ids = torch.randint(0, 50, (5, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = m(ids).logits
+        cache = m.allocate_cache(5, dtype=torch.float64)
+        pieces = [m(ids[:, :6], cache=cache).logits, m(ids[:, 6:13], cache=cache).logits]
+        pieces += [m.step(ids[:, t], cache)[:, None] for t in range(13, 19)]
+    assert cache.states[0].ssm.dtype == torch.float64
+    assert rel_err(torch.cat(pieces, 1), full) < 1e-12
+
+
+def test_greedy_generate_equals_the_argmax_loop_and_left_padding(model):
+    prompts = torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(6))
+    out = model.generate(prompts, max_new_tokens=5, temperature=0)
+    tokens = prompts
+    with torch.no_grad():
+        for _ in range(5):  # no cache: the whole sequence through the forward each time
+            tokens = torch.cat((tokens, model(tokens).logits[:, -1, :100].argmax(-1, keepdim=True)), 1)
+    assert torch.equal(out, tokens)
+    padded = torch.cat((torch.zeros(1, 3, dtype=torch.long), prompts[:1, :4]), 1)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    batch = torch.cat((padded, prompts[1:2]))
+    both = model.generate(batch, max_new_tokens=4, temperature=0, attention_mask=torch.cat((mask, torch.ones_like(mask))))
+    assert torch.equal(both[0, 7:], model.generate(prompts[:1, :4], max_new_tokens=4, temperature=0)[0, 4:])
+    assert torch.equal(both[1], model.generate(prompts[1:2], max_new_tokens=4, temperature=0)[0])
+
+
 def test_native_round_trip_and_clear_refusals(model, tmp_path):
     ids = torch.randint(0, 100, (2, 10))
     save_checkpoint(model, tmp_path / "native")

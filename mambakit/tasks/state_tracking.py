@@ -106,18 +106,12 @@ def modular_arithmetic(batch: int, seq_len: int, generator: torch.Generator, bra
     rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
     pad = 1 - seq_len % 2
     length = seq_len - 2 - pad
-    ids = torch.full((batch, seq_len), ARITH_VOCAB["pad"], dtype=torch.long)
-    targets = torch.full((batch, seq_len), IGNORE, dtype=torch.long)
-    ids[:, 0] = ARITH_VOCAB["bos"]
-    ids[:, -1] = ARITH_VOCAB["="]
-    start = 1 + pad
-    for row in range(batch):
+    head = [ARITH_VOCAB["bos"]] + [ARITH_VOCAB["pad"]] * pad
+    ids, targets = [], []
+    for _ in range(batch):
         tokens = _expression(length, brackets, rng)
         values = evaluate_tokens(tokens)
-        ids[row, start:-1] = torch.tensor([ARITH_VOCAB[t] if t in ARITH_VOCAB else int(t) for t in tokens])
-        targets[row, -1] = values[-1]
-        if supervision == "running":
-            for i, v in enumerate(values):
-                if v is not None:
-                    targets[row, start + i] = v
-    return ids, targets
+        ids.append(head + [ARITH_VOCAB[t] if t in ARITH_VOCAB else int(t) for t in tokens] + [ARITH_VOCAB["="]])
+        answers = [IGNORE if v is None else v for v in values] if supervision == "running" else [IGNORE] * length
+        targets.append([IGNORE] * len(head) + answers + [values[-1]])
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(targets, dtype=torch.long)

@@ -63,6 +63,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-attention-len", type=integer, default=16384,
                    help="skip attention evaluations above this length (time and memory grow with it) "
                    "(default: %(default)s)")
+    p.add_argument("--brackets", action="store_true", help="modular-arithmetic: expressions with brackets")
+    p.add_argument("--supervision", choices=("final", "running"),
+                   help="parity / modular-arithmetic training targets: final answer only or running answers "
+                   "(default: running; the held-out accuracy is always the final answer's)")
     p.add_argument("--threads", type=threads, help=THREADS_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -106,7 +110,7 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
                   eval_lengths=ns.eval_lengths, vocab=ns.vocab, n_tokens=ns.n_tokens, n_pairs=ns.n_pairs,
                   headdim=ns.headdim, num_heads=ns.num_heads, weight_decay=ns.weight_decay, warmup=ns.warmup,
                   eval_interval=ns.eval_interval, eval_samples=ns.eval_samples, stop_at=ns.stop_at,
-                  max_time=ns.max_time, threads=ns.threads,
+                  max_time=ns.max_time, threads=ns.threads, brackets=ns.brackets, supervision=ns.supervision,
                   eval_chunk=ns.eval_chunk, long_eval_tokens=ns.long_eval_tokens,
                   max_attention_len=ns.max_attention_len, progress=not ns.no_progress)
     keep_freed_memory()
@@ -131,6 +135,7 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
         if r.get("plot"):
             print(f"    plot: {r['plot']}")
     if len(rows) > 1 and ns.out:
-        print(f"sweep plot: {ns.out}/{ns.name}_sweep.png")
+        print(f"sweep plot: {ns.out}/{rows[0]['task']}_sweep.png"
+              + (f", lengths plot: {ns.out}/{rows[0]['task']}_lengths.png" if rows[0]["eval_lengths"] else ""))
     sys.stdout.flush()
     return 0

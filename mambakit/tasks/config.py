@@ -14,10 +14,11 @@ from typing import Any, Optional, Sequence
 from mambakit.errors import MambaKitError
 from mambakit.layers.registry import default_d_state, default_headdim, mixer_spec
 from mambakit.models.config import MambaConfig
-from mambakit.tasks.generators import TASKS
+from mambakit.tasks.generators import STATE_TRACKING, TASKS
+from mambakit.tasks.state_tracking import MODULUS, SUPERVISIONS
 
 #: The mixers the ``tasks`` command lists (any spelling of `mambakit.layers.registry` is accepted by `run_task`).
-MIXERS = ("s4", "mamba", "mamba2", "attention")
+MIXERS = ("s4", "mamba", "mamba2", "mamba3", "attention")
 #: State size per mixer when d_state is not given (attention has none): S4's usual 64, Mamba-1's 16, Mamba-2's 64.
 DEFAULT_D_STATE = {m: default_d_state(m) for m in MIXERS}
 
@@ -34,9 +35,15 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
                         "vocab": 16, "weight_decay": 0.0, "eval_lengths": (256, 1024, 4096, 16384, 65536)},
     "mqar": {"steps": 5000, "batch": 32, "lr": 3e-3, "d_model": 32, "n_layer": 2, "seq_len": 128, "vocab": 256,
              "n_pairs": 32, "weight_decay": 0.1, "eval_lengths": ()},
+    # state tracking: trained at about 40, evaluated up to 256 (length generalisation); vocab: the answers
+    "parity": {"steps": 800, "batch": 64, "lr": 1e-2, "d_model": 32, "n_layer": 1, "seq_len": 40, "vocab": 2,
+               "weight_decay": 0.0, "supervision": "running", "eval_lengths": (40, 64, 128, 256)},
+    "modular-arithmetic": {"steps": 800, "batch": 64, "lr": 1e-2, "d_model": 32, "n_layer": 2, "seq_len": 41,
+                           "vocab": MODULUS, "weight_decay": 0.0, "supervision": "running",
+                           "eval_lengths": (41, 65, 129, 257)},  # odd: no PAD (unseen in training at 41)
 }
 #: Values of the fields that TASK_DEFAULTS may leave out.
-_FALLBACKS = {"n_tokens": 16, "n_pairs": 8, "weight_decay": 0.1}
+_FALLBACKS = {"n_tokens": 16, "n_pairs": 8, "weight_decay": 0.1, "supervision": "final"}
 
 
 @dataclass
@@ -84,6 +91,8 @@ class TaskConfig:
     threads: Optional[int] = None
     ssm_kwargs: Optional[dict[str, Any]] = None
     progress: bool = True
+    brackets: bool = False
+    supervision: Optional[str] = None
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -108,7 +117,7 @@ def resolve_task_config(cfg: TaskConfig) -> TaskConfig:
     d = TASK_DEFAULTS[cfg.name]
     filled = {key: d.get(key, _FALLBACKS.get(key)) for key in ("steps", "batch", "lr", "d_model", "n_layer",
                                                                "seq_len", "vocab", "n_tokens", "n_pairs",
-                                                               "weight_decay", "eval_lengths")
+                                                               "weight_decay", "eval_lengths", "supervision")
               if getattr(cfg, key) is None}
     cfg = dataclasses.replace(cfg, **filled)
     cfg.eval_lengths = list(cfg.eval_lengths)
@@ -146,8 +155,30 @@ def _check_task_sizes(cfg: TaskConfig) -> None:
         raise MambaKitError(f"--seq-len must be >= 3 * n_pairs = {3 * cfg.n_pairs} for mqar, got {cfg.seq_len}")
     if cfg.name == "mqar" and cfg.n_pairs > cfg.vocab // 2 - 1:
         raise MambaKitError(f"--n-pairs must be <= vocab/2 - 1 = {cfg.vocab // 2 - 1} for mqar, got {cfg.n_pairs}")
+    if cfg.name in STATE_TRACKING:
+        fixed = TASK_DEFAULTS[cfg.name]["vocab"]
+        if cfg.vocab != fixed:
+            raise MambaKitError(f"--vocab of {cfg.name} is fixed at {fixed} (its answers), got {cfg.vocab}")
+        if cfg.supervision not in SUPERVISIONS:
+            raise MambaKitError(f"--supervision must be one of {SUPERVISIONS}, got {cfg.supervision!r}")
+        if cfg.seq_len < 3:
+            raise MambaKitError(f"--seq-len must be >= 3 for {cfg.name}, got {cfg.seq_len}")
+    if cfg.brackets and cfg.name != "modular-arithmetic":
+        raise MambaKitError(f"--brackets applies to modular-arithmetic only, got task {cfg.name!r}")
     if cfg.name == "induction-heads" and cfg.seq_len < 3:
         raise MambaKitError(f"--seq-len must be >= 3 for induction-heads, got {cfg.seq_len}")
+
+
+def task_label(cfg: TaskConfig) -> str:
+    """The task's name in results and file names: modular-arithmetic with brackets is modular-arithmetic-brackets."""
+    return cfg.name + ("-brackets" if cfg.brackets else "")
+
+
+def task_kwargs(cfg: TaskConfig, held_out: bool = False) -> dict[str, Any]:
+    """The `make_batch` keywords of a run: the training batches', or the held-out sets' (final targets only)."""
+    return {"vocab": None if cfg.name in STATE_TRACKING else cfg.vocab, "n_tokens": cfg.n_tokens,
+            "n_pairs": cfg.n_pairs, "brackets": cfg.brackets,
+            "supervision": "final" if held_out or cfg.supervision is None else cfg.supervision}
 
 
 def mamba2_headdim(d_model: int, expand: int = 2) -> int:

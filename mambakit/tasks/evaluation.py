@@ -9,7 +9,7 @@ import torch
 
 from mambakit.layers.registry import mixer_spec
 from mambakit.models.config import MambaConfig
-from mambakit.tasks.config import TaskConfig
+from mambakit.tasks.config import TaskConfig, task_kwargs
 from mambakit.tasks.generators import IGNORE, make_batch
 
 #: Sequences per evaluation batch at length L: at most max(1, EVAL_BATCH_TOKENS // L) (and the training batch).
@@ -85,7 +85,7 @@ def evaluate_lengths(model: torch.nn.Module, cfg: TaskConfig, config: MambaConfi
     """Accuracy at each of `cfg.eval_lengths` ({str(length): {accuracy, samples, mode, seconds}}; accuracy None and
     a 'skipped' reason above max_attention_len / max_full_len). `acc` is the accuracy at the training length."""
     name = mixer_spec(cfg.mixer).name
-    task_kw = {"vocab": cfg.vocab, "n_tokens": cfg.n_tokens, "n_pairs": cfg.n_pairs}
+    task_kw = task_kwargs(cfg, held_out=True)
     by_len: dict[str, dict[str, Any]] = {}
     for L in cfg.eval_lengths:
         t0 = time.perf_counter()

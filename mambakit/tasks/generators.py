@@ -1,4 +1,5 @@
-"""Data of the synthetic tasks that show what selectivity buys: selective copying, induction heads and MQAR.
+"""Data of the synthetic tasks that show what selectivity buys: selective copying, induction heads and MQAR; and the
+state-tracking tasks parity and modular arithmetic (generated in `mambakit.tasks.state_tracking`).
 
 Every generator takes a seeded ``torch.Generator`` and returns ``(input_ids, targets)``: batch-first int64 tensors of
 the same shape (batch, seq_len). ``targets[b, t]`` is the token the model must output *at* position t (the model's
@@ -23,8 +24,7 @@ import torch
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
-
-IGNORE = -100
+from mambakit.tasks.state_tracking import ARITH_VOCAB, IGNORE, MODULUS, PARITY_VOCAB, modular_arithmetic, parity
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -148,7 +148,9 @@ def mqar(batch: int, seq_len: int, n_pairs: int = 8, vocab: int = 256,
 # ----------------------------------------------------------------------------------------------------------------------
 # One entry point per task name
 # ----------------------------------------------------------------------------------------------------------------------
-TASKS = ("selective-copying", "copying", "induction-heads", "mqar")
+TASKS = ("selective-copying", "copying", "induction-heads", "mqar", "parity", "modular-arithmetic")
+#: The state-tracking tasks (mambakit.tasks.state_tracking): a fixed vocabulary, lengths generalised over.
+STATE_TRACKING = ("parity", "modular-arithmetic")
 
 
 def task_vocab_size(name: str, vocab: Optional[int] = None) -> int:
@@ -159,21 +161,37 @@ def task_vocab_size(name: str, vocab: Optional[int] = None) -> int:
         return induction_heads_vocab(vocab or 16)["vocab_size"]
     if name == "mqar":
         return mqar_vocab(vocab or 256)["vocab_size"]
+    if name == "parity":
+        return PARITY_VOCAB["vocab_size"]
+    if name == "modular-arithmetic":
+        return ARITH_VOCAB["vocab_size"]
     raise MambaKitError(f"task must be one of {TASKS}, got {name!r}")
 
 
 def chance_accuracy(name: str, vocab: int) -> float:
-    """Accuracy of a uniform guess among the possible answers: 1/vocab (data tokens), MQAR 1/(number of values)."""
+    """Accuracy of a uniform guess among the possible answers: 1/vocab (data tokens), MQAR 1/(number of values),
+    parity 1/2, modular arithmetic 1/5."""
     if name == "mqar":
         return 1 / (vocab - vocab // 2)
+    if name == "parity":
+        return 1 / 2
+    if name == "modular-arithmetic":
+        return 1 / MODULUS
     if name in TASKS:
         return 1 / vocab
     raise MambaKitError(f"task must be one of {TASKS}, got {name!r}")
 
 
 def make_batch(name: str, batch: int, seq_len: int, generator: torch.Generator, vocab: Optional[int] = None,
-               n_tokens: int = 16, n_pairs: int = 8) -> tuple[Tensor, Tensor]:
-    """A batch of task `name` (one of TASKS); vocab None = the task's default (16, 16, 256)."""
+               n_tokens: int = 16, n_pairs: int = 8, brackets: bool = False,
+               supervision: str = "final") -> tuple[Tensor, Tensor]:
+    """A batch of task `name` (one of TASKS); vocab None = the task's default (16, 16, 256; the state-tracking tasks
+    have a fixed vocabulary). brackets (modular-arithmetic) and supervision (both state-tracking tasks): see
+    `mambakit.tasks.state_tracking`."""
+    if name == "parity":
+        return parity(batch, seq_len, generator, supervision)
+    if name == "modular-arithmetic":
+        return modular_arithmetic(batch, seq_len, generator, brackets, supervision)
     if name == "selective-copying":
         return selective_copying(batch, seq_len, n_tokens, vocab or 16, generator, selective=True)
     if name == "copying":

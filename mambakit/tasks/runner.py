@@ -34,6 +34,8 @@ from mambakit.tasks.config import (  # noqa: F401  (DEFAULT_D_STATE, MIXERS, mam
     build_model_config,
     mamba2_headdim,
     resolve_task_config,
+    task_kwargs,
+    task_label,
 )
 from mambakit.tasks.evaluation import (  # noqa: F401  (re-exported: the names lived here)
     EVAL_BATCH_TOKENS,
@@ -43,7 +45,7 @@ from mambakit.tasks.evaluation import (  # noqa: F401  (re-exported: the names l
     eval_set,
     evaluate_lengths,
 )
-from mambakit.tasks.generators import IGNORE, chance_accuracy, make_batch, task_vocab_size
+from mambakit.tasks.generators import IGNORE, STATE_TRACKING, chance_accuracy, make_batch, task_vocab_size
 from mambakit.tasks.plots import plot_lengths, plot_results, plot_sweep  # noqa: F401
 from mambakit.training import LoopConfig, StepRecord, adamw, lr_at, param_groups, resolve_device, run_loop  # noqa: F401
 
@@ -79,7 +81,7 @@ def train_task(cfg: TaskConfig, log: Callable[[str], None] = print) -> dict[str,
     name, mixer = cfg.name, cfg.mixer
     dev = resolve_device(cfg.device)
     vocab_size = task_vocab_size(name, cfg.vocab)
-    task_kw = {"vocab": cfg.vocab, "n_tokens": cfg.n_tokens, "n_pairs": cfg.n_pairs}
+    task_kw, held_out_kw = task_kwargs(cfg), task_kwargs(cfg, held_out=True)
     spec = mixer_spec(mixer)
     d_state_used = (cfg.d_state or spec.d_state) if spec.ssm else None
     config = build_model_config(mixer, vocab_size, cfg.d_model, cfg.n_layer, d_state_used, cfg.headdim,
@@ -101,7 +103,7 @@ def train_task(cfg: TaskConfig, log: Callable[[str], None] = print) -> dict[str,
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = adamw(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=BETAS, eps=EPS)
     g_train = torch.Generator().manual_seed(cfg.seed)
-    eval_data = eval_set(name, cfg.eval_samples, cfg.batch, cfg.seq_len, cfg.seed, **task_kw)
+    eval_data = eval_set(name, cfg.eval_samples, cfg.batch, cfg.seq_len, cfg.seed, **held_out_kw)
     chance = chance_accuracy(name, cfg.vocab)
     cfg_out = {"steps": cfg.steps, "batch_size": cfg.batch, "lr": cfg.lr, "d_model": cfg.d_model,
                "n_layer": cfg.n_layer, "d_state": d_state_used, "seq_len": cfg.seq_len, "seed": cfg.seed,
@@ -113,6 +115,9 @@ def train_task(cfg: TaskConfig, log: Callable[[str], None] = print) -> dict[str,
         cfg_out["n_tokens"] = cfg.n_tokens
     if name == "mqar":
         cfg_out["n_pairs"] = cfg.n_pairs
+    if name in STATE_TRACKING:
+        cfg_out.update(brackets=cfg.brackets, supervision=cfg.supervision)
+    name = task_label(cfg)
     history: dict[str, list] = {"step": [], "loss": [], "train_acc": [], "eval_step": [], "eval_acc": []}
     log(f"{name} / {mixer}: d_model {cfg.d_model}, n_layer {cfg.n_layer}, d_state {d_state_used}, "
         f"{n_params:,} parameters, {cfg.steps} steps of {cfg.batch}x{cfg.seq_len}, lr {cfg.lr}, device {dev}")
@@ -151,8 +156,8 @@ def train_task(cfg: TaskConfig, log: Callable[[str], None] = print) -> dict[str,
     loop = LoopConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=warmup, min_lr_ratio=0.1, grad_clip=cfg.grad_clip,
                       eval_interval=eval_interval, max_time_s=cfg.max_time, progress=cfg.progress,
                       desc=f"{name}/{mixer}")
-    run = run_loop(loop, optimizer, micro_batches=lambda step: [make_batch(name, cfg.batch, cfg.seq_len, g_train,
-                                                                           **task_kw)],
+    run = run_loop(loop, optimizer, micro_batches=lambda step: [make_batch(cfg.name, cfg.batch, cfg.seq_len,
+                                                                           g_train, **task_kw)],
                    loss_fn=loss_fn, clip_params=model.parameters, after_step=after_step, evaluate=evaluate, stop=stop,
                    postfix=lambda r: {"loss": f"{r.loss:.3f}", "acc": f"{r.metrics['acc']:.3f}",
                                       "eval_acc": f"{history['eval_acc'][-1]:.3f}"},
@@ -199,11 +204,13 @@ def run_sweep(name: str, mixers: Sequence[str], d_models: Sequence[int], seq_len
     if out is not None and rows:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
+        name = rows[0]["task"]  # with brackets: modular-arithmetic-brackets
         plot_sweep(rows, out_dir / f"{name}_sweep.png")
         if any(r["eval_lengths"] for r in rows):
             plot_lengths(rows, out_dir / f"{name}_lengths.png")
         table = [{"mixer": r["mixer"], "d_model": r["config"]["d_model"], "d_state": r["config"]["d_state"],
                   "seq_len": r["config"]["seq_len"], "accuracy": r["accuracy"], "n_params": r["n_params"],
-                  "steps_run": r["steps_run"], "wall_time_s": r["wall_time_s"]} for r in rows]
+                  "steps_run": r["steps_run"], "wall_time_s": r["wall_time_s"],
+                  "eval_lengths": {L: e["accuracy"] for L, e in r["eval_lengths"].items()}} for r in rows]
         (out_dir / f"{name}_sweep.json").write_text(json.dumps(table, indent=1) + "\n")
     return rows

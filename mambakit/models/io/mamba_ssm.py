@@ -1,5 +1,10 @@
 """The official `mamba_ssm` format: config.json in its field names (``d_model``, ``n_layer``, ``ssm_cfg``, ...) and
 pytorch_model.bin with the official key names (those of mambakit), lm_head.weight stored and the vocabulary padded.
+
+Mamba-3 (``ssm_cfg["layer"] = "Mamba3"``, the official main branch's `mamba_ssm.modules.mamba3.Mamba3`): its A is
+the heavy-tail activation and its config has no field for another one, so a mambakit model with
+``A_activation="softplus"`` (the 2.3.2.post1 release's A) is refused rather than written as a different model; a
+config.json that names ``A_activation`` (mambakit's superset) is read as written. MIMO is not supported yet.
 """
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ from mambakit.models.io.state import check_tie, cpu_state
 _IGNORED_SSM_KEYS = ("use_fast_path", "use_mem_eff_path", "conv_init", "process_group", "sequence_parallel")
 _FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg", "rms_norm",
            "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")
+# ... and those the official Mamba3 accepts and ignores (dropout, n_layer) or that only pick a fused kernel.
+_IGNORED_MAMBA3_KEYS = ("dropout", "n_layer", "fuse_pregate_headwise_norm")
 OFFICIAL_NORM_EPS = 1e-5  # mamba_ssm hard-codes the epsilon of its RMSNorms (no config field)
+OFFICIAL_MAMBA3_A = "heavy_tail"  # the official main branch's A activation (no config field)
 
 
 def config_from_mamba_ssm(raw: dict[str, Any], where: str = CONFIG_NAME) -> MambaConfig:
@@ -36,6 +44,11 @@ def config_from_mamba_ssm(raw: dict[str, Any], where: str = CONFIG_NAME) -> Mamb
     ssm = dict(ssm)
     for key in _IGNORED_SSM_KEYS:
         ssm.pop(key, None)
+    if str(ssm.get("layer", "")).lower() == "mamba3":
+        for key in _IGNORED_MAMBA3_KEYS:
+            ssm.pop(key, None)
+        if ssm.get("is_mimo"):
+            problems.append(f"ssm_cfg is_mimo={ssm['is_mimo']!r} (Mamba-3 MIMO) is not supported yet")
     if "d_ssm" in ssm:
         d_ssm = ssm.pop("d_ssm")
         d_inner = None
@@ -65,8 +78,8 @@ def config_to_mamba_ssm(model: torch.nn.Module) -> dict[str, Any]:
     """The official mamba_ssm config.json of `model` (its MambaConfig fields; no norm_epsilon field there)."""
     config: MambaConfig = model.config
     problems = []
-    if config.mixer_layer not in ("Mamba1", "Mamba2"):
-        problems.append(f"mixer {config.mixer_layer!r}: mamba_ssm has only Mamba1 and Mamba2")
+    if config.mixer_layer not in ("Mamba1", "Mamba2", "Mamba3"):
+        problems.append(f"mixer {config.mixer_layer!r}: mamba_ssm has only Mamba1, Mamba2 and Mamba3")
     if config.norm_epsilon != OFFICIAL_NORM_EPS:
         problems.append(f"norm_epsilon={config.norm_epsilon} (mamba_ssm hard-codes {OFFICIAL_NORM_EPS})")
     if not config.rms_norm:
@@ -84,6 +97,11 @@ def config_to_mamba_ssm(model: torch.nn.Module) -> dict[str, Any]:
                 ssm["dt_limit"] = [lo, hi]
         if "A_init_range" in ssm:
             ssm["A_init_range"] = list(ssm["A_init_range"])
+    if config.mixer_layer == "Mamba3":
+        activation = ssm.pop("A_activation", OFFICIAL_MAMBA3_A)
+        if activation != OFFICIAL_MAMBA3_A:
+            problems.append(f"ssm_cfg A_activation={activation!r}: mamba_ssm's Mamba3 computes A with "
+                            f"{OFFICIAL_MAMBA3_A!r} and has no field for another activation (save in mambakit format)")
     if problems:
         raise CheckpointError.listing("cannot save this model in mamba_ssm format", problems)
     out = {k: getattr(config, k) for k in _FIELDS}

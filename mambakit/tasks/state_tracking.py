@@ -1,0 +1,117 @@
+"""State-tracking tasks (the Mamba-3 paper's, after Grazzi et al. and Deletang et al.): parity and arithmetic
+modulo 5, without and with brackets.
+
+Both generators return ``(input_ids, targets)`` like the others of `mambakit.tasks.generators` (batch, seq_len),
+-100 where there is no loss. Every sequence starts with BOS (a fixed reference: the first state). ``supervision``:
+
+- ``"final"`` (the paper's metric): one target per sequence, at the last position: the parity of all the bits, or the
+  value of the whole expression at the closing ``=``;
+- ``"running"`` (denser training signal): a target wherever the answer so far is defined: the parity of the bits up
+  to each bit, and the value of the top-level expression so far after each top-level operand (a digit outside
+  brackets or the ``)`` that closes a top-level bracket), plus the final one.
+
+Parity vocabulary: bits 0 and 1 (their own ids, also the answers), BOS = 2. Arithmetic vocabulary: digits 0..4
+(ids 0..4, also the answers), ``+`` 5, ``-`` 6, ``*`` 7, ``(`` 8, ``)`` 9, ``=`` 10, BOS 11, PAD 12. An expression
+is evaluated left to right (no operator precedence), a bracket first: ``E -> T | E op T``, ``T -> digit | ( E )``.
+Its length is odd; with BOS and ``=`` an even seq_len has one PAD after BOS.
+"""
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mambakit.errors import MambaKitError
+
+IGNORE = -100
+SUPERVISIONS = ("final", "running")
+MODULUS = 5
+PARITY_VOCAB = {"bos": 2, "vocab_size": 3}
+ARITH_VOCAB = {"+": 5, "-": 6, "*": 7, "(": 8, ")": 9, "=": 10, "bos": 11, "pad": 12, "vocab_size": 13}
+_OPS = ("+", "-", "*")
+
+
+def _check(batch: int, seq_len: int, minimum: int, supervision: str) -> None:
+    for name, value, least in (("batch", batch, 1), ("seq_len", seq_len, minimum)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise MambaKitError(f"{name} must be an integer >= {least}, got {value!r}")
+    if supervision not in SUPERVISIONS:
+        raise MambaKitError(f"supervision must be one of {SUPERVISIONS}, got {supervision!r}")
+
+
+def parity(batch: int, seq_len: int, generator: torch.Generator, supervision: str = "final") -> tuple[Tensor, Tensor]:
+    """BOS then seq_len - 1 random bits; targets: the parity of the bits (at the last position, or at every bit
+    for the running parity)."""
+    _check(batch, seq_len, 2, supervision)
+    bits = torch.randint(0, 2, (batch, seq_len - 1), generator=generator)
+    ids = torch.cat((torch.full((batch, 1), PARITY_VOCAB["bos"], dtype=torch.long), bits), 1)
+    running = torch.cumsum(bits, 1) % 2
+    targets = torch.full((batch, seq_len), IGNORE, dtype=torch.long)
+    if supervision == "running":
+        targets[:, 1:] = running
+    else:
+        targets[:, -1] = running[:, -1]
+    return ids, targets
+
+
+def _expression(length: int, brackets: bool, rng: random.Random) -> list[str]:
+    """A random expression of exactly `length` (odd) tokens: digits as str(d), operators, brackets."""
+    if length == 1:
+        return [str(rng.randrange(MODULUS))]
+    if brackets and rng.random() < 0.1:  # the whole expression in brackets
+        return ["("] + _expression(length - 2, brackets, rng) + [")"]
+    right = 1
+    if brackets and length >= 5 and rng.random() < 0.4:  # a bracketed right operand of odd length 3..length-2
+        right = 2 * rng.randrange(1, (length - 1) // 2) + 1
+    operand = ["("] + _expression(right - 2, brackets, rng) + [")"] if right > 1 else [str(rng.randrange(MODULUS))]
+    return _expression(length - 1 - right, brackets, rng) + [rng.choice(_OPS)] + operand
+
+
+def _apply(op: Optional[str], acc: int, value: int) -> int:
+    if op is None:
+        return value
+    if op == "+":
+        return (acc + value) % MODULUS
+    if op == "-":
+        return (acc - value) % MODULUS
+    return (acc * value) % MODULUS
+
+
+def evaluate_tokens(tokens: list[str]) -> list[Optional[int]]:
+    """The value of the top-level expression so far after each token (None where it is not defined: operators,
+    inside brackets); the last entry is the value of the whole expression."""
+    stack: list[list] = [[None, None]]  # frames of [value so far, pending operator]
+    out: list[Optional[int]] = []
+    for tok in tokens:
+        value = None
+        if tok in _OPS:
+            stack[-1][1] = tok
+        elif tok == "(":
+            stack.append([None, None])
+        else:
+            value = stack.pop()[0] if tok == ")" else int(tok)
+            frame = stack[-1]
+            frame[0], frame[1] = _apply(frame[1], frame[0], value), None
+        out.append(stack[0][0] if value is not None and len(stack) == 1 else None)
+    return out
+
+
+def modular_arithmetic(batch: int, seq_len: int, generator: torch.Generator, brackets: bool = False,
+                       supervision: str = "final") -> tuple[Tensor, Tensor]:
+    """BOS, [PAD when seq_len is even], a random expression modulo 5 (with brackets or without), ``=``; targets: its
+    value at ``=`` (and, running, the value so far after each top-level operand)."""
+    _check(batch, seq_len, 3, supervision)
+    rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    pad = 1 - seq_len % 2
+    length = seq_len - 2 - pad
+    head = [ARITH_VOCAB["bos"]] + [ARITH_VOCAB["pad"]] * pad
+    ids, targets = [], []
+    for _ in range(batch):
+        tokens = _expression(length, brackets, rng)
+        values = evaluate_tokens(tokens)
+        ids.append(head + [ARITH_VOCAB[t] if t in ARITH_VOCAB else int(t) for t in tokens] + [ARITH_VOCAB["="]])
+        answers = [IGNORE if v is None else v for v in values] if supervision == "running" else [IGNORE] * length
+        targets.append([IGNORE] * len(head) + answers + [values[-1]])
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(targets, dtype=torch.long)

@@ -1,0 +1,140 @@
+"""The state-tracking tasks: parity and modular arithmetic (with and without brackets). Labels recomputed from the
+tokens by plain Python (a separate evaluator: recursive descent), exact lengths, seeding, the
+final/running targets, bad arguments, and a 5-step run of each task through `run_task` and the ``tasks`` command."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mambakit.cli.tasks import tasks_main
+from mambakit.errors import MambaKitError
+from mambakit.tasks.generators import make_batch, task_vocab_size
+from mambakit.tasks.runner import run_task
+from mambakit.tasks.state_tracking import (
+    ARITH_VOCAB,
+    IGNORE,
+    PARITY_VOCAB,
+    evaluate_tokens,
+    modular_arithmetic,
+    parity,
+)
+
+SYMBOL = {v: k for k, v in ARITH_VOCAB.items() if k not in ("vocab_size",)}
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _python_value(symbols: list[str]) -> int:
+    """Recursive descent (E -> T (op T)*, T -> digit | ( E )), left to right, each operation by Python, mod 5."""
+    def expression(i: int) -> tuple[int, int]:
+        value, i = term(i)
+        while i < len(symbols) and symbols[i] in "+-*":
+            right, j = term(i + 1)
+            value, i = eval(f"({value}) {symbols[i]} ({right})") % 5, j  # noqa: S307 (two ints and an operator)
+        return value, i
+
+    def term(i: int) -> tuple[int, int]:
+        if symbols[i] == "(":
+            value, i = expression(i + 1)
+            assert symbols[i] == ")"
+            return value, i + 1
+        return int(symbols[i]), i + 1
+
+    value, end = expression(0)
+    assert end == len(symbols)
+    return value
+
+
+@pytest.mark.parametrize("supervision", ["final", "running"])
+def test_parity_labels(supervision):
+    ids, targets = parity(64, 23, gen(1), supervision)
+    assert ids.shape == targets.shape == (64, 23)
+    for row_ids, row_t in zip(ids.tolist(), targets.tolist()):
+        assert row_ids[0] == PARITY_VOCAB["bos"] and set(row_ids[1:]) <= {0, 1}
+        prefix = [sum(row_ids[1:i + 1]) % 2 for i in range(1, 23)]
+        if supervision == "running":
+            assert row_t == [IGNORE] + prefix
+        else:
+            assert row_t == [IGNORE] * 22 + [prefix[-1]]
+
+
+def test_evaluate_tokens_by_hand():
+    assert evaluate_tokens(list("3+4*2")) == [3, None, 2, None, 4]
+    assert evaluate_tokens(list("2-(1+4)*3")) == [2, None, None, None, None, None, 2, None, 1]
+    assert evaluate_tokens(list("((4))")) == [None, None, None, None, 4]
+
+
+@pytest.mark.parametrize("brackets", [False, True])
+@pytest.mark.parametrize("seq_len", [3, 4, 41, 64])
+def test_modular_arithmetic_labels(brackets, seq_len):
+    ids, targets = modular_arithmetic(40, seq_len, gen(seq_len), brackets=brackets, supervision="running")
+    _, final = modular_arithmetic(40, seq_len, gen(seq_len), brackets=brackets, supervision="final")
+    assert ids.shape == targets.shape == (40, seq_len)
+    saw_bracket = False
+    for row_ids, row_t, row_f in zip(ids.tolist(), targets.tolist(), final.tolist()):
+        start = 1 if seq_len % 2 else 2
+        assert row_ids[0] == ARITH_VOCAB["bos"] and row_ids[-1] == ARITH_VOCAB["="]
+        assert row_ids[1:start] == [ARITH_VOCAB["pad"]] * (start - 1)
+        symbols = [str(t) if t < 5 else SYMBOL[t] for t in row_ids[start:-1]]
+        assert len(symbols) % 2 == 1 and symbols[0] in "01234("
+        saw_bracket |= "(" in symbols
+        assert brackets or "(" not in symbols
+        value = _python_value(symbols)
+        assert row_f == [IGNORE] * (seq_len - 1) + [value] and row_t[-1] == value
+        depth = 0
+        for i, s in enumerate(symbols):  # running targets: after each operand at depth 0, the value so far
+            depth += (s == "(") - (s == ")")
+            ends_operand = depth == 0 and (s.isdigit() or s == ")")
+            expected = _python_value(symbols[:i + 1]) if ends_operand else IGNORE
+            assert row_t[start + i] == expected, (symbols, i)
+    assert saw_bracket or not brackets or seq_len < 5
+
+
+def test_seeded_and_in_vocabulary():
+    for name, kw in (("parity", {}), ("modular-arithmetic", {"brackets": True})):
+        a, b = make_batch(name, 3, 30, gen(2), **kw), make_batch(name, 3, 30, gen(2), **kw)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert not torch.equal(a[0], make_batch(name, 3, 30, gen(3), **kw)[0])
+        assert int(a[0].max()) < task_vocab_size(name)
+
+
+def test_bad_arguments():
+    with pytest.raises(MambaKitError, match="seq_len"):
+        parity(2, 1, gen())
+    with pytest.raises(MambaKitError, match="supervision"):
+        modular_arithmetic(2, 10, gen(), supervision="dense")
+    with pytest.raises(MambaKitError, match="--brackets"):
+        run_task("parity", "mamba3", brackets=True, steps=1)
+    with pytest.raises(MambaKitError, match="--vocab of parity is fixed"):
+        run_task("parity", "mamba3", vocab=4, steps=1)
+
+
+TINY = dict(steps=5, batch=4, d_model=16, n_layer=1, d_state=8, seq_len=12, eval_samples=4, eval_lengths=[16],
+            min_long_eval_samples=2, threads=1, progress=False, log=lambda msg: None)
+
+
+@pytest.mark.parametrize("name, extra", [("parity", {}), ("modular-arithmetic", {}),
+                                         ("modular-arithmetic", {"brackets": True, "supervision": "final"})])
+def test_five_step_run(name, extra, tmp_path):
+    r = run_task(name, "mamba3", out=tmp_path, **{**TINY, **extra})
+    label = name + ("-brackets" if extra.get("brackets") else "")
+    assert r["task"] == label and r["steps_run"] == 5 and set(r["eval_lengths"]) == {"16"}
+    assert 0 <= r["eval_lengths"]["16"]["accuracy"] <= 1
+    saved = json.loads((tmp_path / f"{label}_mamba3.json").read_text())
+    assert saved["config"]["supervision"] == extra.get("supervision", "running")
+
+
+def test_cli_runs_both_mixers_and_prints_the_table(tmp_path, capsys):
+    argv = ["parity", "--mixer", "mamba2", "mamba3", "--steps", "5", "--batch-size", "4", "--d-model", "16",
+            "--n-layer", "1", "--d-state", "8", "--seq-len", "10", "--eval-samples", "4", "--eval-lengths", "20",
+            "--threads", "1", "--out", str(tmp_path), "--no-progress"]
+    assert tasks_main(argv) == 0
+    text = capsys.readouterr().out
+    assert "mamba2" in text and "mamba3" in text and "at length       20" in text
+    table = json.loads((tmp_path / "parity_sweep.json").read_text())
+    assert [row["mixer"] for row in table] == ["mamba2", "mamba3"] and set(table[0]["eval_lengths"]) == {"20"}
+    assert (tmp_path / "parity_lengths.png").exists()

@@ -23,6 +23,11 @@ def _channels_last(batch: int, seqlen: int, dim: int, like: Tensor) -> Tensor:
     return torch.empty(batch, seqlen, dim, device=like.device, dtype=like.dtype).transpose(1, 2)
 
 
+def _padding_zeroed(t: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
+    """t (batch, d_inner, seqlen) set to 0 in place where seq_idx < 0 (padding, as the conv op defines it)."""
+    return t if seq_idx is None else t.masked_fill_(seq_idx[:, None, :] < 0, 0.0)
+
+
 def _rows(t: Tensor) -> Tensor:
     """(batch, dim, seqlen) channel-last view -> its (batch * seqlen, dim) matrix (no copy)."""
     return t.transpose(1, 2).reshape(-1, t.shape[1])
@@ -36,7 +41,8 @@ class _MambaInnerFused(torch.autograd.Function):
         d = two_d // 2
         rank, n = dt_proj_w.shape[1], A.shape[1]
         x, z = xz[:, :d], xz[:, d:]
-        u = conv1d_forward(x, conv_w, conv_b, True, seq_idx, out=_channels_last(batch, seqlen, d, xz))
+        u = _padding_zeroed(conv1d_forward(x, conv_w, conv_b, True, seq_idx, out=_channels_last(batch, seqlen, d, xz)),
+                            seq_idx)
         x_dbl = _rows(u) @ x_proj_w.t()  # (batch * seqlen, rank + 2 n)
         delta = (x_dbl[:, :rank] @ dt_proj_w.t()).view(batch, seqlen, d).transpose(1, 2)
         bc = x_dbl.view(batch, seqlen, -1).transpose(1, 2)  # (batch, rank + 2 n, seqlen), a view
@@ -62,7 +68,8 @@ class _MambaInnerFused(torch.autograd.Function):
         gy = (g2 @ out_w).view(batch, seqlen, d).transpose(1, 2)
         # recompute the conv output and delta
         x, z = xz[:, :d], xz[:, d:]
-        u = conv1d_forward(x, conv_w, conv_b, True, seq_idx, out=_channels_last(batch, seqlen, d, xz))
+        u = _padding_zeroed(conv1d_forward(x, conv_w, conv_b, True, seq_idx, out=_channels_last(batch, seqlen, d, xz)),
+                            seq_idx)
         dt_low = x_dbl[:, :rank]
         delta = (dt_low @ dt_proj_w.t()).view(batch, seqlen, d).transpose(1, 2)
         bc = x_dbl.view(batch, seqlen, -1).transpose(1, 2)
@@ -80,6 +87,7 @@ class _MambaInnerFused(torch.autograd.Function):
         d_x_proj_w = d_x_dbl.t() @ _rows(u)
         du_rows = _rows(du)
         du_rows.addmm_(d_x_dbl, x_proj_w)  # the conv output feeds both the scan and x_proj
+        _padding_zeroed(du, seq_idx)  # the conv output is the constant 0 at padding
         _, d_conv_w, d_conv_b = conv1d_backward(x, conv_w, conv_b, True, seq_idx, du, dx_out=dxz[:, :d])
         dD = dD.to(D.dtype) if D is not None else None
         dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None

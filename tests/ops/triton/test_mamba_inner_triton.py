@@ -40,7 +40,7 @@ def test_fused_matches_float64_reference(shape, bias):
 
 def test_fused_seq_idx_and_determinism():
     xz, kw = make_inner(batch=2, seqlen=12)
-    seq_idx = torch.tensor([[0] * 5 + [1] * 7, [0] * 3 + [1] * 3 + [2] * 6])
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7, [-1] * 3 + [1] * 3 + [2] * 6])  # -1: padding (conv output 0)
     ref, ref_grads = grads_of(inner.mamba_inner, xz, kw, backend="ref", seq_idx=seq_idx)
     xz32, kw32 = _to32(xz, kw)
     out, grads = grads_of(inner.mamba_inner, xz32, kw32, backend="triton", seq_idx=seq_idx)

@@ -194,6 +194,9 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
         return 0
     if ns.name is None:
         raise MambaKitError(f"NAME is required: one of {', '.join(TASKS + ND_TASKS)} (or --list)")
+    if ns.name in ND_TASKS:  # options given before a Mamba-ND task's name reach this parser
+        raise MambaKitError(f"the options of {ns.name} come after its name: 'mambakit tasks {ns.name} [options]' "
+                            f"(see 'mambakit tasks {ns.name} --help')")
     if ns.name not in TASKS:
         raise MambaKitError(f"NAME must be one of {', '.join(TASKS + ND_TASKS)}; got {ns.name!r}")
     bad = [m for m in ns.mixer if m not in MIXERS]

@@ -358,10 +358,24 @@ def _check_memory(args: TrainArgs, config: MambaConfig, micro_batch: int, device
                hint="lower --d-model, --n-layer, --seq-len, --batch-size or --eval-batches (or raise --grad-accum)")
 
 
+def _finished_run(out_dir: Path, step: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """A --resume of a run already at --steps: nothing is trained, loaded or written; the summary of the run that
+    reached that step (its summary.json) is returned unchanged ({"steps": step} when the file is missing)."""
+    log(f"checkpoint is already at step {step} >= --steps {steps}; nothing to train (run files left unchanged)")
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {"steps": step}
+    return summary if isinstance(summary, dict) else {"steps": step}
+
+
 def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callable[[str], None],
            on_checkpoint: Callable[[int], None] | None, t_start: float) -> dict[str, Any]:
     out_dir = Path(args.out)
     ckpt_dir = out_dir / CHECKPOINT_SUBDIR
+    start_step = int(state.get("step", 0))
+    if args.resume and start_step >= args.steps:
+        return _finished_run(out_dir, start_step, args.steps, log)
     device = resolve_device(args.device) if not ctx.distributed else ctx.device
     dp = DataParallelConfig(ctx, fsdp=args.fsdp)
     micro_batch = check_batch_split(args.batch_size, ctx.world_size, args.grad_accum)
@@ -386,7 +400,6 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
     n_params = sum(p.numel() for p in inner.parameters())
     model = wrap_model(inner, dp)  # DDP wrapper, or `inner` itself (sharded in place by FSDP2, or single)
     optimizer = adamw(param_groups(inner, args.weight_decay), lr=args.lr, betas=BETAS, eps=EPS)
-    start_step = int(state.get("step", 0))
     if args.resume:
         opt_state = load_optimizer_state(ckpt_dir, map_location=device)
         if opt_state is not None:
@@ -478,8 +491,6 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
     if done > start_step:
         checkpoint(done)
         log(f"saved checkpoint (step {done}) to {ckpt_dir}")
-    else:
-        log(f"checkpoint is already at step {start_step} >= --steps {args.steps}; nothing to train")
     if ctx.is_main and plot_losses(history, out_dir / "loss.png"):
         log(f"loss curve: {out_dir / 'loss.png'}")
 

@@ -29,6 +29,8 @@ SMOKE = {
                        "--adapt-lens", "32", "--adapt-steps", "2", "--adapt-batch", "2", "--eval-lens", "32",
                        "--eval-samples", "4", "--eval-batch", "4"], []),
     "bench_distributed_comm.py": (["--worlds", "2", "--seqlens", "64"], []),
+    "bench_cpu_accuracy.py": (["--tiny", "--threads", "1"], ["cpu_accuracy.jsonl"]),
+    "bench_cpu_llamacpp.py": (["--tiny", "--threads", "1", "--rounds", "1"], ["cpu_llamacpp.jsonl"]),
     "bench_mamba3_cpu.py": (["--threads", "1", "--seqlens", "32", "--nheads", "2", "--headdim", "8", "--d-state",
                              "8", "--chunk-size", "16", "--repeats", "1"], []),
 }

@@ -170,3 +170,20 @@ def test_tiny_mamba2_run(corpus: Path, tmp_path: Path) -> None:
     assert math.isfinite(summary["final_val_loss"])
     model = load_checkpoint(tmp_path / "run" / "checkpoint")
     assert model.config.ssm_cfg["layer"] == "Mamba2" and model.config.ssm_cfg["d_state"] == 8
+
+
+def test_resume_of_a_finished_run_changes_nothing(corpus: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """A --resume at --steps trains nothing: summary.json (wall time, comm_per_step), the checkpoint and the plot
+    stay as the finished run wrote them, and no progress bar is drawn."""
+    run = tmp_path / "run"
+    first = train(tiny_args(corpus, run, steps=2, sample_tokens=0), log=lambda s: None)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".mambakit.lock"}
+    capfd.readouterr()
+    logs: list[str] = []
+    again = train(TrainArgs(out=str(run), resume=True), log=logs.append)
+    err = capfd.readouterr().err
+    assert again == json.loads((run / "summary.json").read_text())
+    assert again["wall_time_s"] == first["wall_time_s"] and again["comm_per_step"] == first["comm_per_step"]
+    assert {p: p.read_bytes() for p in files} == files
+    assert "train:" not in err and "it/s" not in err and "step/s" not in err
+    assert any("nothing to train" in m for m in logs) and not any("saved checkpoint" in m for m in logs)

@@ -59,7 +59,7 @@ def add_explain_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _token_labels(tokenizer: Tokenizer, ids: List[int]) -> List[str]:
-    """One short printable label per token id (for the axes and the printed ranking)."""
+    """One short printable label per token id (for the axes of the pictures)."""
     if isinstance(tokenizer, ByteTokenizer):
         return byte_token_labels(ids)
     labels = []
@@ -67,6 +67,13 @@ def _token_labels(tokenizer: Tokenizer, ids: List[int]) -> List[str]:
         text = tokenizer.decode([i])
         labels.append(text if text.isprintable() and text.strip() == text and text else repr(text))
     return labels
+
+
+def _quoted_token(tokenizer: Tokenizer, i: int) -> str:
+    """Token `i` as printed in the text output: always quoted, repr-style (``'d'``, ``' '``, ``'\\n'``, ``'\\xc3'``)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return repr(chr(i)) if i < 128 else repr(bytes([i]))[1:]
+    return repr(tokenizer.decode([i]))
 
 
 def explain_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
@@ -99,8 +106,9 @@ def explain_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
 
     probs = torch.softmax(ex.logits[0, :vocab].double(), -1)  # (vocab,)
     target = int(ex.target[0])
-    predicted = _token_labels(tokenizer, [target])[0]
-    print(f"prediction after the last token {labels[-1]}: {predicted} (p = {float(probs[target]):.3f})")
+    quoted = [_quoted_token(tokenizer, i) for i in ids]
+    predicted = _quoted_token(tokenizer, target)
+    print(f"prediction after the last token {quoted[-1]}: {predicted} (p = {float(probs[target]):.3f})")
     if len(ids) > 1:
         self_share = float(ex.relevance[0, -1])
         others = token_relevance(ex.attribution, exclude_self=True)[0]  # (prompt length,)
@@ -110,7 +118,7 @@ def explain_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
               f"holds {self_share:.3f} of the row, the shares below are of the rest):")
         width = len(str(len(ids) - 1))
         for rank, (score, pos) in enumerate(zip(scores.tolist(), positions.tolist()), 1):
-            print(f"  {rank}. position {pos:>{width}}  {labels[pos]:<8} {score:.3f}")
+            print(f"  {rank}. position {pos:>{width}}  {quoted[pos]:<8} {score:.3f}")
     print(f"wrote {len(written)} pictures to {out}")
     sys.stdout.flush()
     return 0

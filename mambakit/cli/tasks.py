@@ -6,56 +6,105 @@ of arguments). Bad input raises MambaKitError naming the argument, which the com
 parsers, routed to by the first argument (:mod:`mambakit.cli.nd`).
 
 ``--mixer``, ``--d-model``, ``--d-state`` and ``--seq-len`` take several values: every combination is trained (a
-sweep, e.g. MQAR over lengths and widths) and a summary plot ``NAME_sweep.png`` is written.
+sweep, e.g. MQAR over lengths and widths) and a summary plot ``NAME_sweep.png`` is written. ``mambakit tasks --list``
+prints every built-in task (the Mamba-ND ones too) with the defaults of its options.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from typing import Any, List, Optional, Sequence, Union
+import textwrap
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from mambakit.cli.args import THREADS_HELP, Parser, integer, number, seed, threads
+from mambakit.cli.nd import add_nd_arguments
 from mambakit.cli.process import keep_freed_memory
 from mambakit.errors import MambaKitError
+from mambakit.nd.train import COMMON_DEFAULTS as ND_COMMON_DEFAULTS
+from mambakit.nd.train import TASK_DEFAULTS as ND_TASK_DEFAULTS
 from mambakit.tasks.generators import TASKS
-from mambakit.tasks.runner import MIXERS, run_sweep, run_task
+from mambakit.tasks.runner import DEFAULT_D_STATE, MIXERS, TASK_DEFAULTS, run_sweep, run_task
 
 DEFAULT_OUT = "runs/tasks"
+#: The Mamba-ND tasks, routed to their own parsers (:mod:`mambakit.cli.nd`).
+ND_TASKS = tuple(ND_TASK_DEFAULTS)
+#: One line per built-in task, for --list.
+DESCRIPTIONS = {
+    "selective-copying": "memorise the data tokens scattered among noise tokens and repeat them in order "
+                         "(Mamba paper 4.1.1)",
+    "copying": "the same with the data tokens contiguous at the start (a fixed time shift, as an LTI model has, "
+               "solves it)",
+    "induction-heads": "after a special token, recall the token that followed its first occurrence; evaluated "
+                       "far beyond the training length",
+    "mqar": "multi-query associative recall: key-value pairs, then each key again, whose value is the answer",
+    "parity": "state tracking: the parity of a bit string (running or final answer); trained short, evaluated "
+              "longer (Mamba-3 paper)",
+    "modular-arithmetic": "state tracking: an expression mod 5 evaluated left to right (--brackets: with "
+                          "brackets); trained short, evaluated longer",
+    "mamba-nd-digits": "2-D: classify scikit-learn's 8x8 handwritten digits (Mamba-ND or its ViT baseline)",
+    "mamba-nd-video": "3-D: classify short videos of a moving digit, digit x direction (Mamba-ND or ViT)",
+}
+#: TASK_DEFAULTS keys whose flag is spelled otherwise.
+_FLAGS = {"batch": "batch-size"}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps help text at spaces only, so that task names (``induction-heads``) stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> List[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _value(value: Any, sep: str = " ") -> str:
+    """A default as typed on the command line: (256, 1024) -> '256 1024' (sep ','  for a comma list), () -> 'none'."""
+    if isinstance(value, (tuple, list)):
+        return sep.join(map(str, value)) if value else "none"
+    return str(value)
+
+
+def _per_task(key: str) -> str:
+    """'selective-copying 2000, copying 1500, ...': the value of TASK_DEFAULTS[task][key] of each task having it."""
+    return ", ".join(f"{task} {_value(d[key])}" for task, d in TASK_DEFAULTS.items() if key in d)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", metavar="NAME", help=f"the task: {' | '.join(TASKS)}")
+    p.add_argument("name", metavar="NAME", nargs="?",
+                   help=f"the task: {' | '.join(TASKS + ND_TASKS)} (the Mamba-ND tasks take their own options: "
+                   f"'mambakit tasks {ND_TASKS[0]} --help')")
+    p.add_argument("--list", action="store_true", help="list the built-in tasks with their defaults and exit")
     p.add_argument("--mixer", nargs="+", default=["mamba"], metavar="MIXER",
                    help=f"sequence mixer(s): {' | '.join(MIXERS)} (default: mamba)")
-    p.add_argument("--steps", type=integer, help="optimizer steps (default: per task, see mambakit.tasks.TASK_DEFAULTS)")
-    p.add_argument("--batch-size", type=integer, help="sequences per step (default: per task)")
-    p.add_argument("--d-model", type=integer, nargs="+", help="model width(s) (default: per task)")
-    p.add_argument("--n-layer", type=integer, help="number of blocks (default: per task)")
-    p.add_argument("--d-state", type=integer, nargs="+",
-                   help="SSM state size(s) (default: s4 64, mamba 16, mamba2 64; ignored by attention)")
-    p.add_argument("--seq-len", type=integer, nargs="+", help="training length(s) (default: per task)")
-    p.add_argument("--lr", type=number, help="peak learning rate (default: per task)")
+    p.add_argument("--steps", type=integer, help=f"optimizer steps (default: {_per_task('steps')})")
+    p.add_argument("--batch-size", type=integer, help=f"sequences per step (default: {_per_task('batch')})")
+    p.add_argument("--d-model", type=integer, nargs="+", help=f"model width(s) (default: {_per_task('d_model')})")
+    p.add_argument("--n-layer", type=integer, help=f"number of blocks (default: {_per_task('n_layer')})")
+    p.add_argument("--d-state", type=integer, nargs="+", help="SSM state size(s) (default: "
+                   + ", ".join(f"{m} {n}" for m, n in DEFAULT_D_STATE.items() if n) + "; ignored by attention)")
+    p.add_argument("--seq-len", type=integer, nargs="+", help=f"training length(s) (default: {_per_task('seq_len')})")
+    p.add_argument("--lr", type=number, help=f"peak learning rate (default: {_per_task('lr')})")
     p.add_argument("--weight-decay", type=number,
-                   help="AdamW weight decay of the matrices (default: per task; induction-heads 0, others 0.1)")
+                   help=f"AdamW weight decay of the matrices (default: {_per_task('weight_decay')})")
     p.add_argument("--warmup", type=integer, help="linear warmup steps (default: min(100, steps / 10))")
     p.add_argument("--seed", type=seed, default=0, help="seed of the model and the data (default: %(default)s)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNG and JSON results (default: %(default)s)")
     p.add_argument("--eval-lengths", type=integer, nargs="*",
-                   help="also evaluate at these lengths after training (default: induction-heads 256 1024 4096 16384 "
-                   "65536)")
+                   help=f"also evaluate at these lengths after training (default: {_per_task('eval_lengths')})")
     p.add_argument("--eval-samples", type=integer, default=256,
                    help="held-out sequences at the training length (default: %(default)s)")
     p.add_argument("--eval-interval", type=integer,
                    help="training steps between held-out evaluations (default: steps / 10)")
-    p.add_argument("--vocab", type=integer, help="data tokens (default: 16; mqar: 256 token ids)")
+    p.add_argument("--vocab", type=integer, help=f"data tokens; mqar: token ids (default: {_per_task('vocab')})")
     p.add_argument("--n-tokens", type=integer,
-                   help="(selective-)copying: tokens to memorise (default: selective-copying 4, copying 16)")
-    p.add_argument("--n-pairs", type=integer, help="mqar: key-value pairs per sequence (default: 32)")
+                   help=f"(selective-)copying: tokens to memorise (default: {_per_task('n_tokens')})")
+    p.add_argument("--n-pairs", type=integer,
+                   help=f"mqar: key-value pairs per sequence (default: {_per_task('n_pairs')})")
     p.add_argument("--headdim", type=integer, help="mamba2 head size (default: the first of 64, 32, 16, 8 dividing "
                    "2*d_model)")
     p.add_argument("--num-heads", type=integer, help="attention heads (default: d_model / 16)")
-    p.add_argument("--stop-at", type=number, help="stop once the held-out accuracy reaches this (0..1]")
-    p.add_argument("--max-time", type=number, help="stop training after this many seconds (per run)")
+    p.add_argument("--stop-at", type=number, help="stop once the held-out accuracy reaches this (0..1] (default: "
+                   "none, all steps run)")
+    p.add_argument("--max-time", type=number, help="stop training after this many seconds (per run) (default: none)")
     p.add_argument("--eval-chunk", type=integer, default=4096,
                    help="tokens per chunk when evaluating long sequences through the cache (default: %(default)s)")
     p.add_argument("--long-eval-tokens", type=integer, default=1 << 19,
@@ -66,7 +115,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--brackets", action="store_true", help="modular-arithmetic: expressions with brackets")
     p.add_argument("--supervision", choices=("final", "running"),
                    help="parity / modular-arithmetic training targets: final answer only or running answers "
-                   "(default: running; the held-out accuracy is always the final answer's)")
+                   f"(default: {_per_task('supervision')}; the held-out accuracy is always the final answer's)")
     p.add_argument("--threads", type=threads, help=THREADS_HELP)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -77,10 +126,14 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
     :func:`tasks_main` (set as ``func``). Returns the subcommand's parser."""
     p = subparsers.add_parser(
         "tasks",
-        help="train a small model on a synthetic task (selective copying, induction heads, MQAR)",
+        help="train a small model on a synthetic task (selective copying, induction heads, MQAR) or a Mamba-ND task",
         description="Train a small S4 / Mamba / Mamba-2 / attention model from scratch on a synthetic task that "
         "shows what selectivity buys, print its held-out accuracy and write a plot (accuracy vs training step, and "
-        "vs evaluation length).",
+        "vs evaluation length). The options below are those of the synthetic tasks; 'mambakit tasks --list' shows "
+        "every task with its defaults.",
+        epilog=f"Mamba-ND tasks (images, video): {', '.join(ND_TASKS)}; their options and defaults: "
+        f"'mambakit tasks {ND_TASKS[0]} --help'.",
+        formatter_class=_HelpFormatter,
     )
     _add_arguments(p)
     p.set_defaults(func=tasks_main)
@@ -89,6 +142,49 @@ def add_tasks_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _fmt(acc: Optional[float]) -> str:
     return "  n/a " if acc is None else f"{100 * acc:5.1f}%"
+
+
+def _nd_defaults(task: str) -> Dict[str, str]:
+    """The defaults of a Mamba-ND task's options, keyed by flag (``--order-mode``): the value it runs with, or the
+    rule its help states when the value is derived (``--d-state``)."""
+    parser = argparse.ArgumentParser()
+    add_nd_arguments(parser, task)
+    values = {**ND_COMMON_DEFAULTS, **ND_TASK_DEFAULTS[task]}
+    out = {}
+    for action in parser._actions:
+        flag = action.option_strings[-1] if action.option_strings else None
+        if flag is None or action.dest == "help":
+            continue
+        if action.dest in values and values[action.dest] is not None:
+            out[flag] = _value(values[action.dest], sep=",")
+        elif action.dest == "no_augment":
+            out[flag] = "not given (random shifts on)" if values["augment"] else "given"
+        else:
+            stated = re.search(r"\(default: ([^)]*(?:\([^)]*\)[^)]*)*)\)\s*$", action.help or "")
+            out[flag] = f"({stated.group(1)})" if stated else "none"
+    return out
+
+
+def list_tasks() -> str:
+    """The text of ``mambakit tasks --list``: each built-in task, what it is, and the defaults of its options (the
+    synthetic tasks' options common to all of them last)."""
+    lines = []
+    for task, d in TASK_DEFAULTS.items():
+        flags = ", ".join(f"--{_FLAGS.get(k, k).replace('_', '-')} {_value(v)}" for k, v in d.items())
+        lines += _entry(task, flags)
+    d_state = ", ".join(f"{m} {n}" for m, n in DEFAULT_D_STATE.items() if n)
+    lines += _entry("  and all of these", f"--mixer mamba, --d-state per mixer ({d_state}), --seed 0, --eval-samples 256, "
+                    "--warmup min(100, steps / 10), --eval-interval steps / 10 (the rest: 'mambakit tasks --help')")
+    for task in ND_TASKS:
+        flags = ", ".join(f"{flag} {value}" for flag, value in _nd_defaults(task).items() if value != "none")
+        lines += _entry(task, flags)
+    return "\n".join(lines)
+
+
+def _entry(head: str, flags: str) -> List[str]:
+    title = f"{head}: {DESCRIPTIONS[head]}" if head in DESCRIPTIONS else head + ":"
+    return textwrap.wrap(title, 110, break_on_hyphens=False) + textwrap.wrap(
+        flags, 110, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
 
 
 def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
@@ -101,8 +197,16 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
         parser = Parser(prog="mambakit tasks", raising=True)
         _add_arguments(parser)
         ns = parser.parse_args(list(args))
+    if ns.list:
+        print(list_tasks())
+        return 0
+    if ns.name is None:
+        raise MambaKitError(f"NAME is required: one of {', '.join(TASKS + ND_TASKS)} (or --list)")
+    if ns.name in ND_TASKS:  # options given before a Mamba-ND task's name reach this parser
+        raise MambaKitError(f"the options of {ns.name} come after its name: 'mambakit tasks {ns.name} [options]' "
+                            f"(see 'mambakit tasks {ns.name} --help')")
     if ns.name not in TASKS:
-        raise MambaKitError(f"NAME must be one of {', '.join(TASKS)}; got {ns.name!r}")
+        raise MambaKitError(f"NAME must be one of {', '.join(TASKS + ND_TASKS)}; got {ns.name!r}")
     bad = [m for m in ns.mixer if m not in MIXERS]
     if bad:
         raise MambaKitError(f"--mixer must be one of {', '.join(MIXERS)}; got {bad[0]!r}")

@@ -39,11 +39,13 @@ def test_explain_command_writes_pictures_and_prints_top_tokens(checkpoint, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["attribution.png", "layer_01.png", "relevance.png",
                                                      "rollout.png"]
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("prediction after the last token d:")
+    assert lines[0].startswith("prediction after the last token 'd': '")  # both tokens quoted, repr-style
     assert lines[1].startswith("top-5 source tokens")
     ranked = lines[2:7]
     assert [line.split()[0] for line in ranked] == ["1.", "2.", "3.", "4.", "5."]
     positions = [int(line.split()[2]) for line in ranked]
+    prompt = "hello, world"
+    assert all(f"position {p:>2d}  {repr(prompt[p]):<8} " in line for line, p in zip(ranked, positions)), ranked
     assert len(set(positions)) == 5 and all(0 <= p < 11 for p in positions)
     assert lines[-1] == f"wrote 4 pictures to {out}"
 

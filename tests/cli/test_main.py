@@ -94,7 +94,9 @@ def test_the_parser_routes_the_mamba_nd_tasks() -> None:
     (["tasks", "mamba-nd-video", "--weight-decay", "-1"], "--weight-decay: must be a non-negative number"),
     (["tasks", "mamba-nd-video", "--bogus"], "unrecognized arguments: --bogus (see 'mambakit tasks --help')"),
     (["tasks", "mqar", "--bogus"], "unrecognized arguments: --bogus (see 'mambakit --help')"),
-    (["tasks"], "the following arguments are required: NAME"),
+    (["tasks"], "NAME is required: one of selective-copying, copying, induction-heads, mqar, parity, "
+                "modular-arithmetic, mamba-nd-digits, mamba-nd-video (or --list)"),
+    (["tasks", "--steps", "3", "mamba-nd-digits"], "the options of mamba-nd-digits come after its name"),
 ])
 def test_routed_usage_errors_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2

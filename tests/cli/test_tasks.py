@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 
 import pytest
 
@@ -98,3 +99,48 @@ def test_the_tasks_command_makes_the_allocator_setting(monkeypatch, tmp_path):
                        "12", "--n-pairs", "2", "--vocab", "8", "--eval-samples", "2", "--threads", "1", "--out",
                        str(tmp_path), "--no-progress"]) == 0
     assert calls == [1]
+
+
+def _help_text(capsys, *argv: str) -> str:
+    assert main([*argv, "--help"]) == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse's line breaks undone
+
+
+def test_help_names_every_task_the_readme_advertises_and_every_default(capsys):
+    from pathlib import Path
+
+    from mambakit.cli.tasks import ND_TASKS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    advertised = set(re.findall(r"mambakit tasks ([a-z][a-z0-9-]+)", readme))
+    assert {"mqar", "mamba-nd-digits", "mamba-nd-video"} <= advertised
+    text = _help_text(capsys, "tasks")
+    for name in advertised | set(TASK_DEFAULTS) | set(ND_TASKS):
+        assert name in text, name
+    assert "TASK_DEFAULTS" not in text and "per task)" not in text
+    for task, defaults in TASK_DEFAULTS.items():
+        for key, value in defaults.items():
+            shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            assert f"{task} {shown or 'none'}" in text, (task, key)
+    for task in ND_TASKS:  # the Mamba-ND tasks' own help states a default for each value option
+        nd_text = _help_text(capsys, "tasks", task)
+        options = re.findall(r"(--[a-z-]+) [A-Z_]+ ", nd_text)
+        assert options and all(f"{opt} " in nd_text for opt in options)
+        assert nd_text.count("(default:") >= len(set(options)) - 1  # --json PATH has no default
+
+
+def test_list_prints_every_task_with_its_defaults(capsys):
+    from mambakit.cli.tasks import ND_TASKS
+    from mambakit.nd.train import TASK_DEFAULTS as ND_DEFAULTS
+
+    assert main(["tasks", "--list"]) == 0
+    text = capsys.readouterr().out
+    joined = " ".join(text.split())
+    for task in (*TASK_DEFAULTS, *ND_TASKS):
+        assert re.search(rf"^{task}: ", text, re.M), task
+    assert "--steps 5000" in joined and "--n-pairs 32" in joined and "--eval-lengths 256 1024 4096 16384 65536" in joined
+    for task in ND_TASKS:
+        section = joined.split(f"{task}: ")[1]
+        assert f"--steps {ND_DEFAULTS[task]['steps']}" in section and "--mixer mamba2" in section
+    assert "--patch 2,4,4" in joined and "--d-state (16 for mamba1, 64 for mamba2)" in joined
+    assert main(["tasks"]) == 2 and "NAME is required" in capsys.readouterr().err

@@ -45,12 +45,14 @@ class S4(nn.Module):
                                 padding=d_conv - 1, bias=conv_bias, **factory)
         A, B = s4d_init(d_state, init)
         H = self.d_inner
-        self.log_dt = nn.Parameter(torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        self.A_log_neg_real = nn.Parameter(torch.log(-A.real).float().repeat(H, 1))  # Re(A) = -exp(.)
-        self.A_imag = nn.Parameter(A.imag.float().repeat(H, 1))
-        self.B = nn.Parameter(torch.view_as_real(B.to(torch.complex64)).repeat(H, 1, 1))  # (H, N, 2)
-        self.C = nn.Parameter(torch.randn(H, d_state, 2) * (0.5 ** 0.5))
-        self.D = nn.Parameter(torch.ones(H))
+        # the SSM parameters stay float32 whatever `dtype` (as A_log and D of the Mamba layers), on `device`
+        self.log_dt = nn.Parameter((torch.rand(H) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+                                   .to(device))
+        self.A_log_neg_real = nn.Parameter(torch.log(-A.real).float().repeat(H, 1).to(device))  # Re(A) = -exp(.)
+        self.A_imag = nn.Parameter(A.imag.float().repeat(H, 1).to(device))
+        self.B = nn.Parameter(torch.view_as_real(B.to(torch.complex64)).repeat(H, 1, 1).to(device))  # (H, N, 2)
+        self.C = nn.Parameter((torch.randn(H, d_state, 2) * (0.5 ** 0.5)).to(device))
+        self.D = nn.Parameter(torch.ones(H, device=device))
         for p in (self.log_dt, self.A_log_neg_real, self.A_imag):
             p._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)

@@ -41,3 +41,16 @@ def test_bad_options():
         S4(8, discretization="euler")
     with pytest.raises(MambaKitError, match="seq_idx"):
         S4(8)(torch.randn(1, 3, 8), seq_idx=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_every_parameter_goes_to_the_device_asked_for():
+    """device= reaches the SSM parameters too (they used to stay on the CPU), and the CPU values stay the seeded
+    ones."""
+    m = S4(8, device="meta")
+    assert {p.device.type for p in m.parameters()} == {"meta"}
+    torch.manual_seed(3)
+    a = S4(8)
+    torch.manual_seed(3)
+    b = S4(8, device="cpu")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name

@@ -16,32 +16,13 @@ from mambakit.models.io import hybrid, mamba_ssm, native, transformers
 from mambakit.models.io.atomic import write_folder
 from mambakit.models.io.folder import read_json, resolve_folder
 from mambakit.models.io.names import CONFIG_NAME, META_NAME, is_weights_or_config
-from mambakit.models.io.state import load_model
+from mambakit.models.io.state import load_model, resolve_dtype
 from mambakit.models.io.weights import find_weights
 from mambakit.models.hybrid import HybridConfig
 from mambakit.models.lm import MambaLMHeadModel
 
 FORMATS = ("hf", "mamba_ssm", "mambakit")  # what detect_format returns
 SAVE_FORMATS = ("hf", "mamba_ssm")
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
-           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
-
-
-def _resolve_dtype(dtype: Any) -> Union[torch.dtype, str, None]:
-    """A torch dtype, None, or "auto", from what from_pretrained accepts."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        key = dtype.lower().replace("torch.", "")
-        if key == "auto":
-            return "auto"
-        if key in _DTYPES:
-            return _DTYPES[key]
-    raise MambaKitError(f"dtype must be a torch floating dtype, one of {sorted(_DTYPES)}, 'auto' or None; "
-                        f"got {dtype!r}")
-
 
 def _detect(directory: Path, raw: dict[str, Any]) -> str:
     where = str(directory / CONFIG_NAME)
@@ -83,7 +64,7 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
     directory = resolve_folder(path)
     raw = read_json(directory / CONFIG_NAME)
     fmt = _detect(directory, raw)
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     where = repr(str(directory))
     if fmt == "mambakit":
         model = native.load_checkpoint(directory, device=device, dtype=dtype, allow_non_finite=allow_non_finite)

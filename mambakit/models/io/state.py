@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Optional, Union
 
 import torch
 
-from mambakit.errors import CheckpointError, name_list
+from mambakit.errors import CheckpointError, MambaKitError, name_list
 from mambakit.models.config import MambaConfig
 from mambakit.models.io.names import CONFIG_NAME, EMBEDDING_KEY, LM_HEAD_KEY
 from mambakit.models.io.weights import TensorInfo, WeightFiles
@@ -113,6 +113,26 @@ def non_finite(model: torch.nn.Module, file_name: Callable[[str], str] = lambda 
     return [f"{file_name(k)} ({n} of {t.numel()})" for (k, t), n in zip(named, bad) if n]
 
 
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float64": torch.float64, "fp64": torch.float64, "double": torch.float64}
+
+
+def resolve_dtype(dtype: object) -> Union[torch.dtype, str, None]:
+    """A torch dtype, None, or "auto", from what the loaders accept (a dtype, its name such as "bfloat16", "auto",
+    None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.lower().replace("torch.", "")
+        if key == "auto":
+            return "auto"
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise MambaKitError(f"dtype must be a torch floating dtype, one of {sorted(_DTYPES)}, 'auto' or None; "
+                        f"got {dtype!r}")
+
+
 def load_model(config: Union[MambaConfig, HybridConfig], weights: WeightFiles, where: str, device: Union[str, torch.device] = "cpu",
                dtype: Union[torch.dtype, str, None] = None,
                rename: Optional[Callable[[list[str]], dict[str, str]]] = None,
@@ -135,6 +155,7 @@ def load_model(config: Union[MambaConfig, HybridConfig], weights: WeightFiles, w
     problems = _layer_count_problem(stored_info, config.n_layer, file_name)
     if problems:
         raise CheckpointError.listing(fail, problems)
+    dtype = resolve_dtype(dtype)
     if isinstance(dtype, str) and dtype == "auto":
         emb = stored_info.get(EMBEDDING_KEY)
         dtype = emb.dtype if emb is not None and emb.dtype is not None and emb.dtype.is_floating_point else None

@@ -171,3 +171,17 @@ def test_loaded_weights_do_not_change_with_the_file(tmp_path):
         f.write(data[:header] + bytes(len(data) - header))
     for (name, p), (_, q) in zip(loaded.named_parameters(), model.named_parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "bf16", "torch.float16", "auto", torch.bfloat16])
+def test_load_checkpoint_takes_dtype_names_like_from_pretrained(tmp_path, dtype):
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=32))
+    save_checkpoint(model, tmp_path / "ck")
+    expect = {"auto": torch.float32, "torch.float16": torch.float16}.get(dtype, torch.bfloat16)
+    a = load_checkpoint(tmp_path / "ck", dtype=dtype)
+    b = from_pretrained(tmp_path / "ck", dtype=dtype)
+    assert a.backbone.embedding.weight.dtype == b.backbone.embedding.weight.dtype == expect
+    from mambakit.errors import MambaKitError
+
+    with pytest.raises(MambaKitError, match="dtype must be"):
+        load_checkpoint(tmp_path / "ck", dtype="int8")

@@ -120,3 +120,22 @@ def test_jamba_unsupported_values_are_refused_together(saved, tmp_path):
     for part in ("hidden_act 'gelu'", "attn_layer_offset 2 must be smaller than attn_layer_period 2",
                  "num_experts_per_tok must be an integer in [1, num_experts=4]", "mamba_dt_rank"):
         assert part in text
+
+
+def test_jamba_left_padded_batch_equals_rows_alone_and_the_cli_reads_it(saved, capsys):
+    from mambakit.cli import main
+
+    ref, folder = saved["moe"]
+    model = from_pretrained(folder)
+    short, long = ids_for(ref.config.vocab_size, 1, 5, seed=3), ids_for(ref.config.vocab_size, 1, 9, seed=4)
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    batch = torch.cat([torch.cat([pad, short], 1), long])
+    mask = torch.cat([torch.cat([pad, torch.ones_like(short)], 1), torch.ones_like(long)])
+    out = model.generate(batch, 6, temperature=0, attention_mask=mask)
+    assert out[0, 4:].tolist() == model.generate(short, 6, temperature=0)[0].tolist()
+    assert out[1].tolist() == model.generate(long, 6, temperature=0)[0].tolist()
+    assert out.tolist() == hf_generate(ref, batch, mask, new_tokens=6).tolist()
+    assert main(["info", str(folder)]) == 0
+    text = capsys.readouterr().out
+    assert "mixer+mlp per layer: attention+routed, mamba+gated; attention at layers [1, 3]" in text
+    assert "bcdt_rms_weight" in text

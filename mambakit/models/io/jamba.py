@@ -55,9 +55,10 @@ def jamba_config(raw: dict[str, Any], where: str) -> HybridConfig:
     mamba = dict(d_state=r.pos_int("mamba_d_state"), d_conv=r.pos_int("mamba_d_conv"),
                  expand=r.pos_int("mamba_expand"), dt_rank=dt_rank, conv_bias=r.flag("mamba_conv_bias"),
                  bias=r.flag("mamba_proj_bias"), bcdt_rms=True, bcdt_rms_eps=eps, bcdt_rms_weight=True)
-    experts = r.pos_int("num_experts")
-    top_k = r.need("num_experts_per_tok", lambda v: is_int(v) and 0 < v <= (experts or 0),
-                   f"an integer in [1, num_experts={experts}]")
+    experts, top_k = r.pos_int("num_experts"), None
+    if experts is not None and experts > 1:  # one expert means dense MLPs: num_experts_per_tok is then unread
+        top_k = r.need("num_experts_per_tok", lambda v: is_int(v) and 0 < v <= experts,
+                       f"an integer in [1, num_experts={experts}]")
     attn_period, attn_offset = _period(r, "attn")
     moe_period, moe_offset = _period(r, "expert")
     layers = []

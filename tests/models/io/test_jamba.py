@@ -97,7 +97,7 @@ def test_jamba_saves_for_transformers(case, saved, tmp_path):
 
 
 def test_jamba_without_experts_saves_as_dense(tmp_path):
-    ref = hf_jamba("moe", num_experts=1, num_experts_per_tok=1)
+    ref = hf_jamba("moe", num_experts=1)  # num_experts_per_tok stays 2, unread
     ref.save_pretrained(tmp_path / "hf")
     model = from_pretrained(tmp_path / "hf")
     assert all(s["mlp"] == "gated" for s in model.config.layers)

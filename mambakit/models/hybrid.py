@@ -1,13 +1,13 @@
 """Hybrid language models: a stack of layers, each listed with its own kinds, the way the Mamba-2 hybrids of
-transformers (Bamba, Nemotron-H, ...) are built.
+transformers (Bamba, Nemotron-H, Granite-4.0-H, Jamba, ...) are built.
 
 Layer i is ``config.layers[i] = {"mixer": M, "mlp": F}`` with M one of "mamba2" (`mambakit.layers.mamba2.Mamba2`,
-configured by ``config.mamba2``), "mamba" (`mambakit.layers.mamba.Mamba`, by ``config.mamba``), "attention" (`mambakit.layers.attention.MHA`, by ``config.attention``) or None,
-and F one of "gated" / "plain" (`mambakit.layers.mlp.MLP`, by ``config.mlp``), "moe" (`mambakit.layers.moe.
-SharedExpertMoE`: routed experts by ``config.moe`` plus the ``config.mlp`` MLP as the shared expert), "routed"
-(`mambakit.layers.moe.TopKMoE` by ``config.moe`` alone) or None; at
-least one of the two. Each
-present part is a pre-norm residual step: h = h + residual_multiplier * part(RMSNorm(h)), the mixer first.
+configured by ``config.mamba2``), "mamba" (`mambakit.layers.mamba.Mamba`, by ``config.mamba``), "attention"
+(`mambakit.layers.attention.MHA`, by ``config.attention``) or None, and F one of "gated" / "plain"
+(`mambakit.layers.mlp.MLP`, by ``config.mlp``), "moe" (`mambakit.layers.moe.SharedExpertMoE`: routed experts by
+``config.moe`` plus the ``config.mlp`` MLP as the shared expert), "routed" (`mambakit.layers.moe.TopKMoE` by
+``config.moe`` alone) or None; at least one of the two. Each present part is a pre-norm residual step:
+h = h + residual_multiplier * part(RMSNorm(h)), the mixer first.
 
 Module names: backbone.embedding, backbone.layers.{i}.norm / .mixer (the mixer part), backbone.layers.{i}.norm2 /
 .mlp (the MLP part), backbone.norm_f, lm_head (the keys that `mambakit.models.io` checks for every format).

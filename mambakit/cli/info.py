@@ -49,7 +49,7 @@ def describe(path: str) -> dict[str, Any]:
     if hybrid:
         kinds = sorted({f"{s['mixer'] or '-'}+{s['mlp'] or '-'}" for s in config.layers})
         mixers = f"hybrid (mixer+mlp per layer: {', '.join(kinds)}; attention at layers {config.attn_layer_idx})"
-        ssm, d_intermediate = dict(config.mamba2), config.mlp.get("d_intermediate", 0)
+        ssm, d_intermediate = dict(config.mamba2 or config.mamba), config.mlp.get("d_intermediate", 0)
     else:
         mixers = "attention" if config.attn_layer_idx and len(config.attn_layer_idx) == config.n_layer else \
             config.mixer_layer + (f" + attention at layers {config.attn_layer_idx}" if config.attn_layer_idx else "")

@@ -20,7 +20,7 @@ from mambakit.layers.step import PreNorm, negative_exp, norm_project_step, proje
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mamba_inner import fused_available, mamba_inner, mamba_inner_fused_inference
-from mambakit.ops.mixer_step import mamba1_step, weightless_rms
+from mambakit.ops.mixer_step import bcdt_norm, mamba1_step
 from mambakit.ops.selective_scan import selective_scan_fn
 
 
@@ -63,7 +63,8 @@ class Mamba(DtTransformMixin, nn.Module):
     """Mamba-1 mixer. Input and output: (batch, seqlen, d_model).
 
     bcdt_rms: apply a weightless RMSNorm (epsilon bcdt_rms_eps) to dt_low (batch, seqlen, dt_rank), B and C (batch,
-    seqlen, d_state) after x_proj, as Falcon-Mamba does.
+    seqlen, d_state) after x_proj, as Falcon-Mamba does; with bcdt_rms_weight also times a learned weight each
+    (parameters dt_norm_weight (dt_rank,), B_norm_weight and C_norm_weight (d_state,), initialised to 1), as Jamba does.
 
     Public surface for applications: `ssm_inputs` (everything the scan reads), `scan` (the scan on them), `finish`
     (the output projection), and the dt transform (`mambakit.layers.dt_transform`; dt is (batch, d_inner, seqlen)).
@@ -75,7 +76,8 @@ class Mamba(DtTransformMixin, nn.Module):
         self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: Union[int, str] = "auto",
         dt_min: float = 0.001, dt_max: float = 0.1, dt_init: str = "random", dt_scale: float = 1.0,
         dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False, layer_idx: Optional[int] = None,
-        scan_backend: str = "auto", bcdt_rms: bool = False, bcdt_rms_eps: float = 1e-6, device=None, dtype=None,
+        scan_backend: str = "auto", bcdt_rms: bool = False, bcdt_rms_eps: float = 1e-6, bcdt_rms_weight: bool = False,
+        device=None, dtype=None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
@@ -85,6 +87,9 @@ class Mamba(DtTransformMixin, nn.Module):
             raise MambaKitError(f"Mamba dt_init must be 'random' or 'constant', got {dt_init!r}")
         if not isinstance(bcdt_rms, bool):
             raise MambaKitError(f"Mamba bcdt_rms must be True or False, got {bcdt_rms!r}")
+        if bcdt_rms_weight not in (False, True) or (bcdt_rms_weight and not bcdt_rms):
+            raise MambaKitError(f"Mamba bcdt_rms_weight must be True (with bcdt_rms=True) or False, got "
+                                f"{bcdt_rms_weight!r} with bcdt_rms={bcdt_rms!r}")
         _check_positive("bcdt_rms_eps", bcdt_rms_eps)
         if dt_min > dt_max:
             raise MambaKitError(f"Mamba dt_min must be <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
@@ -117,6 +122,18 @@ class Mamba(DtTransformMixin, nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self.dt_norm_weight = self.B_norm_weight = self.C_norm_weight = None
+        if bcdt_rms_weight:  # Jamba: the B / C / dt norms have learned weights
+            self.dt_norm_weight = nn.Parameter(torch.ones(self.dt_rank, **factory))
+            self.B_norm_weight = nn.Parameter(torch.ones(d_state, **factory))
+            self.C_norm_weight = nn.Parameter(torch.ones(d_state, **factory))
+
+    @property
+    def bcdt_weights(self) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """The learned weights of the dt / B / C norms, or None (weightless or no norms)."""
+        if self.dt_norm_weight is None:
+            return None
+        return self.dt_norm_weight, self.B_norm_weight, self.C_norm_weight
 
     # ------------------------------------------------------------------------------------------------------------------
     def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> SSMState:
@@ -154,7 +171,7 @@ class Mamba(DtTransformMixin, nn.Module):
         x_dbl = self.x_proj(x_conv.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self.bcdt_rms:
-            dt, B, C = (weightless_rms(t, self.bcdt_rms_eps) for t in (dt, B, C))
+            dt, B, C = bcdt_norm(dt, B, C, self.bcdt_rms_eps, self.bcdt_weights)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen), bias added in the scan
         transform = self._pick_dt_transform(dt_transform)
         if transform is not None:
@@ -258,7 +275,7 @@ class Mamba(DtTransformMixin, nn.Module):
         y = mamba1_step(xz, state.conv, state.ssm, self.conv1d.weight.squeeze(1),
                         self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
                         self.D, dt_transform=transform, A=A,
-                        bcdt_rms_eps=self.bcdt_rms_eps if self.bcdt_rms else None)
+                        bcdt_rms_eps=self.bcdt_rms_eps if self.bcdt_rms else None, bcdt_weights=self.bcdt_weights)
         out = project_step(self.out_proj, y, gemv=True)
         out = out if squeeze else out[:, None]
         if pre_norm is None:

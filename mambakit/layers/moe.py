@@ -1,7 +1,9 @@
 """Mixture-of-experts feed-forward layers, routed per token as transformers' Granite-MoE models do.
 
-`TopKMoE`: router logits r = W_router x (num_experts), the top_k experts by r, their weights softmax(r[top_k]), and
-out = sum over the chosen experts e of weight_e * down_e(act(gate_e x) * up_e x) (gate and up packed per expert).
+`TopKMoE`: router logits r = W_router x (num_experts), the top_k experts by r, their weights softmax(r[top_k])
+(routing "topk_softmax", Granite) or softmax(r)[top_k], not renormalised (routing "softmax_topk", Jamba), and
+out = sum over the chosen experts e of weight_e * down_e(act(gate_e x) * up_e x) (gate and up packed per expert, or
+one gated `MLP` per expert with per_expert=True).
 `SharedExpertMoE`: TopKMoE(x) + a gated MLP applied to every token (the shared expert).
 """
 from __future__ import annotations
@@ -14,13 +16,16 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.mlp import ACTIVATIONS, MLP
 
 
+ROUTINGS = ("topk_softmax", "softmax_topk")
+
+
 class TopKMoE(nn.Module):
     """Routed experts. Input and output: (..., d_model). Parameters: router.weight (num_experts, d_model),
     gate_up_proj (num_experts, 2 * d_intermediate, d_model) with the gate first, down_proj (num_experts, d_model,
-    d_intermediate)."""
+    d_intermediate); with per_expert=True instead experts.{e} (a gated `MLP`: gate_proj, up_proj, down_proj)."""
 
     def __init__(self, d_model: int, d_intermediate: int, num_experts: int, top_k: int, activation: str = "silu",
-                 device=None, dtype=None):
+                 routing: str = "topk_softmax", per_expert: bool = False, device=None, dtype=None):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_intermediate", d_intermediate), ("num_experts", num_experts),
                             ("top_k", top_k)):
@@ -30,10 +35,18 @@ class TopKMoE(nn.Module):
             raise MambaKitError(f"TopKMoE top_k={top_k} must be <= num_experts={num_experts}")
         if activation not in ACTIVATIONS:
             raise MambaKitError(f"TopKMoE activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if routing not in ROUTINGS or per_expert not in (False, True):
+            raise MambaKitError(f"TopKMoE routing must be one of {list(ROUTINGS)} and per_expert True or False, got "
+                                f"{routing!r}, {per_expert!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
+        self.routing, self.per_expert = routing, per_expert
         self.act = ACTIVATIONS[activation]
         self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
+        if per_expert:
+            self.experts = nn.ModuleList(MLP(d_model, d_intermediate, activation=activation, **factory)
+                                         for _ in range(num_experts))
+            return
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * d_intermediate, d_model, **factory))
         self.down_proj = nn.Parameter(torch.empty(num_experts, d_model, d_intermediate, **factory))
         nn.init.normal_(self.gate_up_proj, std=0.02)
@@ -44,8 +57,18 @@ class TopKMoE(nn.Module):
         logits = self.router(x)
         if logits.dtype != torch.float64:
             logits = logits.float()  # the choice and the weights in float32 at least, as transformers
+        if self.routing == "softmax_topk":
+            top, index = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
+            return top.to(x.dtype), index
         top, index = logits.topk(self.top_k, dim=-1)
         return torch.softmax(top, dim=-1).to(x.dtype), index
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on x (tokens, d_model) -> (tokens, d_model), unweighted."""
+        if self.per_expert:
+            return self.experts[e](x)
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down_proj[e])
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -55,8 +78,7 @@ class TopKMoE(nn.Module):
         rows = flat.new_zeros(flat.shape[0] * self.top_k, flat.shape[1])
         for e in torch.unique(index).tolist():  # only the experts some token chose
             token, slot = torch.where(index == e)
-            gate, up = F.linear(flat[token], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[e]) * weights[token, slot, None]
+            y = self.expert(e, flat[token]) * weights[token, slot, None]
             rows[token * self.top_k + slot] = y.to(rows.dtype)
         return rows.view(-1, self.top_k, flat.shape[1]).sum(1).view_as(x)
 

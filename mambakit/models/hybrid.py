@@ -1,12 +1,13 @@
 """Hybrid language models: a stack of layers, each listed with its own kinds, the way the Mamba-2 hybrids of
-transformers (Bamba, Nemotron-H, ...) are built.
+transformers (Bamba, Nemotron-H, Granite-4.0-H, Jamba, ...) are built.
 
 Layer i is ``config.layers[i] = {"mixer": M, "mlp": F}`` with M one of "mamba2" (`mambakit.layers.mamba2.Mamba2`,
-configured by ``config.mamba2``), "attention" (`mambakit.layers.attention.MHA`, by ``config.attention``) or None,
-and F one of "gated" / "plain" (`mambakit.layers.mlp.MLP`, by ``config.mlp``), "moe" (`mambakit.layers.moe.
-SharedExpertMoE`: routed experts by ``config.moe`` plus the ``config.mlp`` MLP as the shared expert) or None; at
-least one of the two. Each
-present part is a pre-norm residual step: h = h + residual_multiplier * part(RMSNorm(h)), the mixer first.
+configured by ``config.mamba2``), "mamba" (`mambakit.layers.mamba.Mamba`, by ``config.mamba``), "attention"
+(`mambakit.layers.attention.MHA`, by ``config.attention``) or None, and F one of "gated" / "plain"
+(`mambakit.layers.mlp.MLP`, by ``config.mlp``), "moe" (`mambakit.layers.moe.SharedExpertMoE`: routed experts by
+``config.moe`` plus the ``config.mlp`` MLP as the shared expert), "routed" (`mambakit.layers.moe.TopKMoE` by
+``config.moe`` alone) or None; at least one of the two. Each present part is a pre-norm residual step:
+h = h + residual_multiplier * part(RMSNorm(h)), the mixer first.
 
 Module names: backbone.embedding, backbone.layers.{i}.norm / .mixer (the mixer part), backbone.layers.{i}.norm2 /
 .mlp (the MLP part), backbone.norm_f, lm_head (the keys that `mambakit.models.io` checks for every format).
@@ -25,15 +26,16 @@ from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
 from mambakit.layers.attention import MHA
+from mambakit.layers.mamba import Mamba
 from mambakit.layers.mamba2 import Mamba2
 from mambakit.layers.mlp import MLP
-from mambakit.layers.moe import SharedExpertMoE
+from mambakit.layers.moe import SharedExpertMoE, TopKMoE
 from mambakit.layers.norm import RMSNorm
 from mambakit.models.config import config_from_dict
 from mambakit.models.lm import CausalLM, InferenceCache, _init_weights
 
-MIXER_KINDS = ("mamba2", "attention")
-MLP_KINDS = ("gated", "plain", "moe")
+MIXER_KINDS = ("mamba2", "mamba", "attention")
+MLP_KINDS = ("gated", "plain", "moe", "routed")
 
 
 def _positive(v: Any) -> bool:
@@ -44,10 +46,11 @@ def _positive(v: Any) -> bool:
 class HybridConfig:
     """Configuration of `HybridLM`.
 
-    layers: one {"mixer": "mamba2" | "attention" | None, "mlp": "gated" | "plain" | None} per layer.
-    mamba2 / attention: keyword arguments of `Mamba2` / `MHA` (every such layer alike).
+    layers: one {"mixer": "mamba2" | "mamba" | "attention" | None, "mlp": "gated" | "plain" | "moe" | "routed" |
+    None} per layer.
+    mamba2 / mamba / attention: keyword arguments of `Mamba2` / `Mamba` / `MHA` (every such layer alike).
     mlp: {"d_intermediate": int, "activation": "silu" | "relu2" | ..., "bias": bool, "packed": bool}.
-    moe: {"d_intermediate", "num_experts", "top_k", "activation"} of `TopKMoE` (layers whose mlp is "moe").
+    moe: keyword arguments of `TopKMoE` (layers whose mlp is "moe" or "routed").
     embedding_multiplier scales the embeddings, residual_multiplier every residual branch, and the logits are
     divided by logits_scaling (the µP multipliers of Granite; 1.0 elsewhere).
     """
@@ -56,6 +59,7 @@ class HybridConfig:
     vocab_size: int = 256
     layers: list[dict[str, Optional[str]]] = field(default_factory=lambda: [{"mixer": "mamba2", "mlp": "gated"}])
     mamba2: dict[str, Any] = field(default_factory=dict)
+    mamba: dict[str, Any] = field(default_factory=dict)
     attention: dict[str, Any] = field(default_factory=dict)
     mlp: dict[str, Any] = field(default_factory=dict)
     moe: dict[str, Any] = field(default_factory=dict)
@@ -75,7 +79,7 @@ class HybridConfig:
             if not _positive(getattr(self, name)):
                 raise MambaKitError(f"HybridConfig.{name} must be a positive finite number, got "
                                     f"{getattr(self, name)!r}")
-        for name in ("mamba2", "attention", "mlp", "moe"):
+        for name in ("mamba2", "mamba", "attention", "mlp", "moe"):
             if not isinstance(getattr(self, name), dict):
                 raise MambaKitError(f"HybridConfig.{name} must be a JSON object, got {getattr(self, name)!r}")
         if not isinstance(self.layers, list) or not self.layers:
@@ -86,12 +90,12 @@ class HybridConfig:
             if not ok:
                 raise MambaKitError(f"HybridConfig.layers[{i}] must be {{'mixer': one of {[None, *MIXER_KINDS]}, "
                                     f"'mlp': one of {[None, *MLP_KINDS]}}}, not both None; got {spec!r}")
-        if any(s["mlp"] for s in self.layers) and "d_intermediate" not in self.mlp:
+        if any(s["mlp"] not in (None, "routed") for s in self.layers) and "d_intermediate" not in self.mlp:
             raise MambaKitError("HybridConfig.mlp must give d_intermediate when a layer has an MLP")
         need = {"d_intermediate", "num_experts", "top_k"}
-        if any(s["mlp"] == "moe" for s in self.layers) and not need <= set(self.moe):
+        if any(s["mlp"] in ("moe", "routed") for s in self.layers) and not need <= set(self.moe):
             raise MambaKitError("HybridConfig.moe must give d_intermediate, num_experts and top_k when a layer is "
-                                f"'moe', got {self.moe!r}")
+                                f"'moe' or 'routed', got {self.moe!r}")
 
     @property
     def n_layer(self) -> int:
@@ -130,12 +134,15 @@ class HybridBlock(nn.Module):
         try:
             if spec["mixer"] is not None:
                 self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon, **factory)
-                mixer_cls, kwargs = (Mamba2, config.mamba2) if spec["mixer"] == "mamba2" else (MHA, config.attention)
+                mixer_cls, kwargs = {"mamba2": (Mamba2, config.mamba2), "mamba": (Mamba, config.mamba),
+                                     "attention": (MHA, config.attention)}[spec["mixer"]]
                 self.mixer = mixer_cls(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
             if spec["mlp"] is not None:
                 self.norm2 = RMSNorm(config.d_model, eps=config.norm_epsilon, **factory)
                 if spec["mlp"] == "moe":
                     self.mlp = SharedExpertMoE(config.d_model, config.moe, config.mlp, **factory)
+                elif spec["mlp"] == "routed":
+                    self.mlp = TopKMoE(config.d_model, **config.moe, **factory)
                 else:
                     self.mlp = MLP(config.d_model, gated=spec["mlp"] == "gated", **config.mlp, **factory)
         except TypeError as exc:
@@ -183,7 +190,7 @@ class HybridBackbone(nn.Module):
 
 class HybridLM(CausalLM):
     """Hybrid language model. `model(input_ids).logits`: (batch, seqlen, padded_vocab_size); the cache holds each
-    layer's own state (a KVState for attention, an SSMState for Mamba-2, None for an MLP-only layer)."""
+    layer's own state (a KVState for attention, an SSMState for Mamba / Mamba-2, None for an MLP-only layer)."""
 
     def __init__(self, config: HybridConfig, device=None, dtype=None):
         super().__init__()

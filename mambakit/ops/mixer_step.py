@@ -68,11 +68,18 @@ def weightless_rms(x: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _bcdt_norm(dt: Tensor, B: Tensor, C: Tensor, eps: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
-    """dt_low, B and C each through `weightless_rms` when eps is given (Falcon-Mamba), else unchanged."""
+BcdtWeights = Optional[tuple[Tensor, Tensor, Tensor]]
+
+
+def bcdt_norm(dt: Tensor, B: Tensor, C: Tensor, eps: Optional[float],
+              weights: BcdtWeights = None) -> tuple[Tensor, Tensor, Tensor]:
+    """dt_low (..., dt_rank), B and C (..., d_state) each through `weightless_rms` when eps is given (Falcon-Mamba),
+    then times its learned weight (dt_rank,) / (d_state,) / (d_state,) when weights are given (Jamba); else
+    unchanged."""
     if eps is None:
         return dt, B, C
-    return weightless_rms(dt, eps), weightless_rms(B, eps), weightless_rms(C, eps)
+    out = (weightless_rms(dt, eps), weightless_rms(B, eps), weightless_rms(C, eps))
+    return out if weights is None else tuple(w * t for w, t in zip(weights, out))
 
 
 def _fusable(*tensors: Optional[Tensor]) -> bool:
@@ -83,7 +90,8 @@ def _fusable(*tensors: Optional[Tensor]) -> bool:
 def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
                 x_proj_weight: Tensor, dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor,
                 D: Optional[Tensor], dt_transform: Optional[DtTransform] = None, backend: str = "auto",
-                A: Optional[Tensor] = None, bcdt_rms_eps: Optional[float] = None) -> Tensor:
+                A: Optional[Tensor] = None, bcdt_rms_eps: Optional[float] = None,
+                bcdt_weights: BcdtWeights = None) -> Tensor:
     """One Mamba-1 token after in_proj.
 
     xz: (batch, 2 * d_inner), [x, z]; conv_state: (batch, d_inner, d_conv) and ssm_state: (batch, d_inner, d_state),
@@ -92,8 +100,9 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     dt_transform: rewrites the pre-bias dt (batch, d_inner) (ReMamba); it runs the PyTorch path.
     A: -exp(A_log) when the caller keeps it (the PyTorch path then skips forming it; the kernels form their own).
     bcdt_rms_eps: when given, dt_low (batch, dt_rank), B and C (batch, d_state) after x_proj each go through a
-    weightless RMSNorm with this epsilon (Falcon-Mamba); the fused kernels do not cover it yet, so "auto" then runs
-    the PyTorch path and "triton" is refused.
+    weightless RMSNorm with this epsilon (Falcon-Mamba), then times bcdt_weights (dt_rank,), (d_state,), (d_state,)
+    when given (Jamba's learned norms); the fused kernels do not cover it yet, so "auto" then runs the PyTorch path
+    and "triton" is refused.
     backend: "auto" (the kernels on CUDA, else "torch"), "torch" (one lean PyTorch step), "triton", "ref" (the
     composition of conv1d update, x_proj, dt_proj and `selective_state_update`: the reference).
     Returns y: (batch, d_inner) in xz's dtype, gated by SiLU(z), before out_proj.
@@ -110,6 +119,11 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     _check("A_log", A_log, (d_inner, d_state))
     if bcdt_rms_eps is not None and not (isinstance(bcdt_rms_eps, (int, float)) and bcdt_rms_eps > 0):
         raise MambaKitError(f"bcdt_rms_eps must be a positive number or None, got {bcdt_rms_eps!r}")
+    if bcdt_weights is not None:
+        if bcdt_rms_eps is None:
+            raise MambaKitError("bcdt_weights needs bcdt_rms_eps (the norms they scale)")
+        for name, t, n in zip(("dt", "B", "C"), bcdt_weights, (dt_rank, d_state, d_state)):
+            _check(f"bcdt_weights {name}", t, (n,))
     fused_ok = dt_transform is None and bcdt_rms_eps is None \
         and _fusable(xz, conv_state, ssm_state, conv_weight, x_proj_weight, dt_proj_weight, A_log) \
         and conv_weight.is_contiguous() and x_proj_weight.is_contiguous() and dt_proj_weight.is_contiguous() and A_log.is_contiguous()
@@ -123,7 +137,7 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu")
     if choice == "ref":
         dt, B, C = torch.split(F.linear(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
-        dt, B, C = _bcdt_norm(dt, B, C, bcdt_rms_eps)
+        dt, B, C = bcdt_norm(dt, B, C, bcdt_rms_eps, bcdt_weights)
         dt = F.linear(dt, dt_proj_weight)
         if dt_transform is not None:
             dt = dt_transform(dt)
@@ -133,7 +147,7 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
                                       dt_softplus=True)
     # the lean step: the same arithmetic as the composition in fewer, larger tensor operations
     dt, B, C = torch.split(linear_step(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
-    dt, B, C = _bcdt_norm(dt, B, C, bcdt_rms_eps)
+    dt, B, C = bcdt_norm(dt, B, C, bcdt_rms_eps, bcdt_weights)
     dt = linear_step(dt, dt_proj_weight)
     if dt_transform is not None:
         dt = dt_transform(dt)

@@ -65,3 +65,36 @@ def test_option_checks():
         Mamba(16, bcdt_rms=1)
     with pytest.raises(MambaKitError, match="bcdt_rms_eps must be positive, got 0"):
         Mamba(16, bcdt_rms=True, bcdt_rms_eps=0)
+
+
+@torch.no_grad()
+def test_learned_weights_forward_and_step():
+    """bcdt_rms_weight (Jamba): the forward equals the step loop, both paths of the step agree, and the weights
+    multiply the normalised dt_low / B / C."""
+    torch.manual_seed(0)
+    layer = Mamba(24, d_state=6, d_conv=3, dt_rank=5, bcdt_rms=True, bcdt_rms_eps=1e-4, bcdt_rms_weight=True,
+                  dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    layer.eval()
+    assert [tuple(w.shape) for w in layer.bcdt_weights] == [(5,), (6,), (6,)]
+    x = torch.randn(2, 9, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    full = layer(x)
+    for backend in ("torch", "ref"):
+        state = layer.allocate_state(2)
+        xs = [layer.in_proj(x[:, t]) for t in range(x.shape[1])]
+        ys = [mamba1_step(xz, state.conv, state.ssm, layer.conv1d.weight.squeeze(1), layer.conv1d.bias,
+                          layer.x_proj.weight, layer.dt_proj.weight, layer.dt_proj.bias, layer.A_log, layer.D,
+                          backend=backend, bcdt_rms_eps=1e-4, bcdt_weights=layer.bcdt_weights) for xz in xs]
+        assert rel_err(layer.out_proj(torch.stack(ys, 1)), full) <= 1e-10
+    weightless = Mamba(24, d_state=6, d_conv=3, dt_rank=5, bcdt_rms=True, bcdt_rms_eps=1e-4, dtype=torch.float64)
+    weightless.load_state_dict({k: v for k, v in layer.state_dict().items() if "norm_weight" not in k})
+    assert rel_err(weightless.eval()(x), full) > 1e-3
+    with pytest.raises(MambaKitError, match="bcdt_rms_weight must be True"):
+        Mamba(16, bcdt_rms_weight=True)
+    with pytest.raises(MambaKitError, match="bcdt_weights dt must have shape"):
+        state = layer.allocate_state(2)
+        mamba1_step(xs[0], state.conv, state.ssm, layer.conv1d.weight.squeeze(1), layer.conv1d.bias,
+                    layer.x_proj.weight, layer.dt_proj.weight, layer.dt_proj.bias, layer.A_log, layer.D,
+                    bcdt_rms_eps=1e-4, bcdt_weights=(layer.B_norm_weight,) * 3)

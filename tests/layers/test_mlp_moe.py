@@ -56,6 +56,26 @@ def test_top_k_moe_matches_dense_reference(experts, top_k):
         assert rel_err(a, b) < 1e-10
 
 
+def test_per_expert_softmax_topk_moe_matches_dense_reference():
+    """Jamba's form: softmax over every router logit, the top-k probabilities unrenormalised, one MLP per expert."""
+    torch.manual_seed(7)
+    m = TopKMoE(10, 6, 5, 2, routing="softmax_topk", per_expert=True).double()
+    x = torch.randn(3, 7, 10, dtype=torch.float64, requires_grad=True)
+    flat = x.reshape(-1, 10)
+    probs = torch.softmax(m.router(flat), dim=-1)
+    top, index = probs.topk(2, dim=-1)
+    weights = torch.zeros_like(probs).scatter(1, index, top)
+    ref = sum(weights[:, e, None] * m.experts[e](flat) for e in range(5)).view_as(x)
+    out = m(x)
+    assert rel_err(out, ref) < 1e-12 and rel_err(weights.sum(-1), torch.ones(21, dtype=torch.float64)) > 1e-3
+    g = torch.randn_like(out)
+    params = [x, m.router.weight, m.experts[0].gate_proj.weight, m.experts[4].down_proj.weight]
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        assert rel_err(a, b) < 1e-10
+    with pytest.raises(MambaKitError, match="routing must be one of"):
+        TopKMoE(8, 4, 3, 2, routing="sinkhorn")
+
+
 def test_shared_expert_moe_adds_the_shared_mlp():
     torch.manual_seed(3)
     m = SharedExpertMoE(8, dict(d_intermediate=4, num_experts=3, top_k=2), dict(d_intermediate=5, packed=True))

@@ -440,8 +440,8 @@ def test_unsupported_model_type_and_norm_fields(hf_dir):
     _edit_config(hf_dir, norm_before_gate=True)
     with pytest.raises(CheckpointError, match="norm_before_gate"):
         from_pretrained(hf_dir)
-    _edit_config(hf_dir, norm_before_gate=False, model_type="jamba")
-    with pytest.raises(CheckpointError, match="jamba"):
+    _edit_config(hf_dir, norm_before_gate=False, model_type="zamba2")
+    with pytest.raises(CheckpointError, match="zamba2"):
         from_pretrained(hf_dir)
     _edit_config(hf_dir, model_type="llama")
     with pytest.raises(CheckpointError, match="model_type 'llama' is not supported"):

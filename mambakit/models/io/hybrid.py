@@ -5,7 +5,9 @@ Supported (one module each for the config fields and tensor names): ``bamba`` (`
 `mambakit.models.io.bamba`: Mamba-2 mixers, grouped-query attention with partial RoPE at ``attn_layer_indices``, a
 SwiGLU MLP after every mixer) and ``nemotron_h`` (`NemotronHForCausalLM`, in `mambakit.models.io.nemotron_h`: each
 layer ONE of a Mamba-2 mixer, attention without positional encoding, or a plain MLP; MoE layers and
-multi-token-prediction heads are refused). Every value mambakit would not compute exactly is refused, all of them in
+multi-token-prediction heads are refused), ``granitemoehybrid`` (in `mambakit.models.io.bamba`) and ``jamba``
+(`JambaForCausalLM`, in `mambakit.models.io.jamba`: Mamba-1 mixers with learned dt / B / C norms, attention and
+routed experts every so many layers). Every value mambakit would not compute exactly is refused, all of them in
 one CheckpointError.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from mambakit.errors import CheckpointError
 from mambakit.models.hybrid import HybridConfig, HybridLM
-from mambakit.models.io import bamba, nemotron_h
+from mambakit.models.io import bamba, jamba, nemotron_h
 from mambakit.models.io.folder import write_json
 from mambakit.models.io.names import CONFIG_NAME, SAFETENSORS_NAME
 from mambakit.models.io.transformers import hf_state
@@ -47,6 +49,7 @@ TYPES: dict[str, HybridType] = {
                              nemotron_h.nemotron_hf, aliases=((r"^model\.", "backbone."),)),
     "granitemoehybrid": HybridType("GraniteMoeHybridForCausalLM", bamba.granite_config, bamba.granite_key,
                                    bamba.granite_hf, aliases=bamba.GRANITE_ALIASES),
+    "jamba": HybridType("JambaForCausalLM", jamba.jamba_config, jamba.jamba_key, jamba.jamba_hf),
 }
 HYBRID_MODEL_TYPES = tuple(TYPES)
 
@@ -104,14 +107,16 @@ def hybrid_config_to_hf(model: HybridLM, model_type: str = "bamba",
 
 def hybrid_writer(model: HybridLM) -> Callable[[Path], None]:
     """What writes `model` in transformers format into a folder (as the model_type it was loaded from, else the type
-    its layers fit: granitemoehybrid for packed or MoE MLPs after every mixer, bamba for other MLPs after every
-    mixer, else nemotron_h);
-    every reason it cannot is raised here, before any file is written."""
+    its layers fit: jamba for Mamba-1 mixers, granitemoehybrid for packed or MoE MLPs after every mixer, bamba for
+    other MLPs after every mixer, else nemotron_h); every reason it cannot is raised here, before any file is
+    written."""
     source = getattr(model, "pretrained_source", None) or {}
     extra = source.get("config") if source.get("format") == "hf" else None
     config = model.config
     default = "nemotron_h"
-    if all(s["mixer"] and s["mlp"] for s in config.layers):
+    if any(s["mixer"] == "mamba" for s in config.layers):
+        default = "jamba"
+    elif all(s["mixer"] and s["mlp"] for s in config.layers):
         granite = config.mlp.get("packed") or any(s["mlp"] == "moe" for s in config.layers)
         default = "granitemoehybrid" if granite else "bamba"
     model_type = (extra or {}).get("model_type", default)

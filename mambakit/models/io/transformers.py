@@ -27,7 +27,7 @@ HF_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba")
 HF_ARCHITECTURES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
                     "falcon_mamba": "FalconMambaForCausalLM"}
 # Other model types of the family that transformers knows; their computation differs, so they are refused by name.
-HF_RELATED_TYPES = ("jamba", "zamba", "zamba2",
+HF_RELATED_TYPES = ("zamba", "zamba2",
                     "falcon_h1", "mamba2_hybrid")
 
 # transformers' defaults for fields a config.json may leave out (MambaConfig / Mamba2Config of transformers 5.x;

@@ -2,7 +2,9 @@
 
 Accepted and ignored: use_mem_eff_path and sequence_parallel (mambakit's dispatchers choose the kernels).
 Refused with MambaKitError: a process_group (tensor parallelism is `mambakit.distributed`), d_ssm other than
-d_inner (the gated-MLP split of the official layer), cu_seqlens (variable-length batches).
+d_inner (the gated-MLP split of the official layer).
+cu_seqlens (a packed batch of 1, as official): seq_idx is derived from it, so the conv does not mix sequences and
+the scan restarts at each; with inference_params, each sequence's final states go to row i of the cache.
 """
 from __future__ import annotations
 
@@ -12,8 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from mambakit.compat.mamba_ssm.modules.inference import OfficialInference
+from mambakit.compat.mamba_ssm.ops.triton.ssd_combined import check_cu_seqlens
+from mambakit.compat.mamba_ssm.utils.generation import states_of
 from mambakit.errors import MambaKitError
 from mambakit.layers.mamba2 import Mamba2 as MambaKitMamba2
+from mambakit.layers.state import SSMState
 
 __all__ = ["Mamba2"]
 
@@ -51,11 +56,18 @@ class Mamba2(OfficialInference, MambaKitMamba2):
     def forward(self, u: Tensor, seqlen: Optional[int] = None, seq_idx: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, inference_params=None, **kwargs) -> Tensor:
         """u (batch, seqlen, d_model), or (batch * seqlen, d_model) with seqlen given -> the same shape.
-        seq_idx: (batch, seqlen) packed sequences; inference_params: the official decoding state."""
-        if cu_seqlens is not None:
-            raise MambaKitError("cu_seqlens is not supported by mambakit.compat yet; pack the sequences with seq_idx "
-                                "instead, got a tensor")
+        seq_idx: (batch, seqlen) packed sequences; cu_seqlens: (num_seqs + 1,) the bounds of the sequences packed
+        in a batch of 1; inference_params: the official decoding state."""
         x = u if seqlen is None else u.reshape(-1, seqlen, u.shape[-1])
+        if cu_seqlens is not None:
+            bounds = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
+            derived = seq_idx_of(bounds, x.device)
+            if seq_idx is not None and not torch.equal(seq_idx.to(derived), derived):
+                raise MambaKitError(f"seq_idx must agree with cu_seqlens {bounds}, got {seq_idx.tolist()}")
+            if inference_params is not None:
+                out = self._varlen_prefill(x, bounds, inference_params, **kwargs)
+                return out if seqlen is None else out.reshape(u.shape)
+            seq_idx = derived
         if seq_idx is not None:
             kwargs["seq_idx"] = seq_idx
         if inference_params is not None:
@@ -63,3 +75,23 @@ class Mamba2(OfficialInference, MambaKitMamba2):
         else:
             out = super().forward(x, **kwargs)
         return out if seqlen is None else out.reshape(u.shape)
+
+    def _varlen_prefill(self, x: Tensor, bounds: list, inference_params, **kwargs) -> Tensor:
+        """x (1, total, d_model) packed -> same; sequence i prefills row i of this layer's cached states."""
+        if inference_params.seqlen_offset > 0:
+            raise MambaKitError(f"cu_seqlens with inference_params is a prefill: seqlen_offset must be 0, got "
+                                f"{inference_params.seqlen_offset}")
+        state = states_of(self, inference_params, len(bounds) - 1)
+        if state.ssm.shape[0] < len(bounds) - 1:
+            raise MambaKitError(f"the cached states hold {state.ssm.shape[0]} rows, cu_seqlens has "
+                                f"{len(bounds) - 1} sequences")
+        outs = [MambaKitMamba2.forward(self, x[:, a:b], state=SSMState(conv=state.conv[i:i + 1],
+                                                                       ssm=state.ssm[i:i + 1]), **kwargs)
+                for i, (a, b) in enumerate(zip(bounds, bounds[1:])) if b > a]
+        return torch.cat(outs, dim=1)
+
+
+def seq_idx_of(bounds: list, device) -> Tensor:
+    """cu_seqlens bounds [0, ..., total] -> seq_idx (1, total) int32: the index of each token's sequence."""
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device, dtype=torch.int32), lengths)[None]

@@ -9,16 +9,18 @@ eos_token_id. Returns sequences (batch, length) or, with return_dict_in_generate
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.layers.state import SSMState
+from mambakit.models.cuda_graph import GraphedDecoder, check_graphable
 from mambakit.models.generation import sample_next_token
 
-__all__ = ["GenerateDecoderOnlyOutput", "GenerationMixin", "InferenceParams", "decode", "sample", "states_of"]
+__all__ = ["DecodingCGCache", "GenerateDecoderOnlyOutput", "GenerationMixin", "InferenceParams", "decode", "sample",
+           "states_of", "update_graph_cache"]
 
 
 @dataclass
@@ -136,6 +138,75 @@ def decode(input_ids: Tensor, model, max_length: int, top_k: int = 1, top_p: flo
     if streamer is not None:
         streamer.end()
     return GenerateDecoderOnlyOutput(sequences=torch.cat(sequences, dim=1), scores=tuple(scores))
+
+
+@dataclass
+class DecodingCGCache:
+    """The official CUDA-graph decoding cache. callables maps (batch_size, 1) to the graphed step; run(input_ids
+    (batch, 1), position_ids, seqlen) -> logits (batch, 1, vocab), the graph's static buffer (overwritten by the
+    next run). inference_params holds the very tensors the graph reads: a prefill through the model's
+    forward(inference_params=cache.inference_params) fills them. mempool stays None (the graph has its own)."""
+
+    max_batch_size: int = 0
+    max_seqlen: int = 0
+    device: Optional[torch.device] = None
+    dtype: Optional[torch.dtype] = None
+    callables: Dict[Tuple[int, int], Callable] = field(default_factory=dict)
+    mempool: Any = None
+    inference_params: Optional[InferenceParams] = None
+    run: Optional[Callable] = None
+
+
+def _positive(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise MambaKitError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@torch.no_grad()
+def update_graph_cache(model, cache: Optional[DecodingCGCache], batch_size: int, seqlen_og: int, max_seqlen: int,
+                       decoding_seqlens: Tuple[int, ...] = (1,), dtype: Optional[torch.dtype] = None,
+                       n_warmups: int = 2) -> DecodingCGCache:
+    """The official entry point on `mambakit.models.cuda_graph.GraphedDecoder` (CUDA, SSM-only models): returns
+    cache (a new one for None) holding a graphed one-token step at batch_size. It is captured again when the device,
+    dtype or batch size changes or max_seqlen grows (the official keeps smaller batches too). decoding_seqlens
+    must be (1,): mambakit captures one-token steps. inference_params.seqlen_offset is left at 0, as official."""
+    if cache is not None and not isinstance(cache, DecodingCGCache):
+        raise MambaKitError(f"cache must be a DecodingCGCache or None, got {type(cache).__name__}")
+    _positive("batch_size", batch_size)
+    _positive("seqlen_og", seqlen_og, minimum=0)
+    _positive("max_seqlen", max_seqlen)
+    _positive("n_warmups", n_warmups)
+    if tuple(decoding_seqlens) != (1,):
+        raise MambaKitError(f"decoding_seqlens must be (1,) (mambakit captures one-token steps), got "
+                            f"{tuple(decoding_seqlens)}")
+    cache = DecodingCGCache() if cache is None else cache
+    device = check_graphable(model, batch_size)
+    dtype = dtype or next(model.parameters()).dtype
+    if (device, dtype, batch_size) != (cache.device, cache.dtype, cache.max_batch_size) \
+            or max_seqlen > cache.max_seqlen or not cache.callables:
+        cache.callables, cache.inference_params, cache.run = {}, None, None  # drop the old graph first
+        decoder = GraphedDecoder(model, batch_size, dtype=dtype, warmup=n_warmups)
+        states = {i: as_official(state) for i, state in enumerate(decoder.cache.states)}
+        cache.device, cache.dtype, cache.max_batch_size, cache.max_seqlen = device, dtype, batch_size, max_seqlen
+        cache.inference_params = InferenceParams(
+            max_seqlen=max_seqlen, max_batch_size=batch_size, seqlen_offset=seqlen_og, key_value_memory_dict=states,
+            lengths_per_sample=torch.full((batch_size,), seqlen_og, dtype=torch.int32, device=device))
+
+        def step(input_ids: Tensor, position_ids: Optional[Tensor] = None, seqlen: Optional[int] = None) -> Tensor:
+            return decoder.step(input_ids)[:, None]
+
+        cache.callables[batch_size, 1] = step
+
+    def run(input_ids: Tensor, position_ids: Optional[Tensor] = None, seqlen: Optional[int] = None) -> Tensor:
+        key = tuple(input_ids.shape[:2])
+        if key not in cache.callables:
+            raise MambaKitError(f"input_ids must have shape one of {sorted(cache.callables)} (batch, decoding "
+                                f"seqlen) captured, got {tuple(input_ids.shape)}")
+        return cache.callables[key](input_ids, position_ids, seqlen)
+
+    cache.run = run
+    cache.inference_params.seqlen_offset = 0
+    return cache
 
 
 class GenerationMixin:

@@ -50,7 +50,8 @@ def mamba_chunk_scan_combined(
     return result[0] if len(result) == 1 else tuple(result)
 
 
-def _check_cu_seqlens(cu_seqlens: Tensor, batch: int, seqlen: int) -> list:
+def check_cu_seqlens(cu_seqlens: Tensor, batch: int, seqlen: int) -> list:
+    """The bounds of packed sequences, cu_seqlens (num_seqs + 1,) from 0 to seqlen, as a list; batch must be 1."""
     if batch != 1:
         raise MambaKitError(f"cu_seqlens needs x of batch 1 (the packed sequences in one row, as official), got "
                             f"batch {batch}")
@@ -71,7 +72,7 @@ def varlen_states(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, cu_seqlens: Tenso
     (float64 for float64 inputs): state = sum_t exp(sum_{t' > t} dt_t' A) dt_t x_t B_t^T over the sequence, plus
     exp(sum_t dt_t A) initial_states for the first sequence (an empty sequence: 0, or initial_states if first)."""
     batch, seqlen, nheads, headdim = x.shape
-    bounds = _check_cu_seqlens(cu_seqlens, batch, seqlen)
+    bounds = check_cu_seqlens(cu_seqlens, batch, seqlen)
     ngroups, dstate = B.shape[2], B.shape[3]
     fp = compute_dtype(x, dt, A, B)
     delta = process_dt(dt, dt_bias, dt_softplus, dt_limit, fp)[0]  # (seqlen, nheads)

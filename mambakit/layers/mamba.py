@@ -16,7 +16,7 @@ from mambakit.layers.checks import check_mixer_input
 from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
-from mambakit.layers.step import PreNorm, negative_exp, norm_project_step, project_step
+from mambakit.layers.step import PreNorm, negative_exp, norm_project_step, plain_linear, project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mamba_inner import fused_available, mamba_inner, mamba_inner_fused_inference
@@ -234,8 +234,7 @@ class Mamba(DtTransformMixin, nn.Module):
             return False
         if not (hidden_states.is_cuda or self.scan_backend == "triton") or not fused_available():
             return False
-        return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks)
-                   for m in (self.x_proj, self.dt_proj, self.out_proj))
+        return all(plain_linear(m) for m in (self.x_proj, self.dt_proj, self.out_proj))
 
     def _fused_inner(self, hidden_states: Tensor, seq_idx: Optional[Tensor], state: Optional[SSMState]) -> Tensor:
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen), a view

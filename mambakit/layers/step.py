@@ -24,7 +24,7 @@ class PreNorm(NamedTuple):
     residual_in_fp32: bool
 
 
-def _plain(linear: nn.Module) -> bool:
+def plain_linear(linear: nn.Module) -> bool:
     """A bare nn.Linear without hooks (not a LoRA wrapper, a subclass or a tensor-parallel shard)."""
     return type(linear) is nn.Linear and not (linear._forward_hooks or linear._forward_pre_hooks)
 
@@ -33,7 +33,7 @@ def project_step(linear: nn.Module, x: Tensor, gemv: bool = False) -> Tensor:
     """linear(x) for one token x (batch, in_features): a plain nn.Linear goes through `linear_step` (the CPU's faster
     bfloat16 batch-1 product), or `gemv_linear` with gemv (the switchable GEMV kernel on CUDA); anything else (LoRA
     wrappers, modules with hooks) is called as it is."""
-    if _plain(linear):
+    if plain_linear(linear):
         return (gemv_linear if gemv else linear_step)(x, linear.weight, linear.bias)
     return linear(x)
 
@@ -44,7 +44,7 @@ def norm_project_step(linear: nn.Module, x: Tensor, pre_norm: Optional[PreNorm])
     without it, (project_step(linear, x), None)."""
     if pre_norm is None:
         return project_step(linear, x), None
-    if _plain(linear):
+    if plain_linear(linear):
         return add_rms_norm_linear(x, pre_norm.residual, pre_norm.weight, pre_norm.eps, pre_norm.residual_in_fp32,
                                    linear.weight, linear.bias)
     normed, residual = add_rms_norm(x, pre_norm.residual, pre_norm.weight, pre_norm.eps, pre_norm.residual_in_fp32)
@@ -54,7 +54,7 @@ def norm_project_step(linear: nn.Module, x: Tensor, pre_norm: Optional[PreNorm])
 def gated_norm_project_step(norm: nn.Module, linear: nn.Module, y: Tensor, z: Tensor) -> Tensor:
     """linear(norm(y, z)) for one token, y, z (batch, d): one fused call (`rms_norm_gated_linear`) when norm is a
     hook-free RMSNormGated and linear a plain nn.Linear."""
-    if type(norm) is RMSNormGated and _plain(linear) and not (norm._forward_hooks or norm._forward_pre_hooks):
+    if type(norm) is RMSNormGated and plain_linear(linear) and not (norm._forward_hooks or norm._forward_pre_hooks):
         return rms_norm_gated_linear(y, z, norm.weight, norm.eps, norm.group_size, norm.norm_before_gate,
                                      linear.weight, linear.bias)
     return project_step(linear, norm(y, z))

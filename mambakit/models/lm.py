@@ -56,6 +56,14 @@ class GatedMLP(nn.Module):
         return self.fc2(y * F.silu(gate))
 
 
+def _normed_dtype(hidden: Tensor, step: bool) -> Optional[torch.dtype]:
+    """The dtype a pre-norm hands to the next projection: the CUDA autocast dtype under autocast (so that no cast
+    kernel follows the norm), else None (the norm weight's dtype)."""
+    if hidden.is_cuda and not step and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
 class Block(nn.Module):
     """Pre-norm block with the residual carried separately: residual += hidden; hidden = mixer(norm(residual))."""
 
@@ -73,9 +81,8 @@ class Block(nn.Module):
     def _add_norm(self, hidden: Tensor, residual: Optional[Tensor], norm: nn.Module,
                   step: bool = False) -> tuple[Tensor, Tensor]:
         if isinstance(norm, RMSNorm):  # one fused kernel each way on CUDA, the PyTorch composition elsewhere
-            cast = hidden.is_cuda and torch.is_autocast_enabled("cuda") and not step
-            out_dtype = torch.get_autocast_dtype("cuda") if cast else None  # what the next projection reads
-            return add_rms_norm(hidden, residual, norm.weight, norm.eps, self.residual_in_fp32, out_dtype=out_dtype)
+            return add_rms_norm(hidden, residual, norm.weight, norm.eps, self.residual_in_fp32,
+                                out_dtype=_normed_dtype(hidden, step))
         residual = hidden if residual is None else residual + hidden
         normed = norm(residual.to(norm.weight.dtype))
         if self.residual_in_fp32:
@@ -122,10 +129,8 @@ class MixerModel(nn.Module):
             state = cache.states[i] if cache is not None else None
             hidden, residual = layer(hidden, residual, state=state, step=step, **mixer_kwargs)
         if isinstance(self.norm_f, RMSNorm):
-            cast = hidden.is_cuda and torch.is_autocast_enabled("cuda") and not step
-            out_dtype = torch.get_autocast_dtype("cuda") if cast else None  # what the LM head reads
             return add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps, residual_in_fp32=True,
-                                out_dtype=out_dtype)[0]
+                                out_dtype=_normed_dtype(hidden, step))[0]
         residual = hidden if residual is None else residual + hidden
         return self.norm_f(residual.to(self.norm_f.weight.dtype))
 

@@ -33,21 +33,34 @@ def _rows(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(-1, t.shape[1])
 
 
+def _scan_inputs(xz: Tensor, conv_w: Tensor, conv_b: Optional[Tensor], x_proj_w: Tensor, dt_proj_w: Tensor,
+                 n: int, seq_idx: Optional[Tensor], x_dbl: Optional[Tensor] = None,
+                 conv_state: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """u = silu(conv(x)) (channel-last, 0 at seq_idx < 0), x_dbl = x_proj(u) (batch * seqlen, rank + 2 n) unless
+    given (the backward's recompute), delta = dt_proj(dt_low) and the B, C views of x_dbl, all (batch, ., seqlen)
+    views of channel-last memory. Returns (u, x_dbl, delta, B, C)."""
+    batch, two_d, seqlen = xz.shape
+    d = two_d // 2
+    rank = dt_proj_w.shape[1]
+    u = conv1d_forward(xz[:, :d], conv_w, conv_b, True, seq_idx, out=_channels_last(batch, seqlen, d, xz),
+                       conv_state=conv_state)
+    u = _padding_zeroed(u, seq_idx)
+    if x_dbl is None:
+        x_dbl = _rows(u) @ x_proj_w.t()
+    delta = (x_dbl[:, :rank] @ dt_proj_w.t()).view(batch, seqlen, d).transpose(1, 2)
+    bc = x_dbl.view(batch, seqlen, -1).transpose(1, 2)  # (batch, rank + 2 n, seqlen), a view
+    return u, x_dbl, delta, bc[:, None, rank:rank + n], bc[:, None, rank + n:]
+
+
 class _MambaInnerFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, out_b, A, D, delta_bias, softplus, seq_idx,
                 cfg, save_states):
         batch, two_d, seqlen = xz.shape
         d = two_d // 2
-        rank, n = dt_proj_w.shape[1], A.shape[1]
-        x, z = xz[:, :d], xz[:, d:]
-        u = _padding_zeroed(conv1d_forward(x, conv_w, conv_b, True, seq_idx, out=_channels_last(batch, seqlen, d, xz)),
-                            seq_idx)
-        x_dbl = _rows(u) @ x_proj_w.t()  # (batch * seqlen, rank + 2 n)
-        delta = (x_dbl[:, :rank] @ dt_proj_w.t()).view(batch, seqlen, d).transpose(1, 2)
-        bc = x_dbl.view(batch, seqlen, -1).transpose(1, 2)  # (batch, rank + 2 n, seqlen), a view
-        B, C = bc[:, None, rank:rank + n], bc[:, None, rank + n:]
-        y, _, states = scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, None, seq_idx, cfg, save_states,
+        u, x_dbl, delta, B, C = _scan_inputs(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A.shape[1], seq_idx)
+        y, _, states = scan_forward(u, delta, A, B, C, D, xz[:, d:], delta_bias, softplus, None, seq_idx, cfg,
+                                    save_states,
                                     out=_channels_last(batch, seqlen, d, xz))
         out = torch.nn.functional.linear(_rows(y), out_w, out_b).view(batch, seqlen, -1)
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, A, D, delta_bias, seq_idx, x_dbl, y,
@@ -68,12 +81,8 @@ class _MambaInnerFused(torch.autograd.Function):
         gy = (g2 @ out_w).view(batch, seqlen, d).transpose(1, 2)
         # recompute the conv output and delta
         x, z = xz[:, :d], xz[:, d:]
-        u = _padding_zeroed(conv1d_forward(x, conv_w, conv_b, True, seq_idx, out=_channels_last(batch, seqlen, d, xz)),
-                            seq_idx)
+        u, _, delta, B, C = _scan_inputs(xz, conv_w, conv_b, x_proj_w, dt_proj_w, n, seq_idx, x_dbl=x_dbl)
         dt_low = x_dbl[:, :rank]
-        delta = (dt_low @ dt_proj_w.t()).view(batch, seqlen, d).transpose(1, 2)
-        bc = x_dbl.view(batch, seqlen, -1).transpose(1, 2)
-        B, C = bc[:, None, rank:rank + n], bc[:, None, rank + n:]
         dxz = _channels_last(batch, seqlen, two_d, xz)
         du, ddelta, _, dA, dB, dC, dD, dbias, _ = scan_backward(
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, seq_idx, states, ctx.cfg, gy, None,
@@ -107,17 +116,15 @@ def mamba_inner_fused_inference(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: 
     dt = xz.dtype
     batch, two_d, seqlen = xz.shape
     d = two_d // 2
-    rank, n = delta_proj_weight.shape[1], A.shape[1]
+    n = A.shape[1]
     cfg = pick_config(n, d, d, 1)
-    x, z = xz[:, :d], xz[:, d:]
-    u = conv1d_forward(x, conv1d_weight.to(dt).contiguous(), None if conv1d_bias is None else conv1d_bias.to(dt),
-                       True, None, out=_channels_last(batch, seqlen, d, xz), conv_state=conv_state.to(dt))
-    x_dbl = _rows(u) @ x_proj_weight.to(dt).t()
-    delta = (x_dbl[:, :rank] @ delta_proj_weight.to(dt).t()).view(batch, seqlen, d).transpose(1, 2)
-    bc = x_dbl.view(batch, seqlen, -1).transpose(1, 2)
+    u, _, delta, B, C = _scan_inputs(xz, conv1d_weight.to(dt).contiguous(),
+                                     None if conv1d_bias is None else conv1d_bias.to(dt), x_proj_weight.to(dt),
+                                     delta_proj_weight.to(dt), n, None, conv_state=conv_state.to(dt))
     f32 = torch.float32
-    y, last, _ = scan_forward(u, delta, A.to(f32).contiguous(), bc[:, None, rank:rank + n], bc[:, None, rank + n:],
-                              None if D is None else D.to(f32), z, None if delta_bias is None else delta_bias.to(f32),
+    y, last, _ = scan_forward(u, delta, A.to(f32).contiguous(), B, C,
+                              None if D is None else D.to(f32), xz[:, d:],
+                              None if delta_bias is None else delta_bias.to(f32),
                               delta_softplus, ssm_state.to(f32).contiguous(), None, cfg, False,
                               out=_channels_last(batch, seqlen, d, xz))
     bias = None if out_proj_bias is None else out_proj_bias.to(dt)

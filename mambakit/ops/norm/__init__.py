@@ -65,20 +65,14 @@ def add_rms_norm(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps
     hidden, residual: (..., d) (residual None for the first block). Returns (normed, residual'), residual' =
     residual + hidden (hidden if residual is None), normed = rms_norm(residual'.to(weight.dtype)) in out_dtype
     (default: weight's dtype; e.g. the autocast dtype, which saves the cast before the next projection), residual'
-    in float32 when residual_in_fp32. backend "auto": fused Triton kernels for CUDA tensors (with a fused backward
-    under autograd), else the PyTorch composition.
+    in float32 when residual_in_fp32. backend "auto": one fused Triton kernel for CUDA tensors (and one for the
+    backward under autograd), else the PyTorch composition.
     """
     require_tensors(hidden=hidden, residual=residual, weight=weight)
     backend = check_backend(backend)
     if backend == "auto":
         backend = "triton" if use_triton(hidden, weight) else "torch"
     if backend == "triton":
-        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                            or (residual is not None and residual.requires_grad))
-        if not grad and out_dtype in (None, weight.dtype):
-            from mambakit.ops.triton.decode import add_rms_norm_step
-
-            return add_rms_norm_step(hidden, residual, weight, eps, residual_in_fp32)
         from mambakit.ops.norm.add_triton import add_rms_norm_triton
 
         return add_rms_norm_triton(hidden, residual, weight, eps, residual_in_fp32, out_dtype)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mambakit.errors import MambaKitError
 from mambakit.ops.triton.device import interpreted, multiprocessor_count
 
 
@@ -127,7 +128,15 @@ def add_rms_norm_triton(hidden: Tensor, residual: Optional[Tensor], weight: Tens
                         residual_in_fp32: bool, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """(normed, residual'): residual' = residual + hidden (hidden if residual is None), float32 when
     residual_in_fp32; normed = rms_norm(residual'.to(weight.dtype)) * weight in out_dtype (default: weight's dtype).
-    hidden, residual: (..., d); weight: (d,). Differentiable in hidden, residual and weight."""
+    hidden, residual: (..., d); weight: (d,). Differentiable in hidden, residual and weight; outside autograd it is
+    also the decoding step's one kernel."""
+    d = hidden.shape[-1]
+    if weight.shape != (d,) or (residual is not None and residual.shape != hidden.shape):
+        raise MambaKitError(f"add_rms_norm: hidden {tuple(hidden.shape)}, residual "
+                            f"{None if residual is None else tuple(residual.shape)} and weight {tuple(weight.shape)} "
+                            f"must be (..., d), the same shape, and (d,)")
+    if not hidden.is_cuda and not interpreted():
+        raise MambaKitError(f"the Triton add_rms_norm needs CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
     res_dtype = hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
     if residual_in_fp32:
         res_dtype = torch.promote_types(res_dtype, torch.float32)

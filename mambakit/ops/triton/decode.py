@@ -1,9 +1,9 @@
 """Triton kernels for the one-token decoding step, each replacing a run of small PyTorch kernels.
 
 At small batches a decode step is a few hundred tiny kernels whose count, not their bytes, sets the time (also inside
-a CUDA graph; the launch costs are in benchmarks/RESULTS.md). Two runs dominate:
-  * `add_rms_norm_step`: residual + hidden, RMSNorm, the residual kept in float32 (11 kernels -> 1);
-  * `conv1d_update_triton`: shift the conv state, insert the new column, depthwise dot, bias, SiLU (7 kernels -> 1).
+a CUDA graph; the launch costs are in benchmarks/RESULTS.md). Here: `conv1d_update_triton`: shift the conv state,
+insert the new column, depthwise dot, bias, SiLU (7 kernels -> 1). (The residual add + RMSNorm of a step is
+`mambakit.ops.norm.add_rms_norm`, one kernel.)
 Inference only (no autograd); same results as the PyTorch versions up to float32 rounding order.
 """
 from __future__ import annotations
@@ -18,47 +18,6 @@ from torch import Tensor
 from mambakit.errors import MambaKitError
 from mambakit.ops.triton.device import interpreted
 
-
-
-@triton.jit
-def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, d, eps,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    m = cols < d
-    r = tl.load(h_ptr + row * d + cols, mask=m, other=0.0).to(tl.float32)
-    if HAS_RES:
-        r += tl.load(r_ptr + row * d + cols, mask=m, other=0.0).to(tl.float32)
-    r_kept = r.to(res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + row * d + cols, r_kept, mask=m)
-    # the PyTorch path normalises the residual rounded to the norm's dtype
-    x = r_kept.to(out_ptr.dtype.element_ty).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / d + eps)
-    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * d + cols, (x * inv * w).to(out_ptr.dtype.element_ty), mask=m)
-
-
-def add_rms_norm_step(hidden: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
-                      residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
-    """(normed, residual) as `Block._add_norm` with an RMSNorm: residual' = residual + hidden (hidden if residual is
-    None), normed = rms_norm(residual'.to(weight.dtype)), residual' in float32 when residual_in_fp32.
-    hidden, residual: (..., d)."""
-    d = hidden.shape[-1]
-    if weight.shape != (d,) or (residual is not None and residual.shape != hidden.shape):
-        raise MambaKitError(f"add_rms_norm_step: hidden {tuple(hidden.shape)}, residual "
-                            f"{None if residual is None else tuple(residual.shape)}, weight {tuple(weight.shape)}")
-    if not hidden.is_cuda and not interpreted():
-        raise MambaKitError(f"add_rms_norm_step needs CUDA tensors (or TRITON_INTERPRET=1), got {hidden.device}")
-    res_dtype = hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
-    if residual_in_fp32:
-        res_dtype = torch.promote_types(res_dtype, torch.float32)
-    h = hidden.reshape(-1, d).contiguous()
-    r = residual.reshape(-1, d).contiguous() if residual is not None else h
-    out = torch.empty(h.shape, device=h.device, dtype=weight.dtype)
-    res_out = torch.empty(h.shape, device=h.device, dtype=res_dtype)
-    _add_rms_norm_kernel[(h.shape[0],)](h, r, weight, out, res_out, d, float(eps), HAS_RES=residual is not None,
-                                        BLOCK=triton.next_power_of_2(d), num_warps=4)
-    return out.view(hidden.shape), res_out.view(hidden.shape)
 
 
 @triton.jit

@@ -14,6 +14,7 @@ from tests.conftest import rel_err
 from tests.ops.triton import interpreted_module
 
 decode = interpreted_module("mambakit.ops.triton.decode")
+add_norm = interpreted_module("mambakit.ops.norm.add_triton")
 
 
 def _torch_add_norm(hidden, residual, weight, eps, residual_in_fp32):
@@ -26,12 +27,13 @@ def _torch_add_norm(hidden, residual, weight, eps, residual_in_fp32):
 @pytest.mark.parametrize("d", [1, 7, 64, 100])
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("res_fp32", [True, False])
-def test_add_rms_norm_step(dtype, d, first, res_fp32):
+def test_add_rms_norm_decode_step(dtype, d, first, res_fp32):
     g = torch.Generator().manual_seed(d)
     hidden = torch.randn(3, 1, d, generator=g).to(dtype)
     residual = None if first else torch.randn(3, 1, d, generator=g).to(torch.float32 if res_fp32 else dtype)
     weight = (torch.rand(d, generator=g) + 0.5).to(dtype)
-    out, res = decode.add_rms_norm_step(hidden, residual, weight, 1e-5, res_fp32)
+    with torch.no_grad():  # the decoding step
+        out, res = add_norm.add_rms_norm_triton(hidden, residual, weight, 1e-5, res_fp32)
     ref_out, ref_res = _torch_add_norm(hidden, residual, weight, 1e-5, res_fp32)
     assert res.dtype == ref_res.dtype and out.dtype == ref_out.dtype
     assert out.shape == hidden.shape and res.shape == hidden.shape
@@ -66,5 +68,5 @@ def test_bad_arguments():
         decode.conv1d_update_triton(torch.zeros(1, 2), torch.zeros(1, 2, 3), torch.zeros(2, 3), activation="relu")
     with pytest.raises(MambaKitError, match="weight"):
         decode.conv1d_update_triton(torch.zeros(1, 2), torch.zeros(1, 2, 3), torch.zeros(2, 4))
-    with pytest.raises(MambaKitError, match="add_rms_norm_step"):
-        decode.add_rms_norm_step(torch.zeros(1, 4), None, torch.ones(5), 1e-5, True)
+    with pytest.raises(MambaKitError, match="add_rms_norm"):
+        add_norm.add_rms_norm_triton(torch.zeros(1, 4), None, torch.ones(5), 1e-5, True)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from mambakit.errors import CheckpointError, MambaKitError
 from mambakit.models.hybrid import HybridConfig, HybridLM
 from mambakit.models.io.folder import is_int
-from mambakit.models.io.hybrid_fields import LAYER_KEY, ROPE_THETA, ConfigReader, mixers_of, read_rope
+from mambakit.models.io.hybrid_fields import ROPE_THETA, ConfigReader, key_parts, mixers_of, read_rope
 
 # BambaConfig's defaults (transformers 5.x) for the fields that change the computation
 _BAMBA_DEFAULTS: dict[str, Any] = dict(
@@ -149,12 +149,10 @@ def bamba_key(key: str, config: HybridConfig) -> str:
     """The transformers name of a mambakit key of a Bamba model."""
     top = {"backbone.embedding.weight": "model.embed_tokens.weight",
            "backbone.norm_f.weight": "model.final_layernorm.weight"}
-    if key in top:
-        return top[key]
-    m = LAYER_KEY.match(key)
-    if m is None:
-        return key
-    i, part, rest = int(m.group(1)), m.group(2), m.group(3)
+    parts = key_parts(key, top)
+    if isinstance(parts, str):
+        return parts
+    i, part, rest = parts
     if part == "mixer":
         attention = config.layers[i]["mixer"] == "attention"
         part = "self_attn" if attention else "mamba"
@@ -238,12 +236,10 @@ def bamba_hf(model: HybridLM, problems: list[str]) -> dict[str, Any]:
 def granite_key(key: str, config: HybridConfig) -> str:
     """The transformers name of a mambakit key of a Granite-4.0-H model (the names its files use)."""
     top = {"backbone.embedding.weight": "model.embed_tokens.weight", "backbone.norm_f.weight": "model.norm.weight"}
-    if key in top:
-        return top[key]
-    m = LAYER_KEY.match(key)
-    if m is None:
-        return key
-    i, part, rest = int(m.group(1)), m.group(2), m.group(3)
+    parts = key_parts(key, top)
+    if isinstance(parts, str):
+        return parts
+    i, part, rest = parts
     if part == "mixer":
         return bamba_key(key, config)
     if part != "mlp":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -14,6 +14,15 @@ from mambakit.models.io.folder import is_int, is_number, json_float
 ROPE_THETA = 10000.0
 #: backbone.layers.{i}.{norm|mixer|norm2|mlp}.{rest} of a HybridLM
 LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.(norm|mixer|norm2|mlp)\.(.+)$")
+
+
+def key_parts(key: str, top: dict[str, str]) -> Union[str, tuple[int, str, str]]:
+    """A mambakit key of a HybridLM for a format's key mapping: its file name when `top` names it (a top-level
+    tensor), (layer index, part, rest) for a layer tensor, else the key itself (a str)."""
+    if key in top:
+        return top[key]
+    m = LAYER_KEY.match(key)
+    return key if m is None else (int(m.group(1)), m.group(2), m.group(3))
 
 
 class ConfigReader:

@@ -8,7 +8,7 @@ from typing import Any
 from mambakit.errors import CheckpointError, MambaKitError
 from mambakit.models.hybrid import HybridConfig, HybridLM
 from mambakit.models.io.folder import is_int, is_number
-from mambakit.models.io.hybrid_fields import LAYER_KEY, ConfigReader, mixers_of
+from mambakit.models.io.hybrid_fields import ConfigReader, key_parts, mixers_of
 
 # NemotronHConfig's defaults (transformers 5.x) for the fields that change the computation
 _NEMOTRON_DEFAULTS: dict[str, Any] = dict(
@@ -112,12 +112,10 @@ def nemotron_key(key: str, config: HybridConfig) -> str:
     """The transformers name of a mambakit key of a Nemotron-H model (each layer holds one part: norm + mixer; files
     name the base model ``backbone``, as NVIDIA's originals do)."""
     top = {"backbone.embedding.weight": "backbone.embeddings.weight"}
-    if key in top:
-        return top[key]
-    m = LAYER_KEY.match(key)
-    if m is None:
-        return key
-    i, part, rest = int(m.group(1)), m.group(2), m.group(3)
+    parts = key_parts(key, top)
+    if isinstance(parts, str):
+        return parts
+    i, part, rest = parts
     if part == "mixer" and config.layers[i]["mixer"] == "attention" and rest.startswith("out_proj."):
         rest = "o_proj." + rest[len("out_proj."):]
     return f"backbone.layers.{i}.{'norm' if part in ('norm', 'norm2') else 'mixer'}.{rest}"

@@ -226,13 +226,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                     help="weights and activations (default: bf16 on CUDA, fp32 on the CPU)")
+    ap.add_argument("--gemv-max-batch", type=int, default=None,
+                    help="set mambakit.ops.norm_linear.GEMV_MAX_BATCH (the norm-fused GEMV kernels up to this batch)")
+    ap.add_argument("--plain-gemv", action="store_true", help="also send plain projections to the GEMV kernel")
     args = ap.parse_args(argv)
+    if args.gemv_max_batch is not None or args.plain_gemv:
+        import mambakit.ops.norm_linear as norm_linear
+
+        if args.gemv_max_batch is not None:
+            norm_linear.GEMV_MAX_BATCH = args.gemv_max_batch
+        norm_linear.PLAIN_GEMV = args.plain_gemv
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     args.dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.tiny:
         args.shapes, args.prompt, args.new_tokens, args.check_tokens, args.vocab = ["tiny"], 16, 4, 4, 256
         args.batches = [b for b in args.batches if b <= 2] or [1]
     print(f"# {device_line()}")
+    if args.gemv_max_batch is not None or args.plain_gemv:
+        print(f"# GEMV_MAX_BATCH={args.gemv_max_batch} PLAIN_GEMV={args.plain_gemv}")
     official = None if args.no_official or args.device != "cuda" else import_official()
     rows = Rows("decode")
     for shape in args.shapes:

@@ -12,7 +12,6 @@ alone and says so.
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections import defaultdict
 from typing import Any, Optional
 
@@ -25,21 +24,6 @@ from mambakit import MambaConfig, MambaLMHeadModel
 
 def ssm_cfg(arch: str) -> dict[str, Any]:
     return {"layer": "Mamba2", "d_state": 128, "headdim": 64} if arch == "mamba2" else {}
-
-
-@contextlib.contextmanager
-def ssd_guard(on: bool):
-    """Within the block: the SSD Triton form's non-finite guard as it is (on) or switched off (to time its cost)."""
-    import mambakit.ops.ssd as ssd
-
-    saved = ssd.guard_inputs, ssd.guard_outputs
-    if not on:
-        ssd.guard_inputs = lambda x, dt, B: (x, dt, B, None)
-        ssd.guard_outputs = lambda y, final, poison: (y, final)
-    try:
-        yield
-    finally:
-        ssd.guard_inputs, ssd.guard_outputs = saved
 
 
 def kernel_breakdown(fn, top: int) -> list[tuple[str, float, int]]:
@@ -74,8 +58,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--guard-off-too", action="store_true",
-                    help="also time mambakit with the SSD kernels' non-finite guard switched off (what it costs)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.d_model, args.n_layer, args.batch, args.seqlen, args.vocab, args.repeats = 32, 2, 2, 64, 256, 1
@@ -90,13 +72,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             theirs = official["LM"](official["Config"](**cfg, fused_add_norm=True), device=args.device)
             theirs.load_state_dict(models["mambakit"].state_dict(), strict=True)
             models["official"] = theirs
-        if args.guard_off_too and arch == "mamba2":
-            models["mambakit-noguard"] = models["mambakit"]
         ids = torch.randint(0, args.vocab, (args.batch, args.seqlen + 1), device=args.device)
         for name, model in models.items():
-            def step(model=model, guard=name != "mambakit-noguard"):
-                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"), \
-                        ssd_guard(guard):
+            def step(model=model):
+                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
                     logits = model(ids[:, :-1]).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
                 loss.backward()

@@ -7,7 +7,8 @@ its chunk. The recurrence never lets that happen: a non-finite input at t reache
 The guard reproduces that: the inputs that feed the state are zeroed where they are not finite (which leaves every
 earlier output exactly as it was), the form runs, and every output of a (batch, head) lane from its
 first non-finite input on is set to NaN, as are the final states of such lanes. Readout-only inputs (C) need no
-guard: the forms read them at their own position only.
+guard: the forms read them at their own position only. The SSD Triton kernels need no guard: they mask the future
+after the products and mark the positions from a non-finite x on themselves.
 """
 from __future__ import annotations
 

@@ -14,20 +14,43 @@ from mambakit.ops.mamba3 import mamba3_scan  # noqa: E402
 from mambakit.ops.selective_scan import selective_scan_fn  # noqa: E402
 from mambakit.ops.ssd import mamba_chunk_scan_combined  # noqa: E402
 from tests.reliability.test_causality import (  # noqa: E402
-    MAMBA3_TIME_DIM, assert_causal, mamba3_inputs, poison, selective_inputs, ssd_inputs,
+    BAD, L, MAMBA3_TIME_DIM, assert_causal, mamba3_inputs, poison, selective_inputs, ssd_inputs,
 )
 
 for _name in ("mambakit.ops.ssd.triton", "mambakit.ops.selective_scan.triton", "mambakit.ops.mamba3.triton"):
     interpreted_module(_name)
 
 
+@pytest.mark.parametrize("value", BAD, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("name", ["x", "B", "dt"])
-def test_ssd(name):
+def test_ssd(name, value):
     kw = ssd_inputs(batch=2, nheads=2, ngroups=1)
 
     def run(k):
         return mamba_chunk_scan_combined(**k, chunk_size=16, backend="triton")
-    assert_causal(run(poison(kw, name, float("nan"))), run(kw))
+    assert_causal(run(poison(kw, name, value)), run(kw))
+
+
+@pytest.mark.parametrize("limit", [(0.0, float("inf")), (0.01, 2.0)])
+def test_ssd_nan_dt_survives_softplus_and_clamp(limit):
+    kw = ssd_inputs(batch=2, nheads=2, ngroups=1)
+
+    def run(k):
+        return mamba_chunk_scan_combined(**k, chunk_size=16, backend="triton", dt_softplus=True, dt_limit=limit)
+    assert_causal(run(poison(kw, "dt", float("nan"))), run(kw))
+
+
+def test_ssd_packed_sequences_and_final_state():
+    kw = ssd_inputs(batch=2, nheads=2, ngroups=1)
+    seq_idx = torch.zeros(2, L, dtype=torch.int32)
+    seq_idx[:, 10:] = 1
+    kw["seq_idx"] = seq_idx
+    y, final = mamba_chunk_scan_combined(**poison(kw, "x", float("nan")), chunk_size=16, backend="triton",
+                                         return_final_states=True)
+    clean = mamba_chunk_scan_combined(**kw, chunk_size=16, backend="triton")
+    assert_causal(y, clean)
+    assert torch.isnan(final[0, 0]).any() and torch.isfinite(final[1]).all()
+    torch.testing.assert_close(y[0, :, 1:], clean[0, :, 1:])  # the other head never saw the NaN
 
 
 @pytest.mark.parametrize("name", ["u", "delta", "B"])

@@ -54,7 +54,7 @@ from mambakit.ops.dt import DEFAULT_DT_LIMIT, compute_dtype, process_dt
 from mambakit.ops.segments import segments
 from mambakit.ops.triton.device import interpreted
 from mambakit.ops.ssd.chunked import ssd_chunked
-from mambakit.ops.ssd.common import SSDOutput, add_skip, guard_inputs, guard_outputs
+from mambakit.ops.ssd.common import SSDOutput, add_skip
 from mambakit.ops.ssd.naive import recurrence_step, ssd_recurrent
 from mambakit.ops.ssd.quadratic import ssd_attention_matrix, ssd_quadratic
 from mambakit.ops.ssd.validate import check_ssd_inputs, check_ssd_step_inputs
@@ -153,10 +153,9 @@ def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
     seqlen_chunk = max(16, 1 << (x.shape[1] - 1).bit_length())  # the kernels' chunks: powers of two >= 16
     chunk_size = min(chunk_size, seqlen_chunk)
     limit = tuple(dt_limit) if tuple(dt_limit) != DEFAULT_DT_LIMIT else None  # the bias, softplus, clamp: in-kernel
-    x, dt, B, poison = guard_inputs(x, dt, B)  # the kernels' chunks mask the future by multiplying with 0
+    # non-finite values stay causal inside the kernels (their chunks mask the future after the products)
     y, final = ssd_triton_core(x, dt, A, B, C, D, initial_states, segments(seq_idx), chunk_size, dt_bias=dt_bias,
                                dt_softplus=dt_softplus, dt_limit=limit)
-    y, final = guard_outputs(y, final, poison)
     if z is not None:
         y = (y.float() * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_states else y

@@ -118,7 +118,7 @@ def _dt_prepare(dt_ptr, bias_ptr, out_ptr, seqlen, nheads, Lpad, s_b, s_l, s_h, 
     if SOFTPLUS:
         v = softplus(v)
     if HAS_LIMIT:
-        v = tl.minimum(tl.maximum(v, lo), hi)
+        v = tl.where(v == v, tl.minimum(tl.maximum(v, lo), hi), v)  # min/max would turn NaN into a bound
     tl.store(out_ptr + (b * nheads + h) * Lpad + pos, tl.where(valid, v, 0.0), mask=pos < Lpad)
 
 

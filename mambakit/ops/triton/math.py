@@ -13,4 +13,4 @@ def softplus(x):
     e = tl.exp(tl.minimum(x, 20.0))
     w = 1.0 + e
     lp = tl.where(w == 1.0, e, tl.log(w) * e / tl.where(w == 1.0, 1.0, w - 1.0))
-    return tl.where(x > 20.0, x, lp)
+    return tl.where(x > 20.0, x, tl.where(x == x, lp, x))  # NaN stays NaN (the minimum above drops it)

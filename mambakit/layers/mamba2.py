@@ -17,9 +17,10 @@ from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNormGated
 from mambakit.layers.state import SSMState
-from mambakit.layers.step import PreNorm, gated_norm_project_step, norm_project_step, project_step
+from mambakit.layers.step import PreNorm, gated_norm_project_step, norm_project_step, plain_linear, project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
+from mambakit.ops.mamba2_inner import fused_available, mamba2_inner
 from mambakit.ops.mixer_step import mamba2_step
 from mambakit.ops.ssd import mamba_chunk_scan_combined
 
@@ -199,6 +200,8 @@ class Mamba2(DtTransformMixin, nn.Module):
         check_mixer_input(self, hidden_states, seq_idx, mask)
         if state is None and self._pick_dt_transform(dt_transform) is None:
             compile_first_call(self, hidden_states, seq_idx, mask)  # the Triton kernels' first call (CUDA)
+        if state is None and mask is None and self._fused_inner_ok(hidden_states, dt_transform):
+            return self._fused_inner(hidden_states, seq_idx)
         s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask, dt_transform)
         y, last = self.scan(s, state.ssm if state is not None else None, seq_idx)
         if state is not None:
@@ -206,6 +209,26 @@ class Mamba2(DtTransformMixin, nn.Module):
                 state.conv.copy_(conv_state_after(s.xBC, self.d_conv, state.conv, mask))
                 state.ssm.copy_(last)
         return self.finish(y.flatten(-2), s.z)
+
+    def _fused_inner_ok(self, hidden_states: Tensor, dt_transform: Optional[DtTransform]) -> bool:
+        """Whether the inner path of a forward without state or mask can run as the fused op
+        (`mambakit.ops.mamba2_inner`): CUDA, not float64, the gated norm over groups of d_inner / ngroups, no dt
+        transform, a plain out_proj without hooks (a LoRA wrapper or a tensor-parallel hook must see its own
+        call)."""
+        if not hidden_states.is_cuda or hidden_states.dtype == torch.float64 or not self.rmsnorm:
+            return False
+        if self._pick_dt_transform(dt_transform) is not None or self.norm.group_size != self.d_inner // self.ngroups:
+            return False
+        return plain_linear(self.out_proj) and fused_available()
+
+    def _fused_inner(self, hidden_states: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
+        fp = torch.float32
+        return mamba2_inner(self.in_proj(hidden_states), self.conv1d.weight, self.conv1d.bias, self.dt_bias,
+                            -torch.exp(self.A_log.to(fp)), self._D(fp), self.norm.weight, self.out_proj.weight,
+                            self.out_proj.bias, headdim=self.headdim, ngroups=self.ngroups,
+                            chunk_size=self.scan_chunk_size(hidden_states), eps=self.norm.eps,
+                            norm_before_gate=self.norm.norm_before_gate, dt_limit=self.dt_limit, seq_idx=seq_idx,
+                            backend="triton")
 
     #: `step` takes a `PreNorm` (the block's residual add + RMSNorm, fused into in_proj)
     step_fuses_pre_norm = True

@@ -64,7 +64,7 @@ def _norm_fwd_kernel(y_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, group_size,
 
 @triton.jit
 def _norm_bwd_kernel(y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw_part_ptr,
-                     n_rows, group_size, ngroups, s_y, s_z, s_do, blocks_per_prog,
+                     n_rows, group_size, ngroups, s_y, s_z, s_do, s_dz, blocks_per_prog,
                      HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
                      BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_r = tl.program_id(0)
@@ -101,7 +101,7 @@ def _norm_bwd_kernel(y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, dw
             if not NORM_BEFORE_GATE:
                 dz = dx * yv * dgate
                 dx = dx * gate
-            tl.store(dz_ptr + r64 * d + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
+            tl.store(dz_ptr + r64 * s_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
         tl.store(dy_ptr + r64 * d + cols[None, :], dx.to(dy_ptr.dtype.element_ty), mask=m)
     tl.store(dw_part_ptr + pid_r.to(tl.int64) * d + cols, dw_acc, mask=mc)
 
@@ -120,8 +120,8 @@ def _block(group_size: int, backward: bool) -> tuple[int, int, int]:
     return block_rows, block_d, max(1, min(8, block_rows * block_d // 512))
 
 
-def _norm_forward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, eps: float, group_size: int,
-                  norm_before_gate: bool) -> tuple[Tensor, Tensor]:
+def gated_norm_forward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, eps: float, group_size: int,
+                       norm_before_gate: bool) -> tuple[Tensor, Tensor]:
     """y2, z2: (rows, d); weight: (d,). Returns out (rows, d) in y2's dtype and rstd (rows, d // group_size) fp32."""
     n_rows, d = y2.shape
     ngroups = d // group_size
@@ -137,9 +137,12 @@ def _norm_forward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, eps: float, 
     return out, rstd
 
 
-def _norm_backward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, rstd: Tensor, do2: Tensor, group_size: int,
-                   norm_before_gate: bool) -> tuple[Tensor, Optional[Tensor], Tensor]:
-    """Gradients (dy (rows, d), dz (rows, d) or None, dweight (d,)) for the upstream gradient do2 (rows, d)."""
+def gated_norm_backward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, rstd: Tensor, do2: Tensor,
+                        group_size: int, norm_before_gate: bool,
+                        dz_out: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """Gradients (dy (rows, d), dz (rows, d) or None, dweight (d,)) for the upstream gradient do2 (rows, d).
+    dz_out: (rows, d) with unit column stride (e.g. a slice of a bigger gradient buffer), written and returned as
+    dz."""
     n_rows, d = y2.shape
     ngroups = d // group_size
     block_rows, block_d, warps = _block(group_size, backward=True)
@@ -148,12 +151,14 @@ def _norm_backward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, rstd: Tenso
     blocks_per_prog = triton.cdiv(n_blocks, min(n_blocks, target))
     n_progs = triton.cdiv(n_blocks, blocks_per_prog)
     dy = torch.empty(n_rows, d, device=y2.device, dtype=y2.dtype)
-    dz = torch.empty(n_rows, d, device=y2.device, dtype=z2.dtype) if z2 is not None else None
+    dz = None
+    if z2 is not None:
+        dz = dz_out if dz_out is not None else torch.empty(n_rows, d, device=y2.device, dtype=z2.dtype)
     dw_part = torch.empty(n_progs, d, device=y2.device, dtype=torch.float32)
     _norm_bwd_kernel[(n_progs, ngroups)](
         y2, z2 if z2 is not None else y2, weight, rstd, do2, dy, dz if dz is not None else dy, dw_part,
         n_rows, group_size, ngroups, y2.stride(0), z2.stride(0) if z2 is not None else 0, do2.stride(0),
-        blocks_per_prog, HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate,
+        dz.stride(0) if dz is not None else 0, blocks_per_prog, HAS_Z=z2 is not None, NORM_BEFORE_GATE=norm_before_gate,
         BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
     return dy, dz, dw_part.sum(0).to(weight.dtype)
 
@@ -166,13 +171,13 @@ class _RMSNormGatedTriton(torch.autograd.Function):
         z2 = _rows_2d(z, d) if z is not None else None
 
         def first_call() -> None:  # forward and backward, the upstream gradient guessed (contiguous, y's dtype)
-            out, rstd = _norm_forward(y2, z2, weight, eps, group_size, norm_before_gate)
-            _norm_backward(y2, z2, weight, rstd, torch.empty_like(out), group_size, norm_before_gate)
+            out, rstd = gated_norm_forward(y2, z2, weight, eps, group_size, norm_before_gate)
+            gated_norm_backward(y2, z2, weight, rstd, torch.empty_like(out), group_size, norm_before_gate)
 
         key = (y.dtype, None if z is None else z.dtype, weight.dtype, d, group_size, norm_before_gate, y.device,
                specialisation(y2.shape[0], y2, *(() if z2 is None else (z2,))))
         precompile_once(("rms_norm",) + key, first_call)
-        out, rstd = _norm_forward(y2, z2, weight, eps, group_size, norm_before_gate)
+        out, rstd = gated_norm_forward(y2, z2, weight, eps, group_size, norm_before_gate)
         ctx.save_for_backward(y2, z2, weight, rstd)
         ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
         ctx.y_shape, ctx.z_shape = y.shape, (z.shape if z is not None else None)
@@ -181,7 +186,7 @@ class _RMSNormGatedTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         y2, z2, weight, rstd = ctx.saved_tensors
-        dy, dz, dw = _norm_backward(y2, z2, weight, rstd, _rows_2d(dout, y2.shape[1]), ctx.group_size,
+        dy, dz, dw = gated_norm_backward(y2, z2, weight, rstd, _rows_2d(dout, y2.shape[1]), ctx.group_size,
                                     ctx.norm_before_gate)
         return (dy.view(ctx.y_shape), dz.view(ctx.z_shape) if dz is not None else None, dw, None, None, None)
 

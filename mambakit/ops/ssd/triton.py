@@ -136,7 +136,7 @@ def _prepare_dt(dt: Tensor, bias: Optional[Tensor], softplus: bool, limit: Optio
     return out
 
 
-def _dt_processing_grad(ddt: Tensor, dt: Tensor, bias: Optional[Tensor], softplus: bool,
+def dt_processing_grad(ddt: Tensor, dt: Tensor, bias: Optional[Tensor], softplus: bool,
                         limit: Optional[Tuple[float, float]]) -> Tuple[Tensor, Optional[Tensor]]:
     """Gradients of the raw dt (its dtype) and of the bias from that of the processed dt, ddt (batch, seqlen,
     nheads) float32: what autograd gives through `mambakit.ops.dt.process_dt` (the clamp passes where
@@ -273,9 +273,12 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
 
 
 def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], saved: Tuple[Tensor, ...],
-                 dy: Tensor, dfinal: Optional[Tensor], chunk_size: int) -> Tuple[Optional[Tensor], ...]:
-    """Gradients (dx, ddt, dA, dB, dC, dD, dinit) in float32; dx: x's shape, ddt: (batch, seqlen, nheads),
-    dA: (nheads,), dB, dC: B's shape, dD: D's shape (None without D), dinit: (batch, nheads, headdim, d_state)."""
+                 dy: Tensor, dfinal: Optional[Tensor], chunk_size: int,
+                 dx_out: Optional[Tensor] = None) -> Tuple[Optional[Tensor], ...]:
+    """Gradients (dx, ddt, dA, dB, dC, dD, dinit) in float32 (dx in x's dtype); dx: x's shape, ddt: (batch, seqlen,
+    nheads), dA: (nheads,), dB, dC: B's shape, dD: D's shape (None without D), dinit: (batch, nheads, headdim,
+    d_state). dx_out: x's shape and dtype, any strides (e.g. a slice of a bigger gradient buffer): dx is written
+    there."""
     dtp, segp, acs, H = saved
     pl = _Plan(x, B, chunk_size)
     dev = x.device
@@ -308,7 +311,8 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
         del dHl
     dlast = dlast.sum(-1) if dlast.shape[-1] > 1 else dlast[..., 0].contiguous()
 
-    dx = torch.empty(x.shape, device=dev, dtype=x.dtype)  # accumulated in float32, rounded once on the way out
+    # accumulated in float32, rounded once on the way out
+    dx = dx_out if dx_out is not None else torch.empty(x.shape, device=dev, dtype=x.dtype)
     q = torch.empty_like(dtp)
     dacol = torch.empty_like(dtp)
     rowpart = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.NB, pl.Q), device=dev, dtype=torch.float32)
@@ -394,7 +398,7 @@ class _SSDTriton(torch.autograd.Function):
                         lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size))
         dx, ddt, dA, dB, dC, dD, dinit = ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal,
                                                       ctx.chunk_size)
-        ddt, dbias = _dt_processing_grad(ddt, dt, dt_bias, ctx.dt_softplus, ctx.dt_limit)
+        ddt, dbias = dt_processing_grad(ddt, dt, dt_bias, ctx.dt_softplus, ctx.dt_limit)
         return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dinit if ctx.has_init else None,
                 None, None, dbias, None, None)
 

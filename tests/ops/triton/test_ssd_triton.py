@@ -254,6 +254,6 @@ def test_dt_processing_kernel_and_its_gradient(limit):
     v = v.clamp(*limit) if limit is not None else v
     upstream = torch.randn(2, 37, 3, generator=g, dtype=torch.float64)
     ref_dt, ref_bias = torch.autograd.grad(v, [dt_leaf, bias_leaf], upstream)
-    ddt, dbias = ssd_mod._dt_processing_grad(upstream.float(), dt, bias, True, limit)
+    ddt, dbias = ssd_mod.dt_processing_grad(upstream.float(), dt, bias, True, limit)
     assert ddt.dtype == dt.dtype and dbias.dtype == bias.dtype
     assert rel_err(ddt.double(), ref_dt) < 1e-2 and rel_err(dbias.double(), ref_bias) < 1e-5

@@ -1,0 +1,150 @@
+"""The fused Mamba-2 inner path: one autograd function over the Triton conv, SSD and gated-norm kernels.
+
+Layout: z, xBC and dt are read in place from the in_proj output zxbcdt (batch, seqlen, d_in_proj); the conv output
+is written channel-last, (batch, seqlen, conv_dim) in memory, so that the SSD reads x, B and C from it as strided
+views. The backward writes the gradient of zxbcdt straight into one buffer of zxbcdt's layout (the norm's dz into
+its z columns, the conv's dx into its xBC columns, ddt into its dt columns), so that nothing is concatenated and the
+in_proj backward reads it as it is. Saved for the backward: zxbcdt, the SSD output y (before the norm), the norm's
+rstd and the SSD's chunk states; the conv output and the normed y are recomputed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambakit.ops.conv1d.triton import conv1d_backward, conv1d_forward
+from mambakit.ops.norm.triton import gated_norm_backward, gated_norm_forward
+from mambakit.ops.segments import segments
+from mambakit.ops.ssd.triton import dt_processing_grad, ssd_backward, ssd_forward
+from mambakit.ops.triton.compile import precompile_once, specialisation
+
+
+class _Dims:
+    """The column ranges of zxbcdt (batch, seqlen, d_inner + conv_dim + nheads) and the head/group shapes."""
+
+    def __init__(self, zxbcdt: Tensor, conv_dim: int, nheads: int, ngroups: int):
+        self.batch, self.seqlen, _ = zxbcdt.shape
+        self.nheads, self.ngroups = nheads, ngroups
+        self.d_inner = zxbcdt.shape[-1] - conv_dim - nheads
+        self.headdim = self.d_inner // nheads
+        self.conv_dim = conv_dim
+        self.d_state = (conv_dim - self.d_inner) // (2 * ngroups)
+
+    def split(self, t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(batch, seqlen, d_in_proj) -> views z (.., d_inner), xBC (.., conv_dim), dt (.., nheads)."""
+        d, c = self.d_inner, self.conv_dim
+        return t[..., :d], t[..., d:d + c], t[..., d + c:]
+
+    def xbc(self, u: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(batch, seqlen, conv_dim) -> views x (.., nheads, headdim), B, C (.., ngroups, d_state)."""
+        d, gn = self.d_inner, self.ngroups * self.d_state
+        return (u[..., :d].unflatten(-1, (self.nheads, self.headdim)),
+                u[..., d:d + gn].unflatten(-1, (self.ngroups, self.d_state)),
+                u[..., d + gn:].unflatten(-1, (self.ngroups, self.d_state)))
+
+    def rows(self, t: Tensor) -> Tensor:
+        """(batch, seqlen, k) with unit column stride -> (batch * seqlen, k), a view."""
+        return t.reshape(self.batch * self.seqlen, t.shape[-1])
+
+
+def _conv(dims: _Dims, xBC: Tensor, conv_w: Tensor, conv_b: Optional[Tensor], seq_idx: Optional[Tensor]) -> Tensor:
+    """silu(conv(xBC)) into a new (batch, seqlen, conv_dim) buffer, 0 where seq_idx < 0 (padding)."""
+    out = torch.empty(dims.batch, dims.seqlen, dims.conv_dim, device=xBC.device, dtype=xBC.dtype)
+    conv1d_forward(xBC.transpose(1, 2), conv_w, conv_b, True, seq_idx, out=out.transpose(1, 2))
+    return _padding_zeroed(out, seq_idx)
+
+
+def _padding_zeroed(t: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
+    """t (batch, seqlen, k) set to 0 in place where seq_idx < 0."""
+    return t if seq_idx is None else t.masked_fill_(seq_idx[..., None] < 0, 0.0)
+
+
+class _Mamba2InnerFused(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, out_b, ngroups, chunk_size, eps,
+                norm_before_gate, dt_limit, seq_idx):  # type: ignore[override]
+        dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
+        z, xBC, dt = dims.split(zxbcdt)
+        seg = segments(seq_idx)
+        group = dims.d_inner // ngroups
+
+        def run(backward: bool):
+            u = _conv(dims, xBC, conv_w, conv_b, seq_idx)
+            x, B, C = dims.xbc(u)
+            y, _, saved = ssd_forward(x, dt, A, B, C, D, None, seg, chunk_size, dt_bias, True, dt_limit)
+            y2 = dims.rows(y.flatten(-2))
+            normed, rstd = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)
+            if backward:  # the first call: the backward's kernels too, with guessed upstream gradients
+                ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), None, chunk_size)
+                gated_norm_backward(y2, dims.rows(z), norm_w, rstd, torch.empty_like(normed), group,
+                                    norm_before_gate)
+            return y2, normed, rstd, saved
+
+        key = ("mamba2_inner", zxbcdt.dtype, zxbcdt.shape[-1], dims.nheads, ngroups, chunk_size, seg is None,
+               D is None or D.dim(), norm_before_gate, dt_limit is None, zxbcdt.device,
+               specialisation(dims.batch, dims.seqlen, zxbcdt))
+        precompile_once(key, lambda: run(True))
+        y2, normed, rstd, saved = run(False)
+        out = F.linear(normed, out_w, out_b).view(dims.batch, dims.seqlen, -1)
+        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y2, rstd, seq_idx, *saved)
+        ctx.args = (ngroups, chunk_size, eps, norm_before_gate, dt_limit)
+        ctx.has_out_b = out_b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):  # type: ignore[override]
+        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y2, rstd, seq_idx, *saved = ctx.saved_tensors
+        ngroups, chunk_size, eps, norm_before_gate, dt_limit = ctx.args
+        dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
+        z, xBC, dt = dims.split(zxbcdt)
+        group = dims.d_inner // ngroups
+        g2 = gout.reshape(dims.batch * dims.seqlen, -1).to(y2.dtype)
+        normed, _ = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)  # recomputed
+        d_out_w = (g2.t() @ normed).to(out_w.dtype)
+        d_out_b = g2.sum(0).to(out_w.dtype) if ctx.has_out_b else None
+        del normed
+        d_normed = g2 @ out_w.to(g2.dtype)
+        dzxbcdt = torch.empty_like(zxbcdt)
+        dz, dxBC, ddt_out = dims.split(dzxbcdt)
+        dy2, _, d_norm_w = gated_norm_backward(y2, dims.rows(z), norm_w, rstd, d_normed, group, norm_before_gate,
+                                               dz_out=dims.rows(dz))
+        del d_normed
+        u = _conv(dims, xBC, conv_w, conv_b, seq_idx)  # recomputed
+        x, B, C = dims.xbc(u)
+        du = torch.empty_like(u)
+        dx_view, dB_view, dC_view = dims.xbc(du)
+        dy = dy2.view(dims.batch, dims.seqlen, dims.nheads, dims.headdim)
+        _, ddt, dA, dB, dC, dD, _ = ssd_backward(x, A, B, C, D, tuple(saved), dy, None, chunk_size,
+                                                 dx_out=dx_view)
+        dB_view.copy_(dB)
+        dC_view.copy_(dC)
+        ddt_raw, d_dt_bias = dt_processing_grad(ddt, dt, dt_bias, True, dt_limit)
+        ddt_out.copy_(ddt_raw)
+        del u, x, B, C, dy, dy2
+        _padding_zeroed(du, seq_idx)  # the conv output is the constant 0 at padding
+        _, d_conv_w, d_conv_b = conv1d_backward(xBC.transpose(1, 2), conv_w, conv_b, True, seq_idx,
+                                                du.transpose(1, 2), dx_out=dxBC.transpose(1, 2))
+        dD = dD.to(D.dtype) if D is not None else None
+        return (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA.to(A.dtype), dD, d_norm_w, d_out_w, d_out_b, None, None,
+                None, None, None, None)
+
+
+def mamba2_inner_fused(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], dt_bias: Tensor,
+                       A: Tensor, D: Optional[Tensor], norm_weight: Tensor, out_weight: Tensor,
+                       out_bias: Optional[Tensor], *, ngroups: int, chunk_size: int, eps: float,
+                       norm_before_gate: bool, dt_limit: Optional[Tuple[float, float]],
+                       seq_idx: Optional[Tensor]) -> Tensor:
+    """The fused form of `mambakit.ops.mamba2_inner.mamba2_inner` (checked arguments; CUDA tensors, or the CPU
+    under TRITON_INTERPRET=1). zxbcdt: (batch, seqlen, d_in_proj) with unit column stride -> (batch, seqlen,
+    d_model) in zxbcdt's dtype. dt_limit None: no clamp."""
+    io = zxbcdt.dtype
+    seqlen_chunk = max(16, 1 << max(zxbcdt.shape[1] - 1, 0).bit_length())  # the SSD kernels' chunks
+    f32 = torch.float32
+    return _Mamba2InnerFused.apply(
+        zxbcdt, conv_weight.to(io).contiguous(), None if conv_bias is None else conv_bias.to(io), dt_bias.to(f32),
+        A.to(f32).contiguous(), None if D is None else D.to(f32).contiguous(), norm_weight, out_weight.to(io),
+        None if out_bias is None else out_bias.to(io), ngroups, min(chunk_size, seqlen_chunk), eps,
+        norm_before_gate, dt_limit, seq_idx)

@@ -103,10 +103,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _dt_prepare(dt_ptr, bias_ptr, out_ptr, seqlen, nheads, Lpad, s_b, s_l, s_h, lo, hi,
-                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+def _dt_prepare(dt_ptr, bias_ptr, x_ptr, out_ptr, seqlen, nheads, P, Lpad, s_b, s_l, s_h, sx_b, sx_l, sx_h, sx_p, lo,
+                hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr,
+                BP: tl.constexpr):
     """One program per (batch * head, block of positions): dt (batch, seqlen, nheads), any float dtype -> (batch,
-    nheads, Lpad) float32: + bias, softplus (x past 20), clamp to [lo, hi]; 0 past seqlen."""
+    nheads, Lpad) float32: + bias, softplus (x past 20), clamp to [lo, hi]; 0 past seqlen; NaN where the head's x
+    (batch, seqlen, nheads, P) row has a non-finite entry, so that the chunk kernels carry it to the positions after
+    it (and only those: they mask the future after their products)."""
     bh = tl.program_id(0)
     b = (bh // nheads).to(tl.int64)
     h = bh % nheads
@@ -119,20 +122,30 @@ def _dt_prepare(dt_ptr, bias_ptr, out_ptr, seqlen, nheads, Lpad, s_b, s_l, s_h, 
         v = softplus(v)
     if HAS_LIMIT:
         v = tl.where(v == v, tl.minimum(tl.maximum(v, lo), hi), v)  # min/max would turn NaN into a bound
+    bad = tl.zeros((BLOCK,), dtype=tl.int32)
+    for p0 in range(0, P, BP):
+        p = p0 + tl.arange(0, BP)
+        xv = tl.load(x_ptr + b * sx_b + pos[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+                     mask=valid[:, None] & (p < P)[None, :], other=0.0).to(tl.float32)
+        bad = tl.maximum(bad, tl.max((~(tl.abs(xv) < float("inf"))).to(tl.int32), axis=1))
+    v = tl.where(bad > 0, float("nan"), v)
     tl.store(out_ptr + (b * nheads + h) * Lpad + pos, tl.where(valid, v, 0.0), mask=pos < Lpad)
 
 
 def _prepare_dt(dt: Tensor, bias: Optional[Tensor], softplus: bool, limit: Optional[Tuple[float, float]],
-                Lpad: int) -> Tensor:
+                Lpad: int, x: Tensor) -> Tensor:
     """dt (batch, seqlen, nheads) -> (batch, nheads, Lpad) float32, processed as the official kernels do (bias,
-    softplus, clamp to limit where given) and zero-padded, in one kernel."""
+    softplus, clamp to limit where given) and zero-padded, in one kernel; NaN where x (batch, seqlen, nheads,
+    headdim) has a non-finite entry in the head's row."""
     batch, seqlen, nheads = dt.shape
     out = torch.empty((batch, nheads, Lpad), device=dt.device, dtype=torch.float32)
-    BLOCK = 1024
+    BLOCK = 64
+    P = x.shape[-1]
     lo, hi = limit if limit is not None else (0.0, 0.0)
     _dt_prepare[batch * nheads, triton.cdiv(Lpad, BLOCK)](
-        dt, bias if bias is not None else dt, out, seqlen, nheads, Lpad, *dt.stride(), float(lo), float(hi),
-        HAS_BIAS=bias is not None, SOFTPLUS=softplus, HAS_LIMIT=limit is not None, BLOCK=BLOCK, num_warps=4)
+        dt, bias if bias is not None else dt, x, out, seqlen, nheads, P, Lpad, *dt.stride(), *x.stride(), float(lo),
+        float(hi), HAS_BIAS=bias is not None, SOFTPLUS=softplus, HAS_LIMIT=limit is not None, BLOCK=BLOCK,
+        BP=min(64, triton.next_power_of_2(P)), num_warps=4)
     return out
 
 
@@ -236,7 +249,7 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     needs."""
     pl = _Plan(x, B, chunk_size)
     dev = x.device
-    dtp = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad)
+    dtp = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad, x)
     segp = _padded_segments(seg, pl.Lpad)
     has_seg = segp is not None
     segp_arg = segp if has_seg else dtp

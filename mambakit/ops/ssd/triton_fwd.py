@@ -157,7 +157,6 @@ def _chunk_scan_fwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr,
     acs_t = tl.load(acs_ptr + row + t)
     Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
     y = tl.zeros((BQ, BP), dtype=tl.float32)
-    poisoned = tl.zeros((BQ,), dtype=tl.int32)  # a non-finite x at or before t in this chunk (see below)
     for k in range(0, i + 1):
         s, valid_s, L = _key_decay(acs_ptr, seg_ptr, row, b, c, k, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG, Q, BQ)
         dt_s = tl.load(dt_ptr + row + s)
@@ -165,14 +164,10 @@ def _chunk_scan_fwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr,
         x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
         CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (BQ, BQ)
         # Causality of non-finite values: the future is masked by zeros, but 0 * nan = nan. So the mask is applied
-        # after the product (a bad B_s or dt_s stays in the columns s <= t only), x's non-finite entries are
-        # zeroed for the product and the positions from such an entry on are set to NaN at the end.
-        causal = t[:, None] >= s[None, :]
-        bad_x = ~(tl.abs(x_s.to(tl.float32)) < float("inf"))
-        x_s = tl.where(bad_x, tl.zeros_like(x_s), x_s)
-        bad_col = tl.max(bad_x.to(tl.int32), axis=1)
-        poisoned = tl.maximum(poisoned, tl.max(tl.where(causal & (bad_col[None, :] > 0), 1, 0), axis=1))
-        M = tl.where(causal, CB * L * dt_s[None, :], 0.0)
+        # after the product (a bad B_s or dt_s stays in the columns s <= t), and x's non-finite entries are zeroed
+        # for the product: the first kernel made dt NaN at their positions, which reaches y_t for t >= s.
+        x_s = tl.where(tl.abs(x_s) < float("inf"), x_s, tl.zeros_like(x_s))
+        M = tl.where(t[:, None] >= s[None, :], CB * L * dt_s[None, :], 0.0)
         y += tl.dot(M.to(x_s.dtype), x_s, input_precision=PREC)
     off = ((b * nchunks + c) * nheads + h) * P * N
     H = tl.load(H_ptr + off + p[None, :] * N + n[:, None], mask=(n < N)[:, None] & (p < P)[None, :], other=0.0)
@@ -182,7 +177,6 @@ def _chunk_scan_fwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr,
     if HAS_D:
         x_t = _load_rows(x_ptr, b, t, valid_t, h, p, P, sx_b, sx_l, sx_h, sx_p)
         y += x_t.to(tl.float32) * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
-    y = tl.where(poisoned[:, None] > 0, float("nan"), y)
     tl.store(y_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty),
              mask=mp)
 

@@ -243,11 +243,16 @@ def test_dt_processing_kernel_and_its_gradient(limit):
     ref = F.softplus(dt.double() + bias.double())
     if limit is not None:
         ref = ref.clamp(*limit)
-    out = ssd_mod._prepare_dt(dt, bias, True, limit, 40)
+    x = torch.randn(2, 37, 3, 5, generator=g).to(torch.bfloat16)
+    out = ssd_mod._prepare_dt(dt, bias, True, limit, 40, x)
     assert out.shape == (2, 3, 40) and out.dtype == torch.float32
     assert torch.all(out[:, :, 37:] == 0)
     got = out[:, :, :37].transpose(1, 2).double()
     assert torch.allclose(got, ref, rtol=1e-6, atol=0), (got - ref).abs().max()
+    x[1, 11, 2, 4] = float("inf")  # a non-finite x entry marks its (position, head) with NaN, nothing else
+    marked = ssd_mod._prepare_dt(dt, bias, True, limit, 40, x)[:, :, :37].transpose(1, 2).double()
+    assert torch.isnan(marked[1, 11, 2]) and torch.isnan(marked).sum() == 1
+    assert torch.equal(marked.nan_to_num(0.0), got.masked_fill(torch.isnan(marked), 0.0))
 
     dt_leaf, bias_leaf = dt.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
     v = F.softplus(dt_leaf + bias_leaf)

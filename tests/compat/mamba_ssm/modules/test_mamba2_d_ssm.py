@@ -136,3 +136,14 @@ def test_mamba_ssm_checkpoint_round_trip_keeps_d_ssm(tmp_path):
     back = MambaLMHeadModel.from_pretrained(tmp_path / "m")
     ids = torch.randint(0, 40, (2, 9))
     torch.testing.assert_close(back(ids).logits, model(ids).logits)
+
+
+def test_tensor_parallel_and_hidden_attention_refuse_d_ssm():
+    from mambakit.distributed.tensor_parallel import shard_mamba2_state_dict
+    from mambakit.interpret.hidden_attention import mamba2_hidden_attention
+
+    block = MambaKitMamba2(16, d_state=4, headdim=8, d_ssm=16)
+    with pytest.raises(MambaKitError, match="tensor parallel Mamba2: d_ssm < d_inner"):
+        shard_mamba2_state_dict(block.state_dict(), block, 0, 2)
+    with pytest.raises(MambaKitError, match="hidden attention of Mamba2 with d_ssm < d_inner"):
+        mamba2_hidden_attention(block, torch.randn(1, 4, 16))

@@ -57,5 +57,9 @@ def check_complex_scan_inputs(
     Bc, Cc = as_complex_bc("B", B, seqlen, dtype), as_complex_bc("C", C, seqlen, dtype)
     h0 = initial_state.real if initial_state is not None and initial_state.is_complex() else initial_state
     # the shapes, devices and the rest checked once, on real views of the same shapes
-    check_selective_scan_inputs(u, delta, A.real, Bc.real, Cc.real, D, z, delta_bias, h0, seq_idx)
+    try:
+        check_selective_scan_inputs(u, delta, A.real, Bc.real, Cc.real, D, z, delta_bias, h0, seq_idx)
+    except MambaKitError as exc:
+        raise MambaKitError(f"{exc} (complex A: the shapes of B and C count complex entries, seqlen along time)") \
+            from None
     return Bc, Cc

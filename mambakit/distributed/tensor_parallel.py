@@ -79,6 +79,9 @@ def _check_divisible(nheads: int, ngroups: int, world: int) -> None:
 def _mamba2_shard_index(block: Mamba2, rank: int, world: int) -> dict[str, tuple[int, Optional[Tensor]]]:
     """Parameter name -> (dim, indices of the unsharded tensor along dim that rank holds); indices None means
     replicated. `block` gives the unsharded sizes (a Mamba2 or a TensorParallelMamba2)."""
+    if not isinstance(block, TensorParallelMamba2) and block.d_mlp:
+        raise MambaKitError(f"tensor parallel Mamba2: d_ssm < d_inner (the gated MLP beside the SSM) is not "
+                            f"supported, got d_ssm={block.d_ssm}, d_inner={block.d_inner}")
     full = block.full_sizes if isinstance(block, TensorParallelMamba2) else _sizes(block)
     H, G, P, N = full["nheads"], full["ngroups"], full["headdim"], full["d_state"]
     _check_divisible(H, G, world)

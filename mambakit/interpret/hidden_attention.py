@@ -350,6 +350,9 @@ class _Mamba2View:
 
     def __init__(self, layer: Mamba2, hidden_states: Tensor, seq_idx: Optional[Tensor], mask: Optional[Tensor]):
         _check_hidden(layer, hidden_states)
+        if layer.d_mlp:
+            raise MambaKitError(f"hidden attention of Mamba2 with d_ssm < d_inner (a gated MLP beside the SSM) is not "
+                                f"supported, got d_ssm={layer.d_ssm}, d_inner={layer.d_inner}")
         self.layer, self.seq_idx = layer, seq_idx
         s = layer.ssm_inputs(hidden_states, seq_idx=seq_idx, mask=mask)
         self.s = s

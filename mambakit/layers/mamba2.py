@@ -1,6 +1,8 @@
 """The Mamba-2 block: one in_proj producing [z, x, B, C, dt], a causal conv over xBC, the SSD scan with a scalar
 decay per head, the gated RMSNorm norm(y * silu(z)) and out_proj.
 
+With d_ssm < d_inner (the official `d_ssm`), the SSM covers d_ssm channels and a gated MLP the other
+d_mlp = d_inner - d_ssm: in_proj gives [z0, x0, z, x, B, C, dt] and out_proj reads cat([silu(z0) * x0, y]).
 Parameter names, shapes, packing and initialisation follow the official `mamba_ssm.Mamba2`.
 """
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
@@ -31,7 +34,8 @@ _CPU_CHUNK = 64
 class Mamba2ScanInputs(NamedTuple):
     """xBC: conv input (batch, conv_dim, seqlen); x: (batch, seqlen, nheads, headdim) after conv + SiLU; dt:
     (batch, seqlen, nheads), raw unless dt_args is empty; A: (nheads,); B, C: (batch, seqlen, ngroups, d_state);
-    D: (nheads,) or (nheads, headdim); z: (batch, seqlen, d_inner); dt_args: the dt processing left to the scan."""
+    D: (nheads,) or (nheads, headdim); z: (batch, seqlen, 2 * d_mlp + d_ssm), the gate [z0, x0, z] (only z, of
+    d_ssm = d_inner channels, unless d_ssm < d_inner); dt_args: the dt processing left to the scan."""
 
     xBC: Tensor
     x: Tensor
@@ -59,7 +63,8 @@ class Mamba2(DtTransformMixin, nn.Module):
         A_init_range: tuple[float, float] = (1.0, 16.0), D_has_hdim: bool = False, rmsnorm: bool = True,
         norm_before_gate: bool = False, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
         dt_limit: tuple[float, float] = (0.0, float("inf")), bias: bool = False, conv_bias: bool = True,
-        chunk_size: int = 256, layer_idx: Optional[int] = None, norm_eps: float = 1e-5, device=None, dtype=None,
+        chunk_size: int = 256, layer_idx: Optional[int] = None, norm_eps: float = 1e-5, d_ssm: Optional[int] = None,
+        device=None, dtype=None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand),
@@ -67,11 +72,17 @@ class Mamba2(DtTransformMixin, nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise MambaKitError(f"Mamba2 {name} must be a positive integer, got {value!r}")
         d_inner = expand * d_model
-        if d_inner % headdim != 0:
-            raise MambaKitError(f"Mamba2 d_inner = expand * d_model = {d_inner} must be divisible by headdim={headdim}")
-        nheads = d_inner // headdim
+        if d_ssm is None:
+            d_ssm = d_inner
+        elif not isinstance(d_ssm, int) or isinstance(d_ssm, bool) or not 0 < d_ssm <= d_inner:
+            raise MambaKitError(f"Mamba2 d_ssm must be None or an integer in [1, d_inner = expand * d_model = "
+                                f"{d_inner}], got {d_ssm!r}")
+        if d_ssm % headdim != 0:
+            what = "d_inner = expand * d_model" if d_ssm == d_inner else "d_ssm"
+            raise MambaKitError(f"Mamba2 {what} = {d_ssm} must be divisible by headdim={headdim}")
+        nheads = d_ssm // headdim
         if nheads % ngroups != 0:
-            raise MambaKitError(f"Mamba2 nheads = d_inner / headdim = {nheads} must be divisible by ngroups={ngroups}")
+            raise MambaKitError(f"Mamba2 nheads = d_ssm / headdim = {nheads} must be divisible by ngroups={ngroups}")
         lo, hi = A_init_range
         if not 0 < lo <= hi:
             raise MambaKitError(f"Mamba2 A_init_range must satisfy 0 < low <= high, got {A_init_range}")
@@ -83,7 +94,7 @@ class Mamba2(DtTransformMixin, nn.Module):
         self.D_has_hdim, self.rmsnorm, self.chunk_size = D_has_hdim, rmsnorm, chunk_size
         self.dt_limit = (float(dt_limit[0]), float(dt_limit[1]))
         self.layer_idx = layer_idx
-        self.conv_dim = d_inner + 2 * ngroups * d_state
+        self.conv_dim = d_ssm + 2 * ngroups * d_state
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias, **factory)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=d_conv, groups=self.conv_dim,
@@ -94,10 +105,10 @@ class Mamba2(DtTransformMixin, nn.Module):
         A = torch.empty(nheads, dtype=torch.float32, device=device).uniform_(lo, hi)
         self.A_log = nn.Parameter(torch.log(A))
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(d_inner if D_has_hdim else nheads, device=device))
+        self.D = nn.Parameter(torch.ones(d_ssm if D_has_hdim else nheads, device=device))
         self.D._no_weight_decay = True
         if rmsnorm:
-            self.norm = RMSNormGated(d_inner, eps=norm_eps, group_size=d_inner // ngroups,
+            self.norm = RMSNormGated(d_ssm, eps=norm_eps, group_size=d_ssm // ngroups,
                                      norm_before_gate=norm_before_gate, **factory)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
 
@@ -114,19 +125,30 @@ class Mamba2(DtTransformMixin, nn.Module):
         )
 
     @property
+    def d_ssm(self) -> int:
+        """Channels of the SSM: nheads * headdim (d_inner unless the official d_ssm narrowed it)."""
+        return self.nheads * self.headdim
+
+    @property
+    def d_mlp(self) -> int:
+        """Channels of the gated MLP beside the SSM: d_inner - d_ssm (0 by default)."""
+        return self.d_inner - self.d_ssm
+
+    @property
     def dt_size(self) -> int:
         """Channels of this layer's dt: nheads."""
         return self.nheads
 
     def split_projection(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The in_proj output (..., d_in_proj) -> z (..., d_inner), xBC (..., conv_dim), dt (..., nheads)."""
-        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        """The in_proj output (..., d_in_proj) -> z (..., 2 * d_mlp + d_ssm), xBC (..., conv_dim), dt (..., nheads);
+        z is the gate [z0, x0, z] of `finish` (just z when d_ssm = d_inner)."""
+        return torch.split(zxbcdt, [2 * self.d_mlp + self.d_ssm, self.conv_dim, self.nheads], dim=-1)
 
 
     def _split_xbc(self, xBC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(..., conv_dim) -> x (..., nheads, headdim), B, C (..., ngroups, d_state)."""
         gn = self.ngroups * self.d_state
-        x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
+        x, B, C = torch.split(xBC, [self.d_ssm, gn, gn], dim=-1)
         return (x.unflatten(-1, (self.nheads, self.headdim)), B.unflatten(-1, (self.ngroups, self.d_state)),
                 C.unflatten(-1, (self.ngroups, self.d_state)))
 
@@ -135,11 +157,19 @@ class Mamba2(DtTransformMixin, nn.Module):
         return D.view(self.nheads, self.headdim) if self.D_has_hdim else D
 
     def finish(self, y: Tensor, z: Tensor) -> Tensor:
-        """The scan's output y (..., d_inner) and the gate z (..., d_inner) -> (..., d_model), through the gated norm
-        (without rmsnorm the scan has applied the gate already)."""
+        """The scan's output y (..., d_ssm) and the gate z (..., 2 * d_mlp + d_ssm) -> (..., d_model), through the
+        gated norm (without rmsnorm the scan has applied the gate already), and with d_ssm < d_inner the gated MLP
+        part silu(z0) * x0 in front of it."""
+        return self.out_proj(self._gated(y, z))
+
+    def _gated(self, y: Tensor, z: Tensor) -> Tensor:
+        """out_proj's input (..., d_inner) from y (..., d_ssm) and the gate z (..., 2 * d_mlp + d_ssm)."""
+        if self.d_mlp == 0:
+            return self.norm(y, z) if self.rmsnorm else y
+        z0, x0, z = torch.split(z, [self.d_mlp, self.d_mlp, self.d_ssm], dim=-1)
         if self.rmsnorm:
             y = self.norm(y, z)
-        return self.out_proj(y)
+        return torch.cat([F.silu(z0) * x0, y.to(x0.dtype)], dim=-1)
 
 
     def scan_chunk_size(self, x: Tensor) -> int:
@@ -178,7 +208,7 @@ class Mamba2(DtTransformMixin, nn.Module):
     def scan_gate(self, s: Mamba2ScanInputs) -> Optional[Tensor]:
         """The gate the scan applies, (batch, seqlen, nheads, headdim): z without rmsnorm, None with it (the gated
         norm of `finish` applies z then)."""
-        return None if self.rmsnorm else s.z.unflatten(-1, (self.nheads, self.headdim))
+        return None if self.rmsnorm else s.z[..., 2 * self.d_mlp:].unflatten(-1, (self.nheads, self.headdim))
 
     def scan(self, s: Mamba2ScanInputs, initial_states: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None):
         """The SSD scan on `ssm_inputs` (with the gate when there is no norm): returns y (batch, seqlen, nheads,
@@ -247,11 +277,14 @@ class Mamba2(DtTransformMixin, nn.Module):
         zxbcdt, residual = norm_project_step(self.in_proj, h, pre_norm)
         hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, None])[:, 0])
-        y = mamba2_step(zxbcdt, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias,
-                        self.A_log, self.D, self.ngroups, self.dt_limit, gate=not self.rmsnorm,
+        ssm_part = zxbcdt if self.d_mlp == 0 else zxbcdt[:, 2 * self.d_mlp:].contiguous()  # [z, x, B, C, dt]
+        y = mamba2_step(ssm_part, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                        self.dt_bias, self.A_log, self.D, self.ngroups, self.dt_limit, gate=not self.rmsnorm,
                         dt_transform=transform)
         y = y.to(zxbcdt.dtype)
-        if self.rmsnorm:
+        if self.d_mlp > 0:
+            out = project_step(self.out_proj, self._gated(y, zxbcdt[:, :2 * self.d_mlp + self.d_ssm]))
+        elif self.rmsnorm:
             out = gated_norm_project_step(self.norm, self.out_proj, y, zxbcdt[:, :self.d_inner])
         else:
             out = project_step(self.out_proj, y)

@@ -15,7 +15,7 @@ import torch
 
 from mambakit.errors import CheckpointError, MambaKitError
 from mambakit.models.config import MambaConfig
-from mambakit.models.io.folder import is_int, is_number, json_float, write_json
+from mambakit.models.io.folder import json_float, write_json
 from mambakit.models.io.names import BIN_NAME, CONFIG_NAME, RUNTIME_SSM_KEYS
 from mambakit.models.io.state import check_tie, cpu_state
 
@@ -49,13 +49,8 @@ def config_from_mamba_ssm(raw: dict[str, Any], where: str = CONFIG_NAME) -> Mamb
             ssm.pop(key, None)
         if ssm.get("is_mimo"):
             problems.append(f"ssm_cfg is_mimo={ssm['is_mimo']!r} (Mamba-3 MIMO) is not supported yet")
-    if "d_ssm" in ssm:
-        d_ssm = ssm.pop("d_ssm")
-        d_inner = None
-        if is_int(data.get("d_model")) and is_number(ssm.get("expand", 2)):
-            d_inner = int(ssm.get("expand", 2) * data["d_model"])
-        if d_ssm is not None and d_ssm != d_inner:
-            problems.append(f"ssm_cfg d_ssm={d_ssm!r} (an SSM narrower than d_inner={d_inner}) is not supported")
+    if "d_ssm" in ssm and ssm["d_ssm"] is None:
+        del ssm["d_ssm"]  # the default (d_inner); a given d_ssm goes to the Mamba2 layer, which checks it
     if isinstance(ssm.get("dt_limit"), list):
         try:
             ssm["dt_limit"] = tuple(json_float(x) for x in ssm["dt_limit"])

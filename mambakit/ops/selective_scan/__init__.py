@@ -2,7 +2,7 @@
 
 Layout follows the official `mamba_ssm.selective_scan_fn`:
     u, delta, z: (batch, dim, seqlen)
-    A:           (dim, d_state), real and negative
+    A:           (dim, d_state), real and negative, or complex (negative real part; see `complex.py`)
     B, C:        (batch, d_state, seqlen) or grouped (batch, groups, d_state, seqlen)
     D, delta_bias: (dim,)
     initial_state / last state: (batch, dim, d_state)
@@ -14,6 +14,8 @@ Per step t:  delta = softplus(delta + bias) if asked
 
 Forms: `naive` (the sequential reference), `chunked` (the PyTorch fast path), `triton` (the GPU kernels, imported
 only when used), `step` (one decoding token). `selective_scan_fn` and `selective_state_update` choose among them.
+Complex A (`complex.py`: y_t = 2 * Re(<C_t, h_t>), B/C complex or real (re, im) pairs along time) has only the
+sequential form, which runs on every device.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from mambakit.errors import MambaKitError
 from mambakit.ops.backends import BACKENDS, check_backend, kernels
 from mambakit.ops.checks import require_tensors
 from mambakit.ops.selective_scan.chunked import selective_scan_chunked
@@ -48,9 +51,19 @@ def selective_scan_fn(
     backend: "auto" (Triton kernels for CUDA tensors when available, else the chunked PyTorch path), "torch" (chunked
     PyTorch), "triton" or "ref" (the sequential loop). Returns y (batch, dim, seqlen), or (y, last_state) with
     `return_last_state=True`.
+
+    Complex A (dim, d_state): there are no Triton kernels for it; "auto" and "torch" run the sequential PyTorch form
+    (`selective_scan_ref`, differentiable by autograd; it keeps every step's state for the backward) on any device,
+    "triton" raises MambaKitError. B, C are then complex (batch, [groups,] d_state, seqlen) or real
+    (batch, [groups,] d_state, 2 * seqlen) with (re, im) pairs along time; the last state is complex.
     """
     require_tensors(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state,
                     seq_idx=seq_idx)
+    if A.is_complex():
+        if check_backend(backend) == "triton":
+            raise MambaKitError("backend='triton' does not take complex A (no Triton kernels for it); use "
+                                "backend='auto', 'torch' or 'ref'")
+        backend = "ref"
     if check_backend(backend) == "auto":
         backend = "triton" if (u.is_cuda and triton_available()) else "torch"
     if backend == "triton":

@@ -1,8 +1,8 @@
 """`mamba_ssm.modules.mamba2.Mamba2`: mambakit's Mamba-2 layer (same parameters) with the official signatures.
 
 Accepted and ignored: use_mem_eff_path and sequence_parallel (mambakit's dispatchers choose the kernels).
-Refused with MambaKitError: a process_group (tensor parallelism is `mambakit.distributed`), d_ssm other than
-d_inner (the gated-MLP split of the official layer).
+Refused with MambaKitError: a process_group (tensor parallelism is `mambakit.distributed`).
+d_ssm < d_inner: the SSM on d_ssm channels, a gated MLP silu(z0) * x0 on the other d_inner - d_ssm (as official).
 cu_seqlens (a packed batch of 1, as official): seq_idx is derived from it, so the conv does not mix sequences and
 the scan restarts at each; with inference_params, each sequence's final states go to row i of the cache.
 """
@@ -36,18 +36,16 @@ class Mamba2(OfficialInference, MambaKitMamba2):
                  dtype=None):
         if process_group is not None:
             raise MambaKitError("process_group must be None: mambakit.compat's Mamba2 is not sharded; for tensor "
-                                "parallelism use mambakit.distributed (tensor_parallel), got "
+                                "parallelism build the full layer and shard it with "
+                                "mambakit.distributed.tensor_parallel.shard_mamba2(block, group) (or "
+                                "parallelize_mamba2(model, group) for a whole model), got "
                                 f"{type(process_group).__name__}")
-        d_inner = expand * d_model
-        if d_ssm is not None and d_ssm != d_inner:
-            raise MambaKitError(f"d_ssm must be None or d_inner = expand * d_model = {d_inner} (the gated-MLP split "
-                                f"is not supported), got {d_ssm!r}")
         super().__init__(d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, ngroups=ngroups,
                          A_init_range=tuple(A_init_range), D_has_hdim=D_has_hdim, rmsnorm=rmsnorm,
                          norm_before_gate=norm_before_gate, dt_min=dt_min, dt_max=dt_max,
                          dt_init_floor=dt_init_floor, dt_limit=dt_limit, bias=bias, conv_bias=conv_bias,
-                         chunk_size=chunk_size, layer_idx=layer_idx, device=device, dtype=dtype)
-        self.d_ssm, self.conv_init = d_inner, conv_init
+                         chunk_size=chunk_size, layer_idx=layer_idx, d_ssm=d_ssm, device=device, dtype=dtype)
+        self.conv_init = conv_init
         self.use_mem_eff_path, self.sequence_parallel, self.process_group = use_mem_eff_path, sequence_parallel, None
         if conv_init is not None:
             with torch.no_grad():

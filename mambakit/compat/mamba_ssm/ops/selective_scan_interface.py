@@ -1,9 +1,11 @@
 """`mamba_ssm.ops.selective_scan_interface`: `selective_scan_fn`, `selective_scan_ref`, `mamba_inner_fn`,
 `mamba_inner_ref`, with the official argument lists, on `mambakit.ops`.
 
-Layouts (official): u, delta, z (batch, dim, seqlen); A (dim, d_state), real; B, C (batch, d_state, seqlen),
-grouped (batch, groups, d_state, seqlen) or time-invariant (dim, d_state); D, delta_bias (dim,); last state
-(batch, dim, d_state). `mamba_inner_fn` is `mambakit.ops.mamba_inner` (on CUDA the fused Triton form, as the official
+Layouts (official): u, delta, z (batch, dim, seqlen); A (dim, d_state), real or complex; B, C (batch, d_state,
+seqlen), grouped (batch, groups, d_state, seqlen) or time-invariant (dim, d_state); with complex A the varying B, C
+are real (batch, [groups,] d_state, 2 * seqlen), (re, im) pairs along time (complex tensors of seqlen are taken
+too), the time-invariant ones complex, y_t = 2 * Re(<C_t, h_t>) + D * u_t; D, delta_bias (dim,); last state
+(batch, dim, d_state), complex for complex A. `mamba_inner_fn` is `mambakit.ops.mamba_inner` (on CUDA the fused Triton form, as the official
 fused kernel: little saved, the conv output and delta recomputed in the backward) when B and C come from x_proj
 without extra biases or norms, else the composition conv -> x_proj -> dt_proj -> scan -> out_proj by autograd.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -26,15 +29,15 @@ __all__ = ["mamba_inner_fn", "mamba_inner_ref", "selective_scan_fn", "selective_
 
 def varying(name: str, t: Tensor, u: Tensor, A: Tensor) -> Tensor:
     """B or C in a layout mambakit's scan takes: time-invariant (dim, d_state) becomes the grouped form with one
-    group per channel, (batch, dim, d_state, seqlen) (a stride-0 view); the other layouts pass unchanged."""
-    if A.is_complex():
-        raise MambaKitError("A must be real: complex A is not supported by mambakit.compat yet, got dtype "
-                            f"{A.dtype}")
+    group per channel, (batch, dim, d_state, seqlen) (a stride-0 view; complex like A when A is complex); the other
+    layouts pass unchanged."""
     if t.dim() != 2:
         return t
     if t.shape != A.shape:
         raise MambaKitError(f"{name} must have shape (batch, d_state, seqlen), (batch, groups, d_state, seqlen) or "
                             f"(dim, d_state)={tuple(A.shape)}, got {tuple(t.shape)}")
+    if A.is_complex():
+        t = t.to(A.dtype)
     batch, _, seqlen = u.shape
     return t[None, :, :, None].expand(batch, -1, -1, seqlen)
 
@@ -59,6 +62,14 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                     return_last_state)
 
 
+def bc_from_proj(t: Tensor, A: Tensor) -> Tensor:
+    """B or C from x_proj's output (batch, seqlen, features) to (batch, d_state, seqlen); for complex A the
+    features are (re, im) pairs, (batch, seqlen, 2 * d_state) -> complex (batch, d_state, seqlen)."""
+    if A.is_complex():
+        t = torch.view_as_complex(t.float().unflatten(-1, (-1, 2)).contiguous())
+    return t.transpose(1, 2)
+
+
 def _inner(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_proj_weight: Tensor,
            delta_proj_weight: Tensor, out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], A: Tensor,
            B: Optional[Tensor], C: Optional[Tensor], D: Optional[Tensor], delta_bias: Optional[Tensor],
@@ -71,7 +82,7 @@ def _inner(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_p
     weight = conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight  # (dim, 1, w) -> (dim, w)
     x = causal_conv1d_fn(x, weight, conv1d_bias, activation="silu")
     rank = delta_proj_weight.shape[1]
-    d_state = A.shape[-1]
+    d_state = A.shape[-1] * (2 if A.is_complex() else 1)  # complex A: x_proj gives (re, im) pairs per state
     x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (batch, seqlen, rank + 2 * d_state)
     b_rms, c_rms, dt_rms = rms_weights
     delta = F.linear(x_dbl[..., :rank], delta_proj_weight)  # (batch, seqlen, dim)
@@ -81,12 +92,12 @@ def _inner(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_p
         B = x_dbl[..., rank:rank + d_state]
         if B_proj_bias is not None:
             B = B + B_proj_bias.to(B.dtype)
-        B = (B if b_rms is None else rms_norm(B, b_rms, eps)).transpose(1, 2)  # (batch, d_state, seqlen)
+        B = bc_from_proj(B if b_rms is None else rms_norm(B, b_rms, eps), A)  # (batch, d_state, seqlen)
     if C is None:
         C = x_dbl[..., -d_state:]
         if C_proj_bias is not None:
             C = C + C_proj_bias.to(C.dtype)
-        C = (C if c_rms is None else rms_norm(C, c_rms, eps)).transpose(1, 2)
+        C = bc_from_proj(C if c_rms is None else rms_norm(C, c_rms, eps), A)
     y = scan_fn(x, delta.transpose(1, 2), A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus)
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 

@@ -1,10 +1,12 @@
-"""`mamba_ssm.utils.generation`: `InferenceParams`, `sample`, `decode`, `GenerationMixin` with the official
-semantics, on mambakit's sampling and one-token steps.
+"""`mamba_ssm.utils.generation`: `InferenceParams`, `sample`, `decode`, `GenerationMixin`, `capture_graph`,
+`update_graph_cache` with the official semantics, on mambakit's sampling, one-token steps and CUDA-graph decoder.
 
 `decode` / `generate`: max_length is the total length (prompt + new tokens; at least one new token is produced);
 greedy by default (top_k=1); top_k=0 means no limit, top_p=0 means off; stops early once every row's last token is
 eos_token_id. Returns sequences (batch, length) or, with return_dict_in_generate, an object with .sequences and
-.scores (a tuple of (batch, vocab) logits per new token when output_scores, else None).
+.scores (a tuple of (batch, vocab) logits per new token when output_scores, else None). `cg=True`: on CUDA the
+decode steps replay one captured graph (`update_graph_cache`, kept on the model as `_decoding_cache`, as official);
+on any other device it decodes eagerly, with the same tokens.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from mambakit.layers.state import SSMState
 from mambakit.models.cuda_graph import GraphedDecoder, check_graphable
 from mambakit.models.generation import sample_next_token
 
-__all__ = ["DecodingCGCache", "GenerateDecoderOnlyOutput", "GenerationMixin", "InferenceParams", "decode", "sample",
-           "states_of", "update_graph_cache"]
+__all__ = ["DecodingCGCache", "GenerateDecoderOnlyOutput", "GenerationMixin", "InferenceParams", "capture_graph",
+           "decode", "sample", "states_of", "update_graph_cache"]
 
 
 @dataclass
@@ -94,9 +96,10 @@ def decode(input_ids: Tensor, model, max_length: int, top_k: int = 1, top_p: flo
     """The official decoding loop: input_ids (batch, seqlen) -> sequences (batch, <= max_length).
 
     model: anything with the official forward(input_ids, position_ids, inference_params, num_last_tokens) and
-    .logits. teacher_outputs (batch, length): tokens taken instead of sampling where given. cg is accepted and
-    decodes eagerly (mambakit's CUDA-graph decoder is `MambaLMHeadModel.generate(cuda_graph=True)`); enable_timing
-    is accepted and ignored.
+    .logits. teacher_outputs (batch, length): tokens taken instead of sampling where given. cg: for a model on a
+    CUDA device, the prompt is prefilled into the graph's states and every decode step replays the graph captured
+    by `update_graph_cache` (model._decoding_cache, reused by later calls); elsewhere (CPU) cg decodes eagerly, the
+    same tokens. enable_timing is accepted and ignored.
     """
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
@@ -104,7 +107,15 @@ def decode(input_ids: Tensor, model, max_length: int, top_k: int = 1, top_p: flo
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise MambaKitError(f"max_length must be a positive integer (the total length), got {max_length!r}")
     batch = input_ids.shape[0]
-    params = InferenceParams(max_seqlen=max_length, max_batch_size=batch)
+    graph = cg and graph_decoding(model)
+    if graph:
+        model._decoding_cache = update_graph_cache(model, getattr(model, "_decoding_cache", None), batch,
+                                                   input_ids.shape[1], max_length)
+        params = model._decoding_cache.inference_params
+        params.reset(max_length, batch)
+        _zero_states(params)  # the graph's states hold the last generation's end; mambakit's prefill continues
+    else:
+        params = InferenceParams(max_seqlen=max_length, max_batch_size=batch)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     sequences, scores = [input_ids], []
@@ -119,7 +130,10 @@ def decode(input_ids: Tensor, model, max_length: int, top_k: int = 1, top_p: flo
         position_ids = None
         if params.seqlen_offset > 0:
             position_ids = torch.full((batch, 1), params.seqlen_offset, dtype=torch.long, device=input_ids.device)
-        logits = model(last, position_ids=position_ids, inference_params=params, num_last_tokens=1).logits[:, -1]
+        if graph and params.seqlen_offset > 0:
+            logits = model._decoding_cache.run(last, position_ids, params.seqlen_offset)[:, -1]
+        else:
+            logits = model(last, position_ids=position_ids, inference_params=params, num_last_tokens=1).logits[:, -1]
         if vocab_size is not None:
             logits = logits[..., :vocab_size]
         if output_scores:
@@ -138,6 +152,20 @@ def decode(input_ids: Tensor, model, max_length: int, top_k: int = 1, top_p: flo
     if streamer is not None:
         streamer.end()
     return GenerateDecoderOnlyOutput(sequences=torch.cat(sequences, dim=1), scores=tuple(scores))
+
+
+def graph_decoding(model) -> bool:
+    """Whether `decode(cg=True)` replays a CUDA graph for `model`: its parameters are on a CUDA device."""
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    return param is not None and param.device.type == "cuda"
+
+
+def _zero_states(params: InferenceParams) -> None:
+    """Zero every state tensor held in params.key_value_memory_dict, in place (a graph keeps pointing at them)."""
+    for entry in params.key_value_memory_dict.values():
+        for t in (entry if isinstance(entry, tuple) else vars(entry).values()):
+            if isinstance(t, Tensor):
+                t.zero_()
 
 
 @dataclass
@@ -185,17 +213,12 @@ def update_graph_cache(model, cache: Optional[DecodingCGCache], batch_size: int,
     if (device, dtype, batch_size) != (cache.device, cache.dtype, cache.max_batch_size) \
             or max_seqlen > cache.max_seqlen or not cache.callables:
         cache.callables, cache.inference_params, cache.run = {}, None, None  # drop the old graph first
-        decoder = GraphedDecoder(model, batch_size, dtype=dtype, warmup=n_warmups)
-        states = {i: as_official(state) for i, state in enumerate(decoder.cache.states)}
         cache.device, cache.dtype, cache.max_batch_size, cache.max_seqlen = device, dtype, batch_size, max_seqlen
         cache.inference_params = InferenceParams(
-            max_seqlen=max_seqlen, max_batch_size=batch_size, seqlen_offset=seqlen_og, key_value_memory_dict=states,
+            max_seqlen=max_seqlen, max_batch_size=batch_size, seqlen_offset=seqlen_og,
             lengths_per_sample=torch.full((batch_size,), seqlen_og, dtype=torch.int32, device=device))
-
-        def step(input_ids: Tensor, position_ids: Optional[Tensor] = None, seqlen: Optional[int] = None) -> Tensor:
-            return decoder.step(input_ids)[:, None]
-
-        cache.callables[batch_size, 1] = step
+        cache.callables[batch_size, 1] = capture_graph(model, cache.inference_params, batch_size, max_seqlen,
+                                                       n_warmups=n_warmups, dtype=dtype)
 
     def run(input_ids: Tensor, position_ids: Optional[Tensor] = None, seqlen: Optional[int] = None) -> Tensor:
         key = tuple(input_ids.shape[:2])
@@ -207,6 +230,51 @@ def update_graph_cache(model, cache: Optional[DecodingCGCache], batch_size: int,
     cache.run = run
     cache.inference_params.seqlen_offset = 0
     return cache
+
+
+@torch.no_grad()
+def capture_graph(model, inference_params: InferenceParams, batch_size: int, max_seqlen: int,
+                  decoding_seqlen: int = 1, mempool: Any = None, n_warmups: int = 2,
+                  dtype: Optional[torch.dtype] = None) -> Callable:
+    """The official `capture_graph` on `mambakit.models.cuda_graph.GraphedDecoder` (CUDA, SSM-only models): one
+    model step at batch_size captured in a graph. Returns run(input_ids (batch_size, 1), position_ids, seqlen) ->
+    logits (batch_size, 1, vocab), a fresh tensor, the states of inference_params advanced in place.
+
+    The graph reads and writes its own state tensors; they replace the entries of
+    inference_params.key_value_memory_dict (layer_idx -> (conv_state, ssm_state)), holding what those entries held,
+    so a prefill through forward(inference_params=...) feeds the graph (tensors taken from the dict before the call
+    are no longer the graph's). decoding_seqlen must be 1 (one-token steps); mempool is accepted and not used (the
+    graph has its own pool); dtype (mambakit's): the conv states' dtype, default that of the states already in
+    inference_params, else the model's. max_seqlen is not needed by the constant-size states.
+    """
+    if decoding_seqlen != 1:
+        raise MambaKitError(f"decoding_seqlen must be 1 (mambakit captures one-token steps), got {decoding_seqlen!r}")
+    _positive("max_seqlen", max_seqlen)
+    _positive("n_warmups", n_warmups)
+    check_graphable(model, batch_size)
+    store = inference_params.key_value_memory_dict
+    if dtype is None and store:
+        dtype = next(iter(as_mambakit(e).conv.dtype for e in store.values() if isinstance(e, tuple)), None)
+    decoder = GraphedDecoder(model, batch_size, dtype=dtype, warmup=n_warmups)
+    for i, state in enumerate(decoder.cache.states):
+        if i in store and isinstance(store[i], tuple):
+            old = as_mambakit(store[i])
+            if old.ssm.shape[0] != batch_size:
+                raise MambaKitError(f"inference_params holds states of batch {old.ssm.shape[0]} for layer {i}, "
+                                    f"batch_size is {batch_size}")
+            state.conv.copy_(old.conv)
+            state.ssm.copy_(old.ssm)
+        store[i] = as_official(state)
+
+    def run(input_ids: Tensor, position_ids: Optional[Tensor] = None, seqlen: Optional[int] = None) -> Tensor:
+        if input_ids.shape[:2] != (batch_size, 1):
+            raise MambaKitError(f"input_ids must have shape (batch_size={batch_size}, 1), got "
+                                f"{tuple(input_ids.shape)}")
+        if inference_params.lengths_per_sample is not None and seqlen is not None:
+            inference_params.lengths_per_sample[:] = seqlen
+        return decoder.step(input_ids)[:, None].clone()
+
+    return run
 
 
 class GenerationMixin:

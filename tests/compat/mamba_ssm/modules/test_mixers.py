@@ -64,4 +64,4 @@ def test_refusals_name_the_argument():
     with pytest.raises(MambaKitError, match="process_group.*mambakit.distributed"):
         Mamba2(16, headdim=8, process_group=object())
     with pytest.raises(MambaKitError, match="d_ssm"):
-        Mamba2(16, headdim=8, d_ssm=16)
+        Mamba2(16, headdim=8, d_ssm=48)  # wider than d_inner = 32

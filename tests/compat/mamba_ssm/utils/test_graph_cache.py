@@ -71,3 +71,78 @@ def test_official_flow_with_an_eager_stand_in(monkeypatch):
     with pytest.raises(MambaKitError, match="input_ids must have shape"):
         cache.run(ids[:2, :1], None, 0)
     assert isinstance(params, InferenceParams)
+
+
+class CountingDecoder(EagerDecoder):
+    steps = 0
+
+    def step(self, tokens):
+        CountingDecoder.steps += 1
+        return super().step(tokens)
+
+
+def stand_in(monkeypatch):
+    """The graph path of decode / capture_graph on the CPU, with the eager stand-in for the graph."""
+    monkeypatch.setattr(generation, "GraphedDecoder", CountingDecoder)
+    monkeypatch.setattr(generation, "check_graphable", lambda model, batch: torch.device("cpu"))
+    monkeypatch.setattr(generation, "graph_decoding", lambda model: True)
+    EagerDecoder.made = CountingDecoder.steps = 0
+
+
+def test_decode_cg_goes_through_the_graph_cache_with_the_eager_tokens(monkeypatch):
+    model, ids = tiny(), torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(3))
+    eager = generation.decode(ids, model, 12, cg=False, output_scores=True)
+    stand_in(monkeypatch)
+    for _ in range(2):  # the second call reuses the cache on the model: its states from the first are zeroed
+        graphed = generation.decode(ids, model, 12, cg=True, output_scores=True)
+        assert torch.equal(graphed.sequences, eager.sequences) and graphed.sequences.shape == (2, 12)
+        for a, b in zip(graphed.scores, eager.scores):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert EagerDecoder.made == 1 and CountingDecoder.steps == 2 * (12 - 5 - 1)  # every step after the prefill
+    assert isinstance(model._decoding_cache, DecodingCGCache)
+
+
+def test_decode_cg_on_cpu_decodes_eagerly():
+    model, ids = tiny(), torch.randint(0, 30, (1, 4), generator=torch.Generator().manual_seed(4))
+    out = model.generate(ids, 9, cg=True, return_dict_in_generate=True, output_scores=True)
+    ref = model.generate(ids, 9, return_dict_in_generate=True, output_scores=True)
+    assert torch.equal(out.sequences, ref.sequences) and not hasattr(model, "_decoding_cache")
+    for a, b in zip(out.scores, ref.scores):
+        torch.testing.assert_close(a, b)
+
+
+def test_capture_graph_takes_over_the_states_already_in_inference_params(monkeypatch):
+    stand_in(monkeypatch)
+    model, ids = tiny(), torch.randint(0, 30, (2, 7), generator=torch.Generator().manual_seed(5))
+    full = model(ids).logits
+    params = InferenceParams(max_seqlen=7, max_batch_size=2, lengths_per_sample=torch.zeros(2, dtype=torch.int32))
+    model(ids[:, :5], inference_params=params)  # a prefill before the capture
+    before = dict(params.key_value_memory_dict)
+    run = generation.capture_graph(model, params, 2, 7)
+    assert all(params.key_value_memory_dict[i][1] is not before[i][1] for i in before)  # the graph's own tensors
+    for t in (5, 6):
+        logits = run(ids[:, t:t + 1], torch.full((2, 1), t), t)
+        assert logits.shape == (2, 1, full.shape[-1]) and params.lengths_per_sample.tolist() == [t, t]
+        torch.testing.assert_close(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
+    with pytest.raises(MambaKitError, match="input_ids must have shape"):
+        run(ids[:1, :1], None, 0)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"decoding_seqlen": 2}, "decoding_seqlen"),
+                                          ({"n_warmups": 0}, "n_warmups"), ({}, "CUDA device")])
+def test_capture_graph_argument_errors(kwargs, match):
+    with pytest.raises(MambaKitError, match=match):
+        generation.capture_graph(tiny(), InferenceParams(max_seqlen=4, max_batch_size=1), 1, 4, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_gpu_decode_cg_tokens_equal_eager(layer):
+    torch.manual_seed(0)
+    cfg = {"layer": layer, "d_state": 16} if layer == "Mamba1" else {"layer": layer, "d_state": 16, "headdim": 16}
+    model = MambaLMHeadModel(MambaConfig(d_model=64, n_layer=2, vocab_size=60, ssm_cfg=cfg), device="cuda").eval()
+    ids = torch.randint(0, 60, (3, 10), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    eager = model.generate(ids, 30)
+    graphed = model.generate(ids, 30, cg=True)
+    assert model._decoding_cache.callables and torch.equal(graphed, eager)
+    assert torch.equal(model.generate(ids, 30, cg=True), eager)  # the graph reused from a fresh prefill

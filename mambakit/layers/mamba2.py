@@ -242,10 +242,10 @@ class Mamba2(DtTransformMixin, nn.Module):
 
     def _fused_inner_ok(self, hidden_states: Tensor, dt_transform: Optional[DtTransform]) -> bool:
         """Whether the inner path of a forward without state or mask can run as the fused op
-        (`mambakit.ops.mamba2_inner`): CUDA, not float64, the gated norm over groups of d_inner / ngroups, no dt
-        transform, a plain out_proj without hooks (a LoRA wrapper or a tensor-parallel hook must see its own
-        call)."""
-        if not hidden_states.is_cuda or hidden_states.dtype == torch.float64 or not self.rmsnorm:
+        (`mambakit.ops.mamba2_inner`): CUDA, not float64, no d_mlp part, the gated norm over groups of d_inner /
+        ngroups, no dt transform, a plain out_proj without hooks (a LoRA wrapper or a tensor-parallel hook must see
+        its own call)."""
+        if not hidden_states.is_cuda or hidden_states.dtype == torch.float64 or not self.rmsnorm or self.d_mlp:
             return False
         if self._pick_dt_transform(dt_transform) is not None or self.norm.group_size != self.d_inner // self.ngroups:
             return False

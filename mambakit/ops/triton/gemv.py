@@ -53,8 +53,9 @@ MAX_BLOCK_B = 16
 
 
 class GemvConfig(NamedTuple):
-    """One launch's blocks: block_b 1 (the CUDA-core path, batch 1) or MAX_BLOCK_B (the tensor-core path, block_n
-    >= 16); block_k, block_n powers of two; split: programs along k (1: no second pass)."""
+    """One launch's blocks: block_b 1 (the CUDA-core path: one batch row per program, meant for batch 1) or
+    MAX_BLOCK_B (the tensor-core path, block_n and block_k >= 16); block_n, block_k powers of two; split: programs
+    along k (1: no second pass)."""
     block_b: int
     block_n: int
     block_k: int
@@ -247,8 +248,6 @@ def _launch(mode: int, a: Tensor, b: Optional[Tensor], norm_weight: Optional[Ten
     res = torch.empty(rows, k, device=a.device, dtype=res_dtype) if mode == MODE_ADD_NORM else None
     cfg = config or launch_config(rows, n, k, group_size, a.device)
     _check_config(cfg)
-    if cfg.block_b == 1 and rows > 1:  # the CUDA-core path takes one row per program: the tensor-core one instead
-        cfg = cfg._replace(block_b=MAX_BLOCK_B, block_n=max(16, cfg.block_n), block_k=max(16, cfg.block_k))
     ngroups = k // group_size
     kb = triton.cdiv(group_size, cfg.block_k)
     n_iters = ngroups * kb

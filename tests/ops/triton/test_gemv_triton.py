@@ -57,7 +57,7 @@ def test_add_rms_norm_gemv_half_matches_the_unfused_rounding():
     hidden, residual = _rand(g, 2, 40).half(), _rand(g, 2, 40).float()
     nw, w = (_rand(g, 40) + 1).half(), _rand(g, 9, 40, scale=0.2).half()
     out, res = gemv.add_rms_norm_gemv_triton(hidden, residual, nw, 1e-5, True, w,
-                                             config=gemv.GemvConfig(1, 4, 16, 1, 1))  # two rows of the 1-row path
+                                             config=gemv.GemvConfig(1, 4, 16, 1, 1))  # 1-row path, two programs
     normed, ref_res = add_rms_norm(hidden, residual, nw, 1e-5, True, backend="torch")
     ref = normed.double() @ w.double().T  # the fp16 norm output, then an exact product
     assert torch.equal(res, ref_res) and out.dtype == torch.float16
@@ -120,7 +120,7 @@ def test_configs_split_k_and_the_one_row_path(config):
     assert rel_err(gemv.gemv_triton(x.float(), w.float(), config=config), x @ w.T) < 1e-6
 
 
-@pytest.mark.parametrize("config", [None, SPLIT], ids=["default", "split"])
+@pytest.mark.parametrize("config", [None, SPLIT, gemv.GemvConfig(1, 4, 16, 1, 1)], ids=["default", "split", "row1"])
 @pytest.mark.parametrize("rows", [2, 17])
 def test_nan_is_not_hidden(config, rows):
     """A NaN in one row's input makes that row's output NaN and no other row's (the norm statistics, the padded

@@ -30,8 +30,10 @@ arithmetic, so the choices aim at many programs with several deep-pipelined 16-b
     16 (masked rows load nothing), so the time stays the weight read's at every batch in that range; BLOCK_N grows
     with the batch, since every program re-reads its batch rows (from L2) and a wider tile amortises that; when
     that leaves too few programs for the multiprocessors, k is split (then the second pass); a narrower k block
-    and eight warps than at batch 1, since the 16 padded input rows are live next to the weight tile (more would
-    spill registers);
+    than at batch 1, since each pipeline stage stages the 16 padded input rows in shared memory next to the weight
+    tile (more stages rather than wider ones keep the weight loads in flight), and eight warps for the wider
+    tiles, so that no thread holds much of the input tile (four for 16 output rows: eight leave a stack frame for
+    the per-group statistics);
   * more than 16 rows: more programs along the batch axis (each re-reads W: beyond the GEMV range).
 """
 from __future__ import annotations
@@ -205,8 +207,8 @@ def launch_config(batch: int, n: int, k: int, group_size: int, device: torch.dev
     iters = (k // group_size) * triton.cdiv(group_size, block_k)
     split = 1
     if programs < sms // 2:
-        split = max(1, min(4, sms // programs, iters // 2))
-    return GemvConfig(MAX_BLOCK_B, block_n, block_k, 8, 3, split)
+        split = max(1, min(4, triton.cdiv(sms, programs), iters // 2))
+    return GemvConfig(MAX_BLOCK_B, block_n, block_k, 4 if block_n == 16 else 8, 4, split)
 
 
 def _rows(name: str, t: Tensor, k: int) -> Tensor:

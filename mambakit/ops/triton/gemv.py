@@ -25,11 +25,11 @@ Why these launch configurations (`launch_config`): a decode GEMV is bound by the
 arithmetic, so the choices aim at many programs with several deep-pipelined 16-byte loads each.
   * batch 1: a 2-D tile reduced on the CUDA cores (BLOCK_B = 1); few output rows per program (down to 1), so that
     even a narrow projection spreads over every multiprocessor, and a wide k block, so that each thread issues
-    several 16-byte loads per stage;
+    16-byte loads, several per stage where the tile allows (fewer warps for a small tile);
   * batch 2-16: out^T = W tile (BLOCK_N x BLOCK_K) @ f(x)^T (BLOCK_K x 16) on the tensor cores, the batch padded to
     16 (masked rows load nothing), so the time stays the weight read's at every batch in that range; BLOCK_N grows
-    with the batch, since every program re-reads its batch rows (from L2) and a wider tile amortises that; when
-    that leaves too few programs for the multiprocessors, k is split (then the second pass); a narrower k block
+    with the batch, since every program re-reads its batch rows (from L2) and a wider tile amortises that, as long
+    as at least half the multiprocessors get a program; when fewer get one, k is split (then the second pass); a narrower k block
     than at batch 1, since each pipeline stage stages the 16 padded input rows in shared memory next to the weight
     tile (more stages rather than wider ones keep the weight loads in flight), and eight warps for the wider
     tiles, so that no thread holds much of the input tile (four for 16 output rows: eight leave a stack frame for
@@ -198,11 +198,12 @@ def launch_config(batch: int, n: int, k: int, group_size: int, device: torch.dev
     sms = multiprocessor_count(device)
     if batch <= 1:
         block_k = _block_k(group_size, 512, 64)
-        block_n = max(1, min(16, _floor2(n / (2 * sms)), 8192 // block_k))
-        return GemvConfig(1, block_n, block_k, 4, 4)
+        # at least 8 elements (16 bytes of bf16) per thread and load: more rows where small groups cap the k block
+        block_n = max(min(16, 512 // block_k), min(16, _floor2(n / (2 * sms)), 8192 // block_k))
+        return GemvConfig(1, block_n, block_k, max(1, min(4, block_n * block_k // 256)), 4)
     block_k = _block_k(group_size, 128, 32)
     wide = 16 if batch <= 4 else (32 if batch <= 8 else 64)
-    block_n = max(16, min(wide, _floor2(n / sms)))
+    block_n = max(16, min(wide, _floor2(n / (sms // 2))))
     programs = triton.cdiv(n, block_n) * triton.cdiv(batch, MAX_BLOCK_B)
     iters = (k // group_size) * triton.cdiv(group_size, block_k)
     split = 1

@@ -252,7 +252,8 @@ def test_gpu_launch_config(monkeypatch):
             assert (k // groups) % cfg.block_k == 0 or k < 64
             assert cfg.block_n * cfg.block_k * cfg.block_b <= 16 * 64 * 256
             if batch == 1:
-                assert cfg.block_b == 1 and (-(-n // cfg.block_n) >= 132 or n < 132)
+                assert cfg.block_b == 1 and cfg.block_n * cfg.block_k >= 8 * 32 * cfg.num_warps
+                assert -(-n // cfg.block_n) >= 132 or n < 132 or cfg.block_k < 128
             else:
                 assert cfg.block_b == gemv.MAX_BLOCK_B
                 programs = -(-n // cfg.block_n) * -(-batch // 16) * cfg.split

@@ -15,8 +15,8 @@ Layout: program (i, j, s) owns output rows [i * BLOCK_N, (i + 1) * BLOCK_N) of W
 batch rows [j * BLOCK_B, (j + 1) * BLOCK_B) and the s-th of SPLIT contiguous runs of k blocks. The k blocks are
 walked group by group (a block never straddles two groups), as one flat loop whose loads depend only on the loop
 index, so `tl.range(num_stages=...)` keeps several weight tiles in flight per program. A norm costs a short first
-phase: the program reads its batch rows over the groups it touches (a few KB, shared by every program through L2)
-for the sums of squares, then the main loop reads them again next to the weight tile. The programs of column
+phase: the program reads its batch rows over the groups it touches (read by every program, so from L2 after the
+first) for the sums of squares, then the main loop reads them again next to the weight tile. The programs of column
 (0, ·, 0) also store the new residual, into a buffer nobody reads. With SPLIT > 1 each program writes its float32
 partial sums, and a second kernel adds them in split order (deterministic: the same tokens run to run), then the
 bias.
@@ -28,12 +28,12 @@ arithmetic, so the choices aim at many programs with several deep-pipelined 16-b
     16-byte loads, several per stage where the tile allows (fewer warps for a small tile);
   * batch 2-16: out^T = W tile (BLOCK_N x BLOCK_K) @ f(x)^T (BLOCK_K x 16) on the tensor cores, the batch padded to
     16 (masked rows load nothing), so the time stays the weight read's at every batch in that range; BLOCK_N grows
-    with the batch, since every program re-reads its batch rows (from L2) and a wider tile amortises that, as long
-    as at least half the multiprocessors get a program; when fewer get one, k is split (then the second pass); a narrower k block
-    than at batch 1, since each pipeline stage stages the 16 padded input rows in shared memory next to the weight
-    tile (more stages rather than wider ones keep the weight loads in flight), and eight warps for the wider
-    tiles, so that no thread holds much of the input tile (four for 16 output rows: eight leave a stack frame for
-    the per-group statistics);
+    with the batch, since every program re-reads its batch rows (from L2) and a wider tile amortises that, as
+    long as at least half the multiprocessors get a program; when fewer get one, k is split (then the second
+    pass); a narrower k block than at batch 1, since each pipeline stage stages the 16 padded input rows in
+    shared memory next to the weight tile (more stages rather than wider ones keep the weight loads in flight),
+    and eight warps for the wider tiles, so that no thread holds much of the input tile (four for 16 output rows:
+    eight leave a stack frame for the per-group statistics);
   * more than 16 rows: more programs along the batch axis (each re-reads W: beyond the GEMV range).
 """
 from __future__ import annotations

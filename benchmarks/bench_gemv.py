@@ -3,6 +3,7 @@
     python benchmarks/bench_gemv.py                               # GPU: bf16, batches 1-16, the issue-20 shapes
     python benchmarks/bench_gemv.py --batches 1 8 --shapes 768x3072
     python benchmarks/bench_gemv.py --device cpu --tiny           # smoke test: the interpreter, tiny shapes
+    python benchmarks/bench_gemv.py --variants                    # also time launch_config's neighbours
 
 Ops, each fused (one `mambakit.ops.triton.gemv` launch) and unfused (what the decode step ran before):
   add_norm: add_rms_norm(hidden, residual) -> F.linear (the in_proj shapes, in_features = d_model);
@@ -10,7 +11,10 @@ Ops, each fused (one `mambakit.ops.triton.gemv` launch) and unfused (what the de
   plain:    F.linear alone against the plain GEMV kernel (the out_proj shapes; PLAIN_GEMV's choice).
 Timing on CUDA: one CUDA graph replaying the op over enough copies of the weight that they do not fit in L2 (as in
 a decode step, where every weight is read once), CUDA events around the replays; us per op. Also reported: the
-rate over the weight bytes, and the relative error of fused against unfused.
+rate over the weight bytes, and the relative error of fused against unfused. With --variants each fused op is also
+timed under a few neighbours of `gemv.launch_config`'s choice (VARIANTS: the other warp count, half / twice the
+output rows per program, no k split, one pipeline stage less / more), each variant checked against the unfused
+result too, and a second table names the fastest per shape, op and batch.
 """
 from __future__ import annotations
 
@@ -31,14 +35,17 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny shapes, batches 1 2 (the CPU smoke test)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--shapes", nargs="+", default=None, help=f"of {sorted(SHAPES)}")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default bfloat16 on cuda, float32 on cpu (the interpreter's bf16 tl.dot is broken)")
     p.add_argument("--ngroups", type=int, default=1, help="groups of the gated norm")
     p.add_argument("--l2-bytes", type=float, default=256e6, help="weight copies per graph reach at least this")
     p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--variants", action="store_true", help="also time neighbours of launch_config's choice")
     return p.parse_args()
 
 
 ARGS = parse()
+ARGS.dtype = ARGS.dtype or ("bfloat16" if ARGS.device == "cuda" else "float32")
 if ARGS.device == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels run on the CPU interpreter
 
@@ -74,24 +81,51 @@ def graph_us(calls: list[Callable[[], object]], replays: int) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * len(calls))
 
 
-def ops(kind: str, x, x2, nw, w, eps: float, group: int) -> tuple[Callable, Callable]:
-    """(fused, unfused) zero-argument calls of one op kind on one weight copy w."""
+def _half_rows(c):
+    return c._replace(block_n=max(16 if c.block_b > 1 else 1, c.block_n // 2))
+
+
+#: name -> the variant of launch_config's choice c it times
+VARIANTS = {
+    "warps": lambda c: c._replace(num_warps=4 if c.num_warps == 8 else 8),
+    "rows/2": _half_rows,
+    "rows*2": lambda c: c._replace(block_n=c.block_n * 2),
+    "nosplit": lambda c: c._replace(split=1),
+    "stages-1": lambda c: c._replace(num_stages=max(1, c.num_stages - 1)),
+    "stages+1": lambda c: c._replace(num_stages=c.num_stages + 1),
+}
+
+
+def ops(kind: str, x, x2, nw, w, eps: float, group: int, config=None) -> tuple[Callable, Callable]:
+    """(fused, unfused) zero-argument calls of one op kind on one weight copy w (the fused one under config, None:
+    launch_config's)."""
     if kind == "add_norm":
         def unfused():
             normed, res = add_rms_norm(x, x2, nw, eps, True)
             return F.linear(normed, w), res
-        return (lambda: gemv.add_rms_norm_gemv_triton(x, x2, nw, eps, True, w)), unfused
+        return (lambda: gemv.add_rms_norm_gemv_triton(x, x2, nw, eps, True, w, config=config)), unfused
     if kind == "gated":
-        return ((lambda: gemv.rms_norm_gated_gemv_triton(x, x2, nw, eps, group, False, w)),
+        return ((lambda: gemv.rms_norm_gated_gemv_triton(x, x2, nw, eps, group, False, w, config=config)),
                 (lambda: F.linear(rms_norm_gated(x, x2, nw, eps, group, False), w)))
-    return (lambda: gemv.gemv_triton(x, w)), (lambda: F.linear(x, w))
+    return (lambda: gemv.gemv_triton(x, w, config=config)), (lambda: F.linear(x, w))
+
+
+def variants(batch: int, n: int, k: int, group: int, device: str) -> dict:
+    """{name: config} of the variants that differ from launch_config's choice ("default" first)."""
+    base = gemv.launch_config(batch, n, k, group, torch.device(device))
+    out = {"default": base}
+    for name, fn in VARIANTS.items():
+        c = fn(base)
+        if c not in out.values():
+            out[name] = c
+    return out
 
 
 def main() -> int:
     device, dtype = ARGS.device, getattr(torch, ARGS.dtype)
     shapes = TINY if ARGS.tiny else {s: SHAPES[s] for s in (ARGS.shapes or SHAPES)}
     batches = [1, 2] if ARGS.tiny else ARGS.batches
-    rows = Rows("gemv")
+    rows, vrows, brows = Rows("gemv"), Rows("gemv_variants"), []
     report.log(f"# {device_line() if device == 'cuda' else 'cpu (Triton interpreter)'}; {ARGS.dtype}; "
                f"GEMV_MAX_BATCH = {norm_linear.GEMV_MAX_BATCH}")
     g = torch.Generator(device=device).manual_seed(0)
@@ -117,12 +151,32 @@ def main() -> int:
                 else:
                     fused_us = time_ms(pairs[0][0], repeats=1, warmup=0) * 1e3
                     unfused_us = time_ms(pairs[0][1], repeats=1, warmup=0) * 1e3
+                if ARGS.variants:
+                    timed = {}
+                    configs = variants(batch, n, k, k // ARGS.ngroups, device)
+                    for name, cfg in configs.items():
+                        calls = [ops(kind, x, second, nw, w, 1e-5, k // ARGS.ngroups, cfg)[0] for w in weights]
+                        report.check(f"{shape} {kind} batch {batch} {name}", rel_err(first(calls[0]()), first(out_u)),
+                                     2e-2 if dtype != torch.float32 else 1e-5)
+                        timed[name] = (graph_us(calls, ARGS.replays) if device == "cuda"
+                                       else time_ms(calls[0], repeats=1, warmup=0) * 1e3)
+                        vrows.add(bench="gemv_variants", shape=shape, op=kind, batch=batch, variant=name,
+                                  config=" ".join(str(v) for v in cfg), us=timed[name],
+                                  GBps=wbytes / timed[name] / 1e3)
+                    best = min(timed, key=timed.get)
+                    brows.append(dict(shape=shape, op=kind, batch=batch, best=best, best_us=timed[best],
+                                      default_us=timed["default"], config=" ".join(str(v) for v in configs[best])))
                 rows.add(bench="gemv", shape=shape, op=kind, batch=batch, dtype=ARGS.dtype, device=device,
                          fused_us=fused_us, unfused_us=unfused_us, speedup=unfused_us / fused_us,
                          fused_GBps=wbytes / fused_us / 1e3, rel_err=err)
     rows.save()
     report.log("\n" + table(rows.rows, ["shape", "op", "batch", "fused_us", "unfused_us", "speedup", "fused_GBps",
                                         "rel_err"]))
+    if ARGS.variants:
+        vrows.save()
+        report.log("\n" + table(vrows.rows, ["shape", "op", "batch", "variant", "config", "us", "GBps"]))
+        report.log("\nfastest variant (config = block_b block_n block_k num_warps num_stages split):\n"
+                   + table(brows, ["shape", "op", "batch", "best", "config", "best_us", "default_us"]))
     return report.finish()
 
 

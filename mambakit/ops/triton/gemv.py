@@ -8,16 +8,37 @@ f is one of
     f = rms_norm(r'.to(norm dtype)) * w_norm;
   * gated RMSNorm (Mamba-2's tail): f = norm(y * silu(z)) * w_norm, or norm(y) * w_norm * silu(z), per group of
     group_size channels.
+f's result is rounded to W's dtype before the product, as the unfused norm's output is, and the product is
+accumulated in float32 (fp32 weights: an IEEE product, no TF32). Inference only (no autograd).
 
-Layout: program (i, j) owns output rows [i * BLOCK_N, (i + 1) * BLOCK_N) of W (out_features, in_features) and batch
-rows [j * BLOCK_B, (j + 1) * BLOCK_B); it reads those batch rows in full and recomputes their norm itself (cheap next
-to its slice of W), so no program waits for another. The new residual is written by the programs of column 0 only,
-into a buffer nobody reads. f's result is rounded to W's dtype before the product, as the unfused norm's output is,
-and the product is accumulated in float32. Inference only (no autograd).
+Layout: program (i, j, s) owns output rows [i * BLOCK_N, (i + 1) * BLOCK_N) of W (out_features, in_features),
+batch rows [j * BLOCK_B, (j + 1) * BLOCK_B) and the s-th of SPLIT contiguous runs of k blocks. The k blocks are
+walked group by group (a block never straddles two groups), as one flat loop whose loads depend only on the loop
+index, so `tl.range(num_stages=...)` keeps several weight tiles in flight per program. A norm costs a short first
+phase: the program reads its batch rows over the groups it touches (read by every program, so from L2 after the
+first) for the sums of squares, then the main loop reads them again next to the weight tile. The programs of column
+(0, ·, 0) also store the new residual, into a buffer nobody reads. With SPLIT > 1 each program writes its float32
+partial sums, and a second kernel adds them in split order (deterministic: the same tokens run to run), then the
+bias.
+
+Why these launch configurations (`launch_config`): a decode GEMV is bound by the weight bytes in flight, not by
+arithmetic, so the choices aim at many programs with several deep-pipelined 16-byte loads each.
+  * batch 1: a 2-D tile reduced on the CUDA cores (BLOCK_B = 1); few output rows per program (down to 1), so that
+    even a narrow projection spreads over every multiprocessor, and a wide k block, so that each thread issues
+    16-byte loads, several per stage where the tile allows (fewer warps for a small tile);
+  * batch 2-16: out^T = W tile (BLOCK_N x BLOCK_K) @ f(x)^T (BLOCK_K x 16) on the tensor cores, the batch padded to
+    16 (masked rows load nothing), so the time stays the weight read's at every batch in that range; BLOCK_N grows
+    with the batch, since every program re-reads its batch rows (from L2) and a wider tile amortises that, as
+    long as at least half the multiprocessors get a program; when fewer get one, k is split (then the second
+    pass); a narrower k block than at batch 1, since each pipeline stage stages the 16 padded input rows in
+    shared memory next to the weight tile (more stages rather than wider ones keep the weight loads in flight),
+    and eight warps for the wider tiles, so that no thread holds much of the input tile (four for 16 output rows:
+    eight leave a stack frame for the per-group statistics);
+  * more than 16 rows: more programs along the batch axis (each re-reads W: beyond the GEMV range).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -29,16 +50,28 @@ from mambakit.ops.triton.device import interpreted, multiprocessor_count
 
 MODE_PLAIN, MODE_ADD_NORM, MODE_GATED_NORM = 0, 1, 2
 
-#: the batch rows one program takes at most (more rows: more programs along the grid's second axis)
+#: the batch rows of one tensor-core program (the dot's N side; more rows: more programs along the batch axis)
 MAX_BLOCK_B = 16
+
+
+class GemvConfig(NamedTuple):
+    """One launch's blocks: block_b 1 (the CUDA-core path: one batch row per program, meant for batch 1) or
+    MAX_BLOCK_B (the tensor-core path, block_n and block_k >= 16); block_n, block_k powers of two; split: programs
+    along k (1: no second pass)."""
+    block_b: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split: int = 1
 
 
 @triton.jit
 def _load_input(a_ptr, b_ptr, res_ptr, nw_ptr, rows, cols, m, s_a, s_b, s_r, res_rows,
                 MODE: tl.constexpr, HAS_B: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, STORE: tl.constexpr):
-    """(x, gate): what is normalised (float32; for MODE_ADD_NORM the new residual rounded to the norm's dtype, which
-    is stored when STORE for the rows below res_rows) and silu(z) (MODE_GATED_NORM with z; x otherwise,
-    unused)."""
+    """(x, gate), (BLOCK_B, BLOCK_K): what is normalised (float32; for MODE_ADD_NORM the new residual rounded to
+    the norm's dtype, which is stored when STORE for the rows below res_rows) and silu(z) (MODE_GATED_NORM with z;
+    x otherwise, unused)."""
     x = tl.load(a_ptr + rows[:, None] * s_a + cols[None, :], mask=m, other=0.0).to(tl.float32)
     gate = x
     if MODE == 1:
@@ -58,11 +91,12 @@ def _load_input(a_ptr, b_ptr, res_ptr, nw_ptr, rows, cols, m, s_a, s_b, s_r, res
 
 
 @triton.jit
-def _gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, n_rows, N, K, group_size,
-                 s_a, s_b, s_r, s_w, s_o, eps,
+def _gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, n_rows, N, group_size, kb_per_group,
+                 n_iters, iters_per_split, s_a, s_b, s_r, s_w, s_o, s_split, eps,
                  MODE: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
+                 DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    pid_n, pid_s = tl.program_id(0), tl.program_id(2)
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mr = rows < n_rows
     rows = rows.to(tl.int64)
@@ -70,59 +104,112 @@ def _gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, n_rows
     mn = ns < N
     w_rows = w_ptr + ns.to(tl.int64)[:, None] * s_w
     ks = tl.arange(0, BLOCK_K)
-    res_rows = n_rows * (pid_n == 0).to(tl.int32)  # the programs of output block 0 store the residual
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, K, group_size):
-        rstd = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        if MODE != 0:
-            ss = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            for k0 in range(0, group_size, BLOCK_K):
-                mk = k0 + ks < group_size
-                x, _ = _load_input(a_ptr, b_ptr, res_ptr, nw_ptr, rows, g0 + k0 + ks, mr[:, None] & mk[None, :],
-                                   s_a, s_b, s_r, res_rows, MODE, HAS_B, NORM_BEFORE_GATE, True)
-                ss += tl.sum(x * x, axis=1)
-            rstd = 1.0 / tl.sqrt(ss / group_size + eps)
-        for k0 in range(0, group_size, BLOCK_K):
+    gs = tl.arange(0, BLOCK_G)
+    it0 = pid_s * iters_per_split
+    it1 = tl.minimum(it0 + iters_per_split, n_iters)
+    rstd = tl.zeros((BLOCK_B, BLOCK_G), dtype=tl.float32)
+    if MODE != 0:
+        # the sums of squares of the groups this program's k blocks fall in, one column per group
+        res_rows = n_rows * ((pid_n == 0) & (pid_s == 0)).to(tl.int32)
+        ss = tl.zeros((BLOCK_B, BLOCK_G), dtype=tl.float32)
+        for it in tl.range((it0 // kb_per_group) * kb_per_group, tl.cdiv(it1, kb_per_group) * kb_per_group,
+                           num_stages=STAGES):
+            g = it // kb_per_group
+            k0 = (it - g * kb_per_group) * BLOCK_K
             mk = k0 + ks < group_size
-            cols = g0 + k0 + ks
-            x, gate = _load_input(a_ptr, b_ptr, res_ptr, nw_ptr, rows, cols, mr[:, None] & mk[None, :],
-                                  s_a, s_b, s_r, res_rows, MODE, HAS_B, NORM_BEFORE_GATE, False)
-            if MODE != 0:
-                nw = tl.load(nw_ptr + cols, mask=mk, other=0.0).to(tl.float32)
-                x = x * rstd[:, None] * nw[None, :]
-                if MODE == 2:
-                    if HAS_B:
-                        if NORM_BEFORE_GATE:
-                            x = x * gate
-            v = x.to(w_ptr.dtype.element_ty).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=mn[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(v[:, None, :] * w[None, :, :], axis=2)
+            x, _ = _load_input(a_ptr, b_ptr, res_ptr, nw_ptr, rows, g * group_size + k0 + ks,
+                               mr[:, None] & mk[None, :], s_a, s_b, s_r, res_rows, MODE, HAS_B, NORM_BEFORE_GATE,
+                               True)
+            ss += tl.where(gs[None, :] == g, tl.sum(x * x, axis=1)[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(ss / group_size + eps)
+    if DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    else:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for it in tl.range(it0, it1, num_stages=STAGES):
+        g = it // kb_per_group
+        k0 = (it - g * kb_per_group) * BLOCK_K
+        mk = k0 + ks < group_size
+        cols = g * group_size + k0 + ks
+        w = tl.load(w_rows + cols[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        x, gate = _load_input(a_ptr, b_ptr, res_ptr, nw_ptr, rows, cols, mr[:, None] & mk[None, :],
+                              s_a, s_b, s_r, 0, MODE, HAS_B, NORM_BEFORE_GATE, False)
+        if MODE != 0:
+            nw = tl.load(nw_ptr + cols, mask=mk, other=0.0).to(tl.float32)
+            r = tl.sum(tl.where(gs[None, :] == g, rstd, 0.0), axis=1)  # (BLOCK_B,): this block's group
+            x = x * r[:, None] * nw[None, :]
+            if MODE == 2:
+                if HAS_B:
+                    if NORM_BEFORE_GATE:
+                        x = x * gate
+        v = x.to(w_ptr.dtype.element_ty)
+        if DOT:
+            if IEEE:
+                acc = tl.dot(w, tl.trans(v), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(v), acc)
+        else:
+            acc2 += w.to(tl.float32) * v.to(tl.float32)
+    if not DOT:
+        acc = tl.sum(acc2, axis=1)[:, None]  # (BLOCK_N, 1)
+    m = mn[:, None] & mr[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ns, mask=mn, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + rows[None, :] * s_o + ns[:, None], acc.to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(out_ptr + pid_s * s_split + rows[None, :] * N + ns[:, None], acc, mask=m)
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, bias_ptr, out_ptr, total, N, s_o,
+                      SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum over s in order of part[s, i] (+ bias): part (SPLIT, rows, N) float32, out (rows, N) rows
+    s_o apart."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < total
+    acc = tl.load(part_ptr + i, mask=m, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + s * total + i, mask=m, other=0.0)
+    col = i % N
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + ns, mask=mn, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * s_o + ns[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mr[:, None] & mn[None, :])
+        acc += tl.load(bias_ptr + col, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (i // N) * s_o + col, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def launch_config(batch: int, n: int, group_size: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_N, BLOCK_K, num_warps) for a (batch, k) x (n, k)^T product normalised per group_size
-    (k for no norm or one group).
+def _block_k(group_size: int, most: int, least: int) -> int:
+    """The largest power of two in [least, most] dividing group_size, else the smallest covering it (capped)."""
+    bk = most
+    while bk > least and group_size % bk:
+        bk //= 2
+    return bk if group_size % bk == 0 else max(least, min(most, triton.next_power_of_2(group_size)))
 
-    About two programs per multiprocessor along n (a batch-1 GEMV is bound by how many loads are in flight, so
-    every multiprocessor gets work), a k block that divides the group where it can (no masked-off tail), and at
-    most about 8K products per step of the k loop (the k block kept >= 64, fewer output rows at larger batches).
-    On the interpreter small blocks, so that the loops over k and the masked edges run in the tests."""
-    block_b = min(triton.next_power_of_2(max(batch, 1)), MAX_BLOCK_B)
+
+def _floor2(v: float) -> int:
+    return 1 << max(0, int(v).bit_length() - 1)
+
+
+def launch_config(batch: int, n: int, k: int, group_size: int, device: torch.device) -> GemvConfig:
+    """The blocks for a (batch, k) x (n, k)^T product normalised per group_size (k for no norm or one group); the
+    module docstring says why. On the interpreter small blocks, so that the loops over k, the groups and the
+    masked edges run in the tests."""
     if interpreted():
-        return block_b, 16, 16, 1
-    block_n = max(4, min(64, triton.next_power_of_2(max(1, n // (2 * multiprocessor_count(device))))))
-    block_k = 512
-    while block_k > 64 and group_size % block_k:
-        block_k //= 2
-    if group_size % block_k:
-        block_k = min(512, triton.next_power_of_2(group_size))
-    block_k = max(64, min(block_k, 8192 // (block_b * block_n)))
-    block_n = max(2, min(block_n, 8192 // (block_b * block_k)))
-    return block_b, block_n, block_k, 4
+        return GemvConfig(1, 4, 16, 1, 1) if batch <= 1 else GemvConfig(MAX_BLOCK_B, 16, 16, 4, 1)
+    sms = multiprocessor_count(device)
+    if batch <= 1:
+        block_k = _block_k(group_size, 512, 64)
+        # at least 8 elements (16 bytes of bf16) per thread and load: more rows where small groups cap the k block
+        block_n = max(min(16, 512 // block_k), min(16, _floor2(n / (2 * sms)), 8192 // block_k))
+        return GemvConfig(1, block_n, block_k, max(1, min(4, block_n * block_k // 256)), 4)
+    block_k = _block_k(group_size, 128, 32)
+    wide = 16 if batch <= 4 else (32 if batch <= 8 else 64)
+    block_n = max(16, min(wide, _floor2(n / (sms // 2))))
+    programs = triton.cdiv(n, block_n) * triton.cdiv(batch, MAX_BLOCK_B)
+    iters = (k // group_size) * triton.cdiv(group_size, block_k)
+    split = 1
+    if programs < sms // 2:
+        split = max(1, min(4, triton.cdiv(sms, programs), iters // 2))
+    return GemvConfig(MAX_BLOCK_B, block_n, block_k, 4 if block_n == 16 else 8, 4, split)
 
 
 def _rows(name: str, t: Tensor, k: int) -> Tensor:
@@ -133,9 +220,17 @@ def _rows(name: str, t: Tensor, k: int) -> Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _check_config(cfg: GemvConfig) -> None:
+    pow2 = all(v > 0 and v & (v - 1) == 0 for v in (cfg.block_n, cfg.block_k, cfg.num_warps))
+    dot_ok = cfg.block_b == MAX_BLOCK_B and cfg.block_n >= 16 and cfg.block_k >= 16
+    if not (pow2 and (cfg.block_b == 1 or dot_ok) and cfg.split >= 1 and cfg.num_stages >= 1):
+        raise MambaKitError(f"gemv: config must have block_b 1 or {MAX_BLOCK_B} (then block_n, block_k >= 16), "
+                            f"powers of two, split >= 1, got {cfg}")
+
+
 def _launch(mode: int, a: Tensor, b: Optional[Tensor], norm_weight: Optional[Tensor], weight: Tensor,
             bias: Optional[Tensor], res_dtype: Optional[torch.dtype], eps: float, group_size: int,
-            norm_before_gate: bool) -> tuple[Tensor, Optional[Tensor]]:
+            norm_before_gate: bool, config: Optional[GemvConfig]) -> tuple[Tensor, Optional[Tensor]]:
     n, k = weight.shape
     if bias is not None and bias.shape != (n,):
         raise MambaKitError(f"gemv: bias must have shape ({n},), got {tuple(bias.shape)}")
@@ -154,27 +249,46 @@ def _launch(mode: int, a: Tensor, b: Optional[Tensor], norm_weight: Optional[Ten
     rows = a2.shape[0]
     out = torch.empty(rows, n, device=a.device, dtype=weight.dtype)
     res = torch.empty(rows, k, device=a.device, dtype=res_dtype) if mode == MODE_ADD_NORM else None
-    block_b, block_n, block_k, warps = launch_config(rows, n, group_size, a.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(rows, block_b))
-    if rows > 0 and n > 0:
-        _gemv_kernel[grid](
-            a2, b2 if b2 is not None else a2, norm_weight if norm_weight is not None else w,
-            w, bias if bias is not None else w, out, res if res is not None else out, rows, n, k, group_size,
-            a2.stride(0), (b2 if b2 is not None else a2).stride(0), k, w.stride(0), n, float(eps),
-            MODE=mode, HAS_B=b2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
-            BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    cfg = config or launch_config(rows, n, k, group_size, a.device)
+    _check_config(cfg)
+    ngroups = k // group_size
+    kb = triton.cdiv(group_size, cfg.block_k)
+    n_iters = ngroups * kb
+    split = max(1, min(cfg.split, n_iters))
+    per_split = triton.cdiv(n_iters, split)
+    split = triton.cdiv(n_iters, per_split)  # no empty split
+    if rows == 0 or n == 0:
+        return out.view(*lead, n), (res.view(*lead, k) if res is not None else None)
+    dest = out if split == 1 else torch.empty(split, rows, n, device=a.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_b), split)
+    _gemv_kernel[grid](
+        a2, b2 if b2 is not None else a2, norm_weight if norm_weight is not None else w,
+        w, bias if bias is not None else w, dest, res if res is not None else out, rows, n, group_size, kb,
+        n_iters, per_split, a2.stride(0), (b2 if b2 is not None else a2).stride(0), k, w.stride(0), n, rows * n,
+        float(eps), MODE=mode, HAS_B=b2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
+        DOT=cfg.block_b > 1, IEEE=w.dtype == torch.float32, SPLIT=split,
+        BLOCK_G=triton.next_power_of_2(ngroups) if mode != MODE_PLAIN else 1,
+        BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps)
+    if split > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(rows * n, block),)](
+            dest, bias if bias is not None else w, out, rows * n, n, n, SPLIT=split, HAS_BIAS=bias is not None,
+            BLOCK=block, num_warps=4)
     return out.view(*lead, n), (res.view(*lead, k) if res is not None else None)
 
 
-def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def gemv_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                config: Optional[GemvConfig] = None) -> Tensor:
     """F.linear(x, weight, bias) for a few rows: x (..., in_features) in weight's dtype, weight (out_features,
-    in_features), bias (out_features,). Returns (..., out_features) in weight's dtype."""
-    return _launch(MODE_PLAIN, x, None, None, weight, bias, None, 0.0, weight.shape[1], False)[0]
+    in_features), bias (out_features,). Returns (..., out_features) in weight's dtype. config: the blocks
+    (default `launch_config`'s)."""
+    return _launch(MODE_PLAIN, x, None, None, weight, bias, None, 0.0, weight.shape[1], False, config)[0]
 
 
 def add_rms_norm_gemv_triton(hidden: Tensor, residual: Optional[Tensor], norm_weight: Tensor, eps: float,
-                             residual_in_fp32: bool, weight: Tensor,
-                             bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                             residual_in_fp32: bool, weight: Tensor, bias: Optional[Tensor] = None, *,
+                             config: Optional[GemvConfig] = None) -> tuple[Tensor, Tensor]:
     """(F.linear(normed, weight, bias), residual') with (normed, residual') = add_rms_norm(hidden, residual,
     norm_weight, eps, residual_in_fp32). hidden, residual: (..., d) (residual None for the first block);
     norm_weight: (d,) in weight's dtype; weight: (out_features, d). Returns (..., out_features) in weight's dtype and
@@ -183,12 +297,14 @@ def add_rms_norm_gemv_triton(hidden: Tensor, residual: Optional[Tensor], norm_we
     if residual_in_fp32:
         res_dtype = torch.promote_types(res_dtype, torch.float32)
     k = weight.shape[1]
-    return _launch(MODE_ADD_NORM, hidden, residual, norm_weight, weight, bias, res_dtype, eps, k, False)
+    return _launch(MODE_ADD_NORM, hidden, residual, norm_weight, weight, bias, res_dtype, eps, k, False, config)
 
 
 def rms_norm_gated_gemv_triton(y: Tensor, z: Optional[Tensor], norm_weight: Tensor, eps: float, group_size: int,
-                               norm_before_gate: bool, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+                               norm_before_gate: bool, weight: Tensor, bias: Optional[Tensor] = None, *,
+                               config: Optional[GemvConfig] = None) -> Tensor:
     """F.linear(rms_norm_gated(y, z, norm_weight, eps, group_size, norm_before_gate), weight, bias). y, z: (..., d)
     (z optional, any row stride), y in weight's dtype; norm_weight: (d,); weight: (out_features, d). Returns
     (..., out_features) in weight's dtype."""
-    return _launch(MODE_GATED_NORM, y, z, norm_weight, weight, bias, None, eps, group_size, norm_before_gate)[0]
+    return _launch(MODE_GATED_NORM, y, z, norm_weight, weight, bias, None, eps, group_size, norm_before_gate,
+                   config)[0]

@@ -21,28 +21,33 @@ from tests.ops.triton import interpreted_module, sm90_resource_usage  # noqa: E4
 
 gemv = interpreted_module("mambakit.ops.triton.gemv")
 
-SHAPES = [(1, 5, 1), (3, 24, 7), (17, 40, 33)]  # rows, in_features, out_features
+BATCHES = [1, 3, 16, 17]  # 1: the CUDA-core path; 3, 16: one tensor-core block, padded or full; 17: two
+K, N = 40, 37  # k not a multiple of the k block (16 here), n over three output blocks, the last one masked
 
 
 def _rand(g, *shape, scale=1.0):
     return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
 
 
-@pytest.mark.parametrize("rows,k,n", SHAPES)
-@pytest.mark.parametrize("first", [True, False])
-@pytest.mark.parametrize("res_fp32", [True, False])
-def test_add_rms_norm_gemv(rows, k, n, first, res_fp32):
-    g = torch.Generator().manual_seed(rows * 100 + k + n)
-    bias = not first
+def _f32(t):
+    return None if t is None else t.float()
+
+
+def _add_norm_case(g, rows, k, n, first, bias):
     hidden, residual = _rand(g, rows, 1, k), (None if first else _rand(g, rows, 1, k))
-    nw, w = _rand(g, k) + 1, _rand(g, n, k, scale=k ** -0.5)
-    b = _rand(g, n) if bias else None
+    return hidden, residual, _rand(g, k) + 1, _rand(g, n, k, scale=k ** -0.5), (_rand(g, n) if bias else None)
+
+
+@pytest.mark.parametrize("rows", BATCHES)
+@pytest.mark.parametrize("first,res_fp32", [(True, True), (False, False), (False, True)])
+def test_add_rms_norm_gemv(rows, first, res_fp32):
+    g = torch.Generator().manual_seed(rows * 100 + first)
+    hidden, residual, nw, w, b = _add_norm_case(g, rows, K, N, first, bias=not first)
     ref, ref_res = norm_linear.add_rms_norm_linear(hidden, residual, nw, 1e-5, res_fp32, w, b, backend="ref")
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    out, res = gemv.add_rms_norm_gemv_triton(f32(hidden), f32(residual), nw.float(), 1e-5, res_fp32, w.float(),
-                                             f32(b))
-    assert out.shape == (rows, 1, n) and out.dtype == torch.float32
-    assert res.shape == (rows, 1, k) and res.dtype == torch.float32
+    out, res = gemv.add_rms_norm_gemv_triton(_f32(hidden), _f32(residual), nw.float(), 1e-5, res_fp32, w.float(),
+                                             _f32(b))
+    assert out.shape == (rows, 1, N) and out.dtype == torch.float32
+    assert res.shape == (rows, 1, K) and res.dtype == torch.float32
     assert rel_err(out, ref) < 1e-5
     assert rel_err(res, ref_res) < 1e-6
 
@@ -51,43 +56,91 @@ def test_add_rms_norm_gemv_half_matches_the_unfused_rounding():
     g = torch.Generator().manual_seed(3)
     hidden, residual = _rand(g, 2, 40).half(), _rand(g, 2, 40).float()
     nw, w = (_rand(g, 40) + 1).half(), _rand(g, 9, 40, scale=0.2).half()
-    out, res = gemv.add_rms_norm_gemv_triton(hidden, residual, nw, 1e-5, True, w)
+    out, res = gemv.add_rms_norm_gemv_triton(hidden, residual, nw, 1e-5, True, w,
+                                             config=gemv.GemvConfig(1, 4, 16, 1, 1))  # 1-row path, two programs
     normed, ref_res = add_rms_norm(hidden, residual, nw, 1e-5, True, backend="torch")
     ref = normed.double() @ w.double().T  # the fp16 norm output, then an exact product
     assert torch.equal(res, ref_res) and out.dtype == torch.float16
     assert rel_err(out, ref) < 1e-3
 
 
-GATED = [(ngroups, before, True) for ngroups in (1, 2, 4) for before in (False, True)] + [(1, False, False)]
+# (ngroups, norm_before_gate, gate, bias); k = 48: groups of 48, 24 (not a multiple of the k block) and 12 (less)
+GATED = [(1, False, True, True), (1, True, True, False), (2, False, True, False), (2, True, True, True),
+         (2, False, False, True), (4, True, True, False)]
 
 
-@pytest.mark.parametrize("rows,k,n", SHAPES[1:])
-@pytest.mark.parametrize("ngroups,norm_before_gate,gate", GATED)
-def test_rms_norm_gated_gemv(rows, k, n, ngroups, norm_before_gate, gate):
-    g = torch.Generator().manual_seed(rows + k * 10 + ngroups)
+def _gated(g, rows, k, n, ngroups, norm_before_gate, gate, bias, config=None):
     y = _rand(g, rows, k)
-    zx = _rand(g, rows, 2 * k)
-    z = zx[:, :k] if gate else None  # a strided view, as the decode step passes it
-    nw, w, b = _rand(g, k) + 1, _rand(g, n, k, scale=k ** -0.5), _rand(g, n)
+    z = _rand(g, rows, 2 * k)[:, :k] if gate else None  # a strided view, as the decode step passes it
+    nw, w, b = _rand(g, k) + 1, _rand(g, n, k, scale=k ** -0.5), (_rand(g, n) if bias else None)
     ref = norm_linear.rms_norm_gated_linear(y, z, nw, 1e-5, k // ngroups, norm_before_gate, w, b, backend="ref")
-    out = gemv.rms_norm_gated_gemv_triton(y.float(), None if z is None else z.float(), nw.float(), 1e-5,
-                                          k // ngroups, norm_before_gate, w.float(), b.float())
-    assert out.shape == (rows, n)
+    out = gemv.rms_norm_gated_gemv_triton(y.float(), _f32(z), nw.float(), 1e-5, k // ngroups, norm_before_gate,
+                                          w.float(), _f32(b), config=config)
+    return out, ref
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("ngroups,norm_before_gate,gate,bias", GATED)
+def test_rms_norm_gated_gemv(rows, ngroups, norm_before_gate, gate, bias):
+    out, ref = _gated(torch.Generator().manual_seed(rows + ngroups), rows, 48, 21, ngroups, norm_before_gate,
+                      gate, bias)
+    assert out.shape == (rows, 21)
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("rows,k,n", SHAPES)
-def test_plain_gemv(rows, k, n):
-    g = torch.Generator().manual_seed(k)
-    x, w, b = _rand(g, rows, k), _rand(g, n, k), _rand(g, n)
-    assert rel_err(gemv.gemv_triton(x.float(), w.float(), b.float()), x @ w.T + b) < 1e-6
+@pytest.mark.parametrize("rows", BATCHES)
+def test_plain_gemv(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = _rand(g, rows, K), _rand(g, N, K), (_rand(g, N) if rows % 2 else None)
+    ref = x @ w.T + (0 if b is None else b)
+    assert rel_err(gemv.gemv_triton(x.float(), w.float(), _f32(b)), ref) < 1e-6
 
 
-def test_nan_is_not_hidden():
-    x, w = torch.ones(2, 24), torch.ones(5, 24)
+SPLIT = gemv.GemvConfig(gemv.MAX_BLOCK_B, 16, 16, 4, 2, split=3)
+
+
+@pytest.mark.parametrize("config", [SPLIT, gemv.GemvConfig(gemv.MAX_BLOCK_B, 32, 32, 4, 3, split=2),
+                                    gemv.GemvConfig(1, 1, 32, 1, 2), gemv.GemvConfig(1, 2, 16, 2, 3)],
+                         ids=["split3", "split2-wide", "row1", "rows2"])
+def test_configs_split_k_and_the_one_row_path(config):
+    """Forced configurations (as the benchmark's variants): k split over programs with the ordered second pass,
+    and the 1-row path with one or two output rows per program; twice, bit-identical (no atomics)."""
+    rows = 1 if config.block_b == 1 else 5
+    g = torch.Generator().manual_seed(config.block_n)
+    hidden, residual, nw, w, b = _add_norm_case(g, rows, 96, N, False, bias=True)
+    ref, ref_res = norm_linear.add_rms_norm_linear(hidden, residual, nw, 1e-5, True, w, b, backend="ref")
+    outs = [gemv.add_rms_norm_gemv_triton(hidden.float(), residual.float(), nw.float(), 1e-5, True, w.float(),
+                                          b.float(), config=config) for _ in range(2)]
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert rel_err(outs[0][0], ref) < 1e-5 and rel_err(outs[0][1], ref_res) < 1e-6
+    for ngroups, before in ((2, False), (3, True)):  # a split inside a group and across groups
+        out, ref = _gated(g, rows, 96, 19, ngroups, before, True, ngroups == 2, config=config)
+        assert rel_err(out, ref) < 1e-5
+    x = _rand(g, rows, 96)
+    assert rel_err(gemv.gemv_triton(x.float(), w.float(), config=config), x @ w.T) < 1e-6
+
+
+@pytest.mark.parametrize("config", [None, SPLIT, gemv.GemvConfig(1, 4, 16, 1, 1)], ids=["default", "split", "row1"])
+@pytest.mark.parametrize("rows", [2, 17])
+def test_nan_is_not_hidden(config, rows):
+    """A NaN in one row's input makes that row's output NaN and no other row's (the norm statistics, the padded
+    tensor-core block, the split partial sums)."""
+    x, w = torch.ones(rows, 48), torch.ones(5, 48)
     x[1, 3] = float("nan")
-    out, _ = gemv.add_rms_norm_gemv_triton(x, None, torch.ones(24), 1e-5, True, w)
-    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+    out, _ = gemv.add_rms_norm_gemv_triton(x, None, torch.ones(48), 1e-5, True, w, config=config)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[2:]).all()
+    out = gemv.rms_norm_gated_gemv_triton(x, x, torch.ones(48), 1e-5, 24, False, w, config=config)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[2:]).all()
+    out = gemv.gemv_triton(x, w, config=config)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[2:]).all()
+
+
+def test_bad_config_raises():
+    x, w = torch.ones(2, 24), torch.ones(5, 24)
+    for cfg in (gemv.GemvConfig(8, 16, 16, 4, 1), gemv.GemvConfig(16, 8, 16, 4, 1), gemv.GemvConfig(1, 3, 16, 4, 1),
+                gemv.GemvConfig(16, 16, 16, 4, 1, split=0)):
+        with pytest.raises(MambaKitError, match="config"):
+            gemv.gemv_triton(x, w, config=cfg)
 
 
 def test_bad_shapes_raise():
@@ -186,28 +239,39 @@ def test_lm_decode_through_the_fused_steps(fused, monkeypatch, arch):
 
 
 def test_gpu_launch_config(monkeypatch):
-    """What a GPU gets (the interpreter gets small blocks): powers of two, the k block dividing the group where it
-    can, at most 8K products per k step, enough programs to cover 132 multiprocessors at batch 1."""
+    """What a GPU gets (the interpreter gets small blocks): valid blocks, the k block dividing the group where it
+    can, at batch 1 the 1-row path with at least one program per multiprocessor, at batches 2-16 one tensor-core
+    block of rows, and with k split, at least half the multiprocessors busy where k allows."""
     monkeypatch.setattr(gemv, "interpreted", lambda: False)
     monkeypatch.setattr(gemv, "multiprocessor_count", lambda device: 132)
     for batch in (1, 2, 5, 8, 16, 40):
-        for k, n in ((768, 3072), (1536, 768), (768, 3352), (2048, 8192), (4096, 2048), (24, 40)):
-            bb, bn, bk, _ = gemv.launch_config(batch, n, k, None)
-            assert all(v & (v - 1) == 0 for v in (bb, bn, bk)) and bb <= gemv.MAX_BLOCK_B
-            assert bb * bn * bk <= 8192 and (k % bk == 0 or k < 64)
-            if batch == 1 and n >= 768:
-                assert -(-n // bn) >= 132
-
+        for k, n, groups in ((768, 3072, 1), (1536, 768, 1), (1536, 768, 8), (768, 3352, 1), (2048, 8192, 1),
+                             (4096, 2048, 1), (24, 40, 1)):
+            cfg = gemv.launch_config(batch, n, k, k // groups, None)
+            gemv._check_config(cfg)
+            assert (k // groups) % cfg.block_k == 0 or k < 64
+            assert cfg.block_n * cfg.block_k * cfg.block_b <= 16 * 64 * 256
+            if batch == 1:
+                assert cfg.block_b == 1 and cfg.block_n * cfg.block_k >= 8 * 32 * cfg.num_warps
+                assert -(-n // cfg.block_n) >= 132 or n < 132 or cfg.block_k < 128
+            else:
+                assert cfg.block_b == gemv.MAX_BLOCK_B
+                programs = -(-n // cfg.block_n) * -(-batch // 16) * cfg.split
+                iters = k // cfg.block_k
+                assert programs >= 66 or cfg.split >= min(4, iters // 2) or n < 66 * 16
 
 
 def test_kernel_compiles_for_sm90_without_spills():
-    """The interpreter compiles nothing: build the kernel for Hopper (no GPU needed) as the 130M in_proj at batch 1
-    and Mamba-2's tail at batch 8 use it, and read its resource usage: no local memory (no register spills)."""
+    """The interpreter compiles nothing: build the kernel for Hopper (no GPU needed) as the in_proj at batch 1 and 16
+    and Mamba-2's split tail use it (four warps: the helper's; launch_config's eight warps leave more registers per
+    thread), and read its resource usage: no local memory (no register spills)."""
     ptrs = {"b_ptr": "*fp32", "res_ptr": "*fp32", "eps": "fp32"}
-    fixed = dict(HAS_B=True, HAS_BIAS=False, NORM_BEFORE_GATE=False)
+    fixed = dict(HAS_B=True, HAS_BIAS=False, NORM_BEFORE_GATE=False, IEEE=False, SPLIT=1, STAGES=3)
     usage = sm90_resource_usage("mambakit.ops.triton.gemv", "_gemv_kernel", "*bf16", {
-        "add_norm": (ptrs, dict(fixed, MODE=1, BLOCK_B=1, BLOCK_N=16, BLOCK_K=256)),
-        "gated": ({"res_ptr": "*fp32", "eps": "fp32"}, dict(fixed, MODE=2, BLOCK_B=8, BLOCK_N=4, BLOCK_K=256)),
+        "add_norm": (ptrs, dict(fixed, MODE=1, DOT=False, BLOCK_G=1, BLOCK_B=1, BLOCK_N=16, BLOCK_K=512)),
+        "add_norm_b16": (ptrs, dict(fixed, MODE=1, DOT=True, BLOCK_G=1, BLOCK_B=16, BLOCK_N=32, BLOCK_K=128)),
+        "gated": ({"res_ptr": "*fp32", "eps": "fp32", "out_ptr": "*fp32"},
+                  dict(fixed, MODE=2, DOT=True, BLOCK_G=8, SPLIT=2, BLOCK_B=16, BLOCK_N=16, BLOCK_K=128)),
     })
     if usage is None:
         pytest.skip("this Triton's compile API differs")

@@ -157,31 +157,25 @@ def _chunk_scan_fwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr,
     acs_t = tl.load(acs_ptr + row + t)
     Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
     y = tl.zeros((BQ, BP), dtype=tl.float32)
-    for k in range(0, i):  # the key blocks before the query block: every s < t, nothing to mask
+    for k in range(0, i + 1):
         s, valid_s, L = _key_decay(acs_ptr, seg_ptr, row, b, c, k, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG, Q, BQ)
         dt_s = tl.load(dt_ptr + row + s)
         Bm = _load_rows(B_ptr, b, s, valid_s, g, n, N, sB_b, sB_l, sB_g, sB_n)
         x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
         CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (BQ, BQ)
-        y += tl.dot((CB * L * dt_s[None, :]).to(x_s.dtype), x_s, input_precision=PREC)
-    # The diagonal block (s = the query positions t), where the future is masked. Causality of non-finite values:
-    # 0 * nan = nan, so the mask is applied after the product (a bad B_s or dt_s stays in the columns s <= t) and
-    # x's non-finite entries are zeroed for the product; the first kernel made dt NaN at their positions, which
-    # carries them to every y_t with t >= s.
-    _, _, L = _key_decay(acs_ptr, seg_ptr, row, b, c, i, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG, Q, BQ)
-    dt_t = tl.load(dt_ptr + row + t)
-    Bt = _load_rows(B_ptr, b, t, valid_t, g, n, N, sB_b, sB_l, sB_g, sB_n)
-    x_t = _load_rows(x_ptr, b, t, valid_t, h, p, P, sx_b, sx_l, sx_h, sx_p)
-    CB = tl.dot(Cm, tl.trans(Bt), input_precision=PREC)
-    M = tl.where(t[:, None] >= t[None, :], CB * L * dt_t[None, :], 0.0)
-    x_clean = tl.where(tl.abs(x_t) < float("inf"), x_t, tl.zeros_like(x_t))
-    y += tl.dot(M.to(x_t.dtype), x_clean, input_precision=PREC)
+        # Causality of non-finite values: the future is masked by zeros, but 0 * nan = nan. So the mask is applied
+        # after the product (a bad B_s or dt_s stays in the columns s <= t), and x's non-finite entries are zeroed
+        # for the product: the first kernel made dt NaN at their positions, which reaches y_t for t >= s.
+        x_s = tl.where(tl.abs(x_s) < float("inf"), x_s, tl.zeros_like(x_s))
+        M = tl.where(t[:, None] >= s[None, :], CB * L * dt_s[None, :], 0.0)
+        y += tl.dot(M.to(x_s.dtype), x_s, input_precision=PREC)
     off = ((b * nchunks + c) * nheads + h) * P * N
     H = tl.load(H_ptr + off + p[None, :] * N + n[:, None], mask=(n < N)[:, None] & (p < P)[None, :], other=0.0)
     e = _entry_decay(acs_t, seg_t, seg_prev, HAS_SEG)
     y += e[:, None] * tl.dot(Cm, H.to(Cm.dtype), input_precision=PREC)
     mp = valid_t[:, None] & (p < P)[None, :]
     if HAS_D:
+        x_t = _load_rows(x_ptr, b, t, valid_t, h, p, P, sx_b, sx_l, sx_h, sx_p)
         y += x_t.to(tl.float32) * _load_D(D_ptr, h, p, P, D_HDIM)[None, :]
     tl.store(y_ptr + b * sy_b + t[:, None] * sy_l + h * sy_h + p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty),
              mask=mp)

@@ -25,10 +25,9 @@ __all__ = ["GEMV_MAX_BATCH", "PLAIN_GEMV", "add_rms_norm_linear", "gemv_linear",
            "use_gemv"]
 
 #: the most rows (batch x tokens) that backend="auto" sends to the GEMV kernels; more go to cuBLAS (read at each
-#: call: a CUDA graph captured before a change keeps the kernels it captured). 0 (off) until the kernels have run
-#: and been timed on a GPU: they are checked on the interpreter and compiled for sm_90 only; set it (e.g. 8) to
-#: opt in.
-GEMV_MAX_BATCH = 0
+#: call: a CUDA graph captured before a change keeps the kernels it captured). 1: the kernels win at batch 1 and lose
+#: from batch 2 on against the norm kernel + cuBLAS on the H200 (benchmarks/RESULTS.md, bench_gemv / bench_decode).
+GEMV_MAX_BATCH = 1
 
 #: whether backend="auto" sends a plain projection (gemv_linear) to the kernel too, not only the norm-fused ones
 PLAIN_GEMV = False

@@ -76,7 +76,7 @@ def test_gpu_bf16_greedy_tokens_fused_equal_unfused(monkeypatch, arch, batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
 def test_gpu_fused_steps_continue_the_forward(monkeypatch, arch):
-    monkeypatch.setattr(norm_linear, "GEMV_MAX_BATCH", 16)  # the kernels are opt-in (off by default)
+    monkeypatch.setattr(norm_linear, "GEMV_MAX_BATCH", 16)  # the kernels at batch 2 too (by default only batch 1)
     model = _model(arch, device="cuda")
     ids = torch.randint(0, 50, (2, 16), device="cuda")
     with torch.no_grad():

@@ -7,6 +7,8 @@ j % num_mem_blocks, with its own adapters (q / k / v with use_shared_attention_a
 adapter_rank) and its own linear, and its mixer reads RMSNorm(h + linear(block(...))). In the files a block's
 weights, and the adapters of all its uses, live under the first layer that uses it
 (``model.layers.{first}.shared_transformer.*``; the adapters of the j-th hybrid layer at index j of the lists).
+transformers ties the blocks together only with tie_word_embeddings true; untied configs with hybrid layers (each
+layer then with its own unshared copy) are refused.
 """
 from __future__ import annotations
 
@@ -88,6 +90,10 @@ def zamba2_config(raw: dict[str, Any], where: str) -> HybridConfig:
             layers[-1]["shared"] = uses % blocks
             uses += 1
     shared: dict[str, Any] = {}
+    if uses and tie is False:
+        problems.append("tie_word_embeddings false with hybrid layers is not supported: transformers then ties "
+                        "nothing, giving every hybrid layer its own copy of the shared block (with adapters it never "
+                        "uses)")
     if uses:
         shared = dict(num_blocks=min(blocks, uses), adapter_rank=rank, attention_adapters=attn_adapters,
                       num_heads=heads, num_heads_kv=kv_heads, d_intermediate=d_ff, activation=act, bias=bias,
@@ -179,6 +185,9 @@ def _shared_fields(model: HybridLM, bias: Optional[bool], problems: list[str]) -
     blocks = s.get("num_blocks", 0)
     if uses != [j % blocks for j in range(len(uses))]:
         problems.append(f"the j-th layer using a shared block must use block j % num_blocks ({blocks}), got {uses}")
+    if not config.tie_embeddings:
+        problems.append("transformers' Zamba2 shares its blocks only with tie_word_embeddings true; this model's "
+                        "embeddings are untied")
     if not s.get("adapter_rank"):
         problems.append("Zamba2's shared blocks always have MLP adapters (adapter_rank > 0)")
     block = model.backbone.shared_blocks[0]

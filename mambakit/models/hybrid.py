@@ -132,8 +132,10 @@ class HybridConfig:
 
     @property
     def attn_layer_idx(self) -> list[int]:
-        """The attention layers (whose KV cache grows with the context)."""
-        return [i for i, s in enumerate(self.layers) if s["mixer"] == "attention"]
+        """The layers holding attention (whose KV cache grows with the context): attention and parallel mixers, and
+        the layers using a shared block."""
+        return [i for i, s in enumerate(self.layers)
+                if s["mixer"] in ("attention", "parallel") or s.get("shared") is not None]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

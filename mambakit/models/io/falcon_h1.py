@@ -41,12 +41,14 @@ def _numbers(r: ConfigReader, name: str, n: int) -> Optional[list[float]]:
     return None if v is None else [float(x) for x in v]
 
 
-def _mamba(r: ConfigReader, d_model: Optional[int], eps: Optional[float]) -> tuple[dict[str, Any], Optional[int]]:
+def _mamba(r: ConfigReader, raw: dict[str, Any], d_model: Optional[int],
+           eps: Optional[float]) -> tuple[dict[str, Any], Optional[int]]:
     """(the Mamba2 keyword arguments, d_ssm)."""
     cfg, problems = r.cfg, r.problems
     m_heads, m_groups = r.pos_int("mamba_n_heads"), r.pos_int("mamba_n_groups")
     expand = r.pos_int("mamba_expand")
-    d_ssm = cfg.get("mamba_d_ssm")
+    # absent: FalconH1Config's default; null: mamba_expand * hidden_size
+    d_ssm = raw.get("mamba_d_ssm", _FALCON_H1_DEFAULTS["mamba_d_ssm"])
     if d_ssm is None and expand and d_model:
         d_ssm = expand * d_model
     if not (is_int(d_ssm) and d_ssm > 0):
@@ -79,7 +81,7 @@ def falcon_h1_config(raw: dict[str, Any], where: str) -> HybridConfig:
     d_ff, eps, tie = r.pos_int("intermediate_size"), r.pos_num("rms_norm_eps"), r.flag("tie_word_embeddings")
     heads, kv_heads, head_dim = _heads(r, d_model)
     attn_bias, mlp_bias = r.flag("attention_bias"), r.flag("mlp_bias")
-    mamba2, d_ssm = _mamba(r, d_model, eps)
+    mamba2, d_ssm = _mamba(r, raw, d_model, eps)
     _, theta = read_rope(r, head_dim, 1.0)  # FalconH1RotaryEmbedding rotates the whole head
     scalars = {name: r.need(name, _finite, "a finite number") for name in _SCALARS}
     emb, lm_head = r.pos_num("embedding_multiplier"), r.pos_num("lm_head_multiplier")

@@ -4,7 +4,6 @@ transformers: loading, logits, greedy generation, the per-layer cache, chunked p
 and refusals (CPU, fp32, tiny random models built by transformers itself)."""
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
@@ -21,7 +20,7 @@ from mambakit.layers.state import SSMState  # noqa: E402
 from mambakit.models.hybrid import HybridLM  # noqa: E402
 from mambakit.models.io import from_pretrained, save_pretrained  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.models.io.hybrid_helpers import hf_generate, round_trip, save_cases  # noqa: E402
+from tests.models.io.hybrid_helpers import check_left_padding, hf_generate, refusal, round_trip, save_cases  # noqa: E402
 from tests.models.test_pretrained import ids_for, is_hf_full_forward_greedy, perturb_  # noqa: E402
 from tests.models.test_pretrained import our_logits as logits  # noqa: E402
 
@@ -88,18 +87,10 @@ def test_zamba2_cache_holds_each_layers_state_and_chunked_prefill_equals_forward
     assert rel_err(step, again) <= TOL
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_zamba2_left_padded_batch_equals_rows_alone(case, saved):
-    ref, folder = saved[case]
+def test_zamba2_left_padded_batch_equals_rows_alone(saved):
+    ref, folder = saved["rope-bias-gqa"]  # RoPE: positions count real tokens only
     model = from_pretrained(folder)
-    short, long = ids_for(ref.config.vocab_size, 1, 5, seed=3), ids_for(ref.config.vocab_size, 1, 9, seed=4)
-    pad = torch.zeros(1, 4, dtype=torch.long)
-    batch = torch.cat([torch.cat([pad, short], 1), long])
-    mask = torch.cat([torch.cat([pad, torch.ones_like(short)], 1), torch.ones_like(long)])
-    out = model.generate(batch, 6, temperature=0, attention_mask=mask)
-    assert out[0, 4:].tolist() == model.generate(short, 6, temperature=0)[0].tolist()
-    assert out[1].tolist() == model.generate(long, 6, temperature=0)[0].tolist()
-    assert out.tolist() == hf_generate(ref, batch, mask, new_tokens=6).tolist()
+    check_left_padding(model, ref)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -124,21 +115,13 @@ def test_zamba2_writer_refuses_what_zamba2_cannot_hold(saved, tmp_path):
 
 def test_zamba2_unsupported_values_are_refused_together(saved, tmp_path):
     _, folder = saved["two-blocks"]
-    raw = json.loads((folder / "config.json").read_text())
-    raw.update(hidden_act="gelu_new", num_key_value_heads=1, n_mamba_heads=5, tie_word_embeddings=False)
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError) as info:
-        from_pretrained(bad)
-    text = str(info.value)
+    text = refusal(folder, tmp_path / "bad", hidden_act="gelu_new", num_key_value_heads=1, n_mamba_heads=5,
+                   tie_word_embeddings=False)
     for part in ("hidden_act 'gelu_new'", "use_shared_attention_adapter needs num_key_value_heads",
                  "n_mamba_heads 5 must divide", "tie_word_embeddings false with hybrid layers"):
         assert part in text
-    raw.update(layers_block_type=["mamba"] * 5 + ["x"])
-    (bad / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError, match="layers_block_type must list 6 entries"):
-        from_pretrained(bad)
+    assert "layers_block_type must list 6 entries" in refusal(folder, tmp_path / "bad",
+                                                              layers_block_type=["mamba"] * 5 + ["x"])
 
 
 def test_zamba2_missing_shared_tensors_are_named(saved, tmp_path):
@@ -155,3 +138,21 @@ def test_zamba2_missing_shared_tensors_are_named(saved, tmp_path):
     with pytest.raises(CheckpointError, match=r"(?s)missing tensors.*layers\.1\.shared_transformer\.self_attn\."
                                               r"linear_q_adapter_list\.2\.0\.weight.*layers\.3\.linear\.weight"):
         from_pretrained(bad)
+
+
+def test_generate_and_info_cli_read_a_zamba2_folder(tmp_path, capsys):
+    from mambakit.cli import main
+    from mambakit.data import ByteTokenizer
+    from mambakit.errors import MambaKitError
+
+    hf_zamba2("rope-bias-gqa", vocab_size=256).save_pretrained(tmp_path / "hf")
+    assert main(["generate", "--checkpoint", str(tmp_path / "hf"), "--prompt", "hi", "--max-new-tokens", "4",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    tok = ByteTokenizer()
+    model = from_pretrained(tmp_path / "hf")
+    prompt = torch.tensor([tok.encode("hi")])
+    assert capsys.readouterr().out == tok.decode(model.generate(prompt, 4, temperature=0)[0].tolist()) + "\n"
+    assert main(["info", str(tmp_path / "hf")]) == 0
+    assert "attention at layers [0, 2]" in capsys.readouterr().out  # the layers using the shared block
+    with pytest.raises(MambaKitError, match="attention layers"):  # their KV caches grow: no CUDA graph
+        model.generate(prompt, 2, temperature=0, cuda_graph=True)

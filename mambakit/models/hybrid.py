@@ -245,7 +245,8 @@ class HybridBackbone(nn.Module):
 
 class HybridLM(CausalLM):
     """Hybrid language model. `model(input_ids).logits`: (batch, seqlen, padded_vocab_size); the cache holds each
-    layer's own state (a KVState for attention, an SSMState for Mamba / Mamba-2, None for an MLP-only layer)."""
+    layer's own state (a KVState for attention, an SSMState for Mamba / Mamba-2, a ParallelState for a parallel mixer,
+    a SharedUseState for a layer using a shared block, None for an MLP-only layer)."""
 
     def __init__(self, config: HybridConfig, device=None, dtype=None):
         super().__init__()

@@ -82,3 +82,29 @@ def refusal(folder: Path, out: Path, **updates) -> str:
     with pytest.raises(CheckpointError) as info:
         from_pretrained(out)
     return str(info.value)
+
+
+def check_gradients(model: torch.nn.Module, ref: torch.nn.Module, model_type: str, ids: torch.Tensor,
+                    tol: float = 1e-4) -> int:
+    """The gradient of the same next-token loss with respect to every parameter equals transformers' (found by the
+    file name of each parameter); returns how many parameters were compared. The embedding row of pad_token_id is
+    left out: transformers' embeddings never train it (padding_idx), mambakit's do."""
+    from mambakit.models.io.hybrid import hybrid_key_map
+    from tests.conftest import rel_err
+
+    names = hybrid_key_map(model.config, model_type)
+    theirs = dict(ref.named_parameters())
+    for m in (model, ref):
+        m.zero_grad()
+        m(ids[:, :-1], labels=None).logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).mean().backward()
+    compared = 0
+    for name, p in model.named_parameters():
+        q = theirs[names[name]]
+        assert p.grad is not None and q.grad is not None, name
+        ours, want = p.grad, q.grad
+        if name == "backbone.embedding.weight" and ref.config.pad_token_id is not None:
+            keep = torch.arange(ours.shape[0]) != ref.config.pad_token_id
+            ours, want = ours[keep], want[keep]
+        assert rel_err(ours, want) <= tol, (name, rel_err(ours, want))
+        compared += 1
+    return compared

@@ -18,7 +18,8 @@ from mambakit.layers.parallel_mixer import ParallelMixer, ParallelState  # noqa:
 from mambakit.models.hybrid import HybridLM  # noqa: E402
 from mambakit.models.io import from_pretrained, save_pretrained  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.models.io.hybrid_helpers import check_left_padding, hf_generate, refusal, round_trip, save_cases  # noqa: E402
+from tests.models.io.hybrid_helpers import (check_gradients, check_left_padding, hf_generate, refusal,  # noqa: E402
+                                         round_trip, save_cases)  # noqa: E402
 from tests.models.test_pretrained import ids_for, is_hf_full_forward_greedy, perturb_  # noqa: E402
 from tests.models.test_pretrained import our_logits as logits  # noqa: E402
 
@@ -137,3 +138,10 @@ def test_falcon_h1_layers_count_as_attention_layers(saved):
     assert model.config.attn_layer_idx == [0, 1]  # every layer's KV cache grows: no CUDA graph
     with pytest.raises(MambaKitError, match="attention layers"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=0, cuda_graph=True)
+
+
+def test_falcon_h1_gradients_equal_transformers(saved):
+    ref, folder = saved["gated-bias"]
+    model = from_pretrained(folder)
+    assert check_gradients(model, ref, "falcon_h1", ids_for(ref.config.vocab_size, seqlen=11, seed=5)) == \
+        len(list(ref.parameters()))

@@ -20,7 +20,8 @@ from mambakit.layers.state import SSMState  # noqa: E402
 from mambakit.models.hybrid import HybridLM  # noqa: E402
 from mambakit.models.io import from_pretrained, save_pretrained  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.models.io.hybrid_helpers import check_left_padding, hf_generate, refusal, round_trip, save_cases  # noqa: E402
+from tests.models.io.hybrid_helpers import (check_gradients, check_left_padding, hf_generate, refusal,  # noqa: E402
+                                         round_trip, save_cases)  # noqa: E402
 from tests.models.test_pretrained import ids_for, is_hf_full_forward_greedy, perturb_  # noqa: E402
 from tests.models.test_pretrained import our_logits as logits  # noqa: E402
 
@@ -156,3 +157,10 @@ def test_generate_and_info_cli_read_a_zamba2_folder(tmp_path, capsys):
     assert "attention at layers [0, 2]" in capsys.readouterr().out  # the layers using the shared block
     with pytest.raises(MambaKitError, match="attention layers"):  # their KV caches grow: no CUDA graph
         model.generate(prompt, 2, temperature=0, cuda_graph=True)
+
+
+def test_zamba2_gradients_equal_transformers(saved):
+    ref, folder = saved["two-blocks"]
+    model = from_pretrained(folder)
+    assert check_gradients(model, ref, "zamba2", ids_for(ref.config.vocab_size, seqlen=11, seed=5)) == \
+        len(list(ref.parameters()))

@@ -78,6 +78,9 @@ class SharedBlock(nn.Module):
     def _install(self, adapters: Optional["UseAdapters"]) -> None:
         for target, name in ((self.attn.q_proj, "q"), (self.attn.k_proj, "k"), (self.attn.v_proj, "v"),
                              (self.mlp.gate_up_proj, "gate_up")):
+            if not isinstance(target, AdaptedLinear):  # a wrapper would drop the use's adapter silently
+                raise MambaKitError(f"SharedBlock's {name} projection must stay an AdaptedLinear (it adds each use's "
+                                    f"adapter), got {type(target).__name__}")
             target.__dict__["_adapter"] = None if adapters is None else getattr(adapters, name, None)
 
     def forward(self, hidden: Tensor, embeddings: Tensor, adapters: Optional["UseAdapters"] = None,

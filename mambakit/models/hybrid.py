@@ -120,6 +120,9 @@ class HybridConfig:
         if spec["mixer"] != "mamba2" or not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < blocks:
             raise MambaKitError(f"HybridConfig.layers[{i}]: 'shared' must index one of the "
                                 f"shared['num_blocks']={blocks} shared blocks, on a 'mamba2' layer; got {spec!r}")
+        if not {"num_heads", "d_intermediate"} <= set(self.shared):
+            raise MambaKitError(f"HybridConfig.shared must give num_heads and d_intermediate when a layer uses a shared "
+                                f"block, got {self.shared!r}")
 
     @property
     def n_layer(self) -> int:

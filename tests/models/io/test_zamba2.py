@@ -164,3 +164,15 @@ def test_zamba2_gradients_equal_transformers(saved):
     model = from_pretrained(folder)
     assert check_gradients(model, ref, "zamba2", ids_for(ref.config.vocab_size, seqlen=11, seed=5)) == \
         len(list(ref.parameters()))
+
+
+def test_hybrid_config_checks_the_shared_block_fields():
+    from mambakit.errors import MambaKitError
+    from mambakit.models.hybrid import HybridConfig
+
+    with pytest.raises(MambaKitError, match="must give num_heads and d_intermediate"):
+        HybridConfig(layers=[{"mixer": "mamba2", "mlp": None, "shared": 0}], shared={"num_blocks": 1})
+    with pytest.raises(MambaKitError, match="'shared' must index one of"):
+        HybridConfig(layers=[{"mixer": "attention", "mlp": None, "shared": 0}], shared={"num_blocks": 1})
+    with pytest.raises(MambaKitError, match="'shared' must index one of"):
+        HybridConfig(layers=[{"mixer": "mamba2", "mlp": None, "shared": 1}], shared={"num_blocks": 1})

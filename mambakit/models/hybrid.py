@@ -9,6 +9,12 @@ configured by ``config.mamba2``), "mamba" (`mambakit.layers.mamba.Mamba`, by ``c
 ``config.moe`` alone) or None; at least one of the two. Each present part is a pre-norm residual step:
 h = h + residual_multiplier * part(RMSNorm(h)), the mixer first.
 
+Two more mixer forms, for Falcon-H1 and Zamba2: M = "parallel" (`mambakit.layers.parallel_mixer.ParallelMixer`:
+attention by ``config.attention`` and Mamba-2 by ``config.mamba2`` side by side, with ``config.parallel``'s widths
+and multipliers; ``config.mlp["multipliers"] = [gate, down]`` scales its MLPs), and a Mamba-2 layer listed with
+``"shared": b`` uses shared block b (`mambakit.layers.shared_block`, by ``config.shared``): the mixer's input is then
+h + use(shared block b, h, the token embeddings), the residual still h.
+
 Module names: backbone.embedding, backbone.layers.{i}.norm / .mixer (the mixer part), backbone.layers.{i}.norm2 /
 .mlp (the MLP part), backbone.norm_f, lm_head (the keys that `mambakit.models.io` checks for every format).
 """
@@ -31,10 +37,12 @@ from mambakit.layers.mamba2 import Mamba2
 from mambakit.layers.mlp import MLP
 from mambakit.layers.moe import SharedExpertMoE, TopKMoE
 from mambakit.layers.norm import RMSNorm
+from mambakit.layers.parallel_mixer import ParallelMixer, scale_mlp_
+from mambakit.layers.shared_block import SharedBlock, SharedUse, SharedUseState, shared_block_kwargs
 from mambakit.models.config import config_from_dict
 from mambakit.models.lm import CausalLM, InferenceCache, _init_weights
 
-MIXER_KINDS = ("mamba2", "mamba", "attention")
+MIXER_KINDS = ("mamba2", "mamba", "attention", "parallel")
 MLP_KINDS = ("gated", "plain", "moe", "routed")
 
 
@@ -46,11 +54,14 @@ def _positive(v: Any) -> bool:
 class HybridConfig:
     """Configuration of `HybridLM`.
 
-    layers: one {"mixer": "mamba2" | "mamba" | "attention" | None, "mlp": "gated" | "plain" | "moe" | "routed" |
-    None} per layer.
+    layers: one {"mixer": "mamba2" | "mamba" | "attention" | "parallel" | None, "mlp": "gated" | "plain" | "moe" |
+    "routed" | None} per layer, a Mamba-2 layer optionally with "shared": the index of the shared block it uses.
     mamba2 / mamba / attention: keyword arguments of `Mamba2` / `Mamba` / `MHA` (every such layer alike).
     mlp: {"d_intermediate": int, "activation": "silu" | "relu2" | ..., "bias": bool, "packed": bool}.
     moe: keyword arguments of `TopKMoE` (layers whose mlp is "moe" or "routed").
+    parallel: the other keyword arguments of `ParallelMixer` (layers whose mixer is "parallel").
+    shared: {"num_blocks": int, "adapter_rank": int (0: none), "attention_adapters": bool} plus the keyword arguments
+    of `SharedBlock` (without d_model): the shared blocks of layers listed with "shared".
     embedding_multiplier scales the embeddings, residual_multiplier every residual branch, and the logits are
     divided by logits_scaling (the µP multipliers of Granite; 1.0 elsewhere).
     """
@@ -63,6 +74,8 @@ class HybridConfig:
     attention: dict[str, Any] = field(default_factory=dict)
     mlp: dict[str, Any] = field(default_factory=dict)
     moe: dict[str, Any] = field(default_factory=dict)
+    parallel: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     pad_vocab_size_multiple: int = 1
@@ -79,23 +92,37 @@ class HybridConfig:
             if not _positive(getattr(self, name)):
                 raise MambaKitError(f"HybridConfig.{name} must be a positive finite number, got "
                                     f"{getattr(self, name)!r}")
-        for name in ("mamba2", "mamba", "attention", "mlp", "moe"):
+        for name in ("mamba2", "mamba", "attention", "mlp", "moe", "parallel", "shared"):
             if not isinstance(getattr(self, name), dict):
                 raise MambaKitError(f"HybridConfig.{name} must be a JSON object, got {getattr(self, name)!r}")
         if not isinstance(self.layers, list) or not self.layers:
             raise MambaKitError(f"HybridConfig.layers must be a non-empty list, got {self.layers!r}")
         for i, spec in enumerate(self.layers):
-            ok = (isinstance(spec, dict) and set(spec) == {"mixer", "mlp"} and spec["mixer"] in (None, *MIXER_KINDS)
-                  and spec["mlp"] in (None, *MLP_KINDS) and (spec["mixer"], spec["mlp"]) != (None, None))
+            ok = (isinstance(spec, dict) and set(spec) - {"shared"} == {"mixer", "mlp"}
+                  and spec["mixer"] in (None, *MIXER_KINDS) and spec["mlp"] in (None, *MLP_KINDS)
+                  and (spec["mixer"], spec["mlp"]) != (None, None))
             if not ok:
                 raise MambaKitError(f"HybridConfig.layers[{i}] must be {{'mixer': one of {[None, *MIXER_KINDS]}, "
                                     f"'mlp': one of {[None, *MLP_KINDS]}}}, not both None; got {spec!r}")
+            self._check_shared(i, spec)
         if any(s["mlp"] not in (None, "routed") for s in self.layers) and "d_intermediate" not in self.mlp:
             raise MambaKitError("HybridConfig.mlp must give d_intermediate when a layer has an MLP")
         need = {"d_intermediate", "num_experts", "top_k"}
         if any(s["mlp"] in ("moe", "routed") for s in self.layers) and not need <= set(self.moe):
             raise MambaKitError("HybridConfig.moe must give d_intermediate, num_experts and top_k when a layer is "
                                 f"'moe' or 'routed', got {self.moe!r}")
+
+    def _check_shared(self, i: int, spec: dict[str, Any]) -> None:
+        if spec.get("shared") is None:
+            return
+        blocks = self.shared.get("num_blocks", 0)
+        b = spec["shared"]
+        if spec["mixer"] != "mamba2" or not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < blocks:
+            raise MambaKitError(f"HybridConfig.layers[{i}]: 'shared' must index one of the "
+                                f"shared['num_blocks']={blocks} shared blocks, on a 'mamba2' layer; got {spec!r}")
+        if not {"num_heads", "d_intermediate"} <= set(self.shared):
+            raise MambaKitError(f"HybridConfig.shared must give num_heads and d_intermediate when a layer uses a shared "
+                                f"block, got {self.shared!r}")
 
     @property
     def n_layer(self) -> int:
@@ -108,8 +135,10 @@ class HybridConfig:
 
     @property
     def attn_layer_idx(self) -> list[int]:
-        """The attention layers (whose KV cache grows with the context)."""
-        return [i for i, s in enumerate(self.layers) if s["mixer"] == "attention"]
+        """The layers holding attention (whose KV cache grows with the context): attention and parallel mixers, and
+        the layers using a shared block."""
+        return [i for i, s in enumerate(self.layers)
+                if s["mixer"] in ("attention", "parallel") or s.get("shared") is not None]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,7 +164,9 @@ class HybridBlock(nn.Module):
             if spec["mixer"] is not None:
                 self.norm = RMSNorm(config.d_model, eps=config.norm_epsilon, **factory)
                 mixer_cls, kwargs = {"mamba2": (Mamba2, config.mamba2), "mamba": (Mamba, config.mamba),
-                                     "attention": (MHA, config.attention)}[spec["mixer"]]
+                                     "attention": (MHA, config.attention),
+                                     "parallel": (ParallelMixer, dict(config.parallel, attention=config.attention,
+                                                                      mamba2=config.mamba2))}[spec["mixer"]]
                 self.mixer = mixer_cls(config.d_model, layer_idx=layer_idx, **kwargs, **factory)
             if spec["mlp"] is not None:
                 self.norm2 = RMSNorm(config.d_model, eps=config.norm_epsilon, **factory)
@@ -144,7 +175,16 @@ class HybridBlock(nn.Module):
                 elif spec["mlp"] == "routed":
                     self.mlp = TopKMoE(config.d_model, **config.moe, **factory)
                 else:
-                    self.mlp = MLP(config.d_model, gated=spec["mlp"] == "gated", **config.mlp, **factory)
+                    mlp = dict(config.mlp)
+                    multipliers = mlp.pop("multipliers", None)
+                    self.mlp = MLP(config.d_model, gated=spec["mlp"] == "gated", **mlp, **factory)
+                    if multipliers is not None:
+                        scale_mlp_(self.mlp, *multipliers)
+            self.shared = None
+            if spec.get("shared") is not None:
+                s = config.shared
+                self.shared = SharedUse(config.d_model, spec["shared"], s.get("adapter_rank", 0),
+                                        s["d_intermediate"], s.get("attention_adapters", False), **factory)
         except TypeError as exc:
             raise MambaKitError(f"invalid HybridConfig for layer {layer_idx} ({spec}): {exc}") from exc
 
@@ -153,10 +193,18 @@ class HybridBlock(nn.Module):
             branch = branch * self.residual_multiplier
         return hidden + branch
 
-    def forward(self, hidden: Tensor, state=None, step: bool = False, **mixer_kwargs) -> Tensor:
-        """hidden: (batch, seqlen, d_model) -> (batch, seqlen, d_model). state: the mixer's cache entry (or None)."""
+    def forward(self, hidden: Tensor, state=None, step: bool = False, shared: Optional[nn.ModuleList] = None,
+                embeddings: Optional[Tensor] = None, **mixer_kwargs) -> Tensor:
+        """hidden: (batch, seqlen, d_model) -> (batch, seqlen, d_model). state: the layer's cache entry (or None).
+        shared, embeddings: the backbone's shared blocks and the token embeddings (batch, seqlen, d_model), read by
+        a layer that uses a shared block."""
         if self.mixer is not None:
-            normed = self.norm(hidden)
+            mixer_in = hidden
+            if self.shared is not None:
+                kv = None if state is None else state.kv
+                state = None if state is None else state.ssm
+                mixer_in = hidden + self.shared(shared[self.shared.block], hidden, embeddings, kv, **mixer_kwargs)
+            normed = self.norm(mixer_in)
             out = self.mixer.step(normed, state) if step else self.mixer(normed, state=state, **mixer_kwargs)
             hidden = self._residual(hidden, out)
         if self.mlp is not None:
@@ -170,6 +218,14 @@ class HybridBackbone(nn.Module):
         self.config = config
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model, device=device, dtype=dtype)
         self.layers = nn.ModuleList(HybridBlock(config, i, device=device, dtype=dtype) for i in range(config.n_layer))
+        self.shared_blocks = None
+        if config.shared:
+            kwargs = shared_block_kwargs(config.shared)
+            try:
+                self.shared_blocks = nn.ModuleList(SharedBlock(config.d_model, **kwargs, device=device, dtype=dtype)
+                                                   for _ in range(config.shared.get("num_blocks", 0)))
+            except TypeError as exc:
+                raise MambaKitError(f"invalid HybridConfig.shared {config.shared}: {exc}") from exc
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_epsilon, device=device, dtype=dtype)
 
     def forward(self, input_ids: Optional[Tensor], cache: Optional[InferenceCache] = None, step: bool = False,
@@ -179,6 +235,8 @@ class HybridBackbone(nn.Module):
         hidden = self.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.embedding_multiplier != 1.0:
             hidden = hidden * self.config.embedding_multiplier
+        if self.shared_blocks is not None:
+            mixer_kwargs.update(shared=self.shared_blocks, embeddings=hidden)
         for i, layer in enumerate(self.layers):
             state = cache.states[i] if cache is not None else None
             hidden = layer(hidden, state=state, step=step, **mixer_kwargs)
@@ -190,7 +248,8 @@ class HybridBackbone(nn.Module):
 
 class HybridLM(CausalLM):
     """Hybrid language model. `model(input_ids).logits`: (batch, seqlen, padded_vocab_size); the cache holds each
-    layer's own state (a KVState for attention, an SSMState for Mamba / Mamba-2, None for an MLP-only layer)."""
+    layer's own state (a KVState for attention, an SSMState for Mamba / Mamba-2, a ParallelState for a parallel mixer,
+    a SharedUseState for a layer using a shared block, None for an MLP-only layer)."""
 
     def __init__(self, config: HybridConfig, device=None, dtype=None):
         super().__init__()
@@ -205,4 +264,8 @@ class HybridLM(CausalLM):
     def allocate_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> InferenceCache:
         states = [None if layer.mixer is None else layer.mixer.allocate_state(batch_size, dtype=dtype, device=device)
                   for layer in self.backbone.layers]
+        for i, layer in enumerate(self.backbone.layers):
+            if layer.shared is not None:
+                kv = self.backbone.shared_blocks[layer.shared.block].allocate_state(batch_size, dtype, device)
+                states[i] = SharedUseState(ssm=states[i], kv=kv)
         return InferenceCache(states=states)

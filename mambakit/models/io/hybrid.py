@@ -7,7 +7,10 @@ SwiGLU MLP after every mixer) and ``nemotron_h`` (`NemotronHForCausalLM`, in `ma
 layer ONE of a Mamba-2 mixer, attention without positional encoding, or a plain MLP; MoE layers and
 multi-token-prediction heads are refused), ``granitemoehybrid`` (in `mambakit.models.io.bamba`) and ``jamba``
 (`JambaForCausalLM`, in `mambakit.models.io.jamba`: Mamba-1 mixers with learned dt / B / C norms, attention and
-routed experts every so many layers). Every value mambakit would not compute exactly is refused, all of them in
+routed experts every so many layers), ``zamba2`` (`Zamba2ForCausalLM`, in `mambakit.models.io.zamba2`: Mamba-2
+layers, some of them using shared attention + MLP blocks with per-use adapters) and ``falcon_h1``
+(`FalconH1ForCausalLM`, in `mambakit.models.io.falcon_h1`: attention and Mamba-2 side by side in every layer, µP
+multipliers). Every value mambakit would not compute exactly is refused, all of them in
 one CheckpointError.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from mambakit.errors import CheckpointError
 from mambakit.models.hybrid import HybridConfig, HybridLM
-from mambakit.models.io import bamba, jamba, nemotron_h
+from mambakit.models.io import bamba, falcon_h1, jamba, nemotron_h, zamba2
 from mambakit.models.io.folder import write_json
 from mambakit.models.io.names import CONFIG_NAME, SAFETENSORS_NAME
 from mambakit.models.io.transformers import hf_state
@@ -50,6 +53,9 @@ TYPES: dict[str, HybridType] = {
     "granitemoehybrid": HybridType("GraniteMoeHybridForCausalLM", bamba.granite_config, bamba.granite_key,
                                    bamba.granite_hf, aliases=bamba.GRANITE_ALIASES),
     "jamba": HybridType("JambaForCausalLM", jamba.jamba_config, jamba.jamba_key, jamba.jamba_hf),
+    "zamba2": HybridType("Zamba2ForCausalLM", zamba2.zamba2_config, zamba2.zamba2_key, zamba2.zamba2_hf),
+    "falcon_h1": HybridType("FalconH1ForCausalLM", falcon_h1.falcon_h1_config, falcon_h1.falcon_h1_key,
+                            falcon_h1.falcon_h1_hf),
 }
 HYBRID_MODEL_TYPES = tuple(TYPES)
 
@@ -107,14 +113,18 @@ def hybrid_config_to_hf(model: HybridLM, model_type: str = "bamba",
 
 def hybrid_writer(model: HybridLM) -> Callable[[Path], None]:
     """What writes `model` in transformers format into a folder (as the model_type it was loaded from, else the type
-    its layers fit: jamba for Mamba-1 mixers, granitemoehybrid for packed or MoE MLPs after every mixer, bamba for
-    other MLPs after every mixer, else nemotron_h); every reason it cannot is raised here, before any file is
-    written."""
+    its layers fit: falcon_h1 for parallel mixers, zamba2 with shared blocks, jamba for Mamba-1 mixers,
+    granitemoehybrid for packed or MoE MLPs after every mixer, bamba for other MLPs after every mixer, else
+    nemotron_h); every reason it cannot is raised here, before any file is written."""
     source = getattr(model, "pretrained_source", None) or {}
     extra = source.get("config") if source.get("format") == "hf" else None
     config = model.config
     default = "nemotron_h"
-    if any(s["mixer"] == "mamba" for s in config.layers):
+    if any(s["mixer"] == "parallel" for s in config.layers):
+        default = "falcon_h1"
+    elif config.shared:
+        default = "zamba2"
+    elif any(s["mixer"] == "mamba" for s in config.layers):
         default = "jamba"
     elif all(s["mixer"] and s["mlp"] for s in config.layers):
         granite = config.mlp.get("packed") or any(s["mlp"] == "moe" for s in config.layers)

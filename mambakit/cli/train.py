@@ -20,7 +20,7 @@ from mambakit.cli.args import (
 from mambakit.distributed.launch import launch, under_torchrun
 from mambakit.distributed.sampler import check_batch_split
 from mambakit.errors import MambaKitError
-from mambakit.cli.loading import TOKENIZER_NAME, Tokenizer, load_tokenizer
+from mambakit.cli.loading import TOKENIZER_NAME, Tokenizer, find_checkpoint, load_tokenizer
 from mambakit.train import ARCHS, DEFAULTS, TrainArgs, resolve_run, train
 from mambakit.finetune import FinetuneArgs, finetune
 
@@ -130,7 +130,7 @@ def finetune_main(ns: argparse.Namespace) -> int:
         raise MambaKitError(f"{', '.join(given)} cannot be combined with --init-from (the model's shape comes from "
                             "the checkpoint; a fine-tune runs in one process and starts afresh: to continue one, "
                             "--init-from its --out folder's checkpoint into a new --out)")
-    source = Path(ns.init_from).expanduser()
+    source = find_checkpoint(Path(ns.init_from).expanduser())  # a training --out folder: its checkpoint/
     if not source.is_dir():
         raise MambaKitError(f"--init-from {ns.init_from!r} is not a folder")
     if (source / TOKENIZER_NAME).is_file():

@@ -50,7 +50,8 @@ class HybridConfig:
     None} per layer.
     mamba2 / mamba / attention: keyword arguments of `Mamba2` / `Mamba` / `MHA` (every such layer alike).
     mlp: {"d_intermediate": int, "activation": "silu" | "relu2" | ..., "bias": bool, "packed": bool}.
-    moe: keyword arguments of `TopKMoE` (layers whose mlp is "moe" or "routed").
+    moe: keyword arguments of `TopKMoE` (layers whose mlp is "moe" or "routed"); for "moe" layers optionally
+    "shared": the shared expert's own `MLP` arguments (instead of `mlp`'s; see `SharedExpertMoE`).
     embedding_multiplier scales the embeddings, residual_multiplier every residual branch, and the logits are
     divided by logits_scaling (the µP multipliers of Granite; 1.0 elsewhere).
     """

@@ -113,6 +113,19 @@ def test_lora_finetune_of_a_hybrid_changes_only_the_mamba_projections(nemotron_f
     assert changed == {"backbone.layers.0.mixer.in_proj.weight", "backbone.layers.0.mixer.out_proj.weight"}
 
 
+def test_finetune_of_a_byte_level_mambakit_run(run_dir, corpus, tmp_path, capsys):
+    """A run of `mambakit train` (native format, no tokenizer.json: bytes) fine-tunes from its --out folder."""
+    out = tmp_path / "tuned"
+    assert main(["train", "--init-from", str(run_dir), "--data", str(corpus), "--out", str(out), *FAST]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    assert json.loads((out / "checkpoint" / "config.json").read_text())["model_type"] == "mamba"
+    assert not (out / "checkpoint" / "tokenizer.json").exists()
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "for i", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("for i")
+
+
 @pytest.mark.parametrize("extra, text", [
     (["--d-model", "32"], "--d-model cannot be combined with --init-from"),
     (["--arch", "mamba2", "--resume"], "--arch, --resume cannot be combined with --init-from"),

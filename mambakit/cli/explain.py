@@ -18,7 +18,7 @@ from mambakit.cli.loading import Tokenizer, find_checkpoint, load_model, load_to
 from mambakit.cli.prompt import encode_prompt, require_prompt
 from mambakit.data import ByteTokenizer
 from mambakit.errors import MambaKitError
-from mambakit.interpret.attribution import FORMS, explain, mixer_layers, token_relevance
+from mambakit.interpret.attribution import FORMS, explain, mixer_layer_indices, token_relevance
 from mambakit.interpret.plots import byte_token_labels, plot_explanation
 from mambakit.train import resolve_device
 
@@ -32,7 +32,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="checkpoint folder (or a training --out folder holding checkpoint/)")
     p.add_argument("--prompt", required=True, help="text whose next-token prediction is explained")
     p.add_argument("--layer", type=integer, default=None,
-                   help="draw the hidden attention of this layer only (0-based; default: every layer)")
+                   help="draw the hidden attention of this layer only (0-based; default: every layer; an attention "
+                   "layer of a hybrid shows its softmax attention)")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for the PNGs (default: %(default)s)")
     p.add_argument("--form", choices=FORMS, default="block",
                    help="'block': the full-block matrices (conv, SiLU and gates folded in; attributes to tokens), "
@@ -82,7 +83,7 @@ def explain_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
     --out, prints the top source tokens, returns 0.
 
     Raises MambaKitError for bad input: bad arguments, missing or unreadable checkpoint, empty or too long prompt,
-    --layer out of range, a model with mixers other than Mamba / Mamba2.
+    --layer out of range or an MLP-only layer, a model with mixers other than Mamba / Mamba2 / attention (MHA).
     """
     if not isinstance(args, argparse.Namespace):
         parser = Parser(prog="mambakit explain", raising=True)
@@ -92,9 +93,13 @@ def explain_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
     device = resolve_device(args.device)
     checkpoint = find_checkpoint(args.checkpoint)
     model = load_model(checkpoint, device)
-    n_layer = len(mixer_layers(model))
-    if args.layer is not None and not 0 <= args.layer < n_layer:
-        raise MambaKitError(f"--layer must lie in [0, {n_layer}) for this {n_layer}-layer model, got {args.layer}")
+    mixing = mixer_layer_indices(model)
+    n_layer = len(model.backbone.layers)
+    if args.layer is not None and args.layer not in mixing:
+        if not 0 <= args.layer < n_layer:
+            raise MambaKitError(f"--layer must lie in [0, {n_layer}) for this {n_layer}-layer model, got {args.layer}")
+        raise MambaKitError(f"--layer {args.layer} is an MLP layer, which mixes no tokens; the token-mixing layers "
+                            f"are {mixing}")
     vocab = model.config.vocab_size
     tokenizer = load_tokenizer(checkpoint, vocab)
     ids = encode_prompt(tokenizer, args.prompt, vocab, args.max_prompt_tokens)

@@ -1,8 +1,11 @@
-"""``mambakit train``: train a byte-level Mamba language model (on one process, or data-parallel under torchrun)."""
+"""``mambakit train``: train a byte-level Mamba language model (on one process, or data-parallel under torchrun), or
+fine-tune an existing checkpoint with its own tokenizer (``--init-from FOLDER``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 from mambakit.cli.args import (
@@ -17,7 +20,14 @@ from mambakit.cli.args import (
 from mambakit.distributed.launch import launch, under_torchrun
 from mambakit.distributed.sampler import check_batch_split
 from mambakit.errors import MambaKitError
+from mambakit.cli.loading import TOKENIZER_NAME, Tokenizer, find_checkpoint, load_tokenizer
 from mambakit.train import ARCHS, DEFAULTS, TrainArgs, resolve_run, train
+from mambakit.finetune import FinetuneArgs, finetune
+
+FINETUNE = FinetuneArgs(init_from="", out="")  # the defaults of a fine-tuning run
+#: options that a fine-tuning run takes from its checkpoint, or does not have
+_NOT_WITH_INIT = {"arch": "--arch", "d_model": "--d-model", "n_layer": "--n-layer", "d_state": "--d-state",
+                  "resume": "--resume", "nproc": "--nproc", "fsdp": "--fsdp"}
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -62,6 +72,19 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--sample-tokens", type=non_negative_int,
                    help=f"bytes generated for the final sample, 0 = none (default: {DEFAULTS['sample_tokens']})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune = p.add_argument_group("fine-tuning a checkpoint (--init-from)")
+    tune.add_argument("--init-from", type=non_empty, metavar="FOLDER",
+                      help="continue training this checkpoint (transformers mamba / mamba2 / falcon_mamba or a "
+                      "hybrid, mamba_ssm, mambakit) with its own tokenizer.json; writes --out/checkpoint in "
+                      "transformers format. Its shape comes from the folder (no --arch, --d-model, --n-layer, "
+                      f"--d-state); other defaults: --steps {FINETUNE.steps}, --lr {FINETUNE.lr}, --weight-decay "
+                      f"{FINETUNE.weight_decay}, --warmup-steps min({FINETUNE.warmup_steps}, steps/10), "
+                      f"--eval-interval {FINETUNE.eval_interval}, --eval-batches {FINETUNE.eval_batches}, no sample")
+    tune.add_argument("--lora-rank", type=non_negative_int, help="with --init-from: train LoRA adapters of this rank "
+                      "on the in_proj / out_proj of every Mamba mixer (merged into the saved weights) instead of all "
+                      "weights; 0 = full fine-tuning (default: 0)")
+    tune.add_argument("--lora-alpha", type=positive_float, help=f"LoRA scale alpha (the update is alpha / rank * BA; "
+                      f"default: {FINETUNE.lora_alpha})")
     dist_group = p.add_argument_group("distributed (data-parallel) training")
     dist_group.add_argument("--nproc", type=positive_int, help="run N data-parallel processes on this machine "
                             "(launches torchrun; same as 'torchrun --nproc-per-node N -m mambakit train ...')")
@@ -76,6 +99,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
 def train_main(ns: argparse.Namespace) -> int:
     """Run ``mambakit train`` from its parsed namespace (with ``argv``, the command line, for --nproc); returns 0.
     Bad options raise MambaKitError."""
+    if ns.init_from is not None:
+        return finetune_main(ns)
+    for name in ("lora_rank", "lora_alpha"):
+        if getattr(ns, name) is not None:
+            raise MambaKitError(f"--{name.replace('_', '-')} needs --init-from (LoRA adapts an existing checkpoint)")
     args = TrainArgs(
         out=ns.out, resume=ns.resume, progress=not ns.no_progress, data=ns.data, steps=ns.steps, d_model=ns.d_model,
         n_layer=ns.n_layer, d_state=ns.d_state, arch=ns.arch, seq_len=ns.seq_len, batch_size=ns.batch_size, lr=ns.lr,
@@ -93,3 +121,44 @@ def train_main(ns: argparse.Namespace) -> int:
                             "drop --nproc when starting with torchrun")
     train(args)
     return 0
+
+
+def finetune_main(ns: argparse.Namespace) -> int:
+    """``mambakit train --init-from FOLDER``: fine-tune a checkpoint (`mambakit.training.finetune`)."""
+    given = [flag for name, flag in _NOT_WITH_INIT.items() if getattr(ns, name) not in (None, False)]
+    if given:
+        raise MambaKitError(f"{', '.join(given)} cannot be combined with --init-from (the model's shape comes from "
+                            "the checkpoint; a fine-tune runs in one process and starts afresh: to continue one, "
+                            "--init-from its --out folder's checkpoint into a new --out)")
+    source = find_checkpoint(Path(ns.init_from).expanduser())  # a training --out folder: its checkpoint/
+    if not source.is_dir():
+        raise MambaKitError(f"--init-from {ns.init_from!r} is not a folder")
+    if (source / TOKENIZER_NAME).is_file():
+        try:
+            import tokenizers  # noqa: F401
+        except ImportError:
+            raise MambaKitError(f"--init-from {ns.init_from!r} has a {TOKENIZER_NAME}, and reading it needs the "
+                                "'tokenizers' package: pip install tokenizers") from None
+    given_values = {name: getattr(ns, name) for name in (
+        "data", "steps", "seq_len", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay",
+        "eval_interval", "eval_batches", "seed", "device", "sample_tokens", "lora_rank", "lora_alpha")}
+    args = FinetuneArgs(init_from=str(source), out=ns.out, bf16=ns.bf16, overwrite=ns.overwrite,
+                        progress=not ns.no_progress, **{k: v for k, v in given_values.items() if v is not None})
+    if ns.warmup_steps is None:
+        args.warmup_steps = min(FINETUNE.warmup_steps, args.steps // 10)
+    args.save_interval = ns.save_interval if ns.save_interval is not None else args.eval_interval
+    args.sample_prompt = ns.sample_prompt if ns.sample_prompt is not None else DEFAULTS["sample_prompt"]
+    tokenizer = _finetune_tokenizer(source)
+    finetune(args, tokenizer)
+    return 0
+
+
+def _finetune_tokenizer(source: Path) -> Tokenizer:
+    """The folder's tokenizer.json; bytes only for a byte-level model (a vocabulary of at most MAX_BYTE_VOCAB ids,
+    read from its config.json); else MambaKitError."""
+    try:
+        raw = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError):
+        raw = {}
+    vocab = raw.get("vocab_size") if isinstance(raw.get("vocab_size"), int) else 0
+    return load_tokenizer(source, vocab)

@@ -1,4 +1,5 @@
-"""Aggregations and attributions over a whole `MambaLMHeadModel` built on the hidden-attention matrices.
+"""Aggregations and attributions over a whole `MambaLMHeadModel` or hybrid `HybridLM` built on the hidden-attention
+matrices (and, for the attention layers of a hybrid, their own softmax attention).
 
 * :func:`layer_attentions` -- per layer, the mean over inner channels of the absolute full-block matrices
   (``form="block"``, the default: conv, SiLU and output gate folded in), or over channels (Mamba-1) / heads (Mamba-2)
@@ -27,8 +28,10 @@ tokens j - d_conv + 1 .. j into it. On a trained selective-copy model the alpha-
 after the token that decides the answer (where the conv window first holds both the marker and the marked token);
 the full-block maps, whose columns are the conv INPUTS, point at the token itself (see benchmarks/interpret_sanity.py).
 
-Only Mamba and Mamba2 mixers are supported (attention and S4 layers raise MambaKitError); an MLP after the mixer
-is position-wise and does not mix tokens, so the rollout needs nothing from it.
+Mamba, Mamba2 and attention (`MHA`) mixers are supported (other mixers, e.g. S4, raise MambaKitError). An
+attention layer's map is its softmax attention P averaged over heads (`mambakit.interpret.softmax_attention`; the
+same in both forms), its gradient-weighted map ``mean_h (P_h * d logit / d P_h)^+``. MLP and MoE layers (after a
+mixer, or alone as a layer of a hybrid) are position-wise and do not mix tokens: the rollout skips them.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
 from mambakit.interpret.hidden_attention import DEFAULT_BLOCK_ELEMENTS, layer_view
+from mambakit.interpret.softmax_attention import attention_values, softmax_attention
+from mambakit.layers.attention import MHA
 from mambakit.layers.mamba import Mamba
 from mambakit.layers.mamba2 import Mamba2
 
@@ -50,6 +55,7 @@ __all__ = [
     "explain",
     "gradient_weighted_attentions",
     "layer_attentions",
+    "mixer_layer_indices",
     "mixer_layers",
     "token_relevance",
 ]
@@ -57,20 +63,40 @@ __all__ = [
 FORMS = ("ssm", "block")
 
 
-def mixer_layers(model: nn.Module) -> List[nn.Module]:
-    """The mixers of a MambaLMHeadModel, in order; MambaKitError for a mixer that is not Mamba or Mamba2."""
+def _kind(mixer: nn.Module) -> str:
+    return "attention" if isinstance(mixer, MHA) else "mamba2" if isinstance(mixer, Mamba2) else "mamba"
+
+
+def _mixer_blocks(model: nn.Module) -> List[tuple[int, nn.Module]]:
     backbone = getattr(model, "backbone", None)
     layers = getattr(backbone, "layers", None)
     if layers is None:
-        raise MambaKitError(f"model must be a MambaLMHeadModel (with backbone.layers), got {type(model).__name__}")
-    mixers = []
+        raise MambaKitError(f"model must be a MambaLMHeadModel or HybridLM (with backbone.layers), got "
+                            f"{type(model).__name__}")
+    found = []
     for i, block in enumerate(layers):
         mixer = block.mixer
-        if not isinstance(mixer, (Mamba, Mamba2)):
-            raise MambaKitError(f"layer {i} is a {type(mixer).__name__} mixer; hidden attention is defined for Mamba "
-                                "and Mamba2 mixers only (attention and S4 layers are not supported)")
-        mixers.append(mixer)
-    return mixers
+        if mixer is None:  # an MLP-only layer of a hybrid: position-wise, nothing to draw
+            continue
+        if not isinstance(mixer, (Mamba, Mamba2, MHA)):
+            raise MambaKitError(f"layer {i} is a {type(mixer).__name__} mixer; hidden attention is defined for Mamba, "
+                                "Mamba2 and attention (MHA) mixers only (S4 and others are not supported)")
+        found.append((i, mixer))
+    if not found:
+        raise MambaKitError("the model has no token-mixing layer (Mamba, Mamba2 or attention) to explain")
+    return found
+
+
+def mixer_layers(model: nn.Module) -> List[nn.Module]:
+    """The token mixers of a MambaLMHeadModel or HybridLM, in order (MLP-only layers have none and are skipped);
+    MambaKitError for a mixer that is not Mamba, Mamba2 or MHA."""
+    return [mixer for _, mixer in _mixer_blocks(model)]
+
+
+def mixer_layer_indices(model: nn.Module) -> List[int]:
+    """The layer (block) index of each of `mixer_layers(model)`: range(n_layer) for a MambaLMHeadModel; for a
+    hybrid with MLP-only layers, the layers that mix tokens."""
+    return [i for i, _ in _mixer_blocks(model)]
 
 
 def _check_ids(model: nn.Module, input_ids: Tensor) -> None:
@@ -156,6 +182,8 @@ def _trace(model: nn.Module, input_ids: Tensor, with_grad: bool, target: Optiona
 def _layer_maps(mixer: nn.Module, hidden: Tensor, form: str, grad_out: Optional[Tensor], absolute: bool,
                 block_rows: Optional[int], max_elements: int):
     """(mean attention (batch, L, L), mean positive grad x attention (batch, L, L) or None) of one layer."""
+    if isinstance(mixer, MHA):
+        return _attention_maps(mixer, hidden, grad_out)
     view = layer_view(mixer, hidden)
     b, L = view.batch, view.seqlen
     attn = view.u.new_zeros(b, L, L)
@@ -186,11 +214,24 @@ def _layer_maps(mixer: nn.Module, hidden: Tensor, form: str, grad_out: Optional[
     return attn, weighted
 
 
+@torch.no_grad()
+def _attention_maps(mixer: MHA, hidden: Tensor, grad_out: Optional[Tensor]):
+    """An attention layer's (mean over heads of P, mean over heads of (P * d logit / d P)^+ or None), (batch, L, L).
+    grad_out: d logit / d (out_proj input), (batch, num_heads * head_dim, L)."""
+    P = softmax_attention(mixer, hidden)  # (batch, heads, L, L)
+    if grad_out is None:
+        return P.mean(1), None
+    b, _, L = grad_out.shape
+    g = grad_out.to(P.dtype).transpose(1, 2).reshape(b, L, mixer.num_heads, mixer.head_dim).transpose(1, 2)
+    dP = torch.matmul(g, attention_values(mixer, hidden).to(P.dtype).transpose(-1, -2))  # (batch, heads, L, L)
+    return P.mean(1), (P * dP).clamp_min_(0).mean(1)
+
+
 def layer_attentions(model: nn.Module, input_ids: Tensor, form: str = "block", absolute: bool = True,
                      block_rows: Optional[int] = None,
                      max_block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> List[Tensor]:
-    """Per layer, the mean over channels (or Mamba-2 heads) of the hidden-attention matrices: a list of
-    n_layer tensors (batch, L, L). absolute: average |matrix| (default; the rollout needs non-negative maps) or the
+    """Per token-mixing layer (`mixer_layers`), the mean over channels (or Mamba-2 heads) of the hidden-attention
+    matrices, or over heads of an attention layer's softmax attention: a list of tensors (batch, L, L). absolute: average |matrix| (default; the rollout needs non-negative maps) or the
     signed matrices. form: "block" (the full-block matrices, mean over inner channels) or "ssm" (alpha: mean over
     inner channels for Mamba-1, over heads for Mamba-2)."""
     _check_form(form)
@@ -265,7 +306,8 @@ class Explanation:
     attentions: per layer, mean |hidden attention matrix| (batch, L, L); rollout: their rollout (batch, L, L);
     grad_attentions: per layer, mean positive attention x gradient (batch, L, L); attribution: their rollout;
     relevance: row `position` of attribution (batch, L); target: (batch,) explained token ids; position: the
-    explained position (>= 0); logits: (batch, vocab) at that position; form: "ssm" or "block".
+    explained position (>= 0); logits: (batch, vocab) at that position; form: "ssm" or "block"; layers: the layer
+    (block) index of each map (`mixer_layer_indices`); kinds: each map's mixer, "mamba", "mamba2" or "attention".
     """
 
     attentions: List[Tensor]
@@ -277,6 +319,8 @@ class Explanation:
     position: int
     logits: Tensor
     form: str
+    layers: Optional[List[int]] = None
+    kinds: Optional[List[str]] = None
 
 
 def explain(model: nn.Module, input_ids: Tensor, target: Optional[Union[int, Tensor]] = None, position: int = -1,
@@ -299,4 +343,5 @@ def explain(model: nn.Module, input_ids: Tensor, target: Optional[Union[int, Ten
     attribution = attention_rollout(weighted)
     return Explanation(attentions=attentions, rollout=attention_rollout(attentions), grad_attentions=weighted,
                        attribution=attribution, relevance=token_relevance(attribution, pos), target=trace.target,
-                       position=pos, logits=trace.logits, form=form)
+                       position=pos, logits=trace.logits, form=form, layers=mixer_layer_indices(model),
+                       kinds=[_kind(m) for m in mixer_layers(model)])

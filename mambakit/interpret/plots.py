@@ -132,21 +132,27 @@ def plot_relevance(scores: Tensor, path: Union[str, Path], tokens: Optional[Sequ
 def plot_explanation(explanation, out_dir: Union[str, Path], tokens: Optional[Sequence[str]] = None,
                      layers: Optional[Sequence[int]] = None, batch_index: int = 0) -> List[Path]:
     """Write the pictures of an :class:`~mambakit.interpret.attribution.Explanation` into out_dir:
-    ``layer_{i:02d}.png`` (mean hidden attention of layer i, for the given layers, default all), ``rollout.png``,
+    ``layer_{i:02d}.png`` (mean hidden attention of layer i, or an attention layer's mean softmax attention, for the
+    given layers, default all; i is the layer's index in the model, `explanation.layers`), ``rollout.png``,
     ``attribution.png`` (rollout of the gradient-weighted maps) and ``relevance.png`` (its row for the explained
     prediction). Returns the paths written."""
     out = Path(out_dir)
-    n_layer = len(explanation.attentions)
-    layers = range(n_layer) if layers is None else layers
+    n_maps = len(explanation.attentions)
+    indices = list(explanation.layers) if explanation.layers is not None else list(range(n_maps))
+    kinds = list(explanation.kinds) if explanation.kinds is not None else ["mamba"] * n_maps
+    layers = indices if layers is None else layers
     written = []
     form = "full-block" if explanation.form == "block" else "hidden"
     for i in layers:
-        if not 0 <= i < n_layer:
-            raise MambaKitError(f"layer must lie in [0, {n_layer}), got {i}")
-        written.append(plot_attention(explanation.attentions[i][batch_index], out / f"layer_{i:02d}.png", tokens,
-                                      f"layer {i}: mean |{form} attention|"))
+        if i not in indices:
+            raise MambaKitError(f"layer must be one of the token-mixing layers {indices}, got {i}")
+        k = indices.index(i)
+        title = f"layer {i}: mean softmax attention over heads" if kinds[k] == "attention" else \
+            f"layer {i}: mean |{form} attention|"
+        written.append(plot_attention(explanation.attentions[k][batch_index], out / f"layer_{i:02d}.png", tokens,
+                                      title))
     written.append(plot_attention(explanation.rollout[batch_index], out / "rollout.png", tokens,
-                                  f"attention rollout over {n_layer} layers"))
+                                  f"attention rollout over {n_maps} layers"))
     written.append(plot_attention(explanation.attribution[batch_index], out / "attribution.png", tokens,
                                   "gradient-weighted attention rollout"))
     pos = explanation.position

@@ -58,7 +58,8 @@ class HybridConfig:
     "routed" | None} per layer, a Mamba-2 layer optionally with "shared": the index of the shared block it uses.
     mamba2 / mamba / attention: keyword arguments of `Mamba2` / `Mamba` / `MHA` (every such layer alike).
     mlp: {"d_intermediate": int, "activation": "silu" | "relu2" | ..., "bias": bool, "packed": bool}.
-    moe: keyword arguments of `TopKMoE` (layers whose mlp is "moe" or "routed").
+    moe: keyword arguments of `TopKMoE` (layers whose mlp is "moe" or "routed"); for "moe" layers optionally
+    "shared": the shared expert's own `MLP` arguments (instead of `mlp`'s; see `SharedExpertMoE`).
     parallel: the other keyword arguments of `ParallelMixer` (layers whose mixer is "parallel").
     shared: {"num_blocks": int, "adapter_rank": int (0: none), "attention_adapters": bool} plus the keyword arguments
     of `SharedBlock` (without d_model): the shared blocks of layers listed with "shared".

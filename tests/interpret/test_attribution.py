@@ -132,11 +132,10 @@ def test_target_and_position_choose_the_logit():
         explain(model, ids, form="attention")
 
 
-def test_attention_layers_are_refused():
-    cfg = MambaConfig(d_model=16, n_layer=2, vocab_size=11, ssm_cfg={"d_state": 4}, attn_layer_idx=[1],
-                      attn_cfg={"num_heads": 2})
+def test_other_mixers_are_refused():
+    cfg = MambaConfig(d_model=16, n_layer=2, vocab_size=11, ssm_cfg={"layer": "S4", "d_state": 4})
     model = MambaLMHeadModel(cfg)
-    with pytest.raises(MambaKitError, match="layer 1 is a MHA mixer"):
+    with pytest.raises(MambaKitError, match="layer 0 is a S4 mixer"):
         mixer_layers(model)
 
 

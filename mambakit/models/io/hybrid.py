@@ -4,7 +4,7 @@ tensor names, and writing them back (``save_pretrained(model, path, format="hf")
 Supported (one module each for the config fields and tensor names): ``bamba`` (`BambaForCausalLM`, in
 `mambakit.models.io.bamba`: Mamba-2 mixers, grouped-query attention with partial RoPE at ``attn_layer_indices``, a
 SwiGLU MLP after every mixer) and ``nemotron_h`` (`NemotronHForCausalLM`, in `mambakit.models.io.nemotron_h`: each
-layer ONE of a Mamba-2 mixer, attention without positional encoding, or a plain MLP; MoE layers and
+layer ONE of a Mamba-2 mixer, attention without positional encoding, a plain MLP or a MoE;
 multi-token-prediction heads are refused), ``granitemoehybrid`` (in `mambakit.models.io.bamba`) and ``jamba``
 (`JambaForCausalLM`, in `mambakit.models.io.jamba`: Mamba-1 mixers with learned dt / B / C norms, attention and
 routed experts every so many layers), ``zamba2`` (`Zamba2ForCausalLM`, in `mambakit.models.io.zamba2`: Mamba-2

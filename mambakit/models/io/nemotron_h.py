@@ -1,11 +1,13 @@
 """transformers' Nemotron-H (``nemotron_h``) config and tensor names: each layer ONE of a Mamba-2 mixer, attention
-without positional encoding, or a plain MLP, from ``layers_block_type`` or the legacy ``hybrid_override_pattern``."""
+without positional encoding, a plain MLP, or a mixture of plain-MLP experts with a shared expert (sigmoid group
+routing), from ``layers_block_type`` or the legacy ``hybrid_override_pattern``."""
 from __future__ import annotations
 
 import math
 from typing import Any
 
 from mambakit.errors import CheckpointError, MambaKitError
+from mambakit.layers.moe import check_routing_groups
 from mambakit.models.hybrid import HybridConfig, HybridLM
 from mambakit.models.io.folder import is_int, is_number
 from mambakit.models.io.hybrid_fields import ConfigReader, key_parts, mixers_of
@@ -16,13 +18,21 @@ _NEMOTRON_DEFAULTS: dict[str, Any] = dict(
     head_dim=128, sliding_window=None, intermediate_size=21504, mlp_hidden_act="relu2", mlp_bias=False,
     ssm_state_size=128, mamba_num_heads=128, mamba_head_dim=64, mamba_hidden_act="silu", n_groups=8, conv_kernel=4,
     time_step_min=0.001, use_conv_bias=True, chunk_size=128, num_nextn_predict_layers=0, use_bias=False,
-    layer_norm_epsilon=1e-5)
+    layer_norm_epsilon=1e-5, n_routed_experts=8, moe_intermediate_size=7688,
+    moe_shared_expert_intermediate_size=7688, moe_latent_size=None, num_experts_per_tok=2, routed_scaling_factor=1.0,
+    n_group=1, topk_group=1, norm_topk_prob=True)
 # the older field names NemotronHConfig still reads (they win over the new ones, as there)
 _NEMOTRON_LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_dt_min": "time_step_min",
                     "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size"}
 _NEMOTRON_PATTERN = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 _NEMOTRON_LAYERS = {"linear_attention": {"mixer": "mamba2", "mlp": None},
-                    "full_attention": {"mixer": "attention", "mlp": None}, "mlp": {"mixer": None, "mlp": "plain"}}
+                    "full_attention": {"mixer": "attention", "mlp": None}, "mlp": {"mixer": None, "mlp": "plain"},
+                    "moe": {"mixer": None, "mlp": "moe"}}
+# a MoE layer's tensors: mambakit's name (under .mlp.) -> transformers' (under .mixer.)
+_MOE_KEYS = {"moe.router.weight": "gate.weight", "moe.e_score_correction_bias": "gate.e_score_correction_bias",
+             "moe.experts.": "experts.",
+             "moe.latent_in_proj.": "fc1_latent_proj.", "moe.latent_out_proj.": "fc2_latent_proj.",
+             "shared.": "shared_experts."}
 _MLP_ACTS = ("relu2", "relu", "silu", "gelu")
 
 
@@ -41,14 +51,34 @@ def _nemotron_layer_types(r: ConfigReader) -> list[str]:
     if not isinstance(types, list) or not types:
         r.problems.append(f"layers_block_type must be a non-empty list, got {types!r}")
         return []
-    moe = [i for i, t in enumerate(types) if t == "moe"]
-    if moe:
-        r.problems.append(f"MoE layers (layers {moe}) are not supported yet")
-    unknown = sorted({str(t) for t in types if t not in _NEMOTRON_LAYERS and t != "moe"})
+    unknown = sorted({str(t) for t in types if t not in _NEMOTRON_LAYERS})
     if unknown:
-        r.problems.append(f"layers_block_type holds unknown layer types {unknown} (known: "
-                          f"{[*_NEMOTRON_LAYERS, 'moe']})")
-    return types if not (moe or unknown) else []
+        r.problems.append(f"layers_block_type holds unknown layer types {unknown} (known: {list(_NEMOTRON_LAYERS)})")
+    return types if not unknown else []
+
+
+def _nemotron_moe(r: ConfigReader, act: Any, mlp_bias: Any) -> dict[str, Any]:
+    """HybridConfig.moe of the MoE layers: NemotronHMoE's routed experts and shared expert (plain MLPs)."""
+    cfg = r.cfg
+    if cfg.get("num_local_experts") is not None:  # NemotronHConfig's alias of n_routed_experts
+        cfg["n_routed_experts"] = cfg["num_local_experts"]
+    moe = dict(d_intermediate=r.pos_int("moe_intermediate_size"), num_experts=r.pos_int("n_routed_experts"),
+               top_k=r.pos_int("num_experts_per_tok"), activation=act, routing="sigmoid_group", gated=False,
+               per_expert=True,  # the files hold experts.{e}.up_proj / down_proj, as NVIDIA's originals
+               n_group=r.pos_int("n_group"), topk_group=r.pos_int("topk_group"),
+               norm_topk_prob=r.flag("norm_topk_prob"), routed_scaling_factor=r.pos_num("routed_scaling_factor"),
+               latent_size=cfg.get("moe_latent_size"), latent_bias=mlp_bias,
+               shared=dict(d_intermediate=r.pos_int("moe_shared_expert_intermediate_size"), activation=act,
+                           bias=mlp_bias, gated=False))
+    if moe["latent_size"] is not None and not (is_int(moe["latent_size"]) and moe["latent_size"] > 0):
+        r.problems.append(f"moe_latent_size must be null or a positive integer, got {moe['latent_size']!r}")
+    if r.problems:
+        return moe
+    try:  # the routing's own checks (groups dividing the experts, top_k within the kept groups, ...)
+        check_routing_groups(moe["num_experts"], moe["top_k"], moe["n_group"], moe["topk_group"])
+    except MambaKitError as exc:
+        r.problems.append(str(exc))
+    return moe
 
 
 def nemotron_config(raw: dict[str, Any], where: str) -> HybridConfig:
@@ -76,6 +106,7 @@ def nemotron_config(raw: dict[str, Any], where: str) -> HybridConfig:
     if n_mtp not in (0, None):
         problems.append(f"num_nextn_predict_layers={n_mtp!r}: multi-token-prediction heads are not supported")
     eps = r.pos_num("layer_norm_epsilon")
+    moe = _nemotron_moe(r, act, cfg.get("mlp_bias")) if "moe" in types else {}
     r.flag("tie_word_embeddings")  # checked, but NemotronHForCausalLM ties nothing: lm_head is always its own tensor
     mlp_bias, bias, conv_bias = r.flag("mlp_bias"), r.flag("use_bias"), r.flag("use_conv_bias")
     d_state, m_heads, d_head = r.pos_int("ssm_state_size"), r.pos_int("mamba_num_heads"), r.pos_int("mamba_head_dim")
@@ -103,7 +134,7 @@ def nemotron_config(raw: dict[str, Any], where: str) -> HybridConfig:
             # NemotronHAttention has no biases whatever attention_bias says, and no positional encoding
             attention=dict(num_heads=heads, num_heads_kv=kv_heads, head_dim=head_dim, rotary_emb_dim=0,
                            qkv_proj_bias=False, out_proj_bias=False, separate_qkv=True),
-            mlp=dict(d_intermediate=d_ff, activation=act, bias=mlp_bias))
+            mlp=dict(d_intermediate=d_ff, activation=act, bias=mlp_bias), moe=moe)
     except MambaKitError as exc:
         raise CheckpointError(f"unsupported {where}: {exc}") from exc
 
@@ -118,17 +149,23 @@ def nemotron_key(key: str, config: HybridConfig) -> str:
     i, part, rest = parts
     if part == "mixer" and config.layers[i]["mixer"] == "attention" and rest.startswith("out_proj."):
         rest = "o_proj." + rest[len("out_proj."):]
+    if part == "mlp" and config.layers[i]["mlp"] == "moe":
+        for ours, theirs in _MOE_KEYS.items():
+            if rest.startswith(ours):
+                rest = theirs + rest[len(ours):]
+                break
     return f"backbone.layers.{i}.{'norm' if part in ('norm', 'norm2') else 'mixer'}.{rest}"
 
 
 def nemotron_hf(model: HybridLM, problems: list[str]) -> dict[str, Any]:
     config: HybridConfig = model.config
-    kinds = {"mamba2": "linear_attention", "attention": "full_attention", "plain": "mlp"}
+    kinds = {"mamba2": "linear_attention", "attention": "full_attention", "plain": "mlp", "moe": "moe"}
     types = []
     for i, spec in enumerate(config.layers):
         parts = [p for p in (spec["mixer"], spec["mlp"]) if p is not None]
         if len(parts) != 1 or parts[0] not in kinds:
-            problems.append(f"layer {i} ({spec}) must be exactly one of a Mamba-2 mixer, attention or a plain MLP")
+            problems.append(f"layer {i} ({spec}) must be exactly one of a Mamba-2 mixer, attention, a plain MLP or "
+                            "a MoE")
         else:
             types.append(kinds[parts[0]])
     for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
@@ -144,6 +181,8 @@ def nemotron_hf(model: HybridLM, problems: list[str]) -> dict[str, Any]:
                               mlp_hidden_act=act, mamba_hidden_act="silu", num_nextn_predict_layers=0)
     if "d_intermediate" in config.mlp:
         hf.update(intermediate_size=config.mlp["d_intermediate"], mlp_bias=bool(config.mlp.get("bias", False)))
+    if "moe" in types:
+        hf.update(_nemotron_moe_hf(config.moe, act, problems))
     mambas, attns = mixers_of(model, "Mamba2"), mixers_of(model, "MHA")
     if mambas:
         m = mambas[0]
@@ -167,3 +206,23 @@ def nemotron_hf(model: HybridLM, problems: list[str]) -> dict[str, Any]:
         hf.update(num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads_kv, head_dim=a.head_dim,
                   attention_bias=False)
     return hf
+
+
+def _nemotron_moe_hf(moe: dict[str, Any], act: str, problems: list[str]) -> dict[str, Any]:
+    """The config.json fields of HybridConfig.moe for NemotronHMoE (its experts and shared expert plain MLPs with
+    the model's MLP activation, sigmoid group routing)."""
+    shared = moe.get("shared") or {}
+    fits = (moe.get("routing") == "sigmoid_group" and moe.get("gated") is False and moe.get("per_expert") is True
+            and moe.get("activation", "silu") == act and shared.get("gated") is False
+            and shared.get("activation", "silu") == act and "d_intermediate" in shared
+            and bool(shared.get("bias", False)) == bool(moe.get("latent_bias", False)))
+    if not fits:
+        problems.append("Nemotron-H MoE layers have plain-MLP experts and a plain-MLP shared expert with the MLP "
+                        f"activation and one bias setting, routed by 'sigmoid_group'; got {moe}")
+        return {}
+    return dict(n_routed_experts=moe["num_experts"], num_experts_per_tok=moe["top_k"],
+                moe_intermediate_size=moe["d_intermediate"],
+                moe_shared_expert_intermediate_size=shared["d_intermediate"],
+                moe_latent_size=moe.get("latent_size"), n_group=moe.get("n_group", 1),
+                topk_group=moe.get("topk_group", 1), norm_topk_prob=moe.get("norm_topk_prob", True),
+                routed_scaling_factor=moe.get("routed_scaling_factor", 1.0))

@@ -104,12 +104,12 @@ def test_nemotron_h_legacy_pattern_and_model_prefix_load(saved, tmp_path):
 def test_nemotron_h_unsupported_values_are_refused_together(saved, tmp_path):
     _, folder = saved["pattern"]
     raw = json.loads((folder / "config.json").read_text())
-    raw.update(layers_block_type=["linear_attention", "moe", "full_attention"], num_nextn_predict_layers=1,
+    raw.update(layers_block_type=["linear_attention", "cross", "full_attention"], num_nextn_predict_layers=1,
                mlp_hidden_act="swish", sliding_window=64, mamba_num_heads=7)
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError) as info:
         from_pretrained(tmp_path)
     text = str(info.value)
-    for part in ("MoE layers (layers [1])", "multi-token-prediction", "mlp_hidden_act 'swish'", "sliding_window 64",
+    for part in ("unknown layer types ['cross']", "multi-token-prediction", "mlp_hidden_act 'swish'", "sliding_window 64",
                  "multiple of hidden_size"):
         assert part in text

@@ -71,3 +71,23 @@ def scan_grads(kw: dict, scan, seed: int = 5, parts=("y", "angle", "ssm", "k", "
     for part, s in zip(("angle", "ssm", "k", "v"), leaves.get("Input_States", ())):
         grads[f"state_{part}"] = s.grad
     return out, grads
+
+
+def mimo_inputs(rank=3, batch=2, seqlen=23, nheads=4, ngroups=2, headdim=5, d_state=6, n_angles=2, seed=3, **kw):
+    """Keyword arguments of the MIMO scan: scan_inputs' (without the gate) with per-rank Q, K, biases, MIMO_V and
+    a per-rank k in Input_States."""
+    out = scan_inputs(batch=batch, seqlen=seqlen, nheads=nheads, ngroups=ngroups, headdim=headdim, d_state=d_state,
+                      n_angles=n_angles, gate=False, seed=seed, **kw)
+    dtype = out["V"].dtype
+    g = torch.Generator().manual_seed(seed + 100)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    out.update(Q=randn(batch, seqlen, rank, ngroups, d_state), K=randn(batch, seqlen, rank, ngroups, d_state),
+               MIMO_V=randn(nheads, rank, headdim), Q_bias=randn(nheads, rank, d_state),
+               K_bias=randn(nheads, rank, d_state))
+    if "Input_States" in out:
+        angle, ssm, _, v = out["Input_States"]
+        out["Input_States"] = (angle, ssm, randn(batch, rank, nheads, d_state), v)
+    return out

@@ -112,7 +112,7 @@ class _Mamba3Triton(torch.autograd.Function):
             HAS_SEG=seg is not None, HAS_H0=h0 is not None, STORE_STATES=store,
         )
         ctx.save_for_backward(q, k, v, adt, diag, seg, st)
-        ctx.chunk, ctx.block_p, ctx.has_h0 = chunk, block_p, h0 is not None
+        ctx.chunk, ctx.has_h0 = chunk, h0 is not None
         ctx.set_materialize_grads(False)
         return y, hT
 
@@ -123,7 +123,8 @@ class _Mamba3Triton(torch.autograd.Function):
         d_state = q.shape[-1]
         dy = torch.zeros_like(v) if dy is None else dy.to(torch.float32).contiguous()
         dhT = None if dhT is None else dhT.to(torch.float32).contiguous()
-        nblocks = triton.cdiv(headdim, ctx.block_p)
+        block_p = min(_block(headdim), 32)  # the backward holds about twice the forward's tiles
+        nblocks = triton.cdiv(headdim, block_p)
         dq = q.new_empty(nblocks, *q.shape)  # per headdim block partial sums, added up below (no atomics)
         dk = q.new_empty(nblocks, *q.shape)
         dadt = adt.new_empty(nblocks, *adt.shape)
@@ -134,7 +135,7 @@ class _Mamba3Triton(torch.autograd.Function):
             q, k, v, adt, diag, seg if seg is not None else adt, st, dy, dhT if dhT is not None else dh0,
             dq, dk, dv, dadt, ddiag, dh0, L, nheads, headdim, d_state, triton.cdiv(L, ctx.chunk),
             s_sb=seg.stride(0) if seg is not None else 0, **_strides_of(q, v, adt, dh0, st),
-            s_blk_q=dq.stride(0), s_blk_a=dadt.stride(0), CHUNK=ctx.chunk, BLOCK_P=ctx.block_p,
+            s_blk_q=dq.stride(0), s_blk_a=dadt.stride(0), CHUNK=ctx.chunk, BLOCK_P=block_p,
             BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_DHT=dhT is not None,
         )
         return (dq.sum(0), dk.sum(0), dv, dadt.sum(0), ddiag.sum(0), dh0 if ctx.has_h0 else None, None, None)

@@ -1,6 +1,7 @@
-"""The Mamba-3 block (SISO or MIMO of rank R): one in_proj producing [z, x, B, C, dd_dt, dd_A, trap, angle], RMSNorm on B and C, the
-Mamba-3 scan (trapezoidal two-term update, data-dependent rotations of B and C, B/C biases; no conv), the gate
-y * silu(z) or, with `is_outproj_norm`, the gated RMSNorm norm(y) * silu(z), and out_proj.
+"""The Mamba-3 block (SISO or MIMO of rank R): one in_proj producing [z, x, B, C, dd_dt, dd_A, trap, angle],
+RMSNorm on B and C, the Mamba-3 scan (trapezoidal two-term update, data-dependent rotations of B and C, B/C
+biases; no conv), the gate y * silu(z) or, with `is_outproj_norm`, the gated RMSNorm norm(y) * silu(z), and
+out_proj.
 
 Parameter names, shapes, packing and initialisation follow the official `mamba_ssm.modules.mamba3.Mamba3`. MIMO
 (``is_mimo=True``, rank ``mimo_rank``): B and C per rank, ``mimo_x`` / ``mimo_z`` / ``mimo_o`` (nheads, R, headdim)

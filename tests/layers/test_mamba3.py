@@ -1,5 +1,6 @@
 """The Mamba-3 block (SISO; MIMO configs in the step-loop tests): official names/shapes/packing/init, step loop ==
-forward (float64 and float32, batch 1..5, several head dims), chunked prefill then steps, padding masks, packed sequences, config errors."""
+forward (float64 and float32, batch 1..5, several head dims), chunked prefill then steps, padding masks, packed
+sequences, config errors."""
 from __future__ import annotations
 
 import pytest

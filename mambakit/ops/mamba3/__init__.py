@@ -1,11 +1,12 @@
-"""Mamba-3 SISO: the trapezoidal two-term recurrence with data-dependent rotations of B and C.
+"""Mamba-3: the trapezoidal two-term recurrence with data-dependent rotations of B and C (SISO here; MIMO of rank R
+in :mod:`.mimo`).
 
 * :func:`mamba3_scan` -- the public scan with the official ``mamba3_siso_combined`` argument names (``seq_idx``
   in place of ``cu_seqlens``) and a ``backend``.
 * :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding).
 * :mod:`.naive` (the step recurrence, the reference), :mod:`.chunked` (the block decomposition, fast on CPU) and
-  :mod:`.triton` (portable Triton kernels, forward and deterministic backward) share the scan's signature, so every test can be
-  ``chunked(**kw) == naive(**kw)``.
+  :mod:`.triton` (portable Triton kernels, forward and deterministic backward) share the scan's signature, so
+  every test can be ``chunked(**kw) == naive(**kw)``.
 
 The math, the layouts and the precision rules are in :mod:`mambakit.ops.mamba3.common`.
 """

@@ -12,7 +12,8 @@ Layouts (the official ``mamba_ssm`` MIMO op, ``mamba3_mimo``, less its gate and 
 
 The recurrence, per head (theta, alpha, lambda as in SISO; k_r = Rot(theta)(K_r + K_bias_r), q_r likewise)::
 
-    h_t = alpha_t h_{t-1} + (1 - lambda_t) DT_t alpha_t sum_r x_{r,t-1} k_{r,t-1}^T + lambda_t DT_t sum_r x_{r,t} k_{r,t}^T
+    h_t = alpha_t h_{t-1} + (1 - lambda_t) DT_t alpha_t sum_r x_{r,t-1} k_{r,t-1}^T
+                          + lambda_t DT_t sum_r x_{r,t} k_{r,t}^T
     y_{r,t} = h_t q_{r,t} + D x_{r,t}
 
 The scan returns the per-rank outputs y (batch, seqlen, R, nheads, headdim); :func:`mimo_combine` applies the

@@ -136,7 +136,7 @@ class _Mamba3Triton(torch.autograd.Function):
             dq, dk, dv, dadt, ddiag, dh0, L, nheads, headdim, d_state, triton.cdiv(L, ctx.chunk),
             s_sb=seg.stride(0) if seg is not None else 0, **_strides_of(q, v, adt, dh0, st),
             s_blk_q=dq.stride(0), s_blk_a=dadt.stride(0), CHUNK=ctx.chunk, BLOCK_P=block_p,
-            BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_DHT=dhT is not None,
+            BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_DHT=dhT is not None, num_warps=8,
         )
         return (dq.sum(0), dk.sum(0), dv, dadt.sum(0), ddiag.sum(0), dh0 if ctx.has_h0 else None, None, None)
 

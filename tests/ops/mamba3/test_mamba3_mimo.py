@@ -95,3 +95,11 @@ def test_errors():
     with pytest.raises(MambaKitError, match="Input_States.k"):
         mamba3_mimo_chunked(**dict(kw, Input_States=kw["Input_States"][:2] + (kw["Input_States"][2][:, :1],
                                                                            kw["Input_States"][3])))
+
+
+def test_non_finite_v_stays_causal():
+    kw = mimo_inputs(packed=False, states=False)
+    kw["V"] = kw["V"].clone()
+    kw["V"][0, 10, 1, 2] = float("nan")
+    y = mamba3_mimo_chunked(**kw, chunk_size=8)
+    assert torch.isfinite(y[:, :10]).all() and torch.isfinite(y[1]).all() and torch.isnan(y[0, 10:, :, 1, 2]).all()

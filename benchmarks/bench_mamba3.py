@@ -43,9 +43,6 @@ def _time_block(block: torch.nn.Module, x: torch.Tensor) -> dict:
         with torch.no_grad():
             block(x)
 
-    def fwd_bwd():
-        block(x).backward(grad_out)
-
     leaf = x.detach().requires_grad_(True)
 
     def fwd_bwd_leaf():

@@ -40,6 +40,7 @@ SKIPPED = {
     "bench_data_parallel_comm.py": "starts a gloo process group per strategy (slow on a shared CPU); the same "
                                    "code paths run in tests/distributed/test_data_parallel.py",
     "bench_lm_gpu.py": "GPU only: times the Triton paths of a full LM",
+    "bench_mamba3.py": "GPU only: times one Mamba-3 block (first call, forward, forward+backward) beside Mamba-2",
     "bench_norm.py": "GPU only: checks and times the Triton norm kernels (cold Triton cache)",
     "bench_selective_scan.py": "GPU only: times the Triton selective scan against copy bandwidth",
     "bench_ssd.py": "GPU only: checks and times the Triton SSD kernels",

@@ -1,8 +1,11 @@
-"""The Mamba-3 block (SISO): one in_proj producing [z, x, B, C, dd_dt, dd_A, trap, angle], RMSNorm on B and C, the
-Mamba-3 scan (trapezoidal two-term update, data-dependent rotations of B and C, B/C biases; no conv), the gate
-y * silu(z) or, with `is_outproj_norm`, the gated RMSNorm norm(y) * silu(z), and out_proj.
+"""The Mamba-3 block (SISO or MIMO of rank R): one in_proj producing [z, x, B, C, dd_dt, dd_A, trap, angle],
+RMSNorm on B and C, the Mamba-3 scan (trapezoidal two-term update, data-dependent rotations of B and C, B/C
+biases; no conv), the gate y * silu(z) or, with `is_outproj_norm`, the gated RMSNorm norm(y) * silu(z), and
+out_proj.
 
-Parameter names, shapes, packing and initialisation follow the official `mamba_ssm.modules.mamba3.Mamba3`. A per
+Parameter names, shapes, packing and initialisation follow the official `mamba_ssm.modules.mamba3.Mamba3`. MIMO
+(``is_mimo=True``, rank ``mimo_rank``): B and C per rank, ``mimo_x`` / ``mimo_z`` / ``mimo_o`` (nheads, R, headdim)
+mixing x in, the gate and the output (:mod:`mambakit.ops.mamba3.mimo`); its state pairs rotate as in SISO. A per
 token is ``clamp(-f(dd_A), max=-A_floor)`` with f the heavy-tail activation (``A_activation="heavy_tail"``, the
 official main branch) or softplus (``"softplus"``, the official 2.3.2.post1 release).
 """
@@ -20,6 +23,7 @@ from mambakit.layers.checks import check_mixer_input
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNorm, RMSNormGated
 from mambakit.ops.mamba3 import mamba3_scan, mamba3_step
+from mambakit.ops.mamba3.mimo import mamba3_mimo_chunked, mamba3_mimo_step, mimo_combine
 
 A_ACTIVATIONS = ("heavy_tail", "softplus")
 
@@ -33,8 +37,9 @@ def heavy_tail(x: Tensor) -> Tensor:
 @dataclass
 class Mamba3State:
     """Inference state of a Mamba-3 layer, updated in place: angle (batch, nheads, n_angles), ssm (batch, nheads,
-    headdim, d_state), k (batch, nheads, d_state) the last token's rotated B with bias, v (batch, nheads, headdim)
-    the last token's x. All float32 (float64 for a float64 model)."""
+    headdim, d_state), k (batch, nheads, d_state) the last token's rotated B with bias ((batch, R, nheads, d_state),
+    one per rank, for MIMO), v (batch, nheads, headdim) the last token's x. All float32 (float64 for a float64
+    model)."""
 
     angle: Tensor
     ssm: Tensor
@@ -51,7 +56,8 @@ class Mamba3State:
 
 class Mamba3ScanInputs(NamedTuple):
     """The keyword arguments of `mamba3_scan` (shapes there: Q = C, K = B after RMSNorm, V = x, Z = the gate or None
-    with is_outproj_norm, Input_States the state to start from or None), and z (batch, seqlen, d_inner)."""
+    with is_outproj_norm, Input_States the state to start from or None), and z (batch, seqlen, d_inner). MIMO: Q, K
+    (batch, seqlen, R, ngroups, d_state), Q_bias, K_bias (nheads, R, d_state), as the MIMO scan takes them."""
 
     Q: Tensor
     K: Tensor
@@ -74,7 +80,7 @@ class Mamba3ScanInputs(NamedTuple):
 
 
 class Mamba3(nn.Module):
-    """Mamba-3 mixer (SISO). Input and output: (batch, seqlen, d_model)."""
+    """Mamba-3 mixer (SISO, or MIMO of rank mimo_rank with is_mimo). Input and output: (batch, seqlen, d_model)."""
 
     def __init__(
         self, d_model: int, d_state: int = 128, expand: int = 2, headdim: int = 64, ngroups: int = 1,
@@ -88,9 +94,8 @@ class Mamba3(nn.Module):
                             ("ngroups", ngroups), ("chunk_size", chunk_size), ("mimo_rank", mimo_rank)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise MambaKitError(f"Mamba3 {name} must be a positive integer, got {value!r}")
-        if is_mimo:
-            raise MambaKitError(f"Mamba3 is_mimo must be False (only SISO is implemented so far), got {is_mimo!r} "
-                                f"with mimo_rank={mimo_rank}")
+        if not isinstance(is_mimo, bool):
+            raise MambaKitError(f"Mamba3 is_mimo must be a bool, got {is_mimo!r}")
         if rope_fraction not in (0.5, 1.0):
             raise MambaKitError(f"Mamba3 rope_fraction must be 0.5 or 1.0, got {rope_fraction!r}")
         if A_activation not in A_ACTIVATIONS:
@@ -112,16 +117,21 @@ class Mamba3(nn.Module):
         self.d_inner, self.nheads, self.ngroups, self.num_bc_heads = d_inner, nheads, ngroups, ngroups
         self.rope_fraction, self.num_rope_angles = rope_fraction, rotated // 2
         self.A_floor, self.A_activation, self.is_outproj_norm = float(A_floor), A_activation, is_outproj_norm
-        self.is_mimo, self.mimo_rank, self.chunk_size, self.layer_idx = False, 1, chunk_size, layer_idx
+        self.is_mimo, self.chunk_size, self.layer_idx = is_mimo, chunk_size, layer_idx
+        self.mimo_rank = R = mimo_rank if is_mimo else 1
 
-        d_in_proj = 2 * d_inner + 2 * d_state * ngroups + 3 * nheads + self.num_rope_angles
+        d_in_proj = 2 * d_inner + 2 * d_state * ngroups * R + 3 * nheads + self.num_rope_angles
         self.in_proj = nn.Linear(d_model, d_in_proj, bias=False, **factory)
         self.dt_bias = nn.Parameter(init_dt_bias(nheads, dt_min, dt_max, dt_init_floor, device))
         self.dt_bias._no_weight_decay = True
-        self.B_bias = nn.Parameter(torch.ones(nheads, 1, d_state, device=device))
-        self.C_bias = nn.Parameter(torch.ones(nheads, 1, d_state, device=device))
+        self.B_bias = nn.Parameter(torch.ones(nheads, R, d_state, device=device))
+        self.C_bias = nn.Parameter(torch.ones(nheads, R, d_state, device=device))
         self.B_norm = RMSNorm(d_state, eps=1e-5, **factory)
         self.C_norm = RMSNorm(d_state, eps=1e-5, **factory)
+        if is_mimo:
+            self.mimo_x = nn.Parameter(torch.full((nheads, R, headdim), 1 / R, device=device))
+            self.mimo_z = nn.Parameter(torch.ones(nheads, R, headdim, device=device))
+            self.mimo_o = nn.Parameter(torch.full((nheads, R, headdim), 1 / R, device=device))
         self.D = nn.Parameter(torch.ones(nheads, device=device))
         self.D._no_weight_decay = True
         if is_outproj_norm:
@@ -134,14 +144,14 @@ class Mamba3(nn.Module):
         device = device or self.out_proj.weight.device
         fp = torch.float64 if (dtype or self.out_proj.weight.dtype) == torch.float64 else torch.float32
         b, h = batch_size, self.nheads
+        k = (b, self.mimo_rank, h, self.d_state) if self.is_mimo else (b, h, self.d_state)
         return Mamba3State(*(torch.zeros(*shape, device=device, dtype=fp) for shape in (
-            (b, h, self.num_rope_angles), (b, h, self.headdim, self.d_state), (b, h, self.d_state),
-            (b, h, self.headdim))))
+            (b, h, self.num_rope_angles), (b, h, self.headdim, self.d_state), k, (b, h, self.headdim))))
 
     def split_projection(self, projected: Tensor) -> tuple[Tensor, ...]:
-        """(..., d_in_proj) -> z, x (..., d_inner), B, C (..., ngroups * d_state), dd_dt, dd_A, trap (..., nheads),
-        angle (..., num_rope_angles): the official order."""
-        gn = self.ngroups * self.d_state
+        """(..., d_in_proj) -> z, x (..., d_inner), B, C (..., R * ngroups * d_state), dd_dt, dd_A, trap
+        (..., nheads), angle (..., num_rope_angles): the official order."""
+        gn = self.mimo_rank * self.ngroups * self.d_state
         return torch.split(projected, [self.d_inner, self.d_inner, gn, gn, self.nheads, self.nheads, self.nheads,
                                        self.num_rope_angles], dim=-1)
 
@@ -162,19 +172,26 @@ class Mamba3(nn.Module):
         fp = torch.float64 if x.dtype == torch.float64 else torch.float32
         batch, seqlen = hidden_states.shape[:2]
         x = x.unflatten(-1, (self.nheads, self.headdim))
-        B = self.B_norm(B.unflatten(-1, (self.ngroups, self.d_state)))
-        C = self.C_norm(C.unflatten(-1, (self.ngroups, self.d_state)))
+        bc = (self.mimo_rank, self.ngroups, self.d_state) if self.is_mimo else (self.ngroups, self.d_state)
+        B = self.B_norm(B.unflatten(-1, bc))
+        C = self.C_norm(C.unflatten(-1, bc))
         DT = F.softplus(dd_dt.to(fp) + self.dt_bias.to(fp))  # (batch, seqlen, nheads)
         ADT = self._A(dd_A.to(fp)) * DT
         angles = angle.to(fp)[:, :, None].expand(batch, seqlen, self.nheads, self.num_rope_angles)
         start = None if state is None else state.parts()
         if mask is not None:
+            if self.is_mimo:
+                raise MambaKitError("Mamba3 with is_mimo=True takes no padding mask yet; got a mask")
             x, B, DT, ADT, angles, trap, start = self._pad_rule(mask.bool(), x, B, DT, ADT, angles, trap, state)
         return Mamba3ScanInputs(
             Q=C, K=B, V=x, ADT=ADT.transpose(1, 2), DT=DT.transpose(1, 2), Trap=trap.transpose(1, 2),
-            Q_bias=self.C_bias[:, 0].to(fp), K_bias=self.B_bias[:, 0].to(fp), Angles=angles, D=self.D.to(fp),
+            Q_bias=self._bias(self.C_bias, fp), K_bias=self._bias(self.B_bias, fp), Angles=angles, D=self.D.to(fp),
             Z=None if self.is_outproj_norm else z.unflatten(-1, (self.nheads, self.headdim)), Input_States=start,
             z=z)
+
+    def _bias(self, bias: Tensor, fp: torch.dtype) -> Tensor:
+        """(nheads, R, d_state) as the scan takes it: all of it for MIMO, (nheads, d_state) for SISO."""
+        return bias.to(fp) if self.is_mimo else bias[:, 0].to(fp)
 
     @staticmethod
     def _pad_rule(keep: Tensor, x, B, DT, ADT, angles, trap, state: Optional[Mamba3State]):
@@ -214,6 +231,18 @@ class Mamba3(nn.Module):
             y = self.norm(y, z)
         return self.out_proj(y.to(self.out_proj.weight.dtype))
 
+    def mimo_finish(self, y: Tensor, z: Tensor) -> Tensor:
+        """MIMO: y (..., R, nheads, headdim) per rank from the scan, z (..., d_inner) -> (..., d_model): each rank
+        gated by silu(z * mimo_z) (or, with is_outproj_norm, by the gated RMSNorm with that gate), mixed by mimo_o."""
+        zh = z.unflatten(-1, (self.nheads, self.headdim)).to(y.dtype)
+        if self.is_outproj_norm:
+            z_r = zh.unsqueeze(-3) * self.mimo_z.transpose(0, 1).to(y.dtype)
+            y = self.norm(y.flatten(-2), z_r.flatten(-2)).unflatten(-1, (self.nheads, self.headdim))
+            y = mimo_combine(y, self.mimo_o)
+        else:
+            y = mimo_combine(y, self.mimo_o, zh, self.mimo_z)
+        return self.out_proj(y.flatten(-2).to(self.out_proj.weight.dtype))
+
     def forward(self, hidden_states: Tensor, state: Optional[Mamba3State] = None, seq_idx: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None) -> Tensor:
         """hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model).
@@ -224,8 +253,14 @@ class Mamba3(nn.Module):
         """
         check_mixer_input(self, hidden_states, seq_idx, mask)
         s = self.ssm_inputs(hidden_states, state, seq_idx, mask)
-        y, *final = mamba3_scan(**s.scan_kwargs(), chunk_size=self.chunk_size, return_final_states=True,
-                                seq_idx=seq_idx)
+        if self.is_mimo:
+            kw = s.scan_kwargs()
+            del kw["Z"]
+            y, *final = mamba3_mimo_chunked(**kw, MIMO_V=self.mimo_x, chunk_size=self.chunk_size,
+                                            return_final_states=True, seq_idx=seq_idx)
+        else:
+            y, *final = mamba3_scan(**s.scan_kwargs(), chunk_size=self.chunk_size, return_final_states=True,
+                                    seq_idx=seq_idx)
         if state is not None:
             with torch.no_grad():
                 if mask is not None:  # a row of pads only keeps its k and v
@@ -234,13 +269,18 @@ class Mamba3(nn.Module):
                     final[3] = torch.where(has_token, final[3], state.v)
                 for target, value in zip(state.parts(), final):
                     target.copy_(value)
-        return self.finish(y, s.z)
+        return self.mimo_finish(y, s.z) if self.is_mimo else self.finish(y, s.z)
 
     def step(self, hidden_states: Tensor, state: Mamba3State) -> Tensor:
         """One decoding step from the constant-size state. hidden_states: (batch, 1, d_model) or (batch, d_model);
         state updated in place."""
         squeeze = hidden_states.dim() == 2
         s = self.ssm_inputs(hidden_states[:, None] if squeeze else hidden_states)
+        if self.is_mimo:
+            y = mamba3_mimo_step(state.parts(), s.Q[:, 0], s.K[:, 0], s.V[:, 0], self.mimo_x, s.ADT[..., 0],
+                                 s.DT[..., 0], s.Trap[..., 0], s.Q_bias, s.K_bias, s.Angles[:, 0], D=s.D)
+            out = self.mimo_finish(y[:, None], s.z)
+            return out[:, 0] if squeeze else out
         y = mamba3_step(state.parts(), s.Q[:, 0], s.K[:, 0], s.V[:, 0], s.ADT[..., 0], s.DT[..., 0], s.Trap[..., 0],
                         s.Q_bias, s.K_bias, s.Angles[:, 0], D=s.D, Z=None if s.Z is None else s.Z[:, 0])
         out = self.finish(y[:, None], s.z)

@@ -1,5 +1,6 @@
-"""The Mamba-3 block (SISO): official names/shapes/packing/init, step loop == forward (float64 and float32, batch
-1..5, several head dims), chunked prefill then steps, padding masks, packed sequences, config errors."""
+"""The Mamba-3 block (SISO; MIMO configs in the step-loop tests): official names/shapes/packing/init, step loop ==
+forward (float64 and float32, batch 1..5, several head dims), chunked prefill then steps, padding masks, packed
+sequences, config errors."""
 from __future__ import annotations
 
 import pytest
@@ -35,6 +36,9 @@ def test_heavy_tail_activation():
 CONFIGS = [dict(headdim=8), dict(headdim=16, ngroups=2, rope_fraction=1.0),
            dict(headdim=4, A_activation="softplus", is_outproj_norm=True), dict(headdim=6, d_state=7, expand=3),
            dict(headdim=32, d_state=16)]
+MIMO_CONFIGS = [dict(headdim=8, is_mimo=True, mimo_rank=4),
+                dict(headdim=16, ngroups=2, rope_fraction=1.0, is_mimo=True, mimo_rank=2),
+                dict(headdim=4, A_activation="softplus", is_outproj_norm=True, is_mimo=True, mimo_rank=3)]
 
 
 def _layer(seed=0, dtype=torch.float64, d_model=32, **kwargs):
@@ -42,12 +46,13 @@ def _layer(seed=0, dtype=torch.float64, d_model=32, **kwargs):
     kwargs.setdefault("d_state", 8)
     m = Mamba3(d_model=d_model, chunk_size=8, **kwargs).to(dtype)
     with torch.no_grad():  # biases and norms away from their init, so that a wrong wiring shows
-        for p in (m.B_bias, m.C_bias, m.D, m.B_norm.weight, m.C_norm.weight):
+        mimo = (m.mimo_x, m.mimo_z, m.mimo_o) if m.is_mimo else ()
+        for p in (m.B_bias, m.C_bias, m.D, m.B_norm.weight, m.C_norm.weight, *mimo):
             p.add_(torch.randn_like(p) * 0.5)
     return m
 
 
-@pytest.mark.parametrize("kwargs", CONFIGS)
+@pytest.mark.parametrize("kwargs", CONFIGS + MIMO_CONFIGS)
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5])
 def test_step_loop_equals_forward_float64(kwargs, batch):
     m = _layer(**kwargs)
@@ -60,7 +65,7 @@ def test_step_loop_equals_forward_float64(kwargs, batch):
     assert rel_err(m.step(x[:, 0], two_d), full[:, 0]) < 1e-12
 
 
-@pytest.mark.parametrize("kwargs", CONFIGS[:3])
+@pytest.mark.parametrize("kwargs", CONFIGS[:3] + MIMO_CONFIGS)
 def test_step_loop_equals_forward_float32(kwargs):
     m = _layer(dtype=torch.float32, **kwargs)
     x = torch.randn(3, 40, 32)
@@ -176,7 +181,8 @@ def test_gradients_reach_every_parameter():
     (dict(d_model=30, headdim=16), "divisible by headdim"),
     (dict(d_model=32, headdim=16, ngroups=3), "divisible by ngroups"),
     (dict(d_model=32, headdim=16, chunk_size=0), "chunk_size"),
-    (dict(d_model=32, headdim=16, is_mimo=True), "is_mimo must be False"),
+    (dict(d_model=32, headdim=16, is_mimo=1), "is_mimo must be a bool"),
+    (dict(d_model=32, headdim=16, is_mimo=True, mimo_rank=0), "mimo_rank must be a positive integer"),
     (dict(d_model=32, headdim=16, rope_fraction=0.25), "rope_fraction must be 0.5 or 1.0"),
     (dict(d_model=32, headdim=16, A_activation="exp"), "A_activation must be one of"),
     (dict(d_model=32, headdim=16, d_state=3), "d_state \\* rope_fraction must be >= 2"),

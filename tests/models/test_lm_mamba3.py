@@ -154,3 +154,14 @@ def test_train_arch_mamba3(tmp_path, capsys):
                "--threads", "1"])
     assert rc == 0, capsys.readouterr().err
     assert load_checkpoint(tmp_path / "run" / "checkpoint").config.mixer_layer == "Mamba3"
+
+
+def test_mimo_lm_native_round_trip_and_no_official_layout(tmp_path):
+    model = _perturbed({"layer": "Mamba3", "d_state": 8, "headdim": 16, "is_mimo": True, "mimo_rank": 2})
+    ids = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(6))
+    save_checkpoint(model, tmp_path / "native")
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path / "native")(ids).logits, model(ids).logits)
+    with pytest.raises(CheckpointError, match="is_mimo=True"):
+        save_pretrained(model, tmp_path / "ssm", format="mamba_ssm")
+    assert not (tmp_path / "ssm").exists()

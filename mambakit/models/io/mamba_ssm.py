@@ -29,6 +29,11 @@ OFFICIAL_NORM_EPS = 1e-5  # mamba_ssm hard-codes the epsilon of its RMSNorms (no
 OFFICIAL_MAMBA3_A = "heavy_tail"  # the official main branch's A activation (no config field)
 
 
+# The official MIMO kernel rotates state dim i with i + d_state / 2; mambakit's MIMO rotates the pairs (2i, 2i + 1)
+# as in SISO, so an official MIMO checkpoint would need its B/C dims permuted first.
+_MIMO_WHY = "the official MIMO kernel pairs the rotated state dims differently from mambakit's MIMO"
+
+
 def config_from_mamba_ssm(raw: dict[str, Any], where: str = CONFIG_NAME) -> MambaConfig:
     """MambaConfig from a config.json in mamba_ssm field names (mambakit's own config is a superset)."""
     problems: list[str] = []
@@ -48,7 +53,7 @@ def config_from_mamba_ssm(raw: dict[str, Any], where: str = CONFIG_NAME) -> Mamb
         for key in _IGNORED_MAMBA3_KEYS:
             ssm.pop(key, None)
         if ssm.get("is_mimo"):
-            problems.append(f"ssm_cfg is_mimo={ssm['is_mimo']!r} (Mamba-3 MIMO) is not supported yet")
+            problems.append(f"ssm_cfg is_mimo={ssm['is_mimo']!r} (Mamba-3 MIMO) is not supported yet: {_MIMO_WHY}")
     if "d_ssm" in ssm and ssm["d_ssm"] is None:
         del ssm["d_ssm"]  # the default (d_inner); a given d_ssm goes to the Mamba2 layer, which checks it
     if isinstance(ssm.get("dt_limit"), list):
@@ -93,6 +98,8 @@ def config_to_mamba_ssm(model: torch.nn.Module) -> dict[str, Any]:
         if "A_init_range" in ssm:
             ssm["A_init_range"] = list(ssm["A_init_range"])
     if config.mixer_layer == "Mamba3":
+        if ssm.get("is_mimo"):
+            problems.append(f"ssm_cfg is_mimo=True (Mamba-3 MIMO): {_MIMO_WHY} (save in mambakit format)")
         activation = ssm.pop("A_activation", OFFICIAL_MAMBA3_A)
         if activation != OFFICIAL_MAMBA3_A:
             problems.append(f"ssm_cfg A_activation={activation!r}: mamba_ssm's Mamba3 computes A with "

@@ -1,11 +1,12 @@
-"""Mamba-3 SISO: the trapezoidal two-term recurrence with data-dependent rotations of B and C.
+"""Mamba-3: the trapezoidal two-term recurrence with data-dependent rotations of B and C (SISO here; MIMO of rank R
+in :mod:`.mimo`).
 
 * :func:`mamba3_scan` -- the public scan with the official ``mamba3_siso_combined`` argument names (``seq_idx``
   in place of ``cu_seqlens``) and a ``backend``.
 * :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding).
 * :mod:`.naive` (the step recurrence, the reference), :mod:`.chunked` (the block decomposition, fast on CPU) and
-  :mod:`.triton` (the forward as one portable Triton kernel) share the scan's signature, so every test can be
-  ``chunked(**kw) == naive(**kw)``.
+  :mod:`.triton` (portable Triton kernels, forward and deterministic backward) share the scan's signature, so
+  every test can be ``chunked(**kw) == naive(**kw)``.
 
 The math, the layouts and the precision rules are in :mod:`mambakit.ops.mamba3.common`.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,8 +25,9 @@ from mambakit.ops.mamba3.naive import mamba3_scan_ref, step_core
 
 __all__ = ["BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref", "mamba3_step"]
 
-#: "auto": the chunked PyTorch form (the Triton kernel has no backward yet); "torch": the same; "triton": the Triton
-#: forward kernel (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1, no gradients); "ref": the step recurrence.
+#: "auto": the Triton kernels for CUDA tensors that are not float64, else the chunked PyTorch form; "torch": the
+#: chunked PyTorch form; "triton": the Triton kernels (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1,
+#: differentiable); "ref": the step recurrence.
 BACKENDS = ("auto", "torch", "triton", "ref")
 
 
@@ -61,6 +64,10 @@ def mamba3_scan(
     """
     if backend not in BACKENDS:
         raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and isinstance(V, Tensor) and V.is_cuda:
+        given = (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *(Input_States or ()))
+        if compute_dtype(*(t for t in given if isinstance(t, Tensor))) != torch.float64:
+            backend = "triton"
     if backend == "triton":
         from mambakit.ops.mamba3.triton import mamba3_scan_triton as form
     else:

@@ -2,7 +2,7 @@
 including float64). The math and the layouts are in :mod:`mambakit.ops.mamba3.common`."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,27 @@ def step_core(states: Mamba3States, q: Tensor, k: Tensor, v: Tensor, adt: Tensor
     return y, Mamba3States(angle, ssm, k_rot, v)
 
 
+def restart(states: Mamba3States, zero: Mamba3States, new: Tensor) -> Mamba3States:
+    """The states with the batch rows where new (batch,) bool is True replaced by zero's."""
+    return Mamba3States(*(torch.where(new.view(-1, *([1] * (s.dim() - 1))), z, s) for s, z in zip(states, zero)))
+
+
+def run_steps(step: Callable[[Mamba3States, int], Tuple[Tensor, Mamba3States]], zero: Mamba3States,
+              Input_States: Optional[Tuple[Tensor, ...]], seq_idx: Optional[Tensor], seqlen: int,
+              fp: torch.dtype) -> Tuple[Tensor, Mamba3States]:
+    """Run step(states, t) -> (y_t, states) over the positions from Input_States (or zero), restarting from zero
+    where a packed sequence starts; returns (y stacked on dim 1, the final states)."""
+    states = zero if Input_States is None else Mamba3States(*(s.to(fp) for s in Input_States))
+    starts = segment_starts(seq_idx)
+    ys = []
+    for t in range(seqlen):
+        if starts is not None:
+            states = restart(states, zero, starts[:, t])
+        y, states = step(states, t)
+        ys.append(y)
+    return torch.stack(ys, dim=1), states
+
+
 def zero_states(batch: int, nheads: int, headdim: int, d_state: int, n_angles: int, dtype: torch.dtype,
                 device: torch.device) -> Mamba3States:
     """All four parts zero (the state before a sequence)."""
@@ -72,18 +93,9 @@ def mamba3_scan_ref(
     q_bias, k_bias = Q_bias.to(fp), K_bias.to(fp)
     D_c = None if D is None else D.to(fp)
     zero = zero_states(dims.batch, dims.nheads, dims.headdim, dims.d_state, dims.n_angles, fp, V.device)
-    states = zero if Input_States is None else Mamba3States(*(s.to(fp) for s in Input_States))
-    starts = segment_starts(seq_idx)
-    ys = []
-    for t in range(dims.seqlen):
-        if starts is not None:
-            new = starts[:, t]
-            states = Mamba3States(*(torch.where(new.view(-1, *([1] * (s.dim() - 1))), z, s)
-                                    for s, z in zip(states, zero)))
-        y, states = step_core(states, q[:, t], k[:, t], v[:, t], adt[..., t], dt[..., t], trap[..., t], q_bias,
-                              k_bias, angles[:, t], D_c)
-        ys.append(y)
-    y = torch.stack(ys, dim=1)
+    y, states = run_steps(lambda st, t: step_core(st, q[:, t], k[:, t], v[:, t], adt[..., t], dt[..., t],
+                                                  trap[..., t], q_bias, k_bias, angles[:, t], D_c),
+                          zero, Input_States, seq_idx, dims.seqlen, fp)
     if Z is not None:
         y = y * F.silu(Z.to(fp))
     y = y.to(V.dtype)

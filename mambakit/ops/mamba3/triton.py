@@ -3,7 +3,8 @@
 The per-position pieces (angles carried over chunks, rotations, the trapezoid's weights) come from
 :func:`mambakit.ops.mamba3.chunked.prepare` in PyTorch; the kernel runs the block decomposition: one program per
 (batch, head, block of headdim) walks the chunks in order, keeping the state (headdim block, d_state) in registers.
-Segments (seq_idx) are masks inside the kernel. Forward only (no backward yet); float32 accumulation, IEEE dots.
+Segments (seq_idx) are masks inside the kernel. With gradients, the kernel also saves the state entering each
+chunk for the backward kernel (:mod:`mambakit.ops.mamba3.triton_bwd`); float32 accumulation, IEEE dots.
 
 Non-finite inputs: unlike the PyTorch forms, the kernel's dot products do not keep a NaN in V from reaching
 earlier positions of its chunk.
@@ -23,6 +24,8 @@ from mambakit.errors import MambaKitError
 from mambakit.ops.causal import nan_where, not_finite, poisoned_lanes
 from mambakit.ops.mamba3.chunked import prepare, start_state
 from mambakit.ops.mamba3.common import segment_starts
+from mambakit.ops.mamba3.triton_bwd import _mamba3_bwd_kernel
+from mambakit.ops.mamba3.triton_tiles import _chunk_decays, _head_program, _load_chunk
 
 
 def interpreted() -> bool:
@@ -32,81 +35,110 @@ def interpreted() -> bool:
 
 @triton.jit
 def _mamba3_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, adt_ptr, diag_ptr, seg_ptr, h0_ptr, y_ptr, hT_ptr, D_ptr,
+    q_ptr, k_ptr, v_ptr, adt_ptr, diag_ptr, seg_ptr, h0_ptr, y_ptr, hT_ptr, st_ptr,
     seqlen, nheads, headdim, d_state, nchunks,
     s_qb, s_qt, s_qh,  # q and k (batch, time, nheads, d_state), last stride 1
     s_vb, s_vt, s_vh,  # v and y (batch, time, nheads, headdim), last stride 1
     s_ab, s_at,  # adt and diag (batch, time, nheads), last stride 1
     s_sb,  # seg (batch, time)
     s_hb, s_hh, s_hp,  # h0 and hT (batch, nheads, headdim, d_state), last stride 1
+    s_stb, s_sth, s_stc, s_stp,  # st: the state entering each chunk (batch, nheads, nchunks, headdim, d_state)
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_H0: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = pid_bh // nheads
-    h = pid_bh % nheads
-    offs_t = tl.arange(0, CHUNK)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_p = offs_p < headdim
-    mask_n = offs_n < d_state
-    h_offs = b * s_hb + h * s_hh + offs_p[:, None] * s_hp + offs_n[None, :]
-    h_mask = mask_p[:, None] & mask_n[None, :]
+    b, h, pid_p, offs_t, offs_p, offs_n, mask_p, mask_n, h_offs, h_mask, st_offs = _head_program(
+        nheads, headdim, d_state, s_hb, s_hh, s_hp, s_stb, s_sth, s_stp, CHUNK, BLOCK_P, BLOCK_N)
     if HAS_H0:
         state = tl.load(h0_ptr + h_offs, mask=h_mask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    if HAS_D:
-        d_skip = tl.load(D_ptr + h).to(tl.float32)
-    else:
-        d_skip = 0.0
-    below = offs_t[:, None] > offs_t[None, :]
     seg_prev = tl.zeros((), dtype=tl.int32)
     for c in range(nchunks):
-        t = c * CHUNK + offs_t
-        mask_t = t < seqlen
-        qk_offs = b * s_qb + t[:, None] * s_qt + h * s_qh + offs_n[None, :]
-        qk_mask = mask_t[:, None] & mask_n[None, :]
-        q = tl.load(q_ptr + qk_offs, mask=qk_mask, other=0.0)
-        k = tl.load(k_ptr + qk_offs, mask=qk_mask, other=0.0)
-        v_offs = b * s_vb + t[:, None] * s_vt + h * s_vh + offs_p[None, :]
-        v_mask = mask_t[:, None] & mask_p[None, :]
-        v = tl.load(v_ptr + v_offs, mask=v_mask, other=0.0)
-        a = tl.load(adt_ptr + b * s_ab + t * s_at + h, mask=mask_t, other=0.0)
-        diag = tl.load(diag_ptr + b * s_ab + t * s_at + h, mask=mask_t, other=0.0)
-        acs = tl.cumsum(a, axis=0)
-        acs_last = tl.sum(a, axis=0)
-        if HAS_SEG:
-            seg = tl.load(seg_ptr + b * s_sb + t, mask=mask_t, other=0)
-            seg_last = tl.max(tl.where(mask_t, seg, 0), axis=0)
-            keep = below & (seg[:, None] == seg[None, :])
-            from_start = seg == seg_prev
-            to_end = seg == seg_last
-        else:
-            keep = below
-            from_start = offs_t >= 0
-            to_end = offs_t >= 0
+        if STORE_STATES:
+            tl.store(st_ptr + st_offs + c * s_stc, state, mask=h_mask)
+        t, mask_t, qk_offs, qk_mask, v_offs, v_mask, a_offs, q, k, v, a, diag = _load_chunk(
+            q_ptr, k_ptr, v_ptr, adt_ptr, diag_ptr, b, h, c, offs_t, offs_p, offs_n, mask_p, mask_n, seqlen,
+            s_qb, s_qt, s_qh, s_vb, s_vt, s_vh, s_ab, s_at, CHUNK)
+        acs, acs_last, keep, from_start, w, carry, seg_prev = _chunk_decays(
+            a, seg_ptr, b, t, mask_t, offs_t, seg_prev, s_sb, CHUNK, HAS_SEG)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         decay = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], 0.0))
         mix = tl.where(keep, scores * decay, 0.0)
         y = tl.dot(mix, v, input_precision="ieee")
-        y += (diag + d_skip)[:, None] * v
+        y += diag[:, None] * v
         inter = tl.dot(q, tl.trans(state), input_precision="ieee") * tl.exp(acs)[:, None]
         y += tl.where(from_start[:, None], inter, 0.0)
         tl.store(y_ptr + v_offs, y, mask=v_mask)
-        w = tl.where(to_end & mask_t, tl.exp(tl.where(to_end, acs_last - acs, 0.0)), 0.0)
         chunk_state = tl.dot(tl.trans(v * w[:, None]), k, input_precision="ieee")
-        if HAS_SEG:
-            state = tl.where(seg_last == seg_prev, state * tl.exp(acs_last), 0.0) + chunk_state
-            seg_prev = seg_last
-        else:
-            state = state * tl.exp(acs_last) + chunk_state
+        state = tl.where(carry > 0, state * tl.exp(acs_last), 0.0) + chunk_state
     tl.store(hT_ptr + h_offs, state, mask=h_mask)
 
 
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _strides_of(*tensors: Tensor) -> dict:
+    """The stride arguments shared by both kernels (every tensor contiguous, last stride 1)."""
+    q, v, adt, hT, st = tensors
+    return dict(s_qb=q.stride(0), s_qt=q.stride(1), s_qh=q.stride(2), s_vb=v.stride(0), s_vt=v.stride(1),
+                s_vh=v.stride(2), s_ab=adt.stride(0), s_at=adt.stride(1), s_hb=hT.stride(0), s_hh=hT.stride(1),
+                s_hp=hT.stride(2), s_stb=st.stride(0), s_sth=st.stride(1), s_stc=st.stride(2), s_stp=st.stride(3))
+
+
+class _Mamba3Triton(torch.autograd.Function):
+    """The kernels' part of the scan: (q, k, v, adt, diag, h0) -> (y before the gate, the final ssm state).
+
+    q: (batch, seqlen, nheads, d_state) rotated C with bias; k: the same for B, times the trapezoid's weight scale;
+    v: (batch, seqlen, nheads, headdim); adt, diag: (batch, seqlen, nheads), diag = the own-position weight of v
+    (including D); h0: (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) int32 segment numbers or None.
+    All float32 and contiguous."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, adt, diag, h0, seg, chunk):  # type: ignore[override]
+        batch, L, nheads, headdim = v.shape
+        d_state = q.shape[-1]
+        nchunks = triton.cdiv(L, chunk)
+        store = any(ctx.needs_input_grad[:6])  # (forward runs with grad mode off: ask ctx)
+        y = torch.empty_like(v)
+        hT = v.new_empty(batch, nheads, headdim, d_state)
+        st = v.new_empty(batch, nheads, nchunks if store else 1, headdim, d_state)
+        block_p = min(_block(headdim), 64)
+        grid = (batch * nheads, triton.cdiv(headdim, block_p))
+        _mamba3_fwd_kernel[grid](
+            q, k, v, adt, diag, seg if seg is not None else adt, h0 if h0 is not None else hT, y, hT, st,
+            L, nheads, headdim, d_state, nchunks, s_sb=seg.stride(0) if seg is not None else 0,
+            **_strides_of(q, v, adt, hT, st), CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=_block(d_state),
+            HAS_SEG=seg is not None, HAS_H0=h0 is not None, STORE_STATES=store,
+        )
+        ctx.save_for_backward(q, k, v, adt, diag, seg, st)
+        ctx.chunk, ctx.has_h0 = chunk, h0 is not None
+        ctx.set_materialize_grads(False)
+        return y, hT
+
+    @staticmethod
+    def backward(ctx, dy, dhT):  # type: ignore[override]
+        q, k, v, adt, diag, seg, st = ctx.saved_tensors
+        batch, L, nheads, headdim = v.shape
+        d_state = q.shape[-1]
+        dy = torch.zeros_like(v) if dy is None else dy.to(torch.float32).contiguous()
+        dhT = None if dhT is None else dhT.to(torch.float32).contiguous()
+        block_p = min(_block(headdim), 32)  # the backward holds about twice the forward's tiles
+        nblocks = triton.cdiv(headdim, block_p)
+        dq = q.new_empty(nblocks, *q.shape)  # per headdim block partial sums, added up below (no atomics)
+        dk = q.new_empty(nblocks, *q.shape)
+        dadt = adt.new_empty(nblocks, *adt.shape)
+        ddiag = adt.new_empty(nblocks, *adt.shape)
+        dv = torch.empty_like(v)
+        dh0 = v.new_empty(batch, nheads, headdim, d_state)
+        _mamba3_bwd_kernel[(batch * nheads, nblocks)](
+            q, k, v, adt, diag, seg if seg is not None else adt, st, dy, dhT if dhT is not None else dh0,
+            dq, dk, dv, dadt, ddiag, dh0, L, nheads, headdim, d_state, triton.cdiv(L, ctx.chunk),
+            s_sb=seg.stride(0) if seg is not None else 0, **_strides_of(q, v, adt, dh0, st),
+            s_blk_q=dq.stride(0), s_blk_a=dadt.stride(0), CHUNK=ctx.chunk, BLOCK_P=block_p,
+            BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_DHT=dhT is not None, num_warps=8,
+        )
+        return (dq.sum(0), dk.sum(0), dv, dadt.sum(0), ddiag.sum(0), dh0 if ctx.has_h0 else None, None, None)
 
 
 def mamba3_scan_triton(
@@ -115,17 +147,14 @@ def mamba3_scan_triton(
     Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, chunk_size: int = 64,
     return_final_states: bool = False, seq_idx: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-    """The Mamba-3 SISO scan's forward by the Triton kernel; arguments and results as
+    """The Mamba-3 SISO scan by the Triton kernels; arguments and results as
     :func:`mambakit.ops.mamba3.mamba3_scan` (float16/bfloat16/float32 inputs, computed in float32; chunk_size is
-    rounded up to a power of two >= 16). No gradients: raises MambaKitError when an input requires one."""
+    rounded up to a power of two >= 16). Differentiable: the per-position pieces (angles, rotations, weights) by
+    PyTorch autograd, the scan by the deterministic backward kernel of :mod:`mambakit.ops.mamba3.triton_bwd`."""
     if not V.is_cuda and not interpreted():
         raise MambaKitError(f"mamba3_scan_triton needs CUDA tensors (or TRITON_INTERPRET=1), got V on {V.device}")
     if V.dtype == torch.float64:
         raise MambaKitError("mamba3_scan_triton takes float16, bfloat16 or float32 V, got float64")
-    tensors = [Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *(Input_States or ())]
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors):
-        raise MambaKitError("mamba3_scan_triton is forward only: call it under torch.no_grad() or with inputs that "
-                            "do not require grad")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise MambaKitError(f"chunk_size must be a positive int, got {chunk_size!r}")
     p = prepare(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx)
@@ -141,25 +170,15 @@ def mamba3_scan_triton(
     q, k_rot = flat(p.q_rot), flat(p.k_rot)
     k = (k_rot * flat(p.scale)[..., None]).contiguous()
     v, adt = flat(p.v), flat(p.adt)
-    v_in, bad_v = v, not_finite(v, (3,))  # the kernel's chunk masks the future by multiplying V with 0: zero it
+    v_in, bad_v = v, not_finite(v.detach(), (3,))  # the kernel's chunk masks the future by multiplying V with 0
     v, poison = v.masked_fill(bad_v[..., None], 0.0), poisoned_lanes([bad_v], time_dim=1)
-    diag = ((q * k_rot).sum(-1) * flat(p.gamma)).contiguous()
+    diag = (q * k_rot).sum(-1) * flat(p.gamma)
+    if D is not None:
+        diag = diag + D.to(torch.float32)
     starts = segment_starts(seq_idx)
     seg = None if starts is None else starts.cumsum(1).to(torch.int32).contiguous()  # (batch, seqlen)
     h0 = start_state(p, Input_States).contiguous() if Input_States is not None else None
-    y = torch.empty_like(v)
-    hT = torch.empty(dims.batch, dims.nheads, dims.headdim, dims.d_state, dtype=torch.float32, device=V.device)
-    block_p = min(_block(dims.headdim), 64)
-    grid = (dims.batch * dims.nheads, triton.cdiv(dims.headdim, block_p))
-    _mamba3_fwd_kernel[grid](
-        q, k, v, adt, diag, seg if seg is not None else adt, h0 if h0 is not None else hT, y, hT,
-        D.to(torch.float32).contiguous() if D is not None else adt,
-        L, dims.nheads, dims.headdim, dims.d_state, triton.cdiv(L, chunk),
-        q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2), adt.stride(0), adt.stride(1),
-        seg.stride(0) if seg is not None else 0, hT.stride(0), hT.stride(1), hT.stride(2),
-        CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=_block(dims.d_state), HAS_SEG=seg is not None,
-        HAS_H0=h0 is not None, HAS_D=D is not None,
-    )
+    y, hT = _Mamba3Triton.apply(q, k, v.contiguous(), adt, diag.contiguous(), h0, seg, chunk)
     y, hT = nan_where(poison[..., None], y), nan_where(poison[:, -1, :, None, None], hT)
     if Z is not None:
         y = y * F.silu(Z.to(torch.float32))
@@ -167,4 +186,3 @@ def mamba3_scan_triton(
     if not return_final_states:
         return y
     return y, p.final_angle, hT, k_rot[:, L - 1], v_in[:, L - 1]
-

@@ -40,3 +40,54 @@ def angle_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest distance between two angle tensors on the circle."""
     d = torch.remainder(a.double() - b.double() + math.pi, 2 * math.pi) - math.pi
     return float(d.abs().max())
+
+
+def as_dtype(kw: dict, dtype: torch.dtype, device="cpu") -> dict:
+    """The scan's keyword arguments with the floating tensors in dtype (Input_States in float32) on device."""
+    out = {n: (t.to(device, dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+               else t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+    if "Input_States" in kw:
+        out["Input_States"] = tuple(s.to(device, torch.float32) for s in kw["Input_States"])
+    return out
+
+
+def scan_grads(kw: dict, scan, seed: int = 5, parts=("y", "angle", "ssm", "k", "v")):
+    """Run scan(**kw) -> (y, angle, ssm, k, v) with every floating input a leaf, back-propagate a fixed random
+    weighting of the outputs named in parts, and return (outputs, {input name: gradient}); Input_States' parts are
+    named state_angle, state_ssm, state_k, state_v."""
+    leaves = {n: (t.clone().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+              for n, t in kw.items()}
+    if "Input_States" in kw:
+        leaves["Input_States"] = tuple(s.clone().requires_grad_(True) for s in kw["Input_States"])
+    out = scan(**leaves)
+    g = torch.Generator().manual_seed(seed)
+    loss = 0.0
+    for name, t in zip(("y", "angle", "ssm", "k", "v"), out):
+        if name in parts:
+            w = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device, t.dtype)
+            loss = loss + ((torch.cos(t) if name == "angle" else t) * w).sum()
+    loss.backward()
+    grads = {n: t.grad for n, t in leaves.items() if isinstance(t, torch.Tensor) and t.requires_grad}
+    for part, s in zip(("angle", "ssm", "k", "v"), leaves.get("Input_States", ())):
+        grads[f"state_{part}"] = s.grad
+    return out, grads
+
+
+def mimo_inputs(rank=3, batch=2, seqlen=23, nheads=4, ngroups=2, headdim=5, d_state=6, n_angles=2, seed=3, **kw):
+    """Keyword arguments of the MIMO scan: scan_inputs' (without the gate) with per-rank Q, K, biases, MIMO_V and
+    a per-rank k in Input_States."""
+    out = scan_inputs(batch=batch, seqlen=seqlen, nheads=nheads, ngroups=ngroups, headdim=headdim, d_state=d_state,
+                      n_angles=n_angles, gate=False, seed=seed, **kw)
+    dtype = out["V"].dtype
+    g = torch.Generator().manual_seed(seed + 100)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    out.update(Q=randn(batch, seqlen, rank, ngroups, d_state), K=randn(batch, seqlen, rank, ngroups, d_state),
+               MIMO_V=randn(nheads, rank, headdim), Q_bias=randn(nheads, rank, d_state),
+               K_bias=randn(nheads, rank, d_state))
+    if "Input_States" in out:
+        angle, ssm, _, v = out["Input_States"]
+        out["Input_States"] = (angle, ssm, randn(batch, rank, nheads, d_state), v)
+    return out

@@ -1,0 +1,92 @@
+"""One Mamba-3 SISO block on the GPU: first call, forward, forward+backward; our Mamba-2 block beside it, and the
+official mamba_ssm Mamba3 block when it is importable.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_mamba3.py [--batch 8] [--seqlen 2048] [--d-model 768]
+        [--d-state 128] [--headdim 64] [--dtype bfloat16]
+
+The first-call times are of a cold, private Triton cache (compile + any autotune), forward+backward. Times are
+medians of triton.testing.do_bench (CUDA events, L2 flushed). Rows go to $OUT/bench_mamba3.jsonl when $OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mambakit-triton-cache-")
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from _common import Rows, device_line, first_call_s, gpu_ms  # noqa: E402
+
+from mambakit.layers.mamba2 import Mamba2  # noqa: E402
+from mambakit.layers.mamba3 import Mamba3  # noqa: E402
+
+
+def _official_mamba3():
+    try:
+        from mamba_ssm.modules.mamba3 import Mamba3 as Official
+    except Exception as exc:  # any failure means "run without it"
+        print(f"# official mamba_ssm Mamba3 not importable ({type(exc).__name__}: {exc})")
+        return None
+    return Official
+
+
+def _time_block(block: torch.nn.Module, x: torch.Tensor) -> dict:
+    params = [p for p in block.parameters() if p.requires_grad]
+    grad_out = torch.randn_like(x)
+
+    def fwd():
+        with torch.no_grad():
+            block(x)
+
+    leaf = x.detach().requires_grad_(True)
+
+    def fwd_bwd_leaf():
+        block(leaf).backward(grad_out)
+
+    first = first_call_s(fwd_bwd_leaf)
+    return dict(first_call_s=first, fwd_ms=gpu_ms(fwd), fwd_bwd_ms=gpu_ms(fwd_bwd_leaf, grad_to_none=params + [leaf]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--d-model", type=int, default=768)
+    p.add_argument("--d-state", type=int, default=128)
+    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_mamba3 needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    print(f"# {device_line()}")
+    case = dict(batch=args.batch, seqlen=args.seqlen, d_model=args.d_model, d_state=args.d_state,
+                headdim=args.headdim, dtype=args.dtype)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.seqlen, args.d_model, device="cuda", dtype=dtype)
+    blocks = {
+        "mambakit Mamba3": lambda: Mamba3(args.d_model, d_state=args.d_state, headdim=args.headdim),
+        "mambakit Mamba2": lambda: Mamba2(args.d_model, d_state=args.d_state, headdim=args.headdim),
+    }
+    official = _official_mamba3()
+    if official is not None:
+        blocks["official Mamba3"] = lambda: official(args.d_model, d_state=args.d_state, headdim=args.headdim)
+    rows = Rows("bench_mamba3")
+    for name, make in blocks.items():
+        block = make().to("cuda", dtype)
+        try:
+            rows.add(**case, block=name, **_time_block(block, x))
+        except Exception as exc:  # one failing block does not hide the others' numbers
+            print(f"# {name} failed: {type(exc).__name__}: {exc}")
+        del block
+        torch.cuda.empty_cache()
+    rows.save()
+
+
+if __name__ == "__main__":
+    main()

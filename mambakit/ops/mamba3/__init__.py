@@ -25,7 +25,7 @@ from mambakit.ops.mamba3.naive import mamba3_scan_ref, step_core
 
 __all__ = ["BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref", "mamba3_step"]
 
-#: "auto": the Triton kernels for CUDA tensors that are not float64, else the chunked PyTorch form; "torch": the
+#: "auto": the chunked PyTorch form for now (the Triton kernels are opt-in until timed on a GPU); "torch": the
 #: chunked PyTorch form; "triton": the Triton kernels (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1,
 #: differentiable); "ref": the step recurrence.
 BACKENDS = ("auto", "torch", "triton", "ref")
@@ -64,10 +64,9 @@ def mamba3_scan(
     """
     if backend not in BACKENDS:
         raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto" and isinstance(V, Tensor) and V.is_cuda:
-        given = (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *(Input_States or ()))
-        if compute_dtype(*(t for t in given if isinstance(t, Tensor))) != torch.float64:
-            backend = "triton"
+    # "auto" keeps the PyTorch form until the Triton kernels have been compiled and timed on a GPU (they are
+    # checked on the interpreter only; the backward's first compile may be slow at d_state 128): opt in with
+    # backend="triton".
     if backend == "triton":
         from mambakit.ops.mamba3.triton import mamba3_scan_triton as form
     else:

@@ -41,6 +41,6 @@ def test_triton_scan_gradients_cuda(shape, dtype, tol):
         assert torch.equal(got[name], again[name]), name
 
 
-def test_auto_backend_is_triton_on_cuda():
+def test_auto_backend_agrees_with_triton_on_cuda():
     kw = as_dtype(scan_inputs(seqlen=70, dtype=torch.float64), torch.float32, "cuda")
-    assert torch.equal(mamba3_scan(**kw), mamba3_scan(**kw, backend="triton"))
+    assert rel_err(mamba3_scan(**kw), mamba3_scan(**kw, backend="triton")) < 1e-5

@@ -53,3 +53,21 @@ def test_fused_seq_idx_padding_and_determinism():
     zxbcdt, kw, dims = make_inner2(batch=2, seqlen=12)
     seq_idx = torch.tensor([[0] * 5 + [1] * 7, [-1] * 3 + [1] * 3 + [2] * 6])
     _compare(zxbcdt, kw, dict(dims, chunk_size=16, seq_idx=seq_idx), runs=2)
+
+
+def test_official_split_conv1d_scan_runs_the_fused_op():
+    from mambakit.compat.mamba_ssm.ops.triton.ssd_combined import (
+        mamba_split_conv1d_scan_combined, mamba_split_conv1d_scan_ref)
+
+    zxbcdt, kw, dims = make_inner2(seqlen=19, D_hdim=True)
+    z32, kw32 = _to32(zxbcdt, kw)
+    args = (kw32["conv_weight"], kw32["conv_bias"], kw32["dt_bias"], kw32["A"], kw32["D"], 16)
+    opts = dict(rmsnorm_weight=kw32["norm_weight"], rmsnorm_eps=1e-5, outproj_weight=kw32["out_weight"],
+                outproj_bias=kw32["out_bias"], ngroups=dims["ngroups"], norm_before_gate=True)
+    fused = mamba_split_conv1d_scan_combined(z32, *args, **opts)
+    assert fused.grad_fn is not None and "Mamba2InnerFused" in type(fused.grad_fn).__name__
+    ref = mamba_split_conv1d_scan_ref(zxbcdt.detach(), *(a.detach().double() if isinstance(a, torch.Tensor) else a
+                                                         for a in args),
+                                      **{k: (v.detach().double() if isinstance(v, torch.Tensor) else v)
+                                         for k, v in opts.items()})
+    assert rel_err(fused, ref) < 1e-5

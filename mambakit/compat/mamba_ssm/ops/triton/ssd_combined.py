@@ -18,8 +18,10 @@ from torch import Tensor
 from mambakit.errors import MambaKitError
 from mambakit.ops.conv1d import ACTIVATIONS, causal_conv1d_fn
 from mambakit.ops.dt import DEFAULT_DT_LIMIT, compute_dtype, process_dt
+from mambakit.ops.mamba2_inner import fused_available, mamba2_inner
 from mambakit.ops.norm import rms_norm_gated
 from mambakit.ops.ssd import mamba_chunk_scan_combined as ssd_combined
+from mambakit.ops.triton.device import interpreted
 
 __all__ = ["mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "mamba_split_conv1d_scan_ref"]
 
@@ -149,6 +151,19 @@ def _split_conv_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_si
     return out, final
 
 
+def _fused_fits(zxbcdt, conv1d_weight, D, headdim, ngroups, initial_states, return_final_states, activation,
+                rmsnorm_weight, outproj_weight) -> bool:
+    """Whether `mamba_split_conv1d_scan_combined` can run as the fused `mamba2_inner` op."""
+    on_device = isinstance(zxbcdt, Tensor) and (zxbcdt.is_cuda or interpreted())
+    if not (on_device and zxbcdt.dtype != torch.float64 and fused_available()):
+        return False
+    if initial_states is not None or return_final_states or activation not in ("silu", "swish"):
+        return False
+    if rmsnorm_weight is None or outproj_weight is None:
+        return False
+    return _split_sizes(zxbcdt, conv1d_weight, D, headdim, ngroups)[4] == 0
+
+
 def mamba_split_conv1d_scan_combined(
     zxbcdt: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], dt_bias: Tensor, A: Tensor, D: Tensor,
     chunk_size: int, initial_states: Optional[Tensor] = None, seq_idx: Optional[Tensor] = None,
@@ -164,7 +179,15 @@ def mamba_split_conv1d_scan_combined(
     RMSNorm (rmsnorm_weight (dim,), group dim // ngroups, norm_before_gate); silu(z0) * x0 is put in front when
     d_mlp > 0; then the out projection (outproj_weight (out_dim, features), outproj_bias). Returns out (batch,
     seqlen, out_dim or features), and with `return_final_states` also (batch, nheads, headdim, dstate) states in
-    float32 (or state_dtype). Differentiable by autograd in every tensor."""
+    float32 (or state_dtype). Differentiable by autograd in every tensor. On CUDA, with the norm and the out
+    projection, without d_mlp, initial or final states, this is `mambakit.ops.mamba2_inner` (one fused autograd
+    function, as the official)."""
+    if _fused_fits(zxbcdt, conv1d_weight, D, headdim, ngroups, initial_states, return_final_states, activation,
+                   rmsnorm_weight, outproj_weight):
+        return mamba2_inner(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, rmsnorm_weight, outproj_weight,
+                            outproj_bias, headdim=_split_sizes(zxbcdt, conv1d_weight, D, headdim, ngroups)[1],
+                            ngroups=ngroups, chunk_size=chunk_size, eps=rmsnorm_eps,
+                            norm_before_gate=norm_before_gate, dt_limit=dt_limit, seq_idx=seq_idx, backend="triton")
     out, final = _split_conv_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states,
                                   seq_idx, dt_limit, activation, rmsnorm_weight, rmsnorm_eps, outproj_weight,
                                   outproj_bias, headdim, ngroups, norm_before_gate, "auto")

@@ -79,7 +79,7 @@ class NarrowMamba2(Mamba2):
         # in_proj and out_proj the real model width
         super().__init__(d_ssm, expand=1, device=device, dtype=dtype, **kwargs)
         factory = {"device": device, "dtype": dtype}
-        self.d_model, self.d_ssm = d_model, d_ssm
+        self.d_model = d_model  # d_ssm is Mamba2's: nheads * headdim
         self.ssm_multipliers = tuple(float(m) for m in ssm_multipliers)
         gn = self.ngroups * self.d_state
         widths = (d_ssm, d_ssm, gn, gn, self.nheads)

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from mambakit.layers.norm import RMSNormGated
+from mambakit.ops.cpu_linear import cpu_linear, use_cpu_linear
 from mambakit.ops.mixer_step import linear_step
-from mambakit.ops.norm import add_rms_norm
+from mambakit.ops.norm import add_rms_norm, rms_norm
 from mambakit.ops.norm_linear import add_rms_norm_linear, gemv_linear, rms_norm_gated_linear
 
 
@@ -44,11 +45,22 @@ def norm_project_step(linear: nn.Module, x: Tensor, pre_norm: Optional[PreNorm])
     without it, (project_step(linear, x), None)."""
     if pre_norm is None:
         return project_step(linear, x), None
+    if plain_linear(linear) and use_cpu_linear(x, linear.weight):
+        normed, residual = fp32_add_rms_norm(x, pre_norm.residual, pre_norm.weight, pre_norm.eps)
+        return cpu_linear(normed, linear.weight, linear.bias), residual
     if plain_linear(linear):
         return add_rms_norm_linear(x, pre_norm.residual, pre_norm.weight, pre_norm.eps, pre_norm.residual_in_fp32,
                                    linear.weight, linear.bias)
     normed, residual = add_rms_norm(x, pre_norm.residual, pre_norm.weight, pre_norm.eps, pre_norm.residual_in_fp32)
     return linear(normed), residual
+
+
+def fp32_add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The CPU's 16-bit-weight decode step (`use_cpu_linear`): (normed, residual') with residual' = residual + x
+    (x if residual is None) and normed its RMSNorm, both float32; unlike `add_rms_norm`, the sum is not rounded to
+    the weight's dtype before the norm. x, residual: (batch, d); weight: (d,)."""
+    residual = x.float() if residual is None else residual.float() + x
+    return rms_norm(residual, weight, eps, backend="torch"), residual
 
 
 def gated_norm_project_step(norm: nn.Module, linear: nn.Module, y: Tensor, z: Tensor) -> Tensor:

@@ -10,7 +10,10 @@ row whose largest magnitude is below 2**-6 (or above float16's largest) is packe
 of two (exact) that brings its largest magnitude into [1, 2), and the product is scaled back. A weight with a
 non-finite value is not packed and takes the plain product (which propagates it).
 
-The packed copy (the weight's size again in float16) is kept per weight and per weight version (in-place updates
+A small weight (at most SMALL elements, e.g. x_proj and dt_proj) is kept as a float32 copy instead: there the
+fixed cost of fbgemm's call outweighs reading half the bytes, and MKL's float32 product gives the same values.
+
+The packed copy (the weight's size again in float16, twice that for a small one in float32) is kept per weight and per weight version (in-place updates
 and `load_state_dict` repack it) for as long as the weight lives.
 """
 from __future__ import annotations
@@ -29,6 +32,9 @@ FP16_MAX = 65504.0
 
 #: whether `use_cpu_linear` may choose the fbgemm product (read at each call; False keeps torch's bfloat16 products)
 ENABLED = True
+
+#: weights of at most this many elements are multiplied as a float32 copy (see the module docstring)
+SMALL = 1 << 18
 
 _AVAILABLE: Optional[bool] = None
 # id(weight) -> (weakref to the weight, (version, data pointer, shape), packed weight or None when out of range)
@@ -65,7 +71,8 @@ def _forget(key: int) -> None:
 
 def _packed(weight: Tensor) -> Optional[tuple[Any, Optional[Tensor]]]:
     """(weight (out, in) packed as float16 for fbgemm, the per-row factor (out,) float32 that undoes its scaling or
-    None when unscaled), or None when a value is not finite; cached per weight version."""
+    None when unscaled), (its float32 copy, None) for a small weight, or None when a value is not finite; cached per
+    weight version."""
     version = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype)
     entry = _PACKS.get(id(weight))
     if entry is not None and entry[0]() is weight and entry[1] == version:
@@ -73,7 +80,9 @@ def _packed(weight: Tensor) -> Optional[tuple[Any, Optional[Tensor]]]:
     with torch.no_grad():
         w = weight.detach().float()
         packed = None
-        if bool(torch.isfinite(w).all()):
+        if w.numel() <= SMALL:
+            packed = (w, None)  # a plain tensor: F.linear in float32
+        elif bool(torch.isfinite(w).all()):
             row_max = w.abs().amax(dim=1)
             unscale = None
             if w.numel() and not bool(((row_max == 0) | ((row_max >= 2 ** -6) & (row_max <= FP16_MAX))).all()):
@@ -86,9 +95,10 @@ def _packed(weight: Tensor) -> Optional[tuple[Any, Optional[Tensor]]]:
 
 
 def packs_fp16(weight: Tensor) -> bool:
-    """Whether `cpu_linear` runs weight (out, in) through the float16 pack (all values finite) rather than the
-    plain product."""
-    return _packed(weight) is not None
+    """Whether `cpu_linear` runs weight (out, in) through the float16 pack (all values finite, not small) rather than
+    a float32 copy or the plain product."""
+    packed = _packed(weight)
+    return packed is not None and not isinstance(packed[0], Tensor)
 
 
 def cpu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -99,6 +109,8 @@ def cpu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     packed = _packed(weight)
     if packed is None:
         y = F.linear(x.to(weight.dtype), weight).float()
+    elif isinstance(packed[0], Tensor):
+        y = F.linear(x.float(), packed[0])
     else:
         y = torch.ops.quantized.linear_dynamic_fp16(x.float().contiguous(), packed[0])
         if packed[1] is not None:

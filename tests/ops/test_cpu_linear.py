@@ -1,5 +1,6 @@
 """`mambakit.ops.cpu_linear`: 16-bit weights times a float32 input with float32 accumulation and output, against the
-float64 product of the same (rounded) values, also for weights beyond float16's normal range; NaN propagation;
+float64 product of the same (rounded) values, also for weights beyond float16's normal range, through the float16
+pack and through the float32 copy of a small weight; NaN propagation;
 repacking after an in-place update; when it applies."""
 from __future__ import annotations
 
@@ -11,6 +12,13 @@ from mambakit.ops import cpu_linear as cl
 from tests.conftest import rel_err
 
 pytestmark = pytest.mark.skipif(not cl.fp32_accumulation_available(), reason="this torch has no fbgemm fp16 product")
+
+
+@pytest.fixture(autouse=True, params=["fbgemm", "small"])
+def path(request, monkeypatch):
+    """Every test on both ways: the float16 pack (SMALL 0) and the float32 copy of a small weight (these all are)."""
+    monkeypatch.setattr(cl, "SMALL", 0 if request.param == "fbgemm" else 1 << 18)
+    return request.param
 
 
 def _ref(x, w, b=None):
@@ -47,7 +55,7 @@ def test_weights_beyond_float16s_normal_range(scale):
     one_row = w.clone()
     one_row[2] *= scale
     for weight in (one_row.bfloat16(), (w * scale).bfloat16()):
-        assert cl.packs_fp16(weight)
+        assert cl.packs_fp16(weight) == (cl.SMALL == 0)
         out = cl.cpu_linear(x, weight)
         assert out.dtype == torch.float32 and rel_err(out[:, 2], _ref(x, weight)[:, 2]) < 1e-6
         assert rel_err(out, _ref(x, weight)) < 1e-6

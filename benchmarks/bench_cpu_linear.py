@@ -51,13 +51,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--reps", type=int, default=20, help="calls per candidate and round (default: %(default)s)")
+    parser.add_argument("--tiny", action="store_true", help="two small shapes (smoke test)")
     parser.add_argument("--json", help="rows as JSON lines (default: $OUT/cpu_linear.jsonl)")
     args = parser.parse_args()
     rows = Rows("cpu_linear", args.json)
     print(f"# load average at start: {os.getloadavg()}", flush=True)
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for k, n in SHAPES:
+        for k, n in [(48, 80), (96, 40)] if args.tiny else SHAPES:
             g = torch.Generator().manual_seed(k + n)
             x, w = torch.randn(1, k, generator=g), torch.randn(n, k, generator=g) * k ** -0.5
             fs = candidates(x, w)

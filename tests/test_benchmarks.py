@@ -31,6 +31,8 @@ SMOKE = {
     "bench_distributed_comm.py": (["--worlds", "2", "--seqlens", "64"], []),
     "bench_cpu_accuracy.py": (["--tiny", "--threads", "1"], ["cpu_accuracy.jsonl"]),
     "bench_cpu_llamacpp.py": (["--tiny", "--threads", "1", "--rounds", "1"], ["cpu_llamacpp.jsonl"]),
+    "bench_cpu_linear.py": (["--tiny", "--threads", "1", "--rounds", "1", "--reps", "1"], ["cpu_linear.jsonl"]),
+    "bench_cpu_decode.py": (["--tiny", "--rounds", "1"], ["cpu_decode.jsonl"]),
     "bench_mamba3_cpu.py": (["--threads", "1", "--seqlens", "32", "--nheads", "2", "--headdim", "8", "--d-state",
                              "8", "--chunk-size", "16", "--repeats", "1"], []),
 }

@@ -1,5 +1,6 @@
 """What the mixers' one-token steps share: the projections' matrix product (with the norm before it fused in where
-it can be), and A = -exp(A_log) kept per weight version instead of formed at every token."""
+it can be; on the CPU, 16-bit weights keep the activations float32 between the products: `mambakit.ops.cpu_linear`),
+and A = -exp(A_log) kept per weight version instead of formed at every token."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -8,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from mambakit.layers.norm import RMSNormGated
+from mambakit.ops.cpu_linear import cpu_linear, use_cpu_linear
 from mambakit.ops.mixer_step import linear_step
-from mambakit.ops.norm import add_rms_norm
+from mambakit.ops.norm import add_rms_norm, rms_norm
 from mambakit.ops.norm_linear import add_rms_norm_linear, gemv_linear, rms_norm_gated_linear
 
 
@@ -30,9 +32,9 @@ def plain_linear(linear: nn.Module) -> bool:
 
 
 def project_step(linear: nn.Module, x: Tensor, gemv: bool = False) -> Tensor:
-    """linear(x) for one token x (batch, in_features): a plain nn.Linear goes through `linear_step` (the CPU's faster
-    bfloat16 batch-1 product), or `gemv_linear` with gemv (the switchable GEMV kernel on CUDA); anything else (LoRA
-    wrappers, modules with hooks) is called as it is."""
+    """linear(x) for one token x (batch, in_features): a plain nn.Linear goes through `linear_step` (on the CPU, 16-bit
+    weights accumulate and return float32), or `gemv_linear` with gemv (the switchable GEMV kernel on CUDA); anything
+    else (LoRA wrappers, modules with hooks) is called as it is."""
     if plain_linear(linear):
         return (gemv_linear if gemv else linear_step)(x, linear.weight, linear.bias)
     return linear(x)
@@ -40,15 +42,27 @@ def project_step(linear: nn.Module, x: Tensor, gemv: bool = False) -> Tensor:
 
 def norm_project_step(linear: nn.Module, x: Tensor, pre_norm: Optional[PreNorm]) -> tuple[Tensor, Optional[Tensor]]:
     """(linear(normed), residual') for one token x (batch, in_features): with pre_norm, (normed, residual') =
-    add_rms_norm(x, pre_norm.residual, ...), fused with the product for a plain nn.Linear (`add_rms_norm_linear`);
-    without it, (project_step(linear, x), None)."""
+    add_rms_norm(x, pre_norm.residual, ...), fused with the product for a plain nn.Linear (`add_rms_norm_linear`; on
+    the CPU with 16-bit weights `fp32_add_rms_norm` then `cpu_linear`, all float32); without it,
+    (project_step(linear, x), None)."""
     if pre_norm is None:
         return project_step(linear, x), None
+    if plain_linear(linear) and use_cpu_linear(x, linear.weight):
+        normed, residual = fp32_add_rms_norm(x, pre_norm.residual, pre_norm.weight, pre_norm.eps)
+        return cpu_linear(normed, linear.weight, linear.bias), residual
     if plain_linear(linear):
         return add_rms_norm_linear(x, pre_norm.residual, pre_norm.weight, pre_norm.eps, pre_norm.residual_in_fp32,
                                    linear.weight, linear.bias)
     normed, residual = add_rms_norm(x, pre_norm.residual, pre_norm.weight, pre_norm.eps, pre_norm.residual_in_fp32)
     return linear(normed), residual
+
+
+def fp32_add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The CPU's 16-bit-weight decode step (`use_cpu_linear`): (normed, residual') with residual' = residual + x
+    (x if residual is None) and normed its RMSNorm, both float32; unlike `add_rms_norm`, the sum is not rounded to
+    the weight's dtype before the norm. x, residual: (batch, d); weight: (d,)."""
+    residual = x.float() if residual is None else residual.float() + x
+    return rms_norm(residual, weight, eps, backend="torch"), residual
 
 
 def gated_norm_project_step(norm: nn.Module, linear: nn.Module, y: Tensor, z: Tensor) -> Tensor:

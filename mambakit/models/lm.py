@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from mambakit.errors import MambaKitError
 from mambakit.layers.norm import RMSNorm
 from mambakit.layers.registry import mixer_spec
-from mambakit.layers.step import PreNorm, project_step
+from mambakit.layers.step import PreNorm, fp32_add_rms_norm, project_step
 from mambakit.models.config import MambaConfig
+from mambakit.ops.cpu_linear import use_cpu_linear
 from mambakit.ops.norm import add_rms_norm
 
 
@@ -129,6 +130,8 @@ class MixerModel(nn.Module):
             state = cache.states[i] if cache is not None else None
             hidden, residual = layer(hidden, residual, state=state, step=step, **mixer_kwargs)
         if isinstance(self.norm_f, RMSNorm):
+            if step and use_cpu_linear(hidden, self.norm_f.weight):  # a CPU 16-bit step keeps float32 to lm_head
+                return fp32_add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps)[0]
             return add_rms_norm(hidden, residual, self.norm_f.weight, self.norm_f.eps, residual_in_fp32=True,
                                 out_dtype=_normed_dtype(hidden, step))[0]
         residual = hidden if residual is None else residual + hidden

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.conv1d import causal_conv1d_update
+from mambakit.ops.cpu_linear import cpu_linear, use_cpu_linear
 from mambakit.ops.selective_scan import selective_state_update
 from mambakit.ops.ssd import ssd_step
 
@@ -52,12 +53,16 @@ def _pick(backend: str, tensor: Tensor, fused_ok: bool) -> str:
 
 
 def linear_step(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """F.linear for one decoding step: x (batch, in), weight (out, in) -> (batch, out). A bfloat16 batch of one on
-    the CPU goes through a matrix-vector product, which reads the weight at a much higher rate there than the
-    general matrix product does (benchmarks/RESULTS.md, CPU decode)."""
-    if x.shape[0] == 1 and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu":
-        y = torch.mv(weight, x[0])[None]
-        return y if bias is None else y + bias
+    """F.linear for one decoding step: x (batch, in), weight (out, in) -> (batch, out). On the CPU, a bfloat16 or
+    float16 weight goes through `mambakit.ops.cpu_linear` (float32 input, accumulation and output, so that the
+    activations between a step's products stay float32; where fbgemm is missing, a bfloat16 batch of one takes a
+    matrix-vector product, which reads the weight faster there than the general matrix product)."""
+    if x.device.type == "cpu":
+        if use_cpu_linear(x, weight):
+            return cpu_linear(x, weight, bias)
+        if x.shape[0] == 1 and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
+            y = torch.mv(weight, x[0])[None]
+            return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 
 
@@ -80,6 +85,16 @@ def bcdt_norm(dt: Tensor, B: Tensor, C: Tensor, eps: Optional[float],
         return dt, B, C
     out = (weightless_rms(dt, eps), weightless_rms(B, eps), weightless_rms(C, eps))
     return out if weights is None else tuple(w * t for w, t in zip(weights, out))
+
+
+def _conv_silu_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """`causal_conv1d_update(..., activation="silu")` in fewer tensor operations for the lean step (the same values):
+    x (batch, dim) enters conv_state (batch, dim, width) (in its dtype) as the newest column; weight (dim, width),
+    bias (dim,). Returns (batch, dim) in x's dtype."""
+    window = torch.cat((conv_state[..., 1:], x.to(conv_state.dtype)[..., None]), dim=-1)
+    conv_state.copy_(window)
+    y = torch.linalg.vecdot(window.to(x.dtype), weight.to(x.dtype))
+    return F.silu(y if bias is None else y.add_(bias))
 
 
 def _fusable(*tensors: Optional[Tensor]) -> bool:
@@ -134,8 +149,8 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
         return mamba1_step_triton(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                                   dt_proj_bias, A_log, D, ssm_state)
     x, z = xz.chunk(2, dim=-1)
-    x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu")
     if choice == "ref":
+        x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu")
         dt, B, C = torch.split(F.linear(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
         dt, B, C = bcdt_norm(dt, B, C, bcdt_rms_eps, bcdt_weights)
         dt = F.linear(dt, dt_proj_weight)
@@ -146,16 +161,20 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
                                       None if D is None else D.to(fp), z=z, dt_bias=dt_proj_bias.to(fp),
                                       dt_softplus=True)
     # the lean step: the same arithmetic as the composition in fewer, larger tensor operations
+    x = _conv_silu_step(x, conv_state, conv_weight, conv_bias)
     dt, B, C = torch.split(linear_step(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
     dt, B, C = bcdt_norm(dt, B, C, bcdt_rms_eps, bcdt_weights)
-    dt = linear_step(dt, dt_proj_weight)
-    if dt_transform is not None:
-        dt = dt_transform(dt)
     fp = ssm_state.dtype
-    dt = process_dt(dt, dt_proj_bias, dt_softplus=True, dtype=fp)  # (batch, d_inner)
+    if dt_transform is None and dt_proj_bias.dtype == dt_proj_weight.dtype:  # the bias inside the product
+        dt = process_dt(linear_step(dt, dt_proj_weight, dt_proj_bias), dt_softplus=True, dtype=fp)
+    else:  # the transform sees the pre-bias dt
+        dt = linear_step(dt, dt_proj_weight)
+        if dt_transform is not None:
+            dt = dt_transform(dt)
+        dt = process_dt(dt, dt_proj_bias, dt_softplus=True, dtype=fp)  # (batch, d_inner)
     A = -torch.exp(A_log.to(fp)) if A is None else A.to(fp)
     xf = x.to(fp)
-    ssm_state.mul_(torch.exp(dt[..., None] * A)).add_((dt * xf)[..., None] * B.to(fp)[:, None, :])
+    ssm_state.mul_(torch.mul(dt[..., None], A).exp_()).addcmul_((dt * xf)[..., None], B.to(fp)[:, None, :])
     y = torch.bmm(ssm_state, C.to(fp)[..., None])[..., 0]  # (batch, d_inner)
     if D is not None:
         y = torch.addcmul(y, xf, D.to(fp))
@@ -166,7 +185,8 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
 def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: Tensor,
                 conv_bias: Optional[Tensor], dt_bias: Tensor, A_log: Tensor, D: Optional[Tensor], ngroups: int,
                 dt_limit: tuple[float, float] = (0.0, float("inf")), gate: bool = False,
-                dt_transform: Optional[DtTransform] = None, backend: str = "auto") -> Tensor:
+                dt_transform: Optional[DtTransform] = None, backend: str = "auto",
+                A: Optional[Tensor] = None) -> Tensor:
     """One Mamba-2 token after in_proj.
 
     zxbcdt: (batch, 2 * d_inner + 2 * ngroups * d_state + nheads), [z, x, B, C, dt]; conv_state: (batch, conv_dim,
@@ -174,7 +194,8 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
     updated in place; conv_weight: (conv_dim, d_conv); conv_bias: (conv_dim,); dt_bias, A_log: (nheads,); D:
     (nheads,) or (d_inner,); dt_limit: dt clamped to it after the softplus. gate: apply SiLU(z) here (a layer without
     its gated RMSNorm). dt_transform: rewrites the pre-bias dt (batch, nheads) (ReMamba); it runs the PyTorch path.
-    backend: as `mamba1_step` ("ref": conv1d update + `ssd_step`).
+    backend: as `mamba1_step` ("ref": conv1d update + `ssd_step`). A: (nheads,) -exp(A_log) when the caller keeps it
+    (the lean PyTorch step then skips forming it).
     Returns y: (batch, d_inner) in zxbcdt's dtype, before the gated norm and out_proj.
     """
     batch, nheads, headdim, d_state = ssm_state.shape
@@ -203,7 +224,10 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
     z, xBC, dt = torch.split(zxbcdt, [d_inner, conv_dim, nheads], dim=-1)
     if dt_transform is not None:
         dt = dt_transform(dt)
-    xBC = causal_conv1d_update(xBC, conv_state, conv_weight, conv_bias, activation="silu")
+    if choice == "ref":
+        xBC = causal_conv1d_update(xBC, conv_state, conv_weight, conv_bias, activation="silu")
+    else:
+        xBC = _conv_silu_step(xBC, conv_state, conv_weight, conv_bias)
     x, B, C = torch.split(xBC, [d_inner, ngroups * d_state, ngroups * d_state], dim=-1)
     fp = ssm_state.dtype
     if choice == "ref":
@@ -215,17 +239,17 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
         return y.flatten(-2).to(zxbcdt.dtype)
     # the lean step: heads of a group read the group's B and C (broadcast, no per-head copies)
     dt = process_dt(dt, dt_bias, dt_softplus=True, dt_limit=dt_limit, dtype=fp)  # (batch, nheads)
-    dA = torch.exp(dt * -torch.exp(A_log.to(fp)))  # (batch, nheads)
+    A = -torch.exp(A_log.to(fp)) if A is None else A.to(fp)
+    dA = torch.mul(dt, A).exp_()  # (batch, nheads)
     hpg = nheads // ngroups
     xf = x.to(fp).view(batch, ngroups, hpg, headdim)
     state = ssm_state.view(batch, ngroups, hpg, headdim, d_state)
     Bg = B.to(fp).view(batch, ngroups, 1, 1, d_state)
-    state.mul_(dA.view(batch, ngroups, hpg, 1, 1)).add_((dt.view(batch, ngroups, hpg, 1) * xf)[..., None] * Bg)
+    state.mul_(dA.view(batch, ngroups, hpg, 1, 1)).addcmul_((dt.view(batch, ngroups, hpg, 1) * xf)[..., None], Bg)
     y = torch.matmul(state, C.to(fp).view(batch, ngroups, 1, d_state, 1))[..., 0]  # (batch, ngroups, hpg, headdim)
+    if D is not None:  # per head (broadcast over headdim) or per channel
+        y = torch.addcmul(y, xf, D.to(fp).view(ngroups, hpg, headdim if D.numel() == d_inner else 1))
     y = y.reshape(batch, d_inner)
-    if D is not None:
-        Dc = D.to(fp) if D.numel() == d_inner else D.to(fp).repeat_interleave(headdim)
-        y = torch.addcmul(y, xf.reshape(batch, d_inner), Dc)
     if gate:
         y = y * F.silu(z.to(fp))
     return y.to(zxbcdt.dtype)

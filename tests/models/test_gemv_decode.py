@@ -1,5 +1,5 @@
 """Decoding through the norm-fused GEMV kernels (`mambakit.ops.norm_linear`): on the CPU the decode path is the
-unfused one, bit for bit; on CUDA (gpu-marked) bfloat16 greedy tokens through the fused steps, eager and graphed,
+unfused one, bit for bit (with bfloat16 weights, the unfused one in float32: `mambakit.ops.cpu_linear`); on CUDA (gpu-marked) bfloat16 greedy tokens through the fused steps, eager and graphed,
 equal those of the unfused steps, and the fused step continues the parallel forward."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from mambakit.layers.step import PreNorm
 from mambakit.models.config import MambaConfig
 from mambakit.models.lm import MambaLMHeadModel
 from mambakit.ops import norm_linear
-from mambakit.ops.norm import add_rms_norm
+from mambakit.ops.cpu_linear import use_cpu_linear
+from mambakit.ops.norm import add_rms_norm, rms_norm
 from tests.conftest import rel_err
 
 MAMBA2 = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 16}
@@ -33,7 +34,11 @@ def test_cpu_block_step_is_the_unfused_one_bit_for_bit(arch):
     with torch.no_grad():
         assert block._fuses_step_norm()
         out, res = block(hidden, residual, state=s1, step=True)
-        normed, ref_res = add_rms_norm(hidden, residual, block.norm.weight, block.norm.eps, True)
+        if use_cpu_linear(hidden[:, 0], block.mixer.in_proj.weight):  # 16-bit weights: the norm stays float32
+            ref_res = residual + hidden
+            normed = rms_norm(ref_res, block.norm.weight, block.norm.eps)
+        else:
+            normed, ref_res = add_rms_norm(hidden, residual, block.norm.weight, block.norm.eps, True)
         ref = block.mixer.step(normed, s2)
     assert torch.equal(out, ref) and torch.equal(res, ref_res) and torch.equal(s1.ssm, s2.ssm)
 

@@ -15,6 +15,7 @@ from mambakit.layers.mamba import Mamba  # noqa: E402
 from mambakit.layers.mamba2 import Mamba2  # noqa: E402
 from mambakit.layers.step import PreNorm  # noqa: E402
 from mambakit.ops import norm_linear  # noqa: E402
+from mambakit.ops.cpu_linear import cpu_linear, use_cpu_linear  # noqa: E402
 from mambakit.ops.norm import add_rms_norm  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 from tests.ops.triton import interpreted_module, sm90_resource_usage  # noqa: E402
@@ -158,12 +159,14 @@ def test_bad_shapes_raise():
 
 
 def test_auto_keeps_the_cpu_path():
-    """On the CPU "auto" is today's composition, bit for bit (CPU decoding unchanged)."""
+    """On the CPU "auto" is the composition, bit for bit (the norm, then `linear_step`: its float32-accumulating
+    product for bfloat16 weights where fbgemm exists, else the matrix-vector product)."""
     g = torch.Generator().manual_seed(0)
     h, r, nw, w = (t.to(torch.bfloat16) for t in (_rand(g, 1, 24), _rand(g, 1, 24), _rand(g, 24), _rand(g, 7, 24)))
     out, res = norm_linear.add_rms_norm_linear(h, r, nw, 1e-5, True, w)
     normed, ref_res = add_rms_norm(h, r, nw, 1e-5, True)
-    assert torch.equal(res, ref_res) and torch.equal(out, torch.mv(w, normed[0])[None])
+    ref = cpu_linear(normed, w) if use_cpu_linear(normed, w) else torch.mv(w, normed[0])[None]
+    assert torch.equal(res, ref_res) and torch.equal(out, ref)
     assert not norm_linear.use_gemv(h, w)
 
 

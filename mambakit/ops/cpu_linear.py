@@ -30,8 +30,10 @@ __all__ = ["FP16_MAX", "cpu_linear", "fp32_accumulation_available", "packs_fp16"
 #: float16's largest finite value: a weight beyond it is not packed
 FP16_MAX = 65504.0
 
-#: whether `use_cpu_linear` may choose the fbgemm product (read at each call; False keeps torch's bfloat16 products)
-ENABLED = True
+#: whether `use_cpu_linear` may choose the fbgemm product (read at each call; False keeps torch's bfloat16 products).
+#: Off by default: on this CPU class it brings a bf16 model's decode logits 1.6-1.8x closer to fp32's but is about 5 %
+#: slower and keeps a float16 copy of every large weight (benchmarks/RESULTS.md); set it to True to opt in.
+ENABLED = False
 
 #: weights of at most this many elements are multiplied as a float32 copy (see the module docstring)
 SMALL = 1 << 18

@@ -20,6 +20,12 @@ pytestmark = pytest.mark.skipif(not cpu_linear.fp32_accumulation_available(),
 MAMBA2 = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "chunk_size": 16}
 
 
+@pytest.fixture(autouse=True)
+def _fp32_accumulation_on(monkeypatch):
+    """These tests are of the opt-in product (mambakit.ops.cpu_linear.ENABLED, off by default)."""
+    monkeypatch.setattr(cpu_linear, "ENABLED", True)
+
+
 def _models(arch: str, vocab: int = 70) -> tuple[MambaLMHeadModel, MambaLMHeadModel, MambaLMHeadModel]:
     """(float32 model, its bfloat16 copy, a float32 model holding the bfloat16-rounded weights)."""
     torch.manual_seed(0)

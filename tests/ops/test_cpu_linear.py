@@ -21,6 +21,12 @@ def path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def _fp32_accumulation_on(monkeypatch):
+    """These tests are of the opt-in product (mambakit.ops.cpu_linear.ENABLED, off by default)."""
+    monkeypatch.setattr(cl, "ENABLED", True)
+
+
 def _ref(x, w, b=None):
     return F.linear(x.double(), w.double(), None if b is None else b.double())
 

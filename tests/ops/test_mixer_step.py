@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from mambakit.ops import cpu_linear
 import torch.nn.functional as F
 
 from mambakit.ops.cpu_linear import fp32_accumulation_available
@@ -69,7 +71,8 @@ def test_linear_step_equals_linear(dtype, batch):
     x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
     ref = F.linear(x.double(), w.double(), b.double())
     out = linear_step(x, w, b)
-    # a bfloat16 weight on the CPU accumulates and returns float32 (mambakit.ops.cpu_linear) where fbgemm exists
-    fp32_out = dtype == torch.float32 or fp32_accumulation_available()
+    # a bfloat16 weight on the CPU accumulates and returns float32 (mambakit.ops.cpu_linear) where fbgemm exists and
+    # that product is switched on
+    fp32_out = dtype == torch.float32 or (cpu_linear.ENABLED and fp32_accumulation_available())
     assert out.dtype == (torch.float32 if fp32_out else dtype) and out.shape == (batch, 200)
     assert rel_err(out, ref) < (1e-6 if fp32_out else 1e-2)

@@ -48,7 +48,10 @@ def describe(path: str) -> dict[str, Any]:
     hybrid = isinstance(config, HybridConfig)
     if hybrid:
         kinds = sorted({f"{s['mixer'] or '-'}+{s['mlp'] or '-'}" for s in config.layers})
-        mixers = f"hybrid (mixer+mlp per layer: {', '.join(kinds)}; attention at layers {config.attn_layer_idx})"
+        shared = [i for i, s in enumerate(config.layers) if "shared" in s]
+        uses = (f"; shared blocks ({config.shared.get('num_blocks', 1)}) used at layers {shared}" if shared else "")
+        mixers = (f"hybrid (mixer+mlp per layer: {', '.join(kinds)}; attention at layers {config.attn_layer_idx}"
+                  f"{uses})")
         ssm, d_intermediate = dict(config.mamba2 or config.mamba), config.mlp.get("d_intermediate", 0)
     else:
         mixers = "attention" if config.attn_layer_idx and len(config.attn_layer_idx) == config.n_layer else \

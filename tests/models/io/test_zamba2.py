@@ -154,7 +154,9 @@ def test_generate_and_info_cli_read_a_zamba2_folder(tmp_path, capsys):
     prompt = torch.tensor([tok.encode("hi")])
     assert capsys.readouterr().out == tok.decode(model.generate(prompt, 4, temperature=0)[0].tolist()) + "\n"
     assert main(["info", str(tmp_path / "hf")]) == 0
-    assert "attention at layers [0, 2]" in capsys.readouterr().out  # the layers using the shared block
+    out = capsys.readouterr().out
+    assert "attention at layers [0, 2]" in out  # the layers using the shared block
+    assert "shared blocks (" in out and "used at layers [0, 2]" in out
     with pytest.raises(MambaKitError, match="attention layers"):  # their KV caches grow: no CUDA graph
         model.generate(prompt, 2, temperature=0, cuda_graph=True)
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from mambakit.errors import CheckpointError, MambaKitError
 from mambakit.models.hybrid import HybridConfig, HybridLM
 from mambakit.models.io.folder import is_int
-from mambakit.models.io.hybrid_fields import ROPE_THETA, ConfigReader, key_parts, mixers_of, read_rope
+from mambakit.models.io.hybrid_fields import HF_TOP_KEYS, ROPE_THETA, ConfigReader, key_parts, mixers_of, read_rope
 
 # BambaConfig's defaults (transformers 5.x) for the fields that change the computation
 _BAMBA_DEFAULTS: dict[str, Any] = dict(
@@ -147,9 +147,7 @@ def granite_config(raw: dict[str, Any], where: str) -> HybridConfig:
 
 def bamba_key(key: str, config: HybridConfig) -> str:
     """The transformers name of a mambakit key of a Bamba model."""
-    top = {"backbone.embedding.weight": "model.embed_tokens.weight",
-           "backbone.norm_f.weight": "model.final_layernorm.weight"}
-    parts = key_parts(key, top)
+    parts = key_parts(key, HF_TOP_KEYS)
     if isinstance(parts, str):
         return parts
     i, part, rest = parts

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from mambakit.models.hybrid import HybridConfig, HybridLM
 from mambakit.models.io.bamba import _build, _heads
 from mambakit.models.io.folder import is_int, is_number
-from mambakit.models.io.hybrid_fields import ConfigReader, key_parts, read_rope
+from mambakit.models.io.hybrid_fields import HF_TOP_KEYS, ConfigReader, key_parts, read_rope
 
 # FalconH1Config's defaults (transformers 5.x) for the fields that change the computation
 _FALCON_H1_DEFAULTS: dict[str, Any] = dict(
@@ -100,9 +100,7 @@ def falcon_h1_config(raw: dict[str, Any], where: str) -> HybridConfig:
 
 def falcon_h1_key(key: str, config: HybridConfig) -> str:
     """The transformers name of a mambakit key of a Falcon-H1 model."""
-    top = {"backbone.embedding.weight": "model.embed_tokens.weight",
-           "backbone.norm_f.weight": "model.final_layernorm.weight"}
-    parts = key_parts(key, top)
+    parts = key_parts(key, HF_TOP_KEYS)
     if isinstance(parts, str):
         return parts
     i, part, rest = parts

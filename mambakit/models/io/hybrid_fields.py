@@ -16,6 +16,12 @@ ROPE_THETA = 10000.0
 LAYER_KEY = re.compile(r"^backbone\.layers\.(\d+)\.(norm|mixer|norm2|mlp)\.(.+)$")
 
 
+#: the embedding and final norm under their transformers names, shared by the Mamba-2 hybrids (bamba, zamba2,
+#: falcon_h1)
+HF_TOP_KEYS = {"backbone.embedding.weight": "model.embed_tokens.weight",
+               "backbone.norm_f.weight": "model.final_layernorm.weight"}
+
+
 def key_parts(key: str, top: dict[str, str]) -> Union[str, tuple[int, str, str]]:
     """A mambakit key of a HybridLM for a format's key mapping: its file name when `top` names it (a top-level
     tensor), (layer index, part, rest) for a layer tensor, else the key itself (a str)."""

@@ -19,7 +19,7 @@ from mambakit.layers.mlp import ACTIVATIONS
 from mambakit.models.hybrid import HybridConfig, HybridLM
 from mambakit.models.io.bamba import _build
 from mambakit.models.io.folder import is_int, is_number
-from mambakit.models.io.hybrid_fields import ROPE_THETA, ConfigReader, key_parts, read_rope
+from mambakit.models.io.hybrid_fields import HF_TOP_KEYS, ROPE_THETA, ConfigReader, key_parts, read_rope
 
 # Zamba2Config's defaults (transformers 5.x) for the fields that change the computation
 _ZAMBA2_DEFAULTS: dict[str, Any] = dict(
@@ -146,9 +146,7 @@ def zamba2_key(key: str, config: HybridConfig) -> str:
         b, _, rest = key[len("backbone.shared_blocks."):].partition(".")
         first, _ = _first_uses(config)
         return f"model.layers.{first[int(b)]}.shared_transformer.{_block_key(rest)}"
-    top = {"backbone.embedding.weight": "model.embed_tokens.weight",
-           "backbone.norm_f.weight": "model.final_layernorm.weight"}
-    parts: Union[str, tuple[int, str, str]] = key_parts(key, top)
+    parts: Union[str, tuple[int, str, str]] = key_parts(key, HF_TOP_KEYS)
     if isinstance(parts, str):
         prefix, _, rest = key.partition(".shared.")
         if prefix.startswith("backbone.layers.") and rest:

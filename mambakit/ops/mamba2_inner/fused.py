@@ -18,7 +18,7 @@ from torch import Tensor
 from mambakit.ops.conv1d.triton import conv1d_backward, conv1d_forward
 from mambakit.ops.norm.triton import gated_norm_backward, gated_norm_forward
 from mambakit.ops.segments import segments
-from mambakit.ops.ssd.triton import dt_processing_grad, ssd_backward, ssd_forward
+from mambakit.ops.ssd.triton import dt_processing_grad, kernel_chunk_size, ssd_backward, ssd_forward
 from mambakit.ops.triton.compile import precompile_once, specialisation
 
 
@@ -141,10 +141,9 @@ def mamba2_inner_fused(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[
     under TRITON_INTERPRET=1). zxbcdt: (batch, seqlen, d_in_proj) with unit column stride -> (batch, seqlen,
     d_model) in zxbcdt's dtype. dt_limit None: no clamp."""
     io = zxbcdt.dtype
-    seqlen_chunk = max(16, 1 << max(zxbcdt.shape[1] - 1, 0).bit_length())  # the SSD kernels' chunks
     f32 = torch.float32
     return _Mamba2InnerFused.apply(
         zxbcdt, conv_weight.to(io).contiguous(), None if conv_bias is None else conv_bias.to(io), dt_bias.to(f32),
         A.to(f32).contiguous(), None if D is None else D.to(f32).contiguous(), norm_weight, out_weight.to(io),
-        None if out_bias is None else out_bias.to(io), ngroups, min(chunk_size, seqlen_chunk), eps,
-        norm_before_gate, dt_limit, seq_idx)
+        None if out_bias is None else out_bias.to(io), ngroups, kernel_chunk_size(zxbcdt.shape[1], chunk_size),
+        eps, norm_before_gate, dt_limit, seq_idx)

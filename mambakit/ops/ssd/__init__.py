@@ -148,10 +148,9 @@ def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
     if not x.is_cuda and not interpreted():
         raise MambaKitError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), "
                             f"got x on {x.device} (use backend='torch' or 'auto')")
-    from mambakit.ops.ssd.triton import ssd_triton_core
+    from mambakit.ops.ssd.triton import kernel_chunk_size, ssd_triton_core
 
-    seqlen_chunk = max(16, 1 << (x.shape[1] - 1).bit_length())  # the kernels' chunks: powers of two >= 16
-    chunk_size = min(chunk_size, seqlen_chunk)
+    chunk_size = kernel_chunk_size(x.shape[1], chunk_size)
     limit = tuple(dt_limit) if tuple(dt_limit) != DEFAULT_DT_LIMIT else None  # the bias, softplus, clamp: in-kernel
     # non-finite values stay causal inside the kernels (their chunks mask the future after the products)
     y, final = ssd_triton_core(x, dt, A, B, C, D, initial_states, segments(seq_idx), chunk_size, dt_bias=dt_bias,

@@ -163,6 +163,12 @@ def dt_processing_grad(ddt: Tensor, dt: Tensor, bias: Optional[Tensor], softplus
     return ddt.to(dt.dtype), (ddt.sum((0, 1)).to(bias.dtype) if bias is not None else None)
 
 
+def kernel_chunk_size(seqlen: int, chunk_size: int) -> int:
+    """The chunk the kernels run for a requested chunk_size (an upper bound): at most the sequence's length
+    rounded up to a power of two >= 16 (the kernels' chunks are powers of two)."""
+    return min(chunk_size, max(16, 1 << max(seqlen - 1, 0).bit_length()))
+
+
 def _padded_segments(seg: Optional[Tensor], Lpad: int) -> Optional[Tensor]:
     if seg is None:
         return None

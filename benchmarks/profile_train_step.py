@@ -45,6 +45,30 @@ def kernel_breakdown(fn, top: int) -> list[tuple[str, float, int]]:
     return [(n, total[n], calls[n]) for n in ranked[:top]]
 
 
+def host_profile(step, top: int) -> None:
+    """Print the host time of one step (from its start, on an idle GPU, until Python returns, not waiting for the
+    GPU) and the `top` functions by own time under cProfile (the forward's: the backward runs on autograd's device
+    threads, which cProfile does not see)."""
+    import cProfile
+    import pstats
+    import time
+
+    host = []
+    for _ in range(3):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+        sync()
+    print(f"#   host ms per step (GPU not awaited): {sorted(host)[1]:.2f}")
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    sync()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", nargs="+", default=["mamba1", "mamba2"], choices=["mamba1", "mamba2"])
@@ -58,6 +82,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--host", type=int, default=0,
+                    help="also time the host side of mambakit's step (Python and launches, GPU not awaited) and "
+                         "print the N functions with the most own time under cProfile")
     args = ap.parse_args(argv)
     if args.tiny:
         args.d_model, args.n_layer, args.batch, args.seqlen, args.vocab, args.repeats = 32, 2, 2, 64, 256, 1
@@ -93,6 +120,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 print(f"# {name} {arch}: top kernels of one step (total ms, calls)")
                 for kname, kms, kcalls in kernel_breakdown(step, args.top):
                     print(f"#   {kms:8.2f} ms {kcalls:5d}x  {kname[:140]}")
+            if args.host and name == "mambakit":
+                host_profile(step, args.host)
         del models
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -23,18 +23,27 @@ from _common import gpu_ms, rel_err  # noqa: E402
 
 from mambakit.ops.triton import selective_scan as tss  # noqa: E402
 
-# (NH, NL, fwd_block_d, fwd_block_t, fwd_warps, bwd_block_d, bwd_block_t, bwd_warps): d_state 16 = NH * NL
+# (NH, NL, fwd_block_d, fwd_block_t, fwd_warps, bwd_block_d, bwd_block_t, bwd_warps[, bwd_NH, bwd_NL]): d_state 16
+# = NH * NL; the backward splits the states its own way where bwd_NH / bwd_NL are given
 CONFIGS = {
     "base": None,
     "NL2 f16x8 b16x4": (8, 2, 16, 8, 1, 16, 4, 1),
-    "NL2 f32x4 b16x2": (8, 2, 32, 4, 1, 16, 2, 1),
-    "NL2 f32x8 b32x2": (8, 2, 32, 8, 1, 32, 2, 1),
-    "NL1 f32x4 b32x2": (16, 1, 32, 4, 1, 32, 2, 1),
-    "NL1 f32x8 b32x4": (16, 1, 32, 8, 1, 32, 4, 1),
-    "NL1 f64x4w2 b32x2": (16, 1, 64, 4, 2, 32, 2, 1),
-    "NL1 f32x2 b32x1": (16, 1, 32, 2, 1, 32, 1, 1),
-    "NL4 f16x4 b16x2": (4, 4, 16, 4, 1, 16, 2, 1),
+    "NL2 f16x4 b16x2": (8, 2, 16, 4, 1, 16, 2, 1),
+    "NL2 f16x16 b16x1": (8, 2, 16, 16, 1, 16, 1, 1),
+    "NL4 f16x8 b16x2": (4, 4, 16, 8, 1, 16, 2, 1),
+    "NL4 f16x8 b16x1": (4, 4, 16, 8, 1, 16, 1, 1),
+    "NL4 f16x8 b8x2": (4, 4, 16, 8, 1, 8, 2, 1),
+    "NL4 f16x8 b32x2w2": (4, 4, 16, 8, 1, 32, 2, 2),
+    "f NL2 16x8, b NL4 16x2": (8, 2, 16, 8, 1, 16, 2, 1, 4, 4),
+    "f NL2 16x8, b NL4 16x4": (8, 2, 16, 8, 1, 16, 4, 1, 4, 4),
+    "f NL2 16x8, b NL8 32x2": (8, 2, 16, 8, 1, 32, 2, 1, 2, 8),
+    "f NL2 16x8, b NL8 32x4": (8, 2, 16, 8, 1, 32, 4, 1, 2, 8),
+    "f NL2 16x8, b NL16 32x2w2": (8, 2, 16, 8, 1, 32, 2, 2, 1, 16),
 }
+
+
+def _config(c: tuple, chunk: int):
+    return tss.ScanConfig(*c[:8], chunk, *c[8:])
 
 
 def make_inputs(batch, dim, N, L, layout, seed=0):
@@ -126,7 +135,7 @@ def main():
                 gy = torch.randn(batch, dim, L, device="cuda").to(torch.bfloat16)
                 base = tss.pick_config(N, dim, dim, 1)
                 ref = run_once(kw, base, gy, ours)
-                entries = [(n, tss.ScanConfig(*CONFIGS[n], base.chunk) if CONFIGS[n] else base, ours) for n in names]
+                entries = [(n, _config(CONFIGS[n], base.chunk) if CONFIGS[n] else base, ours) for n in names]
                 if official is not None:
                     entries.append(("official", None, official))
                 for name, cfg, fn in entries:

@@ -395,7 +395,8 @@ def _selective_scan_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ScanConfig:
-    """Block shapes. The state dim is padded to NP = NH * NL (powers of two); NL lanes share one channel."""
+    """Block shapes. The state dim is padded to NP = NH * NL (powers of two); NL lanes share one channel (the
+    backward's own split of NP when bwd_NH / bwd_NL are given)."""
     NH: int
     NL: int
     fwd_block_d: int
@@ -405,6 +406,12 @@ class ScanConfig:
     bwd_block_t: int
     bwd_warps: int
     chunk: int
+    bwd_NH: Optional[int] = None
+    bwd_NL: Optional[int] = None
+
+    @property
+    def bwd_split(self) -> tuple[int, int]:
+        return (self.bwd_NH or self.NH, self.bwd_NL or self.NL)
 
 
 def _next_pow2(x: int) -> int:
@@ -412,7 +419,10 @@ def _next_pow2(x: int) -> int:
 
 
 def pick_config(d_state: int, dim: int, dim_per_group: int, ngroups: int, chunk: Optional[int] = None,
-                fwd_block_t: Optional[int] = None, bwd_block_t: Optional[int] = None) -> ScanConfig:
+                fwd_block_t: Optional[int] = None, bwd_block_t: Optional[int] = None,
+                channel_last: bool = False) -> ScanConfig:
+    """channel_last: u, delta, z and the gradients are views of (batch, seqlen, dim) tensors (the Mamba-1 block's
+    layout), which changes the backward's best time tile."""
     NP = _next_pow2(d_state)
     # lanes per channel: a few for the usual small states (the state sum is then mostly in-thread), a whole warp for
     # large ones (registers); each thread holds BT steps x NH states x d_per_thread channels
@@ -425,13 +435,19 @@ def pick_config(d_state: int, dim: int, dim_per_group: int, ngroups: int, chunk:
         cap = min(cap, dim_per_group & -dim_per_group)
     fwd_bd = min(lanes_d * d_per_thread, cap)
     bwd_bd = fwd_bd
-    bwd_warps = 1
     fbt = fwd_block_t or (8 if NP <= 32 else 4)
     bbt = bwd_block_t or (4 if NP <= 32 and NH <= 4 else 2)
+    bwd_split: tuple = ()
+    if NP == 16:  # measured best (benchmarks/sweep_selective_scan.py): the forward with 2 lanes per channel
+        bwd_split = (NH, NL)
+        NL, NH = 2, 8
+        fwd_bd = min(16, cap)
+        if channel_last and not bwd_block_t:
+            bbt = 2
     ch = chunk or 64
     if ch % fbt or ch % bbt:
         raise MambaKitError(f"chunk ({ch}) must be a multiple of the time tiles ({fbt}, {bbt})")
-    return ScanConfig(NH, NL, fwd_bd, fbt, 1, bwd_bd, bbt, bwd_warps, ch)
+    return ScanConfig(NH, NL, fwd_bd, fbt, 1, bwd_bd, bbt, 1, ch, *bwd_split)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -508,7 +524,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dD_part = torch.empty(batch, dim, device=dev, dtype=f32) if D is not None else None
     dbias_part = torch.empty(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
     dh0 = torch.empty(batch, dim, N, device=dev, dtype=f32)
-    scratch = torch.empty(batch * n_dblocks * tpc * cfg.NH * bd * cfg.NL, device=dev, dtype=f32)
+    nh, nl = cfg.bwd_split
+    scratch = torch.empty(batch * n_dblocks * tpc * nh * bd * nl, device=dev, dtype=f32)
     zz = _opt(z, u)
     _selective_scan_bwd_kernel[(n_dblocks, batch)](
         u, delta, A, B, C, _opt(D, A), zz, _opt(delta_bias, A), _opt(seq_idx, u), states, gy,
@@ -519,7 +536,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         *_strides3(du), *_strides3(ddelta), *_strides3(_opt(dz, du)), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         HAS_GLAST=glast is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_D=bd, NH=cfg.NH, NL=cfg.NL, BT=cfg.bwd_block_t, TPC=tpc,
+        BLOCK_D=bd, NH=nh, NL=nl, BT=cfg.bwd_block_t, TPC=tpc,
         BIG=_big(seqlen, u, delta, z, gy, du, ddelta, dz, B, C), num_warps=cfg.bwd_warps, num_stages=1,
     )
     # fixed-order reductions of the partial sums
@@ -587,7 +604,8 @@ def selective_scan_triton(
     Cg = C.unsqueeze(1) if C.dim() == 3 else C
     G = Bg.shape[1]
     dim = u.shape[1]
-    cfg = config or pick_config(d_state, dim, dim // G, G, chunk, fwd_block_t, bwd_block_t)
+    cfg = config or pick_config(d_state, dim, dim // G, G, chunk, fwd_block_t, bwd_block_t,
+                                channel_last=u.stride(1) == 1 and u.stride(2) != 1)
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     A32 = A.float()
     h0 = initial_state.float().contiguous() if initial_state is not None else None

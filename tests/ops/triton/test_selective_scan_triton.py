@@ -56,6 +56,8 @@ def _check(batch, dim, d_state, seqlen, groups=0, tol=1e-5, cfg=None, **flags):
 # (batch, dim, d_state, seqlen, groups, flags, cfg)
 CASES = [
     pytest.param(2, 4, 4, 13, 0, {}, None, id="default-config"),
+    pytest.param(2, 20, 16, 37, 0, {"with_h0": True, "packed": True}, dict(chunk=16),
+                 id="dstate16-split-fwd-bwd-configs"),
     pytest.param(1, 3, 3, 1, 0, {}, SMALL, id="seqlen1"),
     pytest.param(1, 5, 1, 17, 0, {"with_h0": True}, SMALL, id="dstate1-prime"),
     pytest.param(2, 4, 8, 37, 0, {"with_h0": True, "packed": True}, SMALL, id="h0-seqidx"),
@@ -146,6 +148,31 @@ def test_non_contiguous_inputs_and_3d_bc_grads():
         assert a.shape == b.shape and rel_err(a, b) <= 1e-4
 
 
+def test_channel_last_dstate16_default_config():
+    """The Mamba-1 block's layout at d_state 16: the forward's and backward's own state splits and the backward's
+    2-step tiles (pick_config's channel_last choice), against the reference, forward and gradients."""
+    batch, dim, N, L = 2, 24, 16, 45
+    g = torch.Generator().manual_seed(13)
+    u = torch.randn(batch, L, dim, generator=g).transpose(1, 2).requires_grad_()
+    delta = (torch.randn(batch, L, dim, generator=g) * 0.5 - 1).transpose(1, 2).requires_grad_()
+    z = torch.randn(batch, L, dim, generator=g).transpose(1, 2).requires_grad_()
+    A = (-torch.rand(dim, N, generator=g) - 0.2).requires_grad_()
+    bc = torch.randn(batch, L, 2 * N + 3, generator=g)
+    B = bc[:, :, 3:3 + N].transpose(1, 2).requires_grad_()
+    C = bc[:, :, 3 + N:].transpose(1, 2).requires_grad_()
+    args = dict(D=torch.randn(dim, generator=g), z=z, delta_bias=torch.randn(dim, generator=g) * 0.3,
+                delta_softplus=True)
+    y = selective_scan_triton(u, delta, A, B, C, **args, chunk=16)
+    yr = selective_scan_ref(u, delta, A, B, C, **args)
+    assert rel_err(y, yr) <= 1e-5
+    gy = torch.randn(y.shape, generator=g)
+    leaves = [u, delta, A, B, C, z]
+    gt = torch.autograd.grad((y * gy).sum(), leaves)
+    gr = torch.autograd.grad((yr * gy).sum(), leaves)
+    for a, b in zip(gt, gr):
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-4
+
+
 def test_no_grad_and_dispatch():
     kw = make_inputs(1, 4, 4, 9, dtype=torch.float32, seed=4)
     with torch.no_grad():
@@ -175,10 +202,14 @@ def test_errors(monkeypatch):
 
 
 def test_config_keeps_time_in_registers():
-    """The launch shapes the performance relies on: a thread covers (BLOCK_D / 8 / warps) channels x NH states."""
+    """The launch shapes the performance relies on (benchmarks/sweep_selective_scan.py): at d_state 16 the forward
+    gives a channel 2 lanes of 8 states, the backward 4 lanes of 4 states, with 2-step time tiles when the tensors
+    are channel-last views (the Mamba-1 block's layout)."""
     cfg = ss_triton.pick_config(16, 2048, 2048, 1)
-    assert (cfg.NH, cfg.NL, cfg.fwd_block_d, cfg.fwd_warps, cfg.chunk) == (4, 4, 16, 1, 64)
-    assert (cfg.bwd_block_d, cfg.bwd_block_t, cfg.bwd_warps) == (16, 4, 1)
+    assert (cfg.NH, cfg.NL, cfg.fwd_block_d, cfg.fwd_block_t, cfg.fwd_warps, cfg.chunk) == (8, 2, 16, 8, 1, 64)
+    assert (cfg.bwd_split, cfg.bwd_block_d, cfg.bwd_block_t, cfg.bwd_warps) == ((4, 4), 16, 4, 1)
+    assert ss_triton.pick_config(16, 1536, 1536, 1, channel_last=True).bwd_block_t == 2
     for n in (1, 2, 3, 16, 64, 256):
         c = ss_triton.pick_config(n, 48, 16, 3)
-        assert c.NH * c.NL >= n and 16 % c.fwd_block_d == 0 and 16 % c.bwd_block_d == 0
+        assert c.NH * c.NL >= n and c.bwd_split[0] * c.bwd_split[1] >= n
+        assert 16 % c.fwd_block_d == 0 and 16 % c.bwd_block_d == 0

@@ -45,6 +45,31 @@ def kernel_breakdown(fn, top: int) -> list[tuple[str, float, int]]:
     return [(n, total[n], calls[n]) for n in ranked[:top]]
 
 
+def time_graphed(model, ids, args, arch: str, rows: Rows) -> None:
+    """The same step (forward, fp32 cross-entropy, backward) replayed as one CUDA graph; its loss checked against
+    the eager step's on a second batch."""
+    from mambakit.training.cuda_graph import GraphedStep
+
+    def loss_fn(x, y):
+        logits = model(x).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    model.zero_grad(set_to_none=True)
+    torch.cuda.reset_peak_memory_stats()
+    graphed = GraphedStep(loss_fn, model.parameters(), (ids[:, :-1], ids[:, 1:]), autocast_dtype=torch.bfloat16)
+    other = torch.randint_like(ids, 0, args.vocab)
+    got = graphed(other[:, :-1], other[:, 1:]).item()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        want = loss_fn(other[:, :-1], other[:, 1:]).item()
+    ms = time_ms(lambda: graphed(ids[:, :-1], ids[:, 1:]), repeats=args.repeats * 4, warmup=2)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"# graphed step loss {got:.6f} vs eager {want:.6f}")
+    rows.add(arch=arch, engine="mambakit, CUDA graph", ms=ms, peak_GiB=peak, batch=args.batch, seqlen=args.seqlen,
+             d_model=args.d_model, n_layer=args.n_layer, loss_vs_eager=abs(got - want))
+    del graphed
+    model.zero_grad(set_to_none=True)
+
+
 def host_profile(step, top: int) -> None:
     """Print the host time of one step (from its start, on an idle GPU, until Python returns, not waiting for the
     GPU) and the `top` functions by own time under cProfile (the forward's: the backward runs on autograd's device
@@ -82,6 +107,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--graphed", action="store_true",
+                    help="also time mambakit's step as one CUDA graph (mambakit.training.cuda_graph.GraphedStep)")
     ap.add_argument("--host", type=int, default=0,
                     help="also time the host side of mambakit's step (Python and launches, GPU not awaited) and "
                          "print the N functions with the most own time under cProfile")
@@ -122,6 +149,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                     print(f"#   {kms:8.2f} ms {kcalls:5d}x  {kname[:140]}")
             if args.host and name == "mambakit":
                 host_profile(step, args.host)
+            if args.graphed and name == "mambakit" and args.device == "cuda":
+                time_graphed(model, ids, args, arch, rows)
         del models
         if args.device == "cuda":
             torch.cuda.empty_cache()

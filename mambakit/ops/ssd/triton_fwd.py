@@ -150,7 +150,7 @@ def _intra_chunk(x_ptr, dt_ptr, B_ptr, seg_ptr, acs_ptr, row, b, c, i, h, g, t, 
     Causality of non-finite values: the future is masked by zeros, but 0 * nan = nan. So the mask is applied after
     the product (a bad B_s or dt_s stays in the columns s <= t), and, with ZERO_BAD_X (some x row of these key
     blocks is non-finite), x's non-finite entries are zeroed for the product: the first kernel made dt NaN at their
-    positions, which reaches y_t for t >= s. Without it the zeroing would be the identity."""
+    positions, which reaches y_t for t >= s. Without ZERO_BAD_X (no such entry) the zeroing would change nothing."""
     y = tl.zeros((BQ, BP), dtype=tl.float32)
     for k in range(0, i + 1):
         s, valid_s, L = _key_decay(acs_ptr, seg_ptr, row, b, c, k, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG, Q, BQ)

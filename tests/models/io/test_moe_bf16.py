@@ -1,7 +1,8 @@
 """The MoE hybrids loaded in bfloat16, by transformers and by mambakit from the same folder: the routers' dtypes
 as transformers keeps them (Nemotron-H's router and score-correction bias float32, `_keep_in_fp32_modules_strict`;
 Jamba's and Granite's in the model's dtype), the same experts chosen for the same router inputs, logits within
-bfloat16 rounding (as far from the float32 model's as transformers' own bfloat16 logits), and `model.to(torch.bfloat16)` giving the very model a bfloat16 load gives (CPU, tiny models)."""
+bfloat16 rounding (as far from the float32 model's as transformers' own bfloat16 logits), routing in float32 under
+autocast, and `model.to(torch.bfloat16)` giving the very model a bfloat16 load gives (CPU, tiny models)."""
 from __future__ import annotations
 
 import copy
@@ -164,3 +165,16 @@ def test_to_bf16_keeps_the_float32_router(saved):
     assert all((m.router.weight.dtype == torch.float32) == fp32_router for m in _routers(model))
     model.double()
     assert all(m.router.weight.dtype == torch.float64 for m in _routers(model))
+
+
+def test_sigmoid_group_routes_in_float32_under_autocast():
+    torch.manual_seed(4)
+    moe = TopKMoE(24, 8, num_experts=12, top_k=3, routing="sigmoid_group", gated=False, n_group=4, topk_group=2,
+                  dtype=torch.bfloat16)
+    assert moe.router.weight.dtype == torch.float32
+    x = torch.randn(64, 24, dtype=torch.bfloat16)
+    weights, index = moe.route(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # would round the router's product to bfloat16
+        in_autocast = moe.route(x)
+    assert weights.dtype == torch.float32
+    assert torch.equal(in_autocast[0], weights) and torch.equal(in_autocast[1], index)

@@ -2,7 +2,7 @@
 as transformers keeps them (Nemotron-H's router and score-correction bias float32, `_keep_in_fp32_modules_strict`;
 Jamba's and Granite's in the model's dtype), the same experts chosen for the same router inputs, logits within
 bfloat16 rounding (as far from the float32 model's as transformers' own bfloat16 logits), routing in float32 under
-autocast, and `model.to(torch.bfloat16)` giving the very model a bfloat16 load gives (CPU, tiny models)."""
+autocast, and `model.to(torch.bfloat16)` giving the MoE tensors a bfloat16 load gives (CPU, tiny models)."""
 from __future__ import annotations
 
 import copy

@@ -2,6 +2,7 @@
 JSON rows write them to $OUT, and results_table.py turns them into markdown. GPU-only scripts are skipped."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ SMOKE = {
     "bench_cpu_llamacpp.py": (["--tiny", "--threads", "1", "--rounds", "1"], ["cpu_llamacpp.jsonl"]),
     "bench_cpu_linear.py": (["--tiny", "--threads", "1", "--rounds", "1", "--reps", "1"], ["cpu_linear.jsonl"]),
     "bench_cpu_decode.py": (["--tiny", "--rounds", "1"], ["cpu_decode.jsonl"]),
+    "bench_hybrid_gpu.py": (["--tiny"], ["hybrid_gpu.jsonl"]),
     "bench_mamba3_cpu.py": (["--threads", "1", "--seqlens", "32", "--nheads", "2", "--headdim", "8", "--d-state",
                              "8", "--chunk-size", "16", "--repeats", "1"], []),
 }
@@ -84,3 +86,19 @@ def test_smoke(script: str, tmp_path: Path) -> None:
 def test_results_table_refuses_a_missing_file(tmp_path: Path) -> None:
     proc = run("results_table.py", [str(tmp_path / "none.jsonl")], tmp_path)
     assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_hybrid_benchmark_runs_mambakit_alone_without_transformers(tmp_path: Path) -> None:
+    stub = tmp_path / "stub" / "transformers"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('stubbed out by the test')\n")
+    env = {**os.environ, "OUT": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(stub.parent), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_hybrid_gpu.py"), "--tiny", "--models", "nemotron_h",
+                           "--skip-train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "transformers not importable (ImportError: stubbed out by the test); mambakit only" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "hybrid_gpu.jsonl").read_text().splitlines()]
+    assert [r["measure"] for r in rows] == ["prefill", "prefill", "decode"]
+    assert all(r["transformers_path"] == "not run" and isinstance(r["mambakit_ms"], float) for r in rows)

@@ -13,6 +13,12 @@ out = sum over the chosen experts e of weight_e * expert_e(x), an expert being d
 (gated=False). With latent_size the experts work in that width, between the projections latent_in_proj and
 latent_out_proj (the router reads x itself).
 `SharedExpertMoE`: TopKMoE(x) + an MLP applied to every token (the shared expert).
+
+"sigmoid_group" keeps its router (router.weight and e_score_correction_bias) in float32 whatever the model's dtype:
+built so, and kept so by `module.to(torch.bfloat16)` / `.half()` (float64 passes), and routes in float32 outside any
+autocast region, as transformers' Nemotron-H (`_keep_in_fp32_modules_strict`), so that a 16-bit model picks the
+experts its float32 router picks. The other routings keep the router in the model's dtype, as transformers does
+(Jamba, Granite: the logits in that dtype, then float32).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from mambakit.layers.mlp import ACTIVATIONS, MLP
 
 
 ROUTINGS = ("topk_softmax", "softmax_topk", "sigmoid_group")
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _positive_int(value: object) -> bool:
@@ -53,7 +60,8 @@ class TopKMoE(nn.Module):
     gate_up_proj (num_experts, 2 * d_intermediate, width) with the gate first, down_proj (num_experts, width,
     d_intermediate); gated=False: up_proj (num_experts, d_intermediate, width), down_proj as gated; with
     per_expert=True instead experts.{e} (an `MLP`: gate_proj (gated only), up_proj, down_proj). width = latent_size
-    or d_model. "sigmoid_group" routing adds the buffer e_score_correction_bias (num_experts,), float32."""
+    or d_model. "sigmoid_group" routing adds the buffer e_score_correction_bias (num_experts,); both it and
+    router.weight are then float32 even in a 16-bit model (see the module docstring)."""
 
     def __init__(self, d_model: int, d_intermediate: int, num_experts: int, top_k: int, activation: str = "silu",
                  routing: str = "topk_softmax", per_expert: bool = False, gated: bool = True, n_group: int = 1,
@@ -88,7 +96,8 @@ class TopKMoE(nn.Module):
         self.n_group, self.topk_group, self.norm_topk_prob = n_group, topk_group, norm_topk_prob
         self.routed_scaling_factor = float(scale)
         self.act = ACTIVATIONS[activation]
-        self.router = nn.Linear(d_model, num_experts, bias=False, **factory)
+        router_dtype = torch.float32 if routing == "sigmoid_group" and dtype in _HALF else dtype
+        self.router = nn.Linear(d_model, num_experts, bias=False, device=device, dtype=router_dtype)
         if routing == "sigmoid_group":
             self.register_buffer("e_score_correction_bias",
                                  torch.zeros(num_experts, device=device, dtype=torch.float32))
@@ -125,9 +134,26 @@ class TopKMoE(nn.Module):
         top, index = logits.topk(self.top_k, dim=-1)
         return torch.softmax(top, dim=-1).to(x.dtype), index
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module's conversion (`to`, `half`, `cuda`, ...) with the "sigmoid_group" router left in float32 when
+        the conversion would make it 16-bit (it still moves to the new device)."""
+        if self.routing != "sigmoid_group":
+            return super()._apply(fn, recurse)
+        weight = self.router.weight
+        kept = {id(t) for t in (weight, weight.grad, self.e_score_correction_bias) if t is not None}
+
+        def convert(t: Tensor) -> Tensor:
+            out = fn(t)
+            if id(t) in kept and out.dtype in _HALF:
+                return t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        return super()._apply(convert, recurse)
+
     def _route_sigmoid_group(self, x: Tensor) -> tuple[Tensor, Tensor]:
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        scores = F.linear(x.to(dtype), self.router.weight.to(dtype)).sigmoid()
+        with torch.autocast(x.device.type, enabled=False):  # autocast would round the router's product to 16 bits
+            scores = F.linear(x.to(dtype), self.router.weight.to(dtype)).sigmoid()
         choice = scores + self.e_score_correction_bias.to(dtype)
         if self.n_group > 1 and self.topk_group < self.n_group:
             grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)

@@ -20,7 +20,9 @@ The scan returns the per-rank outputs y (batch, seqlen, R, nheads, headdim); :fu
 per-rank gate and the output mix ``sum_r MIMO_O[:, r] * y_r * silu(Z * MIMO_Z[:, r])``. The state after a position
 is (:class:`Mamba3States`) angle (batch, nheads, n_angles), ssm (batch, nheads, headdim, d_state), k (batch, R,
 nheads, d_state) the rotated K of each rank, v (batch, nheads, headdim) the x of the last position (the official
-decode cache). The state pairs are rotated as in SISO, (2i, 2i+1).
+decode cache). The state pairs are rotated as in SISO, (2i, 2i+1) (the official MIMO turns dim i with dim
+i + d_state/2: the same model up to a permutation of d_state, which mambakit.models.io.mamba_ssm applies to official
+checkpoints).
 """
 from __future__ import annotations
 

@@ -77,7 +77,9 @@ def mamba3_mimo_scan_triton(
         start = (per_rank(Input_States[0].to(fp), 1), zero.expand(b, H * R, P, N), zero.expand(b, H * R, N),
                  zero.expand(b, H * R, P))
     p = prepare(q, k, xr, per_rank(ADT, 1), per_rank(DT, 1), per_rank(Trap, 1), Q_bias.flatten(0, 1),
-                K_bias.flatten(0, 1), per_rank(Angles, 2), None, None, start, chunk_size, seq_idx)
+                K_bias.flatten(0, 1), per_rank(Angles, 2), None, None, start, max(chunk_size, 64), seq_idx)
+
+    # (prepare's chunk only sets where its angles are carried over in Python: the SISO kernels' 64, fewer steps)
 
     def flat(t: Tensor) -> Tensor:  # (batch, nchunks, Q, ...) -> (batch, seqlen, ...)
         return t.flatten(1, 2)[:, :L]

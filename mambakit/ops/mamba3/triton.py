@@ -1,4 +1,5 @@
-"""The Mamba-3 SISO scan's forward as one portable Triton kernel (standard Triton only: no inline PTX, no TMA).
+"""The Mamba-3 SISO scan's forward as one portable Triton kernel (standard Triton only: no inline PTX, no TMA); with
+RANK > 1 the same kernels run the MIMO scan (:mod:`mambakit.ops.mamba3.triton_mimo`).
 
 The per-position pieces (angles carried over chunks, rotations, the trapezoid's weights) come from
 :func:`mambakit.ops.mamba3.chunked.prepare` in PyTorch; the kernel runs the block decomposition: one program per

@@ -86,10 +86,13 @@ def mamba3_mimo_scan_triton(
 
     q_rot, k_rot, scale, gamma = flat(p.q_rot), flat(p.k_rot), flat(p.scale), flat(p.gamma)
     k_rows = _rows(k_rot * scale[..., None], H, R, Rp)
-    kg_rows = _rows(k_rot * gamma[..., None], H, R, Rp)
+    kg_rows = _rows(k_rot * gamma[..., None], H, R, Rp) if Rp > 1 else None
     adt = flat(p.adt)[..., ::R]  # (batch, seqlen, H)
     adt_rows = torch.cat((adt[:, :, None], adt.new_zeros(b, L, Rp - 1, H)), 2).flatten(1, 2).contiguous()
-    diag = (D.to(fp) if D is not None else x.new_zeros(H)).expand(b, L * Rp, H).contiguous()
+    diag = (D.to(fp) if D is not None else x.new_zeros(H)).expand(b, L * Rp, H)
+    if Rp == 1:  # rank 1 runs the SISO kernels: the own-step term is the diagonal weight there
+        diag = diag + (q_rot * k_rot).sum(-1) * gamma
+    diag = diag.contiguous()
     starts = segment_starts(seq_idx)
     seg = None
     if starts is not None:

@@ -1,5 +1,5 @@
 """The Mamba-3 MIMO Triton scan on the CPU through the Triton interpreter, against the float64 step recurrence:
-forward, final states and every gradient at awkward shapes (rank 2, 3 (padded to 4) and 4; seqlen not a multiple of
+forward, final states and every gradient at awkward shapes (rank 1, 2, 3 (padded to 4) and 4; seqlen not a multiple of
 the chunk; one token; initial states; packed sequences), bit-identical gradients run to run, causality of NaN and
 infinities, dispatch and errors. float32 only (bfloat16 dots are broken in the interpreter: the GPU test has them)."""
 from __future__ import annotations
@@ -27,6 +27,8 @@ SHAPES = {
     "rank4_odd": dict(rank=4, batch=1, seqlen=19, nheads=2, ngroups=1, headdim=3, d_state=8, n_angles=4,
                       packed=False),
     "rank2_one_token": dict(rank=2, batch=2, seqlen=1, nheads=2, ngroups=2, headdim=2, d_state=4, n_angles=1),
+    "rank1_no_states": dict(rank=1, batch=2, seqlen=17, nheads=3, ngroups=3, headdim=4, d_state=5, n_angles=2,
+                            states=False),
     "rank2_two_headdim_blocks": dict(rank=2, batch=1, seqlen=13, nheads=1, ngroups=1, headdim=40, d_state=6,
                                      n_angles=3, states=False),
 }

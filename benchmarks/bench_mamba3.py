@@ -1,8 +1,10 @@
-"""One Mamba-3 SISO block on the GPU: first call, forward, forward+backward; our Mamba-2 block beside it, and the
-official mamba_ssm Mamba3 block when it is importable.
+"""One Mamba-3 block on the GPU: first call, forward, forward+backward; SISO (the layer's default scan and the
+Triton kernels) and MIMO of rank --mimo-rank (the chunked PyTorch form and the Triton kernels, chunk 64 / R as the
+official default); our Mamba-2 block beside them, and the official mamba_ssm Mamba3 blocks (SISO, MIMO) when
+importable.
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_mamba3.py [--batch 8] [--seqlen 2048] [--d-model 768]
-        [--d-state 128] [--headdim 64] [--dtype bfloat16]
+        [--d-state 128] [--headdim 64] [--mimo-rank 4] [--dtype bfloat16]
 
 The first-call times are of a cold, private Triton cache (compile + any autotune), forward+backward. Times are
 medians of triton.testing.do_bench (CUDA events, L2 flushed). Rows go to $OUT/bench_mamba3.jsonl when $OUT is set.
@@ -59,6 +61,7 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=768)
     p.add_argument("--d-state", type=int, default=128)
     p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--mimo-rank", type=int, default=4)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -66,16 +69,23 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"# {device_line()}")
     case = dict(batch=args.batch, seqlen=args.seqlen, d_model=args.d_model, d_state=args.d_state,
-                headdim=args.headdim, dtype=args.dtype)
+                headdim=args.headdim, mimo_rank=args.mimo_rank, dtype=args.dtype)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.seqlen, args.d_model, device="cuda", dtype=dtype)
+    size = dict(d_state=args.d_state, headdim=args.headdim)
+    R = args.mimo_rank
+    mimo = dict(size, is_mimo=True, mimo_rank=R, chunk_size=max(1, 64 // R))
     blocks = {
-        "mambakit Mamba3": lambda: Mamba3(args.d_model, d_state=args.d_state, headdim=args.headdim),
-        "mambakit Mamba2": lambda: Mamba2(args.d_model, d_state=args.d_state, headdim=args.headdim),
+        "mambakit Mamba3": lambda: Mamba3(args.d_model, **size),
+        "mambakit Mamba3 triton": lambda: Mamba3(args.d_model, **size, scan_backend="triton"),
+        f"mambakit Mamba3 MIMO R={R} torch": lambda: Mamba3(args.d_model, **mimo, scan_backend="torch"),
+        f"mambakit Mamba3 MIMO R={R} triton": lambda: Mamba3(args.d_model, **mimo, scan_backend="triton"),
+        "mambakit Mamba2": lambda: Mamba2(args.d_model, **size),
     }
     official = _official_mamba3()
     if official is not None:
-        blocks["official Mamba3"] = lambda: official(args.d_model, d_state=args.d_state, headdim=args.headdim)
+        blocks["official Mamba3"] = lambda: official(args.d_model, **size)
+        blocks[f"official Mamba3 MIMO R={R}"] = lambda: official(args.d_model, **mimo)
     rows = Rows("bench_mamba3")
     for name, make in blocks.items():
         block = make().to("cuda", dtype)

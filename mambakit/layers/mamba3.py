@@ -22,8 +22,8 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.checks import check_mixer_input
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNorm, RMSNormGated
-from mambakit.ops.mamba3 import mamba3_scan, mamba3_step
-from mambakit.ops.mamba3.mimo import mamba3_mimo_chunked, mamba3_mimo_step, mimo_combine
+from mambakit.ops.mamba3 import BACKENDS, mamba3_scan, mamba3_step
+from mambakit.ops.mamba3.mimo import mamba3_mimo_scan, mamba3_mimo_step, mimo_combine
 
 A_ACTIVATIONS = ("heavy_tail", "softplus")
 
@@ -87,7 +87,7 @@ class Mamba3(nn.Module):
         rope_fraction: float = 0.5, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
         A_floor: float = 1e-4, A_activation: str = "heavy_tail", is_outproj_norm: bool = False,
         is_mimo: bool = False, mimo_rank: int = 4, chunk_size: int = 64, layer_idx: Optional[int] = None,
-        device=None, dtype=None,
+        scan_backend: str = "auto", device=None, dtype=None,
     ):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_state", d_state), ("expand", expand), ("headdim", headdim),
@@ -98,6 +98,8 @@ class Mamba3(nn.Module):
             raise MambaKitError(f"Mamba3 is_mimo must be a bool, got {is_mimo!r}")
         if rope_fraction not in (0.5, 1.0):
             raise MambaKitError(f"Mamba3 rope_fraction must be 0.5 or 1.0, got {rope_fraction!r}")
+        if scan_backend not in BACKENDS:
+            raise MambaKitError(f"Mamba3 scan_backend must be one of {BACKENDS}, got {scan_backend!r}")
         if A_activation not in A_ACTIVATIONS:
             raise MambaKitError(f"Mamba3 A_activation must be one of {A_ACTIVATIONS}, got {A_activation!r}")
         if not (isinstance(A_floor, (int, float)) and A_floor >= 0):
@@ -118,6 +120,7 @@ class Mamba3(nn.Module):
         self.rope_fraction, self.num_rope_angles = rope_fraction, rotated // 2
         self.A_floor, self.A_activation, self.is_outproj_norm = float(A_floor), A_activation, is_outproj_norm
         self.is_mimo, self.chunk_size, self.layer_idx = is_mimo, chunk_size, layer_idx
+        self.scan_backend = scan_backend
         self.mimo_rank = R = mimo_rank if is_mimo else 1
 
         d_in_proj = 2 * d_inner + 2 * d_state * ngroups * R + 3 * nheads + self.num_rope_angles
@@ -253,14 +256,18 @@ class Mamba3(nn.Module):
         """
         check_mixer_input(self, hidden_states, seq_idx, mask)
         s = self.ssm_inputs(hidden_states, state, seq_idx, mask)
+        # the kernels only where they run natively: "triton" off CUDA (or in float64) is the PyTorch form
+        backend = self.scan_backend
+        if backend == "triton" and (not hidden_states.is_cuda or s.V.dtype == torch.float64):
+            backend = "torch"
         if self.is_mimo:
             kw = s.scan_kwargs()
             del kw["Z"]
-            y, *final = mamba3_mimo_chunked(**kw, MIMO_V=self.mimo_x, chunk_size=self.chunk_size,
-                                            return_final_states=True, seq_idx=seq_idx)
+            y, *final = mamba3_mimo_scan(**kw, MIMO_V=self.mimo_x, chunk_size=self.chunk_size,
+                                         return_final_states=True, seq_idx=seq_idx, backend=backend)
         else:
             y, *final = mamba3_scan(**s.scan_kwargs(), chunk_size=self.chunk_size, return_final_states=True,
-                                    seq_idx=seq_idx)
+                                    seq_idx=seq_idx, backend=backend)
         if state is not None:
             with torch.no_grad():
                 if mask is not None:  # a row of pads only keeps its k and v

@@ -84,6 +84,7 @@ def from_pretrained(path: Union[str, os.PathLike], device: Union[str, torch.devi
         config = mamba_ssm.config_from_mamba_ssm(raw, where=f"{str(directory / CONFIG_NAME)!r} ({fmt})")
         model = load_model(config, find_weights(directory), where, device=device, dtype=dtype,
                            allow_non_finite=allow_non_finite)
+        mamba_ssm.mimo_from_official(model)
     model.pretrained_source = {"format": fmt, "path": str(directory), "config": raw}
     return model
 

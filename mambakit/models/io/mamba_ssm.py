@@ -4,7 +4,13 @@ pytorch_model.bin with the official key names (those of mambakit), lm_head.weigh
 Mamba-3 (``ssm_cfg["layer"] = "Mamba3"``, the official main branch's `mamba_ssm.modules.mamba3.Mamba3`): its A is
 the heavy-tail activation and its config has no field for another one, so a mambakit model with
 ``A_activation="softplus"`` (the 2.3.2.post1 release's A) is refused rather than written as a different model; a
-config.json that names ``A_activation`` (mambakit's superset) is read as written. MIMO is not supported yet.
+config.json that names ``A_activation`` (mambakit's superset) is read as written.
+
+Mamba-3 MIMO: the official training kernels (TileLang ``mamba3_mimo_fwd/bwd``) and the official module's own decode
+step rotate state dim i with dim i + d_state/2; mambakit's MIMO rotates the pairs (2i, 2i+1) as its SISO does. The
+two are the same model up to a permutation of the d_state axis, so an official MIMO checkpoint is read with that
+axis reordered (the B and C rows of in_proj, B_bias, C_bias, B_norm.weight, C_norm.weight) and written back in the
+official order (:func:`mimo_from_official`, :func:`mimo_to_official`); docs/pretrained.md names the sources.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from mambakit.errors import CheckpointError, MambaKitError
+from mambakit.layers.mamba3 import Mamba3
 from mambakit.models.config import MambaConfig
 from mambakit.models.io.folder import json_float, write_json
 from mambakit.models.io.names import BIN_NAME, CONFIG_NAME, RUNTIME_SSM_KEYS
@@ -29,9 +36,50 @@ OFFICIAL_NORM_EPS = 1e-5  # mamba_ssm hard-codes the epsilon of its RMSNorms (no
 OFFICIAL_MAMBA3_A = "heavy_tail"  # the official main branch's A activation (no config field)
 
 
-# The official MIMO kernel rotates state dim i with i + d_state / 2; mambakit's MIMO rotates the pairs (2i, 2i + 1)
-# as in SISO, so an official MIMO checkpoint would need its B/C dims permuted first.
-_MIMO_WHY = "the official MIMO kernel pairs the rotated state dims differently from mambakit's MIMO"
+
+def _official_order(d_state: int) -> torch.Tensor:
+    """(d_state,) long: mambakit's state dim m is the official dim order[m] (official pair (i, i + d_state/2) ->
+    mambakit pair (2i, 2i + 1)); d_state even."""
+    half = torch.arange(d_state // 2)
+    return torch.stack((half, half + d_state // 2), 1).flatten()
+
+
+def _mimo_indices(mixer: Mamba3, to_official: bool) -> dict[str, tuple[int, torch.Tensor]]:
+    """{parameter name in the mixer: (axis, index)}: ``t.index_select(axis, index)`` reorders the d_state axis from
+    the official order to mambakit's (or back with to_official)."""
+    order = _official_order(mixer.d_state)
+    if to_official:
+        order = torch.argsort(order)
+    rows = torch.arange(mixer.in_proj.weight.shape[0])
+    blocks = mixer.mimo_rank * mixer.ngroups  # B then C: (rank, group, d_state) each, after z and x
+    start = 2 * mixer.d_inner
+    within = (torch.arange(2 * blocks)[:, None] * mixer.d_state + order).flatten()
+    rows[start:start + within.numel()] = start + within
+    return {"in_proj.weight": (0, rows), "B_bias": (2, order), "C_bias": (2, order), "B_norm.weight": (0, order),
+            "C_norm.weight": (0, order)}
+
+
+def _mimo_mixers(model: torch.nn.Module) -> list[tuple[str, Mamba3]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, Mamba3) and m.is_mimo]
+
+
+def mimo_from_official(model: torch.nn.Module) -> None:
+    """Reorder, in place, the d_state axis of every Mamba-3 MIMO mixer of `model` loaded from official tensors."""
+    with torch.no_grad():
+        for _, mixer in _mimo_mixers(model):
+            for name, (axis, index) in _mimo_indices(mixer, to_official=False).items():
+                param = mixer.get_parameter(name)
+                param.copy_(param.index_select(axis, index.to(param.device)))
+
+
+def mimo_to_official(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (model's state dict, CPU) with the Mamba-3 MIMO mixers' d_state axis in the official order."""
+    state = dict(state)
+    for prefix, mixer in _mimo_mixers(model):
+        for name, (axis, index) in _mimo_indices(mixer, to_official=True).items():
+            key = f"{prefix}.{name}"
+            state[key] = state[key].index_select(axis, index).contiguous()
+    return state
 
 
 def config_from_mamba_ssm(raw: dict[str, Any], where: str = CONFIG_NAME) -> MambaConfig:
@@ -52,8 +100,8 @@ def config_from_mamba_ssm(raw: dict[str, Any], where: str = CONFIG_NAME) -> Mamb
     if str(ssm.get("layer", "")).lower() == "mamba3":
         for key in _IGNORED_MAMBA3_KEYS:
             ssm.pop(key, None)
-        if ssm.get("is_mimo"):
-            problems.append(f"ssm_cfg is_mimo={ssm['is_mimo']!r} (Mamba-3 MIMO) is not supported yet: {_MIMO_WHY}")
+        if ssm.get("is_mimo") and isinstance(ssm.get("d_state"), int) and ssm["d_state"] % 2:
+            problems.append(f"ssm_cfg d_state={ssm['d_state']!r}: the official Mamba-3 MIMO needs an even d_state")
     if "d_ssm" in ssm and ssm["d_ssm"] is None:
         del ssm["d_ssm"]  # the default (d_inner); a given d_ssm goes to the Mamba2 layer, which checks it
     if isinstance(ssm.get("dt_limit"), list):
@@ -98,8 +146,10 @@ def config_to_mamba_ssm(model: torch.nn.Module) -> dict[str, Any]:
         if "A_init_range" in ssm:
             ssm["A_init_range"] = list(ssm["A_init_range"])
     if config.mixer_layer == "Mamba3":
-        if ssm.get("is_mimo"):
-            problems.append(f"ssm_cfg is_mimo=True (Mamba-3 MIMO): {_MIMO_WHY} (save in mambakit format)")
+        odd = sorted({m.d_state for _, m in _mimo_mixers(model) if m.d_state % 2})
+        if odd:
+            problems.append(f"ssm_cfg d_state={odd[0]}: the official Mamba-3 MIMO needs an even d_state (save in "
+                            "mambakit format)")
         activation = ssm.pop("A_activation", OFFICIAL_MAMBA3_A)
         if activation != OFFICIAL_MAMBA3_A:
             problems.append(f"ssm_cfg A_activation={activation!r}: mamba_ssm's Mamba3 computes A with "
@@ -116,7 +166,7 @@ def mamba_ssm_writer(model: torch.nn.Module) -> Callable[[Path], None]:
     reason it cannot is raised here, before any file is written."""
     ssm_config = config_to_mamba_ssm(model)
     check_tie(model)
-    state = cpu_state(model)
+    state = mimo_to_official(model, cpu_state(model))
 
     def write(tmp: Path) -> None:
         write_json(tmp / CONFIG_NAME, ssm_config)

@@ -1,5 +1,5 @@
 """Mamba-3: the trapezoidal two-term recurrence with data-dependent rotations of B and C (SISO here; MIMO of rank R
-in :mod:`.mimo`).
+in :mod:`.mimo`, its dispatcher :func:`.mimo.mamba3_mimo_scan`, its Triton kernels :mod:`.triton_mimo`).
 
 * :func:`mamba3_scan` -- the public scan with the official ``mamba3_siso_combined`` argument names (``seq_idx``
   in place of ``cu_seqlens``) and a ``backend``.

@@ -30,7 +30,7 @@ Precision: float64 if any floating input is float64, else float32 (half inputs a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -163,3 +163,31 @@ def segment_starts(seq_idx: Optional[Tensor]) -> Optional[Tensor]:
 def heads_of_groups(t: Tensor, nheads: int) -> Tensor:
     """(..., ngroups, d) -> (..., nheads, d): head h reads group h // (nheads / ngroups)."""
     return t.repeat_interleave(nheads // t.shape[-2], dim=-2)
+
+
+def validate_mimo(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Input_States, seq_idx,
+                  seq_dims: bool = True) -> Tuple[Dims, int]:
+    """Check the arguments of the MIMO scan (seq_dims=True) or of one MIMO step (the layouts of
+    :mod:`mambakit.ops.mamba3.mimo`); return (the problem sizes, the rank R)."""
+    Q, K = _require_tensor("Q", Q), _require_tensor("K", K)
+    want = 5 if seq_dims else 4
+    if Q.dim() != want or min(Q.shape) < 1:
+        layout = "(batch, seqlen, R, ngroups, d_state)" if seq_dims else "(batch, R, ngroups, d_state)"
+        raise MambaKitError(f"Q must have shape {layout} with every size >= 1, got {tuple(Q.shape)}")
+    R = Q.shape[-3]
+    _require_shape("K", K, [(f"dim {i}", s) for i, s in enumerate(Q.shape)])
+    # the SISO checks on rank 0 give every other size and check
+    dims = validate(Q.select(-3, 0), K.select(-3, 0), V, ADT, DT, Trap, _require_tensor("Q_bias", Q_bias)[:, 0],
+                    _require_tensor("K_bias", K_bias)[:, 0], Angles, D, None, None, seq_idx, seq_dims=seq_dims)
+    for name, value, last in (("MIMO_V", MIMO_V, ("headdim", dims.headdim)), ("Q_bias", Q_bias,
+                              ("d_state", dims.d_state)), ("K_bias", K_bias, ("d_state", dims.d_state))):
+        _require_shape(name, _require_tensor(name, value), [("nheads", dims.nheads), ("R", R), last])
+    if Input_States is not None:
+        if not isinstance(Input_States, (tuple, list)) or len(Input_States) != 4:
+            raise MambaKitError(f"Input_States must be a tuple (angle, ssm, k, v), got {type(Input_States).__name__}")
+        b, h = ("batch", dims.batch), ("nheads", dims.nheads)
+        shapes = ([b, h, ("n_angles", dims.n_angles)], [b, h, ("headdim", dims.headdim), ("d_state", dims.d_state)],
+                  [b, ("R", R), h, ("d_state", dims.d_state)], [b, h, ("headdim", dims.headdim)])
+        for part, value, shape in zip(Mamba3States._fields, Input_States, shapes):
+            _require_shape(f"Input_States.{part}", _require_tensor(f"Input_States.{part}", value), shape)
+    return dims, R

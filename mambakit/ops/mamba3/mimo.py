@@ -1,5 +1,5 @@
 """Mamba-3 MIMO (rank R): the step recurrence (the reference, any dtype including float64), the chunked PyTorch
-form, and one decoding step.
+form, the dispatcher :func:`mamba3_mimo_scan` (also to the Triton kernels), and one decoding step.
 
 Layouts (the official ``mamba_ssm`` MIMO op, ``mamba3_mimo``, less its gate and output mix)::
 
@@ -20,7 +20,9 @@ The scan returns the per-rank outputs y (batch, seqlen, R, nheads, headdim); :fu
 per-rank gate and the output mix ``sum_r MIMO_O[:, r] * y_r * silu(Z * MIMO_Z[:, r])``. The state after a position
 is (:class:`Mamba3States`) angle (batch, nheads, n_angles), ssm (batch, nheads, headdim, d_state), k (batch, R,
 nheads, d_state) the rotated K of each rank, v (batch, nheads, headdim) the x of the last position (the official
-decode cache). The state pairs are rotated as in SISO, (2i, 2i+1).
+decode cache). The state pairs are rotated as in SISO, (2i, 2i+1) (the official MIMO turns dim i with dim
+i + d_state/2: the same model up to a permutation of d_state, which mambakit.models.io.mamba_ssm applies to official
+checkpoints).
 """
 from __future__ import annotations
 
@@ -31,39 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.mamba3 import BACKENDS
 from mambakit.ops.mamba3.chunked import prepare
 from mambakit.ops.mamba3.common import TWO_PI, Mamba3States, angle_increment, compute_dtype, heads_of_groups
-from mambakit.ops.mamba3.common import rotate, validate
+from mambakit.ops.mamba3.common import rotate, validate_mimo
 from mambakit.ops.mamba3.naive import run_steps
-from mambakit.ops.ssd.validate import require_shape, require_tensor
 
 States = Tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def _validate(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Input_States, seq_idx, seq_dims=True):
-    """Check the MIMO arguments (with or without the seqlen axis); return (dims, rank)."""
-    Q, K = require_tensor("Q", Q), require_tensor("K", K)
-    want = 5 if seq_dims else 4
-    if Q.dim() != want or min(Q.shape) < 1:
-        layout = "(batch, seqlen, R, ngroups, d_state)" if seq_dims else "(batch, R, ngroups, d_state)"
-        raise MambaKitError(f"Q must have shape {layout} with every size >= 1, got {tuple(Q.shape)}")
-    R = Q.shape[-3]
-    require_shape("K", K, [(f"dim {i}", s) for i, s in enumerate(Q.shape)])
-    # the SISO checks on rank 0 give every other size and check
-    dims = validate(Q.select(-3, 0), K.select(-3, 0), V, ADT, DT, Trap, require_tensor("Q_bias", Q_bias)[:, 0],
-                    require_tensor("K_bias", K_bias)[:, 0], Angles, D, None, None, seq_idx, seq_dims=seq_dims)
-    for name, value, last in (("MIMO_V", MIMO_V, ("headdim", dims.headdim)), ("Q_bias", Q_bias,
-                              ("d_state", dims.d_state)), ("K_bias", K_bias, ("d_state", dims.d_state))):
-        require_shape(name, require_tensor(name, value), [("nheads", dims.nheads), ("R", R), last])
-    if Input_States is not None:
-        if not isinstance(Input_States, (tuple, list)) or len(Input_States) != 4:
-            raise MambaKitError(f"Input_States must be a tuple (angle, ssm, k, v), got {type(Input_States).__name__}")
-        b, h = ("batch", dims.batch), ("nheads", dims.nheads)
-        shapes = ([b, h, ("n_angles", dims.n_angles)], [b, h, ("headdim", dims.headdim), ("d_state", dims.d_state)],
-                  [b, ("R", R), h, ("d_state", dims.d_state)], [b, h, ("headdim", dims.headdim)])
-        for part, value, shape in zip(Mamba3States._fields, Input_States, shapes):
-            require_shape(f"Input_States.{part}", require_tensor(f"Input_States.{part}", value), shape)
-    return dims, R
 
 
 def mimo_step_core(states: Mamba3States, q: Tensor, k: Tensor, x: Tensor, mimo_x: Tensor, adt: Tensor, dt: Tensor,
@@ -99,7 +75,7 @@ def mamba3_mimo_scan_ref(
 
     Returns y (batch, seqlen, R, nheads, headdim) in V's dtype, or (y, angle, ssm, k, v) with the final states in
     the compute dtype (float64 if any input is float64, else float32)."""
-    dims, R = _validate(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Input_States, seq_idx)
+    dims, R = validate_mimo(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Input_States, seq_idx)
     fp = compute_dtype(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, *(Input_States or ()))
     H = dims.nheads
     q, k = heads_of_groups(Q.to(fp), H), heads_of_groups(K.to(fp), H)
@@ -128,7 +104,7 @@ def mamba3_mimo_chunked(
     The pieces per position come from the SISO :func:`~mambakit.ops.mamba3.chunked.prepare` run on (head, rank)
     pairs as heads; inside a chunk every rank's q meets every rank's k. Non-finite V: computed by the recurrence
     (the block form would let a NaN reach earlier positions of its chunk)."""
-    dims, R = _validate(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Input_States, seq_idx)
+    dims, R = validate_mimo(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Input_States, seq_idx)
     kw = dict(D=D, Input_States=Input_States, chunk_size=chunk_size, return_final_states=return_final_states,
               seq_idx=seq_idx)
     if not bool(torch.isfinite(V).all()):
@@ -195,6 +171,25 @@ def mamba3_mimo_chunked(
     return y, p.final_angle[:, ::R], h, last_k, V.to(fp)[:, L - 1]
 
 
+def mamba3_mimo_scan(
+    Q: Tensor, K: Tensor, V: Tensor, MIMO_V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor,
+    K_bias: Tensor, Angles: Tensor, D: Optional[Tensor] = None, Input_States: Optional[States] = None,
+    chunk_size: int = 16, return_final_states: bool = False, seq_idx: Optional[Tensor] = None, backend: str = "auto",
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """The MIMO scan; arguments and results as :func:`mamba3_mimo_scan_ref`, backend one of
+    :data:`mambakit.ops.mamba3.BACKENDS`: "auto" and "torch" the chunked form (the kernels are opt-in until timed on
+    a GPU), "triton" the Triton kernels (:mod:`mambakit.ops.mamba3.triton_mimo`: CUDA or TRITON_INTERPRET=1), "ref"
+    the recurrence."""
+    if backend not in BACKENDS:
+        raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        from mambakit.ops.mamba3.triton_mimo import mamba3_mimo_scan_triton as form
+    else:
+        form = mamba3_mimo_scan_ref if backend == "ref" else mamba3_mimo_chunked
+    return form(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=D, Input_States=Input_States,
+                chunk_size=chunk_size, return_final_states=return_final_states, seq_idx=seq_idx)
+
+
 def mimo_combine(y: Tensor, MIMO_O: Tensor, Z: Optional[Tensor] = None, MIMO_Z: Optional[Tensor] = None) -> Tensor:
     """The gate and the output mix: y (..., R, nheads, headdim) per rank, MIMO_O and MIMO_Z (nheads, R, headdim),
     Z (..., nheads, headdim) or None -> sum_r MIMO_O[:, r] * y_r * silu(Z * MIMO_Z[:, r]), (..., nheads, headdim)."""
@@ -213,7 +208,7 @@ def mamba3_mimo_step(states: States, Q: Tensor, K: Tensor, V: Tensor, MIMO_V: Te
     Q, K: (batch, R, ngroups, d_state); V: (batch, nheads, headdim); ADT, DT, Trap: (batch, nheads); Angles:
     (batch, nheads, n_angles); the rest and the states as in :func:`mamba3_mimo_scan_ref`.
     Returns y (batch, R, nheads, headdim) in V's dtype: one step of the recurrence."""
-    dims, _ = _validate(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, states, None, seq_dims=False)
+    dims, _ = validate_mimo(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, states, None, seq_dims=False)
     fp = compute_dtype(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, *states)
     before = Mamba3States(*(s.to(fp) for s in states))
     H = dims.nheads

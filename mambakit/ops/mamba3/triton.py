@@ -1,4 +1,5 @@
-"""The Mamba-3 SISO scan's forward as one portable Triton kernel (standard Triton only: no inline PTX, no TMA).
+"""The Mamba-3 SISO scan's forward as one portable Triton kernel (standard Triton only: no inline PTX, no TMA); with
+RANK > 1 the same kernels run the MIMO scan (:mod:`mambakit.ops.mamba3.triton_mimo`).
 
 The per-position pieces (angles carried over chunks, rotations, the trapezoid's weights) come from
 :func:`mambakit.ops.mamba3.chunked.prepare` in PyTorch; the kernel runs the block decomposition: one program per
@@ -25,7 +26,7 @@ from mambakit.ops.causal import nan_where, not_finite, poisoned_lanes
 from mambakit.ops.mamba3.chunked import prepare, start_state
 from mambakit.ops.mamba3.common import segment_starts
 from mambakit.ops.mamba3.triton_bwd import _mamba3_bwd_kernel
-from mambakit.ops.mamba3.triton_tiles import _chunk_decays, _head_program, _load_chunk
+from mambakit.ops.mamba3.triton_tiles import _chunk_decays, _head_program, _load_chunk, _same_step
 
 
 def interpreted() -> bool:
@@ -35,7 +36,7 @@ def interpreted() -> bool:
 
 @triton.jit
 def _mamba3_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, adt_ptr, diag_ptr, seg_ptr, h0_ptr, y_ptr, hT_ptr, st_ptr,
+    q_ptr, k_ptr, v_ptr, adt_ptr, diag_ptr, seg_ptr, h0_ptr, y_ptr, hT_ptr, st_ptr, kg_ptr,
     seqlen, nheads, headdim, d_state, nchunks,
     s_qb, s_qt, s_qh,  # q and k (batch, time, nheads, d_state), last stride 1
     s_vb, s_vt, s_vh,  # v and y (batch, time, nheads, headdim), last stride 1
@@ -44,7 +45,7 @@ def _mamba3_fwd_kernel(
     s_hb, s_hh, s_hp,  # h0 and hT (batch, nheads, headdim, d_state), last stride 1
     s_stb, s_sth, s_stc, s_stp,  # st: the state entering each chunk (batch, nheads, nchunks, headdim, d_state)
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, RANK: tl.constexpr,
 ):
     b, h, pid_p, offs_t, offs_p, offs_n, mask_p, mask_n, h_offs, h_mask, st_offs = _head_program(
         nheads, headdim, d_state, s_hb, s_hh, s_hp, s_stb, s_sth, s_stp, CHUNK, BLOCK_P, BLOCK_N)
@@ -60,10 +61,13 @@ def _mamba3_fwd_kernel(
             q_ptr, k_ptr, v_ptr, adt_ptr, diag_ptr, b, h, c, offs_t, offs_p, offs_n, mask_p, mask_n, seqlen,
             s_qb, s_qt, s_qh, s_vb, s_vt, s_vh, s_ab, s_at, CHUNK)
         acs, acs_last, keep, from_start, w, carry, seg_prev = _chunk_decays(
-            a, seg_ptr, b, t, mask_t, offs_t, seg_prev, s_sb, CHUNK, HAS_SEG)
+            a, seg_ptr, b, t, mask_t, offs_t, seg_prev, s_sb, CHUNK, HAS_SEG, RANK)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         decay = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], 0.0))
         mix = tl.where(keep, scores * decay, 0.0)
+        if RANK > 1:  # MIMO: the rows of one time step see each other through kg (k times its own weight)
+            kg = tl.load(kg_ptr + qk_offs, mask=qk_mask, other=0.0)
+            mix += tl.where(_same_step(offs_t, RANK), tl.dot(q, tl.trans(kg), input_precision="ieee"), 0.0)
         y = tl.dot(mix, v, input_precision="ieee")
         y += diag[:, None] * v
         inter = tl.dot(q, tl.trans(state), input_precision="ieee") * tl.exp(acs)[:, None]
@@ -87,19 +91,22 @@ def _strides_of(*tensors: Tensor) -> dict:
 
 
 class _Mamba3Triton(torch.autograd.Function):
-    """The kernels' part of the scan: (q, k, v, adt, diag, h0) -> (y before the gate, the final ssm state).
+    """The kernels' part of the scan: (q, k, v, adt, diag, h0, seg, chunk, kg, rank) -> (y before the gate, the
+    final ssm state).
 
-    q: (batch, seqlen, nheads, d_state) rotated C with bias; k: the same for B, times the trapezoid's weight scale;
-    v: (batch, seqlen, nheads, headdim); adt, diag: (batch, seqlen, nheads), diag = the own-position weight of v
-    (including D); h0: (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) int32 segment numbers or None.
-    All float32 and contiguous."""
+    SISO (rank 1, kg None): q: (batch, seqlen, nheads, d_state) rotated C with bias; k: the same for B, times the
+    trapezoid's weight scale; v: (batch, seqlen, nheads, headdim); adt, diag: (batch, seqlen, nheads), diag = the
+    own-position weight of v (including D); h0: (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen)
+    int32 segment numbers or None. MIMO (rank R > 1, a power of two dividing chunk): the seqlen axis holds rows
+    (time, rank), time-major; adt is zero but on each step's first row; kg: like k, the rotated B times its own
+    weight gamma (the rows of one step meet through q kg^T); diag = D. All float32 and contiguous."""
 
     @staticmethod
-    def forward(ctx, q, k, v, adt, diag, h0, seg, chunk):  # type: ignore[override]
+    def forward(ctx, q, k, v, adt, diag, h0, seg, chunk, kg, rank):  # type: ignore[override]
         batch, L, nheads, headdim = v.shape
         d_state = q.shape[-1]
         nchunks = triton.cdiv(L, chunk)
-        store = any(ctx.needs_input_grad[:6])  # (forward runs with grad mode off: ask ctx)
+        store = any(ctx.needs_input_grad[:6]) or ctx.needs_input_grad[8]  # (forward runs with grad mode off)
         y = torch.empty_like(v)
         hT = v.new_empty(batch, nheads, headdim, d_state)
         st = v.new_empty(batch, nheads, nchunks if store else 1, headdim, d_state)
@@ -107,18 +114,19 @@ class _Mamba3Triton(torch.autograd.Function):
         grid = (batch * nheads, triton.cdiv(headdim, block_p))
         _mamba3_fwd_kernel[grid](
             q, k, v, adt, diag, seg if seg is not None else adt, h0 if h0 is not None else hT, y, hT, st,
-            L, nheads, headdim, d_state, nchunks, s_sb=seg.stride(0) if seg is not None else 0,
-            **_strides_of(q, v, adt, hT, st), CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=_block(d_state),
-            HAS_SEG=seg is not None, HAS_H0=h0 is not None, STORE_STATES=store,
+            kg if kg is not None else q, L, nheads, headdim, d_state, nchunks,
+            s_sb=seg.stride(0) if seg is not None else 0, **_strides_of(q, v, adt, hT, st), CHUNK=chunk,
+            BLOCK_P=block_p, BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_H0=h0 is not None,
+            STORE_STATES=store, RANK=rank,
         )
-        ctx.save_for_backward(q, k, v, adt, diag, seg, st)
-        ctx.chunk, ctx.has_h0 = chunk, h0 is not None
+        ctx.save_for_backward(q, k, v, adt, diag, seg, st, kg)
+        ctx.chunk, ctx.has_h0, ctx.rank = chunk, h0 is not None, rank
         ctx.set_materialize_grads(False)
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):  # type: ignore[override]
-        q, k, v, adt, diag, seg, st = ctx.saved_tensors
+        q, k, v, adt, diag, seg, st, kg = ctx.saved_tensors
         batch, L, nheads, headdim = v.shape
         d_state = q.shape[-1]
         dy = torch.zeros_like(v) if dy is None else dy.to(torch.float32).contiguous()
@@ -127,19 +135,22 @@ class _Mamba3Triton(torch.autograd.Function):
         nblocks = triton.cdiv(headdim, block_p)
         dq = q.new_empty(nblocks, *q.shape)  # per headdim block partial sums, added up below (no atomics)
         dk = q.new_empty(nblocks, *q.shape)
+        dkg = q.new_empty(nblocks, *q.shape) if kg is not None else dk
         dadt = adt.new_empty(nblocks, *adt.shape)
         ddiag = adt.new_empty(nblocks, *adt.shape)
         dv = torch.empty_like(v)
         dh0 = v.new_empty(batch, nheads, headdim, d_state)
         _mamba3_bwd_kernel[(batch * nheads, nblocks)](
             q, k, v, adt, diag, seg if seg is not None else adt, st, dy, dhT if dhT is not None else dh0,
-            dq, dk, dv, dadt, ddiag, dh0, L, nheads, headdim, d_state, triton.cdiv(L, ctx.chunk),
-            s_sb=seg.stride(0) if seg is not None else 0, **_strides_of(q, v, adt, dh0, st),
-            s_blk_q=dq.stride(0), s_blk_a=dadt.stride(0), CHUNK=ctx.chunk, BLOCK_P=block_p,
-            BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_DHT=dhT is not None, num_warps=8,
+            dq, dk, dv, dadt, ddiag, dh0, kg if kg is not None else q, dkg, L, nheads, headdim, d_state,
+            triton.cdiv(L, ctx.chunk), s_sb=seg.stride(0) if seg is not None else 0,
+            **_strides_of(q, v, adt, dh0, st), s_blk_q=dq.stride(0), s_blk_a=dadt.stride(0), CHUNK=ctx.chunk,
+            BLOCK_P=block_p, BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_DHT=dhT is not None,
+            RANK=ctx.rank, num_warps=8,
             num_stages=2,  # 3 stages need 248 KB of shared memory at d_state 128 (sm_90: 227 KB); 2 need 149
         )
-        return (dq.sum(0), dk.sum(0), dv, dadt.sum(0), ddiag.sum(0), dh0 if ctx.has_h0 else None, None, None)
+        return (dq.sum(0), dk.sum(0), dv, dadt.sum(0), ddiag.sum(0), dh0 if ctx.has_h0 else None, None, None,
+                dkg.sum(0) if kg is not None else None, None)
 
 
 def mamba3_scan_triton(
@@ -179,7 +190,7 @@ def mamba3_scan_triton(
     starts = segment_starts(seq_idx)
     seg = None if starts is None else starts.cumsum(1).to(torch.int32).contiguous()  # (batch, seqlen)
     h0 = start_state(p, Input_States).contiguous() if Input_States is not None else None
-    y, hT = _Mamba3Triton.apply(q, k, v.contiguous(), adt, diag.contiguous(), h0, seg, chunk)
+    y, hT = _Mamba3Triton.apply(q, k, v.contiguous(), adt, diag.contiguous(), h0, seg, chunk, None, 1)
     y, hT = nan_where(poison[..., None], y), nan_where(poison[:, -1, :, None, None], hT)
     if Z is not None:
         y = y * F.silu(Z.to(torch.float32))

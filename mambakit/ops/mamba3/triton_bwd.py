@@ -1,4 +1,4 @@
-"""The backward kernel of the Mamba-3 SISO Triton scan (the launcher and the autograd function are in
+"""The backward kernel of the Mamba-3 Triton scans, SISO and MIMO (the launcher and the autograd function are in
 :mod:`mambakit.ops.mamba3.triton`).
 
 It mirrors the forward: one program per (batch, head, block of headdim) walks the chunks in reverse, keeping the
@@ -12,19 +12,22 @@ forward's saved copy. Per chunk, with e_i = exp(acs_i), dP = dy v^T, dS the grad
 The gradients of q, k, adt and diag sum over headdim: each headdim block writes its own partial sums (a leading
 block axis) and the caller adds them up, so nothing is accumulated with atomics and the result is bit-identical
 from run to run. float32 accumulation, IEEE dots.
+
+MIMO (RANK > 1, rows = (time, rank) pairs): the rows of one time step also meet through own = same * (q kg^T),
+so dq += (same * dP) kg, dkg = (same * dP)^T q and dv += own^T dy.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from mambakit.ops.mamba3.triton_tiles import _chunk_decays, _head_program, _load_chunk
+from mambakit.ops.mamba3.triton_tiles import _chunk_decays, _head_program, _load_chunk, _same_step
 
 
 @triton.jit
 def _mamba3_bwd_kernel(
     q_ptr, k_ptr, v_ptr, adt_ptr, diag_ptr, seg_ptr, st_ptr, dy_ptr, dhT_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dadt_ptr, ddiag_ptr, dh0_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dadt_ptr, ddiag_ptr, dh0_ptr, kg_ptr, dkg_ptr,
     seqlen, nheads, headdim, d_state, nchunks,
     s_qb, s_qt, s_qh,  # q, k (batch, time, nheads, d_state), last stride 1
     s_vb, s_vt, s_vh,  # v, dy, dv (batch, time, nheads, headdim), last stride 1
@@ -34,7 +37,7 @@ def _mamba3_bwd_kernel(
     s_stb, s_sth, s_stc, s_stp,  # st: the state entering each chunk (batch, nheads, nchunks, headdim, d_state)
     s_blk_q, s_blk_a,  # the block axis of the partial sums dq/dk (like q, plus a leading axis) and dadt/ddiag
     CHUNK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SEG: tl.constexpr, HAS_DHT: tl.constexpr,
+    HAS_SEG: tl.constexpr, HAS_DHT: tl.constexpr, RANK: tl.constexpr,
 ):
     b, h, pid_p, offs_t, offs_p, offs_n, mask_p, mask_n, h_offs, h_mask, st_offs = _head_program(
         nheads, headdim, d_state, s_hb, s_hh, s_hp, s_stb, s_sth, s_stp, CHUNK, BLOCK_P, BLOCK_N)
@@ -55,7 +58,7 @@ def _mamba3_bwd_kernel(
         else:
             seg_prev = 0
         acs, acs_last, keep, from_start, w, carry, _ = _chunk_decays(
-            a, seg_ptr, b, t, mask_t, offs_t, seg_prev, s_sb, CHUNK, HAS_SEG)
+            a, seg_ptr, b, t, mask_t, offs_t, seg_prev, s_sb, CHUNK, HAS_SEG, RANK)
         e_in = tl.where(from_start, tl.exp(acs), 0.0)  # the entering state's weight in each position's output
         decay = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], 0.0))
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -68,6 +71,15 @@ def _mamba3_bwd_kernel(
         dk = tl.dot(tl.trans(dscores), q, input_precision="ieee") + v_dstate * w[:, None]
         dv = tl.dot(tl.trans(mix), dy, input_precision="ieee") + diag[:, None] * dy
         dv += tl.dot(k, tl.trans(dstate), input_precision="ieee") * w[:, None]
+        if RANK > 1:  # MIMO: the same-step block own = q kg^T (no decay)
+            kg = tl.load(kg_ptr + qk_offs, mask=qk_mask, other=0.0)
+            same = _same_step(offs_t, RANK)
+            down = tl.where(same, dP, 0.0)
+            dq += tl.dot(down, kg, input_precision="ieee")
+            dkg = tl.dot(tl.trans(down), q, input_precision="ieee")
+            tl.store(dkg_ptr + pid_p * s_blk_q + qk_offs, dkg, mask=qk_mask)
+            own = tl.where(same, tl.dot(q, tl.trans(kg), input_precision="ieee"), 0.0)
+            dv += tl.dot(tl.trans(own), dy, input_precision="ieee")
         ddiag = tl.sum(dy * v, axis=1)
         # the gradient of the cumulated decay acs (then of adt by a reverse cumulative sum)
         m = dscores * scores

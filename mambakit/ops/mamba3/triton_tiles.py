@@ -1,5 +1,5 @@
-"""Tile helpers shared by the Mamba-3 SISO forward and backward kernels: the program's (batch, head, headdim block),
-one chunk's tiles, and the chunk's decays and segment masks."""
+"""Tile helpers shared by the Mamba-3 forward and backward kernels (SISO, and MIMO as rows (time, rank) of rank
+RANK): the program's (batch, head, headdim block), one chunk's tiles, and the chunk's decays and segment masks."""
 from __future__ import annotations
 
 import triton
@@ -47,15 +47,17 @@ def _load_chunk(q_ptr, k_ptr, v_ptr, adt_ptr, diag_ptr, b, h, c, offs_t, offs_p,
 
 
 @triton.jit
-def _chunk_decays(a, seg_ptr, b, t, mask_t, offs_t, seg_prev, s_sb, CHUNK: tl.constexpr, HAS_SEG: tl.constexpr):
-    """The chunk's cumulated decay acs and its total acs_last; keep (CHUNK, CHUNK): j feeds i inside the chunk
-    (j < i, same segment); from_start: the entering state reaches the position; w: the weight exp(acs_last - acs)
-    of each position in the leaving state (0 where it does not reach the chunk's end); carry: 1.0 when the entering
+def _chunk_decays(a, seg_ptr, b, t, mask_t, offs_t, seg_prev, s_sb, CHUNK: tl.constexpr, HAS_SEG: tl.constexpr,
+                  RANK: tl.constexpr):
+    """The chunk's cumulated decay acs and its total acs_last; keep (CHUNK, CHUNK): row j feeds row i inside the
+    chunk (j's time step before i's, same segment; a row is a time step, or with RANK > 1 a (time, rank) pair);
+    from_start: the entering state reaches the position; w: the weight exp(acs_last - acs) of each position in the
+    leaving state (0 where it does not reach the chunk's end); carry: 1.0 when the entering
     state reaches the leaving one, else 0.0; seg_last: the segment at the chunk's end (seg_prev: at the end of the
     chunk before)."""
     acs = tl.cumsum(a, axis=0)
     acs_last = tl.sum(a, axis=0)
-    below = offs_t[:, None] > offs_t[None, :]
+    below = (offs_t[:, None] // RANK) > (offs_t[None, :] // RANK)
     if HAS_SEG:
         seg = tl.load(seg_ptr + b * s_sb + t, mask=mask_t, other=0)
         seg_last = tl.max(tl.where(mask_t, seg, 0), axis=0)
@@ -71,3 +73,9 @@ def _chunk_decays(a, seg_ptr, b, t, mask_t, offs_t, seg_prev, s_sb, CHUNK: tl.co
         carry = 1.0
     w = tl.where(to_end & mask_t, tl.exp(tl.where(to_end, acs_last - acs, 0.0)), 0.0)
     return acs, acs_last, keep, from_start, w, carry, seg_last
+
+
+@triton.jit
+def _same_step(offs_t, RANK: tl.constexpr):
+    """(CHUNK, CHUNK) bool: rows i and j of a MIMO chunk (rows = (time, rank) pairs) are of the same time step."""
+    return (offs_t[:, None] // RANK) == (offs_t[None, :] // RANK)

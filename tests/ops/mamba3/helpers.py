@@ -73,6 +73,30 @@ def scan_grads(kw: dict, scan, seed: int = 5, parts=("y", "angle", "ssm", "k", "
     return out, grads
 
 
+def assert_grads_repeat(kw: dict, scan, first=None) -> None:
+    """scan_grads(kw, scan) twice (or once more after `first`, a gradient dict of it) gives bit-identical
+    gradients."""
+    first = scan_grads(kw, scan)[1] if first is None else first
+    again = scan_grads(kw, scan)[1]
+    for n in first:
+        assert torch.equal(first[n], again[n]), n
+
+
+def assert_matches_torch(kw: dict, dtype: torch.dtype, tol: float, scan_torch, scan_triton) -> None:
+    """The Triton scan on kw (in dtype) against the torch form on the same values in float32: y, the final ssm state
+    and every gradient within tol (rel_err), and bit-identical gradients run to run."""
+    from tests.conftest import rel_err
+
+    ref_out, ref = scan_grads(as_dtype(kw, torch.float32, kw["V"].device), scan_torch)
+    out, got = scan_grads(kw, scan_triton)
+    assert out[0].dtype == dtype
+    assert rel_err(out[0], ref_out[0]) < tol
+    assert rel_err(out[2], ref_out[2]) < tol
+    for name in ref:
+        assert rel_err(got[name], ref[name]) < tol, name
+    assert_grads_repeat(kw, scan_triton, got)
+
+
 def mimo_inputs(rank=3, batch=2, seqlen=23, nheads=4, ngroups=2, headdim=5, d_state=6, n_angles=2, seed=3, **kw):
     """Keyword arguments of the MIMO scan: scan_inputs' (without the gate) with per-rank Q, K, biases, MIMO_V and
     a per-rank k in Input_States."""

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 from mambakit.ops.mamba3 import mamba3_scan  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.ops.mamba3.helpers import as_dtype, scan_grads, scan_inputs  # noqa: E402
+from tests.ops.mamba3.helpers import as_dtype, assert_grads_repeat, scan_grads, scan_inputs  # noqa: E402
 from tests.ops.triton import interpreted_module  # noqa: E402
 
 kernels = interpreted_module("mambakit.ops.mamba3.triton")
@@ -66,10 +66,7 @@ def test_gradients_of_one_output(parts):  # the backward gets no gradient for th
 def test_bit_identical_run_to_run():
     kw = as_dtype(scan_inputs(batch=1, seqlen=50, nheads=2, ngroups=1, headdim=70, d_state=10, n_angles=3),
                   torch.float32)
-    _, first = scan_grads(kw, _triton)
-    _, second = scan_grads(kw, _triton)
-    for n in first:
-        assert torch.equal(first[n], second[n]), n
+    assert_grads_repeat(kw, _triton)
 
 
 def test_inference_saves_no_states():  # without gradients the forward keeps no per-chunk states

@@ -5,7 +5,7 @@ official CUDA scan when `mamba_ssm` is importable.
 Run on a CUDA machine:  PYTHONUNBUFFERED=1 python3 benchmarks/sweep_selective_scan.py [--dims 1536 2048] [--seqlens 2048]
 Shape: batch 8, d_state 16; u, delta, z, B, C bf16; A, D, delta_bias fp32; softplus; with z. Two layouts:
 "time" (u/delta/z (batch, dim, seqlen) contiguous, the op benchmark's form) and "channel" (views of channel-last
-(batch, seqlen, dim) tensors, with B/C strided views of one (batch, seqlen, 2 d_state + 48) buffer: the Mamba-1
+(batch, seqlen, dim) tensors, the upstream gradient too, with B/C strided views of one (batch, seqlen, 2 d_state + 48) buffer: the Mamba-1
 block's form). Prints one JSON row per (layout, dim, seqlen, config) and a markdown table.
 """
 from __future__ import annotations
@@ -133,6 +133,8 @@ def main():
             for L in args.seqlens:
                 kw = make_inputs(batch, dim, N, L, layout)
                 gy = torch.randn(batch, dim, L, device="cuda").to(torch.bfloat16)
+                if layout == "channel":  # the upstream gradient in the block's layout too
+                    gy = gy.transpose(1, 2).contiguous().transpose(1, 2)
                 base = tss.pick_config(N, dim, dim, 1)
                 ref = run_once(kw, base, gy, ours)
                 entries = [(n, _config(CONFIGS[n], base.chunk) if CONFIGS[n] else base, ours) for n in names]

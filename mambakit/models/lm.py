@@ -190,9 +190,12 @@ class CausalLM(nn.Module):
             raise MambaKitError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise MambaKitError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.padded_vocab_size):
+        if not input_ids.numel() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return  # a CUDA graph being captured cannot read values (mambakit.training.cuda_graph)
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
+        if lo < 0 or hi >= self.config.padded_vocab_size:
             raise MambaKitError(f"input_ids must lie in [0, {self.config.padded_vocab_size}), got values in "
-                                f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+                                f"[{lo}, {hi}]")
 
     def _check_embeds(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
         """Exactly one of the two; returns a (batch, seqlen) tensor of the inputs' shape for the other checks."""

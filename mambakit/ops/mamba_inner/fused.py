@@ -117,7 +117,7 @@ def mamba_inner_fused_inference(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: 
     batch, two_d, seqlen = xz.shape
     d = two_d // 2
     n = A.shape[1]
-    cfg = pick_config(n, d, d, 1, channel_last=True)
+    cfg = pick_config(n, d, d, 1)
     u, _, delta, B, C = _scan_inputs(xz, conv1d_weight.to(dt).contiguous(),
                                      None if conv1d_bias is None else conv1d_bias.to(dt), x_proj_weight.to(dt),
                                      delta_proj_weight.to(dt), n, None, conv_state=conv_state.to(dt))
@@ -140,7 +140,7 @@ def mamba_inner_fused(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[T
     TRITON_INTERPRET=1). xz: (batch, 2 * d_inner, seqlen) -> (batch, seqlen, d_model) in xz's dtype."""
     dt = xz.dtype
     d = xz.shape[1] // 2
-    cfg = pick_config(A.shape[1], d, d, 1, channel_last=True)
+    cfg = pick_config(A.shape[1], d, d, 1)
     f32 = torch.float32
     weights = (conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias)
     conv_w, conv_b, x_w, dt_w, out_w, out_b = (w.to(dt) if w is not None else None for w in weights)

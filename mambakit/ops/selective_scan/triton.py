@@ -419,10 +419,7 @@ def _next_pow2(x: int) -> int:
 
 
 def pick_config(d_state: int, dim: int, dim_per_group: int, ngroups: int, chunk: Optional[int] = None,
-                fwd_block_t: Optional[int] = None, bwd_block_t: Optional[int] = None,
-                channel_last: bool = False) -> ScanConfig:
-    """channel_last: u, delta, z and the gradients are views of (batch, seqlen, dim) tensors (the Mamba-1 block's
-    layout), which changes the backward's best time tile."""
+                fwd_block_t: Optional[int] = None, bwd_block_t: Optional[int] = None) -> ScanConfig:
     NP = _next_pow2(d_state)
     # lanes per channel: a few for the usual small states (the state sum is then mostly in-thread), a whole warp for
     # large ones (registers); each thread holds BT steps x NH states x d_per_thread channels
@@ -442,8 +439,6 @@ def pick_config(d_state: int, dim: int, dim_per_group: int, ngroups: int, chunk:
         bwd_split = (NH, NL)
         NL, NH = 2, 8
         fwd_bd = min(16, cap)
-        if channel_last and not bwd_block_t:
-            bbt = 2
     ch = chunk or 64
     if ch % fbt or ch % bbt:
         raise MambaKitError(f"chunk ({ch}) must be a multiple of the time tiles ({fbt}, {bbt})")
@@ -604,8 +599,7 @@ def selective_scan_triton(
     Cg = C.unsqueeze(1) if C.dim() == 3 else C
     G = Bg.shape[1]
     dim = u.shape[1]
-    cfg = config or pick_config(d_state, dim, dim // G, G, chunk, fwd_block_t, bwd_block_t,
-                                channel_last=u.stride(1) == 1 and u.stride(2) != 1)
+    cfg = config or pick_config(d_state, dim, dim // G, G, chunk, fwd_block_t, bwd_block_t)
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     A32 = A.float()
     h0 = initial_state.float().contiguous() if initial_state is not None else None

@@ -31,7 +31,8 @@ def chunked_inputs(dtype=torch.float64, seed=0, seqlen=SEQLEN, batch=BATCH):
     dt = F.pad(F.softplus(r(batch, seqlen, NHEADS)), (0, 0, 0, nchunks * Q - seqlen))
     dt = dt.unflatten(1, (nchunks, Q)).permute(0, 3, 1, 2)  # (batch, nheads, nchunks, Q)
     A = -torch.rand(NHEADS, generator=g, dtype=torch.float64) - 0.2
-    t = dict(B=r(batch, seqlen, NGROUPS, DSTATE), C=r(batch, seqlen, NGROUPS, DSTATE), x=r(batch, seqlen, NHEADS, HEADDIM),
+    t = dict(B=r(batch, seqlen, NGROUPS, DSTATE), C=r(batch, seqlen, NGROUPS, DSTATE),
+             x=r(batch, seqlen, NHEADS, HEADDIM),
              z=r(batch, seqlen, NHEADS, HEADDIM), dt=dt, dA_cumsum=(dt * A[:, None, None]).cumsum(-1),
              prev_states=r(batch, nchunks, NHEADS, HEADDIM, DSTATE), D=r(NHEADS, HEADDIM))
     return {k: v.to(dtype).requires_grad_() for k, v in t.items()}
@@ -90,7 +91,8 @@ def test_chunk_state_is_each_chunk_from_zero():
     torch.testing.assert_close(got.double(), want, **TOL)
     torch.testing.assert_close(chunk_state_ref(t["B"], t["x"], t["dt"], t["dA_cumsum"]).double(), want, **TOL)
     half = {k: v.detach().bfloat16() for k, v in t.items()}
-    assert chunk_state(half["B"], half["x"], half["dt"], half["dA_cumsum"], states_in_fp32=False).dtype == torch.bfloat16
+    low = chunk_state(half["B"], half["x"], half["dt"], half["dA_cumsum"], states_in_fp32=False)
+    assert low.dtype == torch.bfloat16
     assert chunk_state_ref(half["B"], half["x"], half["dt"], half["dA_cumsum"]).dtype == torch.bfloat16
     t = chunked_inputs()
     args = [t[k] for k in ("B", "x", "dt", "dA_cumsum")]

@@ -112,3 +112,22 @@ def test_refusals_name_the_argument():
         Mamba3(D_MODEL, **SMALL)(_inputs(), inference_params=InferenceParams(max_seqlen=4, max_batch_size=2))
     with pytest.raises(MambaKitError, match="cu_seqlens"):
         compat(_inputs(), cu_seqlens=torch.tensor([0, 11]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["siso", "mimo_norm"])
+def test_cuda_forward_and_decode_match_cpu_float64(case):
+    torch.manual_seed(6)
+    layer = Mamba3(32, d_state=16, headdim=16, chunk_size=16, layer_idx=0, **CASES[case]).double()
+    u = torch.randn(2, 40, 32, dtype=F64)
+    want = layer(u)
+    cuda = Mamba3(32, d_state=16, headdim=16, chunk_size=16, layer_idx=0, **CASES[case]).cuda()
+    cuda.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    got = cuda(u.float().cuda())
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-3, atol=1e-3)
+    params = InferenceParams(max_seqlen=40, max_batch_size=2)
+    steps = [cuda(u[:, :30].float().cuda(), inference_params=params)]
+    for t in range(30, 40):
+        params.seqlen_offset = t
+        steps.append(cuda(u[:, t:t + 1].float().cuda(), inference_params=params))
+    torch.testing.assert_close(torch.cat(steps, 1).double().cpu(), want, rtol=1e-3, atol=1e-3)

@@ -115,3 +115,12 @@ def test_refusals_name_the_argument():
         MHA(EMBED, HEADS, mlp_dim=1.5)
     with pytest.raises(MambaKitError, match="mask"):
         make(VARIANTS["conv"])(torch.randn(1, 3, EMBED, dtype=F64), mask=torch.ones(1, 3))
+
+
+@pytest.mark.gpu
+def test_cuda_variants_match_float64():
+    layer = make(VARIANTS["all"], seed=4)
+    x = torch.randn(2, SEQLEN, EMBED, generator=torch.Generator().manual_seed(5), dtype=F64)
+    want = reference(layer, x)
+    got = layer.float().cuda()(x.float().cuda())
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from mambakit.compat.mamba_ssm.ops.triton.ssd_chunk_state import check_chunked, to_chunks
 from mambakit.errors import MambaKitError
+from mambakit.ops.causal import nan_where, not_finite
 from mambakit.ops.checks import require_tensors
 from mambakit.ops.dt import compute_dtype
 from mambakit.ops.ssd.common import add_skip
@@ -38,6 +39,8 @@ def chunk_scan(B: Tensor, C: Tensor, x: Tensor, dt: Tensor, dA_cumsum: Tensor, p
         raise MambaKitError(f"D must have shape (nheads,) or (nheads, headdim) = ({dims.nheads}, {dims.headdim}), "
                             f"got {tuple(D.shape)}")
     fp = compute_dtype(B, C, x, dt, dA_cumsum, prev_states)
+    x_in = x
+    x, dt, B, dA_cumsum, poison = _guard(x, dt, B, dA_cumsum, dims)
     Bc, Cc = to_chunks(B, dims, fp, heads=True), to_chunks(C, dims, fp, heads=True)  # (b, c, l, h, n)
     dA = dA_cumsum.to(fp)
     causal = torch.ones(dims.chunk_size, dims.chunk_size, dtype=torch.bool, device=x.device).tril()
@@ -49,7 +52,35 @@ def chunk_scan(B: Tensor, C: Tensor, x: Tensor, dt: Tensor, dA_cumsum: Tensor, p
     y = add_skip(y.flatten(1, 2)[:, :dims.seqlen], x.to(fp), None if D is None else D.to(fp))
     if z is not None:
         y = y * F.silu(z.to(fp))
-    return y.to(x.dtype)
+    return (y if poison is None else nan_where(poison[..., None], y)).to(x_in.dtype)
+
+
+def _by_position(t: Tensor, dims) -> Tensor:
+    """(batch, nheads, nchunks, chunk_size) -> (batch, seqlen, nheads)."""
+    return t.permute(0, 2, 3, 1).flatten(1, 2)[:, :dims.seqlen]
+
+
+def _by_chunk(t: Tensor, dims) -> Tensor:
+    """(batch, seqlen, ...) -> (batch, nchunks, chunk_size, ...), padded past seqlen."""
+    pad = [0, 0] * (t.dim() - 2) + [0, dims.nchunks * dims.chunk_size - dims.seqlen]
+    return F.pad(t, pad).unflatten(1, (dims.nchunks, dims.chunk_size))
+
+
+def _guard(x: Tensor, dt: Tensor, B: Tensor, dA_cumsum: Tensor, dims):
+    """Keep non-finite values causal, as the recurrence and the official kernel do (the products over a chunk's
+    positions would spread 0 * nan to its earlier outputs): the non-finite x * dt, B and dA_cumsum entries are
+    zeroed, and poison (batch, seqlen, nheads) marks each chunk's positions from its first such entry on (None when
+    everything is finite)."""
+    bad_xdt = not_finite(x * _by_position(dt, dims)[..., None], (3,))
+    bad_B = not_finite(B, (3,))
+    bad = bad_xdt | not_finite(_by_position(dA_cumsum, dims)) \
+        | bad_B.repeat_interleave(dims.nheads // dims.ngroups, dim=2)
+    if not bool(bad.any()):
+        return x, dt, B, dA_cumsum, None
+    poison = _by_chunk(bad.to(torch.int32), dims).cummax(dim=2).values.bool().flatten(1, 2)[:, :dims.seqlen]
+    dt = dt.masked_fill(_by_chunk(bad_xdt, dims).permute(0, 3, 1, 2), 0.0)
+    dA_cumsum = torch.where(torch.isfinite(dA_cumsum), dA_cumsum, torch.zeros_like(dA_cumsum))
+    return x.masked_fill(bad_xdt[..., None], 0.0), dt, B.masked_fill(bad_B[..., None], 0.0), dA_cumsum, poison
 
 
 def chunk_scan_ref(B: Tensor, C: Tensor, x: Tensor, dt: Tensor, dA_cumsum: Tensor, prev_states: Tensor,

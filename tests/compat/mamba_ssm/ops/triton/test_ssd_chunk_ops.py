@@ -247,3 +247,38 @@ def test_chunked_layout_errors_name_the_argument():
         chunk_scan(t["B"], t["C"][..., :2], t["x"], t["dt"], t["dA_cumsum"], t["prev_states"])
     with pytest.raises(MambaKitError, match="dA_chunk_cumsum"):
         state_passing(t["prev_states"].flatten(-2), t["dA_cumsum"])
+
+
+@pytest.mark.parametrize("where", ["x", "B", "dt"])
+def test_chunk_scan_keeps_non_finite_values_causal(where):
+    """A NaN at position 5 (chunk 1 = positions 4..7) reaches positions 5..7 only, as in the recurrence."""
+    t = {k: v.detach() for k, v in chunked_inputs(torch.float32, seed=12).items()}
+    clean = chunk_scan(t["B"], t["C"], t["x"], t["dt"], t["dA_cumsum"], t["prev_states"], D=t["D"])
+    if where == "dt":
+        t["dt"][0, 0, 1, 1] = float("nan")  # head 0 only
+    else:
+        t[where][0, 5, 0] = float("nan")  # head 0 (x) or group 0, heads 0 and 1 (B)
+    got = chunk_scan(t["B"], t["C"], t["x"], t["dt"], t["dA_cumsum"], t["prev_states"], D=t["D"])
+    heads = [0, 1] if where == "B" else [0]
+    assert got[0, 5:8, heads].isnan().all()
+    keep = torch.ones_like(got, dtype=torch.bool)
+    keep[0, 5:8, heads] = False
+    torch.testing.assert_close(got[keep], clean[keep])
+
+
+@pytest.mark.gpu
+def test_cuda_mamba_chunk_scan_and_chunk_pieces():
+    """On CUDA mamba_chunk_scan runs mambakit's Triton SSD kernels; the chunk pieces run in PyTorch on the device."""
+    t = ssd_inputs(seqlen=200)
+    want = ssd_loop(t["x"], t["dt"], t["A"], t["B"], t["C"], t["D"], t["z"], t["dt_bias"], True)[0]
+    cuda = {k: v.detach().cuda().requires_grad_() for k, v in t.items()}
+    got = mamba_chunk_scan(cuda["x"], cuda["dt"], cuda["A"], cuda["B"], cuda["C"], 64, D=cuda["D"], z=cuda["z"],
+                           dt_bias=cuda["dt_bias"], dt_softplus=True)
+    torch.testing.assert_close(got.double().cpu(), want, **TOL)
+    got.sum().backward()
+    assert all(torch.isfinite(v.grad).all() for v in cuda.values())
+    c = {k: v.detach().cuda() for k, v in chunked_inputs(torch.float32).items()}
+    out = chunk_scan(c["B"], c["C"], c["x"], c["dt"], c["dA_cumsum"], c["prev_states"], D=c["D"], z=c["z"])
+    want = chunk_loop(*(c[k].cpu() for k in ("B", "C", "x", "dt", "dA_cumsum", "prev_states")), D=c["D"].cpu(),
+                      z=c["z"].cpu())[0]
+    torch.testing.assert_close(out.double().cpu(), want, **TOL)

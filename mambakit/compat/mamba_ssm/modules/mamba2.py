@@ -34,7 +34,8 @@ class Mamba2(OfficialInference, MambaKitMamba2):
     process_group the instance is a `ShardedMamba2`."""
 
     def __new__(cls, *args, **kwargs):
-        if cls is Mamba2 and _bound(args, kwargs).get("process_group") is not None:
+        # no arguments: copy and pickle re-creating an instance of its own class
+        if cls is Mamba2 and (args or kwargs) and _bound(args, kwargs).get("process_group") is not None:
             cls = ShardedMamba2
         return super().__new__(cls)
 

@@ -120,3 +120,14 @@ def test_unmirrored_names_are_refused():
         tp.ParallelEmbeddings
     with pytest.raises(MambaKitError, match="init_process_group"):
         Mamba2(D_MODEL, **KW, process_group=object())
+
+
+def test_copy_and_pickle_keep_the_unsharded_class():
+    import copy
+    import pickle
+
+    layer = Mamba2(D_MODEL, **KW)
+    x = torch.randn(1, 3, D_MODEL, dtype=F64)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert type(other) is Mamba2
+        torch.testing.assert_close(other(x), layer(x))

@@ -1,7 +1,8 @@
 """mambakit.compat's Mamba2(process_group=) and mamba_ssm.distributed.tensor_parallel on 2 gloo CPU processes: the
 sharded layer (with and without sequence_parallel) equals the unsharded one in outputs, input and parameter
-gradients and decode steps; the column / row parallel linears equal their unsharded Linears. One spawn runs every
-check; each rank returns relative errors (float64 everywhere, so the tolerance is tight)."""
+gradients and decode steps; the column / row parallel linears and the parallel embeddings equal their unsharded
+modules. One spawn runs every check; each rank returns relative errors (float64 everywhere, so the tolerance is
+tight)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mambakit.compat.mamba_ssm.distributed.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from mambakit.compat.mamba_ssm.distributed.tensor_parallel import (
+    ColumnParallelLinear, ParallelEmbeddings, RowParallelLinear, VocabParallelEmbedding,
+)
 from mambakit.compat.mamba_ssm.modules.mamba2 import Mamba2, ShardedMamba2
 from mambakit.distributed._testing import run_on_ranks
 from mambakit.distributed.tensor_parallel import TensorParallelMamba2, shard_mamba2_state_dict
@@ -87,12 +90,38 @@ def _linear_case(rank: int, world: int, sequence_parallel: bool) -> dict:
             "lin_grad_w2": rel_err(row.weight.grad, lin2.weight.grad[:, cols])}
 
 
+def _embedding_case(rank: int, world: int, sequence_parallel: bool) -> dict:
+    torch.manual_seed(8)
+    words, positions = nn.Embedding(12, 8, dtype=F64), nn.Embedding(10, 8, dtype=F64)
+    tp = ParallelEmbeddings(8, 12, 10, dist.group.WORLD, sequence_parallel=sequence_parallel, dtype=F64)
+    with torch.no_grad():
+        tp.word_embeddings.weight.copy_(words.weight[6 * rank:6 * rank + 6])
+        tp.position_embeddings.weight.copy_(positions.weight[:, 4 * rank:4 * rank + 4])
+    ids = torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(2))
+    want = (words(ids) + positions(torch.arange(5))).flatten(0, 1)
+    got = tp(ids, combine_batch_seqlen_dim=True)
+    rows = (lambda t: t.chunk(world)[rank]) if sequence_parallel else (lambda t: t)  # noqa: E731
+    w = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    (want * w).sum().backward()
+    (got * rows(w)).sum().backward()
+    vocab, cols = slice(6 * rank, 6 * rank + 6), slice(4 * rank, 4 * rank + 4)
+    return {"emb_y": rel_err(got, rows(want)),
+            "emb_grad_words": rel_err(tp.word_embeddings.weight.grad, words.weight.grad[vocab]),
+            "emb_grad_pos": rel_err(tp.position_embeddings.weight.grad, positions.weight.grad[:, cols])}
+
+
 def _worker(rank: int, world: int) -> dict:
     torch.set_default_dtype(torch.float32)
     out = {}
     for sp in (False, True):
         out.update({f"sp{int(sp)}_{k}": v for k, v in _mamba2_case(rank, world, sp).items()})
         out.update({f"sp{int(sp)}_{k}": v for k, v in _linear_case(rank, world, sp).items()})
+        out.update({f"sp{int(sp)}_{k}": v for k, v in _embedding_case(rank, world, sp).items()})
+    try:
+        VocabParallelEmbedding(12, 8, process_group=dist.group.WORLD, padding_idx=0)
+        out["padding_refused"] = ""
+    except MambaKitError as e:
+        out["padding_refused"] = str(e)
     try:
         Mamba2(D_MODEL, **KW, d_ssm=16, process_group=dist.group.WORLD)
         out["d_ssm_refused"] = ""
@@ -110,14 +139,10 @@ def test_sharded_mamba2_and_linears_equal_unsharded(results):
     for rank, res in enumerate(results):
         bad = {k: v for k, v in res.items() if isinstance(v, float) and not v < TOL}
         assert not bad, f"rank {rank}: {bad}"
-        assert "d_ssm" in res["d_ssm_refused"]
+        assert "d_ssm" in res["d_ssm_refused"] and "padding_idx" in res["padding_refused"]
 
 
-def test_unmirrored_names_are_refused():
-    import mambakit.compat.mamba_ssm.distributed.tensor_parallel as tp
-
-    with pytest.raises(MambaKitError, match="ParallelEmbeddings"):
-        tp.ParallelEmbeddings
+def test_sharding_needs_torch_distributed():
     with pytest.raises(MambaKitError, match="init_process_group"):
         Mamba2(D_MODEL, **KW, process_group=object())
 

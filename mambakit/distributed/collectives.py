@@ -139,3 +139,50 @@ def copy_to_parallel(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
 def halo_from_previous(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
     """Differentiable point-to-point shift: returns rank - 1's `tensor` (zeros on rank 0); gradients flow back."""
     return _ShiftToNext.apply(tensor, group)
+
+
+class _GatherDim0(torch.autograd.Function):
+    """Forward: the ranks' tensors concatenated along dim 0 (rank order). Backward: this rank's rows of the
+    gradient, which arrives replicated (the gathered tensor enters a parallel region, whose entry all-reduces it)."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: ProcessGroup) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return all_gather_stack(tensor, group).flatten(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        rank, world = group_rank_world(ctx.group)
+        return grad.chunk(world)[rank].contiguous(), None
+
+
+class _SplitDim0(torch.autograd.Function):
+    """Forward: this rank's rows of a replicated tensor (dim 0 divisible by the world size). Backward: the ranks'
+    row gradients gathered, so that every rank's (replicated) input gets the whole gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: ProcessGroup) -> Tensor:  # type: ignore[override]
+        rank, world = group_rank_world(group)
+        if tensor.shape[0] % world:
+            raise MambaKitError(f"sequence parallel: dim 0 of the output ({tensor.shape[0]}) must be divisible by "
+                                f"the world size {world}")
+        ctx.group = group
+        return tensor.chunk(world)[rank].clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return all_gather_stack(grad, ctx.group).flatten(0, 1), None
+
+
+def gather_dim0(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
+    """Differentiable all-gather along dim 0 into a parallel region (sequence parallelism's entry): (n, ...) on
+    each rank -> (world * n, ...), the same on every rank; backward takes this rank's rows of the (all-reduced)
+    gradient. Every rank must pass the same shape."""
+    return _GatherDim0.apply(tensor, group)
+
+
+def split_dim0(tensor: Tensor, group: ProcessGroup = None) -> Tensor:
+    """Differentiable split along dim 0 of a replicated (already all-reduced) result (sequence parallelism's exit):
+    (world * n, ...) -> this rank's (n, ...); backward all-gathers the row gradients. After `reduce_from_parallel`
+    this is a reduce-scatter (done as an all-reduce and a slice)."""
+    return _SplitDim0.apply(tensor, group)

@@ -1,7 +1,7 @@
-"""Causal multi-head attention with rotary positions (PyTorch SDPA): the Transformer baseline and the attention
-layers of hybrid stacks (`MambaConfig.attn_layer_idx`). Parameter names follow `mamba_ssm.modules.mha.MHA`
-(in_proj packs q, k, v; out_proj), or, with separate_qkv=True, the q_proj / k_proj / v_proj of transformers'
-Llama-style attention (the hybrid checkpoints)."""
+"""Multi-head attention with rotary positions (PyTorch SDPA; causal unless causal=False): the Transformer baseline
+and the attention layers of hybrid stacks (`MambaConfig.attn_layer_idx`). Parameter names follow
+`mamba_ssm.modules.mha.MHA` (in_proj packs q, k, v; out_proj), or, with separate_qkv=True, the q_proj / k_proj /
+v_proj of transformers' Llama-style attention (the hybrid checkpoints)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,29 +31,39 @@ class KVState:
         self.k, self.v, self.valid = (t.index_select(0, index) for t in (self.k, self.v, self.valid))
 
 
-def rotary(x: Tensor, positions: Tensor, rotary_dim: int, base: float) -> Tensor:
-    """Rotate the first rotary_dim features of x (batch, heads, seqlen, head_dim) by positions (batch, seqlen)
-    (GPT-NeoX half-split layout)."""
+def rotary(x: Tensor, positions: Tensor, rotary_dim: int, base: float, interleaved: bool = False) -> Tensor:
+    """Rotate the first rotary_dim features of x (batch, heads, seqlen, head_dim) by positions (batch, seqlen):
+    feature pairs (i, i + rotary_dim / 2), the GPT-NeoX half-split layout, or with `interleaved` (2i, 2i + 1), the
+    GPT-J layout; pair i turns by positions * base ** (-2i / rotary_dim)."""
     if rotary_dim == 0:
         return x
     half = rotary_dim // 2
-    inv_freq = 1.0 / (base ** (torch.arange(0, half, device=x.device, dtype=torch.float32) / half))
-    angles = positions.float()[..., None] * inv_freq  # (batch, seqlen, half)
+    fp = torch.float64 if x.dtype == torch.float64 else torch.float32  # the angles of a float64 model in float64
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, device=x.device, dtype=fp) / half))
+    angles = positions.to(fp)[..., None] * inv_freq  # (batch, seqlen, half)
     cos, sin = angles.cos()[:, None].to(x.dtype), angles.sin()[:, None].to(x.dtype)
-    x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        turned = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        turned = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([turned, rest], dim=-1)
 
 
 class MHA(nn.Module):
-    """Causal attention mixer. Input and output: (batch, seqlen, d_model)."""
+    """Attention mixer (causal by default). Input and output: (batch, seqlen, d_model)."""
 
     def __init__(self, d_model: int, num_heads: int = 8, num_heads_kv: Optional[int] = None,
                  head_dim: Optional[int] = None, rotary_emb_dim: Optional[int] = None, rotary_emb_base: float = 10000.0,
                  qkv_proj_bias: bool = True, out_proj_bias: bool = True, causal: bool = True,
                  separate_qkv: bool = False, softmax_scale: Optional[float] = None,
-                 layer_idx: Optional[int] = None, device=None, dtype=None):
+                 layer_idx: Optional[int] = None, rotary_emb_interleaved: bool = False, device=None, dtype=None):
         """num_heads_kv < num_heads: grouped-query attention. rotary_emb_dim: the leading features of each head that
-        are rotated (0: no positional encoding). softmax_scale: the factor of q·k (default head_dim ** -0.5)."""
+        are rotated (0: no positional encoding), in pairs (i, i + rotary_emb_dim / 2), or (2i, 2i + 1) with
+        rotary_emb_interleaved. softmax_scale: the factor of q·k (default head_dim ** -0.5). causal=False: every
+        query sees every key (of the call and of the state); not for language models."""
         super().__init__()
         num_heads_kv = num_heads_kv or num_heads
         if num_heads <= 0 or num_heads % num_heads_kv != 0:
@@ -65,12 +75,14 @@ class MHA(nn.Module):
         rotary_emb_dim = head_dim if rotary_emb_dim is None else rotary_emb_dim
         if rotary_emb_dim % 2 or rotary_emb_dim > head_dim:
             raise MambaKitError(f"MHA rotary_emb_dim must be even and <= head_dim={head_dim}, got {rotary_emb_dim}")
-        if not causal:
-            raise MambaKitError("MHA is a causal language-model mixer: causal=False is not supported")
+        if not isinstance(causal, bool) or not isinstance(rotary_emb_interleaved, bool):
+            raise MambaKitError(f"MHA causal and rotary_emb_interleaved must be bools, got {causal!r}, "
+                                f"{rotary_emb_interleaved!r}")
         if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
             raise MambaKitError(f"MHA softmax_scale must be a positive number or None, got {softmax_scale!r}")
         self.num_heads, self.num_heads_kv, self.head_dim = num_heads, num_heads_kv, head_dim
         self.rotary_emb_dim, self.rotary_emb_base = rotary_emb_dim, rotary_emb_base
+        self.rotary_emb_interleaved, self.causal = rotary_emb_interleaved, causal
         self.layer_idx, self.separate_qkv = layer_idx, separate_qkv
         self.softmax_scale = None if softmax_scale is None else float(softmax_scale)
         factory = {"bias": qkv_proj_bias, "device": device, "dtype": dtype}
@@ -94,23 +106,34 @@ class MHA(nn.Module):
         mask: (batch, seqlen) 1 = token, 0 = padding (keys at pads are ignored; positions count real tokens only)."""
         if seq_idx is not None:
             raise MambaKitError("MHA does not support seq_idx (packed sequences); use SSM layers or unpack")
-        batch, seqlen, _ = hidden_states.shape
-        device = hidden_states.device
         if self.separate_qkv:
-            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+            heads = [(p(hidden_states), n) for p, n in ((self.q_proj, self.num_heads), (self.k_proj, self.num_heads_kv),
+                                                        (self.v_proj, self.num_heads_kv))]
+            q, k, v = (t.unflatten(-1, (n, self.head_dim)).transpose(1, 2) for t, n in heads)
         else:
-            q, k, v = torch.split(self.in_proj(hidden_states),
-                                  [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim,
-                                   self.num_heads_kv * self.head_dim], dim=-1)
-        q = q.view(batch, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seqlen, self.num_heads_kv, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seqlen, self.num_heads_kv, self.head_dim).transpose(1, 2)
+            q, k, v = self.split_heads(self.in_proj(hidden_states))
+        return self.out_proj(self.attend(q, k, v, state, mask))
+
+    def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """in_proj's output (batch, seqlen, head_dim * (num_heads + 2 * num_heads_kv)) -> q (batch, num_heads,
+        seqlen, head_dim), k, v (batch, num_heads_kv, seqlen, head_dim)."""
+        sizes = [self.num_heads * self.head_dim, self.num_heads_kv * self.head_dim, self.num_heads_kv * self.head_dim]
+        q, k, v = torch.split(qkv, sizes, dim=-1)
+        return tuple(t.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+                     for t, n in ((q, self.num_heads), (k, self.num_heads_kv), (v, self.num_heads_kv)))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, state: Optional[KVState] = None,
+               mask: Optional[Tensor] = None) -> Tensor:
+        """q (batch, num_heads, seqlen, head_dim), k, v (batch, num_heads_kv, seqlen, head_dim), before rotary ->
+        the attention output (batch, seqlen, num_heads * head_dim), before out_proj. state, mask: as `forward`."""
+        batch, _, seqlen, _ = q.shape
+        device = q.device
         valid_new = mask.bool() if mask is not None else torch.ones(batch, seqlen, dtype=torch.bool, device=device)
         past_valid = state.valid if state is not None else torch.zeros(batch, 0, dtype=torch.bool, device=device)
         # positions count real tokens only, so a padded row matches the same row alone
         positions = (past_valid.sum(-1, keepdim=True) + valid_new.long().cumsum(-1) - 1).clamp(min=0)
-        q = rotary(q, positions, self.rotary_emb_dim, self.rotary_emb_base)
-        k = rotary(k, positions, self.rotary_emb_dim, self.rotary_emb_base)
+        q = rotary(q, positions, self.rotary_emb_dim, self.rotary_emb_base, self.rotary_emb_interleaved)
+        k = rotary(k, positions, self.rotary_emb_dim, self.rotary_emb_base, self.rotary_emb_interleaved)
         if state is not None:
             k, v = torch.cat([state.k, k], dim=2), torch.cat([state.v, v], dim=2)
             state.k, state.v = k.detach(), v.detach()
@@ -118,14 +141,15 @@ class MHA(nn.Module):
         past, total = past_valid.shape[1], k.shape[2]
         query_pos = torch.arange(past, past + seqlen, device=device)[:, None]
         key_pos = torch.arange(total, device=device)[None]
-        key_ok = torch.cat([past_valid, valid_new], dim=1)  # (batch, total)
-        # causal and real keys only; a padded query sees itself so that its row is never all -inf
-        attn_mask = ((key_pos <= query_pos)[None] & key_ok[:, None, :]) | (key_pos == query_pos)[None]
+        key_ok = torch.cat([past_valid, valid_new], dim=1)[:, None, :]  # (batch, 1, total)
+        # real keys only (and, causal, not later ones); a padded query sees itself so its row is never all -inf
+        seen = ((key_pos <= query_pos)[None] & key_ok) if self.causal else key_ok
+        attn_mask = seen | (key_pos == query_pos)[None]
         rep = self.num_heads // self.num_heads_kv
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, None], scale=self.softmax_scale)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, seqlen, -1))
+        return out.transpose(1, 2).reshape(batch, seqlen, -1)
 
     def step(self, hidden_states: Tensor, state: KVState) -> Tensor:
         """One decoding step: (batch, 1, d_model) or (batch, d_model)."""

@@ -117,11 +117,6 @@ def test_bad_d_ssm_is_refused(d_ssm):
         MambaKitMamba2(16, d_state=4, headdim=8, d_ssm=d_ssm)
 
 
-def test_process_group_refusal_names_what_to_use():
-    with pytest.raises(MambaKitError, match="shard_mamba2"):
-        Mamba2(16, headdim=8, process_group=object())
-
-
 def test_mamba_ssm_checkpoint_round_trip_keeps_d_ssm(tmp_path):
     from mambakit.models.config import MambaConfig
     from mambakit.models.lm import MambaLMHeadModel

@@ -61,7 +61,7 @@ def test_mamba2_positional_order_and_flat_input():
 
 
 def test_refusals_name_the_argument():
-    with pytest.raises(MambaKitError, match="process_group.*mambakit.distributed"):
+    with pytest.raises(MambaKitError, match="init_process_group"):  # sharded: needs torch.distributed
         Mamba2(16, headdim=8, process_group=object())
     with pytest.raises(MambaKitError, match="d_ssm"):
         Mamba2(16, headdim=8, d_ssm=48)  # wider than d_inner = 32

@@ -16,14 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.checks import require_tensors
 from mambakit.ops.conv1d import ACTIVATIONS, causal_conv1d_fn
 from mambakit.ops.dt import DEFAULT_DT_LIMIT, compute_dtype, process_dt
 from mambakit.ops.mamba2_inner import fused_available, mamba2_inner
 from mambakit.ops.norm import rms_norm_gated
+from mambakit.ops.selective_scan import selective_scan_fn
 from mambakit.ops.ssd import mamba_chunk_scan_combined as ssd_combined
 from mambakit.ops.triton.device import interpreted
 
-__all__ = ["mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined", "mamba_split_conv1d_scan_ref"]
+__all__ = ["mamba_chunk_scan", "mamba_chunk_scan_combined", "mamba_conv1d_scan_ref", "mamba_split_conv1d_scan_combined",
+           "mamba_split_conv1d_scan_ref", "ssd_chunk_scan_combined_ref", "ssd_selective_scan"]
 
 
 def mamba_chunk_scan_combined(
@@ -50,6 +53,99 @@ def mamba_chunk_scan_combined(
     if state_dtype is not None:
         result[1:] = [s.to(state_dtype) for s in result[1:]]
     return result[0] if len(result) == 1 else tuple(result)
+
+
+def mamba_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                     D: Optional[Tensor] = None, z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                     dt_softplus: bool = False) -> Tensor:
+    """The official non-combined form's signature (no initial or final states, no seq_idx, no dt_limit): out
+    (batch, seqlen, nheads, headdim) in x's dtype, by mambakit's SSD dispatcher (Triton kernels for CUDA tensors).
+    chunk_size need not divide seqlen (the official asserts it does)."""
+    return ssd_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+
+
+def ssd_chunk_scan_combined_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                                D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                                dt_bias: Optional[Tensor] = None, dt_softplus: bool = False) -> Tensor:
+    """The official reference's signature: `mamba_chunk_scan` by the sequential SSD recurrence (float64 inputs are
+    computed in float64)."""
+    return ssd_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                        backend="ref")
+
+
+def _per_channel(t: Tensor, headdim: int, per_head_dims: int) -> Tensor:
+    """A per-head tensor (with `per_head_dims` dims) repeated over a trailing headdim axis; a per-channel one as it
+    is."""
+    return t[..., None].expand(*t.shape, headdim) if t.dim() == per_head_dims else t
+
+
+def ssd_selective_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                       z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+                       dt_limit: Tuple[float, float] = DEFAULT_DT_LIMIT) -> Tensor:
+    """SSD through Mamba-1's selective scan, official signature: x, z (batch, seqlen, nheads, headdim); dt (batch,
+    seqlen, nheads) or per channel (batch, seqlen, nheads, headdim); A (nheads,) or (nheads * headdim, dstate);
+    B, C (batch, seqlen, ngroups, dstate); D (nheads,) or (nheads, headdim); dt_bias (nheads,) or (nheads, headdim).
+    Each (head, channel) is one channel of the scan. Returns out (batch, seqlen, nheads, headdim) in x's dtype, by
+    `mambakit.ops.selective_scan_fn`; differentiable. With a dt_limit the processed dt stays in float32 (the official
+    casts it to x's dtype)."""
+    require_tensors(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    if x.dim() != 4 or B.dim() != 4 or C.shape != B.shape:
+        raise MambaKitError(f"x must have shape (batch, seqlen, nheads, headdim) and B, C (batch, seqlen, ngroups, "
+                            f"dstate), got x {tuple(x.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}")
+    batch, seqlen, nheads, headdim = x.shape
+    dstate = B.shape[-1]
+    if dt.dim() not in (3, 4) or tuple(dt.shape[:3]) != (batch, seqlen, nheads):
+        raise MambaKitError(f"dt must have shape (batch, seqlen, nheads) or (batch, seqlen, nheads, headdim) with "
+                            f"batch={batch}, seqlen={seqlen}, nheads={nheads}, got {tuple(dt.shape)}")
+    delta = _per_channel(dt, headdim, 3).flatten(2).transpose(1, 2)  # (batch, dim, seqlen)
+    A = _per_channel(A, headdim, 1)[..., None].expand(nheads, headdim, dstate).flatten(0, 1) if A.dim() == 1 else A
+    D = None if D is None else _per_channel(D, headdim, 1).flatten()
+    bias = None if dt_bias is None else _per_channel(dt_bias, headdim, 1).flatten()
+    if tuple(dt_limit) != DEFAULT_DT_LIMIT:
+        delta = process_dt(delta, bias, dt_softplus, dt_limit, compute_dtype(x, dt), channel_dim=1)
+        bias, dt_softplus = None, False
+    channels = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731  (batch, seqlen, h, p) -> (batch, dim, seqlen)
+    y = selective_scan_fn(channels(x), delta, A.float() if A.dtype != torch.float64 else A,
+                          B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1), D=D,
+                          z=None if z is None else channels(z), delta_bias=bias, delta_softplus=dt_softplus)
+    return y.transpose(1, 2).unflatten(2, (nheads, headdim))
+
+
+def mamba_conv1d_scan_ref(xBC: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], dt: Tensor, A: Tensor,
+                          chunk_size: int, D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                          dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+                          dt_limit: Tuple[float, float] = DEFAULT_DT_LIMIT, activation: Optional[str] = "silu",
+                          headdim: Optional[int] = None, ngroups: int = 1) -> Tensor:
+    """The official reference's signature: xBC (batch, seqlen, dim + 2 * ngroups * dstate) through the causal conv
+    (conv1d_weight (channels, width), conv1d_bias, activation), split into x, B, C, then `ssd_selective_scan` with
+    dt (batch, seqlen, nheads) or (batch, seqlen, nheads, headdim), A (nheads,), D, z (batch, seqlen, dim), dt_bias,
+    dt_softplus, dt_limit. headdim comes from z, else D (nheads, headdim), else the argument. Returns out (batch,
+    seqlen, dim). chunk_size is not used (as official)."""
+    require_tensors(xBC=xBC, dt=dt, D=D, z=z)
+    if activation not in ACTIVATIONS:
+        raise MambaKitError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    nheads = dt.shape[2] if dt.dim() >= 3 else 0
+    if nheads == 0 or nheads % ngroups:
+        raise MambaKitError(f"dt must have shape (batch, seqlen, nheads, ...) with ngroups={ngroups} dividing nheads, "
+                            f"got {tuple(dt.shape)}")
+    if z is not None:
+        headdim = z.shape[-1] // nheads
+    elif D is not None and D.dim() == 2:
+        headdim = D.shape[1]
+    if headdim is None:
+        raise MambaKitError("headdim must be given when z is None and D is not (nheads, headdim), got headdim=None")
+    dim = nheads * headdim
+    if xBC.dim() != 3 or (xBC.shape[-1] - dim) % (2 * ngroups) or xBC.shape[-1] <= dim:
+        raise MambaKitError(f"xBC must have shape (batch, seqlen, dim + 2 * ngroups * dstate) with dim={dim}, "
+                            f"ngroups={ngroups}, got {tuple(xBC.shape)}")
+    dstate = (xBC.shape[-1] - dim) // ngroups // 2
+    xBC = causal_conv1d_fn(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, activation).transpose(1, 2)
+    x, B, C = torch.split(xBC, [dim, ngroups * dstate, ngroups * dstate], dim=-1)
+    out = ssd_selective_scan(x.unflatten(-1, (nheads, headdim)), dt, A, B.unflatten(-1, (ngroups, dstate)),
+                             C.unflatten(-1, (ngroups, dstate)), D=D,
+                             z=None if z is None else z.unflatten(-1, (nheads, headdim)), dt_bias=dt_bias,
+                             dt_softplus=dt_softplus, dt_limit=dt_limit)
+    return out.flatten(-2)
 
 
 def check_cu_seqlens(cu_seqlens: Tensor, batch: int, seqlen: int) -> list:

@@ -124,6 +124,7 @@ class TrainArgs:
     sample_tokens: int | None = None
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     bf16: bool = False  # bf16 autocast with fp32 master weights (CUDA only)
+    cuda_graph: bool = False  # forward + loss + backward replayed as one CUDA graph (one device, no accumulation)
     overwrite: bool = False  # without --resume, replace a checkpoint already in --out (else refused)
 
 
@@ -180,6 +181,12 @@ def validate_args(args: TrainArgs) -> None:
         raise MambaKitError(f"--sample-tokens must be at most {MAX_NEW_TOKENS}, got {args.sample_tokens}")
     if not args.sample_prompt and args.sample_tokens:
         raise MambaKitError("the sample prompt must not be empty")
+    if args.cuda_graph:
+        on_cuda = str(args.device).startswith("cuda") if args.device else torch.cuda.is_available()
+        if not on_cuda:
+            raise MambaKitError(f"--cuda-graph needs a CUDA device, got --device {args.device or 'cpu (no CUDA)'}")
+        if args.grad_accum > 1:
+            raise MambaKitError(f"--cuda-graph runs without gradient accumulation, got --grad-accum {args.grad_accum}")
 
 
 def build_config(args: TrainArgs, vocab_size: int = 256) -> MambaConfig:
@@ -358,6 +365,31 @@ def _check_memory(args: TrainArgs, config: MambaConfig, micro_batch: int, device
                hint="lower --d-model, --n-layer, --seq-len, --batch-size or --eval-batches (or raise --grad-accum)")
 
 
+def _check_cuda_graph(args: TrainArgs, device: torch.device, ctx: DistContext) -> None:
+    """What validate_args cannot see: the resolved device and the process count."""
+    if args.cuda_graph and (device.type != "cuda" or ctx.distributed):
+        raise MambaKitError(f"--cuda-graph runs in one process on a CUDA device, got {ctx.world_size} rank(s) on "
+                            f"{device}")
+
+
+def _graphed_forward_backward(model: torch.nn.Module, args: TrainArgs,
+                              device: torch.device) -> Callable[[tuple], torch.Tensor]:
+    """The LM step's forward + loss + backward as one CUDA graph, captured on the first batch (every batch of a
+    run has the same shape)."""
+    from mambakit.training.cuda_graph import GraphedStep
+
+    graphed: list[GraphedStep] = []
+
+    def forward_backward(xy: tuple) -> torch.Tensor:
+        x, y = xy[0].to(device), xy[1].to(device)
+        if not graphed:
+            graphed.append(GraphedStep(lambda a, b: lm_loss(model, a, b), model.parameters(), (x, y),
+                                       autocast_dtype=torch.bfloat16 if args.bf16 else None))
+        return graphed[0](x, y)
+
+    return forward_backward
+
+
 def _finished_run(out_dir: Path, step: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
     """A --resume of a run already at --steps: nothing is trained, loaded or written; the summary of the run that
     reached that step (its summary.json) is returned unchanged ({"steps": step} when the file is missing)."""
@@ -382,6 +414,7 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
     _check_memory(args, load_config(ckpt_dir) if args.resume else build_config(args), micro_batch, device,
                   shards=ctx.world_size if args.fsdp else 1)
     precision = precision_context(args.bf16, device)
+    _check_cuda_graph(args, device, ctx)
     global_sampler, val_batches = _prepare_data(args, log)
     sampler = ShardedBatchSampler(global_sampler, ctx.rank, ctx.world_size, args.grad_accum)
     from mambakit.models.lm import MambaLMHeadModel  # imported late: models/lm.py imports the layers and ops
@@ -473,7 +506,7 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
                       grad_clip=args.grad_clip, eval_interval=args.eval_interval, save_interval=args.save_interval,
                       start_step=start_step, progress=args.progress and ctx.is_main, desc="train")
     run = run_loop(
-        loop, optimizer,
+        loop, optimizer, forward_backward=_graphed_forward_backward(model, args, device) if args.cuda_graph else None,
         micro_batches=sampler.micro_batches,
         loss_fn=lambda xy: lm_loss(model, xy[0].to(device), xy[1].to(device)),
         clip_params=model.parameters, precision=precision,

@@ -91,6 +91,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     dist_group.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer state "
                             "(FSDP2) instead of replicating them (DDP)")
     dist_group.add_argument("--bf16", action="store_true", help="bf16 autocast with fp32 master weights (CUDA only)")
+    dist_group.add_argument("--cuda-graph", action="store_true", help="replay each step's forward, loss and backward "
+                            "as one CUDA graph (CUDA, one process, no --grad-accum; removes the launch overhead)")
     add_threads_argument(p)
     p.set_defaults(func=train_main)
     return p
@@ -110,7 +112,7 @@ def train_main(ns: argparse.Namespace) -> int:
         warmup_steps=ns.warmup_steps, weight_decay=ns.weight_decay, eval_interval=ns.eval_interval,
         eval_batches=ns.eval_batches, save_interval=ns.save_interval, seed=ns.seed, device=ns.device,
         sample_prompt=ns.sample_prompt, sample_tokens=ns.sample_tokens, grad_accum=ns.grad_accum, fsdp=ns.fsdp,
-        bf16=ns.bf16, overwrite=ns.overwrite,
+        bf16=ns.bf16, cuda_graph=ns.cuda_graph, overwrite=ns.overwrite,
     )
     if ns.nproc is not None and not under_torchrun():
         resolved, _ = resolve_run(args)  # bad options fail here, in one process, before anything is launched

@@ -107,6 +107,7 @@ def run_loop(
     on_interrupt: Optional[Callable[[int], None]] = None,
     postfix: Optional[Callable[[StepRecord], dict[str, str]]] = None,
     log: Callable[[str], None] = print,
+    forward_backward: Optional[Callable[[Any], torch.Tensor]] = None,
 ) -> History:
     """Run steps `cfg.start_step` .. `cfg.steps - 1` (see the module docstring for one step) and return the history.
 
@@ -117,6 +118,10 @@ def run_loop(
     collective on the last one only). reduce_loss: the mean loss tensor -> float (data parallel: the mean over
     ranks). evaluate(record) -> (value, message or None); stop(record, value) -> a message to end the run, or None.
     postfix(record): the bar's postfix (default: the loss).
+    forward_backward(batch): instead of loss_fn, precision and backward: one call that runs the forward and the
+    backward itself and returns the detached loss, writing (not adding) the gradients, e.g. a
+    `mambakit.training.cuda_graph.GraphedStep`; the loop then does not zero the gradients, and a step must have
+    exactly one micro-batch.
     """
     from tqdm.auto import tqdm
 
@@ -135,12 +140,19 @@ def run_loop(
             lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
+            if forward_backward is None:
+                optimizer.zero_grad(set_to_none=True)
             batches = micro_batches(step)
             n = len(batches)
+            if forward_backward is not None and n != 1:
+                raise MambaKitError(f"forward_backward needs one micro-batch per step, got {n} at step {step}")
             loss_sum: Any = None
             metrics: dict[str, float] = {}
             for i, batch in enumerate(batches):
+                if forward_backward is not None:
+                    loss = forward_backward(batch)
+                    loss_sum = loss.detach()
+                    continue
                 with sync(i == n - 1) if sync is not None else contextlib.nullcontext():
                     with precision:
                         out = loss_fn(batch)

@@ -62,3 +62,26 @@ def test_unwritable_out_exit_2(corpus: Path, tmp_path: Path, capsys: pytest.Capt
     blocker.write_text("x")
     assert main(["train", "--data", str(corpus), "--out", str(blocker / "sub"), *TINY]) == 2
     error_line(capsys)
+
+
+def test_cuda_graph_needs_cuda_exit_2(corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "o"), "--device", "cpu", "--cuda-graph",
+                 *TINY]) == 2
+    assert "--cuda-graph needs a CUDA device" in error_line(capsys)
+    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "o"), "--device", "cpu", "--cuda-graph",
+                 "--grad-accum", "2", *TINY]) == 2
+    assert "--cuda-graph" in error_line(capsys)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_matches_eager(corpus: Path, tmp_path: Path) -> None:
+    import json
+
+    losses = {}
+    for name, extra in (("eager", []), ("graph", ["--cuda-graph"])):
+        out = tmp_path / name
+        assert main(["train", "--data", str(corpus), "--out", str(out), "--device", "cuda", "--bf16", *extra,
+                     *TINY]) == 0
+        losses[name] = json.loads((out / "summary.json").read_text())
+    assert losses["graph"]["final_val_loss"] == pytest.approx(losses["eager"]["final_val_loss"], rel=2e-2)
+    assert losses["graph"]["final_train_loss"] == pytest.approx(losses["eager"]["final_train_loss"], rel=2e-2)

@@ -176,3 +176,31 @@ def test_interrupt_calls_the_hook_and_propagates() -> None:
         run_loop(LoopConfig(steps=5, lr=0.01, **QUIET), opt, micro_batches, mse(model),
                  on_interrupt=interrupted.append)
     assert interrupted == [2]  # two steps were done
+
+
+def test_forward_backward_replaces_loss_and_keeps_gradient_tensors() -> None:
+    """A forward_backward step (e.g. a CUDA graph) writes the gradients itself: the loop must not zero or replace
+    them, and the result equals the plain loop's."""
+    x, y = data(8)
+    plain, own = tiny_model(), tiny_model()
+    cfg = LoopConfig(steps=4, lr=0.05, grad_clip=1.0, **QUIET)
+    h_plain = run_loop(cfg, torch.optim.AdamW(plain.parameters(), lr=0.05), lambda step: [(x, y)], mse(plain))
+    for p in own.parameters():
+        p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in own.parameters()]
+
+    def forward_backward(batch):
+        loss = mse(own)(batch)
+        for g, d in zip(grads, torch.autograd.grad(loss, list(own.parameters()))):
+            g.copy_(d)
+        return loss.detach()
+
+    h_own = run_loop(cfg, torch.optim.AdamW(own.parameters(), lr=0.05), lambda step: [(x, y)],
+                     lambda batch: pytest.fail("loss_fn must not run"), forward_backward=forward_backward)
+    assert all(p.grad is g for p, g in zip(own.parameters(), grads))
+    assert h_own.losses == pytest.approx(h_plain.losses, rel=1e-12)
+    for p, q in zip(plain.parameters(), own.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
+    with pytest.raises(MambaKitError, match="one micro-batch"):
+        run_loop(cfg, torch.optim.AdamW(own.parameters()), lambda step: [(x, y), (x, y)], mse(own),
+                 forward_backward=forward_backward)

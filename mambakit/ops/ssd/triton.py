@@ -21,9 +21,8 @@ others wrote). The states that are kept (H_c at chunk starts) are O(batch * nhea
 
 ``seq_idx`` (packed sequences) is handled by masks: a decay that crosses a sequence boundary is zero.
 
-The first kernel processes dt (bias, softplus, clamp) into float32 and flags the blocks of positions whose x has a
-non-finite entry (``_chunk_scan_fwd`` zeroes such entries, for causality, only in the programs that read a flagged
-block); the kernels return y with the D skip, without the z gate (done by the caller, so autograd handles it).
+The first kernel processes dt (bias, softplus, clamp) into float32; the kernels return y with the D skip, without
+the z gate (done by the caller, so autograd handles it).
 """
 from __future__ import annotations
 
@@ -103,19 +102,14 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-#: Positions per program of `_dt_prepare`, and so per entry of its non-finite-x flags.
-DT_BLOCK: int = 64
-
-
 @triton.jit
-def _dt_prepare(dt_ptr, bias_ptr, x_ptr, out_ptr, flag_ptr, seqlen, nheads, P, Lpad, nflags, s_b, s_l, s_h, sx_b,
-                sx_l, sx_h, sx_p, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                BLOCK: tl.constexpr, BP: tl.constexpr):
+def _dt_prepare(dt_ptr, bias_ptr, x_ptr, out_ptr, seqlen, nheads, P, Lpad, s_b, s_l, s_h, sx_b, sx_l, sx_h, sx_p, lo,
+                hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr,
+                BP: tl.constexpr):
     """One program per (batch * head, block of positions): dt (batch, seqlen, nheads), any float dtype -> (batch,
     nheads, Lpad) float32: + bias, softplus (x past 20), clamp to [lo, hi]; 0 past seqlen; NaN where the head's x
     (batch, seqlen, nheads, P) row has a non-finite entry, so that the chunk kernels carry it to the positions after
-    it (and only those: they mask the future after their products). flag (batch * nheads, nflags) int8, entry
-    (batch * head, block): 1 if an x row of the block is non-finite, else 0 (each program writes its own entry)."""
+    it (and only those: they mask the future after their products)."""
     bh = tl.program_id(0)
     b = (bh // nheads).to(tl.int64)
     h = bh % nheads
@@ -136,32 +130,23 @@ def _dt_prepare(dt_ptr, bias_ptr, x_ptr, out_ptr, flag_ptr, seqlen, nheads, P, L
         bad = tl.maximum(bad, tl.max((~(tl.abs(xv) < float("inf"))).to(tl.int32), axis=1))
     v = tl.where(bad > 0, float("nan"), v)
     tl.store(out_ptr + (b * nheads + h) * Lpad + pos, tl.where(valid, v, 0.0), mask=pos < Lpad)
-    tl.store(flag_ptr + bh.to(tl.int64) * nflags + tl.program_id(1), tl.max(bad, axis=0).to(tl.int8))
-
-
-def _prepare_dt_flags(dt: Tensor, bias: Optional[Tensor], softplus: bool, limit: Optional[Tuple[float, float]],
-                      Lpad: int, x: Tensor) -> Tuple[Tensor, Tensor]:
-    """dt (batch, seqlen, nheads) -> (batch, nheads, Lpad) float32, processed as the official kernels do (bias,
-    softplus, clamp to limit where given) and zero-padded, in one kernel; NaN where x (batch, seqlen, nheads,
-    headdim) has a non-finite entry in the head's row. Also the flags (batch, nheads, cdiv(Lpad, DT_BLOCK)) int8:
-    1 where that block of DT_BLOCK positions of the head has such a row, else 0."""
-    batch, seqlen, nheads = dt.shape
-    out = torch.empty((batch, nheads, Lpad), device=dt.device, dtype=torch.float32)
-    nflags = triton.cdiv(Lpad, DT_BLOCK)
-    flags = torch.empty((batch, nheads, nflags), device=dt.device, dtype=torch.int8)
-    P = x.shape[-1]
-    lo, hi = limit if limit is not None else (0.0, 0.0)
-    _dt_prepare[batch * nheads, nflags](
-        dt, bias if bias is not None else dt, x, out, flags, seqlen, nheads, P, Lpad, nflags, *dt.stride(),
-        *x.stride(), float(lo), float(hi), HAS_BIAS=bias is not None, SOFTPLUS=softplus, HAS_LIMIT=limit is not None,
-        BLOCK=DT_BLOCK, BP=min(64, triton.next_power_of_2(P)), num_warps=4)
-    return out, flags
 
 
 def _prepare_dt(dt: Tensor, bias: Optional[Tensor], softplus: bool, limit: Optional[Tuple[float, float]],
                 Lpad: int, x: Tensor) -> Tensor:
-    """The processed dt of `_prepare_dt_flags` alone."""
-    return _prepare_dt_flags(dt, bias, softplus, limit, Lpad, x)[0]
+    """dt (batch, seqlen, nheads) -> (batch, nheads, Lpad) float32, processed as the official kernels do (bias,
+    softplus, clamp to limit where given) and zero-padded, in one kernel; NaN where x (batch, seqlen, nheads,
+    headdim) has a non-finite entry in the head's row."""
+    batch, seqlen, nheads = dt.shape
+    out = torch.empty((batch, nheads, Lpad), device=dt.device, dtype=torch.float32)
+    BLOCK = 64
+    P = x.shape[-1]
+    lo, hi = limit if limit is not None else (0.0, 0.0)
+    _dt_prepare[batch * nheads, triton.cdiv(Lpad, BLOCK)](
+        dt, bias if bias is not None else dt, x, out, seqlen, nheads, P, Lpad, *dt.stride(), *x.stride(), float(lo),
+        float(hi), HAS_BIAS=bias is not None, SOFTPLUS=softplus, HAS_LIMIT=limit is not None, BLOCK=BLOCK,
+        BP=min(64, triton.next_power_of_2(P)), num_warps=4)
+    return out
 
 
 def dt_processing_grad(ddt: Tensor, dt: Tensor, bias: Optional[Tensor], softplus: bool,
@@ -270,7 +255,7 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     needs."""
     pl = _Plan(x, B, chunk_size)
     dev = x.device
-    dtp, xflags = _prepare_dt_flags(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad, x)
+    dtp = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad, x)
     segp = _padded_segments(seg, pl.Lpad)
     has_seg = segp is not None
     segp_arg = segp if has_seg else dtp
@@ -299,10 +284,10 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     y = torch.empty_like(x)
     BPy = min(pl.BP, 64)
     _chunk_scan_fwd[pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
-        x, dtp, xflags, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P,
-        pl.N, pl.nchunks, pl.Lpad, xflags.shape[-1], *x.stride(), *B.stride(), *C.stride(), *y.stride(),
-        HAS_SEG=has_seg, HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BQ=pl.BQ, BP=BPy,
-        BN=pl.BN, FB=DT_BLOCK, PREC=pl.prec, num_warps=pl.warps, num_stages=pl.stages)
+        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
+        pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=has_seg,
+        HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BQ=pl.BQ, BP=BPy, BN=pl.BN,
+        PREC=pl.prec, num_warps=pl.warps, num_stages=pl.stages)
     return y, final, (dtp, segp, acs, H)
 
 

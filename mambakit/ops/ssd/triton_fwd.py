@@ -141,40 +141,14 @@ def _chunk_states_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, init_ptr, acs_ptr, H
 
 
 @triton.jit
-def _intra_chunk(x_ptr, dt_ptr, B_ptr, seg_ptr, acs_ptr, row, b, c, i, h, g, t, acs_t, seg_t, Cm, p, n,
-                 seqlen, P, N, Lpad, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
-                 HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, PREC: tl.constexpr,
-                 ZERO_BAD_X: tl.constexpr):
-    """Query block i of chunk c: sum over the key blocks k <= i of (C_t . B_s) L[t, s] X~_s, (BQ, BP) float32.
-
-    Causality of non-finite values: the future is masked by zeros, but 0 * nan = nan. So the mask is applied after
-    the product (a bad B_s or dt_s stays in the columns s <= t), and, with ZERO_BAD_X (some x row of these key
-    blocks is non-finite), x's non-finite entries are zeroed for the product: the first kernel made dt NaN at their
-    positions, which reaches y_t for t >= s. Without ZERO_BAD_X (no such entry) the zeroing would change nothing."""
-    y = tl.zeros((BQ, BP), dtype=tl.float32)
-    for k in range(0, i + 1):
-        s, valid_s, L = _key_decay(acs_ptr, seg_ptr, row, b, c, k, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG, Q, BQ)
-        dt_s = tl.load(dt_ptr + row + s)
-        Bm = _load_rows(B_ptr, b, s, valid_s, g, n, N, sB_b, sB_l, sB_g, sB_n)
-        x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
-        CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (BQ, BQ)
-        if ZERO_BAD_X:
-            x_s = tl.where(tl.abs(x_s) < float("inf"), x_s, tl.zeros_like(x_s))
-        M = tl.where(t[:, None] >= s[None, :], CB * L * dt_s[None, :], 0.0)
-        y += tl.dot(M.to(x_s.dtype), x_s, input_precision=PREC)
-    return y
-
-
-@triton.jit
-def _chunk_scan_fwd(x_ptr, dt_ptr, flag_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr, y_ptr,
-                    seqlen, nheads, heads_per_group, P, N, nchunks, Lpad, nflags,
+def _chunk_scan_fwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, H_ptr, y_ptr,
+                    seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
                     sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                     sy_b, sy_l, sy_h, sy_p,
                     HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
-                    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, FB: tl.constexpr, PREC: tl.constexpr):
+                    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """One program per (query block of a chunk, batch * head, headdim block): y_t for the block's positions t,
-    sum over the key blocks up to it of (C_t . B_s) L[t, s] X~_s, plus exp(a_t) C_t H_c, plus D x_t.
-    flag (batch * nheads, nflags) int8: per FB positions, 1 where an x row there is non-finite (`_dt_prepare`)."""
+    sum over the key blocks up to it of (C_t . B_s) L[t, s] X~_s, plus exp(a_t) C_t H_c, plus D x_t."""
     c, i, b, h, t, valid_t, seg_t, seg_prev, seg_last = _block_program(seg_ptr, seqlen, nheads, Lpad, HAS_SEG, Q, BQ)
     g = h // heads_per_group
     row = (b * nheads + h) * Lpad
@@ -182,19 +156,19 @@ def _chunk_scan_fwd(x_ptr, dt_ptr, flag_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_p
     n = tl.arange(0, BN)
     acs_t = tl.load(acs_ptr + row + t)
     Cm = _load_rows(C_ptr, b, t, valid_t, g, n, N, sC_b, sC_l, sC_g, sC_n)
-    # one branch per program on the flags of its key positions (c * Q up to the end of block i), outside the loop:
-    # the loop without the zeroing feeds x to the product straight from its load
-    keys = tl.arange(0, Q)
-    bad_x = tl.max(tl.load(flag_ptr + (b * nheads + h) * nflags + (c * Q + keys) // FB, mask=keys < (i + 1) * BQ,
-                           other=0), axis=0)
-    if bad_x != 0:
-        y = _intra_chunk(x_ptr, dt_ptr, B_ptr, seg_ptr, acs_ptr, row, b, c, i, h, g, t, acs_t, seg_t, Cm, p, n,
-                         seqlen, P, N, Lpad, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, HAS_SEG, Q, BQ, BP,
-                         PREC, True)
-    else:
-        y = _intra_chunk(x_ptr, dt_ptr, B_ptr, seg_ptr, acs_ptr, row, b, c, i, h, g, t, acs_t, seg_t, Cm, p, n,
-                         seqlen, P, N, Lpad, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, HAS_SEG, Q, BQ, BP,
-                         PREC, False)
+    y = tl.zeros((BQ, BP), dtype=tl.float32)
+    for k in range(0, i + 1):
+        s, valid_s, L = _key_decay(acs_ptr, seg_ptr, row, b, c, k, t, acs_t, seg_t, seqlen, Lpad, HAS_SEG, Q, BQ)
+        dt_s = tl.load(dt_ptr + row + s)
+        Bm = _load_rows(B_ptr, b, s, valid_s, g, n, N, sB_b, sB_l, sB_g, sB_n)
+        x_s = _load_rows(x_ptr, b, s, valid_s, h, p, P, sx_b, sx_l, sx_h, sx_p)
+        CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (BQ, BQ)
+        # Causality of non-finite values: the future is masked by zeros, but 0 * nan = nan. So the mask is applied
+        # after the product (a bad B_s or dt_s stays in the columns s <= t), and x's non-finite entries are zeroed
+        # for the product: the first kernel made dt NaN at their positions, which reaches y_t for t >= s.
+        x_s = tl.where(tl.abs(x_s) < float("inf"), x_s, tl.zeros_like(x_s))
+        M = tl.where(t[:, None] >= s[None, :], CB * L * dt_s[None, :], 0.0)
+        y += tl.dot(M.to(x_s.dtype), x_s, input_precision=PREC)
     off = ((b * nchunks + c) * nheads + h) * P * N
     H = tl.load(H_ptr + off + p[None, :] * N + n[:, None], mask=(n < N)[:, None] & (p < P)[None, :], other=0.0)
     e = _entry_decay(acs_t, seg_t, seg_prev, HAS_SEG)

@@ -1,1 +1,2 @@
-"""`mamba_ssm.distributed`: the tensor-parallel linears (`tensor_parallel`), on mambakit's collectives."""
+"""`mamba_ssm.distributed`: the tensor-parallel linears (`tensor_parallel`) and the dim-0 collectives
+(`distributed_utils`), on mambakit's collectives."""

@@ -18,7 +18,7 @@ from torch import Tensor
 from mambakit.ops.conv1d.triton import conv1d_backward, conv1d_forward
 from mambakit.ops.norm.triton import gated_norm_backward, gated_norm_forward
 from mambakit.ops.segments import segments
-from mambakit.ops.ssd.triton import dt_processing_grad, kernel_chunk_size, ssd_backward, ssd_forward
+from mambakit.ops.ssd.triton import DtGrad, kernel_chunk_size, ssd_backward, ssd_forward
 from mambakit.ops.triton.compile import precompile_once, specialisation
 
 
@@ -78,7 +78,8 @@ class _Mamba2InnerFused(torch.autograd.Function):
             y2 = dims.rows(y.flatten(-2))
             normed, rstd = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)
             if backward:  # the first call: the backward's kernels too, with guessed upstream gradients
-                ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), None, chunk_size)
+                ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), None, chunk_size,
+                             dt_grad=DtGrad(dt, dt_bias, True, dt_limit, dims.split(torch.empty_like(zxbcdt))[2]))
                 gated_norm_backward(y2, dims.rows(z), norm_w, rstd, torch.empty_like(normed), group,
                                     norm_before_gate)
             return y2, normed, rstd, saved
@@ -117,12 +118,11 @@ class _Mamba2InnerFused(torch.autograd.Function):
         du = torch.empty_like(u)
         dx_view, dB_view, dC_view = dims.xbc(du)
         dy = dy2.view(dims.batch, dims.seqlen, dims.nheads, dims.headdim)
-        _, ddt, dA, dB, dC, dD, _ = ssd_backward(x, A, B, C, D, tuple(saved), dy, None, chunk_size,
-                                                 dx_out=dx_view)
+        _, _, dA, dB, dC, dD, _, d_dt_bias = ssd_backward(
+            x, A, B, C, D, tuple(saved), dy, None, chunk_size, dx_out=dx_view,
+            dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out))  # the raw dt's gradient straight into dzxbcdt
         dB_view.copy_(dB)
         dC_view.copy_(dC)
-        ddt_raw, d_dt_bias = dt_processing_grad(ddt, dt, dt_bias, True, dt_limit)
-        ddt_out.copy_(ddt_raw)
         del u, x, B, C, dy, dy2
         _padding_zeroed(du, seq_idx)  # the conv output is the constant 0 at padding
         _, d_conv_w, d_conv_b = conv1d_backward(xBC.transpose(1, 2), conv_w, conv_b, True, seq_idx,

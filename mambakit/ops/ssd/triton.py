@@ -26,7 +26,7 @@ the z gate (done by the caller, so autograd handles it).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -291,13 +291,26 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     return y, final, (dtp, segp, acs, H)
 
 
+class DtGrad(NamedTuple):
+    """What `ssd_backward` needs to return the raw dt's gradient itself (its last kernel carries ddt back through
+    the processing): the raw dt (batch, seqlen, nheads), the bias (nheads,) or None, softplus, the clamp (lo, hi) or
+    None, and out: a (batch, seqlen, nheads) tensor of any strides to write the gradient into (None: a new tensor
+    like dt)."""
+    dt: Tensor
+    bias: Optional[Tensor]
+    softplus: bool
+    limit: Optional[Tuple[float, float]]
+    out: Optional[Tensor] = None
+
+
 def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], saved: Tuple[Tensor, ...],
                  dy: Tensor, dfinal: Optional[Tensor], chunk_size: int,
-                 dx_out: Optional[Tensor] = None) -> Tuple[Optional[Tensor], ...]:
-    """Gradients (dx, ddt, dA, dB, dC, dD, dinit) in float32 (dx in x's dtype); dx: x's shape, ddt: (batch, seqlen,
-    nheads), dA: (nheads,), dB, dC: B's shape, dD: D's shape (None without D), dinit: (batch, nheads, headdim,
-    d_state). dx_out: x's shape and dtype, any strides (e.g. a slice of a bigger gradient buffer): dx is written
-    there."""
+                 dx_out: Optional[Tensor] = None, dt_grad: Optional[DtGrad] = None) -> Tuple[Optional[Tensor], ...]:
+    """Gradients (dx, ddt, dA, dB, dC, dD, dinit, dbias) in float32 (dx in x's dtype); dx: x's shape, ddt: (batch,
+    seqlen, nheads) of the processed dt, dA: (nheads,), dB, dC: B's shape, dD: D's shape (None without D), dinit:
+    (batch, nheads, headdim, d_state), dbias None. dx_out: x's shape and dtype, any strides (e.g. a slice of a
+    bigger gradient buffer): dx is written there. With dt_grad, ddt is the raw dt's gradient (its dtype, in
+    dt_grad.out when given) and dbias the bias's (its dtype; None without a bias), as `dt_processing_grad` gives."""
     dtp, segp, acs, H = saved
     pl = _Plan(x, B, chunk_size)
     dev = x.device
@@ -355,17 +368,33 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
         BP=pl.BP, **common)
     dB = dBp.sum((0, 3))
     dC = dC[0] if splits == 1 else dC.sum(0)
-    ddt = torch.empty_like(dtp)
     dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
+    if dt_grad is None:
+        ddt = torch.empty_like(dtp)
+        graw, dbias_part, raw, bias, (lo, hi) = ddt, dA_part, dtp, dtp, (0.0, 0.0)
+    else:
+        raw, bias = dt_grad.dt, dt_grad.bias
+        graw = dt_grad.out if dt_grad.out is not None else torch.empty_like(raw)
+        dbias_part = torch.empty_like(dA_part)
+        lo, hi = dt_grad.limit if dt_grad.limit is not None else (0.0, 0.0)
+        ddt = graw
     _dt_bwd[pl.nchunks, pl.batch * pl.nheads](
-        dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, pl.nheads, pl.nchunks, pl.Lpad, Q=pl.Q, BQ=pl.BQ,
+        dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, raw, bias if bias is not None else dtp, graw,
+        dbias_part, pl.seqlen, *(raw.stride() if dt_grad is not None else (0, 0, 0)),
+        *(graw.stride() if dt_grad is not None else (0, 0, 0)), float(lo), float(hi), pl.nheads, pl.nchunks,
+        pl.Lpad, Q=pl.Q, BQ=pl.BQ, RAW=dt_grad is not None, HAS_BIAS=dt_grad is not None and bias is not None,
+        SOFTPLUS=dt_grad is not None and dt_grad.softplus, HAS_LIMIT=dt_grad is not None and dt_grad.limit is not None,
         num_warps=1)
-    ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
+    dbias = None
+    if dt_grad is None:
+        ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
+    elif bias is not None:
+        dbias = dbias_part.sum(dim=(0, 2)).to(bias.dtype)
     dD = None
     if D is not None:
         dD = dD_part.sum(dim=(0, 1))[:, : pl.P]
         dD = dD if D.dim() == 2 else dD.sum(-1)
-    return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dD, dinit
+    return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dD, dinit, dbias
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -394,7 +423,8 @@ class _SSDTriton(torch.autograd.Function):
 
         def first_call() -> None:  # forward and backward (the upstream gradients guessed: contiguous, materialised)
             y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing)
-            ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), torch.empty_like(final), chunk_size)
+            ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), torch.empty_like(final), chunk_size,
+                         dt_grad=DtGrad(dt, *processing))
 
         key = _config_key(x, B, C, D, initial_states is not None, seg, chunk_size, dt) + (
             dt_bias is not None, dt_softplus, dt_limit is not None)
@@ -414,10 +444,11 @@ class _SSDTriton(torch.autograd.Function):
         # the real upstream gradients may specialise the backward kernels otherwise than forward's guess
         key = _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy)
         precompile_once(("backward", dy.dtype, gfinal is None) + key,
-                        lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size))
-        dx, ddt, dA, dB, dC, dD, dinit = ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal,
-                                                      ctx.chunk_size)
-        ddt, dbias = dt_processing_grad(ddt, dt, dt_bias, ctx.dt_softplus, ctx.dt_limit)
+                        lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size,
+                                             dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit)))
+        dx, ddt, dA, dB, dC, dD, dinit, dbias = ssd_backward(
+            x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size,
+            dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit))
         return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dinit if ctx.has_init else None,
                 None, None, dbias, None, None)
 

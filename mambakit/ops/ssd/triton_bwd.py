@@ -8,6 +8,7 @@ from mambakit.ops.ssd.triton_tiles import (  # noqa: F401
     _block_positions, _load_seg, _chunk_segments, _decay_tile, _entry_decay, _exit_decay, _chunk_head_program,
     _block_program, _chunk_alpha, _load_D, _load_rows, _load_state, _state_tile_program, _first_state_tile,
 )
+from mambakit.ops.triton.math import softplus
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,20 +227,29 @@ def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, 
 
 @triton.jit
 def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dlast_ptr, ddt_ptr, dA_ptr,
-            nheads, nchunks, Lpad, Q: tl.constexpr, BQ: tl.constexpr):
+            raw_ptr, bias_ptr, graw_ptr, dbias_ptr, seqlen, s_rb, s_rl, s_rh, s_gb, s_gl, s_gh, lo, hi,
+            nheads, nchunks, Lpad, Q: tl.constexpr, BQ: tl.constexpr, RAW: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
     """One program per (chunk, batch * head): dL/da_t (see above; the chunk-end terms enter at the last
     position), its reverse cumsum r within the chunk (the gradient of dt_t * A), ddt_t = r_t A + q_t and the chunk's
-    part of dA = sum_t r_t dt_t."""
+    part of dA = sum_t r_t dt_t.
+
+    RAW: ddt is carried back through the dt processing instead of stored: the raw dt (batch, seqlen, nheads) at
+    raw_ptr, v = raw + bias, the clamp's pass-through where lo <= softplus(v) <= hi, times sigmoid(v) for the
+    softplus; the raw dt's gradient goes to graw_ptr (its strides, its dtype) and the chunk's part of the bias's
+    gradient to dbias_ptr[bh, c] (the same products as `dt_processing_grad`)."""
     NB: tl.constexpr = Q // BQ
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % nheads
+    b = bh // nheads
     row = bh * Lpad
     A = tl.load(A_ptr + h)
     carry = tl.load(dlast_ptr + bh * nchunks + c)
     for k in range(NB):
         carry += tl.load(usum_ptr + (bh * nchunks + c) * NB + k)
     dA = A * 0.0
+    dbias = A * 0.0
     for kk in range(NB):
         i = NB - 1 - kk
         pos = c * Q + i * BQ + tl.arange(0, BQ)
@@ -250,7 +260,25 @@ def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dla
             da += tl.load(rowpart_ptr + ((bh * nchunks + c) * NB + k) * Q + i * BQ + tl.arange(0, BQ))
         r = carry + tl.cumsum(da, axis=0, reverse=True)
         carry += tl.sum(da, axis=0)
-        tl.store(ddt_ptr + row + pos, r * A + q)
+        g = r * A + q
+        if RAW:
+            valid = pos < seqlen
+            v = tl.load(raw_ptr + b * s_rb + pos * s_rl + h * s_rh, mask=valid, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                v += tl.load(bias_ptr + h).to(tl.float32)
+            if HAS_LIMIT:
+                pre = v
+                if SOFTPLUS:
+                    pre = softplus(v)
+                g = g * ((pre >= lo) & (pre <= hi)).to(tl.float32)
+            if SOFTPLUS:
+                g = g * tl.sigmoid(v)
+            tl.store(graw_ptr + b * s_gb + pos * s_gl + h * s_gh, g.to(graw_ptr.dtype.element_ty), mask=valid)
+            dbias += tl.sum(tl.where(valid, g, 0.0), axis=0)
+        else:
+            tl.store(ddt_ptr + row + pos, g)
         dA += tl.sum(r * dt, axis=0)
     tl.store(dA_ptr + bh * nchunks + c, dA)
+    if RAW:
+        tl.store(dbias_ptr + bh * nchunks + c, dbias)
 

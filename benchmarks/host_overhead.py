@@ -79,7 +79,8 @@ def main() -> None:
     rows = Rows("host_overhead")
     a = torch.zeros(16, device="cuda")
     ints = [16] * 12
-    rows.add(piece="triton no-op launch (24 args)", host_us=host_us(lambda: _noop[(1,)](*([a] * 12), *ints, FLAG=False)))
+    rows.add(piece="triton no-op launch (24 args)",
+             host_us=host_us(lambda: _noop[(1,)](*([a] * 12), *ints, FLAG=False)))
     rows.add(piece="torch.empty (8, 2048, 1536) bf16",
              host_us=host_us(lambda: torch.empty(8, 2048, 1536, device="cuda", dtype=torch.bfloat16)))
     s = torch.randn(8, 24, 16, device="cuda")

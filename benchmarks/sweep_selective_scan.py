@@ -2,11 +2,13 @@
 GPU, check every configuration against the default one, and time forward and forward+backward side by side with the
 official CUDA scan when `mamba_ssm` is importable.
 
-Run on a CUDA machine:  PYTHONUNBUFFERED=1 python3 benchmarks/sweep_selective_scan.py [--dims 1536 2048] [--seqlens 2048]
+Run on a CUDA machine:
+    PYTHONUNBUFFERED=1 python3 benchmarks/sweep_selective_scan.py [--dims 1536 2048] [--seqlens 2048]
 Shape: batch 8, d_state 16; u, delta, z, B, C bf16; A, D, delta_bias fp32; softplus; with z. Two layouts:
 "time" (u/delta/z (batch, dim, seqlen) contiguous, the op benchmark's form) and "channel" (views of channel-last
 (batch, seqlen, dim) tensors, the upstream gradient too, with B/C strided views of one (batch, seqlen,
-2 d_state + 48) buffer: the Mamba-1 block's form). Prints one JSON row per (layout, dim, seqlen, config) and a markdown table.
+2 d_state + 48) buffer: the Mamba-1 block's form). Prints one JSON row per (layout, dim, seqlen, config) and a
+markdown table.
 """
 from __future__ import annotations
 

@@ -50,6 +50,8 @@ SKIPPED = {
     "bench_ssd.py": "GPU only: checks and times the Triton SSD kernels",
     "first_call.py": "GPU only: cold-cache compile times of the Triton kernels",
     "gpu_check_selective_scan.py": "GPU only: large-shape checks of the Triton scan, conv and decode kernels",
+    "host_overhead.py": "GPU only: host time of Triton launches, torch ops and one block's step",
+    "sweep_selective_scan.py": "GPU only: sweeps the Triton selective scan's launch configurations",
     "sweep_ssd.py": "GPU only: sweeps the Triton SSD kernels' launch settings",
 }
 

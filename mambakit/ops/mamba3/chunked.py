@@ -47,6 +47,40 @@ def _chunk(t: Tensor, Q: int) -> Tensor:
     return t.unflatten(1, (-1, Q))
 
 
+class _AtSegmentStart(torch.autograd.Function):
+    """x.gather(2, first): x (batch, nchunks, Q, ...) at the start of each position's segment inside its chunk;
+    first (batch, nchunks, Q) long, non-decreasing along Q: the last position at or before each one where a
+    segment starts (0 where none does).
+
+    The gradient of a start is the sum of its segment's incoming gradients, taken here as a difference of a
+    reverse cumulative sum; gather's own backward is scatter_add_, whose CUDA atomics add the many positions of a
+    segment in an order that changes from run to run (gradients not bit-identical)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, first: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(first)
+        return x.gather(2, _along(first, x))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (first,) = ctx.saved_tensors
+        Q = g.shape[2]
+        pos = torch.arange(Q, device=g.device)
+        is_start = first == pos  # (batch, nchunks, Q), True at position 0
+        # the next start after each position (Q: none): a reverse running minimum, shifted by one
+        nxt = torch.where(is_start, pos, Q).flip(2).cummin(2).values.flip(2)
+        nxt = torch.cat((nxt[..., 1:], torch.full_like(nxt[..., :1], Q)), dim=2)
+        rev = g.flip(2).cumsum(2).flip(2)  # sum of g from the position to the chunk's end
+        rev = torch.cat((rev, torch.zeros_like(rev[:, :, :1])), dim=2)
+        seg_sum = rev[:, :, :Q] - rev.gather(2, _along(nxt, g))
+        return torch.where(_along(is_start, g), seg_sum, 0.0), None
+
+
+def _along(index: Tensor, x: Tensor) -> Tensor:
+    """index (batch, nchunks, Q) expanded over x's trailing dimensions."""
+    return index.reshape(index.shape + (1,) * (x.dim() - 3)).expand(*index.shape, *x.shape[3:])
+
+
 def _reaches(reach: Tensor, bad: Tensor, equation: str) -> Tensor:
     """Where a non-finite V entry (bad: 1.0 there, else 0.0) feeds a result through the bool mask `reach` of
     which positions feed which (contracted by `equation`); all products are of finite 0/1 values."""
@@ -117,7 +151,7 @@ def prepare(Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tens
     # angles: chunk-local cumulative sums from each segment's start, then the carry from the chunks before
     local = inc.cumsum(2)
     first = torch.cummax(torch.where(starts_c, torch.arange(Qc, device=V.device), 0), dim=2).values
-    before = torch.gather(local - inc, 2, first[..., None, None].expand_as(local))
+    before = _AtSegmentStart.apply(local - inc, first)
     local = local - before
     carry = torch.zeros_like(local[:, 0, 0]) if Input_States is None else Input_States[0].to(fp)
     carries = []

@@ -153,7 +153,8 @@ def dt_processing_grad(ddt: Tensor, dt: Tensor, bias: Optional[Tensor], softplus
                         limit: Optional[Tuple[float, float]]) -> Tuple[Tensor, Optional[Tensor]]:
     """Gradients of the raw dt (its dtype) and of the bias from that of the processed dt, ddt (batch, seqlen,
     nheads) float32: what autograd gives through `mambakit.ops.dt.process_dt` (the clamp passes where
-    lo <= v <= hi), written out because that is faster (benchmarks/RESULTS.md)."""
+    lo <= v <= hi). The PyTorch form of what `ssd_backward(dt_grad=...)` does in its last kernel (kept as its
+    reference and for callers holding the processed dt's gradient)."""
     v = process_dt(dt, bias, dtype=torch.float32)  # before the softplus
     if limit is not None:
         pre = process_dt(v, dt_softplus=softplus)  # before the clamp

@@ -29,8 +29,10 @@ __all__ = ["GEMV_MAX_BATCH", "PLAIN_GEMV", "add_rms_norm_linear", "gemv_linear",
 #: from batch 2 on against the norm kernel + cuBLAS on the H200 (benchmarks/RESULTS.md, bench_gemv / bench_decode).
 GEMV_MAX_BATCH = 1
 
-#: whether backend="auto" sends a plain projection (gemv_linear) to the kernel too, not only the norm-fused ones
-PLAIN_GEMV = False
+#: whether backend="auto" sends a plain projection (gemv_linear, e.g. out_proj) to the kernel too, not only the
+#: norm-fused ones; on since the whole decode step was timed with it and its greedy tokens checked against the
+#: official package (benchmarks/RESULTS.md, tenth session)
+PLAIN_GEMV = True
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

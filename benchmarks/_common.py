@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: the timers (median wall time, median CUDA-event time, first-call seconds), one
+"""Shared pieces of the benchmarks: the timers (median wall time, median CUDA-event time, a CUDA graph's time per
+call, first-call seconds), one
 relative error, the check report (log, check, failure list), the allocator poison, the official package's import,
 JSON rows.
 
@@ -42,6 +43,29 @@ def gpu_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100, grad_to_none
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def graph_us(calls: list[Callable[[], object]], replays: int) -> float:
+    """us per call of one CUDA graph that runs every call once, replayed `replays` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls:  # compiles, allocator warm-up
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * len(calls))
 
 
 def first_call_s(fn: Callable[[], Any]) -> float:

@@ -61,10 +61,11 @@ def state_bytes(cache) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def count_kernels(fn: Callable[[], Any]) -> tuple[int, Counter]:
-    """GPU kernels (and memsets/copies) one call of fn launches, by name; (0, {}) without CUDA."""
+def count_kernels(fn: Callable[[], Any]) -> tuple[int, Counter, Counter]:
+    """GPU kernels (and memsets/copies) one call of fn launches: (count, count by name, microseconds by name);
+    (0, {}, {}) without CUDA."""
     if not torch.cuda.is_available():
-        return 0, Counter()
+        return 0, Counter(), Counter()
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -73,8 +74,12 @@ def count_kernels(fn: Callable[[], Any]) -> tuple[int, Counter]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         sync()
-    names = Counter(e.name for e in prof.events() if e.device_type == DeviceType.CUDA)
-    return sum(names.values()), names
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    names = Counter(e.name for e in kernels)
+    micros: Counter = Counter()
+    for e in kernels:
+        micros[e.name] += e.time_range.elapsed_us()
+    return sum(names.values()), names, micros
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -174,7 +179,7 @@ def run_case(rows: Rows, args, arch: str, shape: str, batch: int, ours, theirs, 
         tokens[name] = greedy(dec, logits, args.check_tokens)
         logits = dec.prefill(ids)
         ms = timed_decode(dec, logits, args.new_tokens)
-        n_kernels, names = count_kernels(lambda: dec.eager_step(logits.argmax(-1)))
+        n_kernels, names, micros = count_kernels(lambda: dec.eager_step(logits.argmax(-1)))
         sbytes = state_bytes(ours.allocate_cache(batch))
         floor_ms = (wbytes + 2 * sbytes) / (args.bandwidth * 1e9) * 1e3
         rows.add(arch=arch, shape=shape, batch=batch, engine=name, ms_per_step=ms, tokens_per_s=batch / ms * 1e3,
@@ -182,8 +187,10 @@ def run_case(rows: Rows, args, arch: str, shape: str, batch: int, ours, theirs, 
                  achieved_GBps=(wbytes + 2 * sbytes) / ms / 1e6, dtype=str(args.dtype))
         if args.kernel_names:
             print(f"# {name} {arch} {shape} b{batch}: {n_kernels} kernels per eager step")
-            for k, c in names.most_common(args.kernel_names):
-                print(f"#   {c:4d}  {k[:150]}")
+            print(f"#   count  total us  kernel (the {args.kernel_names} longest in all; "
+                  f"{sum(micros.values()):.1f} us of kernels in the eager step)")
+            for k, us in micros.most_common(args.kernel_names):
+                print(f"#   {names[k]:4d}  {us:8.1f}  {k[:140]}")
     if "official" in tokens:
         (p_ours, s_ours), (p_off, s_off) = compared["mambakit"], compared["official"]
         print(f"# {arch} {shape} b{batch}: logits rel err vs official: prefill {rel_err(p_ours, p_off):.2e}, "
@@ -220,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--contexts", nargs="*", type=int, default=[], help="batch-1 latency at these context lengths")
     ap.add_argument("--vocab", type=int, default=50277)
     ap.add_argument("--bandwidth", type=float, default=4100.0, help="GB/s for the floor (H200 copy rate)")
-    ap.add_argument("--kernel-names", type=int, default=0, help="print the N most frequent kernels per step")
+    ap.add_argument("--kernel-names", type=int, default=0, help="print the N kernels taking the most time per eager step (count, total us)")
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
@@ -228,13 +235,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="weights and activations (default: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--gemv-max-batch", type=int, default=None,
                     help="set mambakit.ops.norm_linear.GEMV_MAX_BATCH (the norm-fused GEMV kernels up to this batch)")
-    ap.add_argument("--plain-gemv", action="store_true", help="also send plain projections to the GEMV kernel")
+    ap.add_argument("--plain-gemv", action=argparse.BooleanOptionalAction, default=None,
+                    help="send plain projections to the GEMV kernel too, or not (default: the library's setting, "
+                         "mambakit.ops.norm_linear.PLAIN_GEMV)")
     args = ap.parse_args(argv)
-    if args.gemv_max_batch is not None or args.plain_gemv:
-        import mambakit.ops.norm_linear as norm_linear
+    import mambakit.ops.norm_linear as norm_linear
 
-        if args.gemv_max_batch is not None:
-            norm_linear.GEMV_MAX_BATCH = args.gemv_max_batch
+    if args.gemv_max_batch is not None:
+        norm_linear.GEMV_MAX_BATCH = args.gemv_max_batch
+    if args.plain_gemv is not None:
         norm_linear.PLAIN_GEMV = args.plain_gemv
     names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     args.dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
@@ -242,8 +251,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.shapes, args.prompt, args.new_tokens, args.check_tokens, args.vocab = ["tiny"], 16, 4, 4, 256
         args.batches = [b for b in args.batches if b <= 2] or [1]
     print(f"# {device_line()}")
-    if args.gemv_max_batch is not None or args.plain_gemv:
-        print(f"# GEMV_MAX_BATCH={args.gemv_max_batch} PLAIN_GEMV={args.plain_gemv}")
+    print(f"# GEMV_MAX_BATCH={norm_linear.GEMV_MAX_BATCH} PLAIN_GEMV={norm_linear.PLAIN_GEMV}")
     official = None if args.no_official or args.device != "cuda" else import_official()
     rows = Rows("decode")
     for shape in args.shapes:

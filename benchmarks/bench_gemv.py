@@ -12,8 +12,9 @@ Ops, each fused (one `mambakit.ops.triton.gemv` launch) and unfused (what the de
 Timing on CUDA: one CUDA graph replaying the op over enough copies of the weight that they do not fit in L2 (as in
 a decode step, where every weight is read once), CUDA events around the replays; us per op. Also reported: the
 rate over the weight bytes, and the relative error of fused against unfused. With --variants each fused op is also
-timed under a few neighbours of `gemv.launch_config`'s choice (VARIANTS: the other warp count, half / twice the
-output rows per program, no k split, one pipeline stage less / more), each variant checked against the unfused
+timed under a few neighbours of `gemv.launch_config`'s choice (VARIANTS: the other warp count, half the warps, half /
+twice the output rows per program, no k split, one pipeline stage less / more; "looped": the k loop where the default
+takes the whole row in one block), each variant checked against the unfused
 result too, and a second table names the fastest per shape, op and batch.
 """
 from __future__ import annotations
@@ -52,33 +53,10 @@ if ARGS.device == "cpu":
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import Rows, device_line, rel_err, report, table, time_ms  # noqa: E402
+from _common import Rows, device_line, graph_us, rel_err, report, table, time_ms  # noqa: E402
 from mambakit.ops import norm_linear  # noqa: E402
 from mambakit.ops.norm import add_rms_norm, rms_norm_gated  # noqa: E402
 from mambakit.ops.triton import gemv  # noqa: E402
-
-
-def graph_us(calls: list[Callable[[], object]], replays: int) -> float:
-    """us per call of one CUDA graph that runs every call once, replayed `replays` times."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls:  # compiles, allocator warm-up
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * len(calls))
 
 
 def _half_rows(c):
@@ -88,6 +66,7 @@ def _half_rows(c):
 #: name -> the variant of launch_config's choice c it times
 VARIANTS = {
     "warps": lambda c: c._replace(num_warps=4 if c.num_warps == 8 else 8),
+    "warps/2": lambda c: c._replace(num_warps=max(1, c.num_warps // 2)),
     "rows/2": _half_rows,
     "rows*2": lambda c: c._replace(block_n=c.block_n * 2),
     "nosplit": lambda c: c._replace(split=1),
@@ -114,6 +93,13 @@ def variants(batch: int, n: int, k: int, group: int, device: str) -> dict:
     """{name: config} of the variants that differ from launch_config's choice ("default" first)."""
     base = gemv.launch_config(batch, n, k, group, torch.device(device))
     out = {"default": base}
+    saved, gemv.ONE_SHOT_MAX_K = gemv.ONE_SHOT_MAX_K, 0
+    try:
+        looped = gemv.launch_config(batch, n, k, group, torch.device(device))  # the k loop, without the one shot
+    finally:
+        gemv.ONE_SHOT_MAX_K = saved
+    if looped != base:
+        out["looped"] = looped
     for name, fn in VARIANTS.items():
         c = fn(base)
         if c not in out.values():

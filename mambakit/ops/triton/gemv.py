@@ -95,7 +95,8 @@ def _gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, n_rows
                  n_iters, iters_per_split, s_a, s_b, s_r, s_w, s_o, s_split, eps,
                  MODE: tl.constexpr, HAS_B: tl.constexpr, HAS_BIAS: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
                  DOT: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
-                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                 ONE_SHOT: tl.constexpr):
     pid_n, pid_s = tl.program_id(0), tl.program_id(2)
     rows = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     mr = rows < n_rows
@@ -105,6 +106,42 @@ def _gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, n_rows
     w_rows = w_ptr + ns.to(tl.int64)[:, None] * s_w
     ks = tl.arange(0, BLOCK_K)
     gs = tl.arange(0, BLOCK_G)
+    if ONE_SHOT:
+        # one k block holds the whole row (one group): the weight loads are issued first, so that they are in
+        # flight while the input is read and normalised
+        mk = ks < group_size
+        w = tl.load(w_rows + ks[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        x, gate = _load_input(a_ptr, b_ptr, res_ptr, nw_ptr, rows, ks, mr[:, None] & mk[None, :], s_a, s_b, s_r,
+                              n_rows * (pid_n == 0).to(tl.int32), MODE, HAS_B, NORM_BEFORE_GATE, True)
+        if MODE != 0:
+            r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / group_size + eps)
+            x = x * r[:, None] * tl.load(nw_ptr + ks, mask=mk, other=0.0).to(tl.float32)[None, :]
+            if MODE == 2:
+                if HAS_B:
+                    if NORM_BEFORE_GATE:
+                        x = x * gate
+        v = x.to(w_ptr.dtype.element_ty)
+        acc = tl.sum(w.to(tl.float32) * v.to(tl.float32), axis=1)[:, None]  # (BLOCK_N, 1)
+    else:
+        acc = _looped_product(a_ptr, b_ptr, nw_ptr, w_ptr, w_rows, res_ptr, rows, mr, mn, ks, gs, pid_n, pid_s, n_rows,
+                              group_size, kb_per_group, n_iters, iters_per_split, s_a, s_b, s_r, eps, MODE, HAS_B,
+                              NORM_BEFORE_GATE, DOT, IEEE, BLOCK_G, BLOCK_B, BLOCK_N, BLOCK_K, STAGES)
+    m = mn[:, None] & mr[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ns, mask=mn, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + rows[None, :] * s_o + ns[:, None], acc.to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(out_ptr + pid_s * s_split + rows[None, :] * N + ns[:, None], acc, mask=m)
+
+
+@triton.jit
+def _looped_product(a_ptr, b_ptr, nw_ptr, w_ptr, w_rows, res_ptr, rows, mr, mn, ks, gs, pid_n, pid_s, n_rows, group_size,
+                    kb_per_group, n_iters, iters_per_split, s_a, s_b, s_r, eps, MODE: tl.constexpr,
+                    HAS_B: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    STAGES: tl.constexpr):
+    """This program's (BLOCK_N, BLOCK_B) float32 products over its split's k blocks, walked group by group."""
     it0 = pid_s * iters_per_split
     it1 = tl.minimum(it0 + iters_per_split, n_iters)
     rstd = tl.zeros((BLOCK_B, BLOCK_G), dtype=tl.float32)
@@ -152,13 +189,7 @@ def _gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, n_rows
             acc2 += w.to(tl.float32) * v.to(tl.float32)
     if not DOT:
         acc = tl.sum(acc2, axis=1)[:, None]  # (BLOCK_N, 1)
-    m = mn[:, None] & mr[None, :]
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + ns, mask=mn, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + rows[None, :] * s_o + ns[:, None], acc.to(out_ptr.dtype.element_ty), mask=m)
-    else:
-        tl.store(out_ptr + pid_s * s_split + rows[None, :] * N + ns[:, None], acc, mask=m)
+    return acc
 
 
 @triton.jit
@@ -189,6 +220,20 @@ def _floor2(v: float) -> int:
     return 1 << max(0, int(v).bit_length() - 1)
 
 
+#: batch 1 with one norm group and in_features up to this: the whole row in one k block (`one_shot_config`)
+ONE_SHOT_MAX_K = 2048
+
+
+def one_shot_config(n: int, k: int, sms: int) -> GemvConfig:
+    """Batch 1, the whole row in one k block: no loop, every weight load of a program issued at once. Output rows
+    per program so that a program's tile is at most 4096 elements and every multiprocessor gets two programs;
+    warps so that each thread loads about 16 elements (two 16-byte loads in bf16): more loads per thread were
+    slower, not faster."""
+    block_k = triton.next_power_of_2(k)
+    block_n = max(1, min(16, 4096 // block_k, _floor2(n / (2 * sms))))
+    return GemvConfig(1, block_n, block_k, max(1, min(8, block_n * block_k // 512)), 1)
+
+
 def launch_config(batch: int, n: int, k: int, group_size: int, device: torch.device) -> GemvConfig:
     """The blocks for a (batch, k) x (n, k)^T product normalised per group_size (k for no norm or one group); the
     module docstring says why. On the interpreter small blocks, so that the loops over k, the groups and the
@@ -196,6 +241,8 @@ def launch_config(batch: int, n: int, k: int, group_size: int, device: torch.dev
     if interpreted():
         return GemvConfig(1, 4, 16, 1, 1) if batch <= 1 else GemvConfig(MAX_BLOCK_B, 16, 16, 4, 1)
     sms = multiprocessor_count(device)
+    if batch <= 1 and group_size == k and k <= ONE_SHOT_MAX_K:
+        return one_shot_config(n, k, sms)
     if batch <= 1:
         block_k = _block_k(group_size, 512, 64)
         # at least 8 elements (16 bytes of bf16) per thread and load: more rows where small groups cap the k block
@@ -269,7 +316,7 @@ def _launch(mode: int, a: Tensor, b: Optional[Tensor], norm_weight: Optional[Ten
         DOT=cfg.block_b > 1, IEEE=w.dtype == torch.float32, SPLIT=split,
         BLOCK_G=triton.next_power_of_2(ngroups) if mode != MODE_PLAIN else 1,
         BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps)
+        ONE_SHOT=cfg.block_b == 1 and n_iters == 1, num_warps=cfg.num_warps)
     if split > 1:
         block = 1024
         _split_sum_kernel[(triton.cdiv(rows * n, block),)](

@@ -12,6 +12,7 @@ its own dtype. Public entry points with checks and the PyTorch reference: `mamba
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -53,50 +54,81 @@ def _m1_conv_xproj_kernel(xz_ptr, cs_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, part_p
 
 @triton.jit
 def _m1_scan_step_kernel(part_ptr, xc_ptr, xz_ptr, wdt_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr,
-                         dim, dstate, dt_rank, n_blocks, s_xzb, s_sb, s_sd,
+                         batch, dim, dstate, dt_rank, n_blocks, s_xzb, s_sb, s_sd,
                          HAS_D: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
-                         NB: tl.constexpr, BLOCK_O: tl.constexpr):
+                         NB: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr):
+    """Program (i, j): channels [i * BLOCK_D, (i + 1) * BLOCK_D) of batch rows [j * ROWS, (j + 1) * ROWS); the
+    channel block's weights (dt_proj, A, dt bias, D) are read once for its ROWS rows."""
     pid_d = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
     xt = xc_ptr.dtype.element_ty
     j = tl.arange(0, NB)
     mj = j < n_blocks
-    prow = part_ptr + (b * n_blocks + j[:, None]) * BLOCK_O
-    # x_proj's output = the blocks' partial sums in a fixed order, rounded to the input dtype (as the GEMM's)
     r = tl.arange(0, RP)
-    dt_low = tl.sum(tl.load(prow + r[None, :], mask=mj[:, None] & (r < dt_rank)[None, :], other=0.0), axis=0)
-    dt_low = dt_low.to(xt).to(tl.float32)
+    mr = r < dt_rank
     n = tl.arange(0, NP)
     mn = n < dstate
-    Bv = tl.sum(tl.load(prow + dt_rank + n[None, :], mask=mj[:, None] & mn[None, :], other=0.0), axis=0)
-    Cv = tl.sum(tl.load(prow + dt_rank + dstate + n[None, :], mask=mj[:, None] & mn[None, :], other=0.0), axis=0)
-    Bv = Bv.to(xt).to(tl.float32)
-    Cv = Cv.to(xt).to(tl.float32)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     md = d < dim
-    wdt = tl.load(wdt_ptr + d[:, None] * dt_rank + r[None, :], mask=md[:, None] & (r < dt_rank)[None, :], other=0.0)
-    dt = tl.sum(wdt.to(tl.float32) * dt_low[None, :], axis=1).to(xt).to(tl.float32)
-    dt = softplus(dt + tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32))
     m2 = md[:, None] & mn[None, :]
+    wdt = tl.load(wdt_ptr + d[:, None] * dt_rank + r[None, :], mask=md[:, None] & mr[None, :], other=0.0)
+    wdt = wdt.to(tl.float32)
+    dtb = tl.load(dtb_ptr + d, mask=md, other=0.0).to(tl.float32)
     A = -tl.exp(tl.load(alog_ptr + d[:, None] * dstate + n[None, :], mask=m2, other=0.0).to(tl.float32))
-    x = tl.load(xc_ptr + b * dim + d, mask=md, other=0.0).to(tl.float32)
-    s_off = b * s_sb + d[:, None] * s_sd + n[None, :]
-    h = tl.load(st_ptr + s_off, mask=m2, other=0.0).to(tl.float32)
-    h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv[None, :]
-    tl.store(st_ptr + s_off, h.to(st_ptr.dtype.element_ty), mask=m2)
-    h = h.to(st_ptr.dtype.element_ty).to(tl.float32)
-    y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
-        y += x * tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
-    z = tl.load(xz_ptr + b * s_xzb + dim + d, mask=md, other=0.0).to(tl.float32)
-    y = y * (z * tl.sigmoid(z))
-    tl.store(y_ptr + b * dim + d, y.to(y_ptr.dtype.element_ty), mask=md)
+        Dv = tl.load(D_ptr + d, mask=md, other=0.0).to(tl.float32)
+    for i in range(ROWS):
+        b = tl.program_id(1).to(tl.int64) * ROWS + i
+        # the row's validity as vectors (scalar masks are not supported everywhere)
+        okj = (j.to(tl.int64) * 0 + b) < batch
+        okd = (d.to(tl.int64) * 0 + b) < batch
+        mdb = md & okd
+        m2b = mdb[:, None] & mn[None, :]
+        # the row's own loads first, so that they are in flight during the reduction below
+        s_off = b * s_sb + d[:, None] * s_sd + n[None, :]
+        h = tl.load(st_ptr + s_off, mask=m2b, other=0.0).to(tl.float32)
+        x = tl.load(xc_ptr + b * dim + d, mask=mdb, other=0.0).to(tl.float32)
+        z = tl.load(xz_ptr + b * s_xzb + dim + d, mask=mdb, other=0.0).to(tl.float32)
+        prow = part_ptr + (b * n_blocks + j[:, None]) * BLOCK_O
+        mp = (mj & okj)[:, None]
+        # x_proj's output = the blocks' partial sums in a fixed order, rounded to the input dtype (as the GEMM's)
+        dt_low = tl.sum(tl.load(prow + r[None, :], mask=mp & mr[None, :], other=0.0), axis=0)
+        dt_low = dt_low.to(xt).to(tl.float32)
+        Bv = tl.sum(tl.load(prow + dt_rank + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
+        Cv = tl.sum(tl.load(prow + dt_rank + dstate + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
+        Bv = Bv.to(xt).to(tl.float32)
+        Cv = Cv.to(xt).to(tl.float32)
+        dt = tl.sum(wdt * dt_low[None, :], axis=1).to(xt).to(tl.float32)
+        dt = softplus(dt + dtb)
+        h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv[None, :]
+        tl.store(st_ptr + s_off, h.to(st_ptr.dtype.element_ty), mask=m2b)
+        h = h.to(st_ptr.dtype.element_ty).to(tl.float32)
+        y = tl.sum(h * Cv[None, :], axis=1)
+        if HAS_D:
+            y += x * Dv
+        y = y * (z * tl.sigmoid(z))
+        tl.store(y_ptr + b * dim + d, y.to(y_ptr.dtype.element_ty), mask=mdb)
+
+
+class StepConfig(NamedTuple):
+    """The Mamba-1 state-update kernel's blocks: block_d channels by rows batch rows per program."""
+    block_d: int
+    rows: int
+    num_warps: int
+
+
+def mamba1_step_config(batch: int, dim: int, device: torch.device) -> StepConfig:
+    """32 channels of one row per program; four warps at batch 1-8, two beyond (`benchmarks/sweep_mixer_step.py`:
+    several rows per program, reading the channel block's weights once for them, and wider channel blocks were
+    slower at every batch)."""
+    return StepConfig(32, 1, 4 if batch <= 8 else 2)
 
 
 def mamba1_step_triton(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias, x_proj_weight: Tensor,
-                       dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor, D, ssm_state: Tensor) -> Tensor:
+                       dt_proj_weight: Tensor, dt_proj_bias: Tensor, A_log: Tensor, D, ssm_state: Tensor,
+                       config: Optional[StepConfig] = None) -> Tensor:
     """xz: (batch, 2 * d_inner) in_proj output ([x, z], last dim contiguous); conv_state (batch, d_inner, d_conv) and
-    ssm_state (batch, d_inner, d_state, last dim contiguous) updated in place. Returns y: (batch, d_inner)."""
+    ssm_state (batch, d_inner, d_state, last dim contiguous) updated in place. Returns y: (batch, d_inner).
+    config: the state-update kernel's blocks (default `mamba1_step_config`'s)."""
     batch = xz.shape[0]
     dim, width = conv_weight.shape
     d_state = A_log.shape[1]
@@ -113,12 +145,13 @@ def mamba1_step_triton(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv
         HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, WP=triton.next_power_of_2(width), BLOCK_O=block_o,
         num_warps=4)
     y = torch.empty(batch, dim, device=xz.device, dtype=xz.dtype)
-    block_d2 = 32
-    _m1_scan_step_kernel[(triton.cdiv(dim, block_d2), batch)](
+    cfg = config or mamba1_step_config(batch, dim, xz.device)
+    _m1_scan_step_kernel[(triton.cdiv(dim, cfg.block_d), triton.cdiv(batch, cfg.rows))](
         part, xc, xz, dt_proj_weight, dt_proj_bias, A_log, D if D is not None else A_log, ssm_state, y,
-        dim, d_state, dt_rank, n_blocks, xz.stride(0), ssm_state.stride(0), ssm_state.stride(1),
-        HAS_D=D is not None, BLOCK_D=block_d2, NP=triton.next_power_of_2(d_state),
-        RP=triton.next_power_of_2(dt_rank), NB=triton.next_power_of_2(n_blocks), BLOCK_O=block_o, num_warps=4)
+        batch, dim, d_state, dt_rank, n_blocks, xz.stride(0), ssm_state.stride(0), ssm_state.stride(1),
+        HAS_D=D is not None, BLOCK_D=cfg.block_d, NP=triton.next_power_of_2(d_state),
+        RP=triton.next_power_of_2(dt_rank), NB=triton.next_power_of_2(n_blocks), BLOCK_O=block_o, ROWS=cfg.rows,
+        num_warps=cfg.num_warps)
     return y
 
 

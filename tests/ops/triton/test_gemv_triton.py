@@ -101,11 +101,14 @@ SPLIT = gemv.GemvConfig(gemv.MAX_BLOCK_B, 16, 16, 4, 2, split=3)
 
 
 @pytest.mark.parametrize("config", [SPLIT, gemv.GemvConfig(gemv.MAX_BLOCK_B, 32, 32, 4, 3, split=2),
-                                    gemv.GemvConfig(1, 1, 32, 1, 2), gemv.GemvConfig(1, 2, 16, 2, 3)],
-                         ids=["split3", "split2-wide", "row1", "rows2"])
+                                    gemv.GemvConfig(1, 1, 32, 1, 2), gemv.GemvConfig(1, 2, 16, 2, 3),
+                                    gemv.GemvConfig(1, 2, 128, 1, 1), gemv.GemvConfig(1, 8, 128, 4, 1)],
+                         ids=["split3", "split2-wide", "row1", "rows2", "one-shot", "one-shot-rows8"])
 def test_configs_split_k_and_the_one_row_path(config):
     """Forced configurations (as the benchmark's variants): k split over programs with the ordered second pass,
-    and the 1-row path with one or two output rows per program; twice, bit-identical (no atomics)."""
+    and the 1-row path with one or two output rows per program, looped or with the whole row in one k block (the
+    one-shot branch: k 96 in a block of 128; the grouped norms there take the looped branch); twice, bit-identical
+    (no atomics)."""
     rows = 1 if config.block_b == 1 else 5
     g = torch.Generator().manual_seed(config.block_n)
     hidden, residual, nw, w, b = _add_norm_case(g, rows, 96, N, False, bias=True)
@@ -121,7 +124,8 @@ def test_configs_split_k_and_the_one_row_path(config):
     assert rel_err(gemv.gemv_triton(x.float(), w.float(), config=config), x @ w.T) < 1e-6
 
 
-@pytest.mark.parametrize("config", [None, SPLIT, gemv.GemvConfig(1, 4, 16, 1, 1)], ids=["default", "split", "row1"])
+@pytest.mark.parametrize("config", [None, SPLIT, gemv.GemvConfig(1, 4, 16, 1, 1), gemv.GemvConfig(1, 2, 64, 1, 1)],
+                         ids=["default", "split", "row1", "one-shot"])
 @pytest.mark.parametrize("rows", [2, 17])
 def test_nan_is_not_hidden(config, rows):
     """A NaN in one row's input makes that row's output NaN and no other row's (the norm statistics, the padded
@@ -252,10 +256,13 @@ def test_gpu_launch_config(monkeypatch):
                              (4096, 2048, 1), (24, 40, 1)):
             cfg = gemv.launch_config(batch, n, k, k // groups, None)
             gemv._check_config(cfg)
-            assert (k // groups) % cfg.block_k == 0 or k < 64
+            one_shot = batch == 1 and groups == 1 and cfg.block_k >= k
+            assert (k // groups) % cfg.block_k == 0 or k < 64 or one_shot
+            if batch == 1 and groups == 1 and k <= gemv.ONE_SHOT_MAX_K:
+                assert one_shot
             assert cfg.block_n * cfg.block_k * cfg.block_b <= 16 * 64 * 256
             if batch == 1:
-                assert cfg.block_b == 1 and cfg.block_n * cfg.block_k >= 8 * 32 * cfg.num_warps
+                assert cfg.block_b == 1 and (cfg.block_n * cfg.block_k >= 8 * 32 * cfg.num_warps or k < 64)
                 assert -(-n // cfg.block_n) >= 132 or n < 132 or cfg.block_k < 128
             else:
                 assert cfg.block_b == gemv.MAX_BLOCK_B
@@ -269,9 +276,11 @@ def test_kernel_compiles_for_sm90_without_spills():
     and Mamba-2's split tail use it (four warps: the helper's; launch_config's eight warps leave more registers per
     thread), and read its resource usage: no local memory (no register spills)."""
     ptrs = {"b_ptr": "*fp32", "res_ptr": "*fp32", "eps": "fp32"}
-    fixed = dict(HAS_B=True, HAS_BIAS=False, NORM_BEFORE_GATE=False, IEEE=False, SPLIT=1, STAGES=3)
+    fixed = dict(HAS_B=True, HAS_BIAS=False, NORM_BEFORE_GATE=False, IEEE=False, SPLIT=1, STAGES=3, ONE_SHOT=False)
     usage = sm90_resource_usage("mambakit.ops.triton.gemv", "_gemv_kernel", "*bf16", {
         "add_norm": (ptrs, dict(fixed, MODE=1, DOT=False, BLOCK_G=1, BLOCK_B=1, BLOCK_N=16, BLOCK_K=512)),
+        "add_norm_one_shot": (ptrs, dict(fixed, MODE=1, DOT=False, BLOCK_G=1, BLOCK_B=1, BLOCK_N=8, BLOCK_K=1024,
+                                         STAGES=1, ONE_SHOT=True)),
         "add_norm_b16": (ptrs, dict(fixed, MODE=1, DOT=True, BLOCK_G=1, BLOCK_B=16, BLOCK_N=32, BLOCK_K=128)),
         "gated": ({"res_ptr": "*fp32", "eps": "fp32", "out_ptr": "*fp32"},
                   dict(fixed, MODE=2, DOT=True, BLOCK_G=8, SPLIT=2, BLOCK_B=16, BLOCK_N=16, BLOCK_K=128)),

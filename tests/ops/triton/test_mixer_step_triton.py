@@ -177,3 +177,35 @@ def test_kernels_compile_for_sm90_without_spills():
     assert set(lines) == {"m1_conv_xproj", "m1_scan_step", "m2_state_step"}, run.stdout
     for name, usage in lines.items():
         assert "REG:" in usage and "LOCAL:0" in usage and "STACK:0" in usage, f"{name}: {usage}"
+
+
+@pytest.mark.parametrize("config", [None, (32, 1, 4), (64, 4, 4), (16, 3, 2)], ids=["default", "row1", "rows4",
+                                                                                    "rows3"])
+def test_mamba1_state_update_blocks(config):
+    """The state-update kernel under several blocks (rows of the batch per program; 10 rows: the default takes the
+    several-rows blocks, and 10 is no multiple of 3 or 4): equal to the float64 composition, and a NaN row, sharing
+    its program with others, leaves them untouched."""
+    from mambakit.ops.triton.mixer_step import StepConfig, mamba1_step_triton
+
+    cfg = None if config is None else StepConfig(*config)
+    batch, d_inner, d_state, dt_rank = 10, 70, 6, 5
+    g = torch.Generator().manual_seed(11)
+    p64 = _m1_params(g, d_inner, d_state, dt_rank, 4, True, True)
+    p = _f32(p64)
+    conv64 = torch.randn(batch, d_inner, 4, generator=g, dtype=torch.float64)
+    ssm64 = torch.randn(batch, d_inner, d_state, generator=g, dtype=torch.float64)
+    xz = torch.randn(batch, 2 * d_inner, generator=g, dtype=torch.float64)
+    conv32, ssm32 = conv64.float(), ssm64.float()
+    conv_b, ssm_b = conv64.float(), ssm64.float()  # the states before the step (the reference updates conv64/ssm64)
+    ref = mamba1_step(xz, conv64, ssm64, **p64, backend="ref")
+    args = [p[k] for k in ("conv_weight", "conv_bias", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log",
+                           "D")]
+    out = mamba1_step_triton(xz.float(), conv32, args[0], args[1], args[2], args[3], args[4], args[5], args[6],
+                             ssm32, config=cfg)
+    assert rel_err(out, ref) < 1e-5 and rel_err(ssm32, ssm64) < 1e-5
+    bad = xz.float().clone()
+    bad[5, 2] = float("nan")
+    out_b = mamba1_step_triton(bad, conv_b, *args[:7], ssm_b, config=cfg)
+    others = [i for i in range(batch) if i != 5]
+    assert torch.isfinite(out_b[others]).all() and not torch.isfinite(out_b[5]).all()
+    assert rel_err(out_b[others], ref[others]) < 1e-5

@@ -199,6 +199,15 @@ def run_case(rows: Rows, args, arch: str, shape: str, batch: int, ours, theirs, 
         agree = int(same.long().cumprod(0).sum())
         print(f"# {arch} {shape} b{batch}: greedy tokens identical for the first {agree} of {args.check_tokens} "
               f"steps in every row")
+        ours_tok, off_tok = p_ours.argmax(-1), p_off.argmax(-1)
+        differ = (ours_tok != off_tok).nonzero().flatten()
+        if len(differ):  # near-ties or a real error: how far apart are the two tokens in each package's logits?
+            gap_off = (p_off[differ, off_tok[differ]] - p_off[differ, ours_tok[differ]]).abs().max().item()
+            gap_ours = (p_ours[differ, ours_tok[differ]] - p_ours[differ, off_tok[differ]]).abs().max().item()
+            err = (p_ours - p_off).abs().max().item()
+            print(f"# {arch} {shape} b{batch}: first token differs in {len(differ)} of {batch} rows; the two tokens' "
+                  f"logit gap: at most {gap_off:.3g} (official), {gap_ours:.3g} (mambakit); largest logit "
+                  f"difference between the packages {err:.3g}")
     del engines
     torch.cuda.empty_cache() if args.device == "cuda" else None
 

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from _common import Rows, device_line, graph_us, rel_err, report, table, time_ms  # noqa: E402
 from mambakit.ops.triton.mixer_step import StepConfig, mamba1_step_config, mamba1_step_triton  # noqa: E402
 
-CONFIGS = [StepConfig(bd, rows, w) for bd in (16, 32, 64, 128) for rows in (1, 2, 4) for w in (1, 2, 4, 8)]
+CONFIGS = [StepConfig(bd, rows, w, gemm) for gemm in (False, True) for bd in (16, 32, 64, 128) for rows in (1, 2)
+           for w in (1, 2, 4, 8)]
 
 
 def layer(g, batch, d_inner, d_state, dt_rank, dtype, device):
@@ -91,7 +92,7 @@ def main() -> int:
                          default=" ".join(map(str, default)), default_us=timed[default]))
     rows.save()
     report.log("\n" + table(rows.rows, ["batch", "config", "default", "us", "state_GBps"]))
-    report.log("\nfastest (config = block_d rows num_warps):\n"
+    report.log("\nfastest (config = block_d rows num_warps xproj_gemm):\n"
                + table(best, ["batch", "best", "best_us", "default", "default_us"]))
     return report.finish()
 

@@ -2,7 +2,8 @@
 
 Mamba-1 takes two kernels: (1) conv-state update + depthwise conv + SiLU + this block of channels' share of x_proj
 (partial sums, one row per channel block), (2) the partial sums added up (a fixed order: deterministic), dt_proj,
-softplus, the state update, the D skip and the SiLU(z) gate. Mamba-2 takes one kernel after the conv update: dt
+softplus, the state update, the D skip and the SiLU(z) gate. At larger batches (`mamba1_step_config`) x_proj is one
+cuBLAS product between the two instead (its output rounded to the input dtype, as the partial sums are). Mamba-2 takes one kernel after the conv update: dt
 processing (bias, softplus, clamp), the per-head state update, the read-out and the D skip (the gated RMSNorm
 follows). A = -exp(A_log) is formed in the kernels, so no per-step PyTorch kernels remain.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -26,7 +28,8 @@ from mambakit.ops.triton.math import softplus
 @triton.jit
 def _m1_conv_xproj_kernel(xz_ptr, cs_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, part_ptr,
                           dim, width, n_out, n_blocks, s_xzb, s_csb, s_csd, s_csw,
-                          HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, WP: tl.constexpr, BLOCK_O: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, WP: tl.constexpr, BLOCK_O: tl.constexpr,
+                          XPROJ: tl.constexpr):
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -46,19 +49,21 @@ def _m1_conv_xproj_kernel(xz_ptr, cs_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, part_p
     y = y * tl.sigmoid(y)
     y = tl.where(md, y, 0.0).to(xt)
     tl.store(xc_ptr + b * dim + d, y, mask=md)
-    o = tl.arange(0, BLOCK_O)
-    wx = tl.load(wx_ptr + o[:, None] * dim + d[None, :], mask=(o < n_out)[:, None] & md[None, :], other=0.0)
-    part = tl.sum(wx.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
-    tl.store(part_ptr + (b * n_blocks + pid_d) * BLOCK_O + o, part)
+    if XPROJ:
+        o = tl.arange(0, BLOCK_O)
+        wx = tl.load(wx_ptr + o[:, None] * dim + d[None, :], mask=(o < n_out)[:, None] & md[None, :], other=0.0)
+        part = tl.sum(wx.to(tl.float32) * y.to(tl.float32)[None, :], axis=1)
+        tl.store(part_ptr + (b * n_blocks + pid_d) * BLOCK_O + o, part)
 
 
 @triton.jit
 def _m1_scan_step_kernel(part_ptr, xc_ptr, xz_ptr, wdt_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr,
-                         batch, dim, dstate, dt_rank, n_blocks, s_xzb, s_sb, s_sd,
+                         batch, dim, dstate, dt_rank, n_blocks, s_part, s_xzb, s_sb, s_sd,
                          HAS_D: tl.constexpr, BLOCK_D: tl.constexpr, NP: tl.constexpr, RP: tl.constexpr,
-                         NB: tl.constexpr, BLOCK_O: tl.constexpr, ROWS: tl.constexpr):
+                         NB: tl.constexpr, ROWS: tl.constexpr):
     """Program (i, j): channels [i * BLOCK_D, (i + 1) * BLOCK_D) of batch rows [j * ROWS, (j + 1) * ROWS); the
-    channel block's weights (dt_proj, A, dt bias, D) are read once for its ROWS rows."""
+    channel block's weights (dt_proj, A, dt bias, D) are read once for its ROWS rows. part: (batch * n_blocks)
+    rows s_part apart, x_proj's output per row the sum of its n_blocks rows (n_blocks 1: x_proj's output itself)."""
     pid_d = tl.program_id(0)
     xt = xc_ptr.dtype.element_ty
     j = tl.arange(0, NB)
@@ -88,13 +93,14 @@ def _m1_scan_step_kernel(part_ptr, xc_ptr, xz_ptr, wdt_ptr, dtb_ptr, alog_ptr, D
         h = tl.load(st_ptr + s_off, mask=m2b, other=0.0).to(tl.float32)
         x = tl.load(xc_ptr + b * dim + d, mask=mdb, other=0.0).to(tl.float32)
         z = tl.load(xz_ptr + b * s_xzb + dim + d, mask=mdb, other=0.0).to(tl.float32)
-        prow = part_ptr + (b * n_blocks + j[:, None]) * BLOCK_O
+        prow = part_ptr + (b * n_blocks + j[:, None]) * s_part
         mp = (mj & okj)[:, None]
         # x_proj's output = the blocks' partial sums in a fixed order, rounded to the input dtype (as the GEMM's)
-        dt_low = tl.sum(tl.load(prow + r[None, :], mask=mp & mr[None, :], other=0.0), axis=0)
+        dt_low = tl.sum(tl.load(prow + r[None, :], mask=mp & mr[None, :], other=0.0).to(tl.float32), axis=0)
         dt_low = dt_low.to(xt).to(tl.float32)
-        Bv = tl.sum(tl.load(prow + dt_rank + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
-        Cv = tl.sum(tl.load(prow + dt_rank + dstate + n[None, :], mask=mp & mn[None, :], other=0.0), axis=0)
+        Bv = tl.sum(tl.load(prow + dt_rank + n[None, :], mask=mp & mn[None, :], other=0.0).to(tl.float32), axis=0)
+        Cv = tl.sum(tl.load(prow + dt_rank + dstate + n[None, :], mask=mp & mn[None, :],
+                            other=0.0).to(tl.float32), axis=0)
         Bv = Bv.to(xt).to(tl.float32)
         Cv = Cv.to(xt).to(tl.float32)
         dt = tl.sum(wdt * dt_low[None, :], axis=1).to(xt).to(tl.float32)
@@ -110,17 +116,20 @@ def _m1_scan_step_kernel(part_ptr, xc_ptr, xz_ptr, wdt_ptr, dtb_ptr, alog_ptr, D
 
 
 class StepConfig(NamedTuple):
-    """The Mamba-1 state-update kernel's blocks: block_d channels by rows batch rows per program."""
+    """The Mamba-1 state-update kernel's blocks: block_d channels by rows batch rows per program; xproj_gemm: x_proj
+    as one cuBLAS product between the two kernels (False: partial sums inside the conv kernel, reduced by the
+    update kernel)."""
     block_d: int
     rows: int
     num_warps: int
+    xproj_gemm: bool = False
 
 
 def mamba1_step_config(batch: int, dim: int, device: torch.device) -> StepConfig:
     """32 channels of one row per program; four warps at batch 1-8, two beyond (`benchmarks/sweep_mixer_step.py`:
     several rows per program, reading the channel block's weights once for them, and wider channel blocks were
     slower at every batch)."""
-    return StepConfig(32, 1, 4 if batch <= 8 else 2)
+    return StepConfig(32, 1, 4) if batch <= 8 else StepConfig(32, 1, 2, True)
 
 
 def mamba1_step_triton(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias, x_proj_weight: Tensor,
@@ -137,20 +146,25 @@ def mamba1_step_triton(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv
     block_d = 64
     n_blocks = triton.cdiv(dim, block_d)
     block_o = triton.next_power_of_2(n_out)
+    cfg = config or mamba1_step_config(batch, dim, xz.device)
     xc = torch.empty(batch, dim, device=xz.device, dtype=xz.dtype)
-    part = torch.empty(batch, n_blocks, block_o, device=xz.device, dtype=torch.float32)
+    part = torch.empty(batch, n_blocks, block_o, device=xz.device, dtype=torch.float32) if not cfg.xproj_gemm \
+        else xc
     _m1_conv_xproj_kernel[(n_blocks, batch)](
         xz, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, x_proj_weight, xc, part,
         dim, width, n_out, n_blocks, xz.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, WP=triton.next_power_of_2(width), BLOCK_O=block_o,
-        num_warps=4)
+        XPROJ=not cfg.xproj_gemm, num_warps=4)
+    if cfg.xproj_gemm:
+        part, n_blocks, s_part = F.linear(xc, x_proj_weight), 1, n_out  # (batch, n_out), rounded as the GEMM's
+    else:
+        s_part = block_o
     y = torch.empty(batch, dim, device=xz.device, dtype=xz.dtype)
-    cfg = config or mamba1_step_config(batch, dim, xz.device)
     _m1_scan_step_kernel[(triton.cdiv(dim, cfg.block_d), triton.cdiv(batch, cfg.rows))](
         part, xc, xz, dt_proj_weight, dt_proj_bias, A_log, D if D is not None else A_log, ssm_state, y,
-        batch, dim, d_state, dt_rank, n_blocks, xz.stride(0), ssm_state.stride(0), ssm_state.stride(1),
+        batch, dim, d_state, dt_rank, n_blocks, s_part, xz.stride(0), ssm_state.stride(0), ssm_state.stride(1),
         HAS_D=D is not None, BLOCK_D=cfg.block_d, NP=triton.next_power_of_2(d_state),
-        RP=triton.next_power_of_2(dt_rank), NB=triton.next_power_of_2(n_blocks), BLOCK_O=block_o, ROWS=cfg.rows,
+        RP=triton.next_power_of_2(dt_rank), NB=triton.next_power_of_2(n_blocks), ROWS=cfg.rows,
         num_warps=cfg.num_warps)
     return y
 

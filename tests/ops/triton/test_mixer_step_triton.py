@@ -137,10 +137,13 @@ bf, f32 = "*bf16", "*fp32"
 kernels = {
     "m1_conv_xproj": (ms._m1_conv_xproj_kernel, dict(xz_ptr=bf, cs_ptr=bf, cw_ptr=bf, cb_ptr=bf, wx_ptr=bf,
                                                      xc_ptr=bf, part_ptr=f32),
-                      dict(HAS_BIAS=True, BLOCK_D=64, WP=4, BLOCK_O=128)),
+                      dict(HAS_BIAS=True, BLOCK_D=64, WP=4, BLOCK_O=128, XPROJ=True)),
     "m1_scan_step": (ms._m1_scan_step_kernel, dict(part_ptr=f32, xc_ptr=bf, xz_ptr=bf, wdt_ptr=bf, dtb_ptr=bf,
                                                    alog_ptr=f32, D_ptr=f32, st_ptr=f32, y_ptr=bf),
-                     dict(HAS_D=True, BLOCK_D=32, NP=16, RP=64, NB=32, BLOCK_O=128)),
+                     dict(HAS_D=True, BLOCK_D=32, NP=16, RP=64, NB=32, ROWS=1)),
+    "m1_scan_step_gemm": (ms._m1_scan_step_kernel, dict(part_ptr=bf, xc_ptr=bf, xz_ptr=bf, wdt_ptr=bf, dtb_ptr=bf,
+                                                        alog_ptr=f32, D_ptr=f32, st_ptr=f32, y_ptr=bf),
+                          dict(HAS_D=True, BLOCK_D=32, NP=16, RP=64, NB=1, ROWS=1)),
     "m2_state_step": (ms._m2_state_step_kernel, dict(xbc_ptr=bf, zx_ptr=bf, dtb_ptr=f32, alog_ptr=f32, D_ptr=f32,
                                                      st_ptr=f32, y_ptr=bf, dt_lo="fp32", dt_hi="fp32"),
                       dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=False, CLAMP=False, BLOCK_P=8, NP=128)),
@@ -162,7 +165,7 @@ for name, (fn, types, consts) in kernels.items():
 
 
 def test_kernels_compile_for_sm90_without_spills():
-    """The interpreter compiles nothing: build the three kernels for Hopper (Triton's own ptxas, no GPU needed) in a
+    """The interpreter compiles nothing: build the kernels for Hopper (Triton's own ptxas, no GPU needed) in a
     child without TRITON_INTERPRET, with the 130M shapes' constants, and read their resource usage: every kernel
     compiles, with no local memory (no register spills)."""
     import subprocess
@@ -174,17 +177,18 @@ def test_kernels_compile_for_sm90_without_spills():
     if run.stdout.startswith("API"):
         pytest.skip(f"this Triton's compile API differs: {run.stdout}")
     lines = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
-    assert set(lines) == {"m1_conv_xproj", "m1_scan_step", "m2_state_step"}, run.stdout
+    assert set(lines) == {"m1_conv_xproj", "m1_scan_step", "m1_scan_step_gemm", "m2_state_step"}, run.stdout
     for name, usage in lines.items():
         assert "REG:" in usage and "LOCAL:0" in usage and "STACK:0" in usage, f"{name}: {usage}"
 
 
-@pytest.mark.parametrize("config", [None, (32, 1, 4), (64, 4, 4), (16, 3, 2)], ids=["default", "row1", "rows4",
-                                                                                    "rows3"])
+@pytest.mark.parametrize("config", [None, (32, 1, 4), (64, 4, 4), (16, 3, 2), (32, 1, 2, False), (16, 3, 2, True)],
+                         ids=["default", "row1", "rows4", "rows3", "partials", "rows3-xproj-gemm"])
 def test_mamba1_state_update_blocks(config):
     """The state-update kernel under several blocks (rows of the batch per program; 10 rows: the default takes the
     several-rows blocks, and 10 is no multiple of 3 or 4): equal to the float64 composition, and a NaN row, sharing
-    its program with others, leaves them untouched."""
+    its program with others, leaves them untouched; x_proj as partial sums in the conv kernel or as one product
+    between the kernels (the default beyond batch 8)."""
     from mambakit.ops.triton.mixer_step import StepConfig, mamba1_step_triton
 
     cfg = None if config is None else StepConfig(*config)

@@ -20,6 +20,7 @@ SMOKE = {
     "bench_generate.py": (["--device", "cpu", "--tiny"], []),
     "bench_gemv.py": (["--device", "cpu", "--tiny"], ["gemv.jsonl"]),
     "sweep_mixer_step.py": (["--device", "cpu", "--tiny"], ["mixer_step.jsonl"]),
+    "bench_ssd_forms.py": (["--device", "cpu", "--tiny", "--forms", "base", "z", "seq_idx"], ["ssd_forms.jsonl"]),
     "profile_train_step.py": (["--device", "cpu", "--tiny"], ["train_step.jsonl"]),
     "bench_cpu.py": (["--seqlens", "32", "--batch", "1", "--repeats", "1", "--max-slow-tokens", "32",
                       "--impls", "mambakit"], []),

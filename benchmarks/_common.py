@@ -146,6 +146,17 @@ def import_official() -> Optional[dict[str, Any]]:
             "update_graph_cache": update_graph_cache}
 
 
+def official_function(module: str, name: str, log: Callable[[str], None] = print) -> Optional[Callable[..., Any]]:
+    """module.name from the official packages (mamba_ssm, causal_conv1d), or None (and a note) when not importable."""
+    try:
+        fn = getattr(__import__(module, fromlist=[name]), name)
+    except Exception as exc:  # any failure means "run without it"
+        log(f"# official {module}.{name} not importable ({type(exc).__name__}: {exc}); mambakit only")
+        return None
+    log(f"# official {module}.{name} imported")
+    return fn
+
+
 def device_line() -> str:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     import triton

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from _common import Rows, device_line, gpu_ms, rel_err, report, table, time_ms  # noqa: E402
+from _common import Rows, device_line, gpu_ms, official_function, rel_err, report, table, time_ms  # noqa: E402
 from mambakit.ops.conv1d import triton as conv  # noqa: E402
 from mambakit.ops.conv1d.naive import causal_conv1d_torch  # noqa: E402
 
@@ -41,13 +41,7 @@ SWEEP = {True: [(64, 32), (64, 64), (32, 128), (128, 32)], False: [(4, 256), (8,
 
 def official_conv():
     """The official causal_conv1d_fn, or None (and a note)."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception as exc:  # any failure means "run without it"
-        log(f"# official causal_conv1d not importable ({type(exc).__name__}: {exc}); mambakit only")
-        return None
-    log("# official causal_conv1d imported")
-    return causal_conv1d_fn
+    return official_function("causal_conv1d", "causal_conv1d_fn", log)
 
 
 def make_inputs(batch, dim, seqlen, buffer, device, seed=0):

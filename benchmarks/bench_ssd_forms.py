@@ -50,7 +50,7 @@ if ARGS.device == "cpu":
 
 import torch  # noqa: E402
 
-from _common import Rows, device_line, gpu_ms, rel_err, table, time_ms  # noqa: E402
+from _common import Rows, device_line, gpu_ms, official_function, rel_err, table, time_ms  # noqa: E402
 from mambakit.ops.ssd import mamba_chunk_scan_combined  # noqa: E402
 
 
@@ -114,13 +114,7 @@ def fwd_and_fb(op: Callable[..., torch.Tensor], kw: dict[str, Any]) -> tuple[flo
 def official_op() -> Optional[Callable[..., torch.Tensor]]:
     if ARGS.no_official or ARGS.device != "cuda":
         return None
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as official
-    except Exception as exc:  # any failure means "run without it"
-        print(f"# official mamba_ssm not importable ({type(exc).__name__}: {exc}); mambakit only")
-        return None
-    print("# official mamba_ssm's mamba_chunk_scan_combined imported")
-    return official
+    return official_function("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")
 
 
 def main() -> int:

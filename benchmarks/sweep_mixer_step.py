@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from _common import Rows, device_line, graph_us, rel_err, report, table, time_ms  # noqa: E402
 from mambakit.ops.triton.mixer_step import StepConfig, mamba1_step_config, mamba1_step_triton  # noqa: E402
 
-CONFIGS = [StepConfig(bd, rows, w, gemm) for gemm in (False, True) for bd in (16, 32, 64, 128) for rows in (1, 2)
+CONFIGS = [StepConfig(bd, 1, w, gemm) for gemm in (False, True) for bd in (32, 64)
            for w in (1, 2, 4, 8)]
 
 

@@ -226,12 +226,12 @@ ONE_SHOT_MAX_K = 2048
 
 def one_shot_config(n: int, k: int, sms: int) -> GemvConfig:
     """Batch 1, the whole row in one k block: no loop, every weight load of a program issued at once. Output rows
-    per program so that a program's tile is at most 4096 elements and every multiprocessor gets two programs;
-    warps so that each thread loads about 16 elements (two 16-byte loads in bf16): more loads per thread were
-    slower, not faster."""
+    per program so that a program's tile is at most 4096 elements and every multiprocessor gets two programs; one
+    warp per 256 columns (the fastest of `bench_gemv.py --variants` on an H200: 4 rows x 1024 with four warps for
+    the in_projs, 2 x 2048 with eight for the out_projs; RESULTS.md)."""
     block_k = triton.next_power_of_2(k)
     block_n = max(1, min(16, 4096 // block_k, _floor2(n / (2 * sms))))
-    return GemvConfig(1, block_n, block_k, max(1, min(8, block_n * block_k // 512)), 1)
+    return GemvConfig(1, block_n, block_k, max(1, min(8, block_k // 256, block_n * block_k // 256)), 1)
 
 
 def launch_config(batch: int, n: int, k: int, group_size: int, device: torch.device) -> GemvConfig:

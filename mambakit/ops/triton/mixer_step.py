@@ -2,7 +2,7 @@
 
 Mamba-1 takes two kernels: (1) conv-state update + depthwise conv + SiLU + this block of channels' share of x_proj
 (partial sums, one row per channel block), (2) the partial sums added up (a fixed order: deterministic), dt_proj,
-softplus, the state update, the D skip and the SiLU(z) gate. At larger batches (`mamba1_step_config`) x_proj is one
+softplus, the state update, the D skip and the SiLU(z) gate. At large batches (`mamba1_step_config`) x_proj is one
 cuBLAS product between the two instead (its output rounded to the input dtype, as the partial sums are). Mamba-2 takes one kernel after the conv update: dt
 processing (bias, softplus, clamp), the per-head state update, the read-out and the D skip (the gated RMSNorm
 follows). A = -exp(A_log) is formed in the kernels, so no per-step PyTorch kernels remain.
@@ -126,10 +126,15 @@ class StepConfig(NamedTuple):
 
 
 def mamba1_step_config(batch: int, dim: int, device: torch.device) -> StepConfig:
-    """32 channels of one row per program; four warps at batch 1-8, two beyond (`benchmarks/sweep_mixer_step.py`:
-    several rows per program, reading the channel block's weights once for them, and wider channel blocks were
-    slower at every batch)."""
-    return StepConfig(32, 1, 4) if batch <= 8 else StepConfig(32, 1, 2, True)
+    """The fastest blocks of `benchmarks/sweep_mixer_step.py` (H200, d_inner 1536, bf16; RESULTS.md): 32 channels of
+    one row per program with four warps up to batch 8 and two up to 32, x_proj as partial sums; beyond 32 rows, 64
+    channels with four warps and x_proj as one product between the kernels. Several rows per program were slower at
+    every batch."""
+    if batch <= 8:
+        return StepConfig(32, 1, 4)
+    if batch <= 32:
+        return StepConfig(32, 1, 2)
+    return StepConfig(64, 1, 4, True)
 
 
 def mamba1_step_triton(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias, x_proj_weight: Tensor,

@@ -185,10 +185,9 @@ def test_kernels_compile_for_sm90_without_spills():
 @pytest.mark.parametrize("config", [None, (32, 1, 4), (64, 4, 4), (16, 3, 2), (32, 1, 2, False), (16, 3, 2, True)],
                          ids=["default", "row1", "rows4", "rows3", "partials", "rows3-xproj-gemm"])
 def test_mamba1_state_update_blocks(config):
-    """The state-update kernel under several blocks (rows of the batch per program; 10 rows: the default takes the
-    several-rows blocks, and 10 is no multiple of 3 or 4): equal to the float64 composition, and a NaN row, sharing
-    its program with others, leaves them untouched; x_proj as partial sums in the conv kernel or as one product
-    between the kernels (the default beyond batch 8)."""
+    """The state-update kernel under several blocks (rows of the batch per program, 10 rows being no multiple of 3
+    or 4; x_proj as partial sums in the conv kernel or as one product between the kernels, the default beyond batch
+    32): equal to the float64 composition, and a NaN row, sharing its program with others, leaves them untouched."""
     from mambakit.ops.triton.mixer_step import StepConfig, mamba1_step_triton
 
     cfg = None if config is None else StepConfig(*config)

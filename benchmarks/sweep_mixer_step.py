@@ -1,6 +1,7 @@
 """The Mamba-1 one-token state-update kernel (`mambakit.ops.triton.mixer_step`) under several blocks, per launch.
 
     python benchmarks/sweep_mixer_step.py                      # GPU: bf16, the 130M shape, batches 1 16 64
+    python benchmarks/sweep_mixer_step.py --shape 1.4b --layers 48 --batches 1 16
     python benchmarks/sweep_mixer_step.py --device cpu --tiny  # smoke test: the interpreter, a tiny shape
 
 Each configuration (channels per program, batch rows per program, warps) runs the whole step (conv + x_proj
@@ -22,6 +23,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--shape", default="130m", choices=["130m", "1.4b"],
+                   help="d_inner 1536, dt_rank 48 (130m) or d_inner 4096, dt_rank 128 (1.4b); d_state 16")
     p.add_argument("--replays", type=int, default=20)
     return p.parse_args()
 
@@ -60,7 +63,7 @@ def call(p, xz, conv, ssm, cfg):
 def main() -> int:
     device = ARGS.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    d_inner, d_state, dt_rank = (40, 5, 3) if ARGS.tiny else (1536, 16, 48)
+    d_inner, d_state, dt_rank = (40, 5, 3) if ARGS.tiny else {"130m": (1536, 16, 48), "1.4b": (4096, 16, 128)}[ARGS.shape]
     batches = [1, 3] if ARGS.tiny else ARGS.batches
     configs = CONFIGS[:3] + [StepConfig(16, 4, 2)] if ARGS.tiny else CONFIGS
     layers = 1 if device == "cpu" else ARGS.layers

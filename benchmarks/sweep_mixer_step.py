@@ -63,7 +63,8 @@ def call(p, xz, conv, ssm, cfg):
 def main() -> int:
     device = ARGS.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    d_inner, d_state, dt_rank = (40, 5, 3) if ARGS.tiny else {"130m": (1536, 16, 48), "1.4b": (4096, 16, 128)}[ARGS.shape]
+    shapes = {"130m": (1536, 16, 48), "1.4b": (4096, 16, 128)}
+    d_inner, d_state, dt_rank = (40, 5, 3) if ARGS.tiny else shapes[ARGS.shape]
     batches = [1, 3] if ARGS.tiny else ARGS.batches
     configs = CONFIGS[:3] + [StepConfig(16, 4, 2)] if ARGS.tiny else CONFIGS
     layers = 1 if device == "cpu" else ARGS.layers

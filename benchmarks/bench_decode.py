@@ -236,7 +236,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--contexts", nargs="*", type=int, default=[], help="batch-1 latency at these context lengths")
     ap.add_argument("--vocab", type=int, default=50277)
     ap.add_argument("--bandwidth", type=float, default=4100.0, help="GB/s for the floor (H200 copy rate)")
-    ap.add_argument("--kernel-names", type=int, default=0, help="print the N kernels taking the most time per eager step (count, total us)")
+    ap.add_argument("--kernel-names", type=int, default=0,
+                    help="print the N kernels taking the most time per eager step (count, total us)")
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")

@@ -136,8 +136,8 @@ def _gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, n_rows
 
 
 @triton.jit
-def _looped_product(a_ptr, b_ptr, nw_ptr, w_ptr, w_rows, res_ptr, rows, mr, mn, ks, gs, pid_n, pid_s, n_rows, group_size,
-                    kb_per_group, n_iters, iters_per_split, s_a, s_b, s_r, eps, MODE: tl.constexpr,
+def _looped_product(a_ptr, b_ptr, nw_ptr, w_ptr, w_rows, res_ptr, rows, mr, mn, ks, gs, pid_n, pid_s, n_rows,
+                    group_size, kb_per_group, n_iters, iters_per_split, s_a, s_b, s_r, eps, MODE: tl.constexpr,
                     HAS_B: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     STAGES: tl.constexpr):

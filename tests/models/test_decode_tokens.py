@@ -1,6 +1,7 @@
 """CausalLM.decode_tokens: k new tokens per row from the cache at once equal k one-token steps and the full forward's
-logits at those positions, for every architecture with a decoding cache (Mamba-1, Mamba-2, Mamba-3, a Mamba LM with
-attention layers, a hybrid stack), and leave the cache where k steps leave it."""
+logits at those positions, for every architecture with a decoding cache (Mamba-1, Mamba-2, Mamba-3, S4, a Mamba LM
+with attention layers, hybrid stacks: attention, MLPs, parallel mixers, MoE, shared blocks), and leave the cache where
+k steps leave it."""
 from __future__ import annotations
 
 import pytest
@@ -13,24 +14,33 @@ from mambakit.models.lm import MambaLMHeadModel
 from tests.conftest import rel_err
 
 VOCAB, PROMPT = 37, 6
-SSM = {"mamba1": {"d_state": 4}, "mamba2": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "chunk_size": 4},
-       "mamba3": {"layer": "Mamba3", "d_state": 8, "headdim": 8, "chunk_size": 4}}
-ARCHS = ["mamba1", "mamba2", "mamba3", "attention", "hybrid"]
+M2 = {"d_state": 8, "headdim": 8, "chunk_size": 4}
+ATTN = {"num_heads": 4, "num_heads_kv": 2}
+SSM = {"mamba1": {"d_state": 4}, "mamba2": {"layer": "Mamba2", **M2}, "mamba3": {"layer": "Mamba3", **M2},
+       "s4": {"layer": "S4", "d_state": 8}}
+HYBRIDS = {  # Mamba-2 + gated MLP, attention (GQA), Mamba-1 + plain MLP
+    "hybrid": dict(layers=[{"mixer": "mamba2", "mlp": "gated"}, {"mixer": "attention", "mlp": None},
+                           {"mixer": "mamba", "mlp": "plain"}], mamba2=M2, mamba={"d_state": 4}, attention=ATTN,
+                   mlp={"d_intermediate": 48}),
+    # attention and Mamba-2 side by side (Falcon-H1), a shared-expert MoE and a routed one
+    "parallel_moe": dict(layers=[{"mixer": "parallel", "mlp": "moe"}, {"mixer": "mamba2", "mlp": "routed"}],
+                         mamba2=M2, attention=dict(ATTN, separate_qkv=True), mlp={"d_intermediate": 48},
+                         moe={"d_intermediate": 16, "num_experts": 4, "top_k": 2}),
+    # a shared attention block used by two Mamba-2 layers (Zamba-2), with its own KV cache per use
+    "shared_block": dict(layers=[{"mixer": "mamba2", "mlp": None, "shared": 0}, {"mixer": "mamba2", "mlp": None},
+                                 {"mixer": "mamba2", "mlp": None, "shared": 0}], mamba2=M2,
+                         shared={"num_blocks": 1, "num_heads": 4, "d_intermediate": 48, "adapter_rank": 2}),
+}
+ARCHS = ["mamba1", "mamba2", "mamba3", "s4", "attention", *HYBRIDS]
 
 
 def build(arch: str, dtype=torch.float64):
     torch.manual_seed(0)
-    if arch == "hybrid":  # Mamba-2 + gated MLP, attention (GQA), Mamba-1 + plain MLP
-        cfg = HybridConfig(d_model=32, vocab_size=VOCAB, layers=[{"mixer": "mamba2", "mlp": "gated"},
-                                                                 {"mixer": "attention", "mlp": None},
-                                                                 {"mixer": "mamba", "mlp": "plain"}],
-                           mamba2={"d_state": 8, "headdim": 8, "chunk_size": 4},
-                           mamba={"d_state": 4}, attention={"num_heads": 4, "num_heads_kv": 2},
-                           mlp={"d_intermediate": 48})
-        return HybridLM(cfg).to(dtype).eval()
+    if arch in HYBRIDS:
+        return HybridLM(HybridConfig(d_model=32, vocab_size=VOCAB, **HYBRIDS[arch])).to(dtype).eval()
     kw = dict(d_model=32, n_layer=2, vocab_size=VOCAB, ssm_cfg=dict(SSM.get(arch, SSM["mamba1"])))
     if arch == "attention":
-        kw.update(n_layer=3, attn_layer_idx=[1], attn_cfg={"num_heads": 4, "num_heads_kv": 2})
+        kw.update(n_layer=3, attn_layer_idx=[1], attn_cfg=ATTN)
     return MambaLMHeadModel(MambaConfig(**kw)).to(dtype).eval()
 
 

@@ -1,4 +1,4 @@
-"""The one-token decoding step of a Mamba LM captured in a CUDA graph.
+"""The decoding step of a Mamba LM (one token, or k tokens per row) captured in a CUDA graph.
 
 An eager step launches several hundred small kernels (about 30 per layer) whose launch cost, not the GPU work, sets
 the time per token at small batch. Captured once and replayed, the whole step is one launch. The recurrent state of a
@@ -10,6 +10,15 @@ Mamba LM has a fixed size whatever the context length, so one graph per batch si
         logits = decoder.step(logits.argmax(-1))        # copy the tokens in, replay the graph
 
 `step` returns the graph's static output buffer: it is overwritten by the next `step`, so use (or clone) it first.
+Several tokens per row at once (speculative decoding, multi-token verification), one graph per k on ONE set of
+states:
+
+    one = GraphedDecoder(model, batch_size=16)
+    four = GraphedDecoder(model, batch_size=16, decoding_seqlen=4, cache=one.cache)   # the same state tensors
+    logits = one.prefill(prompt_ids)
+    logits4 = four.decode_tokens(draft)                 # draft (16, 4) -> (16, 4, vocab), = 4 one-token steps
+    logits = one.step(next_tokens)                      # continues after the 4 tokens
+
 CUDA only; models with attention layers (a KV cache that grows) are refused.
 """
 from __future__ import annotations
@@ -52,40 +61,94 @@ def check_graphable(model, batch_size) -> torch.device:
     return device
 
 
+def check_decoding_seqlen(decoding_seqlen) -> None:
+    """MambaKitError unless decoding_seqlen (the tokens per row of one captured step) is a positive integer."""
+    if not isinstance(decoding_seqlen, int) or isinstance(decoding_seqlen, bool) or decoding_seqlen < 1:
+        raise MambaKitError(f"decoding_seqlen must be a positive integer (tokens per row of one step), got "
+                            f"{decoding_seqlen!r}")
+
+
+def _state_tensors(cache) -> list[Tensor]:
+    """Every tensor of every layer's state in cache (in layer order; a layer without a mixer has none)."""
+    return [t for state in cache.states if state is not None for t in vars(state).values() if isinstance(t, Tensor)]
+
+
+def check_shared_cache(model, cache, batch_size: int, dtype: Optional[torch.dtype], device: torch.device) -> None:
+    """MambaKitError unless `cache` (another decoder's `.cache`, or model.allocate_cache(...)) holds state tensors of
+    the shapes, dtypes and device that model.allocate_cache(batch_size, dtype, device) would give."""
+    if not (hasattr(cache, "states") and hasattr(cache, "seqlen_offset")):
+        raise MambaKitError(f"cache must be an InferenceCache (model.allocate_cache or a GraphedDecoder's .cache), "
+                            f"got {type(cache).__name__}")
+    want, got = ([(tuple(t.shape), t.dtype, t.device) for t in _state_tensors(c)]
+                 for c in (model.allocate_cache(batch_size, dtype=dtype, device=device), cache))
+    if want != got:
+        where = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        expected, actual = (v[where] if where < len(v) else "none" for v in (want, got))
+        raise MambaKitError(f"cache must hold the states of model.allocate_cache(batch_size={batch_size}, "
+                            f"dtype={dtype}, device={device}): state tensor {where} should be (shape, dtype, "
+                            f"device) {expected}, got {actual}")
+
+
 class GraphedDecoder:
-    """A static inference cache and token buffer for `model` at `batch_size`, with `model.step` captured in a graph.
+    """A static inference cache and token buffer for `model` at `batch_size`, with a decoding step of
+    `decoding_seqlen` tokens per row captured in a graph (k = 1: `model.step`; k > 1: `model.decode_tokens`).
 
     dtype: the conv-state dtype (default: the model's); the SSM state is float32 as in eager decoding.
     warmup: eager steps run on a side stream before the capture (Triton compiles, cuBLAS picks its kernels).
+    cache: the state tensors to read and advance (another decoder's `.cache`, same batch size and dtype), so that
+    decoders of several k advance ONE set of states; they are kept as they were through the warm-up and the capture.
+    Without it the decoder allocates its own, zero.
     """
 
-    def __init__(self, model, batch_size: int, dtype: Optional[torch.dtype] = None, warmup: int = 2):
-        self.device = check_graphable(model, batch_size)
-        if not isinstance(warmup, int) or warmup < 1:
+    def __init__(self, model, batch_size: int, dtype: Optional[torch.dtype] = None, warmup: int = 2,
+                 decoding_seqlen: int = 1, cache=None):
+        check_decoding_seqlen(decoding_seqlen)
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
             raise MambaKitError(f"warmup must be an integer >= 1, got {warmup!r}")
+        self.device = check_graphable(model, batch_size)
+        if decoding_seqlen > 1 and not hasattr(model, "decode_tokens"):
+            raise MambaKitError(f"decoding_seqlen={decoding_seqlen} needs a model with decode_tokens (a mambakit LM), "
+                                f"got {type(model).__name__}")
+        if cache is not None:
+            check_shared_cache(model, cache, batch_size, dtype, self.device)
         self.model = model
         self.batch_size = batch_size
+        self.decoding_seqlen = decoding_seqlen
         self.vocab_size = model.config.padded_vocab_size
-        with torch.cuda.device(self.device):
-            self.cache = model.allocate_cache(batch_size, dtype=dtype, device=self.device)
-            self.tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-            self.graph = torch.cuda.CUDAGraph()
-            self.logits = self._capture(warmup)
-        self.reset()
+        self.cache = model.allocate_cache(batch_size, dtype=dtype, device=self.device) if cache is None else cache
+        self.tokens = torch.zeros(batch_size, decoding_seqlen, dtype=torch.long, device=self.device)
+        kept = [t.clone() for t in _state_tensors(self.cache)], self.cache.seqlen_offset
+        self.logits = self._capture(warmup)  # (batch_size, decoding_seqlen, padded_vocab_size), the graph's output
+        for t, saved in zip(_state_tensors(self.cache), kept[0]):  # the warm-up and capture ran on these states
+            t.copy_(saved)
+        self.cache.seqlen_offset = kept[1]
+
+    @torch.no_grad()
+    def _run(self) -> Tensor:
+        """The step the graph holds: self.tokens (batch, k) through the model from self.cache -> (batch, k, vocab)."""
+        if self.decoding_seqlen == 1:
+            return self.model.step(self.tokens, self.cache)[:, None]
+        return self.model.decode_tokens(self.tokens, self.cache)
 
     @torch.no_grad()
     def _capture(self, warmup: int) -> Tensor:
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self.model.step(self.tokens, self.cache)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(self.graph):
-            logits = self.model.step(self.tokens, self.cache)
-        torch.cuda.synchronize(self.device)
+        """`warmup` eager runs of `_run` on a side stream, then one captured into self.graph; its output buffer."""
+        with torch.cuda.device(self.device):
+            self.graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    self._run()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.graph(self.graph):
+                logits = self._run()
+            torch.cuda.synchronize(self.device)
         return logits
+
+    def _replay(self) -> None:
+        self.graph.replay()
 
     # ------------------------------------------------------------------------------------------------------------------
     @property
@@ -94,11 +157,10 @@ class GraphedDecoder:
         return self.cache.seqlen_offset
 
     def reset(self) -> None:
-        """Zero the static state (in place: the graph keeps pointing at the same tensors)."""
-        for state in self.cache.states:
-            for t in (vars(state).values() if state is not None else ()):  # None: a layer without a mixer
-                if isinstance(t, Tensor):
-                    t.zero_()
+        """Zero the static state (in place: the graph keeps pointing at the same tensors; shared with every decoder
+        built on this cache)."""
+        for t in _state_tensors(self.cache):
+            t.zero_()
         self.cache.seqlen_offset = 0
 
     @torch.no_grad()
@@ -119,12 +181,28 @@ class GraphedDecoder:
     @torch.no_grad()
     def step(self, tokens: Tensor) -> Tensor:
         """tokens: (batch_size,) or (batch_size, 1) -> logits (batch_size, padded_vocab_size), the graph's static
-        output (overwritten by the next step). Updates the static cache in place."""
+        output (overwritten by the next step). Updates the static cache in place. A decoder of decoding_seqlen 1."""
+        if self.decoding_seqlen != 1:
+            raise MambaKitError(f"step takes one token per row; this decoder captured decoding_seqlen="
+                                f"{self.decoding_seqlen}: use decode_tokens(tokens (batch_size, "
+                                f"{self.decoding_seqlen}))")
         if tokens.numel() != self.batch_size or tokens.dim() > 2:
             raise MambaKitError(f"tokens must have shape (batch_size={self.batch_size},), got {tuple(tokens.shape)}")
-        self.tokens.copy_(tokens.reshape(-1), non_blocking=True)
-        self.graph.replay()
-        self.cache.seqlen_offset += 1
+        return self.decode_tokens(tokens.reshape(-1, 1))[:, 0]
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: Tensor) -> Tensor:
+        """tokens: (batch_size, decoding_seqlen) -> logits (batch_size, decoding_seqlen, padded_vocab_size), the
+        graph's static output (overwritten by the next call), equal to decoding_seqlen one-token steps. Advances the
+        static cache by decoding_seqlen tokens in place."""
+        want = (self.batch_size, self.decoding_seqlen)
+        if not isinstance(tokens, Tensor) or tuple(tokens.shape) != want:
+            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise MambaKitError(f"tokens must have shape (batch_size={want[0]}, decoding_seqlen={want[1]}), got "
+                                f"{shape}")
+        self.tokens.copy_(tokens, non_blocking=True)
+        self._replay()
+        self.cache.seqlen_offset += self.decoding_seqlen
         return self.logits
 
 

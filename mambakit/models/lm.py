@@ -249,6 +249,21 @@ class CausalLM(nn.Module):
         cache.seqlen_offset += 1
         return project_step(self.lm_head, hidden[:, -1])
 
+    @torch.no_grad()
+    def decode_tokens(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:
+        """k decoding steps at once (speculative decoding, multi-token verification). input_ids: (batch, k), k >= 1,
+        the tokens after those the cache has seen. Returns logits (batch, k, padded_vocab_size) and advances the
+        cache by k tokens: the same as k calls of `step` (and as the full forward's logits at those positions).
+
+        k == 1 is `step`; k > 1 is the forward from the cache (the chunked-prefill path every mixer has: it continues
+        from the cached state and leaves the state after the last token)."""
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise MambaKitError(f"input_ids must have shape (batch, k >= 1) (k new tokens per row), got {shape}")
+        if input_ids.shape[1] == 1:
+            return self.step(input_ids, cache)[:, None]
+        return self(input_ids, cache=cache).logits
+
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
                  eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None,

@@ -32,12 +32,10 @@ class OfficialInference:
         return out, conv_state, ssm_state
 
     def cached_forward(self, hidden_states: Tensor, inference_params, **kwargs) -> Tensor:
-        """(batch, seqlen, d_model) -> same: a prefill from (and into) this layer's state in inference_params, or a
-        one-token step once inference_params.seqlen_offset > 0."""
+        """(batch, seqlen, d_model) -> same, from (and into) this layer's state in inference_params: a one-token step
+        once inference_params.seqlen_offset > 0 and seqlen is 1; else the forward continuing from the cached state
+        (a prefill, or several new tokens after it: speculative decoding)."""
         state = states_of(self, inference_params, hidden_states.shape[0])
-        if inference_params.seqlen_offset > 0:
-            if hidden_states.shape[1] != 1:
-                raise MambaKitError(f"hidden_states must hold one token once seqlen_offset > 0 (official), got "
-                                    f"seqlen {hidden_states.shape[1]}")
+        if inference_params.seqlen_offset > 0 and hidden_states.shape[1] == 1:
             return super().step(hidden_states, state)
         return super().forward(hidden_states, state=state, **kwargs)

@@ -74,7 +74,8 @@ class Mamba3(MambaKitMamba3):
         """u (batch, seqlen, d_model) -> same. seq_idx (batch, seqlen): packed sequences, the state restarts where it
         changes (the official accepts it and does not use it); cu_seqlens (num_seqs + 1,): the bounds of the
         sequences packed in a batch of 1; inference_params: the official decoding state (a prefill into it, each
-        packed sequence into its own row with cu_seqlens; a one-token step once seqlen_offset > 0)."""
+        packed sequence into its own row with cu_seqlens; once seqlen_offset > 0, a one-token step or several new
+        tokens continuing from the cached state)."""
         if cu_seqlens is not None:
             bounds = check_cu_seqlens(cu_seqlens, u.shape[0], u.shape[1])
             derived = seq_idx_of(bounds, u.device)
@@ -85,10 +86,8 @@ class Mamba3(MambaKitMamba3):
             return super().forward(u, seq_idx=seq_idx, **kwargs)
         batch = len(bounds) - 1 if cu_seqlens is not None else u.shape[0]
         state = self._states(inference_params, batch)
-        if inference_params.seqlen_offset > 0:
-            if u.shape[1] != 1:
-                raise MambaKitError(f"u must hold one token once seqlen_offset > 0, got seqlen {u.shape[1]}")
-            return MambaKitMamba3.step(self, u, state)
+        if inference_params.seqlen_offset > 0 and u.shape[1] == 1:
+            return MambaKitMamba3.step(self, u, state)  # else several tokens continue from the state too
         if cu_seqlens is None:
             return super().forward(u, state=state, seq_idx=seq_idx, **kwargs)
         rows = [Mamba3State(*(t[i:i + 1] for t in state.parts())) for i in range(batch)]

@@ -1,5 +1,6 @@
 """`mamba_ssm.utils.generation`: `InferenceParams`, `sample`, `decode`, `GenerationMixin`, `capture_graph`,
-`update_graph_cache` with the official semantics, on mambakit's sampling, one-token steps and CUDA-graph decoder.
+`update_graph_cache` with the official semantics, on mambakit's sampling, decoding steps and CUDA-graph decoder
+(one graph per (batch, decoding_seqlen), all on the same states).
 
 `decode` / `generate`: max_length is the total length (prompt + new tokens; at least one new token is produced);
 greedy by default (top_k=1); top_k=0 means no limit, top_p=0 means off; stops early once every row's last token is
@@ -18,8 +19,9 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.layers.state import SSMState
-from mambakit.models.cuda_graph import GraphedDecoder, check_graphable
+from mambakit.models.cuda_graph import GraphedDecoder, check_decoding_seqlen, check_graphable, check_shared_cache
 from mambakit.models.generation import sample_next_token
+from mambakit.models.lm import InferenceCache
 
 __all__ = ["DecodingCGCache", "GenerateDecoderOnlyOutput", "GenerationMixin", "InferenceParams", "capture_graph",
            "decode", "sample", "states_of", "update_graph_cache"]
@@ -170,10 +172,11 @@ def _zero_states(params: InferenceParams) -> None:
 
 @dataclass
 class DecodingCGCache:
-    """The official CUDA-graph decoding cache. callables maps (batch_size, 1) to the graphed step; run(input_ids
-    (batch, 1), position_ids, seqlen) -> logits (batch, 1, vocab), the graph's static buffer (overwritten by the
-    next run). inference_params holds the very tensors the graph reads: a prefill through the model's
-    forward(inference_params=cache.inference_params) fills them. mempool stays None (the graph has its own)."""
+    """The official CUDA-graph decoding cache. callables maps (batch_size, decoding_seqlen) to the graphed step of
+    that many tokens per row; run(input_ids (batch, k), position_ids, seqlen) -> logits (batch, k, vocab) through
+    the graph of that shape, a fresh tensor. inference_params holds the very tensors every graph reads and advances
+    (one set for all k): a prefill through the model's forward(inference_params=cache.inference_params) fills them.
+    mempool stays None (each graph has its own)."""
 
     max_batch_size: int = 0
     max_seqlen: int = 0
@@ -190,35 +193,45 @@ def _positive(name: str, value: Any, minimum: int = 1) -> None:
         raise MambaKitError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _decoding_seqlens(value: Any) -> Tuple[int, ...]:
+    """decoding_seqlens as a tuple of positive integers (at least one), else MambaKitError naming it."""
+    seqlens = tuple(value) if isinstance(value, (tuple, list)) else None
+    if not seqlens or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in seqlens):
+        raise MambaKitError(f"decoding_seqlens must be a non-empty tuple of positive integers (tokens per row of "
+                            f"each captured step), got {value!r}")
+    return seqlens
+
+
 @torch.no_grad()
 def update_graph_cache(model, cache: Optional[DecodingCGCache], batch_size: int, seqlen_og: int, max_seqlen: int,
                        decoding_seqlens: Tuple[int, ...] = (1,), dtype: Optional[torch.dtype] = None,
                        n_warmups: int = 2) -> DecodingCGCache:
     """The official entry point on `mambakit.models.cuda_graph.GraphedDecoder` (CUDA, SSM-only models): returns
-    cache (a new one for None) holding a graphed one-token step at batch_size. It is captured again when the device,
-    dtype or batch size changes or max_seqlen grows (the official keeps smaller batches too). decoding_seqlens
-    must be (1,): mambakit captures one-token steps. inference_params.seqlen_offset is left at 0, as official."""
+    cache (a new one for None) holding one graphed step of k tokens per row for every k in decoding_seqlens at
+    batch_size, all advancing the same states (cache.inference_params). Everything is captured again when the
+    device, dtype or batch size changes or max_seqlen grows (the official keeps smaller batches too); a k not yet
+    captured is added on the same states. inference_params.seqlen_offset is left at 0, as official."""
     if cache is not None and not isinstance(cache, DecodingCGCache):
         raise MambaKitError(f"cache must be a DecodingCGCache or None, got {type(cache).__name__}")
     _positive("batch_size", batch_size)
     _positive("seqlen_og", seqlen_og, minimum=0)
     _positive("max_seqlen", max_seqlen)
     _positive("n_warmups", n_warmups)
-    if tuple(decoding_seqlens) != (1,):
-        raise MambaKitError(f"decoding_seqlens must be (1,) (mambakit captures one-token steps), got "
-                            f"{tuple(decoding_seqlens)}")
+    seqlens = _decoding_seqlens(decoding_seqlens)
     cache = DecodingCGCache() if cache is None else cache
     device = check_graphable(model, batch_size)
     dtype = dtype or next(model.parameters()).dtype
     if (device, dtype, batch_size) != (cache.device, cache.dtype, cache.max_batch_size) \
             or max_seqlen > cache.max_seqlen or not cache.callables:
-        cache.callables, cache.inference_params, cache.run = {}, None, None  # drop the old graph first
+        cache.callables, cache.inference_params, cache.run = {}, None, None  # drop the old graphs first
         cache.device, cache.dtype, cache.max_batch_size, cache.max_seqlen = device, dtype, batch_size, max_seqlen
         cache.inference_params = InferenceParams(
             max_seqlen=max_seqlen, max_batch_size=batch_size, seqlen_offset=seqlen_og,
             lengths_per_sample=torch.full((batch_size,), seqlen_og, dtype=torch.int32, device=device))
-        cache.callables[batch_size, 1] = capture_graph(model, cache.inference_params, batch_size, max_seqlen,
-                                                       n_warmups=n_warmups, dtype=dtype)
+    for k in seqlens:  # the first capture allocates the states, the others take them from inference_params
+        if (batch_size, k) not in cache.callables:
+            cache.callables[batch_size, k] = capture_graph(model, cache.inference_params, batch_size, max_seqlen,
+                                                           decoding_seqlen=k, n_warmups=n_warmups, dtype=dtype)
 
     def run(input_ids: Tensor, position_ids: Optional[Tensor] = None, seqlen: Optional[int] = None) -> Tensor:
         key = tuple(input_ids.shape[:2])
@@ -232,47 +245,75 @@ def update_graph_cache(model, cache: Optional[DecodingCGCache], batch_size: int,
     return cache
 
 
+def _cache_in(model, store: Dict[int, Any], batch_size: int, dtype: Optional[torch.dtype],
+              device: torch.device) -> Optional[InferenceCache]:
+    """The states of store (key_value_memory_dict) as one InferenceCache over those very tensors, when every layer
+    has one of the layout model.allocate_cache(batch_size, dtype, device) gives; else None."""
+    n_layer = len(model.backbone.layers)
+    if any(i not in store for i in range(n_layer)):
+        return None
+    cache = InferenceCache(states=[as_mambakit(store[i]) for i in range(n_layer)])
+    try:
+        check_shared_cache(model, cache, batch_size, dtype, device)
+    except MambaKitError:
+        return None
+    return cache
+
+
+def _take_over(states: list, store: Dict[int, Any], batch_size: int) -> None:
+    """Copy what store holds into the graph's fresh states, then make them store's entries."""
+    for i, state in enumerate(states):
+        if i in store and state is not None:
+            old = as_mambakit(store[i])
+            for name, t in vars(state).items():
+                src = getattr(old, name, None)
+                if isinstance(t, Tensor) and isinstance(src, Tensor):
+                    if src.shape != t.shape:
+                        raise MambaKitError(f"inference_params holds states of shape {tuple(src.shape)} for layer "
+                                            f"{i} ({name}), the graph's at batch_size {batch_size} are "
+                                            f"{tuple(t.shape)}")
+                    t.copy_(src)
+        store[i] = as_official(state)
+
+
 @torch.no_grad()
 def capture_graph(model, inference_params: InferenceParams, batch_size: int, max_seqlen: int,
                   decoding_seqlen: int = 1, mempool: Any = None, n_warmups: int = 2,
                   dtype: Optional[torch.dtype] = None) -> Callable:
     """The official `capture_graph` on `mambakit.models.cuda_graph.GraphedDecoder` (CUDA, SSM-only models): one
-    model step at batch_size captured in a graph. Returns run(input_ids (batch_size, 1), position_ids, seqlen) ->
-    logits (batch_size, 1, vocab), a fresh tensor, the states of inference_params advanced in place.
+    model step of decoding_seqlen tokens per row at batch_size captured in a graph. Returns run(input_ids
+    (batch_size, decoding_seqlen), position_ids, seqlen) -> logits (batch_size, decoding_seqlen, vocab), a fresh
+    tensor, the states of inference_params advanced in place (by decoding_seqlen tokens).
 
-    The graph reads and writes its own state tensors; they replace the entries of
-    inference_params.key_value_memory_dict (layer_idx -> (conv_state, ssm_state)), holding what those entries held,
-    so a prefill through forward(inference_params=...) feeds the graph (tensors taken from the dict before the call
-    are no longer the graph's). decoding_seqlen must be 1 (one-token steps); mempool is accepted and not used (the
-    graph has its own pool); dtype (mambakit's): the conv states' dtype, default that of the states already in
-    inference_params, else the model's. max_seqlen is not needed by the constant-size states.
+    When inference_params.key_value_memory_dict (layer_idx -> (conv_state, ssm_state)) already holds every layer's
+    states in the layout the graph needs (batch_size, dtype, device), the graph reads and advances those very
+    tensors, as official (so graphs of several decoding_seqlen on one inference_params share the states; their
+    contents are kept through the capture). Otherwise the graph has its own, holding what the entries held, and
+    they replace the entries (tensors taken from the dict before the call are then no longer the graph's). mempool
+    is accepted and not used (the graph has its own pool); dtype (mambakit's): the conv states' dtype, default that
+    of the states already in inference_params, else the model's. max_seqlen is not needed by the constant-size
+    states.
     """
-    if decoding_seqlen != 1:
-        raise MambaKitError(f"decoding_seqlen must be 1 (mambakit captures one-token steps), got {decoding_seqlen!r}")
+    check_decoding_seqlen(decoding_seqlen)
     _positive("max_seqlen", max_seqlen)
     _positive("n_warmups", n_warmups)
-    check_graphable(model, batch_size)
+    device = check_graphable(model, batch_size)
     store = inference_params.key_value_memory_dict
     if dtype is None and store:
         dtype = next(iter(as_mambakit(e).conv.dtype for e in store.values() if isinstance(e, tuple)), None)
-    decoder = GraphedDecoder(model, batch_size, dtype=dtype, warmup=n_warmups)
-    for i, state in enumerate(decoder.cache.states):
-        if i in store and isinstance(store[i], tuple):
-            old = as_mambakit(store[i])
-            if old.ssm.shape[0] != batch_size:
-                raise MambaKitError(f"inference_params holds states of batch {old.ssm.shape[0]} for layer {i}, "
-                                    f"batch_size is {batch_size}")
-            state.conv.copy_(old.conv)
-            state.ssm.copy_(old.ssm)
-        store[i] = as_official(state)
+    shared = _cache_in(model, store, batch_size, dtype, device)
+    decoder = GraphedDecoder(model, batch_size, dtype=dtype, warmup=n_warmups, decoding_seqlen=decoding_seqlen,
+                             cache=shared)
+    if shared is None:
+        _take_over(decoder.cache.states, store, batch_size)
 
     def run(input_ids: Tensor, position_ids: Optional[Tensor] = None, seqlen: Optional[int] = None) -> Tensor:
-        if input_ids.shape[:2] != (batch_size, 1):
-            raise MambaKitError(f"input_ids must have shape (batch_size={batch_size}, 1), got "
-                                f"{tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or tuple(input_ids.shape) != (batch_size, decoding_seqlen):
+            raise MambaKitError(f"input_ids must have shape (batch_size={batch_size}, decoding_seqlen="
+                                f"{decoding_seqlen}), got {tuple(input_ids.shape)}")
         if inference_params.lengths_per_sample is not None and seqlen is not None:
             inference_params.lengths_per_sample[:] = seqlen
-        return decoder.step(input_ids)[:, None].clone()
+        return decoder.decode_tokens(input_ids).clone()
 
     return run
 

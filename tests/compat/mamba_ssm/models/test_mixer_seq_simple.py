@@ -41,6 +41,19 @@ def test_forward_with_inference_params_matches_the_full_forward(layer):
     assert conv.shape[0] == 2 and ssm.shape[0] == 2
 
 
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2", "Mamba3"])
+def test_several_tokens_after_the_prompt_match_the_full_forward(layer):
+    model = tiny(layer)
+    ids = torch.randint(0, 50, (3, 11), generator=torch.Generator().manual_seed(2))
+    full = model(ids).logits
+    params = InferenceParams(max_seqlen=11, max_batch_size=3)
+    got = [model(ids[:, :4], inference_params=params).logits]
+    for a, b in ((4, 8), (8, 9), (9, 11)):
+        params.seqlen_offset = a
+        got.append(model(ids[:, a:b], inference_params=params).logits)
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-4, atol=1e-4)
+
+
 def test_allocate_inference_cache_layout():
     model = tiny()
     cache = model.allocate_inference_cache(3, max_seqlen=10)

@@ -83,6 +83,21 @@ def test_inference_params_prefill_then_decode(case):
     assert len(params.key_value_memory_dict[0]) == 4
 
 
+@pytest.mark.parametrize("case", ["siso", "mimo_norm"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_several_tokens_after_the_prompt_continue_from_the_cache(case, batch):
+    """Once seqlen_offset > 0, k > 1 new tokens continue from the four cached states, as k steps would."""
+    compat, _ = _pair(CASES[case], seed=2)
+    u = _inputs(batch=batch, seed=batch)
+    want = compat(u)
+    params = InferenceParams(max_seqlen=SEQLEN, max_batch_size=batch)
+    got = [compat(u[:, :3], inference_params=params)]
+    for a, b in ((3, 5), (5, 6), (6, SEQLEN)):  # 2 tokens, 1 (a step), 5
+        params.seqlen_offset = a
+        got.append(compat(u[:, a:b], inference_params=params))
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-9, atol=1e-10)
+
+
 def test_packed_sequences_equal_each_alone():
     compat, ours = _pair(CASES["siso_norm_groups"], seed=4)
     lengths = [4, 6, 1]

@@ -32,6 +32,21 @@ def test_prefill_then_steps_match_the_full_forward(index):
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["Mamba", "Mamba2"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_several_tokens_after_the_prompt_continue_from_the_cache(index, batch):
+    """Once seqlen_offset > 0, k > 1 new tokens (speculative decoding) continue from the cached state, as k steps."""
+    layer = mixers()[index].double()
+    x = torch.randn(batch, 12, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(batch))
+    full = layer(x)
+    params = InferenceParams(max_seqlen=12, max_batch_size=batch)
+    got = [layer(x[:, :4], inference_params=params)]
+    for a, b in ((4, 6), (6, 7), (7, 12)):  # 2 tokens, 1 (a step), 5
+        params.seqlen_offset = a
+        got.append(layer(x[:, a:b], inference_params=params))
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["Mamba", "Mamba2"])
 def test_official_step_and_cache(index):
     layer = mixers()[index].double()
     conv, ssm = layer.allocate_inference_cache(2, max_seqlen=5, dtype=torch.float64)

@@ -78,8 +78,11 @@ class _Mamba2InnerFused(torch.autograd.Function):
             y2 = dims.rows(y.flatten(-2))
             normed, rstd = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)
             if backward:  # the first call: the backward's kernels too, with guessed upstream gradients
+                du = torch.empty_like(u)
+                _, dB_out, dC_out = dims.xbc(du)
                 ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), None, chunk_size,
-                             dt_grad=DtGrad(dt, dt_bias, True, dt_limit, dims.split(torch.empty_like(zxbcdt))[2]))
+                             dt_grad=DtGrad(dt, dt_bias, True, dt_limit, dims.split(torch.empty_like(zxbcdt))[2]),
+                             dx_out=dims.xbc(du)[0], dB_out=dB_out, dC_out=dC_out, need_dinit=False)
                 gated_norm_backward(y2, dims.rows(z), norm_w, rstd, torch.empty_like(normed), group,
                                     norm_before_gate)
             return y2, normed, rstd, saved
@@ -118,11 +121,9 @@ class _Mamba2InnerFused(torch.autograd.Function):
         du = torch.empty_like(u)
         dx_view, dB_view, dC_view = dims.xbc(du)
         dy = dy2.view(dims.batch, dims.seqlen, dims.nheads, dims.headdim)
-        _, _, dA, dB, dC, dD, _, d_dt_bias = ssd_backward(
-            x, A, B, C, D, tuple(saved), dy, None, chunk_size, dx_out=dx_view,
-            dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out))  # the raw dt's gradient straight into dzxbcdt
-        dB_view.copy_(dB)
-        dC_view.copy_(dC)
+        _, _, dA, _, _, dD, _, d_dt_bias = ssd_backward(  # dx, dB, dC straight into du, the raw dt's into dzxbcdt
+            x, A, B, C, D, tuple(saved), dy, None, chunk_size, dx_out=dx_view, dB_out=dB_view, dC_out=dC_view,
+            dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out), need_dinit=False)
         del u, x, B, C, dy, dy2
         _padding_zeroed(du, seq_idx)  # the conv output is the constant 0 at padding
         _, d_conv_w, d_conv_b = conv1d_backward(xBC.transpose(1, 2), conv_w, conv_b, True, seq_idx,

@@ -157,5 +157,5 @@ def mamba2_inner_fused(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[
     out_b = None if out_bias is None else out_bias.to(out_weight.dtype)
     return _Mamba2InnerFused.apply(
         zxbcdt, conv_weight, conv_b, dt_bias.to(f32), A.to(f32).contiguous(),
-        None if D is None else D.to(f32).contiguous(), norm_weight, out_weight, out_b, ngroups, kernel_chunk_size(zxbcdt.shape[1], chunk_size),
-        eps, norm_before_gate, dt_limit, seq_idx)
+        None if D is None else D.to(f32).contiguous(), norm_weight, out_weight, out_b, ngroups,
+        kernel_chunk_size(zxbcdt.shape[1], chunk_size), eps, norm_before_gate, dt_limit, seq_idx)

@@ -304,6 +304,16 @@ class DtGrad(NamedTuple):
     out: Optional[Tensor] = None
 
 
+def _workspace(device: torch.device, **sizes: int) -> Tuple[Tensor, dict]:
+    """One float32 buffer for several scratch tensors (one allocation instead of one each: fewer host ops): returns
+    it and each name's offset in elements (multiples of 32, so that every slice is as aligned as the buffer)."""
+    offsets, total = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = total
+        total += -(-size // 32) * 32
+    return torch.empty(max(total, 1), device=device, dtype=torch.float32), offsets
+
+
 def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], saved: Tuple[Tensor, ...],
                  dy: Tensor, dfinal: Optional[Tensor], chunk_size: int,
                  dx_out: Optional[Tensor] = None, dt_grad: Optional[DtGrad] = None,
@@ -327,14 +337,31 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     dinit = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32) if need_dinit else None
     dinit_arg = dinit if need_dinit else G  # not written without need_dinit
     dfin = dfinal.float().contiguous() if dfinal is not None else G  # not read without dfinal
-    if pl.fused_states(dev):
+    fused = pl.fused_states(dev)
+    if fused:
         BPs, BNs = pl.state_tiles(dev)
         grid = (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs))
-        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, grid[1] * grid[2]), device=dev, dtype=torch.float32)
+    ntiles = grid[1] * grid[2] if fused else pl.nblocks  # parts of dlast per (batch, head, chunk)
+    splits = pl.head_splits()
+    d_cols = 0 if D is None else (pl.P if D.dim() == 2 else 1)
+    K = pl.nheads * (2 + d_cols)  # [dA, dbias, dD] per (batch, chunk)
+    rows = pl.batch * pl.nheads * pl.Lpad
+    bhc = pl.batch * pl.nheads * pl.nchunks
+    # the float32 scratch, shapes: dlast (batch, nheads, nchunks, ntiles); q, dacol, row (batch, nheads, Lpad);
+    # rowpart (batch, nheads, nchunks, NB, Q); usum (batch, nheads, nchunks * NB); dD (batch, nchunks * NB, nheads,
+    # BP); dCs (splits, batch, Lpad, ngroups, N); dBp (splits, batch, Lpad, NB + 1, ngroups, N); red (batch,
+    # nchunks, K)
+    ws, off = _workspace(
+        dev, dlast=bhc * ntiles, q=rows, dacol=rows, row=rows, rowpart=bhc * pl.NB * pl.Q, usum=bhc * pl.NB,
+        dD=0 if D is None else pl.batch * pl.nchunks * pl.NB * pl.nheads * pl.BP,
+        dCs=splits * pl.batch * pl.Lpad * pl.ngroups * pl.N,
+        dBp=splits * pl.batch * pl.Lpad * (pl.NB + 1) * pl.ngroups * pl.N, red=pl.batch * pl.nchunks * K)
+    if fused:
         _chunk_states_bwd[grid](
-            dy, C, segp_arg, acs, H, dfin, G, dinit_arg, dlast, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
-            pl.nchunks, pl.Lpad, *dy.stride(), *C.stride(), HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q,
-            BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, STORE_DINIT=need_dinit, num_warps=pl.warps,
+            dy, C, segp_arg, acs, H, dfin, G, dinit_arg, ws, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
+            pl.nchunks, pl.Lpad, off["dlast"], *dy.stride(), *C.stride(), HAS_DFINAL=dfinal is not None,
+            HAS_SEG=has_seg, Q=pl.Q, BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, STORE_DINIT=need_dinit,
+            num_warps=pl.warps,
             num_stages=pl.stages)
     else:
         dHl = torch.empty_like(H, dtype=torch.float32)
@@ -342,42 +369,29 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
         _chunk_read_bwd[pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
             dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
             *dy.stride(), *C.stride(), BP=BPy, **common)
-        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
         _state_passing_bwd[pl.batch * pl.nheads, pl.nblocks](
-            dHl, H, acs, segp_arg, dfin, G, dinit_arg, dlast, pl.nheads, pl.PN, pl.nchunks, pl.Lpad, pl.nblocks,
-            HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, STORE_DINIT=need_dinit,
+            dHl, H, acs, segp_arg, dfin, G, dinit_arg, ws, pl.nheads, pl.PN, pl.nchunks, pl.Lpad, pl.nblocks,
+            off["dlast"], HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK,
+            STORE_DINIT=need_dinit,
             num_warps=4)
         del dHl
 
     # accumulated in float32, rounded once on the way out
     dx = dx_out if dx_out is not None else torch.empty(x.shape, device=dev, dtype=x.dtype)
-    q = torch.empty_like(dtp)
-    dacol = torch.empty_like(dtp)
-    rowpart = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.NB, pl.Q), device=dev, dtype=torch.float32)
-    usum = torch.empty((pl.batch, pl.nheads, pl.nchunks * pl.NB), device=dev, dtype=torch.float32)
-    dD_part = torch.empty((pl.batch, pl.nchunks * pl.NB, pl.nheads, pl.BP), device=dev, dtype=torch.float32) \
-        if D is not None else usum
     _chunk_dx_bwd[pl.nchunks * pl.NB, pl.batch * pl.nheads](
-        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, G, dy, dx, q, dacol, rowpart, usum, dD_part,
-        pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
-        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_D=D is not None,
+        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, G, dy, dx, ws, ws, ws, ws, ws,
+        pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad, off["q"], off["dacol"], off["rowpart"],
+        off["usum"], off["dD"], *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_D=D is not None,
         D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, **common)
-    row = torch.empty_like(dtp)
     # slot i < NB of dBp: the part of dB from query block i (written where i is at or after the key block: only
     # those are read); slot NB: the state term. Partial sums per head split, added by `_dt_bwd` in a fixed order:
     # deterministic.
-    splits = pl.head_splits()
-    dCs = torch.empty((splits, pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
-    dBp = torch.empty((splits, pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
     _chunk_dBC_bwd[pl.nchunks * pl.NB, pl.batch * pl.ngroups, splits](
-        x, dtp, B, C, segp_arg, acs, H, G, dy, dCs, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg,
-        pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
-        BP=pl.BP, **common)
+        x, dtp, B, C, segp_arg, acs, H, G, dy, ws, ws, ws, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg,
+        pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad, off["dCs"], off["dBp"], off["row"], *x.stride(),
+        *B.stride(), *C.stride(), *dy.stride(), BP=pl.BP, **common)
     dB = dB_out if dB_out is not None else torch.empty(B.shape, device=dev, dtype=B.dtype)
     dC = dC_out if dC_out is not None else torch.empty(B.shape, device=dev, dtype=B.dtype)
-    d_cols = 0 if D is None else (pl.P if D.dim() == 2 else 1)
-    K = pl.nheads * (2 + d_cols)  # [dA, dbias, dD] per (batch, chunk)
-    red = torch.empty((pl.batch, pl.nchunks, K), device=dev, dtype=torch.float32)
     if dt_grad is None:
         ddt = torch.empty_like(dtp)
         graw, raw, bias, (lo, hi) = ddt, dtp, dtp, (0.0, 0.0)
@@ -387,14 +401,16 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
         lo, hi = dt_grad.limit if dt_grad.limit is not None else (0.0, 0.0)
         ddt = graw
     _dt_bwd[pl.nchunks, pl.batch * pl.nheads](
-        dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, red, raw, bias if bias is not None else dtp, graw,
-        dD_part, dBp, dCs, dB, dC, pl.seqlen, *(raw.stride() if dt_grad is not None else (0, 0, 0)),
+        dtp, A, ws, ws, ws, ws, ws, ws, ddt, ws, raw, bias if bias is not None else dtp, graw,
+        ws, ws, ws, dB, dC, pl.seqlen, *(raw.stride() if dt_grad is not None else (0, 0, 0)),
         *(graw.stride() if dt_grad is not None else (0, 0, 0)), float(lo), float(hi), pl.nheads, pl.nchunks,
-        pl.Lpad, dlast.shape[-1], pl.P, pl.N, pl.ngroups, pl.hpg, splits, K, *dB.stride(), *dC.stride(),
-        Q=pl.Q, BQ=pl.BQ, RAW=dt_grad is not None, HAS_BIAS=dt_grad is not None and bias is not None,
+        pl.Lpad, ntiles, pl.P, pl.N, pl.ngroups, pl.hpg, splits, K, off["row"], off["rowpart"], off["dacol"],
+        off["q"], off["usum"], off["dlast"], off["red"], off["dD"], off["dBp"], off["dCs"], *dB.stride(),
+        *dC.stride(), Q=pl.Q, BQ=pl.BQ, RAW=dt_grad is not None, HAS_BIAS=dt_grad is not None and bias is not None,
         SOFTPLUS=dt_grad is not None and dt_grad.softplus, HAS_LIMIT=dt_grad is not None and dt_grad.limit is not None,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, BNR=min(pl.BN, 32), num_warps=1)
-    dA, dbias, dD = red.sum((0, 1)).split([pl.nheads, pl.nheads, pl.nheads * d_cols])
+    red = ws.as_strided((pl.batch * pl.nchunks, K), (K, 1), off["red"])  # (batch * nchunks, K)
+    dA, dbias, dD = red.sum(0).split([pl.nheads, pl.nheads, pl.nheads * d_cols])
     if dt_grad is None:
         ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
     dbias = dbias.to(bias.dtype) if dt_grad is not None and bias is not None else None

@@ -46,11 +46,13 @@ def _chunk_read_bwd(dy_ptr, C_ptr, seg_ptr, acs_ptr, dHl_ptr,
 
 @triton.jit
 def _state_passing_bwd(dHl_ptr, H_ptr, acs_ptr, seg_ptr, dfinal_ptr, G_ptr, dinit_ptr, dlast_ptr,
-                       nheads, PN, nchunks, Lpad, nblocks,
+                       nheads, PN, nchunks, Lpad, nblocks, dlast_off,
                        HAS_DFINAL: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr,
                        STORE_DINIT: tl.constexpr):
     """Reverse pass: G_c = gradient of the state at the END of chunk c; dinit (if STORE_DINIT); and per block the
-    part of the gradient of a_last that comes through alpha (alpha * <G_c, H_c>)."""
+    part of the gradient of a_last that comes through alpha (alpha * <G_c, H_c>), at dlast_ptr + dlast_off (a slice
+    of a workspace)."""
+    dlast_ptr += dlast_off
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     b = (bh // nheads).to(tl.int64)
@@ -75,14 +77,16 @@ def _state_passing_bwd(dHl_ptr, H_ptr, acs_ptr, seg_ptr, dfinal_ptr, G_ptr, dini
 
 @triton.jit
 def _chunk_states_bwd(dy_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, dfinal_ptr, G_ptr, dinit_ptr, dlast_ptr,
-                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
+                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad, dlast_off,
                       sdy_b, sdy_l, sdy_h, sdy_p, sC_b, sC_l, sC_g, sC_n,
                       HAS_DFINAL: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr,
                       BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, STORE_DINIT: tl.constexpr):
     """Reverse pass, one program per (batch * head, headdim block, d_state block), sequential over the chunks from
-    the end: G_c (gradient of the state at the END of chunk c, stored), dinit (if STORE_DINIT), and per chunk this tile's part of the
-    gradient of a_last that comes through alpha (alpha <G_c, H_c>). The gradient of H_c from chunk c's read-out,
-    sum_t e_t C_t^T dy_t, is accumulated in registers: G_{c-1} = alpha_c G_c + that."""
+    the end: G_c (gradient of the state at the END of chunk c, stored), dinit (if STORE_DINIT), and per chunk this
+    tile's part of the gradient of a_last that comes through alpha (alpha <G_c, H_c>). The gradient of H_c from
+    chunk c's read-out, sum_t e_t C_t^T dy_t, is accumulated in registers: G_{c-1} = alpha_c G_c + that. dlast at
+    dlast_ptr + dlast_off."""
+    dlast_ptr += dlast_off
     b, h, g, row, p, n, m_state, state_off = _state_tile_program(nheads, heads_per_group, P, N, Lpad, BP, BN)
     tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
     ntiles = tl.num_programs(1) * tl.num_programs(2)
@@ -113,7 +117,7 @@ def _chunk_states_bwd(dy_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, dfinal_ptr, G_ptr,
 @triton.jit
 def _chunk_dx_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, G_ptr, dy_ptr,
                   dx_ptr, q_ptr, dacol_ptr, rowpart_ptr, usum_ptr, dD_ptr,
-                  seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
+                  seqlen, nheads, heads_per_group, P, N, nchunks, Lpad, q_off, dacol_off, rowpart_off, usum_off, dD_off,
                   sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                   sdy_b, sdy_l, sdy_h, sdy_p, sdx_b, sdx_l, sdx_h, sdx_p,
                   HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
@@ -121,7 +125,13 @@ def _chunk_dx_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, G_ptr, d
     """One program per (key block of a chunk, batch * head): dX~_s = sum over the query blocks from it to the chunk
     end of (C_t . B_s) L[t, s] dy_t, plus w_s G_c B_s (the state it feeds). Writes dx (float32), q_s = x_s . dX~_s,
     colsum_s(T) + u_s, the rowsums of T over this block's columns for each later query block (summed by `_dt_bwd`),
-    the block's sum of u_s, and with D the block's sums of dy * x."""
+    the block's sum of u_s, and with D the block's sums of dy * x. The float32 outputs at their pointers + their
+    offsets (slices of one workspace)."""
+    q_ptr += q_off
+    dacol_ptr += dacol_off
+    rowpart_ptr += rowpart_off
+    usum_ptr += usum_off
+    dD_ptr += dD_off
     NB: tl.constexpr = Q // BQ
     c, k, b, h, s, valid_s, seg_s, seg_prev, seg_last = _block_program(seg_ptr, seqlen, nheads, Lpad, HAS_SEG, Q, BQ)
     g = h // heads_per_group
@@ -168,8 +178,8 @@ def _chunk_dx_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, G_ptr, d
 
 @triton.jit
 def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, dy_ptr, dC_ptr, dBp_ptr, row_ptr,
-                   seqlen, nheads, ngroups, heads_per_group, heads_per_split, P, N, nchunks, Lpad,
-                   sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                   seqlen, nheads, ngroups, heads_per_group, heads_per_split, P, N, nchunks, Lpad, dC_off, dBp_off,
+                   row_off, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                    sdy_b, sdy_l, sdy_h, sdy_p,
                    HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    PREC: tl.constexpr):
@@ -179,7 +189,11 @@ def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, 
     (written to slot i of dBp; slot NB gets the state term below; the caller sums the slots). With few programs
     the heads are split over program_id(2), each split writing its own partial sums. Also the per-head
     chunk-boundary terms:
-    dC_t += e_t dy_t H_c, dB_s += w_s X~_s G_c (block i), and the read-out's part of dL/da_t, e_t dy_t . (C_t H_c)."""
+    dC_t += e_t dy_t H_c, dB_s += w_s X~_s G_c (block i), and the read-out's part of dL/da_t, e_t dy_t . (C_t H_c).
+    The outputs at their pointers + their offsets (slices of one workspace)."""
+    dC_ptr += dC_off
+    dBp_ptr += dBp_off
+    row_ptr += row_off
     NB: tl.constexpr = Q // BQ
     c, i, b, g, t, valid_t, seg_t, seg_prev, seg_last = _block_program(seg_ptr, seqlen, ngroups, Lpad, HAS_SEG, Q, BQ)
     p = tl.arange(0, BP)
@@ -232,7 +246,8 @@ def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, 
 def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dlast_ptr, ddt_ptr, red_ptr,
             raw_ptr, bias_ptr, graw_ptr, dDpart_ptr, dBp_ptr, dCs_ptr, dB_ptr, dC_ptr,
             seqlen, s_rb, s_rl, s_rh, s_gb, s_gl, s_gh, lo, hi, nheads, nchunks, Lpad, ntiles, P, N, ngroups,
-            heads_per_group, splits, K, sdB_b, sdB_l, sdB_g, sdB_n, sdC_b, sdC_l, sdC_g, sdC_n,
+            heads_per_group, splits, K, row_off, rowpart_off, dacol_off, q_off, usum_off, dlast_off, red_off, dD_off,
+            dBp_off, dCs_off, sdB_b, sdB_l, sdB_g, sdB_n, sdC_b, sdC_l, sdC_g, sdC_n,
             Q: tl.constexpr, BQ: tl.constexpr, RAW: tl.constexpr, HAS_BIAS: tl.constexpr,
             SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
             BP: tl.constexpr, BNR: tl.constexpr):
@@ -251,7 +266,18 @@ def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dla
     atomics) and written in dB_ptr's dtype with its strides: the group's heads share the (position block, state
     block) tiles of the group, the tile j of a chunk going to the group's head j mod heads_per_group. dBp: (splits,
     batch, Lpad, NB + 1, ngroups, N) float32, slot i < NB the part from query block i (read for i >= the block);
-    dCs: (splits, batch, Lpad, ngroups, N)."""
+    dCs: (splits, batch, Lpad, ngroups, N). The float32 buffers at their pointers + their offsets (slices of one
+    workspace)."""
+    row_ptr += row_off
+    rowpart_ptr += rowpart_off
+    dacol_ptr += dacol_off
+    q_ptr += q_off
+    usum_ptr += usum_off
+    dlast_ptr += dlast_off
+    red_ptr += red_off
+    dDpart_ptr += dD_off
+    dBp_ptr += dBp_off
+    dCs_ptr += dCs_off
     NB: tl.constexpr = Q // BQ
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)

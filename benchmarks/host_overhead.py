@@ -8,10 +8,19 @@ and nothing blocks on it). Rows: one Triton launch of a no-op kernel with 24 arg
 torch.sum, one mixer block forward and forward+backward (bf16 autocast, 8 x 2048, the 130M width), each with its
 kernel count; then cProfile of the block's forward+backward by cumulative time (mambakit and triton functions), and
 the torch profiler's CPU table by self time.
+
+    python3 benchmarks/host_overhead.py --count-ops [--tiny]
+
+Counts instead (the CPU, TRITON_INTERPRET=1): the torch ops dispatched and the Triton launches of one forward and
+one backward of the fused Mamba-2 inner path (`mambakit.ops.mamba2_inner.fused`) and of the Mamba-1 one
+(`mambakit.ops.mamba_inner.fused`), float32 and bf16 autocast (bf16 in_proj output, float32 weights); rows to
+$OUT/op_count.jsonl. The counts do not depend on the sizes (except through the branches the sizes pick: the shapes
+keep those of the 130M GPU step: the fused state pass, heads split in the dB/dC kernel).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import os
 import pstats
@@ -19,7 +28,11 @@ import statistics
 import sys
 import time
 
-os.environ.pop("TRITON_INTERPRET", None)
+COUNT_OPS = "--count-ops" in sys.argv
+if COUNT_OPS:  # the kernels interpreted on the CPU (set before triton is imported)
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
@@ -68,7 +81,81 @@ def block(arch: str):
     return Mamba(768, device="cuda")
 
 
+def _inner_inputs(arch: str, dtype: torch.dtype, tiny: bool):
+    """(op, leaves, kwargs) of one fused inner-path call on the CPU: the in_proj output in dtype, float32
+    weights (what bf16 autocast over float32 weights gives)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=0.5, dt=torch.float32):
+        return (torch.randn(*shape, generator=g) * scale).to(dt).requires_grad_()
+
+    batch, seqlen = (1, 32) if tiny else (2, 128)
+    if arch == "mamba2":
+        from mambakit.ops.mamba2_inner import mamba2_inner
+        nheads, headdim, ngroups, d_state, d_model = (4, 4, 1, 8, 8) if tiny else (8, 8, 1, 16, 32)
+        d_inner = nheads * headdim
+        conv_dim = d_inner + 2 * ngroups * d_state
+        zxbcdt = r(batch, seqlen, d_inner + conv_dim + nheads, dt=dtype)
+        kw = dict(conv_weight=r(conv_dim, 4), conv_bias=r(conv_dim), dt_bias=r(nheads),
+                  A=(-torch.rand(nheads, generator=g) - 0.3).requires_grad_(), D=r(nheads),
+                  norm_weight=r(d_inner), out_weight=r(d_model, d_inner), out_bias=None,
+                  headdim=headdim, ngroups=ngroups, chunk_size=16 if tiny else 64, backend="triton")
+        return mamba2_inner, (zxbcdt,), kw
+    from mambakit.ops.mamba_inner import mamba_inner
+    d_inner, d_state, rank, d_model = (8, 4, 2, 8) if tiny else (32, 16, 4, 16)
+    xz = r(batch, seqlen, 2 * d_inner, dt=dtype)
+    kw = dict(conv1d_weight=r(d_inner, 4), conv1d_bias=r(d_inner), x_proj_weight=r(rank + 2 * d_state, d_inner),
+              delta_proj_weight=r(d_inner, rank), out_proj_weight=r(d_model, d_inner), out_proj_bias=None,
+              A=(-torch.rand(d_inner, d_state, generator=g) - 0.2).requires_grad_(), D=r(d_inner),
+              delta_bias=r(d_inner), backend="triton")
+    return (lambda xz, **k: mamba_inner(xz.transpose(1, 2), **k)), (xz,), kw
+
+
+def count_ops(arch: str, dtype: torch.dtype, tiny: bool = False) -> dict:
+    """Torch ops and Triton launches of one forward and one backward of the fused inner path (the second call:
+    the first one's one-time work not counted)."""
+    from _op_count import OpCounter
+
+    op, leaves, kw = _inner_inputs(arch, dtype, tiny)
+    counts = {}
+    for attempt in range(2):
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+        with OpCounter() as fwd, ctx:
+            out = op(*leaves, **kw)
+        g = torch.randn_like(out)
+        for t in list(leaves) + [v for v in kw.values() if isinstance(v, torch.Tensor)]:
+            t.grad = None  # so that the leaves' gradients are stored, not accumulated (as after zero_grad)
+        with OpCounter() as bwd:
+            out.backward(g)
+        counts = dict(arch=arch, dtype=str(dtype).replace("torch.", ""), fwd_torch=fwd.torch_ops,
+                      fwd_triton=fwd.launches, bwd_torch=bwd.torch_ops, bwd_triton=bwd.launches,
+                      total=fwd.torch_ops + fwd.launches + bwd.torch_ops + bwd.launches)
+        counts["_fwd"], counts["_bwd"] = fwd.table(), bwd.table()
+    return counts
+
+
+def count_main(tiny: bool, verbose: bool) -> None:
+    rows = Rows("op_count")
+    for arch in ("mamba2", "mamba1"):
+        for dtype in (torch.float32, torch.bfloat16):
+            c = count_ops(arch, dtype, tiny)
+            fwd, bwd = c.pop("_fwd"), c.pop("_bwd")
+            rows.add(**c)
+            if verbose:
+                print(f"# {arch} {dtype} forward\n{fwd}\n# backward\n{bwd}")
+    rows.save()
+    print(table(rows.rows, ["arch", "dtype", "fwd_torch", "fwd_triton", "bwd_torch", "bwd_triton", "total"]))
+
+
 def main() -> None:
+    if COUNT_OPS:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--count-ops", action="store_true")
+        ap.add_argument("--tiny", action="store_true", help="smaller shapes (the test's)")
+        ap.add_argument("--verbose", action="store_true", help="the counts by op name")
+        args = ap.parse_args()
+        count_main(args.tiny, args.verbose)
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="mamba2", choices=["mamba1", "mamba2"])
     ap.add_argument("--top", type=int, default=30)

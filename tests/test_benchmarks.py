@@ -37,6 +37,7 @@ SMOKE = {
     "bench_cpu_linear.py": (["--tiny", "--threads", "1", "--rounds", "1", "--reps", "1"], ["cpu_linear.jsonl"]),
     "bench_cpu_decode.py": (["--tiny", "--rounds", "1"], ["cpu_decode.jsonl"]),
     "bench_hybrid_gpu.py": (["--tiny"], ["hybrid_gpu.jsonl"]),
+    "host_overhead.py": (["--count-ops", "--tiny"], ["op_count.jsonl"]),
     "bench_mamba3_cpu.py": (["--threads", "1", "--seqlens", "32", "--nheads", "2", "--headdim", "8", "--d-state",
                              "8", "--chunk-size", "16", "--repeats", "1"], []),
 }
@@ -52,7 +53,6 @@ SKIPPED = {
     "bench_ssd.py": "GPU only: checks and times the Triton SSD kernels",
     "first_call.py": "GPU only: cold-cache compile times of the Triton kernels",
     "gpu_check_selective_scan.py": "GPU only: large-shape checks of the Triton scan, conv and decode kernels",
-    "host_overhead.py": "GPU only: host time of Triton launches, torch ops and one block's step",
     "sweep_selective_scan.py": "GPU only: sweeps the Triton selective scan's launch configurations",
     "sweep_ssd.py": "GPU only: sweeps the Triton SSD kernels' launch settings",
 }
@@ -106,3 +106,20 @@ def test_hybrid_benchmark_runs_mambakit_alone_without_transformers(tmp_path: Pat
     rows = [json.loads(line) for line in (tmp_path / "hybrid_gpu.jsonl").read_text().splitlines()]
     assert [r["measure"] for r in rows] == ["prefill", "prefill", "decode"]
     assert all(r["transformers_path"] == "not run" and isinstance(r["mambakit_ms"], float) for r in rows)
+
+
+#: (arch, dtype) -> the most torch ops and the Triton launches of one fused inner-path forward + backward
+#: (benchmarks/host_overhead.py --count-ops): fewer host ops per layer is a faster eager training step.
+OP_CEILINGS = {("mamba2", "float32"): (81, 13), ("mamba2", "bfloat16"): (85, 13),
+               ("mamba1", "float32"): (108, 5), ("mamba1", "bfloat16"): (118, 5)}
+
+
+def test_op_counts_do_not_grow(tmp_path: Path) -> None:
+    proc = run("host_overhead.py", ["--count-ops", "--tiny"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "op_count.jsonl").read_text().splitlines()]
+    assert {(r["arch"], r["dtype"]) for r in rows} == set(OP_CEILINGS)
+    for r in rows:
+        most_ops, launches = OP_CEILINGS[r["arch"], r["dtype"]]
+        assert r["fwd_triton"] + r["bwd_triton"] == launches, r
+        assert 0 < r["fwd_torch"] + r["bwd_torch"] <= most_ops, r

@@ -307,14 +307,16 @@ def conv1d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool
 
 
 def conv1d_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor],
-                    gy: Tensor, dx_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                    gy: Tensor, dx_out: Optional[Tensor] = None,
+                    grad_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradients of `conv1d_forward` given gy = dL/dy. x, gy: (batch, dim, seqlen), any strides; weight: (dim, width);
     bias: (dim,) or None; seq_idx: (batch, seqlen) integer or None.
 
     dx_out: (batch, dim, seqlen), any strides (e.g. a slice view of a bigger gradient buffer), not overlapping x or
     gy; written (not accumulated into) and returned. Without it dx is allocated like `conv1d_forward`'s y.
-    Returns (dx (batch, dim, seqlen), dweight (dim, width) in weight's dtype, dbias (dim,) in bias's dtype or None).
-    Deterministic: the same inputs give bit-identical gradients."""
+    Returns (dx (batch, dim, seqlen), dweight (dim, width) in weight's dtype, dbias (dim,) in bias's dtype or None);
+    grad_dtype: the dtype of dweight and dbias instead (e.g. the float32 parameters the 16-bit weight was cast from:
+    the float32 sums are not rounded on the way). Deterministic: the same inputs give bit-identical gradients."""
     _check(x, weight, bias, seq_idx)
     _check_buffer("gy", gy, x)
     if dx_out is None:
@@ -339,8 +341,8 @@ def conv1d_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: boo
         WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None, GATHER=use_gather(x),
         BLOCK_D=bd, BT=bt, HALO=triton.next_power_of_2(max(width - 1, 1)), AXB=ax[0], AXD=ax[1], AXT=ax[2],
         AGB=ag[0], AGD=ag[1], AGT=ag[2], ADB=ad[0], ADD=ad[1], ADT=ad[2], num_warps=4)
-    dw = dw_part.sum((0, 1)).to(weight.dtype)
-    db = db_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    dw = dw_part.sum((0, 1)).to(grad_dtype or weight.dtype)
+    db = db_part.sum((0, 1)).to(grad_dtype or bias.dtype) if bias is not None else None
     return dx_out, dw, db
 
 

@@ -63,9 +63,17 @@ def _padding_zeroed(t: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
 
 
 class _Mamba2InnerFused(torch.autograd.Function):
+    """The conv and out weights come in their own dtype (float32 parameters under autocast) and are cast to
+    zxbcdt's here, so that their gradients leave in that dtype without a cast node of autograd's (the conv's
+    float32 sums unrounded)."""
+
     @staticmethod
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, out_b, ngroups, chunk_size, eps,
                 norm_before_gate, dt_limit, seq_idx):  # type: ignore[override]
+        ctx.grad_dtypes = (conv_w.dtype, out_w.dtype)
+        io = zxbcdt.dtype
+        conv_w, out_w = conv_w.to(io).contiguous(), out_w.to(io)
+        conv_b, out_b = (None if b is None else b.to(io) for b in (conv_b, out_b))
         dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
         z, xBC, dt = dims.split(zxbcdt)
         seg = segments(seq_idx)
@@ -78,8 +86,11 @@ class _Mamba2InnerFused(torch.autograd.Function):
             y2 = dims.rows(y.flatten(-2))
             normed, rstd = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)
             if backward:  # the first call: the backward's kernels too, with guessed upstream gradients
+                du = torch.empty_like(u)
+                _, dB_out, dC_out = dims.xbc(du)
                 ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), None, chunk_size,
-                             dt_grad=DtGrad(dt, dt_bias, True, dt_limit, dims.split(torch.empty_like(zxbcdt))[2]))
+                             dt_grad=DtGrad(dt, dt_bias, True, dt_limit, dims.split(torch.empty_like(zxbcdt))[2]),
+                             dx_out=dims.xbc(du)[0], dB_out=dB_out, dC_out=dC_out, need_dinit=False)
                 gated_norm_backward(y2, dims.rows(z), norm_w, rstd, torch.empty_like(normed), group,
                                     norm_before_gate)
             return y2, normed, rstd, saved
@@ -102,10 +113,11 @@ class _Mamba2InnerFused(torch.autograd.Function):
         dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
         z, xBC, dt = dims.split(zxbcdt)
         group = dims.d_inner // ngroups
+        conv_dtype, out_dtype = ctx.grad_dtypes
         g2 = gout.reshape(dims.batch * dims.seqlen, -1).to(y2.dtype)
         normed, _ = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)  # recomputed
-        d_out_w = (g2.t() @ normed).to(out_w.dtype)
-        d_out_b = g2.sum(0).to(out_w.dtype) if ctx.has_out_b else None
+        d_out_w = (g2.t() @ normed).to(out_dtype)
+        d_out_b = g2.sum(0, dtype=out_dtype) if ctx.has_out_b else None
         del normed
         d_normed = g2 @ out_w.to(g2.dtype)
         dzxbcdt = torch.empty_like(zxbcdt)
@@ -118,15 +130,14 @@ class _Mamba2InnerFused(torch.autograd.Function):
         du = torch.empty_like(u)
         dx_view, dB_view, dC_view = dims.xbc(du)
         dy = dy2.view(dims.batch, dims.seqlen, dims.nheads, dims.headdim)
-        _, _, dA, dB, dC, dD, _, d_dt_bias = ssd_backward(
-            x, A, B, C, D, tuple(saved), dy, None, chunk_size, dx_out=dx_view,
-            dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out))  # the raw dt's gradient straight into dzxbcdt
-        dB_view.copy_(dB)
-        dC_view.copy_(dC)
+        _, _, dA, _, _, dD, _, d_dt_bias = ssd_backward(  # dx, dB, dC straight into du, the raw dt's into dzxbcdt
+            x, A, B, C, D, tuple(saved), dy, None, chunk_size, dx_out=dx_view, dB_out=dB_view, dC_out=dC_view,
+            dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out), need_dinit=False)
         del u, x, B, C, dy, dy2
         _padding_zeroed(du, seq_idx)  # the conv output is the constant 0 at padding
         _, d_conv_w, d_conv_b = conv1d_backward(xBC.transpose(1, 2), conv_w, conv_b, True, seq_idx,
-                                                du.transpose(1, 2), dx_out=dxBC.transpose(1, 2))
+                                                du.transpose(1, 2), dx_out=dxBC.transpose(1, 2),
+                                                grad_dtype=conv_dtype)
         dD = dD.to(D.dtype) if D is not None else None
         return (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA.to(A.dtype), dD, d_norm_w, d_out_w, d_out_b, None, None,
                 None, None, None, None)
@@ -140,10 +151,11 @@ def mamba2_inner_fused(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[
     """The fused form of `mambakit.ops.mamba2_inner.mamba2_inner` (checked arguments; CUDA tensors, or the CPU
     under TRITON_INTERPRET=1). zxbcdt: (batch, seqlen, d_in_proj) with unit column stride -> (batch, seqlen,
     d_model) in zxbcdt's dtype. dt_limit None: no clamp."""
-    io = zxbcdt.dtype
     f32 = torch.float32
+    # one dtype for each layer's gradients (the bias's as its weight's)
+    conv_b = None if conv_bias is None else conv_bias.to(conv_weight.dtype)
+    out_b = None if out_bias is None else out_bias.to(out_weight.dtype)
     return _Mamba2InnerFused.apply(
-        zxbcdt, conv_weight.to(io).contiguous(), None if conv_bias is None else conv_bias.to(io), dt_bias.to(f32),
-        A.to(f32).contiguous(), None if D is None else D.to(f32).contiguous(), norm_weight, out_weight.to(io),
-        None if out_bias is None else out_bias.to(io), ngroups, kernel_chunk_size(zxbcdt.shape[1], chunk_size),
-        eps, norm_before_gate, dt_limit, seq_idx)
+        zxbcdt, conv_weight, conv_b, dt_bias.to(f32), A.to(f32).contiguous(),
+        None if D is None else D.to(f32).contiguous(), norm_weight, out_weight, out_b, ngroups,
+        kernel_chunk_size(zxbcdt.shape[1], chunk_size), eps, norm_before_gate, dt_limit, seq_idx)

@@ -52,10 +52,21 @@ def _scan_inputs(xz: Tensor, conv_w: Tensor, conv_b: Optional[Tensor], x_proj_w:
     return u, x_dbl, delta, bc[:, None, rank:rank + n], bc[:, None, rank + n:]
 
 
+def _in_dtype(dtype: torch.dtype, *weights: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """The weights cast to dtype (contiguous), None kept."""
+    return [None if w is None else w.to(dtype).contiguous() for w in weights]
+
+
 class _MambaInnerFused(torch.autograd.Function):
+    """The weights come in their own dtype (float32 parameters under autocast) and are cast to xz's here, so that
+    their gradients leave in that dtype without a cast node of autograd's (the conv's float32 sums unrounded)."""
+
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, out_b, A, D, delta_bias, softplus, seq_idx,
                 cfg, save_states):
+        ctx.grad_dtypes = (conv_w.dtype, x_proj_w.dtype, dt_proj_w.dtype, out_w.dtype)
+        conv_w, conv_b, x_proj_w, dt_proj_w, out_w, out_b = _in_dtype(xz.dtype, conv_w, conv_b, x_proj_w, dt_proj_w,
+                                                                      out_w, out_b)
         batch, two_d, seqlen = xz.shape
         d = two_d // 2
         u, x_dbl, delta, B, C = _scan_inputs(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A.shape[1], seq_idx)
@@ -75,29 +86,31 @@ class _MambaInnerFused(torch.autograd.Function):
         batch, two_d, seqlen = xz.shape
         d = two_d // 2
         rank, n = dt_proj_w.shape[1], A.shape[1]
+        conv_dtype, x_proj_dtype, dt_proj_dtype, out_dtype = ctx.grad_dtypes
         g2 = gout.reshape(batch * seqlen, -1).to(y.dtype)
-        d_out_w = g2.t() @ _rows(y)
-        d_out_b = g2.sum(0) if ctx.has_out_b else None
+        d_out_w = (g2.t() @ _rows(y)).to(out_dtype)
+        d_out_b = g2.sum(0, dtype=out_dtype) if ctx.has_out_b else None
         gy = (g2 @ out_w).view(batch, seqlen, d).transpose(1, 2)
         # recompute the conv output and delta
         x, z = xz[:, :d], xz[:, d:]
         u, _, delta, B, C = _scan_inputs(xz, conv_w, conv_b, x_proj_w, dt_proj_w, n, seq_idx, x_dbl=x_dbl)
         dt_low = x_dbl[:, :rank]
         dxz = _channels_last(batch, seqlen, two_d, xz)
-        du, ddelta, _, dA, dB, dC, dD, dbias, _ = scan_backward(
-            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, seq_idx, states, ctx.cfg, gy, None,
-            dz_out=dxz[:, d:], du_out=_channels_last(batch, seqlen, d, xz))
-        ddelta2 = _rows(ddelta)
-        d_dt_proj_w = ddelta2.t() @ dt_low
         d_x_dbl = torch.empty_like(x_dbl)
-        d_x_dbl[:, :rank].copy_(ddelta2 @ dt_proj_w)
-        d_x_dbl.view(batch, seqlen, -1)[:, :, rank:rank + n].copy_(dB[:, 0].transpose(1, 2))
-        d_x_dbl.view(batch, seqlen, -1)[:, :, rank + n:].copy_(dC[:, 0].transpose(1, 2))
-        d_x_proj_w = d_x_dbl.t() @ _rows(u)
+        d_bc = d_x_dbl.view(batch, seqlen, -1).transpose(1, 2)[:, None]  # (batch, 1, rank + 2 n, seqlen), a view
+        du, ddelta, _, dA, _, _, dD, dbias, _ = scan_backward(  # dB, dC straight into d_x_dbl
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, seq_idx, states, ctx.cfg, gy, None,
+            dz_out=dxz[:, d:], du_out=_channels_last(batch, seqlen, d, xz), dB_out=d_bc[:, :, rank:rank + n],
+            dC_out=d_bc[:, :, rank + n:])
+        ddelta2 = _rows(ddelta)
+        d_dt_proj_w = (ddelta2.t() @ dt_low).to(dt_proj_dtype)
+        torch.mm(ddelta2, dt_proj_w, out=d_x_dbl[:, :rank])
+        d_x_proj_w = (d_x_dbl.t() @ _rows(u)).to(x_proj_dtype)
         du_rows = _rows(du)
         du_rows.addmm_(d_x_dbl, x_proj_w)  # the conv output feeds both the scan and x_proj
         _padding_zeroed(du, seq_idx)  # the conv output is the constant 0 at padding
-        _, d_conv_w, d_conv_b = conv1d_backward(x, conv_w, conv_b, True, seq_idx, du, dx_out=dxz[:, :d])
+        _, d_conv_w, d_conv_b = conv1d_backward(x, conv_w, conv_b, True, seq_idx, du, dx_out=dxz[:, :d],
+                                                grad_dtype=conv_dtype)
         dD = dD.to(D.dtype) if D is not None else None
         dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
         return (dxz, d_conv_w, d_conv_b, d_x_proj_w, d_dt_proj_w, d_out_w, d_out_b, dA.to(A.dtype), dD, dbias,
@@ -138,16 +151,17 @@ def mamba_inner_fused(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[T
                       seq_idx: Optional[Tensor] = None) -> Tensor:
     """The fused form of `mambakit.ops.mamba_inner.mamba_inner` (checked arguments; CUDA tensors, or the CPU under
     TRITON_INTERPRET=1). xz: (batch, 2 * d_inner, seqlen) -> (batch, seqlen, d_model) in xz's dtype."""
-    dt = xz.dtype
     d = xz.shape[1] // 2
     cfg = pick_config(A.shape[1], d, d, 1)
     f32 = torch.float32
     weights = (conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias)
-    conv_w, conv_b, x_w, dt_w, out_w, out_b = (w.to(dt) if w is not None else None for w in weights)
+    if conv1d_bias is not None and conv1d_bias.dtype != conv1d_weight.dtype:  # one dtype for the conv's gradients
+        weights = (conv1d_weight, conv1d_bias.to(conv1d_weight.dtype)) + weights[2:]
+    if out_proj_bias is not None and out_proj_bias.dtype != out_proj_weight.dtype:
+        weights = weights[:5] + (out_proj_bias.to(out_proj_weight.dtype),)
     tensors = (xz, A, D, delta_bias) + weights
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     return _MambaInnerFused.apply(
-        xz, conv_w.contiguous(), conv_b, x_w.contiguous(), dt_w.contiguous(), out_w.contiguous(), out_b,
-        A.to(f32).contiguous(), D.to(f32) if D is not None else None,
+        xz, *weights, A.to(f32).contiguous(), D.to(f32) if D is not None else None,
         delta_bias.to(f32) if delta_bias is not None else None, bool(delta_softplus), seq, cfg, save_states)

@@ -436,13 +436,24 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     return y, last, states
 
 
+def _summed(parts: Tensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
+    """parts (batch, G, blocks, N, seqlen) float32 summed over the blocks, in dtype (into out when given)."""
+    if out is None:
+        return parts.sum(2).to(dtype)
+    if out.dtype == parts.dtype:
+        return torch.sum(parts, 2, out=out)
+    return out.copy_(parts.sum(2))
+
+
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, seq_idx: Optional[Tensor],
                   states: Tensor, cfg: ScanConfig, gy: Tensor, glast: Optional[Tensor],
-                  dz_out: Optional[Tensor] = None, du_out: Optional[Tensor] = None) -> tuple:
+                  dz_out: Optional[Tensor] = None, du_out: Optional[Tensor] = None,
+                  dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None) -> tuple:
     """Launch the backward kernel on the forward's inputs and saved states. gy: (batch, dim, seqlen) of any strides;
-    glast: (batch, dim, d_state) or None. du / ddelta are laid out like u / delta (or go into du_out), dz into dz_out
-    when given (any strides: e.g. a slice of a bigger gradient buffer). Returns (du, ddelta, dA (dim, d_state),
+    glast: (batch, dim, d_state) or None. du / ddelta are laid out like u / delta (or go into du_out), dz into dz_out,
+    dB / dC into dB_out / dC_out (B's shape and dtype) when given (any strides: e.g. slices of a bigger gradient
+    buffer). Returns (du, ddelta, dA (dim, d_state),
     dB, dC (batch, G, d_state, seqlen), dD, d delta_bias, d initial_state (batch, dim, d_state)), all float32
     except du, ddelta, dz (the inputs' dtypes), dB and dC (B's and C's dtypes)."""
     batch, dim, seqlen = u.shape
@@ -481,8 +492,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     )
     # fixed-order reductions of the partial sums
     blocks_per_group = n_dblocks // G
-    dB = dB_part.view(batch, G, blocks_per_group, N, seqlen).sum(2).to(B.dtype)
-    dC = dC_part.view(batch, G, blocks_per_group, N, seqlen).sum(2).to(C.dtype)
+    dB = _summed(dB_part.view(batch, G, blocks_per_group, N, seqlen), B.dtype, dB_out)
+    dC = _summed(dC_part.view(batch, G, blocks_per_group, N, seqlen), C.dtype, dC_out)
     dD = dD_part.sum(0) if D is not None else None
     dbias = dbias_part.sum(0) if delta_bias is not None else None
     return du, ddelta, dz, dA_part.sum(0), dB, dC, dD, dbias, dh0

@@ -304,13 +304,26 @@ class DtGrad(NamedTuple):
     out: Optional[Tensor] = None
 
 
+def _workspace(device: torch.device, **sizes: int) -> Tuple[Tensor, dict]:
+    """One float32 buffer for several scratch tensors (one allocation instead of one each: fewer host ops): returns
+    it and each name's offset in elements (multiples of 32, so that every slice is as aligned as the buffer)."""
+    offsets, total = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = total
+        total += -(-size // 32) * 32
+    return torch.empty(max(total, 1), device=device, dtype=torch.float32), offsets
+
+
 def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], saved: Tuple[Tensor, ...],
                  dy: Tensor, dfinal: Optional[Tensor], chunk_size: int,
-                 dx_out: Optional[Tensor] = None, dt_grad: Optional[DtGrad] = None) -> Tuple[Optional[Tensor], ...]:
-    """Gradients (dx, ddt, dA, dB, dC, dD, dinit, dbias) in float32 (dx in x's dtype); dx: x's shape, ddt: (batch,
-    seqlen, nheads) of the processed dt, dA: (nheads,), dB, dC: B's shape, dD: D's shape (None without D), dinit:
-    (batch, nheads, headdim, d_state), dbias None. dx_out: x's shape and dtype, any strides (e.g. a slice of a
-    bigger gradient buffer): dx is written there. With dt_grad, ddt is the raw dt's gradient (its dtype, in
+                 dx_out: Optional[Tensor] = None, dt_grad: Optional[DtGrad] = None,
+                 dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None,
+                 need_dinit: bool = True) -> Tuple[Optional[Tensor], ...]:
+    """Gradients (dx, ddt, dA, dB, dC, dD, dinit, dbias): dx in x's dtype, dB, dC in B's dtype, the others float32;
+    dx: x's shape, ddt: (batch, seqlen, nheads) of the processed dt, dA: (nheads,), dB, dC: B's shape, dD: D's
+    shape (None without D), dinit: (batch, nheads, headdim, d_state) (None unless need_dinit), dbias None.
+    dx_out: x's shape and dtype, dB_out / dC_out: B's shape and dtype, any strides (e.g. slices of a bigger
+    gradient buffer): the gradient is written there. With dt_grad, ddt is the raw dt's gradient (its dtype, in
     dt_grad.out when given) and dbias the bias's (its dtype; None without a bias), as `dt_processing_grad` gives."""
     dtp, segp, acs, H = saved
     pl = _Plan(x, B, chunk_size)
@@ -321,81 +334,88 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
     common = dict(HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BN=pl.BN, PREC=pl.prec, num_warps=pl.warps,
                   num_stages=pl.stages)
     G = torch.empty_like(H)  # input dtype for 16-bit inputs like H: every reader rounds it to that dtype anyway
-    dinit = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
-    dfin = dfinal.float().contiguous() if dfinal is not None else dinit
-    if pl.fused_states(dev):
+    dinit = torch.empty((pl.batch, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32) if need_dinit else None
+    dinit_arg = dinit if need_dinit else G  # not written without need_dinit
+    dfin = dfinal.float().contiguous() if dfinal is not None else G  # not read without dfinal
+    fused = pl.fused_states(dev)
+    if fused:
         BPs, BNs = pl.state_tiles(dev)
         grid = (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs))
-        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, grid[1] * grid[2]), device=dev, dtype=torch.float32)
+    ntiles = grid[1] * grid[2] if fused else pl.nblocks  # parts of dlast per (batch, head, chunk)
+    splits = pl.head_splits()
+    d_cols = 0 if D is None else (pl.P if D.dim() == 2 else 1)
+    K = pl.nheads * (2 + d_cols)  # [dA, dbias, dD] per (batch, chunk)
+    rows = pl.batch * pl.nheads * pl.Lpad
+    bhc = pl.batch * pl.nheads * pl.nchunks
+    # the float32 scratch, shapes: dlast (batch, nheads, nchunks, ntiles); q, dacol, row (batch, nheads, Lpad);
+    # rowpart (batch, nheads, nchunks, NB, Q); usum (batch, nheads, nchunks * NB); dD (batch, nchunks * NB, nheads,
+    # BP); dCs (splits, batch, Lpad, ngroups, N); dBp (splits, batch, Lpad, NB + 1, ngroups, N); red (batch,
+    # nchunks, K)
+    ws, off = _workspace(
+        dev, dlast=bhc * ntiles, q=rows, dacol=rows, row=rows, rowpart=bhc * pl.NB * pl.Q, usum=bhc * pl.NB,
+        dD=0 if D is None else pl.batch * pl.nchunks * pl.NB * pl.nheads * pl.BP,
+        dCs=splits * pl.batch * pl.Lpad * pl.ngroups * pl.N,
+        dBp=splits * pl.batch * pl.Lpad * (pl.NB + 1) * pl.ngroups * pl.N, red=pl.batch * pl.nchunks * K)
+    if fused:
         _chunk_states_bwd[grid](
-            dy, C, segp_arg, acs, H, dfin, G, dinit, dlast, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
-            pl.Lpad, *dy.stride(), *C.stride(), HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q,
-            BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, num_warps=pl.warps, num_stages=pl.stages)
+            dy, C, segp_arg, acs, H, dfin, G, dinit_arg, ws, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
+            pl.nchunks, pl.Lpad, off["dlast"], *dy.stride(), *C.stride(), HAS_DFINAL=dfinal is not None,
+            HAS_SEG=has_seg, Q=pl.Q, BQ=pl.state_block, BP=BPs, BN=BNs, PREC=pl.prec, STORE_DINIT=need_dinit,
+            num_warps=pl.warps,
+            num_stages=pl.stages)
     else:
         dHl = torch.empty_like(H, dtype=torch.float32)
         BPy = min(pl.BP, 64)
         _chunk_read_bwd[pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
             dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
             *dy.stride(), *C.stride(), BP=BPy, **common)
-        dlast = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.nblocks), device=dev, dtype=torch.float32)
         _state_passing_bwd[pl.batch * pl.nheads, pl.nblocks](
-            dHl, H, acs, segp_arg, dfin, G, dinit, dlast, pl.nheads, pl.PN, pl.nchunks, pl.Lpad, pl.nblocks,
-            HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
+            dHl, H, acs, segp_arg, dfin, G, dinit_arg, ws, pl.nheads, pl.PN, pl.nchunks, pl.Lpad, pl.nblocks,
+            off["dlast"], HAS_DFINAL=dfinal is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK,
+            STORE_DINIT=need_dinit,
+            num_warps=4)
         del dHl
-    dlast = dlast.sum(-1) if dlast.shape[-1] > 1 else dlast[..., 0].contiguous()
 
     # accumulated in float32, rounded once on the way out
     dx = dx_out if dx_out is not None else torch.empty(x.shape, device=dev, dtype=x.dtype)
-    q = torch.empty_like(dtp)
-    dacol = torch.empty_like(dtp)
-    rowpart = torch.empty((pl.batch, pl.nheads, pl.nchunks, pl.NB, pl.Q), device=dev, dtype=torch.float32)
-    usum = torch.empty((pl.batch, pl.nheads, pl.nchunks * pl.NB), device=dev, dtype=torch.float32)
-    dD_part = torch.empty((pl.batch, pl.nchunks * pl.NB, pl.nheads, pl.BP), device=dev, dtype=torch.float32) \
-        if D is not None else usum
     _chunk_dx_bwd[pl.nchunks * pl.NB, pl.batch * pl.nheads](
-        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, G, dy, dx, q, dacol, rowpart, usum, dD_part,
-        pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
-        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_D=D is not None,
+        x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, G, dy, dx, ws, ws, ws, ws, ws,
+        pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad, off["q"], off["dacol"], off["rowpart"],
+        off["usum"], off["dD"], *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), HAS_D=D is not None,
         D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, **common)
-    row = torch.empty_like(dtp)
-    # slot i < NB of dBp: the part of dB from query block i (zeros where i precedes the key block); slot NB: the
-    # state term. Partial sums per head split, added in a fixed order: deterministic.
-    splits = pl.head_splits()
-    dC = torch.empty((splits, pl.batch, pl.Lpad, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
-    dBp = torch.zeros((splits, pl.batch, pl.Lpad, pl.NB + 1, pl.ngroups, pl.N), device=dev, dtype=torch.float32)
+    # slot i < NB of dBp: the part of dB from query block i (written where i is at or after the key block: only
+    # those are read); slot NB: the state term. Partial sums per head split, added by `_dt_bwd` in a fixed order:
+    # deterministic.
     _chunk_dBC_bwd[pl.nchunks * pl.NB, pl.batch * pl.ngroups, splits](
-        x, dtp, B, C, segp_arg, acs, H, G, dy, dC, dBp, row, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg,
-        pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
-        BP=pl.BP, **common)
-    dB = dBp.sum((0, 3))
-    dC = dC[0] if splits == 1 else dC.sum(0)
-    dA_part = torch.empty((pl.batch, pl.nheads, pl.nchunks), device=dev, dtype=torch.float32)
+        x, dtp, B, C, segp_arg, acs, H, G, dy, ws, ws, ws, pl.seqlen, pl.nheads, pl.ngroups, pl.hpg,
+        pl.hpg // splits, pl.P, pl.N, pl.nchunks, pl.Lpad, off["dCs"], off["dBp"], off["row"], *x.stride(),
+        *B.stride(), *C.stride(), *dy.stride(), BP=pl.BP, **common)
+    dB = dB_out if dB_out is not None else torch.empty(B.shape, device=dev, dtype=B.dtype)
+    dC = dC_out if dC_out is not None else torch.empty(B.shape, device=dev, dtype=B.dtype)
     if dt_grad is None:
         ddt = torch.empty_like(dtp)
-        graw, dbias_part, raw, bias, (lo, hi) = ddt, dA_part, dtp, dtp, (0.0, 0.0)
+        graw, raw, bias, (lo, hi) = ddt, dtp, dtp, (0.0, 0.0)
     else:
         raw, bias = dt_grad.dt, dt_grad.bias
         graw = dt_grad.out if dt_grad.out is not None else torch.empty_like(raw)
-        dbias_part = torch.empty_like(dA_part)
         lo, hi = dt_grad.limit if dt_grad.limit is not None else (0.0, 0.0)
         ddt = graw
     _dt_bwd[pl.nchunks, pl.batch * pl.nheads](
-        dtp, A, row, rowpart, dacol, q, usum, dlast, ddt, dA_part, raw, bias if bias is not None else dtp, graw,
-        dbias_part, pl.seqlen, *(raw.stride() if dt_grad is not None else (0, 0, 0)),
+        dtp, A, ws, ws, ws, ws, ws, ws, ddt, ws, raw, bias if bias is not None else dtp, graw,
+        ws, ws, ws, dB, dC, pl.seqlen, *(raw.stride() if dt_grad is not None else (0, 0, 0)),
         *(graw.stride() if dt_grad is not None else (0, 0, 0)), float(lo), float(hi), pl.nheads, pl.nchunks,
-        pl.Lpad, Q=pl.Q, BQ=pl.BQ, RAW=dt_grad is not None, HAS_BIAS=dt_grad is not None and bias is not None,
+        pl.Lpad, ntiles, pl.P, pl.N, pl.ngroups, pl.hpg, splits, K, off["row"], off["rowpart"], off["dacol"],
+        off["q"], off["usum"], off["dlast"], off["red"], off["dD"], off["dBp"], off["dCs"], *dB.stride(),
+        *dC.stride(), Q=pl.Q, BQ=pl.BQ, RAW=dt_grad is not None, HAS_BIAS=dt_grad is not None and bias is not None,
         SOFTPLUS=dt_grad is not None and dt_grad.softplus, HAS_LIMIT=dt_grad is not None and dt_grad.limit is not None,
-        num_warps=1)
-    dbias = None
+        HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, BNR=min(pl.BN, 32), num_warps=1)
+    red = ws.as_strided((pl.batch * pl.nchunks, K), (K, 1), off["red"])  # (batch * nchunks, K)
+    dA, dbias, dD = red.sum(0).split([pl.nheads, pl.nheads, pl.nheads * d_cols])
     if dt_grad is None:
         ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
-    elif bias is not None:
-        dbias = dbias_part.sum(dim=(0, 2)).to(bias.dtype)
-    dD = None
-    if D is not None:
-        dD = dD_part.sum(dim=(0, 1))[:, : pl.P]
-        dD = dD if D.dim() == 2 else dD.sum(-1)
-    return dx, ddt, dA_part.sum(dim=(0, 2)), dB[:, : pl.seqlen], dC[:, : pl.seqlen], dD, dinit, dbias
+    dbias = dbias.to(bias.dtype) if dt_grad is not None and bias is not None else None
+    dD = None if D is None else (dD.view(pl.nheads, pl.P) if D.dim() == 2 else dD)
+    return dx, ddt, dA, dB, dC, dD, dinit, dbias
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -425,7 +445,7 @@ class _SSDTriton(torch.autograd.Function):
         def first_call() -> None:  # forward and backward (the upstream gradients guessed: contiguous, materialised)
             y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing)
             ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), torch.empty_like(final), chunk_size,
-                         dt_grad=DtGrad(dt, *processing))
+                         dt_grad=DtGrad(dt, *processing), need_dinit=initial_states is not None)
 
         key = _config_key(x, B, C, D, initial_states is not None, seg, chunk_size, dt) + (
             dt_bias is not None, dt_softplus, dt_limit is not None)
@@ -446,11 +466,12 @@ class _SSDTriton(torch.autograd.Function):
         key = _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy)
         precompile_once(("backward", dy.dtype, gfinal is None) + key,
                         lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size,
-                                             dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit)))
+                                             dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit),
+                                             need_dinit=ctx.has_init))
         dx, ddt, dA, dB, dC, dD, dinit, dbias = ssd_backward(
             x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size,
-            dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit))
-        return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dinit if ctx.has_init else None,
+            dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit), need_dinit=ctx.has_init)
+        return (dx, ddt, dA, dB, dC, dD, dinit,
                 None, None, dbias, None, None)
 
 

@@ -46,10 +46,13 @@ def _chunk_read_bwd(dy_ptr, C_ptr, seg_ptr, acs_ptr, dHl_ptr,
 
 @triton.jit
 def _state_passing_bwd(dHl_ptr, H_ptr, acs_ptr, seg_ptr, dfinal_ptr, G_ptr, dinit_ptr, dlast_ptr,
-                       nheads, PN, nchunks, Lpad, nblocks,
-                       HAS_DFINAL: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr):
-    """Reverse pass: G_c = gradient of the state at the END of chunk c; dinit; and per block the part of the
-    gradient of a_last that comes through alpha (alpha * <G_c, H_c>)."""
+                       nheads, PN, nchunks, Lpad, nblocks, dlast_off,
+                       HAS_DFINAL: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr,
+                       STORE_DINIT: tl.constexpr):
+    """Reverse pass: G_c = gradient of the state at the END of chunk c; dinit (if STORE_DINIT); and per block the
+    part of the gradient of a_last that comes through alpha (alpha * <G_c, H_c>), at dlast_ptr + dlast_off (a slice
+    of a workspace)."""
+    dlast_ptr += dlast_off
     bh = tl.program_id(0)
     blk = tl.program_id(1)
     b = (bh // nheads).to(tl.int64)
@@ -68,19 +71,22 @@ def _state_passing_bwd(dHl_ptr, H_ptr, acs_ptr, seg_ptr, dfinal_ptr, G_ptr, dini
         H = tl.load(H_ptr + off + offs, mask=m, other=0.0)
         tl.store(dlast_ptr + ((b * nheads + h) * nchunks + c) * nblocks + blk, alpha * tl.sum(grad * H, axis=0))
         grad = alpha * grad + tl.load(dHl_ptr + off + offs, mask=m, other=0.0)
-    tl.store(dinit_ptr + (b * nheads + h) * PN + offs, grad, mask=m)
+    if STORE_DINIT:
+        tl.store(dinit_ptr + (b * nheads + h) * PN + offs, grad, mask=m)
 
 
 @triton.jit
 def _chunk_states_bwd(dy_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, dfinal_ptr, G_ptr, dinit_ptr, dlast_ptr,
-                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
+                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad, dlast_off,
                       sdy_b, sdy_l, sdy_h, sdy_p, sC_b, sC_l, sC_g, sC_n,
                       HAS_DFINAL: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr,
-                      BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                      BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, STORE_DINIT: tl.constexpr):
     """Reverse pass, one program per (batch * head, headdim block, d_state block), sequential over the chunks from
-    the end: G_c (gradient of the state at the END of chunk c, stored), dinit, and per chunk this tile's part of the
-    gradient of a_last that comes through alpha (alpha <G_c, H_c>). The gradient of H_c from chunk c's read-out,
-    sum_t e_t C_t^T dy_t, is accumulated in registers: G_{c-1} = alpha_c G_c + that."""
+    the end: G_c (gradient of the state at the END of chunk c, stored), dinit (if STORE_DINIT), and per chunk this
+    tile's part of the gradient of a_last that comes through alpha (alpha <G_c, H_c>). The gradient of H_c from
+    chunk c's read-out, sum_t e_t C_t^T dy_t, is accumulated in registers: G_{c-1} = alpha_c G_c + that. dlast at
+    dlast_ptr + dlast_off."""
+    dlast_ptr += dlast_off
     b, h, g, row, p, n, m_state, state_off = _state_tile_program(nheads, heads_per_group, P, N, Lpad, BP, BN)
     tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
     ntiles = tl.num_programs(1) * tl.num_programs(2)
@@ -104,13 +110,14 @@ def _chunk_states_bwd(dy_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, dfinal_ptr, G_ptr,
             Ce = (Cm.to(tl.float32) * e[:, None]).to(dy.dtype)
             dread += tl.dot(tl.trans(Ce), dy, input_precision=PREC)  # (BN, BP)
         grad = alpha * grad + dread
-    tl.store(dinit_ptr + (b * nheads + h) * P * N + state_off, grad, mask=m_state)
+    if STORE_DINIT:
+        tl.store(dinit_ptr + (b * nheads + h) * P * N + state_off, grad, mask=m_state)
 
 
 @triton.jit
 def _chunk_dx_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, G_ptr, dy_ptr,
                   dx_ptr, q_ptr, dacol_ptr, rowpart_ptr, usum_ptr, dD_ptr,
-                  seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
+                  seqlen, nheads, heads_per_group, P, N, nchunks, Lpad, q_off, dacol_off, rowpart_off, usum_off, dD_off,
                   sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                   sdy_b, sdy_l, sdy_h, sdy_p, sdx_b, sdx_l, sdx_h, sdx_p,
                   HAS_SEG: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, Q: tl.constexpr,
@@ -118,7 +125,13 @@ def _chunk_dx_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, G_ptr, d
     """One program per (key block of a chunk, batch * head): dX~_s = sum over the query blocks from it to the chunk
     end of (C_t . B_s) L[t, s] dy_t, plus w_s G_c B_s (the state it feeds). Writes dx (float32), q_s = x_s . dX~_s,
     colsum_s(T) + u_s, the rowsums of T over this block's columns for each later query block (summed by `_dt_bwd`),
-    the block's sum of u_s, and with D the block's sums of dy * x."""
+    the block's sum of u_s, and with D the block's sums of dy * x. The float32 outputs at their pointers + their
+    offsets (slices of one workspace)."""
+    q_ptr += q_off
+    dacol_ptr += dacol_off
+    rowpart_ptr += rowpart_off
+    usum_ptr += usum_off
+    dD_ptr += dD_off
     NB: tl.constexpr = Q // BQ
     c, k, b, h, s, valid_s, seg_s, seg_prev, seg_last = _block_program(seg_ptr, seqlen, nheads, Lpad, HAS_SEG, Q, BQ)
     g = h // heads_per_group
@@ -165,8 +178,8 @@ def _chunk_dx_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, D_ptr, seg_ptr, acs_ptr, G_ptr, d
 
 @triton.jit
 def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, dy_ptr, dC_ptr, dBp_ptr, row_ptr,
-                   seqlen, nheads, ngroups, heads_per_group, heads_per_split, P, N, nchunks, Lpad,
-                   sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
+                   seqlen, nheads, ngroups, heads_per_group, heads_per_split, P, N, nchunks, Lpad, dC_off, dBp_off,
+                   row_off, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n,
                    sdy_b, sdy_l, sdy_h, sdy_p,
                    HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                    PREC: tl.constexpr):
@@ -176,7 +189,11 @@ def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, 
     (written to slot i of dBp; slot NB gets the state term below; the caller sums the slots). With few programs
     the heads are split over program_id(2), each split writing its own partial sums. Also the per-head
     chunk-boundary terms:
-    dC_t += e_t dy_t H_c, dB_s += w_s X~_s G_c (block i), and the read-out's part of dL/da_t, e_t dy_t . (C_t H_c)."""
+    dC_t += e_t dy_t H_c, dB_s += w_s X~_s G_c (block i), and the read-out's part of dL/da_t, e_t dy_t . (C_t H_c).
+    The outputs at their pointers + their offsets (slices of one workspace)."""
+    dC_ptr += dC_off
+    dBp_ptr += dBp_off
+    row_ptr += row_off
     NB: tl.constexpr = Q // BQ
     c, i, b, g, t, valid_t, seg_t, seg_prev, seg_last = _block_program(seg_ptr, seqlen, ngroups, Lpad, HAS_SEG, Q, BQ)
     p = tl.arange(0, BP)
@@ -226,18 +243,41 @@ def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, 
 
 
 @triton.jit
-def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dlast_ptr, ddt_ptr, dA_ptr,
-            raw_ptr, bias_ptr, graw_ptr, dbias_ptr, seqlen, s_rb, s_rl, s_rh, s_gb, s_gl, s_gh, lo, hi,
-            nheads, nchunks, Lpad, Q: tl.constexpr, BQ: tl.constexpr, RAW: tl.constexpr, HAS_BIAS: tl.constexpr,
-            SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dlast_ptr, ddt_ptr, red_ptr,
+            raw_ptr, bias_ptr, graw_ptr, dDpart_ptr, dBp_ptr, dCs_ptr, dB_ptr, dC_ptr,
+            seqlen, s_rb, s_rl, s_rh, s_gb, s_gl, s_gh, lo, hi, nheads, nchunks, Lpad, ntiles, P, N, ngroups,
+            heads_per_group, splits, K, row_off, rowpart_off, dacol_off, q_off, usum_off, dlast_off, red_off, dD_off,
+            dBp_off, dCs_off, sdB_b, sdB_l, sdB_g, sdB_n, sdC_b, sdC_l, sdC_g, sdC_n,
+            Q: tl.constexpr, BQ: tl.constexpr, RAW: tl.constexpr, HAS_BIAS: tl.constexpr,
+            SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
+            BP: tl.constexpr, BNR: tl.constexpr):
     """One program per (chunk, batch * head): dL/da_t (see above; the chunk-end terms enter at the last
     position), its reverse cumsum r within the chunk (the gradient of dt_t * A), ddt_t = r_t A + q_t and the chunk's
-    part of dA = sum_t r_t dt_t.
+    parts of dA = sum_t r_t dt_t, of the bias's gradient and of dD, into one row red[b, c] of K = 2 nheads +
+    nheads * (headdim or 1) float32: [dA (nheads), dbias (nheads), dD (nheads, headdim or 1)] (one sum by the
+    caller). dlast holds ntiles parts per (batch, head, chunk) (the state pass's tiles), added here in order.
 
     RAW: ddt is carried back through the dt processing instead of stored: the raw dt (batch, seqlen, nheads) at
     raw_ptr, v = raw + bias, the clamp's pass-through where lo <= softplus(v) <= hi, times sigmoid(v) for the
-    softplus; the raw dt's gradient goes to graw_ptr (its strides, its dtype) and the chunk's part of the bias's
-    gradient to dbias_ptr[bh, c] (the same products as `dt_processing_grad`)."""
+    softplus; the raw dt's gradient goes to graw_ptr (its strides, its dtype) (the same products as
+    `dt_processing_grad`).
+
+    Then dB and dC of the chunk's positions, summed from the dB/dC kernel's partial sums in a fixed order (no
+    atomics) and written in dB_ptr's dtype with its strides: the group's heads share the (position block, state
+    block) tiles of the group, the tile j of a chunk going to the group's head j mod heads_per_group. dBp: (splits,
+    batch, Lpad, NB + 1, ngroups, N) float32, slot i < NB the part from query block i (read for i >= the block);
+    dCs: (splits, batch, Lpad, ngroups, N). The float32 buffers at their pointers + their offsets (slices of one
+    workspace)."""
+    row_ptr += row_off
+    rowpart_ptr += rowpart_off
+    dacol_ptr += dacol_off
+    q_ptr += q_off
+    usum_ptr += usum_off
+    dlast_ptr += dlast_off
+    red_ptr += red_off
+    dDpart_ptr += dD_off
+    dBp_ptr += dBp_off
+    dCs_ptr += dCs_off
     NB: tl.constexpr = Q // BQ
     c = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -245,7 +285,9 @@ def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dla
     b = bh // nheads
     row = bh * Lpad
     A = tl.load(A_ptr + h)
-    carry = tl.load(dlast_ptr + bh * nchunks + c)
+    carry = tl.load(dlast_ptr + (bh * nchunks + c) * ntiles)
+    for j in range(1, ntiles):
+        carry += tl.load(dlast_ptr + (bh * nchunks + c) * ntiles + j)
     for k in range(NB):
         carry += tl.load(usum_ptr + (bh * nchunks + c) * NB + k)
     dA = A * 0.0
@@ -278,7 +320,34 @@ def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dla
         else:
             tl.store(ddt_ptr + row + pos, g)
         dA += tl.sum(r * dt, axis=0)
-    tl.store(dA_ptr + bh * nchunks + c, dA)
-    if RAW:
-        tl.store(dbias_ptr + bh * nchunks + c, dbias)
-
+    red = red_ptr + (b * nchunks + c) * K
+    tl.store(red + h, dA)
+    tl.store(red + nheads + h, dbias)
+    if HAS_D:
+        p = tl.arange(0, BP)
+        dD = tl.zeros((BP,), dtype=tl.float32)
+        for k in range(NB):
+            dD += tl.load(dDpart_ptr + ((b * nchunks * NB + c * NB + k) * nheads + h) * BP + p)
+        if D_HDIM:
+            tl.store(red + 2 * nheads + h * P + p, dD, mask=p < P)
+        else:
+            tl.store(red + 2 * nheads + h, tl.sum(tl.where(p < P, dD, 0.0), axis=0))
+    # dB, dC: this head's share of its group's tiles of the chunk
+    g_ = h // heads_per_group
+    nb_tiles = tl.cdiv(N, BNR)
+    for tile in range(h % heads_per_group, NB * nb_tiles, heads_per_group):
+        kb = tile // nb_tiles
+        s = c * Q + kb * BQ + tl.arange(0, BQ)
+        n = (tile % nb_tiles) * BNR + tl.arange(0, BNR)
+        m = (s < seqlen)[:, None] & (n < N)[None, :]
+        dB = tl.zeros((BQ, BNR), dtype=tl.float32)
+        dC = tl.zeros((BQ, BNR), dtype=tl.float32)
+        for sp in range(splits):
+            base = (sp * (tl.num_programs(1) // nheads) + b) * Lpad + s[:, None]
+            dC += tl.load(dCs_ptr + (base * ngroups + g_) * N + n[None, :], mask=m, other=0.0)
+            for i in range(kb, NB + 1):
+                dB += tl.load(dBp_ptr + ((base * (NB + 1) + i) * ngroups + g_) * N + n[None, :], mask=m, other=0.0)
+        tl.store(dB_ptr + b * sdB_b + s[:, None] * sdB_l + g_ * sdB_g + n[None, :] * sdB_n,
+                 dB.to(dB_ptr.dtype.element_ty), mask=m)
+        tl.store(dC_ptr + b * sdC_b + s[:, None] * sdC_l + g_ * sdC_g + n[None, :] * sdC_n,
+                 dC.to(dC_ptr.dtype.element_ty), mask=m)

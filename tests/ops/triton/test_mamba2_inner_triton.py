@@ -71,3 +71,17 @@ def test_official_split_conv1d_scan_runs_the_fused_op():
                                       **{k: (v.detach().double() if isinstance(v, torch.Tensor) else v)
                                          for k, v in opts.items()})
     assert rel_err(fused, ref) < 1e-5
+
+
+def test_bf16_input_with_float32_weights_gives_gradients_in_the_parameters_dtypes():
+    # what bf16 autocast hands the op: a bf16 in_proj output, float32 parameters, cast inside the op (their
+    # gradients leave float32 without a cast node). Only dtypes, shapes and finiteness here: the interpreter's
+    # bf16 tl.dot is unreliable (the values are checked by tests/ops/test_mamba2_inner_gpu.py)
+    zxbcdt, kw, extra = make_inner2()
+    z16, kw32 = _to32(zxbcdt, kw)
+    z16 = z16.detach().bfloat16().requires_grad_()
+    out, grads = grads_of2(z16, kw32, backend="triton", **extra)
+    leaves = [z16] + [v for v in kw32.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    assert out.dtype == torch.bfloat16
+    for leaf, g in zip(leaves, grads):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape and torch.isfinite(g).all()

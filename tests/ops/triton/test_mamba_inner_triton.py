@@ -109,3 +109,20 @@ def test_mamba_layer_prefill_with_a_state_takes_the_fused_path():
         expect = ref(h, state=s_r)
     assert rel_err(out, expect) < 1e-5
     assert rel_err(s_f.conv, s_r.conv) < 1e-6 and rel_err(s_f.ssm, s_r.ssm) < 1e-5
+
+
+def test_fused_bf16_input_with_float32_weights_gives_float32_gradients():
+    # what bf16 autocast hands the op: a bf16 in_proj output, float32 parameters. The weights are cast inside the
+    # op, so their gradients come back float32 (no cast node of autograd's), and agree with the float64 reference
+    # to bf16 accuracy
+    xz, kw = make_inner(seqlen=13)
+    ref, ref_grads = grads_of(inner.mamba_inner, xz, kw, backend="ref")
+    xz16, kw32 = _to32(xz, kw)
+    xz16 = xz16.detach().bfloat16().requires_grad_()
+    out, grads = grads_of(inner.mamba_inner, xz16, kw32, backend="triton")
+    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 2e-2
+    names = ["xz"] + [k for k, v in kw.items() if isinstance(v, torch.Tensor)]
+    for name, a, b, leaf in zip(names, grads, ref_grads, [xz16] + [v for v in kw32.values()
+                                                                  if isinstance(v, torch.Tensor)]):
+        assert a.dtype == leaf.dtype and a.shape == b.shape, name
+        assert rel_err(a, b) < 3e-2, name

@@ -3,7 +3,8 @@
 Layout follows the official `mamba_ssm.selective_scan_fn`:
     u, delta, z: (batch, dim, seqlen)
     A:           (dim, d_state), real and negative, or complex (negative real part; see `complex.py`)
-    B, C:        (batch, d_state, seqlen) or grouped (batch, groups, d_state, seqlen)
+    B, C:        each (batch, d_state, seqlen), grouped (batch, groups, d_state, seqlen) or time-invariant
+                 (dim, d_state), in any combination (a group row serves dim / groups consecutive channels)
     D, delta_bias: (dim,)
     initial_state / last state: (batch, dim, d_state)
     seq_idx:     (batch, seqlen) integer; the state is reset wherever it changes (packed sequences)

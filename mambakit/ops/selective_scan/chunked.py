@@ -10,7 +10,7 @@ from mambakit.errors import MambaKitError
 from mambakit.ops.autocast import autocast_off
 from mambakit.ops.segments import sequence_starts
 from mambakit.ops.selective_scan.common import (
-    check_selective_scan_inputs, compute_dtype, finish_output, grouped, prepare_delta,
+    check_selective_scan_inputs, compute_dtype, finish_output, grouped_pair, prepare_delta,
 )
 
 DEFAULT_CHUNK = 64
@@ -141,8 +141,7 @@ def selective_scan_chunked(
     # time-major copies: one row per time step
     u_t = u.to(dtype).permute(2, 0, 1).contiguous()
     d_t = delta_p.permute(2, 0, 1).contiguous()
-    B_t = grouped(B).to(dtype).permute(3, 0, 1, 2).contiguous()
-    C_t = grouped(C).to(dtype).permute(3, 0, 1, 2).contiguous()
+    B_t, C_t = (t.to(dtype).permute(3, 0, 1, 2).contiguous() for t in grouped_pair(B, C, u))
     if initial_state is None:
         h0 = torch.zeros(batch, dim, A.shape[1], dtype=dtype, device=u.device)
     else:

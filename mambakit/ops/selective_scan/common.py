@@ -1,11 +1,13 @@
 """The selective scan's input check and the pieces every form shares (D skip, z gate, grouped B/C layout).
 
-Layouts (official `mamba_ssm.selective_scan_fn`): u, delta, z (batch, dim, seqlen); A (dim, d_state); B, C
-(batch, d_state, seqlen) or grouped (batch, groups, d_state, seqlen); D, delta_bias (dim,); states
-(batch, dim, d_state); seq_idx (batch, seqlen) integer.
+Layouts (official `mamba_ssm.selective_scan_fn`): u, delta, z (batch, dim, seqlen); A (dim, d_state); B, C each
+(batch, d_state, seqlen), grouped (batch, groups, d_state, seqlen) or time-invariant (dim, d_state), in any
+combination (`grouped_pair` brings the two to one grouped layout); D, delta_bias (dim,); states (batch, dim, d_state);
+seq_idx (batch, seqlen) integer.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -15,7 +17,9 @@ from torch import Tensor
 from mambakit.errors import MambaKitError
 from mambakit.ops.dt import compute_dtype, process_dt
 
-__all__ = ["check_selective_scan_inputs", "compute_dtype", "finish_output", "grouped", "prepare_delta"]
+__all__ = [
+    "check_selective_scan_inputs", "compute_dtype", "finish_output", "grouped", "grouped_pair", "prepare_delta",
+]
 
 
 def shape_error(name: str, expected: str, got: Tensor) -> MambaKitError:
@@ -43,7 +47,9 @@ def check_selective_scan_inputs(
         raise MambaKitError("A must be real (complex A is not supported), got a complex tensor")
     d_state = A.shape[1]
     for name, t in (("B", B), ("C", C)):
-        if t.dim() == 3:
+        if t.dim() == 2:
+            ok = t.shape == (dim, d_state)
+        elif t.dim() == 3:
             ok = t.shape == (batch, d_state, seqlen)
         elif t.dim() == 4:
             ok = t.shape[0] == batch and t.shape[2:] == (d_state, seqlen) and t.shape[1] >= 1 and dim % t.shape[1] == 0
@@ -51,13 +57,8 @@ def check_selective_scan_inputs(
             ok = False
         if not ok:
             raise shape_error(
-                name, f"(batch={batch}, d_state={d_state}, seqlen={seqlen}) or (batch, groups, d_state, seqlen) "
-                f"with groups dividing dim={dim}", t)
-    if B.dim() != C.dim():
-        raise MambaKitError(f"B and C must both be grouped (batch, groups, d_state, seqlen) or both not, got B of "
-                            f"shape {tuple(B.shape)} and C of shape {tuple(C.shape)}")
-    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
-        raise MambaKitError(f"B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}")
+                name, f"(batch={batch}, d_state={d_state}, seqlen={seqlen}), (batch, groups, d_state, seqlen) "
+                f"with groups dividing dim={dim}, or time-invariant (dim={dim}, d_state={d_state})", t)
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and t.shape != (dim,):
             raise shape_error(name, f"(dim={dim},)", t)
@@ -96,3 +97,33 @@ def grouped(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.dim() == 3 else t
 
 
+def _groups(t: Tensor, dim: int) -> int:
+    """How many groups of channels share one B/C row: 1 (batch, d_state, seqlen), groups (batch, groups, d_state,
+    seqlen), dim for time-invariant (dim, d_state) (one row per channel)."""
+    if t.dim() == 2:
+        return dim
+    return t.shape[1] if t.dim() == 4 else 1
+
+
+def _with_groups(t: Tensor, groups: int, batch: int, dim: int, seqlen: int) -> Tensor:
+    """B or C (any checked layout) as (batch, groups, d_state, seqlen); `groups` a multiple of its own group count.
+    Views where possible (time-invariant and single-group rows are expanded with stride 0), else a repeat."""
+    if t.dim() == 2:  # (dim, d_state): groups == dim
+        return t[None, :, :, None].expand(batch, dim, t.shape[1], seqlen)
+    t = grouped(t)
+    own = t.shape[1]
+    if own == groups:
+        return t
+    if own == 1:
+        return t.expand(-1, groups, -1, -1)
+    return t.repeat_interleave(groups // own, dim=1)
+
+
+def grouped_pair(B: Tensor, C: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """B and C (checked, each in any layout) in one grouped layout (batch, G, d_state, seqlen), G the least common
+    multiple of their group counts (a divisor of dim; dim when either is time-invariant), as the official reference
+    reads mixed forms: a (batch, g, d_state, seqlen) row serves dim / g consecutive channels, a (dim, d_state) row one
+    channel at every step. Matching layouts pass unchanged but for the group axis."""
+    batch, dim, seqlen = u.shape
+    groups = math.lcm(_groups(B, dim), _groups(C, dim))
+    return (_with_groups(B, groups, batch, dim, seqlen), _with_groups(C, groups, batch, dim, seqlen))

@@ -3,7 +3,8 @@
 With A complex (dim, d_state) the state h is complex and each step reads out y_t = 2 * Re(<C_t, h_t>) (the real
 signal of h and its conjugate). B and C are either complex, (batch, d_state, seqlen) or grouped
 (batch, groups, d_state, seqlen), or real with (re, im) pairs interleaved along time, (batch, d_state, 2 * seqlen) or
-(batch, groups, d_state, 2 * seqlen) (the official kernel's layout). The last state is complex (batch, dim, d_state).
+(batch, groups, d_state, 2 * seqlen) (the official kernel's layout), or time-invariant complex (dim, d_state), in any
+combination as for real A. The last state is complex (batch, dim, d_state).
 There are no Triton kernels for complex A: the dispatcher runs the sequential PyTorch form on every device.
 """
 from __future__ import annotations
@@ -27,9 +28,10 @@ def complex_dtype(u: Tensor) -> torch.dtype:
 def as_complex_bc(name: str, t: Tensor, seqlen: int, dtype: torch.dtype) -> Tensor:
     """B or C for complex A as a complex tensor (..., d_state, seqlen) of `dtype`.
 
-    t: complex (..., d_state, seqlen), or real (..., d_state, 2 * seqlen) holding (re, im) pairs along time.
+    t: complex (..., d_state, seqlen), or real (..., d_state, 2 * seqlen) holding (re, im) pairs along time;
+    time-invariant (dim, d_state) complex or real (taken as complex with zero imaginary part).
     """
-    if t.is_complex():
+    if t.is_complex() or t.dim() == 2:
         return t.to(dtype)
     if t.dim() not in (3, 4) or t.shape[-1] != 2 * seqlen:
         raise MambaKitError(

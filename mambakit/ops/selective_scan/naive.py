@@ -8,7 +8,7 @@ from torch import Tensor
 
 from mambakit.ops.segments import sequence_starts
 from mambakit.ops.selective_scan.common import (
-    check_selective_scan_inputs, compute_dtype, finish_output, grouped, prepare_delta,
+    check_selective_scan_inputs, compute_dtype, finish_output, grouped_pair, prepare_delta,
 )
 from mambakit.ops.selective_scan.complex import check_complex_scan_inputs, complex_dtype
 
@@ -37,7 +37,7 @@ def selective_scan_ref(
         dtype = real_dtype
     batch, dim, seqlen = u.shape
     delta = prepare_delta(delta, delta_bias, delta_softplus, real_dtype)
-    Bg, Cg = grouped(B).to(dtype), grouped(C).to(dtype)  # (batch, groups, d_state, seqlen)
+    Bg, Cg = (t.to(dtype) for t in grouped_pair(B, C, u))  # (batch, groups, d_state, seqlen)
     heads_per_group = dim // Bg.shape[1]
     A = A.to(dtype)
     h = torch.zeros(batch, dim, A.shape[1], dtype=dtype, device=u.device)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.selective_scan.chunked import selective_scan_chunked
-from mambakit.ops.selective_scan.common import check_selective_scan_inputs
+from mambakit.ops.selective_scan.common import check_selective_scan_inputs, grouped_pair
 from mambakit.ops.selective_scan.triton_config import ScanConfig, pick_config  # noqa: F401 (re-exported)
 from mambakit.ops.triton.device import interpreted
 from mambakit.ops.triton.math import softplus
@@ -551,8 +551,7 @@ def selective_scan_triton(
     for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise MambaKitError(f"{name} must be float32, float16 or bfloat16 for the Triton scan, got {t.dtype}")
-    Bg = B.unsqueeze(1) if B.dim() == 3 else B
-    Cg = C.unsqueeze(1) if C.dim() == 3 else C
+    Bg, Cg = grouped_pair(B, C, u)  # (batch, G, d_state, seqlen), mixed forms aligned
     G = Bg.shape[1]
     dim = u.shape[1]
     cfg = config or pick_config(d_state, dim, dim // G, G, chunk, fwd_block_t, bwd_block_t)

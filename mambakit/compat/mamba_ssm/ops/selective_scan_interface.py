@@ -2,7 +2,8 @@
 `mamba_inner_ref`, with the official argument lists, on `mambakit.ops`.
 
 Layouts (official): u, delta, z (batch, dim, seqlen); A (dim, d_state), real or complex; B, C (batch, d_state,
-seqlen), grouped (batch, groups, d_state, seqlen) or time-invariant (dim, d_state); with complex A the varying B, C
+seqlen), grouped (batch, groups, d_state, seqlen) or time-invariant (dim, d_state), each in any combination (as
+the official reference reads them; mambakit's scan takes them all); with complex A the varying B, C
 are real (batch, [groups,] d_state, 2 * seqlen), (re, im) pairs along time (complex tensors of seqlen are taken
 too), the time-invariant ones complex, y_t = 2 * Re(<C_t, h_t>) + D * u_t; D, delta_bias (dim,); last state
 (batch, dim, d_state), complex for complex A. `mamba_inner_fn` is `mambakit.ops.mamba_inner` (on CUDA the fused Triton form, as the official
@@ -27,28 +28,12 @@ from mambakit.ops.selective_scan import selective_scan_ref as scan_ref
 __all__ = ["mamba_inner_fn", "mamba_inner_ref", "selective_scan_fn", "selective_scan_ref"]
 
 
-def varying(name: str, t: Tensor, u: Tensor, A: Tensor) -> Tensor:
-    """B or C in a layout mambakit's scan takes: time-invariant (dim, d_state) becomes the grouped form with one
-    group per channel, (batch, dim, d_state, seqlen) (a stride-0 view; complex like A when A is complex); the other
-    layouts pass unchanged."""
-    if t.dim() != 2:
-        return t
-    if t.shape != A.shape:
-        raise MambaKitError(f"{name} must have shape (batch, d_state, seqlen), (batch, groups, d_state, seqlen) or "
-                            f"(dim, d_state)={tuple(A.shape)}, got {tuple(t.shape)}")
-    if A.is_complex():
-        t = t.to(A.dtype)
-    batch, _, seqlen = u.shape
-    return t[None, :, :, None].expand(batch, -1, -1, seqlen)
-
-
 def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                       z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                       return_last_state: bool = False):
     """The selective scan (official signature): y (batch, dim, seqlen) in u's dtype, or (y, last_state) with
     last_state (batch, dim, d_state). As official, no gradient flows from last_state."""
-    out = scan(u, delta, A, varying("B", B, u, A), varying("C", C, u, A), D, z, delta_bias, delta_softplus,
-               return_last_state)
+    out = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if return_last_state:
         return out[0], out[1].detach()
     return out
@@ -58,8 +43,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
                        z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                        return_last_state: bool = False):
     """The sequential reference (official signature), float32 (float64 for float64 inputs); differentiable."""
-    return scan_ref(u, delta, A, varying("B", B, u, A), varying("C", C, u, A), D, z, delta_bias, delta_softplus,
-                    return_last_state)
+    return scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
 def bc_from_proj(t: Tensor, A: Tensor) -> Tensor:

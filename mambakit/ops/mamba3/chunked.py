@@ -197,7 +197,9 @@ def mamba3_chunked(
     scores = torch.einsum("bcihn,bcjhn->bchij", q_rot, k_rot * scale[..., None])
     mix = torch.where(keep_h, scores * decay, 0.0)  # (batch, nchunks, nheads, Q, Q)
 
-    finite = bool(torch.isfinite(v).all())
+    # inside a CUDA-graph capture the check's host sync is not allowed: take the masking path (exact for finite V too)
+    capturing = v.is_cuda and torch.cuda.is_current_stream_capturing()
+    finite = False if capturing else bool(torch.isfinite(v).all())
     v_safe = v if finite else torch.where(torch.isfinite(v), v, 0.0)
     y = torch.einsum("bchij,bcjhp->bcihp", mix, v_safe)
     diag = (q_rot * k_rot).sum(-1) * gamma  # (batch, nchunks, Q, nheads)

@@ -4,11 +4,14 @@ With ``W`` ranks, rank ``r`` holds heads ``[r H/W, (r+1) H/W)`` and groups ``[r 
 group ``h // (H/G)``, so each rank's heads read only its own groups). Per rank:
 
 * ``in_proj`` (column parallel): the rows of the packed ``[z, x, B, C, dt]`` projection that belong to the local
-  heads and groups, re-laid as a local ``[z_r, x_r, B_r, C_r, dt_r]`` so that the unchanged `Mamba2` code splits it;
+  heads and groups, re-laid as a local ``[z_r, x_r, B_r, C_r, dt_r]`` so that the unchanged `Mamba2` code splits it.
+  With d_ssm < d_inner (the official gated MLP beside the SSM) the projection is ``[z0, x0, z, x, B, C, dt]`` and
+  rank ``r`` also holds channels ``[r M/W, (r+1) M/W)`` of z0 and x0 (M = d_inner - d_ssm), as the official does;
 * ``conv1d``, ``dt_bias``, ``A_log``, ``D`` and the gated norm's weight: the local channels. The norm keeps the
   full block's group size ``d_inner / ngroups``, so every rank normalises whole groups and the result equals the
   unsharded norm (normalising over the local ``d_inner / W`` channels instead would differ whenever ngroups < W * k);
-* ``out_proj`` (row parallel): the local input columns; the partial outputs are summed with ONE all-reduce of
+* ``out_proj`` (row parallel): the local input columns (of ``cat([silu(z0) * x0, y])`` with a gated MLP part,
+  the local MLP channels then the local SSM ones); the partial outputs are summed with ONE all-reduce of
   ``(batch, seqlen, d_model)`` per block forward (and one of the same size in backward, for the input gradient).
 
 The module is a `Mamba2` with local sizes, so ``forward``, ``step`` and ``allocate_state`` (local state shapes) work
@@ -67,42 +70,47 @@ class RowParallelLinear(nn.Linear):
 # ----------------------------------------------------------------------------------------------------------------------
 # Layout: which slice of each Mamba-2 parameter a rank holds
 # ----------------------------------------------------------------------------------------------------------------------
-def _check_divisible(nheads: int, ngroups: int, world: int) -> None:
+def _check_divisible(nheads: int, ngroups: int, world: int, d_mlp: int = 0) -> None:
     if ngroups % world != 0:
         raise MambaKitError(f"tensor parallel Mamba2: ngroups must be divisible by the world size {world} (each "
                             f"rank holds whole B/C groups), got ngroups={ngroups}")
     if nheads % world != 0:
         raise MambaKitError(f"tensor parallel Mamba2: nheads must be divisible by the world size {world}, got "
                             f"nheads={nheads}")
+    if d_mlp % world != 0:
+        raise MambaKitError(f"tensor parallel Mamba2: d_inner - d_ssm (the gated MLP channels) must be divisible by "
+                            f"the world size {world}, got d_inner - d_ssm={d_mlp}")
 
 
 def _mamba2_shard_index(block: Mamba2, rank: int, world: int) -> dict[str, tuple[int, Optional[Tensor]]]:
     """Parameter name -> (dim, indices of the unsharded tensor along dim that rank holds); indices None means
-    replicated. `block` gives the unsharded sizes (a Mamba2 or a TensorParallelMamba2)."""
-    if not isinstance(block, TensorParallelMamba2) and block.d_mlp:
-        raise MambaKitError(f"tensor parallel Mamba2: d_ssm < d_inner (the gated MLP beside the SSM) is not "
-                            f"supported, got d_ssm={block.d_ssm}, d_inner={block.d_inner}")
+    replicated. `block` gives the unsharded sizes (a Mamba2 or a TensorParallelMamba2).
+
+    Unsharded layout (M = d_mlp = d_inner - d_ssm, S = d_ssm, gn = ngroups * d_state): in_proj rows
+    [z0 (M), x0 (M), z (S), x (S), B (gn), C (gn), dt (nheads)], conv channels [x, B, C], out_proj columns
+    [MLP (M), SSM (S)]; each part is split into W equal consecutive slices, rank r holding the r-th of each."""
     full = block.full_sizes if isinstance(block, TensorParallelMamba2) else _sizes(block)
-    H, G, P, N = full["nheads"], full["ngroups"], full["headdim"], full["d_state"]
-    _check_divisible(H, G, world)
-    d_inner, gn = H * P, G * N
+    H, G, P, N, M = full["nheads"], full["ngroups"], full["headdim"], full["d_state"], full["d_mlp"]
+    _check_divisible(H, G, world, M)
+    S, gn = H * P, G * N
     h = torch.arange(rank * H // world, (rank + 1) * H // world)
-    ch = torch.arange(rank * d_inner // world, (rank + 1) * d_inner // world)  # channels of the local heads
+    m = torch.arange(rank * M // world, (rank + 1) * M // world)  # gated-MLP channels
+    ch = torch.arange(rank * S // world, (rank + 1) * S // world)  # channels of the local heads
     g = torch.arange(rank * gn // world, (rank + 1) * gn // world)  # B (or C) rows of the local groups
-    xbc = torch.cat([ch, d_inner + g, d_inner + gn + g])
-    zxbcdt = torch.cat([ch, d_inner + xbc, 2 * d_inner + 2 * gn + h])
+    xbc = torch.cat([ch, S + g, S + gn + g])
+    zxbcdt = torch.cat([m, M + m, 2 * M + ch, 2 * M + S + xbc, 2 * M + 2 * S + 2 * gn + h])
     index: dict[str, tuple[int, Optional[Tensor]]] = {
         "in_proj.weight": (0, zxbcdt), "in_proj.bias": (0, zxbcdt),
         "conv1d.weight": (0, xbc), "conv1d.bias": (0, xbc),
         "dt_bias": (0, h), "A_log": (0, h), "D": (0, ch if full["D_has_hdim"] else h),
-        "norm.weight": (0, ch), "out_proj.weight": (1, ch), "out_proj.bias": (0, None),
+        "norm.weight": (0, ch), "out_proj.weight": (1, torch.cat([m, M + ch])), "out_proj.bias": (0, None),
     }
     return index
 
 
 def _sizes(block: Mamba2) -> dict:
     return dict(nheads=block.nheads, ngroups=block.ngroups, headdim=block.headdim, d_state=block.d_state,
-                D_has_hdim=block.D_has_hdim)
+                D_has_hdim=block.D_has_hdim, d_mlp=block.d_mlp)
 
 
 def shard_mamba2_state_dict(state: Mapping[str, Tensor], block: Mamba2, rank: int, world: int,
@@ -146,7 +154,8 @@ class TensorParallelMamba2(Mamba2):
     """The local shard of a Mamba-2 block. Input and output: (batch, seqlen, d_model), the same on every rank.
 
     Built from an unsharded `Mamba2` (its parameters are copied, sliced) by :func:`shard_mamba2`. Local sizes:
-    nheads/W heads, ngroups/W groups, d_inner/W channels; `full_sizes` keeps the unsharded ones. An installed dt
+    nheads/W heads, ngroups/W groups, d_inner/W channels (d_ssm/W of the SSM, (d_inner - d_ssm)/W of the gated
+    MLP); `full_sizes` keeps the unsharded ones. An installed dt
     transform (`mambakit.layers.dt_transform`) is kept and sees the local heads' dt, (batch, seqlen, nheads/W).
     """
 
@@ -157,7 +166,7 @@ class TensorParallelMamba2(Mamba2):
         if not isinstance(block, Mamba2):
             raise MambaKitError(f"shard_mamba2: block must be a Mamba2, got {type(block).__name__}")
         rank, world = group_rank_world(group)
-        _check_divisible(block.nheads, block.ngroups, world)
+        _check_divisible(block.nheads, block.ngroups, world, block.d_mlp)
         self.group, self.tp_rank, self.tp_world = group, rank, world
         self.full_sizes = _sizes(block)
         self.full_config = dict(
@@ -166,15 +175,15 @@ class TensorParallelMamba2(Mamba2):
             norm_before_gate=block.norm.norm_before_gate if block.rmsnorm else False, dt_limit=block.dt_limit,
             bias=block.in_proj.bias is not None, conv_bias=block.conv1d.bias is not None,
             chunk_size=block.chunk_size, layer_idx=block.layer_idx,
-            norm_eps=block.norm.eps if block.rmsnorm else 1e-5,
+            norm_eps=block.norm.eps if block.rmsnorm else 1e-5, d_ssm=block.d_ssm,
         )
         for name in ("d_model", "d_state", "d_conv", "expand", "headdim", "D_has_hdim", "rmsnorm", "chunk_size",
                      "dt_limit", "layer_idx"):
             setattr(self, name, getattr(block, name))
         self.dt_transform = block.dt_transform
         self.nheads, self.ngroups = block.nheads // world, block.ngroups // world
-        self.d_inner = self.nheads * self.headdim
-        self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
+        self.d_inner = block.d_inner // world  # d_ssm (a property: nheads * headdim) plus the local MLP channels
+        self.conv_dim = self.d_ssm + 2 * self.ngroups * self.d_state
         w = block.out_proj.weight
         factory = {"device": w.device, "dtype": w.dtype}
         bias = block.in_proj.bias is not None
@@ -184,13 +193,13 @@ class TensorParallelMamba2(Mamba2):
                                 padding=self.d_conv - 1, bias=block.conv1d.bias is not None, **factory)
         self.dt_bias = nn.Parameter(torch.empty(self.nheads, device=w.device, dtype=block.dt_bias.dtype))
         self.A_log = nn.Parameter(torch.empty(self.nheads, device=w.device, dtype=block.A_log.dtype))
-        self.D = nn.Parameter(torch.empty(self.d_inner if self.D_has_hdim else self.nheads, device=w.device,
+        self.D = nn.Parameter(torch.empty(self.d_ssm if self.D_has_hdim else self.nheads, device=w.device,
                                           dtype=block.D.dtype))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
         if self.rmsnorm:
             # the group size of the UNSHARDED block: every rank normalises whole groups
-            self.norm = RMSNormGated(self.d_inner, eps=block.norm.eps, group_size=block.norm.group_size,
+            self.norm = RMSNormGated(self.d_ssm, eps=block.norm.eps, group_size=block.norm.group_size,
                                      norm_before_gate=block.norm.norm_before_gate, **factory)
         self.out_proj = RowParallelLinear(self.d_inner, self.d_model, block.out_proj.bias is not None, group,
                                           **factory)
@@ -210,8 +219,8 @@ def _assign(module: nn.Module, state: Mapping[str, Tensor]) -> None:
 
 def shard_mamba2(block: Mamba2, group: ProcessGroup = None) -> TensorParallelMamba2:
     """The rank's shard of `block` over `group` (the default group if None). Every rank must pass the same block
-    (e.g. built from the same seed or checkpoint). Raises MambaKitError if nheads or ngroups is not divisible by
-    the group size."""
+    (e.g. built from the same seed or checkpoint). Raises MambaKitError if nheads, ngroups or d_inner - d_ssm
+    is not divisible by the group size."""
     return TensorParallelMamba2(block, group)
 
 

@@ -1,5 +1,6 @@
 """Mamba-2 tensor parallelism (gloo, 2 and 4 CPU processes): the sharded block's outputs and gradients equal the
-unsharded block's; checkpoints round-trip between sharded and unsharded models; one all-reduce per block forward.
+unsharded block's (also with d_ssm < d_inner, a gated MLP part); checkpoints round-trip between sharded and
+unsharded models; one all-reduce per block forward.
 
 One spawn per world size runs every check; each rank returns its relative errors and communication counts.
 """
@@ -33,6 +34,9 @@ CASES = [
     ("groups_2w_hdimD_bias", dict(ngroups="2w", D_has_hdim=True, bias=True)),
     ("norm_before_gate", dict(ngroups="w", norm_before_gate=True, dt_limit=(0.01, 2.0))),
     ("no_rmsnorm", dict(ngroups="2w", rmsnorm=False)),
+    # d_ssm < d_inner: 4 SSM heads (16 channels) and a gated MLP on the other 16 of d_inner = 32
+    ("d_ssm_mlp", dict(ngroups="w", d_ssm=16, D_has_hdim=True, bias=True)),
+    ("d_ssm_mlp_no_rmsnorm", dict(ngroups="w", d_ssm=16, rmsnorm=False)),
 ]
 
 
@@ -79,9 +83,9 @@ def _block_case(rank: int, world: int, kw: dict) -> dict:
     return {"errs": errs, "fwd": fwd.snapshot(), "bwd": bwd.snapshot()}
 
 
-def _model_case(rank: int, world: int, ckpt_dir: str) -> dict:
+def _model_case(rank: int, world: int, ckpt_dir: str, extra: dict) -> dict:
     config = MambaConfig(d_model=D_MODEL, n_layer=2, vocab_size=32, ssm_cfg=dict(
-        layer="Mamba2", d_state=6, headdim=4, ngroups=4, chunk_size=8))
+        layer="Mamba2", d_state=6, headdim=4, ngroups=4, chunk_size=8, **extra))
     torch.manual_seed(1)
     model = MambaLMHeadModel(config)  # float32: a checkpoint loads in its stored dtypes only for float32 models
     ids = torch.randint(0, 32, (BATCH, SEQLEN), generator=torch.Generator().manual_seed(2))
@@ -114,7 +118,8 @@ def _errors(rank: int, world: int) -> dict:
 
 def _worker(rank: int, world: int, ckpt_dir: str) -> dict:
     out = {name: _block_case(rank, world, kw) for name, kw in CASES}
-    out["model"] = _model_case(rank, world, ckpt_dir)
+    out["model"] = _model_case(rank, world, ckpt_dir, {})
+    out["model_d_ssm"] = _model_case(rank, world, ckpt_dir + "_d_ssm", {"d_ssm": 16})
     out["errors"] = _errors(rank, world)
     return out
 
@@ -130,18 +135,20 @@ def test_block_outputs_and_gradients_match_unsharded(results):
     bad = {(rank, case, k): v for rank, r in enumerate(per_rank) for case, res in r.items() if case in dict(CASES)
            for k, v in res["errs"].items() if not v < TOL}
     assert not bad, f"world={world}: relative errors above {TOL}: {bad}"
-    names = set(per_rank[0]["groups_2w_hdimD_bias"]["errs"])
-    assert {"grad_in_proj.weight", "grad_in_proj.bias", "grad_conv1d.weight", "grad_norm.weight", "grad_D",
-            "grad_out_proj.weight", "grad_out_proj.bias", "grad_A_log", "grad_dt_bias", "step"} <= names
+    for case in ("groups_2w_hdimD_bias", "d_ssm_mlp"):
+        names = set(per_rank[0][case]["errs"])
+        assert {"grad_in_proj.weight", "grad_in_proj.bias", "grad_conv1d.weight", "grad_norm.weight", "grad_D",
+                "grad_out_proj.weight", "grad_out_proj.bias", "grad_A_log", "grad_dt_bias", "step"} <= names
 
 
 def test_checkpoint_round_trip(results):
     world, per_rank = results
     for r in per_rank:
-        errs = r["model"]["errs"]
-        assert errs["full_state_dict_exact"] == 0.0 and errs["generate_differs"] == 0.0
-        assert errs["ckpt_to_unsharded"] == 0.0
-        assert errs["logits"] < 1e-5 and errs["ckpt_to_tp_logits"] < 1e-5  # float32, summation order
+        for model in ("model", "model_d_ssm"):  # d_ssm = d_inner, and d_ssm < d_inner (a gated MLP part)
+            errs = r[model]["errs"]
+            assert errs["full_state_dict_exact"] == 0.0 and errs["generate_differs"] == 0.0, (model, errs)
+            assert errs["ckpt_to_unsharded"] == 0.0, (model, errs)
+            assert errs["logits"] < 1e-5 and errs["ckpt_to_tp_logits"] < 1e-5, (model, errs)  # float32
 
 
 def test_one_all_reduce_per_block_forward(results):

@@ -114,7 +114,8 @@ class ShardedMamba2(Mamba2, TensorParallelMamba2):
     unsharded layer is initialised, then sliced by `TensorParallelMamba2` (its rank's heads, groups and channels;
     every rank normalises whole groups of d_inner / ngroups channels, so the shards together equal the unsharded
     layer: the official sharded norm uses groups world-size times smaller). Official attributes world_size,
-    local_rank, process_group, sequence_parallel. d_ssm < d_inner is refused (MambaKitError)."""
+    local_rank, process_group, sequence_parallel. With d_ssm < d_inner each rank also holds (d_inner - d_ssm) / W
+    channels of the gated MLP, as official."""
 
     def __init__(self, d_model: int, *args, **kwargs):
         config = _bound((d_model,) + args, kwargs)

@@ -1,6 +1,7 @@
-"""mambakit.compat's Mamba2(process_group=) and mamba_ssm.distributed.tensor_parallel on 2 gloo CPU processes: the
-sharded layer (with and without sequence_parallel) equals the unsharded one in outputs, input and parameter
-gradients and decode steps; the column / row parallel linears and the parallel embeddings equal their unsharded
+"""mambakit.compat's Mamba2(process_group=) and mamba_ssm.distributed.tensor_parallel on 2 gloo CPU processes (and
+3 for d_ssm < d_inner): the sharded layer (with and without sequence_parallel, with and without the gated MLP part
+of d_ssm < d_inner) equals the unsharded one in outputs, input and parameter gradients and decode steps, and its
+full_state_dict / load_full_state_dict round-trip the unsharded state dict; the column / row parallel linears and the parallel embeddings equal their unsharded
 modules. One spawn runs every check; each rank returns relative errors (float64 everywhere, so the tolerance is
 tight)."""
 from __future__ import annotations
@@ -15,7 +16,9 @@ from mambakit.compat.mamba_ssm.distributed.tensor_parallel import (
 )
 from mambakit.compat.mamba_ssm.modules.mamba2 import Mamba2, ShardedMamba2
 from mambakit.distributed._testing import run_on_ranks
-from mambakit.distributed.tensor_parallel import TensorParallelMamba2, shard_mamba2_state_dict
+from mambakit.distributed.tensor_parallel import (
+    TensorParallelMamba2, full_state_dict, load_full_state_dict, shard_mamba2_state_dict,
+)
 from mambakit.errors import MambaKitError
 from tests.conftest import rel_err
 
@@ -25,24 +28,35 @@ BATCH, SEQLEN, D_MODEL = 2, 9, 16
 KW = dict(d_state=6, headdim=4, ngroups=2, D_has_hdim=True, chunk_size=4, layer_idx=0, dtype=F64)
 
 
-def _full() -> Mamba2:
+# world size -> (d_model, batch, Mamba2 kwargs of the d_ssm < d_inner case): d_inner 32 = 16 SSM + 16 MLP channels
+# over 2 ranks; d_inner 36 = 24 SSM (6 heads, 3 groups) + 12 MLP channels over 3 (batch * seqlen rows divisible)
+D_SSM_CASES = {2: (D_MODEL, BATCH, dict(KW, d_ssm=16)),
+               3: (18, 3, dict(KW, d_ssm=24, ngroups=3, D_has_hdim=False, bias=True))}
+
+
+def _full(d_model: int = D_MODEL, kw: dict = KW) -> Mamba2:
     torch.manual_seed(5)
-    block = Mamba2(D_MODEL, **KW)
+    block = Mamba2(d_model, **kw)
     with torch.no_grad():
         for p in block.parameters():  # move the ones-initialised norm weight and D away from 1
             p.add_(0.1 * torch.randn_like(p))
     return block
 
 
-def _mamba2_case(rank: int, world: int, sequence_parallel: bool) -> dict:
-    full = _full()
-    tp = Mamba2(D_MODEL, **KW, process_group=dist.group.WORLD, sequence_parallel=sequence_parallel)
+def _mamba2_case(rank: int, world: int, sequence_parallel: bool, d_model: int = D_MODEL, batch: int = BATCH,
+                 kw: dict = KW) -> dict:
+    full = _full(d_model, kw)
+    torch.manual_seed(100 + rank)  # the shards' own initialisation is overwritten below
+    tp = Mamba2(d_model, **kw, process_group=dist.group.WORLD, sequence_parallel=sequence_parallel)
     assert isinstance(tp, ShardedMamba2) and isinstance(tp, TensorParallelMamba2)
-    assert (tp.world_size, tp.local_rank, tp.nheads, tp.ngroups) == (world, rank, 8 // world, 2 // world)
-    tp.load_state_dict(shard_mamba2_state_dict(full.state_dict(), full, rank, world))
+    assert (tp.world_size, tp.local_rank, tp.nheads, tp.ngroups, tp.d_inner, tp.d_mlp) == (
+        world, rank, full.nheads // world, full.ngroups // world, full.d_inner // world, full.d_mlp // world)
+    load_full_state_dict(tp, full.state_dict())
+    want_local = shard_mamba2_state_dict(full.state_dict(), full, rank, world)
+    errs = {"local_state": max(rel_err(v, want_local[k]) for k, v in tp.state_dict().items())}
     gen = torch.Generator().manual_seed(3)
-    hidden = torch.randn(BATCH * SEQLEN, D_MODEL, generator=gen, dtype=F64)  # the official (batch * seqlen, d)
-    weight = torch.randn(BATCH * SEQLEN, D_MODEL, generator=gen, dtype=F64)
+    hidden = torch.randn(batch * SEQLEN, d_model, generator=gen, dtype=F64)  # the official (batch * seqlen, d)
+    weight = torch.randn(batch * SEQLEN, d_model, generator=gen, dtype=F64)
     h_full = hidden.clone().requires_grad_()
     out_full = full(h_full, seqlen=SEQLEN)
     (out_full * weight).sum().backward()
@@ -50,17 +64,21 @@ def _mamba2_case(rank: int, world: int, sequence_parallel: bool) -> dict:
     h_tp = rows(hidden).clone().requires_grad_()
     out_tp = tp(h_tp, seqlen=SEQLEN)
     (out_tp * rows(weight)).sum().backward()
-    errs = {"y": rel_err(out_tp, rows(out_full)), "grad_hidden": rel_err(h_tp.grad, rows(h_full.grad))}
+    errs.update({"y": rel_err(out_tp, rows(out_full)), "grad_hidden": rel_err(h_tp.grad, rows(h_full.grad))})
     local = shard_mamba2_state_dict({k: p.grad for k, p in full.named_parameters()}, full, rank, world)
     errs.update({f"grad_{k}": rel_err(p.grad, local[k]) for k, p in tp.named_parameters()})
-    states_full = full.allocate_inference_cache(BATCH, SEQLEN)
-    states_tp = tp.allocate_inference_cache(BATCH, SEQLEN)
-    tokens = hidden.unflatten(0, (BATCH, SEQLEN))
+    states_full = full.allocate_inference_cache(batch, SEQLEN)
+    states_tp = tp.allocate_inference_cache(batch, SEQLEN)
+    tokens = hidden.unflatten(0, (batch, SEQLEN))
     with torch.no_grad():
         for t in range(2):
             want = full.step(tokens[:, t:t + 1], *states_full)[0]
             got = tp.step(rows(tokens[:, t:t + 1]), *states_tp)[0]
             errs[f"step{t}"] = rel_err(got, rows(want))
+    gathered = full_state_dict(tp)  # collective
+    exact = gathered.keys() == full.state_dict().keys() and all(
+        torch.equal(gathered[k], v) for k, v in full.state_dict().items())
+    errs["full_state_dict_differs"] = float(not exact)
     return errs
 
 
@@ -122,11 +140,24 @@ def _worker(rank: int, world: int) -> dict:
         out["padding_refused"] = ""
     except MambaKitError as e:
         out["padding_refused"] = str(e)
-    try:
-        Mamba2(D_MODEL, **KW, d_ssm=16, process_group=dist.group.WORLD)
-        out["d_ssm_refused"] = ""
+    d_model, batch, kw = D_SSM_CASES[world]
+    for sp in (False, True):
+        out.update({f"d_ssm_sp{int(sp)}_{k}": v for k, v in _mamba2_case(rank, world, sp, d_model, batch,
+                                                                            kw).items()})
+    try:  # d_inner - d_ssm = 9 - 8 = 1 MLP channel does not split over 2 ranks (nheads 2 and ngroups 2 do)
+        Mamba2(9, **dict(KW, expand=1, d_ssm=8), process_group=dist.group.WORLD)
+        out["d_mlp_refused"] = ""
     except MambaKitError as e:
-        out["d_ssm_refused"] = str(e)
+        out["d_mlp_refused"] = str(e)
+    return out
+
+
+def _worker_d_ssm(rank: int, world: int) -> dict:
+    d_model, batch, kw = D_SSM_CASES[world]
+    out = {}
+    for sp in (False, True):
+        out.update({f"d_ssm_sp{int(sp)}_{k}": v for k, v in _mamba2_case(rank, world, sp, d_model, batch,
+                                                                            kw).items()})
     return out
 
 
@@ -139,7 +170,18 @@ def test_sharded_mamba2_and_linears_equal_unsharded(results):
     for rank, res in enumerate(results):
         bad = {k: v for k, v in res.items() if isinstance(v, float) and not v < TOL}
         assert not bad, f"rank {rank}: {bad}"
-        assert "d_ssm" in res["d_ssm_refused"] and "padding_idx" in res["padding_refused"]
+        assert "padding_idx" in res["padding_refused"]
+        assert "d_inner - d_ssm (the gated MLP channels) must be divisible by the world size 2, got d_inner - " \
+               "d_ssm=1" in res["d_mlp_refused"]
+        assert {"d_ssm_sp0_y", "d_ssm_sp1_step1", "d_ssm_sp1_grad_out_proj.weight", "d_ssm_sp0_grad_norm.weight",
+                "d_ssm_sp1_full_state_dict_differs", "sp1_full_state_dict_differs"} <= res.keys()
+
+
+def test_sharded_mamba2_with_d_ssm_on_three_ranks_equals_unsharded():
+    for rank, res in enumerate(run_on_ranks(_worker_d_ssm, 3)):
+        bad = {k: v for k, v in res.items() if not v < TOL}
+        assert not bad, f"rank {rank}: {bad}"
+        assert {"d_ssm_sp0_y", "d_ssm_sp1_step1", "d_ssm_sp1_grad_in_proj.bias"} <= res.keys()
 
 
 def test_sharding_needs_torch_distributed():

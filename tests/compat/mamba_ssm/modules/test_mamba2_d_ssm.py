@@ -133,12 +133,17 @@ def test_mamba_ssm_checkpoint_round_trip_keeps_d_ssm(tmp_path):
     torch.testing.assert_close(back(ids).logits, model(ids).logits)
 
 
-def test_tensor_parallel_and_hidden_attention_refuse_d_ssm():
+def test_hidden_attention_refuses_d_ssm_and_sharding_needs_divisible_mlp():
+    """Tensor parallelism shards d_ssm < d_inner (tests/distributed/test_tensor_parallel.py checks the values);
+    here only the refusal of an MLP part that does not split over the ranks."""
     from mambakit.distributed.tensor_parallel import shard_mamba2_state_dict
     from mambakit.interpret.hidden_attention import mamba2_hidden_attention
 
     block = MambaKitMamba2(16, d_state=4, headdim=8, d_ssm=16)
-    with pytest.raises(MambaKitError, match="tensor parallel Mamba2: d_ssm < d_inner"):
-        shard_mamba2_state_dict(block.state_dict(), block, 0, 2)
+    two = MambaKitMamba2(16, d_state=4, headdim=8, d_ssm=16, ngroups=2)
+    assert set(shard_mamba2_state_dict(two.state_dict(), two, 1, 2)) == set(two.state_dict())
+    odd = MambaKitMamba2(9, expand=1, d_state=4, headdim=4, ngroups=2, d_ssm=8)  # 1 MLP channel over 2 ranks
+    with pytest.raises(MambaKitError, match=r"d_inner - d_ssm .* divisible by the world size 2, got d_inner - d_ssm=1"):
+        shard_mamba2_state_dict(odd.state_dict(), odd, 0, 2)
     with pytest.raises(MambaKitError, match="hidden attention of Mamba2 with d_ssm < d_inner"):
         mamba2_hidden_attention(block, torch.randn(1, 4, 16))

@@ -93,11 +93,12 @@ def variants(batch: int, n: int, k: int, group: int, device: str) -> dict:
     """{name: config} of the variants that differ from launch_config's choice ("default" first)."""
     base = gemv.launch_config(batch, n, k, group, torch.device(device))
     out = {"default": base}
-    saved, gemv.ONE_SHOT_MAX_K = gemv.ONE_SHOT_MAX_K, 0
+    saved = gemv.ONE_SHOT_MAX_K, gemv.ONE_SHOT_BATCHED_MAX_K
+    gemv.ONE_SHOT_MAX_K = gemv.ONE_SHOT_BATCHED_MAX_K = 0
     try:
         looped = gemv.launch_config(batch, n, k, group, torch.device(device))  # the k loop, without the one shot
     finally:
-        gemv.ONE_SHOT_MAX_K = saved
+        gemv.ONE_SHOT_MAX_K, gemv.ONE_SHOT_BATCHED_MAX_K = saved
     if looped != base:
         out["looped"] = looped
     for name, fn in VARIANTS.items():

@@ -121,7 +121,13 @@ def _gemv_kernel(a_ptr, b_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, n_rows
                     if NORM_BEFORE_GATE:
                         x = x * gate
         v = x.to(w_ptr.dtype.element_ty)
-        acc = tl.sum(w.to(tl.float32) * v.to(tl.float32), axis=1)[:, None]  # (BLOCK_N, 1)
+        if DOT:
+            if IEEE:
+                acc = tl.dot(w, tl.trans(v), input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(v))  # (BLOCK_N, BLOCK_B)
+        else:
+            acc = tl.sum(w.to(tl.float32) * v.to(tl.float32), axis=1)[:, None]  # (BLOCK_N, 1)
     else:
         acc = _looped_product(a_ptr, b_ptr, nw_ptr, w_ptr, w_rows, res_ptr, rows, mr, mn, ks, gs, pid_n, pid_s, n_rows,
                               group_size, kb_per_group, n_iters, iters_per_split, s_a, s_b, s_r, eps, MODE, HAS_B,
@@ -234,6 +240,23 @@ def one_shot_config(n: int, k: int, sms: int) -> GemvConfig:
     return GemvConfig(1, block_n, block_k, max(1, min(8, block_k // 256, block_n * block_k // 256)), 1)
 
 
+#: batch 2-64 with one norm group and in_features up to this: the whole row in one k block on the tensor cores
+#: (`one_shot_batched_config`); 0 turns it off (the k loop)
+ONE_SHOT_BATCHED_MAX_K = 2048
+
+
+def one_shot_batched_config(batch: int, n: int, k: int, sms: int, block_n: int = 0,
+                            num_warps: int = 0) -> GemvConfig:
+    """Batch 2-64, the whole row in one k block: each program loads its (block_n, k) weight tile and its 16 batch
+    rows at once and makes one tensor-core product. block_n (default: 16 output rows, 32 when that still gives every
+    multiprocessor a program) and num_warps (default 8) override the choice."""
+    block_k = triton.next_power_of_2(k)
+    if not block_n:
+        programs32 = triton.cdiv(n, 32) * triton.cdiv(batch, MAX_BLOCK_B)
+        block_n = 32 if programs32 >= sms and block_k <= 1024 else 16
+    return GemvConfig(MAX_BLOCK_B, block_n, block_k, num_warps or 8, 1)
+
+
 def launch_config(batch: int, n: int, k: int, group_size: int, device: torch.device) -> GemvConfig:
     """The blocks for a (batch, k) x (n, k)^T product normalised per group_size (k for no norm or one group); the
     module docstring says why. On the interpreter small blocks, so that the loops over k, the groups and the
@@ -248,6 +271,8 @@ def launch_config(batch: int, n: int, k: int, group_size: int, device: torch.dev
         # at least 8 elements (16 bytes of bf16) per thread and load: more rows where small groups cap the k block
         block_n = max(min(16, 512 // block_k), min(16, _floor2(n / (2 * sms)), 8192 // block_k))
         return GemvConfig(1, block_n, block_k, max(1, min(4, block_n * block_k // 256)), 4)
+    if group_size == k and k <= ONE_SHOT_BATCHED_MAX_K:
+        return one_shot_batched_config(batch, n, k, sms)
     block_k = _block_k(group_size, 128, 32)
     wide = 16 if batch <= 4 else (32 if batch <= 8 else 64)
     block_n = max(16, min(wide, _floor2(n / (sms // 2))))
@@ -316,7 +341,7 @@ def _launch(mode: int, a: Tensor, b: Optional[Tensor], norm_weight: Optional[Ten
         DOT=cfg.block_b > 1, IEEE=w.dtype == torch.float32, SPLIT=split,
         BLOCK_G=triton.next_power_of_2(ngroups) if mode != MODE_PLAIN else 1,
         BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
-        ONE_SHOT=cfg.block_b == 1 and n_iters == 1, num_warps=cfg.num_warps)
+        ONE_SHOT=n_iters == 1, num_warps=cfg.num_warps)
     if split > 1:
         block = 1024
         _split_sum_kernel[(triton.cdiv(rows * n, block),)](

@@ -43,11 +43,12 @@ fn = getattr(importlib.import_module(module), kernel)
 tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = {}
 for name, (types, consts) in variants.items():
+    warps = consts.pop("num_warps", 4)
     sig = {a: "constexpr" if a in consts else types.get(a, default_ptr if a.endswith("_ptr") else "i32")
            for a in fn.arg_names}
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+        cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
     except TypeError:
         print("null")
         sys.exit(0)
@@ -63,7 +64,8 @@ print(json.dumps(out))
 def sm90_resource_usage(module: str, kernel: str, default_ptr: str, variants: dict):
     """Compile `module.kernel` for Hopper (sm_90, Triton's own ptxas: no GPU needed) in a child without
     TRITON_INTERPRET, once per variant {name: (argument types, constexprs)} (pointers default to default_ptr, other
-    arguments to i32; float arguments must be given), and return {name: cuobjdump's resource-usage line}, or None
+    arguments to i32; float arguments must be given; a "num_warps" entry of the constexprs, default 4, is the
+    launch's), and return {name: cuobjdump's resource-usage line}, or None
     where this Triton's compile API differs."""
     import json
     import subprocess

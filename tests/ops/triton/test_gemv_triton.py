@@ -102,13 +102,16 @@ SPLIT = gemv.GemvConfig(gemv.MAX_BLOCK_B, 16, 16, 4, 2, split=3)
 
 @pytest.mark.parametrize("config", [SPLIT, gemv.GemvConfig(gemv.MAX_BLOCK_B, 32, 32, 4, 3, split=2),
                                     gemv.GemvConfig(1, 1, 32, 1, 2), gemv.GemvConfig(1, 2, 16, 2, 3),
-                                    gemv.GemvConfig(1, 2, 128, 1, 1), gemv.GemvConfig(1, 8, 128, 4, 1)],
-                         ids=["split3", "split2-wide", "row1", "rows2", "one-shot", "one-shot-rows8"])
+                                    gemv.GemvConfig(1, 2, 128, 1, 1), gemv.GemvConfig(1, 8, 128, 4, 1),
+                                    gemv.GemvConfig(gemv.MAX_BLOCK_B, 16, 128, 4, 1),
+                                    gemv.GemvConfig(gemv.MAX_BLOCK_B, 32, 128, 8, 1)],
+                         ids=["split3", "split2-wide", "row1", "rows2", "one-shot", "one-shot-rows8",
+                              "one-shot-batched", "one-shot-batched-rows32"])
 def test_configs_split_k_and_the_one_row_path(config):
     """Forced configurations (as the benchmark's variants): k split over programs with the ordered second pass,
     and the 1-row path with one or two output rows per program, looped or with the whole row in one k block (the
-    one-shot branch: k 96 in a block of 128; the grouped norms there take the looped branch); twice, bit-identical
-    (no atomics)."""
+    one-shot branch, on the CUDA cores for one row and on the tensor cores for 5: k 96 in a block of 128; the
+    grouped norms there take the looped branch); twice, bit-identical (no atomics)."""
     rows = 1 if config.block_b == 1 else 5
     g = torch.Generator().manual_seed(config.block_n)
     hidden, residual, nw, w, b = _add_norm_case(g, rows, 96, N, False, bias=True)
@@ -256,11 +259,11 @@ def test_gpu_launch_config(monkeypatch):
                              (4096, 2048, 1), (24, 40, 1)):
             cfg = gemv.launch_config(batch, n, k, k // groups, None)
             gemv._check_config(cfg)
-            one_shot = batch == 1 and groups == 1 and cfg.block_k >= k
+            one_shot = groups == 1 and cfg.block_k >= k
             assert (k // groups) % cfg.block_k == 0 or k < 64 or one_shot
-            if batch == 1 and groups == 1 and k <= gemv.ONE_SHOT_MAX_K:
+            if groups == 1 and k <= (gemv.ONE_SHOT_MAX_K if batch == 1 else gemv.ONE_SHOT_BATCHED_MAX_K):
                 assert one_shot
-            assert cfg.block_n * cfg.block_k * cfg.block_b <= 16 * 64 * 256
+            assert cfg.block_n * cfg.block_k * cfg.block_b <= (16 * 64 * 256 if not one_shot else 16 * 32 * 1024)
             if batch == 1:
                 assert cfg.block_b == 1 and (cfg.block_n * cfg.block_k >= 8 * 32 * cfg.num_warps or k < 64)
                 assert -(-n // cfg.block_n) >= 132 or n < 132 or cfg.block_k < 128
@@ -268,7 +271,7 @@ def test_gpu_launch_config(monkeypatch):
                 assert cfg.block_b == gemv.MAX_BLOCK_B
                 programs = -(-n // cfg.block_n) * -(-batch // 16) * cfg.split
                 iters = k // cfg.block_k
-                assert programs >= 66 or cfg.split >= min(4, iters // 2) or n < 66 * 16
+                assert programs >= 66 or cfg.split >= min(4, iters // 2) or n < 66 * 16 or one_shot
 
 
 def test_kernel_compiles_for_sm90_without_spills():
@@ -282,6 +285,8 @@ def test_kernel_compiles_for_sm90_without_spills():
         "add_norm_one_shot": (ptrs, dict(fixed, MODE=1, DOT=False, BLOCK_G=1, BLOCK_B=1, BLOCK_N=8, BLOCK_K=1024,
                                          STAGES=1, ONE_SHOT=True)),
         "add_norm_b16": (ptrs, dict(fixed, MODE=1, DOT=True, BLOCK_G=1, BLOCK_B=16, BLOCK_N=32, BLOCK_K=128)),
+        "add_norm_b16_one_shot": (ptrs, dict(fixed, MODE=1, DOT=True, BLOCK_G=1, BLOCK_B=16, BLOCK_N=16,
+                                             BLOCK_K=1024, STAGES=1, ONE_SHOT=True, num_warps=8)),
         "gated": ({"res_ptr": "*fp32", "eps": "fp32", "out_ptr": "*fp32"},
                   dict(fixed, MODE=2, DOT=True, BLOCK_G=8, SPLIT=2, BLOCK_B=16, BLOCK_N=16, BLOCK_K=128)),
     })

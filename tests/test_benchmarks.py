@@ -88,6 +88,12 @@ def test_smoke(script: str, tmp_path: Path) -> None:
         assert table.stdout.startswith(f"### {name}\n") and table.stdout.count("\n|") == len(rows) + 2
 
 
+def test_mamba2_state_step_sweep_smoke(tmp_path: Path) -> None:
+    proc = run("sweep_mixer_step.py", ["--device", "cpu", "--tiny", "--arch", "mamba2"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "mamba2_state_step.jsonl").read_text().splitlines()
+
+
 def test_results_table_refuses_a_missing_file(tmp_path: Path) -> None:
     proc = run("results_table.py", [str(tmp_path / "none.jsonl")], tmp_path)
     assert proc.returncode == 2 and "no such file" in proc.stderr

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mambakit.errors import MambaKitError
 from mambakit.ops.triton.math import softplus
 
 
@@ -219,21 +220,26 @@ def _m2_state_step_kernel(xbc_ptr, zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_p
 
 
 def mamba2_state_step_triton(xbc: Tensor, zxbcdt: Tensor, dt_col: int, dt_bias: Tensor, A_log: Tensor, D,
-                             ssm_state: Tensor, ngroups: int, dt_limit: tuple[float, float], gate: bool) -> Tensor:
+                             ssm_state: Tensor, ngroups: int, dt_limit: tuple[float, float], gate: bool,
+                             block_p: int = 0, num_warps: int = 4) -> Tensor:
     """xbc: (batch, conv_dim) after conv + SiLU ([x, B, C], last dim contiguous); zxbcdt: (batch, d_in_proj) in_proj
     output (z in columns [0, d_inner), dt from column dt_col); ssm_state: (batch, nheads, headdim, d_state) updated in
-    place. gate: multiply by SiLU(z) here (Mamba2 without its RMSNorm). Returns y: (batch, nheads * headdim)."""
+    place. gate: multiply by SiLU(z) here (Mamba2 without its RMSNorm). block_p (a power of two; 0: the default)
+    and num_warps: the launch's head-dim rows per program and warps (benchmarks/sweep_mixer_step.py --arch mamba2).
+    Returns y: (batch, nheads * headdim)."""
     batch, nheads, headdim, d_state = ssm_state.shape
     d_inner = nheads * headdim
     y = torch.empty(batch, d_inner, device=xbc.device, dtype=xbc.dtype)
     np_ = triton.next_power_of_2(d_state)
+    if block_p & (block_p - 1) or block_p < 0:
+        raise MambaKitError(f"block_p must be 0 or a power of two, got {block_p}")
     # small state tiles (about 8 float32 per thread): many programs in flight, few registers
-    block_p = max(1, min(triton.next_power_of_2(headdim), 1024 // np_))
+    block_p = block_p or max(1, min(triton.next_power_of_2(headdim), 1024 // np_))
     clamp = tuple(dt_limit) != (0.0, float("inf"))
     _m2_state_step_kernel[(triton.cdiv(headdim, block_p), nheads, batch)](
         xbc, zxbcdt, dt_bias, A_log, D if D is not None else A_log, ssm_state, y,
         headdim, d_state, nheads // ngroups, d_inner, ngroups, dt_col, 0, xbc.stride(0), zxbcdt.stride(0),
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), float(dt_limit[0]), float(dt_limit[1]),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.numel() == d_inner, HAS_Z=gate, CLAMP=clamp,
-        BLOCK_P=block_p, NP=np_, num_warps=4)
+        BLOCK_P=block_p, NP=np_, num_warps=num_warps)
     return y

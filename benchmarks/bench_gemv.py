@@ -101,6 +101,9 @@ def variants(batch: int, n: int, k: int, group: int, device: str) -> dict:
         gemv.ONE_SHOT_MAX_K, gemv.ONE_SHOT_BATCHED_MAX_K = saved
     if looped != base:
         out["looped"] = looped
+        if looped.block_b > 1:  # wider k blocks, fewer stages (each stage holds the padded input rows too)
+            for bk, stages in ((256, 3), (512, 2)):
+                out[f"looped-k{bk}"] = looped._replace(block_k=bk, num_stages=stages)
     for name, fn in VARIANTS.items():
         c = fn(base)
         if c not in out.values():

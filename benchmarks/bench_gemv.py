@@ -101,9 +101,13 @@ def variants(batch: int, n: int, k: int, group: int, device: str) -> dict:
         gemv.ONE_SHOT_MAX_K, gemv.ONE_SHOT_BATCHED_MAX_K = saved
     if looped != base:
         out["looped"] = looped
-        if looped.block_b > 1:  # wider k blocks, fewer stages (each stage holds the padded input rows too)
-            for bk, stages in ((256, 3), (512, 2)):
-                out[f"looped-k{bk}"] = looped._replace(block_k=bk, num_stages=stages)
+        if looped.block_b > 1:
+            # one 16 x 16 (n x batch) tensor-core tile per warp, so that no warp holds a copy of another's inputs;
+            # wider k blocks with fewer stages (each stage holds the padded input rows too)
+            for bn, warps in ((64, 4), (32, 2), (16, 1), (128, 8), (128, 4)):
+                for bk, stages in ((64, 4), (128, 4), (256, 3)):
+                    c = looped._replace(block_n=bn, num_warps=warps, block_k=bk, num_stages=stages, split=1)
+                    out[f"looped-n{bn}w{warps}k{bk}"] = c
     for name, fn in VARIANTS.items():
         c = fn(base)
         if c not in out.values():

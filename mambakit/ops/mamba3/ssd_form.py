@@ -1,0 +1,82 @@
+"""Mamba-3 SISO as an SSD (Mamba-2's scan) with a per-position log-decay: the rotations and the trapezoid's weights in
+PyTorch, the scan by :func:`mambakit.ops.ssd.mamba_chunk_scan_combined` (its Triton kernels on the GPU), and a
+diagonal correction.
+
+The math. Per head, with k_t, q_t the rotated B and C (with bias), lambda_t = sigmoid(Trap_t), alpha_t =
+exp(ADT_t), the recurrence of :mod:`mambakit.ops.mamba3.common` is::
+
+    h_t = alpha_t h_{t-1} + (1 - lambda_t) DT_t alpha_t v_{t-1} k_{t-1}^T + lambda_t DT_t v_t k_t^T
+
+Position j enters the state twice: at j with weight gamma_j = lambda_j DT_j, and at j + 1 with weight
+(1 - lambda_{j+1}) DT_{j+1} alpha_{j+1}. Both are then decayed by the same alphas, so for t > j its contribution
+to h_t is ``prod_{i=j+1..t} alpha_i * s_j * v_j k_j^T`` with::
+
+    s_j = lambda_j DT_j + (1 - lambda_{j+1}) DT_{j+1}      (the second term 0 at the last position and where a
+                                                            packed sequence starts at j + 1)
+
+while h_j itself holds only gamma_j = s_j - (1 - lambda_{j+1}) DT_{j+1}. So h_t is the SSD state with log-decay
+ADT_t, input scale s_t, B = k, C = q, except at its own position; and::
+
+    y_t = SSD(x = v, dt = s, log_decay = ADT, B = k, C = q)_t + (D - (q_t . k_t) (s_t - gamma_t)) v_t
+
+The state before the first position enters the SSD as ``ssm + (1 - lambda_0) DT_0 v_{-1} k_{-1}^T`` (the first
+position's look-back; alpha_0 is applied by the SSD). The final ssm state is the SSD's final state (the last
+position's look-forward term belongs to the next call, which reads k and v from the state).
+
+Non-finite values: the SSD forms keep them causal; the correction and the rotations are per position.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambakit.ops.mamba3.chunked import prepare, start_state
+from mambakit.ops.ssd import mamba_chunk_scan_combined
+
+#: the SSD backends this form can run on: "triton" (the SSD Triton kernels: CUDA, or the interpreter), "torch"
+#: (the chunked PyTorch SSD) and "ref" (the SSD recurrence)
+SSD_BACKENDS = ("triton", "torch", "ref")
+
+
+def _unchunk(t: Tensor, seqlen: int) -> Tensor:
+    """(batch, nchunks, Q, ...) -> (batch, seqlen, ...), dropping the padding."""
+    return t.flatten(1, 2)[:, :seqlen]
+
+
+def mamba3_ssd(
+    Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor, K_bias: Tensor,
+    Angles: Tensor, D: Optional[Tensor] = None, Z: Optional[Tensor] = None,
+    Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, chunk_size: int = 64,
+    return_final_states: bool = False, seq_idx: Optional[Tensor] = None, ssd_backend: str = "triton",
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """The Mamba-3 SISO scan through the SSD op (see the module's docstring for the math).
+
+    Arguments and results as :func:`mambakit.ops.mamba3.mamba3_scan` (y (batch, seqlen, nheads, headdim) in V's
+    dtype, or (y, angle, ssm, k, v) with the final states in float32, float64 for float64 inputs), plus
+    ssd_backend: one of :data:`SSD_BACKENDS`. With "triton", 16-bit V runs the SSD's matrix products in V's dtype
+    (the rotated B and C are rounded to it; the weights, decays and states stay float32).
+    """
+    p = prepare(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx)
+    L = p.dims.seqlen
+    q_rot, k_rot = _unchunk(p.q_rot, L), _unchunk(p.k_rot, L)  # (batch, seqlen, nheads, d_state)
+    scale, gamma = _unchunk(p.scale, L), _unchunk(p.gamma, L)  # (batch, seqlen, nheads)
+    v = V.to(p.fp)
+    io = V.dtype if ssd_backend == "triton" and V.element_size() == 2 else p.fp
+    h0 = None if Input_States is None else start_state(p, Input_States)
+    y, ssm = mamba_chunk_scan_combined(
+        v.to(io), scale, None, k_rot.to(io), q_rot.to(io), chunk_size, initial_states=h0, seq_idx=seq_idx,
+        return_final_states=True, log_decay=ADT.to(p.fp).transpose(1, 2), backend=ssd_backend)
+    # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t; plus the D skip
+    diag = (q_rot * k_rot).sum(-1) * (gamma - scale)  # (batch, seqlen, nheads)
+    if D is not None:
+        diag = diag + D.to(p.fp)
+    y = y.to(p.fp) + diag[..., None] * v
+    if Z is not None:
+        y = y * F.silu(Z.to(p.fp))
+    y = y.to(V.dtype)
+    if not return_final_states:
+        return y
+    return y, p.final_angle, ssm.to(p.fp), k_rot[:, L - 1], v[:, L - 1]

@@ -9,15 +9,8 @@ import torch
 from mambakit.ops.mamba3 import mamba3_scan_ref
 from mambakit.ops.mamba3.ssd_form import mamba3_ssd
 from tests.conftest import rel_err
-from tests.ops.mamba3.helpers import angle_err, scan_grads, scan_inputs
+from tests.ops.mamba3.helpers import assert_same_outputs, scan_grads, scan_inputs
 from tests.ops.mamba3.test_mamba3_scan import SHAPES
-
-
-def _same(out, ref, tol):
-    assert rel_err(out[0], ref[0]) < tol
-    assert angle_err(out[1], ref[1]) < tol
-    for a, b in zip(out[2:], ref[2:]):
-        assert rel_err(a, b) < tol
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -25,7 +18,7 @@ def _same(out, ref, tol):
 def test_equals_recurrence_float64(shape, ssd_backend, chunk_size):
     kw = scan_inputs(**shape)
     out = mamba3_ssd(**kw, chunk_size=chunk_size, return_final_states=True, ssd_backend=ssd_backend)
-    _same(out, mamba3_scan_ref(**kw, return_final_states=True), 1e-12)
+    assert_same_outputs(out, mamba3_scan_ref(**kw, return_final_states=True), 1e-12)
     assert out[0].dtype == torch.float64
 
 
@@ -35,7 +28,7 @@ def test_gradients_equal_recurrence_float64(shape):
     ref_out, ref = scan_grads(kw, lambda **a: mamba3_scan_ref(**a, return_final_states=True))
     out, got = scan_grads(kw, lambda **a: mamba3_ssd(**a, chunk_size=5, return_final_states=True,
                                                      ssd_backend="torch"))
-    _same(out, ref_out, 1e-12)
+    assert_same_outputs(out, ref_out, 1e-12)
     assert set(got) == set(ref)
     for name in ref:
         assert torch.isfinite(got[name]).all(), name
@@ -68,4 +61,4 @@ def test_float32_agrees_with_float64():
     kw32["Input_States"] = tuple(s.float() for s in kw["Input_States"])
     out = mamba3_ssd(**kw32, chunk_size=16, return_final_states=True, ssd_backend="torch")
     assert out[0].dtype == torch.float32
-    _same(out, ref, 2e-5)
+    assert_same_outputs(out, ref, 2e-5)

@@ -258,8 +258,10 @@ class Mamba3(nn.Module):
         s = self.ssm_inputs(hidden_states, state, seq_idx, mask)
         # the kernels only where they run natively: "triton" off CUDA (or in float64) is the PyTorch form
         backend = self.scan_backend
-        if backend == "triton" and (not hidden_states.is_cuda or s.V.dtype == torch.float64):
+        if backend in ("triton", "ssd") and (not hidden_states.is_cuda or s.V.dtype == torch.float64):
             backend = "torch"
+        if self.is_mimo and backend == "ssd":  # the SSD form is SISO only
+            backend = "auto"
         if self.is_mimo:
             kw = s.scan_kwargs()
             del kw["Z"]

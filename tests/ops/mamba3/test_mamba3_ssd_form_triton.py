@@ -53,3 +53,39 @@ def test_float16_inputs():
     out = _triton(**as_dtype(kw, torch.float16))
     assert out[0].dtype == torch.float16
     assert rel_err(out[0], ref[0]) < 1e-2 and rel_err(out[2], ref[2]) < 1e-2
+
+
+def test_scan_backend_ssd_dispatches_to_the_ssd_form(monkeypatch):
+    import mambakit.ops.mamba3.ssd_form as ssd_form
+    from mambakit.ops.mamba3 import mamba3_scan
+
+    calls = []
+    real = ssd_form.mamba3_ssd
+    monkeypatch.setattr(ssd_form, "mamba3_ssd", lambda *a, **k: calls.append(k["ssd_backend"]) or real(*a, **k))
+    kw = as_dtype(scan_inputs(seqlen=30), torch.float32)
+    y = mamba3_scan(**kw, backend="ssd")
+    assert calls == ["triton"]
+    assert rel_err(y, mamba3_scan_ref(**scan_inputs(seqlen=30))) < 1e-5
+    mamba3_scan(**kw)  # "auto" on the CPU: the chunked PyTorch form
+    assert calls == ["triton"]
+
+
+def test_mimo_scan_rejects_the_ssd_backend():
+    from mambakit.errors import MambaKitError
+    from mambakit.ops.mamba3.mimo import mamba3_mimo_scan
+    from tests.ops.mamba3.helpers import mimo_inputs
+
+    with pytest.raises(MambaKitError, match="SISO only"):
+        mamba3_mimo_scan(**mimo_inputs(), backend="ssd")
+
+
+@pytest.mark.parametrize("is_mimo", [False, True])
+def test_layer_with_ssd_backend_on_cpu_is_the_torch_form(is_mimo):
+    from mambakit.layers.mamba3 import Mamba3
+
+    torch.manual_seed(0)
+    layer = Mamba3(32, d_state=16, headdim=8, is_mimo=is_mimo, mimo_rank=2, chunk_size=8)
+    x = torch.randn(2, 21, 32)
+    want = layer(x)
+    layer.scan_backend = "ssd"
+    assert torch.equal(layer(x), want)

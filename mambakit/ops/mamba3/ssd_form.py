@@ -40,6 +40,9 @@ from mambakit.ops.ssd import mamba_chunk_scan_combined
 #: (the chunked PyTorch SSD) and "ref" (the SSD recurrence)
 SSD_BACKENDS = ("triton", "torch", "ref")
 
+#: the upper bound on the SSD kernels' chunk handed to them ("triton"): they choose their own chunk below it
+SSD_KERNEL_CHUNK = 256
+
 
 def _unchunk(t: Tensor, seqlen: int) -> Tensor:
     """(batch, nchunks, Q, ...) -> (batch, seqlen, ...), dropping the padding."""
@@ -66,8 +69,11 @@ def mamba3_ssd(
     v = V.to(p.fp)
     io = V.dtype if ssd_backend == "triton" and V.element_size() == 2 else p.fp
     h0 = None if Input_States is None else start_state(p, Input_States)
+    # the kernels pick their own chunk below this bound (128 positions for 16-bit inputs, as for Mamba-2); chunk_size
+    # is that of the angles' carry in `prepare` (and of the PyTorch SSD)
+    ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if ssd_backend == "triton" else chunk_size
     y, ssm = mamba_chunk_scan_combined(
-        v.to(io), scale, None, k_rot.to(io), q_rot.to(io), chunk_size, initial_states=h0, seq_idx=seq_idx,
+        v.to(io), scale, None, k_rot.to(io), q_rot.to(io), ssd_chunk, initial_states=h0, seq_idx=seq_idx,
         return_final_states=True, log_decay=ADT.to(p.fp).transpose(1, 2), backend=ssd_backend)
     # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t; plus the D skip
     diag = (q_rot * k_rot).sum(-1) * (gamma - scale)  # (batch, seqlen, nheads)

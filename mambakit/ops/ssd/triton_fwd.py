@@ -72,10 +72,10 @@ def _state_passing_fwd(S_ptr, acs_ptr, seg_ptr, init_ptr, H_ptr, final_ptr,
 @triton.jit
 def _increments(dt, A, ld_ptr, row, s, LOG_DECAY: tl.constexpr):
     """The log-decay of positions s: dt * A, or (LOG_DECAY) read from ld_ptr (batch, nheads, Lpad) at row + s."""
+    inc = dt * A
     if LOG_DECAY:
-        return tl.load(ld_ptr + row + s)
-    else:
-        return dt * A
+        inc = tl.load(ld_ptr + row + s)
+    return inc
 
 
 @triton.jit

@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mambakit.ops.mamba3.chunked import prepare, start_state
+from mambakit.errors import MambaKitError
+from mambakit.ops.mamba3.chunked import _AtSegmentStart, position_terms, start_state
+from mambakit.ops.mamba3.common import TWO_PI, rotate
 from mambakit.ops.ssd import mamba_chunk_scan_combined
 
 #: the SSD backends this form can run on: "triton" (the SSD Triton kernels: CUDA, or the interpreter), "torch"
@@ -44,9 +46,27 @@ SSD_BACKENDS = ("triton", "torch", "ref")
 SSD_KERNEL_CHUNK = 256
 
 
-def _unchunk(t: Tensor, seqlen: int) -> Tensor:
-    """(batch, nchunks, Q, ...) -> (batch, seqlen, ...), dropping the padding."""
-    return t.flatten(1, 2)[:, :seqlen]
+def sequence_angles(inc: Tensor, starts: Optional[Tensor], angle0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The angles theta_t (mod 2 pi) of every position from one float64 cumulative sum over the whole sequence (no
+    loop over chunks; float64 keeps the long sums exact enough), restarted where a packed sequence starts.
+
+    inc: (batch, seqlen, nheads, n_angles) the increments; starts: (batch, seqlen) bool or None; angle0: (batch,
+    nheads, n_angles) the angle before the first position, or None. Returns (theta in inc's dtype, the last
+    position's theta (batch, nheads, n_angles))."""
+    inc64 = inc.double()
+    theta = inc64.cumsum(1)
+    in_first = None
+    if starts is not None:
+        L = inc.shape[1]
+        first = torch.cummax(torch.where(starts, torch.arange(L, device=inc.device), 0), dim=1).values  # (b, L)
+        # the sum before each segment's start, taken without gather's atomics (deterministic gradients)
+        theta = theta - _AtSegmentStart.apply((theta - inc64)[:, None], first[:, None])[:, 0]
+        in_first = (first == 0)[..., None, None]
+    if angle0 is not None:
+        start = angle0.double()[:, None]
+        theta = theta + (start if in_first is None else torch.where(in_first, start, 0.0))
+    theta = torch.remainder(theta, TWO_PI).to(inc.dtype)
+    return theta, theta[:, -1]
 
 
 def mamba3_ssd(
@@ -60,23 +80,25 @@ def mamba3_ssd(
     Arguments and results as :func:`mambakit.ops.mamba3.mamba3_scan` (y (batch, seqlen, nheads, headdim) in V's
     dtype, or (y, angle, ssm, k, v) with the final states in float32, float64 for float64 inputs), plus
     ssd_backend: one of :data:`SSD_BACKENDS`. With "triton", 16-bit V runs the SSD's matrix products in V's dtype
-    (the rotated B and C are rounded to it; the weights, decays and states stay float32).
+    (the rotated B and C are rounded to it; the weights, decays and states stay float32), and the kernels choose
+    their own chunk; chunk_size is then only checked.
     """
-    p = prepare(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx)
+    if ssd_backend not in SSD_BACKENDS:
+        raise MambaKitError(f"ssd_backend must be one of {SSD_BACKENDS}, got {ssd_backend!r}")
+    p = position_terms(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx)
     L = p.dims.seqlen
-    q_rot, k_rot = _unchunk(p.q_rot, L), _unchunk(p.k_rot, L)  # (batch, seqlen, nheads, d_state)
-    scale, gamma = _unchunk(p.scale, L), _unchunk(p.gamma, L)  # (batch, seqlen, nheads)
-    v = V.to(p.fp)
+    theta, final_angle = sequence_angles(p.inc, p.starts, None if Input_States is None else Input_States[0])
+    q_rot, k_rot = rotate(p.q, theta), rotate(p.k, theta)  # (batch, seqlen, nheads, d_state)
+    v = p.v
     io = V.dtype if ssd_backend == "triton" and V.element_size() == 2 else p.fp
     h0 = None if Input_States is None else start_state(p, Input_States)
-    # the kernels pick their own chunk below this bound (128 positions for 16-bit inputs, as for Mamba-2); chunk_size
-    # is that of the angles' carry in `prepare` (and of the PyTorch SSD)
+    # the kernels pick their own chunk below this bound (128 positions for 16-bit inputs, as for Mamba-2)
     ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if ssd_backend == "triton" else chunk_size
     y, ssm = mamba_chunk_scan_combined(
-        v.to(io), scale, None, k_rot.to(io), q_rot.to(io), ssd_chunk, initial_states=h0, seq_idx=seq_idx,
-        return_final_states=True, log_decay=ADT.to(p.fp).transpose(1, 2), backend=ssd_backend)
+        v.to(io), p.scale, None, k_rot.to(io), q_rot.to(io), ssd_chunk, initial_states=h0, seq_idx=seq_idx,
+        return_final_states=True, log_decay=p.adt, backend=ssd_backend)
     # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t; plus the D skip
-    diag = (q_rot * k_rot).sum(-1) * (gamma - scale)  # (batch, seqlen, nheads)
+    diag = (q_rot * k_rot).sum(-1) * (p.gamma - p.scale)  # (batch, seqlen, nheads)
     if D is not None:
         diag = diag + D.to(p.fp)
     y = y.to(p.fp) + diag[..., None] * v
@@ -85,4 +107,4 @@ def mamba3_ssd(
     y = y.to(V.dtype)
     if not return_final_states:
         return y
-    return y, p.final_angle, ssm.to(p.fp), k_rot[:, L - 1], v[:, L - 1]
+    return y, final_angle, ssm.to(p.fp), k_rot[:, L - 1], v[:, L - 1]

@@ -62,3 +62,10 @@ def test_float32_agrees_with_float64():
     out = mamba3_ssd(**kw32, chunk_size=16, return_final_states=True, ssd_backend="torch")
     assert out[0].dtype == torch.float32
     assert_same_outputs(out, ref, 2e-5)
+
+
+def test_unknown_ssd_backend_raises():
+    from mambakit.errors import MambaKitError
+
+    with pytest.raises(MambaKitError, match="ssd_backend must be one of"):
+        mamba3_ssd(**scan_inputs(), ssd_backend="cuda")

@@ -94,11 +94,13 @@ def mamba3_ssd(
     h0 = None if Input_States is None else start_state(p, Input_States)
     # the kernels pick their own chunk below this bound (128 positions for 16-bit inputs, as for Mamba-2)
     ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if ssd_backend == "triton" else chunk_size
+    q_io, k_io = q_rot.to(io), k_rot.to(io)
     y, ssm = mamba_chunk_scan_combined(
-        v.to(io), p.scale, None, k_rot.to(io), q_rot.to(io), ssd_chunk, initial_states=h0, seq_idx=seq_idx,
+        v.to(io), p.scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
         return_final_states=True, log_decay=p.adt, backend=ssd_backend)
-    # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t; plus the D skip
-    diag = (q_rot * k_rot).sum(-1) * (p.gamma - p.scale)  # (batch, seqlen, nheads)
+    # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t (from the same rounded q and k, so
+    # that the look-forward part cancels); plus the D skip
+    diag = (q_io.to(p.fp) * k_io.to(p.fp)).sum(-1) * (p.gamma - p.scale)  # (batch, seqlen, nheads)
     if D is not None:
         diag = diag + D.to(p.fp)
     y = y.to(p.fp) + diag[..., None] * v

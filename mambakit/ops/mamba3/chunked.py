@@ -112,8 +112,8 @@ class Terms(NamedTuple):
 
     dims: Dims
     fp: torch.dtype
-    q: Tensor  # (batch, seqlen, nheads, d_state): Q per head with bias, not rotated
-    k: Tensor  # (batch, seqlen, nheads, d_state): K per head with bias, not rotated
+    q: Optional[Tensor]  # (batch, seqlen, nheads, d_state): Q per head with bias, not rotated (None: not asked)
+    k: Optional[Tensor]  # (batch, seqlen, nheads, d_state): K per head with bias, not rotated (None: not asked)
     v: Tensor  # (batch, seqlen, nheads, headdim)
     adt: Tensor  # (batch, seqlen, nheads)
     inc: Tensor  # (batch, seqlen, nheads, n_angles): the angle increments
@@ -126,16 +126,17 @@ class Terms(NamedTuple):
 def position_terms(Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor,
                    K_bias: Tensor, Angles: Tensor, D: Optional[Tensor], Z: Optional[Tensor],
                    Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]], chunk_size: int,
-                   seq_idx: Optional[Tensor]) -> Terms:
-    """Validate, cast to the compute dtype and compute the trapezoid's weights and the angle increments."""
+                   seq_idx: Optional[Tensor], with_qk: bool = True) -> Terms:
+    """Validate, cast to the compute dtype and compute the trapezoid's weights and the angle increments (and, if
+    with_qk, Q and K per head with their biases)."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise MambaKitError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dims = validate(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, seq_idx)
     fp = compute_dtype(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z,
                        *(Input_States if Input_States is not None else ()))
     H = dims.nheads
-    q = heads_of_groups(Q.to(fp), H) + Q_bias.to(fp)
-    k = heads_of_groups(K.to(fp), H) + K_bias.to(fp)
+    q = heads_of_groups(Q.to(fp), H) + Q_bias.to(fp) if with_qk else None
+    k = heads_of_groups(K.to(fp), H) + K_bias.to(fp) if with_qk else None
     dt, adt, lam = DT.to(fp).transpose(1, 2), ADT.to(fp).transpose(1, 2), torch.sigmoid(Trap.to(fp)).transpose(1, 2)
     inc = angle_increment(Angles.to(fp), dt)  # (batch, seqlen, nheads, n_angles)
     starts = segment_starts(seq_idx)  # (batch, seqlen) bool or None

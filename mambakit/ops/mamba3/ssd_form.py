@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.mamba3.chunked import _AtSegmentStart, position_terms, start_state
-from mambakit.ops.mamba3.common import TWO_PI, rotate
+from mambakit.ops.mamba3.common import TWO_PI, heads_of_groups, rotate
 from mambakit.ops.ssd import mamba_chunk_scan_combined
 
 #: the SSD backends this form can run on: "triton" (the SSD Triton kernels: CUDA, or the interpreter), "torch"
@@ -85,22 +85,31 @@ def mamba3_ssd(
     """
     if ssd_backend not in SSD_BACKENDS:
         raise MambaKitError(f"ssd_backend must be one of {SSD_BACKENDS}, got {ssd_backend!r}")
-    p = position_terms(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx)
-    L = p.dims.seqlen
+    kernels = ssd_backend == "triton"
+    p = position_terms(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx,
+                       with_qk=not kernels)
+    L, H = p.dims.seqlen, p.dims.nheads
     theta, final_angle = sequence_angles(p.inc, p.starts, None if Input_States is None else Input_States[0])
-    q_rot, k_rot = rotate(p.q, theta), rotate(p.k, theta)  # (batch, seqlen, nheads, d_state)
     v = p.v
-    io = V.dtype if ssd_backend == "triton" and V.element_size() == 2 else p.fp
+    io = V.dtype if kernels and V.element_size() == 2 else p.fp
+    if kernels:  # bias, rotation and the own-position product in one kernel, q and k written once in io
+        from mambakit.ops.mamba3.triton_rotary import rotary_qk
+
+        q_io, k_io, qk = rotary_qk(Q, K, Q_bias, K_bias, theta, io)
+        # the last position's k for the state, unrounded
+        last_k = rotate(heads_of_groups(K[:, L - 1].to(p.fp), H) + K_bias.to(p.fp), theta[:, L - 1])
+    else:
+        q_io, k_io = rotate(p.q, theta), rotate(p.k, theta)  # (batch, seqlen, nheads, d_state)
+        qk, last_k = (q_io * k_io).sum(-1), k_io[:, L - 1]
     h0 = None if Input_States is None else start_state(p, Input_States)
     # the kernels pick their own chunk below this bound (128 positions for 16-bit inputs, as for Mamba-2)
-    ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if ssd_backend == "triton" else chunk_size
-    q_io, k_io = q_rot.to(io), k_rot.to(io)
+    ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if kernels else chunk_size
     y, ssm = mamba_chunk_scan_combined(
         v.to(io), p.scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
         return_final_states=True, log_decay=p.adt, backend=ssd_backend)
-    # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t (from the same rounded q and k, so
-    # that the look-forward part cancels); plus the D skip
-    diag = (q_io.to(p.fp) * k_io.to(p.fp)).sum(-1) * (p.gamma - p.scale)  # (batch, seqlen, nheads)
+    # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t (qk from the same rounded q and k,
+    # so that the look-forward part cancels); plus the D skip
+    diag = qk * (p.gamma - p.scale)  # (batch, seqlen, nheads)
     if D is not None:
         diag = diag + D.to(p.fp)
     y = y.to(p.fp) + diag[..., None] * v
@@ -109,4 +118,4 @@ def mamba3_ssd(
     y = y.to(V.dtype)
     if not return_final_states:
         return y
-    return y, final_angle, ssm.to(p.fp), k_rot[:, L - 1], v[:, L - 1]
+    return y, final_angle, ssm.to(p.fp), last_k, v[:, L - 1]

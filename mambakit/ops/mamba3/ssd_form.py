@@ -105,7 +105,7 @@ def mamba3_ssd(
     # the kernels pick their own chunk below this bound (128 positions for 16-bit inputs, as for Mamba-2)
     ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if kernels else chunk_size
     y, ssm = mamba_chunk_scan_combined(
-        v.to(io), p.scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
+        V if V.dtype == io else v.to(io), p.scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
         return_final_states=True, log_decay=p.adt, backend=ssd_backend)
     # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t (qk from the same rounded q and k,
     # so that the look-forward part cancels); plus the D skip

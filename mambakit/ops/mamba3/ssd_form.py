@@ -1,6 +1,6 @@
-"""Mamba-3 SISO as an SSD (Mamba-2's scan) with a per-position log-decay: the rotations and the trapezoid's weights in
-PyTorch, the scan by :func:`mambakit.ops.ssd.mamba_chunk_scan_combined` (its Triton kernels on the GPU), and a
-diagonal correction.
+"""Mamba-3 SISO as an SSD (Mamba-2's scan) with a per-position log-decay: the angles and the trapezoid's weights in
+PyTorch, the biases and rotations of B and C (:mod:`.triton_rotary` with the kernels, else PyTorch), the scan by
+:func:`mambakit.ops.ssd.mamba_chunk_scan_combined` (its Triton kernels on the GPU), and a diagonal correction.
 
 The math. Per head, with k_t, q_t the rotated B and C (with bias), lambda_t = sigmoid(Trap_t), alpha_t =
 exp(ADT_t), the recurrence of :mod:`mambakit.ops.mamba3.common` is::

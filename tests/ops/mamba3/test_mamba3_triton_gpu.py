@@ -1,7 +1,8 @@
 """GPU: the Mamba-3 Triton scans (SISO, and MIMO of rank 2-4), forward and every gradient, in float32 and bfloat16
-(MIMO also float16), and SISO through the SSD kernels (backend "ssd"), against the chunked PyTorch form in float32 (fed the same rounded inputs), at shapes near the
-130M model's (headdim 64, d_state 128) and odd ones, with packed sequences and initial states; gradients
-bit-identical run to run; the layer's scan_backend="triton" reaching the kernels."""
+(MIMO also float16), and SISO through the SSD kernels (backend "ssd"), against the chunked PyTorch form in float32
+(fed the same rounded inputs), at shapes near the 130M model's (headdim 64, d_state 128) and odd ones, with packed
+sequences and initial states; gradients bit-identical run to run; the layer's scan_backend="triton" reaching the
+kernels."""
 from __future__ import annotations
 
 import pytest

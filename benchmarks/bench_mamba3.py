@@ -1,5 +1,6 @@
-"""One Mamba-3 block on the GPU: first call, forward, forward+backward; SISO (the layer's default scan and the
-Triton kernels) and MIMO of rank --mimo-rank (the chunked PyTorch form and the Triton kernels, chunk 64 / R as the
+"""One Mamba-3 block on the GPU: first call, forward, forward+backward; SISO (the layer's default scan, "auto": the
+SSD Triton kernels with a per-position log-decay on CUDA; the chunked PyTorch form; "ssd" named; the Mamba-3 Triton
+kernels) and MIMO of rank --mimo-rank (the chunked PyTorch form and the Triton kernels, chunk 64 / R as the
 official default); our Mamba-2 block beside them, and the official mamba_ssm Mamba3 blocks (SISO, MIMO) when
 importable.
 
@@ -77,6 +78,8 @@ def main() -> None:
     mimo = dict(size, is_mimo=True, mimo_rank=R, chunk_size=max(1, 64 // R))
     blocks = {
         "mambakit Mamba3": lambda: Mamba3(args.d_model, **size),
+        "mambakit Mamba3 torch": lambda: Mamba3(args.d_model, **size, scan_backend="torch"),
+        "mambakit Mamba3 ssd": lambda: Mamba3(args.d_model, **size, scan_backend="ssd"),
         "mambakit Mamba3 triton": lambda: Mamba3(args.d_model, **size, scan_backend="triton"),
         f"mambakit Mamba3 MIMO R={R} torch": lambda: Mamba3(args.d_model, **mimo, scan_backend="torch"),
         f"mambakit Mamba3 MIMO R={R} triton": lambda: Mamba3(args.d_model, **mimo, scan_backend="triton"),

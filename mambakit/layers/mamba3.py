@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
 from mambakit.layers.checks import check_mixer_input
+from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNorm, RMSNormGated
 from mambakit.ops.mamba3 import BACKENDS, mamba3_scan, mamba3_step
@@ -255,11 +256,15 @@ class Mamba3(nn.Module):
         (batch, seqlen) 1 = token, 0 = padding (the padded positions leave the state untouched).
         """
         check_mixer_input(self, hidden_states, seq_idx, mask)
+        if state is None:
+            compile_first_call(self, hidden_states, seq_idx, mask)  # the Triton kernels' first call (CUDA), at once
         s = self.ssm_inputs(hidden_states, state, seq_idx, mask)
         # the kernels only where they run natively: "triton" off CUDA (or in float64) is the PyTorch form
         backend = self.scan_backend
-        if backend == "triton" and (not hidden_states.is_cuda or s.V.dtype == torch.float64):
+        if backend in ("triton", "ssd") and (not hidden_states.is_cuda or s.V.dtype == torch.float64):
             backend = "torch"
+        if self.is_mimo and backend == "ssd":  # the SSD form is SISO only
+            backend = "auto"
         if self.is_mimo:
             kw = s.scan_kwargs()
             del kw["Z"]

@@ -3,6 +3,8 @@ in :mod:`.mimo`, its dispatcher :func:`.mimo.mamba3_mimo_scan`, its Triton kerne
 
 * :func:`mamba3_scan` -- the public scan with the official ``mamba3_siso_combined`` argument names (``seq_idx``
   in place of ``cu_seqlens``) and a ``backend``.
+* :mod:`.ssd_form` -- the SISO scan as Mamba-2's SSD with a per-position log-decay (its Triton kernels on the GPU:
+  the fast path, backend "ssd", what "auto" picks for CUDA tensors).
 * :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding).
 * :mod:`.naive` (the step recurrence, the reference), :mod:`.chunked` (the block decomposition, fast on CPU) and
   :mod:`.triton` (portable Triton kernels, forward and deterministic backward) share the scan's signature, so
@@ -25,10 +27,12 @@ from mambakit.ops.mamba3.naive import mamba3_scan_ref, step_core
 
 __all__ = ["BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref", "mamba3_step"]
 
-#: "auto": the chunked PyTorch form for now (the Triton kernels are opt-in until timed on a GPU); "torch": the
-#: chunked PyTorch form; "triton": the Triton kernels (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1,
-#: differentiable); "ref": the step recurrence.
-BACKENDS = ("auto", "torch", "triton", "ref")
+#: "auto": "ssd" for CUDA tensors that are not float64 (outside a CUDA-graph capture) when Triton imports, else the
+#: chunked PyTorch form; "torch": the chunked PyTorch form; "triton": the Mamba-3 Triton kernels
+#: (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1, differentiable); "ssd": the SSD Triton kernels with a
+#: per-position log-decay (mambakit.ops.mamba3.ssd_form; CUDA or TRITON_INTERPRET=1; SISO only); "ref": the step
+#: recurrence.
+BACKENDS = ("auto", "torch", "triton", "ssd", "ref")
 
 
 def mamba3_scan(
@@ -64,15 +68,32 @@ def mamba3_scan(
     """
     if backend not in BACKENDS:
         raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    # "auto" keeps the PyTorch form until the Triton kernels have been compiled and timed on a GPU (they are
-    # checked on the interpreter only; the backward's first compile may be slow at d_state 128): opt in with
-    # backend="triton".
+    if backend == "auto":
+        backend = "ssd" if _ssd_fits(V) else "torch"
+    if backend == "ssd":
+        from mambakit.ops.mamba3.ssd_form import mamba3_ssd
+
+        return mamba3_ssd(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=D, Z=Z, Input_States=Input_States,
+                          chunk_size=chunk_size, return_final_states=return_final_states, seq_idx=seq_idx,
+                          ssd_backend="triton")
     if backend == "triton":
         from mambakit.ops.mamba3.triton import mamba3_scan_triton as form
     else:
         form = mamba3_scan_ref if backend == "ref" else mamba3_chunked
     return form(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=D, Z=Z, Input_States=Input_States,
                 chunk_size=chunk_size, return_final_states=return_final_states, seq_idx=seq_idx)
+
+
+def _ssd_fits(V: object) -> bool:
+    """Whether "auto" runs the SSD Triton kernels: V a CUDA tensor, not float64, outside a CUDA-graph capture (the
+    chunked form is the one checked there), Triton importable."""
+    if not (isinstance(V, Tensor) and V.is_cuda and V.dtype != torch.float64):
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    from mambakit.ops.ssd import triton_available
+
+    return triton_available()
 
 
 def mamba3_step(

@@ -107,25 +107,36 @@ class Prepared(NamedTuple):
     first_back: Tensor  # (batch, nheads): (1 - lambda_0) DT_0, the first position's look-back to Input_States
 
 
-def prepare(Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor, K_bias: Tensor,
-            Angles: Tensor, D: Optional[Tensor], Z: Optional[Tensor],
-            Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]], chunk_size: int,
-            seq_idx: Optional[Tensor]) -> Prepared:
-    """Validate, cast to the compute dtype, chunk, and compute the angles (carried over chunks), the rotations and
-    the trapezoid's weights."""
+class Terms(NamedTuple):
+    """The per-position pieces before any chunking, time on dim 1, in the compute dtype."""
+
+    dims: Dims
+    fp: torch.dtype
+    q: Optional[Tensor]  # (batch, seqlen, nheads, d_state): Q per head with bias, not rotated (None: not asked)
+    k: Optional[Tensor]  # (batch, seqlen, nheads, d_state): K per head with bias, not rotated (None: not asked)
+    v: Tensor  # (batch, seqlen, nheads, headdim)
+    adt: Tensor  # (batch, seqlen, nheads)
+    inc: Tensor  # (batch, seqlen, nheads, n_angles): the angle increments
+    starts: Optional[Tensor]  # (batch, seqlen) bool: a packed sequence starts there (None: no boundary)
+    gamma: Tensor  # (batch, seqlen, nheads): lambda_j DT_j, the weight of position j in its own output
+    scale: Tensor  # (batch, seqlen, nheads): gamma_j + the next position's look-back weight
+    first_back: Tensor  # (batch, nheads): (1 - lambda_0) DT_0, the first position's look-back to Input_States
+
+
+def position_terms(Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor,
+                   K_bias: Tensor, Angles: Tensor, D: Optional[Tensor], Z: Optional[Tensor],
+                   Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]], chunk_size: int,
+                   seq_idx: Optional[Tensor], with_qk: bool = True) -> Terms:
+    """Validate, cast to the compute dtype and compute the trapezoid's weights and the angle increments (and, if
+    with_qk, Q and K per head with their biases)."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise MambaKitError(f"chunk_size must be a positive int, got {chunk_size!r}")
     dims = validate(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, seq_idx)
     fp = compute_dtype(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z,
                        *(Input_States if Input_States is not None else ()))
-    batch, L, H, P = dims.batch, dims.seqlen, dims.nheads, dims.headdim
-    Qc = min(chunk_size, L)
-    pad = (-L) % Qc
-
-    # per-position inputs, time on dim 1: (batch, seqlen, nheads, ...)
-    q = heads_of_groups(Q.to(fp), H) + Q_bias.to(fp)
-    k = heads_of_groups(K.to(fp), H) + K_bias.to(fp)
-    v = V.to(fp)
+    H = dims.nheads
+    q = heads_of_groups(Q.to(fp), H) + Q_bias.to(fp) if with_qk else None
+    k = heads_of_groups(K.to(fp), H) + K_bias.to(fp) if with_qk else None
     dt, adt, lam = DT.to(fp).transpose(1, 2), ADT.to(fp).transpose(1, 2), torch.sigmoid(Trap.to(fp)).transpose(1, 2)
     inc = angle_increment(Angles.to(fp), dt)  # (batch, seqlen, nheads, n_angles)
     starts = segment_starts(seq_idx)  # (batch, seqlen) bool or None
@@ -133,7 +144,21 @@ def prepare(Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tens
     look_back = _pad_time((1 - lam[:, 1:]) * dt[:, 1:], 1)  # position j: (1 - lambda_{j+1}) DT_{j+1}
     if starts is not None:
         look_back = torch.where(_pad_time(starts[:, 1:], 1)[..., None], 0.0, look_back)
-    scale = gamma + look_back
+    return Terms(dims, fp, q, k, V.to(fp), adt, inc, starts, gamma, gamma + look_back, (1 - lam[:, 0]) * dt[:, 0])
+
+
+def prepare(Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor, K_bias: Tensor,
+            Angles: Tensor, D: Optional[Tensor], Z: Optional[Tensor],
+            Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]], chunk_size: int,
+            seq_idx: Optional[Tensor]) -> Prepared:
+    """Validate, cast to the compute dtype, chunk, and compute the angles (carried over chunks), the rotations and
+    the trapezoid's weights."""
+    terms = position_terms(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx)
+    dims, fp, starts = terms.dims, terms.fp, terms.starts
+    batch, L = dims.batch, dims.seqlen
+    Qc = min(chunk_size, L)
+    pad = (-L) % Qc
+    q, k, v, inc, adt, gamma, scale = terms.q, terms.k, terms.v, terms.inc, terms.adt, terms.gamma, terms.scale
 
     q, k, v, inc, adt, gamma, scale = (_chunk(_pad_time(t, pad), Qc) for t in (q, k, v, inc, adt, gamma, scale))
     if starts is None:
@@ -163,10 +188,10 @@ def prepare(Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tens
     q_rot, k_rot = rotate(q, theta), rotate(k, theta)  # (batch, nchunks, Q, nheads, d_state)
 
     return Prepared(dims, fp, Qc, q_rot, k_rot, v, adt, gamma, scale, seg_c, from_start, to_end, carry,
-                    (1 - lam[:, 0]) * dt[:, 0])
+                    terms.first_back)
 
 
-def start_state(p: Prepared, Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
+def start_state(p: Union[Prepared, Terms], Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
     """The ssm state (batch, nheads, headdim, d_state) that the first chunk starts from: zero, or Input_States' ssm
     plus the first position's look-back to Input_States' v and k (the decay alpha_0 is applied in the chunk)."""
     if Input_States is None:

@@ -180,8 +180,9 @@ def mamba3_mimo_scan(
     :data:`mambakit.ops.mamba3.BACKENDS`: "auto" and "torch" the chunked form (the kernels are opt-in until timed on
     a GPU), "triton" the Triton kernels (:mod:`mambakit.ops.mamba3.triton_mimo`: CUDA or TRITON_INTERPRET=1), "ref"
     the recurrence."""
-    if backend not in BACKENDS:
-        raise MambaKitError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS or backend == "ssd":
+        raise MambaKitError(f"backend must be one of {tuple(b for b in BACKENDS if b != 'ssd')} (\"ssd\" is SISO "
+                            f"only), got {backend!r}")
     if backend == "triton":
         from mambakit.ops.mamba3.triton_mimo import mamba3_mimo_scan_triton as form
     else:

@@ -93,15 +93,16 @@ def mamba_chunk_scan_combined(
     dt_softplus: bool = False,
     dt_limit: Tuple[float, float] = DEFAULT_DT_LIMIT,
     return_final_states: bool = False,
+    log_decay: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> SSDOutput:
-    """The Mamba-2 SSD op with the official ``mamba_ssm`` signature, plus ``backend``.
+    """The Mamba-2 SSD op with the official ``mamba_ssm`` signature, plus ``backend`` and ``log_decay``.
 
     Args:
         x: (batch, seqlen, nheads, headdim).
         dt: (batch, seqlen, nheads); processed as ``softplus(dt + dt_bias)`` (each part optional), then clamped
             to ``dt_limit`` unless that is the default (0, inf).
-        A: (nheads,), negative.
+        A: (nheads,), negative; None with ``log_decay``.
         B, C: (batch, seqlen, ngroups, d_state), ngroups dividing nheads.
         chunk_size: positive int (any, not only powers of two).
         D: (nheads,) or (nheads, headdim) skip connection, optional.
@@ -111,6 +112,9 @@ def mamba_chunk_scan_combined(
         seq_idx: (batch, seqlen) int, optional: packed sequences; the state is reset where it changes.
         dt_softplus, dt_limit: see ``dt``.
         return_final_states: also return the state after the last position.
+        log_decay: (batch, seqlen, nheads), optional, with A None: a per-position log-decay (<= 0 for a stable
+            scan) in place of ``dt * A``: ``state_t = exp(log_decay_t) state_{t-1} + dt_t x_t B_t^T`` (dt, after
+            its processing, only scales the input); differentiable like every other input.
         backend: "auto" (Triton kernels for CUDA tensors that are not float64, else PyTorch), "torch" (the chunked
             PyTorch form, any device), "triton" (mambakit.ops.ssd.triton; chunk_size is then an upper bound on
             its internal chunk of 16..64 positions, which changes nothing but speed) or "ref" (the recurrence).
@@ -129,20 +133,20 @@ def mamba_chunk_scan_combined(
     if backend == "ref":
         return ssd_recurrent(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                              seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                             return_final_states=return_final_states)
+                             return_final_states=return_final_states, log_decay=log_decay)
     if backend == "triton":
         return _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
-                            dt_limit, return_final_states)
+                            dt_limit, return_final_states, log_decay)
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                        seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                       return_final_states=return_final_states)
+                       return_final_states=return_final_states, log_decay=log_decay)
 
 
 def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
-                 return_final_states) -> SSDOutput:
+                 return_final_states, log_decay=None) -> SSDOutput:
     """The Triton kernels (mambakit.ops.ssd.triton) for dt processing, the scan and the D skip; the gate in PyTorch."""
     check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
-                     need_chunk_size=True)
+                     need_chunk_size=True, log_decay=log_decay)
     if x.dtype == torch.float64:
         raise MambaKitError("backend='triton' takes float16, bfloat16 or float32 x, got float64 (use 'torch')")
     if not x.is_cuda and not interpreted():
@@ -154,7 +158,7 @@ def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
     limit = tuple(dt_limit) if tuple(dt_limit) != DEFAULT_DT_LIMIT else None  # the bias, softplus, clamp: in-kernel
     # non-finite values stay causal inside the kernels (their chunks mask the future after the products)
     y, final = ssd_triton_core(x, dt, A, B, C, D, initial_states, segments(seq_idx), chunk_size, dt_bias=dt_bias,
-                               dt_softplus=dt_softplus, dt_limit=limit)
+                               dt_softplus=dt_softplus, dt_limit=limit, log_decay=log_decay)
     if z is not None:
         y = (y.float() * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_states else y

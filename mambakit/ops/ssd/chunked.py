@@ -81,7 +81,9 @@ def _build_chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, seg: O
     Bc = _to_chunks(B, c, Q, pad).transpose(2, 3).contiguous()
     Cc = _to_chunks(C, c, Q, pad).transpose(2, 3).contiguous()
     # cumsum in float64: the only rounding left is that of each sum itself
-    acs64 = _to_chunks(dt.double() * A.double(), c, Q, pad).cumsum(dim=2)  # (c, b, Q, h)
+    # A (nheads,), or (b, seqlen, h): the per-position log-decay itself
+    log_decay = A.double() if A.dim() == 3 else dt.double() * A.double()
+    acs64 = _to_chunks(log_decay, c, Q, pad).cumsum(dim=2)  # (c, b, Q, h)
     last = acs64[:, :, -1]  # (c, b, h)
     from_start, to_end, over_chunk = acs64, last[:, :, None] - acs64, last
     cross = None
@@ -270,7 +272,8 @@ def _chunked_backward(ch: _Chunks, states: Tensor, gy: Tensor, grad_final: Optio
 
 
 class _ChunkedSSD(torch.autograd.Function):
-    """Core of the chunked form: (x, dt, A, B, C, D, initial_states) -> (y without the gate, final state).
+    """Core of the chunked form: (x, dt, A, B, C, D, initial_states) -> (y without the gate, final state); A is
+    (nheads,) or the per-position log-decay (batch, seqlen, nheads) (then dt only scales the input).
 
     The backward recomputes the chunk-local quadratic blocks (nothing of size seqlen * chunk_size is stored);
     only the state entering each chunk, (c, b, h, p, n), is saved.
@@ -306,8 +309,11 @@ class _ChunkedSSD(torch.autograd.Function):
         gX, g_dA, gB, gC, g_init = _chunked_backward(ch, states, gy, gf)
         gX = _from_chunks(gX, seqlen)
         g_dA = _from_chunks(g_dA, seqlen)
-        gdt = (gX * x).sum(-1) + g_dA * A
-        gA = (g_dA * dt).sum((0, 1))
+        if A.dim() == 3:  # A is the per-position log-decay: dt only scales the input
+            gdt, gA = (gX * x).sum(-1), g_dA
+        else:
+            gdt = (gX * x).sum(-1) + g_dA * A
+            gA = (g_dA * dt).sum((0, 1))
         gx = gX.mul_(dt[..., None])
         gD = None
         if D is not None:
@@ -340,15 +346,17 @@ def ssd_chunked(
     dt_softplus: bool = False,
     dt_limit: Tuple[float, float] = DEFAULT_DT_LIMIT,
     return_final_states: bool = False,
+    log_decay: Optional[Tensor] = None,
 ) -> SSDOutput:
     """SSD by the chunked (block) decomposition; time and memory linear in seqlen.
 
     The sequence is cut into chunks of ``chunk_size`` (any positive int; the tail chunk is zero-padded). Within a
     chunk the quadratic form via matmuls; the chunk-local states; a recurrence over chunk states only; the state
     contribution read out with C. Gradients reach every input through a hand-written backward.
-    Returns y (batch, seqlen, nheads, headdim), and the final state (batch, nheads, headdim, d_state) if
-    ``return_final_states``.
+    ``log_decay`` (batch, seqlen, nheads), with A None: the decay at t is exp(log_decay_t) (differentiable), dt
+    only scales the input. Returns y (batch, seqlen, nheads, headdim), and the final state
+    (batch, nheads, headdim, d_state) if ``return_final_states``.
     """
     return run_form(_chunked_core, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
-                     dt_softplus, dt_limit, return_final_states, need_chunk_size=True)
+                     dt_softplus, dt_limit, return_final_states, need_chunk_size=True, log_decay=log_decay)
 

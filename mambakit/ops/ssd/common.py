@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -24,27 +25,33 @@ def add_skip(y: Tensor, x: Tensor, D: Optional[Tensor]) -> Tensor:
 
 
 def run_form(core, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
-             return_final_states, *, need_chunk_size: bool, guard: bool = True) -> SSDOutput:
+             return_final_states, *, need_chunk_size: bool, guard: bool = True,
+             log_decay: Optional[Tensor] = None) -> SSDOutput:
     """Validate, process dt, cast to the compute dtype, run ``core`` (which adds D * x) and apply the gate.
-    ``guard``: keep non-finite values causal (:func:`guard_inputs`); the recurrence needs no guard."""
+    ``guard``: keep non-finite values causal (:func:`guard_inputs`); the recurrence needs no guard.
+    ``log_decay`` (batch, seqlen, nheads), with A None: the per-position log-decay, passed to ``core`` as A."""
     check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
-                     need_chunk_size=need_chunk_size)
-    dtype = compute_dtype(x, dt, A, B, C)
+                     need_chunk_size=need_chunk_size, log_decay=log_decay)
+    dtype = compute_dtype(x, dt, A, B, C, log_decay)
     dt_c = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
     x_c = x.to(dtype)
     init = None if initial_states is None else initial_states.to(dtype)
     D_c = None if D is None else D.to(dtype)
     B_c = B.to(dtype)
+    decay = (A if log_decay is None else log_decay).to(dtype)
     if guard:
         x_c, dt_c, B_c, poison = guard_inputs(x_c, dt_c, B_c)
-    y, final = core(x_c, dt_c, A.to(dtype), B_c, C.to(dtype), D_c, init, seq_idx, chunk_size)
+        if log_decay is not None:
+            bad = ~torch.isfinite(decay)
+            poison = poison | poisoned_lanes([bad], time_dim=1)
+            decay = decay.masked_fill(bad, 0.0)
+    y, final = core(x_c, dt_c, decay, B_c, C.to(dtype), D_c, init, seq_idx, chunk_size)
     if guard:
         y, final = guard_outputs(y, final, poison)
     if z is not None:
         y = y * F.silu(z.to(dtype))
     y = y.to(x.dtype)
     return (y, final) if return_final_states else y
-
 
 
 def guard_inputs(x: Tensor, dt: Tensor, B: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

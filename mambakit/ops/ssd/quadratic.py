@@ -27,8 +27,10 @@ def _segsum_exp(acs: Tensor, keep: Tensor) -> Tensor:
 
 def _log_decays(dt: Tensor, A: Tensor) -> Tensor:
     """Inclusive cumulative sums of dt*A over the whole sequence, in float64 whatever the compute dtype (a long
-    cumsum must not cost the small differences): dt (batch, seqlen, nheads) -> (batch, nheads, seqlen)."""
-    return torch.cumsum(dt.double() * A.double(), dim=1).transpose(1, 2)
+    cumsum must not cost the small differences): dt (batch, seqlen, nheads) -> (batch, nheads, seqlen). A (nheads,),
+    or (batch, seqlen, nheads): the per-position log-decay itself."""
+    log_decay = A.double() if A.dim() == 3 else dt.double() * A.double()
+    return torch.cumsum(log_decay, dim=1).transpose(1, 2)
 
 
 def _attention_matrix(dt: Tensor, A: Tensor, B: Tensor, C: Tensor, seg: Optional[Tensor]) -> Tensor:
@@ -126,15 +128,17 @@ def ssd_quadratic(
     dt_softplus: bool = False,
     dt_limit: Tuple[float, float] = DEFAULT_DT_LIMIT,
     return_final_states: bool = False,
+    log_decay: Optional[Tensor] = None,
 ) -> SSDOutput:
     """SSD by the attention ("dual") form ``y = (L o C B^T)(dt x)`` over the whole sequence.
 
     ``L[i, j] = exp(sum_{k=j+1..i} dt_k A)`` for i >= j (same packed sequence) else 0, from a masked segment-sum.
     Time and memory are quadratic in seqlen (batch * nheads * seqlen^2). Same arguments as
-    :func:`mamba_chunk_scan_combined` (``chunk_size`` is accepted and ignored). Returns y
+    :func:`mamba_chunk_scan_combined` (``chunk_size`` is accepted and ignored; ``log_decay`` in place of dt * A).
+    Returns y
     (batch, seqlen, nheads, headdim), and the final state (batch, nheads, headdim, d_state) if
     ``return_final_states``.
     """
     return run_form(_quadratic_core, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
-                     dt_softplus, dt_limit, return_final_states, need_chunk_size=False)
+                     dt_softplus, dt_limit, return_final_states, need_chunk_size=False, log_decay=log_decay)
 

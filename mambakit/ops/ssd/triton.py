@@ -242,12 +242,14 @@ class _Plan:
         return splits
 
 
-def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Optional[Tensor],
                 initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
                 dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
-                dt_limit: Optional[Tuple[float, float]] = None) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+                dt_limit: Optional[Tuple[float, float]] = None,
+                log_decay: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), processed here (+ dt_bias (nheads,),
-    softplus, clamp to dt_limit where given); A: (nheads,) float32;
+    softplus, clamp to dt_limit where given); A: (nheads,) float32, or None with log_decay (batch, seqlen, nheads),
+    the per-position log-decay in place of dt * A;
     B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states:
     (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype.
     chunk_size: upper bound of the chunk.
@@ -257,6 +259,9 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     pl = _Plan(x, B, chunk_size)
     dev = x.device
     dtp = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad, x)
+    ldp = dtp if log_decay is None else _prepare_dt(log_decay, None, False, None, pl.Lpad, x)
+    if log_decay is not None:
+        A = torch.zeros(pl.nheads, device=dev, dtype=torch.float32)  # the kernels read the increments from ldp
     segp = _padded_segments(seg, pl.Lpad)
     has_seg = segp is not None
     segp_arg = segp if has_seg else dtp
@@ -268,16 +273,16 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     if pl.fused_states(dev):
         BPs, BNs = pl.state_tiles(dev)
         _chunk_states_fwd[pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs)](
-            x, dtp, A, B, segp_arg, init, acs, H, final, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks,
-            pl.Lpad, *x.stride(), *B.stride(), HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q,
-            BQ=pl.state_block, BP=BPs, BN=BNs, PAIRS=pl.pairs(dev), PREC=pl.prec, num_warps=pl.warps,
-            num_stages=pl.stages)
+            x, dtp, A, ldp, B, segp_arg, init, acs, H, final, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
+            pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), HAS_INIT=initial_states is not None, HAS_SEG=has_seg,
+            Q=pl.Q, BQ=pl.state_block, BP=BPs, BN=BNs, PAIRS=pl.pairs(dev), PREC=pl.prec,
+            LOG_DECAY=log_decay is not None, num_warps=pl.warps, num_stages=pl.stages)
     else:
         S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
         _chunk_state_fwd[pl.nchunks, pl.batch * pl.nheads](
-            x, dtp, A, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
+            x, dtp, A, ldp, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
             *x.stride(), *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BP=pl.BP, BN=pl.BN, PREC=pl.prec,
-            num_warps=pl.warps, num_stages=pl.stages)
+            LOG_DECAY=log_decay is not None, num_warps=pl.warps, num_stages=pl.stages)
         _state_passing_fwd[pl.batch * pl.nheads, pl.nblocks](
             S, acs, segp_arg, init, H, final, pl.nheads, pl.PN, pl.nchunks, pl.Lpad,
             HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
@@ -314,20 +319,25 @@ def _workspace(device: torch.device, **sizes: int) -> Tuple[Tensor, dict]:
     return torch.empty(max(total, 1), device=device, dtype=torch.float32), offsets
 
 
-def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], saved: Tuple[Tensor, ...],
-                 dy: Tensor, dfinal: Optional[Tensor], chunk_size: int,
+def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Optional[Tensor],
+                 saved: Tuple[Tensor, ...], dy: Tensor, dfinal: Optional[Tensor], chunk_size: int,
                  dx_out: Optional[Tensor] = None, dt_grad: Optional[DtGrad] = None,
                  dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None,
-                 need_dinit: bool = True) -> Tuple[Optional[Tensor], ...]:
+                 need_dinit: bool = True, log_decay: bool = False) -> Tuple[Optional[Tensor], ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dinit, dbias): dx in x's dtype, dB, dC in B's dtype, the others float32;
     dx: x's shape, ddt: (batch, seqlen, nheads) of the processed dt, dA: (nheads,), dB, dC: B's shape, dD: D's
     shape (None without D), dinit: (batch, nheads, headdim, d_state) (None unless need_dinit), dbias None.
     dx_out: x's shape and dtype, dB_out / dC_out: B's shape and dtype, any strides (e.g. slices of a bigger
     gradient buffer): the gradient is written there. With dt_grad, ddt is the raw dt's gradient (its dtype, in
-    dt_grad.out when given) and dbias the bias's (its dtype; None without a bias), as `dt_processing_grad` gives."""
+    dt_grad.out when given) and dbias the bias's (its dtype; None without a bias), as `dt_processing_grad` gives.
+    log_decay: the forward ran with a per-position log-decay (A None): dA is then its gradient, (batch, seqlen,
+    nheads) float32."""
     dtp, segp, acs, H = saved
     pl = _Plan(x, B, chunk_size)
     dev = x.device
+    if log_decay:
+        A = torch.zeros(pl.nheads, device=dev, dtype=torch.float32)  # ddt = q alone; r goes to dld
+    dld = torch.empty_like(dtp) if log_decay else dtp  # not written without log_decay
     has_seg = segp is not None
     segp_arg = segp if has_seg else dtp
     dy = dy.to(x.dtype)
@@ -401,20 +411,23 @@ def ssd_backward(x: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor]
         lo, hi = dt_grad.limit if dt_grad.limit is not None else (0.0, 0.0)
         ddt = graw
     _dt_bwd[pl.nchunks, pl.batch * pl.nheads](
-        dtp, A, ws, ws, ws, ws, ws, ws, ddt, ws, raw, bias if bias is not None else dtp, graw,
+        dtp, A, ws, ws, ws, ws, ws, ws, ddt, dld, ws, raw, bias if bias is not None else dtp, graw,
         ws, ws, ws, dB, dC, pl.seqlen, *(raw.stride() if dt_grad is not None else (0, 0, 0)),
         *(graw.stride() if dt_grad is not None else (0, 0, 0)), float(lo), float(hi), pl.nheads, pl.nchunks,
         pl.Lpad, ntiles, pl.P, pl.N, pl.ngroups, pl.hpg, splits, K, off["row"], off["rowpart"], off["dacol"],
         off["q"], off["usum"], off["dlast"], off["red"], off["dD"], off["dBp"], off["dCs"], *dB.stride(),
         *dC.stride(), Q=pl.Q, BQ=pl.BQ, RAW=dt_grad is not None, HAS_BIAS=dt_grad is not None and bias is not None,
         SOFTPLUS=dt_grad is not None and dt_grad.softplus, HAS_LIMIT=dt_grad is not None and dt_grad.limit is not None,
-        HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, BNR=min(pl.BN, 32), num_warps=1)
+        HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, BNR=min(pl.BN, 32),
+        LOG_DECAY=log_decay, num_warps=1)
     red = ws.as_strided((pl.batch * pl.nchunks, K), (K, 1), off["red"])  # (batch * nchunks, K)
     dA, dbias, dD = red.sum(0).split([pl.nheads, pl.nheads, pl.nheads * d_cols])
     if dt_grad is None:
         ddt = ddt[:, :, : pl.seqlen].transpose(1, 2)
     dbias = dbias.to(bias.dtype) if dt_grad is not None and bias is not None else None
     dD = None if D is None else (dD.view(pl.nheads, pl.P) if D.dim() == 2 else dD)
+    if log_decay:
+        dA = dld[:, :, : pl.seqlen].transpose(1, 2)
     return dx, ddt, dA, dB, dC, dD, dinit, dbias
 
 
@@ -439,23 +452,27 @@ def _config_key(x: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], has_init: 
 class _SSDTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size, dt_bias, dt_softplus,  # type: ignore[override]
-                dt_limit):
+                dt_limit, log_decay):
         processing = (dt_bias, dt_softplus, dt_limit)
+        has_ld = log_decay is not None
 
         def first_call() -> None:  # forward and backward (the upstream gradients guessed: contiguous, materialised)
-            y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing)
+            y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing,
+                                          log_decay=log_decay)
             ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), torch.empty_like(final), chunk_size,
-                         dt_grad=DtGrad(dt, *processing), need_dinit=initial_states is not None)
+                         dt_grad=DtGrad(dt, *processing), need_dinit=initial_states is not None, log_decay=has_ld)
 
         key = _config_key(x, B, C, D, initial_states is not None, seg, chunk_size, dt) + (
-            dt_bias is not None, dt_softplus, dt_limit is not None)
+            dt_bias is not None, dt_softplus, dt_limit is not None, has_ld)
         precompile_once(("forward",) + key, first_call)
-        y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing)
+        y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing,
+                                      log_decay=log_decay)
         dtp, segp, acs, H = saved
         ctx.save_for_backward(x, A, B, C, D, dtp, acs, H, segp, dt, dt_bias)
         ctx.chunk_size = chunk_size
         ctx.has_init = initial_states is not None
         ctx.dt_softplus, ctx.dt_limit = dt_softplus, dt_limit
+        ctx.log_decay_dtype = log_decay.dtype if has_ld else None
         return y, final
 
     @staticmethod
@@ -463,28 +480,33 @@ class _SSDTriton(torch.autograd.Function):
         x, A, B, C, D, dtp, acs, H, segp, dt, dt_bias = ctx.saved_tensors
         dy = gy if gy is not None else torch.zeros_like(x)
         # the real upstream gradients may specialise the backward kernels otherwise than forward's guess
-        key = _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy)
+        has_ld = ctx.log_decay_dtype is not None
+        key = _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy) + (has_ld,)
         precompile_once(("backward", dy.dtype, gfinal is None) + key,
                         lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size,
                                              dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit),
-                                             need_dinit=ctx.has_init))
+                                             need_dinit=ctx.has_init, log_decay=has_ld))
         dx, ddt, dA, dB, dC, dD, dinit, dbias = ssd_backward(
             x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size,
-            dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit), need_dinit=ctx.has_init)
-        return (dx, ddt, dA, dB, dC, dD, dinit,
-                None, None, dbias, None, None)
+            dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit), need_dinit=ctx.has_init, log_decay=has_ld)
+        dld = dA.to(ctx.log_decay_dtype) if has_ld else None
+        return (dx, ddt, None if has_ld else dA, dB, dC, dD, dinit,
+                None, None, dbias, None, None, dld)
 
 
-def ssd_triton_core(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def ssd_triton_core(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Optional[Tensor],
                     initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
                     dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
-                    dt_limit: Optional[Tuple[float, float]] = None) -> Tuple[Tensor, Tensor]:
+                    dt_limit: Optional[Tuple[float, float]] = None,
+                    log_decay: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Differentiable SSD core with the D skip, without the gate. x: (batch, seqlen, nheads, headdim)
     float16/bfloat16/float32; dt: (batch, seqlen, nheads), processed in the first kernel (+ dt_bias (nheads,),
-    softplus, clamp to dt_limit where given); B, C are cast to x's dtype; D: (nheads,) or (nheads, headdim) or None.
+    softplus, clamp to dt_limit where given); B, C are cast to x's dtype; D: (nheads,) or (nheads, headdim) or None;
+    A None with log_decay (batch, seqlen, nheads), the per-position log-decay (differentiable) in place of dt * A.
     Returns y (x's dtype) and the final state (float32)."""
     io = x.dtype
     init = None if initial_states is None else initial_states.float()
     Df = None if D is None else D.float().contiguous()
-    return _SSDTriton.apply(x, dt, A.float().contiguous(), B.to(io), C.to(io), Df, init, seg, chunk_size, dt_bias,
-                            dt_softplus, dt_limit)
+    Af = None if A is None else A.float().contiguous()
+    return _SSDTriton.apply(x, dt, Af, B.to(io), C.to(io), Df, init, seg, chunk_size, dt_bias,
+                            dt_softplus, dt_limit, log_decay)

@@ -243,14 +243,14 @@ def _chunk_dBC_bwd(x_ptr, dt_ptr, B_ptr, C_ptr, seg_ptr, acs_ptr, H_ptr, G_ptr, 
 
 
 @triton.jit
-def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dlast_ptr, ddt_ptr, red_ptr,
+def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dlast_ptr, ddt_ptr, dld_ptr, red_ptr,
             raw_ptr, bias_ptr, graw_ptr, dDpart_ptr, dBp_ptr, dCs_ptr, dB_ptr, dC_ptr,
             seqlen, s_rb, s_rl, s_rh, s_gb, s_gl, s_gh, lo, hi, nheads, nchunks, Lpad, ntiles, P, N, ngroups,
             heads_per_group, splits, K, row_off, rowpart_off, dacol_off, q_off, usum_off, dlast_off, red_off, dD_off,
             dBp_off, dCs_off, sdB_b, sdB_l, sdB_g, sdB_n, sdC_b, sdC_l, sdC_g, sdC_n,
             Q: tl.constexpr, BQ: tl.constexpr, RAW: tl.constexpr, HAS_BIAS: tl.constexpr,
             SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
-            BP: tl.constexpr, BNR: tl.constexpr):
+            BP: tl.constexpr, BNR: tl.constexpr, LOG_DECAY: tl.constexpr):
     """One program per (chunk, batch * head): dL/da_t (see above; the chunk-end terms enter at the last
     position), its reverse cumsum r within the chunk (the gradient of dt_t * A), ddt_t = r_t A + q_t and the chunk's
     parts of dA = sum_t r_t dt_t, of the bias's gradient and of dD, into one row red[b, c] of K = 2 nheads +
@@ -261,6 +261,9 @@ def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dla
     raw_ptr, v = raw + bias, the clamp's pass-through where lo <= softplus(v) <= hi, times sigmoid(v) for the
     softplus; the raw dt's gradient goes to graw_ptr (its strides, its dtype) (the same products as
     `dt_processing_grad`).
+
+    LOG_DECAY: the increments of a were a per-position log-decay (the caller passes A = 0): r, its gradient, goes
+    to dld_ptr (batch, nheads, Lpad) float32.
 
     Then dB and dC of the chunk's positions, summed from the dB/dC kernel's partial sums in a fixed order (no
     atomics) and written in dB_ptr's dtype with its strides: the group's heads share the (position block, state
@@ -303,6 +306,8 @@ def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dla
         r = carry + tl.cumsum(da, axis=0, reverse=True)
         carry += tl.sum(da, axis=0)
         g = r * A + q
+        if LOG_DECAY:
+            tl.store(dld_ptr + row + pos, r)
         if RAW:
             valid = pos < seqlen
             v = tl.load(raw_ptr + b * s_rb + pos * s_rl + h * s_rh, mask=valid, other=0.0).to(tl.float32)

@@ -16,13 +16,14 @@ from mambakit.ops.ssd.triton_tiles import (  # noqa: F401
 
 
 @triton.jit
-def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, acs_ptr, S_ptr,
+def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, ld_ptr, B_ptr, seg_ptr, acs_ptr, S_ptr,
                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
                      HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, LOG_DECAY: tl.constexpr):
     """One program per (chunk, batch * head): the within-chunk cumsum a of dt * A (stored) and the chunk-local state
-    S = sum_s exp(a_last - a_s) B_s X~_s^T, accumulated block by block and rescaled to each block's end."""
+    S = sum_s exp(a_last - a_s) B_s X~_s^T, accumulated block by block and rescaled to each block's end.
+    LOG_DECAY: the increments of a are read from ld_ptr (batch, nheads, Lpad) float32 instead of dt * A."""
     c, b, h, g, row = _chunk_head_program(nheads, heads_per_group, Lpad)
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
@@ -33,7 +34,7 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, acs_ptr, S_ptr,
     for k in range(Q // BQ):
         s, valid = _block_positions(c, k, seqlen, Q, BQ)
         dt = tl.load(dt_ptr + row + s)  # padded with zeros by the caller
-        acs = carry + tl.cumsum(dt * A, axis=0)
+        acs = carry + tl.cumsum(_increments(dt, A, ld_ptr, row, s, LOG_DECAY), axis=0)
         tl.store(acs_ptr + row + s, acs)
         a_end = tl.sum(tl.where(tl.arange(0, BQ) == BQ - 1, acs, 0.0), axis=0)
         w = _exit_decay(acs, a_end, _load_seg(seg_ptr, b, s, Lpad, HAS_SEG, BQ), seg_last, HAS_SEG)
@@ -69,10 +70,19 @@ def _state_passing_fwd(S_ptr, acs_ptr, seg_ptr, init_ptr, H_ptr, final_ptr,
 
 
 @triton.jit
-def _chunk_contribution(x_ptr, dt_ptr, A, B_ptr, seg_ptr, acs_ptr, row, b, h, g, p, n, c, acs_mask,
+def _increments(dt, A, ld_ptr, row, s, LOG_DECAY: tl.constexpr):
+    """The log-decay of positions s: dt * A, or (LOG_DECAY) read from ld_ptr (batch, nheads, Lpad) at row + s."""
+    inc = dt * A
+    if LOG_DECAY:
+        inc = tl.load(ld_ptr + row + s)
+    return inc
+
+
+@triton.jit
+def _chunk_contribution(x_ptr, dt_ptr, A, ld_ptr, B_ptr, seg_ptr, acs_ptr, row, b, h, g, p, n, c, acs_mask,
                         seqlen, P, N, Lpad, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
                         HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, LOG_DECAY: tl.constexpr):
     """Chunk c's part of the state pass, which does not depend on the state entering it: (decay, U) with the state
     leaving the chunk = decay * state entering + U, U (BN, BP) = sum_s exp(a_end - a_s) B_s X~_s^T, summed block by
     block of BQ positions. Stores the within-chunk cumsum a of dt * A where acs_mask."""
@@ -82,7 +92,7 @@ def _chunk_contribution(x_ptr, dt_ptr, A, B_ptr, seg_ptr, acs_ptr, row, b, h, g,
     for k in tl.static_range(Q // BQ):
         s, valid = _block_positions(c, k, seqlen, Q, BQ)
         dt = tl.load(dt_ptr + row + s)  # padded with zeros by the caller
-        acs = carry + tl.cumsum(dt * A, axis=0)
+        acs = carry + tl.cumsum(_increments(dt, A, ld_ptr, row, s, LOG_DECAY), axis=0)
         tl.store(acs_ptr + row + s, acs, mask=acs_mask)
         a_end = tl.sum(tl.where(tl.arange(0, BQ) == BQ - 1, acs, 0.0), axis=0)
         decay = tl.exp(a_end - carry)
@@ -103,11 +113,12 @@ def _chunk_contribution(x_ptr, dt_ptr, A, B_ptr, seg_ptr, acs_ptr, row, b, h, g,
 
 
 @triton.jit
-def _chunk_states_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, init_ptr, acs_ptr, H_ptr, final_ptr,
+def _chunk_states_fwd(x_ptr, dt_ptr, A_ptr, ld_ptr, B_ptr, seg_ptr, init_ptr, acs_ptr, H_ptr, final_ptr,
                       seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
                       sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
                       HAS_INIT: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr,
-                      BP: tl.constexpr, BN: tl.constexpr, PAIRS: tl.constexpr, PREC: tl.constexpr):
+                      BP: tl.constexpr, BN: tl.constexpr, PAIRS: tl.constexpr, PREC: tl.constexpr,
+                      LOG_DECAY: tl.constexpr):
     """One program per (batch * head, headdim block, d_state block), sequential over the chunks of the whole
     sequence: the within-chunk cumsum a of dt * A (stored), the state H_c entering every chunk (stored) and the final
     state. The state stays in registers from chunk to chunk (chunk-local states never go through memory): state <-
@@ -121,16 +132,16 @@ def _chunk_states_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, seg_ptr, init_ptr, acs_ptr, H
     H_off = (b * nchunks * nheads + h) * P * N + state_off
     H_chunk = b * 0 + nheads * P * N  # H's stride from chunk to chunk (int64, as b)
     for c in range(0, nchunks, 1 + PAIRS):
-        decay, U = _chunk_contribution(x_ptr, dt_ptr, A, B_ptr, seg_ptr, acs_ptr, row, b, h, g, p, n, c, first_tile,
-                                       seqlen, P, N, Lpad, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
-                                       HAS_SEG, Q, BQ, BP, BN, PREC)
+        decay, U = _chunk_contribution(x_ptr, dt_ptr, A, ld_ptr, B_ptr, seg_ptr, acs_ptr, row, b, h, g, p, n, c,
+                                       first_tile, seqlen, P, N, Lpad, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g,
+                                       sB_n, HAS_SEG, Q, BQ, BP, BN, PREC, LOG_DECAY)
         if PAIRS:  # the second chunk of the pair, if any (else the last chunk again, its results not used)
             has_next = c + 1 < nchunks
-            decay2, U2 = _chunk_contribution(x_ptr, dt_ptr, A, B_ptr, seg_ptr, acs_ptr, row, b, h, g, p, n,
+            decay2, U2 = _chunk_contribution(x_ptr, dt_ptr, A, ld_ptr, B_ptr, seg_ptr, acs_ptr, row, b, h, g, p, n,
                                              tl.minimum(c + 1, nchunks - 1),
                                              first_tile & ((tl.arange(0, BQ) * 0 + c + 1) < nchunks),
                                              seqlen, P, N, Lpad, sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
-                                             HAS_SEG, Q, BQ, BP, BN, PREC)
+                                             HAS_SEG, Q, BQ, BP, BN, PREC, LOG_DECAY)
         tl.store(H_ptr + H_off + c * H_chunk, state.to(H_ptr.dtype.element_ty), mask=m_state)
         state = state * decay + U
         if PAIRS:

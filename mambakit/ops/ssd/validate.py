@@ -97,8 +97,10 @@ def check_ssd_inputs(
     dt_limit: object,
     *,
     need_chunk_size: bool,
+    log_decay: object = None,
 ) -> Dims:
-    """Check the arguments of the sequence forms once; return the problem sizes."""
+    """Check the arguments of the sequence forms once; return the problem sizes. With ``log_decay`` (batch, seqlen,
+    nheads), A must be None (the decay is given per position instead)."""
     x = require_tensor("x", x)
     if x.dim() != 4 or min(x.shape) < 1:
         raise MambaKitError(
@@ -108,8 +110,14 @@ def check_ssd_inputs(
     device = x.device
     dt = require_tensor("dt", dt)
     require_shape("dt", dt, [("batch", batch), ("seqlen", seqlen), ("nheads", nheads)])
-    A = require_tensor("A", A)
-    require_shape("A", A, [("nheads", nheads)])
+    if log_decay is None:
+        A = require_tensor("A", A)
+        require_shape("A", A, [("nheads", nheads)])
+    else:
+        if A is not None:
+            raise MambaKitError(f"A must be None when log_decay is given, got {type(A).__name__}")
+        log_decay = require_tensor("log_decay", log_decay)
+        require_shape("log_decay", log_decay, [("batch", batch), ("seqlen", seqlen), ("nheads", nheads)])
     B = require_tensor("B", B)
     ok = B.dim() == 4 and B.shape[0] == batch and B.shape[1] == seqlen and min(B.shape) >= 1
     if not ok or nheads % B.shape[2] != 0:
@@ -137,7 +145,7 @@ def check_ssd_inputs(
     if seq_idx is not None:
         seq_idx = require_tensor("seq_idx", seq_idx, INT_DTYPES)
         require_shape("seq_idx", seq_idx, [("batch", batch), ("seqlen", seqlen)])
-    for name, value in (("dt", dt), ("A", A), ("B", B), ("C", C), ("z", z),
+    for name, value in (("dt", dt), ("A", A), ("log_decay", log_decay), ("B", B), ("C", C), ("z", z),
                         ("initial_states", initial_states), ("seq_idx", seq_idx)):
         if value is not None:
             require_device(name, value, device)  # type: ignore[arg-type]

@@ -42,6 +42,16 @@ def angle_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(d.abs().max())
 
 
+def assert_same_outputs(out, ref, tol: float) -> None:
+    """(y, angle, ssm, k, v) against a reference: rel_err < tol, the angle on the circle."""
+    from tests.conftest import rel_err
+
+    assert rel_err(out[0], ref[0]) < tol
+    assert angle_err(out[1], ref[1]) < tol
+    for a, b in zip(out[2:], ref[2:]):
+        assert rel_err(a, b) < tol
+
+
 def as_dtype(kw: dict, dtype: torch.dtype, device="cpu") -> dict:
     """The scan's keyword arguments with the floating tensors in dtype (Input_States in float32) on device."""
     out = {n: (t.to(device, dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()

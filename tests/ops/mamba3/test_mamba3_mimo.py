@@ -11,7 +11,7 @@ from mambakit.errors import MambaKitError
 from mambakit.ops.mamba3 import mamba3_scan
 from mambakit.ops.mamba3.mimo import mamba3_mimo_chunked, mamba3_mimo_scan_ref, mamba3_mimo_step, mimo_combine
 from tests.conftest import rel_err
-from tests.ops.mamba3.helpers import angle_err, mimo_inputs, scan_grads
+from tests.ops.mamba3.helpers import angle_err, assert_same_outputs, mimo_inputs, scan_grads
 
 SHAPES = [
     dict(),
@@ -21,18 +21,11 @@ SHAPES = [
 ]
 
 
-def _same(out, ref, tol):
-    assert rel_err(out[0], ref[0]) < tol
-    assert angle_err(out[1], ref[1]) < tol
-    for a, b in zip(out[2:], ref[2:]):
-        assert rel_err(a, b) < tol
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("chunk_size", [4, 7, 64])
 def test_chunked_equals_recurrence_float64(shape, chunk_size):
     kw = mimo_inputs(**shape)
-    _same(mamba3_mimo_chunked(**kw, chunk_size=chunk_size, return_final_states=True),
+    assert_same_outputs(mamba3_mimo_chunked(**kw, chunk_size=chunk_size, return_final_states=True),
           mamba3_mimo_scan_ref(**kw, return_final_states=True), 1e-12)
 
 

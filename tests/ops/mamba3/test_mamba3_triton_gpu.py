@@ -1,7 +1,8 @@
 """GPU: the Mamba-3 Triton scans (SISO, and MIMO of rank 2-4), forward and every gradient, in float32 and bfloat16
-(MIMO also float16) against the chunked PyTorch form in float32 (fed the same rounded inputs), at shapes near the
-130M model's (headdim 64, d_state 128) and odd ones, with packed sequences and initial states; gradients
-bit-identical run to run; the layer's scan_backend="triton" reaching the kernels."""
+(MIMO also float16), and SISO through the SSD kernels (backend "ssd"), against the chunked PyTorch form in float32
+(fed the same rounded inputs), at shapes near the 130M model's (headdim 64, d_state 128) and odd ones, with packed
+sequences and initial states; gradients bit-identical run to run; the layer's scan_backend="triton" reaching the
+kernels."""
 from __future__ import annotations
 
 import pytest
@@ -29,14 +30,16 @@ def _scan(backend):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_triton_scan_gradients_cuda(shape, dtype, tol):
+@pytest.mark.parametrize("backend", ["triton", "ssd"])  # the Mamba-3 kernels; the SSD kernels (ops/mamba3/ssd_form)
+def test_triton_scan_gradients_cuda(shape, dtype, tol, backend):
     kw = as_dtype(scan_inputs(**shape, dtype=torch.float64), dtype, "cuda")
-    assert_matches_torch(kw, dtype, tol, _scan("torch"), _scan("triton"))
+    assert_matches_torch(kw, dtype, tol, _scan("torch"), _scan(backend))
 
 
 def test_auto_backend_agrees_with_triton_on_cuda():
     kw = as_dtype(scan_inputs(seqlen=70, dtype=torch.float64), torch.float32, "cuda")
     assert rel_err(mamba3_scan(**kw), mamba3_scan(**kw, backend="triton")) < 1e-5
+    assert torch.equal(mamba3_scan(**kw), mamba3_scan(**kw, backend="ssd"))  # "auto" on CUDA is the SSD form
 
 
 MIMO_SHAPES = [

@@ -1,0 +1,121 @@
+"""Mamba-3 SISO as an SSD (Mamba-2's scan) with a per-position log-decay: the angles and the trapezoid's weights in
+PyTorch, the biases and rotations of B and C (:mod:`.triton_rotary` with the kernels, else PyTorch), the scan by
+:func:`mambakit.ops.ssd.mamba_chunk_scan_combined` (its Triton kernels on the GPU), and a diagonal correction.
+
+The math. Per head, with k_t, q_t the rotated B and C (with bias), lambda_t = sigmoid(Trap_t), alpha_t =
+exp(ADT_t), the recurrence of :mod:`mambakit.ops.mamba3.common` is::
+
+    h_t = alpha_t h_{t-1} + (1 - lambda_t) DT_t alpha_t v_{t-1} k_{t-1}^T + lambda_t DT_t v_t k_t^T
+
+Position j enters the state twice: at j with weight gamma_j = lambda_j DT_j, and at j + 1 with weight
+(1 - lambda_{j+1}) DT_{j+1} alpha_{j+1}. Both are then decayed by the same alphas, so for t > j its contribution
+to h_t is ``prod_{i=j+1..t} alpha_i * s_j * v_j k_j^T`` with::
+
+    s_j = lambda_j DT_j + (1 - lambda_{j+1}) DT_{j+1}      (the second term 0 at the last position and where a
+                                                            packed sequence starts at j + 1)
+
+while h_j itself holds only gamma_j = s_j - (1 - lambda_{j+1}) DT_{j+1}. So h_t is the SSD state with log-decay
+ADT_t, input scale s_t, B = k, C = q, except at its own position; and::
+
+    y_t = SSD(x = v, dt = s, log_decay = ADT, B = k, C = q)_t + (D - (q_t . k_t) (s_t - gamma_t)) v_t
+
+The state before the first position enters the SSD as ``ssm + (1 - lambda_0) DT_0 v_{-1} k_{-1}^T`` (the first
+position's look-back; alpha_0 is applied by the SSD). The final ssm state is the SSD's final state (the last
+position's look-forward term belongs to the next call, which reads k and v from the state).
+
+Non-finite values: the SSD forms keep them causal; the correction and the rotations are per position.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mambakit.errors import MambaKitError
+from mambakit.ops.mamba3.chunked import _AtSegmentStart, position_terms, start_state
+from mambakit.ops.mamba3.common import TWO_PI, heads_of_groups, rotate
+from mambakit.ops.ssd import mamba_chunk_scan_combined
+
+#: the SSD backends this form can run on: "triton" (the SSD Triton kernels: CUDA, or the interpreter), "torch"
+#: (the chunked PyTorch SSD) and "ref" (the SSD recurrence)
+SSD_BACKENDS = ("triton", "torch", "ref")
+
+#: the upper bound on the SSD kernels' chunk handed to them ("triton"): they choose their own chunk below it
+SSD_KERNEL_CHUNK = 256
+
+
+def sequence_angles(inc: Tensor, starts: Optional[Tensor], angle0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The angles theta_t (mod 2 pi) of every position from one float64 cumulative sum over the whole sequence (no
+    loop over chunks; float64 keeps the long sums exact enough), restarted where a packed sequence starts.
+
+    inc: (batch, seqlen, nheads, n_angles) the increments; starts: (batch, seqlen) bool or None; angle0: (batch,
+    nheads, n_angles) the angle before the first position, or None. Returns (theta in inc's dtype, the last
+    position's theta (batch, nheads, n_angles))."""
+    inc64 = inc.double()
+    theta = inc64.cumsum(1)
+    in_first = None
+    if starts is not None:
+        L = inc.shape[1]
+        first = torch.cummax(torch.where(starts, torch.arange(L, device=inc.device), 0), dim=1).values  # (b, L)
+        # the sum before each segment's start, taken without gather's atomics (deterministic gradients)
+        theta = theta - _AtSegmentStart.apply((theta - inc64)[:, None], first[:, None])[:, 0]
+        in_first = (first == 0)[..., None, None]
+    if angle0 is not None:
+        start = angle0.double()[:, None]
+        theta = theta + (start if in_first is None else torch.where(in_first, start, 0.0))
+    theta = torch.remainder(theta, TWO_PI).to(inc.dtype)
+    return theta, theta[:, -1]
+
+
+def mamba3_ssd(
+    Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor, Trap: Tensor, Q_bias: Tensor, K_bias: Tensor,
+    Angles: Tensor, D: Optional[Tensor] = None, Z: Optional[Tensor] = None,
+    Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, chunk_size: int = 64,
+    return_final_states: bool = False, seq_idx: Optional[Tensor] = None, ssd_backend: str = "triton",
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """The Mamba-3 SISO scan through the SSD op (see the module's docstring for the math).
+
+    Arguments and results as :func:`mambakit.ops.mamba3.mamba3_scan` (y (batch, seqlen, nheads, headdim) in V's
+    dtype, or (y, angle, ssm, k, v) with the final states in float32, float64 for float64 inputs), plus
+    ssd_backend: one of :data:`SSD_BACKENDS`. With "triton", 16-bit V runs the SSD's matrix products in V's dtype
+    (the rotated B and C are rounded to it; the weights, decays and states stay float32), and the kernels choose
+    their own chunk; chunk_size is then only checked.
+    """
+    if ssd_backend not in SSD_BACKENDS:
+        raise MambaKitError(f"ssd_backend must be one of {SSD_BACKENDS}, got {ssd_backend!r}")
+    kernels = ssd_backend == "triton"
+    p = position_terms(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx,
+                       with_qk=not kernels)
+    L, H = p.dims.seqlen, p.dims.nheads
+    theta, final_angle = sequence_angles(p.inc, p.starts, None if Input_States is None else Input_States[0])
+    v = p.v
+    io = V.dtype if kernels and V.element_size() == 2 else p.fp
+    if kernels:  # bias, rotation and the own-position product in one kernel, q and k written once in io
+        from mambakit.ops.mamba3.triton_rotary import rotary_qk
+
+        q_io, k_io, qk = rotary_qk(Q, K, Q_bias, K_bias, theta, io)
+        # the last position's k for the state, unrounded
+        last_k = rotate(heads_of_groups(K[:, L - 1].to(p.fp), H) + K_bias.to(p.fp), theta[:, L - 1])
+    else:
+        q_io, k_io = rotate(p.q, theta), rotate(p.k, theta)  # (batch, seqlen, nheads, d_state)
+        qk, last_k = (q_io * k_io).sum(-1), k_io[:, L - 1]
+    h0 = None if Input_States is None else start_state(p, Input_States)
+    # the kernels pick their own chunk below this bound (128 positions for 16-bit inputs, as for Mamba-2)
+    ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if kernels else chunk_size
+    y, ssm = mamba_chunk_scan_combined(
+        V if V.dtype == io else v.to(io), p.scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
+        return_final_states=True, log_decay=p.adt, backend=ssd_backend)
+    # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t (qk from the same rounded q and k,
+    # so that the look-forward part cancels); plus the D skip
+    diag = qk * (p.gamma - p.scale)  # (batch, seqlen, nheads)
+    if D is not None:
+        diag = diag + D.to(p.fp)
+    y = y.to(p.fp) + diag[..., None] * v
+    if Z is not None:
+        y = y * F.silu(Z.to(p.fp))
+    y = y.to(V.dtype)
+    if not return_final_states:
+        return y
+    return y, final_angle, ssm.to(p.fp), last_k, v[:, L - 1]

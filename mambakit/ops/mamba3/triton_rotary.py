@@ -1,0 +1,222 @@
+"""The SSD form's pre-processing of B and C as Triton kernels (standard Triton only): per head, bias, rotation and
+the own-position product, forward and backward in one pass each, so that the (batch, seqlen, nheads, d_state)
+tensors go through memory once (the PyTorch form makes a dozen passes over them).
+
+Forward, per (batch, position, head h of group g)::
+
+    q = Rot(theta)(Q[g] + Q_bias[h]),  k = Rot(theta)(K[g] + K_bias[h])      pairs (2i, 2i+1), i < n_angles
+    qk = sum_n round(q)_n round(k)_n                                           (float32; round: to the output dtype)
+
+Backward: with dq, dk the gradients of the rounded outputs (the rounding passes gradients through) and dqk that of
+qk, ``gq = dq + dqk round(k)`` (and alike for k), ``d(Q + Q_bias) = Rot(-theta) gq``, summed over the group's heads
+for dQ and over batch and positions for dQ_bias (partial sums per block of positions, added by the caller in a
+fixed order: deterministic), and ``dtheta_i = sum over q and k of (gq_{2i+1} r_{2i} - gq_{2i} r_{2i+1})`` with r
+the unrounded rotated values.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+#: positions per program
+BLOCK_L = 32
+
+
+@triton.jit
+def _pair_tiles(ptr, bias_ptr, b, pos, g, h, i, mask_pi, s_b, s_l, s_g, N, S):
+    """The even and odd entries (2i, 2i+1) of X[b, pos, g] + bias[h] as float32 (BL, BS) tiles."""
+    base = ptr + b * s_b + pos[:, None] * s_l + g * s_g
+    e = tl.load(base + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32)
+    o = tl.load(base + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32)
+    e += tl.load(bias_ptr + h * N + 2 * i, mask=i < S, other=0.0).to(tl.float32)[None, :]
+    o += tl.load(bias_ptr + h * N + 2 * i + 1, mask=i < S, other=0.0).to(tl.float32)[None, :]
+    return e, o
+
+
+@triton.jit
+def _rest_tile(ptr, bias_ptr, b, pos, g, h, j, mask_pj, s_b, s_l, s_g, N):
+    """X[b, pos, g, j] + bias[h, j] (the unrotated dims j >= 2 n_angles) as a float32 (BL, BR) tile."""
+    x = tl.load(ptr + b * s_b + pos[:, None] * s_l + g * s_g + j[None, :], mask=mask_pj, other=0.0).to(tl.float32)
+    return x + tl.load(bias_ptr + h * N + j, mask=j < N, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _rotary_fwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, qk_ptr,
+                seqlen, nheads, hpg, N, S,
+                s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
+                BL: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, HAS_REST: tl.constexpr):
+    """One program per (batch * head, block of BL positions): q, k (batch, seqlen, nheads, N) in their dtype and qk
+    (batch, seqlen, nheads) float32; theta (batch, seqlen, nheads, S) float32, contiguous like the outputs."""
+    bh = tl.program_id(0)
+    b = (bh // nheads).to(tl.int64)
+    h = bh % nheads
+    g = h // hpg
+    pos = tl.program_id(1) * BL + tl.arange(0, BL)
+    mask_l = pos < seqlen
+    i = tl.arange(0, BS)
+    mask_pi = mask_l[:, None] & (i < S)[None, :]
+    th = tl.load(th_ptr + ((b * seqlen + pos[:, None]) * nheads + h) * S + i[None, :], mask=mask_pi, other=0.0)
+    c, s = tl.cos(th), tl.sin(th)
+    out = ((b * seqlen + pos[:, None]) * nheads + h) * N
+    qe, qo = _pair_tiles(Q_ptr, qb_ptr, b, pos, g, h, i, mask_pi, s_qb, s_ql, s_qg, N, S)
+    ke, ko = _pair_tiles(K_ptr, kb_ptr, b, pos, g, h, i, mask_pi, s_kb, s_kl, s_kg, N, S)
+    dtype = q_ptr.dtype.element_ty
+    rqe, rqo = (qe * c - qo * s).to(dtype), (qe * s + qo * c).to(dtype)
+    rke, rko = (ke * c - ko * s).to(dtype), (ke * s + ko * c).to(dtype)
+    tl.store(q_ptr + out + 2 * i[None, :], rqe, mask=mask_pi)
+    tl.store(q_ptr + out + 2 * i[None, :] + 1, rqo, mask=mask_pi)
+    tl.store(k_ptr + out + 2 * i[None, :], rke, mask=mask_pi)
+    tl.store(k_ptr + out + 2 * i[None, :] + 1, rko, mask=mask_pi)
+    qk = tl.sum(rqe.to(tl.float32) * rke.to(tl.float32) + rqo.to(tl.float32) * rko.to(tl.float32), axis=1)
+    if HAS_REST:
+        j = 2 * S + tl.arange(0, BR)
+        mask_pj = mask_l[:, None] & (j < N)[None, :]
+        rq = _rest_tile(Q_ptr, qb_ptr, b, pos, g, h, j, mask_pj, s_qb, s_ql, s_qg, N).to(dtype)
+        rk = _rest_tile(K_ptr, kb_ptr, b, pos, g, h, j, mask_pj, s_kb, s_kl, s_kg, N).to(dtype)
+        tl.store(q_ptr + out + j[None, :], rq, mask=mask_pj)
+        tl.store(k_ptr + out + j[None, :], rk, mask=mask_pj)
+        qk += tl.sum(rq.to(tl.float32) * rk.to(tl.float32), axis=1)
+    tl.store(qk_ptr + (b * seqlen + pos) * nheads + h, qk, mask=mask_l)
+
+
+@triton.jit
+def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_ptr, dqk_ptr,
+                dQ_ptr, dK_ptr, dqb_ptr, dkb_ptr, dth_ptr,
+                seqlen, nheads, hpg, N, S,
+                s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
+                BL: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, HAS_REST: tl.constexpr):
+    """One program per (batch * group, block of BL positions), looping over the group's heads: dQ, dK (batch,
+    seqlen, ngroups, N) float32 (summed over the heads in registers), dtheta (batch, seqlen, nheads, S) float32,
+    and the bias parts (batch * nblocks, nheads, N) float32 of this block. q, k: the forward's rounded outputs;
+    dq, dk: their gradients (contiguous, their layout); dqk (batch, seqlen, nheads) float32."""
+    bg = tl.program_id(0)
+    ngroups = nheads // hpg
+    b = (bg // ngroups).to(tl.int64)
+    g = bg % ngroups
+    blk = tl.program_id(1)
+    pos = blk * BL + tl.arange(0, BL)
+    mask_l = pos < seqlen
+    i = tl.arange(0, BS)
+    mask_pi = mask_l[:, None] & (i < S)[None, :]
+    j = 2 * S + tl.arange(0, BR)
+    mask_pj = mask_l[:, None] & (j < N)[None, :]
+    dQe = tl.zeros((BL, BS), dtype=tl.float32)
+    dQo = tl.zeros((BL, BS), dtype=tl.float32)
+    dKe = tl.zeros((BL, BS), dtype=tl.float32)
+    dKo = tl.zeros((BL, BS), dtype=tl.float32)
+    dQr = tl.zeros((BL, BR), dtype=tl.float32)
+    dKr = tl.zeros((BL, BR), dtype=tl.float32)
+    part = (b * tl.num_programs(1) + blk) * nheads
+    for hh in range(hpg):
+        h = g * hpg + hh
+        row = (b * seqlen + pos) * nheads + h
+        th = tl.load(th_ptr + row[:, None] * S + i[None, :], mask=mask_pi, other=0.0)
+        c, s = tl.cos(th), tl.sin(th)
+        dqk = tl.load(dqk_ptr + row, mask=mask_l, other=0.0)[:, None]
+        out = row[:, None] * N
+        qe, qo = _pair_tiles(Q_ptr, qb_ptr, b, pos, g, h, i, mask_pi, s_qb, s_ql, s_qg, N, S)
+        ke, ko = _pair_tiles(K_ptr, kb_ptr, b, pos, g, h, i, mask_pi, s_kb, s_kl, s_kg, N, S)
+        # the gradients of the rotated values: their own, plus qk's through the other factor (rounded, as used)
+        gqe = tl.load(dq_ptr + out + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32) \
+            + dqk * tl.load(k_ptr + out + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32)
+        gqo = tl.load(dq_ptr + out + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32) \
+            + dqk * tl.load(k_ptr + out + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32)
+        gke = tl.load(dk_ptr + out + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32) \
+            + dqk * tl.load(q_ptr + out + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32)
+        gko = tl.load(dk_ptr + out + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32) \
+            + dqk * tl.load(q_ptr + out + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32)
+        # d theta from r = Rot(theta) x: dr_e/dtheta = -r_o, dr_o/dtheta = r_e
+        dth = gqo * (qe * c - qo * s) - gqe * (qe * s + qo * c) + gko * (ke * c - ko * s) - gke * (ke * s + ko * c)
+        tl.store(dth_ptr + row[:, None] * S + i[None, :], dth, mask=mask_pi)
+        # Rot(-theta) of the gradients: the inputs' (with bias) gradients
+        xqe, xqo = gqe * c + gqo * s, gqo * c - gqe * s
+        xke, xko = gke * c + gko * s, gko * c - gke * s
+        dQe += xqe
+        dQo += xqo
+        dKe += xke
+        dKo += xko
+        tl.store(dqb_ptr + (part + h) * N + 2 * i, tl.sum(xqe, axis=0), mask=i < S)
+        tl.store(dqb_ptr + (part + h) * N + 2 * i + 1, tl.sum(xqo, axis=0), mask=i < S)
+        tl.store(dkb_ptr + (part + h) * N + 2 * i, tl.sum(xke, axis=0), mask=i < S)
+        tl.store(dkb_ptr + (part + h) * N + 2 * i + 1, tl.sum(xko, axis=0), mask=i < S)
+        if HAS_REST:
+            gq = tl.load(dq_ptr + out + j[None, :], mask=mask_pj, other=0.0).to(tl.float32) \
+                + dqk * tl.load(k_ptr + out + j[None, :], mask=mask_pj, other=0.0).to(tl.float32)
+            gk = tl.load(dk_ptr + out + j[None, :], mask=mask_pj, other=0.0).to(tl.float32) \
+                + dqk * tl.load(q_ptr + out + j[None, :], mask=mask_pj, other=0.0).to(tl.float32)
+            dQr += gq
+            dKr += gk
+            tl.store(dqb_ptr + (part + h) * N + j, tl.sum(gq, axis=0), mask=j < N)
+            tl.store(dkb_ptr + (part + h) * N + j, tl.sum(gk, axis=0), mask=j < N)
+    grp = ((b * seqlen + pos[:, None]) * ngroups + g) * N
+    tl.store(dQ_ptr + grp + 2 * i[None, :], dQe, mask=mask_pi)
+    tl.store(dQ_ptr + grp + 2 * i[None, :] + 1, dQo, mask=mask_pi)
+    tl.store(dK_ptr + grp + 2 * i[None, :], dKe, mask=mask_pi)
+    tl.store(dK_ptr + grp + 2 * i[None, :] + 1, dKo, mask=mask_pi)
+    if HAS_REST:
+        tl.store(dQ_ptr + grp + j[None, :], dQr, mask=mask_pj)
+        tl.store(dK_ptr + grp + j[None, :], dKr, mask=mask_pj)
+
+
+def _sizes(Q: Tensor, theta: Tensor) -> dict:
+    N, S = Q.shape[-1], theta.shape[-1]
+    rest = N - 2 * S
+    return dict(BL=BLOCK_L, BS=max(16, triton.next_power_of_2(S)), BR=max(16, triton.next_power_of_2(max(rest, 1))),
+                HAS_REST=rest > 0)
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, Q, K, Q_bias, K_bias, theta, dtype):  # type: ignore[override]
+        batch, seqlen, ngroups, N = Q.shape
+        nheads = Q_bias.shape[0]
+        theta = theta.float().contiguous()
+        q = torch.empty(batch, seqlen, nheads, N, device=Q.device, dtype=dtype)
+        k = torch.empty_like(q)
+        qk = torch.empty(batch, seqlen, nheads, device=Q.device, dtype=torch.float32)
+        meta = _sizes(Q, theta)
+        grid = (batch * nheads, triton.cdiv(seqlen, BLOCK_L))
+        _rotary_fwd[grid](Q, K, Q_bias, K_bias, theta, q, k, qk, seqlen, nheads, nheads // ngroups, N,
+                          theta.shape[-1], *Q.stride()[:3], *K.stride()[:3], **meta, num_warps=4)
+        ctx.save_for_backward(Q, K, Q_bias, K_bias, theta, q, k)
+        return q, k, qk
+
+    @staticmethod
+    def backward(ctx, dq, dk, dqk):  # type: ignore[override]
+        Q, K, Q_bias, K_bias, theta, q, k = ctx.saved_tensors
+        batch, seqlen, ngroups, N = Q.shape
+        nheads = Q_bias.shape[0]
+        dq = torch.zeros_like(q) if dq is None else dq.contiguous()
+        dk = torch.zeros_like(k) if dk is None else dk.contiguous()
+        dqk = torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32) if dqk is None else \
+            dqk.float().contiguous()
+        nblocks = triton.cdiv(seqlen, BLOCK_L)
+        f32 = dict(device=Q.device, dtype=torch.float32)
+        dQ = torch.empty(batch, seqlen, ngroups, N, **f32)
+        dK = torch.empty_like(dQ)
+        dth = torch.empty(theta.shape, **f32)
+        # every (block, head) row is written by the program of the head's group
+        dqb = torch.zeros(batch * nblocks, nheads, N, **f32)
+        dkb = torch.zeros_like(dqb)
+        _rotary_bwd[(batch * ngroups, nblocks)](
+            Q, K, Q_bias, K_bias, theta, q, k, dq, dk, dqk, dQ, dK, dqb, dkb, dth, seqlen, nheads,
+            nheads // ngroups, N, theta.shape[-1], *Q.stride()[:3], *K.stride()[:3], **_sizes(Q, theta),
+            num_warps=4)
+        return (dQ.to(Q.dtype), dK.to(K.dtype), dqb.sum(0).to(Q_bias.dtype), dkb.sum(0).to(K_bias.dtype),
+                dth, None)
+
+
+def rotary_qk(Q: Tensor, K: Tensor, Q_bias: Tensor, K_bias: Tensor, theta: Tensor,
+              dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """Q, K: (batch, seqlen, ngroups, d_state) (last stride 1); Q_bias, K_bias: (nheads, d_state); theta: (batch,
+    seqlen, nheads, n_angles). Returns q, k (batch, seqlen, nheads, d_state) in dtype, the rotated Q and K with
+    bias per head, and qk (batch, seqlen, nheads) float32 their product; differentiable in every tensor input."""
+    if Q.stride(-1) != 1:
+        Q = Q.contiguous()
+    if K.stride(-1) != 1:
+        K = K.contiguous()
+    return _Rotary.apply(Q, K, Q_bias.contiguous(), K_bias.contiguous(), theta, dtype)

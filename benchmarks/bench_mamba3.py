@@ -5,7 +5,7 @@ official default); our Mamba-2 block beside them, and the official mamba_ssm Mam
 importable.
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_mamba3.py [--batch 8] [--seqlen 2048] [--d-model 768]
-        [--d-state 128] [--headdim 64] [--mimo-rank 4] [--dtype bfloat16]
+        [--d-state 128] [--headdim 64] [--mimo-rank 4] [--dtype bfloat16] [--only ssd Mamba2] [--no-official]
 
 The first-call times are of a cold, private Triton cache (compile + any autotune), forward+backward. Times are
 medians of triton.testing.do_bench (CUDA events, L2 flushed). Rows go to $OUT/bench_mamba3.jsonl when $OUT is set.
@@ -64,6 +64,9 @@ def main() -> None:
     p.add_argument("--headdim", type=int, default=64)
     p.add_argument("--mimo-rank", type=int, default=4)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("--only", nargs="+", default=None, metavar="WORD",
+                   help="time only the blocks whose name contains one of these words (e.g. ssd Mamba2)")
+    p.add_argument("--no-official", action="store_true", help="leave out the official blocks")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_mamba3 needs a CUDA GPU")
@@ -85,10 +88,12 @@ def main() -> None:
         f"mambakit Mamba3 MIMO R={R} triton": lambda: Mamba3(args.d_model, **mimo, scan_backend="triton"),
         "mambakit Mamba2": lambda: Mamba2(args.d_model, **size),
     }
-    official = _official_mamba3()
+    official = None if args.no_official else _official_mamba3()
     if official is not None:
         blocks["official Mamba3"] = lambda: official(args.d_model, **size)
         blocks[f"official Mamba3 MIMO R={R}"] = lambda: official(args.d_model, **mimo)
+    if args.only:
+        blocks = {name: make for name, make in blocks.items() if any(w in name for w in args.only)}
     rows = Rows("bench_mamba3")
     for name, make in blocks.items():
         block = make().to("cuda", dtype)

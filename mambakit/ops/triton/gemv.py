@@ -241,8 +241,9 @@ def one_shot_config(n: int, k: int, sms: int) -> GemvConfig:
 
 
 #: batch 2-64 with one norm group and in_features up to this: the whole row in one k block on the tensor cores
-#: (`one_shot_batched_config`); 0 turns it off (the k loop)
-ONE_SHOT_BATCHED_MAX_K = 2048
+#: (`one_shot_batched_config`); 0: off (the k loop), since it was 2x slower than the loop on an H200 and far slower
+#: where its registers spill (RESULTS.md, thirteenth session)
+ONE_SHOT_BATCHED_MAX_K = 0
 
 
 def one_shot_batched_config(batch: int, n: int, k: int, sms: int, block_n: int = 0,

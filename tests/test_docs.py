@@ -73,3 +73,20 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_the_readmes_train_examples_each_write_their_own_folder():
+    """Issue 25: running the README's commands one after the other must not replace an earlier run: every `mambakit
+    train` example that starts a run names an --out of its own (the bare first command uses runs/mamba); only
+    --resume (and --init-from's source) may name an existing one."""
+    text = (ROOT / "README.md").read_text()
+    commands = [line.split("#")[0] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                for line in block.splitlines() if re.search(r"\bmambakit train\b", line)]
+    assert len(commands) >= 4
+    outs = []
+    for cmd in commands:
+        if "--resume" in cmd or "--help" in cmd:
+            continue
+        found = re.search(r"--out\s+(\S+)", cmd)
+        outs.append(found.group(1) if found else "runs/mamba")
+    assert len(outs) >= 4 and len(set(outs)) == len(outs), outs

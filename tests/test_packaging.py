@@ -38,3 +38,8 @@ def test_the_readmes_first_command_installs_no_test_extra():
     train = [line for line in first if "mambakit train" in line]
     assert len(train) == 1 and "[test]" not in train[0] and ".[plot]" in train[0], first
     assert any("[test]" in line and "pytest" in line for line in first), first
+
+
+def test_the_folders_the_commands_write_are_ignored():
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert "runs/" in ignored and "explain/" in ignored

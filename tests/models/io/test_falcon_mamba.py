@@ -110,3 +110,14 @@ def test_falcon_mamba_chunked_prefill_and_left_padded_batch(case, tmp_path):
         parts = [model(ids[:, a:b], cache=cache).logits for a, b in ((0, 4), (4, 5), (5, 21))]
     assert rel_err(torch.cat(parts, dim=1), logits(model, ids)) <= TOL
     check_left_padding(model, ref)
+
+
+def test_falcon_mamba_problems_are_listed_together(tmp_path):
+    """One CheckpointError names every value mambakit cannot compute exactly, and the missing tensor too."""
+    from tests.models.io.hybrid_helpers import refusal
+
+    ref = hf_falcon("tied")
+    ref.save_pretrained(tmp_path / "hf")
+    text = refusal(tmp_path / "hf", tmp_path / "bad", mixer_rms_eps=0, hidden_act="gelu", time_step_rank=0)
+    assert "mixer_rms_eps must be a positive number, got 0" in text
+    assert "hidden_act 'gelu' is not supported" in text and "time_step_rank must be a positive integer" in text

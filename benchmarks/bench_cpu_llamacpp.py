@@ -1,23 +1,23 @@
-"""CPU prefill and decode, mambakit float32 / bfloat16 against transformers float32 / bfloat16 and llama.cpp f32 / f16
-on the same weights, in one run.
+"""CPU prefill and decode, mambakit float32 / bfloat16 / float16 against transformers float32 / bfloat16 and
+llama.cpp f32 / f16 on the same weights, in one run.
 
     pip download llama-cpp-python --no-deps --no-binary :all: && tar xzf llama_cpp_python-*.tar.gz
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python            # builds llama.cpp (a while on 2 cores)
     python benchmarks/bench_cpu_llamacpp.py --llama-src llama_cpp_python-*/vendor/llama.cpp
     python benchmarks/bench_cpu_llamacpp.py --llama-src DIR --llama-site VENV/lib/python3.11/site-packages  # a venv's
 
-One random-weight model per architecture (130M shape: d_model 768, 24 layers, vocabulary 50280; Mamba-2 with
-d_state 128, headdim 64; the official initialisation, seed 0) is saved in transformers format
-(`save_pretrained(..., format="hf")`, plus `pad_vocab_size_multiple` in config.json, which llama.cpp's Mamba-2
-conversion reads) and converted to GGUF f32 and f16 by llama.cpp's own `convert_hf_to_gguf.py` (`--llama-src`: the
-llama.cpp folder of the llama-cpp-python source tarball). mambakit reads the same folder with `from_pretrained`
-(float32, and `dtype="bfloat16"`). For each thread count the four engines run one after the other, `--rounds`
-times: prefill of a `--prompt`-token random prompt (tok/s), then `--new-tokens` one-token steps fed the tokens that
-mambakit float32 picks greedily (tok/s). Every engine's logits at those steps are compared with mambakit float32's:
-median |difference| and how many argmax agree. The best round of each is reported (the machine is shared).
-transformers (`AutoModelForCausalLM.from_pretrained` of the same folder, its own cache, float32 and bfloat16) runs
-too when it imports (`--no-transformers` leaves it out). Without --llama-src, or when llama_cpp does not import,
-llama.cpp is left out (and it says so): the smoke test's `--tiny` run.
+One random-weight model per architecture (130M shape: d_model 768, 24 layers, vocabulary 50280; Mamba-2 with d_state
+128, headdim 64; the official initialisation, seed 0) is saved in transformers format (`save_pretrained(...,
+format="hf")`, plus `pad_vocab_size_multiple` in config.json, which llama.cpp's Mamba-2 conversion reads) and
+converted to GGUF f32 and f16 by llama.cpp's own `convert_hf_to_gguf.py` (`--llama-src`: the llama.cpp folder of the
+llama-cpp-python source tarball). mambakit reads the same folder with `from_pretrained` (float32, `dtype="bfloat16"`
+and `dtype="float16"`, the last like for like with llama.cpp f16). For each thread count the engines run one after
+the other, `--rounds` times: prefill of a `--prompt`-token random prompt (tok/s), then `--new-tokens` one-token
+steps fed the tokens that mambakit float32 picks greedily (tok/s). Every engine's logits at those steps are compared
+with mambakit float32's: median |difference| and how many argmax agree. The best round of each is reported (the
+machine is shared). transformers (`AutoModelForCausalLM.from_pretrained` of the same folder, its own cache, float32
+and bfloat16) runs too when it imports (`--no-transformers` leaves it out). Without --llama-src, or when llama_cpp
+does not import, llama.cpp is left out (and it says so): the smoke test's `--tiny` run.
 """
 from __future__ import annotations
 
@@ -91,9 +91,9 @@ class Transformers:
     def _run(self, ids: list[int], **cache: Any) -> torch.Tensor:
         with torch.inference_mode():
             out = self.model(torch.tensor([ids]), use_cache=True, **cache)
-        # 4.x returns and takes `cache_params`; 5.x returns `cache` and takes it back as `past_key_values`
-        self.cache = {"cache_params": out["cache_params"]} if "cache_params" in out else \
-            {"past_key_values": out.get("cache", out.get("past_key_values"))}
+        # 4.x returns and takes `cache_params`, 5.x `cache`
+        key = next(k for k in ("cache", "cache_params", "past_key_values") if k in out)
+        self.cache = {key: out[key]}
         return out.logits[0, -1].float()
 
     def prefill(self, prompt: list[int]) -> torch.Tensor:
@@ -188,7 +188,8 @@ def main() -> None:
         for arch in args.arch:
             folder = make_checkpoint(arch, shape, Path(tmp) / arch)
             engines: dict[str, Any] = {"mambakit fp32": Mambakit(folder, "float32"),
-                                       "mambakit bf16": Mambakit(folder, "bfloat16")}
+                                       "mambakit bf16": Mambakit(folder, "bfloat16"),
+                                       "mambakit fp16": Mambakit(folder, "float16")}
             for dtype, name in (("float32", "fp32"), ("bfloat16", "bf16")) if hf else ():
                 engines[f"transformers {name}"] = Transformers(folder, dtype)
             for kind in ("f32", "f16") if llama else ():

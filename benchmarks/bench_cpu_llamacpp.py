@@ -1,21 +1,23 @@
-"""CPU prefill and decode, mambakit float32 / bfloat16 against llama.cpp f32 / f16 on the same weights, in one run.
+"""CPU prefill and decode, mambakit float32 / bfloat16 / float16 against transformers float32 / bfloat16 and
+llama.cpp f32 / f16 on the same weights, in one run.
 
     pip download llama-cpp-python --no-deps --no-binary :all: && tar xzf llama_cpp_python-*.tar.gz
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python            # builds llama.cpp (a while on 2 cores)
     python benchmarks/bench_cpu_llamacpp.py --llama-src llama_cpp_python-*/vendor/llama.cpp
     python benchmarks/bench_cpu_llamacpp.py --llama-src DIR --llama-site VENV/lib/python3.11/site-packages  # a venv's
 
-One random-weight model per architecture (130M shape: d_model 768, 24 layers, vocabulary 50280; Mamba-2 with
-d_state 128, headdim 64; the official initialisation, seed 0) is saved in transformers format
-(`save_pretrained(..., format="hf")`, plus `pad_vocab_size_multiple` in config.json, which llama.cpp's Mamba-2
-conversion reads) and converted to GGUF f32 and f16 by llama.cpp's own `convert_hf_to_gguf.py` (`--llama-src`: the
-llama.cpp folder of the llama-cpp-python source tarball). mambakit reads the same folder with `from_pretrained`
-(float32, and `dtype="bfloat16"`). For each thread count the four engines run one after the other, `--rounds`
-times: prefill of a `--prompt`-token random prompt (tok/s), then `--new-tokens` one-token steps fed the tokens that
-mambakit float32 picks greedily (tok/s). Every engine's logits at those steps are compared with mambakit float32's:
-median |difference| and how many argmax agree. The best round of each is reported (the machine is shared).
-Without --llama-src, or when llama_cpp does not import, only the two mambakit engines run (and it says so): the
-smoke test's `--tiny` run.
+One random-weight model per architecture (130M shape: d_model 768, 24 layers, vocabulary 50280; Mamba-2 with d_state
+128, headdim 64; the official initialisation, seed 0) is saved in transformers format (`save_pretrained(...,
+format="hf")`, plus `pad_vocab_size_multiple` in config.json, which llama.cpp's Mamba-2 conversion reads) and
+converted to GGUF f32 and f16 by llama.cpp's own `convert_hf_to_gguf.py` (`--llama-src`: the llama.cpp folder of the
+llama-cpp-python source tarball). mambakit reads the same folder with `from_pretrained` (float32, `dtype="bfloat16"`
+and `dtype="float16"`, the last like for like with llama.cpp f16). For each thread count the engines run one after
+the other, `--rounds` times: prefill of a `--prompt`-token random prompt (tok/s), then `--new-tokens` one-token
+steps fed the tokens that mambakit float32 picks greedily (tok/s). Every engine's logits at those steps are compared
+with mambakit float32's: median |difference| and how many argmax agree. The best round of each is reported (the
+machine is shared). transformers (`AutoModelForCausalLM.from_pretrained` of the same folder, its own cache, float32
+and bfloat16) runs too when it imports (`--no-transformers` leaves it out). Without --llama-src, or when llama_cpp
+does not import, llama.cpp is left out (and it says so): the smoke test's `--tiny` run.
 """
 from __future__ import annotations
 
@@ -78,6 +80,32 @@ class Mambakit:
             return self.model.step(torch.tensor([token]), self.cache)[0].float()
 
 
+class Transformers:
+    """transformers' own model of the folder and its cache: prefill(prompt ids) then step(token) -> logits (vocab,)."""
+
+    def __init__(self, folder: Path, dtype: str):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+
+    def _run(self, ids: list[int], **cache: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(torch.tensor([ids]), use_cache=True, **cache)
+        # 4.x returns and takes `cache_params`, 5.x `cache`
+        key = next(k for k in ("cache", "cache_params", "past_key_values") if k in out)
+        self.cache = {key: out[key]}
+        return out.logits[0, -1].float()
+
+    def prefill(self, prompt: list[int]) -> torch.Tensor:
+        self.pos = len(prompt)
+        return self._run(prompt)
+
+    def step(self, token: int) -> torch.Tensor:
+        logits = self._run([token], cache_position=torch.tensor([self.pos]), **self.cache)
+        self.pos += 1
+        return logits
+
+
 class LlamaCpp:
     def __init__(self, gguf: Path, n_ctx: int, n_batch: int):
         from llama_cpp import Llama
@@ -133,9 +161,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-transformers", action="store_true", help="leave transformers' own model out")
+    parser.add_argument("--fp32-accumulation", action="store_true",
+                        help="mambakit's 16-bit decode products through mambakit.ops.cpu_linear (float32 accumulation)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer d_model 64 model, prompt 16 + 8 (smoke)")
     parser.add_argument("--json", help="rows as JSON lines (default: $OUT/cpu_llamacpp.jsonl)")
     args = parser.parse_args()
+    if args.fp32_accumulation:
+        from mambakit.ops import cpu_linear
+
+        cpu_linear.ENABLED = True
     if args.llama_site:
         sys.path.append(args.llama_site)
     llama = args.llama_src is not None and (args.llama_src / "convert_hf_to_gguf.py").is_file()
@@ -145,6 +180,13 @@ def main() -> None:
         llama = False
     if not llama:
         print("# llama.cpp left out: no --llama-src with convert_hf_to_gguf.py, or llama_cpp does not import")
+    hf = not args.no_transformers
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        hf = False
+        print("# transformers left out: it does not import")
     shape, prompt_len, new_tokens = ("tiny", 16, 8) if args.tiny else ("130m", args.prompt, args.new_tokens)
     rows = Rows("cpu_llamacpp", args.json)
     print(f"# load average at start: {os.getloadavg()}", flush=True)
@@ -152,7 +194,10 @@ def main() -> None:
         for arch in args.arch:
             folder = make_checkpoint(arch, shape, Path(tmp) / arch)
             engines: dict[str, Any] = {"mambakit fp32": Mambakit(folder, "float32"),
-                                       "mambakit bf16": Mambakit(folder, "bfloat16")}
+                                       "mambakit bf16": Mambakit(folder, "bfloat16"),
+                                       "mambakit fp16": Mambakit(folder, "float16")}
+            for dtype, name in (("float32", "fp32"), ("bfloat16", "bf16")) if hf else ():
+                engines[f"transformers {name}"] = Transformers(folder, dtype)
             for kind in ("f32", "f16") if llama else ():
                 engines[f"llama.cpp {kind}"] = LlamaCpp(convert(args.llama_src, folder, kind),
                                                         prompt_len + new_tokens + 8, prompt_len)

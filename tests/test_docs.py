@@ -73,3 +73,50 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_the_readmes_train_examples_each_write_their_own_folder():
+    """Issue 25: running the README's commands one after the other must not replace an earlier run: every `mambakit
+    train` example that starts a run names an --out of its own (the bare first command uses runs/mamba); only
+    --resume (and --init-from's source) may name an existing one."""
+    text = (ROOT / "README.md").read_text()
+    commands = [line.split("#")[0] for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                for line in block.splitlines() if re.search(r"\bmambakit train\b", line)]
+    assert len(commands) >= 4
+    outs = []
+    for cmd in commands:
+        if "--resume" in cmd or "--help" in cmd:
+            continue
+        found = re.search(r"--out\s+(\S+)", cmd)
+        outs.append(found.group(1) if found else "runs/mamba")
+    assert len(outs) >= 4 and len(set(outs)) == len(outs), outs
+
+
+def _command_lines() -> list[tuple[str, list[str]]]:
+    """(where, the arguments after `mambakit`) of every mambakit command in the ```bash blocks of the docs."""
+    import shlex
+
+    found = []
+    for path in DOC_FILES:
+        for block in re.findall(r"^```bash\n(.*?)^```", path.read_text(), re.S | re.M):
+            for line in block.splitlines():
+                for part in line.split("&&"):
+                    words = shlex.split(part.replace("[", "").replace("]", ""), comments=True)
+                    if "mambakit" in words:
+                        found.append((f"{path.name}: {line.strip()}", words[words.index("mambakit") + 1:]))
+    return found
+
+
+def test_every_documented_command_parses(capsys):
+    """Issue 25: the shell commands of README.md and docs/ use only options that exist, with valid values (parsed by
+    the real parser; nothing is run)."""
+    from mambakit.cli.main import build_parser
+
+    lines = _command_lines()
+    assert len(lines) >= 20 and {argv[0] for _, argv in lines} >= {"train", "generate", "explain", "info", "tasks"}
+    for where, argv in lines:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as exc:
+            assert exc.code == 0, f"{where}: {capsys.readouterr().err.strip()}"
+        capsys.readouterr()

@@ -31,7 +31,10 @@ the full-block maps, whose columns are the conv INPUTS, point at the token itsel
 Mamba, Mamba2 and attention (`MHA`) mixers are supported (other mixers, e.g. S4, raise MambaKitError). An
 attention layer's map is its softmax attention P averaged over heads (`mambakit.interpret.softmax_attention`; the
 same in both forms), its gradient-weighted map ``mean_h (P_h * d logit / d P_h)^+``. MLP and MoE layers (after a
-mixer, or alone as a layer of a hybrid) are position-wise and do not mix tokens: the rollout skips them.
+mixer, or alone as a layer of a hybrid) are position-wise and do not mix tokens: the rollout skips them. A Falcon-H1
+layer (`ParallelMixer`: attention and Mamba-2 side by side on the same input, outputs summed) has one map per
+layer, the mean of its two branches' maps (each computed on the input that branch sees, its multiplier applied),
+and likewise one gradient-weighted map, the mean of the two branches'.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from mambakit.interpret.softmax_attention import attention_values, softmax_atten
 from mambakit.layers.attention import MHA
 from mambakit.layers.mamba import Mamba
 from mambakit.layers.mamba2 import Mamba2
+from mambakit.layers.parallel_mixer import ParallelMixer
 
 __all__ = [
     "Explanation",
@@ -64,7 +68,14 @@ FORMS = ("ssm", "block")
 
 
 def _kind(mixer: nn.Module) -> str:
+    if isinstance(mixer, ParallelMixer):
+        return "parallel"
     return "attention" if isinstance(mixer, MHA) else "mamba2" if isinstance(mixer, Mamba2) else "mamba"
+
+
+def _branches(mixer: nn.Module) -> List[nn.Module]:
+    """The modules whose maps make up a layer's map: both branches of a ParallelMixer, else the mixer itself."""
+    return [mixer.mamba, mixer.attn] if isinstance(mixer, ParallelMixer) else [mixer]
 
 
 def _mixer_blocks(model: nn.Module) -> List[tuple[int, nn.Module]]:
@@ -78,9 +89,10 @@ def _mixer_blocks(model: nn.Module) -> List[tuple[int, nn.Module]]:
         mixer = block.mixer
         if mixer is None:  # an MLP-only layer of a hybrid: position-wise, nothing to draw
             continue
-        if not isinstance(mixer, (Mamba, Mamba2, MHA)):
+        if not isinstance(mixer, (Mamba, Mamba2, MHA, ParallelMixer)):
             raise MambaKitError(f"layer {i} is a {type(mixer).__name__} mixer; hidden attention is defined for Mamba, "
-                                "Mamba2 and attention (MHA) mixers only (S4 and others are not supported)")
+                                "Mamba2, attention (MHA) and parallel attention + Mamba-2 mixers only (S4 and others "
+                                "are not supported)")
         found.append((i, mixer))
     if not found:
         raise MambaKitError("the model has no token-mixing layer (Mamba, Mamba2 or attention) to explain")
@@ -123,19 +135,19 @@ def _position(position: int, seqlen: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass
 class _Trace:
-    mixer_inputs: List[Tensor]  # (batch, L, d_model) per layer, detached
-    grads: Optional[List[Tensor]]  # d score / d out_proj input, (batch, d_inner, L) per layer
+    mixer_inputs: List[List[Tensor]]  # per layer, per branch (`_branches`): its input (batch, L, d_model), detached
+    grads: Optional[List[List[Tensor]]]  # per layer, per branch: d score / d out_proj input, (batch, d_inner, L)
     target: Optional[Tensor]  # (batch,) token ids whose logit was explained
     logits: Tensor  # (batch, vocab) at the explained position
 
 
 def _trace(model: nn.Module, input_ids: Tensor, with_grad: bool, target: Optional[Union[int, Tensor]],
            position: int) -> _Trace:
-    mixers = mixer_layers(model)
+    branches = [b for m in mixer_layers(model) for b in _branches(m)]
     _check_ids(model, input_ids)
     pos = _position(position, input_ids.shape[1])
-    inputs: List[Optional[Tensor]] = [None] * len(mixers)
-    outs: List[Optional[Tensor]] = [None] * len(mixers)
+    inputs: List[Optional[Tensor]] = [None] * len(branches)
+    outs: List[Optional[Tensor]] = [None] * len(branches)
     handles = []
 
     def save_input(i):
@@ -148,9 +160,9 @@ def _trace(model: nn.Module, input_ids: Tensor, with_grad: bool, target: Optiona
             outs[i] = args[0]
         return hook
 
-    for i, mixer in enumerate(mixers):
-        handles.append(mixer.register_forward_pre_hook(save_input(i)))
-        handles.append(mixer.out_proj.register_forward_pre_hook(save_out(i)))
+    for i, branch in enumerate(branches):
+        handles.append(branch.register_forward_pre_hook(save_input(i)))
+        handles.append(branch.out_proj.register_forward_pre_hook(save_out(i)))
     if with_grad:  # the graph starts at the embedding output, whatever the parameters' requires_grad
         handles.append(model.backbone.embedding.register_forward_hook(
             lambda module, args, output: output.detach().requires_grad_(True)))
@@ -172,16 +184,39 @@ def _trace(model: nn.Module, input_ids: Tensor, with_grad: bool, target: Optiona
     finally:
         for h in handles:
             h.remove()
-    return _Trace(mixer_inputs=inputs, grads=grads, target=tgt, logits=logits.detach())
+    return _Trace(mixer_inputs=_per_layer(model, inputs), grads=None if grads is None else _per_layer(model, grads),
+                  target=tgt, logits=logits.detach())
+
+
+def _per_layer(model: nn.Module, flat: List[Tensor]) -> List[List[Tensor]]:
+    """A list over every branch of every mixer, cut into one list per mixer."""
+    out, k = [], 0
+    for mixer in mixer_layers(model):
+        n = len(_branches(mixer))
+        out.append(flat[k:k + n])
+        k += n
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Per-layer maps
 # ----------------------------------------------------------------------------------------------------------------------
+def _mixer_maps(mixer: nn.Module, hiddens: List[Tensor], form: str, grads: Optional[List[Tensor]], absolute: bool,
+                block_rows: Optional[int], max_elements: int):
+    """`_layer_maps` of one mixer: for a ParallelMixer the mean of its branches' maps, each from its own input."""
+    maps = [_layer_maps(branch, h, form, None if grads is None else g, absolute, block_rows, max_elements)
+            for branch, h, g in zip(_branches(mixer), hiddens, grads or [None] * len(hiddens))]
+    if len(maps) == 1:
+        return maps[0]
+    attn = sum(a for a, _ in maps) / len(maps)
+    return attn, None if grads is None else sum(w for _, w in maps) / len(maps)
+
+
 @torch.no_grad()
 def _layer_maps(mixer: nn.Module, hidden: Tensor, form: str, grad_out: Optional[Tensor], absolute: bool,
                 block_rows: Optional[int], max_elements: int):
-    """(mean attention (batch, L, L), mean positive grad x attention (batch, L, L) or None) of one layer."""
+    """(mean attention (batch, L, L), mean positive grad x attention (batch, L, L) or None) of one Mamba, Mamba2 or
+    MHA layer."""
     if isinstance(mixer, MHA):
         return _attention_maps(mixer, hidden, grad_out)
     view = layer_view(mixer, hidden)
@@ -236,7 +271,7 @@ def layer_attentions(model: nn.Module, input_ids: Tensor, form: str = "block", a
     inner channels for Mamba-1, over heads for Mamba-2)."""
     _check_form(form)
     trace = _trace(model, input_ids, with_grad=False, target=None, position=-1)
-    return [_layer_maps(m, h, form, None, absolute, block_rows, max_block_elements)[0]
+    return [_mixer_maps(m, h, form, None, absolute, block_rows, max_block_elements)[0]
             for m, h in zip(mixer_layers(model), trace.mixer_inputs)]
 
 
@@ -307,7 +342,8 @@ class Explanation:
     grad_attentions: per layer, mean positive attention x gradient (batch, L, L); attribution: their rollout;
     relevance: row `position` of attribution (batch, L); target: (batch,) explained token ids; position: the
     explained position (>= 0); logits: (batch, vocab) at that position; form: "ssm" or "block"; layers: the layer
-    (block) index of each map (`mixer_layer_indices`); kinds: each map's mixer, "mamba", "mamba2" or "attention".
+    (block) index of each map (`mixer_layer_indices`); kinds: each map's mixer, "mamba", "mamba2", "attention" or
+    "parallel" (Falcon-H1's attention + Mamba-2 side by side).
     """
 
     attentions: List[Tensor]
@@ -337,7 +373,7 @@ def explain(model: nn.Module, input_ids: Tensor, target: Optional[Union[int, Ten
     pos = _position(position, input_ids.shape[1])
     attentions, weighted = [], []
     for mixer, hidden, grad in zip(mixer_layers(model), trace.mixer_inputs, trace.grads):
-        a, w = _layer_maps(mixer, hidden, form, grad, True, block_rows, max_block_elements)
+        a, w = _mixer_maps(mixer, hidden, form, grad, True, block_rows, max_block_elements)
         attentions.append(a)
         weighted.append(w)
     attribution = attention_rollout(weighted)

@@ -147,8 +147,9 @@ def plot_explanation(explanation, out_dir: Union[str, Path], tokens: Optional[Se
         if i not in indices:
             raise MambaKitError(f"layer must be one of the token-mixing layers {indices}, got {i}")
         k = indices.index(i)
-        title = f"layer {i}: mean softmax attention over heads" if kinds[k] == "attention" else \
-            f"layer {i}: mean |{form} attention|"
+        title = {"attention": f"layer {i}: mean softmax attention over heads",
+                 "parallel": f"layer {i}: mean of softmax attention and |{form} attention|"}.get(
+            kinds[k], f"layer {i}: mean |{form} attention|")
         written.append(plot_attention(explanation.attentions[k][batch_index], out / f"layer_{i:02d}.png", tokens,
                                       title))
     written.append(plot_attention(explanation.rollout[batch_index], out / "rollout.png", tokens,

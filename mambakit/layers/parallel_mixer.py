@@ -42,11 +42,15 @@ class ScaledLinear(nn.Linear):
             self.__dict__["_scale_cache"] = cached
         return cached[1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+    def scale_output(self, y: Tensor) -> Tensor:
+        """y (..., out_features) times each output feature's multiplier (what forward applies after the product;
+        a LoRA adapter on this layer scales its own product with it too)."""
         if len(self.segments) == 1:
             return y if self.segments[0][1] == 1.0 else y * self.segments[0][1]
         return y * self._scale(y)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale_output(F.linear(x, self.weight, self.bias))
 
 
 def scaled(linear: nn.Linear, segments: Sequence[tuple[int, float]]) -> ScaledLinear:

@@ -1,6 +1,7 @@
 """Low-rank adapters on a frozen nn.Linear, and which base parameters a ReMamba (or plain) fine-tune trains."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterator
 
@@ -9,13 +10,16 @@ from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
 from mambakit.layers.dt_transform import DtTransformMixin
+from mambakit.layers.parallel_mixer import ParallelMixer
 
 LORA_TARGETS = ("in_proj", "out_proj")
 
 
 class LoRALinear(nn.Module):
     """base(x) + (alpha / rank) * x A^T B^T with A: (rank, in) random and B: (out, rank) zero, so that it starts as
-    the base layer. (..., in) -> (..., out). The base layer's own weight stays as it is (frozen by the caller)."""
+    the base layer. (..., in) -> (..., out). The base layer's own weight stays as it is (frozen by the caller). A base
+    that scales its outputs (`scale_output`, e.g. Falcon-H1's in_proj) scales the adapter's product too, so the
+    adapter always acts as a change of the base weight."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float = 1.0):
         super().__init__()
@@ -42,25 +46,26 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.scale * (x @ self.lora_a.t()) @ self.lora_b.t()
+        delta = self.scale * (x @ self.lora_a.t()) @ self.lora_b.t()
+        scale_output = getattr(self.base, "scale_output", None)
+        return self.base(x) + (delta if scale_output is None else scale_output(delta))
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear with the adapter folded into its weight."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        """A copy of the base layer (its class, bias and output scaling) with the adapter folded into its weight."""
+        out = copy.deepcopy(self.base)
         with torch.no_grad():
             out.weight.copy_(self.weight)
-            if self.base.bias is not None:
-                out.bias.copy_(self.base.bias)
-        return out
+        return out.requires_grad_(True)
 
 
 def _targets(base: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
-    """(mixer, attribute name, linear layer) for in_proj and out_proj of every Mamba / Mamba-2 mixer of `base`."""
+    """(mixer, attribute name, linear layer) for in_proj and out_proj of every Mamba / Mamba-2 mixer of `base` (the
+    Mamba-2 half of a Falcon-H1 parallel layer included)."""
     for layer in base.backbone.layers:
-        if isinstance(layer.mixer, DtTransformMixin):
+        mixer = layer.mixer.mamba if isinstance(layer.mixer, ParallelMixer) else layer.mixer
+        if isinstance(mixer, DtTransformMixin):
             for name in LORA_TARGETS:
-                yield layer.mixer, name, getattr(layer.mixer, name)
+                yield mixer, name, getattr(mixer, name)
 
 
 def add_lora(base: nn.Module, rank: int, alpha: float = 1.0) -> list[nn.Parameter]:

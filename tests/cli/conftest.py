@@ -26,6 +26,20 @@ def run_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def bpe_tokenizer_json(files: list[Path], vocab_size: int, path: Path) -> Path:
+    """Train a byte-level BPE tokenizer of at most vocab_size ids on `files` and save it as `path` (a tokenizer.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(p) for p in files], trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:0]))
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(path))
+    return path
+
+
 def error_line(capsys: pytest.CaptureFixture) -> str:
     """The single line written to stderr, checked to be an 'error: ...' line."""
     err = capsys.readouterr().err

@@ -14,7 +14,8 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from mambakit.cli import main  # noqa: E402
 from mambakit.models.io import from_pretrained  # noqa: E402
-from tests.cli.conftest import error_line  # noqa: E402
+from tests.cli.conftest import bpe_tokenizer_json, error_line  # noqa: E402
+from tests.cli.conftest import bpe_tokenizer_json  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -34,17 +35,7 @@ def texts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer_json(texts, tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train([str(p) for p in sorted(texts.iterdir())], trainers.BpeTrainer(
-        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:0], show_progress=False))
-    assert tok.get_vocab_size() <= VOCAB
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return bpe_tokenizer_json(sorted(texts.iterdir()), VOCAB, tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
 def _save(model: torch.nn.Module, folder: Path, tokenizer_json: Path) -> Path:

@@ -51,3 +51,15 @@ def test_broken_checkpoints_exit_2(run_dir: Path, tmp_path: Path, capsys: pytest
     assert main(["generate", "--checkpoint", str(broken), "--prompt", "x"]) == 2
     assert "no model.safetensors" in error_line(capsys)
 
+
+
+def test_a_missing_local_run_folder_is_said_plainly(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25: `generate --checkpoint runs/nope` beside a runs/ folder is a local path that does not exist: one
+    error line saying so, no Hugging Face download instructions, no Python function name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert main(["generate", "--checkpoint", "runs/nope", "--prompt", "x"]) == 2
+    line = error_line(capsys)
+    assert "'runs/nope' does not exist" in line
+    assert "download" not in line and "from_pretrained" not in line and "Hub" not in line

@@ -99,21 +99,25 @@ def test_gradient_weighted_attention_map_equals_autograd_through_p():
     assert torch.allclose(ex.rollout.sum(-1), ones) and torch.allclose(ex.attribution.sum(-1), ones)
 
 
-@pytest.fixture(scope="module")
-def nemotron_folder(tmp_path_factory):
+def _transformers_folder(prefix: str, folder, **config):
+    """A tiny random transformers `{prefix}ForCausalLM` of `config`, saved into `folder` (skips without it)."""
     transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "NemotronHForCausalLM"):
-        pytest.skip("this transformers has no Nemotron-H")
+    if not hasattr(transformers, prefix + "ForCausalLM"):
+        pytest.skip(f"this transformers has no {prefix}")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    cfg = transformers.NemotronHConfig(vocab_size=256, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
-                                       head_dim=8, intermediate_size=24, ssm_state_size=4, mamba_num_heads=4,
-                                       mamba_head_dim=8, n_groups=1, chunk_size=8,
-                                       layers_block_type=["linear_attention", "mlp", "full_attention",
-                                                          "linear_attention"])
-    folder = tmp_path_factory.mktemp("nemotron") / "hf"
-    transformers.NemotronHForCausalLM(cfg).save_pretrained(folder)
+    getattr(transformers, prefix + "ForCausalLM")(getattr(transformers, prefix + "Config")(**config)).save_pretrained(
+        folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def nemotron_folder(tmp_path_factory):
+    return _transformers_folder("NemotronH", tmp_path_factory.mktemp("nemotron") / "hf", vocab_size=256,
+                                hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                intermediate_size=24, ssm_state_size=4, mamba_num_heads=4, mamba_head_dim=8,
+                                n_groups=1, chunk_size=8,
+                                layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention"])
 
 
 def test_explain_command_on_a_nemotron_h_folder(nemotron_folder, tmp_path, capsys):
@@ -127,3 +131,36 @@ def test_explain_command_on_a_nemotron_h_folder(nemotron_folder, tmp_path, capsy
                  "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--layer 1 is an MLP layer" in err[0] and "[0, 2, 3]" in err[0]
+
+
+def test_a_parallel_layers_map_is_the_mean_of_its_two_branches(tmp_path):
+    """Falcon-H1 (attention and Mamba-2 side by side): one map per layer, the mean of the attention's softmax
+    attention and the Mamba-2 block map, each on the input its branch sees (its in-multiplier applied)."""
+    from mambakit.interpret.attribution import layer_attentions
+    from mambakit.models.io import from_pretrained
+
+    _transformers_folder("FalconH1", tmp_path / "hf", vocab_size=29, hidden_size=16, intermediate_size=24,
+                         num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=4, mamba_d_state=4,
+                         mamba_chunk_size=8, num_hidden_layers=2, mamba_d_ssm=24, attention_in_multiplier=1.7,
+                         ssm_in_multiplier=0.6, key_multiplier=0.8, mamba_rms_norm=True)
+    model = from_pretrained(tmp_path / "hf").double().eval()
+    ids = torch.randint(0, 29, (2, 11), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    handles = [layer.mixer.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0].detach()))
+               for i, layer in enumerate(model.backbone.layers)]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    maps = layer_attentions(model, ids)
+    ex = explain(model, ids)
+    assert ex.kinds == ["parallel", "parallel"] and ex.layers == [0, 1]
+    for i, layer in enumerate(model.backbone.layers):
+        mixer = layer.mixer
+        attn = softmax_attention(mixer.attn, 1.7 * seen[i]).mean(1)
+        ssm = mamba2_block_attention(mixer.mamba, 0.6 * seen[i]).matrix.abs().mean(1)
+        want = (attn + ssm) / 2
+        assert rel_err(maps[i], want) <= 1e-10 and rel_err(ex.attentions[i], want) <= 1e-10
+        assert rel_err(ssm, attn) > 0.1  # the two branches differ: the mean is not one of them
+        w = ex.grad_attentions[i]
+        assert torch.isfinite(w).all() and (w >= 0).all() and w.sum() > 0

@@ -78,3 +78,21 @@ def test_sampled_configs_lie_in_the_ranges():
     for _ in range(20):
         c = cfg.sample(g)
         assert 0.1 <= c.p <= 0.3 and 0.05 <= c.rho <= 0.2 and c.s == 0.0
+
+
+def test_lora_on_a_scaled_linear_acts_as_a_weight_change_and_merges_into_its_class():
+    """Falcon-H1's in_proj scales its outputs per segment: the adapter's product is scaled the same way, so the
+    adapted layer equals the base layer with weight W + scale * B A, and merging keeps the class and the scaling."""
+    from mambakit.layers.parallel_mixer import ScaledLinear
+
+    torch.manual_seed(0)
+    lin = ScaledLinear(6, 5, bias=True, segments=[(2, 0.5), (3, 3.0)])
+    lora = LoRALinear(lin, rank=2)
+    with torch.no_grad():
+        lora.lora_b.normal_()
+    x = torch.randn(4, 6)
+    want = torch.nn.functional.linear(x, lora.weight, lin.bias) * torch.tensor([0.5, 0.5, 3.0, 3.0, 3.0])
+    torch.testing.assert_close(lora(x), want)
+    merged = lora.merged()
+    assert type(merged) is ScaledLinear and merged.segments == lin.segments
+    torch.testing.assert_close(merged(x), want)

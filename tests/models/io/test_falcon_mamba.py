@@ -93,3 +93,31 @@ def test_falcon_mamba_bad_mixer_rms_eps_is_refused(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="mixer_rms_eps must be a positive number, got -1"):
         from_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_falcon_mamba_chunked_prefill_and_left_padded_batch(case, tmp_path):
+    """The cache continues a prefill in chunks with the one-pass logits; a left-padded batch decodes each row as
+    alone, and as transformers' generate does."""
+    from tests.models.io.hybrid_helpers import check_left_padding
+
+    ref = hf_falcon(case)
+    ref.save_pretrained(tmp_path / "hf")
+    model = from_pretrained(tmp_path / "hf")
+    ids = ids_for(ref.config.vocab_size, seqlen=21, seed=2)
+    cache = model.allocate_cache(2)
+    with torch.no_grad():
+        parts = [model(ids[:, a:b], cache=cache).logits for a, b in ((0, 4), (4, 5), (5, 21))]
+    assert rel_err(torch.cat(parts, dim=1), logits(model, ids)) <= TOL
+    check_left_padding(model, ref)
+
+
+def test_falcon_mamba_problems_are_listed_together(tmp_path):
+    """One CheckpointError names every value mambakit cannot compute exactly, and the missing tensor too."""
+    from tests.models.io.hybrid_helpers import refusal
+
+    ref = hf_falcon("tied")
+    ref.save_pretrained(tmp_path / "hf")
+    text = refusal(tmp_path / "hf", tmp_path / "bad", mixer_rms_eps=0, hidden_act="gelu", time_step_rank=0)
+    assert "mixer_rms_eps must be a positive number, got 0" in text
+    assert "hidden_act 'gelu' is not supported" in text and "time_step_rank must be a positive integer" in text

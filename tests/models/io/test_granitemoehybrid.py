@@ -111,3 +111,11 @@ def test_granite_moe_refuses_cuda_graph_decoding(saved):
     _, folder = saved["moe-rope"]
     with pytest.raises(MambaKitError, match="routed experts"):
         check_graphable(from_pretrained(folder), 1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_granite_left_padded_batch_equals_rows_alone(case, saved):
+    from tests.models.io.hybrid_helpers import check_left_padding
+
+    ref, folder = saved[case]
+    check_left_padding(from_pretrained(folder), ref)

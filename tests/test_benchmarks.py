@@ -22,6 +22,7 @@ SMOKE = {
     "sweep_mixer_step.py": (["--device", "cpu", "--tiny"], ["mixer_step.jsonl"]),
     "bench_ssd_forms.py": (["--device", "cpu", "--tiny", "--forms", "base", "z", "seq_idx"], ["ssd_forms.jsonl"]),
     "profile_train_step.py": (["--device", "cpu", "--tiny"], ["train_step.jsonl"]),
+    "saved_activations.py": (["--tiny"], ["saved_activations.jsonl"]),
     "bench_cpu.py": (["--seqlens", "32", "--batch", "1", "--repeats", "1", "--max-slow-tokens", "32",
                       "--impls", "mambakit"], []),
     "bench_ssd_cpu.py": (["--threads", "1", "--seqlens", "64", "--batch", "1", "--nheads", "2", "--headdim", "8",

@@ -51,6 +51,9 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--inner", default="auto", choices=["auto", "fused"])
+    ap.add_argument("--save-states", action="store_true",
+                    help="Mamba-2's fused op keeps its SSD chunk states (mambakit.ops.mamba2_inner.fused.SAVE_STATES, "
+                         "the code before they were recomputed) instead of recomputing them")
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -135,6 +138,15 @@ def _force_fused(arch: str) -> dict:
     return {}
 
 
+def _check_shapes(model, args) -> None:
+    """Weights are told from activations by their shapes: the token counts must not be a parameter's size."""
+    sizes = {n for p in model.parameters() for n in p.shape}
+    for name, n in (("batch * seqlen", args.batch * args.seqlen), ("seqlen", args.seqlen)):
+        if n in sizes:
+            raise SystemExit(f"{name} = {n} is also a parameter's size here (weights and activations would be told "
+                             f"apart wrongly): pick another --seqlen or --batch")
+
+
 def measure(arch: str, args: argparse.Namespace):
     import torch
     import torch.nn.functional as F
@@ -148,6 +160,11 @@ def measure(arch: str, args: argparse.Namespace):
         ssm.update(_force_fused(arch))
     cfg = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab, ssm_cfg=ssm)
     model = MambaLMHeadModel(cfg, device=args.device)
+    _check_shapes(model, args)
+    if args.save_states:
+        import mambakit.ops.mamba2_inner.fused as fused
+
+        fused.SAVE_STATES = True
     ids = torch.randint(0, args.vocab, (args.batch, args.seqlen + 1), device=args.device)
     rec = SavedRecorder(model)
     if args.device == "cuda":

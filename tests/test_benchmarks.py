@@ -112,7 +112,7 @@ def test_hybrid_benchmark_runs_mambakit_alone_without_transformers(tmp_path: Pat
 
 #: (arch, dtype) -> the most torch ops and the Triton launches of one fused inner-path forward + backward
 #: (benchmarks/host_overhead.py --count-ops): fewer host ops per layer is a faster eager training step.
-OP_CEILINGS = {("mamba2", "float32"): (81, 13), ("mamba2", "bfloat16"): (85, 13),
+OP_CEILINGS = {("mamba2", "float32"): (85, 15), ("mamba2", "bfloat16"): (89, 15),
                ("mamba1", "float32"): (108, 5), ("mamba1", "bfloat16"): (118, 5)}
 
 

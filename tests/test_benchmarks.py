@@ -22,6 +22,7 @@ SMOKE = {
     "sweep_mixer_step.py": (["--device", "cpu", "--tiny"], ["mixer_step.jsonl"]),
     "bench_ssd_forms.py": (["--device", "cpu", "--tiny", "--forms", "base", "z", "seq_idx"], ["ssd_forms.jsonl"]),
     "profile_train_step.py": (["--device", "cpu", "--tiny"], ["train_step.jsonl"]),
+    "saved_activations.py": (["--tiny"], ["saved_activations.jsonl"]),
     "bench_cpu.py": (["--seqlens", "32", "--batch", "1", "--repeats", "1", "--max-slow-tokens", "32",
                       "--impls", "mambakit"], []),
     "bench_ssd_cpu.py": (["--threads", "1", "--seqlens", "64", "--batch", "1", "--nheads", "2", "--headdim", "8",
@@ -117,7 +118,7 @@ def test_hybrid_benchmark_runs_mambakit_alone_without_transformers(tmp_path: Pat
 
 #: (arch, dtype) -> the most torch ops and the Triton launches of one fused inner-path forward + backward
 #: (benchmarks/host_overhead.py --count-ops): fewer host ops per layer is a faster eager training step.
-OP_CEILINGS = {("mamba2", "float32"): (81, 13), ("mamba2", "bfloat16"): (85, 13),
+OP_CEILINGS = {("mamba2", "float32"): (85, 15), ("mamba2", "bfloat16"): (89, 15),
                ("mamba1", "float32"): (108, 5), ("mamba1", "bfloat16"): (118, 5)}
 
 

@@ -8,8 +8,9 @@
 This is the official `mamba_split_conv1d_scan_combined` with the norm and the out projection, for training (no
 initial or final states, no d_mlp part). Forms: `naive` (the composition of the public ops; the reference) and
 `fused` (one autograd function over the Triton conv, SSD and norm kernels: the SSD reads the conv output in place,
-the gradient of zxbcdt is written into one buffer instead of concatenated, the conv output and the normed y are
-recomputed in the backward instead of saved).
+the gradient of zxbcdt is written into one buffer instead of concatenated, the conv output, the SSD's chunk states
+and the normed y are recomputed in the backward instead of saved: it keeps zxbcdt, y and the norm's rstd, as the
+official does).
 """
 from __future__ import annotations
 

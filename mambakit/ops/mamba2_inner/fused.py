@@ -4,8 +4,13 @@ Layout: z, xBC and dt are read in place from the in_proj output zxbcdt (batch, s
 is written channel-last, (batch, seqlen, conv_dim) in memory, so that the SSD reads x, B and C from it as strided
 views. The backward writes the gradient of zxbcdt straight into one buffer of zxbcdt's layout (the norm's dz into
 its z columns, the conv's dx into its xBC columns, ddt into its dt columns), so that nothing is concatenated and the
-in_proj backward reads it as it is. Saved for the backward: zxbcdt, the SSD output y (before the norm), the norm's
-rstd and the SSD's chunk states; the conv output and the normed y are recomputed.
+in_proj backward reads it as it is. Saved for the backward: zxbcdt, the SSD output y (before the norm) and the
+norm's rstd (what the official `mamba_split_conv1d_scan_combined` saves), per position (d_in_proj + d_inner)
+elements of zxbcdt's dtype and ngroups float32; the conv output, the SSD's chunk states (with its processed dt and
+cumsum) and the normed y are recomputed in the backward (the states by the forward's own kernels: the same values
+bit for bit). With SAVE_STATES the states are kept instead: nheads * headdim * d_state / Q more elements per
+position (Q: the kernels' chunk, 128 for 16-bit inputs; 3072 bytes per token at the 130M shape) for one state pass
+less in the backward.
 """
 from __future__ import annotations
 
@@ -18,8 +23,12 @@ from torch import Tensor
 from mambakit.ops.conv1d.triton import conv1d_backward, conv1d_forward
 from mambakit.ops.norm.triton import gated_norm_backward, gated_norm_forward
 from mambakit.ops.segments import segments
-from mambakit.ops.ssd.triton import DtGrad, kernel_chunk_size, ssd_backward, ssd_forward
+from mambakit.ops.ssd.triton import DtGrad, kernel_chunk_size, ssd_backward, ssd_forward, ssd_states
 from mambakit.ops.triton.compile import precompile_once, specialisation
+
+#: Keep the SSD's chunk states (and its processed dt and cumsum) for the backward instead of recomputing them there
+#: (see the module: memory against one state pass per backward).
+SAVE_STATES: bool = False
 
 
 class _Dims:
@@ -101,7 +110,9 @@ class _Mamba2InnerFused(torch.autograd.Function):
         precompile_once(key, lambda: run(True))
         y2, normed, rstd, saved = run(False)
         out = F.linear(normed, out_w, out_b).view(dims.batch, dims.seqlen, -1)
-        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y2, rstd, seq_idx, *saved)
+        ctx.save_states = SAVE_STATES
+        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, y2, rstd, seq_idx,
+                              *(saved if SAVE_STATES else ()))
         ctx.args = (ngroups, chunk_size, eps, norm_before_gate, dt_limit)
         ctx.has_out_b = out_b is not None
         return out
@@ -127,13 +138,15 @@ class _Mamba2InnerFused(torch.autograd.Function):
         del d_normed
         u = _conv(dims, xBC, conv_w, conv_b, seq_idx)  # recomputed
         x, B, C = dims.xbc(u)
+        if not ctx.save_states:  # recomputed by the forward's kernels
+            saved = ssd_states(x, dt, A, B, None, segments(seq_idx), chunk_size, dt_bias, True, dt_limit)
         du = torch.empty_like(u)
         dx_view, dB_view, dC_view = dims.xbc(du)
         dy = dy2.view(dims.batch, dims.seqlen, dims.nheads, dims.headdim)
         _, _, dA, _, _, dD, _, d_dt_bias = ssd_backward(  # dx, dB, dC straight into du, the raw dt's into dzxbcdt
             x, A, B, C, D, tuple(saved), dy, None, chunk_size, dx_out=dx_view, dB_out=dB_view, dC_out=dC_view,
             dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out), need_dinit=False)
-        del u, x, B, C, dy, dy2
+        del u, x, B, C, dy, dy2, saved
         _padding_zeroed(du, seq_idx)  # the conv output is the constant 0 at padding
         _, d_conv_w, d_conv_b = conv1d_backward(xBC.transpose(1, 2), conv_w, conv_b, True, seq_idx,
                                                 du.transpose(1, 2), dx_out=dxBC.transpose(1, 2),

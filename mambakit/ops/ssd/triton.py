@@ -242,21 +242,11 @@ class _Plan:
         return splits
 
 
-def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Optional[Tensor],
-                initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
-                dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
-                dt_limit: Optional[Tuple[float, float]] = None,
-                log_decay: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
-    """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), processed here (+ dt_bias (nheads,),
-    softplus, clamp to dt_limit where given); A: (nheads,) float32, or None with log_decay (batch, seqlen, nheads),
-    the per-position log-decay in place of dt * A;
-    B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states:
-    (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype.
-    chunk_size: upper bound of the chunk.
-
-    Returns y (x's layout and dtype, with D * x, without the gate), the final state (float32) and what the backward
-    needs."""
-    pl = _Plan(x, B, chunk_size)
+def _states(pl: "_Plan", x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, initial_states: Optional[Tensor],
+            seg: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+            dt_limit: Optional[Tuple[float, float]],
+            log_decay: Optional[Tensor] = None) -> Tuple[Tuple[Tensor, ...], Tensor]:
+    """The state pass of the forward: (dtp, segp, acs, H) and the final state (see `ssd_forward`)."""
     dev = x.device
     dtp = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad, x)
     ldp = dtp if log_decay is None else _prepare_dt(log_decay, None, False, None, pl.Lpad, x)
@@ -287,14 +277,47 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor
             S, acs, segp_arg, init, H, final, pl.nheads, pl.PN, pl.nchunks, pl.Lpad,
             HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
         del S
+    return (dtp, segp, acs, H), final
+
+
+def ssd_states(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, initial_states: Optional[Tensor],
+               seg: Optional[Tensor], chunk_size: int, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+               dt_limit: Optional[Tuple[float, float]] = None,
+               log_decay: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+    """What `ssd_forward` returns for the backward (its third result), without computing y: the same kernels on
+    the same inputs, so the same values bit for bit. For a backward that recomputes them instead of keeping them
+    (the states H_c are (batch, nchunks, nheads, headdim, d_state): headdim * d_state * nheads / Q values per
+    position). Arguments as `ssd_forward`'s."""
+    return _states(_Plan(x, B, chunk_size), x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit,
+                   log_decay)[0]
+
+
+def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Optional[Tensor],
+                initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
+                dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+                dt_limit: Optional[Tuple[float, float]] = None,
+                log_decay: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+    """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), processed here (+ dt_bias (nheads,),
+    softplus, clamp to dt_limit where given); A: (nheads,) float32, or None with log_decay (batch, seqlen, nheads),
+    the per-position log-decay in place of dt * A;
+    B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states:
+    (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype.
+    chunk_size: upper bound of the chunk.
+
+    Returns y (x's layout and dtype, with D * x, without the gate), the final state (float32) and what the backward
+    needs (`ssd_states` recomputes it)."""
+    pl = _Plan(x, B, chunk_size)
+    saved, final = _states(pl, x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit, log_decay)
+    dtp, segp, acs, H = saved
+    segp_arg = segp if segp is not None else dtp
     y = torch.empty_like(x)
     BPy = min(pl.BP, 64)
     _chunk_scan_fwd[pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
         x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
-        pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=has_seg,
+        pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=segp is not None,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BQ=pl.BQ, BP=BPy, BN=pl.BN,
         PREC=pl.prec, num_warps=pl.warps, num_stages=pl.stages)
-    return y, final, (dtp, segp, acs, H)
+    return y, final, saved
 
 
 class DtGrad(NamedTuple):

@@ -3,12 +3,15 @@ recomputing backward) against the float64 composition with the recurrence, on th
 every gradient, seq_idx with padding, and bit-identical gradients run after run."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 pytest.importorskip("triton")
 
 import torch
 
+from mambakit.ops.mamba2_inner import mamba2_inner
 from tests.conftest import rel_err
 from tests.ops.test_mamba2_inner import grads_of2, make_inner2
 from tests.ops.triton import interpreted_module
@@ -85,3 +88,54 @@ def test_bf16_input_with_float32_weights_gives_gradients_in_the_parameters_dtype
     assert out.dtype == torch.bfloat16
     for leaf, g in zip(leaves, grads):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape and torch.isfinite(g).all()
+
+
+def _saved_storages(fn):
+    """fn() under a saved-tensor hook -> (its result, {storage address: bytes} of what autograd saved)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("save_states", [False, True])
+def test_saved_bytes_are_y_and_rstd_beyond_the_inputs(monkeypatch, save_states):
+    # the design: besides its inputs (zxbcdt, the weights) the op keeps only the SSD output y (d_inner per position)
+    # and the norm's rstd (ngroups float32 per position); the chunk states are recomputed in the backward (or kept,
+    # with SAVE_STATES: then exactly their bytes more)
+    fused = sys.modules["mambakit.ops.mamba2_inner.fused"]
+    monkeypatch.setattr(fused, "SAVE_STATES", save_states)
+    batch, seqlen, nheads, headdim, ngroups, d_state = 2, 40, 4, 4, 2, 5
+    zxbcdt, kw = _to32(*make_inner2(batch=batch, seqlen=seqlen, nheads=nheads, headdim=headdim, ngroups=ngroups,
+                                    d_state=d_state)[:2])
+    out, saved = _saved_storages(lambda: mamba2_inner(zxbcdt, **kw, headdim=headdim, ngroups=ngroups, chunk_size=16,
+                                                      backend="triton"))
+    inputs = {t.untyped_storage().data_ptr() for t in [zxbcdt, *kw.values()] if isinstance(t, torch.Tensor)}
+    assert zxbcdt.untyped_storage().data_ptr() in saved
+    new = sum(n for ptr, n in saved.items() if ptr not in inputs)
+    expected = batch * seqlen * (nheads * headdim + ngroups) * 4
+    if save_states:
+        nchunks, Lpad = 40 // 16 + 1, 48  # float32: 16-position chunks
+        expected += (batch * nchunks * nheads * headdim * d_state + 2 * batch * nheads * Lpad) * 4
+    assert new == expected
+    assert out.grad_fn is not None
+
+
+def test_recomputed_states_give_the_gradients_of_kept_states_bit_for_bit(monkeypatch):
+    fused = sys.modules["mambakit.ops.mamba2_inner.fused"]
+    zxbcdt, kw, dims = make_inner2(batch=2, seqlen=37)
+    z32, kw32 = _to32(zxbcdt, kw)
+    seq_idx = torch.tensor([[0] * 20 + [1] * 17, [-1] * 5 + [0] * 32])
+    results = []
+    for keep in (True, False):
+        monkeypatch.setattr(fused, "SAVE_STATES", keep)
+        results.append(grads_of2(z32, kw32, backend="triton", chunk_size=16, seq_idx=seq_idx, **dims))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.isfinite(a).all() and torch.equal(a, b)

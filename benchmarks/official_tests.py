@@ -134,21 +134,35 @@ def _counts(junit: Path) -> tuple[dict, list[str]]:
     return dict(counts), messages
 
 
+def _counts_from_log(log: str) -> Counter:
+    """Outcome counts from pytest's -v lines (``path::test[id] PASSED``), for a file stopped by its timeout."""
+    counts = Counter(passed=0, failed=0, errors=0, skipped=0)
+    names = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped", "XFAIL": "skipped"}
+    for match in re.finditer(r"^\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL)", log, re.M):
+        counts[names[match.group(1)]] += 1
+    return counts
+
+
 def run_file(test: Path, work: Path, stride: int, timeout: float, env: dict) -> dict:
     junit = work / "junit" / (str(test.relative_to(work)).replace(os.sep, "__") + ".xml")
     junit.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "official_tests", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "official_tests", "-p", "no:cacheprovider",
            f"--stride={stride}", f"--junitxml={junit}", "--rootdir", str(work), str(test)]
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
-        tail, timed_out = proc.stdout[-3000:] + proc.stderr[-2000:], False
+        tail, timed_out = proc.stdout + proc.stderr[-2000:], False
     except subprocess.TimeoutExpired as exc:
-        tail, timed_out = str(exc.stdout or "")[-3000:], True
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        tail, timed_out = out, True
     counts, messages = _counts(junit)
-    collected = re.search(r"(\d+) deselected", tail)
-    return {"file": str(test.relative_to(work)), "counts": counts, "deselected": int(collected.group(1))
-            if collected else 0, "timed_out": timed_out, "seconds": round(time.time() - start, 1),
+    if timed_out:  # the junit file is not written: count the finished tests from the -v lines
+        counts = dict(_counts_from_log(tail))
+        messages = ["(file timed out; failures not detailed)"] * counts["failed"]
+    deselected = re.search(r"(\d+) deselected", tail)
+    collected = re.search(r"collected (\d+) item", tail)
+    return {"file": str(test.relative_to(work)), "counts": counts, "collected": int(collected.group(1))
+            if collected else 0, "deselected": int(deselected.group(1)) if deselected else 0, "timed_out": timed_out, "seconds": round(time.time() - start, 1),
             "messages": Counter(messages).most_common(), "tail": tail[-1500:]}
 
 
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         res = run_file(test, args.work, strides.get(test.name, args.stride), args.file_timeout, env)
         results.append(res)
         c = res["counts"]
-        print(f"{res['file']}: {c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} "
+        print(f"{res['file']}: {res['collected']} collected, {c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} "
               f"skipped, {res['deselected']} not run (stride), {res['seconds']} s"
               + (" TIMED OUT" if res["timed_out"] else ""), flush=True)
         for message, n in res["messages"][:8]:

@@ -4,7 +4,8 @@ Usage (the folder holds the fetched official trees, e.g. state-spaces/mamba's an
 ``tests/`` folders anywhere below it; their files are never copied into this project)::
 
     PYTHONPATH=$PWD python benchmarks/official_tests.py /tmp/official_tests --work /tmp/official_run \
-        [--deps /tmp/official_deps] [--stride 1] [--file-timeout 900] [--only test_ssd.py ...]
+        [--deps /tmp/official_deps] [--stride 1] [--stride-for NAME=N] [--k-for NAME=EXPR] [--file-timeout 900] \
+        [--only test_ssd.py ...]
 
 What it does, mechanically, to each official ``test_*.py`` (into the --work folder):
 
@@ -143,11 +144,12 @@ def _counts_from_log(log: str) -> Counter:
     return counts
 
 
-def run_file(test: Path, work: Path, stride: int, timeout: float, env: dict) -> dict:
+def run_file(test: Path, work: Path, stride: int, timeout: float, env: dict, keyword: str = "") -> dict:
     junit = work / "junit" / (str(test.relative_to(work)).replace(os.sep, "__") + ".xml")
     junit.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "official_tests", "-p", "no:cacheprovider",
-           f"--stride={stride}", f"--junitxml={junit}", "--rootdir", str(work), str(test)]
+           f"--stride={stride}", f"--junitxml={junit}", "--rootdir", str(work), str(test)] + (["-k", keyword] if keyword
+                                                                                            else [])
     start = time.time()
     try:
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
@@ -162,7 +164,8 @@ def run_file(test: Path, work: Path, stride: int, timeout: float, env: dict) -> 
     deselected = re.search(r"(\d+) deselected", tail)
     collected = re.search(r"collected (\d+) item", tail)
     return {"file": str(test.relative_to(work)), "counts": counts, "collected": int(collected.group(1))
-            if collected else 0, "deselected": int(deselected.group(1)) if deselected else 0, "timed_out": timed_out, "seconds": round(time.time() - start, 1),
+            if collected else 0, "deselected": int(deselected.group(1)) if deselected else 0, "timed_out": timed_out,
+            "seconds": round(time.time() - start, 1),
             "messages": Counter(messages).most_common(), "tail": tail[-1500:]}
 
 
@@ -174,10 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stride", type=int, default=1)
     parser.add_argument("--stride-for", action="append", default=[], metavar="NAME=N",
                         help="a stride for one file (by file name), e.g. test_causal_conv1d.py=20")
+    parser.add_argument("--k-for", action="append", default=[], metavar="NAME=EXPR",
+                        help="a pytest -k expression for one file, e.g. 'test_mamba3_siso.py=not step' (too large for a"
+                             " CPU: the counts then say what was deselected)")
     parser.add_argument("--file-timeout", type=float, default=900.0)
     parser.add_argument("--only", nargs="*", help="file names to run (default: all)")
     args = parser.parse_args(argv)
     strides = {k: int(v) for k, v in (s.split("=") for s in args.stride_for)}
+    keywords = dict(s.split("=", 1) for s in args.k_for)
     tests = prepare(args.source, args.work)
     if args.only:
         tests = [t for t in tests if t.name in args.only]
@@ -188,11 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     results = []
     for test in tests:
-        res = run_file(test, args.work, strides.get(test.name, args.stride), args.file_timeout, env)
+        res = run_file(test, args.work, strides.get(test.name, args.stride), args.file_timeout, env,
+                       keywords.get(test.name, ""))
         results.append(res)
         c = res["counts"]
-        print(f"{res['file']}: {res['collected']} collected, {c['passed']} passed, {c['failed']} failed, {c['errors']} errors, {c['skipped']} "
-              f"skipped, {res['deselected']} not run (stride), {res['seconds']} s"
+        print(f"{res['file']}: {res['collected']} collected, {c['passed']} passed, {c['failed']} failed, "
+              f"{c['errors']} errors, {c['skipped']} skipped, {res['deselected']} not run (stride or -k), "
+              f"{res['seconds']} s"
               + (" TIMED OUT" if res["timed_out"] else ""), flush=True)
         for message, n in res["messages"][:8]:
             print(f"    {n} x {message}")

@@ -59,10 +59,13 @@ class MambaLMHeadModel(GenerationMixin, MambaKitLMHeadModel):
     def _varlen_prefill(self, input_ids: Tensor, inference_params, num_last_tokens: int, cu_seqlens: Tensor,
                         seq_idx: Optional[Tensor] = None, **kwargs):
         """input_ids (1, total) packed -> logits (1, total or num_last_tokens, vocab); sequence i prefills row i of
-        every layer's cached states (allocated for num_seqs rows on first use), as the official varlen prefill."""
-        bounds = check_cu_seqlens(cu_seqlens, input_ids.shape[0], input_ids.shape[1])
+        every layer's cached states (allocated for num_seqs rows on first use), as the official varlen prefill;
+        positions past cu_seqlens[-1] are padding (their logits are computed, no state is kept from them)."""
+        total = input_ids.shape[1]
+        end = int(cu_seqlens[-1]) if isinstance(cu_seqlens, Tensor) and cu_seqlens.numel() else total
+        bounds = check_cu_seqlens(cu_seqlens, input_ids.shape[0], end if 0 <= end <= total else total)
         derived = seq_idx_of(bounds, input_ids.device)
-        if seq_idx is not None and not torch.equal(seq_idx.to(derived), derived):
+        if seq_idx is not None and not torch.equal(seq_idx[:, :end].to(derived), derived):
             raise MambaKitError(f"seq_idx must agree with cu_seqlens {bounds}, got {seq_idx.tolist()}")
         if inference_params.seqlen_offset > 0:
             raise MambaKitError(f"cu_seqlens with inference_params is a prefill: seqlen_offset must be 0, got "
@@ -80,6 +83,8 @@ class MambaLMHeadModel(GenerationMixin, MambaKitLMHeadModel):
             rows = [SSMState(conv=st.conv[i:i + 1], ssm=st.ssm[i:i + 1]) for st in states]
             out = super().forward(input_ids[:, a:b], cache=InferenceCache(states=rows, seqlen_offset=0), **kwargs)
             logits.append(out.logits)
+        if end < total:  # padding after the last sequence (official): its logits, no state kept
+            logits.append(super().forward(input_ids[:, end:], **kwargs).logits)
         logits = torch.cat(logits, dim=1)
         return CausalLMOutput(logits=logits[:, -num_last_tokens:] if num_last_tokens > 0 else logits)
 

@@ -133,4 +133,22 @@ def test_varlen_prefill_names_bad_arguments():
               seq_idx=torch.zeros(1, 6, dtype=torch.int32))
     with pytest.raises(MambaKitError, match="cu_seqlens"):
         model(ids, inference_params=InferenceParams(max_seqlen=8, max_batch_size=2),
-              cu_seqlens=torch.tensor([0, 2, 5], dtype=torch.int32))
+              cu_seqlens=torch.tensor([0, 2, 7], dtype=torch.int32))
+
+
+def test_varlen_prefill_with_trailing_padding_keeps_no_state_from_it():
+    """cu_seqlens ending before the packed length (official padding): the sequences' logits and cache rows are
+    those of the unpadded prefill; an empty last sequence keeps a zero state."""
+    model = tiny("Mamba2").double()
+    ids = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(4))
+    ref_params = InferenceParams(max_seqlen=16, max_batch_size=3)
+    ref = model(ids[:, :6], inference_params=ref_params, cu_seqlens=torch.tensor([0, 2, 6, 6])).logits
+    params = InferenceParams(max_seqlen=16, max_batch_size=3)
+    got = model(ids, inference_params=params, cu_seqlens=torch.tensor([0, 2, 6, 6])).logits
+    assert got.shape[1] == 9
+    torch.testing.assert_close(got[:, :6], ref, rtol=1e-12, atol=1e-12)
+    for layer, (conv, ssm) in params.key_value_memory_dict.items():
+        ref_conv, ref_ssm = ref_params.key_value_memory_dict[layer]
+        torch.testing.assert_close(ssm, ref_ssm, rtol=0, atol=0)
+        torch.testing.assert_close(conv, ref_conv, rtol=0, atol=0)
+        assert not ssm[2].any() and ssm[1].abs().sum() > 0

@@ -113,7 +113,9 @@ def mamba_inner_ref(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Ten
                     B: Optional[Tensor] = None, C: Optional[Tensor] = None, D: Optional[Tensor] = None,
                     delta_bias: Optional[Tensor] = None, B_proj_bias: Optional[Tensor] = None,
                     C_proj_bias: Optional[Tensor] = None, delta_softplus: bool = True) -> Tensor:
-    """The official reference's signature: the same composition through the sequential scan."""
+    """The official reference's definition: the unfused composition of the public ops (causal_conv1d_fn, the
+    projections, selective_scan_fn, out_proj), as the official's is; mamba_inner_fn's fused path is checked against
+    it, and both against float64 in mambakit's own tests."""
     return _inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
                   A, B, C, D, delta_bias, B_proj_bias, C_proj_bias, delta_softplus, (None, None, None), 1e-6,
-                  selective_scan_ref)
+                  selective_scan_fn)

@@ -98,3 +98,57 @@ def test_from_pretrained_gives_the_compat_class(tmp_path):
     assert type(loaded) is MambaLMHeadModel
     ids = torch.randint(0, 50, (1, 4))
     assert torch.equal(loaded.generate(ids, 7), model.generate(ids, 7))
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_varlen_prefill_fills_one_cache_row_per_sequence(layer):
+    """Packed prompts of lengths 5, 3, 6 with cu_seqlens and seq_idx, then 3 decode steps of batch 3, against each
+    sequence's own full forward (float64 model)."""
+    model = tiny(layer).double()
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, 50, (1, n + 3), generator=g) for n in (5, 3, 6)]
+    refs = [model(s).logits for s in seqs]
+    prompts = [s[:, :-3] for s in seqs]
+    cu = torch.tensor([0, 5, 8, 14], dtype=torch.int32)
+    seq_idx = torch.cat([torch.full((p.shape[1],), i, dtype=torch.int32) for i, p in enumerate(prompts)])[None]
+    params = InferenceParams(max_seqlen=32, max_batch_size=3)
+    logits = model(torch.cat(prompts, 1), inference_params=params, seq_idx=seq_idx, cu_seqlens=cu).logits
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        torch.testing.assert_close(logits[0, a:b], refs[i][0, :b - a], rtol=1e-9, atol=1e-9)
+    for t in range(3):
+        params.seqlen_offset += 1
+        tokens = torch.stack([s[0, p.shape[1] + t] for s, p in zip(seqs, prompts)])[:, None]
+        step = model(tokens, inference_params=params, num_last_tokens=1).logits
+        for i, (s, p) in enumerate(zip(seqs, prompts)):
+            torch.testing.assert_close(step[i, 0], refs[i][0, p.shape[1] + t], rtol=1e-9, atol=1e-9)
+
+
+def test_varlen_prefill_names_bad_arguments():
+    from mambakit.errors import MambaKitError
+
+    model = tiny("Mamba2")
+    ids, cu = torch.randint(0, 50, (1, 6)), torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(MambaKitError, match="seq_idx"):
+        model(ids, inference_params=InferenceParams(max_seqlen=8, max_batch_size=2), cu_seqlens=cu,
+              seq_idx=torch.zeros(1, 6, dtype=torch.int32))
+    with pytest.raises(MambaKitError, match="cu_seqlens"):
+        model(ids, inference_params=InferenceParams(max_seqlen=8, max_batch_size=2),
+              cu_seqlens=torch.tensor([0, 2, 7], dtype=torch.int32))
+
+
+def test_varlen_prefill_with_trailing_padding_keeps_no_state_from_it():
+    """cu_seqlens ending before the packed length (official padding): the sequences' logits and cache rows are
+    those of the unpadded prefill; an empty last sequence keeps a zero state."""
+    model = tiny("Mamba2").double()
+    ids = torch.randint(0, 50, (1, 9), generator=torch.Generator().manual_seed(4))
+    ref_params = InferenceParams(max_seqlen=16, max_batch_size=3)
+    ref = model(ids[:, :6], inference_params=ref_params, cu_seqlens=torch.tensor([0, 2, 6, 6])).logits
+    params = InferenceParams(max_seqlen=16, max_batch_size=3)
+    got = model(ids, inference_params=params, cu_seqlens=torch.tensor([0, 2, 6, 6])).logits
+    assert got.shape[1] == 9
+    torch.testing.assert_close(got[:, :6], ref, rtol=1e-12, atol=1e-12)
+    for layer, (conv, ssm) in params.key_value_memory_dict.items():
+        ref_conv, ref_ssm = ref_params.key_value_memory_dict[layer]
+        torch.testing.assert_close(ssm, ref_ssm, rtol=0, atol=0)
+        torch.testing.assert_close(conv, ref_conv, rtol=0, atol=0)
+        assert not ssm[2].any() and ssm[1].abs().sum() > 0

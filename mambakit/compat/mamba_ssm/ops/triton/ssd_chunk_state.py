@@ -8,7 +8,7 @@ zero). Computed in float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +16,9 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.checks import require_tensors
-from mambakit.ops.dt import compute_dtype
+from mambakit.ops.dt import DEFAULT_DT_LIMIT, compute_dtype, process_dt
 
-__all__ = ["chunk_state", "chunk_state_ref", "chunk_state_varlen"]
+__all__ = ["chunk_state", "chunk_state_ref", "chunk_state_varlen", "_chunk_cumsum_fwd", "_chunk_state_fwd"]
 
 
 class ChunkDims(NamedTuple):
@@ -68,13 +68,16 @@ def to_chunks(t: Tensor, dims: ChunkDims, dtype: torch.dtype, heads: bool = Fals
     return t.repeat_interleave(dims.nheads // dims.ngroups, dim=3) if heads else t
 
 
-def _chunk_states(B: Tensor, x: Tensor, dt: Tensor, dA_cumsum: Tensor) -> Tensor:
+def _chunk_states(B: Tensor, x: Tensor, dt: Tensor, dA_cumsum: Tensor, seq_idx: Optional[Tensor] = None) -> Tensor:
     """(batch, nchunks, nheads, headdim, dstate) in the compute dtype: sum over a chunk's positions l of
-    exp(dA_cumsum[last] - dA_cumsum[l]) dt_l x_l B_l^T."""
+    exp(dA_cumsum[last] - dA_cumsum[l]) dt_l x_l B_l^T; with seq_idx (batch, seqlen), only the positions of the
+    sequence that holds the chunk's last position (within seqlen) count."""
     dims = check_chunked(B, x, dt, dA_cumsum)
     fp = compute_dtype(B, x, dt, dA_cumsum)
     dA = dA_cumsum.to(fp)
     weight = torch.exp(dA[..., -1:] - dA) * dt.to(fp)  # (batch, nheads, nchunks, chunk_size)
+    if seq_idx is not None:
+        weight = weight * _same_sequence_as_last(seq_idx, dims).to(fp)[:, None]
     return torch.einsum("bclhn,bhcl,bclhp->bchpn", to_chunks(B, dims, fp, heads=True), weight,
                         to_chunks(x, dims, fp))
 
@@ -136,3 +139,52 @@ def chunk_state_varlen(B: Tensor, x: Tensor, dt: Tensor, dA_cumsum: Tensor, cu_s
             s = s + torch.exp(last)[:, None, None] * chunk_states[c].to(fp)
         out.append(s)
     return torch.stack(out).to(chunk_states.dtype)
+
+
+def _chunked_seq_idx(seq_idx: Tensor, dims: ChunkDims) -> Tensor:
+    """seq_idx (batch, seqlen) integer -> (batch, nchunks, chunk_size), padded past seqlen with the last entry."""
+    if tuple(seq_idx.shape) != (dims.batch, dims.seqlen) or seq_idx.is_floating_point():
+        raise MambaKitError(f"seq_idx must be an integer tensor of shape (batch, seqlen) = {(dims.batch, dims.seqlen)},"
+                            f" got {seq_idx.dtype} {_shape(seq_idx)}")
+    pad = dims.nchunks * dims.chunk_size - dims.seqlen
+    return F.pad(seq_idx.long(), (0, pad), mode="replicate").view(dims.batch, dims.nchunks, dims.chunk_size)
+
+
+def _same_sequence_as_last(seq_idx: Tensor, dims: ChunkDims) -> Tensor:
+    """(batch, nchunks, chunk_size) bool: position l of chunk c belongs to the sequence of c's last position."""
+    chunked = _chunked_seq_idx(seq_idx, dims)
+    return chunked == chunked[..., -1:]
+
+
+def _chunk_cumsum_fwd(dt: Tensor, A: Tensor, chunk_size: int, dt_bias: Optional[Tensor] = None,
+                      dt_softplus: bool = False,
+                      dt_limit: Sequence[float] = DEFAULT_DT_LIMIT) -> Tuple[Tensor, Tensor]:
+    """The official private step's signature: dt (batch, seqlen, nheads), A (nheads,), dt_bias (nheads,). Returns
+    (dA_cumsum, dt_out), both (batch, nheads, nchunks, chunk_size) in float32 (float64 for float64 inputs):
+    dt_out the processed dt (bias, softplus, clamp; 0 past seqlen), dA_cumsum its product with A summed within each
+    chunk."""
+    require_tensors(dt=dt, A=A, dt_bias=dt_bias)
+    if dt.dim() != 3 or A.shape != (dt.shape[2],):
+        raise MambaKitError(f"dt must be (batch, seqlen, nheads) and A (nheads,), got {_shape(dt)} and {_shape(A)}")
+    if int(chunk_size) < 1:
+        raise MambaKitError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    batch, seqlen, nheads = dt.shape
+    nchunks = -(-seqlen // chunk_size)
+    fp = compute_dtype(dt, A, dt_bias)
+    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype=fp)
+    dt = F.pad(dt, (0, 0, 0, nchunks * chunk_size - seqlen)).view(batch, nchunks, chunk_size, nheads)
+    dt = dt.permute(0, 3, 1, 2)
+    return torch.cumsum(dt * A.to(fp)[:, None, None], dim=-1), dt
+
+
+def _chunk_state_fwd(B: Tensor, x: Tensor, dt: Tensor, dA_cumsum: Tensor, seq_idx: Optional[Tensor] = None,
+                     states: Optional[Tensor] = None, states_in_fp32: bool = True) -> Tensor:
+    """The official private step's signature: `chunk_state` with seq_idx (batch, seqlen) (a chunk's state keeps
+    only the positions of the sequence holding its last position); `states`, if given, receives the result."""
+    out = _chunk_states(B, x, dt, dA_cumsum, seq_idx)
+    out = out if states_in_fp32 else out.to(B.dtype)
+    if states is None:
+        return out
+    if states.shape != out.shape:
+        raise MambaKitError(f"states must have shape {_shape(out)}, got {_shape(states)}")
+    return states.copy_(out)

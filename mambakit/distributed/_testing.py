@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+#: how many times `run_on_ranks` repeats a run whose rank was killed by a signal
+SIGNAL_RETRIES = 2
 
 
 def free_port() -> int:
@@ -32,8 +37,19 @@ def run_on_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
     rank is raised here."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_entry, args=(world, free_port(), fn, args, queue), nprocs=world, join=True,
-                       start_method="spawn")
-    results = dict(queue.get() for _ in range(world))
-    return [results[r] for r in range(world)]
+    for attempt in range(SIGNAL_RETRIES + 1):
+        queue = ctx.SimpleQueue()
+        try:
+            mp.start_processes(_entry, args=(world, free_port(), fn, args, queue), nprocs=world, join=True,
+                               start_method="spawn")
+        except mp.ProcessExitedException as exc:
+            # a rank killed by a signal, not by an exception of fn (those raise ProcessRaisedException): gloo's
+            # loopback transport aborts now and then on a loaded machine ("terminate called without an active
+            # exception"); the run is repeated on a fresh port, and the last failure is raised
+            if exc.signal_name is None or attempt == SIGNAL_RETRIES:
+                raise
+            warnings.warn(f"run_on_ranks: rank {exc.error_index} died by {exc.signal_name}; running again")
+            continue
+        results = dict(queue.get() for _ in range(world))
+        return [results[r] for r in range(world)]
+    raise AssertionError("unreachable")

@@ -20,6 +20,7 @@ from mambakit.layers.registry import mixer_spec
 from mambakit.layers.step import PreNorm, fp32_add_rms_norm, project_step
 from mambakit.models.config import MambaConfig
 from mambakit.ops.cpu_linear import use_cpu_linear
+from mambakit.ops.loss import linear_cross_entropy
 from mambakit.ops.norm import add_rms_norm
 
 
@@ -140,7 +141,7 @@ class MixerModel(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    logits: Tensor  # (batch, seqlen, padded_vocab_size)
+    logits: Optional[Tensor]  # (batch, seqlen, padded_vocab_size); None from forward(return_logits=False)
     loss: Optional[Tensor] = None
 
 
@@ -213,9 +214,13 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: Optional[Tensor] = None, cache: Optional[InferenceCache] = None,
                 labels: Optional[Tensor] = None, num_last_tokens: int = 0, seq_idx: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None) -> CausalLMOutput:
+                attention_mask: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                return_logits: bool = True) -> CausalLMOutput:
         """input_ids: (batch, seqlen). cache: continue from it and update it (prefill or chunked prefill).
         labels: (batch, seqlen) next-token targets (-100 ignored) for a mean cross-entropy `loss`.
+        return_logits=False (needs labels): logits None and the loss computed chunk by chunk without them
+        (`mambakit.ops.loss.linear_cross_entropy`: the same value and gradients, none of the (batch, seqlen, vocab)
+        logits, their float32 copy or their gradient in memory).
         seq_idx: (batch, seqlen) packed sequences. attention_mask: (batch, seqlen) 1 = token, 0 = padding.
         inputs_embeds: (batch, seqlen, d_model) vectors fed in place of the token embeddings (give it instead of
         input_ids; used by ReMamba)."""
@@ -235,11 +240,26 @@ class CausalLM(nn.Module):
             cache.seqlen_offset += inputs_2d.shape[1]
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
+        if not return_logits:
+            return CausalLMOutput(logits=None, loss=self._fused_loss(hidden, labels))
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def _fused_loss(self, hidden: Tensor, labels: Optional[Tensor]) -> Tensor:
+        """The mean cross-entropy of lm_head(hidden) (hidden: (batch, seqlen, d_model)) without the logits."""
+        if labels is None:
+            raise MambaKitError("return_logits=False computes only the loss: give labels")
+        if type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:
+            raise MambaKitError(f"return_logits=False needs lm_head to be a bias-free nn.Linear, got "
+                                f"{type(self.lm_head).__name__}")
+        if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:2]:
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise MambaKitError(f"labels must have shape {tuple(hidden.shape[:2])} (batch, seqlen of the logits), "
+                                f"got {shape}")
+        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(), ignore_index=-100)
 
     @torch.no_grad()
     def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:

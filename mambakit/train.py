@@ -205,8 +205,13 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return _lr_at(step, args.steps, args.lr, args.warmup_steps, args.min_lr_ratio)
 
 
-def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy (nats) of the model on inputs `x` and targets `y`, both (batch, seqlen)."""
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """Mean next-byte cross-entropy (nats) of the model on inputs `x` and targets `y`, both (batch, seqlen).
+
+    fused: computed chunk by chunk without the logits (`forward(return_logits=False)`, the same value and gradients
+    to float rounding, none of the (batch, seqlen, vocab) logits in memory); False: from the model's logits."""
+    if fused:
+        return model(x, labels=y, return_logits=False).loss
     logits = model(x).logits  # (batch, seqlen, padded_vocab)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 

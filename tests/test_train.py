@@ -147,6 +147,20 @@ def test_resume_matches_an_uninterrupted_run(corpus: Path, tmp_path: Path, monke
     assert [s for s, _ in history["val"]] == [0, 3, 6]
 
 
+def test_fused_loss_trains_as_the_plain_loss(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    quiet = lambda message: None  # noqa: E731
+    fused = train(tiny_args(corpus, tmp_path / "fused", sample_tokens=0), log=quiet)
+    real_loss = train_module.lm_loss
+    monkeypatch.setattr(train_module, "lm_loss", lambda model, x, y: real_loss(model, x, y, fused=False))
+    plain = train(tiny_args(corpus, tmp_path / "plain", sample_tokens=0), log=quiet)
+    histories = [load_trainer_state(tmp_path / run / "checkpoint")["history"] for run in ("fused", "plain")]
+    for key in ("train", "val"):
+        (f_steps, f_losses), (p_steps, p_losses) = (zip(*h[key]) for h in histories)
+        assert f_steps == p_steps and len(f_steps) >= 3
+        assert f_losses == pytest.approx(p_losses, rel=1e-5)
+    assert fused["final_val_loss"] == pytest.approx(plain["final_val_loss"], rel=1e-5)
+
+
 def test_resume_errors(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(MambaKitError, match="--resume"):
         train(TrainArgs(out=str(tmp_path / "none"), resume=True, progress=False), log=lambda s: None)

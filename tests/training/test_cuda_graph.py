@@ -1,6 +1,6 @@
 """GraphedStep: forward, loss and backward as one CUDA graph. On the GPU: the same loss and gradients as the eager
-step on fresh batches (Mamba-1 and Mamba-2 LMs under bf16 autocast), the gradients overwritten per replay, an
-optimizer step between replays; everywhere: the clear errors."""
+step on fresh batches (Mamba-1 and Mamba-2 LMs under bf16 autocast, the plain and the fused loss), the gradients
+overwritten per replay, an optimizer step between replays; everywhere: the clear errors."""
 from __future__ import annotations
 
 import pytest
@@ -13,8 +13,10 @@ from mambakit.training.cuda_graph import GraphedStep
 from tests.conftest import rel_err
 
 
-def _loss_fn(model):
+def _loss_fn(model, fused: bool = False):
     def loss(x, y):
+        if fused:  # chunked, no logits (mambakit.ops.loss): the trainer's loss
+            return model(x, labels=y, return_logits=False).loss
         logits = model(x).logits
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     return loss
@@ -29,12 +31,13 @@ def test_needs_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("ssm_cfg", [{}, {"layer": "Mamba2", "d_state": 64, "headdim": 32}], ids=["mamba1", "mamba2"])
-def test_graphed_step_matches_eager(ssm_cfg):
+@pytest.mark.parametrize("fused", [False, True], ids=["plain_loss", "fused_loss"])
+def test_graphed_step_matches_eager(ssm_cfg, fused):
     torch.manual_seed(0)
     cfg = MambaConfig(d_model=128, n_layer=2, vocab_size=96, ssm_cfg=ssm_cfg)
     model = MambaLMHeadModel(cfg, device="cuda")
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = _loss_fn(model)
+    loss_fn = _loss_fn(model, fused)
     ids = torch.randint(0, 96, (2, 257), device="cuda")
     step = GraphedStep(loss_fn, params, (ids[:, :-1], ids[:, 1:]), autocast_dtype=torch.bfloat16)
     opt = torch.optim.AdamW(params, lr=1e-3)

@@ -61,12 +61,10 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, ch
         raise MambaKitError(f"chunk_tokens must be a positive integer or None, got {chunk_tokens!r}")
     if not labels.numel() or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
         return  # a CUDA graph being captured cannot read values (mambakit.training.cuda_graph)
-    kept = labels[labels != ignore_index]
-    if kept.numel():
-        lo, hi = (int(v) for v in torch.aminmax(kept))
-        if lo < 0 or hi >= weight.shape[0]:
-            raise MambaKitError(f"labels must lie in [0, vocab={weight.shape[0]}) or be ignore_index={ignore_index}, "
-                                f"got values in [{lo}, {hi}]")
+    lo, hi = (int(v) for v in torch.aminmax(torch.where(labels == ignore_index, 0, labels)))  # 0 is a label
+    if lo < 0 or hi >= weight.shape[0]:
+        raise MambaKitError(f"labels must lie in [0, vocab={weight.shape[0]}) or be ignore_index={ignore_index}, "
+                            f"got values in [{lo}, {hi}]")
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100,

@@ -3,9 +3,13 @@ mamba_ssm, with the per-kernel breakdown of each (torch profiler).
 
     python benchmarks/profile_train_step.py                    # 130M shape, batch 8 x 2048, bf16 autocast
     python benchmarks/profile_train_step.py --device cpu --tiny  # smoke test
+    python benchmarks/profile_train_step.py --loss fused         # mambakit with the fused loss only
 
 Both models get the same fp32 weights (ours loaded into the official through its state dict) and the same tokens;
-the loss is the same fp32 cross-entropy for both. Prints ms per step (median of --repeats), peak GiB, and the top
+the loss is the fp32 cross-entropy of the logits for both ("plain"); with --loss fused (or both, the default)
+mambakit is also timed with the loss computed chunk by chunk without the logits (`forward(labels=...,
+return_logits=False)`, `mambakit.ops.loss`: rows "mambakit, fused loss"); the official keeps the plain loss.
+Prints ms per step (median of --repeats), peak GiB, and the top
 --top kernels of one step by total GPU time with their call counts. Without the official package it runs mambakit
 alone and says so.
 """
@@ -45,14 +49,25 @@ def kernel_breakdown(fn, top: int) -> list[tuple[str, float, int]]:
     return [(n, total[n], calls[n]) for n in ranked[:top]]
 
 
-def time_graphed(model, ids, args, arch: str, rows: Rows) -> None:
+def lm_loss(model, x, y, fused: bool):
+    """The mean cross-entropy of the model's next-token predictions: from the logits, or fused (no logits)."""
+    if fused:
+        return model(x, labels=y, return_logits=False).loss
+    logits = model(x).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def engine_name(name: str, fused: bool) -> str:
+    return f"{name}, fused loss" if fused else name
+
+
+def time_graphed(model, ids, args, arch: str, rows: Rows, fused: bool) -> None:
     """The same step (forward, fp32 cross-entropy, backward) replayed as one CUDA graph; its loss checked against
     the eager step's on a second batch."""
     from mambakit.training.cuda_graph import GraphedStep
 
     def loss_fn(x, y):
-        logits = model(x).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return lm_loss(model, x, y, fused)
 
     model.zero_grad(set_to_none=True)
     torch.cuda.reset_peak_memory_stats()
@@ -64,8 +79,9 @@ def time_graphed(model, ids, args, arch: str, rows: Rows) -> None:
     ms = time_ms(lambda: graphed(ids[:, :-1], ids[:, 1:]), repeats=args.repeats * 4, warmup=2)
     peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"# graphed step loss {got:.6f} vs eager {want:.6f}")
-    rows.add(arch=arch, engine="mambakit, CUDA graph", ms=ms, peak_GiB=peak, batch=args.batch, seqlen=args.seqlen,
-             d_model=args.d_model, n_layer=args.n_layer, loss_vs_eager=abs(got - want))
+    rows.add(arch=arch, engine=engine_name("mambakit, CUDA graph", fused), loss="fused" if fused else "plain", ms=ms,
+             peak_GiB=peak, batch=args.batch, seqlen=args.seqlen, d_model=args.d_model, n_layer=args.n_layer,
+             loss_vs_eager=abs(got - want))
     del graphed
     model.zero_grad(set_to_none=True)
 
@@ -107,6 +123,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--loss", default="both", choices=["plain", "fused", "both"],
+                    help="mambakit's loss: from the logits (plain), chunked without them (fused), or both rows")
     ap.add_argument("--graphed", action="store_true",
                     help="also time mambakit's step as one CUDA graph (mambakit.training.cuda_graph.GraphedStep)")
     ap.add_argument("--host", type=int, default=0,
@@ -127,11 +145,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             theirs.load_state_dict(models["mambakit"].state_dict(), strict=True)
             models["official"] = theirs
         ids = torch.randint(0, args.vocab, (args.batch, args.seqlen + 1), device=args.device)
-        for name, model in models.items():
-            def step(model=model):
+        losses = {"plain": [False], "fused": [True], "both": [False, True]}[args.loss]
+        runs = [(name, model, fused) for name, model in models.items()
+                for fused in (losses if name == "mambakit" else [False])]
+        for name, model, fused in runs:
+            def step(model=model, fused=fused):
                 with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
-                    logits = model(ids[:, :-1]).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                    loss = lm_loss(model, ids[:, :-1], ids[:, 1:], fused)  # plain: cross_entropy runs in fp32
                 loss.backward()
                 model.zero_grad(set_to_none=True)
                 return loss
@@ -141,21 +161,21 @@ def main(argv: Optional[list[str]] = None) -> None:
                 torch.cuda.reset_peak_memory_stats()
             ms = time_ms(step, repeats=args.repeats, warmup=1)
             peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
-            rows.add(arch=arch, engine=name, ms=ms, peak_GiB=peak, batch=args.batch, seqlen=args.seqlen,
-                     d_model=args.d_model, n_layer=args.n_layer)
+            rows.add(arch=arch, engine=engine_name(name, fused), loss="fused" if fused else "plain", ms=ms,
+                     peak_GiB=peak, batch=args.batch, seqlen=args.seqlen, d_model=args.d_model, n_layer=args.n_layer)
             if args.device == "cuda":
-                print(f"# {name} {arch}: top kernels of one step (total ms, calls)")
+                print(f"# {engine_name(name, fused)} {arch}: top kernels of one step (total ms, calls)")
                 for kname, kms, kcalls in kernel_breakdown(step, args.top):
                     print(f"#   {kms:8.2f} ms {kcalls:5d}x  {kname[:140]}")
             if args.host and name == "mambakit":
                 host_profile(step, args.host)
             if args.graphed and name == "mambakit" and args.device == "cuda":
-                time_graphed(model, ids, args, arch, rows)
+                time_graphed(model, ids, args, arch, rows, fused)
         del models
         if args.device == "cuda":
             torch.cuda.empty_cache()
     rows.save()
-    print(table(rows.rows, ["arch", "engine", "ms", "peak_GiB", "batch", "seqlen"]))
+    print(table(rows.rows, ["arch", "engine", "loss", "ms", "peak_GiB", "batch", "seqlen"]))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ and grouped by the code that saves them.
                                                                                           # on the interpreter
     python benchmarks/saved_activations.py --device cuda                                 # 130M shape, 8 x 2048
     python benchmarks/saved_activations.py --tiny                                        # smoke test
+    python benchmarks/saved_activations.py --device cuda --loss fused                    # the fused loss only
 
 Every tensor handed to autograd's saved-tensor machinery (`torch.autograd.graph.saved_tensors_hooks`: the
 derivative formulas of the built-in ops and `ctx.save_for_backward` of custom functions) is recorded once per
@@ -20,6 +21,11 @@ linearly with the tokens when seqlen is a multiple of the SSD chunk). Besides th
 logits the caller keeps (bf16 under autocast: tokens * vocab * 2) and, while its forward runs, their fp32 copy
 (tokens * vocab * 4, freed after log_softmax, whose fp32 output is what it saves); its backward makes two more
 fp32 tensors of that size. On CUDA the step's peak allocated memory is printed too.
+
+`--loss` (default both): "plain" is that loss from the logits; "fused" the loss without logits
+(`forward(labels=..., return_logits=False)`, `mambakit.ops.loss`), which saves the gradients of the hidden states
+(tokens * d_model in their dtype) and of the head's weight (float32, listed as "weights") instead, and keeps no
+logits.
 
 `--inner fused` sends the mixers to their fused Triton inner ops (`mambakit.ops.mamba2_inner`,
 `mambakit.ops.mamba_inner`) on a CPU too, through the Triton interpreter (set here; slow: keep the shapes small;
@@ -54,6 +60,7 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
     ap.add_argument("--save-states", action="store_true",
                     help="Mamba-2's fused op keeps its SSD chunk states (mambakit.ops.mamba2_inner.fused.SAVE_STATES, "
                          "the code before they were recomputed) instead of recomputing them")
+    ap.add_argument("--loss", default="both", choices=["plain", "fused", "both"])
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -147,7 +154,7 @@ def _check_shapes(model, args) -> None:
                              f"apart wrongly): pick another --seqlen or --batch")
 
 
-def measure(arch: str, args: argparse.Namespace):
+def measure(arch: str, args: argparse.Namespace, fused: bool):
     import torch
     import torch.nn.functional as F
     from mambakit import MambaConfig, MambaLMHeadModel
@@ -171,18 +178,25 @@ def measure(arch: str, args: argparse.Namespace):
         torch.cuda.reset_peak_memory_stats()
     with torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=not args.fp32):
-            logits = model(ids[:, :-1]).logits
-        rec.where = "loss"
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            if fused:  # the loss inside the model's forward, after the backbone: recorded under "loss"
+                out = model(ids[:, :-1], labels=ids[:, 1:], return_logits=False)
+                loss, logits_bytes = out.loss, 0
+            else:
+                logits = model(ids[:, :-1]).logits
+                logits_bytes = int(logits.numel() * logits.element_size())
+        if not fused:
+            rec.where = "loss"
+            loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
     loss.backward()
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     if not torch.isfinite(loss):
         print(f"# note: loss {loss.item()} is not finite (interpreted bf16 kernels?); the byte counts stand")
     rec.close()
-    return list(rec.seen.values()), int(logits.numel() * logits.element_size()), peak
+    return list(rec.seen.values()), logits_bytes, peak
 
 
-def summarise(arch: str, entries: list[dict], logits_bytes: int, peak: Optional[float], args, rows) -> None:
+def summarise(arch: str, loss: str, entries: list[dict], logits_bytes: int, peak: Optional[float], args,
+              rows) -> None:
     tokens = args.batch * args.seqlen
     scale = args.scale_batch * args.scale_seqlen / tokens
     groups: dict[tuple, dict[str, Any]] = defaultdict(lambda: dict(bytes=0, tensors=0, shapes=set()))
@@ -192,8 +206,8 @@ def summarise(arch: str, entries: list[dict], logits_bytes: int, peak: Optional[
         g["tensors"] += 1
         g["shapes"].add(e["shape"])
     common = dict(arch=arch, d_model=args.d_model, batch=args.batch, seqlen=args.seqlen, vocab=args.vocab,
-                  inner=args.inner, autocast=not args.fp32)
-    print(f"\n## {arch}: saved for the backward, {args.batch} x {args.seqlen} tokens (per token; scaled to "
+                  inner=args.inner, autocast=not args.fp32, loss=loss)
+    print(f"\n## {arch}, {loss} loss: saved for the backward, {args.batch} x {args.seqlen} tokens (per token; scaled to "
           f"{args.scale_batch} x {args.scale_seqlen})")
     print(f"| where | kind | saver | dtype | shapes | bytes/token | MiB at {args.scale_batch}x{args.scale_seqlen} |")
     print("|---|---|---|---|---|---|---|")
@@ -214,7 +228,7 @@ def summarise(arch: str, entries: list[dict], logits_bytes: int, peak: Optional[
     rep = "layer 1" if args.n_layer > 1 else "layer 0"
     per_layer = layer_act.get(rep, 0)
     total = sum(layer_act.values())
-    print(f"\n{arch}: activations saved per layer ({rep}): {per_layer / tokens:,.1f} bytes/token = "
+    print(f"\n{arch}, {loss} loss: activations saved per layer ({rep}): {per_layer / tokens:,.1f} bytes/token = "
           f"{per_layer * scale / 2**20:,.1f} MiB at {args.scale_batch}x{args.scale_seqlen}; step total "
           f"{total / 2**20:,.1f} MiB here, loss part {layer_act.get('loss', 0) / tokens:,.1f} bytes/token; logits "
           f"kept by the caller {logits_bytes / tokens:,.1f} bytes/token" + (f"; CUDA peak {peak:.2f} GiB" if peak
@@ -233,9 +247,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     from _common import Rows
 
     rows = Rows("saved_activations")
+    losses = ["plain", "fused"] if args.loss == "both" else [args.loss]
     for arch in args.archs:
-        entries, logits_bytes, peak = measure(arch, args)
-        summarise(arch, entries, logits_bytes, peak, args, rows)
+        for loss in losses:
+            entries, logits_bytes, peak = measure(arch, args, fused=loss == "fused")
+            summarise(arch, loss, entries, logits_bytes, peak, args, rows)
     rows.save()
 
 

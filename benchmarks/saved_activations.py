@@ -207,8 +207,8 @@ def summarise(arch: str, loss: str, entries: list[dict], logits_bytes: int, peak
         g["shapes"].add(e["shape"])
     common = dict(arch=arch, d_model=args.d_model, batch=args.batch, seqlen=args.seqlen, vocab=args.vocab,
                   inner=args.inner, autocast=not args.fp32, loss=loss)
-    print(f"\n## {arch}, {loss} loss: saved for the backward, {args.batch} x {args.seqlen} tokens (per token; scaled to "
-          f"{args.scale_batch} x {args.scale_seqlen})")
+    print(f"\n## {arch}, {loss} loss: saved for the backward, {args.batch} x {args.seqlen} tokens (per token; scaled "
+          f"to {args.scale_batch} x {args.scale_seqlen})")
     print(f"| where | kind | saver | dtype | shapes | bytes/token | MiB at {args.scale_batch}x{args.scale_seqlen} |")
     print("|---|---|---|---|---|---|---|")
     for (where, kind, saver, dtype), g in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[1]["bytes"])):

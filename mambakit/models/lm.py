@@ -20,7 +20,7 @@ from mambakit.layers.registry import mixer_spec
 from mambakit.layers.step import PreNorm, fp32_add_rms_norm, project_step
 from mambakit.models.config import MambaConfig
 from mambakit.ops.cpu_linear import use_cpu_linear
-from mambakit.ops.loss import linear_cross_entropy
+from mambakit.ops.loss import check_label_values, linear_cross_entropy
 from mambakit.ops.norm import add_rms_norm
 
 
@@ -225,6 +225,8 @@ class CausalLM(nn.Module):
         inputs_embeds: (batch, seqlen, d_model) vectors fed in place of the token embeddings (give it instead of
         input_ids; used by ReMamba)."""
         inputs_2d = self._check_embeds(input_ids, inputs_embeds)
+        if not return_logits:  # before the forward: its errors come first, and no host sync waits for it
+            self._check_fused_loss(labels, inputs_2d, num_last_tokens)
         kwargs = {}
         if seq_idx is not None:
             kwargs["seq_idx"] = seq_idx
@@ -241,25 +243,31 @@ class CausalLM(nn.Module):
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]
         if not return_logits:
-            return CausalLMOutput(logits=None, loss=self._fused_loss(hidden, labels))
+            loss = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                        ignore_index=-100, check_labels=False)
+            return CausalLMOutput(logits=None, loss=loss)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def _fused_loss(self, hidden: Tensor, labels: Optional[Tensor]) -> Tensor:
-        """The mean cross-entropy of lm_head(hidden) (hidden: (batch, seqlen, d_model)) without the logits."""
+    def _check_fused_loss(self, labels: Optional[Tensor], inputs_2d: Tensor, num_last_tokens: int) -> None:
+        """What forward(return_logits=False) needs: labels (batch, seqlen of the logits) of integers in
+        [0, padded_vocab_size) or -100, and a bias-free nn.Linear head."""
         if labels is None:
             raise MambaKitError("return_logits=False computes only the loss: give labels")
         if type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:
             raise MambaKitError(f"return_logits=False needs lm_head to be a bias-free nn.Linear, got "
                                 f"{type(self.lm_head).__name__}")
-        if not isinstance(labels, Tensor) or labels.shape != hidden.shape[:2]:
-            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise MambaKitError(f"labels must have shape {tuple(hidden.shape[:2])} (batch, seqlen of the logits), "
-                                f"got {shape}")
-        return linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(), ignore_index=-100)
+        batch, seqlen = inputs_2d.shape
+        shape = (batch, min(num_last_tokens, seqlen) if num_last_tokens > 0 else seqlen)
+        if not isinstance(labels, Tensor) or labels.shape != shape:
+            got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise MambaKitError(f"labels must have shape {shape} (batch, seqlen of the logits), got {got}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise MambaKitError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        check_label_values(labels, self.lm_head.weight.shape[0])
 
     @torch.no_grad()
     def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:

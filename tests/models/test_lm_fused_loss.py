@@ -74,6 +74,10 @@ def test_fused_loss_errors():
         model(ids, return_logits=False)
     with pytest.raises(MambaKitError, match=r"labels must have shape \(2, 3\)"):
         model(ids, labels=ids, num_last_tokens=3, return_logits=False)
+    with pytest.raises(MambaKitError, match="labels must be an integer"):
+        model(ids, labels=ids.double(), return_logits=False)
+    with pytest.raises(MambaKitError, match=r"labels must lie in \[0, vocab=40\)"):  # padded to a multiple of 8
+        model(ids, labels=torch.full_like(ids, 40), return_logits=False)
     model.lm_head = nn.Linear(16, model.config.padded_vocab_size, bias=True).double()
     with pytest.raises(MambaKitError, match="bias-free nn.Linear"):
         model(ids, labels=ids, return_logits=False)

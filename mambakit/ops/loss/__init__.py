@@ -20,7 +20,7 @@ from mambakit.ops.loss.chunked import (
 )
 from mambakit.ops.loss.naive import linear_cross_entropy_ref
 
-__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "default_chunk_tokens", "linear_cross_entropy",
+__all__ = ["CHUNK_ELEMENTS", "check_label_values", "compute_dtype", "default_chunk_tokens", "linear_cross_entropy",
            "linear_cross_entropy_ref"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -59,16 +59,21 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, ch
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise MambaKitError(f"chunk_tokens must be a positive integer or None, got {chunk_tokens!r}")
+
+
+def check_label_values(labels: Tensor, vocab: int, ignore_index: int = -100) -> None:
+    """MambaKitError unless every label lies in [0, vocab) or is ignore_index. Reads the values (one host sync);
+    skipped while a CUDA graph is being captured (`mambakit.training.cuda_graph`), which cannot read them."""
     if not labels.numel() or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return  # a CUDA graph being captured cannot read values (mambakit.training.cuda_graph)
+        return
     lo, hi = (int(v) for v in torch.aminmax(torch.where(labels == ignore_index, 0, labels)))  # 0 is a label
-    if lo < 0 or hi >= weight.shape[0]:
-        raise MambaKitError(f"labels must lie in [0, vocab={weight.shape[0]}) or be ignore_index={ignore_index}, "
-                            f"got values in [{lo}, {hi}]")
+    if lo < 0 or hi >= vocab:
+        raise MambaKitError(f"labels must lie in [0, vocab={vocab}) or be ignore_index={ignore_index}, got values "
+                            f"in [{lo}, {hi}]")
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, ignore_index: int = -100,
-                         chunk_tokens: Optional[int] = None) -> Tensor:
+                         chunk_tokens: Optional[int] = None, check_labels: bool = True) -> Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T over the tokens whose label is not ignore_index, without
     materialising the logits: F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=ignore_index)
     to float rounding (nan when every label is ignored, with zero gradients, as torch).
@@ -76,12 +81,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, igno
     hidden: (n_tokens, d); weight: (vocab, d) (an LM head, possibly tied to the embedding); labels: (n_tokens,)
     integers in [0, vocab) or ignore_index. The product runs in `compute_dtype` (the autocast dtype under
     autocast), the softmax and the loss in float32 (float64 for float64 inputs). chunk_tokens: tokens per chunk
-    (None: `default_chunk_tokens`, about 256 MB of float32 logits per chunk). Returns a scalar in float32 (float64).
+    (None: `default_chunk_tokens`, about 256 MB of float32 logits per chunk). check_labels=False skips
+    `check_label_values` (a caller that checked them before its forward; a label out of range then fails in the
+    gather: a device-side assert on CUDA). Returns a scalar in float32 (float64).
 
     With autograd the gradients of hidden and weight (only those that require grad) are computed in the forward
     and held until the backward: (n_tokens, d) in hidden's dtype and (vocab, d) in float32.
     """
     _check(hidden, weight, labels, ignore_index, chunk_tokens)
+    if check_labels:
+        check_label_values(labels, weight.shape[0], ignore_index)
     cdt = compute_dtype(hidden, weight)
     chunk = chunk_tokens if chunk_tokens is not None else default_chunk_tokens(hidden.shape[0], weight.shape[0])
     labels = labels.long()

@@ -124,23 +124,29 @@ class ReMambaLM(nn.Module):
 
     def adapted_forward(self, input_ids: Tensor, comp: Compression, extra_ids: Optional[Tensor] = None,
                         cache: Optional[InferenceCache] = None, num_last_tokens: int = 0,
-                        labels: Optional[Tensor] = None) -> CausalLMOutput:
+                        labels: Optional[Tensor] = None, return_logits: bool = True) -> CausalLMOutput:
         """Stage 2 on the compressed prompt, followed by extra_ids (batch, E) if given (teacher-forced answer).
-        labels: (batch, stage-2 length) targets, -100 ignored. cache: left holding the state after the pass."""
+        labels: (batch, stage-2 length) targets, -100 ignored. cache: left holding the state after the pass.
+        return_logits=False: the loss alone, without the logits (the base model's forward option)."""
         embeds = self.stage2_embeds(input_ids, comp, extra_ids)
+        kwargs = dict(inputs_embeds=embeds, cache=cache, num_last_tokens=num_last_tokens, labels=labels,
+                      return_logits=return_logits)
         if comp.plan.is_noop:
-            return self.base(inputs_embeds=embeds, cache=cache, num_last_tokens=num_last_tokens, labels=labels)
+            return self.base(**kwargs)
         with selective_adaptation(self._mixers(), self.adapter.biases(), comp.weights, comp.plan.start):
-            return self.base(inputs_embeds=embeds, cache=cache, num_last_tokens=num_last_tokens, labels=labels)
+            return self.base(**kwargs)
 
     def forward(self, input_ids: Tensor, remamba: ReMambaConfig, answer_ids: Optional[Tensor] = None,
-                cache: Optional[InferenceCache] = None, num_last_tokens: int = 0) -> CausalLMOutput:
+                cache: Optional[InferenceCache] = None, num_last_tokens: int = 0,
+                return_logits: bool = True) -> CausalLMOutput:
         """Both stages. input_ids: (batch, L) prompt; answer_ids: (batch, A) teacher-forced answer: the loss is the
         mean cross-entropy of the A answer tokens (predicted from the last prompt position on).
-        logits: (batch, L - n + K + A - 1, vocab) (or the last num_last_tokens)."""
+        logits: (batch, L - n + K + A - 1, vocab) (or the last num_last_tokens); None with return_logits=False
+        (needs answer_ids: the loss computed without them)."""
         comp = self.compress(input_ids, remamba)
         if answer_ids is None:
-            return self.adapted_forward(input_ids, comp, cache=cache, num_last_tokens=num_last_tokens)
+            return self.adapted_forward(input_ids, comp, cache=cache, num_last_tokens=num_last_tokens,
+                                        return_logits=return_logits)
         if answer_ids.dim() != 2 or answer_ids.shape[0] != input_ids.shape[0] or answer_ids.shape[1] == 0:
             raise MambaKitError(f"answer_ids must have shape (batch={input_ids.shape[0]}, A >= 1), got "
                                 f"{tuple(answer_ids.shape)}")
@@ -149,7 +155,7 @@ class ReMambaLM(nn.Module):
         labels = answer_ids.new_full((input_ids.shape[0], length + n_ans - 1), -100)
         labels[:, length - 1:] = answer_ids
         return self.adapted_forward(input_ids, comp, extra_ids=answer_ids[:, :-1], cache=cache,
-                                    num_last_tokens=num_last_tokens, labels=labels)
+                                    num_last_tokens=num_last_tokens, labels=labels, return_logits=return_logits)
 
     # ------------------------------------------------------------------------------------------------------------------
     def prefill(self, input_ids: Tensor, remamba: ReMambaConfig) -> tuple[Tensor, InferenceCache]:

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambakit.errors import MambaKitError
@@ -113,11 +112,9 @@ def prepare(lm: ReMambaLM, cfg: ReMambaTrainConfig) -> list[nn.Parameter]:
 
 def answer_loss_plain(base: nn.Module, prompts: Tensor, answers: Tensor) -> Tensor:
     """Mean cross-entropy of the answers (batch, A) after the prompts (batch, L), plain forward pass of `base`
-    (a MambaLMHeadModel)."""
+    (a MambaLMHeadModel), computed without the logits (`forward(return_logits=False)`)."""
     ids = torch.cat([prompts, answers[:, :-1]], dim=1)
-    n_ans = answers.shape[1]
-    logits = base(ids, num_last_tokens=n_ans).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), answers.flatten())
+    return base(ids, labels=answers, num_last_tokens=answers.shape[1], return_logits=False).loss
 
 
 def train_added(lm: ReMambaLM, batches: BatchFn, cfg: ReMambaTrainConfig,
@@ -144,7 +141,7 @@ def train_added(lm: ReMambaLM, batches: BatchFn, cfg: ReMambaTrainConfig,
         if cfg.mode == "plain":
             loss = answer_loss_plain(lm.base, prompts, answers)
         else:
-            loss = lm(prompts, cfg.sample(g_span), answer_ids=answers).loss
+            loss = lm(prompts, cfg.sample(g_span), answer_ids=answers, return_logits=False).loss
         example_losses.append(float(loss.detach()))
         return loss
 

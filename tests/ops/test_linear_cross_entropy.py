@@ -152,6 +152,13 @@ def test_double_backward_through_retain_graph_is_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_second_derivatives_are_refused():
+    hidden, weight, labels = _inputs(12, 4, 6)
+    (gh,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # not silently zero
+        gh.sum().backward()
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda h, w, y: (h[None], w, y), "hidden must have shape"),
     (lambda h, w, y: (h, w[:, :-1], y), "weight must have shape"),

@@ -121,3 +121,21 @@ def test_generation_continues_the_state_after_stage_2(mixer):
     assert torch.equal(logits[:, length - 1:, :40].argmax(-1), new)
     # and the switch on the model is the same function
     assert torch.equal(lm.generate(ids, 5, remamba=cfg, temperature=0), out)
+
+
+def test_loss_without_logits_equals_the_plain_loss():
+    lm = make_lm("mamba2")
+    prompts, answers = torch.randint(0, 40, (2, 30)), torch.randint(0, 40, (2, 3))
+    cfg = ReMambaConfig(p=0.3, rho=0.5, s=0.2)
+    outs, grads = [], []
+    for return_logits in (True, False):
+        lm.zero_grad(set_to_none=True)
+        out = lm(prompts, cfg, answer_ids=answers, return_logits=return_logits)
+        out.loss.backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in lm.adapter.parameters() if p.grad is not None])
+    assert outs[0].logits is not None and outs[1].logits is None
+    torch.testing.assert_close(outs[1].loss.double(), outs[0].loss.double(), rtol=1e-6, atol=0)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-9)

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mambakit.ops.autocast import autocast_off
 
@@ -93,6 +94,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return loss_sum / n_valid  # nan when every label is ignored, as torch
 
     @staticmethod
+    @once_differentiable  # the saved gradients are constants: no second derivative through them
     def backward(ctx, grad_out: Tensor):
         gh, gw, n_valid = ctx.saved_tensors
         scale = grad_out.to(n_valid.dtype) / n_valid.clamp(min=1)  # all ignored: zero gradients, as torch

@@ -363,7 +363,7 @@ def resolve_run(args: TrainArgs) -> tuple[TrainArgs, dict[str, Any]]:
 
 def _check_memory(args: TrainArgs, config: MambaConfig, micro_batch: int, device: torch.device, shards: int) -> None:
     """Refuse, before anything is allocated, a run whose sizes cannot fit this device (`mambakit.models.memory`)."""
-    need = training_bytes(config, micro_batch, args.seq_len, bf16=args.bf16, shards=shards)
+    need = training_bytes(config, micro_batch, args.seq_len, bf16=args.bf16, shards=shards, fused_loss=True)
     need += 2 * 8 * args.eval_batches * args.batch_size * (args.seq_len + 1)  # the held-out (x, y) int64 batches
     check_fits(need, device, f"training d_model {config.d_model}, n_layer {config.n_layer} on micro-batches of "
                f"{micro_batch} x {args.seq_len} bytes",

@@ -18,7 +18,8 @@ per activation, 2 under bf16 autocast, else 4; parameters, gradients and AdamW's
 
     bytes >= 4*P*w / shards                    weights, gradients, exp_avg, exp_avg_sq
            + b*T*a * n_layer*(d + 2*e*d)       per layer: its input and in_proj's output, kept for backward
-           + b*T*V*4                           the float32 logits of the loss
+           + b*T*V*4                           the float32 logits of the loss (with fused_loss, the loss
+                                               without logits: one chunk's, c*V*4, c = `default_chunk_tokens`)
 
 Available memory: ``torch.cuda.mem_get_info`` (free bytes) for a CUDA device; MemAvailable of /proc/meminfo, or
 ``os.sysconf`` available pages times the page size, for the CPU; None (no check) where neither can be read.
@@ -32,6 +33,7 @@ import torch
 
 from mambakit.errors import MambaKitError
 from mambakit.models.config import MambaConfig
+from mambakit.ops.loss import default_chunk_tokens
 
 __all__ = ["available_bytes", "check_fits", "format_bytes", "parameter_count", "training_bytes"]
 
@@ -53,13 +55,16 @@ def parameter_count(config: MambaConfig) -> int:
 
 
 def training_bytes(config: MambaConfig, micro_batch: int, seq_len: int, bf16: bool = False,
-                   shards: int = 1) -> int:
-    """A lower bound on the bytes one rank needs to train ``config`` with AdamW (the formula of the module)."""
+                   shards: int = 1, fused_loss: bool = False) -> int:
+    """A lower bound on the bytes one rank needs to train ``config`` with AdamW (the formula of the module).
+    fused_loss: the loss is computed without the logits (`forward(return_logits=False)`)."""
     d = config.d_model
     states = 4 * parameter_count(config) * 4 // max(1, shards)
     tokens = micro_batch * seq_len
     activations = tokens * (2 if bf16 else 4) * config.n_layer * (d + 2 * _expand(config) * d)
-    return states + activations + tokens * config.padded_vocab_size * 4
+    V = config.padded_vocab_size
+    loss_tokens = min(tokens, default_chunk_tokens(tokens, V)) if fused_loss else tokens
+    return states + activations + loss_tokens * V * 4
 
 
 def _meminfo_available() -> Optional[int]:

@@ -42,6 +42,10 @@ def test_training_bytes_grow_with_every_size():
     assert training_bytes(MambaConfig(d_model=64, n_layer=4), 4, 128) > base
     assert training_bytes(config, 4, 128, bf16=True) < base
     assert training_bytes(config, 4, 128, shards=4) < base
+    assert training_bytes(config, 4, 128, fused_loss=True) == base  # the 512 tokens fit in one chunk
+    big = MambaConfig(d_model=64, n_layer=4, vocab_size=2 ** 17)  # 4096 tokens in chunks of 512: 1/8 of the logits
+    logits = 32 * 128 * 2 ** 17 * 4
+    assert training_bytes(big, 32, 128) - training_bytes(big, 32, 128, fused_loss=True) == logits * 7 // 8
 
 
 def test_check_fits_with_fake_available_memory():

@@ -9,9 +9,8 @@ Both models get the same fp32 weights (ours loaded into the official through its
 the loss is the fp32 cross-entropy of the logits for both ("plain"); with --loss fused (or both, the default)
 mambakit is also timed with the loss computed chunk by chunk without the logits (`forward(labels=...,
 return_logits=False)`, `mambakit.ops.loss`: rows "mambakit, fused loss"); the official keeps the plain loss.
-Prints ms per step (median of --repeats), peak GiB, and the top
---top kernels of one step by total GPU time with their call counts. Without the official package it runs mambakit
-alone and says so.
+Prints ms per step (median of --repeats), peak GiB, and the top --top kernels of one step by total GPU time with
+their call counts. Without the official package it runs mambakit alone and says so.
 """
 from __future__ import annotations
 

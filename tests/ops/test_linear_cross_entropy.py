@@ -152,6 +152,14 @@ def test_double_backward_through_retain_graph_is_unchanged():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_unchecked_labels():
+    hidden, weight, labels = _inputs(12, 4, 6)
+    want = linear_cross_entropy(hidden, weight, labels)
+    assert torch.equal(linear_cross_entropy(hidden, weight, labels, check_labels=False), want)
+    with pytest.raises(RuntimeError, match="index"):  # out of range: the gather refuses it, not MambaKitError
+        linear_cross_entropy(hidden, weight, torch.full_like(labels, 6), check_labels=False)
+
+
 def test_second_derivatives_are_refused():
     hidden, weight, labels = _inputs(12, 4, 6)
     (gh,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels), hidden, create_graph=True)

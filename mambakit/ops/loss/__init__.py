@@ -86,7 +86,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, igno
     gather: a device-side assert on CUDA). Returns a scalar in float32 (float64).
 
     With autograd the gradients of hidden and weight (only those that require grad) are computed in the forward
-    and held until the backward: (n_tokens, d) in hidden's dtype and (vocab, d) in float32.
+    and held until the backward: (n_tokens, d) in hidden's dtype and (vocab, d) in float32 (float64).
     """
     _check(hidden, weight, labels, ignore_index, chunk_tokens)
     if check_labels:

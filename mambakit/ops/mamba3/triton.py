@@ -147,7 +147,9 @@ class _Mamba3Triton(torch.autograd.Function):
             **_strides_of(q, v, adt, dh0, st), s_blk_q=dq.stride(0), s_blk_a=dadt.stride(0), CHUNK=ctx.chunk,
             BLOCK_P=block_p, BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_DHT=dhT is not None,
             RANK=ctx.rank, num_warps=8,
-            num_stages=2,  # 3 stages need 248 KB of shared memory at d_state 128 (sm_90: 227 KB); 2 need 149
+            # SISO: 3 stages need 248 KB of shared memory at d_state 128 (sm_90: 227 KB), 2 need 149; MIMO (the
+            # extra kg tiles) needs 264 KB with 2 stages, so one
+            num_stages=2 if ctx.rank == 1 else 1,
         )
         return (dq.sum(0), dk.sum(0), dv, dadt.sum(0), ddiag.sum(0), dh0 if ctx.has_h0 else None, None, None,
                 dkg.sum(0) if kg is not None else None, None)

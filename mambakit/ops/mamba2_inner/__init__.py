@@ -75,7 +75,8 @@ def mamba2_inner(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor
     output is 0, as `causal_conv1d_fn` defines it).
     backend: "auto" (the fused Triton form for CUDA tensors when Triton is available, else the composition),
     "triton" (fused), "torch" (composition with the chunked SSD) or "ref" (composition with the recurrence).
-    The conv and out weights are used in zxbcdt's dtype (as autocast would); A, D, dt_bias in float32.
+    The out weight is used in zxbcdt's dtype (as autocast would), the conv's weight and bias in their own (as
+    `causal_conv1d_fn` takes them: the conv computes in float32); A, D, dt_bias in float32.
     """
     _check(zxbcdt, conv_weight, dt_bias, A, D, norm_weight, out_weight, headdim, ngroups, seq_idx)
     conv_w = conv_weight.squeeze(1) if conv_weight.dim() == 3 else conv_weight

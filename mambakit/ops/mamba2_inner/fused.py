@@ -72,17 +72,17 @@ def _padding_zeroed(t: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
 
 
 class _Mamba2InnerFused(torch.autograd.Function):
-    """The conv and out weights come in their own dtype (float32 parameters under autocast) and are cast to
-    zxbcdt's here, so that their gradients leave in that dtype without a cast node of autograd's (the conv's
-    float32 sums unrounded)."""
+    """The conv and out weights come in their own dtype (float32 parameters under autocast). The out weight is
+    cast to zxbcdt's here (for the product), so that its gradient leaves in its dtype without a cast node of
+    autograd's; the conv kernels read the conv weight and bias as they are (they compute in float32: no cast
+    kernel, and the conv's float32 sums leave unrounded)."""
 
     @staticmethod
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, out_b, ngroups, chunk_size, eps,
                 norm_before_gate, dt_limit, seq_idx):  # type: ignore[override]
         ctx.grad_dtypes = (conv_w.dtype, out_w.dtype)
         io = zxbcdt.dtype
-        conv_w, out_w = conv_w.to(io).contiguous(), out_w.to(io)
-        conv_b, out_b = (None if b is None else b.to(io) for b in (conv_b, out_b))
+        out_w, out_b = out_w.to(io), None if out_b is None else out_b.to(io)
         dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
         z, xBC, dt = dims.split(zxbcdt)
         seg = segments(seq_idx)

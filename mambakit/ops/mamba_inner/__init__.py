@@ -70,7 +70,9 @@ def mamba_inner(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor]
     negative); D, delta_bias: (d_inner,); seq_idx: (batch, seqlen) packed-sequence index.
     backend: "auto" (the fused Triton form for CUDA tensors when Triton is available, else the composition),
     "triton" (fused), "torch" (composition with the chunked scan) or "ref" (composition with the sequential scan).
-    The weights are used in xz's dtype (as autocast would), A, D and delta_bias in float32 (float64 stays).
+    The projections' weights are used in xz's dtype (as autocast would), the conv's weight and bias in their own
+    (as `causal_conv1d_fn` takes them: the conv computes in float32), A, D and delta_bias in float32 (float64
+    stays).
     """
     _check(xz, conv1d_weight, x_proj_weight, delta_proj_weight, out_proj_weight, A)
     conv_w = conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight

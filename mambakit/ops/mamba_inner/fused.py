@@ -58,15 +58,16 @@ def _in_dtype(dtype: torch.dtype, *weights: Optional[Tensor]) -> list[Optional[T
 
 
 class _MambaInnerFused(torch.autograd.Function):
-    """The weights come in their own dtype (float32 parameters under autocast) and are cast to xz's here, so that
-    their gradients leave in that dtype without a cast node of autograd's (the conv's float32 sums unrounded)."""
+    """The weights come in their own dtype (float32 parameters under autocast). The projections' are cast to xz's
+    here (for the products), so that their gradients leave in their dtype without a cast node of autograd's; the
+    conv kernels read the conv weight and bias as they are (they compute in float32: no cast kernel, and the
+    conv's float32 sums leave unrounded)."""
 
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, out_b, A, D, delta_bias, softplus, seq_idx,
                 cfg, save_states):
         ctx.grad_dtypes = (conv_w.dtype, x_proj_w.dtype, dt_proj_w.dtype, out_w.dtype)
-        conv_w, conv_b, x_proj_w, dt_proj_w, out_w, out_b = _in_dtype(xz.dtype, conv_w, conv_b, x_proj_w, dt_proj_w,
-                                                                      out_w, out_b)
+        x_proj_w, dt_proj_w, out_w, out_b = _in_dtype(xz.dtype, x_proj_w, dt_proj_w, out_w, out_b)
         batch, two_d, seqlen = xz.shape
         d = two_d // 2
         u, x_dbl, delta, B, C = _scan_inputs(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A.shape[1], seq_idx)

@@ -37,6 +37,7 @@ from mambakit.ops.selective_scan.chunked import selective_scan_chunked
 from mambakit.ops.selective_scan.common import check_selective_scan_inputs, grouped_pair
 from mambakit.ops.selective_scan.triton_config import ScanConfig, pick_config  # noqa: F401 (re-exported)
 from mambakit.ops.triton.device import interpreted
+from mambakit.ops.triton.grid import cdiv
 from mambakit.ops.triton.math import softplus
 
 MAX_D_STATE = 256
@@ -418,11 +419,11 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     d_state) float32, the states saved for the backward (batch, nchunks, dim, d_state) float32)."""
     batch, dim, seqlen = u.shape
     G, N = B.shape[1], B.shape[2]
-    nchunks = triton.cdiv(seqlen, cfg.chunk) if save_states else 1
+    nchunks = cdiv(seqlen, cfg.chunk) if save_states else 1
     y = torch.empty_like(u) if out is None else out
     last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
     states = torch.empty(batch, nchunks, dim, N, device=u.device, dtype=torch.float32)
-    grid = (triton.cdiv(dim, cfg.fwd_block_d), batch)
+    grid = (cdiv(dim, cfg.fwd_block_d), batch)
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, _opt(D, A), _opt(z, u), _opt(delta_bias, A), _opt(initial_state, last),
         _opt(seq_idx, u), y, states, last,
@@ -464,7 +465,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     if glast is not None:
         glast = glast.to(f32).contiguous()
     bd = cfg.bwd_block_d
-    n_dblocks = triton.cdiv(dim, bd)
+    n_dblocks = cdiv(dim, bd)
     tpc = cfg.chunk // cfg.bwd_block_t
     du = torch.empty_like(u) if du_out is None else du_out
     ddelta = torch.empty_like(delta)

@@ -42,6 +42,7 @@ from mambakit.ops.ssd.triton_bwd import (  # noqa: F401
 from mambakit.ops.dt import process_dt
 from mambakit.ops.triton.compile import precompile_once, specialisation
 from mambakit.ops.triton.device import multiprocessor_count
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 from mambakit.ops.triton.math import softplus
 
 
@@ -51,7 +52,7 @@ from mambakit.ops.triton.math import softplus
 
 
 def _pow2(v: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(v))
+    return max(minimum, next_power_of_2(v))
 
 
 #: Upper bounds on the chunk (positions whose states are not stored: larger chunks move fewer states through memory
@@ -142,10 +143,10 @@ def _prepare_dt(dt: Tensor, bias: Optional[Tensor], softplus: bool, limit: Optio
     BLOCK = 64
     P = x.shape[-1]
     lo, hi = limit if limit is not None else (0.0, 0.0)
-    _dt_prepare[batch * nheads, triton.cdiv(Lpad, BLOCK)](
+    _dt_prepare[batch * nheads, cdiv(Lpad, BLOCK)](
         dt, bias if bias is not None else dt, x, out, seqlen, nheads, P, Lpad, *dt.stride(), *x.stride(), float(lo),
         float(hi), HAS_BIAS=bias is not None, SOFTPLUS=softplus, HAS_LIMIT=limit is not None, BLOCK=BLOCK,
-        BP=min(64, triton.next_power_of_2(P)), num_warps=4)
+        BP=min(64, next_power_of_2(P)), num_warps=4)
     return out
 
 
@@ -196,8 +197,8 @@ class _Plan:
         self.prec = _precision(x.dtype)
         self.sixteen_bit = x.element_size() == 2
         self.PN = self.P * self.N
-        self.BLOCK = min(1024, triton.next_power_of_2(self.PN))
-        self.nblocks = triton.cdiv(self.PN, self.BLOCK)
+        self.BLOCK = min(1024, next_power_of_2(self.PN))
+        self.nblocks = cdiv(self.PN, self.BLOCK)
         # from the sweep of benchmarks/sweep_ssd.py: 4 warps at d_state 64 and 128 (8 is slower), 2 stages
         self.stages = 2 if x.element_size() == 2 else 1
         self.warps = 4
@@ -223,7 +224,7 @@ class _Plan:
             return STATE_TILE
         sms = multiprocessor_count(device)
         bp, bn = min(self.BP, 64), min(self.BN, 64)
-        while self.batch * self.nheads * triton.cdiv(self.P, bp) * triton.cdiv(self.N, bn) < sms \
+        while self.batch * self.nheads * cdiv(self.P, bp) * cdiv(self.N, bn) < sms \
                 and max(bp, bn) > 16:
             if bp > 16:
                 bp //= 2
@@ -262,7 +263,7 @@ def _states(pl: "_Plan", x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, 
     init = initial_states.float().contiguous() if initial_states is not None else final
     if pl.fused_states(dev):
         BPs, BNs = pl.state_tiles(dev)
-        _chunk_states_fwd[pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs)](
+        _chunk_states_fwd[pl.batch * pl.nheads, cdiv(pl.P, BPs), cdiv(pl.N, BNs)](
             x, dtp, A, ldp, B, segp_arg, init, acs, H, final, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
             pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), HAS_INIT=initial_states is not None, HAS_SEG=has_seg,
             Q=pl.Q, BQ=pl.state_block, BP=BPs, BN=BNs, PAIRS=pl.pairs(dev), PREC=pl.prec,
@@ -312,7 +313,7 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor
     segp_arg = segp if segp is not None else dtp
     y = torch.empty_like(x)
     BPy = min(pl.BP, 64)
-    _chunk_scan_fwd[pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
+    _chunk_scan_fwd[pl.nchunks * pl.NB, pl.batch * pl.nheads, cdiv(pl.P, BPy)](
         x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
         pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=segp is not None,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BQ=pl.BQ, BP=BPy, BN=pl.BN,
@@ -373,7 +374,7 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
     fused = pl.fused_states(dev)
     if fused:
         BPs, BNs = pl.state_tiles(dev)
-        grid = (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs))
+        grid = (pl.batch * pl.nheads, cdiv(pl.P, BPs), cdiv(pl.N, BNs))
     ntiles = grid[1] * grid[2] if fused else pl.nblocks  # parts of dlast per (batch, head, chunk)
     splits = pl.head_splits()
     d_cols = 0 if D is None else (pl.P if D.dim() == 2 else 1)
@@ -399,7 +400,7 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
     else:
         dHl = torch.empty_like(H, dtype=torch.float32)
         BPy = min(pl.BP, 64)
-        _chunk_read_bwd[pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
+        _chunk_read_bwd[pl.nchunks, pl.batch * pl.nheads, cdiv(pl.P, BPy)](
             dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
             *dy.stride(), *C.stride(), BP=BPy, **common)
         _state_passing_bwd[pl.batch * pl.nheads, pl.nblocks](

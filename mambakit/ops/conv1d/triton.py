@@ -142,7 +142,7 @@ def _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, part_ptr,
                      dim, seqlen, n_tblocks, part_stride, sx_b, sx_d, sx_t, sg_b, sg_d, sg_t, sdx_b, sdx_d, sdx_t,
                      sw_d, sw_k,
                      WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
@@ -170,10 +170,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, dw_part_ptr, 
         bias = tl.zeros((BLOCK_D,), tl.float32)
     g = _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw_d, sw_k, d1, mask_d, s, seqlen,
                      seq_row, WIDTH, SILU, HAS_SEQ)
-    # weight / bias partial sums over this program's outputs t = s, in its row of the partials
+    # weight / bias partial sums over this program's outputs t = s, in its row of the partials: [dw | db]
     prow = (pid_b * n_tblocks + pid_t) * part_stride
     if HAS_BIAS:
-        tl.store(db_part_ptr + prow + d1, tl.sum(g, axis=1), mask=mask_d)
+        tl.store(part_ptr + prow + dim * WIDTH + d1, tl.sum(g, axis=1), mask=mask_d)
     if HAS_SEQ:
         s_s = tl.load(seq_ptr + seq_row + s, mask=ms, other=0)
     for k in tl.static_range(WIDTH):
@@ -183,7 +183,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, dw_part_ptr, 
             ok = ok & (tl.load(seq_ptr + seq_row + ts, mask=ok, other=0) == s_s)
         xv = tl.load(x_ptr + xrow + ts[None, :].to(tl.int64) * sx_t, mask=mask_d[:, None] & ok[None, :],
                      other=0.0).to(tl.float32)
-        tl.store(dw_part_ptr + prow + d1 * WIDTH + k, tl.sum(tl.where(ok[None, :], g * xv, 0.0), axis=1),
+        tl.store(part_ptr + prow + d1 * WIDTH + k, tl.sum(tl.where(ok[None, :], g * xv, 0.0), axis=1),
                  mask=mask_d)
     if GATHER:
         # g' of the width - 1 outputs past the tile, which the tile's last inputs feed
@@ -339,9 +339,8 @@ def conv1d_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: boo
     cols = dim * (width + (bias is not None))
     parts = torch.empty(batch * n_tblocks, cols, device=x.device, dtype=torch.float32)
     _conv_bwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, seq if seq is not None else x, gy, dx_out, parts,
-        parts[:, dim * width:] if bias is not None else parts,
-        dim, seqlen, n_tblocks, cols, *sx, *sg, *sd, *weight.stride(),
+        x, weight, bias if bias is not None else weight, seq if seq is not None else x, gy, dx_out, parts, dim,
+        seqlen, n_tblocks, cols, *sx, *sg, *sd, *weight.stride(),
         WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None, GATHER=use_gather(x),
         BLOCK_D=bd, BT=bt, HALO=next_power_of_2(max(width - 1, 1)), AXB=ax[0], AXD=ax[1], AXT=ax[2],
         AGB=ag[0], AGD=ag[1], AGT=ag[2], ADB=ad[0], ADD=ad[1], ADT=ad[2], num_warps=4)
@@ -349,9 +348,10 @@ def conv1d_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: boo
     sums = parts.sum(0)
     if dw_dtype == db_dtype:  # one cast (none for float32 gradients)
         sums = sums.to(dw_dtype)
-    dw = sums[:dim * width].view(dim, width).to(dw_dtype)
-    db = sums[dim * width:].to(db_dtype) if bias is not None else None
-    return dx_out, dw, db
+    if bias is None:
+        return dx_out, sums.view(dim, width).to(dw_dtype), None
+    dw, db = sums.split([dim * width, dim])
+    return dx_out, dw.view(dim, width).to(dw_dtype), db.to(db_dtype)
 
 
 class _CausalConv1dTriton(torch.autograd.Function):

@@ -79,8 +79,11 @@ class _Mamba2InnerFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, out_b, ngroups, chunk_size, eps,
-                norm_before_gate, dt_limit, seq_idx):  # type: ignore[override]
-        ctx.grad_dtypes = (conv_w.dtype, out_w.dtype)
+                norm_before_gate, dt_limit, seq_idx, a_is_log):  # type: ignore[override]
+        ctx.grad_dtypes = (conv_w.dtype, out_w.dtype, A.dtype)
+        ctx.a_is_log = a_is_log
+        if a_is_log:  # A came as A_log: A = -exp(A_log) here, dA_log = dA * A in the backward (no autograd nodes)
+            A = torch.exp(A.float()).neg_()
         io = zxbcdt.dtype
         out_w, out_b = out_w.to(io), None if out_b is None else out_b.to(io)
         dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
@@ -124,7 +127,7 @@ class _Mamba2InnerFused(torch.autograd.Function):
         dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
         z, xBC, dt = dims.split(zxbcdt)
         group = dims.d_inner // ngroups
-        conv_dtype, out_dtype = ctx.grad_dtypes
+        conv_dtype, out_dtype, a_dtype = ctx.grad_dtypes
         g2 = gout.reshape(dims.batch * dims.seqlen, -1).to(y2.dtype)
         normed, _ = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)  # recomputed
         d_out_w = (g2.t() @ normed).to(out_dtype)
@@ -152,23 +155,25 @@ class _Mamba2InnerFused(torch.autograd.Function):
                                                 du.transpose(1, 2), dx_out=dxBC.transpose(1, 2),
                                                 grad_dtype=conv_dtype)
         dD = dD.to(D.dtype) if D is not None else None
-        return (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA.to(A.dtype), dD, d_norm_w, d_out_w, d_out_b, None, None,
-                None, None, None, None)
+        dA = (dA * A if ctx.a_is_log else dA).to(a_dtype)
+        return (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA, dD, d_norm_w, d_out_w, d_out_b, None, None, None, None,
+                None, None, None)
 
 
 def mamba2_inner_fused(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], dt_bias: Tensor,
                        A: Tensor, D: Optional[Tensor], norm_weight: Tensor, out_weight: Tensor,
                        out_bias: Optional[Tensor], *, ngroups: int, chunk_size: int, eps: float,
                        norm_before_gate: bool, dt_limit: Optional[Tuple[float, float]],
-                       seq_idx: Optional[Tensor]) -> Tensor:
+                       seq_idx: Optional[Tensor], a_is_log: bool = False) -> Tensor:
     """The fused form of `mambakit.ops.mamba2_inner.mamba2_inner` (checked arguments; CUDA tensors, or the CPU
     under TRITON_INTERPRET=1). zxbcdt: (batch, seqlen, d_in_proj) with unit column stride -> (batch, seqlen,
-    d_model) in zxbcdt's dtype. dt_limit None: no clamp."""
+    d_model) in zxbcdt's dtype. dt_limit None: no clamp. a_is_log: A holds A_log (A = -exp(A_log), formed
+    inside; its gradient is A_log's)."""
     f32 = torch.float32
     # one dtype for each layer's gradients (the bias's as its weight's)
     conv_b = None if conv_bias is None else conv_bias.to(conv_weight.dtype)
     out_b = None if out_bias is None else out_bias.to(out_weight.dtype)
     return _Mamba2InnerFused.apply(
-        zxbcdt, conv_weight, conv_b, dt_bias.to(f32), A.to(f32).contiguous(),
+        zxbcdt, conv_weight, conv_b, dt_bias.to(f32), A.contiguous() if a_is_log else A.to(f32).contiguous(),
         None if D is None else D.to(f32).contiguous(), norm_weight, out_weight, out_b, ngroups,
-        kernel_chunk_size(zxbcdt.shape[1], chunk_size), eps, norm_before_gate, dt_limit, seq_idx)
+        kernel_chunk_size(zxbcdt.shape[1], chunk_size), eps, norm_before_gate, dt_limit, seq_idx, a_is_log)

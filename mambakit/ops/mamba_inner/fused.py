@@ -65,8 +65,11 @@ class _MambaInnerFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, out_b, A, D, delta_bias, softplus, seq_idx,
-                cfg, save_states):
-        ctx.grad_dtypes = (conv_w.dtype, x_proj_w.dtype, dt_proj_w.dtype, out_w.dtype)
+                cfg, save_states, a_is_log):
+        ctx.grad_dtypes = (conv_w.dtype, x_proj_w.dtype, dt_proj_w.dtype, out_w.dtype, A.dtype)
+        ctx.a_is_log = a_is_log
+        if a_is_log:  # A came as A_log: A = -exp(A_log) here, dA_log = dA * A in the backward (no autograd nodes)
+            A = torch.exp(A.float()).neg_()
         x_proj_w, dt_proj_w, out_w, out_b = _in_dtype(xz.dtype, x_proj_w, dt_proj_w, out_w, out_b)
         batch, two_d, seqlen = xz.shape
         d = two_d // 2
@@ -87,7 +90,7 @@ class _MambaInnerFused(torch.autograd.Function):
         batch, two_d, seqlen = xz.shape
         d = two_d // 2
         rank, n = dt_proj_w.shape[1], A.shape[1]
-        conv_dtype, x_proj_dtype, dt_proj_dtype, out_dtype = ctx.grad_dtypes
+        conv_dtype, x_proj_dtype, dt_proj_dtype, out_dtype, a_dtype = ctx.grad_dtypes
         g2 = gout.reshape(batch * seqlen, -1).to(y.dtype)
         d_out_w = (g2.t() @ _rows(y)).to(out_dtype)
         d_out_b = g2.sum(0, dtype=out_dtype) if ctx.has_out_b else None
@@ -114,8 +117,9 @@ class _MambaInnerFused(torch.autograd.Function):
                                                 grad_dtype=conv_dtype)
         dD = dD.to(D.dtype) if D is not None else None
         dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
-        return (dxz, d_conv_w, d_conv_b, d_x_proj_w, d_dt_proj_w, d_out_w, d_out_b, dA.to(A.dtype), dD, dbias,
-                None, None, None, None)
+        dA = (dA * A if ctx.a_is_log else dA).to(a_dtype)
+        return (dxz, d_conv_w, d_conv_b, d_x_proj_w, d_dt_proj_w, d_out_w, d_out_b, dA, dD, dbias, None, None, None,
+                None, None)
 
 
 @torch.no_grad()
@@ -149,9 +153,10 @@ def mamba_inner_fused_inference(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: 
 def mamba_inner_fused(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_proj_weight: Tensor,
                       delta_proj_weight: Tensor, out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], A: Tensor,
                       D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,
-                      seq_idx: Optional[Tensor] = None) -> Tensor:
+                      seq_idx: Optional[Tensor] = None, a_is_log: bool = False) -> Tensor:
     """The fused form of `mambakit.ops.mamba_inner.mamba_inner` (checked arguments; CUDA tensors, or the CPU under
-    TRITON_INTERPRET=1). xz: (batch, 2 * d_inner, seqlen) -> (batch, seqlen, d_model) in xz's dtype."""
+    TRITON_INTERPRET=1). xz: (batch, 2 * d_inner, seqlen) -> (batch, seqlen, d_model) in xz's dtype. a_is_log: A
+    holds A_log (A = -exp(A_log), formed inside; its gradient is A_log's)."""
     d = xz.shape[1] // 2
     cfg = pick_config(A.shape[1], d, d, 1)
     f32 = torch.float32
@@ -164,5 +169,5 @@ def mamba_inner_fused(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[T
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     return _MambaInnerFused.apply(
-        xz, *weights, A.to(f32).contiguous(), D.to(f32) if D is not None else None,
-        delta_bias.to(f32) if delta_bias is not None else None, bool(delta_softplus), seq, cfg, save_states)
+        xz, *weights, A.contiguous() if a_is_log else A.to(f32).contiguous(), D.to(f32) if D is not None else None,
+        delta_bias.to(f32) if delta_bias is not None else None, bool(delta_softplus), seq, cfg, save_states, a_is_log)

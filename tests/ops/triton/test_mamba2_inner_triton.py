@@ -139,3 +139,27 @@ def test_recomputed_states_give_the_gradients_of_kept_states_bit_for_bit(monkeyp
     assert torch.equal(out_a, out_b)
     for a, b in zip(grads_a, grads_b):
         assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(batch=1, seqlen=21, ngroups=1, bias=False)])
+def test_A_log_form_gives_the_A_form_bit_for_bit(opts):
+    # A_log in place of A: A = -exp(A_log) formed inside the op, A_log's gradient dA * A there (what the layer
+    # passes, saving autograd's exp and neg nodes): the same output and gradients as -exp(A_log) through autograd
+    zxbcdt, kw, dims = make_inner2(**opts)
+    z32, kw32 = _to32(zxbcdt, kw)
+    A_log = torch.log(-kw32.pop("A")).detach().requires_grad_()
+    w = torch.randn(zxbcdt.shape[0], zxbcdt.shape[1], kw["out_weight"].shape[0], generator=torch.Generator()
+                    .manual_seed(3))
+    leaves = [z32, A_log] + [v for v in kw32.values() if isinstance(v, torch.Tensor)]
+    results = []
+    for form in ("A", "A_log"):
+        a = dict(A=-torch.exp(A_log)) if form == "A" else dict(A=None, A_log=A_log)
+        out = mamba2_inner(z32, **kw32, **a, **dims, chunk_size=16, backend="triton")
+        results.append((out, torch.autograd.grad((out * w).sum(), leaves)))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+    ref = mamba2_inner(zxbcdt, **{k: v for k, v in kw.items() if k != "A"}, A=None,
+                       A_log=torch.log(-kw["A"]).detach().requires_grad_(), **dims, chunk_size=16, backend="ref")
+    assert rel_err(out_b, ref) < 1e-5

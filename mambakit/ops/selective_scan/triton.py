@@ -223,7 +223,7 @@ def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, states_ptr, gy_ptr, glast_ptr,
     scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr, dh0_ptr,
-    dim, seqlen, dstate, dim_per_group, ngroups, nchunks, n_dblocks, chunk,
+    dim, seqlen, dstate, dim_per_group, ngroups, nchunks, n_dblocks, chunk, red_stride, bc_stride,
     su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sz_b, sz_d, sz_t, sg_b, sg_d, sg_t,
     sdu_b, sdu_d, sdu_t, sddl_b, sddl_d, sddl_t, sdz_b, sdz_d, sdz_t,
     sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
@@ -269,7 +269,7 @@ def _selective_scan_bwd_kernel(
     C_ptr += pid_b * sC_b + g * sC_g
     ro_B = nb * sB_n
     ro_C = nb * sC_n
-    part_blk = (pid_b * n_dblocks + pid_d) * dstate * seqlen
+    part_blk = (pid_b * n_dblocks + pid_d) * bc_stride  # this program's (dstate, seqlen) block of each
     dB_part_ptr += part_blk
     dC_part_ptr += part_blk
     part_row = nb * seqlen  # (1, NH, NL) into this program's block of the dB/dC partials
@@ -383,12 +383,13 @@ def _selective_scan_bwd_kernel(
             tl.store(du_ptr + dd * sdu_d + tw * sdu_t, du.to(du_ptr.dtype.element_ty), mask=m2)
             tl.store(ddelta_ptr + dd * sddl_d + tw * sddl_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()
-    tl.store(dA_part_ptr + state_base + st_off, dA_acc, mask=m_s3)
+    red_row = pid_b * red_stride  # this batch row's [dA | dD | dbias] partials
+    tl.store(dA_part_ptr + red_row + st_off, dA_acc, mask=m_s3)
     tl.store(dh0_ptr + state_base + st_off, mu, mask=m_s3)
     if HAS_D:
-        tl.store(dD_part_ptr + pid_b * dim + d1, tl.sum(dD_acc, axis=0), mask=mask_d)
+        tl.store(dD_part_ptr + red_row + d1, tl.sum(dD_acc, axis=0), mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbias_part_ptr + pid_b * dim + d1, tl.sum(dbias_acc, axis=0), mask=mask_d)
+        tl.store(dbias_part_ptr + red_row + d1, tl.sum(dbias_acc, axis=0), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -438,12 +439,26 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
 
 
 def _summed(parts: Tensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
-    """parts (batch, G, blocks, N, seqlen) float32 summed over the blocks, in dtype (into out when given)."""
+    """parts (batch, G, blocks, k, seqlen) float32 summed over the blocks, in dtype (into out when given)."""
     if out is None:
         return parts.sum(2).to(dtype)
     if out.dtype == parts.dtype:
         return torch.sum(parts, 2, out=out)
     return out.copy_(parts.sum(2))
+
+
+def _adjacent_pair(dB_out: Optional[Tensor], dC_out: Optional[Tensor]) -> Optional[Tensor]:
+    """The one (batch, G, 2 N, seqlen) view over dB_out and dC_out (batch, G, N, seqlen) when dC_out's rows follow
+    dB_out's in memory with the same strides (the Mamba-1 block's B and C columns of x_proj's gradient), else
+    None."""
+    if dB_out is None or dC_out is None or dB_out.dtype != dC_out.dtype or dB_out.stride() != dC_out.stride():
+        return None
+    if dB_out.untyped_storage().data_ptr() != dC_out.untyped_storage().data_ptr():
+        return None
+    n = dB_out.shape[2]
+    if dC_out.storage_offset() != dB_out.storage_offset() + n * dB_out.stride(2):
+        return None
+    return dB_out.as_strided((*dB_out.shape[:2], 2 * n, dB_out.shape[3]), dB_out.stride())
 
 
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -470,11 +485,15 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     du = torch.empty_like(u) if du_out is None else du_out
     ddelta = torch.empty_like(delta)
     dz = (torch.empty_like(z) if dz_out is None else dz_out) if z is not None else None
-    dA_part = torch.empty(batch, dim, N, device=dev, dtype=f32)
-    dB_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
-    dC_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
-    dD_part = torch.empty(batch, dim, device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
+    # per batch row [dA (dim * N) | dD (dim) | dbias (dim)], and per channel block [dB | dC] (N * seqlen each):
+    # one fixed-order reduction each
+    red_cols = dim * (N + (D is not None) + (delta_bias is not None))
+    red = torch.empty(batch, red_cols, device=dev, dtype=f32)
+    dA_part = red
+    dD_part = red[:, dim * N:] if D is not None else None
+    dbias_part = red[:, red_cols - dim:] if delta_bias is not None else None
+    bc_part = torch.empty(batch, n_dblocks, 2 * N, seqlen, device=dev, dtype=f32)
+    dB_part, dC_part = bc_part, bc_part[:, :, N:]
     dh0 = torch.empty(batch, dim, N, device=dev, dtype=f32)
     nh, nl = cfg.bwd_split
     scratch = torch.empty(batch * n_dblocks * tpc * nh * bd * nl, device=dev, dtype=f32)
@@ -483,7 +502,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         u, delta, A, B, C, _opt(D, A), zz, _opt(delta_bias, A), _opt(seq_idx, u), states, gy,
         _opt(glast, dh0), scratch,
         du, ddelta, _opt(dz, du), dA_part, dB_part, dC_part, _opt(dD_part, dA_part), _opt(dbias_part, dA_part), dh0,
-        dim, seqlen, N, dim // G, G, nchunks, n_dblocks, cfg.chunk,
+        dim, seqlen, N, dim // G, G, nchunks, n_dblocks, cfg.chunk, red_cols, 2 * N * seqlen,
         *_strides3(u), *_strides3(delta), *_strides3(zz), *_strides3(gy),
         *_strides3(du), *_strides3(ddelta), *_strides3(_opt(dz, du)), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
@@ -492,12 +511,21 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         BIG=_big(seqlen, u, delta, z, gy, du, ddelta, dz, B, C), num_warps=cfg.bwd_warps, num_stages=1,
     )
     # fixed-order reductions of the partial sums
-    blocks_per_group = n_dblocks // G
-    dB = _summed(dB_part.view(batch, G, blocks_per_group, N, seqlen), B.dtype, dB_out)
-    dC = _summed(dC_part.view(batch, G, blocks_per_group, N, seqlen), C.dtype, dC_out)
-    dD = dD_part.sum(0) if D is not None else None
-    dbias = dbias_part.sum(0) if delta_bias is not None else None
-    return du, ddelta, dz, dA_part.sum(0), dB, dC, dD, dbias, dh0
+    parts = bc_part.view(batch, G, n_dblocks // G, 2 * N, seqlen)
+    pair = _adjacent_pair(dB_out, dC_out) if B.dtype == C.dtype else None
+    if pair is not None:
+        _summed(parts, B.dtype, pair)
+        dB, dC = dB_out, dC_out
+    elif B.dtype == C.dtype and dB_out is None and dC_out is None:
+        dB, dC = _summed(parts, B.dtype, None).split(N, dim=2)
+    else:
+        dB = _summed(parts[:, :, :, :N], B.dtype, dB_out)
+        dC = _summed(parts[:, :, :, N:], C.dtype, dC_out)
+    sums = red.sum(0)
+    dA = sums[:dim * N].view(dim, N)
+    dD = sums[dim * N:dim * (N + 1)] if D is not None else None
+    dbias = sums[red_cols - dim:] if delta_bias is not None else None
+    return du, ddelta, dz, dA, dB, dC, dD, dbias, dh0
 
 
 class _SelectiveScanTriton(torch.autograd.Function):

@@ -74,8 +74,8 @@ def mamba2_inner(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor
     the gated RMSNorm per group of d_inner / ngroups channels (norm_before_gate as in `rms_norm_gated`);
     out_weight: (d_model, d_inner); seq_idx: (batch, seqlen) packed-sequence index (< 0: padding, whose conv
     output is 0, as `causal_conv1d_fn` defines it).
-    A_log: (nheads,), given instead of A (A None): A = -exp(A_log), formed inside the op (the fused form: one
-    autograd node for the whole path, A_log's gradient from A's by one product).
+    A_log: (nheads,), given instead of A (A None): A = -exp(A_log), formed inside the op (the fused form: in the
+    SSD kernels, which also give A_log's gradient: no PyTorch kernels or autograd nodes for it).
     backend: "auto" (the fused Triton form for CUDA tensors when Triton is available, else the composition),
     "triton" (fused), "torch" (composition with the chunked SSD) or "ref" (composition with the recurrence).
     The out weight is used in zxbcdt's dtype (as autocast would), the conv's weight and bias in their own (as

@@ -81,9 +81,7 @@ class _Mamba2InnerFused(torch.autograd.Function):
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, out_b, ngroups, chunk_size, eps,
                 norm_before_gate, dt_limit, seq_idx, a_is_log):  # type: ignore[override]
         ctx.grad_dtypes = (conv_w.dtype, out_w.dtype, A.dtype)
-        ctx.a_is_log = a_is_log
-        if a_is_log:  # A came as A_log: A = -exp(A_log) here, dA_log = dA * A in the backward (no autograd nodes)
-            A = torch.exp(A.float()).neg_()
+        ctx.a_is_log = a_is_log  # A holds A_log: the kernels form A = -exp(A_log) and give A_log's gradient
         io = zxbcdt.dtype
         out_w, out_b = out_w.to(io), None if out_b is None else out_b.to(io)
         dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
@@ -94,7 +92,8 @@ class _Mamba2InnerFused(torch.autograd.Function):
         def run(backward: bool):
             u = _conv(dims, xBC, conv_w, conv_b, seq_idx)
             x, B, C = dims.xbc(u)
-            y, _, saved = ssd_forward(x, dt, A, B, C, D, None, seg, chunk_size, dt_bias, True, dt_limit)
+            y, _, saved = ssd_forward(x, dt, A, B, C, D, None, seg, chunk_size, dt_bias, True, dt_limit,
+                                      a_log=a_is_log)
             y2 = dims.rows(y.flatten(-2))
             normed, rstd = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)
             if backward:  # the first call: the backward's kernels too, with guessed upstream gradients
@@ -102,13 +101,14 @@ class _Mamba2InnerFused(torch.autograd.Function):
                 _, dB_out, dC_out = dims.xbc(du)
                 ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), None, chunk_size,
                              dt_grad=DtGrad(dt, dt_bias, True, dt_limit, dims.split(torch.empty_like(zxbcdt))[2]),
-                             dx_out=dims.xbc(du)[0], dB_out=dB_out, dC_out=dC_out, need_dinit=False)
+                             dx_out=dims.xbc(du)[0], dB_out=dB_out, dC_out=dC_out, need_dinit=False,
+                             a_log=a_is_log)
                 gated_norm_backward(y2, dims.rows(z), norm_w, rstd, torch.empty_like(normed), group,
                                     norm_before_gate)
             return y2, normed, rstd, saved
 
         key = ("mamba2_inner", zxbcdt.dtype, zxbcdt.shape[-1], dims.nheads, ngroups, chunk_size, seg is None,
-               D is None or D.dim(), norm_before_gate, dt_limit is None, zxbcdt.device,
+               D is None or D.dim(), norm_before_gate, dt_limit is None, a_is_log, zxbcdt.device,
                specialisation(dims.batch, dims.seqlen, zxbcdt))
         precompile_once(key, lambda: run(True))
         y2, normed, rstd, saved = run(False)
@@ -142,20 +142,21 @@ class _Mamba2InnerFused(torch.autograd.Function):
         u = _conv(dims, xBC, conv_w, conv_b, seq_idx)  # recomputed
         x, B, C = dims.xbc(u)
         if not ctx.save_states:  # recomputed by the forward's kernels
-            saved = ssd_states(x, dt, A, B, None, segments(seq_idx), chunk_size, dt_bias, True, dt_limit)
+            saved = ssd_states(x, dt, A, B, None, segments(seq_idx), chunk_size, dt_bias, True, dt_limit,
+                               a_log=ctx.a_is_log)
         du = torch.empty_like(u)
         dx_view, dB_view, dC_view = dims.xbc(du)
         dy = dy2.view(dims.batch, dims.seqlen, dims.nheads, dims.headdim)
         _, _, dA, _, _, dD, _, d_dt_bias = ssd_backward(  # dx, dB, dC straight into du, the raw dt's into dzxbcdt
             x, A, B, C, D, tuple(saved), dy, None, chunk_size, dx_out=dx_view, dB_out=dB_view, dC_out=dC_view,
-            dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out), need_dinit=False)
+            dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out), need_dinit=False, a_log=ctx.a_is_log)
         del u, x, B, C, dy, dy2, saved
         _padding_zeroed(du, seq_idx)  # the conv output is the constant 0 at padding
         _, d_conv_w, d_conv_b = conv1d_backward(xBC.transpose(1, 2), conv_w, conv_b, True, seq_idx,
                                                 du.transpose(1, 2), dx_out=dxBC.transpose(1, 2),
                                                 grad_dtype=conv_dtype)
         dD = dD.to(D.dtype) if D is not None else None
-        dA = (dA * A if ctx.a_is_log else dA).to(a_dtype)
+        dA = dA.to(a_dtype)  # A_log's gradient when A came as A_log
         return (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA, dD, d_norm_w, d_out_w, d_out_b, None, None, None, None,
                 None, None, None)
 
@@ -167,13 +168,13 @@ def mamba2_inner_fused(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[
                        seq_idx: Optional[Tensor], a_is_log: bool = False) -> Tensor:
     """The fused form of `mambakit.ops.mamba2_inner.mamba2_inner` (checked arguments; CUDA tensors, or the CPU
     under TRITON_INTERPRET=1). zxbcdt: (batch, seqlen, d_in_proj) with unit column stride -> (batch, seqlen,
-    d_model) in zxbcdt's dtype. dt_limit None: no clamp. a_is_log: A holds A_log (A = -exp(A_log), formed
-    inside; its gradient is A_log's)."""
+    d_model) in zxbcdt's dtype. dt_limit None: no clamp. a_is_log: A holds A_log (A = -exp(A_log), formed in the
+    SSD kernels; its gradient is A_log's)."""
     f32 = torch.float32
     # one dtype for each layer's gradients (the bias's as its weight's)
     conv_b = None if conv_bias is None else conv_bias.to(conv_weight.dtype)
     out_b = None if out_bias is None else out_bias.to(out_weight.dtype)
     return _Mamba2InnerFused.apply(
-        zxbcdt, conv_weight, conv_b, dt_bias.to(f32), A.contiguous() if a_is_log else A.to(f32).contiguous(),
+        zxbcdt, conv_weight, conv_b, dt_bias.to(f32), A.to(f32).contiguous(),
         None if D is None else D.to(f32).contiguous(), norm_weight, out_weight, out_b, ngroups,
         kernel_chunk_size(zxbcdt.shape[1], chunk_size), eps, norm_before_gate, dt_limit, seq_idx, a_is_log)

@@ -69,8 +69,8 @@ def mamba_inner(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor]
     conv1d_weight: (d_inner, width) or (d_inner, 1, width); x_proj_weight: (dt_rank + 2 * d_state, d_inner);
     delta_proj_weight: (d_inner, dt_rank); out_proj_weight: (d_model, d_inner); A: (d_inner, d_state) (real,
     negative); D, delta_bias: (d_inner,); seq_idx: (batch, seqlen) packed-sequence index. A_log: (d_inner,
-    d_state), given instead of A (A None): A = -exp(A_log), formed inside the op (the fused form: one autograd node
-    for the whole path, A_log's gradient from A's by one product).
+    d_state), given instead of A (A None): A = -exp(A_log), formed inside the op (the fused form: in the scan
+    kernels, which also give A_log's gradient: no PyTorch kernels or autograd nodes for it).
     backend: "auto" (the fused Triton form for CUDA tensors when Triton is available, else the composition),
     "triton" (fused), "torch" (composition with the chunked scan) or "ref" (composition with the sequential scan).
     The projections' weights are used in xz's dtype (as autocast would), the conv's weight and bias in their own

@@ -136,6 +136,16 @@ def _tile_states(dA, x, h, BT: tl.constexpr):
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _state_decay(A_ptr, st_off, mask, A_LOG: tl.constexpr):
+    """A at the (dim, dstate) offsets st_off, float32, 0 outside mask: read, or -exp(A_log) from A_log with A_LOG
+    (the layer's parameter: no PyTorch kernels to form A)."""
+    a = tl.load(A_ptr + st_off, mask=mask, other=0.0).to(tl.float32)
+    if A_LOG:
+        a = tl.where(mask, -tl.exp(a), 0.0)
+    return a
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
     y_ptr, states_ptr, last_ptr,
@@ -145,7 +155,7 @@ def _selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr,
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
-    BIG: tl.constexpr,
+    BIG: tl.constexpr, A_LOG: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -156,7 +166,7 @@ def _selective_scan_fwd_kernel(
     d3 = d1[None, :, None]  # (1, BLOCK_D, 1)
     m_s3 = (n3 < dstate) & (d3 < dim)
     st_off = d3 * dstate + n3  # (NH, BLOCK_D, NL) offsets in a (dim, dstate) state
-    A2 = tl.load(A_ptr + st_off, mask=m_s3, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = _state_decay(A_ptr, st_off, m_s3, A_LOG) * 1.4426950408889634
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
@@ -230,7 +240,7 @@ def _selective_scan_bwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_GLAST: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
-    BIG: tl.constexpr,
+    BIG: tl.constexpr, A_LOG: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -241,7 +251,7 @@ def _selective_scan_bwd_kernel(
     d3 = d1[None, :, None]
     m_s3 = (n3 < dstate) & (d3 < dim)
     st_off = d3 * dstate + n3
-    A = tl.load(A_ptr + st_off, mask=m_s3, other=0.0).to(tl.float32)
+    A = _state_decay(A_ptr, st_off, m_s3, A_LOG)
     A2 = A * 1.4426950408889634
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
@@ -384,7 +394,7 @@ def _selective_scan_bwd_kernel(
             tl.store(ddelta_ptr + dd * sddl_d + tw * sddl_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()
     red_row = pid_b * red_stride  # this batch row's [dA | dD | dbias] partials
-    tl.store(dA_part_ptr + red_row + st_off, dA_acc, mask=m_s3)
+    tl.store(dA_part_ptr + red_row + st_off, dA_acc * A if A_LOG else dA_acc, mask=m_s3)  # A_LOG: A_log's part
     tl.store(dh0_ptr + state_base + st_off, mu, mask=m_s3)
     if HAS_D:
         tl.store(dD_part_ptr + red_row + d1, tl.sum(dD_acc, axis=0), mask=mask_d)
@@ -412,11 +422,12 @@ def _big(seqlen: int, *tensors: Optional[Tensor]) -> bool:
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                  delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor],
                  seq_idx: Optional[Tensor], cfg: ScanConfig, save_states: bool,
-                 out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                 out: Optional[Tensor] = None, a_log: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward kernel. u, delta, z, out: (batch, dim, seqlen) of any strides (time contiguous or channel
     contiguous: both are read in place); B, C: (batch, G, d_state, seqlen) of any strides; A (dim, d_state) float32
     contiguous; D, delta_bias (dim,) float32; initial_state (batch, dim, d_state) float32 contiguous; seq_idx int32.
-    y goes into `out` when given, else into a new tensor laid out like u. Returns (y, last state (batch, dim,
+    y goes into `out` when given, else into a new tensor laid out like u. a_log: A holds A_log, A = -exp(A_log)
+    formed in the kernel. Returns (y, last state (batch, dim,
     d_state) float32, the states saved for the backward (batch, nchunks, dim, d_state) float32)."""
     batch, dim, seqlen = u.shape
     G, N = B.shape[1], B.shape[2]
@@ -433,7 +444,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states,
         BLOCK_D=cfg.fwd_block_d, NH=cfg.NH, NL=cfg.NL, BT=cfg.fwd_block_t, TPC=cfg.chunk // cfg.fwd_block_t,
-        BIG=_big(seqlen, u, delta, z, y, B, C), num_warps=cfg.fwd_warps, num_stages=1,
+        BIG=_big(seqlen, u, delta, z, y, B, C), A_LOG=a_log, num_warps=cfg.fwd_warps, num_stages=1,
     )
     return y, last, states
 
@@ -465,13 +476,14 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, seq_idx: Optional[Tensor],
                   states: Tensor, cfg: ScanConfig, gy: Tensor, glast: Optional[Tensor],
                   dz_out: Optional[Tensor] = None, du_out: Optional[Tensor] = None,
-                  dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None) -> tuple:
+                  dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None, a_log: bool = False) -> tuple:
     """Launch the backward kernel on the forward's inputs and saved states. gy: (batch, dim, seqlen) of any strides;
     glast: (batch, dim, d_state) or None. du / ddelta are laid out like u / delta (or go into du_out), dz into dz_out,
     dB / dC into dB_out / dC_out (B's shape and dtype) when given (any strides: e.g. slices of a bigger gradient
     buffer). Returns (du, ddelta, dA (dim, d_state),
     dB, dC (batch, G, d_state, seqlen), dD, d delta_bias, d initial_state (batch, dim, d_state)), all float32
-    except du, ddelta, dz (the inputs' dtypes), dB and dC (B's and C's dtypes)."""
+    except du, ddelta, dz (the inputs' dtypes), dB and dC (B's and C's dtypes). a_log: A holds A_log (as the
+    forward's a_log): dA is then A_log's gradient."""
     batch, dim, seqlen = u.shape
     G, N = B.shape[1], B.shape[2]
     nchunks = states.shape[1]
@@ -508,7 +520,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         HAS_GLAST=glast is not None, HAS_SEQ=seq_idx is not None,
         BLOCK_D=bd, NH=nh, NL=nl, BT=cfg.bwd_block_t, TPC=tpc,
-        BIG=_big(seqlen, u, delta, z, gy, du, ddelta, dz, B, C), num_warps=cfg.bwd_warps, num_stages=1,
+        BIG=_big(seqlen, u, delta, z, gy, du, ddelta, dz, B, C), A_LOG=a_log, num_warps=cfg.bwd_warps,
+        num_stages=1,
     )
     # fixed-order reductions of the partial sums
     parts = bc_part.view(batch, G, n_dblocks // G, 2 * N, seqlen)

@@ -246,7 +246,7 @@ class _Plan:
 def _states(pl: "_Plan", x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, initial_states: Optional[Tensor],
             seg: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
             dt_limit: Optional[Tuple[float, float]],
-            log_decay: Optional[Tensor] = None) -> Tuple[Tuple[Tensor, ...], Tensor]:
+            log_decay: Optional[Tensor] = None, a_log: bool = False) -> Tuple[Tuple[Tensor, ...], Tensor]:
     """The state pass of the forward: (dtp, segp, acs, H) and the final state (see `ssd_forward`)."""
     dev = x.device
     dtp = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad, x)
@@ -267,13 +267,13 @@ def _states(pl: "_Plan", x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, 
             x, dtp, A, ldp, B, segp_arg, init, acs, H, final, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
             pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), HAS_INIT=initial_states is not None, HAS_SEG=has_seg,
             Q=pl.Q, BQ=pl.state_block, BP=BPs, BN=BNs, PAIRS=pl.pairs(dev), PREC=pl.prec,
-            LOG_DECAY=log_decay is not None, num_warps=pl.warps, num_stages=pl.stages)
+            LOG_DECAY=log_decay is not None, A_LOG=a_log, num_warps=pl.warps, num_stages=pl.stages)
     else:
         S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
         _chunk_state_fwd[pl.nchunks, pl.batch * pl.nheads](
             x, dtp, A, ldp, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
             *x.stride(), *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BP=pl.BP, BN=pl.BN, PREC=pl.prec,
-            LOG_DECAY=log_decay is not None, num_warps=pl.warps, num_stages=pl.stages)
+            LOG_DECAY=log_decay is not None, A_LOG=a_log, num_warps=pl.warps, num_stages=pl.stages)
         _state_passing_fwd[pl.batch * pl.nheads, pl.nblocks](
             S, acs, segp_arg, init, H, final, pl.nheads, pl.PN, pl.nchunks, pl.Lpad,
             HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
@@ -284,23 +284,24 @@ def _states(pl: "_Plan", x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, 
 def ssd_states(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, initial_states: Optional[Tensor],
                seg: Optional[Tensor], chunk_size: int, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
                dt_limit: Optional[Tuple[float, float]] = None,
-               log_decay: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+               log_decay: Optional[Tensor] = None, a_log: bool = False) -> Tuple[Tensor, ...]:
     """What `ssd_forward` returns for the backward (its third result), without computing y: the same kernels on
     the same inputs, so the same values bit for bit. For a backward that recomputes them instead of keeping them
     (the states H_c are (batch, nchunks, nheads, headdim, d_state): headdim * d_state * nheads / Q values per
     position). Arguments as `ssd_forward`'s."""
     return _states(_Plan(x, B, chunk_size), x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit,
-                   log_decay)[0]
+                   log_decay, a_log)[0]
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Optional[Tensor],
                 initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
                 dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
                 dt_limit: Optional[Tuple[float, float]] = None,
-                log_decay: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+                log_decay: Optional[Tensor] = None, a_log: bool = False) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), processed here (+ dt_bias (nheads,),
     softplus, clamp to dt_limit where given); A: (nheads,) float32, or None with log_decay (batch, seqlen, nheads),
-    the per-position log-decay in place of dt * A;
+    the per-position log-decay in place of dt * A; a_log: A holds A_log (nheads,) float32, A = -exp(A_log) formed
+    in the kernels;
     B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states:
     (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype.
     chunk_size: upper bound of the chunk.
@@ -308,7 +309,7 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor
     Returns y (x's layout and dtype, with D * x, without the gate), the final state (float32) and what the backward
     needs (`ssd_states` recomputes it)."""
     pl = _Plan(x, B, chunk_size)
-    saved, final = _states(pl, x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit, log_decay)
+    saved, final = _states(pl, x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit, log_decay, a_log)
     dtp, segp, acs, H = saved
     segp_arg = segp if segp is not None else dtp
     y = torch.empty_like(x)
@@ -347,7 +348,8 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
                  saved: Tuple[Tensor, ...], dy: Tensor, dfinal: Optional[Tensor], chunk_size: int,
                  dx_out: Optional[Tensor] = None, dt_grad: Optional[DtGrad] = None,
                  dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None,
-                 need_dinit: bool = True, log_decay: bool = False) -> Tuple[Optional[Tensor], ...]:
+                 need_dinit: bool = True, log_decay: bool = False,
+                 a_log: bool = False) -> Tuple[Optional[Tensor], ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dinit, dbias): dx in x's dtype, dB, dC in B's dtype, the others float32;
     dx: x's shape, ddt: (batch, seqlen, nheads) of the processed dt, dA: (nheads,), dB, dC: B's shape, dD: D's
     shape (None without D), dinit: (batch, nheads, headdim, d_state) (None unless need_dinit), dbias None.
@@ -355,7 +357,7 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
     gradient buffer): the gradient is written there. With dt_grad, ddt is the raw dt's gradient (its dtype, in
     dt_grad.out when given) and dbias the bias's (its dtype; None without a bias), as `dt_processing_grad` gives.
     log_decay: the forward ran with a per-position log-decay (A None): dA is then its gradient, (batch, seqlen,
-    nheads) float32."""
+    nheads) float32. a_log: A holds A_log (as the forward's a_log): dA is then A_log's gradient."""
     dtp, segp, acs, H = saved
     pl = _Plan(x, B, chunk_size)
     dev = x.device
@@ -443,7 +445,7 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
         *dC.stride(), Q=pl.Q, BQ=pl.BQ, RAW=dt_grad is not None, HAS_BIAS=dt_grad is not None and bias is not None,
         SOFTPLUS=dt_grad is not None and dt_grad.softplus, HAS_LIMIT=dt_grad is not None and dt_grad.limit is not None,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, BNR=min(pl.BN, 32),
-        LOG_DECAY=log_decay, num_warps=1)
+        LOG_DECAY=log_decay, A_LOG=a_log, num_warps=1)
     red = ws.as_strided((pl.batch * pl.nchunks, K), (K, 1), off["red"])  # (batch * nchunks, K)
     dA, dbias, dD = red.sum(0).split([pl.nheads, pl.nheads, pl.nheads * d_cols])
     if dt_grad is None:

@@ -163,3 +163,24 @@ def test_A_log_form_matches_the_A_form(opts):
     ref = mamba2_inner(zxbcdt, **{k: v for k, v in kw.items() if k != "A"}, A=None,
                        A_log=torch.log(-kw["A"]).detach().requires_grad_(), **dims, chunk_size=16, backend="ref")
     assert rel_err(out_b, ref) < 1e-5
+
+
+def test_layer_fused_path_matches_its_composition():
+    # the Mamba2 layer's fused inner path (what it takes on CUDA: A_log handed to the op, the conv weight uncast)
+    # against its own composition on the CPU: output and every parameter's gradient
+    from mambakit.layers.mamba2 import Mamba2
+
+    torch.manual_seed(0)
+    layer = Mamba2(16, d_state=8, headdim=4, ngroups=2, chunk_size=16)
+    h = torch.randn(2, 21, 16, requires_grad=True)
+    w = torch.randn(2, 21, 16)
+    results = []
+    for fused in (False, True):
+        out = layer._fused_inner(h, None) if fused else layer(h)
+        params = [h] + list(layer.parameters())
+        results.append((out, torch.autograd.grad((out * w).sum(), params)))
+    (ref, ref_grads), (out, grads) = results
+    assert rel_err(out, ref) < 1e-5
+    names = ["h"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, grads, ref_grads):
+        assert a.shape == b.shape and rel_err(a, b) < 2e-5, name

@@ -16,6 +16,18 @@ one backward of the fused Mamba-2 inner path (`mambakit.ops.mamba2_inner.fused`)
 (`mambakit.ops.mamba_inner.fused`), float32 and bf16 autocast (bf16 in_proj output, float32 weights); rows to
 $OUT/op_count.jsonl. The counts do not depend on the sizes (except through the branches the sizes pick: the shapes
 keep those of the 130M GPU step: the fused state pass, heads split in the dB/dC kernel).
+
+    python3 benchmarks/host_overhead.py --count-ops --scope block step [--tiny]
+
+The same counts (plus autograd nodes, GPU kernels and the host microseconds of the call) of one whole LM block
+(residual add + RMSNorm + mixer, forward + backward, as the second block of a stack sees it: a float32 residual
+and a bf16 hidden in) and of one tiny LM training step (2 layers: embedding, blocks, final norm, tied head, float32 cross-entropy,
+backward; no optimizer), Mamba-2 and Mamba-1, under CPU bf16 autocast with the CUDA paths forced (the fused inner
+op, the Triton add + norm, the autocast dtype out of the norm) and the Triton launches counted but skipped
+(measurement only: the outputs are garbage, the counts are those of the GPU step). kernels: the GPU kernels
+those ops make (Triton launches + the torch ops that are not views, allocations or metadata; a cuBLAS product may
+be more than one). host_us: the least microseconds of 20 calls so measured (CPU torch ops at tiny sizes + Python,
+no launch cost; noisy on a shared machine), a rough proxy of the Python side.
 """
 from __future__ import annotations
 
@@ -129,22 +141,123 @@ def count_ops(arch: str, dtype: torch.dtype, tiny: bool = False) -> dict:
             out.backward(g)
         counts = dict(arch=arch, dtype=str(dtype).replace("torch.", ""), fwd_torch=fwd.torch_ops,
                       fwd_triton=fwd.launches, bwd_torch=bwd.torch_ops, bwd_triton=bwd.launches,
-                      total=fwd.torch_ops + fwd.launches + bwd.torch_ops + bwd.launches)
+                      total=fwd.torch_ops + fwd.launches + bwd.torch_ops + bwd.launches,
+                      kernels=fwd.kernel_ops + bwd.kernel_ops)
         counts["_fwd"], counts["_bwd"] = fwd.table(), bwd.table()
     return counts
 
 
-def count_main(tiny: bool, verbose: bool) -> None:
+@contextlib.contextmanager
+def cuda_paths():
+    """Measurement only: the CPU takes the paths a CUDA training step takes (the fused Mamba-2 inner op, the Triton
+    add + RMSNorm, the autocast dtype handed from the norm to in_proj). Mamba-1 picks its fused op through
+    scan_backend="triton"."""
+    import mambakit.models.lm as lm
+    import mambakit.ops.norm as norm
+    from mambakit.layers.mamba2 import Mamba2
+
+    saved = [(Mamba2, "_fused_inner_ok", Mamba2._fused_inner_ok), (norm, "use_triton", norm.use_triton),
+             (lm, "_normed_dtype", lm._normed_dtype)]
+    Mamba2._fused_inner_ok = lambda self, hidden_states, dt_transform: True
+    norm.use_triton = lambda x, weight, z=None: True
+    lm._normed_dtype = lambda hidden, step: torch.bfloat16 if torch.is_autocast_enabled("cpu") and not step else None
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _lm_config(arch: str, n_layer: int):
+    from mambakit.models.config import MambaConfig
+
+    if arch == "mamba2":  # the inner count's non-tiny shapes: 8 heads of 8, d_state 16, chunk 64
+        ssm = dict(layer="Mamba2", d_state=16, headdim=8, chunk_size=64)
+    else:
+        ssm = dict(layer="Mamba1", d_state=16, dt_rank=4, scan_backend="triton")
+    return MambaConfig(d_model=32, n_layer=n_layer, vocab_size=64, ssm_cfg=ssm)
+
+
+def count_scope(arch: str, scope: str, repeats: int = 20) -> dict:
+    """Torch ops, Triton launches (skipped) and autograd nodes of one block's or one LM step's forward + backward
+    on the CUDA paths (`cuda_paths`), bf16 CPU autocast; the second call counted; host_us: the least of repeats
+    calls with the launches skipped, uncounted (the machine is shared)."""
+    from _op_count import OpCounter, autograd_nodes, launches_skipped
+    import torch.nn.functional as F
+    from mambakit.models.lm import Block, MambaLMHeadModel
+
+    g = torch.Generator().manual_seed(0)
+    batch, seqlen = 2, 128
+    if scope == "block":
+        model = Block(_lm_config(arch, 2), layer_idx=1)
+        hidden = torch.randn(batch, seqlen, 32, generator=g).to(torch.bfloat16).requires_grad_()
+        residual = torch.randn(batch, seqlen, 32, generator=g).requires_grad_()
+        grads = (torch.randn(batch, seqlen, 32, generator=g).to(torch.bfloat16),
+                 torch.randn(batch, seqlen, 32, generator=g))
+
+        model_inputs = (hidden, residual)
+
+        def forward():
+            return model(hidden, residual)
+
+        def backward(outs):
+            torch.autograd.backward(outs, grads)
+    else:
+        model = MambaLMHeadModel(_lm_config(arch, 2))
+        ids = torch.randint(0, 64, (batch, seqlen + 1), generator=g)
+        model_inputs = ()
+
+        def forward():
+            logits = model(ids[:, :-1]).logits
+            return (F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()),)
+
+        def backward(outs):
+            outs[0].backward()
+    counts = {}
+    with cuda_paths():
+        for _ in range(2):  # the second call counted (the first one's one-time work not)
+            model.zero_grad(set_to_none=True)
+            for t in model_inputs:
+                t.grad = None
+            with OpCounter(skip_launches=True) as fwd, torch.autocast("cpu", dtype=torch.bfloat16):
+                outs = forward()
+            nodes = autograd_nodes(*outs)
+            with OpCounter(skip_launches=True) as bwd:
+                backward(outs)
+            counts = dict(arch=arch, scope=scope, dtype="bfloat16", fwd_torch=fwd.torch_ops, fwd_triton=fwd.launches,
+                          bwd_torch=bwd.torch_ops, bwd_triton=bwd.launches, autograd_nodes=nodes,
+                          total=fwd.torch_ops + fwd.launches + bwd.torch_ops + bwd.launches,
+                          kernels=fwd.kernel_ops + bwd.kernel_ops)
+            counts["_fwd"], counts["_bwd"] = fwd.table(), bwd.table()
+        times = []
+        with launches_skipped():
+            for _ in range(repeats):
+                model.zero_grad(set_to_none=True)
+                for t in model_inputs:
+                    t.grad = None
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    outs = forward()
+                backward(outs)
+                times.append((time.perf_counter() - t0) * 1e6)
+    counts["host_us"] = round(min(times), 1)
+    return counts
+
+
+def count_main(tiny: bool, verbose: bool, scopes: list) -> None:
     rows = Rows("op_count")
-    for arch in ("mamba2", "mamba1"):
-        for dtype in (torch.float32, torch.bfloat16):
-            c = count_ops(arch, dtype, tiny)
-            fwd, bwd = c.pop("_fwd"), c.pop("_bwd")
-            rows.add(**c)
-            if verbose:
-                print(f"# {arch} {dtype} forward\n{fwd}\n# backward\n{bwd}")
+    for scope in scopes:
+        for arch in ("mamba2", "mamba1"):
+            for dtype in ((torch.float32, torch.bfloat16) if scope == "inner" else (torch.bfloat16,)):
+                c = count_ops(arch, dtype, tiny) if scope == "inner" else count_scope(arch, scope)
+                c.setdefault("scope", scope)
+                fwd, bwd = c.pop("_fwd"), c.pop("_bwd")
+                rows.add(**c)
+                if verbose:
+                    print(f"# {scope} {arch} {dtype} forward\n{fwd}\n# backward\n{bwd}")
     rows.save()
-    print(table(rows.rows, ["arch", "dtype", "fwd_torch", "fwd_triton", "bwd_torch", "bwd_triton", "total"]))
+    print(table(rows.rows, ["scope", "arch", "dtype", "fwd_torch", "fwd_triton", "bwd_torch", "bwd_triton", "total",
+                            "kernels", "autograd_nodes", "host_us"]))
 
 
 def main() -> None:
@@ -153,8 +266,10 @@ def main() -> None:
         ap.add_argument("--count-ops", action="store_true")
         ap.add_argument("--tiny", action="store_true", help="smaller shapes (the test's)")
         ap.add_argument("--verbose", action="store_true", help="the counts by op name")
+        ap.add_argument("--scope", nargs="+", default=["inner"], choices=["inner", "block", "step"],
+                        help="what is counted: the fused inner op (launches run), a whole block, a tiny LM step")
         args = ap.parse_args()
-        count_main(args.tiny, args.verbose)
+        count_main(args.tiny, args.verbose, args.scope)
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="mamba2", choices=["mamba1", "mamba2"])

@@ -116,18 +116,49 @@ def test_hybrid_benchmark_runs_mambakit_alone_without_transformers(tmp_path: Pat
     assert all(r["transformers_path"] == "not run" and isinstance(r["mambakit_ms"], float) for r in rows)
 
 
-#: (arch, dtype) -> the most torch ops and the Triton launches of one fused inner-path forward + backward
-#: (benchmarks/host_overhead.py --count-ops): fewer host ops per layer is a faster eager training step.
-OP_CEILINGS = {("mamba2", "float32"): (85, 15), ("mamba2", "bfloat16"): (89, 15),
-               ("mamba1", "float32"): (108, 5), ("mamba1", "bfloat16"): (118, 5)}
+#: (arch, dtype) -> the most torch ops, the Triton launches and the most GPU kernels (launches + torch ops that are
+#: not views or allocations) of one fused inner-path forward + backward (benchmarks/host_overhead.py --count-ops):
+#: fewer host ops per layer is a faster eager training step.
+OP_CEILINGS = {("mamba2", "float32"): (85, 15, 21), ("mamba2", "bfloat16"): (87, 15, 23),
+               ("mamba1", "float32"): (109, 5, 18), ("mamba1", "bfloat16"): (116, 5, 25)}
+
+#: The GPU kernels of one whole block's forward + backward (residual add + RMSNorm, in_proj, the fused inner op;
+#: bf16 autocast over float32 parameters), by where they come from: a ceiling computed from the parts.
+#: in_proj: the autocast cast of its weight and the product, then dX and dW and dW's cast back to float32; the
+#: projections inside the op likewise (Mamba-1's dt_proj product once more: delta is recomputed); none for
+#: A = -exp(A_log) (formed in the scan kernels, which also give A_log's gradient); the fixed-order reductions of
+#: per-program partial sums: the add + norm's dweight, the gated norm's (Mamba-2), the conv's [dweight | dbias],
+#: the SSD's [dA | dbias | dD] (Mamba-2) or the scan's [dA | dD | dbias] and its [dB | dC] (a sum and the cast into
+#: x_proj's gradient).
+BLOCK_KERNELS = {
+    "mamba2": dict(triton=5 + 10 + 2, in_proj=2 + 3, out_proj=2 + 3, reductions=4),
+    "mamba1": dict(triton=2 + 3 + 2, in_proj=2 + 3, x_proj=2 + 3, dt_proj=2 + 4, out_proj=2 + 3, reductions=3 + 2),
+}
+#: the most torch ops and autograd nodes of that block forward + backward (measured, branch m2host)
+BLOCK_CEILINGS = {"mamba2": (123, 19), "mamba1": (152, 21)}
 
 
 def test_op_counts_do_not_grow(tmp_path: Path) -> None:
-    proc = run("host_overhead.py", ["--count-ops", "--tiny"], tmp_path)
+    proc = run("host_overhead.py", ["--count-ops", "--tiny", "--scope", "inner", "block", "step"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "op_count.jsonl").read_text().splitlines()]
-    assert {(r["arch"], r["dtype"]) for r in rows} == set(OP_CEILINGS)
-    for r in rows:
-        most_ops, launches = OP_CEILINGS[r["arch"], r["dtype"]]
+    inner = [r for r in rows if r["scope"] == "inner"]
+    assert {(r["arch"], r["dtype"]) for r in inner} == set(OP_CEILINGS)
+    for r in inner:
+        most_ops, launches, most_kernels = OP_CEILINGS[r["arch"], r["dtype"]]
         assert r["fwd_triton"] + r["bwd_triton"] == launches, r
         assert 0 < r["fwd_torch"] + r["bwd_torch"] <= most_ops, r
+        assert launches < r["kernels"] <= most_kernels, r
+    blocks = {r["arch"]: r for r in rows if r["scope"] == "block"}
+    assert set(blocks) == set(BLOCK_KERNELS)
+    for arch, parts in BLOCK_KERNELS.items():
+        r = blocks[arch]
+        most_ops, most_nodes = BLOCK_CEILINGS[arch]
+        assert r["fwd_triton"] + r["bwd_triton"] == parts["triton"], r
+        assert parts["triton"] < r["kernels"] <= sum(parts.values()), r
+        assert 0 < r["fwd_torch"] + r["bwd_torch"] <= most_ops, r
+        assert 0 < r["autograd_nodes"] <= most_nodes, r
+    steps = {r["arch"]: r for r in rows if r["scope"] == "step"}
+    for arch, r in steps.items():  # 2 layers: at least two blocks' worth, and the same Triton launches per block
+        assert r["kernels"] >= 2 * blocks[arch]["kernels"], r
+        assert r["fwd_triton"] + r["bwd_triton"] == 2 * BLOCK_KERNELS[arch]["triton"] + 2, r  # + the final norm

@@ -239,11 +239,12 @@ class Mamba(DtTransformMixin, nn.Module):
     def _fused_inner(self, hidden_states: Tensor, seq_idx: Optional[Tensor], state: Optional[SSMState]) -> Tensor:
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen), a view
         fp = torch.float32
-        args = (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
-                self.out_proj.weight, self.out_proj.bias, -torch.exp(self.A_log.to(fp)), self.D.to(fp),
-                self.dt_proj.bias.to(fp))
-        if state is None:
-            return mamba_inner(xz, *args, True, seq_idx, backend="triton")
+        weights = (self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                   self.out_proj.weight, self.out_proj.bias)
+        D, delta_bias = self.D.to(fp), self.dt_proj.bias.to(fp)
+        if state is None:  # A = -exp(A_log) inside the op
+            return mamba_inner(xz, *weights, None, D, delta_bias, True, seq_idx, backend="triton", A_log=self.A_log)
+        args = weights + (-torch.exp(self.A_log.to(fp)), D, delta_bias)
         out, last = mamba_inner_fused_inference(xz, *args, state.conv, state.ssm)
         state.conv.copy_(self._conv_state_after(xz[:, :self.d_inner], state.conv, None))
         state.ssm.copy_(last)

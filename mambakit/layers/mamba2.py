@@ -253,13 +253,11 @@ class Mamba2(DtTransformMixin, nn.Module):
         return plain_linear(self.out_proj) and fused_available()
 
     def _fused_inner(self, hidden_states: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
-        fp = torch.float32
-        return mamba2_inner(self.in_proj(hidden_states), self.conv1d.weight, self.conv1d.bias, self.dt_bias,
-                            -torch.exp(self.A_log.to(fp)), self._D(fp), self.norm.weight, self.out_proj.weight,
-                            self.out_proj.bias, headdim=self.headdim, ngroups=self.ngroups,
-                            chunk_size=self.scan_chunk_size(hidden_states), eps=self.norm.eps,
-                            norm_before_gate=self.norm.norm_before_gate, dt_limit=self.dt_limit, seq_idx=seq_idx,
-                            backend="triton")
+        return mamba2_inner(self.in_proj(hidden_states), self.conv1d.weight, self.conv1d.bias, self.dt_bias, None,
+                            self._D(torch.float32), self.norm.weight, self.out_proj.weight, self.out_proj.bias,
+                            headdim=self.headdim, ngroups=self.ngroups, chunk_size=self.scan_chunk_size(hidden_states),
+                            eps=self.norm.eps, norm_before_gate=self.norm.norm_before_gate, dt_limit=self.dt_limit,
+                            seq_idx=seq_idx, A_log=self.A_log, backend="triton")  # A = -exp(A_log) inside the op
 
     #: `step` takes a `PreNorm` (the block's residual add + RMSNorm, fused into in_proj)
     step_fuses_pre_norm = True

@@ -97,3 +97,39 @@ def test_nothing_happens_on_the_cpu(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as if kernels were compiled: still nothing to do off CUDA
     monkeypatch.setattr(triton_compile, "precompile", lambda run: pytest.fail("precompile on CPU tensors"))
     compile_first_call(layer, torch.randn(1, 4, 16), None, None)
+
+
+def test_repeated_calls_skip_the_full_key():
+    # the full first-call key walks the module (tens of us a call on the training step's host): built again only
+    # when the call's signature changes (grad mode, dtype, shape's specialisation, optional inputs)
+    from mambakit.ops.first_call import precompile_call
+
+    layer = _layers()[0]
+    keys, runs = [], []
+    module_call_key = triton_compile.module_call_key
+
+    class Compile:  # the compile module's surface that precompile_call uses, counted
+        specialisation = staticmethod(triton_compile.specialisation)
+        module_first_call = staticmethod(triton_compile.module_first_call)
+
+        @staticmethod
+        def module_call_key(*args):
+            keys.append(module_call_key(*args))
+            return keys[-1]
+
+        @staticmethod
+        def precompile_once(key, run):
+            runs.append(key)
+
+    x = torch.randn(2, 11, 16)
+    for _ in range(3):
+        precompile_call(Compile, layer, x, None, None)
+    assert len(keys) == 1 and runs == keys
+    with torch.no_grad():
+        precompile_call(Compile, layer, x, None, None)
+    precompile_call(Compile, layer, x, torch.zeros(2, 11, dtype=torch.long), None)
+    precompile_call(Compile, layer, torch.randn(3, 11, 16), torch.zeros(3, 11, dtype=torch.long), None)  # as batch 2
+    precompile_call(Compile, layer, torch.randn(3, 16, 16), torch.zeros(3, 16, dtype=torch.long), None)  # seqlen 16
+    assert len(keys) == 4 and len(set(keys)) == 4 and runs == keys
+    precompile_call(Compile, _layers()[0], x, None, None)  # another module: its own first call
+    assert len(keys) == 5

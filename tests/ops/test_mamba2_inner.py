@@ -72,3 +72,22 @@ def test_bad_shapes_are_named():
         mamba2_inner(zxbcdt, **{**kw, "norm_weight": kw["norm_weight"][:-1]}, **dims)
     with pytest.raises(MambaKitError, match="seq_idx"):
         mamba2_inner(zxbcdt, **kw, **dims, seq_idx=torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_A_log_in_place_of_A():
+    # the composition forms A = -exp(A_log) (float64 here): the A form's output, and A_log's gradient by the chain
+    zxbcdt, kw, dims = make_inner2()
+    A_log = torch.log(-kw.pop("A")).detach().requires_grad_()
+    extra = dict(dims, chunk_size=4, backend="torch")
+    out = mamba2_inner(zxbcdt, **kw, A=None, A_log=A_log, **extra)
+    want = mamba2_inner(zxbcdt, **kw, A=-torch.exp(A_log), **extra)
+    assert torch.equal(out, want)
+    g, = torch.autograd.grad(out.sum(), A_log)
+    g_want, = torch.autograd.grad(want.sum(), A_log)
+    assert torch.equal(g, g_want) and g.abs().sum() > 0
+    with pytest.raises(MambaKitError, match="exactly one of A and A_log, got both"):
+        mamba2_inner(zxbcdt, **kw, A=-torch.exp(A_log), A_log=A_log, **extra)
+    with pytest.raises(MambaKitError, match="exactly one of A and A_log, got neither"):
+        mamba2_inner(zxbcdt, **kw, A=None, **extra)
+    with pytest.raises(MambaKitError, match="A_log must have shape"):
+        mamba2_inner(zxbcdt, **kw, A=None, A_log=A_log[None], **extra)

@@ -71,3 +71,21 @@ def test_bad_arguments_name_themselves(monkeypatch):
         mamba_inner(xz.transpose(1, 2), **kw, backend="cuda")
     with pytest.raises(MambaKitError, match="needs CUDA"):
         mamba_inner(xz.float().transpose(1, 2), **kw, backend="triton")
+
+
+def test_A_log_in_place_of_A():
+    # the composition forms A = -exp(A_log) (float64 here): the A form's output, and A_log's gradient by the chain
+    xz, kw = make_inner()
+    A_log = torch.log(-kw.pop("A")).detach().requires_grad_()
+    out = mamba_inner(xz.transpose(1, 2), **kw, A=None, A_log=A_log, backend="torch")
+    want = mamba_inner(xz.transpose(1, 2), **kw, A=-torch.exp(A_log), backend="torch")
+    assert torch.equal(out, want)
+    g, = torch.autograd.grad(out.sum(), A_log)
+    g_want, = torch.autograd.grad(want.sum(), A_log)
+    assert torch.equal(g, g_want) and g.abs().sum() > 0
+    with pytest.raises(MambaKitError, match="exactly one of A and A_log, got both"):
+        mamba_inner(xz.transpose(1, 2), **kw, A=-torch.exp(A_log), A_log=A_log)
+    with pytest.raises(MambaKitError, match="exactly one of A and A_log, got neither"):
+        mamba_inner(xz.transpose(1, 2), **kw, A=None)
+    with pytest.raises(MambaKitError, match="A_log must have shape"):
+        mamba_inner(xz.transpose(1, 2), **kw, A=None, A_log=A_log[:-1])

@@ -25,6 +25,7 @@ from torch import Tensor
 from mambakit.errors import MambaKitError
 from mambakit.ops.triton.compile import precompile_once, specialisation
 from mambakit.ops.triton.device import interpreted
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 
 __all__ = ["block_sizes", "causal_conv1d_triton", "causal_conv1d_triton_from_state", "conv1d_backward",
            "conv1d_forward", "is_channel_last"]
@@ -141,8 +142,9 @@ def _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, dw_part_ptr, db_part_ptr,
-                     dim, seqlen, n_tblocks, sx_b, sx_d, sx_t, sg_b, sg_d, sg_t, sdx_b, sdx_d, sdx_t, sw_d, sw_k,
+def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, part_ptr,
+                     dim, seqlen, n_tblocks, part_stride, sx_b, sx_d, sx_t, sg_b, sg_d, sg_t, sdx_b, sdx_d, sdx_t,
+                     sw_d, sw_k,
                      WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_SEQ: tl.constexpr,
                      GATHER: tl.constexpr, BLOCK_D: tl.constexpr, BT: tl.constexpr, HALO: tl.constexpr,
                      AXB: tl.constexpr, AXD: tl.constexpr, AXT: tl.constexpr,
@@ -168,10 +170,10 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, dw_part_ptr, 
         bias = tl.zeros((BLOCK_D,), tl.float32)
     g = _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw_d, sw_k, d1, mask_d, s, seqlen,
                      seq_row, WIDTH, SILU, HAS_SEQ)
-    # weight / bias partial sums over this program's outputs t = s
-    part = ((pid_b * n_tblocks + pid_t) * dim + d1).to(tl.int64)
+    # weight / bias partial sums over this program's outputs t = s, in its row of the partials: [dw | db]
+    prow = (pid_b * n_tblocks + pid_t) * part_stride
     if HAS_BIAS:
-        tl.store(db_part_ptr + part, tl.sum(g, axis=1), mask=mask_d)
+        tl.store(part_ptr + prow + dim * WIDTH + d1, tl.sum(g, axis=1), mask=mask_d)
     if HAS_SEQ:
         s_s = tl.load(seq_ptr + seq_row + s, mask=ms, other=0)
     for k in tl.static_range(WIDTH):
@@ -181,7 +183,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, gy_ptr, dx_ptr, dw_part_ptr, 
             ok = ok & (tl.load(seq_ptr + seq_row + ts, mask=ok, other=0) == s_s)
         xv = tl.load(x_ptr + xrow + ts[None, :].to(tl.int64) * sx_t, mask=mask_d[:, None] & ok[None, :],
                      other=0.0).to(tl.float32)
-        tl.store(dw_part_ptr + part * WIDTH + k, tl.sum(tl.where(ok[None, :], g * xv, 0.0), axis=1), mask=mask_d)
+        tl.store(part_ptr + prow + d1 * WIDTH + k, tl.sum(tl.where(ok[None, :], g * xv, 0.0), axis=1),
+                 mask=mask_d)
     if GATHER:
         # g' of the width - 1 outputs past the tile, which the tile's last inputs feed
         gh = _conv_gprime(x_ptr, w_ptr, seq_ptr, gy_ptr, bias, xrow, grow, sx_t, sg_t, sw_d, sw_k, d1, mask_d,
@@ -268,8 +271,8 @@ def _grid(x: Tensor, backward: bool) -> Tuple[int, int, Tuple[int, int, int]]:
     """(BLOCK_D, BT, grid): one program per (time tile, channel block, batch row) of x (batch, dim, seqlen)."""
     batch, dim, seqlen = x.shape
     bd, bt = block_sizes(is_channel_last(x), backward)
-    bd, bt = min(bd, triton.next_power_of_2(dim)), min(bt, triton.next_power_of_2(seqlen))
-    return bd, bt, (triton.cdiv(seqlen, bt), triton.cdiv(dim, bd), batch)
+    bd, bt = min(bd, next_power_of_2(dim)), min(bt, next_power_of_2(seqlen))
+    return bd, bt, (cdiv(seqlen, bt), cdiv(dim, bd), batch)
 
 
 def conv1d_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, seq_idx: Optional[Tensor],
@@ -332,18 +335,23 @@ def conv1d_backward(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: boo
     bd, bt, grid = _grid(x, backward=True)
     (sx, ax), (sg, ag), (sd, ad) = _strides(x), _strides(gy), _strides(dx_out)
     n_tblocks = grid[0]
-    dw_part = torch.empty(batch, n_tblocks, dim, width, device=x.device, dtype=torch.float32)
-    db_part = torch.empty(batch, n_tblocks, dim, device=x.device, dtype=torch.float32) if bias is not None else None
+    # one row of partial sums per program, [dweight (dim * width) | dbias (dim)], summed by one reduction
+    cols = dim * (width + (bias is not None))
+    parts = torch.empty(batch * n_tblocks, cols, device=x.device, dtype=torch.float32)
     _conv_bwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, seq if seq is not None else x, gy, dx_out, dw_part,
-        db_part if db_part is not None else dw_part,
-        dim, seqlen, n_tblocks, *sx, *sg, *sd, *weight.stride(),
+        x, weight, bias if bias is not None else weight, seq if seq is not None else x, gy, dx_out, parts, dim,
+        seqlen, n_tblocks, cols, *sx, *sg, *sd, *weight.stride(),
         WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_SEQ=seq is not None, GATHER=use_gather(x),
-        BLOCK_D=bd, BT=bt, HALO=triton.next_power_of_2(max(width - 1, 1)), AXB=ax[0], AXD=ax[1], AXT=ax[2],
+        BLOCK_D=bd, BT=bt, HALO=next_power_of_2(max(width - 1, 1)), AXB=ax[0], AXD=ax[1], AXT=ax[2],
         AGB=ag[0], AGD=ag[1], AGT=ag[2], ADB=ad[0], ADD=ad[1], ADT=ad[2], num_warps=4)
-    dw = dw_part.sum((0, 1)).to(grad_dtype or weight.dtype)
-    db = db_part.sum((0, 1)).to(grad_dtype or bias.dtype) if bias is not None else None
-    return dx_out, dw, db
+    dw_dtype, db_dtype = grad_dtype or weight.dtype, grad_dtype or (weight.dtype if bias is None else bias.dtype)
+    sums = parts.sum(0)
+    if dw_dtype == db_dtype:  # one cast (none for float32 gradients)
+        sums = sums.to(dw_dtype)
+    if bias is None:
+        return dx_out, sums.view(dim, width).to(dw_dtype), None
+    dw, db = sums.split([dim * width, dim])
+    return dx_out, dw.view(dim, width).to(dw_dtype), db.to(db_dtype)
 
 
 class _CausalConv1dTriton(torch.autograd.Function):

@@ -34,12 +34,13 @@ def fused_available() -> bool:
 
 
 def _check(zxbcdt: Tensor, conv_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Optional[Tensor],
-           norm_weight: Tensor, out_weight: Tensor, headdim: int, ngroups: int, seq_idx: Optional[Tensor]) -> None:
+           norm_weight: Tensor, out_weight: Tensor, headdim: int, ngroups: int, seq_idx: Optional[Tensor],
+           a_name: str = "A") -> None:
     if not isinstance(zxbcdt, Tensor) or zxbcdt.dim() != 3:
         raise MambaKitError("zxbcdt must be a tensor of shape (batch, seqlen, d_in_proj), got "
                             f"{tuple(zxbcdt.shape) if isinstance(zxbcdt, Tensor) else type(zxbcdt).__name__}")
     if A.dim() != 1:
-        raise MambaKitError(f"A must have shape (nheads,), got {tuple(A.shape)}")
+        raise MambaKitError(f"{a_name} must have shape (nheads,), got {tuple(A.shape)}")
     nheads = A.shape[0]
     d_inner = nheads * headdim
     conv_dim = conv_weight.shape[0]
@@ -61,11 +62,11 @@ def _check(zxbcdt: Tensor, conv_weight: Tensor, dt_bias: Tensor, A: Tensor, D: O
         raise MambaKitError(f"seq_idx must have shape {tuple(zxbcdt.shape[:2])}, got {tuple(seq_idx.shape)}")
 
 
-def mamba2_inner(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], dt_bias: Tensor, A: Tensor,
-                 D: Optional[Tensor], norm_weight: Tensor, out_weight: Tensor, out_bias: Optional[Tensor] = None, *,
-                 headdim: int, ngroups: int = 1, chunk_size: int = 256, eps: float = 1e-5,
-                 norm_before_gate: bool = False, dt_limit: Tuple[float, float] = DEFAULT_DT_LIMIT,
-                 seq_idx: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+def mamba2_inner(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], dt_bias: Tensor,
+                 A: Optional[Tensor], D: Optional[Tensor], norm_weight: Tensor, out_weight: Tensor,
+                 out_bias: Optional[Tensor] = None, *, headdim: int, ngroups: int = 1, chunk_size: int = 256,
+                 eps: float = 1e-5, norm_before_gate: bool = False, dt_limit: Tuple[float, float] = DEFAULT_DT_LIMIT,
+                 seq_idx: Optional[Tensor] = None, A_log: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """zxbcdt: (batch, seqlen, d_inner + conv_dim + nheads) -> (batch, seqlen, d_model).
 
     conv_weight: (conv_dim, width) or (conv_dim, 1, width), conv_dim = d_inner + 2 * ngroups * d_state; conv_bias:
@@ -73,17 +74,26 @@ def mamba2_inner(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor
     the gated RMSNorm per group of d_inner / ngroups channels (norm_before_gate as in `rms_norm_gated`);
     out_weight: (d_model, d_inner); seq_idx: (batch, seqlen) packed-sequence index (< 0: padding, whose conv
     output is 0, as `causal_conv1d_fn` defines it).
+    A_log: (nheads,), given instead of A (A None): A = -exp(A_log), formed inside the op (the fused form: in the
+    SSD kernels, which also give A_log's gradient: no PyTorch kernels or autograd nodes for it).
     backend: "auto" (the fused Triton form for CUDA tensors when Triton is available, else the composition),
     "triton" (fused), "torch" (composition with the chunked SSD) or "ref" (composition with the recurrence).
-    The conv and out weights are used in zxbcdt's dtype (as autocast would); A, D, dt_bias in float32.
+    The out weight is used in zxbcdt's dtype (as autocast would), the conv's weight and bias in their own (as
+    `causal_conv1d_fn` takes them: the conv computes in float32); A, D, dt_bias in float32.
     """
-    _check(zxbcdt, conv_weight, dt_bias, A, D, norm_weight, out_weight, headdim, ngroups, seq_idx)
+    if (A is None) == (A_log is None):
+        raise MambaKitError("mamba2_inner takes exactly one of A and A_log, got "
+                            f"{'both' if A is not None else 'neither'}")
+    _check(zxbcdt, conv_weight, dt_bias, A if A is not None else A_log, D, norm_weight, out_weight, headdim, ngroups,
+           seq_idx, "A" if A is not None else "A_log")
     conv_w = conv_weight.squeeze(1) if conv_weight.dim() == 3 else conv_weight
     backend = check_backend(backend)
     if backend == "auto":
         usable = (zxbcdt.is_cuda or interpreted()) and zxbcdt.dtype != torch.float64 and fused_available()
         backend = "triton" if usable else "torch"
     if backend in ("torch", "ref"):
+        if A is None:
+            A = -torch.exp(A_log if A_log.dtype == torch.float64 else A_log.float())
         return mamba2_inner_torch(zxbcdt, conv_w, conv_bias, dt_bias, A, D, norm_weight, out_weight, out_bias,
                                   headdim=headdim, ngroups=ngroups, chunk_size=chunk_size, eps=eps,
                                   norm_before_gate=norm_before_gate, dt_limit=dt_limit, seq_idx=seq_idx,
@@ -98,6 +108,7 @@ def mamba2_inner(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor
     from mambakit.ops.mamba2_inner.fused import mamba2_inner_fused
 
     limit = None if tuple(dt_limit) == tuple(DEFAULT_DT_LIMIT) else tuple(dt_limit)
-    return mamba2_inner_fused(zxbcdt, conv_w, conv_bias, dt_bias, A, D, norm_weight, out_weight, out_bias,
-                              ngroups=ngroups, chunk_size=chunk_size, eps=eps, norm_before_gate=norm_before_gate,
-                              dt_limit=limit, seq_idx=seq_idx)
+    return mamba2_inner_fused(zxbcdt, conv_w, conv_bias, dt_bias, A if A is not None else A_log, D, norm_weight,
+                              out_weight, out_bias, ngroups=ngroups, chunk_size=chunk_size, eps=eps,
+                              norm_before_gate=norm_before_gate, dt_limit=limit, seq_idx=seq_idx,
+                              a_is_log=A is None)

@@ -72,17 +72,18 @@ def _padding_zeroed(t: Tensor, seq_idx: Optional[Tensor]) -> Tensor:
 
 
 class _Mamba2InnerFused(torch.autograd.Function):
-    """The conv and out weights come in their own dtype (float32 parameters under autocast) and are cast to
-    zxbcdt's here, so that their gradients leave in that dtype without a cast node of autograd's (the conv's
-    float32 sums unrounded)."""
+    """The conv and out weights come in their own dtype (float32 parameters under autocast). The out weight is
+    cast to zxbcdt's here (for the product), so that its gradient leaves in its dtype without a cast node of
+    autograd's; the conv kernels read the conv weight and bias as they are (they compute in float32: no cast
+    kernel, and the conv's float32 sums leave unrounded)."""
 
     @staticmethod
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, out_w, out_b, ngroups, chunk_size, eps,
-                norm_before_gate, dt_limit, seq_idx):  # type: ignore[override]
-        ctx.grad_dtypes = (conv_w.dtype, out_w.dtype)
+                norm_before_gate, dt_limit, seq_idx, a_is_log):  # type: ignore[override]
+        ctx.grad_dtypes = (conv_w.dtype, out_w.dtype, A.dtype)
+        ctx.a_is_log = a_is_log  # A holds A_log: the kernels form A = -exp(A_log) and give A_log's gradient
         io = zxbcdt.dtype
-        conv_w, out_w = conv_w.to(io).contiguous(), out_w.to(io)
-        conv_b, out_b = (None if b is None else b.to(io) for b in (conv_b, out_b))
+        out_w, out_b = out_w.to(io), None if out_b is None else out_b.to(io)
         dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
         z, xBC, dt = dims.split(zxbcdt)
         seg = segments(seq_idx)
@@ -91,7 +92,8 @@ class _Mamba2InnerFused(torch.autograd.Function):
         def run(backward: bool):
             u = _conv(dims, xBC, conv_w, conv_b, seq_idx)
             x, B, C = dims.xbc(u)
-            y, _, saved = ssd_forward(x, dt, A, B, C, D, None, seg, chunk_size, dt_bias, True, dt_limit)
+            y, _, saved = ssd_forward(x, dt, A, B, C, D, None, seg, chunk_size, dt_bias, True, dt_limit,
+                                      a_log=a_is_log)
             y2 = dims.rows(y.flatten(-2))
             normed, rstd = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)
             if backward:  # the first call: the backward's kernels too, with guessed upstream gradients
@@ -99,13 +101,14 @@ class _Mamba2InnerFused(torch.autograd.Function):
                 _, dB_out, dC_out = dims.xbc(du)
                 ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), None, chunk_size,
                              dt_grad=DtGrad(dt, dt_bias, True, dt_limit, dims.split(torch.empty_like(zxbcdt))[2]),
-                             dx_out=dims.xbc(du)[0], dB_out=dB_out, dC_out=dC_out, need_dinit=False)
+                             dx_out=dims.xbc(du)[0], dB_out=dB_out, dC_out=dC_out, need_dinit=False,
+                             a_log=a_is_log)
                 gated_norm_backward(y2, dims.rows(z), norm_w, rstd, torch.empty_like(normed), group,
                                     norm_before_gate)
             return y2, normed, rstd, saved
 
         key = ("mamba2_inner", zxbcdt.dtype, zxbcdt.shape[-1], dims.nheads, ngroups, chunk_size, seg is None,
-               D is None or D.dim(), norm_before_gate, dt_limit is None, zxbcdt.device,
+               D is None or D.dim(), norm_before_gate, dt_limit is None, a_is_log, zxbcdt.device,
                specialisation(dims.batch, dims.seqlen, zxbcdt))
         precompile_once(key, lambda: run(True))
         y2, normed, rstd, saved = run(False)
@@ -124,7 +127,7 @@ class _Mamba2InnerFused(torch.autograd.Function):
         dims = _Dims(zxbcdt, conv_w.shape[0], A.shape[0], ngroups)
         z, xBC, dt = dims.split(zxbcdt)
         group = dims.d_inner // ngroups
-        conv_dtype, out_dtype = ctx.grad_dtypes
+        conv_dtype, out_dtype, a_dtype = ctx.grad_dtypes
         g2 = gout.reshape(dims.batch * dims.seqlen, -1).to(y2.dtype)
         normed, _ = gated_norm_forward(y2, dims.rows(z), norm_w, eps, group, norm_before_gate)  # recomputed
         d_out_w = (g2.t() @ normed).to(out_dtype)
@@ -139,31 +142,34 @@ class _Mamba2InnerFused(torch.autograd.Function):
         u = _conv(dims, xBC, conv_w, conv_b, seq_idx)  # recomputed
         x, B, C = dims.xbc(u)
         if not ctx.save_states:  # recomputed by the forward's kernels
-            saved = ssd_states(x, dt, A, B, None, segments(seq_idx), chunk_size, dt_bias, True, dt_limit)
+            saved = ssd_states(x, dt, A, B, None, segments(seq_idx), chunk_size, dt_bias, True, dt_limit,
+                               a_log=ctx.a_is_log)
         du = torch.empty_like(u)
         dx_view, dB_view, dC_view = dims.xbc(du)
         dy = dy2.view(dims.batch, dims.seqlen, dims.nheads, dims.headdim)
         _, _, dA, _, _, dD, _, d_dt_bias = ssd_backward(  # dx, dB, dC straight into du, the raw dt's into dzxbcdt
             x, A, B, C, D, tuple(saved), dy, None, chunk_size, dx_out=dx_view, dB_out=dB_view, dC_out=dC_view,
-            dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out), need_dinit=False)
+            dt_grad=DtGrad(dt, dt_bias, True, dt_limit, ddt_out), need_dinit=False, a_log=ctx.a_is_log)
         del u, x, B, C, dy, dy2, saved
         _padding_zeroed(du, seq_idx)  # the conv output is the constant 0 at padding
         _, d_conv_w, d_conv_b = conv1d_backward(xBC.transpose(1, 2), conv_w, conv_b, True, seq_idx,
                                                 du.transpose(1, 2), dx_out=dxBC.transpose(1, 2),
                                                 grad_dtype=conv_dtype)
         dD = dD.to(D.dtype) if D is not None else None
-        return (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA.to(A.dtype), dD, d_norm_w, d_out_w, d_out_b, None, None,
-                None, None, None, None)
+        dA = dA.to(a_dtype)  # A_log's gradient when A came as A_log
+        return (dzxbcdt, d_conv_w, d_conv_b, d_dt_bias, dA, dD, d_norm_w, d_out_w, d_out_b, None, None, None, None,
+                None, None, None)
 
 
 def mamba2_inner_fused(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], dt_bias: Tensor,
                        A: Tensor, D: Optional[Tensor], norm_weight: Tensor, out_weight: Tensor,
                        out_bias: Optional[Tensor], *, ngroups: int, chunk_size: int, eps: float,
                        norm_before_gate: bool, dt_limit: Optional[Tuple[float, float]],
-                       seq_idx: Optional[Tensor]) -> Tensor:
+                       seq_idx: Optional[Tensor], a_is_log: bool = False) -> Tensor:
     """The fused form of `mambakit.ops.mamba2_inner.mamba2_inner` (checked arguments; CUDA tensors, or the CPU
     under TRITON_INTERPRET=1). zxbcdt: (batch, seqlen, d_in_proj) with unit column stride -> (batch, seqlen,
-    d_model) in zxbcdt's dtype. dt_limit None: no clamp."""
+    d_model) in zxbcdt's dtype. dt_limit None: no clamp. a_is_log: A holds A_log (A = -exp(A_log), formed in the
+    SSD kernels; its gradient is A_log's)."""
     f32 = torch.float32
     # one dtype for each layer's gradients (the bias's as its weight's)
     conv_b = None if conv_bias is None else conv_bias.to(conv_weight.dtype)
@@ -171,4 +177,4 @@ def mamba2_inner_fused(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Optional[
     return _Mamba2InnerFused.apply(
         zxbcdt, conv_weight, conv_b, dt_bias.to(f32), A.to(f32).contiguous(),
         None if D is None else D.to(f32).contiguous(), norm_weight, out_weight, out_b, ngroups,
-        kernel_chunk_size(zxbcdt.shape[1], chunk_size), eps, norm_before_gate, dt_limit, seq_idx)
+        kernel_chunk_size(zxbcdt.shape[1], chunk_size), eps, norm_before_gate, dt_limit, seq_idx, a_is_log)

@@ -27,6 +27,7 @@ from mambakit.ops.mamba3.chunked import prepare, start_state
 from mambakit.ops.mamba3.common import segment_starts
 from mambakit.ops.mamba3.triton_bwd import _mamba3_bwd_kernel
 from mambakit.ops.mamba3.triton_tiles import _chunk_decays, _head_program, _load_chunk, _same_step
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 
 
 def interpreted() -> bool:
@@ -79,7 +80,7 @@ def _mamba3_fwd_kernel(
 
 
 def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _strides_of(*tensors: Tensor) -> dict:
@@ -105,13 +106,13 @@ class _Mamba3Triton(torch.autograd.Function):
     def forward(ctx, q, k, v, adt, diag, h0, seg, chunk, kg, rank):  # type: ignore[override]
         batch, L, nheads, headdim = v.shape
         d_state = q.shape[-1]
-        nchunks = triton.cdiv(L, chunk)
+        nchunks = cdiv(L, chunk)
         store = any(ctx.needs_input_grad[:6]) or ctx.needs_input_grad[8]  # (forward runs with grad mode off)
         y = torch.empty_like(v)
         hT = v.new_empty(batch, nheads, headdim, d_state)
         st = v.new_empty(batch, nheads, nchunks if store else 1, headdim, d_state)
         block_p = min(_block(headdim), 64)
-        grid = (batch * nheads, triton.cdiv(headdim, block_p))
+        grid = (batch * nheads, cdiv(headdim, block_p))
         _mamba3_fwd_kernel[grid](
             q, k, v, adt, diag, seg if seg is not None else adt, h0 if h0 is not None else hT, y, hT, st,
             kg if kg is not None else q, L, nheads, headdim, d_state, nchunks,
@@ -132,7 +133,7 @@ class _Mamba3Triton(torch.autograd.Function):
         dy = torch.zeros_like(v) if dy is None else dy.to(torch.float32).contiguous()
         dhT = None if dhT is None else dhT.to(torch.float32).contiguous()
         block_p = min(_block(headdim), 32)  # the backward holds about twice the forward's tiles
-        nblocks = triton.cdiv(headdim, block_p)
+        nblocks = cdiv(headdim, block_p)
         dq = q.new_empty(nblocks, *q.shape)  # per headdim block partial sums, added up below (no atomics)
         dk = q.new_empty(nblocks, *q.shape)
         dkg = q.new_empty(nblocks, *q.shape) if kg is not None else dk
@@ -143,7 +144,7 @@ class _Mamba3Triton(torch.autograd.Function):
         _mamba3_bwd_kernel[(batch * nheads, nblocks)](
             q, k, v, adt, diag, seg if seg is not None else adt, st, dy, dhT if dhT is not None else dh0,
             dq, dk, dv, dadt, ddiag, dh0, kg if kg is not None else q, dkg, L, nheads, headdim, d_state,
-            triton.cdiv(L, ctx.chunk), s_sb=seg.stride(0) if seg is not None else 0,
+            cdiv(L, ctx.chunk), s_sb=seg.stride(0) if seg is not None else 0,
             **_strides_of(q, v, adt, dh0, st), s_blk_q=dq.stride(0), s_blk_a=dadt.stride(0), CHUNK=ctx.chunk,
             BLOCK_P=block_p, BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_DHT=dhT is not None,
             RANK=ctx.rank, num_warps=8,
@@ -176,7 +177,7 @@ def mamba3_scan_triton(
     if p.fp != torch.float32:
         raise MambaKitError(f"mamba3_scan_triton computes in float32; got an input of dtype {p.fp}")
     L = dims.seqlen
-    chunk = max(16, triton.next_power_of_2(min(chunk_size, L, 64)))  # the kernel's chunk (the function is the same)
+    chunk = max(16, next_power_of_2(min(chunk_size, L, 64)))  # the kernel's chunk (the function is the same)
 
     def flat(t: Tensor) -> Tensor:  # (batch, nchunks, Q, ...) -> contiguous (batch, seqlen, ...)
         return t.flatten(1, 2)[:, :L].contiguous()

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
-import triton
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
@@ -21,6 +20,7 @@ from mambakit.ops.causal import nan_where, not_finite, poisoned_lanes
 from mambakit.ops.mamba3.chunked import prepare
 from mambakit.ops.mamba3.common import compute_dtype, heads_of_groups, segment_starts, validate_mimo
 from mambakit.ops.mamba3.triton import _Mamba3Triton, interpreted
+from mambakit.ops.triton.grid import next_power_of_2
 
 States = Tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -57,8 +57,8 @@ def mamba3_mimo_scan_triton(
     if fp != torch.float32:
         raise MambaKitError(f"mamba3_mimo_scan_triton computes in float32; got an input of dtype {fp}")
     b, L, H, P, N = dims.batch, dims.seqlen, dims.nheads, dims.headdim, dims.d_state
-    Rp = triton.next_power_of_2(R)
-    rows = max(16, Rp, triton.next_power_of_2(min(chunk_size, L) * Rp))
+    Rp = next_power_of_2(R)
+    rows = max(16, Rp, next_power_of_2(min(chunk_size, L) * Rp))
     chunk = max(min(rows, 64), Rp)  # a power of two, a multiple of Rp
 
     def per_rank(t: Tensor, dim: int) -> Tensor:  # head h -> (h, r) at h * R + r

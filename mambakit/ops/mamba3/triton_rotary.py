@@ -20,6 +20,7 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 from torch import Tensor
 
 #: positions per program
@@ -165,7 +166,7 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
 def _sizes(Q: Tensor, theta: Tensor) -> dict:
     N, S = Q.shape[-1], theta.shape[-1]
     rest = N - 2 * S
-    return dict(BL=BLOCK_L, BS=max(16, triton.next_power_of_2(S)), BR=max(16, triton.next_power_of_2(max(rest, 1))),
+    return dict(BL=BLOCK_L, BS=max(16, next_power_of_2(S)), BR=max(16, next_power_of_2(max(rest, 1))),
                 HAS_REST=rest > 0)
 
 
@@ -179,7 +180,7 @@ class _Rotary(torch.autograd.Function):
         k = torch.empty_like(q)
         qk = torch.empty(batch, seqlen, nheads, device=Q.device, dtype=torch.float32)
         meta = _sizes(Q, theta)
-        grid = (batch * nheads, triton.cdiv(seqlen, BLOCK_L))
+        grid = (batch * nheads, cdiv(seqlen, BLOCK_L))
         _rotary_fwd[grid](Q, K, Q_bias, K_bias, theta, q, k, qk, seqlen, nheads, nheads // ngroups, N,
                           theta.shape[-1], *Q.stride()[:3], *K.stride()[:3], **meta, num_warps=4)
         ctx.save_for_backward(Q, K, Q_bias, K_bias, theta, q, k)
@@ -194,7 +195,7 @@ class _Rotary(torch.autograd.Function):
         dk = torch.zeros_like(k) if dk is None else dk.contiguous()
         dqk = torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32) if dqk is None else \
             dqk.float().contiguous()
-        nblocks = triton.cdiv(seqlen, BLOCK_L)
+        nblocks = cdiv(seqlen, BLOCK_L)
         f32 = dict(device=Q.device, dtype=torch.float32)
         dQ = torch.empty(batch, seqlen, ngroups, N, **f32)
         dK = torch.empty_like(dQ)

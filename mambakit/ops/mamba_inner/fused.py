@@ -58,21 +58,22 @@ def _in_dtype(dtype: torch.dtype, *weights: Optional[Tensor]) -> list[Optional[T
 
 
 class _MambaInnerFused(torch.autograd.Function):
-    """The weights come in their own dtype (float32 parameters under autocast) and are cast to xz's here, so that
-    their gradients leave in that dtype without a cast node of autograd's (the conv's float32 sums unrounded)."""
+    """The weights come in their own dtype (float32 parameters under autocast). The projections' are cast to xz's
+    here (for the products), so that their gradients leave in their dtype without a cast node of autograd's; the
+    conv kernels read the conv weight and bias as they are (they compute in float32: no cast kernel, and the
+    conv's float32 sums leave unrounded)."""
 
     @staticmethod
     def forward(ctx, xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, out_b, A, D, delta_bias, softplus, seq_idx,
-                cfg, save_states):
-        ctx.grad_dtypes = (conv_w.dtype, x_proj_w.dtype, dt_proj_w.dtype, out_w.dtype)
-        conv_w, conv_b, x_proj_w, dt_proj_w, out_w, out_b = _in_dtype(xz.dtype, conv_w, conv_b, x_proj_w, dt_proj_w,
-                                                                      out_w, out_b)
+                cfg, save_states, a_is_log):
+        ctx.grad_dtypes = (conv_w.dtype, x_proj_w.dtype, dt_proj_w.dtype, out_w.dtype, A.dtype)
+        ctx.a_is_log = a_is_log  # A holds A_log: the scan kernels form A = -exp(A_log) and give A_log's gradient
+        x_proj_w, dt_proj_w, out_w, out_b = _in_dtype(xz.dtype, x_proj_w, dt_proj_w, out_w, out_b)
         batch, two_d, seqlen = xz.shape
         d = two_d // 2
         u, x_dbl, delta, B, C = _scan_inputs(xz, conv_w, conv_b, x_proj_w, dt_proj_w, A.shape[1], seq_idx)
         y, _, states = scan_forward(u, delta, A, B, C, D, xz[:, d:], delta_bias, softplus, None, seq_idx, cfg,
-                                    save_states,
-                                    out=_channels_last(batch, seqlen, d, xz))
+                                    save_states, out=_channels_last(batch, seqlen, d, xz), a_log=a_is_log)
         out = torch.nn.functional.linear(_rows(y), out_w, out_b).view(batch, seqlen, -1)
         ctx.save_for_backward(xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_w, A, D, delta_bias, seq_idx, x_dbl, y,
                               states)
@@ -86,7 +87,7 @@ class _MambaInnerFused(torch.autograd.Function):
         batch, two_d, seqlen = xz.shape
         d = two_d // 2
         rank, n = dt_proj_w.shape[1], A.shape[1]
-        conv_dtype, x_proj_dtype, dt_proj_dtype, out_dtype = ctx.grad_dtypes
+        conv_dtype, x_proj_dtype, dt_proj_dtype, out_dtype, a_dtype = ctx.grad_dtypes
         g2 = gout.reshape(batch * seqlen, -1).to(y.dtype)
         d_out_w = (g2.t() @ _rows(y)).to(out_dtype)
         d_out_b = g2.sum(0, dtype=out_dtype) if ctx.has_out_b else None
@@ -101,7 +102,7 @@ class _MambaInnerFused(torch.autograd.Function):
         du, ddelta, _, dA, _, _, dD, dbias, _ = scan_backward(  # dB, dC straight into d_x_dbl
             u, delta, A, B, C, D, z, delta_bias, ctx.softplus, seq_idx, states, ctx.cfg, gy, None,
             dz_out=dxz[:, d:], du_out=_channels_last(batch, seqlen, d, xz), dB_out=d_bc[:, :, rank:rank + n],
-            dC_out=d_bc[:, :, rank + n:])
+            dC_out=d_bc[:, :, rank + n:], a_log=ctx.a_is_log)
         ddelta2 = _rows(ddelta)
         d_dt_proj_w = (ddelta2.t() @ dt_low).to(dt_proj_dtype)
         torch.mm(ddelta2, dt_proj_w, out=d_x_dbl[:, :rank])
@@ -113,8 +114,9 @@ class _MambaInnerFused(torch.autograd.Function):
                                                 grad_dtype=conv_dtype)
         dD = dD.to(D.dtype) if D is not None else None
         dbias = dbias.to(delta_bias.dtype) if delta_bias is not None else None
-        return (dxz, d_conv_w, d_conv_b, d_x_proj_w, d_dt_proj_w, d_out_w, d_out_b, dA.to(A.dtype), dD, dbias,
-                None, None, None, None)
+        dA = dA.to(a_dtype)  # A_log's gradient when A came as A_log
+        return (dxz, d_conv_w, d_conv_b, d_x_proj_w, d_dt_proj_w, d_out_w, d_out_b, dA, dD, dbias, None, None, None,
+                None, None)
 
 
 @torch.no_grad()
@@ -148,9 +150,10 @@ def mamba_inner_fused_inference(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: 
 def mamba_inner_fused(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor], x_proj_weight: Tensor,
                       delta_proj_weight: Tensor, out_proj_weight: Tensor, out_proj_bias: Optional[Tensor], A: Tensor,
                       D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,
-                      seq_idx: Optional[Tensor] = None) -> Tensor:
+                      seq_idx: Optional[Tensor] = None, a_is_log: bool = False) -> Tensor:
     """The fused form of `mambakit.ops.mamba_inner.mamba_inner` (checked arguments; CUDA tensors, or the CPU under
-    TRITON_INTERPRET=1). xz: (batch, 2 * d_inner, seqlen) -> (batch, seqlen, d_model) in xz's dtype."""
+    TRITON_INTERPRET=1). xz: (batch, 2 * d_inner, seqlen) -> (batch, seqlen, d_model) in xz's dtype. a_is_log: A
+    holds A_log (A = -exp(A_log), formed in the scan kernels; its gradient is A_log's)."""
     d = xz.shape[1] // 2
     cfg = pick_config(A.shape[1], d, d, 1)
     f32 = torch.float32
@@ -164,4 +167,4 @@ def mamba_inner_fused(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[T
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
     return _MambaInnerFused.apply(
         xz, *weights, A.to(f32).contiguous(), D.to(f32) if D is not None else None,
-        delta_bias.to(f32) if delta_bias is not None else None, bool(delta_softplus), seq, cfg, save_states)
+        delta_bias.to(f32) if delta_bias is not None else None, bool(delta_softplus), seq, cfg, save_states, a_is_log)

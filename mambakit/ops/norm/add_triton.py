@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.triton.device import interpreted, multiprocessor_count
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _add_norm_bwd_kernel(res_ptr, w_ptr, rstd_ptr, dout_ptr, dres_ptr, dh_ptr, d
 
 def _block(d: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_D, num_warps): tiles of about 4096 (forward) / 2048 (backward) elements."""
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     tile = 512 if interpreted() else (2048 if backward else 4096)
     block_rows = max(1, min(32, tile // block_d))
     return block_rows, block_d, max(1, min(8, block_rows * block_d // 512))
@@ -91,7 +92,7 @@ class _AddRMSNorm(torch.autograd.Function):
         res_out = torch.empty(h.shape, device=h.device, dtype=res_dtype)
         rstd = torch.empty(n_rows, device=h.device, dtype=torch.float32)
         block_rows, block_d, warps = _block(d, backward=False)
-        _add_norm_fwd_kernel[(triton.cdiv(n_rows, block_rows),)](
+        _add_norm_fwd_kernel[(cdiv(n_rows, block_rows),)](
             h, r, weight, out, res_out, rstd, n_rows, d, float(eps), HAS_RES=residual is not None,
             BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=warps)
         ctx.save_for_backward(res_out, weight, rstd)
@@ -109,10 +110,10 @@ class _AddRMSNorm(torch.autograd.Function):
         do = dout.reshape(-1, d).contiguous()
         dr_in = dres.reshape(-1, d).contiguous() if dres is not None else None
         block_rows, block_d, warps = _block(d, backward=True)
-        n_blocks = triton.cdiv(n_rows, block_rows)
+        n_blocks = cdiv(n_rows, block_rows)
         target = max(1, 4 * multiprocessor_count(res_out.device))
-        blocks_per_prog = triton.cdiv(n_blocks, min(n_blocks, target))
-        n_progs = triton.cdiv(n_blocks, blocks_per_prog)
+        blocks_per_prog = cdiv(n_blocks, min(n_blocks, target))
+        n_progs = cdiv(n_blocks, blocks_per_prog)
         dh = torch.empty(n_rows, d, device=res_out.device, dtype=h_dtype)
         dr = torch.empty(n_rows, d, device=res_out.device, dtype=r_dtype) if r_dtype is not None else None
         dw_part = torch.empty(n_progs, d, device=res_out.device, dtype=torch.float32)

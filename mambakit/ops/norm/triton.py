@@ -22,6 +22,7 @@ from torch import Tensor
 from mambakit.errors import MambaKitError
 from mambakit.ops.triton.compile import precompile_once, specialisation
 from mambakit.ops.triton.device import interpreted, multiprocessor_count
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -114,7 +115,7 @@ def _rows_2d(t: Tensor, d: int) -> Tensor:
 
 def _block(group_size: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_D, num_warps): a tile of about 8192 (forward) / 4096 (backward) elements."""
-    block_d = triton.next_power_of_2(group_size)
+    block_d = next_power_of_2(group_size)
     tile = 1024 if interpreted() else (4096 if backward else 8192)  # small tiles exercise several programs on CPU
     block_rows = max(1, min(64, tile // block_d))
     return block_rows, block_d, max(1, min(8, block_rows * block_d // 512))
@@ -128,7 +129,7 @@ def gated_norm_forward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, eps: fl
     out = torch.empty(n_rows, d, device=y2.device, dtype=y2.dtype)
     rstd = torch.empty(n_rows, ngroups, device=y2.device, dtype=torch.float32)
     block_rows, block_d, warps = _block(group_size, backward=False)
-    grid = (triton.cdiv(n_rows, block_rows), ngroups)
+    grid = (cdiv(n_rows, block_rows), ngroups)
     _norm_fwd_kernel[grid](
         y2, z2 if z2 is not None else y2, weight, out, rstd, n_rows, group_size, ngroups,
         y2.stride(0), z2.stride(0) if z2 is not None else 0, float(eps),
@@ -146,10 +147,10 @@ def gated_norm_backward(y2: Tensor, z2: Optional[Tensor], weight: Tensor, rstd: 
     n_rows, d = y2.shape
     ngroups = d // group_size
     block_rows, block_d, warps = _block(group_size, backward=True)
-    n_blocks = triton.cdiv(n_rows, block_rows)
+    n_blocks = cdiv(n_rows, block_rows)
     target = max(1, 4 * multiprocessor_count(y2.device) // ngroups)  # row programs per group
-    blocks_per_prog = triton.cdiv(n_blocks, min(n_blocks, target))
-    n_progs = triton.cdiv(n_blocks, blocks_per_prog)
+    blocks_per_prog = cdiv(n_blocks, min(n_blocks, target))
+    n_progs = cdiv(n_blocks, blocks_per_prog)
     dy = torch.empty(n_rows, d, device=y2.device, dtype=y2.dtype)
     dz = None
     if z2 is not None:

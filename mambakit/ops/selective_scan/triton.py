@@ -37,6 +37,7 @@ from mambakit.ops.selective_scan.chunked import selective_scan_chunked
 from mambakit.ops.selective_scan.common import check_selective_scan_inputs, grouped_pair
 from mambakit.ops.selective_scan.triton_config import ScanConfig, pick_config  # noqa: F401 (re-exported)
 from mambakit.ops.triton.device import interpreted
+from mambakit.ops.triton.grid import cdiv
 from mambakit.ops.triton.math import softplus
 
 MAX_D_STATE = 256
@@ -135,6 +136,16 @@ def _tile_states(dA, x, h, BT: tl.constexpr):
 # Forward kernel
 # ----------------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _state_decay(A_ptr, st_off, mask, A_LOG: tl.constexpr):
+    """A at the (dim, dstate) offsets st_off, float32, 0 outside mask: read, or -exp(A_log) from A_log with A_LOG
+    (the layer's parameter: no PyTorch kernels to form A)."""
+    a = tl.load(A_ptr + st_off, mask=mask, other=0.0).to(tl.float32)
+    if A_LOG:
+        a = tl.where(mask, -tl.exp(a), 0.0)
+    return a
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
     y_ptr, states_ptr, last_ptr,
@@ -144,7 +155,7 @@ def _selective_scan_fwd_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_SEQ: tl.constexpr, SAVE_STATES: tl.constexpr,
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
-    BIG: tl.constexpr,
+    BIG: tl.constexpr, A_LOG: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -155,7 +166,7 @@ def _selective_scan_fwd_kernel(
     d3 = d1[None, :, None]  # (1, BLOCK_D, 1)
     m_s3 = (n3 < dstate) & (d3 < dim)
     st_off = d3 * dstate + n3  # (NH, BLOCK_D, NL) offsets in a (dim, dstate) state
-    A2 = tl.load(A_ptr + st_off, mask=m_s3, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = _state_decay(A_ptr, st_off, m_s3, A_LOG) * 1.4426950408889634
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
@@ -222,14 +233,14 @@ def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, states_ptr, gy_ptr, glast_ptr,
     scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr, dh0_ptr,
-    dim, seqlen, dstate, dim_per_group, ngroups, nchunks, n_dblocks, chunk,
+    dim, seqlen, dstate, dim_per_group, ngroups, nchunks, n_dblocks, chunk, red_stride, bc_stride,
     su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sz_b, sz_d, sz_t, sg_b, sg_d, sg_t,
     sdu_b, sdu_d, sdu_t, sddl_b, sddl_d, sddl_t, sdz_b, sdz_d, sdz_t,
     sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_GLAST: tl.constexpr, HAS_SEQ: tl.constexpr,
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
-    BIG: tl.constexpr,
+    BIG: tl.constexpr, A_LOG: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -240,7 +251,7 @@ def _selective_scan_bwd_kernel(
     d3 = d1[None, :, None]
     m_s3 = (n3 < dstate) & (d3 < dim)
     st_off = d3 * dstate + n3
-    A = tl.load(A_ptr + st_off, mask=m_s3, other=0.0).to(tl.float32)
+    A = _state_decay(A_ptr, st_off, m_s3, A_LOG)
     A2 = A * 1.4426950408889634
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
@@ -268,7 +279,7 @@ def _selective_scan_bwd_kernel(
     C_ptr += pid_b * sC_b + g * sC_g
     ro_B = nb * sB_n
     ro_C = nb * sC_n
-    part_blk = (pid_b * n_dblocks + pid_d) * dstate * seqlen
+    part_blk = (pid_b * n_dblocks + pid_d) * bc_stride  # this program's (dstate, seqlen) block of each
     dB_part_ptr += part_blk
     dC_part_ptr += part_blk
     part_row = nb * seqlen  # (1, NH, NL) into this program's block of the dB/dC partials
@@ -382,12 +393,13 @@ def _selective_scan_bwd_kernel(
             tl.store(du_ptr + dd * sdu_d + tw * sdu_t, du.to(du_ptr.dtype.element_ty), mask=m2)
             tl.store(ddelta_ptr + dd * sddl_d + tw * sddl_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()
-    tl.store(dA_part_ptr + state_base + st_off, dA_acc, mask=m_s3)
+    red_row = pid_b * red_stride  # this batch row's [dA | dD | dbias] partials
+    tl.store(dA_part_ptr + red_row + st_off, dA_acc * A if A_LOG else dA_acc, mask=m_s3)  # A_LOG: A_log's part
     tl.store(dh0_ptr + state_base + st_off, mu, mask=m_s3)
     if HAS_D:
-        tl.store(dD_part_ptr + pid_b * dim + d1, tl.sum(dD_acc, axis=0), mask=mask_d)
+        tl.store(dD_part_ptr + red_row + d1, tl.sum(dD_acc, axis=0), mask=mask_d)
     if HAS_BIAS:
-        tl.store(dbias_part_ptr + pid_b * dim + d1, tl.sum(dbias_acc, axis=0), mask=mask_d)
+        tl.store(dbias_part_ptr + red_row + d1, tl.sum(dbias_acc, axis=0), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -410,19 +422,20 @@ def _big(seqlen: int, *tensors: Optional[Tensor]) -> bool:
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                  delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor],
                  seq_idx: Optional[Tensor], cfg: ScanConfig, save_states: bool,
-                 out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                 out: Optional[Tensor] = None, a_log: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward kernel. u, delta, z, out: (batch, dim, seqlen) of any strides (time contiguous or channel
     contiguous: both are read in place); B, C: (batch, G, d_state, seqlen) of any strides; A (dim, d_state) float32
     contiguous; D, delta_bias (dim,) float32; initial_state (batch, dim, d_state) float32 contiguous; seq_idx int32.
-    y goes into `out` when given, else into a new tensor laid out like u. Returns (y, last state (batch, dim,
+    y goes into `out` when given, else into a new tensor laid out like u. a_log: A holds A_log, A = -exp(A_log)
+    formed in the kernel. Returns (y, last state (batch, dim,
     d_state) float32, the states saved for the backward (batch, nchunks, dim, d_state) float32)."""
     batch, dim, seqlen = u.shape
     G, N = B.shape[1], B.shape[2]
-    nchunks = triton.cdiv(seqlen, cfg.chunk) if save_states else 1
+    nchunks = cdiv(seqlen, cfg.chunk) if save_states else 1
     y = torch.empty_like(u) if out is None else out
     last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
     states = torch.empty(batch, nchunks, dim, N, device=u.device, dtype=torch.float32)
-    grid = (triton.cdiv(dim, cfg.fwd_block_d), batch)
+    grid = (cdiv(dim, cfg.fwd_block_d), batch)
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, _opt(D, A), _opt(z, u), _opt(delta_bias, A), _opt(initial_state, last),
         _opt(seq_idx, u), y, states, last,
@@ -431,13 +444,13 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states,
         BLOCK_D=cfg.fwd_block_d, NH=cfg.NH, NL=cfg.NL, BT=cfg.fwd_block_t, TPC=cfg.chunk // cfg.fwd_block_t,
-        BIG=_big(seqlen, u, delta, z, y, B, C), num_warps=cfg.fwd_warps, num_stages=1,
+        BIG=_big(seqlen, u, delta, z, y, B, C), A_LOG=a_log, num_warps=cfg.fwd_warps, num_stages=1,
     )
     return y, last, states
 
 
 def _summed(parts: Tensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
-    """parts (batch, G, blocks, N, seqlen) float32 summed over the blocks, in dtype (into out when given)."""
+    """parts (batch, G, blocks, k, seqlen) float32 summed over the blocks, in dtype (into out when given)."""
     if out is None:
         return parts.sum(2).to(dtype)
     if out.dtype == parts.dtype:
@@ -445,17 +458,32 @@ def _summed(parts: Tensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
     return out.copy_(parts.sum(2))
 
 
+def _adjacent_pair(dB_out: Optional[Tensor], dC_out: Optional[Tensor]) -> Optional[Tensor]:
+    """The one (batch, G, 2 N, seqlen) view over dB_out and dC_out (batch, G, N, seqlen) when dC_out's rows follow
+    dB_out's in memory with the same strides (the Mamba-1 block's B and C columns of x_proj's gradient), else
+    None."""
+    if dB_out is None or dC_out is None or dB_out.dtype != dC_out.dtype or dB_out.stride() != dC_out.stride():
+        return None
+    if dB_out.untyped_storage().data_ptr() != dC_out.untyped_storage().data_ptr():
+        return None
+    n = dB_out.shape[2]
+    if dC_out.storage_offset() != dB_out.storage_offset() + n * dB_out.stride(2):
+        return None
+    return dB_out.as_strided((*dB_out.shape[:2], 2 * n, dB_out.shape[3]), dB_out.stride())
+
+
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, seq_idx: Optional[Tensor],
                   states: Tensor, cfg: ScanConfig, gy: Tensor, glast: Optional[Tensor],
                   dz_out: Optional[Tensor] = None, du_out: Optional[Tensor] = None,
-                  dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None) -> tuple:
+                  dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None, a_log: bool = False) -> tuple:
     """Launch the backward kernel on the forward's inputs and saved states. gy: (batch, dim, seqlen) of any strides;
     glast: (batch, dim, d_state) or None. du / ddelta are laid out like u / delta (or go into du_out), dz into dz_out,
     dB / dC into dB_out / dC_out (B's shape and dtype) when given (any strides: e.g. slices of a bigger gradient
     buffer). Returns (du, ddelta, dA (dim, d_state),
     dB, dC (batch, G, d_state, seqlen), dD, d delta_bias, d initial_state (batch, dim, d_state)), all float32
-    except du, ddelta, dz (the inputs' dtypes), dB and dC (B's and C's dtypes)."""
+    except du, ddelta, dz (the inputs' dtypes), dB and dC (B's and C's dtypes). a_log: A holds A_log (as the
+    forward's a_log): dA is then A_log's gradient."""
     batch, dim, seqlen = u.shape
     G, N = B.shape[1], B.shape[2]
     nchunks = states.shape[1]
@@ -464,16 +492,20 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     if glast is not None:
         glast = glast.to(f32).contiguous()
     bd = cfg.bwd_block_d
-    n_dblocks = triton.cdiv(dim, bd)
+    n_dblocks = cdiv(dim, bd)
     tpc = cfg.chunk // cfg.bwd_block_t
     du = torch.empty_like(u) if du_out is None else du_out
     ddelta = torch.empty_like(delta)
     dz = (torch.empty_like(z) if dz_out is None else dz_out) if z is not None else None
-    dA_part = torch.empty(batch, dim, N, device=dev, dtype=f32)
-    dB_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
-    dC_part = torch.empty(batch, n_dblocks, N, seqlen, device=dev, dtype=f32)
-    dD_part = torch.empty(batch, dim, device=dev, dtype=f32) if D is not None else None
-    dbias_part = torch.empty(batch, dim, device=dev, dtype=f32) if delta_bias is not None else None
+    # per batch row [dA (dim * N) | dD (dim) | dbias (dim)], and per channel block [dB | dC] (N * seqlen each):
+    # one fixed-order reduction each
+    red_cols = dim * (N + (D is not None) + (delta_bias is not None))
+    red = torch.empty(batch, red_cols, device=dev, dtype=f32)
+    dA_part = red
+    dD_part = red[:, dim * N:] if D is not None else None
+    dbias_part = red[:, red_cols - dim:] if delta_bias is not None else None
+    bc_part = torch.empty(batch, n_dblocks, 2 * N, seqlen, device=dev, dtype=f32)
+    dB_part, dC_part = bc_part, bc_part[:, :, N:]
     dh0 = torch.empty(batch, dim, N, device=dev, dtype=f32)
     nh, nl = cfg.bwd_split
     scratch = torch.empty(batch * n_dblocks * tpc * nh * bd * nl, device=dev, dtype=f32)
@@ -482,21 +514,31 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         u, delta, A, B, C, _opt(D, A), zz, _opt(delta_bias, A), _opt(seq_idx, u), states, gy,
         _opt(glast, dh0), scratch,
         du, ddelta, _opt(dz, du), dA_part, dB_part, dC_part, _opt(dD_part, dA_part), _opt(dbias_part, dA_part), dh0,
-        dim, seqlen, N, dim // G, G, nchunks, n_dblocks, cfg.chunk,
+        dim, seqlen, N, dim // G, G, nchunks, n_dblocks, cfg.chunk, red_cols, 2 * N * seqlen,
         *_strides3(u), *_strides3(delta), *_strides3(zz), *_strides3(gy),
         *_strides3(du), *_strides3(ddelta), *_strides3(_opt(dz, du)), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         HAS_GLAST=glast is not None, HAS_SEQ=seq_idx is not None,
         BLOCK_D=bd, NH=nh, NL=nl, BT=cfg.bwd_block_t, TPC=tpc,
-        BIG=_big(seqlen, u, delta, z, gy, du, ddelta, dz, B, C), num_warps=cfg.bwd_warps, num_stages=1,
+        BIG=_big(seqlen, u, delta, z, gy, du, ddelta, dz, B, C), A_LOG=a_log, num_warps=cfg.bwd_warps,
+        num_stages=1,
     )
     # fixed-order reductions of the partial sums
-    blocks_per_group = n_dblocks // G
-    dB = _summed(dB_part.view(batch, G, blocks_per_group, N, seqlen), B.dtype, dB_out)
-    dC = _summed(dC_part.view(batch, G, blocks_per_group, N, seqlen), C.dtype, dC_out)
-    dD = dD_part.sum(0) if D is not None else None
-    dbias = dbias_part.sum(0) if delta_bias is not None else None
-    return du, ddelta, dz, dA_part.sum(0), dB, dC, dD, dbias, dh0
+    parts = bc_part.view(batch, G, n_dblocks // G, 2 * N, seqlen)
+    pair = _adjacent_pair(dB_out, dC_out) if B.dtype == C.dtype else None
+    if pair is not None:
+        _summed(parts, B.dtype, pair)
+        dB, dC = dB_out, dC_out
+    elif B.dtype == C.dtype and dB_out is None and dC_out is None:
+        dB, dC = _summed(parts, B.dtype, None).split(N, dim=2)
+    else:
+        dB = _summed(parts[:, :, :, :N], B.dtype, dB_out)
+        dC = _summed(parts[:, :, :, N:], C.dtype, dC_out)
+    sums = red.sum(0)
+    dA = sums[:dim * N].view(dim, N)
+    dD = sums[dim * N:dim * (N + 1)] if D is not None else None
+    dbias = sums[red_cols - dim:] if delta_bias is not None else None
+    return du, ddelta, dz, dA, dB, dC, dD, dbias, dh0
 
 
 class _SelectiveScanTriton(torch.autograd.Function):

@@ -42,6 +42,7 @@ from mambakit.ops.ssd.triton_bwd import (  # noqa: F401
 from mambakit.ops.dt import process_dt
 from mambakit.ops.triton.compile import precompile_once, specialisation
 from mambakit.ops.triton.device import multiprocessor_count
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 from mambakit.ops.triton.math import softplus
 
 
@@ -51,7 +52,7 @@ from mambakit.ops.triton.math import softplus
 
 
 def _pow2(v: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(v))
+    return max(minimum, next_power_of_2(v))
 
 
 #: Upper bounds on the chunk (positions whose states are not stored: larger chunks move fewer states through memory
@@ -142,10 +143,10 @@ def _prepare_dt(dt: Tensor, bias: Optional[Tensor], softplus: bool, limit: Optio
     BLOCK = 64
     P = x.shape[-1]
     lo, hi = limit if limit is not None else (0.0, 0.0)
-    _dt_prepare[batch * nheads, triton.cdiv(Lpad, BLOCK)](
+    _dt_prepare[batch * nheads, cdiv(Lpad, BLOCK)](
         dt, bias if bias is not None else dt, x, out, seqlen, nheads, P, Lpad, *dt.stride(), *x.stride(), float(lo),
         float(hi), HAS_BIAS=bias is not None, SOFTPLUS=softplus, HAS_LIMIT=limit is not None, BLOCK=BLOCK,
-        BP=min(64, triton.next_power_of_2(P)), num_warps=4)
+        BP=min(64, next_power_of_2(P)), num_warps=4)
     return out
 
 
@@ -196,8 +197,8 @@ class _Plan:
         self.prec = _precision(x.dtype)
         self.sixteen_bit = x.element_size() == 2
         self.PN = self.P * self.N
-        self.BLOCK = min(1024, triton.next_power_of_2(self.PN))
-        self.nblocks = triton.cdiv(self.PN, self.BLOCK)
+        self.BLOCK = min(1024, next_power_of_2(self.PN))
+        self.nblocks = cdiv(self.PN, self.BLOCK)
         # from the sweep of benchmarks/sweep_ssd.py: 4 warps at d_state 64 and 128 (8 is slower), 2 stages
         self.stages = 2 if x.element_size() == 2 else 1
         self.warps = 4
@@ -223,7 +224,7 @@ class _Plan:
             return STATE_TILE
         sms = multiprocessor_count(device)
         bp, bn = min(self.BP, 64), min(self.BN, 64)
-        while self.batch * self.nheads * triton.cdiv(self.P, bp) * triton.cdiv(self.N, bn) < sms \
+        while self.batch * self.nheads * cdiv(self.P, bp) * cdiv(self.N, bn) < sms \
                 and max(bp, bn) > 16:
             if bp > 16:
                 bp //= 2
@@ -245,7 +246,7 @@ class _Plan:
 def _states(pl: "_Plan", x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, initial_states: Optional[Tensor],
             seg: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
             dt_limit: Optional[Tuple[float, float]],
-            log_decay: Optional[Tensor] = None) -> Tuple[Tuple[Tensor, ...], Tensor]:
+            log_decay: Optional[Tensor] = None, a_log: bool = False) -> Tuple[Tuple[Tensor, ...], Tensor]:
     """The state pass of the forward: (dtp, segp, acs, H) and the final state (see `ssd_forward`)."""
     dev = x.device
     dtp = _prepare_dt(dt, dt_bias, dt_softplus, dt_limit, pl.Lpad, x)
@@ -262,17 +263,17 @@ def _states(pl: "_Plan", x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, 
     init = initial_states.float().contiguous() if initial_states is not None else final
     if pl.fused_states(dev):
         BPs, BNs = pl.state_tiles(dev)
-        _chunk_states_fwd[pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs)](
+        _chunk_states_fwd[pl.batch * pl.nheads, cdiv(pl.P, BPs), cdiv(pl.N, BNs)](
             x, dtp, A, ldp, B, segp_arg, init, acs, H, final, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
             pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), HAS_INIT=initial_states is not None, HAS_SEG=has_seg,
             Q=pl.Q, BQ=pl.state_block, BP=BPs, BN=BNs, PAIRS=pl.pairs(dev), PREC=pl.prec,
-            LOG_DECAY=log_decay is not None, num_warps=pl.warps, num_stages=pl.stages)
+            LOG_DECAY=log_decay is not None, A_LOG=a_log, num_warps=pl.warps, num_stages=pl.stages)
     else:
         S = torch.empty((pl.batch, pl.nchunks, pl.nheads, pl.P, pl.N), device=dev, dtype=torch.float32)
         _chunk_state_fwd[pl.nchunks, pl.batch * pl.nheads](
             x, dtp, A, ldp, B, segp_arg, acs, S, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
             *x.stride(), *B.stride(), HAS_SEG=has_seg, Q=pl.Q, BQ=pl.BQ, BP=pl.BP, BN=pl.BN, PREC=pl.prec,
-            LOG_DECAY=log_decay is not None, num_warps=pl.warps, num_stages=pl.stages)
+            LOG_DECAY=log_decay is not None, A_LOG=a_log, num_warps=pl.warps, num_stages=pl.stages)
         _state_passing_fwd[pl.batch * pl.nheads, pl.nblocks](
             S, acs, segp_arg, init, H, final, pl.nheads, pl.PN, pl.nchunks, pl.Lpad,
             HAS_INIT=initial_states is not None, HAS_SEG=has_seg, Q=pl.Q, BLOCK=pl.BLOCK, num_warps=4)
@@ -283,23 +284,24 @@ def _states(pl: "_Plan", x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, 
 def ssd_states(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, initial_states: Optional[Tensor],
                seg: Optional[Tensor], chunk_size: int, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
                dt_limit: Optional[Tuple[float, float]] = None,
-               log_decay: Optional[Tensor] = None) -> Tuple[Tensor, ...]:
+               log_decay: Optional[Tensor] = None, a_log: bool = False) -> Tuple[Tensor, ...]:
     """What `ssd_forward` returns for the backward (its third result), without computing y: the same kernels on
     the same inputs, so the same values bit for bit. For a backward that recomputes them instead of keeping them
     (the states H_c are (batch, nchunks, nheads, headdim, d_state): headdim * d_state * nheads / Q values per
     position). Arguments as `ssd_forward`'s."""
     return _states(_Plan(x, B, chunk_size), x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit,
-                   log_decay)[0]
+                   log_decay, a_log)[0]
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Optional[Tensor],
                 initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
                 dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
                 dt_limit: Optional[Tuple[float, float]] = None,
-                log_decay: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+                log_decay: Optional[Tensor] = None, a_log: bool = False) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), processed here (+ dt_bias (nheads,),
     softplus, clamp to dt_limit where given); A: (nheads,) float32, or None with log_decay (batch, seqlen, nheads),
-    the per-position log-decay in place of dt * A;
+    the per-position log-decay in place of dt * A; a_log: A holds A_log (nheads,) float32, A = -exp(A_log) formed
+    in the kernels;
     B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states:
     (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype.
     chunk_size: upper bound of the chunk.
@@ -307,12 +309,12 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor
     Returns y (x's layout and dtype, with D * x, without the gate), the final state (float32) and what the backward
     needs (`ssd_states` recomputes it)."""
     pl = _Plan(x, B, chunk_size)
-    saved, final = _states(pl, x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit, log_decay)
+    saved, final = _states(pl, x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit, log_decay, a_log)
     dtp, segp, acs, H = saved
     segp_arg = segp if segp is not None else dtp
     y = torch.empty_like(x)
     BPy = min(pl.BP, 64)
-    _chunk_scan_fwd[pl.nchunks * pl.NB, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
+    _chunk_scan_fwd[pl.nchunks * pl.NB, pl.batch * pl.nheads, cdiv(pl.P, BPy)](
         x, dtp, B, C, D if D is not None else dtp, segp_arg, acs, H, y, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N,
         pl.nchunks, pl.Lpad, *x.stride(), *B.stride(), *C.stride(), *y.stride(), HAS_SEG=segp is not None,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, Q=pl.Q, BQ=pl.BQ, BP=BPy, BN=pl.BN,
@@ -346,7 +348,8 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
                  saved: Tuple[Tensor, ...], dy: Tensor, dfinal: Optional[Tensor], chunk_size: int,
                  dx_out: Optional[Tensor] = None, dt_grad: Optional[DtGrad] = None,
                  dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None,
-                 need_dinit: bool = True, log_decay: bool = False) -> Tuple[Optional[Tensor], ...]:
+                 need_dinit: bool = True, log_decay: bool = False,
+                 a_log: bool = False) -> Tuple[Optional[Tensor], ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dinit, dbias): dx in x's dtype, dB, dC in B's dtype, the others float32;
     dx: x's shape, ddt: (batch, seqlen, nheads) of the processed dt, dA: (nheads,), dB, dC: B's shape, dD: D's
     shape (None without D), dinit: (batch, nheads, headdim, d_state) (None unless need_dinit), dbias None.
@@ -354,7 +357,7 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
     gradient buffer): the gradient is written there. With dt_grad, ddt is the raw dt's gradient (its dtype, in
     dt_grad.out when given) and dbias the bias's (its dtype; None without a bias), as `dt_processing_grad` gives.
     log_decay: the forward ran with a per-position log-decay (A None): dA is then its gradient, (batch, seqlen,
-    nheads) float32."""
+    nheads) float32. a_log: A holds A_log (as the forward's a_log): dA is then A_log's gradient."""
     dtp, segp, acs, H = saved
     pl = _Plan(x, B, chunk_size)
     dev = x.device
@@ -373,7 +376,7 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
     fused = pl.fused_states(dev)
     if fused:
         BPs, BNs = pl.state_tiles(dev)
-        grid = (pl.batch * pl.nheads, triton.cdiv(pl.P, BPs), triton.cdiv(pl.N, BNs))
+        grid = (pl.batch * pl.nheads, cdiv(pl.P, BPs), cdiv(pl.N, BNs))
     ntiles = grid[1] * grid[2] if fused else pl.nblocks  # parts of dlast per (batch, head, chunk)
     splits = pl.head_splits()
     d_cols = 0 if D is None else (pl.P if D.dim() == 2 else 1)
@@ -399,7 +402,7 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
     else:
         dHl = torch.empty_like(H, dtype=torch.float32)
         BPy = min(pl.BP, 64)
-        _chunk_read_bwd[pl.nchunks, pl.batch * pl.nheads, triton.cdiv(pl.P, BPy)](
+        _chunk_read_bwd[pl.nchunks, pl.batch * pl.nheads, cdiv(pl.P, BPy)](
             dy, C, segp_arg, acs, dHl, pl.seqlen, pl.nheads, pl.hpg, pl.P, pl.N, pl.nchunks, pl.Lpad,
             *dy.stride(), *C.stride(), BP=BPy, **common)
         _state_passing_bwd[pl.batch * pl.nheads, pl.nblocks](
@@ -442,7 +445,7 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
         *dC.stride(), Q=pl.Q, BQ=pl.BQ, RAW=dt_grad is not None, HAS_BIAS=dt_grad is not None and bias is not None,
         SOFTPLUS=dt_grad is not None and dt_grad.softplus, HAS_LIMIT=dt_grad is not None and dt_grad.limit is not None,
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 2, BP=pl.BP, BNR=min(pl.BN, 32),
-        LOG_DECAY=log_decay, num_warps=1)
+        LOG_DECAY=log_decay, A_LOG=a_log, num_warps=1)
     red = ws.as_strided((pl.batch * pl.nchunks, K), (K, 1), off["red"])  # (batch * nchunks, K)
     dA, dbias, dD = red.sum(0).split([pl.nheads, pl.nheads, pl.nheads * d_cols])
     if dt_grad is None:

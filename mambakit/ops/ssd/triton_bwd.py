@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops.ssd.triton_tiles import (  # noqa: F401
+    _head_decay,
     _block_positions, _load_seg, _chunk_segments, _decay_tile, _entry_decay, _exit_decay, _chunk_head_program,
     _block_program, _chunk_alpha, _load_D, _load_rows, _load_state, _state_tile_program, _first_state_tile,
 )
@@ -250,7 +251,7 @@ def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dla
             dBp_off, dCs_off, sdB_b, sdB_l, sdB_g, sdB_n, sdC_b, sdC_l, sdC_g, sdC_n,
             Q: tl.constexpr, BQ: tl.constexpr, RAW: tl.constexpr, HAS_BIAS: tl.constexpr,
             SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
-            BP: tl.constexpr, BNR: tl.constexpr, LOG_DECAY: tl.constexpr):
+            BP: tl.constexpr, BNR: tl.constexpr, LOG_DECAY: tl.constexpr, A_LOG: tl.constexpr = False):
     """One program per (chunk, batch * head): dL/da_t (see above; the chunk-end terms enter at the last
     position), its reverse cumsum r within the chunk (the gradient of dt_t * A), ddt_t = r_t A + q_t and the chunk's
     parts of dA = sum_t r_t dt_t, of the bias's gradient and of dD, into one row red[b, c] of K = 2 nheads +
@@ -287,7 +288,7 @@ def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dla
     h = bh % nheads
     b = bh // nheads
     row = bh * Lpad
-    A = tl.load(A_ptr + h)
+    A = _head_decay(A_ptr, h, A_LOG)
     carry = tl.load(dlast_ptr + (bh * nchunks + c) * ntiles)
     for j in range(1, ntiles):
         carry += tl.load(dlast_ptr + (bh * nchunks + c) * ntiles + j)
@@ -326,7 +327,7 @@ def _dt_bwd(dt_ptr, A_ptr, row_ptr, rowpart_ptr, dacol_ptr, q_ptr, usum_ptr, dla
             tl.store(ddt_ptr + row + pos, g)
         dA += tl.sum(r * dt, axis=0)
     red = red_ptr + (b * nchunks + c) * K
-    tl.store(red + h, dA)
+    tl.store(red + h, dA * A if A_LOG else dA)  # A_LOG: the part of A_log's gradient, dA * A
     tl.store(red + nheads + h, dbias)
     if HAS_D:
         p = tl.arange(0, BP)

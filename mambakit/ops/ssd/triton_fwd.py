@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from mambakit.ops.ssd.triton_tiles import (  # noqa: F401
+    _head_decay,
     _block_positions, _load_seg, _chunk_segments, _entry_decay, _exit_decay, _chunk_head_program, _block_program,
     _key_decay, _chunk_alpha, _load_D, _load_rows, _state_tile_program, _first_state_tile,
 )
@@ -20,14 +21,14 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, ld_ptr, B_ptr, seg_ptr, acs_ptr, S_pt
                      seqlen, nheads, heads_per_group, P, N, nchunks, Lpad,
                      sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
                      HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-                     PREC: tl.constexpr, LOG_DECAY: tl.constexpr):
+                     PREC: tl.constexpr, LOG_DECAY: tl.constexpr, A_LOG: tl.constexpr = False):
     """One program per (chunk, batch * head): the within-chunk cumsum a of dt * A (stored) and the chunk-local state
     S = sum_s exp(a_last - a_s) B_s X~_s^T, accumulated block by block and rescaled to each block's end.
     LOG_DECAY: the increments of a are read from ld_ptr (batch, nheads, Lpad) float32 instead of dt * A."""
     c, b, h, g, row = _chunk_head_program(nheads, heads_per_group, Lpad)
     p = tl.arange(0, BP)
     n = tl.arange(0, BN)
-    A = tl.load(A_ptr + h)
+    A = _head_decay(A_ptr, h, A_LOG)
     seg_prev, seg_last = _chunk_segments(seg_ptr, b, c, Lpad, HAS_SEG, Q)
     S = tl.zeros((BN, BP), dtype=tl.float32)
     carry = A * 0.0  # a at the end of the previous block
@@ -118,7 +119,7 @@ def _chunk_states_fwd(x_ptr, dt_ptr, A_ptr, ld_ptr, B_ptr, seg_ptr, init_ptr, ac
                       sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n,
                       HAS_INIT: tl.constexpr, HAS_SEG: tl.constexpr, Q: tl.constexpr, BQ: tl.constexpr,
                       BP: tl.constexpr, BN: tl.constexpr, PAIRS: tl.constexpr, PREC: tl.constexpr,
-                      LOG_DECAY: tl.constexpr):
+                      LOG_DECAY: tl.constexpr, A_LOG: tl.constexpr = False):
     """One program per (batch * head, headdim block, d_state block), sequential over the chunks of the whole
     sequence: the within-chunk cumsum a of dt * A (stored), the state H_c entering every chunk (stored) and the final
     state. The state stays in registers from chunk to chunk (chunk-local states never go through memory): state <-
@@ -127,7 +128,7 @@ def _chunk_states_fwd(x_ptr, dt_ptr, A_ptr, ld_ptr, B_ptr, seg_ptr, init_ptr, ac
     b, h, g, row, p, n, m_state, state_off = _state_tile_program(nheads, heads_per_group, P, N, Lpad, BP, BN)
     # one program per (batch, head) stores the cumsum; the others compute the same values
     first_tile = (tl.arange(0, BQ) * 0 + tl.program_id(1) + tl.program_id(2)) == 0
-    A = tl.load(A_ptr + h)
+    A = _head_decay(A_ptr, h, A_LOG)
     state = _first_state_tile(init_ptr, (b * nheads + h) * P * N + state_off, m_state, HAS_INIT, BP, BN)
     H_off = (b * nchunks * nheads + h) * P * N + state_off
     H_chunk = b * 0 + nheads * P * N  # H's stride from chunk to chunk (int64, as b)

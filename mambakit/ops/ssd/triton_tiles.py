@@ -11,6 +11,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _head_decay(A_ptr, h, A_LOG: tl.constexpr):
+    """Head h's A (float32): read, or -exp(A_log) from A_log with A_LOG (the layer's parameter, no PyTorch kernels
+    to form A)."""
+    a = tl.load(A_ptr + h).to(tl.float32)
+    if A_LOG:
+        a = -tl.exp(a)
+    return a
+
+
+@triton.jit
 def _block_positions(c, k, seqlen, Q: tl.constexpr, BQ: tl.constexpr):
     """Positions of block k of chunk c (BQ,) and which of them are inside the sequence."""
     pos = c * Q + k * BQ + tl.arange(0, BQ)

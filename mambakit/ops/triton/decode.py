@@ -17,6 +17,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.triton.device import interpreted
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 
 
 
@@ -61,9 +62,9 @@ def conv1d_update_triton(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Op
         raise MambaKitError(f"conv1d_update_triton needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
     w = weight.contiguous()
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
-    wp = triton.next_power_of_2(width)
+    wp = next_power_of_2(width)
     bd = max(16, min(256, 4096 // wp))
-    grid = (triton.cdiv(dim, bd), batch)
+    grid = (cdiv(dim, bd), batch)
     _conv_update_kernel[grid](x, conv_state, w, bias if bias is not None else w, y, dim, width,
                               conv_state.stride(0), conv_state.stride(1), conv_state.stride(2), x.stride(0),
                               x.stride(1), HAS_BIAS=bias is not None, SILU=activation is not None, BLOCK_D=bd, WP=wp,

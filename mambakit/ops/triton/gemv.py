@@ -47,6 +47,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.triton.device import interpreted, multiprocessor_count
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 
 MODE_PLAIN, MODE_ADD_NORM, MODE_GATED_NORM = 0, 1, 2
 
@@ -219,7 +220,7 @@ def _block_k(group_size: int, most: int, least: int) -> int:
     bk = most
     while bk > least and group_size % bk:
         bk //= 2
-    return bk if group_size % bk == 0 else max(least, min(most, triton.next_power_of_2(group_size)))
+    return bk if group_size % bk == 0 else max(least, min(most, next_power_of_2(group_size)))
 
 
 def _floor2(v: float) -> int:
@@ -235,7 +236,7 @@ def one_shot_config(n: int, k: int, sms: int) -> GemvConfig:
     per program so that a program's tile is at most 4096 elements and every multiprocessor gets two programs; one
     warp per 256 columns (the fastest of `bench_gemv.py --variants` on an H200: 4 rows x 1024 with four warps for
     the in_projs, 2 x 2048 with eight for the out_projs; RESULTS.md)."""
-    block_k = triton.next_power_of_2(k)
+    block_k = next_power_of_2(k)
     block_n = max(1, min(16, 4096 // block_k, _floor2(n / (2 * sms))))
     return GemvConfig(1, block_n, block_k, max(1, min(8, block_k // 256, block_n * block_k // 256)), 1)
 
@@ -251,9 +252,9 @@ def one_shot_batched_config(batch: int, n: int, k: int, sms: int, block_n: int =
     """Batch 2-64, the whole row in one k block: each program loads its (block_n, k) weight tile and its 16 batch
     rows at once and makes one tensor-core product. block_n (default: 16 output rows, 32 when that still gives every
     multiprocessor a program) and num_warps (default 8) override the choice."""
-    block_k = triton.next_power_of_2(k)
+    block_k = next_power_of_2(k)
     if not block_n:
-        programs32 = triton.cdiv(n, 32) * triton.cdiv(batch, MAX_BLOCK_B)
+        programs32 = cdiv(n, 32) * cdiv(batch, MAX_BLOCK_B)
         block_n = 32 if programs32 >= sms and block_k <= 1024 else 16
     return GemvConfig(MAX_BLOCK_B, block_n, block_k, num_warps or 8, 1)
 
@@ -277,11 +278,11 @@ def launch_config(batch: int, n: int, k: int, group_size: int, device: torch.dev
     block_k = _block_k(group_size, 128, 32)
     wide = 16 if batch <= 4 else (32 if batch <= 8 else 64)
     block_n = max(16, min(wide, _floor2(n / (sms // 2))))
-    programs = triton.cdiv(n, block_n) * triton.cdiv(batch, MAX_BLOCK_B)
-    iters = (k // group_size) * triton.cdiv(group_size, block_k)
+    programs = cdiv(n, block_n) * cdiv(batch, MAX_BLOCK_B)
+    iters = (k // group_size) * cdiv(group_size, block_k)
     split = 1
     if programs < sms // 2:
-        split = max(1, min(4, triton.cdiv(sms, programs), iters // 2))
+        split = max(1, min(4, cdiv(sms, programs), iters // 2))
     return GemvConfig(MAX_BLOCK_B, block_n, block_k, 4 if block_n == 16 else 8, 4, split)
 
 
@@ -325,27 +326,27 @@ def _launch(mode: int, a: Tensor, b: Optional[Tensor], norm_weight: Optional[Ten
     cfg = config or launch_config(rows, n, k, group_size, a.device)
     _check_config(cfg)
     ngroups = k // group_size
-    kb = triton.cdiv(group_size, cfg.block_k)
+    kb = cdiv(group_size, cfg.block_k)
     n_iters = ngroups * kb
     split = max(1, min(cfg.split, n_iters))
-    per_split = triton.cdiv(n_iters, split)
-    split = triton.cdiv(n_iters, per_split)  # no empty split
+    per_split = cdiv(n_iters, split)
+    split = cdiv(n_iters, per_split)  # no empty split
     if rows == 0 or n == 0:
         return out.view(*lead, n), (res.view(*lead, k) if res is not None else None)
     dest = out if split == 1 else torch.empty(split, rows, n, device=a.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_b), split)
+    grid = (cdiv(n, cfg.block_n), cdiv(rows, cfg.block_b), split)
     _gemv_kernel[grid](
         a2, b2 if b2 is not None else a2, norm_weight if norm_weight is not None else w,
         w, bias if bias is not None else w, dest, res if res is not None else out, rows, n, group_size, kb,
         n_iters, per_split, a2.stride(0), (b2 if b2 is not None else a2).stride(0), k, w.stride(0), n, rows * n,
         float(eps), MODE=mode, HAS_B=b2 is not None, HAS_BIAS=bias is not None, NORM_BEFORE_GATE=norm_before_gate,
         DOT=cfg.block_b > 1, IEEE=w.dtype == torch.float32, SPLIT=split,
-        BLOCK_G=triton.next_power_of_2(ngroups) if mode != MODE_PLAIN else 1,
+        BLOCK_G=next_power_of_2(ngroups) if mode != MODE_PLAIN else 1,
         BLOCK_B=cfg.block_b, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, STAGES=cfg.num_stages,
         ONE_SHOT=n_iters == 1, num_warps=cfg.num_warps)
     if split > 1:
         block = 1024
-        _split_sum_kernel[(triton.cdiv(rows * n, block),)](
+        _split_sum_kernel[(cdiv(rows * n, block),)](
             dest, bias if bias is not None else w, out, rows * n, n, n, SPLIT=split, HAS_BIAS=bias is not None,
             BLOCK=block, num_warps=4)
     return out.view(*lead, n), (res.view(*lead, k) if res is not None else None)

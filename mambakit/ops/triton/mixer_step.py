@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 from mambakit.ops.triton.math import softplus
 
 
@@ -153,8 +154,8 @@ def mamba1_step_triton(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv
     dt_rank = dt_proj_weight.shape[1]
     n_out = x_proj_weight.shape[0]
     block_d = 64
-    n_blocks = triton.cdiv(dim, block_d)
-    block_o = triton.next_power_of_2(n_out)
+    n_blocks = cdiv(dim, block_d)
+    block_o = next_power_of_2(n_out)
     cfg = config or mamba1_step_config(batch, dim, xz.device)
     xc = torch.empty(batch, dim, device=xz.device, dtype=xz.dtype)
     part = torch.empty(batch, n_blocks, block_o, device=xz.device, dtype=torch.float32) if not cfg.xproj_gemm \
@@ -162,18 +163,18 @@ def mamba1_step_triton(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv
     _m1_conv_xproj_kernel[(n_blocks, batch)](
         xz, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, x_proj_weight, xc, part,
         dim, width, n_out, n_blocks, xz.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
-        HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, WP=triton.next_power_of_2(width), BLOCK_O=block_o,
+        HAS_BIAS=conv_bias is not None, BLOCK_D=block_d, WP=next_power_of_2(width), BLOCK_O=block_o,
         XPROJ=not cfg.xproj_gemm, num_warps=4)
     if cfg.xproj_gemm:
         part, n_blocks, s_part = F.linear(xc, x_proj_weight), 1, n_out  # (batch, n_out), rounded as the GEMM's
     else:
         s_part = block_o
     y = torch.empty(batch, dim, device=xz.device, dtype=xz.dtype)
-    _m1_scan_step_kernel[(triton.cdiv(dim, cfg.block_d), triton.cdiv(batch, cfg.rows))](
+    _m1_scan_step_kernel[(cdiv(dim, cfg.block_d), cdiv(batch, cfg.rows))](
         part, xc, xz, dt_proj_weight, dt_proj_bias, A_log, D if D is not None else A_log, ssm_state, y,
         batch, dim, d_state, dt_rank, n_blocks, s_part, xz.stride(0), ssm_state.stride(0), ssm_state.stride(1),
-        HAS_D=D is not None, BLOCK_D=cfg.block_d, NP=triton.next_power_of_2(d_state),
-        RP=triton.next_power_of_2(dt_rank), NB=triton.next_power_of_2(n_blocks), ROWS=cfg.rows,
+        HAS_D=D is not None, BLOCK_D=cfg.block_d, NP=next_power_of_2(d_state),
+        RP=next_power_of_2(dt_rank), NB=next_power_of_2(n_blocks), ROWS=cfg.rows,
         num_warps=cfg.num_warps)
     return y
 
@@ -230,14 +231,14 @@ def mamba2_state_step_triton(xbc: Tensor, zxbcdt: Tensor, dt_col: int, dt_bias: 
     batch, nheads, headdim, d_state = ssm_state.shape
     d_inner = nheads * headdim
     y = torch.empty(batch, d_inner, device=xbc.device, dtype=xbc.dtype)
-    np_ = triton.next_power_of_2(d_state)
+    np_ = next_power_of_2(d_state)
     if block_p & (block_p - 1) or block_p < 0:
         raise MambaKitError(f"block_p must be 0 or a power of two, got {block_p}")
     # small state tiles (about 8 float32 per thread at eight warps): many programs in flight, few registers; 16 x 128
     # with eight warps was within 5% of the fastest at batch 1, 16 and 64 (sweep_mixer_step.py --arch mamba2)
-    block_p = block_p or max(1, min(triton.next_power_of_2(headdim), 2048 // np_))
+    block_p = block_p or max(1, min(next_power_of_2(headdim), 2048 // np_))
     clamp = tuple(dt_limit) != (0.0, float("inf"))
-    _m2_state_step_kernel[(triton.cdiv(headdim, block_p), nheads, batch)](
+    _m2_state_step_kernel[(cdiv(headdim, block_p), nheads, batch)](
         xbc, zxbcdt, dt_bias, A_log, D if D is not None else A_log, ssm_state, y,
         headdim, d_state, nheads // ngroups, d_inner, ngroups, dt_col, 0, xbc.stride(0), zxbcdt.stride(0),
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), float(dt_limit[0]), float(dt_limit[1]),

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.triton.device import interpreted
+from mambakit.ops.triton.grid import cdiv, next_power_of_2
 from mambakit.ops.triton.math import softplus
 
 
@@ -89,14 +90,14 @@ def selective_state_update_triton(
     if d_state > 256:
         raise MambaKitError(f"selective_state_update_triton supports d_state <= 256, got {d_state}")
     G = Bg.shape[1]
-    NP = triton.next_power_of_2(d_state)
-    bd = max(1, min(triton.next_power_of_2(dim), 4096 // NP, 64))
+    NP = next_power_of_2(d_state)
+    bd = max(1, min(next_power_of_2(dim), 4096 // NP, 64))
     y = torch.empty(batch, dim, device=x.device, dtype=x.dtype)
     Dc = D.contiguous() if D is not None else None
     bias = dt_bias.contiguous() if dt_bias is not None else None
     Ac = A.contiguous() if contiguous_A else A
     zz = z if z is not None else x
-    grid = (triton.cdiv(dim, bd), batch)
+    grid = (cdiv(dim, bd), batch)
     with torch.no_grad():
         _state_update_kernel[grid](
             state, x, dt, Ac, Bg, Cg, Dc if Dc is not None else Ac, zz, bias if bias is not None else Ac, y,

@@ -139,3 +139,48 @@ def test_recomputed_states_give_the_gradients_of_kept_states_bit_for_bit(monkeyp
     assert torch.equal(out_a, out_b)
     for a, b in zip(grads_a, grads_b):
         assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(batch=1, seqlen=21, ngroups=1, bias=False)])
+def test_A_log_form_matches_the_A_form(opts):
+    # A_log in place of A (what the layer passes): the SSD kernels form A = -exp(A_log) and give A_log's gradient
+    # (its per-chunk parts times A): the A form's output and gradients up to float32 rounding, run after run the same
+    zxbcdt, kw, dims = make_inner2(**opts)
+    z32, kw32 = _to32(zxbcdt, kw)
+    A_log = torch.log(-kw32.pop("A")).detach().requires_grad_()
+    w = torch.randn(zxbcdt.shape[0], zxbcdt.shape[1], kw["out_weight"].shape[0], generator=torch.Generator()
+                    .manual_seed(3))
+    leaves = [z32, A_log] + [v for v in kw32.values() if isinstance(v, torch.Tensor)]
+    results = []
+    for form in ("A", "A_log", "A_log"):
+        a = dict(A=-torch.exp(A_log)) if form == "A" else dict(A=None, A_log=A_log)
+        out = mamba2_inner(z32, **kw32, **a, **dims, chunk_size=16, backend="triton")
+        results.append((out, torch.autograd.grad((out * w).sum(), leaves)))
+    (out_a, grads_a), (out_b, grads_b), (out_c, grads_c) = results
+    assert rel_err(out_b, out_a) < 1e-6
+    for a, b, c in zip(grads_a, grads_b, grads_c):
+        assert torch.isfinite(b).all() and rel_err(b, a) < 1e-6 and torch.equal(b, c)
+    ref = mamba2_inner(zxbcdt, **{k: v for k, v in kw.items() if k != "A"}, A=None,
+                       A_log=torch.log(-kw["A"]).detach().requires_grad_(), **dims, chunk_size=16, backend="ref")
+    assert rel_err(out_b, ref) < 1e-5
+
+
+def test_layer_fused_path_matches_its_composition():
+    # the Mamba2 layer's fused inner path (what it takes on CUDA: A_log handed to the op, the conv weight uncast)
+    # against its own composition on the CPU: output and every parameter's gradient
+    from mambakit.layers.mamba2 import Mamba2
+
+    torch.manual_seed(0)
+    layer = Mamba2(16, d_state=8, headdim=4, ngroups=2, chunk_size=16)
+    h = torch.randn(2, 21, 16, requires_grad=True)
+    w = torch.randn(2, 21, 16)
+    results = []
+    for fused in (False, True):
+        out = layer._fused_inner(h, None) if fused else layer(h)
+        params = [h] + list(layer.parameters())
+        results.append((out, torch.autograd.grad((out * w).sum(), params)))
+    (ref, ref_grads), (out, grads) = results
+    assert rel_err(out, ref) < 1e-5
+    names = ["h"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, grads, ref_grads):
+        assert a.shape == b.shape and rel_err(a, b) < 2e-5, name

@@ -126,3 +126,26 @@ def test_fused_bf16_input_with_float32_weights_gives_float32_gradients():
                                                                   if isinstance(v, torch.Tensor)]):
         assert a.dtype == leaf.dtype and a.shape == b.shape, name
         assert rel_err(a, b) < 3e-2, name
+
+
+def test_A_log_form_matches_the_A_form():
+    # A_log in place of A (what the layer passes): the scan kernels form A = -exp(A_log) and give A_log's gradient
+    # (their per-row parts times A): the A form's output and gradients up to float32 rounding, run after run the same
+    xz, kw = make_inner(seqlen=13)
+    xz32, kw32 = _to32(xz, kw)
+    A_log = torch.log(-kw32.pop("A")).detach().requires_grad_()
+    leaves = [xz32, A_log] + [v for v in kw32.values() if isinstance(v, torch.Tensor)]
+    results = []
+    for form in ("A", "A_log", "A_log"):
+        a = dict(A=-torch.exp(A_log)) if form == "A" else dict(A=None, A_log=A_log)
+        out = inner.mamba_inner(xz32.transpose(1, 2), **kw32, **a, backend="triton")
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)  # as grads_of
+        results.append((out, torch.autograd.grad((out.double() * w).sum(), leaves)))
+    (out_a, grads_a), (out_b, grads_b), (out_c, grads_c) = results
+    assert rel_err(out_b, out_a) < 1e-6
+    for a, b, c in zip(grads_a, grads_b, grads_c):
+        assert torch.isfinite(b).all() and rel_err(b, a) < 1e-6 and torch.equal(b, c)
+    ref, ref_grads = grads_of(inner.mamba_inner, xz, kw, backend="ref")
+    assert rel_err(out_b, ref) < 1e-5
+    # A_log's gradient against the float64 chain rule: dA_log = dA * A
+    assert rel_err(grads_b[1], ref_grads[-3] * kw["A"]) < 1e-5

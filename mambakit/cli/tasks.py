@@ -99,8 +99,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"(selective-)copying: tokens to memorise (default: {_per_task('n_tokens')})")
     p.add_argument("--n-pairs", type=integer,
                    help=f"mqar: key-value pairs per sequence (default: {_per_task('n_pairs')})")
-    p.add_argument("--headdim", type=integer, help="mamba2 head size (default: the first of 64, 32, 16, 8 dividing "
-                   "2*d_model)")
+    p.add_argument("--headdim", type=integer, help="mamba2 / mamba3 head size (default: "
+                   f"{_per_task('headdim')}, else the first of 64, 32, 16, 8 dividing 2*d_model)")
+    p.add_argument("--dt-init", type=number, nargs=2, metavar=("MIN", "MAX"),
+                   help="range of the SSM mixers' initial step (dt_min dt_max) (default: "
+                   f"{_per_task('dt_init')}, else the mixer's own, 0.001 0.1)")
     p.add_argument("--num-heads", type=integer, help="attention heads (default: d_model / 16)")
     p.add_argument("--stop-at", type=number, help="stop once the held-out accuracy reaches this (0..1] (default: "
                    "none, all steps run)")
@@ -215,6 +218,7 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
                   headdim=ns.headdim, num_heads=ns.num_heads, weight_decay=ns.weight_decay, warmup=ns.warmup,
                   eval_interval=ns.eval_interval, eval_samples=ns.eval_samples, stop_at=ns.stop_at,
                   max_time=ns.max_time, threads=ns.threads, brackets=ns.brackets, supervision=ns.supervision,
+                  dt_init=ns.dt_init,
                   eval_chunk=ns.eval_chunk, long_eval_tokens=ns.long_eval_tokens,
                   max_attention_len=ns.max_attention_len, progress=not ns.no_progress)
     keep_freed_memory()

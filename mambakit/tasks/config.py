@@ -38,11 +38,15 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # state tracking: trained at about 40, evaluated up to 256 (length generalisation); vocab: the answers
     "parity": {"steps": 800, "batch": 64, "lr": 1e-2, "d_model": 32, "n_layer": 1, "seq_len": 40, "vocab": 2,
                "weight_decay": 0.0, "supervision": "running", "eval_lengths": (40, 64, 128, 256)},
+    # heads of 16 (4 per layer, each with its own step and so its own rotation speeds) and a larger initial step
+    # (rotations of 2 pi k / 5 need step * tanh(omega) near 0.4-0.8), the same for every mixer: with both, Mamba-3
+    # gets ahead of Mamba-2 without brackets (not to a solution); either alone leaves it at Mamba-2's level
     "modular-arithmetic": {"steps": 800, "batch": 64, "lr": 1e-2, "d_model": 32, "n_layer": 2, "seq_len": 41,
-                           "vocab": MODULUS, "weight_decay": 0.0, "supervision": "running",
+                           "vocab": MODULUS, "weight_decay": 0.0, "supervision": "running", "headdim": 16,
+                           "dt_init": (0.1, 1.0),
                            "eval_lengths": (41, 65, 129, 257)},  # odd: no PAD (unseen in training at 41)
 }
-#: Values of the fields that TASK_DEFAULTS may leave out.
+#: Values of the fields that TASK_DEFAULTS may leave out (headdim, dt_init: None, the mixer's own).
 _FALLBACKS = {"n_tokens": 16, "n_pairs": 8, "weight_decay": 0.1, "supervision": "final"}
 
 
@@ -54,7 +58,8 @@ class TaskConfig:
     eval_interval max(1, steps // 10). eval_lengths: extra lengths evaluated after training, each with
     max(min_long_eval_samples, long_eval_tokens // length) sequences (capped at eval_samples). stop_at: stop once the
     held-out accuracy reaches it. max_time: stop after this many seconds of training. threads: torch CPU threads
-    during the run (None: leave torch's setting). ssm_kwargs: extra `ssm_cfg` entries of the SSM mixer.
+    during the run (None: leave torch's setting). ssm_kwargs: extra `ssm_cfg` entries of the SSM mixer. dt_init:
+    (dt_min, dt_max), the range of the SSM mixers' initial step Δ (None: the mixer's own, 0.001-0.1).
     """
 
     name: str
@@ -93,6 +98,7 @@ class TaskConfig:
     progress: bool = True
     brackets: bool = False
     supervision: Optional[str] = None
+    dt_init: Optional[Sequence[float]] = None
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -117,7 +123,8 @@ def resolve_task_config(cfg: TaskConfig) -> TaskConfig:
     d = TASK_DEFAULTS[cfg.name]
     filled = {key: d.get(key, _FALLBACKS.get(key)) for key in ("steps", "batch", "lr", "d_model", "n_layer",
                                                                "seq_len", "vocab", "n_tokens", "n_pairs",
-                                                               "weight_decay", "eval_lengths", "supervision")
+                                                               "weight_decay", "eval_lengths", "supervision",
+                                                               "headdim", "dt_init")
               if getattr(cfg, key) is None}
     cfg = dataclasses.replace(cfg, **filled)
     cfg.eval_lengths = list(cfg.eval_lengths)
@@ -138,12 +145,24 @@ def resolve_task_config(cfg: TaskConfig) -> TaskConfig:
     _check_float("lr", cfg.lr)
     _check_float("weight_decay", cfg.weight_decay, positive=False)
     _check_float("grad_clip", cfg.grad_clip)
+    if cfg.headdim is not None:
+        _check_int("headdim", cfg.headdim)
+    if cfg.dt_init is not None:
+        _check_dt_init(cfg.dt_init)
+        cfg.dt_init = tuple(float(v) for v in cfg.dt_init)
     if cfg.max_time is not None:
         _check_float("max_time", cfg.max_time)
     if cfg.stop_at is not None and not (isinstance(cfg.stop_at, (int, float)) and 0 < cfg.stop_at <= 1):
         raise MambaKitError(f"--stop-at must lie in (0, 1], got {cfg.stop_at!r}")
     _check_task_sizes(cfg)
     return cfg
+
+
+def _check_dt_init(value: Any) -> None:
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value)
+    if not ok or value[0] > value[1]:
+        raise MambaKitError(f"--dt-init must be two positive numbers MIN <= MAX, got {value!r}")
 
 
 def _check_task_sizes(cfg: TaskConfig) -> None:

@@ -86,6 +86,8 @@ def train_task(cfg: TaskConfig, log: Callable[[str], None] = print) -> dict[str,
     d_state_used = (cfg.d_state or spec.d_state) if spec.ssm else None
     config = build_model_config(mixer, vocab_size, cfg.d_model, cfg.n_layer, d_state_used, cfg.headdim,
                                 cfg.num_heads, cfg.attn_mlp)
+    if cfg.dt_init is not None and spec.ssm:
+        config.ssm_cfg.update(dt_min=cfg.dt_init[0], dt_max=cfg.dt_init[1])
     if cfg.ssm_kwargs and spec.ssm:
         config.ssm_cfg.update(cfg.ssm_kwargs)
     need = training_bytes(config, cfg.batch, cfg.seq_len) + 2 * 8 * cfg.eval_samples * cfg.seq_len  # + eval (x, y)
@@ -108,7 +110,8 @@ def train_task(cfg: TaskConfig, log: Callable[[str], None] = print) -> dict[str,
     cfg_out = {"steps": cfg.steps, "batch_size": cfg.batch, "lr": cfg.lr, "d_model": cfg.d_model,
                "n_layer": cfg.n_layer, "d_state": d_state_used, "seq_len": cfg.seq_len, "seed": cfg.seed,
                "vocab": cfg.vocab, "vocab_size": vocab_size, "warmup": warmup, "weight_decay": cfg.weight_decay,
-               "grad_clip": cfg.grad_clip, "eval_interval": eval_interval, "eval_samples": cfg.eval_samples,
+               "grad_clip": cfg.grad_clip,
+               "dt_init": None if cfg.dt_init is None else list(cfg.dt_init), "eval_interval": eval_interval, "eval_samples": cfg.eval_samples,
                "stop_at": cfg.stop_at, "max_time": cfg.max_time, "device": str(dev),
                "model_config": config.to_dict()}
     if name in ("selective-copying", "copying"):

@@ -138,3 +138,53 @@ def test_cli_runs_both_mixers_and_prints_the_table(tmp_path, capsys):
     table = json.loads((tmp_path / "parity_sweep.json").read_text())
     assert [row["mixer"] for row in table] == ["mamba2", "mamba3"] and set(table[0]["eval_lengths"]) == {"20"}
     assert (tmp_path / "parity_lengths.png").exists()
+
+
+def test_arithmetic_defaults_heads_and_initial_step():
+    """modular-arithmetic defaults to heads of 16 and an initial step in [0.1, 1] for every SSM mixer (the same for
+    Mamba-2 and Mamba-3); the other tasks keep the mixers' own; --dt-init and --headdim override them."""
+    from mambakit.tasks.config import TaskConfig, resolve_task_config
+
+    cfg = resolve_task_config(TaskConfig("modular-arithmetic", "mamba3"))
+    assert cfg.headdim == 16 and cfg.dt_init == (0.1, 1.0)
+    cfg = resolve_task_config(TaskConfig("parity", "mamba3"))
+    assert cfg.headdim is None and cfg.dt_init is None
+    tiny = {**TINY, "d_model": 32, "eval_lengths": []}
+    for mixer in ("mamba2", "mamba3"):
+        r = run_task("modular-arithmetic", mixer, **tiny)
+        ssm = r["config"]["model_config"]["ssm_cfg"]
+        assert (ssm["headdim"], ssm["dt_min"], ssm["dt_max"]) == (16, 0.1, 1.0)
+        assert r["config"]["dt_init"] == [0.1, 1.0]
+    r = run_task("modular-arithmetic", "mamba3", dt_init=[0.2, 0.5], headdim=32, **tiny)
+    ssm = r["config"]["model_config"]["ssm_cfg"]
+    assert (ssm["headdim"], ssm["dt_min"], ssm["dt_max"]) == (32, 0.2, 0.5)
+    assert "dt_min" not in run_task("parity", "mamba3", **tiny)["config"]["model_config"]["ssm_cfg"]
+
+
+def test_initial_step_lies_in_the_dt_init_range():
+    """The Mamba-3 layers built for --dt-init 0.1 1.0 start with softplus(dt_bias) inside [0.1, 1.0]."""
+    from mambakit.models.lm import MambaLMHeadModel
+    from mambakit.tasks.config import build_model_config
+
+    config = build_model_config("mamba3", 13, 32, 2, 8, 16)
+    config.ssm_cfg.update(dt_min=0.1, dt_max=1.0)
+    torch.manual_seed(3)
+    model = MambaLMHeadModel(config)
+    steps = [torch.nn.functional.softplus(p.detach()) for n, p in model.named_parameters() if n.endswith("dt_bias")]
+    assert len(steps) == 2 and all(s.numel() == 4 for s in steps)
+    assert all(bool(((s >= 0.1 - 1e-6) & (s <= 1.0 + 1e-6)).all()) for s in steps)
+
+
+@pytest.mark.parametrize("bad", [(1.0, 0.1), (0.0, 1.0), (0.1,), (0.1, float("nan")), "0.1 1"])
+def test_bad_dt_init_names_the_flag(bad):
+    with pytest.raises(MambaKitError, match="--dt-init must be two positive numbers"):
+        run_task("modular-arithmetic", "mamba3", dt_init=bad, **TINY)
+
+
+def test_cli_dt_init_and_headdim_reach_the_model(tmp_path):
+    argv = ["modular-arithmetic", "--mixer", "mamba3", "--steps", "2", "--batch-size", "4", "--d-model", "16",
+            "--n-layer", "1", "--d-state", "8", "--seq-len", "9", "--eval-samples", "4", "--eval-lengths",
+            "--headdim", "8", "--dt-init", "0.05", "0.5", "--threads", "1", "--out", str(tmp_path), "--no-progress"]
+    assert tasks_main(argv) == 0
+    ssm = json.loads((tmp_path / "modular-arithmetic_mamba3.json").read_text())["config"]["model_config"]["ssm_cfg"]
+    assert (ssm["headdim"], ssm["dt_min"], ssm["dt_max"]) == (8, 0.05, 0.5)

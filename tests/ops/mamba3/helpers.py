@@ -1,6 +1,8 @@
 """Random inputs of the Mamba-3 scan for the op tests."""
 from __future__ import annotations
 
+from typing import Optional
+
 import math
 
 import torch
@@ -92,9 +94,11 @@ def assert_grads_repeat(kw: dict, scan, first=None) -> None:
         assert torch.equal(first[n], again[n]), n
 
 
-def assert_matches_torch(kw: dict, dtype: torch.dtype, tol: float, scan_torch, scan_triton) -> None:
+def assert_matches_torch(kw: dict, dtype: torch.dtype, tol: float, scan_torch, scan_triton,
+                         grad_tol: Optional[dict] = None) -> None:
     """The Triton scan on kw (in dtype) against the torch form on the same values in float32: y, the final ssm state
-    and every gradient within tol (rel_err), and bit-identical gradients run to run."""
+    and every gradient within tol (rel_err; grad_tol {input name: tolerance} overrides it for those gradients), and
+    bit-identical gradients run to run."""
     from tests.conftest import rel_err
 
     ref_out, ref = scan_grads(as_dtype(kw, torch.float32, kw["V"].device), scan_torch)
@@ -103,7 +107,8 @@ def assert_matches_torch(kw: dict, dtype: torch.dtype, tol: float, scan_torch, s
     assert rel_err(out[0], ref_out[0]) < tol
     assert rel_err(out[2], ref_out[2]) < tol
     for name in ref:
-        assert rel_err(got[name], ref[name]) < tol, name
+        limit = (grad_tol or {}).get(name, tol)
+        assert rel_err(got[name], ref[name]) < limit, (name, rel_err(got[name], ref[name]), limit)
     assert_grads_repeat(kw, scan_triton, got)
 
 

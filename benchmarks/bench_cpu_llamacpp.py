@@ -162,15 +162,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-transformers", action="store_true", help="leave transformers' own model out")
-    parser.add_argument("--fp32-accumulation", action="store_true",
-                        help="mambakit's 16-bit decode products through mambakit.ops.cpu_linear (float32 accumulation)")
+    parser.add_argument("--fp32-accumulation", action=argparse.BooleanOptionalAction, default=True,
+                        help="mambakit's 16-bit decode products through mambakit.ops.cpu_linear (float32 "
+                             "accumulation, the library's default); --no-fp32-accumulation: torch's 16-bit products")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer d_model 64 model, prompt 16 + 8 (smoke)")
     parser.add_argument("--json", help="rows as JSON lines (default: $OUT/cpu_llamacpp.jsonl)")
     args = parser.parse_args()
-    if args.fp32_accumulation:
-        from mambakit.ops import cpu_linear
+    from mambakit.ops import cpu_linear
 
-        cpu_linear.ENABLED = True
+    cpu_linear.ENABLED = args.fp32_accumulation
     if args.llama_site:
         sys.path.append(args.llama_site)
     llama = args.llama_src is not None and (args.llama_src / "convert_hf_to_gguf.py").is_file()

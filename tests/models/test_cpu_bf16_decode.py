@@ -22,7 +22,7 @@ MAMBA2 = {"layer": "Mamba2", "d_state": 16, "headdim": 16, "ngroups": 2, "chunk_
 
 @pytest.fixture(autouse=True)
 def _fp32_accumulation_on(monkeypatch):
-    """These tests are of the opt-in product (mambakit.ops.cpu_linear.ENABLED, off by default)."""
+    """These tests are of the fbgemm product (mambakit.ops.cpu_linear.ENABLED, the default), whatever the default."""
     monkeypatch.setattr(cpu_linear, "ENABLED", True)
 
 

@@ -23,7 +23,7 @@ def path(request, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _fp32_accumulation_on(monkeypatch):
-    """These tests are of the opt-in product (mambakit.ops.cpu_linear.ENABLED, off by default)."""
+    """These tests are of the fbgemm product (mambakit.ops.cpu_linear.ENABLED, the default), whatever the default."""
     monkeypatch.setattr(cl, "ENABLED", True)
 
 

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FP16_MAX", "cpu_linear", "fp32_accumulation_available", "packs_fp16", "use_cpu_linear"]
+__all__ = ["FP16_MAX", "cpu_linear", "fp32_accumulation_available", "packs_fp16", "split_linear", "use_cpu_linear",
+           "use_split_linear"]
 
 #: float16's largest finite value: a weight beyond it is not packed
 FP16_MAX = 65504.0
@@ -39,6 +40,12 @@ ENABLED = True
 
 #: weights of at most this many elements are multiplied as a float32 copy (see the module docstring)
 SMALL = 1 << 18
+
+#: whether `use_split_linear` may choose the split float32 product (read at each call)
+SPLIT_ENABLED = True
+
+#: the largest batch that takes the split float32 product (a decode step's; prefill keeps F.linear)
+SPLIT_MAX_BATCH = 16
 
 _AVAILABLE: Optional[bool] = None
 # id(weight) -> (weakref to the weight, (version, data pointer, shape), packed weight or None when out of range)
@@ -120,3 +127,29 @@ def cpu_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
         if packed[1] is not None:
             y = y.mul_(packed[1])
     return y if bias is None else y.add_(bias)
+
+
+def use_split_linear(x: Tensor, weight: Tensor) -> bool:
+    """Whether `split_linear` applies: x (batch <= SPLIT_MAX_BATCH, in_features) and a contiguous weight (out, in)
+    with an even number of rows and more than SMALL elements, both float32 on the CPU, nothing recorded for
+    autograd."""
+    return (SPLIT_ENABLED and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 2
+            and x.shape[0] <= SPLIT_MAX_BATCH and weight.dim() == 2 and weight.shape[0] % 2 == 0
+            and weight.numel() > SMALL and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def split_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear(x, weight, bias) in float32 for a decode step on the CPU, as one batched product over the two halves
+    of weight's rows (a view, no copy): x (batch, in), weight (out, in) with out even, bias (out,). Returns (batch,
+    out). For a batch of a few rows the BLAS's batched product reads the weight 1.8x (one thread) to 3.6x (two)
+    faster than the matrix-vector path that F.linear takes (benchmarks/RESULTS.md, fourteenth session); the sums
+    are the same, in another order (float32 rounding)."""
+    out, k = weight.shape
+    batch = x.shape[0]
+    y = torch.bmm(weight.view(2, out // 2, k), x.t().unsqueeze(0).expand(2, k, batch))  # (2, out / 2, batch)
+    y = y.view(out, batch).t()
+    if batch > 1:
+        y = y.contiguous()
+    return y if bias is None else y + bias

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.conv1d import causal_conv1d_update
-from mambakit.ops.cpu_linear import cpu_linear, use_cpu_linear
+from mambakit.ops.cpu_linear import cpu_linear, split_linear, use_cpu_linear, use_split_linear
 from mambakit.ops.selective_scan import selective_state_update
 from mambakit.ops.ssd import ssd_step
 
@@ -56,10 +56,13 @@ def linear_step(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     """F.linear for one decoding step: x (batch, in), weight (out, in) -> (batch, out). On the CPU, a bfloat16 or
     float16 weight goes through `mambakit.ops.cpu_linear` (float32 input, accumulation and output, so that the
     activations between a step's products stay float32; where fbgemm is missing, a bfloat16 batch of one takes a
-    matrix-vector product, which reads the weight faster there than the general matrix product)."""
+    matrix-vector product, which reads the weight faster there than the general matrix product); a large float32
+    weight goes through `mambakit.ops.cpu_linear.split_linear` (a batched product over its two halves)."""
     if x.device.type == "cpu":
         if use_cpu_linear(x, weight):
             return cpu_linear(x, weight, bias)
+        if use_split_linear(x, weight):
+            return split_linear(x, weight, bias)
         if x.shape[0] == 1 and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
             y = torch.mv(weight, x[0])[None]
             return y if bias is None else y + bias

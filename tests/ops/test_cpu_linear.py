@@ -100,3 +100,48 @@ def test_when_it_applies(monkeypatch):
         assert cl.use_cpu_linear(x, w)
     monkeypatch.setattr(cl, "ENABLED", False)
     assert not cl.use_cpu_linear(x.detach(), w)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_split_linear_equals_the_float64_product(batch, monkeypatch):
+    monkeypatch.setattr(cl, "SMALL", 1 << 18)
+    g = torch.Generator().manual_seed(batch)
+    w = torch.randn(2 * 1031, 300, generator=g)  # more than SMALL elements, an odd half
+    b = torch.randn(2 * 1031, generator=g)
+    x = torch.randn(batch, 300, generator=g)
+    assert cl.use_split_linear(x, w)
+    got = cl.split_linear(x, w, b)
+    want = F.linear(x.double(), w.double(), b.double())
+    assert got.shape == (batch, 2 * 1031) and got.dtype == torch.float32 and got.is_contiguous()
+    assert (got.double() - want).norm() / want.norm() < 1e-6
+    x[0, 0] = float("nan")  # a non-finite input reaches its own row only
+    got = cl.split_linear(x, w, None)
+    assert torch.isnan(got[0]).all() and torch.isfinite(got[1:]).all()
+
+
+def test_split_linear_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(cl, "SMALL", 1 << 18)
+    w = torch.randn(2 * 1031, 300)
+    x = torch.randn(1, 300)
+    assert not cl.use_split_linear(x, torch.randn(2 * 1031 + 1, 300))  # odd rows
+    assert not cl.use_split_linear(x, torch.randn(64, 300))  # small: F.linear
+    assert not cl.use_split_linear(torch.randn(cl.SPLIT_MAX_BATCH + 1, 300), w)  # prefill
+    assert not cl.use_split_linear(x, w.t().contiguous().t())  # not contiguous
+    assert not cl.use_split_linear(x.double(), w.double())
+    assert not cl.use_split_linear(x.requires_grad_(), w)
+    with torch.no_grad():
+        assert cl.use_split_linear(x, w)
+
+
+def test_linear_step_takes_the_split_product_for_float32(monkeypatch):
+    monkeypatch.setattr(cl, "SMALL", 1 << 18)
+    from mambakit.ops import mixer_step
+
+    calls = []
+    real = mixer_step.split_linear
+    monkeypatch.setattr(mixer_step, "split_linear", lambda *a: calls.append(1) or real(*a))
+    w = torch.randn(2 * 1031, 300)
+    x = torch.randn(2, 300)
+    with torch.no_grad():
+        got = mixer_step.linear_step(x, w)
+    assert calls and torch.allclose(got, F.linear(x, w), rtol=1e-5, atol=1e-4)

@@ -20,7 +20,7 @@ from mambakit.layers.registry import mixer_spec
 from mambakit.layers.step import PreNorm, fp32_add_rms_norm, project_step
 from mambakit.models.config import MambaConfig
 from mambakit.ops.cpu_linear import use_cpu_linear
-from mambakit.ops.loss import check_label_values, linear_cross_entropy
+from mambakit.ops.loss import check_label_dtype, check_label_values, linear_cross_entropy
 from mambakit.ops.norm import add_rms_norm
 
 
@@ -265,8 +265,7 @@ class CausalLM(nn.Module):
         if not isinstance(labels, Tensor) or labels.shape != shape:
             got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
             raise MambaKitError(f"labels must have shape {shape} (batch, seqlen of the logits), got {got}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise MambaKitError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+        check_label_dtype(labels)
         check_label_values(labels, self.lm_head.weight.shape[0])
 
     @torch.no_grad()

@@ -20,8 +20,8 @@ from mambakit.ops.loss.chunked import (
 )
 from mambakit.ops.loss.naive import linear_cross_entropy_ref
 
-__all__ = ["CHUNK_ELEMENTS", "check_label_values", "compute_dtype", "default_chunk_tokens", "linear_cross_entropy",
-           "linear_cross_entropy_ref"]
+__all__ = ["CHUNK_ELEMENTS", "check_label_dtype", "check_label_values", "compute_dtype", "default_chunk_tokens",
+           "linear_cross_entropy", "linear_cross_entropy_ref"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -49,8 +49,7 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, ch
     for name, t in (("hidden", hidden), ("weight", weight)):
         if t.dtype not in _FLOATS:
             raise MambaKitError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise MambaKitError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    check_label_dtype(labels)
     if weight.device != hidden.device or labels.device != hidden.device:
         raise MambaKitError(f"hidden, weight and labels must be on one device, got {hidden.device}, {weight.device} "
                             f"and {labels.device}")
@@ -59,6 +58,12 @@ def _check(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, ch
     if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
                                      or chunk_tokens < 1):
         raise MambaKitError(f"chunk_tokens must be a positive integer or None, got {chunk_tokens!r}")
+
+
+def check_label_dtype(labels: Tensor) -> None:
+    """MambaKitError unless labels is an integer (not bool) tensor."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise MambaKitError(f"labels must be an integer tensor, got dtype {labels.dtype}")
 
 
 def check_label_values(labels: Tensor, vocab: int, ignore_index: int = -100) -> None:

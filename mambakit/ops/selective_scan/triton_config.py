@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from mambakit.errors import MambaKitError
+from mambakit.ops.triton.grid import next_power_of_2
 
 
 @dataclass(frozen=True)
@@ -29,20 +30,16 @@ class ScanConfig:
         return (self.bwd_NH or self.NH, self.bwd_NL or self.NL)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def pick_config(d_state: int, dim: int, dim_per_group: int, ngroups: int, chunk: Optional[int] = None,
                 fwd_block_t: Optional[int] = None, bwd_block_t: Optional[int] = None) -> ScanConfig:
-    NP = _next_pow2(d_state)
+    NP = next_power_of_2(d_state)
     # lanes per channel: a few for the usual small states (the state sum is then mostly in-thread), a whole warp for
     # large ones (registers); each thread holds BT steps x NH states x d_per_thread channels
     NL = min(NP, 4) if NP <= 32 else 32
     NH = NP // NL
     lanes_d = 32 // NL
     d_per_thread = max(1, min(2, (8 if NP <= 32 else 4) // NH))
-    cap = _next_pow2(dim)
+    cap = next_power_of_2(dim)
     if ngroups > 1:  # a channel block must not straddle two groups of B/C
         cap = min(cap, dim_per_group & -dim_per_group)
     fwd_bd = min(lanes_d * d_per_thread, cap)

@@ -4,7 +4,7 @@ in :mod:`.mimo`, its dispatcher :func:`.mimo.mamba3_mimo_scan`, its Triton kerne
 * :func:`mamba3_scan` -- the public scan with the official ``mamba3_siso_combined`` argument names (``seq_idx``
   in place of ``cu_seqlens``) and a ``backend``.
 * :mod:`.ssd_form` -- the SISO scan as Mamba-2's SSD with a per-position log-decay (its Triton kernels on the GPU:
-  the fast path, backend "ssd", what "auto" picks for float32 CUDA tensors).
+  the fast path, backend "ssd", what "auto" picks for CUDA tensors).
 * :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding).
 * :mod:`.naive` (the step recurrence, the reference), :mod:`.chunked` (the block decomposition, fast on CPU) and
   :mod:`.triton` (portable Triton kernels, forward and deterministic backward) share the scan's signature, so
@@ -27,10 +27,8 @@ from mambakit.ops.mamba3.naive import mamba3_scan_ref, step_core
 
 __all__ = ["BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref", "mamba3_step"]
 
-#: "auto": "ssd" for float32 CUDA tensors (outside a CUDA-graph capture) when Triton imports, else the chunked
-#: PyTorch form (16-bit V included: the SSD form then rounds the rotated B and C to 16 bits, and its gradients of
-#: DT, the angles and the initial angle miss the 1e-2 aim against float32: 2-8e-2 on the H200, benchmarks/RESULTS.md);
-#: "torch": the chunked PyTorch form; "triton": the Mamba-3 Triton kernels (mambakit.ops.mamba3.triton; CUDA or
+#: "auto": "ssd" for float32 and 16-bit CUDA tensors (outside a CUDA-graph capture) when Triton imports, else the
+#: chunked PyTorch form; "torch": the chunked PyTorch form; "triton": the Mamba-3 Triton kernels (mambakit.ops.mamba3.triton; CUDA or
 #: TRITON_INTERPRET=1, differentiable); "ssd": the SSD Triton kernels with a per-position log-decay
 #: (mambakit.ops.mamba3.ssd_form; CUDA or TRITON_INTERPRET=1; SISO only); "ref": the step recurrence.
 BACKENDS = ("auto", "torch", "triton", "ssd", "ref")
@@ -86,9 +84,9 @@ def mamba3_scan(
 
 
 def _ssd_fits(V: object) -> bool:
-    """Whether "auto" runs the SSD Triton kernels: V a float32 CUDA tensor, outside a CUDA-graph capture (the
-    chunked form is the one checked there), Triton importable."""
-    if not (isinstance(V, Tensor) and V.is_cuda and V.dtype == torch.float32):
+    """Whether "auto" runs the SSD Triton kernels: V a float32, bfloat16 or float16 CUDA tensor, outside a
+    CUDA-graph capture (the chunked form is the one checked there), Triton importable."""
+    if not (isinstance(V, Tensor) and V.is_cuda and V.dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return False
     if torch.cuda.is_current_stream_capturing():
         return False

@@ -46,6 +46,31 @@ SSD_BACKENDS = ("triton", "torch", "ref")
 SSD_KERNEL_CHUNK = 256
 
 
+#: positions per block of the two-level cumulative sum in `position_cumsum`
+CUMSUM_BLOCK = 64
+
+
+def position_cumsum(x: Tensor) -> Tensor:
+    """x.cumsum(1) for x (batch, seqlen, ...) as two shorter sums: within blocks of CUMSUM_BLOCK positions, then over
+    the blocks' totals. The same sums in another order (float rounding); on CUDA, torch's scan along a non-last dim
+    runs one thread per column through the whole sequence (1.6 ms of a 130M Mamba-3 block's 8.7 ms forward +
+    backward at 8 x 2048), the blocked form one per column and block."""
+    batch, L = x.shape[:2]
+    if L <= CUMSUM_BLOCK:
+        return x.cumsum(1)
+    nb = -(-L // CUMSUM_BLOCK)
+    pad = nb * CUMSUM_BLOCK - L
+    xp = x
+    if pad:
+        xp = torch.cat((x, x.new_zeros((batch, pad) + tuple(x.shape[2:]))), dim=1)
+    inner = xp.view((batch, nb, CUMSUM_BLOCK) + tuple(x.shape[2:])).cumsum(2)
+    # (batch, nb, ...): the sum of the blocks before each, shifted rather than subtracted (a non-finite total
+    # must not reach its own block's earlier positions)
+    before = F.pad(inner[:, :-1, -1].cumsum(1).movedim(1, -1), (1, 0)).movedim(-1, 1)
+    out = (inner + before[:, :, None]).view((batch, nb * CUMSUM_BLOCK) + tuple(x.shape[2:]))
+    return out[:, :L] if pad else out
+
+
 def sequence_angles(inc: Tensor, starts: Optional[Tensor], angle0: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """The angles theta_t (mod 2 pi) of every position from one float64 cumulative sum over the whole sequence (no
     loop over chunks; float64 keeps the long sums exact enough), restarted where a packed sequence starts.
@@ -54,7 +79,7 @@ def sequence_angles(inc: Tensor, starts: Optional[Tensor], angle0: Optional[Tens
     nheads, n_angles) the angle before the first position, or None. Returns (theta in inc's dtype, the last
     position's theta (batch, nheads, n_angles))."""
     inc64 = inc.double()
-    theta = inc64.cumsum(1)
+    theta = position_cumsum(inc64)
     in_first = None
     if starts is not None:
         L = inc.shape[1]
@@ -79,8 +104,9 @@ def mamba3_ssd(
 
     Arguments and results as :func:`mambakit.ops.mamba3.mamba3_scan` (y (batch, seqlen, nheads, headdim) in V's
     dtype, or (y, angle, ssm, k, v) with the final states in float32, float64 for float64 inputs), plus
-    ssd_backend: one of :data:`SSD_BACKENDS`. With "triton", 16-bit V runs the SSD's matrix products in V's dtype
-    (the rotated B and C are rounded to it; the weights, decays and states stay float32), and the kernels choose
+    ssd_backend: one of :data:`SSD_BACKENDS`. With "triton", 16-bit V runs the SSD kernels on float32 v, q and k
+    with tf32 products (as fast as 16-bit inputs there: rounding q and k to 16 bits instead costs the gradients of
+    DT and the angles 2-8e-2 against float32, tf32 at most 9e-3, benchmarks/RESULTS.md), and the kernels choose
     their own chunk; chunk_size is then only checked.
     """
     if ssd_backend not in SSD_BACKENDS:
@@ -91,7 +117,7 @@ def mamba3_ssd(
     L, H = p.dims.seqlen, p.dims.nheads
     theta, final_angle = sequence_angles(p.inc, p.starts, None if Input_States is None else Input_States[0])
     v = p.v
-    io = V.dtype if kernels and V.element_size() == 2 else p.fp
+    io = p.fp
     if kernels:  # bias, rotation and the own-position product in one kernel, q and k written once in io
         from mambakit.ops.mamba3.triton_rotary import rotary_qk
 
@@ -106,7 +132,7 @@ def mamba3_ssd(
     ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if kernels else chunk_size
     y, ssm = mamba_chunk_scan_combined(
         V if V.dtype == io else v.to(io), p.scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
-        return_final_states=True, log_decay=p.adt, backend=ssd_backend)
+        return_final_states=True, log_decay=p.adt, backend=ssd_backend, allow_tf32=kernels and V.element_size() == 2)
     # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t (qk from the same rounded q and k,
     # so that the look-forward part cancels); plus the D skip
     diag = qk * (p.gamma - p.scale)  # (batch, seqlen, nheads)

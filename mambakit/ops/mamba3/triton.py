@@ -119,6 +119,9 @@ class _Mamba3Triton(torch.autograd.Function):
             s_sb=seg.stride(0) if seg is not None else 0, **_strides_of(q, v, adt, hT, st), CHUNK=chunk,
             BLOCK_P=block_p, BLOCK_N=_block(d_state), HAS_SEG=seg is not None, HAS_H0=h0 is not None,
             STORE_STATES=store, RANK=rank,
+            # MIMO: the kg tiles take the default 3 stages to 264 KB of shared memory at rank 4, d_state 128 (sm_90:
+            # 227 KB)
+            num_stages=3 if rank == 1 else 1,
         )
         ctx.save_for_backward(q, k, v, adt, diag, seg, st, kg)
         ctx.chunk, ctx.has_h0, ctx.rank = chunk, h0 is not None, rank

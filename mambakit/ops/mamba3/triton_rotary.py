@@ -28,14 +28,26 @@ BLOCK_L = 32
 
 
 @triton.jit
-def _pair_tiles(ptr, bias_ptr, b, pos, g, h, i, mask_pi, s_b, s_l, s_g, N, S):
+def _load_pairs(rows, c, mask2, BL: tl.constexpr, BS: tl.constexpr):
+    """The even and odd entries (2i, 2i+1), i < BS, of each row as float32 (BL, BS) tiles, read as one contiguous
+    (BL, 2 BS) tile (two stride-2 reads would touch every memory sector twice). rows: (BL, 1) pointers to each row's
+    first entry; c: arange(0, 2 BS); mask2: (BL, 2 BS)."""
+    x = tl.load(rows + c[None, :], mask=mask2, other=0.0).to(tl.float32)
+    return tl.split(tl.reshape(x, (BL, BS, 2)))
+
+
+@triton.jit
+def _store_pairs(rows, c, mask2, e, o, BL: tl.constexpr, BS: tl.constexpr):
+    """Store (BL, BS) tiles e, o as the entries (2i, 2i+1) of each row, as one contiguous (BL, 2 BS) tile."""
+    tl.store(rows + c[None, :], tl.reshape(tl.join(e, o), (BL, 2 * BS)), mask=mask2)
+
+
+@triton.jit
+def _pair_tiles(ptr, bias_ptr, b, pos, g, h, c, mask_pc, s_b, s_l, s_g, N, S, BL: tl.constexpr, BS: tl.constexpr):
     """The even and odd entries (2i, 2i+1) of X[b, pos, g] + bias[h] as float32 (BL, BS) tiles."""
-    base = ptr + b * s_b + pos[:, None] * s_l + g * s_g
-    e = tl.load(base + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32)
-    o = tl.load(base + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32)
-    e += tl.load(bias_ptr + h * N + 2 * i, mask=i < S, other=0.0).to(tl.float32)[None, :]
-    o += tl.load(bias_ptr + h * N + 2 * i + 1, mask=i < S, other=0.0).to(tl.float32)[None, :]
-    return e, o
+    e, o = _load_pairs(ptr + b * s_b + pos[:, None] * s_l + g * s_g, c, mask_pc, BL, BS)
+    be, bo = tl.split(tl.reshape(tl.load(bias_ptr + h * N + c, mask=c < 2 * S, other=0.0).to(tl.float32), (BS, 2)))
+    return e + be[None, :], o + bo[None, :]
 
 
 @triton.jit
@@ -60,18 +72,18 @@ def _rotary_fwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, qk_ptr,
     mask_l = pos < seqlen
     i = tl.arange(0, BS)
     mask_pi = mask_l[:, None] & (i < S)[None, :]
+    cc = tl.arange(0, 2 * BS)
+    mask_pc = mask_l[:, None] & (cc < 2 * S)[None, :]
     th = tl.load(th_ptr + ((b * seqlen + pos[:, None]) * nheads + h) * S + i[None, :], mask=mask_pi, other=0.0)
     c, s = tl.cos(th), tl.sin(th)
     out = ((b * seqlen + pos[:, None]) * nheads + h) * N
-    qe, qo = _pair_tiles(Q_ptr, qb_ptr, b, pos, g, h, i, mask_pi, s_qb, s_ql, s_qg, N, S)
-    ke, ko = _pair_tiles(K_ptr, kb_ptr, b, pos, g, h, i, mask_pi, s_kb, s_kl, s_kg, N, S)
+    qe, qo = _pair_tiles(Q_ptr, qb_ptr, b, pos, g, h, cc, mask_pc, s_qb, s_ql, s_qg, N, S, BL, BS)
+    ke, ko = _pair_tiles(K_ptr, kb_ptr, b, pos, g, h, cc, mask_pc, s_kb, s_kl, s_kg, N, S, BL, BS)
     dtype = q_ptr.dtype.element_ty
     rqe, rqo = (qe * c - qo * s).to(dtype), (qe * s + qo * c).to(dtype)
     rke, rko = (ke * c - ko * s).to(dtype), (ke * s + ko * c).to(dtype)
-    tl.store(q_ptr + out + 2 * i[None, :], rqe, mask=mask_pi)
-    tl.store(q_ptr + out + 2 * i[None, :] + 1, rqo, mask=mask_pi)
-    tl.store(k_ptr + out + 2 * i[None, :], rke, mask=mask_pi)
-    tl.store(k_ptr + out + 2 * i[None, :] + 1, rko, mask=mask_pi)
+    _store_pairs(q_ptr + out, cc, mask_pc, rqe, rqo, BL, BS)
+    _store_pairs(k_ptr + out, cc, mask_pc, rke, rko, BL, BS)
     qk = tl.sum(rqe.to(tl.float32) * rke.to(tl.float32) + rqo.to(tl.float32) * rko.to(tl.float32), axis=1)
     if HAS_REST:
         j = 2 * S + tl.arange(0, BR)
@@ -103,6 +115,8 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
     mask_l = pos < seqlen
     i = tl.arange(0, BS)
     mask_pi = mask_l[:, None] & (i < S)[None, :]
+    cc = tl.arange(0, 2 * BS)
+    mask_pc = mask_l[:, None] & (cc < 2 * S)[None, :]
     j = 2 * S + tl.arange(0, BR)
     mask_pj = mask_l[:, None] & (j < N)[None, :]
     dQe = tl.zeros((BL, BS), dtype=tl.float32)
@@ -119,17 +133,15 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
         c, s = tl.cos(th), tl.sin(th)
         dqk = tl.load(dqk_ptr + row, mask=mask_l, other=0.0)[:, None]
         out = row[:, None] * N
-        qe, qo = _pair_tiles(Q_ptr, qb_ptr, b, pos, g, h, i, mask_pi, s_qb, s_ql, s_qg, N, S)
-        ke, ko = _pair_tiles(K_ptr, kb_ptr, b, pos, g, h, i, mask_pi, s_kb, s_kl, s_kg, N, S)
+        qe, qo = _pair_tiles(Q_ptr, qb_ptr, b, pos, g, h, cc, mask_pc, s_qb, s_ql, s_qg, N, S, BL, BS)
+        ke, ko = _pair_tiles(K_ptr, kb_ptr, b, pos, g, h, cc, mask_pc, s_kb, s_kl, s_kg, N, S, BL, BS)
         # the gradients of the rotated values: their own, plus qk's through the other factor (rounded, as used)
-        gqe = tl.load(dq_ptr + out + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32) \
-            + dqk * tl.load(k_ptr + out + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32)
-        gqo = tl.load(dq_ptr + out + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32) \
-            + dqk * tl.load(k_ptr + out + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32)
-        gke = tl.load(dk_ptr + out + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32) \
-            + dqk * tl.load(q_ptr + out + 2 * i[None, :], mask=mask_pi, other=0.0).to(tl.float32)
-        gko = tl.load(dk_ptr + out + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32) \
-            + dqk * tl.load(q_ptr + out + 2 * i[None, :] + 1, mask=mask_pi, other=0.0).to(tl.float32)
+        dqe, dqo = _load_pairs(dq_ptr + out, cc, mask_pc, BL, BS)
+        dke, dko = _load_pairs(dk_ptr + out, cc, mask_pc, BL, BS)
+        rqe, rqo = _load_pairs(q_ptr + out, cc, mask_pc, BL, BS)
+        rke, rko = _load_pairs(k_ptr + out, cc, mask_pc, BL, BS)
+        gqe, gqo = dqe + dqk * rke, dqo + dqk * rko
+        gke, gko = dke + dqk * rqe, dko + dqk * rqo
         # d theta from r = Rot(theta) x: dr_e/dtheta = -r_o, dr_o/dtheta = r_e
         dth = gqo * (qe * c - qo * s) - gqe * (qe * s + qo * c) + gko * (ke * c - ko * s) - gke * (ke * s + ko * c)
         tl.store(dth_ptr + row[:, None] * S + i[None, :], dth, mask=mask_pi)
@@ -154,10 +166,8 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
             tl.store(dqb_ptr + (part + h) * N + j, tl.sum(gq, axis=0), mask=j < N)
             tl.store(dkb_ptr + (part + h) * N + j, tl.sum(gk, axis=0), mask=j < N)
     grp = ((b * seqlen + pos[:, None]) * ngroups + g) * N
-    tl.store(dQ_ptr + grp + 2 * i[None, :], dQe, mask=mask_pi)
-    tl.store(dQ_ptr + grp + 2 * i[None, :] + 1, dQo, mask=mask_pi)
-    tl.store(dK_ptr + grp + 2 * i[None, :], dKe, mask=mask_pi)
-    tl.store(dK_ptr + grp + 2 * i[None, :] + 1, dKo, mask=mask_pi)
+    _store_pairs(dQ_ptr + grp, cc, mask_pc, dQe, dQo, BL, BS)
+    _store_pairs(dK_ptr + grp, cc, mask_pc, dKe, dKo, BL, BS)
     if HAS_REST:
         tl.store(dQ_ptr + grp + j[None, :], dQr, mask=mask_pj)
         tl.store(dK_ptr + grp + j[None, :], dKr, mask=mask_pj)

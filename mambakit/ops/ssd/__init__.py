@@ -95,6 +95,7 @@ def mamba_chunk_scan_combined(
     return_final_states: bool = False,
     log_decay: Optional[Tensor] = None,
     backend: str = "auto",
+    allow_tf32: bool = False,
 ) -> SSDOutput:
     """The Mamba-2 SSD op with the official ``mamba_ssm`` signature, plus ``backend`` and ``log_decay``.
 
@@ -118,6 +119,8 @@ def mamba_chunk_scan_combined(
         backend: "auto" (Triton kernels for CUDA tensors that are not float64, else PyTorch), "torch" (the chunked
             PyTorch form, any device), "triton" (mambakit.ops.ssd.triton; chunk_size is then an upper bound on
             its internal chunk of 16..64 positions, which changes nothing but speed) or "ref" (the recurrence).
+        allow_tf32: with the Triton kernels, float32 x, B and C multiply on the tensor cores in tf32 (10-bit
+            mantissas, float32 sums) instead of exactly; other backends and 16-bit inputs do not read it.
 
     Returns:
         y (batch, seqlen, nheads, headdim) in x's dtype, or ``(y, final_states)`` with final_states
@@ -127,6 +130,8 @@ def mamba_chunk_scan_combined(
         MambaKitError: an argument has the wrong type, shape, dtype or device.
     """
     check_backend(backend)
+    if not isinstance(allow_tf32, bool):
+        raise MambaKitError(f"allow_tf32 must be a bool, got {allow_tf32!r}")
     if backend == "auto":
         use_triton = isinstance(x, Tensor) and x.is_cuda and x.dtype != torch.float64 and triton_available()
         backend = "triton" if use_triton else "torch"
@@ -136,14 +141,14 @@ def mamba_chunk_scan_combined(
                              return_final_states=return_final_states, log_decay=log_decay)
     if backend == "triton":
         return _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus,
-                            dt_limit, return_final_states, log_decay)
+                            dt_limit, return_final_states, log_decay, allow_tf32)
     return ssd_chunked(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                        seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit,
                        return_final_states=return_final_states, log_decay=log_decay)
 
 
 def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
-                 return_final_states, log_decay=None) -> SSDOutput:
+                 return_final_states, log_decay=None, allow_tf32=False) -> SSDOutput:
     """The Triton kernels (mambakit.ops.ssd.triton) for dt processing, the scan and the D skip; the gate in PyTorch."""
     check_ssd_inputs(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
                      need_chunk_size=True, log_decay=log_decay)
@@ -158,7 +163,7 @@ def _triton_form(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_
     limit = tuple(dt_limit) if tuple(dt_limit) != DEFAULT_DT_LIMIT else None  # the bias, softplus, clamp: in-kernel
     # non-finite values stay causal inside the kernels (their chunks mask the future after the products)
     y, final = ssd_triton_core(x, dt, A, B, C, D, initial_states, segments(seq_idx), chunk_size, dt_bias=dt_bias,
-                               dt_softplus=dt_softplus, dt_limit=limit, log_decay=log_decay)
+                               dt_softplus=dt_softplus, dt_limit=limit, log_decay=log_decay, allow_tf32=allow_tf32)
     if z is not None:
         y = (y.float() * F.silu(z.float())).to(x.dtype)
     return (y, final) if return_final_states else y

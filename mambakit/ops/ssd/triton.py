@@ -99,8 +99,10 @@ def _chunk_len(block: int, chunk_size: int, itemsize: int) -> int:
     return q
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype, allow_tf32: bool = False) -> str:
+    """The products' input precision: float32 exact ("ieee") unless allow_tf32; 16-bit inputs multiply in their own
+    dtype (the flag is then not read)."""
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
 @triton.jit
@@ -182,7 +184,7 @@ def _padded_segments(seg: Optional[Tensor], Lpad: int) -> Optional[Tensor]:
 class _Plan:
     """Shapes and launch parameters shared by forward and backward."""
 
-    def __init__(self, x: Tensor, B: Tensor, chunk_size: int) -> None:
+    def __init__(self, x: Tensor, B: Tensor, chunk_size: int, allow_tf32: bool = False) -> None:
         self.batch, self.seqlen, self.nheads, self.P = x.shape
         self.ngroups, self.N = B.shape[2], B.shape[3]
         self.hpg = self.nheads // self.ngroups
@@ -194,7 +196,7 @@ class _Plan:
         self.nchunks = -(-self.seqlen // self.Q)
         self.Lpad = self.nchunks * self.Q
         self.BP, self.BN = _pow2(self.P), _pow2(self.N)
-        self.prec = _precision(x.dtype)
+        self.prec = _precision(x.dtype, allow_tf32)
         self.sixteen_bit = x.element_size() == 2
         self.PN = self.P * self.N
         self.BLOCK = min(1024, next_power_of_2(self.PN))
@@ -284,12 +286,12 @@ def _states(pl: "_Plan", x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, 
 def ssd_states(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, initial_states: Optional[Tensor],
                seg: Optional[Tensor], chunk_size: int, dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
                dt_limit: Optional[Tuple[float, float]] = None,
-               log_decay: Optional[Tensor] = None, a_log: bool = False) -> Tuple[Tensor, ...]:
+               log_decay: Optional[Tensor] = None, a_log: bool = False, allow_tf32: bool = False) -> Tuple[Tensor, ...]:
     """What `ssd_forward` returns for the backward (its third result), without computing y: the same kernels on
     the same inputs, so the same values bit for bit. For a backward that recomputes them instead of keeping them
     (the states H_c are (batch, nchunks, nheads, headdim, d_state): headdim * d_state * nheads / Q values per
     position). Arguments as `ssd_forward`'s."""
-    return _states(_Plan(x, B, chunk_size), x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit,
+    return _states(_Plan(x, B, chunk_size, allow_tf32), x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit,
                    log_decay, a_log)[0]
 
 
@@ -297,18 +299,20 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor
                 initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
                 dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
                 dt_limit: Optional[Tuple[float, float]] = None,
-                log_decay: Optional[Tensor] = None, a_log: bool = False) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
+                log_decay: Optional[Tensor] = None, a_log: bool = False,
+                allow_tf32: bool = False) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """x: (batch, seqlen, nheads, headdim); dt: (batch, seqlen, nheads), processed here (+ dt_bias (nheads,),
     softplus, clamp to dt_limit where given); A: (nheads,) float32, or None with log_decay (batch, seqlen, nheads),
     the per-position log-decay in place of dt * A; a_log: A holds A_log (nheads,) float32, A = -exp(A_log) formed
     in the kernels;
     B, C: (batch, seqlen, ngroups, d_state); D: (nheads,) or (nheads, headdim) float32 or None; initial_states:
     (batch, nheads, headdim, d_state) or None; seg: (batch, seqlen) segment numbers or None. x, B, C share one dtype.
-    chunk_size: upper bound of the chunk.
+    chunk_size: upper bound of the chunk. allow_tf32: float32 inputs multiply on the tensor cores in tf32 (10-bit
+    mantissas, float32 sums; ~2x faster products) instead of exactly.
 
     Returns y (x's layout and dtype, with D * x, without the gate), the final state (float32) and what the backward
     needs (`ssd_states` recomputes it)."""
-    pl = _Plan(x, B, chunk_size)
+    pl = _Plan(x, B, chunk_size, allow_tf32)
     saved, final = _states(pl, x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit, log_decay, a_log)
     dtp, segp, acs, H = saved
     segp_arg = segp if segp is not None else dtp
@@ -349,7 +353,7 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
                  dx_out: Optional[Tensor] = None, dt_grad: Optional[DtGrad] = None,
                  dB_out: Optional[Tensor] = None, dC_out: Optional[Tensor] = None,
                  need_dinit: bool = True, log_decay: bool = False,
-                 a_log: bool = False) -> Tuple[Optional[Tensor], ...]:
+                 a_log: bool = False, allow_tf32: bool = False) -> Tuple[Optional[Tensor], ...]:
     """Gradients (dx, ddt, dA, dB, dC, dD, dinit, dbias): dx in x's dtype, dB, dC in B's dtype, the others float32;
     dx: x's shape, ddt: (batch, seqlen, nheads) of the processed dt, dA: (nheads,), dB, dC: B's shape, dD: D's
     shape (None without D), dinit: (batch, nheads, headdim, d_state) (None unless need_dinit), dbias None.
@@ -357,9 +361,10 @@ def ssd_backward(x: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Option
     gradient buffer): the gradient is written there. With dt_grad, ddt is the raw dt's gradient (its dtype, in
     dt_grad.out when given) and dbias the bias's (its dtype; None without a bias), as `dt_processing_grad` gives.
     log_decay: the forward ran with a per-position log-decay (A None): dA is then its gradient, (batch, seqlen,
-    nheads) float32. a_log: A holds A_log (as the forward's a_log): dA is then A_log's gradient."""
+    nheads) float32. a_log: A holds A_log (as the forward's a_log): dA is then A_log's gradient. allow_tf32: as
+    the forward's."""
     dtp, segp, acs, H = saved
-    pl = _Plan(x, B, chunk_size)
+    pl = _Plan(x, B, chunk_size, allow_tf32)
     dev = x.device
     if log_decay:
         A = torch.zeros(pl.nheads, device=dev, dtype=torch.float32)  # ddt = q alone; r goes to dld
@@ -478,27 +483,30 @@ def _config_key(x: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], has_init: 
 class _SSDTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_states, seg, chunk_size, dt_bias, dt_softplus,  # type: ignore[override]
-                dt_limit, log_decay):
+                dt_limit, log_decay, allow_tf32):
         processing = (dt_bias, dt_softplus, dt_limit)
         has_ld = log_decay is not None
+        tf32 = dict(allow_tf32=allow_tf32)
 
         def first_call() -> None:  # forward and backward (the upstream gradients guessed: contiguous, materialised)
             y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing,
-                                          log_decay=log_decay)
+                                          log_decay=log_decay, **tf32)
             ssd_backward(x, A, B, C, D, saved, torch.empty_like(y), torch.empty_like(final), chunk_size,
-                         dt_grad=DtGrad(dt, *processing), need_dinit=initial_states is not None, log_decay=has_ld)
+                         dt_grad=DtGrad(dt, *processing), need_dinit=initial_states is not None, log_decay=has_ld,
+                         **tf32)
 
         key = _config_key(x, B, C, D, initial_states is not None, seg, chunk_size, dt) + (
-            dt_bias is not None, dt_softplus, dt_limit is not None, has_ld)
+            dt_bias is not None, dt_softplus, dt_limit is not None, has_ld, allow_tf32)
         precompile_once(("forward",) + key, first_call)
         y, final, saved = ssd_forward(x, dt, A, B, C, D, initial_states, seg, chunk_size, *processing,
-                                      log_decay=log_decay)
+                                      log_decay=log_decay, **tf32)
         dtp, segp, acs, H = saved
         ctx.save_for_backward(x, A, B, C, D, dtp, acs, H, segp, dt, dt_bias)
         ctx.chunk_size = chunk_size
         ctx.has_init = initial_states is not None
         ctx.dt_softplus, ctx.dt_limit = dt_softplus, dt_limit
         ctx.log_decay_dtype = log_decay.dtype if has_ld else None
+        ctx.allow_tf32 = allow_tf32
         return y, final
 
     @staticmethod
@@ -507,32 +515,35 @@ class _SSDTriton(torch.autograd.Function):
         dy = gy if gy is not None else torch.zeros_like(x)
         # the real upstream gradients may specialise the backward kernels otherwise than forward's guess
         has_ld = ctx.log_decay_dtype is not None
-        key = _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy) + (has_ld,)
+        key = _config_key(x, B, C, D, ctx.has_init, segp, ctx.chunk_size, dy) + (has_ld, ctx.allow_tf32)
+        tf32 = dict(allow_tf32=ctx.allow_tf32)
         precompile_once(("backward", dy.dtype, gfinal is None) + key,
                         lambda: ssd_backward(x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size,
                                              dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit),
-                                             need_dinit=ctx.has_init, log_decay=has_ld))
+                                             need_dinit=ctx.has_init, log_decay=has_ld, **tf32))
         dx, ddt, dA, dB, dC, dD, dinit, dbias = ssd_backward(
             x, A, B, C, D, (dtp, segp, acs, H), dy, gfinal, ctx.chunk_size,
-            dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit), need_dinit=ctx.has_init, log_decay=has_ld)
+            dt_grad=DtGrad(dt, dt_bias, ctx.dt_softplus, ctx.dt_limit), need_dinit=ctx.has_init, log_decay=has_ld,
+            **tf32)
         dld = dA.to(ctx.log_decay_dtype) if has_ld else None
         return (dx, ddt, None if has_ld else dA, dB, dC, dD, dinit,
-                None, None, dbias, None, None, dld)
+                None, None, dbias, None, None, dld, None)
 
 
 def ssd_triton_core(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Optional[Tensor],
                     initial_states: Optional[Tensor], seg: Optional[Tensor], chunk_size: int,
                     dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
                     dt_limit: Optional[Tuple[float, float]] = None,
-                    log_decay: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                    log_decay: Optional[Tensor] = None, allow_tf32: bool = False) -> Tuple[Tensor, Tensor]:
     """Differentiable SSD core with the D skip, without the gate. x: (batch, seqlen, nheads, headdim)
     float16/bfloat16/float32; dt: (batch, seqlen, nheads), processed in the first kernel (+ dt_bias (nheads,),
     softplus, clamp to dt_limit where given); B, C are cast to x's dtype; D: (nheads,) or (nheads, headdim) or None;
     A None with log_decay (batch, seqlen, nheads), the per-position log-decay (differentiable) in place of dt * A.
-    Returns y (x's dtype) and the final state (float32)."""
+    allow_tf32: float32 x multiplies in tf32 (see `ssd_forward`). Returns y (x's dtype) and the final state
+    (float32)."""
     io = x.dtype
     init = None if initial_states is None else initial_states.float()
     Df = None if D is None else D.float().contiguous()
     Af = None if A is None else A.float().contiguous()
     return _SSDTriton.apply(x, dt, Af, B.to(io), C.to(io), Df, init, seg, chunk_size, dt_bias,
-                            dt_softplus, dt_limit, log_decay)
+                            dt_softplus, dt_limit, log_decay, allow_tf32)

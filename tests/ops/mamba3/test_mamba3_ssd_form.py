@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mambakit.ops.mamba3 import mamba3_scan_ref
-from mambakit.ops.mamba3.ssd_form import mamba3_ssd
+from mambakit.ops.mamba3.ssd_form import CUMSUM_BLOCK, mamba3_ssd, position_cumsum
 from tests.conftest import rel_err
 from tests.ops.mamba3.helpers import assert_same_outputs, scan_grads, scan_inputs
 from tests.ops.mamba3.test_mamba3_scan import SHAPES
@@ -69,3 +69,21 @@ def test_unknown_ssd_backend_raises():
 
     with pytest.raises(MambaKitError, match="ssd_backend must be one of"):
         mamba3_ssd(**scan_inputs(), ssd_backend="cuda")
+
+
+@pytest.mark.parametrize("seqlen", [1, CUMSUM_BLOCK - 1, CUMSUM_BLOCK, CUMSUM_BLOCK + 1, 3 * CUMSUM_BLOCK + 17])
+def test_position_cumsum_equals_cumsum(seqlen):
+    g = torch.Generator().manual_seed(seqlen)
+    x = torch.randn(2, seqlen, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, seqlen, 3, 5, generator=g, dtype=torch.float64)
+    got = position_cumsum(x)
+    ref = x.cumsum(1)
+    assert got.shape == ref.shape and rel_err(got, ref) < 1e-14
+    (g_got,) = torch.autograd.grad((got * w).sum(), x)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+    assert rel_err(g_got, g_ref) < 1e-14
+    x_bad = x.detach().clone()
+    x_bad[1, seqlen // 2, 0, 0] = float("nan")  # a non-finite increment reaches only later positions
+    out = position_cumsum(x_bad)
+    assert torch.isfinite(out[1, : seqlen // 2]).all() and torch.isnan(out[1, seqlen // 2:, 0, 0]).all()
+    assert torch.isfinite(out[0]).all()

@@ -36,7 +36,7 @@ def _run(fn, kw, gy, gf, **extra):
     return y, final, dict(zip(keys, grads))
 
 
-def _compare(kw64, dtype=torch.float32, tol=1e-5):
+def _compare(kw64, dtype=torch.float32, tol=1e-5, **extra):
     ref = with_dtype(kw64, torch.float64, requires_grad=True)
     fast = with_dtype(kw64, dtype, requires_grad=True)
     y_shape = kw64["x"].shape
@@ -44,7 +44,7 @@ def _compare(kw64, dtype=torch.float32, tol=1e-5):
     gy = torch.randn(y_shape, generator=g, dtype=torch.float64)
     gf = torch.randn(y_shape[0], y_shape[2], y_shape[3], kw64["B"].shape[-1], generator=g, dtype=torch.float64)
     yr, fr, gr = _run(ssd_recurrent, ref, gy, gf)
-    y, f, gt = _run(mamba_chunk_scan_combined, fast, gy, gf, backend="triton")
+    y, f, gt = _run(mamba_chunk_scan_combined, fast, gy, gf, backend="triton", **extra)
     assert y.dtype == dtype and f.dtype == torch.float32
     errors = {"y": rel_err(y, yr), "final": rel_err(f, fr)}
     errors.update({f"d{k}": rel_err(gt[k], gr[k]) for k in gr})
@@ -77,6 +77,13 @@ def test_large_tiles_headdim_and_state():
 def test_half_precision_inputs(dtype):
     _compare(make_inputs(seqlen=45, nheads=4, headdim=8, ngroups=2, d_state=16, chunk_size=16, D="head", z=True,
                          dt_softplus=True, initial_states=True), dtype=dtype, tol=1e-2)
+
+
+def test_tf32_products_forward_and_backward():
+    # allow_tf32 reaches every kernel of the forward and the backward (on the GPU: 10-bit products, float32 sums;
+    # the interpreter multiplies exactly, so this checks the plumbing, at tf32's tolerance)
+    _compare(make_inputs(seqlen=45, nheads=4, headdim=8, ngroups=2, d_state=16, chunk_size=16, D="head", z=True,
+                         dt_softplus=True, initial_states=True), tol=5e-3, allow_tf32=True)
 
 
 def test_strided_inputs_from_one_projection():
@@ -113,6 +120,8 @@ def test_dispatch_and_errors():
     assert rel_err(auto, mamba_chunk_scan_combined(**kw, backend="torch")[0]) == 0.0
     with pytest.raises(MambaKitError, match="backend"):
         mamba_chunk_scan_combined(**kw, backend="cuda")
+    with pytest.raises(MambaKitError, match="allow_tf32 must be a bool, got 'yes'"):
+        mamba_chunk_scan_combined(**kw, allow_tf32="yes")
     with pytest.raises(MambaKitError, match="float64"):
         mamba_chunk_scan_combined(**make_inputs(seqlen=9, chunk_size=16), backend="triton")
     bad = dict(kw, B=kw["B"][:, :, :1].repeat(1, 1, 3, 1))  # 3 groups do not divide 4 heads

@@ -138,10 +138,15 @@ def mamba3_ssd(
     diag = qk * (p.gamma - p.scale)  # (batch, seqlen, nheads)
     if D is not None:
         diag = diag + D.to(p.fp)
-    y = y.to(p.fp) + diag[..., None] * v
-    if Z is not None:
-        y = y * F.silu(Z.to(p.fp))
-    y = y.to(V.dtype)
+    if kernels:  # the skip and the gate in one kernel each way
+        from mambakit.ops.mamba3.triton_gate import skip_gate
+
+        y = skip_gate(y, v, diag, Z, V.dtype)
+    else:
+        y = y.to(p.fp) + diag[..., None] * v
+        if Z is not None:
+            y = y * F.silu(Z.to(p.fp))
+        y = y.to(V.dtype)
     if not return_final_states:
         return y
     return y, final_angle, ssm.to(p.fp), last_k, v[:, L - 1]

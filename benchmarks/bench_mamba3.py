@@ -1,5 +1,5 @@
 """One Mamba-3 block on the GPU: first call, forward, forward+backward; SISO (the layer's default scan, "auto": the
-SSD Triton kernels with a per-position log-decay for float32 on CUDA, the chunked form for 16-bit; the chunked
+SSD Triton kernels with a per-position log-decay on CUDA, 16-bit inputs on float32 operands with tf32; the chunked
 PyTorch form; "ssd" named; the Mamba-3 Triton kernels) and MIMO of rank --mimo-rank (the chunked PyTorch form and
 the Triton kernels, chunk 64 / R as the official default); our Mamba-2 block beside them, and the official mamba_ssm
 Mamba3 blocks (SISO, MIMO) when importable.

@@ -28,8 +28,8 @@ from mambakit.ops.mamba3.naive import mamba3_scan_ref, step_core
 __all__ = ["BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref", "mamba3_step"]
 
 #: "auto": "ssd" for float32 and 16-bit CUDA tensors (outside a CUDA-graph capture) when Triton imports, else the
-#: chunked PyTorch form; "torch": the chunked PyTorch form; "triton": the Mamba-3 Triton kernels (mambakit.ops.mamba3.triton; CUDA or
-#: TRITON_INTERPRET=1, differentiable); "ssd": the SSD Triton kernels with a per-position log-decay
+#: chunked PyTorch form; "torch": the chunked PyTorch form; "triton": the Mamba-3 Triton kernels
+#: (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1, differentiable); "ssd": the SSD Triton kernels with a per-position log-decay
 #: (mambakit.ops.mamba3.ssd_form; CUDA or TRITON_INTERPRET=1; SISO only); "ref": the step recurrence.
 BACKENDS = ("auto", "torch", "triton", "ssd", "ref")
 

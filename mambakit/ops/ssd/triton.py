@@ -291,8 +291,8 @@ def ssd_states(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, initial_st
     the same inputs, so the same values bit for bit. For a backward that recomputes them instead of keeping them
     (the states H_c are (batch, nchunks, nheads, headdim, d_state): headdim * d_state * nheads / Q values per
     position). Arguments as `ssd_forward`'s."""
-    return _states(_Plan(x, B, chunk_size, allow_tf32), x, dt, A, B, initial_states, seg, dt_bias, dt_softplus, dt_limit,
-                   log_decay, a_log)[0]
+    return _states(_Plan(x, B, chunk_size, allow_tf32), x, dt, A, B, initial_states, seg, dt_bias, dt_softplus,
+                   dt_limit, log_decay, a_log)[0]
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Optional[Tensor], B: Tensor, C: Tensor, D: Optional[Tensor],

@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py                         # GPU: the issue-20 table (130M shape, bf16)
     python benchmarks/bench_decode.py --shapes 1.4b --batches 1 16
     python benchmarks/bench_decode.py --device cpu --tiny     # the same code path, eager, tiny shapes (smoke test)
+    python benchmarks/bench_decode.py --archs mamba2 mamba3 --no-official   # Mamba-3's step beside Mamba-2's
 
 Both models get the same random weights (ours loaded into the official through its state dict, the names are the
 same). Each is prefilled with the same prompt, then decodes greedily: the timed loop is graph replay + argmax +
@@ -10,7 +11,8 @@ the token feed, `--new-tokens` steps, prefill excluded (timed apart, `num_last_t
 through its own `update_graph_cache` (what `generate(cg=True)` uses); mambakit through `GraphedDecoder`.
 Also reported: kernels per step (torch profiler over one eager step), achieved bytes/s over the weights (read once)
 and the recurrent state (read and written), the floor that gives at --bandwidth, and how many greedy tokens of the
-two agree. Without the official package it runs mambakit alone and says so.
+two agree. Without the official package it runs mambakit alone and says so; Mamba-3 (SISO, d_state 128, headdim 64)
+always runs alone (the official's generate breaks: its issues #1014 and #1022).
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ SHAPES = {"130m": (768, 24), "1.4b": (2048, 48), "tiny": (64, 2)}
 
 
 def ssm_cfg(arch: str) -> dict[str, Any]:
-    return {"layer": "Mamba2", "d_state": 128, "headdim": 64} if arch == "mamba2" else {}
+    if arch in ("mamba2", "mamba3"):
+        return {"layer": arch.capitalize(), "d_state": 128, "headdim": 64}
+    return {}
 
 
 def build(arch: str, shape: str, vocab: int, device: str, dtype: torch.dtype, official) -> tuple[Any, Any]:
@@ -38,7 +42,7 @@ def build(arch: str, shape: str, vocab: int, device: str, dtype: torch.dtype, of
     ours = MambaLMHeadModel(MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg=ssm_cfg(arch)),
                             device=device, dtype=dtype).eval()
     theirs = None
-    if official is not None:
+    if official is not None and arch != "mamba3":  # the official Mamba-3 generate breaks (its issues #1014, #1022)
         cfg = official["Config"](d_model=d_model, n_layer=n_layer, vocab_size=vocab, ssm_cfg=ssm_cfg(arch),
                                  rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8,
                                  tie_embeddings=True)
@@ -227,7 +231,7 @@ def run_contexts(rows: Rows, args, arch: str, ours, theirs, official) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--archs", nargs="+", default=["mamba1", "mamba2"], choices=["mamba1", "mamba2"])
+    ap.add_argument("--archs", nargs="+", default=["mamba1", "mamba2"], choices=["mamba1", "mamba2", "mamba3"])
     ap.add_argument("--shapes", nargs="+", default=["130m"], choices=sorted(SHAPES))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--prompt", type=int, default=2048)

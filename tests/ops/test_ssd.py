@@ -170,8 +170,8 @@ def test_return_final_states_flag() -> None:
 def test_forms_share_one_signature() -> None:
     params = list(inspect.signature(mamba_chunk_scan_combined).parameters)
     assert params[:6] == ["x", "dt", "A", "B", "C", "chunk_size"]
-    assert params[-1] == "backend"  # the public op adds the dispatch choice
-    params = params[:-1]
+    assert params[-2:] == ["backend", "allow_tf32"]  # the public op adds the dispatch choice and the kernels' option
+    params = params[:-2]
     for form in (ssd_recurrent, ssd_quadratic, ssd_chunked):
         assert list(inspect.signature(form).parameters) == params
 

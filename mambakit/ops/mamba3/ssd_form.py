@@ -35,7 +35,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.mamba3.chunked import _AtSegmentStart, position_terms, start_state
-from mambakit.ops.mamba3.common import TWO_PI, heads_of_groups, rotate
+from mambakit.ops.mamba3.common import TWO_PI, rotate
 from mambakit.ops.ssd import mamba_chunk_scan_combined
 
 #: the SSD backends this form can run on: "triton" (the SSD Triton kernels: CUDA, or the interpreter), "torch"
@@ -114,7 +114,7 @@ def mamba3_ssd(
     kernels = ssd_backend == "triton"
     p = position_terms(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size, seq_idx,
                        with_qk=not kernels)
-    L, H = p.dims.seqlen, p.dims.nheads
+    L = p.dims.seqlen
     theta, final_angle = sequence_angles(p.inc, p.starts, None if Input_States is None else Input_States[0])
     v = p.v
     io = p.fp
@@ -122,8 +122,7 @@ def mamba3_ssd(
         from mambakit.ops.mamba3.triton_rotary import rotary_qk
 
         q_io, k_io, qk = rotary_qk(Q, K, Q_bias, K_bias, theta, io)
-        # the last position's k for the state, unrounded
-        last_k = rotate(heads_of_groups(K[:, L - 1].to(p.fp), H) + K_bias.to(p.fp), theta[:, L - 1])
+        last_k = k_io[:, L - 1]  # the state's k: io is the compute dtype, so unrounded
     else:
         q_io, k_io = rotate(p.q, theta), rotate(p.k, theta)  # (batch, seqlen, nheads, d_state)
         qk, last_k = (q_io * k_io).sum(-1), k_io[:, L - 1]

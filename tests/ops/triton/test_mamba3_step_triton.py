@@ -200,3 +200,21 @@ def test_auto_takes_pytorch_off_cuda_and_for_grad():
     st = tuple(s.float() for s in _states(g, 2, 3, 5, 6, 1))
     y = functools.partial(mamba3_step, backend="auto")(st, **kw)
     assert y.requires_grad
+
+
+def test_kernel_compiles_for_sm90_without_spills():
+    """The interpreter compiles nothing: build the kernel for Hopper (no GPU needed) at the 130M head (headdim 64,
+    d_state 128, bfloat16 activations, float32 states) with the default blocks and with the whole head in one tile,
+    and read its resource usage: no local memory (no register spills)."""
+    from tests.ops.triton import sm90_resource_usage
+
+    bf16 = {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr", "trap_ptr", "z_ptr", "y_ptr")}
+    fixed = dict(HAS_D=True, HAS_Z=True, NP=128, PP=64)
+    usage = sm90_resource_usage("mambakit.ops.mamba3.triton_step", "_mamba3_step_kernel", "*fp32", {
+        "default": (bf16, dict(fixed, BLOCK_P=kernels.default_block_p(64, 128))),
+        "whole_head_8_warps": (bf16, dict(fixed, BLOCK_P=64, num_warps=8)),
+    })
+    if usage is None:
+        pytest.skip("this Triton's compile API differs")
+    for name, line in usage.items():
+        assert "REG:" in line and "LOCAL:0" in line and "STACK:0" in line, f"{name}: {line}"

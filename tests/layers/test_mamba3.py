@@ -65,14 +65,20 @@ def test_step_loop_equals_forward_float64(kwargs, batch):
     assert rel_err(m.step(x[:, 0], two_d), full[:, 0]) < 1e-12
 
 
+def forward_and_step_loop(m, x):
+    """(forward(x), the step loop's outputs over x (batch, seqlen, d_model) from a fresh state, that state after
+    it) in float32, without autograd."""
+    with torch.no_grad():
+        full = m(x)
+        state = m.allocate_state(x.shape[0])
+        steps = torch.cat([m.step(x[:, t:t + 1], state) for t in range(x.shape[1])], 1)
+    return full, steps, state
+
+
 @pytest.mark.parametrize("kwargs", CONFIGS[:3] + MIMO_CONFIGS)
 def test_step_loop_equals_forward_float32(kwargs):
     m = _layer(dtype=torch.float32, **kwargs)
-    x = torch.randn(3, 40, 32)
-    with torch.no_grad():
-        full = m(x)
-        state = m.allocate_state(3)
-        steps = torch.cat([m.step(x[:, t:t + 1], state) for t in range(40)], 1)
+    full, steps, state = forward_and_step_loop(m, torch.randn(3, 40, 32))
     assert state.ssm.dtype == torch.float32
     assert rel_err(steps, full) < 1e-5
 

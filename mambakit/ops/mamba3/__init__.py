@@ -5,7 +5,8 @@ in :mod:`.mimo`, its dispatcher :func:`.mimo.mamba3_mimo_scan`, its Triton kerne
   in place of ``cu_seqlens``) and a ``backend``.
 * :mod:`.ssd_form` -- the SISO scan as Mamba-2's SSD with a per-position log-decay (its Triton kernels on the GPU:
   the fast path, backend "ssd", what "auto" picks for CUDA tensors).
-* :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding).
+* :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding); on CUDA one fused
+  Triton kernel (:mod:`.triton_step`).
 * :mod:`.naive` (the step recurrence, the reference), :mod:`.chunked` (the block decomposition, fast on CPU) and
   :mod:`.triton` (portable Triton kernels, forward and deterministic backward) share the scan's signature, so
   every test can be ``chunked(**kw) == naive(**kw)``.
@@ -14,6 +15,7 @@ The math, the layouts and the precision rules are in :mod:`mambakit.ops.mamba3.c
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -25,13 +27,20 @@ from mambakit.ops.mamba3.chunked import mamba3_chunked
 from mambakit.ops.mamba3.common import Mamba3States, compute_dtype, heads_of_groups, validate, validate_states
 from mambakit.ops.mamba3.naive import mamba3_scan_ref, step_core
 
-__all__ = ["BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref", "mamba3_step"]
+__all__ = ["BACKENDS", "STEP_BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref",
+           "mamba3_step"]
 
 #: "auto": "ssd" for float32 and 16-bit CUDA tensors (outside a CUDA-graph capture) when Triton imports, else the
 #: chunked PyTorch form; "torch": the chunked PyTorch form; "triton": the Mamba-3 Triton kernels
 #: (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1, differentiable); "ssd": the SSD Triton kernels with a per-position log-decay
 #: (mambakit.ops.mamba3.ssd_form; CUDA or TRITON_INTERPRET=1; SISO only); "ref": the step recurrence.
 BACKENDS = ("auto", "torch", "triton", "ssd", "ref")
+
+#: of :func:`mamba3_step`: "auto": "triton" for CUDA tensors computed in float32 (no float64 input or state) when
+#: Triton imports and no input requires grad, else "torch"; "triton": one fused kernel
+#: (mambakit.ops.mamba3.triton_step; CUDA or TRITON_INTERPRET=1); "torch": the PyTorch step
+#: (:func:`mambakit.ops.mamba3.naive.step_core`).
+STEP_BACKENDS = ("auto", "torch", "triton")
 
 
 def mamba3_scan(
@@ -98,22 +107,45 @@ def _ssd_fits(V: object) -> bool:
 def mamba3_step(
     states: Tuple[Tensor, Tensor, Tensor, Tensor], Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor, DT: Tensor,
     Trap: Tensor, Q_bias: Tensor, K_bias: Tensor, Angles: Tensor, D: Optional[Tensor] = None,
-    Z: Optional[Tensor] = None,
+    Z: Optional[Tensor] = None, backend: str = "auto",
 ) -> Tensor:
     """One token; updates the four tensors of ``states`` IN PLACE (computed in float32, or float64 when a state or
-    an input is float64, then stored in each state's dtype).
+    an input is float64, then stored in each state's dtype). The "triton" kernel is inference only (nothing is
+    recorded for autograd: "auto" takes the PyTorch step while an input requires grad).
 
     Args:
         states: (angle, ssm, k, v) as in :func:`mamba3_scan`'s Input_States.
         Q, K: (batch, ngroups, d_state); V, Z: (batch, nheads, headdim); ADT, DT, Trap: (batch, nheads);
         Q_bias, K_bias: (nheads, d_state); Angles: (batch, nheads, n_angles); D: (nheads,), optional.
+        backend: one of :data:`STEP_BACKENDS`.
 
     Returns:
         y (batch, nheads, headdim) in V's dtype: exactly one step of the recurrence of :func:`mamba3_scan_ref`.
+
+    Raises:
+        MambaKitError: an argument has the wrong type, shape or device, an unknown backend, or "triton" for float64.
     """
+    if backend not in STEP_BACKENDS:
+        raise MambaKitError(f"backend must be one of {STEP_BACKENDS}, got {backend!r}")
     dims = validate(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, None, None, seq_dims=False)
     validate_states(states, dims, "states")
     fp = compute_dtype(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *states)
+    inputs = (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if backend == "auto":
+        backend = "triton" if fp == torch.float32 and V.is_cuda and not grad and _step_kernel_imports() else "torch"
+    if backend == "triton":
+        if fp == torch.float64:
+            raise MambaKitError("backend='triton' computes in float32: no float64 input or state, got float64")
+        if grad:
+            raise MambaKitError("backend='triton' is inference only: an input requires grad (use torch.no_grad() "
+                                "or backend='torch')")
+        for part, value in zip(Mamba3States._fields, states):
+            if value.device != V.device:
+                raise MambaKitError(f"states.{part} must be on V's device ({V.device}), got {value.device}")
+        from mambakit.ops.mamba3.triton_step import mamba3_step_triton
+
+        return mamba3_step_triton(states, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=D, Z=Z)
     before = Mamba3States(*(s.to(fp) for s in states))
     y, after = step_core(before, heads_of_groups(Q.to(fp), dims.nheads), heads_of_groups(K.to(fp), dims.nheads),
                          V.to(fp), ADT.to(fp), DT.to(fp), Trap.to(fp), Q_bias.to(fp), K_bias.to(fp), Angles.to(fp),
@@ -123,3 +155,11 @@ def mamba3_step(
     if Z is not None:
         y = y * F.silu(Z.to(fp))
     return y.to(V.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _step_kernel_imports() -> bool:
+    """Whether the step's Triton kernel imports (asked once: "auto" decides on every decoding step)."""
+    from mambakit.ops.backends import kernels
+
+    return kernels("mambakit.ops.mamba3.triton_step") is not None

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import importlib.util
+import inspect
 import os
 import statistics
 import time
@@ -34,6 +35,7 @@ from _common import Rows, table
 from mambakit import MambaConfig, MambaLMHeadModel
 from mambakit.layers import mamba as mamba1_layer, mamba2 as mamba2_layer
 from mambakit.ops import cpu_linear
+from mambakit.ops.derived import negative_exp
 
 SHAPES = {"130m": (768, 24, 50277), "tiny": (64, 2, 256)}
 COLUMNS = ["arch", "variant", "threads", "decode_tok_s", "cpu_ms_token", "median_abs_diff", "max_abs_diff",
@@ -49,13 +51,21 @@ def load_baseline(path: Optional[str]) -> Optional[Any]:
     return module
 
 
+def _kept_A(step: Callable[..., Any], a_log_index: int) -> Callable[..., Any]:
+    """A baseline mixer step as its layers called it: with A = -exp(A_log) kept per weight version (as the layers
+    did before the steps kept it themselves) where it takes A, else without."""
+    if "A" not in inspect.signature(step).parameters:
+        return lambda *a, A=None, **k: step(*a, **k)
+    return lambda *a, A=None, **k: step(*a, A=negative_exp(a[a_log_index], a[2].dtype), **k)
+
+
 @contextlib.contextmanager
 def stepping(baseline: Optional[Any], fp32_accumulation: bool) -> Iterator[None]:
     """Inside: the layers call the baseline module's mixer steps (when given); cpu_linear on or off."""
     saved = (mamba1_layer.mamba1_step, mamba2_layer.mamba2_step, cpu_linear.ENABLED)
     if baseline is not None:
-        mamba1_layer.mamba1_step = baseline.mamba1_step
-        mamba2_layer.mamba2_step = lambda *a, A=None, **k: baseline.mamba2_step(*a, **k)  # it takes no A
+        mamba1_layer.mamba1_step = _kept_A(baseline.mamba1_step, 8)
+        mamba2_layer.mamba2_step = _kept_A(baseline.mamba2_step, 6)
     cpu_linear.ENABLED = fp32_accumulation
     try:
         yield

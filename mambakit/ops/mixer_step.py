@@ -12,6 +12,7 @@ Inference only: the states are updated in place and nothing is recorded for auto
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.conv1d import causal_conv1d_update
+from mambakit.ops.derived import float_copy, negative_exp, transposed_copy
 from mambakit.ops.cpu_linear import cpu_linear, split_linear, use_cpu_linear, use_split_linear
 from mambakit.ops.selective_scan import selective_state_update
 from mambakit.ops.ssd import ssd_step
@@ -90,14 +92,40 @@ def bcdt_norm(dt: Tensor, B: Tensor, C: Tensor, eps: Optional[float],
     return out if weights is None else tuple(w * t for w, t in zip(weights, out))
 
 
+# (thread, shape, dtype, device) -> a buffer that the lean steps reuse for their largest temporary
+_SCRATCH: dict[tuple, Tensor] = {}
+_T = True
+
+
+def _scratch(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised tensor of shape, like's dtype and device, the same one at every call of this thread: written by
+    every layer of a step, it stays in the cache, and it spares the allocator fresh pages (which a temporary of the
+    state's size gets from the system at every call when it falls where the heap was trimmed)."""
+    key = (threading.get_ident(), shape, like.dtype, like.device)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) >= 64:
+            _SCRATCH.clear()
+        with torch.inference_mode(False):  # a normal tensor: writable inside inference mode and outside it
+            buf = _SCRATCH[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype without the cost of a `.to` call when it has it already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _conv_silu_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """`causal_conv1d_update(..., activation="silu")` in fewer tensor operations for the lean step (the same values):
     x (batch, dim) enters conv_state (batch, dim, width) (in its dtype) as the newest column; weight (dim, width),
-    bias (dim,). Returns (batch, dim) in x's dtype."""
-    window = torch.cat((conv_state[..., 1:], x.to(conv_state.dtype)[..., None]), dim=-1)
+    bias (dim,) (in another dtype than x: a copy kept per weight version). Returns (batch, dim) in x's dtype."""
+    window = torch.cat((conv_state[..., 1:], _as(x, conv_state.dtype)[..., None]), dim=-1)
     conv_state.copy_(window)
-    y = torch.linalg.vecdot(window.to(x.dtype), weight.to(x.dtype))
-    return F.silu(y if bias is None else y.add_(bias))
+    y = torch.linalg.vecdot(_as(window, x.dtype), float_copy(weight, x.dtype))
+    if bias is not None:
+        y.add_(float_copy(bias, x.dtype))
+    return F.silu(y, inplace=True)
 
 
 def _fusable(*tensors: Optional[Tensor]) -> bool:
@@ -164,24 +192,31 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
                                       None if D is None else D.to(fp), z=z, dt_bias=dt_proj_bias.to(fp),
                                       dt_softplus=True)
     # the lean step: the same arithmetic as the composition in fewer, larger tensor operations
-    x = _conv_silu_step(x, conv_state, conv_weight, conv_bias)
-    dt, B, C = torch.split(linear_step(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
-    dt, B, C = bcdt_norm(dt, B, C, bcdt_rms_eps, bcdt_weights)
     fp = ssm_state.dtype
-    if dt_transform is None and dt_proj_bias.dtype == dt_proj_weight.dtype:  # the bias inside the product
+    x = _conv_silu_step(x, conv_state, conv_weight, conv_bias)
+    small = _T and x.device.type == "cpu" and x.dtype == fp  # the small products from transposed copies (`transposed_copy`)
+    xdbl = torch.mm(x, transposed_copy(x_proj_weight, fp)) if small else linear_step(x, x_proj_weight)
+    dt, B, C = torch.split(xdbl, [dt_rank, d_state, d_state], dim=-1)
+    dt, B, C = bcdt_norm(dt, B, C, bcdt_rms_eps, bcdt_weights)
+    if small and dt_transform is None and dt.dtype == fp:
+        dt = F.softplus(torch.addmm(float_copy(dt_proj_bias, fp), dt, transposed_copy(dt_proj_weight, fp)))
+    elif dt_transform is None and dt_proj_bias.dtype == dt_proj_weight.dtype:  # the bias inside the product
         dt = process_dt(linear_step(dt, dt_proj_weight, dt_proj_bias), dt_softplus=True, dtype=fp)
     else:  # the transform sees the pre-bias dt
-        dt = linear_step(dt, dt_proj_weight)
+        dt = torch.mm(dt, transposed_copy(dt_proj_weight, fp)) if small and dt.dtype == fp \
+            else linear_step(dt, dt_proj_weight)
         if dt_transform is not None:
             dt = dt_transform(dt)
-        dt = process_dt(dt, dt_proj_bias, dt_softplus=True, dtype=fp)  # (batch, d_inner)
-    A = -torch.exp(A_log.to(fp)) if A is None else A.to(fp)
-    xf = x.to(fp)
-    ssm_state.mul_(torch.mul(dt[..., None], A).exp_()).addcmul_((dt * xf)[..., None], B.to(fp)[:, None, :])
-    y = torch.bmm(ssm_state, C.to(fp)[..., None])[..., 0]  # (batch, d_inner)
+        dt = process_dt(dt, float_copy(dt_proj_bias, fp), dt_softplus=True, dtype=fp)  # (batch, d_inner)
+    A = negative_exp(A_log, fp) if A is None else _as(A, fp)
+    xf, B, C = _as(x, fp), _as(B, fp), _as(C, fp)
+    dA = torch.mul(dt[..., None], A, out=_scratch(tuple(ssm_state.shape), ssm_state)).exp_()
+    ssm_state.mul_(dA).addcmul_((dt * xf)[..., None], B[:, None, :])
+    y = torch.bmm(ssm_state, C[..., None])[..., 0]  # (batch, d_inner)
     if D is not None:
-        y = torch.addcmul(y, xf, D.to(fp))
-    return (y * F.silu(z.to(fp))).to(xz.dtype)
+        y = torch.addcmul(y, xf, float_copy(D, fp))
+    y = y.mul_(F.silu(_as(z, fp)))
+    return _as(y, xz.dtype)
 
 
 @torch.no_grad()
@@ -241,18 +276,23 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
                      dt_softplus=True, dt_limit=dt_limit, backend="torch")
         return y.flatten(-2).to(zxbcdt.dtype)
     # the lean step: heads of a group read the group's B and C (broadcast, no per-head copies)
-    dt = process_dt(dt, dt_bias, dt_softplus=True, dt_limit=dt_limit, dtype=fp)  # (batch, nheads)
-    A = -torch.exp(A_log.to(fp)) if A is None else A.to(fp)
+    dt = process_dt(dt, float_copy(dt_bias, fp), dt_softplus=True, dt_limit=dt_limit, dtype=fp)  # (batch, nheads)
+    A = negative_exp(A_log, fp) if A is None else _as(A, fp)
     dA = torch.mul(dt, A).exp_()  # (batch, nheads)
     hpg = nheads // ngroups
-    xf = x.to(fp).view(batch, ngroups, hpg, headdim)
+    xf = _as(x, fp).view(batch, ngroups, hpg, headdim)
     state = ssm_state.view(batch, ngroups, hpg, headdim, d_state)
-    Bg = B.to(fp).view(batch, ngroups, 1, 1, d_state)
+    Bg = _as(B, fp).view(batch, ngroups, 1, 1, d_state)
     state.mul_(dA.view(batch, ngroups, hpg, 1, 1)).addcmul_((dt.view(batch, ngroups, hpg, 1) * xf)[..., None], Bg)
-    y = torch.matmul(state, C.to(fp).view(batch, ngroups, 1, d_state, 1))[..., 0]  # (batch, ngroups, hpg, headdim)
+    Cg = _as(C, fp).reshape(batch * ngroups, d_state, 1)
+    if ssm_state.is_contiguous():  # the heads of a group as one matrix: one product per group, not one per head
+        y = torch.bmm(ssm_state.view(batch * ngroups, hpg * headdim, d_state), Cg)
+        y = y.view(batch, ngroups, hpg, headdim)
+    else:
+        y = torch.matmul(state, Cg.view(batch, ngroups, 1, d_state, 1))[..., 0]  # (batch, ngroups, hpg, headdim)
     if D is not None:  # per head (broadcast over headdim) or per channel
-        y = torch.addcmul(y, xf, D.to(fp).view(ngroups, hpg, headdim if D.numel() == d_inner else 1))
+        y = torch.addcmul(y, xf, float_copy(D, fp).view(ngroups, hpg, headdim if D.numel() == d_inner else 1))
     y = y.reshape(batch, d_inner)
     if gate:
-        y = y * F.silu(z.to(fp))
-    return y.to(zxbcdt.dtype)
+        y = y * F.silu(_as(z, fp))
+    return _as(y, zxbcdt.dtype)

@@ -76,3 +76,26 @@ def test_linear_step_equals_linear(dtype, batch):
     fp32_out = dtype == torch.float32 or (cpu_linear.ENABLED and fp32_accumulation_available())
     assert out.dtype == (torch.float32 if fp32_out else dtype) and out.shape == (batch, 200)
     assert rel_err(out, ref) < (1e-6 if fp32_out else 1e-2)
+
+
+def test_mamba2_lean_step_on_a_non_contiguous_state():
+    """A state laid out (batch, nheads, d_state, headdim) in memory takes the per-head read-out, not the one product
+    per group over the flat state; the same values."""
+    g = torch.Generator().manual_seed(7)
+    batch, nheads, headdim, d_state, ngroups = 3, 4, 6, 5, 2
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    p = dict(conv_weight=_r(g, conv_dim, 4, scale=0.5), conv_bias=_r(g, conv_dim, scale=0.3),
+             dt_bias=_r(g, nheads, scale=0.5) - 2,
+             A_log=torch.log(torch.rand(nheads, generator=g, dtype=torch.float64) * 8 + 1), D=_r(g, nheads),
+             ngroups=ngroups)
+    s_ref = (_r(g, batch, conv_dim, 4), _r(g, batch, nheads, headdim, d_state))
+    s_out = (s_ref[0].clone(), s_ref[1].transpose(-1, -2).contiguous().transpose(-1, -2))
+    assert not s_out[1].is_contiguous()
+    for _ in range(2):
+        zx = _r(g, batch, d_inner + conv_dim + nheads)
+        ref = mamba2_step(zx, *s_ref, **p, backend="ref")
+        out = mamba2_step(zx, *s_out, **p, backend="torch")
+        assert rel_err(out, ref) < 1e-12
+        for a, b in zip(s_ref, s_out):
+            assert rel_err(b, a) < 1e-12

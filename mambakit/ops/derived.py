@@ -1,4 +1,4 @@
-"""Tensors derived from weights (a compute-dtype copy, a transposed copy, A = -exp(A_log)) kept per weight version,
+"""Tensors derived from weights (a compute-dtype copy, A = -exp(A_log)) kept per weight version,
 so that a decode step does not form them at every token.
 
 `derived(weight, kind, make)` returns make(weight) and keeps it for as long as the weight lives, keyed by the weight's
@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["derived", "float_copy", "negative_exp", "transposed_copy"]
+__all__ = ["derived", "float_copy", "negative_exp"]
 
 # (id(root), kind) -> (weakref to the root, the weight's version key, the derived tensor)
 _CACHE: dict[tuple[int, Any], tuple[Any, tuple, Tensor]] = {}
@@ -49,13 +49,6 @@ def float_copy(weight: Tensor, dtype: torch.dtype) -> Tensor:
     if weight.dtype == dtype:
         return weight
     return derived(weight, ("to", dtype), lambda w: w.to(dtype))
-
-
-def transposed_copy(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """weight (out, in) -> a contiguous (in, out) copy in dtype, kept per weight version: x @ it is F.linear(x,
-    weight) with the weight read row by row, which a decode step's small products (x_proj, dt_proj) on the CPU read
-    faster than the transposed view that F.linear hands to the BLAS."""
-    return derived(weight, ("t", dtype), lambda w: w.to(dtype).t().contiguous())
 
 
 def negative_exp(a_log: Tensor, dtype: torch.dtype) -> Tensor:

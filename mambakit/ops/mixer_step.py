@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.conv1d import causal_conv1d_update
-from mambakit.ops.derived import float_copy, negative_exp, transposed_copy
+from mambakit.ops.derived import float_copy, negative_exp
 from mambakit.ops.cpu_linear import cpu_linear, split_linear, use_cpu_linear, use_split_linear
 from mambakit.ops.selective_scan import selective_state_update
 from mambakit.ops.ssd import ssd_step
@@ -37,15 +37,25 @@ def _check(name: str, t: Optional[Tensor], shape: tuple[int, ...]) -> None:
         raise MambaKitError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _pick(backend: str, tensor: Tensor, fused_ok: bool) -> str:
-    """"triton", "torch" (the lean PyTorch step) or "ref" (the composition of the single-purpose ops)."""
+def _check_shapes(expected: dict[str, tuple[Optional[Tensor], tuple[int, ...]]]) -> None:
+    """Each named tensor (None: absent) of its expected shape: one comparison of all when they are (every step), the
+    named check that fails when one is not."""
+    if tuple(t.shape for t, _ in expected.values() if t is not None) != \
+            tuple(shape for t, shape in expected.values() if t is not None):
+        for name, (t, shape) in expected.items():
+            _check(name, t, shape)
+
+
+def _pick(backend: str, tensor: Tensor, fused_ok: Callable[[], bool]) -> str:
+    """"triton", "torch" (the lean PyTorch step) or "ref" (the composition of the single-purpose ops); fused_ok (asked
+    only where the kernels could run): whether they take these tensors."""
     backend = check_backend(backend)
-    if backend == "triton" and not fused_ok:
+    if backend == "triton" and not fused_ok():
         raise MambaKitError("backend='triton' needs contiguous weights and states (last dim), non-float64 tensors, "
                             "no dt_transform and (Mamba-1) no bcdt_rms_eps")
     if backend != "auto":
         return backend
-    if fused_ok and tensor.is_cuda:
+    if tensor.is_cuda and fused_ok():
         try:
             import mambakit.ops.triton.mixer_step  # noqa: F401
         except ImportError:
@@ -94,7 +104,6 @@ def bcdt_norm(dt: Tensor, B: Tensor, C: Tensor, eps: Optional[float],
 
 # (thread, shape, dtype, device) -> a buffer that the lean steps reuse for their largest temporary
 _SCRATCH: dict[tuple, Tensor] = {}
-_T = True
 
 
 def _scratch(shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -155,14 +164,12 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     """
     batch, d_inner, d_state = ssm_state.shape
     dt_rank = dt_proj_weight.shape[-1]
-    _check("xz", xz, (batch, 2 * d_inner))
-    _check("conv_state", conv_state, (batch, d_inner, conv_weight.shape[-1]))
-    _check("conv_weight", conv_weight, (d_inner, conv_state.shape[-1]))
-    for name, t in (("conv_bias", conv_bias), ("dt_proj_bias", dt_proj_bias), ("D", D)):
-        _check(name, t, (d_inner,))
-    _check("x_proj_weight", x_proj_weight, (dt_rank + 2 * d_state, d_inner))
-    _check("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank))
-    _check("A_log", A_log, (d_inner, d_state))
+    _check_shapes({"xz": (xz, (batch, 2 * d_inner)),
+                   "conv_state": (conv_state, (batch, d_inner, conv_weight.shape[-1])),
+                   "conv_weight": (conv_weight, (d_inner, conv_state.shape[-1])), "conv_bias": (conv_bias, (d_inner,)),
+                   "dt_proj_bias": (dt_proj_bias, (d_inner,)), "D": (D, (d_inner,)),
+                   "x_proj_weight": (x_proj_weight, (dt_rank + 2 * d_state, d_inner)),
+                   "dt_proj_weight": (dt_proj_weight, (d_inner, dt_rank)), "A_log": (A_log, (d_inner, d_state))})
     if bcdt_rms_eps is not None and not (isinstance(bcdt_rms_eps, (int, float)) and bcdt_rms_eps > 0):
         raise MambaKitError(f"bcdt_rms_eps must be a positive number or None, got {bcdt_rms_eps!r}")
     if bcdt_weights is not None:
@@ -170,10 +177,9 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
             raise MambaKitError("bcdt_weights needs bcdt_rms_eps (the norms they scale)")
         for name, t, n in zip(("dt", "B", "C"), bcdt_weights, (dt_rank, d_state, d_state)):
             _check(f"bcdt_weights {name}", t, (n,))
-    fused_ok = dt_transform is None and bcdt_rms_eps is None \
-        and _fusable(xz, conv_state, ssm_state, conv_weight, x_proj_weight, dt_proj_weight, A_log) \
-        and conv_weight.is_contiguous() and x_proj_weight.is_contiguous() and dt_proj_weight.is_contiguous() and A_log.is_contiguous()
-    choice = _pick(backend, xz, fused_ok)
+    choice = _pick(backend, xz, lambda: dt_transform is None and bcdt_rms_eps is None
+                   and _fusable(xz, conv_state, ssm_state, conv_weight, x_proj_weight, dt_proj_weight, A_log)
+                   and all(t.is_contiguous() for t in (conv_weight, x_proj_weight, dt_proj_weight, A_log)))
     if choice == "triton":
         from mambakit.ops.triton.mixer_step import mamba1_step_triton
 
@@ -194,17 +200,12 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     # the lean step: the same arithmetic as the composition in fewer, larger tensor operations
     fp = ssm_state.dtype
     x = _conv_silu_step(x, conv_state, conv_weight, conv_bias)
-    small = _T and x.device.type == "cpu" and x.dtype == fp  # the small products from transposed copies (`transposed_copy`)
-    xdbl = torch.mm(x, transposed_copy(x_proj_weight, fp)) if small else linear_step(x, x_proj_weight)
-    dt, B, C = torch.split(xdbl, [dt_rank, d_state, d_state], dim=-1)
+    dt, B, C = torch.split(linear_step(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
     dt, B, C = bcdt_norm(dt, B, C, bcdt_rms_eps, bcdt_weights)
-    if small and dt_transform is None and dt.dtype == fp:
-        dt = F.softplus(torch.addmm(float_copy(dt_proj_bias, fp), dt, transposed_copy(dt_proj_weight, fp)))
-    elif dt_transform is None and dt_proj_bias.dtype == dt_proj_weight.dtype:  # the bias inside the product
+    if dt_transform is None and dt_proj_bias.dtype == dt_proj_weight.dtype:  # the bias inside the product
         dt = process_dt(linear_step(dt, dt_proj_weight, dt_proj_bias), dt_softplus=True, dtype=fp)
     else:  # the transform sees the pre-bias dt
-        dt = torch.mm(dt, transposed_copy(dt_proj_weight, fp)) if small and dt.dtype == fp \
-            else linear_step(dt, dt_proj_weight)
+        dt = linear_step(dt, dt_proj_weight)
         if dt_transform is not None:
             dt = dt_transform(dt)
         dt = process_dt(dt, float_copy(dt_proj_bias, fp), dt_softplus=True, dtype=fp)  # (batch, d_inner)
@@ -241,17 +242,14 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
     conv_dim = d_inner + 2 * ngroups * d_state
     if ngroups < 1 or nheads % ngroups:
         raise MambaKitError(f"ngroups must divide nheads={nheads}, got {ngroups}")
-    _check("zxbcdt", zxbcdt, (batch, d_inner + conv_dim + nheads))
-    _check("conv_state", conv_state, (batch, conv_dim, conv_weight.shape[-1]))
-    _check("conv_weight", conv_weight, (conv_dim, conv_state.shape[-1]))
-    _check("conv_bias", conv_bias, (conv_dim,))
-    _check("dt_bias", dt_bias, (nheads,))
-    _check("A_log", A_log, (nheads,))
+    _check_shapes({"zxbcdt": (zxbcdt, (batch, d_inner + conv_dim + nheads)),
+                   "conv_state": (conv_state, (batch, conv_dim, conv_weight.shape[-1])),
+                   "conv_weight": (conv_weight, (conv_dim, conv_state.shape[-1])), "conv_bias": (conv_bias, (conv_dim,)),
+                   "dt_bias": (dt_bias, (nheads,)), "A_log": (A_log, (nheads,))})
     if D is not None and tuple(D.shape) not in ((nheads,), (d_inner,)):
         raise MambaKitError(f"D must have shape ({nheads},) or ({d_inner},), got {tuple(D.shape)}")
-    fused_ok = dt_transform is None and _fusable(zxbcdt, conv_state, ssm_state, conv_weight) \
-        and ssm_state.is_contiguous()
-    choice = _pick(backend, zxbcdt, fused_ok)
+    choice = _pick(backend, zxbcdt, lambda: dt_transform is None and ssm_state.is_contiguous()
+                   and _fusable(zxbcdt, conv_state, ssm_state, conv_weight))
     if choice == "triton":
         from mambakit.ops.triton.decode import conv1d_update_triton
         from mambakit.ops.triton.mixer_step import mamba2_state_step_triton

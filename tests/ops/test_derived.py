@@ -16,18 +16,18 @@ from mambakit.ops import derived as dv
 def test_kept_while_the_weight_is_unchanged_and_remade_after_each_change():
     lin = nn.Linear(5, 7)
     w = lin.weight
-    t = dv.transposed_copy(w, torch.float64)
-    assert t.shape == (5, 7) and t.dtype == torch.float64 and t.is_contiguous()
-    assert torch.equal(t, w.detach().double().t())
-    assert dv.transposed_copy(w, torch.float64) is t  # kept
+    t = dv.float_copy(w, torch.float64)
+    assert t.shape == (7, 5) and t.dtype == torch.float64
+    assert torch.equal(t, w.detach().double())
+    assert dv.float_copy(w, torch.float64) is t  # kept
     with torch.no_grad():
         w.mul_(2)  # in place: a new version
-    t2 = dv.transposed_copy(w, torch.float64)
-    assert t2 is not t and torch.equal(t2, w.detach().double().t())
+    t2 = dv.float_copy(w, torch.float64)
+    assert t2 is not t and torch.equal(t2, w.detach().double())
     lin.load_state_dict({"weight": torch.randn(7, 5), "bias": torch.zeros(7)})  # copies in place
-    assert torch.equal(dv.transposed_copy(w, torch.float64), w.detach().double().t())
+    assert torch.equal(dv.float_copy(w, torch.float64), w.detach().double())
     w.data = torch.randn(7, 5)  # new storage
-    assert torch.equal(dv.transposed_copy(w, torch.float64), w.detach().double().t())
+    assert torch.equal(dv.float_copy(w, torch.float64), w.detach().double())
 
 
 def test_a_view_finds_its_parameter_and_each_view_has_its_own_entry():
@@ -54,7 +54,7 @@ def test_negative_exp_and_same_dtype_and_inference_tensors():
 
 def test_entries_go_with_their_weight():
     w = torch.randn(4, 4)
-    dv.transposed_copy(w, torch.float64)
+    dv.float_copy(w, torch.float64)
     n = len(dv._CACHE)
     del w
     gc.collect()
@@ -64,7 +64,7 @@ def test_entries_go_with_their_weight():
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_decode_step_sees_weights_changed_between_steps(layer, dtype):
-    """Every weight a lean step derives a tensor from (A_log, D, biases, conv, x_proj / dt_proj) changed in place
+    """Every weight a lean step derives a tensor from (A_log, D, biases, conv; x_proj / dt_proj through cpu_linear's copies) changed in place
     between two steps: the next step equals that of a fresh copy of the changed model."""
     torch.manual_seed(0)
     ssm = {"layer": layer} if layer == "Mamba1" else {"layer": layer, "d_state": 16, "headdim": 16}

@@ -13,7 +13,7 @@ from mambakit.ops.cpu_linear import cpu_linear, use_cpu_linear
 from mambakit.ops.derived import float_copy
 from mambakit.ops.mixer_step import linear_step
 from mambakit.ops.norm import add_rms_norm
-from mambakit.ops.norm.naive import rms_norm_torch
+from mambakit.ops.norm.naive import rms_norm_gated_torch, rms_norm_torch
 from mambakit.ops.norm_linear import add_rms_norm_linear, gemv_linear, rms_norm_gated_linear
 
 
@@ -87,9 +87,27 @@ def fp32_add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps
 
 def gated_norm_project_step(norm: nn.Module, linear: nn.Module, y: Tensor, z: Tensor) -> Tensor:
     """linear(norm(y, z)) for one token, y, z (batch, d): one fused call (`rms_norm_gated_linear`) when norm is a
-    hook-free RMSNormGated and linear a plain nn.Linear."""
+    hook-free RMSNormGated and linear a plain nn.Linear (on the CPU with float32 / float64 y and z, `lean_rms_norm_gated`
+    then `linear_step`)."""
     if type(norm) is RMSNormGated and plain_linear(linear) and not (norm._forward_hooks or norm._forward_pre_hooks):
+        if not y.is_cuda and y.dtype in (torch.float32, torch.float64) and z.dtype == y.dtype \
+                and not torch.is_grad_enabled():
+            normed = lean_rms_norm_gated(y, z, norm.weight, norm.eps, norm.group_size or y.shape[-1],
+                                         norm.norm_before_gate)
+            return linear_step(normed, linear.weight, linear.bias)
         return rms_norm_gated_linear(y, z, norm.weight, norm.eps, norm.group_size, norm.norm_before_gate,
                                      linear.weight, linear.bias)
     return project_step(linear, norm(y, z))
 
+
+def lean_rms_norm_gated(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int,
+                        norm_before_gate: bool) -> Tensor:
+    """`rms_norm_gated_torch` for y, z (..., d) of one float dtype (float32 / float64) in fewer calls: the weight (d,)
+    in that dtype kept per weight version, each group's norm one F.rms_norm where torch has it. Returns (..., d) in
+    y's dtype."""
+    if _F_RMS_NORM is None:
+        return rms_norm_gated_torch(y, z, weight, eps, group_size, norm_before_gate)
+    gated = y if norm_before_gate else y * F.silu(z)
+    out = _F_RMS_NORM(gated.unflatten(-1, (-1, group_size)), (group_size,), None, eps).flatten(-2)
+    out = out.mul_(float_copy(weight, y.dtype))
+    return out.mul_(F.silu(z)) if norm_before_gate else out

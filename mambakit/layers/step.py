@@ -87,8 +87,8 @@ def fp32_add_rms_norm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps
 
 def gated_norm_project_step(norm: nn.Module, linear: nn.Module, y: Tensor, z: Tensor) -> Tensor:
     """linear(norm(y, z)) for one token, y, z (batch, d): one fused call (`rms_norm_gated_linear`) when norm is a
-    hook-free RMSNormGated and linear a plain nn.Linear (on the CPU with float32 / float64 y and z, `lean_rms_norm_gated`
-    then `linear_step`)."""
+    hook-free RMSNormGated and linear a plain nn.Linear (on the CPU with float32 / float64 y and z,
+    `lean_rms_norm_gated` then `linear_step`)."""
     if type(norm) is RMSNormGated and plain_linear(linear) and not (norm._forward_hooks or norm._forward_pre_hooks):
         if not y.is_cuda and y.dtype in (torch.float32, torch.float64) and z.dtype == y.dtype \
                 and not torch.is_grad_enabled():

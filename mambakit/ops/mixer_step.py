@@ -244,7 +244,8 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
         raise MambaKitError(f"ngroups must divide nheads={nheads}, got {ngroups}")
     _check_shapes({"zxbcdt": (zxbcdt, (batch, d_inner + conv_dim + nheads)),
                    "conv_state": (conv_state, (batch, conv_dim, conv_weight.shape[-1])),
-                   "conv_weight": (conv_weight, (conv_dim, conv_state.shape[-1])), "conv_bias": (conv_bias, (conv_dim,)),
+                   "conv_weight": (conv_weight, (conv_dim, conv_state.shape[-1])),
+                   "conv_bias": (conv_bias, (conv_dim,)),
                    "dt_bias": (dt_bias, (nheads,)), "A_log": (A_log, (nheads,))})
     if D is not None and tuple(D.shape) not in ((nheads,), (d_inner,)):
         raise MambaKitError(f"D must have shape ({nheads},) or ({d_inner},), got {tuple(D.shape)}")

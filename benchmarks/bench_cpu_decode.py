@@ -3,6 +3,8 @@
     python benchmarks/bench_cpu_decode.py                                  # 130M shape, both archs, 1 thread
     git -C . show BASE:mambakit/ops/mixer_step.py > /tmp/base_mixer_step.py
     python benchmarks/bench_cpu_decode.py --baseline-mixer-step /tmp/base_mixer_step.py --threads 1 2
+    mkdir /tmp/base_tree && git archive BASE mambakit | tar -x -C /tmp/base_tree
+    python benchmarks/bench_cpu_decode.py --baseline-tree /tmp/base_tree --threads 1 2     # the whole decode
 
 Variants, each a model of the 130M shape (random weights, official initialisation, seed 0):
   fp32            float32 weights, today's lean step
@@ -12,6 +14,8 @@ Variants, each a model of the 130M shape (random weights, official initialisatio
                   its mixer steps too: the previous bfloat16 decode path)
   bf16 weights    float32 arithmetic on the bfloat16-rounded weights: the distance that bfloat16 weights cost at
                   any arithmetic precision (timed as float32)
+  fp32 tree, bf16 tree   with --baseline-tree DIR: the same weights in the models of the mambakit package in DIR (an
+                  older checkout, imported under another name), stepped by its code: the whole decode before and after
 Every round prefills a --prompt-token random prompt and runs --new-tokens one-token steps fed the tokens float32
 picks greedily, variant after variant; decode tok/s is the median over --rounds (wall clock; "cpu" the thread CPU
 time per token, which other processes on the machine disturb less). Logits at the decoded positions are compared
@@ -22,10 +26,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import importlib.util
+import inspect
 import os
+import re
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -34,10 +45,25 @@ from _common import Rows, table
 from mambakit import MambaConfig, MambaLMHeadModel
 from mambakit.layers import mamba as mamba1_layer, mamba2 as mamba2_layer
 from mambakit.ops import cpu_linear
+from mambakit.ops.derived import negative_exp
 
 SHAPES = {"130m": (768, 24, 50277), "tiny": (64, 2, 256)}
 COLUMNS = ["arch", "variant", "threads", "decode_tok_s", "cpu_ms_token", "median_abs_diff", "max_abs_diff",
            "argmax_agree", "load_1min"]
+
+
+def load_baseline_tree(path: Optional[str]) -> Optional[Any]:
+    """The mambakit package in path (path/mambakit), copied to a temporary folder as `mambakit_baseline` with its own
+    imports renamed, and imported beside today's."""
+    if path is None:
+        return None
+    target = Path(tempfile.mkdtemp(prefix="mambakit_baseline_"))
+    shutil.copytree(Path(path) / "mambakit", target / "mambakit_baseline")
+    pattern = re.compile(r"\bmambakit(?=[.\s])")
+    for file in (target / "mambakit_baseline").rglob("*.py"):
+        file.write_text(pattern.sub("mambakit_baseline", file.read_text()))
+    sys.path.insert(0, str(target))
+    return importlib.import_module("mambakit_baseline")
 
 
 def load_baseline(path: Optional[str]) -> Optional[Any]:
@@ -49,13 +75,21 @@ def load_baseline(path: Optional[str]) -> Optional[Any]:
     return module
 
 
+def _kept_A(step: Callable[..., Any], a_log_index: int) -> Callable[..., Any]:
+    """A baseline mixer step as its layers called it: with A = -exp(A_log) kept per weight version (as the layers
+    did before the steps kept it themselves) where it takes A, else without."""
+    if "A" not in inspect.signature(step).parameters:
+        return lambda *a, A=None, **k: step(*a, **k)
+    return lambda *a, A=None, **k: step(*a, A=negative_exp(a[a_log_index], a[2].dtype), **k)
+
+
 @contextlib.contextmanager
 def stepping(baseline: Optional[Any], fp32_accumulation: bool) -> Iterator[None]:
     """Inside: the layers call the baseline module's mixer steps (when given); cpu_linear on or off."""
     saved = (mamba1_layer.mamba1_step, mamba2_layer.mamba2_step, cpu_linear.ENABLED)
     if baseline is not None:
-        mamba1_layer.mamba1_step = baseline.mamba1_step
-        mamba2_layer.mamba2_step = lambda *a, A=None, **k: baseline.mamba2_step(*a, **k)  # it takes no A
+        mamba1_layer.mamba1_step = _kept_A(baseline.mamba1_step, 8)
+        mamba2_layer.mamba2_step = _kept_A(baseline.mamba2_step, 6)
     cpu_linear.ENABLED = fp32_accumulation
     try:
         yield
@@ -82,7 +116,7 @@ def decode(model: MambaLMHeadModel, prompt: torch.Tensor, tokens: Optional[list[
 
 
 def measure(arch: str, shape: str, prompt_len: int, new_tokens: int, rounds: int, baseline: Optional[Any],
-            rows: Rows) -> None:
+            rows: Rows, tree: Optional[Any] = None) -> None:
     d_model, n_layer, vocab = SHAPES[shape]
     torch.manual_seed(0)
     ssm = {"layer": "Mamba2", "d_state": 16 if shape == "tiny" else 128, "headdim": 16 if shape == "tiny" else 64} \
@@ -98,6 +132,12 @@ def measure(arch: str, shape: str, prompt_len: int, new_tokens: int, rounds: int
     }
     if baseline is not None:
         variants["fp32 base"] = (fp32, lambda: stepping(baseline, True))
+    if tree is not None:
+        old = tree.MambaLMHeadModel(tree.MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab,
+                                                     ssm_cfg=ssm)).eval()
+        old.load_state_dict(fp32.state_dict())
+        variants["fp32 tree"] = (old, contextlib.nullcontext)
+        variants["bf16 tree"] = (copy.deepcopy(old).to(torch.bfloat16), contextlib.nullcontext)
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     ref_tokens, ref, _, _ = decode(fp32, prompt, None, new_tokens)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
@@ -126,17 +166,20 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=33, help="decoded tokens (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-mixer-step", help="a mixer_step.py to compare the steps with (e.g. an older one)")
+    parser.add_argument("--baseline-tree", help="a folder holding an older mambakit package (e.g. git archive BASE "
+                        "mambakit | tar -x -C DIR): its whole decode beside today's")
     parser.add_argument("--tiny", action="store_true", help="d_model 64, 2 layers, vocab 256 (smoke test)")
     parser.add_argument("--json", help="rows as JSON lines (default: $OUT/cpu_decode.jsonl)")
     args = parser.parse_args()
     baseline = load_baseline(args.baseline_mixer_step)
+    tree = load_baseline_tree(args.baseline_tree)
     rows = Rows("cpu_decode", args.json)
     print(f"# load average at start: {os.getloadavg()}", flush=True)
     for threads in args.threads:
         torch.set_num_threads(threads)
         for arch in args.arch:
             measure(arch, "tiny" if args.tiny else "130m", 16 if args.tiny else args.prompt,
-                    8 if args.tiny else args.new_tokens, args.rounds, baseline, rows)
+                    8 if args.tiny else args.new_tokens, args.rounds, baseline, rows, tree)
     rows.save()
     print(table([{k: f"{v:.2e}" if "diff" in k else v for k, v in r.items()} for r in rows.rows], COLUMNS))
 

@@ -16,7 +16,7 @@ from mambakit.layers.checks import check_mixer_input
 from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.state import SSMState
-from mambakit.layers.step import PreNorm, negative_exp, norm_project_step, plain_linear, project_step
+from mambakit.layers.step import PreNorm, norm_project_step, plain_linear, project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mamba_inner import fused_available, mamba_inner, mamba_inner_fused_inference
@@ -271,10 +271,9 @@ class Mamba(DtTransformMixin, nn.Module):
         xz, residual = norm_project_step(self.in_proj, h, pre_norm)
         hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, :, None])[:, :, 0])
-        A = None if h.is_cuda else negative_exp(self, "A_log", state.ssm.dtype)  # the kernels form their own
         y = mamba1_step(xz, state.conv, state.ssm, self.conv1d.weight.squeeze(1),
                         self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight, self.dt_proj.bias, self.A_log,
-                        self.D, dt_transform=transform, A=A,
+                        self.D, dt_transform=transform,
                         bcdt_rms_eps=self.bcdt_rms_eps if self.bcdt_rms else None, bcdt_weights=self.bcdt_weights)
         out = project_step(self.out_proj, y, gemv=True)
         out = out if squeeze else out[:, None]

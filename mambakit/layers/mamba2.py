@@ -20,7 +20,7 @@ from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNormGated
 from mambakit.layers.state import SSMState
-from mambakit.layers.step import (PreNorm, gated_norm_project_step, negative_exp, norm_project_step, plain_linear,
+from mambakit.layers.step import (PreNorm, gated_norm_project_step, norm_project_step, plain_linear,
                                    project_step)
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
@@ -277,10 +277,9 @@ class Mamba2(DtTransformMixin, nn.Module):
         hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, None])[:, 0])
         ssm_part = zxbcdt if self.d_mlp == 0 else zxbcdt[:, 2 * self.d_mlp:].contiguous()  # [z, x, B, C, dt]
-        A = None if h.is_cuda else negative_exp(self, "A_log", state.ssm.dtype)  # the kernels form their own
         y = mamba2_step(ssm_part, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                         self.dt_bias, self.A_log, self.D, self.ngroups, self.dt_limit, gate=not self.rmsnorm,
-                        dt_transform=transform, A=A)
+                        dt_transform=transform)
         y = y.to(zxbcdt.dtype)
         if self.d_mlp > 0:
             out = project_step(self.out_proj, self._gated(y, zxbcdt[:, :2 * self.d_mlp + self.d_ssm]))

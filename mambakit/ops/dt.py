@@ -29,7 +29,8 @@ def process_dt(dt: Tensor, dt_bias: Optional[Tensor] = None, dt_softplus: bool =
                channel_dim: int = -1) -> Tensor:
     """dt (..., channels, ...) in ``dtype`` (default: dt's) with the bias (channels,) added along ``channel_dim``,
     softplus if ``dt_softplus``, clamped to ``dt_limit`` unless that is the default (0, inf). Same shape as dt."""
-    dt = dt.to(dtype or dt.dtype)
+    if dtype is not None and dt.dtype != dtype:
+        dt = dt.to(dtype)
     if dt_bias is not None:
         bias = dt_bias.to(dt.dtype)
         trailing = dt.dim() - 1 - (channel_dim % dt.dim())

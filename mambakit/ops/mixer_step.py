@@ -12,6 +12,7 @@ Inference only: the states are updated in place and nothing is recorded for auto
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.conv1d import causal_conv1d_update
+from mambakit.ops.derived import float_copy, negative_exp
 from mambakit.ops.cpu_linear import cpu_linear, split_linear, use_cpu_linear, use_split_linear
 from mambakit.ops.selective_scan import selective_state_update
 from mambakit.ops.ssd import ssd_step
@@ -35,15 +37,25 @@ def _check(name: str, t: Optional[Tensor], shape: tuple[int, ...]) -> None:
         raise MambaKitError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def _pick(backend: str, tensor: Tensor, fused_ok: bool) -> str:
-    """"triton", "torch" (the lean PyTorch step) or "ref" (the composition of the single-purpose ops)."""
+def _check_shapes(expected: dict[str, tuple[Optional[Tensor], tuple[int, ...]]]) -> None:
+    """Each named tensor (None: absent) of its expected shape: one comparison of all when they are (every step), the
+    named check that fails when one is not."""
+    if tuple(t.shape for t, _ in expected.values() if t is not None) != \
+            tuple(shape for t, shape in expected.values() if t is not None):
+        for name, (t, shape) in expected.items():
+            _check(name, t, shape)
+
+
+def _pick(backend: str, tensor: Tensor, fused_ok: Callable[[], bool]) -> str:
+    """"triton", "torch" (the lean PyTorch step) or "ref" (the composition of the single-purpose ops); fused_ok (asked
+    only where the kernels could run): whether they take these tensors."""
     backend = check_backend(backend)
-    if backend == "triton" and not fused_ok:
+    if backend == "triton" and not fused_ok():
         raise MambaKitError("backend='triton' needs contiguous weights and states (last dim), non-float64 tensors, "
                             "no dt_transform and (Mamba-1) no bcdt_rms_eps")
     if backend != "auto":
         return backend
-    if fused_ok and tensor.is_cuda:
+    if tensor.is_cuda and fused_ok():
         try:
             import mambakit.ops.triton.mixer_step  # noqa: F401
         except ImportError:
@@ -90,14 +102,39 @@ def bcdt_norm(dt: Tensor, B: Tensor, C: Tensor, eps: Optional[float],
     return out if weights is None else tuple(w * t for w, t in zip(weights, out))
 
 
+# (thread, shape, dtype, device) -> a buffer that the lean steps reuse for their largest temporary
+_SCRATCH: dict[tuple, Tensor] = {}
+
+
+def _scratch(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised tensor of shape, like's dtype and device, the same one at every call of this thread: written by
+    every layer of a step, it stays in the cache, and it spares the allocator fresh pages (which a temporary of the
+    state's size gets from the system at every call when it falls where the heap was trimmed)."""
+    key = (threading.get_ident(), shape, like.dtype, like.device)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) >= 64:
+            _SCRATCH.clear()
+        with torch.inference_mode(False):  # a normal tensor: writable inside inference mode and outside it
+            buf = _SCRATCH[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype without the cost of a `.to` call when it has it already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _conv_silu_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """`causal_conv1d_update(..., activation="silu")` in fewer tensor operations for the lean step (the same values):
     x (batch, dim) enters conv_state (batch, dim, width) (in its dtype) as the newest column; weight (dim, width),
-    bias (dim,). Returns (batch, dim) in x's dtype."""
-    window = torch.cat((conv_state[..., 1:], x.to(conv_state.dtype)[..., None]), dim=-1)
+    bias (dim,) (in another dtype than x: a copy kept per weight version). Returns (batch, dim) in x's dtype."""
+    window = torch.cat((conv_state[..., 1:], _as(x, conv_state.dtype)[..., None]), dim=-1)
     conv_state.copy_(window)
-    y = torch.linalg.vecdot(window.to(x.dtype), weight.to(x.dtype))
-    return F.silu(y if bias is None else y.add_(bias))
+    y = torch.linalg.vecdot(_as(window, x.dtype), float_copy(weight, x.dtype))
+    if bias is not None:
+        y.add_(float_copy(bias, x.dtype))
+    return F.silu(y, inplace=True)
 
 
 def _fusable(*tensors: Optional[Tensor]) -> bool:
@@ -127,14 +164,12 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
     """
     batch, d_inner, d_state = ssm_state.shape
     dt_rank = dt_proj_weight.shape[-1]
-    _check("xz", xz, (batch, 2 * d_inner))
-    _check("conv_state", conv_state, (batch, d_inner, conv_weight.shape[-1]))
-    _check("conv_weight", conv_weight, (d_inner, conv_state.shape[-1]))
-    for name, t in (("conv_bias", conv_bias), ("dt_proj_bias", dt_proj_bias), ("D", D)):
-        _check(name, t, (d_inner,))
-    _check("x_proj_weight", x_proj_weight, (dt_rank + 2 * d_state, d_inner))
-    _check("dt_proj_weight", dt_proj_weight, (d_inner, dt_rank))
-    _check("A_log", A_log, (d_inner, d_state))
+    _check_shapes({"xz": (xz, (batch, 2 * d_inner)),
+                   "conv_state": (conv_state, (batch, d_inner, conv_weight.shape[-1])),
+                   "conv_weight": (conv_weight, (d_inner, conv_state.shape[-1])), "conv_bias": (conv_bias, (d_inner,)),
+                   "dt_proj_bias": (dt_proj_bias, (d_inner,)), "D": (D, (d_inner,)),
+                   "x_proj_weight": (x_proj_weight, (dt_rank + 2 * d_state, d_inner)),
+                   "dt_proj_weight": (dt_proj_weight, (d_inner, dt_rank)), "A_log": (A_log, (d_inner, d_state))})
     if bcdt_rms_eps is not None and not (isinstance(bcdt_rms_eps, (int, float)) and bcdt_rms_eps > 0):
         raise MambaKitError(f"bcdt_rms_eps must be a positive number or None, got {bcdt_rms_eps!r}")
     if bcdt_weights is not None:
@@ -142,10 +177,9 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
             raise MambaKitError("bcdt_weights needs bcdt_rms_eps (the norms they scale)")
         for name, t, n in zip(("dt", "B", "C"), bcdt_weights, (dt_rank, d_state, d_state)):
             _check(f"bcdt_weights {name}", t, (n,))
-    fused_ok = dt_transform is None and bcdt_rms_eps is None \
-        and _fusable(xz, conv_state, ssm_state, conv_weight, x_proj_weight, dt_proj_weight, A_log) \
-        and conv_weight.is_contiguous() and x_proj_weight.is_contiguous() and dt_proj_weight.is_contiguous() and A_log.is_contiguous()
-    choice = _pick(backend, xz, fused_ok)
+    choice = _pick(backend, xz, lambda: dt_transform is None and bcdt_rms_eps is None
+                   and _fusable(xz, conv_state, ssm_state, conv_weight, x_proj_weight, dt_proj_weight, A_log)
+                   and all(t.is_contiguous() for t in (conv_weight, x_proj_weight, dt_proj_weight, A_log)))
     if choice == "triton":
         from mambakit.ops.triton.mixer_step import mamba1_step_triton
 
@@ -164,24 +198,26 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
                                       None if D is None else D.to(fp), z=z, dt_bias=dt_proj_bias.to(fp),
                                       dt_softplus=True)
     # the lean step: the same arithmetic as the composition in fewer, larger tensor operations
+    fp = ssm_state.dtype
     x = _conv_silu_step(x, conv_state, conv_weight, conv_bias)
     dt, B, C = torch.split(linear_step(x, x_proj_weight), [dt_rank, d_state, d_state], dim=-1)
     dt, B, C = bcdt_norm(dt, B, C, bcdt_rms_eps, bcdt_weights)
-    fp = ssm_state.dtype
     if dt_transform is None and dt_proj_bias.dtype == dt_proj_weight.dtype:  # the bias inside the product
         dt = process_dt(linear_step(dt, dt_proj_weight, dt_proj_bias), dt_softplus=True, dtype=fp)
     else:  # the transform sees the pre-bias dt
         dt = linear_step(dt, dt_proj_weight)
         if dt_transform is not None:
             dt = dt_transform(dt)
-        dt = process_dt(dt, dt_proj_bias, dt_softplus=True, dtype=fp)  # (batch, d_inner)
-    A = -torch.exp(A_log.to(fp)) if A is None else A.to(fp)
-    xf = x.to(fp)
-    ssm_state.mul_(torch.mul(dt[..., None], A).exp_()).addcmul_((dt * xf)[..., None], B.to(fp)[:, None, :])
-    y = torch.bmm(ssm_state, C.to(fp)[..., None])[..., 0]  # (batch, d_inner)
+        dt = process_dt(dt, float_copy(dt_proj_bias, fp), dt_softplus=True, dtype=fp)  # (batch, d_inner)
+    A = negative_exp(A_log, fp) if A is None else _as(A, fp)
+    xf, B, C = _as(x, fp), _as(B, fp), _as(C, fp)
+    dA = torch.mul(dt[..., None], A, out=_scratch(tuple(ssm_state.shape), ssm_state)).exp_()
+    ssm_state.mul_(dA).addcmul_((dt * xf)[..., None], B[:, None, :])
+    y = torch.bmm(ssm_state, C[..., None])[..., 0]  # (batch, d_inner)
     if D is not None:
-        y = torch.addcmul(y, xf, D.to(fp))
-    return (y * F.silu(z.to(fp))).to(xz.dtype)
+        y = torch.addcmul(y, xf, float_copy(D, fp))
+    y = y.mul_(F.silu(_as(z, fp)))
+    return _as(y, xz.dtype)
 
 
 @torch.no_grad()
@@ -206,17 +242,15 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
     conv_dim = d_inner + 2 * ngroups * d_state
     if ngroups < 1 or nheads % ngroups:
         raise MambaKitError(f"ngroups must divide nheads={nheads}, got {ngroups}")
-    _check("zxbcdt", zxbcdt, (batch, d_inner + conv_dim + nheads))
-    _check("conv_state", conv_state, (batch, conv_dim, conv_weight.shape[-1]))
-    _check("conv_weight", conv_weight, (conv_dim, conv_state.shape[-1]))
-    _check("conv_bias", conv_bias, (conv_dim,))
-    _check("dt_bias", dt_bias, (nheads,))
-    _check("A_log", A_log, (nheads,))
+    _check_shapes({"zxbcdt": (zxbcdt, (batch, d_inner + conv_dim + nheads)),
+                   "conv_state": (conv_state, (batch, conv_dim, conv_weight.shape[-1])),
+                   "conv_weight": (conv_weight, (conv_dim, conv_state.shape[-1])),
+                   "conv_bias": (conv_bias, (conv_dim,)),
+                   "dt_bias": (dt_bias, (nheads,)), "A_log": (A_log, (nheads,))})
     if D is not None and tuple(D.shape) not in ((nheads,), (d_inner,)):
         raise MambaKitError(f"D must have shape ({nheads},) or ({d_inner},), got {tuple(D.shape)}")
-    fused_ok = dt_transform is None and _fusable(zxbcdt, conv_state, ssm_state, conv_weight) \
-        and ssm_state.is_contiguous()
-    choice = _pick(backend, zxbcdt, fused_ok)
+    choice = _pick(backend, zxbcdt, lambda: dt_transform is None and ssm_state.is_contiguous()
+                   and _fusable(zxbcdt, conv_state, ssm_state, conv_weight))
     if choice == "triton":
         from mambakit.ops.triton.decode import conv1d_update_triton
         from mambakit.ops.triton.mixer_step import mamba2_state_step_triton
@@ -241,18 +275,23 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
                      dt_softplus=True, dt_limit=dt_limit, backend="torch")
         return y.flatten(-2).to(zxbcdt.dtype)
     # the lean step: heads of a group read the group's B and C (broadcast, no per-head copies)
-    dt = process_dt(dt, dt_bias, dt_softplus=True, dt_limit=dt_limit, dtype=fp)  # (batch, nheads)
-    A = -torch.exp(A_log.to(fp)) if A is None else A.to(fp)
+    dt = process_dt(dt, float_copy(dt_bias, fp), dt_softplus=True, dt_limit=dt_limit, dtype=fp)  # (batch, nheads)
+    A = negative_exp(A_log, fp) if A is None else _as(A, fp)
     dA = torch.mul(dt, A).exp_()  # (batch, nheads)
     hpg = nheads // ngroups
-    xf = x.to(fp).view(batch, ngroups, hpg, headdim)
+    xf = _as(x, fp).view(batch, ngroups, hpg, headdim)
     state = ssm_state.view(batch, ngroups, hpg, headdim, d_state)
-    Bg = B.to(fp).view(batch, ngroups, 1, 1, d_state)
+    Bg = _as(B, fp).view(batch, ngroups, 1, 1, d_state)
     state.mul_(dA.view(batch, ngroups, hpg, 1, 1)).addcmul_((dt.view(batch, ngroups, hpg, 1) * xf)[..., None], Bg)
-    y = torch.matmul(state, C.to(fp).view(batch, ngroups, 1, d_state, 1))[..., 0]  # (batch, ngroups, hpg, headdim)
+    Cg = _as(C, fp).reshape(batch * ngroups, d_state, 1)
+    if ssm_state.is_contiguous():  # the heads of a group as one matrix: one product per group, not one per head
+        y = torch.bmm(ssm_state.view(batch * ngroups, hpg * headdim, d_state), Cg)
+        y = y.view(batch, ngroups, hpg, headdim)
+    else:
+        y = torch.matmul(state, Cg.view(batch, ngroups, 1, d_state, 1))[..., 0]  # (batch, ngroups, hpg, headdim)
     if D is not None:  # per head (broadcast over headdim) or per channel
-        y = torch.addcmul(y, xf, D.to(fp).view(ngroups, hpg, headdim if D.numel() == d_inner else 1))
+        y = torch.addcmul(y, xf, float_copy(D, fp).view(ngroups, hpg, headdim if D.numel() == d_inner else 1))
     y = y.reshape(batch, d_inner)
     if gate:
-        y = y * F.silu(z.to(fp))
-    return y.to(zxbcdt.dtype)
+        y = y * F.silu(_as(z, fp))
+    return _as(y, zxbcdt.dtype)

@@ -76,3 +76,52 @@ def test_linear_step_equals_linear(dtype, batch):
     fp32_out = dtype == torch.float32 or (cpu_linear.ENABLED and fp32_accumulation_available())
     assert out.dtype == (torch.float32 if fp32_out else dtype) and out.shape == (batch, 200)
     assert rel_err(out, ref) < (1e-6 if fp32_out else 1e-2)
+
+
+def test_mamba2_lean_step_on_a_non_contiguous_state():
+    """A state laid out (batch, nheads, d_state, headdim) in memory takes the per-head read-out, not the one product
+    per group over the flat state; the same values."""
+    g = torch.Generator().manual_seed(7)
+    batch, nheads, headdim, d_state, ngroups = 3, 4, 6, 5, 2
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    p = dict(conv_weight=_r(g, conv_dim, 4, scale=0.5), conv_bias=_r(g, conv_dim, scale=0.3),
+             dt_bias=_r(g, nheads, scale=0.5) - 2,
+             A_log=torch.log(torch.rand(nheads, generator=g, dtype=torch.float64) * 8 + 1), D=_r(g, nheads),
+             ngroups=ngroups)
+    s_ref = (_r(g, batch, conv_dim, 4), _r(g, batch, nheads, headdim, d_state))
+    s_out = (s_ref[0].clone(), s_ref[1].transpose(-1, -2).contiguous().transpose(-1, -2))
+    assert not s_out[1].is_contiguous()
+    for _ in range(2):
+        zx = _r(g, batch, d_inner + conv_dim + nheads)
+        ref = mamba2_step(zx, *s_ref, **p, backend="ref")
+        out = mamba2_step(zx, *s_out, **p, backend="torch")
+        assert rel_err(out, ref) < 1e-12
+        for a, b in zip(s_ref, s_out):
+            assert rel_err(b, a) < 1e-12
+
+
+def test_bad_shapes_name_the_argument():
+    from mambakit.errors import MambaKitError
+
+    batch, d_inner, d_state, dt_rank = 2, 8, 4, 3
+    p = dict(conv_weight=torch.randn(d_inner, 4), conv_bias=torch.randn(d_inner),
+             x_proj_weight=torch.randn(dt_rank + 2 * d_state, d_inner), dt_proj_weight=torch.randn(d_inner, dt_rank),
+             dt_proj_bias=torch.randn(d_inner), A_log=torch.randn(d_inner, d_state), D=torch.randn(d_inner))
+    states = (torch.zeros(batch, d_inner, 4), torch.zeros(batch, d_inner, d_state))
+    mamba1_step(torch.randn(batch, 2 * d_inner), *states, **p, backend="torch")  # the right shapes pass
+    for name, bad in (("D", torch.randn(d_inner + 1)), ("x_proj_weight", torch.randn(dt_rank, d_inner)),
+                      ("conv_bias", torch.randn(1))):
+        with pytest.raises(MambaKitError, match=rf"{name} must have shape .*got"):
+            mamba1_step(torch.randn(batch, 2 * d_inner), *states, **{**p, name: bad}, backend="torch")
+    with pytest.raises(MambaKitError, match=r"xz must have shape \(2, 16\), got \(2, 15\)"):
+        mamba1_step(torch.randn(batch, 2 * d_inner - 1), *states, **p, backend="torch")
+    nheads, headdim, ngroups = 2, 4, 1
+    conv_dim = nheads * headdim + 2 * ngroups * d_state
+    q = dict(conv_weight=torch.randn(conv_dim, 4), conv_bias=torch.randn(conv_dim), dt_bias=torch.randn(nheads),
+             A_log=torch.randn(nheads), D=torch.randn(nheads), ngroups=ngroups)
+    s2 = (torch.zeros(batch, conv_dim, 4), torch.zeros(batch, nheads, headdim, d_state))
+    zx = torch.randn(batch, nheads * headdim + conv_dim + nheads)
+    mamba2_step(zx, *s2, **q, backend="torch")
+    with pytest.raises(MambaKitError, match=r"dt_bias must have shape \(2,\), got \(3,\)"):
+        mamba2_step(zx, *s2, **{**q, "dt_bias": torch.randn(3)}, backend="torch")

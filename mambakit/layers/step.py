@@ -42,6 +42,9 @@ def project_step(linear: nn.Module, x: Tensor, gemv: bool = False) -> Tensor:
     return linear(x)
 
 
+_F_RMS_NORM = getattr(F, "rms_norm", None)
+
+
 def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """`rms_norm_torch` (x (batch, d) and weight (d,) of one float dtype) as one call where torch has F.rms_norm (the
     same formula, in x's dtype)."""
@@ -49,8 +52,6 @@ def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return _F_RMS_NORM(x, (x.shape[-1],), weight, eps)
     return rms_norm_torch(x, weight, eps)
 
-
-_F_RMS_NORM = getattr(F, "rms_norm", None)
 
 
 def norm_project_step(linear: nn.Module, x: Tensor, pre_norm: Optional[PreNorm]) -> tuple[Tensor, Optional[Tensor]]:

@@ -32,8 +32,9 @@ __all__ = ["BACKENDS", "STEP_BACKENDS", "Mamba3States", "mamba3_chunked", "mamba
 
 #: "auto": "ssd" for float32 and 16-bit CUDA tensors (outside a CUDA-graph capture) when Triton imports, else the
 #: chunked PyTorch form; "torch": the chunked PyTorch form; "triton": the Mamba-3 Triton kernels
-#: (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1, differentiable); "ssd": the SSD Triton kernels with a per-position log-decay
-#: (mambakit.ops.mamba3.ssd_form; CUDA or TRITON_INTERPRET=1; SISO only); "ref": the step recurrence.
+#: (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1, differentiable); "ssd": the SSD Triton kernels with a
+#: per-position log-decay (mambakit.ops.mamba3.ssd_form; CUDA or TRITON_INTERPRET=1; SISO only); "ref": the step
+#: recurrence.
 BACKENDS = ("auto", "torch", "triton", "ssd", "ref")
 
 #: of :func:`mamba3_step`: "auto": "triton" for CUDA tensors computed in float32 (no float64 input or state) when

@@ -117,12 +117,11 @@ def mamba3_ssd(
     L = p.dims.seqlen
     theta, final_angle = sequence_angles(p.inc, p.starts, None if Input_States is None else Input_States[0])
     v = p.v
-    io = p.fp
-    if kernels:  # bias, rotation and the own-position product in one kernel, q and k written once in io
+    if kernels:  # bias, rotation and the own-position product in one kernel, q and k written once in float32
         from mambakit.ops.mamba3.triton_rotary import rotary_qk
 
-        q_io, k_io, qk = rotary_qk(Q, K, Q_bias, K_bias, theta, io)
-        last_k = k_io[:, L - 1]  # the state's k: io is the compute dtype, so unrounded
+        q_io, k_io, qk = rotary_qk(Q, K, Q_bias, K_bias, theta, p.fp)
+        last_k = k_io[:, L - 1]  # the state's k (unrounded: the kernel wrote the compute dtype)
     else:
         q_io, k_io = rotate(p.q, theta), rotate(p.k, theta)  # (batch, seqlen, nheads, d_state)
         qk, last_k = (q_io * k_io).sum(-1), k_io[:, L - 1]
@@ -130,7 +129,7 @@ def mamba3_ssd(
     # the kernels pick their own chunk below this bound (128 positions for 16-bit inputs, as for Mamba-2)
     ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if kernels else chunk_size
     y, ssm = mamba_chunk_scan_combined(
-        V if V.dtype == io else v.to(io), p.scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
+        v, p.scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
         return_final_states=True, log_decay=p.adt, backend=ssd_backend, allow_tf32=kernels and V.element_size() == 2)
     # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t (qk from the same rounded q and k,
     # so that the look-forward part cancels); plus the D skip

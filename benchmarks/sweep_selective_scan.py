@@ -41,6 +41,14 @@ CONFIGS = {
     "f NL2 16x8, b NL8 32x2": (8, 2, 16, 8, 1, 32, 2, 1, 2, 8),
     "f NL2 16x8, b NL8 32x4": (8, 2, 16, 8, 1, 32, 4, 1, 2, 8),
     "f NL2 16x8, b NL16 32x2w2": (8, 2, 16, 8, 1, 32, 2, 2, 1, 16),
+    # 8 channels per program: twice the programs (the 130M training shape's 768 one-warp programs fill 0.73 of one
+    # wave of the backward and 0.36 of the forward: ncu, benchmarks/RESULTS.md)
+    "f NL2 16x8, b NL4 8x4": (8, 2, 16, 8, 1, 8, 4, 1, 4, 4),
+    "f NL2 16x8, b NL8 8x4": (8, 2, 16, 8, 1, 8, 4, 1, 2, 8),
+    "f NL2 16x8, b NL4 8x8": (8, 2, 16, 8, 1, 8, 8, 1, 4, 4),
+    "f NL4 8x8, b NL4 16x4": (4, 4, 8, 8, 1, 16, 4, 1, 4, 4),
+    "f NL4 8x16, b NL4 16x4": (4, 4, 8, 16, 1, 16, 4, 1, 4, 4),
+    "f NL8 8x8, b NL4 16x4": (2, 8, 8, 8, 1, 16, 4, 1, 4, 4),
 }
 
 

@@ -1,6 +1,6 @@
 """GraphedStep: forward, loss and backward as one CUDA graph. On the GPU: the same loss and gradients as the eager
-step on fresh batches (Mamba-1 and Mamba-2 LMs under bf16 autocast, the plain and the fused loss), the gradients
-overwritten per replay, an optimizer step between replays; everywhere: the clear errors."""
+step on fresh batches (Mamba-1, Mamba-2 and Mamba-3 LMs under bf16 autocast, the plain and the fused loss), the
+gradients overwritten per replay, an optimizer step between replays; everywhere: the clear errors."""
 from __future__ import annotations
 
 import pytest
@@ -30,7 +30,9 @@ def test_needs_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("ssm_cfg", [{}, {"layer": "Mamba2", "d_state": 64, "headdim": 32}], ids=["mamba1", "mamba2"])
+@pytest.mark.parametrize("ssm_cfg", [{}, {"layer": "Mamba2", "d_state": 64, "headdim": 32},
+                                     {"layer": "Mamba3", "d_state": 32, "headdim": 32}],
+                         ids=["mamba1", "mamba2", "mamba3"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain_loss", "fused_loss"])
 def test_graphed_step_matches_eager(ssm_cfg, fused):
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from mambakit.ops.mamba3.naive import mamba3_scan_ref, step_core
 __all__ = ["BACKENDS", "STEP_BACKENDS", "Mamba3States", "mamba3_chunked", "mamba3_scan", "mamba3_scan_ref",
            "mamba3_step"]
 
-#: "auto": "ssd" for float32 and 16-bit CUDA tensors (outside a CUDA-graph capture) when Triton imports, else the
+#: "auto": "ssd" for float32 and 16-bit CUDA tensors (in CUDA-graph captures too) when Triton imports, else the
 #: chunked PyTorch form; "torch": the chunked PyTorch form; "triton": the Mamba-3 Triton kernels
 #: (mambakit.ops.mamba3.triton; CUDA or TRITON_INTERPRET=1, differentiable); "ssd": the SSD Triton kernels with a
 #: per-position log-decay (mambakit.ops.mamba3.ssd_form; CUDA or TRITON_INTERPRET=1; SISO only); "ref": the step
@@ -94,11 +94,9 @@ def mamba3_scan(
 
 
 def _ssd_fits(V: object) -> bool:
-    """Whether "auto" runs the SSD Triton kernels: V a float32, bfloat16 or float16 CUDA tensor, outside a
-    CUDA-graph capture (the chunked form is the one checked there), Triton importable."""
+    """Whether "auto" runs the SSD Triton kernels: V a float32, bfloat16 or float16 CUDA tensor, Triton importable
+    (inside a CUDA-graph capture too: the form never synchronises the host)."""
     if not (isinstance(V, Tensor) and V.is_cuda and V.dtype in (torch.float32, torch.bfloat16, torch.float16)):
-        return False
-    if torch.cuda.is_current_stream_capturing():
         return False
     from mambakit.ops.ssd import triton_available
 

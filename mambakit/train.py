@@ -435,6 +435,8 @@ def _train(args: TrainArgs, state: dict[str, Any], ctx: DistContext, log: Callab
         torch.manual_seed(args.seed)
         inner = MambaLMHeadModel(config, device=device)
     inner.train()
+    # byte tokens (0..255) always lie in the vocabulary: no per-step read of their values (a host sync on CUDA)
+    inner.check_values = inner.config.padded_vocab_size < 256
     n_params = sum(p.numel() for p in inner.parameters())
     model = wrap_model(inner, dp)  # DDP wrapper, or `inner` itself (sharded in place by FSDP2, or single)
     optimizer = adamw(param_groups(inner, args.weight_decay), lr=args.lr, betas=BETAS, eps=EPS)

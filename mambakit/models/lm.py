@@ -177,9 +177,16 @@ class CausalLM(nn.Module):
     """What every mambakit language model shares: input checks, forward with an optional cache, the one-token step
     and generation. A subclass builds `self.config` (with vocab_size, padded_vocab_size, d_model, tie_embeddings),
     `self.backbone` (embedding, layers; called as backbone(input_ids, cache=, step=, inputs_embeds=, mask=,
-    seq_idx=) -> (batch, seqlen, d_model)) and `self.lm_head`, and defines `allocate_cache`."""
+    seq_idx=) -> (batch, seqlen, d_model)) and `self.lm_head`, and defines `allocate_cache`.
+
+    check_values: whether forward reads the values of input_ids, labels (return_logits=False) and attention_mask to
+    check their ranges (a clear error instead of a device-side assert; the mixers check a mask's values again). On
+    CUDA each read synchronises the host with the device, so that the host cannot queue the next step's kernels
+    while the last ones run; a training loop whose data are known to be in range sets it False on the model
+    (`mambakit train` does: bytes are always in range)."""
 
     config: Any
+    check_values: bool = True
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:
@@ -191,7 +198,8 @@ class CausalLM(nn.Module):
             raise MambaKitError(f"input_ids must have shape (batch, seqlen), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise MambaKitError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
-        if not input_ids.numel() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not self.check_values or not input_ids.numel() or (input_ids.is_cuda
+                                                             and torch.cuda.is_current_stream_capturing()):
             return  # a CUDA graph being captured cannot read values (mambakit.training.cuda_graph)
         lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= self.config.padded_vocab_size:
@@ -234,7 +242,8 @@ class CausalLM(nn.Module):
             if attention_mask.shape != inputs_2d.shape:
                 raise MambaKitError(f"attention_mask must have shape {tuple(inputs_2d.shape)} like the "
                                     f"inputs, got {tuple(attention_mask.shape)}")
-            if attention_mask.dtype.is_complex or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            if attention_mask.dtype.is_complex or (self.check_values and not bool(
+                    ((attention_mask == 0) | (attention_mask == 1)).all())):
                 raise MambaKitError("attention_mask must hold only 0 (padding) and 1 (token)")
             kwargs["mask"] = attention_mask
         hidden = self.backbone(input_ids, cache=cache, inputs_embeds=inputs_embeds, **kwargs)
@@ -266,7 +275,8 @@ class CausalLM(nn.Module):
             got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
             raise MambaKitError(f"labels must have shape {shape} (batch, seqlen of the logits), got {got}")
         check_label_dtype(labels)
-        check_label_values(labels, self.lm_head.weight.shape[0])
+        if self.check_values:
+            check_label_values(labels, self.lm_head.weight.shape[0])
 
     @torch.no_grad()
     def step(self, input_ids: Tensor, cache: InferenceCache) -> Tensor:

@@ -81,3 +81,27 @@ def test_fused_loss_errors():
     model.lm_head = nn.Linear(16, model.config.padded_vocab_size, bias=True).double()
     with pytest.raises(MambaKitError, match="bias-free nn.Linear"):
         model(ids, labels=ids, return_logits=False)
+
+
+def test_check_values_off_reads_no_values(monkeypatch):
+    """check_values=False: forward reads no values of input_ids or labels (each read is a host sync on CUDA): no
+    aminmax; the same loss for in-range data; the shape and dtype checks stay."""
+    model = _build("mamba1")
+    ids = torch.randint(0, VOCAB, (2, 7))
+    want = model(ids, labels=ids, return_logits=False).loss
+    model.check_values = False
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("values read")
+
+    monkeypatch.setattr(torch, "aminmax", no_read)
+    got = model(ids, labels=ids, return_logits=False).loss
+    assert torch.equal(got, want)
+    with pytest.raises(MambaKitError, match="labels must be an integer"):
+        model(ids, labels=ids.double(), return_logits=False)
+    with pytest.raises(MambaKitError, match="input_ids must have shape"):
+        model(ids[0], labels=ids, return_logits=False)
+    monkeypatch.undo()
+    model.check_values = True
+    with pytest.raises(MambaKitError, match=r"labels must lie in"):
+        model(ids, labels=torch.full_like(ids, 40), return_logits=False)

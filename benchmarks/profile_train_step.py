@@ -85,6 +85,44 @@ def time_graphed(model, ids, args, arch: str, rows: Rows, fused: bool) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def time_loop(model, ids, args, arch: str, rows: Rows, name: str, fused: bool) -> None:
+    """ms per step of args.loop back-to-back steps (forward, loss, backward, fused AdamW, zero_grad), one sync at
+    the end, best of 3 rounds; mambakit with check_values on and off, interleaved. The update changes the weights:
+    run after the other measurements of this model."""
+    import time
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=args.device == "cuda")
+
+    def train_step():
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+            loss = lm_loss(model, ids[:, :-1], ids[:, 1:], fused)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    checks = [True, False] if name == "mambakit" else [None]
+    best = {c: float("inf") for c in checks}
+    for _ in range(3):
+        for check in checks:
+            if check is not None:
+                model.check_values = check
+            train_step()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.loop):
+                train_step()
+            sync()
+            best[check] = min(best[check], (time.perf_counter() - t0) / args.loop * 1e3)
+    for check, ms in best.items():
+        engine = engine_name(name, fused) + (", check_values off" if check is False else "")
+        rows.add(arch=arch, engine=engine, loss="fused" if fused else "plain", measure=f"loop of {args.loop} + AdamW",
+                 ms=ms, batch=args.batch, seqlen=args.seqlen, d_model=args.d_model, n_layer=args.n_layer)
+    if name == "mambakit":
+        model.check_values = True
+    del opt
+    model.zero_grad(set_to_none=True)
+
+
 def host_profile(step, top: int) -> None:
     """Print the host time of one step (from its start, on an idle GPU, until Python returns, not waiting for the
     GPU) and the `top` functions by own time under cProfile (the forward's: the backward runs on autograd's device
@@ -126,6 +164,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="mambakit's loss: from the logits (plain), chunked without them (fused), or both rows")
     ap.add_argument("--graphed", action="store_true",
                     help="also time mambakit's step as one CUDA graph (mambakit.training.cuda_graph.GraphedStep)")
+    ap.add_argument("--loop", type=int, default=0, metavar="N",
+                    help="also time N back-to-back training steps with a fused AdamW update and one sync at the end "
+                         "(what a training loop sees); mambakit with CausalLM.check_values on and off (off: no host "
+                         "sync per step, as `mambakit train` runs)")
     ap.add_argument("--host", type=int, default=0,
                     help="also time the host side of mambakit's step (Python and launches, GPU not awaited) and "
                          "print the N functions with the most own time under cProfile")
@@ -160,12 +202,15 @@ def main(argv: Optional[list[str]] = None) -> None:
                 torch.cuda.reset_peak_memory_stats()
             ms = time_ms(step, repeats=args.repeats, warmup=1)
             peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else 0.0
-            rows.add(arch=arch, engine=engine_name(name, fused), loss="fused" if fused else "plain", ms=ms,
-                     peak_GiB=peak, batch=args.batch, seqlen=args.seqlen, d_model=args.d_model, n_layer=args.n_layer)
+            rows.add(arch=arch, engine=engine_name(name, fused), loss="fused" if fused else "plain", measure="step",
+                     ms=ms, peak_GiB=peak, batch=args.batch, seqlen=args.seqlen, d_model=args.d_model,
+                     n_layer=args.n_layer)
             if args.device == "cuda":
                 print(f"# {engine_name(name, fused)} {arch}: top kernels of one step (total ms, calls)")
                 for kname, kms, kcalls in kernel_breakdown(step, args.top):
                     print(f"#   {kms:8.2f} ms {kcalls:5d}x  {kname[:140]}")
+            if args.loop:
+                time_loop(model, ids, args, arch, rows, name, fused)
             if args.host and name == "mambakit":
                 host_profile(step, args.host)
             if args.graphed and name == "mambakit" and args.device == "cuda":
@@ -174,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     rows.save()
-    print(table(rows.rows, ["arch", "engine", "loss", "ms", "peak_GiB", "batch", "seqlen"]))
+    print(table(rows.rows, ["arch", "engine", "loss", "measure", "ms", "peak_GiB", "batch", "seqlen"]))
 
 
 if __name__ == "__main__":

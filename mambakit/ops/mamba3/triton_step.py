@@ -37,12 +37,22 @@ def _bias_rotate(row, s_n, bias_row, s_bn, n, partner, mn, mpart, cos, sin):
 
 
 @triton.jit
-def _turn(theta_old, raw, dt, n):
-    """The new angle of lane n's pair (theta_old + pi tanh(raw) dt, mod 2 pi) and its cos and lane-signed sin."""
-    theta = theta_old + 3.141592653589793 * tanh(raw) * dt
+def _lanes_and_turn(sa_head, s_saa, ang_head, s_ana, dt, dstate, n_angles, NP: tl.constexpr):
+    """The d_state lanes n (their mask, pair partner n ^ 1, rotated mask, partner mask), lane n's angle pointer
+    (sa_head: the head's angle state) and the new angle of lane n's pair (the state's plus pi tanh(raw) dt with raw
+    from ang_head, mod 2 pi; 0 past the rotated dims: cos 1, sin 0), its cos and lane-signed sin."""
+    n = tl.arange(0, NP)
+    mn = n < dstate
+    partner = n ^ 1
+    rot = n < 2 * n_angles
+    mpart = rot & (partner < dstate)
+    sa_base = sa_head + (n // 2) * s_saa  # each angle read by both lanes of its pair
+    theta = tl.load(sa_base, mask=rot, other=0.0).to(tl.float32)
+    raw = tl.load(ang_head + (n // 2) * s_ana, mask=rot, other=0.0).to(tl.float32)
+    theta = theta + 3.141592653589793 * tanh(raw) * dt
     theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
     sin = tl.where(n % 2 == 0, -tl.sin(theta), tl.sin(theta))  # even lane: v0 cos - v1 sin; odd: v1 cos + v0 sin
-    return theta, tl.cos(theta), sin
+    return n, mn, partner, rot, mpart, sa_base, theta, tl.cos(theta), sin
 
 
 @triton.jit
@@ -100,17 +110,8 @@ def _mamba3_step_kernel(
     adt = tl.load(adt_ptr + b * s_adtb + h * s_adth).to(tl.float32)
     trap = tl.load(trap_ptr + b * s_trb + h * s_trh).to(tl.float32)
 
-    n = tl.arange(0, NP)
-    mn = n < dstate
-    partner = n ^ 1
-    rot = n < 2 * n_angles
-    mpart = rot & (partner < dstate)
-    ai = n // 2
-    # the angle of lane n's pair, once per lane (each angle twice); 0 past the rotated dims: cos 1, sin 0
-    sa_base = sa_ptr + b * s_sab + h * s_sah + ai * s_saa
-    theta = tl.load(sa_base, mask=rot, other=0.0).to(tl.float32)
-    raw = tl.load(ang_ptr + b * s_anb + h * s_anh + ai * s_ana, mask=rot, other=0.0).to(tl.float32)
-    theta, cos, sin = _turn(theta, raw, dt, n)
+    n, mn, partner, rot, mpart, sa_base, theta, cos, sin = _lanes_and_turn(
+        sa_ptr + b * s_sab + h * s_sah, s_saa, ang_ptr + b * s_anb + h * s_anh, s_ana, dt, dstate, n_angles, NP)
 
     k_rot = _bias_rotate(k_ptr + b * s_kb + g * s_kg, s_kn, kb_ptr + h * s_kbh, s_kbn, n, partner, mn, mpart, cos, sin)
     q_rot = _bias_rotate(q_ptr + b * s_qb + g * s_qg, s_qn, qb_ptr + h * s_qbh, s_qbn, n, partner, mn, mpart, cos, sin)
@@ -129,6 +130,13 @@ def default_block_p(headdim: int, d_state: int) -> int:
     return max(1, min(next_power_of_2(headdim), 2048 // next_power_of_2(d_state)))
 
 
+def pick_block_p(block_p: int, headdim: int, d_state: int) -> int:
+    """block_p checked (0 or a power of two), 0 replaced by `default_block_p`."""
+    if block_p < 0 or block_p & (block_p - 1):
+        raise MambaKitError(f"block_p must be 0 or a power of two, got {block_p}")
+    return block_p or default_block_p(headdim, d_state)
+
+
 def mamba3_step_triton(states: Tuple[Tensor, Tensor, Tensor, Tensor], Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor,
                        DT: Tensor, Trap: Tensor, Q_bias: Tensor, K_bias: Tensor, Angles: Tensor,
                        D: Optional[Tensor] = None, Z: Optional[Tensor] = None, block_p: int = 0,
@@ -143,9 +151,7 @@ def mamba3_step_triton(states: Tuple[Tensor, Tensor, Tensor, Tensor], Q: Tensor,
     batch, nheads, headdim = V.shape
     ngroups, d_state = Q.shape[-2:]
     n_angles = Angles.shape[-1]
-    if block_p < 0 or block_p & (block_p - 1):
-        raise MambaKitError(f"block_p must be 0 or a power of two, got {block_p}")
-    block_p = block_p or default_block_p(headdim, d_state)
+    block_p = pick_block_p(block_p, headdim, d_state)
     y = torch.empty(batch, nheads, headdim, device=V.device, dtype=V.dtype)
     _mamba3_step_kernel[(nheads, batch)](
         Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, V if D is None else D, V if Z is None else Z,

@@ -325,7 +325,7 @@ class Mamba3(nn.Module):
                 out = gated_norm_project_step(self.norm, self.out_proj, y, z)
             else:
                 w = self.out_proj.weight  # the CPU's 16-bit product keeps float32 activations (cpu_linear)
-                out = project_step(self.out_proj, y if use_cpu_linear(y, w) else y.to(w.dtype))
+                out = project_step(self.out_proj, y if use_cpu_linear(y, w) else y.to(w.dtype), gemv=True)
         out = out if squeeze else out[:, None]
         if pre_norm is None:
             return out

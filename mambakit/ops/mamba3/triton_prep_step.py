@@ -82,7 +82,8 @@ def mamba3_prep_step_triton(states: Tuple[Tensor, Tensor, Tensor, Tensor], zxbcd
     """The step of :func:`mambakit.ops.mamba3.prep_step.mamba3_prep_step` (arguments checked there; shapes: states
     as in :func:`mambakit.ops.mamba3.mamba3_step`, zxbcdt (batch, d_in_proj), dt_bias, D (nheads,), the norm weights
     (d_state,), B_bias, C_bias (nheads, d_state)), the states updated in place. block_p: headdim rows per loop
-    iteration (a power of two; 0: the default of `pick_block_p`). Returns y (batch, nheads, headdim) in zxbcdt's dtype."""
+    iteration (a power of two; 0: the default of `pick_block_p`). Returns y (batch, nheads, headdim) in zxbcdt's
+    dtype."""
     angle, ssm, k_state, v_state = states
     batch, _, headdim, d_state = ssm.shape
     n_angles = angle.shape[-1]

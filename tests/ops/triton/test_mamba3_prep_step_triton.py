@@ -21,7 +21,7 @@ from mambakit.errors import MambaKitError  # noqa: E402
 from mambakit.layers.step import PreNorm  # noqa: E402
 from mambakit.ops.mamba3.prep_step import mamba3_prep_step  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.ops.mamba3.helpers import angle_err  # noqa: E402
+from tests.ops.mamba3.helpers import angle_err, spy  # noqa: E402
 from tests.ops.triton import interpreted_module  # noqa: E402
 
 kernels = interpreted_module("mambakit.ops.mamba3.triton_prep_step")
@@ -172,9 +172,7 @@ def test_layer_step_through_kernel_equals_pytorch_step(kwargs, batch, monkeypatc
     x = torch.randn(batch, 6, m.d_model)
     _fused(monkeypatch, False)
     ref, _, ref_state = _step_loop(m, x)
-    calls = []
-    real = kernels.mamba3_prep_step_triton
-    monkeypatch.setattr(kernels, "mamba3_prep_step_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(monkeypatch, kernels, "mamba3_prep_step_triton")
     _fused(monkeypatch, True)
     out, _, state = _step_loop(m, x)
     assert len(calls) == 6
@@ -225,9 +223,7 @@ def test_lm_decode_through_the_kernel_equals_forward(monkeypatch):
                                                                          chunk_size=8))
     model = MambaLMHeadModel(cfg).eval()
     ids = torch.randint(0, 40, (2, 14))
-    calls = []
-    real = kernels.mamba3_prep_step_triton
-    monkeypatch.setattr(kernels, "mamba3_prep_step_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(monkeypatch, kernels, "mamba3_prep_step_triton")
     _fused(monkeypatch, True)
     with torch.no_grad():
         full = model(ids).logits

@@ -25,7 +25,6 @@ from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNorm, RMSNormGated
 from mambakit.layers.step import PreNorm, gated_norm_project_step, norm_project_step, project_step
 from mambakit.ops.cpu_linear import use_cpu_linear
-from mambakit.ops.derived import float_copy
 from mambakit.ops.mamba3 import BACKENDS, mamba3_scan, mamba3_step
 from mambakit.ops.mamba3.mimo import mamba3_mimo_scan, mamba3_mimo_step, mimo_combine
 from mambakit.ops.mamba3.prep_step import mamba3_prep_step, prep_step_fits
@@ -351,12 +350,12 @@ class Mamba3(nn.Module):
         z, x, B, C, dd_dt, dd_A, trap, angle = self.split_projection(zxbcdt)
         fp = torch.float64 if x.dtype == torch.float64 else torch.float32
         bc = (self.mimo_rank, self.ngroups, self.d_state) if self.is_mimo else (self.ngroups, self.d_state)
-        DT = F.softplus(dd_dt.to(fp) + float_copy(self.dt_bias, fp))
+        DT = F.softplus(dd_dt.to(fp) + self.dt_bias.to(fp))
         return Mamba3ScanInputs(
             Q=self.C_norm(C.unflatten(-1, bc)), K=self.B_norm(B.unflatten(-1, bc)),
             V=x.unflatten(-1, (self.nheads, self.headdim)), ADT=self._A(dd_A.to(fp)) * DT, DT=DT, Trap=trap,
             Q_bias=self._bias(self.C_bias, fp), K_bias=self._bias(self.B_bias, fp),
-            Angles=angle.to(fp)[:, None].expand(-1, self.nheads, -1), D=float_copy(self.D, fp),
+            Angles=angle.to(fp)[:, None].expand(-1, self.nheads, -1), D=self.D.to(fp),
             Z=None if self.is_outproj_norm else z.unflatten(-1, (self.nheads, self.headdim)), Input_States=None,
             z=z)
 

@@ -150,7 +150,8 @@ def mamba3_step(
         from mambakit.ops.mamba3.triton_step import mamba3_step_triton
 
         return mamba3_step_triton(states, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=D, Z=Z)
-    before = Mamba3States(*(s.to(fp) for s in states))
+    # autograd keeps the old states (a copy: they are overwritten below)
+    before = Mamba3States(*(s.to(fp, copy=grad) for s in states))
     y, after = step_core(before, heads_of_groups(Q.to(fp), dims.nheads), heads_of_groups(K.to(fp), dims.nheads),
                          V.to(fp), ADT.to(fp), DT.to(fp), Trap.to(fp), Q_bias.to(fp), K_bias.to(fp), Angles.to(fp),
                          None if D is None else D.to(fp))

@@ -153,7 +153,9 @@ def _prep_step_torch(states, zxbcdt, dt_bias, B_norm_weight, C_norm_weight, B_bi
 
     DT = F.softplus(dd_dt + dt_bias.to(fp))
     ADT = torch.clamp(-_a_activation(dd_A, A_activation), max=-A_floor) * DT
-    grad = torch.is_grad_enabled()  # autograd keeps the old states: a copy, since they are overwritten below
+    tensors = (zxbcdt, dt_bias, B_norm_weight, C_norm_weight, B_bias, C_bias, D, *states)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)  # autograd keeps the old states: a
+    # copy, since they are overwritten below
     before = Mamba3States(*(s.to(fp, copy=grad) for s in states))
     y, after = step_core(before, norm(C, C_norm_weight, C_eps), norm(B, B_norm_weight, B_eps),
                          x.unflatten(-1, (H, P)), ADT, DT, trap, C_bias.to(fp), B_bias.to(fp),

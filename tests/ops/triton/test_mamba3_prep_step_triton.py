@@ -292,3 +292,20 @@ def test_kernel_compiles_for_sm90_without_spills():
         pytest.skip("this Triton's compile API differs")
     for name, line in usage.items():
         assert "REG:" in line and "LOCAL:0" in line and "STACK:0" in line, f"{name}: {line}"
+
+
+def test_layer_step_under_autograd_takes_the_pytorch_prep(monkeypatch):
+    """With grad enabled the layer's step is the differentiable PyTorch path even where the kernel would run: every
+    parameter gets a gradient through two steps (a bf16 layer too: no detached float32 copies of its parameters;
+    MIMO too)."""
+    import mambakit.ops.mamba3.prep_step as prep_step
+
+    monkeypatch.setattr(prep_step, "_kernel_imports", lambda: True)
+    for dtype, kwargs in ((torch.float32, {}), (torch.bfloat16, {}), (torch.float32, dict(is_mimo=True, mimo_rank=2))):
+        m = _layer(headdim=16, **kwargs).to(dtype)
+        state = m.allocate_state(2)
+        x = torch.randn(2, 2, m.d_model, dtype=dtype)
+        out = m.step(x[:, 0], state) + m.step(x[:, 1], state)  # backward through two steps and the state between
+        out.float().sum().backward()
+        for name, p in m.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name

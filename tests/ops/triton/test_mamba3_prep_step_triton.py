@@ -309,3 +309,30 @@ def test_layer_step_under_autograd_takes_the_pytorch_prep(monkeypatch):
         out.float().sum().backward()
         for name, p in m.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(rope_fraction=1.0, is_outproj_norm=True, A_activation="softplus")])
+def test_bf16_layer_step_through_kernel(kwargs, monkeypatch):
+    """A bf16 layer with a bf16 in_proj row (as on CUDA: the CPU's float32-accumulating product off): the fused
+    step against the unfused one (which rounds the normed B and C to bf16) and against the float64 layer (the same
+    bf16 weights), about as far from it as the unfused step."""
+    import mambakit.ops.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "ENABLED", False)
+    import copy
+
+    m = _layer(d_model=64, d_state=32, headdim=16, **kwargs).bfloat16()
+    m64 = copy.deepcopy(m).double()  # the same (bf16-rounded) weights
+    x = torch.randn(4, 8, 64).bfloat16()
+    runs = {}
+    for fused in (True, False):
+        _fused(monkeypatch, fused)
+        runs[fused] = _step_loop(m, x)
+    _fused(monkeypatch, False)
+    ref64, _, _ = _step_loop(m64, x.double())
+    (out, _, state), (unfused, _, ref_state) = runs[True], runs[False]
+    assert out.dtype == torch.bfloat16 and rel_err(out, unfused) < 1e-2
+    for a, b in zip(state.parts()[1:], ref_state.parts()[1:]):
+        assert rel_err(a, b) < 5e-3
+    # the interpreter rounds float32 -> bf16 stores toward zero (the GPU to nearest even): twice the rounding error
+    assert rel_err(out, ref64) <= 2.5 * rel_err(unfused, ref64)

@@ -28,6 +28,14 @@ op, the Triton add + norm, the autocast dtype out of the norm) and the Triton la
 those ops make (Triton launches + the torch ops that are not views, allocations or metadata; a cuBLAS product may
 be more than one). host_us: the least microseconds of 20 calls so measured (CPU torch ops at tiny sizes + Python,
 no launch cost; noisy on a shared machine), a rough proxy of the Python side.
+
+    python3 benchmarks/host_overhead.py --count-ops --scope decode [--tree DIR]
+
+The same counts of one decoding step of one LM block (residual add + RMSNorm + the mixer's step, no autograd, a
+float32 residual and a bf16 hidden in, bf16 weights) for Mamba-3 (SISO; with is_outproj_norm) and Mamba-2, batch 1
+and 16, on the CUDA paths forced (`decode_paths`: the Triton norms, the GEMV kernels where the batch allows them,
+the fused step kernels; the CPU's float32 product paths off), launches counted but skipped. --tree DIR: import
+mambakit from DIR instead (an older checkout, e.g. `git archive main`: the counts before a change).
 """
 from __future__ import annotations
 
@@ -46,6 +54,8 @@ if COUNT_OPS:  # the kernels interpreted on the CPU (set before triton is import
 else:
     os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--tree" in sys.argv:  # an older mambakit package ahead of this checkout's
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--tree") + 1]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -244,9 +254,88 @@ def count_scope(arch: str, scope: str, repeats: int = 20) -> dict:
     return counts
 
 
+@contextlib.contextmanager
+def decode_paths():
+    """Measurement only: a CPU decode step takes the paths of a CUDA one (the Triton norms, the GEMV kernels up to
+    GEMV_MAX_BATCH rows, the fused Mamba-2 / Mamba-3 step kernels; not the CPU's float32 products of 16-bit
+    weights). Names a tree lacks (an older checkout) are left alone."""
+    import functools
+
+    import mambakit.layers.mamba2 as m2
+    import mambakit.layers.mamba3 as m3
+    import mambakit.layers.norm as layer_norm
+    import mambakit.layers.step as step
+    import mambakit.ops.mixer_step as mixer_step
+    import mambakit.ops.norm as norm
+    import mambakit.ops.norm_linear as norm_linear
+
+    def gemv_rows(x, weight, *others, product_dtype=None):
+        return x.numel() // max(x.shape[-1], 1) <= norm_linear.GEMV_MAX_BATCH
+
+    patches = [(norm, "use_triton", lambda x, weight, z=None: True),
+               (layer_norm, "_use_triton", lambda x, weight, z=None: True), (norm_linear, "use_gemv", gemv_rows),
+               (step, "use_cpu_linear", lambda x, weight: False), (mixer_step, "use_cpu_linear", lambda x, w: False),
+               (m3, "use_cpu_linear", lambda x, weight: False), (m3, "prep_step_fits", lambda *a, **k: True),
+               (m3, "mamba3_step", functools.partial(m3.mamba3_step, backend="triton")),
+               (m2, "mamba2_step", functools.partial(m2.mamba2_step, backend="triton"))]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches if hasattr(owner, name)]
+    for owner, name, value in patches:
+        if hasattr(owner, name):
+            setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+DECODE_ARCHS = {"mamba3": dict(layer="Mamba3", d_state=16, headdim=8, chunk_size=16),
+                "mamba3_outproj_norm": dict(layer="Mamba3", d_state=16, headdim=8, chunk_size=16,
+                                            is_outproj_norm=True),
+                "mamba2": dict(layer="Mamba2", d_state=16, headdim=8, chunk_size=16)}
+
+
+def count_decode(arch: str, batch: int, repeats: int = 20) -> dict:
+    """Torch ops, Triton launches (skipped) and kernels of one block's decoding step (`decode_paths`), the second
+    call counted; host_us: the least of repeats calls with the launches skipped."""
+    from _op_count import OpCounter, launches_skipped
+    from mambakit.models.config import MambaConfig
+    from mambakit.models.lm import Block
+
+    torch.manual_seed(0)
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=64, ssm_cfg=dict(DECODE_ARCHS[arch]))
+    block = Block(config, layer_idx=1).to(torch.bfloat16).eval()
+    state = block.mixer.allocate_state(batch)
+    hidden = torch.randn(batch, 1, 32).to(torch.bfloat16)
+    residual = torch.randn(batch, 1, 32)
+    with torch.no_grad(), decode_paths():
+        for _ in range(2):
+            with OpCounter(skip_launches=True) as c:
+                block(hidden, residual, state=state, step=True)
+        times = []
+        with launches_skipped():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                block(hidden, residual, state=state, step=True)
+                times.append((time.perf_counter() - t0) * 1e6)
+    return dict(scope="decode", arch=arch, batch=batch, dtype="bfloat16", fwd_torch=c.torch_ops,
+                fwd_triton=c.launches, total=c.torch_ops + c.launches, kernels=c.kernel_ops,
+                host_us=round(min(times), 1), _fwd=c.table(), _bwd="")
+
+
 def count_main(tiny: bool, verbose: bool, scopes: list) -> None:
     rows = Rows("op_count")
     for scope in scopes:
+        if scope == "decode":
+            for arch in DECODE_ARCHS:
+                for batch in (1, 16):
+                    c = count_decode(arch, batch)
+                    fwd = c.pop("_fwd")
+                    c.pop("_bwd")
+                    rows.add(**c)
+                    if verbose:
+                        print(f"# decode {arch} batch {batch}\n{fwd}")
+            continue
         for arch in ("mamba2", "mamba1"):
             for dtype in ((torch.float32, torch.bfloat16) if scope == "inner" else (torch.bfloat16,)):
                 c = count_ops(arch, dtype, tiny) if scope == "inner" else count_scope(arch, scope)
@@ -256,8 +345,8 @@ def count_main(tiny: bool, verbose: bool, scopes: list) -> None:
                 if verbose:
                     print(f"# {scope} {arch} {dtype} forward\n{fwd}\n# backward\n{bwd}")
     rows.save()
-    print(table(rows.rows, ["scope", "arch", "dtype", "fwd_torch", "fwd_triton", "bwd_torch", "bwd_triton", "total",
-                            "kernels", "autograd_nodes", "host_us"]))
+    print(table(rows.rows, ["scope", "arch", "batch", "dtype", "fwd_torch", "fwd_triton", "bwd_torch", "bwd_triton",
+                            "total", "kernels", "autograd_nodes", "host_us"]))
 
 
 def main() -> None:
@@ -266,8 +355,10 @@ def main() -> None:
         ap.add_argument("--count-ops", action="store_true")
         ap.add_argument("--tiny", action="store_true", help="smaller shapes (the test's)")
         ap.add_argument("--verbose", action="store_true", help="the counts by op name")
-        ap.add_argument("--scope", nargs="+", default=["inner"], choices=["inner", "block", "step"],
-                        help="what is counted: the fused inner op (launches run), a whole block, a tiny LM step")
+        ap.add_argument("--scope", nargs="+", default=["inner"], choices=["inner", "block", "step", "decode"],
+                        help="what is counted: the fused inner op (launches run), a whole block, a tiny LM step, "
+                             "one block's decoding step")
+        ap.add_argument("--tree", help="import mambakit from this directory (an older checkout)")
         args = ap.parse_args()
         count_main(args.tiny, args.verbose, args.scope)
         return

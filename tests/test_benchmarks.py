@@ -162,3 +162,19 @@ def test_op_counts_do_not_grow(tmp_path: Path) -> None:
     for arch, r in steps.items():  # 2 layers: at least two blocks' worth, and the same Triton launches per block
         assert r["kernels"] >= 2 * blocks[arch]["kernels"], r
         assert r["fwd_triton"] + r["bwd_triton"] == 2 * BLOCK_KERNELS[arch]["triton"] + 2, r  # + the final norm
+
+
+#: (arch, batch) -> the GPU kernels of one block's decoding step (add + RMSNorm + the mixer's step; the CUDA paths
+#: forced): batch 1 fuses the add + norm into the in_proj GEMV; batch 16 is add + norm, in_proj, the step, (the
+#: gated norm,) out_proj. The Mamba-3 SISO step with its prep is one kernel (issue 23).
+DECODE_KERNELS = {("mamba3", 1): 3, ("mamba3", 16): 4, ("mamba3_outproj_norm", 1): 3,
+                  ("mamba3_outproj_norm", 16): 5, ("mamba2", 1): 4, ("mamba2", 16): 6}
+
+
+def test_decode_op_counts(tmp_path: Path) -> None:
+    proc = run("host_overhead.py", ["--count-ops", "--scope", "decode"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {(r["arch"], r["batch"]): r for r in map(json.loads, (tmp_path / "op_count.jsonl").read_text().splitlines())}
+    assert set(rows) == set(DECODE_KERNELS)
+    for key, most in DECODE_KERNELS.items():
+        assert 0 < rows[key]["kernels"] <= most, rows[key]

@@ -23,8 +23,11 @@ from mambakit.layers.checks import check_mixer_input
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNorm, RMSNormGated
+from mambakit.layers.step import PreNorm, gated_norm_project_step, norm_project_step, project_step
+from mambakit.ops.cpu_linear import use_cpu_linear
 from mambakit.ops.mamba3 import BACKENDS, mamba3_scan, mamba3_step
 from mambakit.ops.mamba3.mimo import mamba3_mimo_scan, mamba3_mimo_step, mimo_combine
+from mambakit.ops.mamba3.prep_step import mamba3_prep_step, prep_step_fits
 
 A_ACTIVATIONS = ("heavy_tail", "softplus")
 
@@ -283,17 +286,76 @@ class Mamba3(nn.Module):
                     target.copy_(value)
         return self.mimo_finish(y, s.z) if self.is_mimo else self.finish(y, s.z)
 
-    def step(self, hidden_states: Tensor, state: Mamba3State) -> Tensor:
+    #: `step` takes a `PreNorm` (the block's residual add + RMSNorm, fused into in_proj)
+    step_fuses_pre_norm = True
+
+    def step(self, hidden_states: Tensor, state: Mamba3State, pre_norm: Optional[PreNorm] = None):
         """One decoding step from the constant-size state. hidden_states: (batch, 1, d_model) or (batch, d_model);
-        state updated in place."""
+        state updated in place.
+
+        Returns (batch, 1, d_model) (or (batch, d_model) for a 2-D input). With pre_norm, hidden_states is the
+        block's input before its residual add + RMSNorm (pre_norm.residual shaped like it), done here inside
+        in_proj, and the result is (output, new residual). On CUDA (float32 compute, no autograd) a SISO layer's
+        prep and step are one kernel (`mambakit.ops.mamba3.prep_step`): in_proj, that kernel, out_proj.
+        """
         squeeze = hidden_states.dim() == 2
-        s = self.ssm_inputs(hidden_states[:, None] if squeeze else hidden_states)
+        h = hidden_states if squeeze else hidden_states[:, 0]
+        if pre_norm is not None and pre_norm.residual is not None and not squeeze:
+            pre_norm = pre_norm._replace(residual=pre_norm.residual[:, 0])
+        zxbcdt, residual = norm_project_step(self.in_proj, h, pre_norm)
+        z = zxbcdt[:, :self.d_inner]
         if self.is_mimo:
-            y = mamba3_mimo_step(state.parts(), s.Q[:, 0], s.K[:, 0], s.V[:, 0], self.mimo_x, s.ADT[..., 0],
-                                 s.DT[..., 0], s.Trap[..., 0], s.Q_bias, s.K_bias, s.Angles[:, 0], D=s.D)
-            out = self.mimo_finish(y[:, None], s.z)
-            return out[:, 0] if squeeze else out
-        y = mamba3_step(state.parts(), s.Q[:, 0], s.K[:, 0], s.V[:, 0], s.ADT[..., 0], s.DT[..., 0], s.Trap[..., 0],
-                        s.Q_bias, s.K_bias, s.Angles[:, 0], D=s.D, Z=None if s.Z is None else s.Z[:, 0])
-        out = self.finish(y[:, None], s.z)
-        return out[:, 0] if squeeze else out
+            s = self._step_inputs(zxbcdt)
+            y = mamba3_mimo_step(state.parts(), s.Q, s.K, s.V, self.mimo_x, s.ADT, s.DT, s.Trap, s.Q_bias, s.K_bias,
+                                 s.Angles, D=s.D)
+            out = self.mimo_finish(y, z)
+        else:
+            if self._prep_step_fits(zxbcdt, state):
+                y = mamba3_prep_step(state.parts(), zxbcdt, *self._prep_step_params(), nheads=self.nheads,
+                                     ngroups=self.ngroups, B_eps=self.B_norm.eps, C_eps=self.C_norm.eps,
+                                     A_floor=self.A_floor, A_activation=self.A_activation,
+                                     gate=not self.is_outproj_norm, backend="triton")
+            else:
+                s = self._step_inputs(zxbcdt)
+                y = mamba3_step(state.parts(), s.Q, s.K, s.V, s.ADT, s.DT, s.Trap, s.Q_bias, s.K_bias, s.Angles,
+                                D=s.D, Z=s.Z)
+            y = y.flatten(-2)
+            if self.is_outproj_norm:
+                out = gated_norm_project_step(self.norm, self.out_proj, y, z)
+            else:
+                w = self.out_proj.weight  # the CPU's 16-bit product keeps float32 activations (cpu_linear)
+                out = project_step(self.out_proj, y if use_cpu_linear(y, w) else y.to(w.dtype), gemv=True)
+        out = out if squeeze else out[:, None]
+        if pre_norm is None:
+            return out
+        return out, residual if squeeze else residual[:, None]
+
+    def _prep_step_params(self) -> tuple[Tensor, ...]:
+        """dt_bias, B_norm / C_norm weights, B_bias, C_bias (nheads, d_state) and D, uncast, as the fused prep +
+        step reads them."""
+        return self.dt_bias, self.B_norm.weight, self.C_norm.weight, self.B_bias[:, 0], self.C_bias[:, 0], self.D
+
+    def _prep_step_fits(self, zxbcdt: Tensor, state: Mamba3State) -> bool:
+        """Whether `step` takes the fused prep + step kernel: SISO, plain RMSNorm modules on B and C (no hooks),
+        and `prep_step_fits` (CUDA, float32 compute, no autograd)."""
+        return (not self.is_mimo and type(self.B_norm) is RMSNorm and type(self.C_norm) is RMSNorm
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.B_norm, self.C_norm))
+                and prep_step_fits(state.parts(), zxbcdt, *self._prep_step_params()))
+
+    def _step_inputs(self, zxbcdt: Tensor) -> Mamba3ScanInputs:
+        """The arguments of `mamba3_step` / `mamba3_mimo_step` for one token from its in_proj output zxbcdt (batch,
+        d_in_proj): what `ssm_inputs` forms, without the seqlen axis (Q, K (batch, ngroups, d_state), V, Z (batch,
+        nheads, headdim), ADT, DT, Trap (batch, nheads), Angles (batch, nheads, n_angles); MIMO: Q, K (batch, R,
+        ngroups, d_state)); no Input_States."""
+        z, x, B, C, dd_dt, dd_A, trap, angle = self.split_projection(zxbcdt)
+        fp = torch.float64 if x.dtype == torch.float64 else torch.float32
+        bc = (self.mimo_rank, self.ngroups, self.d_state) if self.is_mimo else (self.ngroups, self.d_state)
+        DT = F.softplus(dd_dt.to(fp) + self.dt_bias.to(fp))
+        return Mamba3ScanInputs(
+            Q=self.C_norm(C.unflatten(-1, bc)), K=self.B_norm(B.unflatten(-1, bc)),
+            V=x.unflatten(-1, (self.nheads, self.headdim)), ADT=self._A(dd_A.to(fp)) * DT, DT=DT, Trap=trap,
+            Q_bias=self._bias(self.C_bias, fp), K_bias=self._bias(self.B_bias, fp),
+            Angles=angle.to(fp)[:, None].expand(-1, self.nheads, -1), D=self.D.to(fp),
+            Z=None if self.is_outproj_norm else z.unflatten(-1, (self.nheads, self.headdim)), Input_States=None,
+            z=z)
+

@@ -7,6 +7,9 @@ in :mod:`.mimo`, its dispatcher :func:`.mimo.mamba3_mimo_scan`, its Triton kerne
   the fast path, backend "ssd", what "auto" picks for CUDA tensors).
 * :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding); on CUDA one fused
   Triton kernel (:mod:`.triton_step`).
+* :func:`.prep_step.mamba3_prep_step` -- the same step from the layer's raw in_proj row (the per-token prep: RMSNorm
+  of B and C, dt, A dt, angles, inside it); on CUDA one fused Triton kernel (:mod:`.triton_prep_step`), what a SISO
+  layer's decoding step runs there.
 * :mod:`.naive` (the step recurrence, the reference), :mod:`.chunked` (the block decomposition, fast on CPU) and
   :mod:`.triton` (portable Triton kernels, forward and deterministic backward) share the scan's signature, so
   every test can be ``chunked(**kw) == naive(**kw)``.
@@ -145,7 +148,8 @@ def mamba3_step(
         from mambakit.ops.mamba3.triton_step import mamba3_step_triton
 
         return mamba3_step_triton(states, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=D, Z=Z)
-    before = Mamba3States(*(s.to(fp) for s in states))
+    # autograd keeps the old states (a copy: they are overwritten below)
+    before = Mamba3States(*(s.to(fp, copy=grad) for s in states))
     y, after = step_core(before, heads_of_groups(Q.to(fp), dims.nheads), heads_of_groups(K.to(fp), dims.nheads),
                          V.to(fp), ADT.to(fp), DT.to(fp), Trap.to(fp), Q_bias.to(fp), K_bias.to(fp), Angles.to(fp),
                          None if D is None else D.to(fp))

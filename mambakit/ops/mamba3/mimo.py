@@ -211,7 +211,9 @@ def mamba3_mimo_step(states: States, Q: Tensor, K: Tensor, V: Tensor, MIMO_V: Te
     Returns y (batch, R, nheads, headdim) in V's dtype: one step of the recurrence."""
     dims, _ = validate_mimo(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, states, None, seq_dims=False)
     fp = compute_dtype(Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, *states)
-    before = Mamba3States(*(s.to(fp) for s in states))
+    inputs = (Q, K, V, MIMO_V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, *states)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    before = Mamba3States(*(s.to(fp, copy=grad) for s in states))  # autograd keeps them: overwritten below
     H = dims.nheads
     y, after = mimo_step_core(before, heads_of_groups(Q.to(fp), H), heads_of_groups(K.to(fp), H), V.to(fp),
                               MIMO_V.to(fp), ADT.to(fp), DT.to(fp), Trap.to(fp), Q_bias.to(fp), K_bias.to(fp),

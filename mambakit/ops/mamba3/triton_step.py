@@ -37,6 +37,64 @@ def _bias_rotate(row, s_n, bias_row, s_bn, n, partner, mn, mpart, cos, sin):
 
 
 @triton.jit
+def _lanes_and_turn(sa_head, s_saa, ang_head, s_ana, dt, dstate, n_angles, NP: tl.constexpr):
+    """The d_state lanes n (their mask, pair partner n ^ 1, rotated mask, partner mask), lane n's angle pointer
+    (sa_head: the head's angle state) and the new angle of lane n's pair (the state's plus pi tanh(raw) dt with raw
+    from ang_head, mod 2 pi; 0 past the rotated dims: cos 1, sin 0), its cos and lane-signed sin."""
+    n = tl.arange(0, NP)
+    mn = n < dstate
+    partner = n ^ 1
+    rot = n < 2 * n_angles
+    mpart = rot & (partner < dstate)
+    sa_base = sa_head + (n // 2) * s_saa  # each angle read by both lanes of its pair
+    theta = tl.load(sa_base, mask=rot, other=0.0).to(tl.float32)
+    raw = tl.load(ang_head + (n // 2) * s_ana, mask=rot, other=0.0).to(tl.float32)
+    theta = theta + 3.141592653589793 * tanh(raw) * dt
+    theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
+    sin = tl.where(n % 2 == 0, -tl.sin(theta), tl.sin(theta))  # even lane: v0 cos - v1 sin; odd: v1 cos + v0 sin
+    return n, mn, partner, rot, mpart, sa_base, theta, tl.cos(theta), sin
+
+
+@triton.jit
+def _update_head(sh_base, s_shp, s_shn, sk_base, s_skn, sv_base, s_svp, sa_base, v_base, s_vp, z_base, s_zp,
+                 y_base, n, mn, rot, theta, k_rot, q_rot, adt, dt, trap, d_h, headdim,
+                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_P: tl.constexpr, PP: tl.constexpr):
+    """One head's state update and read-out over headdim in blocks of BLOCK_P rows, then the new angle (sa_base:
+    lane n's angle pointer), k and v stored after a barrier. The *_base pointers are the head's (and batch row's)
+    first element; s_* their element strides."""
+    k_old = tl.load(sk_base + n * s_skn, mask=mn, other=0.0).to(tl.float32)
+    lam = tl.sigmoid(trap)
+    alpha = tl.exp(adt)
+    beta = (1.0 - lam) * dt * alpha
+    gamma = lam * dt
+    for p0 in range(0, headdim, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mp = p < headdim
+        v_old = tl.load(sv_base + p * s_svp, mask=mp, other=0.0).to(tl.float32)
+        v_new = tl.load(v_base + p * s_vp, mask=mp, other=0.0).to(tl.float32)
+        m2 = mp[:, None] & mn[None, :]
+        sh_off = p[:, None] * s_shp + n[None, :] * s_shn
+        ssm = tl.load(sh_base + sh_off, mask=m2, other=0.0).to(tl.float32)
+        ssm = alpha * ssm + (beta * v_old)[:, None] * k_old[None, :] + (gamma * v_new)[:, None] * k_rot[None, :]
+        tl.store(sh_base + sh_off, ssm.to(sh_base.dtype.element_ty), mask=m2)
+        y = tl.sum(ssm * q_rot[None, :], axis=1)
+        if HAS_D:
+            y += d_h * v_new
+        if HAS_Z:
+            z = tl.load(z_base + p * s_zp, mask=mp, other=0.0).to(tl.float32)
+            y = y * (z * tl.sigmoid(z))
+        tl.store(y_base + p, y.to(y_base.dtype.element_ty), mask=mp)
+
+    tl.debug_barrier()  # every thread has read the old angle, k and v before any is overwritten
+    tl.store(sa_base, theta.to(sa_base.dtype.element_ty), mask=rot & (n % 2 == 0))
+    tl.store(sk_base + n * s_skn, k_rot.to(sk_base.dtype.element_ty), mask=mn)
+    pp = tl.arange(0, PP)
+    mpp = pp < headdim
+    v_all = tl.load(v_base + pp * s_vp, mask=mpp, other=0.0)
+    tl.store(sv_base + pp * s_svp, v_all.to(sv_base.dtype.element_ty), mask=mpp)
+
+
+@triton.jit
 def _mamba3_step_kernel(
         q_ptr, k_ptr, v_ptr, adt_ptr, dt_ptr, trap_ptr, qb_ptr, kb_ptr, ang_ptr, d_ptr, z_ptr,
         sa_ptr, sh_ptr, sk_ptr, sv_ptr, y_ptr,
@@ -52,63 +110,31 @@ def _mamba3_step_kernel(
     adt = tl.load(adt_ptr + b * s_adtb + h * s_adth).to(tl.float32)
     trap = tl.load(trap_ptr + b * s_trb + h * s_trh).to(tl.float32)
 
-    n = tl.arange(0, NP)
-    mn = n < dstate
-    partner = n ^ 1
-    rot = n < 2 * n_angles
-    mpart = rot & (partner < dstate)
-    ai = n // 2
-    # the angle of lane n's pair, once per lane (each angle twice); 0 past the rotated dims: cos 1, sin 0
-    sa_off = b * s_sab + h * s_sah + ai * s_saa
-    theta = tl.load(sa_ptr + sa_off, mask=rot, other=0.0).to(tl.float32)
-    raw = tl.load(ang_ptr + b * s_anb + h * s_anh + ai * s_ana, mask=rot, other=0.0).to(tl.float32)
-    theta = theta + 3.141592653589793 * tanh(raw) * dt
-    theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
-    cos = tl.cos(theta)
-    sin = tl.where(n % 2 == 0, -tl.sin(theta), tl.sin(theta))  # even lane: v0 cos - v1 sin; odd: v1 cos + v0 sin
+    n, mn, partner, rot, mpart, sa_base, theta, cos, sin = _lanes_and_turn(
+        sa_ptr + b * s_sab + h * s_sah, s_saa, ang_ptr + b * s_anb + h * s_anh, s_ana, dt, dstate, n_angles, NP)
 
     k_rot = _bias_rotate(k_ptr + b * s_kb + g * s_kg, s_kn, kb_ptr + h * s_kbh, s_kbn, n, partner, mn, mpart, cos, sin)
     q_rot = _bias_rotate(q_ptr + b * s_qb + g * s_qg, s_qn, qb_ptr + h * s_qbh, s_qbn, n, partner, mn, mpart, cos, sin)
-
-    sk_off = b * s_skb + h * s_skh + n * s_skn
-    k_old = tl.load(sk_ptr + sk_off, mask=mn, other=0.0).to(tl.float32)
-    lam = tl.sigmoid(trap)
-    alpha = tl.exp(adt)
-    beta = (1.0 - lam) * dt * alpha
-    gamma = lam * dt
+    d_h = 0.0
     if HAS_D:
         d_h = tl.load(d_ptr + h * s_d).to(tl.float32)
-    for p0 in range(0, headdim, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mp = p < headdim
-        v_old = tl.load(sv_ptr + b * s_svb + h * s_svh + p * s_svp, mask=mp, other=0.0).to(tl.float32)
-        v_new = tl.load(v_ptr + b * s_vb + h * s_vh + p * s_vp, mask=mp, other=0.0).to(tl.float32)
-        m2 = mp[:, None] & mn[None, :]
-        sh_off = b * s_shb + h * s_shh + p[:, None] * s_shp + n[None, :] * s_shn
-        ssm = tl.load(sh_ptr + sh_off, mask=m2, other=0.0).to(tl.float32)
-        ssm = alpha * ssm + (beta * v_old)[:, None] * k_old[None, :] + (gamma * v_new)[:, None] * k_rot[None, :]
-        tl.store(sh_ptr + sh_off, ssm.to(sh_ptr.dtype.element_ty), mask=m2)
-        y = tl.sum(ssm * q_rot[None, :], axis=1)
-        if HAS_D:
-            y += d_h * v_new
-        if HAS_Z:
-            z = tl.load(z_ptr + b * s_zb + h * s_zh + p * s_zp, mask=mp, other=0.0).to(tl.float32)
-            y = y * (z * tl.sigmoid(z))
-        tl.store(y_ptr + b * s_yb + h * s_yh + p, y.to(y_ptr.dtype.element_ty), mask=mp)
-
-    tl.debug_barrier()  # every thread has read the old angle, k and v before any is overwritten
-    tl.store(sa_ptr + sa_off, theta.to(sa_ptr.dtype.element_ty), mask=rot & (n % 2 == 0))
-    tl.store(sk_ptr + sk_off, k_rot.to(sk_ptr.dtype.element_ty), mask=mn)
-    pp = tl.arange(0, PP)
-    mpp = pp < headdim
-    v_all = tl.load(v_ptr + b * s_vb + h * s_vh + pp * s_vp, mask=mpp, other=0.0)
-    tl.store(sv_ptr + b * s_svb + h * s_svh + pp * s_svp, v_all.to(sv_ptr.dtype.element_ty), mask=mpp)
+    _update_head(sh_ptr + b * s_shb + h * s_shh, s_shp, s_shn, sk_ptr + b * s_skb + h * s_skh, s_skn,
+                 sv_ptr + b * s_svb + h * s_svh, s_svp, sa_base, v_ptr + b * s_vb + h * s_vh, s_vp,
+                 z_ptr + b * s_zb + h * s_zh, s_zp, y_ptr + b * s_yb + h * s_yh, n, mn, rot, theta, k_rot, q_rot,
+                 adt, dt, trap, d_h, headdim, HAS_D=HAS_D, HAS_Z=HAS_Z, BLOCK_P=BLOCK_P, PP=PP)
 
 
 def default_block_p(headdim: int, d_state: int) -> int:
     """headdim rows per iteration of the program's loop: a tile of about 2048 float32 (16 per thread at four warps),
     the size of the Mamba-2 step kernel's tiles."""
     return max(1, min(next_power_of_2(headdim), 2048 // next_power_of_2(d_state)))
+
+
+def pick_block_p(block_p: int, headdim: int, d_state: int) -> int:
+    """block_p checked (0 or a power of two), 0 replaced by `default_block_p`."""
+    if block_p < 0 or block_p & (block_p - 1):
+        raise MambaKitError(f"block_p must be 0 or a power of two, got {block_p}")
+    return block_p or default_block_p(headdim, d_state)
 
 
 def mamba3_step_triton(states: Tuple[Tensor, Tensor, Tensor, Tensor], Q: Tensor, K: Tensor, V: Tensor, ADT: Tensor,
@@ -125,9 +151,7 @@ def mamba3_step_triton(states: Tuple[Tensor, Tensor, Tensor, Tensor], Q: Tensor,
     batch, nheads, headdim = V.shape
     ngroups, d_state = Q.shape[-2:]
     n_angles = Angles.shape[-1]
-    if block_p < 0 or block_p & (block_p - 1):
-        raise MambaKitError(f"block_p must be 0 or a power of two, got {block_p}")
-    block_p = block_p or default_block_p(headdim, d_state)
+    block_p = pick_block_p(block_p, headdim, d_state)
     y = torch.empty(batch, nheads, headdim, device=V.device, dtype=V.dtype)
     _mamba3_step_kernel[(nheads, batch)](
         Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, V if D is None else D, V if Z is None else Z,

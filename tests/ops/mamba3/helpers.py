@@ -130,3 +130,41 @@ def mimo_inputs(rank=3, batch=2, seqlen=23, nheads=4, ngroups=2, headdim=5, d_st
         angle, ssm, _, v = out["Input_States"]
         out["Input_States"] = (angle, ssm, randn(batch, rank, nheads, d_state), v)
     return out
+
+
+def assert_cuda_states(states, ref, tol: float = 1e-5) -> None:
+    """CUDA step states (angle, ssm, k, v) against float64 CPU ones: float32, the angle on the circle."""
+    from tests.conftest import rel_err
+
+    assert angle_err(states[0].cpu(), ref[0]) < tol
+    for a, b in zip(states[1:], ref[1:]):
+        assert a.dtype == torch.float32 and rel_err(a.cpu(), b) < tol
+
+
+def spy(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that each call appends 1 to the returned list."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def graphed_step_loop(m, x: torch.Tensor) -> torch.Tensor:
+    """A layer's step over x (batch, seqlen, d_model) from a zero state, captured once in a CUDA graph and replayed
+    per position (the first call, compilation, outside the capture): the outputs (batch, seqlen, d_model)."""
+    state = m.allocate_state(x.shape[0])
+    inp = x[:, 0].clone()
+    m.step(inp, state)
+    for s in state.parts():
+        s.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = m.step(inp, state)
+    for s in state.parts():
+        s.zero_()
+    graphed = []
+    for t in range(x.shape[1]):
+        inp.copy_(x[:, t])
+        graph.replay()
+        graphed.append(out.clone())
+    return torch.stack(graphed, 1)

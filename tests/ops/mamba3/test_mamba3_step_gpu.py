@@ -11,7 +11,7 @@ import torch
 
 from mambakit.ops.mamba3 import mamba3_step
 from tests.conftest import rel_err
-from tests.ops.mamba3.helpers import angle_err
+from tests.ops.mamba3.helpers import assert_cuda_states, graphed_step_loop, spy
 
 pytestmark = pytest.mark.gpu
 
@@ -45,17 +45,13 @@ def test_step_cuda_matches_float64(dtype, tol, batch, n_angles, backend):
         out = mamba3_step(st_c, **kw_c, backend=backend)
         torch.cuda.synchronize()
         assert out.dtype == dtype and rel_err(out.cpu(), ref) < tol
-        assert angle_err(st_c[0].cpu(), st64[0]) < 1e-5
-        for a, b in zip(st_c[1:], st64[1:]):
-            assert a.dtype == torch.float32 and rel_err(a.cpu(), b) < 1e-5
+        assert_cuda_states(st_c, st64)
 
 
 def test_auto_runs_the_kernel_on_cuda(monkeypatch):
     import mambakit.ops.mamba3.triton_step as triton_step
 
-    calls = []
-    real = triton_step.mamba3_step_triton
-    monkeypatch.setattr(triton_step, "mamba3_step_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = spy(monkeypatch, triton_step, "mamba3_step_triton")
     g = torch.Generator().manual_seed(0)
     kw = {k: v.cuda() for k, v in _inputs(g, 2, 24, 64, 128, 32).items()}
     st = (torch.zeros(2, 24, 32, device="cuda"), torch.zeros(2, 24, 64, 128, device="cuda"),
@@ -78,24 +74,10 @@ def test_bf16_layer_step_loop_auto_equals_torch_and_graphs(rope_fraction, monkey
         fused = torch.stack([m.step(x[:, t], state) for t in range(10)], 1)
         with monkeypatch.context() as mp:
             mp.setattr(layer_module, "mamba3_step", lambda *a, **k: mamba3_step(*a, **k, backend="torch"))
+            mp.setattr(layer_module, "prep_step_fits", lambda *a, **k: False)  # the unfused prep too
             ref_state = m.allocate_state(4)
             ref = torch.stack([m.step(x[:, t], ref_state) for t in range(10)], 1)
         assert rel_err(fused, ref) < 1e-2
         for a, b in zip(state.parts(), ref_state.parts()):
             assert rel_err(a, b) < 1e-3
-        graph_state = m.allocate_state(4)
-        inp = x[:, 0].clone()
-        m.step(inp, graph_state)  # the kernel's first call (compilation) outside the capture
-        for s in graph_state.parts():
-            s.zero_()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = m.step(inp, graph_state)
-        for s in graph_state.parts():
-            s.zero_()
-        graphed = []
-        for t in range(10):
-            inp.copy_(x[:, t])
-            graph.replay()
-            graphed.append(out.clone())
-        assert rel_err(torch.stack(graphed, 1), fused) < 1e-2
+        assert rel_err(graphed_step_loop(m, x), fused) < 1e-2

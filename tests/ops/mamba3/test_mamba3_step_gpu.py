@@ -4,6 +4,7 @@
 Mamba-3 layer's step loop through "auto" against its PyTorch step loop, inside a CUDA graph too."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -77,7 +78,14 @@ def test_bf16_layer_step_loop_auto_equals_torch_and_graphs(rope_fraction, monkey
             mp.setattr(layer_module, "prep_step_fits", lambda *a, **k: False)  # the unfused prep too
             ref_state = m.allocate_state(4)
             ref = torch.stack([m.step(x[:, t], ref_state) for t in range(10)], 1)
-        assert rel_err(fused, ref) < 1e-2
-        for a, b in zip(state.parts(), ref_state.parts()):
-            assert rel_err(a, b) < 1e-3
+            # float32 weights and input: what both bf16 loops approximate
+            m32 = copy.deepcopy(m).float()
+            st32 = m32.allocate_state(4)
+            out32 = torch.stack([m32.step(x[:, t].float(), st32) for t in range(10)], 1)
+        assert rel_err(fused, ref) < 1e-2 and rel_err(fused, out32) < 1e-2
+        # the fused prep computes B/C norms, dt and A dt in float32 where the PyTorch prep rounds them to bf16:
+        # its states are as close to float32's as the PyTorch loop's (or closer), not bit-equal to them
+        for a, b, c in zip(state.parts(), ref_state.parts(), st32.parts()):
+            assert rel_err(a, b) < 5e-3
+            assert rel_err(a, c) <= max(1e-3, 1.25 * rel_err(b, c))
         assert rel_err(graphed_step_loop(m, x), fused) < 1e-2

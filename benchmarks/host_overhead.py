@@ -17,7 +17,7 @@ one backward of the fused Mamba-2 inner path (`mambakit.ops.mamba2_inner.fused`)
 $OUT/op_count.jsonl. The counts do not depend on the sizes (except through the branches the sizes pick: the shapes
 keep those of the 130M GPU step: the fused state pass, heads split in the dB/dC kernel).
 
-    python3 benchmarks/host_overhead.py --count-ops --scope block step [--tiny]
+    python3 benchmarks/host_overhead.py --count-ops --scope block step [--tiny] [--arch mamba2 mamba1 mamba3]
 
 The same counts (plus autograd nodes, GPU kernels and the host microseconds of the call) of one whole LM block
 (residual add + RMSNorm + mixer, forward + backward, as the second block of a stack sees it: a float32 residual
@@ -27,7 +27,9 @@ op, the Triton add + norm, the autocast dtype out of the norm) and the Triton la
 (measurement only: the outputs are garbage, the counts are those of the GPU step). kernels: the GPU kernels
 those ops make (Triton launches + the torch ops that are not views, allocations or metadata; a cuBLAS product may
 be more than one). host_us: the least microseconds of 20 calls so measured (CPU torch ops at tiny sizes + Python,
-no launch cost; noisy on a shared machine), a rough proxy of the Python side.
+no launch cost; noisy on a shared machine), a rough proxy of the Python side. `--arch mamba3` (block scope only): the
+same LM block around a Mamba-3 SISO mixer, its scan on the CUDA path (the SSD form with its Triton kernels, the
+B / C RMSNorm's Triton kernel).
 """
 from __future__ import annotations
 
@@ -152,14 +154,19 @@ def cuda_paths():
     """Measurement only: the CPU takes the paths a CUDA training step takes (the fused Mamba-2 inner op, the Triton
     add + RMSNorm, the autocast dtype handed from the norm to in_proj). Mamba-1 picks its fused op through
     scan_backend="triton"."""
+    import mambakit.layers.norm as layer_norm
     import mambakit.models.lm as lm
+    import mambakit.ops.mamba3 as mamba3_ops
     import mambakit.ops.norm as norm
     from mambakit.layers.mamba2 import Mamba2
 
     saved = [(Mamba2, "_fused_inner_ok", Mamba2._fused_inner_ok), (norm, "use_triton", norm.use_triton),
-             (lm, "_normed_dtype", lm._normed_dtype)]
+             (lm, "_normed_dtype", lm._normed_dtype), (mamba3_ops, "_ssd_fits", mamba3_ops._ssd_fits),
+             (layer_norm, "_use_triton", layer_norm._use_triton)]
     Mamba2._fused_inner_ok = lambda self, hidden_states, dt_transform: True
     norm.use_triton = lambda x, weight, z=None: True
+    layer_norm._use_triton = lambda x, weight, z=None: True
+    mamba3_ops._ssd_fits = lambda V: V.dtype != torch.float64
     lm._normed_dtype = lambda hidden, step: torch.bfloat16 if torch.is_autocast_enabled("cpu") and not step else None
     try:
         yield
@@ -173,6 +180,8 @@ def _lm_config(arch: str, n_layer: int):
 
     if arch == "mamba2":  # the inner count's non-tiny shapes: 8 heads of 8, d_state 16, chunk 64
         ssm = dict(layer="Mamba2", d_state=16, headdim=8, chunk_size=64)
+    elif arch == "mamba3":  # 8 heads of 8, d_state 16 (4 angles)
+        ssm = dict(layer="Mamba3", d_state=16, headdim=8, chunk_size=64)
     else:
         ssm = dict(layer="Mamba1", d_state=16, dt_rank=4, scan_backend="triton")
     return MambaConfig(d_model=32, n_layer=n_layer, vocab_size=64, ssm_cfg=ssm)
@@ -244,10 +253,12 @@ def count_scope(arch: str, scope: str, repeats: int = 20) -> dict:
     return counts
 
 
-def count_main(tiny: bool, verbose: bool, scopes: list) -> None:
+def count_main(tiny: bool, verbose: bool, scopes: list, archs: list) -> None:
     rows = Rows("op_count")
     for scope in scopes:
-        for arch in ("mamba2", "mamba1"):
+        for arch in archs:
+            if arch == "mamba3" and scope != "block":
+                continue  # Mamba-3 has no fused inner op; its step scope is not counted
             for dtype in ((torch.float32, torch.bfloat16) if scope == "inner" else (torch.bfloat16,)):
                 c = count_ops(arch, dtype, tiny) if scope == "inner" else count_scope(arch, scope)
                 c.setdefault("scope", scope)
@@ -268,8 +279,10 @@ def main() -> None:
         ap.add_argument("--verbose", action="store_true", help="the counts by op name")
         ap.add_argument("--scope", nargs="+", default=["inner"], choices=["inner", "block", "step"],
                         help="what is counted: the fused inner op (launches run), a whole block, a tiny LM step")
+        ap.add_argument("--arch", nargs="+", default=["mamba2", "mamba1"], choices=["mamba2", "mamba1", "mamba3"],
+                        help="the mixers counted (mamba3: block scope only)")
         args = ap.parse_args()
-        count_main(args.tiny, args.verbose, args.scope)
+        count_main(args.tiny, args.verbose, args.scope, args.arch)
         return
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="mamba2", choices=["mamba1", "mamba2"])

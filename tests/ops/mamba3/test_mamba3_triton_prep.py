@@ -1,0 +1,166 @@
+"""The SSD form's fused per-position prep (mambakit.ops.mamba3.triton_prep) on the CPU interpreter against the
+PyTorch composition it replaces (the layer's DT / ADT, `position_terms`, `sequence_angles`): every output and every
+gradient in float64 (to 1e-10) and float32, both A activations, strided raw columns (in_proj slices), packed
+sequences, a start angle, a NaN kept causal."""
+from __future__ import annotations
+
+import math
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are (re)loaded: kernels run on the CPU interpreter
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mambakit.layers.mamba3 import heavy_tail  # noqa: E402
+from mambakit.ops.mamba3.chunked import position_terms  # noqa: E402
+from mambakit.ops.mamba3.ssd_form import sequence_angles  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+from tests.ops.mamba3.helpers import angle_err  # noqa: E402
+from tests.ops.triton import interpreted_module  # noqa: E402
+
+kernels = interpreted_module("mambakit.ops.mamba3.triton_prep")
+
+NAMES = ("dd_dt", "dt_bias", "dd_A", "trap", "angle", "angle0")
+OUTS = ("adt", "scale", "corr", "first_back", "theta")
+
+
+def reference(dd_dt, dt_bias, dd_A, trap, angle, angle0, seq_idx, A_floor, A_activation, fp):
+    """The composition the layer and the SSD form made before (Mamba3.ssm_inputs, position_terms,
+    sequence_angles), in fp."""
+    batch, L, H = dd_dt.shape
+    S = angle.shape[-1]
+    DT = F.softplus(dd_dt.to(fp) + dt_bias.to(fp))
+    f = heavy_tail(dd_A.to(fp)) if A_activation == "heavy_tail" else F.softplus(dd_A.to(fp))
+    ADT = torch.clamp(-f, max=-A_floor) * DT
+    angles = angle.to(fp)[:, :, None].expand(batch, L, H, S)
+    N = 2 * S + 1
+    dummy = torch.zeros(batch, L, 1, N, dtype=fp)
+    terms = position_terms(dummy, dummy, torch.zeros(batch, L, H, 1, dtype=fp), ADT.transpose(1, 2),
+                           DT.transpose(1, 2), trap.transpose(1, 2), torch.zeros(H, N, dtype=fp),
+                           torch.zeros(H, N, dtype=fp), angles, None, None, None, 64, seq_idx, with_qk=False)
+    theta, _ = sequence_angles(terms.inc, terms.starts, angle0)
+    return terms.adt, terms.scale, terms.gamma - terms.scale, terms.first_back, theta
+
+
+def make_inputs(batch, seqlen, nheads, n_angles, dtype, seed, packed=True, angle0=True):
+    """Raw columns as slices of one in_proj-like output (strided), the bias, a start angle, seq_idx."""
+    g = torch.Generator().manual_seed(seed)
+    width = 3 * nheads + n_angles + 5
+    proj = torch.randn(batch, seqlen, width, generator=g, dtype=torch.float64) * 1.5
+    proj[..., nheads:2 * nheads] *= 0.1  # dd_A near 0: both sides of the heavy tail and the A_floor clamp
+    proj[0, 0, nheads] = 30.0  # softplus past its threshold
+    proj = proj.to(dtype)
+    dt_bias = (torch.randn(nheads, generator=g, dtype=torch.float64) - 2.0).to(dtype)
+    a0 = (torch.rand(batch, nheads, n_angles, generator=g, dtype=torch.float64) * 2 * math.pi).to(dtype)
+    seq_idx = None
+    if packed:
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+        seq_idx[0, seqlen // 3:] = 1
+        seq_idx[0, seqlen // 3 + 1:] = 2  # a sequence of one position
+        seq_idx[-1, seqlen - 4:] = 5
+    cols = dict(dd_dt=proj[..., 5:5 + nheads], dt_bias=dt_bias, dd_A=proj[..., 5 + nheads:5 + 2 * nheads],
+                trap=proj[..., 5 + 2 * nheads:5 + 3 * nheads], angle=proj[..., 5 + 3 * nheads:],
+                angle0=a0 if angle0 else None)
+    return proj, cols, seq_idx
+
+
+def run_both(cols, seq_idx, A_floor, act, fp, seed=9):
+    """(fused outputs, fused grads, reference outputs, reference grads) for one fixed weighting of the outputs."""
+    leaves = {n: (t.detach().clone().requires_grad_(True) if t is not None else None) for n, t in cols.items()}
+    ref_leaves = {n: (t.detach().clone().double().requires_grad_(True) if t is not None else None)
+                  for n, t in cols.items()}
+    out = kernels.position_prep(**leaves, seq_idx=seq_idx, A_floor=A_floor, A_activation=act, fp=fp)
+    ref = reference(**ref_leaves, seq_idx=seq_idx, A_floor=A_floor, A_activation=act, fp=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
+
+    def loss(outs):
+        total = 0.0
+        for name, o, w in zip(OUTS, outs, ws):
+            total = total + ((torch.cos(o.double()) if name == "theta" else o.double()) * w).sum()
+        return total
+
+    used = [n for n in NAMES if leaves[n] is not None]
+    grads = dict(zip(used, torch.autograd.grad(loss(out), [leaves[n] for n in used])))
+    ref_grads = dict(zip(used, torch.autograd.grad(loss(ref), [ref_leaves[n] for n in used])))
+    return out, grads, ref, ref_grads
+
+
+SHAPES = [dict(batch=2, seqlen=37, nheads=3, n_angles=4), dict(batch=2, seqlen=70, nheads=3, n_angles=12),
+          dict(batch=1, seqlen=5, nheads=2, n_angles=1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("act", ["heavy_tail", "softplus"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_outputs_and_gradients_match_the_composition(shape, act, dtype, tol):
+    proj, cols, seq_idx = make_inputs(**shape, dtype=dtype, seed=shape["seqlen"])
+    out, grads, ref, ref_grads = run_both(cols, seq_idx, A_floor=0.3 if act == "heavy_tail" else 1e-4, act=act,
+                                          fp=dtype)
+    for name, o, r in zip(OUTS, out, ref):
+        assert o.dtype == dtype and o.shape == r.shape, name
+        err = angle_err(o, r) if name == "theta" else rel_err(o, r)
+        assert err < tol, (name, err)
+    for name in ref_grads:
+        assert grads[name].dtype == cols[name].dtype and rel_err(grads[name], ref_grads[name]) < tol, name
+
+
+@pytest.mark.parametrize("packed,angle0", [(False, False), (True, False), (False, True)])
+def test_without_start_angle_or_sequences(packed, angle0):
+    _, cols, seq_idx = make_inputs(2, 40, 3, 4, torch.float64, seed=3, packed=packed, angle0=angle0)
+    out, grads, ref, ref_grads = run_both(cols, seq_idx, 1e-4, "heavy_tail", torch.float64)
+    for name, o, r in zip(OUTS, out, ref):
+        assert (angle_err(o, r) if name == "theta" else rel_err(o, r)) < 1e-10, name
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-10, name
+
+
+def test_bf16_columns_float32_compute():
+    _, cols, seq_idx = make_inputs(2, 37, 3, 4, torch.bfloat16, seed=4)
+    cols["dt_bias"] = cols["dt_bias"].float()
+    cols["angle0"] = cols["angle0"].float()
+    out, grads, ref, ref_grads = run_both(cols, seq_idx, 1e-4, "heavy_tail", torch.float32)
+    for name, o, r in zip(OUTS, out, ref):
+        assert o.dtype == torch.float32 and (angle_err(o, r) if name == "theta" else rel_err(o, r)) < 2e-5, name
+    for name in ref_grads:
+        assert grads[name].dtype == cols[name].dtype and rel_err(grads[name], ref_grads[name]) < 1e-2, name
+
+
+@pytest.mark.parametrize("column", ["dd_dt", "dd_A", "trap", "angle"])
+def test_nan_stays_causal(column):
+    """A NaN at position t reaches no output before t (the look-back term of t - 1 reads DT_t and lambda_t: the
+    scale and corr of t - 1 may be NaN); outputs before that equal the NaN-free run's."""
+    _, cols, _ = make_inputs(1, 50, 2, 3, torch.float64, seed=5, packed=False)
+    clean = kernels.position_prep(**cols, seq_idx=None, A_floor=1e-4, A_activation="heavy_tail", fp=torch.float64)
+    t = 23
+    cols[column] = cols[column].clone()
+    cols[column][0, t, 0] = float("nan")
+    out = kernels.position_prep(**cols, seq_idx=None, A_floor=1e-4, A_activation="heavy_tail", fp=torch.float64)
+    reached = False
+    for name, o, c in zip(OUTS, out, clean):
+        if name == "first_back":
+            assert torch.equal(o, c)
+            continue
+        first = t - 1 if name in ("scale", "corr") else t
+        assert torch.equal(o[:, :first], c[:, :first]), name
+        reached = reached or not bool(torch.isfinite(o[:, first]).all())
+    assert reached
+    if column in ("dd_dt", "angle"):  # the angles carry it to the end
+        assert not torch.isfinite(out.theta[0, -1]).all()
+
+
+def test_a_new_sequence_starts_clean_after_a_nan():
+    """With seq_idx, a NaN in one sequence's angles does not reach the next sequence's angles."""
+    _, cols, seq_idx = make_inputs(1, 40, 2, 3, torch.float64, seed=6, packed=False)
+    seq_idx = torch.zeros(1, 40, dtype=torch.long)
+    seq_idx[0, 20:] = 1
+    cols["angle"] = cols["angle"].clone()
+    cols["angle"][0, 10, 1] = float("nan")
+    out = kernels.position_prep(**cols, seq_idx=seq_idx, A_floor=1e-4, A_activation="heavy_tail", fp=torch.float64)
+    assert torch.isnan(out.theta[0, 10:20, :, 1]).all()
+    assert torch.isfinite(out.theta[0, 20:]).all() and torch.isfinite(out.theta[0, :10]).all()

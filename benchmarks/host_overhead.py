@@ -161,12 +161,12 @@ def cuda_paths():
     from mambakit.layers.mamba2 import Mamba2
 
     saved = [(Mamba2, "_fused_inner_ok", Mamba2._fused_inner_ok), (norm, "use_triton", norm.use_triton),
-             (lm, "_normed_dtype", lm._normed_dtype), (mamba3_ops, "_ssd_fits", mamba3_ops._ssd_fits),
+             (lm, "_normed_dtype", lm._normed_dtype), (mamba3_ops, "ssd_form_fits", mamba3_ops.ssd_form_fits),
              (layer_norm, "_use_triton", layer_norm._use_triton)]
     Mamba2._fused_inner_ok = lambda self, hidden_states, dt_transform: True
     norm.use_triton = lambda x, weight, z=None: True
     layer_norm._use_triton = lambda x, weight, z=None: True
-    mamba3_ops._ssd_fits = lambda V: V.dtype != torch.float64
+    mamba3_ops.ssd_form_fits = lambda device, dtype: dtype != torch.float64
     lm._normed_dtype = lambda hidden, step: torch.bfloat16 if torch.is_autocast_enabled("cpu") and not step else None
     try:
         yield
@@ -239,6 +239,8 @@ def count_scope(arch: str, scope: str, repeats: int = 20) -> dict:
                           kernels=fwd.kernel_ops + bwd.kernel_ops)
             counts["_fwd"], counts["_bwd"] = fwd.table(), bwd.table()
         times = []
+        # the skipped launches leave torch.empty's garbage, whose denormals would make the CPU products slow
+        torch.set_flush_denormal(True)
         with launches_skipped():
             for _ in range(repeats):
                 model.zero_grad(set_to_none=True)
@@ -249,6 +251,7 @@ def count_scope(arch: str, scope: str, repeats: int = 20) -> dict:
                     outs = forward()
                 backward(outs)
                 times.append((time.perf_counter() - t0) * 1e6)
+        torch.set_flush_denormal(False)
     counts["host_us"] = round(min(times), 1)
     return counts
 

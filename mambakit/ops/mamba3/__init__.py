@@ -96,7 +96,12 @@ def mamba3_scan(
 def _ssd_fits(V: object) -> bool:
     """Whether "auto" runs the SSD Triton kernels: V a float32, bfloat16 or float16 CUDA tensor, outside a
     CUDA-graph capture (the chunked form is the one checked there), Triton importable."""
-    if not (isinstance(V, Tensor) and V.is_cuda and V.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    return isinstance(V, Tensor) and ssd_form_fits(V.device, V.dtype)
+
+
+def ssd_form_fits(device: torch.device, dtype: torch.dtype) -> bool:
+    """`_ssd_fits` for a V of that device and dtype (asked by the layer before its projection)."""
+    if not (device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return False
     if torch.cuda.is_current_stream_capturing():
         return False

@@ -164,3 +164,70 @@ def test_a_new_sequence_starts_clean_after_a_nan():
     out = kernels.position_prep(**cols, seq_idx=seq_idx, A_floor=1e-4, A_activation="heavy_tail", fp=torch.float64)
     assert torch.isnan(out.theta[0, 10:20, :, 1]).all()
     assert torch.isfinite(out.theta[0, 20:]).all() and torch.isfinite(out.theta[0, :10]).all()
+
+
+def _layer_pair(monkeypatch, **cfg):
+    """A Mamba3 layer on the fused path (the CPU made to look like CUDA for the SSD form) and a copy on "torch"."""
+    import mambakit.ops.mamba3 as mamba3_ops
+    from mambakit.layers.mamba3 import Mamba3
+
+    for name in ("mambakit.ops.ssd.triton", "mambakit.ops.mamba3.triton_rotary", "mambakit.ops.mamba3.triton_gate"):
+        interpreted_module(name)
+    monkeypatch.setattr(mamba3_ops, "ssd_form_fits", lambda device, dtype: dtype != torch.float64)
+    torch.manual_seed(0)
+    fused = Mamba3(**cfg)
+    with torch.no_grad():  # B / C biases and D away from their all-ones init, dd_A columns with both signs
+        for p in (fused.B_bias, fused.C_bias, fused.D):
+            p.add_(torch.randn_like(p) * 0.3)
+    ref = Mamba3(**cfg, scan_backend="torch")
+    ref.load_state_dict(fused.state_dict())
+    return fused, ref
+
+
+LAYERS = [dict(d_model=12, d_state=16, headdim=8, ngroups=1), dict(d_model=36, d_state=24, headdim=24, ngroups=3,
+                                                                    A_activation="softplus", is_outproj_norm=True)]
+
+
+@pytest.mark.parametrize("cfg", LAYERS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_layer_fused_path_equals_the_torch_backend(monkeypatch, cfg, with_state):
+    fused, ref = _layer_pair(monkeypatch, **cfg)
+    calls = []
+    real = fused.ssd_forward
+    monkeypatch.setattr(fused, "ssd_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 37, cfg["d_model"], generator=g)
+    seq_idx = torch.zeros(2, 37, dtype=torch.long)
+    seq_idx[0, 15:] = 1
+    states = [None, None]
+    if with_state:
+        ref_state = ref.allocate_state(2)
+        for t in ref_state.parts():
+            t.copy_(torch.randn(t.shape, generator=g))
+        states = [type(ref_state)(*(t.clone() for t in ref_state.parts())), ref_state]
+    outs, grads = [], []
+    for layer, st in zip((fused, ref), states):
+        xi = x.clone().requires_grad_(not with_state)  # a state is updated in place: no backward through it
+        with torch.set_grad_enabled(not with_state):
+            out = layer(xi, state=st, seq_idx=seq_idx)
+        outs.append(out)
+        if not with_state:
+            w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+            params = [p for _, p in sorted(layer.named_parameters())]
+            grads.append(torch.autograd.grad((out * w).sum(), [xi] + params))
+    assert calls == [1]
+    assert rel_err(outs[0], outs[1]) < 1e-4
+    names = ["x"] + [n for n, _ in sorted(fused.named_parameters())]
+    for name, a, b in zip(names, *grads) if grads else ():
+        assert rel_err(a, b) < 1e-4, name
+    if with_state:
+        for part, a, b in zip(("angle", "ssm", "k", "v"), states[0].parts(), states[1].parts()):
+            assert (angle_err(a, b) if part == "angle" else rel_err(a, b)) < 1e-4, part
+
+
+def test_layer_takes_the_old_path_with_a_mask_or_the_torch_backend(monkeypatch):
+    fused, ref = _layer_pair(monkeypatch, d_model=12, d_state=16, headdim=8)
+    x = torch.randn(1, 9, 12)
+    assert fused._fused_prep(x) and not ref._fused_prep(x)
+    out = fused(x, mask=torch.ones(1, 9))  # the mask path: ssm_inputs, then mamba3_scan
+    assert rel_err(out, ref(x)) < 1e-4

@@ -1,5 +1,7 @@
 """GPU: the Mamba-3 layer's scan_backend "auto" reaching the SSD form (mambakit.ops.mamba3.ssd_form) on CUDA; its
-forward and gradients against the chunked form are in test_mamba3_triton_gpu (backend "ssd")."""
+forward and gradients against the chunked form are in test_mamba3_triton_gpu (backend "ssd"). The fused per-position
+prep (mambakit.ops.mamba3.triton_prep) compiled, with bf16 raw columns, against the float64 PyTorch composition on
+the CPU, and the bf16 layer on it against the float32 chunked form."""
 from __future__ import annotations
 
 import pytest
@@ -15,11 +17,61 @@ def test_layer_auto_routes_to_the_ssd_form_on_cuda(monkeypatch):
     from mambakit.layers.mamba3 import Mamba3
 
     calls = []
-    real = ssd_form.mamba3_ssd
-    monkeypatch.setattr(ssd_form, "mamba3_ssd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ssd_form.mamba3_ssd_raw  # the layer's entry (the per-position prep fused)
+    monkeypatch.setattr(ssd_form, "mamba3_ssd_raw", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     layer = Mamba3(64, d_state=32, headdim=16, chunk_size=16).cuda()
     x = torch.randn(2, 50, 64, device="cuda")
     got = layer(x)
     layer.scan_backend = "torch"
     assert calls and rel_err(got, layer(x)) < 1e-4
+
+
+@pytest.mark.parametrize("act", ["heavy_tail", "softplus"])
+@pytest.mark.parametrize("shape", [dict(batch=2, seqlen=37, nheads=3, n_angles=4),
+                                   dict(batch=2, seqlen=2048, nheads=24, n_angles=32)])
+def test_fused_prep_bf16_columns_against_float64(shape, act):
+    from mambakit.ops.mamba3.triton_prep import position_prep
+    from tests.ops.mamba3.helpers import PREP_OUTS as OUTS, angle_err
+    from tests.ops.mamba3.helpers import prep_inputs as make_inputs, prep_reference as reference
+
+    _, cols, seq_idx = make_inputs(**shape, dtype=torch.bfloat16, seed=1)
+    cols["dt_bias"], cols["angle0"] = cols["dt_bias"].float(), cols["angle0"].float()
+    gpu = {n: t.cuda().requires_grad_(True) for n, t in cols.items()}
+    cpu = {n: t.double().requires_grad_(True) for n, t in cols.items()}
+    out = position_prep(**gpu, seq_idx=seq_idx.cuda(), A_floor=1e-4, A_activation=act, fp=torch.float32)
+    ref = reference(**cpu, seq_idx=seq_idx, A_floor=1e-4, A_activation=act, fp=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
+    loss = sum(((torch.cos(o) if n == "theta" else o).double().cpu() * w).sum() for n, o, w in zip(OUTS, out, ws))
+    loss_ref = sum(((torch.cos(o) if n == "theta" else o) * w).sum() for n, o, w in zip(OUTS, ref, ws))
+    loss.backward()
+    loss_ref.backward()
+    for name, o, r in zip(OUTS, out, ref):
+        assert (angle_err(o.cpu(), r) if name == "theta" else rel_err(o.cpu(), r)) < 1e-5, name
+    for name in gpu:
+        assert gpu[name].grad.dtype == gpu[name].dtype
+        assert rel_err(gpu[name].grad.cpu(), cpu[name].grad) < 1e-2, name
+
+
+def test_bf16_layer_on_the_fused_prep_against_float32_chunked():
+    from mambakit.layers.mamba3 import Mamba3
+
+    torch.manual_seed(0)
+    ref = Mamba3(64, d_state=32, headdim=16, chunk_size=16, scan_backend="torch").cuda()
+    layer = Mamba3(64, d_state=32, headdim=16, chunk_size=16).cuda().to(torch.bfloat16)
+    layer.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
+    ref.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})  # the same rounded weights
+    x = torch.randn(2, 300, 64, device="cuda").to(torch.bfloat16)
+    seq_idx = torch.zeros(2, 300, dtype=torch.int32, device="cuda")
+    seq_idx[0, 120:] = 1
+    xb, xf = x.clone().requires_grad_(True), x.float().requires_grad_(True)
+    out, out_ref = layer(xb, seq_idx=seq_idx), ref(xf, seq_idx=seq_idx)
+    w = torch.randn(out.shape, device="cuda")
+    (out.float() * w).sum().backward()
+    (out_ref * w).sum().backward()
+    assert rel_err(out, out_ref) < 1e-2
+    assert rel_err(xb.grad, xf.grad) < 2e-2
+    refs = dict(ref.named_parameters())
+    for name, p in layer.named_parameters():
+        assert rel_err(p.grad, refs[name].grad) < 2e-2, name

@@ -136,8 +136,8 @@ PREP_OUTS = ("adt", "scale", "corr", "first_back", "theta")
 
 
 def prep_reference(dd_dt, dt_bias, dd_A, trap, angle, angle0, seq_idx, A_floor, A_activation, fp):
-    """The fused prep's reference: the composition the layer and the SSD form made before (Mamba3.ssm_inputs, position_terms,
-    sequence_angles), in fp."""
+    """The fused prep's reference: the composition the layer and the SSD form made before (Mamba3.ssm_inputs,
+    position_terms, sequence_angles), in fp."""
     from mambakit.layers.mamba3 import heavy_tail
     from mambakit.ops.mamba3.chunked import position_terms
     from mambakit.ops.mamba3.ssd_form import sequence_angles

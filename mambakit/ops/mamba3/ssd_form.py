@@ -197,14 +197,14 @@ def _scan_and_finish(v, q_io, k_io, qk, scale, adt, corr, h0, final_angle, last_
         allow_tf32=kernels and torch.finfo(out_dtype).bits == 16)
     # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t (qk from the same rounded q and k,
     # so that the look-forward part cancels); plus the D skip
-    diag = qk * corr  # (batch, seqlen, nheads)
-    if D is not None:
-        diag = diag + D.to(fp)
-    if kernels:  # the skip and the gate in one kernel each way
+    if kernels:  # the correction, the skip and the gate in one kernel each way
         from mambakit.ops.mamba3.triton_gate import skip_gate
 
-        y = skip_gate(y, v, diag, Z, out_dtype)
+        y = skip_gate(y, v, qk, Z, out_dtype, corr=corr, D=D)
     else:
+        diag = qk * corr  # (batch, seqlen, nheads)
+        if D is not None:
+            diag = diag + D.to(fp)
         y = y.to(fp) + diag[..., None] * v
         if Z is not None:
             y = y * F.silu(Z.to(fp))

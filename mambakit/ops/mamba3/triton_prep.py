@@ -159,11 +159,12 @@ def _prep_bwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr,
               ddt_ptr, dbias_ptr, da_ptr, dtrap_ptr, dang_ptr, dang0_ptr,
               L, H, S, a_floor,
               s_db, s_dl, s_dh, s_ab, s_al, s_ah, s_tb, s_tl, s_th, s_gb, s_gl, s_gs, s_qb, s_ql,
+              s_xb, s_xl, s_xh, s_cb, s_cl, s_ch, s_eb, s_el, s_eh,
               HEAVY: tl.constexpr, HAS_SEQ: tl.constexpr, SMALL: tl.constexpr, BL: tl.constexpr,
               BS: tl.constexpr):
     """One program per (batch, head), walking the positions from the end in blocks of BL (row r of a block is
-    position base - r). The output gradients dadt, dscale, dcorr (batch, L, H), dfb (batch, H), dtheta (batch, L, H,
-    S) are contiguous in FP; ddt, da, dtrap (batch, L, H) contiguous in the inputs' dtypes; dbias (batch, H) and
+    position base - r). The output gradients dadt, dscale, dcorr (batch, L, H) (strides s_x*, s_c*, s_e*), dfb
+    (batch, H), dtheta (batch, L, H, S) (contiguous) are in FP; ddt, da, dtrap (batch, L, H) contiguous in the inputs' dtypes; dbias (batch, H) and
     dang (batch, L, H, S) this head's parts in FP; dang0 (batch, H, S) FP."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -194,10 +195,11 @@ def _prep_bwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr,
         tl.store(dang_ptr + out[:, None] * S + i[None, :], dinc * PI * (1.0 - t * t) * dt[:, None], mask=mpi)
         ddt = tl.sum(tl.where(mpi, dinc * PI * t, 0.0), axis=1)
         # the scalars
-        dgam = tl.load(dscale_ptr + out, mask=m, other=0.0)
-        dadt = tl.load(dadt_ptr + out, mask=m, other=0.0)
+        dgam = tl.load(dscale_ptr + b * s_cb + pos * s_cl + h * s_ch, mask=m, other=0.0)
+        dadt = tl.load(dadt_ptr + b * s_xb + pos * s_xl + h * s_xh, mask=m, other=0.0)
         mp = m & (pos > 0)
-        wprev = tl.load(dscale_ptr + out - H, mask=mp, other=0.0) - tl.load(dcorr_ptr + out - H, mask=mp, other=0.0)
+        wprev = tl.load(dscale_ptr + b * s_cb + (pos - 1) * s_cl + h * s_ch, mask=mp, other=0.0) \
+            - tl.load(dcorr_ptr + b * s_eb + (pos - 1) * s_el + h * s_eh, mask=mp, other=0.0)
         w = tl.where(pos == 0, dfb, tl.where(_starts(seq_ptr, b, pos, L, s_qb, s_ql, HAS_SEQ), 0.0, wprev))
         x = tl.load(a_ptr + b * s_ab + pos * s_al + h * s_ah, mask=m, other=0.0).to(FP)
         a, da = _activation(x, a_floor, HEAVY)
@@ -256,10 +258,12 @@ class _Prep(torch.autograd.Function):
         S = angle.shape[-1]
         kw = dict(device=dd_dt.device, dtype=fp)
 
-        def grad(g, *shape):
-            return torch.zeros(*shape, **kw) if g is None else g.to(fp).contiguous()
+        def grad(g, *shape, contiguous=True):
+            if g is None:
+                return torch.zeros(*shape, **kw)
+            return g.to(fp).contiguous() if contiguous else g.to(fp)
 
-        dadt, dscale, dcorr = (grad(g, batch, L, H) for g in (dadt, dscale, dcorr))
+        dadt, dscale, dcorr = (grad(g, batch, L, H, contiguous=False) for g in (dadt, dscale, dcorr))
         dfb, dth = grad(dfb, batch, H), grad(dth, batch, L, H, S)
         ddt = torch.empty(batch, L, H, device=dd_dt.device, dtype=dd_dt.dtype)
         da = torch.empty(batch, L, H, device=dd_A.device, dtype=dd_A.dtype)
@@ -271,7 +275,8 @@ class _Prep(torch.autograd.Function):
         _prep_bwd[(batch, H)](
             dd_dt, dt_bias, dd_A, trap, angle, seq, dadt, dscale, dcorr, dfb, dth,
             ddt, dbias, da, dtrap, dang, dang0, L, H, S, a_floor,
-            *dd_dt.stride(), *dd_A.stride(), *trap.stride(), *angle.stride(), *seq.stride()[:2], **meta)
+            *dd_dt.stride(), *dd_A.stride(), *trap.stride(), *angle.stride(), *seq.stride()[:2],
+            *dadt.stride(), *dscale.stride(), *dcorr.stride(), **meta)
         return (ddt, dbias.sum(0).to(dt_bias.dtype), da, dtrap, dang.sum(2).to(angle.dtype),
                 dang0.to(ang0_dtype) if has_ang0 else None, None, None, None, None)
 

@@ -103,7 +103,7 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
                 s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
                 BL: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, HAS_REST: tl.constexpr):
     """One program per (batch * group, block of BL positions), looping over the group's heads: dQ, dK (batch,
-    seqlen, ngroups, N) float32 (summed over the heads in registers), dtheta (batch, seqlen, nheads, S) float32,
+    seqlen, ngroups, N) in Q's and K's dtypes (summed over the heads in float32 registers), dtheta (batch, seqlen, nheads, S) float32,
     and the bias parts (batch * nblocks, nheads, N) float32 of this block. q, k: the forward's rounded outputs;
     dq, dk: their gradients (contiguous, their layout); dqk (batch, seqlen, nheads) float32."""
     bg = tl.program_id(0)
@@ -207,18 +207,18 @@ class _Rotary(torch.autograd.Function):
             dqk.float().contiguous()
         nblocks = cdiv(seqlen, BLOCK_L)
         f32 = dict(device=Q.device, dtype=torch.float32)
-        dQ = torch.empty(batch, seqlen, ngroups, N, **f32)
-        dK = torch.empty_like(dQ)
+        # dQ, dK summed over the group's heads in float32 registers, stored once in Q's and K's dtypes
+        dQ = torch.empty(batch, seqlen, ngroups, N, device=Q.device, dtype=Q.dtype)
+        dK = torch.empty(batch, seqlen, ngroups, N, device=K.device, dtype=K.dtype)
         dth = torch.empty(theta.shape, **f32)
-        # every (block, head) row is written by the program of the head's group
-        dqb = torch.zeros(batch * nblocks, nheads, N, **f32)
-        dkb = torch.zeros_like(dqb)
+        # every entry of every (block, head) row is written by the program of the head's group
+        dqb = torch.empty(batch * nblocks, nheads, N, **f32)
+        dkb = torch.empty_like(dqb)
         _rotary_bwd[(batch * ngroups, nblocks)](
             Q, K, Q_bias, K_bias, theta, q, k, dq, dk, dqk, dQ, dK, dqb, dkb, dth, seqlen, nheads,
             nheads // ngroups, N, theta.shape[-1], *Q.stride()[:3], *K.stride()[:3], **_sizes(Q, theta),
             num_warps=4)
-        return (dQ.to(Q.dtype), dK.to(K.dtype), dqb.sum(0).to(Q_bias.dtype), dkb.sum(0).to(K_bias.dtype),
-                dth, None)
+        return dQ, dK, dqb.sum(0).to(Q_bias.dtype), dkb.sum(0).to(K_bias.dtype), dth, None
 
 
 def rotary_qk(Q: Tensor, K: Tensor, Q_bias: Tensor, K_bias: Tensor, theta: Tensor,

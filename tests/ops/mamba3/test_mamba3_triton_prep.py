@@ -37,7 +37,10 @@ def run_both(cols, seq_idx, A_floor, act, fp, seed=9):
     def loss(outs):
         total = 0.0
         for name, o, w in zip(OUTS, outs, ws):
-            total = total + ((torch.cos(o.double()) if name == "theta" else o.double()) * w).sum()
+            if o.dim() == 3:  # transposed: the upstream gradients of adt, scale, corr arrive with other strides
+                total = total + (o.double().transpose(1, 2) * w.transpose(1, 2)).sum()
+            else:
+                total = total + ((torch.cos(o.double()) if name == "theta" else o.double()) * w).sum()
         return total
 
     used = [n for n in NAMES if leaves[n] is not None]

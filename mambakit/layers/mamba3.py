@@ -313,15 +313,26 @@ class Mamba3(nn.Module):
 
         z, x, B, C, dd_dt, dd_A, trap, angle = self.split_projection(self.in_proj(hidden_states))
         bc = (self.ngroups, self.d_state)
-        y, *final = mamba3_ssd_raw(
+        hn = (self.nheads, self.d_state)  # the (nheads, 1, d_state) biases as views: no select_backward copies
+        out = mamba3_ssd_raw(
             self.C_norm(C.unflatten(-1, bc)), self.B_norm(B.unflatten(-1, bc)),
             x.unflatten(-1, (self.nheads, self.headdim)), dd_dt, self.dt_bias, dd_A, trap, angle,
-            self.C_bias[:, 0], self.B_bias[:, 0], D=self.D,
+            self.C_bias.view(hn), self.B_bias.view(hn), D=self.D,
             Z=None if self.is_outproj_norm else z.unflatten(-1, (self.nheads, self.headdim)),
             Input_States=None if state is None else state.parts(), A_floor=self.A_floor,
-            A_activation=self.A_activation, chunk_size=self.chunk_size, return_final_states=True, seq_idx=seq_idx)
-        self._store_state(state, final, None)
-        return self.finish(y, z)
+            A_activation=self.A_activation, chunk_size=self.chunk_size, return_final_states=state is not None,
+            seq_idx=seq_idx)
+        if state is None:
+            y = out
+        else:
+            y, *final = out
+            self._store_state(state, final, None)
+        y = y.flatten(-2)
+        if self.is_outproj_norm:
+            y = self.norm(y, z)
+        if not torch.is_autocast_enabled(y.device.type):  # autocast casts the product's operands itself
+            y = y.to(self.out_proj.weight.dtype)
+        return self.out_proj(y)
 
     def step(self, hidden_states: Tensor, state: Mamba3State) -> Tensor:
         """One decoding step from the constant-size state. hidden_states: (batch, 1, d_model) or (batch, d_model);

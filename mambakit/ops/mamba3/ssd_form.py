@@ -147,21 +147,17 @@ def mamba3_ssd_raw(
         dd_dt, dd_A, trap: (batch, seqlen, nheads), any strides; dt_bias: (nheads,); angle: (batch, seqlen,
             n_angles), any strides. The other arguments and the results as :func:`mamba3_ssd`.
     """
-    for name, value in (("dd_dt", dd_dt), ("dd_A", dd_A), ("trap", trap), ("angle", angle), ("dt_bias", dt_bias)):
-        _require_tensor(name, value)
-    if V.dim() != 4 or dd_dt.dim() != 3:
-        raise MambaKitError(f"V must have shape (batch, seqlen, nheads, headdim) and dd_dt (batch, seqlen, nheads), "
-                            f"got {tuple(V.shape)} and {tuple(dd_dt.shape)}")
-    batch, L, H = V.shape[:3]
-    for name, value in (("dd_dt", dd_dt), ("dd_A", dd_A), ("trap", trap)):
-        _require_shape(name, value, [("batch", batch), ("seqlen", L), ("nheads", H)])
-    _require_shape("dt_bias", dt_bias, [("nheads", H)])
-    _require_shape("angle", angle, [("batch", batch), ("seqlen", L), ("n_angles", None)])
     if A_activation not in ("heavy_tail", "softplus"):
         raise MambaKitError(f"A_activation must be 'heavy_tail' or 'softplus', got {A_activation!r}")
-    per_head = dd_dt.transpose(1, 2)  # only checked: ADT, DT and Trap's layout
-    dims = validate(Q, K, V, per_head, per_head, per_head, Q_bias, K_bias, angle.unsqueeze(2).expand(-1, -1, H, -1),
-                    D, Z, Input_States, seq_idx)
+    try:
+        dims = validate(Q, K, V, dd_dt, dd_dt, trap, Q_bias, K_bias, angle, D, Z, Input_States, seq_idx,
+                        raw_columns=True)
+        _require_shape("dd_A", _require_tensor("dd_A", dd_A), [("batch", dims.batch), ("seqlen", dims.seqlen),
+                                                               ("nheads", dims.nheads)])
+        _require_shape("dt_bias", _require_tensor("dt_bias", dt_bias), [("nheads", dims.nheads)])
+    except MambaKitError as err:  # validate names the scan's arguments: name the raw columns
+        raise MambaKitError(str(err).replace("ADT", "dd_dt").replace("Trap", "trap").replace("Angles", "angle")) \
+            from None
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise MambaKitError(f"chunk_size must be a positive int, got {chunk_size!r}")
     fp = compute_dtype(Q, K, V, dd_dt, dt_bias, dd_A, trap, angle, Q_bias, K_bias, D, Z,
@@ -177,9 +173,9 @@ def mamba3_ssd_raw(
     if Input_States is not None:
         _, ssm0, k0, v0 = (s.to(fp) for s in Input_States)
         h0 = ssm0 + prep.first_back[..., None, None] * v0[..., :, None] * k0[..., None, :]
-    return _scan_and_finish(v, q_io, k_io, qk, prep.scale, prep.adt, prep.corr, h0, prep.theta[:, -1],
-                            k_io[:, dims.seqlen - 1], D, Z, V.dtype, fp, chunk_size, seq_idx, return_final_states,
-                            "triton")
+    final_angle, last_k = (prep.theta[:, -1], k_io[:, dims.seqlen - 1]) if return_final_states else (None, None)
+    return _scan_and_finish(v, q_io, k_io, qk, prep.scale, prep.adt, prep.corr, h0, final_angle, last_k, D, Z,
+                            V.dtype, fp, chunk_size, seq_idx, return_final_states, "triton")
 
 
 def _scan_and_finish(v, q_io, k_io, qk, scale, adt, corr, h0, final_angle, last_k, D, Z, out_dtype, fp, chunk_size,

@@ -189,3 +189,22 @@ def test_layer_takes_the_old_path_with_a_mask_or_the_torch_backend(monkeypatch):
     assert fused._fused_prep(x) and not ref._fused_prep(x)
     out = fused(x, mask=torch.ones(1, 9))  # the mask path: ssm_inputs, then mamba3_scan
     assert rel_err(out, ref(x)) < 1e-4
+
+
+def test_raw_entry_names_bad_columns():
+    from mambakit.errors import MambaKitError
+    from mambakit.ops.mamba3.ssd_form import mamba3_ssd_raw
+
+    b, L, H, G, N, P, S = 2, 9, 4, 2, 8, 3, 2
+    ok = dict(Q=torch.randn(b, L, G, N), K=torch.randn(b, L, G, N), V=torch.randn(b, L, H, P),
+              dd_dt=torch.randn(b, L, H), dt_bias=torch.randn(H), dd_A=torch.randn(b, L, H), trap=torch.randn(b, L, H),
+              angle=torch.randn(b, L, S), Q_bias=torch.randn(H, N), K_bias=torch.randn(H, N))
+    for name, bad, msg in (("dd_dt", torch.randn(b, H, L), "dd_dt must have shape"),
+                           ("dd_A", torch.randn(b, L, H + 1), "dd_A must have shape"),
+                           ("trap", torch.randn(b, L), "trap must have shape"),
+                           ("angle", torch.randn(b, L, H, S), "angle must have shape"),
+                           ("dt_bias", torch.randn(H, 1), "dt_bias must have shape")):
+        with pytest.raises(MambaKitError, match=msg):
+            mamba3_ssd_raw(**{**ok, name: bad})
+    with pytest.raises(MambaKitError, match="A_activation"):
+        mamba3_ssd_raw(**ok, A_activation="relu")

@@ -160,12 +160,13 @@ def _prep_bwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr,
               L, H, S, a_floor,
               s_db, s_dl, s_dh, s_ab, s_al, s_ah, s_tb, s_tl, s_th, s_gb, s_gl, s_gs, s_qb, s_ql,
               s_xb, s_xl, s_xh, s_cb, s_cl, s_ch, s_eb, s_el, s_eh,
-              HEAVY: tl.constexpr, HAS_SEQ: tl.constexpr, SMALL: tl.constexpr, BL: tl.constexpr,
-              BS: tl.constexpr):
+              HEAVY: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_DFB: tl.constexpr, SMALL: tl.constexpr,
+              BL: tl.constexpr, BS: tl.constexpr):
     """One program per (batch, head), walking the positions from the end in blocks of BL (row r of a block is
-    position base - r). The output gradients dadt, dscale, dcorr (batch, L, H) (strides s_x*, s_c*, s_e*), dfb
-    (batch, H), dtheta (batch, L, H, S) (contiguous) are in FP; ddt, da, dtrap (batch, L, H) contiguous in the inputs' dtypes; dbias (batch, H) and
-    dang (batch, L, H, S) this head's parts in FP; dang0 (batch, H, S) FP."""
+    position base - r). The output gradients: dadt, dscale, dcorr (batch, L, H) in FP with strides s_x*, s_c*,
+    s_e*; dfb (batch, H) (HAS_DFB; else zero); dtheta (batch, L, H, S) contiguous. Written: ddt, da, dtrap (batch,
+    L, H) contiguous in the inputs' dtypes; dbias (batch, H) and dang (batch, L, H, S), this head's parts, and dang0
+    (batch, H, S), in FP."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     FP: tl.constexpr = dadt_ptr.dtype.element_ty
@@ -175,7 +176,10 @@ def _prep_bwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr,
     row = tl.arange(0, BL)
     carry = tl.zeros((BS,), dtype=tl.float64)
     dbias = tl.zeros((BL,), dtype=FP)
-    dfb = tl.load(dfb_ptr + b * H + h)
+    if HAS_DFB:
+        dfb = tl.load(dfb_ptr + b * H + h).to(FP)
+    else:
+        dfb = tl.zeros((), dtype=FP)
     for blk in range(0, tl.cdiv(L, BL)):
         pos = L - 1 - blk * BL - row
         m = pos >= 0
@@ -247,6 +251,7 @@ class _Prep(torch.autograd.Function):
             *dd_dt.stride(), *dd_A.stride(), *trap.stride(), *angle.stride(), *seq.stride()[:2],
             HAS_ANG0=angle0 is not None, **meta)
         ctx.save_for_backward(dd_dt, dt_bias, dd_A, trap, angle, seq_idx)
+        ctx.set_materialize_grads(False)  # an unused output's gradient (first_back's without a state) stays None
         ctx.args = (a_floor, meta, angle0 is not None, fp, angle0.dtype if angle0 is not None else None)
         return adt, scale, corr, first_back, theta
 
@@ -264,7 +269,8 @@ class _Prep(torch.autograd.Function):
             return g.to(fp).contiguous() if contiguous else g.to(fp)
 
         dadt, dscale, dcorr = (grad(g, batch, L, H, contiguous=False) for g in (dadt, dscale, dcorr))
-        dfb, dth = grad(dfb, batch, H), grad(dth, batch, L, H, S)
+        dth = grad(dth, batch, L, H, S)
+        dfb = dfb.to(fp).contiguous() if dfb is not None else None
         ddt = torch.empty(batch, L, H, device=dd_dt.device, dtype=dd_dt.dtype)
         da = torch.empty(batch, L, H, device=dd_A.device, dtype=dd_A.dtype)
         dtrap = torch.empty(batch, L, H, device=trap.device, dtype=trap.dtype)
@@ -273,10 +279,10 @@ class _Prep(torch.autograd.Function):
         dang0 = torch.empty(batch, H, S, **kw)
         seq = seq_idx if seq_idx is not None else dd_dt
         _prep_bwd[(batch, H)](
-            dd_dt, dt_bias, dd_A, trap, angle, seq, dadt, dscale, dcorr, dfb, dth,
+            dd_dt, dt_bias, dd_A, trap, angle, seq, dadt, dscale, dcorr, dfb if dfb is not None else dth, dth,
             ddt, dbias, da, dtrap, dang, dang0, L, H, S, a_floor,
             *dd_dt.stride(), *dd_A.stride(), *trap.stride(), *angle.stride(), *seq.stride()[:2],
-            *dadt.stride(), *dscale.stride(), *dcorr.stride(), **meta)
+            *dadt.stride(), *dscale.stride(), *dcorr.stride(), HAS_DFB=dfb is not None, **meta)
         return (ddt, dbias.sum(0).to(dt_bias.dtype), da, dtrap, dang.sum(2).to(angle.dtype),
                 dang0.to(ang0_dtype) if has_ang0 else None, None, None, None, None)
 

@@ -103,8 +103,8 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
                 s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
                 BL: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, HAS_REST: tl.constexpr):
     """One program per (batch * group, block of BL positions), looping over the group's heads: dQ, dK (batch,
-    seqlen, ngroups, N) in Q's and K's dtypes (summed over the heads in float32 registers), dtheta (batch, seqlen, nheads, S) float32,
-    and the bias parts (batch * nblocks, nheads, N) float32 of this block. q, k: the forward's rounded outputs;
+    seqlen, ngroups, N) in Q's and K's dtypes (summed over the heads in float32 registers), dtheta (batch, seqlen,
+    nheads, S) float32, and the bias parts (batch * nblocks, nheads, N) float32 of this block. q, k: the forward's rounded outputs;
     dq, dk: their gradients (contiguous, their layout); dqk (batch, seqlen, nheads) float32."""
     bg = tl.program_id(0)
     ngroups = nheads // hpg

@@ -295,8 +295,8 @@ class Mamba3(nn.Module):
     def _fused_prep(self, hidden_states: Tensor) -> bool:
         """Whether forward takes `ssd_forward`: SISO, scan_backend "auto" or "ssd", and the SSD form's kernels run
         natively on what in_proj will give (its dtype under autocast)."""
-        if self.is_mimo or self.scan_backend not in ("auto", "ssd"):
-            return False
+        if self.is_mimo or self.scan_backend not in ("auto", "ssd") or self.B_norm.eps != self.C_norm.eps:
+            return False  # (the rotary kernel applies both norms with one eps)
         device = hidden_states.device
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
@@ -314,14 +314,14 @@ class Mamba3(nn.Module):
         z, x, B, C, dd_dt, dd_A, trap, angle = self.split_projection(self.in_proj(hidden_states))
         bc = (self.ngroups, self.d_state)
         hn = (self.nheads, self.d_state)  # the (nheads, 1, d_state) biases as views: no select_backward copies
-        out = mamba3_ssd_raw(
-            self.C_norm(C.unflatten(-1, bc)), self.B_norm(B.unflatten(-1, bc)),
-            x.unflatten(-1, (self.nheads, self.headdim)), dd_dt, self.dt_bias, dd_A, trap, angle,
+        out = mamba3_ssd_raw(  # C_norm and B_norm inside the rotary kernel
+            C.unflatten(-1, bc), B.unflatten(-1, bc), x.unflatten(-1, (self.nheads, self.headdim)), dd_dt,
+            self.dt_bias, dd_A, trap, angle,
             self.C_bias.view(hn), self.B_bias.view(hn), D=self.D,
             Z=None if self.is_outproj_norm else z.unflatten(-1, (self.nheads, self.headdim)),
             Input_States=None if state is None else state.parts(), A_floor=self.A_floor,
             A_activation=self.A_activation, chunk_size=self.chunk_size, return_final_states=state is not None,
-            seq_idx=seq_idx)
+            seq_idx=seq_idx, QK_norm=(self.C_norm.weight, self.B_norm.weight, self.C_norm.eps))
         if state is None:
             y = out
         else:

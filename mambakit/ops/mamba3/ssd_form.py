@@ -136,7 +136,7 @@ def mamba3_ssd_raw(
     Q_bias: Tensor, K_bias: Tensor, D: Optional[Tensor] = None, Z: Optional[Tensor] = None,
     Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, A_floor: float = 1e-4,
     A_activation: str = "heavy_tail", chunk_size: int = 64, return_final_states: bool = False,
-    seq_idx: Optional[Tensor] = None,
+    seq_idx: Optional[Tensor] = None, QK_norm: Optional[Tuple[Tensor, Tensor, float]] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
     """The layer's entry to the SSD form on its Triton kernels (CUDA, or TRITON_INTERPRET=1): :func:`mamba3_ssd`
     with ssd_backend "triton" from the raw in_proj columns, the per-position prep fused
@@ -146,6 +146,8 @@ def mamba3_ssd_raw(
     Args:
         dd_dt, dd_A, trap: (batch, seqlen, nheads), any strides; dt_bias: (nheads,); angle: (batch, seqlen,
             n_angles), any strides. The other arguments and the results as :func:`mamba3_ssd`.
+        QK_norm: (q_weight, k_weight (d_state,), eps) or None: Q and K are the raw C and B, RMSNorm-ed inside the
+            rotary kernel (as the layer's C_norm and B_norm would).
     """
     if A_activation not in ("heavy_tail", "softplus"):
         raise MambaKitError(f"A_activation must be 'heavy_tail' or 'softplus', got {A_activation!r}")
@@ -155,6 +157,9 @@ def mamba3_ssd_raw(
         _require_shape("dd_A", _require_tensor("dd_A", dd_A), [("batch", dims.batch), ("seqlen", dims.seqlen),
                                                                ("nheads", dims.nheads)])
         _require_shape("dt_bias", _require_tensor("dt_bias", dt_bias), [("nheads", dims.nheads)])
+        if QK_norm is not None:
+            for name, w in (("QK_norm[0]", QK_norm[0]), ("QK_norm[1]", QK_norm[1])):
+                _require_shape(name, _require_tensor(name, w), [("d_state", dims.d_state)])
     except MambaKitError as err:  # validate names the scan's arguments: name the raw columns
         raise MambaKitError(str(err).replace("ADT", "dd_dt").replace("Trap", "trap").replace("Angles", "angle")) \
             from None
@@ -167,7 +172,7 @@ def mamba3_ssd_raw(
 
     prep = position_prep(dd_dt, dt_bias, dd_A, trap, angle, None if Input_States is None else Input_States[0],
                          seq_idx, A_floor, A_activation, fp)
-    q_io, k_io, qk = rotary_qk(Q, K, Q_bias, K_bias, prep.theta, fp)
+    q_io, k_io, qk = rotary_qk(Q, K, Q_bias, K_bias, prep.theta, fp, norm=QK_norm)
     v = V.to(fp)
     h0 = None
     if Input_States is not None:

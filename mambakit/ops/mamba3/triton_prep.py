@@ -34,8 +34,8 @@ from mambakit.ops.triton.grid import next_power_of_2
 #: positions per block of the walk through the sequence
 BLOCK_L = 32
 
-PI = math.pi
-TWO_PI = 2 * math.pi
+PI = tl.constexpr(math.pi)
+TWO_PI = tl.constexpr(2 * math.pi)
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _prep_fwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr, ang0_ptr,
     i = tl.arange(0, BS)
     mi = i < S
     row = tl.arange(0, BL)
-    dt0, lam0, _ = _dt_lam(dt_ptr, trap_ptr, b, 0, h, L > 0, bias, s_db, s_dl, s_dh, s_tb, s_tl, s_th, FP)
+    dt0, lam0, pre0 = _dt_lam(dt_ptr, trap_ptr, b, 0, h, L > 0, bias, s_db, s_dl, s_dh, s_tb, s_tl, s_th, FP)
     tl.store(fb_ptr + b * H + h, (1.0 - lam0) * dt0)
     if HAS_ANG0:
         carry = tl.load(ang0_ptr + (b * H + h) * S + i, mask=mi, other=0.0).to(tl.float64)
@@ -131,11 +131,11 @@ def _prep_fwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr, ang0_ptr,
     for l0 in range(0, L, BL):
         pos = l0 + row
         m = pos < L
-        dt, lam, _ = _dt_lam(dt_ptr, trap_ptr, b, pos, h, m, bias, s_db, s_dl, s_dh, s_tb, s_tl, s_th, FP)
+        dt, lam, pre = _dt_lam(dt_ptr, trap_ptr, b, pos, h, m, bias, s_db, s_dl, s_dh, s_tb, s_tl, s_th, FP)
         mn = pos + 1 < L
-        dtn, lamn, _ = _dt_lam(dt_ptr, trap_ptr, b, pos + 1, h, mn, bias, s_db, s_dl, s_dh, s_tb, s_tl, s_th, FP)
+        dtn, lamn, pren = _dt_lam(dt_ptr, trap_ptr, b, pos + 1, h, mn, bias, s_db, s_dl, s_dh, s_tb, s_tl, s_th, FP)
         lb = tl.where(mn & ~_starts(seq_ptr, b, pos + 1, L, s_qb, s_ql, HAS_SEQ), (1.0 - lamn) * dtn, 0.0)
-        a, _ = _activation(tl.load(a_ptr + b * s_ab + pos * s_al + h * s_ah, mask=m, other=0.0).to(FP), a_floor,
+        a, da = _activation(tl.load(a_ptr + b * s_ab + pos * s_al + h * s_ah, mask=m, other=0.0).to(FP), a_floor,
                            HEAVY)
         out = (b * L + pos) * H + h
         tl.store(adt_ptr + out, a * dt, mask=m)
@@ -147,7 +147,7 @@ def _prep_fwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr, ang0_ptr,
         ang = tl.load(ang_ptr + b * s_gb + pos[:, None] * s_gl + i[None, :] * s_gs, mask=mpi, other=0.0).to(FP)
         inc = tl.where(mpi, PI * _tanh(ang, SMALL) * dt[:, None], 0.0).to(tl.float64)
         inc += tl.where(((row == 0) & ~start)[:, None], carry[None, :], 0.0)
-        v, _ = tl.associative_scan((inc, tl.broadcast_to(start[:, None], (BL, BS))), 0, _seg_add)
+        v, vflag = tl.associative_scan((inc, tl.broadcast_to(start[:, None], (BL, BS))), 0, _seg_add)
         carry = tl.sum(tl.where((row == BL - 1)[:, None], v, 0.0), axis=0)
         th = v - tl.floor(v / TWO_PI) * TWO_PI
         tl.store(th_ptr + out[:, None] * S + i[None, :], th.to(FP), mask=mpi)
@@ -191,7 +191,7 @@ def _prep_bwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr,
         ends = _starts(seq_ptr, b, pos + 1, L, s_qb, s_ql, HAS_SEQ)
         g = tl.load(dth_ptr + out[:, None] * S + i[None, :], mask=mpi, other=0.0).to(tl.float64)
         g += tl.where(((row == 0) & ~ends)[:, None], carry[None, :], 0.0)
-        dinc, _ = tl.associative_scan((g, tl.broadcast_to(ends[:, None], (BL, BS))), 0, _seg_add)
+        dinc, dflag = tl.associative_scan((g, tl.broadcast_to(ends[:, None], (BL, BS))), 0, _seg_add)
         carry = tl.sum(tl.where((row == BL - 1)[:, None], dinc, 0.0), axis=0)
         dinc = dinc.to(FP)
         ang = tl.load(ang_ptr + b * s_gb + pos[:, None] * s_gl + i[None, :] * s_gs, mask=mpi, other=0.0).to(FP)

@@ -26,6 +26,11 @@ from torch import Tensor
 #: positions per program
 BLOCK_L = 32
 
+#: with the folded norm: (positions per program, warps) forward and backward (at d_state 128, 32 angles, no
+#: register spills on sm_90: the 4-warp blocks would spill)
+NORM_FWD = (32, 8)
+NORM_BWD = (16, 8)
+
 
 @triton.jit
 def _load_pairs(rows, c, mask2, BL: tl.constexpr, BS: tl.constexpr):
@@ -109,6 +114,22 @@ def _bias_pairs(bias_ptr, h, c, N, S, BS: tl.constexpr):
 
 
 @triton.jit
+def _with_bias(nqe, nqo, nke, nko, Q_ptr, K_ptr, qb_ptr, kb_ptr, b, pos, g, h, cc, mask_pc, s_qb, s_ql, s_qg, s_kb,
+               s_kl, s_kg, N, S, BL: tl.constexpr, BS: tl.constexpr, NORM: tl.constexpr):
+    """Head h's inputs to the rotation, even and odd (BL, BS) float32 tiles of Q + Q_bias[h] and K + K_bias[h]: from
+    the normed tiles nqe, nqo, nke, nko (NORM), else read from Q and K."""
+    if NORM:
+        be, bo = _bias_pairs(qb_ptr, h, cc, N, S, BS)
+        qe, qo = nqe + be[None, :], nqo + bo[None, :]
+        be, bo = _bias_pairs(kb_ptr, h, cc, N, S, BS)
+        ke, ko = nke + be[None, :], nko + bo[None, :]
+    else:
+        qe, qo = _pair_tiles(Q_ptr, qb_ptr, b, pos, g, h, cc, mask_pc, s_qb, s_ql, s_qg, N, S, BL, BS)
+        ke, ko = _pair_tiles(K_ptr, kb_ptr, b, pos, g, h, cc, mask_pc, s_kb, s_kl, s_kg, N, S, BL, BS)
+    return qe, qo, ke, ko
+
+
+@triton.jit
 def _rotary_fwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, qk_ptr, qw_ptr, kw_ptr,
                 seqlen, nheads, hpg, N, S, eps,
                 s_qb, s_ql, s_qg, s_kb, s_kl, s_kg,
@@ -136,13 +157,10 @@ def _rotary_fwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, qk_ptr, qw_p
                                          eps, BL, BS, BR, HAS_REST)
         ke, ko, kr, _, _, _, _ = _normed(K_ptr, kw_ptr, b, pos, g, cc, mask_pc, j, mask_pj, s_kb, s_kl, s_kg, N, S,
                                          eps, BL, BS, BR, HAS_REST)
-        be, bo = _bias_pairs(qb_ptr, h, cc, N, S, BS)
-        qe, qo = qe + be[None, :], qo + bo[None, :]
-        be, bo = _bias_pairs(kb_ptr, h, cc, N, S, BS)
-        ke, ko = ke + be[None, :], ko + bo[None, :]
     else:
-        qe, qo = _pair_tiles(Q_ptr, qb_ptr, b, pos, g, h, cc, mask_pc, s_qb, s_ql, s_qg, N, S, BL, BS)
-        ke, ko = _pair_tiles(K_ptr, kb_ptr, b, pos, g, h, cc, mask_pc, s_kb, s_kl, s_kg, N, S, BL, BS)
+        qe, qo, ke, ko = 0.0, 0.0, 0.0, 0.0
+    qe, qo, ke, ko = _with_bias(qe, qo, ke, ko, Q_ptr, K_ptr, qb_ptr, kb_ptr, b, pos, g, h, cc, mask_pc, s_qb, s_ql,
+                                s_qg, s_kb, s_kl, s_kg, N, S, BL, BS, NORM)
     dtype = q_ptr.dtype.element_ty
     rqe, rqo = (qe * c - qo * s).to(dtype), (qe * s + qo * c).to(dtype)
     rke, rko = (ke * c - ko * s).to(dtype), (ke * s + ko * c).to(dtype)
@@ -170,8 +188,10 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
                 BL: tl.constexpr, BS: tl.constexpr, BR: tl.constexpr, HAS_REST: tl.constexpr, NORM: tl.constexpr):
     """One program per (batch * group, block of BL positions), looping over the group's heads: dQ, dK (batch,
     seqlen, ngroups, N) in Q's and K's dtypes (summed over the heads in float32 registers), dtheta (batch, seqlen,
-    nheads, S) float32, and the bias parts (batch * nblocks, nheads, N) float32 of this block. q, k: the forward's rounded outputs;
-    dq, dk: their gradients (contiguous, their layout); dqk (batch, seqlen, nheads) float32."""
+    nheads, S) float32, and the bias parts (batch * nblocks, nheads, N) float32 of this block. q, k: the
+    forward's rounded outputs; dq, dk: their gradients (contiguous, their layout); dqk (batch, seqlen, nheads)
+    float32. NORM: Q, K are the norms' inputs (dQ, dK theirs), the weights' parts (batch * ngroups * nblocks, N)
+    float32 go to dqw, dkw."""
     bg = tl.program_id(0)
     ngroups = nheads // hpg
     b = (bg // ngroups).to(tl.int64)
@@ -192,6 +212,7 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
     dQr = tl.zeros((BL, BR), dtype=tl.float32)
     dKr = tl.zeros((BL, BR), dtype=tl.float32)
     part = (b * tl.num_programs(1) + blk) * nheads
+    nqe, nqo, nke, nko = 0.0, 0.0, 0.0, 0.0
     if NORM:  # the group's normed rows, shared by its heads
         nqe, nqo, _, hqe, hqo, hqr, rq = _normed(Q_ptr, qw_ptr, b, pos, g, cc, mask_pc, j, mask_pj, s_qb, s_ql, s_qg,
                                                  N, S, eps, BL, BS, BR, HAS_REST)
@@ -204,14 +225,8 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
         c, s = tl.cos(th), tl.sin(th)
         dqk = tl.load(dqk_ptr + row, mask=mask_l, other=0.0)[:, None]
         out = row[:, None] * N
-        if NORM:
-            be, bo = _bias_pairs(qb_ptr, h, cc, N, S, BS)
-            qe, qo = nqe + be[None, :], nqo + bo[None, :]
-            be, bo = _bias_pairs(kb_ptr, h, cc, N, S, BS)
-            ke, ko = nke + be[None, :], nko + bo[None, :]
-        else:
-            qe, qo = _pair_tiles(Q_ptr, qb_ptr, b, pos, g, h, cc, mask_pc, s_qb, s_ql, s_qg, N, S, BL, BS)
-            ke, ko = _pair_tiles(K_ptr, kb_ptr, b, pos, g, h, cc, mask_pc, s_kb, s_kl, s_kg, N, S, BL, BS)
+        qe, qo, ke, ko = _with_bias(nqe, nqo, nke, nko, Q_ptr, K_ptr, qb_ptr, kb_ptr, b, pos, g, h, cc, mask_pc,
+                                    s_qb, s_ql, s_qg, s_kb, s_kl, s_kg, N, S, BL, BS, NORM)
         # the gradients of the rotated values: their own, plus qk's through the other factor (rounded, as used)
         dqe, dqo = _load_pairs(dq_ptr + out, cc, mask_pc, BL, BS)
         dke, dko = _load_pairs(dk_ptr + out, cc, mask_pc, BL, BS)
@@ -257,10 +272,10 @@ def _rotary_bwd(Q_ptr, K_ptr, qb_ptr, kb_ptr, th_ptr, q_ptr, k_ptr, dq_ptr, dk_p
             tl.store(dK_ptr + grp + j[None, :], dKr, mask=mask_pj)
 
 
-def _sizes(Q: Tensor, theta: Tensor, norm: bool) -> dict:
+def _sizes(Q: Tensor, theta: Tensor, norm: bool, block_l: int = BLOCK_L) -> dict:
     N, S = Q.shape[-1], theta.shape[-1]
     rest = N - 2 * S
-    return dict(BL=BLOCK_L, BS=max(16, next_power_of_2(S)), BR=max(16, next_power_of_2(max(rest, 1))),
+    return dict(BL=block_l, BS=max(16, next_power_of_2(S)), BR=max(16, next_power_of_2(max(rest, 1))),
                 HAS_REST=rest > 0, NORM=norm)
 
 
@@ -273,11 +288,12 @@ class _Rotary(torch.autograd.Function):
         q = torch.empty(batch, seqlen, nheads, N, device=Q.device, dtype=dtype)
         k = torch.empty_like(q)
         qk = torch.empty(batch, seqlen, nheads, device=Q.device, dtype=torch.float32)
-        meta = _sizes(Q, theta, q_weight is not None)
-        grid = (batch * nheads, cdiv(seqlen, BLOCK_L))
+        bl, warps = NORM_FWD if q_weight is not None else (BLOCK_L, 4)
+        meta = _sizes(Q, theta, q_weight is not None, bl)
+        grid = (batch * nheads, cdiv(seqlen, bl))
         qw, kw = (q_weight, k_weight) if q_weight is not None else (Q_bias, K_bias)
         _rotary_fwd[grid](Q, K, Q_bias, K_bias, theta, q, k, qk, qw, kw, seqlen, nheads, nheads // ngroups, N,
-                          theta.shape[-1], eps, *Q.stride()[:3], *K.stride()[:3], **meta, num_warps=4)
+                          theta.shape[-1], eps, *Q.stride()[:3], *K.stride()[:3], **meta, num_warps=warps)
         ctx.save_for_backward(Q, K, Q_bias, K_bias, theta, q, k, q_weight, k_weight)
         ctx.eps = eps
         return q, k, qk
@@ -292,7 +308,8 @@ class _Rotary(torch.autograd.Function):
         dk = torch.zeros_like(k) if dk is None else dk.contiguous()
         dqk = torch.zeros(q.shape[:3], device=q.device, dtype=torch.float32) if dqk is None else \
             dqk.float().contiguous()
-        nblocks = cdiv(seqlen, BLOCK_L)
+        bl, warps = NORM_BWD if norm else (BLOCK_L, 4)
+        nblocks = cdiv(seqlen, bl)
         f32 = dict(device=Q.device, dtype=torch.float32)
         # dQ, dK summed over the group's heads in float32 registers, stored once in Q's and K's dtypes
         dQ = torch.empty(batch, seqlen, ngroups, N, device=Q.device, dtype=Q.dtype)
@@ -308,7 +325,7 @@ class _Rotary(torch.autograd.Function):
         _rotary_bwd[(batch * ngroups, nblocks)](
             Q, K, Q_bias, K_bias, theta, q, k, dq, dk, dqk, dQ, dK, dqb, dkb, dth, qw, kw, dqw, dkw, seqlen, nheads,
             nheads // ngroups, N, theta.shape[-1], ctx.eps, *Q.stride()[:3], *K.stride()[:3],
-            **_sizes(Q, theta, norm), num_warps=4)
+            **_sizes(Q, theta, norm, bl), num_warps=warps)
         dweights = (dqw.sum(0).to(q_weight.dtype), dkw.sum(0).to(k_weight.dtype)) if norm else (None, None)
         return dQ, dK, dqb.sum(0).to(Q_bias.dtype), dkb.sum(0).to(K_bias.dtype), dth, None, *dweights, None
 

@@ -1,7 +1,7 @@
 """Host (CPU) time of the training step's pieces on a GPU: what the Python side, the launches and the torch ops cost
 while the GPU waits (a step whose host time exceeds its kernel time is launch-bound).
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/host_overhead.py [--arch mamba2] [--top 30]
+    PYTHONUNBUFFERED=1 python3 benchmarks/host_overhead.py [--arch mamba2|mamba1|mamba3] [--top 30]
 
 Host time = from the call until Python returns, the GPU synchronised before each call (so the launch queue is empty
 and nothing blocks on it). Rows: one Triton launch of a no-op kernel with 24 arguments, torch.empty, a small
@@ -88,6 +88,9 @@ def kernels_of(fn) -> tuple[int, float]:
 
 
 def block(arch: str):
+    if arch == "mamba3":
+        from mambakit.layers.mamba3 import Mamba3
+        return Mamba3(768, d_state=128, headdim=64, device="cuda")
     if arch == "mamba2":
         from mambakit.layers.mamba2 import Mamba2
         return Mamba2(768, d_state=128, headdim=64, device="cuda")
@@ -288,7 +291,7 @@ def main() -> None:
         count_main(args.tiny, args.verbose, args.scope, args.arch)
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="mamba2", choices=["mamba1", "mamba2"])
+    ap.add_argument("--arch", default="mamba2", choices=["mamba1", "mamba2", "mamba3"])
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=2048)

@@ -212,19 +212,22 @@ def test_raw_entry_names_bad_columns():
 
 def test_kernels_compile_for_sm90_without_spills():
     """The interpreter compiles nothing: build the prep kernels (float32 compute, bf16 columns, int32 seq_idx, float64
-    angle sums) and the rotary kernels with the folded norm for Hopper (no GPU needed), at the 130M block's sizes
-    (32 angles, d_state 128), and read their resource usage: no local memory (no register spills)."""
+    angle sums), the rotary kernels with the folded norm and the gate's with the correction for Hopper (no GPU
+    needed), at the 130M block's sizes (32 angles, d_state 128, headdim 64), and read their resource usage: no local
+    memory (no register spills)."""
     from tests.ops.triton import sm90_resource_usage
 
     cols = {n: "*bf16" for n in ("dt_ptr", "a_ptr", "trap_ptr", "ang_ptr")}
     prep = dict(HEAVY=True, HAS_SEQ=True, SMALL=0.25, BL=kernels.BLOCK_L, BS=32)
+    plain = dict(prep, HEAVY=False, HAS_SEQ=False)  # the other branches: softplus, no seq_idx, no state
     usage = sm90_resource_usage("mambakit.ops.mamba3.triton_prep", "_prep_fwd", "*fp32", {
-        "fwd": ({**cols, "seq_ptr": "*i32", "a_floor": "fp32"}, dict(prep, HAS_ANG0=True))})
+        "fwd": ({**cols, "seq_ptr": "*i32", "a_floor": "fp32"}, dict(prep, HAS_ANG0=True)),
+        "fwd_plain": ({**cols, "seq_ptr": "*i32", "a_floor": "fp32"}, dict(plain, HAS_ANG0=False))})
     if usage is None:
         pytest.skip("this Triton's compile API differs")
+    grads = {**cols, "ddt_ptr": "*bf16", "da_ptr": "*bf16", "dtrap_ptr": "*bf16", "seq_ptr": "*i32", "a_floor": "fp32"}
     usage.update(sm90_resource_usage("mambakit.ops.mamba3.triton_prep", "_prep_bwd", "*fp32", {
-        "bwd": ({**cols, "ddt_ptr": "*bf16", "da_ptr": "*bf16", "dtrap_ptr": "*bf16", "seq_ptr": "*i32",
-                 "a_floor": "fp32"}, dict(prep, HAS_DFB=True))}))
+        "bwd": (grads, dict(prep, HAS_DFB=True)), "bwd_plain": (grads, dict(plain, HAS_DFB=False))}))
     rotary = interpreted_module("mambakit.ops.mamba3.triton_rotary")
     bf16 = {n: "*bf16" for n in ("Q_ptr", "K_ptr")}
     for kernel, (bl, warps) in (("_rotary_fwd", rotary.NORM_FWD), ("_rotary_bwd", rotary.NORM_BWD)):
@@ -232,5 +235,9 @@ def test_kernels_compile_for_sm90_without_spills():
         consts = dict(BL=bl, BS=32, BR=64, HAS_REST=True, NORM=True, num_warps=warps)
         usage.update(sm90_resource_usage("mambakit.ops.mamba3.triton_rotary", kernel, "*fp32",
                                          {kernel: (types, consts)}))
+    gate = dict(HAS_Z=True, HAS_CORR=True, HAS_D=True, BR=16, BP=64)
+    for kernel in ("_skip_gate_fwd", "_skip_gate_bwd"):  # the correction formed in the gate's kernels
+        usage.update(sm90_resource_usage("mambakit.ops.mamba3.triton_gate", kernel, "*fp32", {
+            kernel: ({"z_ptr": "*bf16", "out_ptr": "*bf16", "dz_ptr": "*bf16"}, dict(gate))}))
     for name, line in usage.items():
         assert "REG:" in line and "LOCAL:0" in line and "STACK:0" in line, f"{name}: {line}"

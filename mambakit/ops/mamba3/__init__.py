@@ -4,7 +4,8 @@ in :mod:`.mimo`, its dispatcher :func:`.mimo.mamba3_mimo_scan`, its Triton kerne
 * :func:`mamba3_scan` -- the public scan with the official ``mamba3_siso_combined`` argument names (``seq_idx``
   in place of ``cu_seqlens``) and a ``backend``.
 * :mod:`.ssd_form` -- the SISO scan as Mamba-2's SSD with a per-position log-decay (its Triton kernels on the GPU:
-  the fast path, backend "ssd", what "auto" picks for CUDA tensors).
+  the fast path, backend "ssd", what "auto" picks for CUDA tensors; the layer enters it from its raw in_proj
+  columns, :func:`.ssd_form.mamba3_ssd_raw`, the per-position terms fused in :mod:`.triton_prep`).
 * :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding); on CUDA one fused
   Triton kernel (:mod:`.triton_step`).
 * :mod:`.naive` (the step recurrence, the reference), :mod:`.chunked` (the block decomposition, fast on CPU) and

@@ -2,6 +2,11 @@
 PyTorch, the biases and rotations of B and C (:mod:`.triton_rotary` with the kernels, else PyTorch), the scan by
 :func:`mambakit.ops.ssd.mamba_chunk_scan_combined` (its Triton kernels on the GPU), and a diagonal correction.
 
+:func:`mamba3_ssd` takes the scan's arguments (ADT, DT, Trap, Angles per head); :func:`mamba3_ssd_raw`, the
+layer's entry on the kernels, takes the raw in_proj columns instead and forms those per-position terms in one
+Triton kernel each way (:mod:`.triton_prep`), with B_norm / C_norm inside the rotary kernel and the correction
+inside the gate's.
+
 The math. Per head, with k_t, q_t the rotated B and C (with bias), lambda_t = sigmoid(Trap_t), alpha_t =
 exp(ADT_t), the recurrence of :mod:`mambakit.ops.mamba3.common` is::
 

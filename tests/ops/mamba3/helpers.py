@@ -157,22 +157,24 @@ def prep_reference(dd_dt, dt_bias, dd_A, trap, angle, angle0, seq_idx, A_floor, 
     return terms.adt, terms.scale, terms.gamma - terms.scale, terms.first_back, theta
 
 
-def prep_inputs(batch, seqlen, nheads, n_angles, dtype, seed, packed=True, angle0=True):
-    """Raw columns as slices of one in_proj-like output (strided), the bias, a start angle, seq_idx."""
+def prep_inputs(batch, seqlen, nheads, n_angles, dtype, seed, packed=True, angle0=True, device="cpu"):
+    """Raw columns as slices of one in_proj-like output (strided), the bias, a start angle, seq_idx, on device:
+    (the in_proj-like output, {column name: tensor}, seq_idx or None)."""
     g = torch.Generator().manual_seed(seed)
     width = 3 * nheads + n_angles + 5
     proj = torch.randn(batch, seqlen, width, generator=g, dtype=torch.float64) * 1.5
     proj[..., nheads:2 * nheads] *= 0.1  # dd_A near 0: both sides of the heavy tail and the A_floor clamp
     proj[0, 0, nheads] = 30.0  # softplus past its threshold
-    proj = proj.to(dtype)
-    dt_bias = (torch.randn(nheads, generator=g, dtype=torch.float64) - 2.0).to(dtype)
-    a0 = (torch.rand(batch, nheads, n_angles, generator=g, dtype=torch.float64) * 2 * math.pi).to(dtype)
+    proj = proj.to(device, dtype)  # sliced on the device: strided columns there too
+    dt_bias = (torch.randn(nheads, generator=g, dtype=torch.float64) - 2.0).to(device, dtype)
+    a0 = (torch.rand(batch, nheads, n_angles, generator=g, dtype=torch.float64) * 2 * math.pi).to(device, dtype)
     seq_idx = None
     if packed:
         seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
         seq_idx[0, seqlen // 3:] = 1
         seq_idx[0, seqlen // 3 + 1:] = 2  # a sequence of one position
         seq_idx[-1, seqlen - 4:] = 5
+        seq_idx = seq_idx.to(device)
     cols = dict(dd_dt=proj[..., 5:5 + nheads], dt_bias=dt_bias, dd_A=proj[..., 5 + nheads:5 + 2 * nheads],
                 trap=proj[..., 5 + 2 * nheads:5 + 3 * nheads], angle=proj[..., 5 + 3 * nheads:],
                 angle0=a0 if angle0 else None)

@@ -36,10 +36,13 @@ def test_fused_prep_bf16_columns_against_float64(shape, act):
     from tests.ops.mamba3.helpers import prep_inputs as make_inputs, prep_reference as reference
 
     _, cols, seq_idx = make_inputs(**shape, dtype=torch.bfloat16, seed=1)
-    cols["dt_bias"], cols["angle0"] = cols["dt_bias"].float(), cols["angle0"].float()
-    gpu = {n: t.cuda().requires_grad_(True) for n, t in cols.items()}
+    _, gpu, gpu_seq = make_inputs(**shape, dtype=torch.bfloat16, seed=1, device="cuda")  # strided on the GPU
+    for d in (cols, gpu):
+        d["dt_bias"], d["angle0"] = d["dt_bias"].float(), d["angle0"].float()
+    gpu = {n: t.requires_grad_(True) for n, t in gpu.items()}
     cpu = {n: t.double().requires_grad_(True) for n, t in cols.items()}
-    out = position_prep(**gpu, seq_idx=seq_idx.cuda(), A_floor=1e-4, A_activation=act, fp=torch.float32)
+    assert gpu["dd_dt"].stride(-1) == 1 and gpu["dd_dt"].stride(1) > gpu["dd_dt"].shape[-1]
+    out = position_prep(**gpu, seq_idx=gpu_seq, A_floor=1e-4, A_activation=act, fp=torch.float32)
     ref = reference(**cpu, seq_idx=seq_idx, A_floor=1e-4, A_activation=act, fp=torch.float64)
     g = torch.Generator().manual_seed(2)
     ws = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]

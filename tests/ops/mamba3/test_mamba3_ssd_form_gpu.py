@@ -58,6 +58,9 @@ def test_fused_prep_bf16_columns_against_float64(shape, act):
 
 
 def test_bf16_layer_on_the_fused_prep_against_float32_chunked():
+    """The bf16 layer ("auto": the fused path) against the float32 chunked form on the same rounded weights and
+    input, every gradient within 1e-2 or twice the error of the bf16 layer on the chunked form (bf16's own: on the
+    CPU interpreter the fused path's dt_bias gradient missed by 1.4e-2 where the composition's did by 1.0e-2)."""
     from mambakit.layers.mamba3 import Mamba3
 
     torch.manual_seed(0)
@@ -68,13 +71,20 @@ def test_bf16_layer_on_the_fused_prep_against_float32_chunked():
     x = torch.randn(2, 300, 64, device="cuda").to(torch.bfloat16)
     seq_idx = torch.zeros(2, 300, dtype=torch.int32, device="cuda")
     seq_idx[0, 120:] = 1
-    xb, xf = x.clone().requires_grad_(True), x.float().requires_grad_(True)
-    out, out_ref = layer(xb, seq_idx=seq_idx), ref(xf, seq_idx=seq_idx)
-    w = torch.randn(out.shape, device="cuda")
-    (out.float() * w).sum().backward()
-    (out_ref * w).sum().backward()
-    assert rel_err(out, out_ref) < 1e-2
-    assert rel_err(xb.grad, xf.grad) < 2e-2
-    refs = dict(ref.named_parameters())
-    for name, p in layer.named_parameters():
-        assert rel_err(p.grad, refs[name].grad) < 2e-2, name
+    w = torch.randn(2, 300, 64, device="cuda")
+
+    def run(module, inp):
+        for p in module.parameters():
+            p.grad = None
+        leaf = inp.clone().requires_grad_(True)
+        out = module(leaf, seq_idx=seq_idx)
+        (out.float() * w).sum().backward()
+        return {"out": out, "x": leaf.grad, **{n: p.grad for n, p in module.named_parameters()}}
+
+    want = run(ref, x.float())
+    got = run(layer, x)
+    layer.scan_backend = "torch"
+    bf16_own = run(layer, x)
+    for name in want:
+        allowed = max(1e-2, 2 * rel_err(bf16_own[name], want[name]))
+        assert rel_err(got[name], want[name]) < allowed, name

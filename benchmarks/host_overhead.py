@@ -1,7 +1,7 @@
 """Host (CPU) time of the training step's pieces on a GPU: what the Python side, the launches and the torch ops cost
 while the GPU waits (a step whose host time exceeds its kernel time is launch-bound).
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/host_overhead.py [--arch mamba2] [--top 30]
+    PYTHONUNBUFFERED=1 python3 benchmarks/host_overhead.py [--arch mamba2|mamba1|mamba3] [--top 30]
 
 Host time = from the call until Python returns, the GPU synchronised before each call (so the launch queue is empty
 and nothing blocks on it). Rows: one Triton launch of a no-op kernel with 24 arguments, torch.empty, a small
@@ -17,7 +17,7 @@ one backward of the fused Mamba-2 inner path (`mambakit.ops.mamba2_inner.fused`)
 $OUT/op_count.jsonl. The counts do not depend on the sizes (except through the branches the sizes pick: the shapes
 keep those of the 130M GPU step: the fused state pass, heads split in the dB/dC kernel).
 
-    python3 benchmarks/host_overhead.py --count-ops --scope block step [--tiny]
+    python3 benchmarks/host_overhead.py --count-ops --scope block step [--tiny] [--arch mamba2 mamba1 mamba3]
 
 The same counts (plus autograd nodes, GPU kernels and the host microseconds of the call) of one whole LM block
 (residual add + RMSNorm + mixer, forward + backward, as the second block of a stack sees it: a float32 residual
@@ -27,7 +27,9 @@ op, the Triton add + norm, the autocast dtype out of the norm) and the Triton la
 (measurement only: the outputs are garbage, the counts are those of the GPU step). kernels: the GPU kernels
 those ops make (Triton launches + the torch ops that are not views, allocations or metadata; a cuBLAS product may
 be more than one). host_us: the least microseconds of 20 calls so measured (CPU torch ops at tiny sizes + Python,
-no launch cost; noisy on a shared machine), a rough proxy of the Python side.
+no launch cost; noisy on a shared machine), a rough proxy of the Python side. `--arch mamba3` (block scope only): the
+same LM block around a Mamba-3 SISO mixer, its scan on the CUDA path (the SSD form with its Triton kernels, the
+B / C RMSNorm's Triton kernel).
 
     python3 benchmarks/host_overhead.py --count-ops --scope decode [--tree DIR]
 
@@ -96,6 +98,9 @@ def kernels_of(fn) -> tuple[int, float]:
 
 
 def block(arch: str):
+    if arch == "mamba3":
+        from mambakit.layers.mamba3 import Mamba3
+        return Mamba3(768, d_state=128, headdim=64, device="cuda")
     if arch == "mamba2":
         from mambakit.layers.mamba2 import Mamba2
         return Mamba2(768, d_state=128, headdim=64, device="cuda")
@@ -162,14 +167,19 @@ def cuda_paths():
     """Measurement only: the CPU takes the paths a CUDA training step takes (the fused Mamba-2 inner op, the Triton
     add + RMSNorm, the autocast dtype handed from the norm to in_proj). Mamba-1 picks its fused op through
     scan_backend="triton"."""
+    import mambakit.layers.norm as layer_norm
     import mambakit.models.lm as lm
+    import mambakit.ops.mamba3 as mamba3_ops
     import mambakit.ops.norm as norm
     from mambakit.layers.mamba2 import Mamba2
 
     saved = [(Mamba2, "_fused_inner_ok", Mamba2._fused_inner_ok), (norm, "use_triton", norm.use_triton),
-             (lm, "_normed_dtype", lm._normed_dtype)]
+             (lm, "_normed_dtype", lm._normed_dtype), (mamba3_ops, "ssd_form_fits", mamba3_ops.ssd_form_fits),
+             (layer_norm, "_use_triton", layer_norm._use_triton)]
     Mamba2._fused_inner_ok = lambda self, hidden_states, dt_transform: True
     norm.use_triton = lambda x, weight, z=None: True
+    layer_norm._use_triton = lambda x, weight, z=None: True
+    mamba3_ops.ssd_form_fits = lambda device, dtype: dtype != torch.float64
     lm._normed_dtype = lambda hidden, step: torch.bfloat16 if torch.is_autocast_enabled("cpu") and not step else None
     try:
         yield
@@ -183,6 +193,8 @@ def _lm_config(arch: str, n_layer: int):
 
     if arch == "mamba2":  # the inner count's non-tiny shapes: 8 heads of 8, d_state 16, chunk 64
         ssm = dict(layer="Mamba2", d_state=16, headdim=8, chunk_size=64)
+    elif arch == "mamba3":  # 8 heads of 8, d_state 16 (4 angles)
+        ssm = dict(layer="Mamba3", d_state=16, headdim=8, chunk_size=64)
     else:
         ssm = dict(layer="Mamba1", d_state=16, dt_rank=4, scan_backend="triton")
     return MambaConfig(d_model=32, n_layer=n_layer, vocab_size=64, ssm_cfg=ssm)
@@ -240,6 +252,8 @@ def count_scope(arch: str, scope: str, repeats: int = 20) -> dict:
                           kernels=fwd.kernel_ops + bwd.kernel_ops)
             counts["_fwd"], counts["_bwd"] = fwd.table(), bwd.table()
         times = []
+        # the skipped launches leave torch.empty's garbage, whose denormals would make the CPU products slow
+        torch.set_flush_denormal(True)
         with launches_skipped():
             for _ in range(repeats):
                 model.zero_grad(set_to_none=True)
@@ -250,6 +264,7 @@ def count_scope(arch: str, scope: str, repeats: int = 20) -> dict:
                     outs = forward()
                 backward(outs)
                 times.append((time.perf_counter() - t0) * 1e6)
+        torch.set_flush_denormal(False)
     counts["host_us"] = round(min(times), 1)
     return counts
 
@@ -323,7 +338,7 @@ def count_decode(arch: str, batch: int, repeats: int = 20) -> dict:
                 host_us=round(min(times), 1), _fwd=c.table(), _bwd="")
 
 
-def count_main(tiny: bool, verbose: bool, scopes: list) -> None:
+def count_main(tiny: bool, verbose: bool, scopes: list, archs: list) -> None:
     rows = Rows("op_count")
     for scope in scopes:
         if scope == "decode":
@@ -336,7 +351,9 @@ def count_main(tiny: bool, verbose: bool, scopes: list) -> None:
                     if verbose:
                         print(f"# decode {arch} batch {batch}\n{fwd}")
             continue
-        for arch in ("mamba2", "mamba1"):
+        for arch in archs:
+            if arch == "mamba3" and scope != "block":
+                continue  # Mamba-3 has no fused inner op; its step scope is not counted
             for dtype in ((torch.float32, torch.bfloat16) if scope == "inner" else (torch.bfloat16,)):
                 c = count_ops(arch, dtype, tiny) if scope == "inner" else count_scope(arch, scope)
                 c.setdefault("scope", scope)
@@ -359,11 +376,13 @@ def main() -> None:
                         help="what is counted: the fused inner op (launches run), a whole block, a tiny LM step, "
                              "one block's decoding step")
         ap.add_argument("--tree", help="import mambakit from this directory (an older checkout)")
+        ap.add_argument("--arch", nargs="+", default=["mamba2", "mamba1"], choices=["mamba2", "mamba1", "mamba3"],
+                        help="the mixers counted by the inner / block / step scopes (mamba3: block scope only)")
         args = ap.parse_args()
-        count_main(args.tiny, args.verbose, args.scope)
+        count_main(args.tiny, args.verbose, args.scope, args.arch)
         return
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="mamba2", choices=["mamba1", "mamba2"])
+    ap.add_argument("--arch", default="mamba2", choices=["mamba1", "mamba2", "mamba3"])
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=2048)

@@ -25,6 +25,7 @@ from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNorm, RMSNormGated
 from mambakit.layers.step import PreNorm, gated_norm_project_step, norm_project_step, project_step
 from mambakit.ops.cpu_linear import use_cpu_linear
+import mambakit.ops.mamba3 as mamba3_ops
 from mambakit.ops.mamba3 import BACKENDS, mamba3_scan, mamba3_step
 from mambakit.ops.mamba3.mimo import mamba3_mimo_scan, mamba3_mimo_step, mimo_combine
 from mambakit.ops.mamba3.prep_step import mamba3_prep_step, prep_step_fits
@@ -261,6 +262,8 @@ class Mamba3(nn.Module):
         check_mixer_input(self, hidden_states, seq_idx, mask)
         if state is None:
             compile_first_call(self, hidden_states, seq_idx, mask)  # the Triton kernels' first call (CUDA), at once
+        if mask is None and self._fused_prep(hidden_states):
+            return self.ssd_forward(hidden_states, state, seq_idx)
         s = self.ssm_inputs(hidden_states, state, seq_idx, mask)
         # the kernels only where they run natively: "triton" off CUDA (or in float64) is the PyTorch form
         backend = self.scan_backend
@@ -276,15 +279,64 @@ class Mamba3(nn.Module):
         else:
             y, *final = mamba3_scan(**s.scan_kwargs(), chunk_size=self.chunk_size, return_final_states=True,
                                     seq_idx=seq_idx, backend=backend)
-        if state is not None:
-            with torch.no_grad():
-                if mask is not None:  # a row of pads only keeps its k and v
-                    has_token = mask.bool().any(1)[:, None, None]
-                    final[2] = torch.where(has_token, final[2], state.k)
-                    final[3] = torch.where(has_token, final[3], state.v)
-                for target, value in zip(state.parts(), final):
-                    target.copy_(value)
+        self._store_state(state, final, mask)
         return self.mimo_finish(y, s.z) if self.is_mimo else self.finish(y, s.z)
+
+    @staticmethod
+    def _store_state(state: Optional[Mamba3State], final: list, mask: Optional[Tensor]) -> None:
+        """Copy the scan's final (angle, ssm, k, v) into state, if given."""
+        if state is None:
+            return
+        with torch.no_grad():
+            if mask is not None:  # a row of pads only keeps its k and v
+                has_token = mask.bool().any(1)[:, None, None]
+                final[2] = torch.where(has_token, final[2], state.k)
+                final[3] = torch.where(has_token, final[3], state.v)
+            for target, value in zip(state.parts(), final):
+                target.copy_(value)
+
+    def _fused_prep(self, hidden_states: Tensor) -> bool:
+        """Whether forward takes `ssd_forward`: SISO, scan_backend "auto" or "ssd", and the SSD form's kernels run
+        natively on what in_proj will give (its dtype under autocast)."""
+        if self.is_mimo or self.scan_backend not in ("auto", "ssd") or self.B_norm.eps != self.C_norm.eps:
+            return False  # (the rotary kernel applies both norms with one eps)
+        device = hidden_states.device
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = torch.promote_types(hidden_states.dtype, self.in_proj.weight.dtype)
+        return mamba3_ops.ssd_form_fits(device, dtype)
+
+    def ssd_forward(self, hidden_states: Tensor, state: Optional[Mamba3State] = None,
+                    seq_idx: Optional[Tensor] = None) -> Tensor:
+        """forward (SISO, no mask) through the SSD form on its Triton kernels with the per-position prep fused
+        (:func:`mambakit.ops.mamba3.ssd_form.mamba3_ssd_raw`: the raw dd_dt, dd_A, trap and angle columns go to
+        one kernel). hidden_states: (batch, seqlen, d_model) -> (batch, seqlen, d_model)."""
+        from mambakit.ops.mamba3.ssd_form import mamba3_ssd_raw
+
+        z, x, B, C, dd_dt, dd_A, trap, angle = self.split_projection(self.in_proj(hidden_states))
+        bc = (self.ngroups, self.d_state)
+        hn = (self.nheads, self.d_state)  # the (nheads, 1, d_state) biases as views: no select_backward copies
+        out = mamba3_ssd_raw(  # C_norm and B_norm inside the rotary kernel
+            C.unflatten(-1, bc), B.unflatten(-1, bc), x.unflatten(-1, (self.nheads, self.headdim)), dd_dt,
+            self.dt_bias, dd_A, trap, angle,
+            self.C_bias.view(hn), self.B_bias.view(hn), D=self.D,
+            Z=None if self.is_outproj_norm else z.unflatten(-1, (self.nheads, self.headdim)),
+            Input_States=None if state is None else state.parts(), A_floor=self.A_floor,
+            A_activation=self.A_activation, chunk_size=self.chunk_size, return_final_states=state is not None,
+            seq_idx=seq_idx, QK_norm=(self.C_norm.weight, self.B_norm.weight, self.C_norm.eps))
+        if state is None:
+            y = out
+        else:
+            y, *final = out
+            self._store_state(state, final, None)
+        y = y.flatten(-2)
+        if self.is_outproj_norm:
+            y = self.norm(y, z)
+        if not torch.is_autocast_enabled(y.device.type):  # autocast casts the product's operands itself
+            y = y.to(self.out_proj.weight.dtype)
+        return self.out_proj(y)
+
 
     #: `step` takes a `PreNorm` (the block's residual add + RMSNorm, fused into in_proj)
     step_fuses_pre_norm = True

@@ -4,7 +4,8 @@ in :mod:`.mimo`, its dispatcher :func:`.mimo.mamba3_mimo_scan`, its Triton kerne
 * :func:`mamba3_scan` -- the public scan with the official ``mamba3_siso_combined`` argument names (``seq_idx``
   in place of ``cu_seqlens``) and a ``backend``.
 * :mod:`.ssd_form` -- the SISO scan as Mamba-2's SSD with a per-position log-decay (its Triton kernels on the GPU:
-  the fast path, backend "ssd", what "auto" picks for CUDA tensors).
+  the fast path, backend "ssd", what "auto" picks for CUDA tensors; the layer enters it from its raw in_proj
+  columns, :func:`.ssd_form.mamba3_ssd_raw`, the per-position terms fused in :mod:`.triton_prep`).
 * :func:`mamba3_step` -- one token from the four state parts, updated in place (decoding); on CUDA one fused
   Triton kernel (:mod:`.triton_step`).
 * :func:`.prep_step.mamba3_prep_step` -- the same step from the layer's raw in_proj row (the per-token prep: RMSNorm
@@ -99,7 +100,12 @@ def mamba3_scan(
 def _ssd_fits(V: object) -> bool:
     """Whether "auto" runs the SSD Triton kernels: V a float32, bfloat16 or float16 CUDA tensor, Triton importable
     (inside a CUDA-graph capture too: the form never synchronises the host)."""
-    if not (isinstance(V, Tensor) and V.is_cuda and V.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    return isinstance(V, Tensor) and ssd_form_fits(V.device, V.dtype)
+
+
+def ssd_form_fits(device: torch.device, dtype: torch.dtype) -> bool:
+    """`_ssd_fits` for a V of that device and dtype (asked by the layer before its projection)."""
+    if not (device.type == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16)):
         return False
     from mambakit.ops.ssd import triton_available
 

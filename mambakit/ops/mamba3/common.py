@@ -69,9 +69,10 @@ def _require_device(name: str, value: Tensor, device: torch.device) -> None:
 
 
 def validate(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, seq_idx,
-             seq_dims: bool = True) -> Dims:
+             seq_dims: bool = True, raw_columns: bool = False) -> Dims:
     """Check the arguments of the scan (seq_dims=True: with a seqlen axis) or of one step (seq_dims=False: the
-    same layouts without the seqlen axis); return the problem sizes."""
+    same layouts without the seqlen axis); return the problem sizes. raw_columns (with seq_dims): ADT, DT, Trap
+    are the layer's raw columns (batch, seqlen, nheads) and Angles (batch, seqlen, n_angles), shared by the heads."""
     V = _require_tensor("V", V)
     want = 4 if seq_dims else 3
     if V.dim() != want or min(V.shape) < 1:
@@ -90,12 +91,15 @@ def validate(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States,
     ngroups, d_state = Q.shape[-2:]
     _require_shape("K", _require_tensor("K", K), [("batch", batch)] + t + [("ngroups", ngroups), ("d_state", d_state)])
     head_seq = [("batch", batch), ("nheads", nheads)] + t
+    if raw_columns:
+        head_seq = [("batch", batch), ("seqlen", seqlen), ("nheads", nheads)]
     for name, value in (("ADT", ADT), ("DT", DT), ("Trap", Trap)):
         _require_shape(name, _require_tensor(name, value), head_seq)
     for name, value in (("Q_bias", Q_bias), ("K_bias", K_bias)):
         _require_shape(name, _require_tensor(name, value), [("nheads", nheads), ("d_state", d_state)])
     Angles = _require_tensor("Angles", Angles)
-    _require_shape("Angles", Angles, [("batch", batch)] + t + [("nheads", nheads), ("n_angles", None)])
+    per_head = [] if raw_columns else [("nheads", nheads)]
+    _require_shape("Angles", Angles, [("batch", batch)] + t + per_head + [("n_angles", None)])
     n_angles = Angles.shape[-1]
     if 2 * n_angles > d_state:
         raise MambaKitError(f"Angles' last size n_angles must satisfy 2 * n_angles <= d_state={d_state}, "

@@ -2,6 +2,11 @@
 PyTorch, the biases and rotations of B and C (:mod:`.triton_rotary` with the kernels, else PyTorch), the scan by
 :func:`mambakit.ops.ssd.mamba_chunk_scan_combined` (its Triton kernels on the GPU), and a diagonal correction.
 
+:func:`mamba3_ssd` takes the scan's arguments (ADT, DT, Trap, Angles per head); :func:`mamba3_ssd_raw`, the
+layer's entry on the kernels, takes the raw in_proj columns instead and forms those per-position terms in one
+Triton kernel each way (:mod:`.triton_prep`), with B_norm / C_norm inside the rotary kernel and the correction
+inside the gate's.
+
 The math. Per head, with k_t, q_t the rotated B and C (with bias), lambda_t = sigmoid(Trap_t), alpha_t =
 exp(ADT_t), the recurrence of :mod:`mambakit.ops.mamba3.common` is::
 
@@ -35,7 +40,8 @@ from torch import Tensor
 
 from mambakit.errors import MambaKitError
 from mambakit.ops.mamba3.chunked import _AtSegmentStart, position_terms, start_state
-from mambakit.ops.mamba3.common import TWO_PI, rotate
+from mambakit.ops.mamba3.common import TWO_PI, compute_dtype, rotate, validate
+from mambakit.ops.ssd.validate import require_shape as _require_shape, require_tensor as _require_tensor
 from mambakit.ops.ssd import mamba_chunk_scan_combined
 
 #: the SSD backends this form can run on: "triton" (the SSD Triton kernels: CUDA, or the interpreter), "torch"
@@ -126,25 +132,89 @@ def mamba3_ssd(
         q_io, k_io = rotate(p.q, theta), rotate(p.k, theta)  # (batch, seqlen, nheads, d_state)
         qk, last_k = (q_io * k_io).sum(-1), k_io[:, L - 1]
     h0 = None if Input_States is None else start_state(p, Input_States)
+    return _scan_and_finish(v, q_io, k_io, qk, p.scale, p.adt, p.gamma - p.scale, h0, final_angle, last_k, D, Z,
+                            V.dtype, p.fp, chunk_size, seq_idx, return_final_states, ssd_backend)
+
+
+def mamba3_ssd_raw(
+    Q: Tensor, K: Tensor, V: Tensor, dd_dt: Tensor, dt_bias: Tensor, dd_A: Tensor, trap: Tensor, angle: Tensor,
+    Q_bias: Tensor, K_bias: Tensor, D: Optional[Tensor] = None, Z: Optional[Tensor] = None,
+    Input_States: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None, A_floor: float = 1e-4,
+    A_activation: str = "heavy_tail", chunk_size: int = 64, return_final_states: bool = False,
+    seq_idx: Optional[Tensor] = None, QK_norm: Optional[Tuple[Tensor, Tensor, float]] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
+    """The layer's entry to the SSD form on its Triton kernels (CUDA, or TRITON_INTERPRET=1): :func:`mamba3_ssd`
+    with ssd_backend "triton" from the raw in_proj columns, the per-position prep fused
+    (:mod:`.triton_prep`): DT = softplus(dd_dt + dt_bias), ADT = clamp(-f(dd_A), max=-A_floor) DT (f by
+    A_activation, "heavy_tail" or "softplus"), Trap = trap, Angles = angle for every head.
+
+    Args:
+        dd_dt, dd_A, trap: (batch, seqlen, nheads), any strides; dt_bias: (nheads,); angle: (batch, seqlen,
+            n_angles), any strides. The other arguments and the results as :func:`mamba3_ssd`.
+        QK_norm: (q_weight, k_weight (d_state,), eps) or None: Q and K are the raw C and B, RMSNorm-ed inside the
+            rotary kernel (as the layer's C_norm and B_norm would).
+    """
+    if A_activation not in ("heavy_tail", "softplus"):
+        raise MambaKitError(f"A_activation must be 'heavy_tail' or 'softplus', got {A_activation!r}")
+    try:
+        dims = validate(Q, K, V, dd_dt, dd_dt, trap, Q_bias, K_bias, angle, D, Z, Input_States, seq_idx,
+                        raw_columns=True)
+        _require_shape("dd_A", _require_tensor("dd_A", dd_A), [("batch", dims.batch), ("seqlen", dims.seqlen),
+                                                               ("nheads", dims.nheads)])
+        _require_shape("dt_bias", _require_tensor("dt_bias", dt_bias), [("nheads", dims.nheads)])
+        if QK_norm is not None:
+            for name, w in (("QK_norm[0]", QK_norm[0]), ("QK_norm[1]", QK_norm[1])):
+                _require_shape(name, _require_tensor(name, w), [("d_state", dims.d_state)])
+    except MambaKitError as err:  # validate names the scan's arguments: name the raw columns
+        raise MambaKitError(str(err).replace("ADT", "dd_dt").replace("Trap", "trap").replace("Angles", "angle")) \
+            from None
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise MambaKitError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    fp = compute_dtype(Q, K, V, dd_dt, dt_bias, dd_A, trap, angle, Q_bias, K_bias, D, Z,
+                       *(Input_States if Input_States is not None else ()))
+    from mambakit.ops.mamba3.triton_prep import position_prep
+    from mambakit.ops.mamba3.triton_rotary import rotary_qk
+
+    prep = position_prep(dd_dt, dt_bias, dd_A, trap, angle, None if Input_States is None else Input_States[0],
+                         seq_idx, A_floor, A_activation, fp)
+    q_io, k_io, qk = rotary_qk(Q, K, Q_bias, K_bias, prep.theta, fp, norm=QK_norm)
+    v = V.to(fp)
+    h0 = None
+    if Input_States is not None:
+        _, ssm0, k0, v0 = (s.to(fp) for s in Input_States)
+        h0 = ssm0 + prep.first_back[..., None, None] * v0[..., :, None] * k0[..., None, :]
+    final_angle, last_k = (prep.theta[:, -1], k_io[:, dims.seqlen - 1]) if return_final_states else (None, None)
+    return _scan_and_finish(v, q_io, k_io, qk, prep.scale, prep.adt, prep.corr, h0, final_angle, last_k, D, Z,
+                            V.dtype, fp, chunk_size, seq_idx, return_final_states, "triton")
+
+
+def _scan_and_finish(v, q_io, k_io, qk, scale, adt, corr, h0, final_angle, last_k, D, Z, out_dtype, fp, chunk_size,
+                     seq_idx, return_final_states, ssd_backend):
+    """The SSD scan of the prepared v (batch, seqlen, nheads, headdim), rotated q, k (..., d_state), their product qk,
+    scale, adt and corr = gamma - scale (batch, seqlen, nheads) from h0; then the own-position correction, D and
+    the gate; the results of :func:`mamba3_ssd`."""
+    kernels = ssd_backend == "triton"
+    L = v.shape[1]
     # the kernels pick their own chunk below this bound (128 positions for 16-bit inputs, as for Mamba-2)
     ssd_chunk = max(chunk_size, SSD_KERNEL_CHUNK) if kernels else chunk_size
     y, ssm = mamba_chunk_scan_combined(
-        v, p.scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
-        return_final_states=True, log_decay=p.adt, backend=ssd_backend, allow_tf32=kernels and V.element_size() == 2)
+        v, scale, None, k_io, q_io, ssd_chunk, initial_states=h0, seq_idx=seq_idx,
+        return_final_states=True, log_decay=adt, backend=ssd_backend,
+        allow_tf32=kernels and torch.finfo(out_dtype).bits == 16)
     # the own-position term: the SSD gave it weight s_t, the recurrence gamma_t (qk from the same rounded q and k,
     # so that the look-forward part cancels); plus the D skip
-    diag = qk * (p.gamma - p.scale)  # (batch, seqlen, nheads)
-    if D is not None:
-        diag = diag + D.to(p.fp)
-    if kernels:  # the skip and the gate in one kernel each way
+    if kernels:  # the correction, the skip and the gate in one kernel each way
         from mambakit.ops.mamba3.triton_gate import skip_gate
 
-        y = skip_gate(y, v, diag, Z, V.dtype)
+        y = skip_gate(y, v, qk, Z, out_dtype, corr=corr, D=D)
     else:
-        y = y.to(p.fp) + diag[..., None] * v
+        diag = qk * corr  # (batch, seqlen, nheads)
+        if D is not None:
+            diag = diag + D.to(fp)
+        y = y.to(fp) + diag[..., None] * v
         if Z is not None:
-            y = y * F.silu(Z.to(p.fp))
-        y = y.to(V.dtype)
+            y = y * F.silu(Z.to(fp))
+        y = y.to(out_dtype)
     if not return_final_states:
         return y
-    return y, final_angle, ssm.to(p.fp), last_k, v[:, L - 1]
+    return y, final_angle, ssm.to(fp), last_k, v[:, L - 1]

@@ -168,3 +168,52 @@ def graphed_step_loop(m, x: torch.Tensor) -> torch.Tensor:
         graph.replay()
         graphed.append(out.clone())
     return torch.stack(graphed, 1)
+
+
+PREP_OUTS = ("adt", "scale", "corr", "first_back", "theta")
+
+
+def prep_reference(dd_dt, dt_bias, dd_A, trap, angle, angle0, seq_idx, A_floor, A_activation, fp):
+    """The fused prep's reference: the composition the layer and the SSD form made before (Mamba3.ssm_inputs,
+    position_terms, sequence_angles), in fp."""
+    from mambakit.layers.mamba3 import heavy_tail
+    from mambakit.ops.mamba3.chunked import position_terms
+    from mambakit.ops.mamba3.ssd_form import sequence_angles
+
+    batch, L, H = dd_dt.shape
+    S = angle.shape[-1]
+    DT = F.softplus(dd_dt.to(fp) + dt_bias.to(fp))
+    f = heavy_tail(dd_A.to(fp)) if A_activation == "heavy_tail" else F.softplus(dd_A.to(fp))
+    ADT = torch.clamp(-f, max=-A_floor) * DT
+    angles = angle.to(fp)[:, :, None].expand(batch, L, H, S)
+    N = 2 * S + 1
+    dummy = torch.zeros(batch, L, 1, N, dtype=fp)
+    terms = position_terms(dummy, dummy, torch.zeros(batch, L, H, 1, dtype=fp), ADT.transpose(1, 2),
+                           DT.transpose(1, 2), trap.transpose(1, 2), torch.zeros(H, N, dtype=fp),
+                           torch.zeros(H, N, dtype=fp), angles, None, None, None, 64, seq_idx, with_qk=False)
+    theta, _ = sequence_angles(terms.inc, terms.starts, angle0)
+    return terms.adt, terms.scale, terms.gamma - terms.scale, terms.first_back, theta
+
+
+def prep_inputs(batch, seqlen, nheads, n_angles, dtype, seed, packed=True, angle0=True, device="cpu"):
+    """Raw columns as slices of one in_proj-like output (strided), the bias, a start angle, seq_idx, on device:
+    (the in_proj-like output, {column name: tensor}, seq_idx or None)."""
+    g = torch.Generator().manual_seed(seed)
+    width = 3 * nheads + n_angles + 5
+    proj = torch.randn(batch, seqlen, width, generator=g, dtype=torch.float64) * 1.5
+    proj[..., nheads:2 * nheads] *= 0.1  # dd_A near 0: both sides of the heavy tail and the A_floor clamp
+    proj[0, 0, nheads] = 30.0  # softplus past its threshold
+    proj = proj.to(device, dtype)  # sliced on the device: strided columns there too
+    dt_bias = (torch.randn(nheads, generator=g, dtype=torch.float64) - 2.0).to(device, dtype)
+    a0 = (torch.rand(batch, nheads, n_angles, generator=g, dtype=torch.float64) * 2 * math.pi).to(device, dtype)
+    seq_idx = None
+    if packed:
+        seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+        seq_idx[0, seqlen // 3:] = 1
+        seq_idx[0, seqlen // 3 + 1:] = 2  # a sequence of one position
+        seq_idx[-1, seqlen - 4:] = 5
+        seq_idx = seq_idx.to(device)
+    cols = dict(dd_dt=proj[..., 5:5 + nheads], dt_bias=dt_bias, dd_A=proj[..., 5 + nheads:5 + 2 * nheads],
+                trap=proj[..., 5 + 2 * nheads:5 + 3 * nheads], angle=proj[..., 5 + 3 * nheads:],
+                angle0=a0 if angle0 else None)
+    return proj, cols, seq_idx

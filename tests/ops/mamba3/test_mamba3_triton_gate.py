@@ -63,3 +63,26 @@ def test_half_output_and_non_finite_rows():
     out = kernels.skip_gate(y, v, diag, z, out_dtype=torch.float32)
     bad = ~torch.isfinite(out)
     assert bad[0, 2, 1, 0] and bad.sum() == 1
+
+
+@pytest.mark.parametrize("with_d", [True, False])
+def test_correction_formed_in_the_kernel(with_d):
+    """diag = qk * corr + D[head] in the kernel: forward and the gradients of qk, corr and D."""
+    y, v, qk, z = _inputs(batch=2, seqlen=11, nheads=3, headdim=6, gate=True, seed=7)
+    g = torch.Generator().manual_seed(8)
+    corr = torch.randn(qk.shape, generator=g, dtype=torch.float64)
+    D = torch.randn(3, generator=g, dtype=torch.float64) if with_d else None
+    args64 = [y, v, qk, z, corr, D]
+    leaves64 = [a.clone().requires_grad_(True) if a is not None else None for a in args64]
+    leaves32 = [a.detach().float().requires_grad_(True) if a is not None else None for a in args64]
+    y6, v6, qk6, z6, c6, D6 = leaves64
+    ref = _reference(y6, v6, qk6 * c6 + (D6 if D6 is not None else 0.0), z6)
+    y3, v3, qk3, z3, c3, D3 = leaves32
+    out = kernels.skip_gate(y3, v3, qk3, z3, out_dtype=torch.float32, corr=c3, D=D3)
+    assert rel_err(out, ref) < 1e-6
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    used = [i for i, a in enumerate(leaves64) if a is not None]
+    grads_ref = torch.autograd.grad((ref * w).sum(), [leaves64[i] for i in used])
+    grads = torch.autograd.grad((out * w.float()).sum(), [leaves32[i] for i in used])
+    for i, a, b in zip(used, grads, grads_ref):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5, ("y", "v", "qk", "z", "corr", "D")[i]

@@ -73,3 +73,33 @@ def test_strided_inputs_and_half_outputs():
     rq, rk, _ = _reference(Q, K, qb, kb, theta)
     assert q.dtype == torch.float16 and rel_err(q, rq) < 1e-3 and rel_err(k, rk) < 1e-3
     assert rel_err(qk, (q.double() * k.double()).sum(-1)) < 1e-6  # the product of the rounded outputs
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_folded_rms_norm_matches_pytorch(shape):
+    """norm=(q_weight, k_weight, eps): RMSNorm of Q and K over d_state before the bias and rotation; forward and every
+    gradient (the weights' too) against the PyTorch composition, float32 inputs from strided in_proj-like slices."""
+    from mambakit.ops.norm.naive import rms_norm_torch
+
+    Q, K, Q_bias, K_bias, theta = _inputs(**shape, seed=4)
+    g = torch.Generator().manual_seed(5)
+    wq, wk = (1 + 0.3 * torch.randn(shape["N"], generator=g, dtype=torch.float64) for _ in range(2))
+    packed = torch.cat((Q, K), dim=-1)  # Q and K as column slices of one tensor
+    args64 = [packed, Q_bias, K_bias, theta, wq, wk]
+    leaves64 = [a.clone().requires_grad_(True) for a in args64]
+    leaves32 = [a.float().requires_grad_(True) for a in args64]
+    N = shape["N"]
+
+    def ref_fn(p, qb, kb, th, wq, wk):
+        return _reference(rms_norm_torch(p[..., :N], wq, 1e-5), rms_norm_torch(p[..., N:], wk, 1e-5), qb, kb, th)
+
+    ref = ref_fn(*leaves64)
+    p32, qb32, kb32, th32, wq32, wk32 = leaves32
+    out = kernels.rotary_qk(p32[..., :N], p32[..., N:], qb32, kb32, th32, torch.float32, norm=(wq32, wk32, 1e-5))
+    for a, b in zip(out, ref):
+        assert rel_err(a, b) < 1e-6
+    ws = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in ref]
+    grads_ref = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, ws)), leaves64)
+    grads = torch.autograd.grad(sum((o * w.float()).sum() for o, w in zip(out, ws)), leaves32)
+    for name, a, b in zip(("QK", "Q_bias", "K_bias", "theta", "q_weight", "k_weight"), grads, grads_ref):
+        assert rel_err(a, b) < 1e-5, name

@@ -75,6 +75,14 @@ def _mamba3_prep_step_kernel(
                  adt, dt, trap, d_h, headdim, HAS_D=True, HAS_Z=HAS_Z, BLOCK_P=BLOCK_P, PP=PP)
 
 
+def prep_block_p(headdim: int, d_state: int) -> int:
+    """The default headdim rows per loop iteration: tiles of about 4096 float32 (twice the unfused step kernel's:
+    a program does its head in fewer, larger iterations). At the 130M head on the H200 (benchmarks/RESULTS.md):
+    6.9 us per layer at batch 1 and 11.5 at batch 16, against 9.3 and 13.6 with 2048-element tiles; 8192-element
+    tiles spill registers on sm_90."""
+    return max(1, min(next_power_of_2(headdim), 4096 // next_power_of_2(d_state)))
+
+
 def mamba3_prep_step_triton(states: Tuple[Tensor, Tensor, Tensor, Tensor], zxbcdt: Tensor, dt_bias: Tensor,
                             B_norm_weight: Tensor, C_norm_weight: Tensor, B_bias: Tensor, C_bias: Tensor, D: Tensor,
                             *, nheads: int, ngroups: int, B_eps: float, C_eps: float, A_floor: float,
@@ -82,12 +90,12 @@ def mamba3_prep_step_triton(states: Tuple[Tensor, Tensor, Tensor, Tensor], zxbcd
     """The step of :func:`mambakit.ops.mamba3.prep_step.mamba3_prep_step` (arguments checked there; shapes: states
     as in :func:`mambakit.ops.mamba3.mamba3_step`, zxbcdt (batch, d_in_proj), dt_bias, D (nheads,), the norm weights
     (d_state,), B_bias, C_bias (nheads, d_state)), the states updated in place. block_p: headdim rows per loop
-    iteration (a power of two; 0: the default of `pick_block_p`). Returns y (batch, nheads, headdim) in zxbcdt's
+    iteration (a power of two; 0: `prep_block_p`). Returns y (batch, nheads, headdim) in zxbcdt's
     dtype."""
     angle, ssm, k_state, v_state = states
     batch, _, headdim, d_state = ssm.shape
     n_angles = angle.shape[-1]
-    block_p = pick_block_p(block_p, headdim, d_state)
+    block_p = pick_block_p(block_p, headdim, d_state) if block_p else prep_block_p(headdim, d_state)
     y = torch.empty(batch, nheads, headdim, device=zxbcdt.device, dtype=zxbcdt.dtype)
     _mamba3_prep_step_kernel[(nheads, batch)](
         zxbcdt, dt_bias, B_norm_weight, C_norm_weight, B_bias, C_bias, D, angle, ssm, k_state, v_state, y,

@@ -278,12 +278,12 @@ def test_errors():
 def test_kernel_compiles_for_sm90_without_spills():
     """Build the kernel for Hopper (no GPU needed) at the 130M head (headdim 64, d_state 128, a bfloat16 row and
     parameters, float32 states), gate on and off, and read its resource usage: no local memory (no spills)."""
-    from mambakit.ops.mamba3.triton_step import default_block_p
+    from mambakit.ops.mamba3.triton_prep_step import prep_block_p
     from tests.ops.triton import sm90_resource_usage
 
     bf16 = {name: "*bf16" for name in ("row_ptr", "bw_ptr", "cw_ptr", "y_ptr")}
     bf16.update({name: "fp32" for name in ("b_eps", "c_eps", "a_floor")})
-    fixed = dict(HEAVY_TAIL=True, BLOCK_P=default_block_p(64, 128), NP=128, PP=64)
+    fixed = dict(HEAVY_TAIL=True, BLOCK_P=prep_block_p(64, 128), NP=128, PP=64)
     usage = sm90_resource_usage("mambakit.ops.mamba3.triton_prep_step", "_mamba3_prep_step_kernel", "*fp32", {
         "gate": (bf16, dict(fixed, HAS_Z=True)), "no_gate_softplus": (bf16, dict(fixed, HAS_Z=False,
                                                                                   HEAVY_TAIL=False)),

@@ -171,7 +171,8 @@ def validate_args(args: TrainArgs) -> None:
         raise MambaKitError(f"--lr must be a positive number, got {args.lr!r}")
     if not (isinstance(args.grad_clip, (int, float)) and args.grad_clip > 0):
         raise MambaKitError(f"--grad-clip must be a positive number, got {args.grad_clip!r}")
-    if not (isinstance(args.weight_decay, (int, float)) and math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+    wd = args.weight_decay
+    if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
         raise MambaKitError(f"--weight-decay must be a number >= 0, got {args.weight_decay!r}")
     if not 0 <= args.min_lr_ratio <= 1:
         raise MambaKitError(f"min_lr_ratio must lie in [0, 1], got {args.min_lr_ratio!r}")

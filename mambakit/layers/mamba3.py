@@ -204,8 +204,9 @@ class Mamba3(nn.Module):
     @staticmethod
     def _pad_rule(keep: Tensor, x, B, DT, ADT, angles, trap, state: Optional[Mamba3State]):
         """Apply the mask keep (batch, seqlen) bool: dt = A*dt = angle = trap = 0 at pads (a NaN there reaches
-        nothing); a pad carries x and B of the last token before it. Pads before a row's first token carry zeros, and the look-back of that token to the
-        given state is folded into the start state (the pads in between do not decay it)."""
+        nothing); a pad carries x and B of the last token before it. Pads before a row's first token carry zeros,
+        and the look-back of that token to the given state is folded into the start state (the pads in between do
+        not decay it)."""
         zero = torch.zeros((), dtype=DT.dtype, device=DT.device)
         DT, ADT = torch.where(keep[..., None], DT, zero), torch.where(keep[..., None], ADT, zero)
         angles = torch.where(keep[..., None, None], angles, zero)

@@ -23,8 +23,8 @@ The same counts (plus autograd nodes, GPU kernels and the host microseconds of t
 (residual add + RMSNorm + mixer, forward + backward, as the second block of a stack sees it: a float32 residual
 and a bf16 hidden in) and of one tiny LM training step (2 layers: embedding, blocks, final norm, tied head, float32
 cross-entropy, backward; no optimizer), Mamba-2 and Mamba-1, under CPU bf16 autocast with the CUDA paths forced
-(the fused inner op, the Triton add + norm, the autocast dtype out of the norm) and the Triton launches counted but skipped
-(measurement only: the outputs are garbage, the counts are those of the GPU step). kernels: the GPU kernels
+(the fused inner op, the Triton add + norm, the autocast dtype out of the norm) and the Triton launches counted
+but skipped (measurement only: the outputs are garbage, the counts are those of the GPU step). kernels: the GPU kernels
 those ops make (Triton launches + the torch ops that are not views, allocations or metadata; a cuBLAS product may
 be more than one). host_us: the least microseconds of 20 calls so measured (CPU torch ops at tiny sizes + Python,
 no launch cost; noisy on a shared machine), a rough proxy of the Python side. `--arch mamba3` (block scope only): the

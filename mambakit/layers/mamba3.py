@@ -176,9 +176,14 @@ class Mamba3(nn.Module):
         (dt = 0 there) and carry the x and B of the token before them, so that the next token's look-back term
         and the final state see the previous real token.
         """
-        z, x, B, C, dd_dt, dd_A, trap, angle = self.split_projection(self.in_proj(hidden_states))
+        return self._projected_inputs(self.in_proj(hidden_states), state, mask)
+
+    def _projected_inputs(self, projected: Tensor, state: Optional[Mamba3State] = None,
+                          mask: Optional[Tensor] = None) -> Mamba3ScanInputs:
+        """`ssm_inputs` from the in_proj output projected (batch, seqlen, d_in_proj)."""
+        z, x, B, C, dd_dt, dd_A, trap, angle = self.split_projection(projected)
         fp = torch.float64 if x.dtype == torch.float64 else torch.float32
-        batch, seqlen = hidden_states.shape[:2]
+        batch, seqlen = projected.shape[:2]
         x = x.unflatten(-1, (self.nheads, self.headdim))
         bc = (self.mimo_rank, self.ngroups, self.d_state) if self.is_mimo else (self.ngroups, self.d_state)
         B = self.B_norm(B.unflatten(-1, bc))
@@ -397,18 +402,11 @@ class Mamba3(nn.Module):
 
     def _step_inputs(self, zxbcdt: Tensor) -> Mamba3ScanInputs:
         """The arguments of `mamba3_step` / `mamba3_mimo_step` for one token from its in_proj output zxbcdt (batch,
-        d_in_proj): what `ssm_inputs` forms, without the seqlen axis (Q, K (batch, ngroups, d_state), V, Z (batch,
-        nheads, headdim), ADT, DT, Trap (batch, nheads), Angles (batch, nheads, n_angles); MIMO: Q, K (batch, R,
-        ngroups, d_state)); no Input_States."""
-        z, x, B, C, dd_dt, dd_A, trap, angle = self.split_projection(zxbcdt)
-        fp = torch.float64 if x.dtype == torch.float64 else torch.float32
-        bc = (self.mimo_rank, self.ngroups, self.d_state) if self.is_mimo else (self.ngroups, self.d_state)
-        DT = F.softplus(dd_dt.to(fp) + self.dt_bias.to(fp))
-        return Mamba3ScanInputs(
-            Q=self.C_norm(C.unflatten(-1, bc)), K=self.B_norm(B.unflatten(-1, bc)),
-            V=x.unflatten(-1, (self.nheads, self.headdim)), ADT=self._A(dd_A.to(fp)) * DT, DT=DT, Trap=trap,
-            Q_bias=self._bias(self.C_bias, fp), K_bias=self._bias(self.B_bias, fp),
-            Angles=angle.to(fp)[:, None].expand(-1, self.nheads, -1), D=self.D.to(fp),
-            Z=None if self.is_outproj_norm else z.unflatten(-1, (self.nheads, self.headdim)), Input_States=None,
-            z=z)
+        d_in_proj): `ssm_inputs` without the seqlen axis (Q, K (batch, ngroups, d_state), V, Z (batch, nheads,
+        headdim), ADT, DT, Trap (batch, nheads), Angles (batch, nheads, n_angles); MIMO: Q, K (batch, R, ngroups,
+        d_state)); no Input_States."""
+        s = self._projected_inputs(zxbcdt[:, None])
+        return s._replace(Q=s.Q[:, 0], K=s.K[:, 0], V=s.V[:, 0], ADT=s.ADT[..., 0], DT=s.DT[..., 0],
+                          Trap=s.Trap[..., 0], Angles=s.Angles[:, 0], Z=None if s.Z is None else s.Z[:, 0],
+                          z=s.z[:, 0])
 

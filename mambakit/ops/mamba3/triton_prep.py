@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops.triton.grid import next_power_of_2
+from mambakit.ops.triton.math import softplus, tanh
 
 #: positions per block of the walk through the sequence
 BLOCK_L = 32
@@ -45,28 +46,6 @@ def _seg_add(v1, f1, v2, f2):
 
 
 @triton.jit
-def _softplus(x):
-    """torch's softplus (threshold 20) in x's dtype, log1p built from log (no libdevice: runs on the interpreter)."""
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    lp = tl.where(w == 1.0, e, tl.log(w) * e / tl.where(w == 1.0, 1.0, w - 1.0))
-    return tl.where(x > 20.0, x, tl.where(x == x, lp, x))
-
-
-@triton.jit
-def _tanh(x, SMALL: tl.constexpr):
-    """tanh in x's dtype: an odd series below |x| < SMALL, where (1 - e) / (1 + e) would cancel (SMALL 0.25 for
-    float32, 0.01 for float64: the series' truncation below the dtype's rounding there)."""
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    t = tl.where(a < SMALL, small, big)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
 def _sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))
 
@@ -76,7 +55,7 @@ def _dt_lam(dt_ptr, trap_ptr, b, pos, h, m, bias, s_db, s_dl, s_dh, s_tb, s_tl, 
     """DT and lambda at the positions pos (0 where not m), and softplus's input."""
     pre = tl.load(dt_ptr + b * s_db + pos * s_dl + h * s_dh, mask=m, other=0.0).to(FP) + bias
     trap = tl.load(trap_ptr + b * s_tb + pos * s_tl + h * s_th, mask=m, other=0.0).to(FP)
-    dt = tl.where(m, _softplus(pre), 0.0)
+    dt = tl.where(m, softplus(pre), 0.0)
     return dt, _sigmoid(trap), pre
 
 
@@ -88,7 +67,7 @@ def _activation(x, a_floor, HEAVY: tl.constexpr):
         f = tl.where(x >= 0, 1.0 + x, tl.where(x == x, r, x))  # the minimum above drops a NaN
         df = tl.where(x >= 0, 1.0, r * r)
     else:
-        f = _softplus(x)
+        f = softplus(x)
         df = tl.where(x > 20.0, 1.0, _sigmoid(x))
     a = tl.where((-f <= -a_floor) | (f != f), -f, -a_floor)  # as torch.clamp: a NaN stays NaN
     return a, tl.where(-f <= -a_floor, -df, 0.0)
@@ -145,7 +124,7 @@ def _prep_fwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr, ang0_ptr,
         start = _starts(seq_ptr, b, pos, L, s_qb, s_ql, HAS_SEQ)
         mpi = m[:, None] & mi[None, :]
         ang = tl.load(ang_ptr + b * s_gb + pos[:, None] * s_gl + i[None, :] * s_gs, mask=mpi, other=0.0).to(FP)
-        inc = tl.where(mpi, PI * _tanh(ang, SMALL) * dt[:, None], 0.0).to(tl.float64)
+        inc = tl.where(mpi, PI * tanh(ang, SMALL) * dt[:, None], 0.0).to(tl.float64)
         inc += tl.where(((row == 0) & ~start)[:, None], carry[None, :], 0.0)
         v, vflag = tl.associative_scan((inc, tl.broadcast_to(start[:, None], (BL, BS))), 0, _seg_add)
         carry = tl.sum(tl.where((row == BL - 1)[:, None], v, 0.0), axis=0)
@@ -195,7 +174,7 @@ def _prep_bwd(dt_ptr, bias_ptr, a_ptr, trap_ptr, ang_ptr, seq_ptr,
         carry = tl.sum(tl.where((row == BL - 1)[:, None], dinc, 0.0), axis=0)
         dinc = dinc.to(FP)
         ang = tl.load(ang_ptr + b * s_gb + pos[:, None] * s_gl + i[None, :] * s_gs, mask=mpi, other=0.0).to(FP)
-        t = _tanh(ang, SMALL)
+        t = tanh(ang, SMALL)
         tl.store(dang_ptr + out[:, None] * S + i[None, :], dinc * PI * (1.0 - t * t) * dt[:, None], mask=mpi)
         ddt = tl.sum(tl.where(mpi, dinc * PI * t, 0.0), axis=1)
         # the scalars

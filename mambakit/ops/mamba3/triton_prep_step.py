@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mambakit.ops.mamba3.triton_prep import _activation
 from mambakit.ops.mamba3.triton_step import _lanes_and_turn, _update_head, pick_block_p
 from mambakit.ops.triton.grid import next_power_of_2
 from mambakit.ops.triton.math import softplus
@@ -54,11 +55,8 @@ def _mamba3_prep_step_kernel(
     at_dt = 2 * d_inner + 2 * gn  # dd_dt, then dd_A, trap (nheads each) and the angles
     dt = softplus(tl.load(row + (at_dt + h) * s_rc).to(tl.float32) + tl.load(dtb_ptr + h * s_dtb).to(tl.float32))
     a = tl.load(row + (at_dt + nheads + h) * s_rc).to(tl.float32)
-    if HEAVY_TAIL:  # 1 + a for a >= 0, 1 / (1 - a) below (a NaN reaches the second branch and stays NaN)
-        f = tl.where(a >= 0, 1.0 + a, 1.0 / (1.0 - tl.where(a >= 0, 0.0, a)))
-    else:
-        f = softplus(a)
-    adt = tl.where(-f > -a_floor, -a_floor, -f) * dt  # clamp(-f, max=-A_floor), NaN kept
+    neg_f, _ = _activation(a, a_floor, HEAVY_TAIL)  # clamp(-f(a), max=-A_floor), NaN kept
+    adt = neg_f * dt
     trap = tl.load(row + (at_dt + 2 * nheads + h) * s_rc).to(tl.float32)
 
     n, mn, partner, rot, mpart, sa_base, theta, cos, sin = _lanes_and_turn(

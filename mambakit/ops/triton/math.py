@@ -7,9 +7,9 @@ import triton.language as tl
 
 @triton.jit
 def softplus(x):
-    """torch's softplus (threshold 20) in float32: x past 20, else log1p(exp(x)) built from log as
-    log(w) * e / (w - 1) with e = exp(x), w = 1 + e (accurate where e is tiny; no libdevice, so it also runs on the
-    interpreter). The unused branch never divides by zero."""
+    """torch's softplus (threshold 20) in x's dtype (float32 in most kernels): x past 20, else log1p(exp(x)) built
+    from log as log(w) * e / (w - 1) with e = exp(x), w = 1 + e (accurate where e is tiny; no libdevice, so it also
+    runs on the interpreter). The unused branch never divides by zero."""
     e = tl.exp(tl.minimum(x, 20.0))
     w = 1.0 + e
     lp = tl.where(w == 1.0, e, tl.log(w) * e / tl.where(w == 1.0, 1.0, w - 1.0))
@@ -17,14 +17,14 @@ def softplus(x):
 
 
 @triton.jit
-def tanh(x):
-    """tanh in float32 without libdevice (so it also runs on the interpreter), relative error below ~3e-7: an odd
-    polynomial up to x^9 for |x| < 0.25, where (1 - e) / (1 + e) with e = exp(-2|x|) would cancel; that form
-    beyond. NaN stays NaN."""
+def tanh(x, SMALL: tl.constexpr = 0.25):
+    """tanh in x's dtype without libdevice (so it also runs on the interpreter): an odd polynomial up to x^9 for
+    |x| < SMALL, where (1 - e) / (1 + e) with e = exp(-2|x|) would cancel; that form beyond. SMALL 0.25 for float32
+    (relative error below ~3e-7), 0.01 for float64 (the series' truncation below its rounding). NaN stays NaN."""
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
     big = (1.0 - e) / (1.0 + e)
     x2 = x * x
     small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    t = tl.where(a < 0.25, small, big)
+    t = tl.where(a < SMALL, small, big)
     return tl.where(x < 0, -t, t)

@@ -20,7 +20,10 @@ Design (see benchmarks/RESULTS_triton_scan.md for the numbers):
   recomputes each tile's states from the scratch and runs the adjoint
       lambda_t = C_t g_t + exp(delta_{t+1} A) lambda_{t+1}
   as a reversed associative scan (flip, scan, flip) whose elements carry (a, 1, a*c, c), so that no time shift is
-  needed. Reductions over the batch/time/channel-blocks (dA, dB, dC, dD, d delta_bias) are written as per-program
+  needed. When its grid of (channel block, batch row) programs is less than about a wave (small batches, few
+  channels), the sequence is cut into spans of chunks that run at once: a carry kernel first gives each later span's
+  adjoint map (mu -> P mu + M: no states needed), and each span's program starts from the carry of the spans after
+  it. Reductions over the batch/time/channel-blocks (dA, dB, dC, dD, d delta_bias) are written as per-program
   partial sums and summed by torch in a fixed order: no atomics, so gradients are bit-identical run to run.
 """
 from __future__ import annotations
@@ -146,6 +149,24 @@ def _state_decay(A_ptr, st_off, mask, A_LOG: tl.constexpr):
 
 
 @triton.jit
+def _channel_block(pid_d, dim, dstate, A_ptr, bias_ptr, BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, A_LOG: tl.constexpr):
+    """A program's channels d1 (BLOCK_D,) and their mask, the (NH, BLOCK_D, NL) offsets st_off of its states in a
+    (dim, dstate) state and their mask, A there (float32) and the channels' delta bias (0 without)."""
+    d1 = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = d1 < dim
+    n3 = tl.arange(0, NH)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # (NH, 1, NL)
+    d3 = d1[None, :, None]  # (1, BLOCK_D, 1)
+    m_s3 = (n3 < dstate) & (d3 < dim)
+    st_off = d3 * dstate + n3
+    A = _state_decay(A_ptr, st_off, m_s3, A_LOG)
+    bias = tl.zeros((BLOCK_D,), tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
+    return d1, mask_d, n3, m_s3, st_off, A, bias
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
     y_ptr, states_ptr, last_ptr,
@@ -159,17 +180,10 @@ def _selective_scan_fwd_kernel(
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    d1 = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = d1 < dim
+    d1, mask_d, n3, m_s3, st_off, A, bias = _channel_block(pid_d, dim, dstate, A_ptr, bias_ptr, BLOCK_D, NH, NL,
+                                                          HAS_BIAS, A_LOG)
     t1 = tl.arange(0, BT)
-    n3 = tl.arange(0, NH)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # (NH, 1, NL)
-    d3 = d1[None, :, None]  # (1, BLOCK_D, 1)
-    m_s3 = (n3 < dstate) & (d3 < dim)
-    st_off = d3 * dstate + n3  # (NH, BLOCK_D, NL) offsets in a (dim, dstate) state
-    A2 = _state_decay(A_ptr, st_off, m_s3, A_LOG) * 1.4426950408889634
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
     Dv = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
@@ -233,7 +247,8 @@ def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, states_ptr, gy_ptr, glast_ptr,
     scratch_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_part_ptr, dB_part_ptr, dC_part_ptr, dD_part_ptr, dbias_part_ptr, dh0_ptr,
-    dim, seqlen, dstate, dim_per_group, ngroups, nchunks, n_dblocks, chunk, red_stride, bc_stride,
+    carry_P_ptr, carry_M_ptr,
+    dim, seqlen, dstate, dim_per_group, ngroups, nchunks, n_dblocks, chunk, red_stride, bc_stride, cpg, n_spans,
     su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sz_b, sz_d, sz_t, sg_b, sg_d, sg_t,
     sdu_b, sdu_d, sdu_t, sddl_b, sddl_d, sddl_t, sdz_b, sdz_d, sdz_t,
     sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
@@ -244,18 +259,10 @@ def _selective_scan_bwd_kernel(
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    d1 = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = d1 < dim
+    d1, mask_d, n3, m_s3, st_off, A, bias = _channel_block(pid_d, dim, dstate, A_ptr, bias_ptr, BLOCK_D, NH, NL,
+                                                          HAS_BIAS, A_LOG)
     t1 = tl.arange(0, BT)
-    n3 = tl.arange(0, NH)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]
-    d3 = d1[None, :, None]
-    m_s3 = (n3 < dstate) & (d3 < dim)
-    st_off = d3 * dstate + n3
-    A = _state_decay(A_ptr, st_off, m_s3, A_LOG)
     A2 = A * 1.4426950408889634
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
     Dv = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
@@ -289,17 +296,26 @@ def _selective_scan_bwd_kernel(
     sc_off = (tl.arange(0, BLOCK_D)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]) * NH \
         + tl.arange(0, NH)[:, None, None]
     SC: tl.constexpr = NH * BLOCK_D * NL
-    scratch_ptr += (pid_b * n_dblocks + pid_d) * (TPC * SC)
+    q = tl.program_id(2)  # this program's span of chunks: [q * cpg, (q + 1) * cpg)
+    scratch_ptr += ((pid_b * n_dblocks + pid_d) * n_spans + q) * (TPC * SC)
 
     if HAS_GLAST:
         mu = tl.load(glast_ptr + state_base + st_off, mask=m_s3, other=0.0).to(tl.float32)
     else:
         mu = tl.zeros((NH, BLOCK_D, NL), tl.float32)  # adjoint of the state just before the tiles still to do
+    # the later spans' adjoint maps mu -> P mu + M (their carry kernel), applied from the last span back to ours
+    carry_base = pid_b * n_spans * dim * dstate + st_off
+    for jj in range(0, n_spans - 1 - q):
+        j = n_spans - 1 - jj
+        cP = tl.load(carry_P_ptr + carry_base + j * dim * dstate, mask=m_s3, other=0.0)
+        cM = tl.load(carry_M_ptr + carry_base + j * dim * dstate, mask=m_s3, other=0.0)
+        mu = cP * mu + cM
     dA_acc = tl.zeros((NH, BLOCK_D, NL), tl.float32)
     dD_acc = tl.zeros((BT, BLOCK_D), tl.float32)
     dbias_acc = tl.zeros((BT, BLOCK_D), tl.float32)
-    for kk in range(0, nchunks):
-        k = nchunks - 1 - kk
+    k_end = tl.minimum(nchunks, (q + 1) * cpg)
+    for kk in range(0, k_end - q * cpg):
+        k = k_end - 1 - kk
         c0 = k * chunk
         n_valid = tl.minimum(TPC, tl.cdiv(seqlen - c0, BT))
         # Pass A: the state at the start of each tile of chunk k, into the scratch
@@ -393,13 +409,72 @@ def _selective_scan_bwd_kernel(
             tl.store(du_ptr + dd * sdu_d + tw * sdu_t, du.to(du_ptr.dtype.element_ty), mask=m2)
             tl.store(ddelta_ptr + dd * sddl_d + tw * sddl_t, ddt.to(ddelta_ptr.dtype.element_ty), mask=m2)
         tl.debug_barrier()
-    red_row = pid_b * red_stride  # this batch row's [dA | dD | dbias] partials
+    red_row = (pid_b * n_spans + q) * red_stride  # this batch row's and span's [dA | dD | dbias] partials
     tl.store(dA_part_ptr + red_row + st_off, dA_acc * A if A_LOG else dA_acc, mask=m_s3)  # A_LOG: A_log's part
-    tl.store(dh0_ptr + state_base + st_off, mu, mask=m_s3)
+    tl.store(dh0_ptr + state_base + st_off, mu, mask=m_s3 & (n3 * 0 + q == 0))  # the first span's
     if HAS_D:
         tl.store(dD_part_ptr + red_row + d1, tl.sum(dD_acc, axis=0), mask=mask_d)
     if HAS_BIAS:
         tl.store(dbias_part_ptr + red_row + d1, tl.sum(dbias_acc, axis=0), mask=mask_d)
+
+
+@triton.jit
+def _selective_scan_bwd_carry_kernel(
+    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, seq_ptr, gy_ptr, carry_P_ptr, carry_M_ptr,
+    dim, seqlen, dstate, dim_per_group, span, n_spans,
+    sdl_b, sdl_d, sdl_t, sz_b, sz_d, sz_t, sg_b, sg_d, sg_t, sC_b, sC_g, sC_n, sC_t,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, BIG: tl.constexpr,
+    A_LOG: tl.constexpr,
+):
+    """The adjoint map of span q + 1 (program axis 2) of the sequence: the adjoint passed to the state before the
+    span is P mu + M, for mu the adjoint of its last state, where (going back in time) mu <- a_t (C_t g_t + mu),
+    a_t = exp(delta_t A). Needs no states, so the backward kernel's spans can start at once from their carries."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    q = tl.program_id(2) + 1
+    d1, mask_d, n3, m_s3, st_off, A, bias = _channel_block(pid_d, dim, dstate, A_ptr, bias_ptr, BLOCK_D, NH, NL,
+                                                          HAS_BIAS, A_LOG)
+    t1 = tl.arange(0, BT)
+    A2 = A * 1.4426950408889634
+    d0 = (pid_d * BLOCK_D).to(tl.int64)
+    delta_ptr += pid_b * sdl_b + d0 * sdl_d
+    z_ptr += pid_b * sz_b + d0 * sz_d
+    gy_ptr += pid_b * sg_b + d0 * sg_d
+    dd = tl.arange(0, BLOCK_D)[None, :]
+    g = (pid_d * BLOCK_D) // dim_per_group
+    nb = tl.arange(0, NH)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+    m_nb = nb < dstate
+    C_ptr += pid_b * sC_b + g * sC_g
+    ro_C = nb * sC_n
+    seq_row = pid_b * seqlen
+    P = tl.full((NH, BLOCK_D, NL), 1.0, tl.float32)
+    M = tl.zeros((NH, BLOCK_D, NL), tl.float32)
+    t_start = q * span
+    ntiles = tl.cdiv(tl.minimum(seqlen - t_start, span), BT)
+    for jj in range(0, ntiles):
+        t = t_start + (ntiles - 1 - jj) * BT + t1
+        g_c, d_c, z_c, C_c, _, reset = _load_raw(gy_ptr, delta_ptr, z_ptr, C_ptr, C_ptr, seq_ptr, dd * sg_d,
+                                                 dd * sdl_d, dd * sz_d, sg_t, sdl_t, sz_t, ro_C, ro_C, sC_t, sC_t,
+                                                 seq_row, t, seqlen, mask_d, m_nb, HAS_Z, False, HAS_SEQ, BIG)
+        m2 = (t < seqlen)[:, None] & mask_d[None, :]
+        _, dt = _prep_delta(d_c, m2, bias, HAS_BIAS, SOFTPLUS)
+        dA = _tile_decay(dt, A2, reset, HAS_SEQ)
+        gout = g_c.to(tl.float32)
+        if HAS_Z:
+            zz = z_c.to(tl.float32)
+            gout = gout * zz * tl.sigmoid(zz)
+        c = gout[:, None, :, None] * C_c.to(tl.float32)[:, :, None, :]
+        # the tile's map mu -> Pt mu + Mt, its latest step applied first
+        Ps, Ms = tl.associative_scan((tl.flip(dA, 0), tl.flip(dA * c, 0)), 0, _scan_combine)
+        last = (t1 == BT - 1)[:, None, None, None]
+        Pt = tl.sum(tl.where(last, Ps, 0.0), axis=0)
+        Mt = tl.sum(tl.where(last, Ms, 0.0), axis=0)
+        M = Pt * M + Mt
+        P = Pt * P
+    out = (pid_b * n_spans + q) * dim * dstate + st_off
+    tl.store(carry_P_ptr + out, P, mask=m_s3)
+    tl.store(carry_M_ptr + out, M, mask=m_s3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -447,6 +522,19 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         BIG=_big(seqlen, u, delta, z, y, B, C), A_LOG=a_log, num_warps=cfg.fwd_warps, num_stages=1,
     )
     return y, last, states
+
+
+def _spans(cfg: ScanConfig, nchunks: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(spans, chunks per span) of the backward. Its programs walk the whole sequence each, so a grid of fewer than
+    about a wave (8 one-warp programs of 255 registers per multiprocessor) leaves the GPU partly idle; then the
+    sequence is split into spans that run at once, each from the carry of the later ones (their own small kernel),
+    for about six waves. cfg.bwd_spans sets the count (1: no split)."""
+    spans = cfg.bwd_spans
+    if not spans:
+        slots = 8 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        spans = 1 if programs >= 0.9 * slots else cdiv(6 * slots, programs)
+    cpg = cdiv(nchunks, max(1, min(spans, nchunks)))
+    return cdiv(nchunks, cpg), cpg
 
 
 def _summed(parts: Tensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
@@ -500,7 +588,8 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     # per batch row [dA (dim * N) | dD (dim) | dbias (dim)], and per channel block [dB | dC] (N * seqlen each):
     # one fixed-order reduction each
     red_cols = dim * (N + (D is not None) + (delta_bias is not None))
-    red = torch.empty(batch, red_cols, device=dev, dtype=f32)
+    n_spans, cpg = _spans(cfg, nchunks, n_dblocks * batch, dev)
+    red = torch.empty(batch * n_spans, red_cols, device=dev, dtype=f32)
     dA_part = red
     dD_part = red[:, dim * N:] if D is not None else None
     dbias_part = red[:, red_cols - dim:] if delta_bias is not None else None
@@ -508,13 +597,26 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dB_part, dC_part = bc_part, bc_part[:, :, N:]
     dh0 = torch.empty(batch, dim, N, device=dev, dtype=f32)
     nh, nl = cfg.bwd_split
-    scratch = torch.empty(batch * n_dblocks * tpc * nh * bd * nl, device=dev, dtype=f32)
+    scratch = torch.empty(batch * n_dblocks * n_spans * tpc * nh * bd * nl, device=dev, dtype=f32)
     zz = _opt(z, u)
-    _selective_scan_bwd_kernel[(n_dblocks, batch)](
+    carry_P = carry_M = dh0
+    if n_spans > 1:  # each later span's adjoint map, so that all spans run at once
+        carry_P = torch.empty(batch, n_spans, dim, N, device=dev, dtype=f32)
+        carry_M = torch.empty_like(carry_P)
+        _selective_scan_bwd_carry_kernel[(n_dblocks, batch, n_spans - 1)](
+            delta, A, C, zz, _opt(delta_bias, A), _opt(seq_idx, u), gy, carry_P, carry_M,
+            dim, seqlen, N, dim // G, cpg * cfg.chunk, n_spans,
+            *_strides3(delta), *_strides3(zz), *_strides3(gy), *C.stride(),
+            HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+            HAS_SEQ=seq_idx is not None, BLOCK_D=bd, NH=nh, NL=nl, BT=cfg.bwd_block_t,
+            BIG=_big(seqlen, delta, z, gy, C), A_LOG=a_log, num_warps=cfg.bwd_warps, num_stages=1,
+        )
+    _selective_scan_bwd_kernel[(n_dblocks, batch, n_spans)](
         u, delta, A, B, C, _opt(D, A), zz, _opt(delta_bias, A), _opt(seq_idx, u), states, gy,
         _opt(glast, dh0), scratch,
         du, ddelta, _opt(dz, du), dA_part, dB_part, dC_part, _opt(dD_part, dA_part), _opt(dbias_part, dA_part), dh0,
-        dim, seqlen, N, dim // G, G, nchunks, n_dblocks, cfg.chunk, red_cols, 2 * N * seqlen,
+        carry_P, carry_M,
+        dim, seqlen, N, dim // G, G, nchunks, n_dblocks, cfg.chunk, red_cols, 2 * N * seqlen, cpg, n_spans,
         *_strides3(u), *_strides3(delta), *_strides3(zz), *_strides3(gy),
         *_strides3(du), *_strides3(ddelta), *_strides3(_opt(dz, du)), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),

@@ -24,6 +24,7 @@ class ScanConfig:
     chunk: int
     bwd_NH: Optional[int] = None
     bwd_NL: Optional[int] = None
+    bwd_spans: int = 0  # the backward's sequence spans run at once (0: enough to fill the GPU, see triton._spans)
 
     @property
     def bwd_split(self) -> tuple[int, int]:

@@ -5,6 +5,9 @@ bit-identical gradients run after run, half-precision inputs, strides, dispatch 
 """
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import pytest
 
 pytest.importorskip("triton")
@@ -74,6 +77,26 @@ CASES = [
 @pytest.mark.parametrize("batch,dim,d_state,seqlen,groups,flags,cfg", CASES)
 def test_matches_reference(batch, dim, d_state, seqlen, groups, flags, cfg):
     _check(batch, dim, d_state, seqlen, groups, cfg=cfg, **flags)
+
+
+@pytest.mark.parametrize("spans,groups,flags", [(3, 0, {"with_h0": True, "packed": True}),
+                                                (5, 2, {"with_z": False, "with_bias": False})],
+                         ids=["3spans-h0-seqidx", "5spans-grouped-bare"])
+def test_backward_in_spans_matches_reference(spans, groups, flags):
+    """The backward split along the sequence into spans that start from the later spans' carries (5 chunks of 8)."""
+    cfg = ss_triton.pick_config(8, 4, 4 // max(groups, 1), max(groups, 1), 8, 4, 2)
+    _check(2, 4, 8, 37, groups, cfg={"config": dataclasses.replace(cfg, bwd_spans=spans)}, **flags)
+
+
+def test_spans_only_where_the_grid_leaves_the_gpu_idle(monkeypatch):
+    props = types.SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cfg, cuda = ss_triton.pick_config(16, 1536, 1536, 1), torch.device("cuda")
+    assert ss_triton._spans(cfg, 32, 1024, cuda) == (1, 32)  # batch 8 x 2048 channels: a full wave already
+    assert ss_triton._spans(cfg, 32, 768, cuda) == (8, 4)  # 8 x 1536: 0.73 of a wave
+    assert ss_triton._spans(cfg, 32, 96, cuda) == (32, 1)  # batch 1: at most one span per chunk
+    assert ss_triton._spans(cfg, 32, 96, torch.device("cpu")) == (1, 32)
+    assert ss_triton._spans(dataclasses.replace(cfg, bwd_spans=3), 32, 1024, cuda) == (3, 11)
 
 
 def test_no_softplus_and_large_decay():

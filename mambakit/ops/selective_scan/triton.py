@@ -14,7 +14,8 @@ Design (see benchmarks/RESULTS_triton_scan.md for the numbers):
   sum over states is mostly in-thread (log2(NL) shuffle levels), and tl.flip along time is free (register renaming).
 - Forward: discretisation (exp2(delta * A * log2 e), delta * B * u), scan, read-out with C, D skip and silu(z) gate in
   one kernel; the state stays in registers. Only the state at the start of every chunk of CHUNK steps is written (for
-  the backward) plus the final state.
+  the backward) plus the final state. Small grids split the sequence into spans as the backward does (below): a
+  carry kernel gives each span's map h -> P h + S, each span starts from the earlier ones'.
 - Backward: per program, chunks in reverse. Pass A recomputes the chunk from its saved start state and writes the
   state at each tile start into a small per-program scratch (L2-resident); pass B walks the tiles backwards,
   recomputes each tile's states from the scratch and runs the adjoint
@@ -149,10 +150,13 @@ def _state_decay(A_ptr, st_off, mask, A_LOG: tl.constexpr):
 
 
 @triton.jit
-def _channel_block(pid_d, dim, dstate, A_ptr, bias_ptr, BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr,
+def _channel_block(dim, dstate, A_ptr, bias_ptr, BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr,
                    HAS_BIAS: tl.constexpr, A_LOG: tl.constexpr):
-    """A program's channels d1 (BLOCK_D,) and their mask, the (NH, BLOCK_D, NL) offsets st_off of its states in a
-    (dim, dstate) state and their mask, A there (float32) and the channels' delta bias (0 without)."""
+    """A program's (channel block, batch row) ids, its channels d1 (BLOCK_D,) and their mask, the (NH, BLOCK_D, NL)
+    offsets st_off of its states in a (dim, dstate) state and their mask, A there (float32) and A * log2(e), and the
+    channels' delta bias (0 without)."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
     d1 = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = d1 < dim
     n3 = tl.arange(0, NH)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # (NH, 1, NL)
@@ -163,14 +167,14 @@ def _channel_block(pid_d, dim, dstate, A_ptr, bias_ptr, BLOCK_D: tl.constexpr, N
     bias = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
-    return d1, mask_d, n3, m_s3, st_off, A, bias
+    return pid_d, pid_b, d1, mask_d, n3, m_s3, st_off, A, A * 1.4426950408889634, bias
 
 
 @triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, seq_ptr,
-    y_ptr, states_ptr, last_ptr,
-    dim, seqlen, dstate, dim_per_group, ngroups, nchunks,
+    y_ptr, states_ptr, last_ptr, carry_P_ptr, carry_S_ptr,
+    dim, seqlen, dstate, dim_per_group, ngroups, nchunks, span_tiles, n_spans,
     su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sz_b, sz_d, sz_t, sy_b, sy_d, sy_t,
     sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
@@ -178,12 +182,9 @@ def _selective_scan_fwd_kernel(
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
     BIG: tl.constexpr, A_LOG: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    d1, mask_d, n3, m_s3, st_off, A, bias = _channel_block(pid_d, dim, dstate, A_ptr, bias_ptr, BLOCK_D, NH, NL,
-                                                          HAS_BIAS, A_LOG)
+    pid_d, pid_b, d1, mask_d, n3, m_s3, st_off, A, A2, bias = _channel_block(dim, dstate, A_ptr, bias_ptr, BLOCK_D,
+                                                                            NH, NL, HAS_BIAS, A_LOG)
     t1 = tl.arange(0, BT)
-    A2 = A * 1.4426950408889634
     Dv = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
@@ -210,11 +211,17 @@ def _selective_scan_fwd_kernel(
         h = tl.load(h0_ptr + state_base + st_off, mask=m_s3, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((NH, BLOCK_D, NL), tl.float32)
-    ntiles = tl.cdiv(seqlen, BT)
+    q = tl.program_id(2)  # this program's span of tiles: [q * span_tiles, (q + 1) * span_tiles)
+    carry_base = pid_b * n_spans * dim * dstate + st_off
+    for j in range(0, q):  # the earlier spans' maps h -> P h + S (their carry kernel)
+        h = tl.load(carry_P_ptr + carry_base + j * dim * dstate, mask=m_s3, other=0.0) * h \
+            + tl.load(carry_S_ptr + carry_base + j * dim * dstate, mask=m_s3, other=0.0)
+    it0 = q * span_tiles
+    ntiles = tl.minimum(tl.cdiv(seqlen, BT), it0 + span_tiles)
     u_n, d_n, z_n, B_n, C_n, r_n = _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, ro_u, ro_dl, ro_z,
-                                             su_t, sdl_t, sz_t, ro_B, ro_C, sB_t, sC_t, seq_row, t1,
+                                             su_t, sdl_t, sz_t, ro_B, ro_C, sB_t, sC_t, seq_row, it0 * BT + t1,
                                              seqlen, mask_d, m_nb, HAS_Z, True, HAS_SEQ, BIG)
-    for it in range(0, ntiles):
+    for it in range(it0, ntiles):
         if SAVE_STATES:
             if it % TPC == 0:
                 tl.store(states_ptr + (pid_b * nchunks + it // TPC) * dim * dstate + st_off, h, mask=m_s3)
@@ -236,7 +243,55 @@ def _selective_scan_fwd_kernel(
             zz = z_c.to(tl.float32)
             y = y * (zz * tl.sigmoid(zz))
         tl.store(y_ptr + dd * sy_d + _wide(t, BIG)[:, None] * sy_t, y.to(y_ptr.dtype.element_ty), mask=m2)
-    tl.store(last_ptr + state_base + st_off, h, mask=m_s3)
+    tl.store(last_ptr + state_base + st_off, h, mask=m_s3 & (n3 * 0 + q == n_spans - 1))  # the last span's
+
+
+@triton.jit
+def _selective_scan_fwd_carry_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, carry_P_ptr, carry_S_ptr,
+    dim, seqlen, dstate, dim_per_group, span_tiles, n_spans,
+    su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sB_b, sB_g, sB_n, sB_t,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, BIG: tl.constexpr,
+    A_LOG: tl.constexpr,
+):
+    """The map h -> P h + S of span q (program axis 2) of the sequence, for the forward kernel's later spans: S the
+    span's last state from a zero state, P = exp(A * the span's sum of delta), 0 where a packed sequence starts."""
+    q = tl.program_id(2)
+    pid_d, pid_b, d1, mask_d, n3, m_s3, st_off, A, A2, bias = _channel_block(dim, dstate, A_ptr, bias_ptr, BLOCK_D,
+                                                                            NH, NL, HAS_BIAS, A_LOG)
+    t1 = tl.arange(0, BT)
+    d0 = (pid_d * BLOCK_D).to(tl.int64)
+    u_ptr += pid_b * su_b + d0 * su_d
+    delta_ptr += pid_b * sdl_b + d0 * sdl_d
+    dd = tl.arange(0, BLOCK_D)[None, :]
+    nb = tl.arange(0, NH)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+    m_nb = nb < dstate
+    B_ptr += pid_b * sB_b + ((pid_d * BLOCK_D) // dim_per_group) * sB_g
+    ro_B = nb * sB_n
+    seq_row = pid_b * seqlen
+    h = tl.zeros((NH, BLOCK_D, NL), tl.float32)
+    dt_sum = tl.zeros((BLOCK_D,), tl.float32)
+    any_reset = tl.zeros((BT,), tl.int32)
+    it0 = q * span_tiles
+    for it in range(it0, tl.minimum(tl.cdiv(seqlen, BT), it0 + span_tiles)):
+        t = it * BT + t1
+        u_c, d_c, _, B_c, _, reset = _load_raw(u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, seq_ptr, dd * su_d,
+                                               dd * sdl_d, dd * su_d, su_t, sdl_t, su_t, ro_B, ro_B, sB_t, sB_t,
+                                               seq_row, t, seqlen, mask_d, m_nb, False, False, HAS_SEQ, BIG)
+        m2 = (t < seqlen)[:, None] & mask_d[None, :]
+        _, dt = _prep_delta(d_c, m2, bias, HAS_BIAS, SOFTPLUS)
+        dA = _tile_decay(dt, A2, reset, HAS_SEQ)
+        x = (dt * u_c.to(tl.float32))[:, None, :, None] * B_c.to(tl.float32)[:, :, None, :]
+        _, h = _tile_states(dA, x, h, BT)
+        dt_sum += tl.sum(dt, axis=0)
+        any_reset = tl.maximum(any_reset, reset.to(tl.int32))
+    P = tl.exp2(dt_sum[None, :, None] * A2)
+    if HAS_SEQ:
+        P = tl.where(tl.max(any_reset, axis=0) > 0, 0.0, P)
+    out = (pid_b * n_spans + q) * dim * dstate + st_off
+    tl.store(carry_P_ptr + out, P, mask=m_s3)
+    tl.store(carry_S_ptr + out, h, mask=m_s3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,12 +312,9 @@ def _selective_scan_bwd_kernel(
     BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, TPC: tl.constexpr,
     BIG: tl.constexpr, A_LOG: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    d1, mask_d, n3, m_s3, st_off, A, bias = _channel_block(pid_d, dim, dstate, A_ptr, bias_ptr, BLOCK_D, NH, NL,
-                                                          HAS_BIAS, A_LOG)
+    pid_d, pid_b, d1, mask_d, n3, m_s3, st_off, A, A2, bias = _channel_block(dim, dstate, A_ptr, bias_ptr, BLOCK_D,
+                                                                            NH, NL, HAS_BIAS, A_LOG)
     t1 = tl.arange(0, BT)
-    A2 = A * 1.4426950408889634
     Dv = tl.zeros((BLOCK_D,), tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
@@ -430,13 +482,10 @@ def _selective_scan_bwd_carry_kernel(
     """The adjoint map of span q + 1 (program axis 2) of the sequence: the adjoint passed to the state before the
     span is P mu + M, for mu the adjoint of its last state, where (going back in time) mu <- a_t (C_t g_t + mu),
     a_t = exp(delta_t A). Needs no states, so the backward kernel's spans can start at once from their carries."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
     q = tl.program_id(2) + 1
-    d1, mask_d, n3, m_s3, st_off, A, bias = _channel_block(pid_d, dim, dstate, A_ptr, bias_ptr, BLOCK_D, NH, NL,
-                                                          HAS_BIAS, A_LOG)
+    pid_d, pid_b, d1, mask_d, n3, m_s3, st_off, A, A2, bias = _channel_block(dim, dstate, A_ptr, bias_ptr, BLOCK_D,
+                                                                            NH, NL, HAS_BIAS, A_LOG)
     t1 = tl.arange(0, BT)
-    A2 = A * 1.4426950408889634
     d0 = (pid_d * BLOCK_D).to(tl.int64)
     delta_ptr += pid_b * sdl_b + d0 * sdl_d
     z_ptr += pid_b * sz_b + d0 * sz_d
@@ -510,11 +559,24 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     y = torch.empty_like(u) if out is None else out
     last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
     states = torch.empty(batch, nchunks, dim, N, device=u.device, dtype=torch.float32)
-    grid = (cdiv(dim, cfg.fwd_block_d), batch)
-    _selective_scan_fwd_kernel[grid](
+    n_dblocks = cdiv(dim, cfg.fwd_block_d)
+    n_spans, cpg = _spans(cfg.fwd_spans, _FWD_BUSY_PER_SM, cdiv(seqlen, cfg.chunk), n_dblocks * batch, u.device)
+    span_tiles = cpg * (cfg.chunk // cfg.fwd_block_t)
+    carry_P = carry_S = last
+    if n_spans > 1:  # each earlier span's map of the state, so that all spans run at once
+        carry_P = torch.empty(batch, n_spans, dim, N, device=u.device, dtype=torch.float32)
+        carry_S = torch.empty_like(carry_P)
+        _selective_scan_fwd_carry_kernel[(n_dblocks, batch, n_spans - 1)](
+            u, delta, A, B, _opt(delta_bias, A), _opt(seq_idx, u), carry_P, carry_S,
+            dim, seqlen, N, dim // G, span_tiles, n_spans, *_strides3(u), *_strides3(delta), *B.stride(),
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), HAS_SEQ=seq_idx is not None,
+            BLOCK_D=cfg.fwd_block_d, NH=cfg.NH, NL=cfg.NL, BT=cfg.fwd_block_t, BIG=_big(seqlen, u, delta, B),
+            A_LOG=a_log, num_warps=cfg.fwd_warps, num_stages=1,
+        )
+    _selective_scan_fwd_kernel[(n_dblocks, batch, n_spans)](
         u, delta, A, B, C, _opt(D, A), _opt(z, u), _opt(delta_bias, A), _opt(initial_state, last),
-        _opt(seq_idx, u), y, states, last,
-        dim, seqlen, N, dim // G, G, nchunks,
+        _opt(seq_idx, u), y, states, last, carry_P, carry_S,
+        dim, seqlen, N, dim // G, G, nchunks, span_tiles, n_spans,
         *_strides3(u), *_strides3(delta), *_strides3(_opt(z, u)), *_strides3(y), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         HAS_H0=initial_state is not None, HAS_SEQ=seq_idx is not None, SAVE_STATES=save_states,
@@ -524,14 +586,21 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     return y, last, states
 
 
-def _spans(cfg: ScanConfig, nchunks: int, programs: int, device: torch.device) -> tuple[int, int]:
-    """(spans, chunks per span) of the backward. Its programs walk the whole sequence each, so a grid of fewer than
-    about a wave (8 one-warp programs of 255 registers per multiprocessor) leaves the GPU partly idle; then the
-    sequence is split into spans that run at once, each from the carry of the later ones (their own small kernel),
-    for about six waves. cfg.bwd_spans sets the count (1: no split)."""
-    spans = cfg.bwd_spans
+_SLOTS_PER_SM = 8  # one-warp backward programs resident per multiprocessor (255 registers)
+# the forward (128 registers) fits 16, but with 5.8 per multiprocessor it was no faster with twice the programs
+# (benchmarks/RESULTS.md, sixteenth session): it splits only below 6
+_FWD_BUSY_PER_SM = 6
+
+
+def _spans(count: int, slots_per_sm: int, nchunks: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(spans, chunks per span) of a kernel whose programs walk their channels' whole sequence: a grid of less than
+    about a wave (slots_per_sm programs per multiprocessor) leaves the GPU partly idle, so the sequence is then cut
+    into spans that run at once, each from the carry of the others (a small kernel of its own), for about six waves.
+    count: the configuration's span count (0: this rule; 1: no split)."""
+    spans = count
     if not spans:
-        slots = 8 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        slots = slots_per_sm * sms
         spans = 1 if programs >= 0.9 * slots else cdiv(6 * slots, programs)
     cpg = cdiv(nchunks, max(1, min(spans, nchunks)))
     return cdiv(nchunks, cpg), cpg
@@ -588,7 +657,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     # per batch row [dA (dim * N) | dD (dim) | dbias (dim)], and per channel block [dB | dC] (N * seqlen each):
     # one fixed-order reduction each
     red_cols = dim * (N + (D is not None) + (delta_bias is not None))
-    n_spans, cpg = _spans(cfg, nchunks, n_dblocks * batch, dev)
+    n_spans, cpg = _spans(cfg.bwd_spans, _SLOTS_PER_SM, nchunks, n_dblocks * batch, dev)
     red = torch.empty(batch * n_spans, red_cols, device=dev, dtype=f32)
     dA_part = red
     dD_part = red[:, dim * N:] if D is not None else None

@@ -24,7 +24,8 @@ class ScanConfig:
     chunk: int
     bwd_NH: Optional[int] = None
     bwd_NL: Optional[int] = None
-    bwd_spans: int = 0  # the backward's sequence spans run at once (0: enough to fill the GPU, see triton._spans)
+    fwd_spans: int = 0  # the sequence spans run at once (0: enough to fill the GPU, see triton._spans; 1: none)
+    bwd_spans: int = 0
 
     @property
     def bwd_split(self) -> tuple[int, int]:

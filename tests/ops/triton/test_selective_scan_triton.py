@@ -83,20 +83,33 @@ def test_matches_reference(batch, dim, d_state, seqlen, groups, flags, cfg):
                                                 (5, 2, {"with_z": False, "with_bias": False})],
                          ids=["3spans-h0-seqidx", "5spans-grouped-bare"])
 def test_backward_in_spans_matches_reference(spans, groups, flags):
-    """The backward split along the sequence into spans that start from the later spans' carries (5 chunks of 8)."""
+    """Forward and backward split along the sequence into spans that start from the other spans' carries (5 chunks
+    of 8), with packed sequences (the carry's decay is 0 across a start) and an initial state."""
     cfg = ss_triton.pick_config(8, 4, 4 // max(groups, 1), max(groups, 1), 8, 4, 2)
-    _check(2, 4, 8, 37, groups, cfg={"config": dataclasses.replace(cfg, bwd_spans=spans)}, **flags)
+    _check(2, 4, 8, 37, groups, cfg={"config": dataclasses.replace(cfg, fwd_spans=spans, bwd_spans=spans)}, **flags)
+
+
+def test_forward_in_spans_without_grad_matches_reference():
+    """Inference (no states saved for a backward): y and the last state of a forward in 4 spans."""
+    kw = make_inputs(2, 4, 8, 37, dtype=torch.float32, with_h0=True, packed=True, seed=9)
+    cfg = dataclasses.replace(ss_triton.pick_config(8, 4, 4, 1, 8, 4, 2), fwd_spans=4)
+    with torch.no_grad():
+        y, last = selective_scan_triton(**kw, return_last_state=True, config=cfg)
+        kw64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+        yr, lastr = selective_scan_ref(**kw64, return_last_state=True)
+    assert rel_err(y, yr) <= 1e-5 and rel_err(last, lastr) <= 1e-5
 
 
 def test_spans_only_where_the_grid_leaves_the_gpu_idle(monkeypatch):
     props = types.SimpleNamespace(multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    cfg, cuda = ss_triton.pick_config(16, 1536, 1536, 1), torch.device("cuda")
-    assert ss_triton._spans(cfg, 32, 1024, cuda) == (1, 32)  # batch 8 x 2048 channels: a full wave already
-    assert ss_triton._spans(cfg, 32, 768, cuda) == (8, 4)  # 8 x 1536: 0.73 of a wave
-    assert ss_triton._spans(cfg, 32, 96, cuda) == (32, 1)  # batch 1: at most one span per chunk
-    assert ss_triton._spans(cfg, 32, 96, torch.device("cpu")) == (1, 32)
-    assert ss_triton._spans(dataclasses.replace(cfg, bwd_spans=3), 32, 1024, cuda) == (3, 11)
+    cuda, slots = torch.device("cuda"), ss_triton._SLOTS_PER_SM
+    assert ss_triton._spans(0, slots, 32, 1024, cuda) == (1, 32)  # batch 8 x 2048 channels: a full wave already
+    assert ss_triton._spans(0, slots, 32, 768, cuda) == (8, 4)  # 8 x 1536: 0.73 of a wave
+    assert ss_triton._spans(0, slots, 32, 96, cuda) == (32, 1)  # batch 1: at most one span per chunk
+    assert ss_triton._spans(0, slots, 32, 96, torch.device("cpu")) == (1, 32)
+    assert ss_triton._spans(3, slots, 32, 1024, cuda) == (3, 11)  # a configured count
+    assert ss_triton._spans(0, ss_triton._FWD_BUSY_PER_SM, 32, 768, cuda) == (1, 32)  # the forward at 8 x 1536
 
 
 def test_no_softplus_and_large_decay():

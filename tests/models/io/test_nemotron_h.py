@@ -105,6 +105,22 @@ def test_nemotron_h_legacy_pattern_and_model_prefix_load(saved, tmp_path):
     assert rel_err(logits(from_pretrained(tmp_path), ids), hf_logits(ref, ids)) <= TOL
 
 
+def test_nemotron_h_legacy_dt_limit_name_loads(saved, tmp_path):
+    """mamba_dt_limit, the older name of time_step_limit, read as NemotronHConfig reads it (a clamp at [0.03, 0.2]:
+    were it ignored, the logits would be those of no clamp)."""
+    from safetensors.torch import load_file, save_file
+
+    ref, folder = saved["tied-bias"]
+    raw = json.loads((folder / "config.json").read_text())
+    raw["mamba_dt_limit"] = raw.pop("time_step_limit")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    save_file(load_file(str(folder / "model.safetensors")), str(tmp_path / "model.safetensors"))
+    model = from_pretrained(tmp_path)
+    assert {m.dt_limit for m in model.modules() if hasattr(m, "dt_limit")} == {(0.03, 0.2)}
+    ids = ids_for(ref.config.vocab_size, seqlen=9)
+    assert rel_err(logits(model, ids), hf_logits(ref, ids)) <= TOL
+
+
 def test_nemotron_h_unsupported_values_are_refused_together(saved, tmp_path):
     _, folder = saved["pattern"]
     raw = json.loads((folder / "config.json").read_text())

@@ -74,7 +74,10 @@ def ids_for(vocab: int, batch: int = 2, seqlen: int = SEQLEN, seed: int = 0) -> 
 
 @torch.no_grad()
 def hf_logits(model, ids):
-    return model(ids).logits
+    """transformers' logits of one full forward, without a cache: none is needed, and transformers 5.25's
+    DynamicCache cannot count tokens when layer 0 keeps no state (an MLP / MoE layer: DummyLayer has no
+    get_seq_length; 5.24 asked the first attention layer)."""
+    return model(ids, use_cache=False).logits
 
 
 @torch.no_grad()
@@ -89,7 +92,7 @@ def is_hf_full_forward_greedy(model, seq, n_prompt, vocab):
     """Whether `seq` is the greedy continuation of its first n_prompt tokens under transformers' full forward (no
     cache): one forward, each generated token the argmax at the position before it. Equivalent to comparing with
     generate(use_cache=False), at the cost of one forward instead of one per token."""
-    pred = model(seq).logits[:, n_prompt - 1:-1, :vocab].argmax(-1)
+    pred = hf_logits(model, seq)[:, n_prompt - 1:-1, :vocab].argmax(-1)
     return pred.tolist() == seq[:, n_prompt:].tolist()
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from mambakit.errors import CheckpointError, MambaKitError
 from mambakit.layers.moe import check_routing_groups
 from mambakit.models.hybrid import HybridConfig, HybridLM
-from mambakit.models.io.folder import is_int, is_number
+from mambakit.models.io.folder import is_int
 from mambakit.models.io.hybrid_fields import ConfigReader, key_parts, mixers_of
 
 # NemotronHConfig's defaults (transformers 5.x) for the fields that change the computation
@@ -17,12 +17,12 @@ _NEMOTRON_DEFAULTS: dict[str, Any] = dict(
     vocab_size=131072, hidden_size=4096, tie_word_embeddings=False, num_attention_heads=32, num_key_value_heads=8,
     head_dim=128, sliding_window=None, intermediate_size=21504, mlp_hidden_act="relu2", mlp_bias=False,
     ssm_state_size=128, mamba_num_heads=128, mamba_head_dim=64, mamba_hidden_act="silu", n_groups=8, conv_kernel=4,
-    time_step_min=0.001, use_conv_bias=True, chunk_size=128, num_nextn_predict_layers=0, use_bias=False,
+    time_step_limit=[0.0, math.inf], use_conv_bias=True, chunk_size=128, num_nextn_predict_layers=0, use_bias=False,
     layer_norm_epsilon=1e-5, n_routed_experts=8, moe_intermediate_size=7688,
     moe_shared_expert_intermediate_size=7688, moe_latent_size=None, num_experts_per_tok=2, routed_scaling_factor=1.0,
     n_group=1, topk_group=1, norm_topk_prob=True)
 # the older field names NemotronHConfig still reads (they win over the new ones, as there)
-_NEMOTRON_LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_dt_min": "time_step_min",
+_NEMOTRON_LEGACY = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_dt_limit": "time_step_limit",
                     "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size"}
 _NEMOTRON_PATTERN = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 _NEMOTRON_LAYERS = {"linear_attention": {"mixer": "mamba2", "mlp": None},
@@ -111,7 +111,11 @@ def nemotron_config(raw: dict[str, Any], where: str) -> HybridConfig:
     mlp_bias, bias, conv_bias = r.flag("mlp_bias"), r.flag("use_bias"), r.flag("use_conv_bias")
     d_state, m_heads, d_head = r.pos_int("ssm_state_size"), r.pos_int("mamba_num_heads"), r.pos_int("mamba_head_dim")
     m_groups, d_conv, chunk = r.pos_int("n_groups"), r.pos_int("conv_kernel"), r.pos_int("chunk_size")
-    dt_min = r.need("time_step_min", lambda v: is_number(v) and 0 <= v < math.inf, "a number >= 0")
+    # dt is clamped to time_step_limit (default [0, inf): no clamp), as on the mamba_ssm kernel path of NVIDIA's
+    # original and in transformers >= 5.25; time_step_min only sets the range dt_bias is initialised in.
+    # transformers < 5.25 clamped its prefill's dt to [time_step_min, inf) instead (its decode step's not at all),
+    # as the CPU fallback of NVIDIA's original does: an upstream bug, fixed in 5.25
+    dt_limit = r.dt_limit()
     expand = None
     if None not in (m_heads, d_head, d_model):
         if (m_heads * d_head) % d_model:
@@ -127,9 +131,8 @@ def nemotron_config(raw: dict[str, Any], where: str) -> HybridConfig:
         return HybridConfig(
             d_model=d_model, vocab_size=vocab, layers=[dict(_NEMOTRON_LAYERS[t]) for t in types], norm_epsilon=eps,
             tie_embeddings=False,
-            # transformers clamps dt to [time_step_min, inf) and ignores time_step_limit here
             mamba2=dict(d_state=d_state, d_conv=d_conv, expand=expand, headdim=d_head, ngroups=m_groups,
-                        chunk_size=chunk, dt_limit=(float(dt_min), math.inf), bias=bias, conv_bias=conv_bias,
+                        chunk_size=chunk, dt_limit=dt_limit, bias=bias, conv_bias=conv_bias,
                         norm_eps=eps, rmsnorm=True, norm_before_gate=False, D_has_hdim=False),
             # NemotronHAttention has no biases whatever attention_bias says, and no positional encoding
             attention=dict(num_heads=heads, num_heads_kv=kv_heads, head_dim=head_dim, rotary_emb_dim=0,
@@ -189,14 +192,12 @@ def nemotron_hf(model: HybridLM, problems: list[str]) -> dict[str, Any]:
         if m.D_has_hdim or not m.rmsnorm or m.norm.norm_before_gate or m.norm.eps != config.norm_epsilon:
             problems.append("Nemotron-H's Mamba-2 mixers have D per head and norm(y * silu(z)) with the block "
                             "norms' epsilon")
-        if m.dt_limit[1] != math.inf:
-            problems.append(f"dt_limit {m.dt_limit} has no Nemotron-H equivalent ([time_step_min, inf))")
         if (m.in_proj.bias is None) != (m.out_proj.bias is None):
             problems.append("in_proj and out_proj must both have a bias or both have none (use_bias)")
         hf.update(mamba_num_heads=m.nheads, mamba_head_dim=m.headdim, n_groups=m.ngroups, ssm_state_size=m.d_state,
                   conv_kernel=m.d_conv, expand=m.expand, chunk_size=m.chunk_size,
                   use_conv_bias=m.conv1d.bias is not None, use_bias=m.in_proj.bias is not None,
-                  time_step_min=float(m.dt_limit[0]))
+                  time_step_limit=[float(m.dt_limit[0]), float(m.dt_limit[1])])
     if attns:
         a = attns[0]
         if not a.separate_qkv or a.q_proj.bias is not None or a.out_proj.bias is not None:

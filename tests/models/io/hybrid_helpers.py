@@ -28,26 +28,39 @@ def save_cases(build: Callable[[str], torch.nn.Module], cases, tmp_path_factory)
     return out
 
 
-def round_trip(ref: torch.nn.Module, folder: Path, out: Path, seqlen: int = 19, tol: float = 1e-5) -> dict:
-    """Load `folder` with mambakit, save it in transformers format into `out`, and check that transformers and
-    mambakit both read it back with ref's logits and ref's class; returns the written config.json."""
+def nemotron_dt_as_defined(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' Nemotron-H `model` with each Mamba-2 mixer clamping dt to config.time_step_limit, as NVIDIA's
+    original (on its kernel path) and transformers >= 5.25 do; transformers < 5.25 clamped its prefill's dt to
+    [time_step_min, inf) instead (an upstream bug, fixed in 5.25). A no-op with 5.25. Returns `model`."""
+    mixers = [m for m in model.modules() if type(m).__name__ == "NemotronHMamba2Mixer"]
+    assert mixers or "linear_attention" not in model.config.layers_block_type, "no NemotronHMamba2Mixer found"
+    for m in mixers:
+        m.time_step_limit = tuple(model.config.time_step_limit)
+    return model
+
+
+def round_trip(ref: torch.nn.Module, folder: Path, out: Path, seqlen: int = 19, tol: float = 1e-5,
+               prepare: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> dict:
+    """Load `folder` with mambakit, save it in transformers format into `out`, and check that transformers (its model
+    passed through `prepare`) and mambakit both read it back with ref's logits and ref's class; returns the written
+    config.json."""
     import json
 
     import transformers
 
     from mambakit.models.io import from_pretrained, save_pretrained
     from tests.conftest import rel_err
-    from tests.models.test_pretrained import ids_for, our_logits
+    from tests.models.test_pretrained import hf_logits, ids_for, our_logits
 
     model = from_pretrained(folder)
     ids = ids_for(ref.config.vocab_size, seqlen=seqlen, seed=1)
-    want = our_logits(ref, ids)
+    want = hf_logits(ref, ids)
     save_pretrained(model, out, format="hf")
     raw = json.loads((out / "config.json").read_text())
     assert raw["model_type"] == ref.config.model_type and raw["architectures"] == [type(ref).__name__]
-    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    back = prepare(transformers.AutoModelForCausalLM.from_pretrained(out).eval())
     assert type(back) is type(ref)
-    assert rel_err(our_logits(back, ids), want) <= tol
+    assert rel_err(hf_logits(back, ids), want) <= tol
     assert rel_err(our_logits(from_pretrained(out), ids), want) <= tol
     return raw
 

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from mambakit.layers.moe import TopKMoE  # noqa: E402
 from mambakit.models.io import from_pretrained  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
+from tests.models.io.hybrid_helpers import nemotron_dt_as_defined  # noqa: E402
 from tests.models.test_pretrained import ids_for, perturb_  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -71,7 +72,7 @@ def _hf_routing(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor
     hooks = [m.register_forward_hook(record) for m in routers]
     try:
         with torch.no_grad():
-            logits = model(ids).logits
+            logits = model(ids, use_cache=False).logits  # no cache: see test_pretrained.hf_logits
     finally:
         for h in hooks:
             h.remove()
@@ -104,7 +105,8 @@ def _routers(model: torch.nn.Module) -> list[TopKMoE]:
 def test_bf16_routers_choose_transformers_experts(saved):
     model_type, folder = saved
     fp32_router = FAMILIES[model_type][3]
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    as_defined = nemotron_dt_as_defined if model_type == "nemotron_h" else (lambda m: m)
+    ref = as_defined(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval())
     model = from_pretrained(folder, dtype="bfloat16")
     want = torch.float32 if fp32_router else torch.bfloat16
     theirs = {n: p.dtype for n, p in ref.named_parameters() if n.endswith(("gate.weight", "router.weight"))}
@@ -120,7 +122,8 @@ def test_bf16_routers_choose_transformers_experts(saved):
     logits, chosen = _our_routing(model, ids)
     assert len(chosen) == len(hf_chosen) == len(_routers(model))
     with torch.no_grad():
-        exact = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+        exact = as_defined(transformers.AutoModelForCausalLM.from_pretrained(folder).eval())
+        exact = exact(ids, use_cache=False).logits
     # tiny random models amplify bfloat16 rounding (a near tie flips a routed expert): measured against the float32
     # model, mambakit's bfloat16 logits are about as close as transformers' bfloat16 logits
     ours = logits[..., :ref.config.vocab_size]

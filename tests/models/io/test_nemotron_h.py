@@ -18,8 +18,8 @@ from mambakit.layers.state import SSMState  # noqa: E402
 from mambakit.models.hybrid import HybridLM  # noqa: E402
 from mambakit.models.io import from_pretrained  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.models.io.hybrid_helpers import round_trip, save_cases  # noqa: E402
-from tests.models.test_pretrained import ids_for, is_hf_full_forward_greedy, perturb_  # noqa: E402
+from tests.models.io.hybrid_helpers import nemotron_dt_as_defined, round_trip, save_cases  # noqa: E402
+from tests.models.test_pretrained import hf_logits, ids_for, is_hf_full_forward_greedy, perturb_  # noqa: E402
 from tests.models.test_pretrained import our_logits as logits  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -30,9 +30,12 @@ _BASE = dict(hidden_size=32, num_attention_heads=4, head_dim=8, intermediate_siz
 CASES = {
     "pattern": dict(_BASE, vocab_size=101, num_key_value_heads=2, n_groups=2,
                     layers_block_type=["linear_attention", "mlp", "full_attention", "mlp", "linear_attention"]),
-    # tie_word_embeddings (which NemotronHForCausalLM ignores: lm_head stays its own tensor), biases, a narrower conv, another dt floor, a wider Mamba (expand 4), 1 KV head, squared-ReLU -> silu
+    # tie_word_embeddings (which NemotronHForCausalLM ignores: lm_head stays its own tensor), biases, a narrower
+    # conv, dt clamped to [0.03, 0.2] (about 20% of dt below, 7% above) while time_step_min (init only) is 0.05, a
+    # wider Mamba (expand 4), 1 KV head, squared-ReLU -> silu
     "tied-bias": dict(_BASE, vocab_size=77, num_key_value_heads=1, n_groups=1, tie_word_embeddings=True,
                       use_bias=True, mlp_bias=True, use_conv_bias=False, conv_kernel=3, time_step_min=0.05,
+                      time_step_limit=(0.03, 0.2),
                       mamba_num_heads=16, mlp_hidden_act="silu", layer_norm_epsilon=1e-4,
                       layers_block_type=["full_attention", "linear_attention", "mlp"]),
 }
@@ -41,7 +44,7 @@ CASES = {
 def hf_nemotron(case: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**CASES[case]))
-    return perturb_(model, seed + 1).eval()
+    return nemotron_dt_as_defined(perturb_(model, seed + 1).eval())
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +59,10 @@ def test_nemotron_h_loads_with_same_logits_and_greedy_tokens(case, saved):
     assert isinstance(model, HybridLM) and model.config.n_layer == len(ref.config.layers_block_type)
     assert not model.config.tie_embeddings
     ids = ids_for(ref.config.vocab_size, seqlen=37)
-    assert rel_err(logits(model, ids), logits(ref, ids)) <= TOL
+    assert rel_err(logits(model, ids), hf_logits(ref, ids)) <= TOL
     prompt = ids[:1, :9]
     got = model.generate(prompt, 12, temperature=0)
-    # transformers' decode step skips its dt clamp (time_step_min): compare with its full forward
+    # transformers' decode step skips its dt clamp (time_step_limit): compare with its full forward
     assert is_hf_full_forward_greedy(ref, got, prompt.shape[1], ref.config.vocab_size)
 
 
@@ -83,8 +86,9 @@ def test_nemotron_h_cache_chunked_prefill_and_left_padding(saved):
 @pytest.mark.parametrize("case", list(CASES))
 def test_nemotron_h_saves_for_transformers(case, saved, tmp_path):
     ref, folder = saved[case]
-    raw = round_trip(ref, folder, tmp_path / "out")
+    raw = round_trip(ref, folder, tmp_path / "out", prepare=nemotron_dt_as_defined)
     assert raw["layers_block_type"] == ref.config.layers_block_type
+    assert raw["time_step_limit"] == list(ref.config.time_step_limit)
 
 
 def test_nemotron_h_legacy_pattern_and_model_prefix_load(saved, tmp_path):
@@ -98,18 +102,35 @@ def test_nemotron_h_legacy_pattern_and_model_prefix_load(saved, tmp_path):
     state = load_file(str(folder / "model.safetensors"))
     save_file({k.replace("backbone.", "model.", 1): v for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     ids = ids_for(ref.config.vocab_size, seqlen=9)
-    assert rel_err(logits(from_pretrained(tmp_path), ids), logits(ref, ids)) <= TOL
+    assert rel_err(logits(from_pretrained(tmp_path), ids), hf_logits(ref, ids)) <= TOL
+
+
+def test_nemotron_h_legacy_dt_limit_name_loads(saved, tmp_path):
+    """mamba_dt_limit, the older name of time_step_limit, read as NemotronHConfig reads it (a clamp at [0.03, 0.2]:
+    were it ignored, the logits would be those of no clamp)."""
+    from safetensors.torch import load_file, save_file
+
+    ref, folder = saved["tied-bias"]
+    raw = json.loads((folder / "config.json").read_text())
+    raw["mamba_dt_limit"] = raw.pop("time_step_limit")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    save_file(load_file(str(folder / "model.safetensors")), str(tmp_path / "model.safetensors"))
+    model = from_pretrained(tmp_path)
+    assert {m.dt_limit for m in model.modules() if hasattr(m, "dt_limit")} == {(0.03, 0.2)}
+    ids = ids_for(ref.config.vocab_size, seqlen=9)
+    assert rel_err(logits(model, ids), hf_logits(ref, ids)) <= TOL
 
 
 def test_nemotron_h_unsupported_values_are_refused_together(saved, tmp_path):
     _, folder = saved["pattern"]
     raw = json.loads((folder / "config.json").read_text())
     raw.update(layers_block_type=["linear_attention", "cross", "full_attention"], num_nextn_predict_layers=1,
-               mlp_hidden_act="swish", sliding_window=64, mamba_num_heads=7)
+               mlp_hidden_act="swish", sliding_window=64, mamba_num_heads=7, time_step_limit=[0.2, 0.1])
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError) as info:
         from_pretrained(tmp_path)
     text = str(info.value)
-    for part in ("unknown layer types ['cross']", "multi-token-prediction", "mlp_hidden_act 'swish'", "sliding_window 64",
-                 "multiple of hidden_size"):
+    for part in ("unknown layer types ['cross']", "multi-token-prediction", "mlp_hidden_act 'swish'",
+                 "sliding_window 64", "multiple of hidden_size",
+                 "time_step_limit must be [low, high] with 0 <= low < high"):
         assert part in text

@@ -16,8 +16,8 @@ from mambakit.errors import CheckpointError, MambaKitError  # noqa: E402
 from mambakit.layers.moe import SharedExpertMoE, TopKMoE  # noqa: E402
 from mambakit.models.io import from_pretrained  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from tests.models.io.hybrid_helpers import round_trip, save_cases  # noqa: E402
-from tests.models.test_pretrained import ids_for, is_hf_full_forward_greedy, perturb_  # noqa: E402
+from tests.models.io.hybrid_helpers import nemotron_dt_as_defined, round_trip, save_cases  # noqa: E402
+from tests.models.test_pretrained import hf_logits, ids_for, is_hf_full_forward_greedy, perturb_  # noqa: E402
 from tests.models.test_pretrained import our_logits as logits  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -46,7 +46,7 @@ def hf_nemotron_moe(case: str, seed: int = 0) -> torch.nn.Module:
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a bias large enough to change which experts are chosen
                 buf.copy_(0.3 * torch.randn(buf.shape, generator=g))
-    return model.eval()
+    return nemotron_dt_as_defined(model.eval())
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_nemotron_h_moe_same_logits_and_greedy_tokens(case, saved):
     moes = [layer.mlp for layer in model.backbone.layers if isinstance(layer.mlp, SharedExpertMoE)]
     assert len(moes) == ref.config.layers_block_type.count("moe")
     ids = ids_for(ref.config.vocab_size, seqlen=29)
-    assert rel_err(logits(model, ids), logits(ref, ids)) <= TOL
+    assert rel_err(logits(model, ids), hf_logits(ref, ids)) <= TOL
     prompt = ids[:1, :7]
     got = model.generate(prompt, 10, temperature=0)
     assert is_hf_full_forward_greedy(ref, got, prompt.shape[1], ref.config.vocab_size)
@@ -70,7 +70,7 @@ def test_nemotron_h_moe_same_logits_and_greedy_tokens(case, saved):
 @pytest.mark.parametrize("case", list(CASES))
 def test_nemotron_h_moe_saves_for_transformers(case, saved, tmp_path):
     ref, folder = saved[case]
-    raw = round_trip(ref, folder, tmp_path / "out")
+    raw = round_trip(ref, folder, tmp_path / "out", prepare=nemotron_dt_as_defined)
     assert raw["layers_block_type"] == ref.config.layers_block_type
     for key in ("n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "moe_latent_size"):
         assert raw[key] == getattr(ref.config, key)
@@ -86,7 +86,7 @@ def test_nemotron_h_moe_pattern_letter_e(saved, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     save_file(load_file(str(folder / "model.safetensors")), str(tmp_path / "model.safetensors"))
     ids = ids_for(ref.config.vocab_size, seqlen=9)
-    assert rel_err(logits(from_pretrained(tmp_path), ids), logits(ref, ids)) <= TOL
+    assert rel_err(logits(from_pretrained(tmp_path), ids), hf_logits(ref, ids)) <= TOL
 
 
 def test_nemotron_h_moe_bad_routing_values_are_refused_together(saved, tmp_path):

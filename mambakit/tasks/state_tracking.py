@@ -12,8 +12,8 @@ Both generators return ``(input_ids, targets)`` like the others of `mambakit.tas
 
 Parity vocabulary: bits 0 and 1 (their own ids, also the answers), BOS = 2. Arithmetic vocabulary: digits 0..4
 (ids 0..4, also the answers), ``+`` 5, ``-`` 6, ``*`` 7, ``(`` 8, ``)`` 9, ``=`` 10, BOS 11, PAD 12. An expression
-is evaluated left to right (no operator precedence), a bracket first: ``E -> T | E op T``, ``T -> digit | ( E )``.
-Its length is odd; with BOS and ``=`` an even seq_len has one PAD after BOS.
+is generated as ``E -> T | E op T``, ``T -> digit | ( E )`` and evaluated (``order``) with ``*`` before ``+ -``
+(``"precedence"``, as Deletang et al.) or left to right (``"left"``), a bracket first in both. Its length is odd; with BOS and ``=`` an even seq_len has one PAD after BOS.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ MODULUS = 5
 PARITY_VOCAB = {"bos": 2, "vocab_size": 3}
 ARITH_VOCAB = {"+": 5, "-": 6, "*": 7, "(": 8, ")": 9, "=": 10, "bos": 11, "pad": 12, "vocab_size": 13}
 _OPS = ("+", "-", "*")
+#: How an expression is evaluated: ``*`` before ``+ -`` (Deletang et al.), or left to right.
+ORDERS = ("precedence", "left")
 
 
 def _check(batch: int, seq_len: int, minimum: int, supervision: str) -> None:
@@ -79,30 +81,59 @@ def _apply(op: Optional[str], acc: int, value: int) -> int:
     return (acc * value) % MODULUS
 
 
-def evaluate_tokens(tokens: list[str]) -> list[Optional[int]]:
+class _Frame:
+    """One bracket level of `evaluate_tokens`: ``left``: the value so far and the pending operator; ``precedence``:
+    the sum of the finished terms, the sign and product of the current term, and whether a ``*`` is pending."""
+
+    def __init__(self, order: str) -> None:
+        self.order, self.acc, self.op, self.sign, self.term = order, 0, None, 1, 0
+
+    def operator(self, op: str) -> None:
+        if self.order == "precedence" and op != "*":
+            self.acc, self.sign, self.term = (self.acc + self.sign * self.term) % MODULUS, 1 if op == "+" else -1, 0
+        self.op = op
+
+    def operand(self, value: int) -> None:
+        if self.order == "left":
+            self.acc = _apply(self.op, self.acc, value)
+        else:
+            self.term = self.term * value % MODULUS if self.op == "*" else value
+        self.op = None
+
+    @property
+    def value(self) -> int:
+        return self.acc if self.order == "left" else (self.acc + self.sign * self.term) % MODULUS
+
+
+def evaluate_tokens(tokens: list[str], order: str = "precedence") -> list[Optional[int]]:
     """The value of the top-level expression so far after each token (None where it is not defined: operators,
-    inside brackets); the last entry is the value of the whole expression."""
-    stack: list[list] = [[None, None]]  # frames of [value so far, pending operator]
+    inside brackets); the last entry is the value of the whole expression. ``order``: ``"precedence"`` (``*`` before
+    ``+ -``, as Deletang et al.) or ``"left"`` (every operator left to right); brackets first in both."""
+    if order not in ORDERS:
+        raise MambaKitError(f"order must be one of {ORDERS}, got {order!r}")
+    stack = [_Frame(order)]
     out: list[Optional[int]] = []
     for tok in tokens:
         value = None
         if tok in _OPS:
-            stack[-1][1] = tok
+            stack[-1].operator(tok)
         elif tok == "(":
-            stack.append([None, None])
+            stack.append(_Frame(order))
         else:
-            value = stack.pop()[0] if tok == ")" else int(tok)
-            frame = stack[-1]
-            frame[0], frame[1] = _apply(frame[1], frame[0], value), None
-        out.append(stack[0][0] if value is not None and len(stack) == 1 else None)
+            value = stack.pop().value if tok == ")" else int(tok)
+            stack[-1].operand(value)
+        out.append(stack[0].value if value is not None and len(stack) == 1 else None)
     return out
 
 
 def modular_arithmetic(batch: int, seq_len: int, generator: torch.Generator, brackets: bool = False,
-                       supervision: str = "final") -> tuple[Tensor, Tensor]:
+                       supervision: str = "final", order: str = "precedence") -> tuple[Tensor, Tensor]:
     """BOS, [PAD when seq_len is even], a random expression modulo 5 (with brackets or without), ``=``; targets: its
-    value at ``=`` (and, running, the value so far after each top-level operand)."""
+    value at ``=`` (and, running, the value so far after each top-level operand), evaluated in `order` (`ORDERS`).
+    Returns (ids, targets), each (batch, seq_len) int64."""
     _check(batch, seq_len, 3, supervision)
+    if order not in ORDERS:
+        raise MambaKitError(f"order must be one of {ORDERS}, got {order!r}")
     rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
     pad = 1 - seq_len % 2
     length = seq_len - 2 - pad
@@ -110,7 +141,7 @@ def modular_arithmetic(batch: int, seq_len: int, generator: torch.Generator, bra
     ids, targets = [], []
     for _ in range(batch):
         tokens = _expression(length, brackets, rng)
-        values = evaluate_tokens(tokens)
+        values = evaluate_tokens(tokens, order)
         ids.append(head + [ARITH_VOCAB[t] if t in ARITH_VOCAB else int(t) for t in tokens] + [ARITH_VOCAB["="]])
         answers = [IGNORE if v is None else v for v in values] if supervision == "running" else [IGNORE] * length
         targets.append([IGNORE] * len(head) + answers + [values[-1]])

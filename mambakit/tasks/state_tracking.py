@@ -13,7 +13,8 @@ Both generators return ``(input_ids, targets)`` like the others of `mambakit.tas
 Parity vocabulary: bits 0 and 1 (their own ids, also the answers), BOS = 2. Arithmetic vocabulary: digits 0..4
 (ids 0..4, also the answers), ``+`` 5, ``-`` 6, ``*`` 7, ``(`` 8, ``)`` 9, ``=`` 10, BOS 11, PAD 12. An expression
 is generated as ``E -> T | E op T``, ``T -> digit | ( E )`` and evaluated (``order``) with ``*`` before ``+ -``
-(``"precedence"``, as Deletang et al.) or left to right (``"left"``), a bracket first in both. Its length is odd; with BOS and ``=`` an even seq_len has one PAD after BOS.
+(``"precedence"``, as Deletang et al.) or left to right (``"left"``), a bracket first in both.
+Its length is odd; with BOS and ``=`` an even seq_len has one PAD after BOS.
 """
 from __future__ import annotations
 

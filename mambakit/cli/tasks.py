@@ -119,6 +119,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", choices=("precedence", "left"),
                    help="modular-arithmetic: evaluate * before + - (precedence, as Deletang et al.) or every "
                    f"operator left to right (left) (default: {_per_task('order')})")
+    p.add_argument("--bracket-form", choices=("nested", "chain"),
+                   help="modular-arithmetic --brackets: nested, Deletang et al.'s ( L op R ) with + - and unary "
+                   "minus (running answers: the signed sum of the digits so far), or chain, E op T with + - * and "
+                   f"some operands in brackets (default: {_per_task('bracket_form')})")
     p.add_argument("--supervision", choices=("final", "running"),
                    help="parity / modular-arithmetic training targets: final answer only or running answers "
                    f"(default: {_per_task('supervision')}; the held-out accuracy is always the final answer's)")
@@ -221,7 +225,7 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
                   headdim=ns.headdim, num_heads=ns.num_heads, weight_decay=ns.weight_decay, warmup=ns.warmup,
                   eval_interval=ns.eval_interval, eval_samples=ns.eval_samples, stop_at=ns.stop_at,
                   max_time=ns.max_time, threads=ns.threads, brackets=ns.brackets, supervision=ns.supervision,
-                  dt_init=ns.dt_init, order=ns.order,
+                  dt_init=ns.dt_init, order=ns.order, bracket_form=ns.bracket_form,
                   eval_chunk=ns.eval_chunk, long_eval_tokens=ns.long_eval_tokens,
                   max_attention_len=ns.max_attention_len, progress=not ns.no_progress)
     keep_freed_memory()

@@ -15,7 +15,7 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.registry import default_d_state, default_headdim, mixer_spec
 from mambakit.models.config import MambaConfig
 from mambakit.tasks.generators import STATE_TRACKING, TASKS
-from mambakit.tasks.state_tracking import MODULUS, ORDERS, SUPERVISIONS
+from mambakit.tasks.state_tracking import BRACKET_FORMS, MODULUS, ORDERS, SUPERVISIONS
 
 #: The mixers the ``tasks`` command lists (any spelling of `mambakit.layers.registry` is accepted by `run_task`).
 MIXERS = ("s4", "mamba", "mamba2", "mamba3", "attention")
@@ -43,11 +43,12 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # gets ahead of Mamba-2 without brackets (not to a solution); either alone leaves it at Mamba-2's level
     "modular-arithmetic": {"steps": 800, "batch": 64, "lr": 1e-2, "d_model": 32, "n_layer": 2, "seq_len": 41,
                            "vocab": MODULUS, "weight_decay": 0.0, "supervision": "running", "headdim": 16,
-                           "dt_init": (0.1, 1.0), "order": "precedence",
+                           "dt_init": (0.1, 1.0), "order": "precedence", "bracket_form": "nested",
                            "eval_lengths": (41, 65, 129, 257)},  # odd: no PAD (unseen in training at 41)
 }
 #: Values of the fields that TASK_DEFAULTS may leave out (headdim, dt_init: None, the mixer's own).
-_FALLBACKS = {"n_tokens": 16, "n_pairs": 8, "weight_decay": 0.1, "supervision": "final", "order": None}
+_FALLBACKS = {"n_tokens": 16, "n_pairs": 8, "weight_decay": 0.1, "supervision": "final", "order": None,
+              "bracket_form": None}
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TaskConfig:
     during the run (None: leave torch's setting). ssm_kwargs: extra `ssm_cfg` entries of the SSM mixer. dt_init:
     (dt_min, dt_max), the range of the SSM mixers' initial step Δ (None: the mixer's own, 0.001-0.1). order:
     modular-arithmetic's evaluation order, ``"precedence"`` (``*`` first) or ``"left"`` (`ORDERS`).
+    bracket_form: how its expressions with brackets are made, ``"nested"`` (Deletang et al.'s) or ``"chain"``.
     """
 
     name: str
@@ -101,6 +103,7 @@ class TaskConfig:
     supervision: Optional[str] = None
     dt_init: Optional[Sequence[float]] = None
     order: Optional[str] = None
+    bracket_form: Optional[str] = None
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -126,7 +129,8 @@ def resolve_task_config(cfg: TaskConfig) -> TaskConfig:
     filled = {key: d.get(key, _FALLBACKS.get(key)) for key in ("steps", "batch", "lr", "d_model", "n_layer",
                                                                "seq_len", "vocab", "n_tokens", "n_pairs",
                                                                "weight_decay", "eval_lengths", "supervision",
-                                                               "headdim", "dt_init", "order")
+                                                               "headdim", "dt_init", "order",
+                                                               "bracket_form")
               if getattr(cfg, key) is None}
     cfg = dataclasses.replace(cfg, **filled)
     cfg.eval_lengths = list(cfg.eval_lengths)
@@ -186,8 +190,12 @@ def _check_task_sizes(cfg: TaskConfig) -> None:
             raise MambaKitError(f"--seq-len must be >= 3 for {cfg.name}, got {cfg.seq_len}")
     if cfg.name == "modular-arithmetic" and cfg.order not in ORDERS:
         raise MambaKitError(f"--order must be one of {ORDERS}, got {cfg.order!r}")
-    if cfg.order is not None and cfg.name != "modular-arithmetic":
-        raise MambaKitError(f"--order applies to modular-arithmetic only, got task {cfg.name!r}")
+    if cfg.name == "modular-arithmetic" and cfg.bracket_form not in BRACKET_FORMS:
+        raise MambaKitError(f"--bracket-form must be one of {BRACKET_FORMS}, got {cfg.bracket_form!r}")
+    for key in ("order", "bracket_form"):
+        if getattr(cfg, key) is not None and cfg.name != "modular-arithmetic":
+            flag = "--" + key.replace("_", "-")
+            raise MambaKitError(f"{flag} applies to modular-arithmetic only, got task {cfg.name!r}")
     if cfg.brackets and cfg.name != "modular-arithmetic":
         raise MambaKitError(f"--brackets applies to modular-arithmetic only, got task {cfg.name!r}")
     if cfg.name == "induction-heads" and cfg.seq_len < 3:
@@ -202,7 +210,8 @@ def task_label(cfg: TaskConfig) -> str:
 def task_kwargs(cfg: TaskConfig, held_out: bool = False) -> dict[str, Any]:
     """The `make_batch` keywords of a run: the training batches', or the held-out sets' (final targets only)."""
     return {"vocab": None if cfg.name in STATE_TRACKING else cfg.vocab, "n_tokens": cfg.n_tokens,
-            "n_pairs": cfg.n_pairs, "brackets": cfg.brackets, **({"order": cfg.order} if cfg.order else {}),
+            "n_pairs": cfg.n_pairs, "brackets": cfg.brackets,
+            **({"order": cfg.order, "bracket_form": cfg.bracket_form} if cfg.order else {}),
             "supervision": "final" if held_out or cfg.supervision is None else cfg.supervision}
 
 

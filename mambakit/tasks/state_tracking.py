@@ -34,6 +34,8 @@ ARITH_VOCAB = {"+": 5, "-": 6, "*": 7, "(": 8, ")": 9, "=": 10, "bos": 11, "pad"
 _OPS = ("+", "-", "*")
 #: How an expression is evaluated: ``*`` before ``+ -`` (Deletang et al.), or left to right.
 ORDERS = ("precedence", "left")
+#: How expressions with brackets are generated: Deletang et al.'s nested ``( L op R )``, or a chain ``E op T``.
+BRACKET_FORMS = ("nested", "chain")
 
 
 def _check(batch: int, seq_len: int, minimum: int, supervision: str) -> None:
@@ -70,6 +72,38 @@ def _expression(length: int, brackets: bool, rng: random.Random) -> list[str]:
         right = 2 * rng.randrange(1, (length - 1) // 2) + 1
     operand = ["("] + _expression(right - 2, brackets, rng) + [")"] if right > 1 else [str(rng.randrange(MODULUS))]
     return _expression(length - 1 - right, brackets, rng) + [rng.choice(_OPS)] + operand
+
+
+def _nested_expression(length: int, rng: random.Random) -> list[str]:
+    """Deletang et al.'s bracketed form: a random expression of exactly `length` (>= 1) tokens, ``d``, ``-d``,
+    ``(d)``, ``(-d)`` for lengths 1-4, else ``( L op R )`` with op in ``+ -`` and len(L) uniform in 1..length-4."""
+    if length <= 4:
+        core = (["-"] if length % 2 == 0 else []) + [str(rng.randrange(MODULUS))]
+        return ["("] + core + [")"] if length > 2 else core
+    left = rng.randrange(1, length - 3)
+    return (["("] + _nested_expression(left, rng) + [rng.choice(("+", "-"))]
+            + _nested_expression(length - 3 - left, rng) + [")"])
+
+
+def signed_sums(tokens: list[str]) -> list[Optional[int]]:
+    """The running answer of a ``+ -`` expression (unary minus allowed), modulo 5: after each digit the sum of the
+    digits so far, each with its sign (the value of the whole with every operand not yet read taken as 0); None
+    after the other tokens. The last digit's entry is the value of the whole expression."""
+    if "*" in tokens:
+        raise MambaKitError("signed_sums takes + - expressions only, got one with *")
+    signs, total, out, pending = [1], 0, [], 1  # the sign of the current bracket, and of the next operand in it
+    for tok in tokens:
+        if tok == "-":
+            pending = -pending
+        elif tok == "(":
+            signs.append(signs[-1] * pending)
+            pending = 1
+        elif tok == ")":
+            signs.pop()
+        elif tok != "+":
+            total, pending = (total + signs[-1] * pending * int(tok)) % MODULUS, 1
+        out.append(total if tok.isdigit() else None)
+    return out
 
 
 def _apply(op: Optional[str], acc: int, value: int) -> int:
@@ -128,22 +162,29 @@ def evaluate_tokens(tokens: list[str], order: str = "precedence") -> list[Option
 
 
 def modular_arithmetic(batch: int, seq_len: int, generator: torch.Generator, brackets: bool = False,
-                       supervision: str = "final", order: str = "precedence") -> tuple[Tensor, Tensor]:
-    """BOS, [PAD when seq_len is even], a random expression modulo 5 (with brackets or without), ``=``; targets: its
-    value at ``=`` (and, running, the value so far after each top-level operand), evaluated in `order` (`ORDERS`).
-    Returns (ids, targets), each (batch, seq_len) int64."""
+                       supervision: str = "final", order: str = "precedence",
+                       bracket_form: str = "nested") -> tuple[Tensor, Tensor]:
+    """BOS, [PAD], a random expression modulo 5 (with brackets or without), ``=``; targets: its value at ``=`` (and,
+    running, the value so far after each top-level operand), evaluated in `order` (`ORDERS`). With brackets,
+    `bracket_form` (`BRACKET_FORMS`): ``"nested"``, Deletang et al.'s (`_nested_expression`: ``+ -`` only, every
+    operation in brackets, unary minus; any length, no PAD; running answers: `signed_sums`), or ``"chain"``
+    (``E op T`` with ``+ - *``, some operands bracketed; PAD when seq_len is even). Returns (ids, targets), each
+    (batch, seq_len) int64."""
     _check(batch, seq_len, 3, supervision)
     if order not in ORDERS:
         raise MambaKitError(f"order must be one of {ORDERS}, got {order!r}")
+    if bracket_form not in BRACKET_FORMS:
+        raise MambaKitError(f"bracket_form must be one of {BRACKET_FORMS}, got {bracket_form!r}")
+    nested = brackets and bracket_form == "nested"
     rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
-    pad = 1 - seq_len % 2
+    pad = 0 if nested else 1 - seq_len % 2
     length = seq_len - 2 - pad
     head = [ARITH_VOCAB["bos"]] + [ARITH_VOCAB["pad"]] * pad
     ids, targets = [], []
     for _ in range(batch):
-        tokens = _expression(length, brackets, rng)
-        values = evaluate_tokens(tokens, order)
+        tokens = _nested_expression(length, rng) if nested else _expression(length, brackets, rng)
+        values = signed_sums(tokens) if nested else evaluate_tokens(tokens, order)
         ids.append(head + [ARITH_VOCAB[t] if t in ARITH_VOCAB else int(t) for t in tokens] + [ARITH_VOCAB["="]])
         answers = [IGNORE if v is None else v for v in values] if supervision == "running" else [IGNORE] * length
-        targets.append([IGNORE] * len(head) + answers + [values[-1]])
+        targets.append([IGNORE] * len(head) + answers + [[v for v in values if v is not None][-1]])
     return torch.tensor(ids, dtype=torch.long), torch.tensor(targets, dtype=torch.long)

@@ -17,6 +17,7 @@ from mambakit.tasks.state_tracking import (
     IGNORE,
     PARITY_VOCAB,
     evaluate_tokens,
+    signed_sums,
     modular_arithmetic,
     parity,
 )
@@ -81,8 +82,9 @@ def test_evaluate_tokens_by_hand():
 @pytest.mark.parametrize("brackets", [False, True])
 @pytest.mark.parametrize("seq_len", [3, 4, 41, 64])
 def test_modular_arithmetic_labels(brackets, seq_len, order):
-    ids, targets = modular_arithmetic(40, seq_len, gen(seq_len), brackets, "running", order)
-    _, final = modular_arithmetic(40, seq_len, gen(seq_len), brackets, "final", order)
+    """Without brackets, and with the chain form of brackets (E op T, + - *)."""
+    ids, targets = modular_arithmetic(40, seq_len, gen(seq_len), brackets, "running", order, "chain")
+    _, final = modular_arithmetic(40, seq_len, gen(seq_len), brackets, "final", order, "chain")
     assert ids.shape == targets.shape == (40, seq_len)
     saw_bracket = False
     for row_ids, row_t, row_f in zip(ids.tolist(), targets.tolist(), final.tolist()):
@@ -102,6 +104,29 @@ def test_modular_arithmetic_labels(brackets, seq_len, order):
             expected = _python_value(symbols[:i + 1], order) if ends_operand else IGNORE
             assert row_t[start + i] == expected, (symbols, i)
     assert saw_bracket or not brackets or seq_len < 5
+
+
+@pytest.mark.parametrize("seq_len", [3, 4, 6, 41, 64])
+def test_nested_brackets_labels(seq_len):
+    """Deletang et al.'s form: + - and unary minus only, every operation in brackets, no PAD at any length; the final
+    answer is Python's value of the expression, a running answer that of the expression with every later digit 0."""
+    ids, targets = modular_arithmetic(40, seq_len, gen(seq_len), True, "running")
+    _, final = modular_arithmetic(40, seq_len, gen(seq_len), True, "final", "left", "nested")
+    assert ids.shape == targets.shape == (40, seq_len)
+    for row_ids, row_t, row_f in zip(ids.tolist(), targets.tolist(), final.tolist()):
+        assert row_ids[0] == ARITH_VOCAB["bos"] and row_ids[-1] == ARITH_VOCAB["="]
+        symbols = [str(t) if t < 5 else SYMBOL[t] for t in row_ids[1:-1]]
+        assert set(symbols) <= set("01234+-()") and symbols.count("(") == symbols.count(")")
+        assert (symbols[0], symbols[-1]) == ("(", ")") or seq_len < 5
+        value = eval("".join(symbols)) % 5  # noqa: S307 (digits, + -, brackets)
+        assert row_f == [IGNORE] * (seq_len - 1) + [value] and row_t[-1] == value
+        for i, s in enumerate(symbols):
+            later_zero = symbols[:i + 1] + ["0" if c.isdigit() else c for c in symbols[i + 1:]]
+            expected = eval("".join(later_zero)) % 5 if s.isdigit() else IGNORE  # noqa: S307
+            assert row_t[1 + i] == expected, (symbols, i)
+    assert signed_sums(list("(2-(2--2))")) == [None, 2, None, None, 0, None, None, 3, None, None]
+    with pytest.raises(MambaKitError, match=r"\+ - expressions only"):
+        signed_sums(list("2*3"))
 
 
 def test_the_two_orders_differ_only_in_the_answers():
@@ -131,6 +156,12 @@ def test_bad_arguments():
         run_task("modular-arithmetic", "mamba3", order="right", steps=1)
     with pytest.raises(MambaKitError, match="--order applies to modular-arithmetic only"):
         run_task("parity", "mamba3", order="left", steps=1)
+    with pytest.raises(MambaKitError, match="bracket_form must be one of"):
+        modular_arithmetic(2, 10, gen(), brackets=True, bracket_form="flat")
+    with pytest.raises(MambaKitError, match="--bracket-form must be one of"):
+        run_task("modular-arithmetic", "mamba3", brackets=True, bracket_form="flat", steps=1)
+    with pytest.raises(MambaKitError, match="--bracket-form applies to modular-arithmetic only"):
+        run_task("parity", "mamba3", bracket_form="chain", steps=1)
     with pytest.raises(MambaKitError, match="--vocab of parity is fixed"):
         run_task("parity", "mamba3", vocab=4, steps=1)
 
@@ -141,7 +172,8 @@ TINY = dict(steps=5, batch=4, d_model=16, n_layer=1, d_state=8, seq_len=12, eval
 
 @pytest.mark.parametrize("name, extra", [("parity", {}), ("modular-arithmetic", {}),
                                          ("modular-arithmetic", {"brackets": True, "supervision": "final"}),
-                                         ("modular-arithmetic", {"order": "left"})])
+                                         ("modular-arithmetic", {"order": "left"}),
+                                         ("modular-arithmetic", {"brackets": True, "bracket_form": "chain"})])
 def test_five_step_run(name, extra, tmp_path):
     r = run_task(name, "mamba3", out=tmp_path, **{**TINY, **extra})
     label = name + ("-brackets" if extra.get("brackets") else "")
@@ -151,8 +183,9 @@ def test_five_step_run(name, extra, tmp_path):
     assert saved["config"]["supervision"] == extra.get("supervision", "running")
     if name == "modular-arithmetic":
         assert saved["config"]["order"] == extra.get("order", "precedence")
+        assert saved["config"]["bracket_form"] == extra.get("bracket_form", "nested")
     else:
-        assert "order" not in saved["config"]
+        assert "order" not in saved["config"] and "bracket_form" not in saved["config"]
 
 
 def test_cli_runs_both_mixers_and_prints_the_table(tmp_path, capsys):
@@ -173,9 +206,10 @@ def test_arithmetic_defaults_heads_and_initial_step():
     from mambakit.tasks.config import TaskConfig, resolve_task_config
 
     cfg = resolve_task_config(TaskConfig("modular-arithmetic", "mamba3"))
-    assert cfg.headdim == 16 and cfg.dt_init == (0.1, 1.0)
+    assert cfg.headdim == 16 and cfg.dt_init == (0.1, 1.0) and cfg.order == "precedence"
+    assert cfg.bracket_form == "nested"
     cfg = resolve_task_config(TaskConfig("parity", "mamba3"))
-    assert cfg.headdim is None and cfg.dt_init is None
+    assert cfg.headdim is None and cfg.dt_init is None and cfg.order is None and cfg.bracket_form is None
     tiny = {**TINY, "d_model": 32, "eval_lengths": []}
     for mixer in ("mamba2", "mamba3"):
         r = run_task("modular-arithmetic", mixer, **tiny)
@@ -212,10 +246,13 @@ def test_cli_dt_init_and_headdim_reach_the_model(tmp_path):
     argv = ["modular-arithmetic", "--mixer", "mamba3", "--steps", "2", "--batch-size", "4", "--d-model", "16",
             "--n-layer", "1", "--d-state", "8", "--seq-len", "9", "--eval-samples", "4", "--eval-lengths",
             "--headdim", "8", "--dt-init", "0.05", "0.5", "--threads", "1", "--out", str(tmp_path), "--no-progress",
-            "--order", "left"]
+            "--order", "left", "--brackets", "--bracket-form", "chain"]
     assert tasks_main(argv) == 0
-    config = json.loads((tmp_path / "modular-arithmetic_mamba3.json").read_text())["config"]
+    config = json.loads((tmp_path / "modular-arithmetic-brackets_mamba3.json").read_text())["config"]
     ssm = config["model_config"]["ssm_cfg"]
-    assert (ssm["headdim"], ssm["dt_min"], ssm["dt_max"]) == (8, 0.05, 0.5) and config["order"] == "left"
+    assert (ssm["headdim"], ssm["dt_min"], ssm["dt_max"]) == (8, 0.05, 0.5)
+    assert (config["order"], config["brackets"], config["bracket_form"]) == ("left", True, "chain")
     with pytest.raises(MambaKitError, match="--order"):
-        tasks_main(argv[:-1] + ["right"])
+        tasks_main(argv[:-4] + ["right"])
+    with pytest.raises(MambaKitError, match="--bracket-form"):
+        tasks_main(argv[:-1] + ["flat"])

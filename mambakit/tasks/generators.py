@@ -187,8 +187,8 @@ def make_batch(name: str, batch: int, seq_len: int, generator: torch.Generator, 
                supervision: str = "final", order: str = "precedence",
                bracket_form: str = "nested") -> tuple[Tensor, Tensor]:
     """A batch of task `name` (one of TASKS); vocab None = the task's default (16, 16, 256; the state-tracking tasks
-    have a fixed vocabulary). brackets, order and bracket_form (modular-arithmetic) and supervision (both state-tracking tasks): see
-    `mambakit.tasks.state_tracking`."""
+    have a fixed vocabulary). brackets, order and bracket_form (modular-arithmetic) and supervision (both
+    state-tracking tasks): see `mambakit.tasks.state_tracking`."""
     if name == "parity":
         return parity(batch, seq_len, generator, supervision)
     if name == "modular-arithmetic":

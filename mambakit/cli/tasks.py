@@ -41,7 +41,8 @@ DESCRIPTIONS = {
     "parity": "state tracking: the parity of a bit string (running or final answer); trained short, evaluated "
               "longer (Mamba-3 paper)",
     "modular-arithmetic": "state tracking: an expression mod 5, * before + - (--order left: left to right; "
-                          "--brackets: with brackets); trained short, evaluated longer",
+                          "--brackets: Deletang et al.'s nested + - form, --bracket-form chain: + - * with some "
+                          "operands bracketed); trained short, evaluated longer",
     "mamba-nd-digits": "2-D: classify scikit-learn's 8x8 handwritten digits (Mamba-ND or its ViT baseline)",
     "mamba-nd-video": "3-D: classify short videos of a moving digit, digit x direction (Mamba-ND or ViT)",
 }

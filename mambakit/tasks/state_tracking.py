@@ -8,13 +8,16 @@ Both generators return ``(input_ids, targets)`` like the others of `mambakit.tas
   value of the whole expression at the closing ``=``;
 - ``"running"`` (denser training signal): a target wherever the answer so far is defined: the parity of the bits up
   to each bit, and the value of the top-level expression so far after each top-level operand (a digit outside
-  brackets or the ``)`` that closes a top-level bracket), plus the final one.
+  brackets or the ``)`` that closes a top-level bracket), plus the final one; for the nested brackets, after each
+  digit the sum of the signed digits so far (`signed_sums`).
 
 Parity vocabulary: bits 0 and 1 (their own ids, also the answers), BOS = 2. Arithmetic vocabulary: digits 0..4
 (ids 0..4, also the answers), ``+`` 5, ``-`` 6, ``*`` 7, ``(`` 8, ``)`` 9, ``=`` 10, BOS 11, PAD 12. An expression
-is generated as ``E -> T | E op T``, ``T -> digit | ( E )`` and evaluated (``order``) with ``*`` before ``+ -``
-(``"precedence"``, as Deletang et al.) or left to right (``"left"``), a bracket first in both.
-Its length is odd; with BOS and ``=`` an even seq_len has one PAD after BOS.
+without brackets (and one with brackets of the ``"chain"`` form) is generated as ``E -> T | E op T``,
+``T -> digit | ( E )`` and evaluated (``order``) with ``*`` before ``+ -`` (``"precedence"``, as Deletang et al.) or
+left to right (``"left"``), a bracket first in both; its length is odd, so with BOS and ``=`` an even seq_len has
+one PAD after BOS. With brackets of the ``"nested"`` form (the default, Deletang et al.'s) every operation is in
+brackets, ``( L op R )`` with op ``+`` or ``-``, and ``-d`` / ``(-d)`` negate a digit; any length, no PAD.
 """
 from __future__ import annotations
 

@@ -201,20 +201,21 @@ def test_cli_runs_both_mixers_and_prints_the_table(tmp_path, capsys):
 
 
 def test_arithmetic_defaults_heads_and_initial_step():
-    """modular-arithmetic defaults to heads of 16 and an initial step in [0.1, 1] for every SSM mixer (the same for
+    """modular-arithmetic defaults to heads of 8 and an initial step in [0.1, 1] for every SSM mixer (the same for
     Mamba-2 and Mamba-3); the other tasks keep the mixers' own; --dt-init and --headdim override them."""
     from mambakit.tasks.config import TaskConfig, resolve_task_config
 
     cfg = resolve_task_config(TaskConfig("modular-arithmetic", "mamba3"))
-    assert cfg.headdim == 16 and cfg.dt_init == (0.1, 1.0) and cfg.order == "precedence"
+    assert cfg.headdim == 8 and cfg.dt_init == (0.1, 1.0) and cfg.order == "precedence" and cfg.steps == 2000
     assert cfg.bracket_form == "nested"
     cfg = resolve_task_config(TaskConfig("parity", "mamba3"))
     assert cfg.headdim is None and cfg.dt_init is None and cfg.order is None and cfg.bracket_form is None
+    assert (cfg.steps, cfg.n_layer, cfg.seq_len) == (800, 1, 40)  # parity keeps its defaults
     tiny = {**TINY, "d_model": 32, "eval_lengths": []}
     for mixer in ("mamba2", "mamba3"):
         r = run_task("modular-arithmetic", mixer, **tiny)
         ssm = r["config"]["model_config"]["ssm_cfg"]
-        assert (ssm["headdim"], ssm["dt_min"], ssm["dt_max"]) == (16, 0.1, 1.0)
+        assert (ssm["headdim"], ssm["dt_min"], ssm["dt_max"]) == (8, 0.1, 1.0)
         assert r["config"]["dt_init"] == [0.1, 1.0]
     r = run_task("modular-arithmetic", "mamba3", dt_init=[0.2, 0.5], headdim=32, **tiny)
     ssm = r["config"]["model_config"]["ssm_cfg"]

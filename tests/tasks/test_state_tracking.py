@@ -206,7 +206,7 @@ def test_arithmetic_defaults_heads_and_initial_step():
     from mambakit.tasks.config import TaskConfig, resolve_task_config
 
     cfg = resolve_task_config(TaskConfig("modular-arithmetic", "mamba3"))
-    assert cfg.headdim == 8 and cfg.dt_init == (0.1, 1.0) and cfg.order == "precedence" and cfg.steps == 2000
+    assert cfg.headdim == 8 and cfg.dt_init == (0.1, 1.0) and cfg.order == "precedence" and cfg.steps == 1600
     assert cfg.bracket_form == "nested"
     cfg = resolve_task_config(TaskConfig("parity", "mamba3"))
     assert cfg.headdim is None and cfg.dt_init is None and cfg.order is None and cfg.bracket_form is None

@@ -40,8 +40,9 @@ DESCRIPTIONS = {
     "mqar": "multi-query associative recall: key-value pairs, then each key again, whose value is the answer",
     "parity": "state tracking: the parity of a bit string (running or final answer); trained short, evaluated "
               "longer (Mamba-3 paper)",
-    "modular-arithmetic": "state tracking: an expression mod 5 evaluated left to right (--brackets: with "
-                          "brackets); trained short, evaluated longer",
+    "modular-arithmetic": "state tracking: an expression mod 5, * before + - (--order left: left to right; "
+                          "--brackets: Deletang et al.'s nested + - form, --bracket-form chain: + - * with some "
+                          "operands bracketed); trained short, evaluated longer",
     "mamba-nd-digits": "2-D: classify scikit-learn's 8x8 handwritten digits (Mamba-ND or its ViT baseline)",
     "mamba-nd-video": "3-D: classify short videos of a moving digit, digit x direction (Mamba-ND or ViT)",
 }
@@ -116,6 +117,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip attention evaluations above this length (time and memory grow with it) "
                    "(default: %(default)s)")
     p.add_argument("--brackets", action="store_true", help="modular-arithmetic: expressions with brackets")
+    p.add_argument("--order", choices=("precedence", "left"),
+                   help="modular-arithmetic: evaluate * before + - (precedence, as Deletang et al.) or every "
+                   f"operator left to right (left) (default: {_per_task('order')})")
+    p.add_argument("--bracket-form", choices=("nested", "chain"),
+                   help="modular-arithmetic --brackets: nested, Deletang et al.'s ( L op R ) with + - and unary "
+                   "minus (running answers: the signed sum of the digits so far), or chain, E op T with + - * and "
+                   f"some operands in brackets (default: {_per_task('bracket_form')})")
     p.add_argument("--supervision", choices=("final", "running"),
                    help="parity / modular-arithmetic training targets: final answer only or running answers "
                    f"(default: {_per_task('supervision')}; the held-out accuracy is always the final answer's)")
@@ -218,7 +226,7 @@ def tasks_main(args: Union[argparse.Namespace, Sequence[str]]) -> int:
                   headdim=ns.headdim, num_heads=ns.num_heads, weight_decay=ns.weight_decay, warmup=ns.warmup,
                   eval_interval=ns.eval_interval, eval_samples=ns.eval_samples, stop_at=ns.stop_at,
                   max_time=ns.max_time, threads=ns.threads, brackets=ns.brackets, supervision=ns.supervision,
-                  dt_init=ns.dt_init,
+                  dt_init=ns.dt_init, order=ns.order, bracket_form=ns.bracket_form,
                   eval_chunk=ns.eval_chunk, long_eval_tokens=ns.long_eval_tokens,
                   max_attention_len=ns.max_attention_len, progress=not ns.no_progress)
     keep_freed_memory()

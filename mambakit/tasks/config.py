@@ -15,7 +15,7 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.registry import default_d_state, default_headdim, mixer_spec
 from mambakit.models.config import MambaConfig
 from mambakit.tasks.generators import STATE_TRACKING, TASKS
-from mambakit.tasks.state_tracking import MODULUS, SUPERVISIONS
+from mambakit.tasks.state_tracking import BRACKET_FORMS, MODULUS, ORDERS, SUPERVISIONS
 
 #: The mixers the ``tasks`` command lists (any spelling of `mambakit.layers.registry` is accepted by `run_task`).
 MIXERS = ("s4", "mamba", "mamba2", "mamba3", "attention")
@@ -38,16 +38,17 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # state tracking: trained at about 40, evaluated up to 256 (length generalisation); vocab: the answers
     "parity": {"steps": 800, "batch": 64, "lr": 1e-2, "d_model": 32, "n_layer": 1, "seq_len": 40, "vocab": 2,
                "weight_decay": 0.0, "supervision": "running", "eval_lengths": (40, 64, 128, 256)},
-    # heads of 16 (4 per layer, each with its own step and so its own rotation speeds) and a larger initial step
-    # (rotations of 2 pi k / 5 need step * tanh(omega) near 0.4-0.8), the same for every mixer: with both, Mamba-3
-    # gets ahead of Mamba-2 without brackets (not to a solution); either alone leaves it at Mamba-2's level
-    "modular-arithmetic": {"steps": 800, "batch": 64, "lr": 1e-2, "d_model": 32, "n_layer": 2, "seq_len": 41,
-                           "vocab": MODULUS, "weight_decay": 0.0, "supervision": "running", "headdim": 16,
-                           "dt_init": (0.1, 1.0),
+    # Deletang et al.'s task (* before + -; nested + - brackets); heads of 8 (8 per layer, each with its own step
+    # and so its own rotation speeds) and a larger initial step (rotations of 2 pi k / 5 need step * tanh(omega) near
+    # 0.4-0.8), the same for every mixer; 1600 steps: Mamba-3's onset comes late (steps 800-1200)
+    "modular-arithmetic": {"steps": 1600, "batch": 64, "lr": 1e-2, "d_model": 32, "n_layer": 2, "seq_len": 41,
+                           "vocab": MODULUS, "weight_decay": 0.0, "supervision": "running", "headdim": 8,
+                           "dt_init": (0.1, 1.0), "order": "precedence", "bracket_form": "nested",
                            "eval_lengths": (41, 65, 129, 257)},  # odd: no PAD (unseen in training at 41)
 }
 #: Values of the fields that TASK_DEFAULTS may leave out (headdim, dt_init: None, the mixer's own).
-_FALLBACKS = {"n_tokens": 16, "n_pairs": 8, "weight_decay": 0.1, "supervision": "final"}
+_FALLBACKS = {"n_tokens": 16, "n_pairs": 8, "weight_decay": 0.1, "supervision": "final", "order": None,
+              "bracket_form": None}
 
 
 @dataclass
@@ -59,7 +60,9 @@ class TaskConfig:
     max(min_long_eval_samples, long_eval_tokens // length) sequences (capped at eval_samples). stop_at: stop once the
     held-out accuracy reaches it. max_time: stop after this many seconds of training. threads: torch CPU threads
     during the run (None: leave torch's setting). ssm_kwargs: extra `ssm_cfg` entries of the SSM mixer. dt_init:
-    (dt_min, dt_max), the range of the SSM mixers' initial step Δ (None: the mixer's own, 0.001-0.1).
+    (dt_min, dt_max), the range of the SSM mixers' initial step Δ (None: the mixer's own, 0.001-0.1). order:
+    modular-arithmetic's evaluation order, ``"precedence"`` (``*`` first) or ``"left"`` (`ORDERS`).
+    bracket_form: how its expressions with brackets are made, ``"nested"`` (Deletang et al.'s) or ``"chain"``.
     """
 
     name: str
@@ -99,6 +102,8 @@ class TaskConfig:
     brackets: bool = False
     supervision: Optional[str] = None
     dt_init: Optional[Sequence[float]] = None
+    order: Optional[str] = None
+    bracket_form: Optional[str] = None
 
 
 def _check_int(name: str, value: Any, minimum: int = 1) -> None:
@@ -124,7 +129,8 @@ def resolve_task_config(cfg: TaskConfig) -> TaskConfig:
     filled = {key: d.get(key, _FALLBACKS.get(key)) for key in ("steps", "batch", "lr", "d_model", "n_layer",
                                                                "seq_len", "vocab", "n_tokens", "n_pairs",
                                                                "weight_decay", "eval_lengths", "supervision",
-                                                               "headdim", "dt_init")
+                                                               "headdim", "dt_init", "order",
+                                                               "bracket_form")
               if getattr(cfg, key) is None}
     cfg = dataclasses.replace(cfg, **filled)
     cfg.eval_lengths = list(cfg.eval_lengths)
@@ -182,6 +188,14 @@ def _check_task_sizes(cfg: TaskConfig) -> None:
             raise MambaKitError(f"--supervision must be one of {SUPERVISIONS}, got {cfg.supervision!r}")
         if cfg.seq_len < 3:
             raise MambaKitError(f"--seq-len must be >= 3 for {cfg.name}, got {cfg.seq_len}")
+    if cfg.name == "modular-arithmetic" and cfg.order not in ORDERS:
+        raise MambaKitError(f"--order must be one of {ORDERS}, got {cfg.order!r}")
+    if cfg.name == "modular-arithmetic" and cfg.bracket_form not in BRACKET_FORMS:
+        raise MambaKitError(f"--bracket-form must be one of {BRACKET_FORMS}, got {cfg.bracket_form!r}")
+    for key in ("order", "bracket_form"):
+        if getattr(cfg, key) is not None and cfg.name != "modular-arithmetic":
+            flag = "--" + key.replace("_", "-")
+            raise MambaKitError(f"{flag} applies to modular-arithmetic only, got task {cfg.name!r}")
     if cfg.brackets and cfg.name != "modular-arithmetic":
         raise MambaKitError(f"--brackets applies to modular-arithmetic only, got task {cfg.name!r}")
     if cfg.name == "induction-heads" and cfg.seq_len < 3:
@@ -197,6 +211,7 @@ def task_kwargs(cfg: TaskConfig, held_out: bool = False) -> dict[str, Any]:
     """The `make_batch` keywords of a run: the training batches', or the held-out sets' (final targets only)."""
     return {"vocab": None if cfg.name in STATE_TRACKING else cfg.vocab, "n_tokens": cfg.n_tokens,
             "n_pairs": cfg.n_pairs, "brackets": cfg.brackets,
+            **({"order": cfg.order, "bracket_form": cfg.bracket_form} if cfg.order else {}),
             "supervision": "final" if held_out or cfg.supervision is None else cfg.supervision}
 
 

@@ -184,14 +184,15 @@ def chance_accuracy(name: str, vocab: int) -> float:
 
 def make_batch(name: str, batch: int, seq_len: int, generator: torch.Generator, vocab: Optional[int] = None,
                n_tokens: int = 16, n_pairs: int = 8, brackets: bool = False,
-               supervision: str = "final") -> tuple[Tensor, Tensor]:
+               supervision: str = "final", order: str = "precedence",
+               bracket_form: str = "nested") -> tuple[Tensor, Tensor]:
     """A batch of task `name` (one of TASKS); vocab None = the task's default (16, 16, 256; the state-tracking tasks
-    have a fixed vocabulary). brackets (modular-arithmetic) and supervision (both state-tracking tasks): see
-    `mambakit.tasks.state_tracking`."""
+    have a fixed vocabulary). brackets, order and bracket_form (modular-arithmetic) and supervision (both
+    state-tracking tasks): see `mambakit.tasks.state_tracking`."""
     if name == "parity":
         return parity(batch, seq_len, generator, supervision)
     if name == "modular-arithmetic":
-        return modular_arithmetic(batch, seq_len, generator, brackets, supervision)
+        return modular_arithmetic(batch, seq_len, generator, brackets, supervision, order, bracket_form)
     if name == "selective-copying":
         return selective_copying(batch, seq_len, n_tokens, vocab or 16, generator, selective=True)
     if name == "copying":

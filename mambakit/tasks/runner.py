@@ -120,6 +120,8 @@ def train_task(cfg: TaskConfig, log: Callable[[str], None] = print) -> dict[str,
         cfg_out["n_pairs"] = cfg.n_pairs
     if name in STATE_TRACKING:
         cfg_out.update(brackets=cfg.brackets, supervision=cfg.supervision)
+    if name == "modular-arithmetic":
+        cfg_out.update(order=cfg.order, bracket_form=cfg.bracket_form)
     name = task_label(cfg)
     history: dict[str, list] = {"step": [], "loss": [], "train_acc": [], "eval_step": [], "eval_acc": []}
     log(f"{name} / {mixer}: d_model {cfg.d_model}, n_layer {cfg.n_layer}, d_state {d_state_used}, "

@@ -40,134 +40,14 @@ from mambakit.errors import MambaKitError
 from mambakit.ops.selective_scan.chunked import selective_scan_chunked
 from mambakit.ops.selective_scan.common import check_selective_scan_inputs, grouped_pair
 from mambakit.ops.selective_scan.triton_config import ScanConfig, pick_config  # noqa: F401 (re-exported)
+from mambakit.ops.selective_scan.triton_spans import (FWD_BUSY_PER_SM, SLOTS_PER_SM, _selective_scan_bwd_carry_kernel,
+                                                      _selective_scan_fwd_carry_kernel, span_split)
+from mambakit.ops.selective_scan.triton_tiles import (_adjoint_combine, _channel_block, _load_raw, _prep_delta,
+                                                      _tile_decay, _tile_states, _wide)
 from mambakit.ops.triton.device import interpreted
 from mambakit.ops.triton.grid import cdiv
-from mambakit.ops.triton.math import softplus
 
 MAX_D_STATE = 256
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Small jit helpers
-# ----------------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _scan_combine(a1, b1, a2, b2):
-    # (a1, b1) is the earlier segment, (a2, b2) the later: h -> a2 (a1 h + b1) + b2
-    return a1 * a2, a2 * b1 + b2
-
-
-@triton.jit
-def _adjoint_combine(p_y, q_y, m_y, l_y, p_x, q_x, m_x, l_x):
-    # Scanned over time reversed: y is the accumulated later-time segment, x the earlier one. A segment [p..q] holds
-    # P = a_p..a_q, Q = a_{p+1}..a_q, L = lambda_p from inside the segment, M = a_p * L (the adjoint passed to h_{p-1}).
-    return p_x * p_y, q_x * p_y, m_x + p_x * m_y, l_x + q_x * m_y
-
-
-@triton.jit
-def _wide(t, BIG: tl.constexpr):
-    """Time indices as 64-bit when time offsets (t * stride) may pass 2**31 (long channel-last tensors)."""
-    if BIG:
-        return t.to(tl.int64)
-    else:
-        return t
-
-
-@triton.jit
-def _load_raw(u_ptr, delta_ptr, z_ptr, B_ptr, C_ptr, seq_ptr, ro_u, ro_dl, ro_z, st_u, st_dl, st_z,
-              ro_B, ro_C, st_B, st_C, seq_row, t, seqlen, mask_d, m_nb,
-              LOAD_Z: tl.constexpr, LOAD_C: tl.constexpr, HAS_SEQ: tl.constexpr, BIG: tl.constexpr):
-    """Issue every load of one time tile (in the inputs' dtypes). Called one tile ahead of its use, so the loads are
-    in flight while the previous tile is computed. Tensors that are not asked for come back as placeholders.
-    ro_*: the channel (or state) part of each tensor's offsets, st_*: its time stride."""
-    mt = t < seqlen
-    m2 = mt[:, None] & mask_d[None, :]
-    m3 = mt[:, None, None] & m_nb
-    tw = _wide(t, BIG)
-    u = tl.load(u_ptr + ro_u + tw[:, None] * st_u, mask=m2, other=0.0)
-    d = tl.load(delta_ptr + ro_dl + tw[:, None] * st_dl, mask=m2, other=0.0)
-    Bt = tl.load(B_ptr + ro_B + tw[:, None, None] * st_B, mask=m3, other=0.0)
-    if LOAD_Z:
-        z = tl.load(z_ptr + ro_z + tw[:, None] * st_z, mask=m2, other=0.0)
-    else:
-        z = u
-    if LOAD_C:
-        Ct = tl.load(C_ptr + ro_C + tw[:, None, None] * st_C, mask=m3, other=0.0)
-    else:
-        Ct = Bt
-    if HAS_SEQ:
-        s_cur = tl.load(seq_ptr + seq_row + t, mask=mt, other=0)
-        s_prev = tl.load(seq_ptr + seq_row + t - 1, mask=mt & (t > 0), other=0)
-        reset = (s_cur != s_prev) & (t > 0) & mt
-    else:
-        reset = t < 0
-    return u, d, z, Bt, Ct, reset
-
-
-@triton.jit
-def _prep_delta(d_raw, m2, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """The discretisation step in fp32 (bias, softplus); 0 outside the sequence. Returns (pre-softplus, step)."""
-    raw = d_raw.to(tl.float32)
-    if HAS_BIAS:
-        raw = raw + bias[None, :]
-    if SOFTPLUS:
-        dt = softplus(raw)
-    else:
-        dt = raw
-    dt = tl.where(m2, dt, 0.0)
-    return raw, dt
-
-
-@triton.jit
-def _tile_decay(dt, A2, reset, HAS_SEQ: tl.constexpr):
-    """exp(delta A) as (BT, NH, BLOCK_D, NL); 0 where a new packed sequence starts."""
-    dA = tl.exp2(dt[:, None, :, None] * A2[None, :, :, :])
-    if HAS_SEQ:
-        dA = tl.where(reset[:, None, None, None], 0.0, dA)
-    return dA
-
-
-@triton.jit
-def _tile_states(dA, x, h, BT: tl.constexpr):
-    """States of a tile, h_t = dA_t h_{t-1} + x_t, from the state h before it. Returns (states, last state)."""
-    t1 = tl.arange(0, BT)
-    xin = tl.where((t1 == 0)[:, None, None, None], x + dA * h[None, :, :, :], x)
-    _, hs = tl.associative_scan((dA, xin), 0, _scan_combine)
-    h_last = tl.sum(tl.where((t1 == BT - 1)[:, None, None, None], hs, 0.0), axis=0)
-    return hs, h_last
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Forward kernel
-# ----------------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _state_decay(A_ptr, st_off, mask, A_LOG: tl.constexpr):
-    """A at the (dim, dstate) offsets st_off, float32, 0 outside mask: read, or -exp(A_log) from A_log with A_LOG
-    (the layer's parameter: no PyTorch kernels to form A)."""
-    a = tl.load(A_ptr + st_off, mask=mask, other=0.0).to(tl.float32)
-    if A_LOG:
-        a = tl.where(mask, -tl.exp(a), 0.0)
-    return a
-
-
-@triton.jit
-def _channel_block(dim, dstate, A_ptr, bias_ptr, BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, A_LOG: tl.constexpr):
-    """A program's (channel block, batch row) ids, its channels d1 (BLOCK_D,) and their mask, the (NH, BLOCK_D, NL)
-    offsets st_off of its states in a (dim, dstate) state and their mask, A there (float32) and A * log2(e), and the
-    channels' delta bias (0 without)."""
-    pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    d1 = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = d1 < dim
-    n3 = tl.arange(0, NH)[:, None, None] * NL + tl.arange(0, NL)[None, None, :]  # (NH, 1, NL)
-    d3 = d1[None, :, None]  # (1, BLOCK_D, 1)
-    m_s3 = (n3 < dstate) & (d3 < dim)
-    st_off = d3 * dstate + n3
-    A = _state_decay(A_ptr, st_off, m_s3, A_LOG)
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d1, mask=mask_d, other=0.0).to(tl.float32)
-    return pid_d, pid_b, d1, mask_d, n3, m_s3, st_off, A, A * 1.4426950408889634, bias
 
 
 @triton.jit
@@ -244,54 +124,6 @@ def _selective_scan_fwd_kernel(
             y = y * (zz * tl.sigmoid(zz))
         tl.store(y_ptr + dd * sy_d + _wide(t, BIG)[:, None] * sy_t, y.to(y_ptr.dtype.element_ty), mask=m2)
     tl.store(last_ptr + state_base + st_off, h, mask=m_s3 & (n3 * 0 + q == n_spans - 1))  # the last span's
-
-
-@triton.jit
-def _selective_scan_fwd_carry_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, carry_P_ptr, carry_S_ptr,
-    dim, seqlen, dstate, dim_per_group, span_tiles, n_spans,
-    su_b, su_d, su_t, sdl_b, sdl_d, sdl_t, sB_b, sB_g, sB_n, sB_t,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, BIG: tl.constexpr,
-    A_LOG: tl.constexpr,
-):
-    """The map h -> P h + S of span q (program axis 2) of the sequence, for the forward kernel's later spans: S the
-    span's last state from a zero state, P = exp(A * the span's sum of delta), 0 where a packed sequence starts."""
-    q = tl.program_id(2)
-    pid_d, pid_b, d1, mask_d, n3, m_s3, st_off, A, A2, bias = _channel_block(dim, dstate, A_ptr, bias_ptr, BLOCK_D,
-                                                                            NH, NL, HAS_BIAS, A_LOG)
-    t1 = tl.arange(0, BT)
-    d0 = (pid_d * BLOCK_D).to(tl.int64)
-    u_ptr += pid_b * su_b + d0 * su_d
-    delta_ptr += pid_b * sdl_b + d0 * sdl_d
-    dd = tl.arange(0, BLOCK_D)[None, :]
-    nb = tl.arange(0, NH)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
-    m_nb = nb < dstate
-    B_ptr += pid_b * sB_b + ((pid_d * BLOCK_D) // dim_per_group) * sB_g
-    ro_B = nb * sB_n
-    seq_row = pid_b * seqlen
-    h = tl.zeros((NH, BLOCK_D, NL), tl.float32)
-    dt_sum = tl.zeros((BLOCK_D,), tl.float32)
-    any_reset = tl.zeros((BT,), tl.int32)
-    it0 = q * span_tiles
-    for it in range(it0, tl.minimum(tl.cdiv(seqlen, BT), it0 + span_tiles)):
-        t = it * BT + t1
-        u_c, d_c, _, B_c, _, reset = _load_raw(u_ptr, delta_ptr, u_ptr, B_ptr, B_ptr, seq_ptr, dd * su_d,
-                                               dd * sdl_d, dd * su_d, su_t, sdl_t, su_t, ro_B, ro_B, sB_t, sB_t,
-                                               seq_row, t, seqlen, mask_d, m_nb, False, False, HAS_SEQ, BIG)
-        m2 = (t < seqlen)[:, None] & mask_d[None, :]
-        _, dt = _prep_delta(d_c, m2, bias, HAS_BIAS, SOFTPLUS)
-        dA = _tile_decay(dt, A2, reset, HAS_SEQ)
-        x = (dt * u_c.to(tl.float32))[:, None, :, None] * B_c.to(tl.float32)[:, :, None, :]
-        _, h = _tile_states(dA, x, h, BT)
-        dt_sum += tl.sum(dt, axis=0)
-        any_reset = tl.maximum(any_reset, reset.to(tl.int32))
-    P = tl.exp2(dt_sum[None, :, None] * A2)
-    if HAS_SEQ:
-        P = tl.where(tl.max(any_reset, axis=0) > 0, 0.0, P)
-    out = (pid_b * n_spans + q) * dim * dstate + st_off
-    tl.store(carry_P_ptr + out, P, mask=m_s3)
-    tl.store(carry_S_ptr + out, h, mask=m_s3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -470,62 +302,6 @@ def _selective_scan_bwd_kernel(
         tl.store(dbias_part_ptr + red_row + d1, tl.sum(dbias_acc, axis=0), mask=mask_d)
 
 
-@triton.jit
-def _selective_scan_bwd_carry_kernel(
-    delta_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, seq_ptr, gy_ptr, carry_P_ptr, carry_M_ptr,
-    dim, seqlen, dstate, dim_per_group, span, n_spans,
-    sdl_b, sdl_d, sdl_t, sz_b, sz_d, sz_t, sg_b, sg_d, sg_t, sC_b, sC_g, sC_n, sC_t,
-    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
-    BLOCK_D: tl.constexpr, NH: tl.constexpr, NL: tl.constexpr, BT: tl.constexpr, BIG: tl.constexpr,
-    A_LOG: tl.constexpr,
-):
-    """The adjoint map of span q + 1 (program axis 2) of the sequence: the adjoint passed to the state before the
-    span is P mu + M, for mu the adjoint of its last state, where (going back in time) mu <- a_t (C_t g_t + mu),
-    a_t = exp(delta_t A). Needs no states, so the backward kernel's spans can start at once from their carries."""
-    q = tl.program_id(2) + 1
-    pid_d, pid_b, d1, mask_d, n3, m_s3, st_off, A, A2, bias = _channel_block(dim, dstate, A_ptr, bias_ptr, BLOCK_D,
-                                                                            NH, NL, HAS_BIAS, A_LOG)
-    t1 = tl.arange(0, BT)
-    d0 = (pid_d * BLOCK_D).to(tl.int64)
-    delta_ptr += pid_b * sdl_b + d0 * sdl_d
-    z_ptr += pid_b * sz_b + d0 * sz_d
-    gy_ptr += pid_b * sg_b + d0 * sg_d
-    dd = tl.arange(0, BLOCK_D)[None, :]
-    g = (pid_d * BLOCK_D) // dim_per_group
-    nb = tl.arange(0, NH)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
-    m_nb = nb < dstate
-    C_ptr += pid_b * sC_b + g * sC_g
-    ro_C = nb * sC_n
-    seq_row = pid_b * seqlen
-    P = tl.full((NH, BLOCK_D, NL), 1.0, tl.float32)
-    M = tl.zeros((NH, BLOCK_D, NL), tl.float32)
-    t_start = q * span
-    ntiles = tl.cdiv(tl.minimum(seqlen - t_start, span), BT)
-    for jj in range(0, ntiles):
-        t = t_start + (ntiles - 1 - jj) * BT + t1
-        g_c, d_c, z_c, C_c, _, reset = _load_raw(gy_ptr, delta_ptr, z_ptr, C_ptr, C_ptr, seq_ptr, dd * sg_d,
-                                                 dd * sdl_d, dd * sz_d, sg_t, sdl_t, sz_t, ro_C, ro_C, sC_t, sC_t,
-                                                 seq_row, t, seqlen, mask_d, m_nb, HAS_Z, False, HAS_SEQ, BIG)
-        m2 = (t < seqlen)[:, None] & mask_d[None, :]
-        _, dt = _prep_delta(d_c, m2, bias, HAS_BIAS, SOFTPLUS)
-        dA = _tile_decay(dt, A2, reset, HAS_SEQ)
-        gout = g_c.to(tl.float32)
-        if HAS_Z:
-            zz = z_c.to(tl.float32)
-            gout = gout * zz * tl.sigmoid(zz)
-        c = gout[:, None, :, None] * C_c.to(tl.float32)[:, :, None, :]
-        # the tile's map mu -> Pt mu + Mt, its latest step applied first
-        Ps, Ms = tl.associative_scan((tl.flip(dA, 0), tl.flip(dA * c, 0)), 0, _scan_combine)
-        last = (t1 == BT - 1)[:, None, None, None]
-        Pt = tl.sum(tl.where(last, Ps, 0.0), axis=0)
-        Mt = tl.sum(tl.where(last, Ms, 0.0), axis=0)
-        M = Pt * M + Mt
-        P = Pt * P
-    out = (pid_b * n_spans + q) * dim * dstate + st_off
-    tl.store(carry_P_ptr + out, P, mask=m_s3)
-    tl.store(carry_M_ptr + out, M, mask=m_s3)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Autograd wrapper
 # ----------------------------------------------------------------------------------------------------------------------
@@ -560,7 +336,7 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
     last = torch.empty(batch, dim, N, device=u.device, dtype=torch.float32)
     states = torch.empty(batch, nchunks, dim, N, device=u.device, dtype=torch.float32)
     n_dblocks = cdiv(dim, cfg.fwd_block_d)
-    n_spans, cpg = _spans(cfg.fwd_spans, _FWD_BUSY_PER_SM, cdiv(seqlen, cfg.chunk), n_dblocks * batch, u.device)
+    n_spans, cpg = span_split(cfg.fwd_spans, FWD_BUSY_PER_SM, cdiv(seqlen, cfg.chunk), n_dblocks * batch, u.device)
     span_tiles = cpg * (cfg.chunk // cfg.fwd_block_t)
     carry_P = carry_S = last
     if n_spans > 1:  # each earlier span's map of the state, so that all spans run at once
@@ -584,26 +360,6 @@ def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: O
         BIG=_big(seqlen, u, delta, z, y, B, C), A_LOG=a_log, num_warps=cfg.fwd_warps, num_stages=1,
     )
     return y, last, states
-
-
-_SLOTS_PER_SM = 8  # one-warp backward programs resident per multiprocessor (255 registers)
-# the forward (128 registers) fits 16, but with 5.8 per multiprocessor it was no faster with twice the programs
-# (benchmarks/RESULTS.md, sixteenth session): it splits only below 6
-_FWD_BUSY_PER_SM = 6
-
-
-def _spans(count: int, slots_per_sm: int, nchunks: int, programs: int, device: torch.device) -> tuple[int, int]:
-    """(spans, chunks per span) of a kernel whose programs walk their channels' whole sequence: a grid of less than
-    about a wave (slots_per_sm programs per multiprocessor) leaves the GPU partly idle, so the sequence is then cut
-    into spans that run at once, each from the carry of the others (a small kernel of its own), for about six waves.
-    count: the configuration's span count (0: this rule; 1: no split)."""
-    spans = count
-    if not spans:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-        slots = slots_per_sm * sms
-        spans = 1 if programs >= 0.9 * slots else cdiv(6 * slots, programs)
-    cpg = cdiv(nchunks, max(1, min(spans, nchunks)))
-    return cdiv(nchunks, cpg), cpg
 
 
 def _summed(parts: Tensor, dtype: torch.dtype, out: Optional[Tensor]) -> Tensor:
@@ -657,7 +413,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     # per batch row [dA (dim * N) | dD (dim) | dbias (dim)], and per channel block [dB | dC] (N * seqlen each):
     # one fixed-order reduction each
     red_cols = dim * (N + (D is not None) + (delta_bias is not None))
-    n_spans, cpg = _spans(cfg.bwd_spans, _SLOTS_PER_SM, nchunks, n_dblocks * batch, dev)
+    n_spans, cpg = span_split(cfg.bwd_spans, SLOTS_PER_SM, nchunks, n_dblocks * batch, dev)
     red = torch.empty(batch * n_spans, red_cols, device=dev, dtype=f32)
     dA_part = red
     dD_part = red[:, dim * N:] if D is not None else None

@@ -21,6 +21,7 @@ from tests.ops.test_selective_scan import make_inputs
 from tests.ops.triton import interpreted_module
 
 ss_triton = interpreted_module("mambakit.ops.selective_scan.triton")
+ss_spans = interpreted_module("mambakit.ops.selective_scan.triton_spans")
 selective_scan_triton = ss_triton.selective_scan_triton
 
 SMALL = dict(chunk=8, fwd_block_t=4, bwd_block_t=2)  # several chunks and tiles even at seqlen <= 40
@@ -103,13 +104,13 @@ def test_forward_in_spans_without_grad_matches_reference():
 def test_spans_only_where_the_grid_leaves_the_gpu_idle(monkeypatch):
     props = types.SimpleNamespace(multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    cuda, slots = torch.device("cuda"), ss_triton._SLOTS_PER_SM
-    assert ss_triton._spans(0, slots, 32, 1024, cuda) == (1, 32)  # batch 8 x 2048 channels: a full wave already
-    assert ss_triton._spans(0, slots, 32, 768, cuda) == (8, 4)  # 8 x 1536: 0.73 of a wave
-    assert ss_triton._spans(0, slots, 32, 96, cuda) == (32, 1)  # batch 1: at most one span per chunk
-    assert ss_triton._spans(0, slots, 32, 96, torch.device("cpu")) == (1, 32)
-    assert ss_triton._spans(3, slots, 32, 1024, cuda) == (3, 11)  # a configured count
-    assert ss_triton._spans(0, ss_triton._FWD_BUSY_PER_SM, 32, 768, cuda) == (1, 32)  # the forward at 8 x 1536
+    cuda, slots = torch.device("cuda"), ss_spans.SLOTS_PER_SM
+    assert ss_spans.span_split(0, slots, 32, 1024, cuda) == (1, 32)  # batch 8 x 2048 channels: a full wave already
+    assert ss_spans.span_split(0, slots, 32, 768, cuda) == (8, 4)  # 8 x 1536: 0.73 of a wave
+    assert ss_spans.span_split(0, slots, 32, 96, cuda) == (32, 1)  # batch 1: at most one span per chunk
+    assert ss_spans.span_split(0, slots, 32, 96, torch.device("cpu")) == (1, 32)
+    assert ss_spans.span_split(3, slots, 32, 1024, cuda) == (3, 11)  # a configured count
+    assert ss_spans.span_split(0, ss_spans.FWD_BUSY_PER_SM, 32, 768, cuda) == (1, 32)  # the forward at 8 x 1536
 
 
 def test_no_softplus_and_large_decay():

@@ -27,6 +27,7 @@ from _common import Rows, device_line, import_official, rel_err, sync, table
 from mambakit import MambaConfig, MambaLMHeadModel
 from mambakit.models.cuda_graph import GraphedDecoder
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHAPES = {"130m": (768, 24), "1.4b": (2048, 48), "tiny": (64, 2)}
 
 
@@ -88,16 +89,16 @@ def count_kernels(fn: Callable[[], Any]) -> tuple[int, Counter, Counter]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 class OursDecoder:
-    def __init__(self, model, batch: int, graph: bool):
-        self.model, self.batch, self.graph = model, batch, graph
-        self.dec = GraphedDecoder(model, batch) if graph else None
-        self.cache = self.dec.cache if graph else model.allocate_cache(batch)
+    def __init__(self, model, batch: int, graph: bool, state_dtype: Optional[torch.dtype] = None):
+        self.model, self.batch, self.graph, self.state_dtype = model, batch, graph, state_dtype
+        self.dec = GraphedDecoder(model, batch, state_dtype=state_dtype) if graph else None
+        self.cache = self.dec.cache if graph else model.allocate_cache(batch, state_dtype=state_dtype)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         if self.graph:
             return self.dec.prefill(ids)
-        self.cache = self.model.allocate_cache(self.batch)
+        self.cache = self.model.allocate_cache(self.batch, state_dtype=self.state_dtype)
         return self.model(ids, cache=self.cache, num_last_tokens=1).logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,10 @@ def run_case(rows: Rows, args, arch: str, shape: str, batch: int, ours, theirs, 
     ids = torch.randint(0, ours.config.vocab_size, (batch, args.prompt), generator=g).to(args.device)
     max_seqlen = args.prompt + args.new_tokens + 64
     wbytes = weight_bytes(ours)
-    engines: dict[str, Any] = {"mambakit": OursDecoder(ours, batch, graph=args.device == "cuda")}
+    engines: dict[str, Any] = {}
+    for state_dtype in args.state_dtypes:
+        name = "mambakit" if state_dtype == "fp32" else f"mambakit {state_dtype} state"
+        engines[name] = OursDecoder(ours, batch, graph=args.device == "cuda", state_dtype=DTYPES[state_dtype])
     if theirs is not None:
         engines["official"] = OfficialDecoder(theirs, official, batch, max_seqlen)
     tokens, compared = {}, {}
@@ -184,7 +188,7 @@ def run_case(rows: Rows, args, arch: str, shape: str, batch: int, ours, theirs, 
         logits = dec.prefill(ids)
         ms = timed_decode(dec, logits, args.new_tokens)
         n_kernels, names, micros = count_kernels(lambda: dec.eager_step(logits.argmax(-1)))
-        sbytes = state_bytes(ours.allocate_cache(batch))
+        sbytes = state_bytes(dec.cache if isinstance(dec, OursDecoder) else ours.allocate_cache(batch))
         floor_ms = (wbytes + 2 * sbytes) / (args.bandwidth * 1e9) * 1e3
         rows.add(arch=arch, shape=shape, batch=batch, engine=name, ms_per_step=ms, tokens_per_s=batch / ms * 1e3,
                  prefill_ms=prefill_ms, kernels_per_step=n_kernels, floor_ms=floor_ms, floor_ratio=ms / floor_ms,
@@ -195,11 +199,18 @@ def run_case(rows: Rows, args, arch: str, shape: str, batch: int, ours, theirs, 
                   f"{sum(micros.values()):.1f} us of kernels in the eager step)")
             for k, us in micros.most_common(args.kernel_names):
                 print(f"#   {names[k]:4d}  {us:8.1f}  {k[:140]}")
+    first = next(iter(compared))
+    for name in list(tokens)[1:]:
+        if name != "official":
+            agree = int((tokens[name] == tokens[first]).all(0).long().cumprod(0).sum())
+            print(f"# {arch} {shape} b{batch}: {name}: first-step logits rel err vs {first} "
+                  f"{rel_err(compared[name][1], compared[first][1]):.2e}; greedy tokens identical for the first "
+                  f"{agree} of {args.check_tokens} steps in every row")
     if "official" in tokens:
-        (p_ours, s_ours), (p_off, s_off) = compared["mambakit"], compared["official"]
+        (p_ours, s_ours), (p_off, s_off) = compared[first], compared["official"]
         print(f"# {arch} {shape} b{batch}: logits rel err vs official: prefill {rel_err(p_ours, p_off):.2e}, "
               f"first step {rel_err(s_ours, s_off):.2e}")
-        same = (tokens["mambakit"] == tokens["official"]).all(0)
+        same = (tokens[first] == tokens["official"]).all(0)
         agree = int(same.long().cumprod(0).sum())
         print(f"# {arch} {shape} b{batch}: greedy tokens identical for the first {agree} of {args.check_tokens} "
               f"steps in every row")
@@ -242,6 +253,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--bandwidth", type=float, default=4100.0, help="GB/s for the floor (H200 copy rate)")
     ap.add_argument("--kernel-names", type=int, default=0,
                     help="print the N kernels taking the most time per eager step (count, total us)")
+    ap.add_argument("--state-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                    help="mambakit's SSM-state dtypes, one engine each (the official keeps the model dtype)")
     ap.add_argument("--no-official", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (smoke test)")
@@ -259,8 +272,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         norm_linear.GEMV_MAX_BATCH = args.gemv_max_batch
     if args.plain_gemv is not None:
         norm_linear.PLAIN_GEMV = args.plain_gemv
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    args.dtype = names[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.tiny:
         args.shapes, args.prompt, args.new_tokens, args.check_tokens, args.vocab = ["tiny"], 16, 4, 4, 256
         args.batches = [b for b in args.batches if b <= 2] or [1]

@@ -94,6 +94,9 @@ class MHA(nn.Module):
             self.in_proj = nn.Linear(d_model, head_dim * (num_heads + 2 * num_heads_kv), **factory)
         self.out_proj = nn.Linear(head_dim * num_heads, d_model, bias=out_proj_bias, device=device, dtype=dtype)
 
+    #: its state is a KV cache in the model dtype (an SSM state_dtype does not apply)
+    kv_cache_only = True
+
     def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> KVState:
         device = device or self.out_proj.weight.device
         dtype = dtype or self.out_proj.weight.dtype

@@ -15,7 +15,7 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.checks import check_mixer_input
 from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
-from mambakit.layers.state import SSMState
+from mambakit.layers.state import SSMState, float_state, ssm_state_dtype
 from mambakit.layers.step import PreNorm, norm_project_step, plain_linear, project_step
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
@@ -136,12 +136,16 @@ class Mamba(DtTransformMixin, nn.Module):
         return self.dt_norm_weight, self.B_norm_weight, self.C_norm_weight
 
     # ------------------------------------------------------------------------------------------------------------------
-    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> SSMState:
+    #: allocate_state takes a state_dtype (`mambakit.layers.state.SSM_STATE_DTYPES`)
+    accepts_state_dtype = True
+
+    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None,
+                       state_dtype: Optional[torch.dtype] = None) -> SSMState:
         """Zero state: conv (batch, d_inner, d_conv) in the model dtype, ssm (batch, d_inner, d_state) in
-        float32 (float64 for a float64 model)."""
+        state_dtype, by default float32 (float64 for a float64 model)."""
         device = device or self.out_proj.weight.device
         conv_dtype = dtype or self.conv1d.weight.dtype
-        ssm_dtype = torch.float64 if conv_dtype == torch.float64 else torch.float32
+        ssm_dtype = ssm_state_dtype(conv_dtype, state_dtype)
         return SSMState(
             conv=torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype),
             ssm=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=ssm_dtype),
@@ -213,7 +217,7 @@ class Mamba(DtTransformMixin, nn.Module):
         if self._fused_inner_ok(hidden_states, state, mask, dt_transform, seq_idx):
             return self._fused_inner(hidden_states, seq_idx, state)
         s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask, dt_transform)
-        y, last_state = self.scan(s, state.ssm if state is not None else None, seq_idx)
+        y, last_state = self.scan(s, float_state(state.ssm) if state is not None else None, seq_idx)
         if state is not None:
             with torch.no_grad():
                 state.conv.copy_(self._conv_state_after(s.x, state.conv, mask))
@@ -245,7 +249,7 @@ class Mamba(DtTransformMixin, nn.Module):
         if state is None:  # A = -exp(A_log) inside the op
             return mamba_inner(xz, *weights, None, D, delta_bias, True, seq_idx, backend="triton", A_log=self.A_log)
         args = weights + (-torch.exp(self.A_log.to(fp)), D, delta_bias)
-        out, last = mamba_inner_fused_inference(xz, *args, state.conv, state.ssm)
+        out, last = mamba_inner_fused_inference(xz, *args, state.conv, float_state(state.ssm))
         state.conv.copy_(self._conv_state_after(xz[:, :self.d_inner], state.conv, None))
         state.ssm.copy_(last)
         return out

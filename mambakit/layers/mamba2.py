@@ -19,7 +19,7 @@ from mambakit.layers.dt_transform import DtTransform, DtTransformMixin
 from mambakit.layers.first_call import compile_first_call
 from mambakit.layers.mamba import init_dt_bias
 from mambakit.layers.norm import RMSNormGated
-from mambakit.layers.state import SSMState
+from mambakit.layers.state import SSMState, float_state, ssm_state_dtype
 from mambakit.layers.step import (PreNorm, gated_norm_project_step, norm_project_step, plain_linear,
                                    project_step)
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
@@ -114,12 +114,16 @@ class Mamba2(DtTransformMixin, nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias, **factory)
 
     # ------------------------------------------------------------------------------------------------------------------
-    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> SSMState:
-        """Zero state: conv (batch, conv_dim, d_conv), ssm (batch, nheads, headdim, d_state) in float32
-        (float64 for a float64 model)."""
+    #: allocate_state takes a state_dtype (`mambakit.layers.state.SSM_STATE_DTYPES`)
+    accepts_state_dtype = True
+
+    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None,
+                       state_dtype: Optional[torch.dtype] = None) -> SSMState:
+        """Zero state: conv (batch, conv_dim, d_conv) in the model dtype, ssm (batch, nheads, headdim, d_state) in
+        state_dtype, by default float32 (float64 for a float64 model)."""
         device = device or self.out_proj.weight.device
         conv_dtype = dtype or self.conv1d.weight.dtype
-        ssm_dtype = torch.float64 if conv_dtype == torch.float64 else torch.float32
+        ssm_dtype = ssm_state_dtype(conv_dtype, state_dtype)
         return SSMState(
             conv=torch.zeros(batch_size, self.conv_dim, self.d_conv, device=device, dtype=conv_dtype),
             ssm=torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype),
@@ -234,7 +238,7 @@ class Mamba2(DtTransformMixin, nn.Module):
         if state is None and mask is None and self._fused_inner_ok(hidden_states, dt_transform):
             return self._fused_inner(hidden_states, seq_idx)
         s = self.ssm_inputs(hidden_states, state.conv if state is not None else None, seq_idx, mask, dt_transform)
-        y, last = self.scan(s, state.ssm if state is not None else None, seq_idx)
+        y, last = self.scan(s, float_state(state.ssm) if state is not None else None, seq_idx)
         if state is not None:
             with torch.no_grad():
                 state.conv.copy_(conv_state_after(s.xBC, self.d_conv, state.conv, mask))

@@ -19,7 +19,7 @@ from mambakit.errors import MambaKitError
 from mambakit.layers.attention import MHA, KVState
 from mambakit.layers.mamba2 import Mamba2
 from mambakit.layers.mlp import MLP
-from mambakit.layers.state import SSMState
+from mambakit.layers.state import SSMState, allocate_mixer_state
 
 
 class ScaledLinear(nn.Linear):
@@ -128,8 +128,12 @@ class ParallelMixer(nn.Module):
         self.multipliers = dict(attention_in=float(attention_in_multiplier), attention_out=float(attention_out_multiplier),
                                 ssm_in=float(ssm_in_multiplier), ssm_out=float(ssm_out_multiplier))
 
-    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> ParallelState:
-        return ParallelState(ssm=self.mamba.allocate_state(batch_size, dtype=dtype, device=device),
+    #: allocate_state takes a state_dtype for the Mamba part (`mambakit.layers.state.SSM_STATE_DTYPES`)
+    accepts_state_dtype = True
+
+    def allocate_state(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None,
+                       state_dtype: Optional[torch.dtype] = None) -> ParallelState:
+        return ParallelState(ssm=allocate_mixer_state(self.mamba, batch_size, dtype, device, state_dtype),
                              kv=self.attn.allocate_state(batch_size, dtype=dtype, device=device))
 
     @staticmethod

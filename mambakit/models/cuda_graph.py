@@ -73,27 +73,36 @@ def _state_tensors(cache) -> list[Tensor]:
     return [t for state in cache.states if state is not None for t in vars(state).values() if isinstance(t, Tensor)]
 
 
-def check_shared_cache(model, cache, batch_size: int, dtype: Optional[torch.dtype], device: torch.device) -> None:
+def check_shared_cache(model, cache, batch_size: int, dtype: Optional[torch.dtype], device: torch.device,
+                       state_dtype: Optional[torch.dtype] = None) -> None:
     """MambaKitError unless `cache` (another decoder's `.cache`, or model.allocate_cache(...)) holds state tensors of
-    the shapes, dtypes and device that model.allocate_cache(batch_size, dtype, device) would give."""
+    the shapes, dtypes and device that model.allocate_cache(batch_size, dtype, device, state_dtype) would give."""
     if not (hasattr(cache, "states") and hasattr(cache, "seqlen_offset")):
         raise MambaKitError(f"cache must be an InferenceCache (model.allocate_cache or a GraphedDecoder's .cache), "
                             f"got {type(cache).__name__}")
     want, got = ([(tuple(t.shape), t.dtype, t.device) for t in _state_tensors(c)]
-                 for c in (model.allocate_cache(batch_size, dtype=dtype, device=device), cache))
+                 for c in (_allocate(model, batch_size, dtype, device, state_dtype), cache))
     if want != got:
         where = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
         expected, actual = (v[where] if where < len(v) else "none" for v in (want, got))
         raise MambaKitError(f"cache must hold the states of model.allocate_cache(batch_size={batch_size}, "
-                            f"dtype={dtype}, device={device}): state tensor {where} should be (shape, dtype, "
+                            f"dtype={dtype}, device={device}, state_dtype={state_dtype}): state tensor {where} should be (shape, dtype, "
                             f"device) {expected}, got {actual}")
+
+
+def _allocate(model, batch_size: int, dtype, device, state_dtype):
+    """model.allocate_cache, passing state_dtype only when given (a duck-typed model may not take it)."""
+    if state_dtype is None:
+        return model.allocate_cache(batch_size, dtype=dtype, device=device)
+    return model.allocate_cache(batch_size, dtype=dtype, device=device, state_dtype=state_dtype)
 
 
 class GraphedDecoder:
     """A static inference cache and token buffer for `model` at `batch_size`, with a decoding step of
     `decoding_seqlen` tokens per row captured in a graph (k = 1: `model.step`; k > 1: `model.decode_tokens`).
 
-    dtype: the conv-state dtype (default: the model's); the SSM state is float32 as in eager decoding.
+    dtype: the conv-state dtype (default: the model's); state_dtype: the SSM states' (default float32, as in eager
+    decoding; see `MambaLMHeadModel.allocate_cache`).
     warmup: eager steps run on a side stream before the capture (Triton compiles, cuBLAS picks its kernels).
     cache: the state tensors to read and advance (another decoder's `.cache`, same batch size and dtype), so that
     decoders of several k advance ONE set of states; they are kept as they were through the warm-up and the capture.
@@ -101,7 +110,7 @@ class GraphedDecoder:
     """
 
     def __init__(self, model, batch_size: int, dtype: Optional[torch.dtype] = None, warmup: int = 2,
-                 decoding_seqlen: int = 1, cache=None):
+                 decoding_seqlen: int = 1, cache=None, state_dtype: Optional[torch.dtype] = None):
         check_decoding_seqlen(decoding_seqlen)
         if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
             raise MambaKitError(f"warmup must be an integer >= 1, got {warmup!r}")
@@ -110,12 +119,12 @@ class GraphedDecoder:
             raise MambaKitError(f"decoding_seqlen={decoding_seqlen} needs a model with decode_tokens (a mambakit LM), "
                                 f"got {type(model).__name__}")
         if cache is not None:
-            check_shared_cache(model, cache, batch_size, dtype, self.device)
+            check_shared_cache(model, cache, batch_size, dtype, self.device, state_dtype)
         self.model = model
         self.batch_size = batch_size
         self.decoding_seqlen = decoding_seqlen
         self.vocab_size = model.config.padded_vocab_size
-        self.cache = model.allocate_cache(batch_size, dtype=dtype, device=self.device) if cache is None else cache
+        self.cache = _allocate(model, batch_size, dtype, self.device, state_dtype) if cache is None else cache
         self.tokens = torch.zeros(batch_size, decoding_seqlen, dtype=torch.long, device=self.device)
         kept = [t.clone() for t in _state_tensors(self.cache)], self.cache.seqlen_offset
         self.logits = self._capture(warmup)  # (batch_size, decoding_seqlen, padded_vocab_size), the graph's output
@@ -206,14 +215,15 @@ class GraphedDecoder:
         return self.logits
 
 
-def graphed_decoder(model, batch_size: int, dtype: Optional[torch.dtype] = None) -> GraphedDecoder:
-    """A GraphedDecoder for `model`, kept on the model and reused by later calls with the same batch size, dtype and
-    weights (a moved or re-created parameter forces a new capture)."""
+def graphed_decoder(model, batch_size: int, dtype: Optional[torch.dtype] = None,
+                    state_dtype: Optional[torch.dtype] = None) -> GraphedDecoder:
+    """A GraphedDecoder for `model`, kept on the model and reused by later calls with the same batch size, dtypes
+    and weights (a moved or re-created parameter forces a new capture)."""
     check_graphable(model, batch_size)
-    key = (batch_size, dtype, tuple(p.data_ptr() for p in model.parameters()))
+    key = (batch_size, dtype, state_dtype, tuple(p.data_ptr() for p in model.parameters()))
     store = model.__dict__.setdefault("_graphed_decoders", {})
     decoder = store.get(key)
     if decoder is None:
         store.clear()  # one graph (and its memory pool) per model at a time
-        decoder = store[key] = GraphedDecoder(model, batch_size, dtype=dtype)
+        decoder = store[key] = GraphedDecoder(model, batch_size, dtype=dtype, state_dtype=state_dtype)
     return decoder

@@ -99,8 +99,10 @@ def check_left_padded_mask(attention_mask: Tensor, input_ids: Tensor) -> None:
 def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
              eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-             cuda_graph: bool = False) -> Tensor:
+             cuda_graph: bool = False, state_dtype: Optional[torch.dtype] = None) -> Tensor:
     """input_ids: (batch, seqlen) (left-padded where attention_mask has zeros). Returns (batch, seqlen + new).
+
+    state_dtype: the SSM states' dtype while decoding (default float32; see `MambaLMHeadModel.allocate_cache`).
 
     cuda_graph: decode through a `GraphedDecoder` (the one-token step captured in a CUDA graph, replayed per token;
     CUDA only, SSM layers only: MambaKitError otherwise). Same tokens as eager decoding."""
@@ -126,11 +128,12 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
         device = check_graphable(model, batch)
         if input_ids.device != device:
             raise MambaKitError(f"input_ids must be on the model's device {device}, got {input_ids.device}")
-        decoder = graphed_decoder(model, batch)
+        decoder = graphed_decoder(model, batch, state_dtype=state_dtype)
         logits = decoder.prefill(input_ids, attention_mask=attention_mask)
         step = decoder.step
     else:
-        cache = model.allocate_cache(batch, device=input_ids.device)
+        cache = (model.allocate_cache(batch, device=input_ids.device) if state_dtype is None else
+                 model.allocate_cache(batch, device=input_ids.device, state_dtype=state_dtype))
         logits = model(input_ids, cache=cache, num_last_tokens=1, attention_mask=attention_mask).logits[:, -1]
 
         def step(next_token: Tensor) -> Tensor:

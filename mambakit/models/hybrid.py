@@ -39,6 +39,7 @@ from mambakit.layers.moe import SharedExpertMoE, TopKMoE
 from mambakit.layers.norm import RMSNorm
 from mambakit.layers.parallel_mixer import ParallelMixer, scale_mlp_
 from mambakit.layers.shared_block import SharedBlock, SharedUse, SharedUseState, shared_block_kwargs
+from mambakit.layers.state import allocate_mixer_state
 from mambakit.models.config import config_from_dict
 from mambakit.models.lm import CausalLM, InferenceCache, _init_weights
 
@@ -262,8 +263,12 @@ class HybridLM(CausalLM):
         self.apply(partial(_init_weights, n_layer=config.n_layer, n_residuals_per_layer=2))
         self.tie_weights()
 
-    def allocate_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> InferenceCache:
-        states = [None if layer.mixer is None else layer.mixer.allocate_state(batch_size, dtype=dtype, device=device)
+    def allocate_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None,
+                       state_dtype: Optional[torch.dtype] = None) -> InferenceCache:
+        """Zero decoding state of every layer; dtype and state_dtype as `MambaLMHeadModel.allocate_cache` (the
+        attention layers' KV caches stay in dtype)."""
+        states = [None if layer.mixer is None else allocate_mixer_state(layer.mixer, batch_size, dtype, device,
+                                                                        state_dtype)
                   for layer in self.backbone.layers]
         for i, layer in enumerate(self.backbone.layers):
             if layer.shared is not None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from mambakit.errors import MambaKitError
 from mambakit.layers.norm import RMSNorm
 from mambakit.layers.registry import mixer_spec
+from mambakit.layers.state import allocate_mixer_state
 from mambakit.layers.step import PreNorm, fp32_add_rms_norm, project_step
 from mambakit.models.config import MambaConfig
 from mambakit.ops.cpu_linear import use_cpu_linear
@@ -304,18 +305,19 @@ class CausalLM(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0, seed: Optional[int] = None,
                  eos_token_id: Optional[int] = None, attention_mask: Optional[Tensor] = None,
-                 cuda_graph: bool = False) -> Tensor:
+                 cuda_graph: bool = False, state_dtype: Optional[torch.dtype] = None) -> Tensor:
         """Prefill the prompt, then decode one token at a time from the constant-size state.
 
         Returns (batch, seqlen + max_new_tokens) token ids (rows that hit eos_token_id are filled with it).
         temperature 0 (or top_k 1) is greedy. cuda_graph: replay the one-token step from a CUDA graph
-        (`mambakit.models.cuda_graph`; CUDA and SSM-only models, else MambaKitError).
+        (`mambakit.models.cuda_graph`; CUDA and SSM-only models, else MambaKitError). state_dtype: the SSM states'
+        dtype (default float32; see `MambaLMHeadModel.allocate_cache`).
         """
         from mambakit.models.generation import generate
 
         return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, eos_token_id=eos_token_id,
-                        attention_mask=attention_mask, cuda_graph=cuda_graph)
+                        attention_mask=attention_mask, cuda_graph=cuda_graph, state_dtype=state_dtype)
 
 
 class MambaLMHeadModel(CausalLM):
@@ -333,6 +335,12 @@ class MambaLMHeadModel(CausalLM):
     # from_pretrained(path, device, dtype) and save_pretrained(path, format) are attached by mambakit.models.io (the
     # checkpoint I/O package, above this module; `import mambakit` imports it): this module knows nothing about files.
 
-    def allocate_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None) -> InferenceCache:
-        states = [layer.mixer.allocate_state(batch_size, dtype=dtype, device=device) for layer in self.backbone.layers]
+    def allocate_cache(self, batch_size: int, dtype: Optional[torch.dtype] = None, device=None,
+                       state_dtype: Optional[torch.dtype] = None) -> InferenceCache:
+        """Zero decoding state of every layer for batch_size rows. dtype: the conv states' (default: the model's);
+        state_dtype: the SSM states' (Mamba, Mamba2; default float32, float64 for a float64 model), e.g.
+        torch.bfloat16 as mamba_ssm and transformers keep it for a bf16 model: half the bytes a step moves, the state
+        rounded once per token (the arithmetic stays float32)."""
+        states = [allocate_mixer_state(layer.mixer, batch_size, dtype, device, state_dtype)
+                  for layer in self.backbone.layers]
         return InferenceCache(states=states)

@@ -137,6 +137,9 @@ def _conv_silu_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optiona
     return F.silu(y, inplace=True)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _fusable(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or (t.dtype != torch.float64 and t.stride(-1) == 1) for t in tensors)
 
@@ -185,6 +188,12 @@ def mamba1_step(xz: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weight: 
 
         return mamba1_step_triton(xz, conv_state, conv_weight, conv_bias, x_proj_weight, dt_proj_weight,
                                   dt_proj_bias, A_log, D, ssm_state)
+    if ssm_state.dtype in _HALF:  # float32 arithmetic; the state rounded once per step
+        work = ssm_state.float()
+        y = mamba1_step(xz, conv_state, work, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias,
+                        A_log, D, dt_transform, choice, A, bcdt_rms_eps, bcdt_weights)
+        ssm_state.copy_(work)
+        return y
     x, z = xz.chunk(2, dim=-1)
     if choice == "ref":
         x = causal_conv1d_update(x, conv_state, conv_weight, conv_bias, activation="silu")
@@ -258,6 +267,12 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
         xbc = conv1d_update_triton(zxbcdt[:, d_inner:d_inner + conv_dim], conv_state, conv_weight, conv_bias, "silu")
         return mamba2_state_step_triton(xbc, zxbcdt, d_inner + conv_dim, dt_bias, A_log, D, ssm_state, ngroups,
                                         dt_limit, gate)
+    if ssm_state.dtype in _HALF:  # float32 arithmetic; the state rounded once per step
+        work = ssm_state.float()
+        y = mamba2_step(zxbcdt, conv_state, work, conv_weight, conv_bias, dt_bias, A_log, D, ngroups, dt_limit, gate,
+                        dt_transform, choice, A)
+        ssm_state.copy_(work)
+        return y
     z, xBC, dt = torch.split(zxbcdt, [d_inner, conv_dim, nheads], dim=-1)
     if dt_transform is not None:
         dt = dt_transform(dt)

@@ -24,8 +24,8 @@ class _TwoStagePrefill:
         self.model, self.remamba = model, remamba
         self.config = model.base.config
 
-    def allocate_cache(self, batch_size: int, dtype=None, device=None) -> InferenceCache:
-        return self.model.base.allocate_cache(batch_size, dtype=dtype, device=device)
+    def allocate_cache(self, batch_size: int, dtype=None, device=None, state_dtype=None) -> InferenceCache:
+        return self.model.base.allocate_cache(batch_size, dtype=dtype, device=device, state_dtype=state_dtype)
 
     def __call__(self, input_ids: Tensor, cache: InferenceCache, num_last_tokens: int = 0,
                  attention_mask: Optional[Tensor] = None) -> CausalLMOutput:

@@ -125,3 +125,46 @@ def test_bad_shapes_name_the_argument():
     mamba2_step(zx, *s2, **q, backend="torch")
     with pytest.raises(MambaKitError, match=r"dt_bias must have shape \(2,\), got \(3,\)"):
         mamba2_step(zx, *s2, **{**q, "dt_bias": torch.randn(3)}, backend="torch")
+
+
+def _rounded(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return state.to(dtype).double()
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_16bit_state_steps_in_float32_and_rounds_once_per_token(arch, state_dtype):
+    """A 16-bit SSM state: the lean step's arithmetic is float32 and the state is rounded once after each token,
+    i.e. it follows the float64 composition whose state is rounded to the same dtype after every step (a step
+    computed in 16 bits would be ~100x further off)."""
+    g = torch.Generator().manual_seed(11 + (arch == "mamba2"))
+    batch = 3
+    if arch == "mamba1":
+        d_inner, d_state, dt_rank = 37, 5, 7
+        p = dict(conv_weight=_r(g, d_inner, 4, scale=0.5), conv_bias=_r(g, d_inner, scale=0.3),
+                 x_proj_weight=_r(g, dt_rank + 2 * d_state, d_inner, scale=d_inner ** -0.5),
+                 dt_proj_weight=_r(g, d_inner, dt_rank, scale=dt_rank ** -0.5), dt_proj_bias=_r(g, d_inner) - 2,
+                 A_log=torch.log(torch.rand(d_inner, d_state, generator=g, dtype=torch.float64) * 4 + 0.5),
+                 D=_r(g, d_inner))
+        step, width, ssm_shape, kw = mamba1_step, 2 * d_inner, (batch, d_inner, d_state), {}
+        conv_dim = d_inner
+    else:
+        nheads, headdim, d_state, ngroups = 6, 12, 10, 2
+        d_inner = nheads * headdim
+        conv_dim = d_inner + 2 * ngroups * d_state
+        p = dict(conv_weight=_r(g, conv_dim, 4, scale=0.5), conv_bias=_r(g, conv_dim, scale=0.3),
+                 dt_bias=_r(g, nheads, scale=0.5) - 2,
+                 A_log=torch.log(torch.rand(nheads, generator=g, dtype=torch.float64) * 8 + 1), D=_r(g, nheads))
+        step, width, ssm_shape = mamba2_step, d_inner + conv_dim + nheads, (batch, nheads, headdim, d_state)
+        kw = dict(ngroups=ngroups, gate=True)
+    conv64, ssm64 = _r(g, batch, conv_dim, 4), _rounded(_r(g, *ssm_shape), state_dtype)
+    conv32, ssm16 = conv64.float(), ssm64.to(state_dtype)
+    p32 = {k: None if v is None else v.float() for k, v in p.items()}
+    for _ in range(4):
+        xz = _r(g, batch, width)
+        ref = step(xz, conv64, ssm64, **p, **kw, backend="ref")
+        ssm64.copy_(_rounded(ssm64, state_dtype))
+        out = step(xz.float(), conv32, ssm16, **p32, **kw, backend="torch")
+        assert ssm16.dtype == state_dtype and out.dtype == torch.float32
+        assert rel_err(out, ref) < 2e-5
+        assert rel_err(ssm16, ssm64) < 2e-4  # a value within float32 rounding of a tie may round the other way

@@ -81,3 +81,35 @@ def test_lm_graphed_decode_equals_eager_and_forward(layer):
     eager = model.generate(ids[:, :8], max_new_tokens=12, temperature=0)
     graphed = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, cuda_graph=True)
     assert torch.equal(eager, graphed)
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_bf16_state_kernels_equal_the_lean_step(layer):
+    """A bfloat16 SSM state on the GPU: the fused step (float32 arithmetic, the state rounded to nearest once per
+    token) against the lean PyTorch step on the same state; graphed decoding equals eager with that state."""
+    torch.manual_seed(1)
+    cfg = MambaConfig(d_model=256, n_layer=3, vocab_size=1000, ssm_cfg={"layer": layer})
+    model = MambaLMHeadModel(cfg, device="cuda", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 1000, (4, 40), device="cuda")
+    with torch.no_grad():
+        cache = model.allocate_cache(4, state_dtype=torch.bfloat16)
+        model(ids[:, :30], cache=cache)
+        mixer, state = model.backbone.layers[0].mixer, cache.states[0]
+        width = mixer.in_proj.out_features
+        xz = torch.randn(4, width, device="cuda", dtype=torch.bfloat16)
+        step = mamba1_step if layer == "Mamba1" else mamba2_step
+        args = ((mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
+                 mixer.dt_proj.bias, mixer.A_log, mixer.D) if layer == "Mamba1" else
+                (mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D,
+                 mixer.ngroups))
+        runs = {}
+        for backend in ("torch", "triton"):
+            conv, ssm = state.conv.clone(), state.ssm.clone()
+            runs[backend] = step(xz, conv, ssm, *args, backend=backend), ssm
+        assert runs["triton"][1].dtype == torch.bfloat16
+        assert rel_err(runs["triton"][0], runs["torch"][0]) < 1e-2
+        assert rel_err(runs["triton"][1], runs["torch"][1]) < 1e-3
+    eager = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, state_dtype=torch.bfloat16)
+    graphed = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, cuda_graph=True,
+                             state_dtype=torch.bfloat16)
+    assert torch.equal(eager, graphed)

@@ -109,7 +109,6 @@ def _m1_scan_step_kernel(part_ptr, xc_ptr, xz_ptr, wdt_ptr, dtb_ptr, alog_ptr, D
         dt = softplus(dt + dtb)
         h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv[None, :]
         tl.store(st_ptr + s_off, h.to(st_ptr.dtype.element_ty), mask=m2b)
-        h = h.to(st_ptr.dtype.element_ty).to(tl.float32)
         y = tl.sum(h * Cv[None, :], axis=1)
         if HAS_D:
             y += x * Dv
@@ -207,7 +206,6 @@ def _m2_state_step_kernel(xbc_ptr, zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_p
     s = tl.load(st_ptr + s_off, mask=m2, other=0.0).to(tl.float32)
     s = s * dA + (dt * x)[:, None] * Bv[None, :]
     tl.store(st_ptr + s_off, s.to(st_ptr.dtype.element_ty), mask=m2)
-    s = s.to(st_ptr.dtype.element_ty).to(tl.float32)
     y = tl.sum(s * Cv[None, :], axis=1)
     if HAS_D:
         if D_HAS_HDIM:

@@ -212,3 +212,34 @@ def test_mamba1_state_update_blocks(config):
     others = [i for i in range(batch) if i != 5]
     assert torch.isfinite(out_b[others]).all() and not torch.isfinite(out_b[5]).all()
     assert rel_err(out_b[others], ref[others]) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+def test_16bit_state_matches_the_lean_step(arch):
+    """A bfloat16 SSM state: the kernels compute in float32 and store the rounded state, as the lean PyTorch step
+    does (y from the unrounded state in both)."""
+    g = torch.Generator().manual_seed(21 + (arch == "mamba2"))
+    if arch == "mamba1":
+        batch, d_inner, d_state = 2, 70, 6
+        p, step = _f32(_m1_params(g, d_inner, d_state, 5, 4, True, True)), mamba1_step
+        width, conv_dim, ssm_shape, kw = 2 * d_inner, d_inner, (batch, d_inner, d_state), {}
+    else:
+        batch, nheads, headdim, d_state, ngroups = 2, 6, 12, 10, 2
+        p, step = _f32(_m2_params(g, nheads, headdim, d_state, ngroups, 4, False)), mamba2_step
+        d_inner = nheads * headdim
+        conv_dim = d_inner + 2 * ngroups * d_state
+        width, ssm_shape, kw = d_inner + conv_dim + nheads, (batch, nheads, headdim, d_state), dict(ngroups=ngroups)
+    conv = torch.randn(batch, conv_dim, 4, generator=g)
+    ssm = torch.randn(*ssm_shape, generator=g).bfloat16()
+    states = {b: (conv.clone(), ssm.clone()) for b in ("torch", "triton")}
+    for _ in range(3):  # each step from the same state (the two roundings would drift apart over steps)
+        for a, b in zip(states["triton"], states["torch"]):
+            a.copy_(b)
+        xz = torch.randn(batch, width, generator=g)
+        ref = step(xz, *states["torch"], **p, **kw, backend="torch")
+        out = step(xz, *states["triton"], **p, **kw, backend="triton")
+        assert states["triton"][1].dtype == torch.bfloat16
+        assert rel_err(out, ref) < 1e-5
+        got, want = (states[b][1].double() for b in ("triton", "torch"))
+        # within one bfloat16 unit: the interpreter rounds its 16-bit stores toward zero, the GPU to nearest
+        assert ((got - want).abs() <= want.abs() * 2.0 ** -7).all()

@@ -107,8 +107,9 @@ def test_bf16_state_kernels_equal_the_lean_step(layer):
             conv, ssm = state.conv.clone(), state.ssm.clone()
             runs[backend] = step(xz, conv, ssm, *args, backend=backend), ssm
         assert runs["triton"][1].dtype == torch.bfloat16
-        assert rel_err(runs["triton"][0], runs["torch"][0]) < 1e-2
-        assert rel_err(runs["triton"][1], runs["torch"][1]) < 1e-3
+        # bf16 weights and inputs: the lean step rounds x_proj's and dt_proj's outputs to bf16, the kernel does not
+        assert rel_err(runs["triton"][0], runs["torch"][0]) < 2e-2
+        assert rel_err(runs["triton"][1], runs["torch"][1]) < 2e-2
     eager = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, state_dtype=torch.bfloat16)
     graphed = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, cuda_graph=True,
                              state_dtype=torch.bfloat16)

@@ -261,12 +261,10 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
     choice = _pick(backend, zxbcdt, lambda: dt_transform is None and ssm_state.is_contiguous()
                    and _fusable(zxbcdt, conv_state, ssm_state, conv_weight))
     if choice == "triton":
-        from mambakit.ops.triton.decode import conv1d_update_triton
-        from mambakit.ops.triton.mixer_step import mamba2_state_step_triton
+        from mambakit.ops.triton.mamba2_conv_step import mamba2_conv_state_step_triton
 
-        xbc = conv1d_update_triton(zxbcdt[:, d_inner:d_inner + conv_dim], conv_state, conv_weight, conv_bias, "silu")
-        return mamba2_state_step_triton(xbc, zxbcdt, d_inner + conv_dim, dt_bias, A_log, D, ssm_state, ngroups,
-                                        dt_limit, gate)
+        return mamba2_conv_state_step_triton(zxbcdt, conv_state, conv_weight.contiguous(), conv_bias, dt_bias, A_log,
+                                             D, ssm_state, ngroups, dt_limit, gate)
     if ssm_state.dtype in _HALF:  # float32 arithmetic; the state rounded once per step
         work = ssm_state.float()
         y = mamba2_step(zxbcdt, conv_state, work, conv_weight, conv_bias, dt_bias, A_log, D, ngroups, dt_limit, gate,

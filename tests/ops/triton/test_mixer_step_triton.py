@@ -21,6 +21,7 @@ from tests.ops.triton import interpreted_module  # noqa: E402
 
 interpreted_module("mambakit.ops.triton.decode")
 interpreted_module("mambakit.ops.triton.mixer_step")
+interpreted_module("mambakit.ops.triton.mamba2_conv_step")
 
 
 def _m1_params(g, d_inner, d_state, dt_rank, d_conv, conv_bias, with_D):
@@ -132,6 +133,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from mambakit.ops.triton import mixer_step as ms
+from mambakit.ops.triton import mamba2_conv_step as cs
 
 bf, f32 = "*bf16", "*fp32"
 kernels = {
@@ -147,6 +149,11 @@ kernels = {
     "m2_state_step": (ms._m2_state_step_kernel, dict(xbc_ptr=bf, zx_ptr=bf, dtb_ptr=f32, alog_ptr=f32, D_ptr=f32,
                                                      st_ptr=f32, y_ptr=bf, dt_lo="fp32", dt_hi="fp32"),
                       dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=False, CLAMP=False, BLOCK_P=8, NP=128)),
+    "m2_conv_state_step": (cs._m2_conv_state_step_kernel,
+                           dict(zx_ptr=bf, cs_ptr=bf, cw_ptr=bf, cb_ptr=bf, cnt_ptr="*i32", dtb_ptr=f32,
+                                alog_ptr=f32, D_ptr=f32, st_ptr=f32, y_ptr=bf, dt_lo="fp32", dt_hi="fp32"),
+                           dict(HAS_CB=True, HAS_D=True, D_HAS_HDIM=False, HAS_Z=False, CLAMP=False, BLOCK_P=16,
+                                NP=128, WP=4)),
 }
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for name, (fn, types, consts) in kernels.items():
@@ -177,7 +184,8 @@ def test_kernels_compile_for_sm90_without_spills():
     if run.stdout.startswith("API"):
         pytest.skip(f"this Triton's compile API differs: {run.stdout}")
     lines = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
-    assert set(lines) == {"m1_conv_xproj", "m1_scan_step", "m1_scan_step_gemm", "m2_state_step"}, run.stdout
+    assert set(lines) == {"m1_conv_xproj", "m1_scan_step", "m1_scan_step_gemm", "m2_state_step",
+                          "m2_conv_state_step"}, run.stdout
     for name, usage in lines.items():
         assert "REG:" in usage and "LOCAL:0" in usage and "STACK:0" in usage, f"{name}: {usage}"
 
@@ -243,3 +251,35 @@ def test_16bit_state_matches_the_lean_step(arch):
         got, want = (states[b][1].double() for b in ("triton", "torch"))
         # within one bfloat16 unit: the interpreter rounds its 16-bit stores toward zero, the GPU to nearest
         assert ((got - want).abs() <= want.abs() * 2.0 ** -7).all()
+
+
+@pytest.mark.parametrize("block_p", [4, 0])
+def test_mamba2_one_kernel_step_equals_the_conv_then_state_kernels(block_p):
+    """The fused Mamba-2 step (conv + state in one kernel, the group's B/C windows written by their last reader)
+    against the separate conv kernel then the state-step kernel: same outputs and states, with several readers per
+    group (block_p 4: 3 blocks x 3 heads), a strided conv state, and the reader counts back at zero after each step."""
+    from mambakit.ops.triton.decode import conv1d_update_triton
+    from mambakit.ops.triton.mamba2_conv_step import mamba2_conv_state_step_triton
+    from mambakit.ops.triton.mixer_step import mamba2_state_step_triton
+
+    g = torch.Generator().manual_seed(7 + block_p)
+    batch, nheads, headdim, d_state, ngroups = 3, 6, 12, 10, 2
+    p = _f32(_m2_params(g, nheads, headdim, d_state, ngroups, 4, False))
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    conv = torch.randn(batch, 4, conv_dim, generator=g).transpose(1, 2)  # (batch, conv_dim, 4), strided
+    ssm = torch.randn(batch, nheads, headdim, d_state, generator=g)
+    fused_states, ref_states = (conv.clone().transpose(1, 2).contiguous().transpose(1, 2), ssm.clone()), \
+        (conv.clone(), ssm.clone())
+    args = (p["dt_bias"], p["A_log"], p["D"])
+    for _ in range(3):
+        zx = torch.randn(batch, d_inner + conv_dim + nheads, generator=g)
+        xbc = conv1d_update_triton(zx[:, d_inner:d_inner + conv_dim], ref_states[0], p["conv_weight"],
+                                   p["conv_bias"], "silu")
+        ref = mamba2_state_step_triton(xbc, zx, d_inner + conv_dim, *args, ref_states[1], ngroups,
+                                       (0.0, float("inf")), True)
+        out = mamba2_conv_state_step_triton(zx, fused_states[0], p["conv_weight"], p["conv_bias"], *args,
+                                            fused_states[1], ngroups, (0.0, float("inf")), True, block_p=block_p)
+        assert torch.equal(out, ref)
+        assert torch.equal(fused_states[0], ref_states[0]) and torch.equal(fused_states[1], ref_states[1])
+        assert not fused_states[0]._mambakit_reader_counts.any()

@@ -139,6 +139,10 @@ def _conv_silu_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optiona
 
 _HALF = (torch.bfloat16, torch.float16)
 
+#: Mamba-2's Triton step as one kernel (the conv update inside the state step, `mambakit.ops.triton.mamba2_conv_step`);
+#: False: the conv kernel, then the state-step kernel (same results; kept for side-by-side timing)
+M2_CONV_IN_STEP = True
+
 
 def _fusable(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or (t.dtype != torch.float64 and t.stride(-1) == 1) for t in tensors)
@@ -261,6 +265,14 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
     choice = _pick(backend, zxbcdt, lambda: dt_transform is None and ssm_state.is_contiguous()
                    and _fusable(zxbcdt, conv_state, ssm_state, conv_weight))
     if choice == "triton":
+        if not M2_CONV_IN_STEP:
+            from mambakit.ops.triton.decode import conv1d_update_triton
+            from mambakit.ops.triton.mixer_step import mamba2_state_step_triton
+
+            xbc = conv1d_update_triton(zxbcdt[:, d_inner:d_inner + conv_dim], conv_state, conv_weight, conv_bias,
+                                       "silu")
+            return mamba2_state_step_triton(xbc, zxbcdt, d_inner + conv_dim, dt_bias, A_log, D, ssm_state, ngroups,
+                                            dt_limit, gate)
         from mambakit.ops.triton.mamba2_conv_step import mamba2_conv_state_step_triton
 
         return mamba2_conv_state_step_triton(zxbcdt, conv_state, conv_weight.contiguous(), conv_bias, dt_bias, A_log,

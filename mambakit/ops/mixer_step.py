@@ -139,9 +139,10 @@ def _conv_silu_step(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optiona
 
 _HALF = (torch.bfloat16, torch.float16)
 
-#: Mamba-2's Triton step as one kernel (the conv update inside the state step, `mambakit.ops.triton.mamba2_conv_step`);
-#: False: the conv kernel, then the state-step kernel (same results; kept for side-by-side timing)
-M2_CONV_IN_STEP = True
+#: Mamba-2's Triton step as one kernel (the conv update inside the state step, `mambakit.ops.triton.mamba2_conv_step`:
+#: its B/C windows are written by their last reader, which only a GPU run can exercise); False (the default until it
+#: has run on the GPU): the conv kernel, then the state-step kernel (the same results)
+M2_CONV_IN_STEP = False
 
 
 def _fusable(*tensors: Optional[Tensor]) -> bool:

@@ -79,8 +79,12 @@ M2_CASES = {  # batch, nheads, headdim, d_state, ngroups, D per channel, dt_limi
 }
 
 
+@pytest.mark.parametrize("one_kernel", [False, True], ids=["conv-then-state", "one-kernel"])
 @pytest.mark.parametrize("case", M2_CASES)
-def test_mamba2_step_matches_float64_composition(case):
+def test_mamba2_step_matches_float64_composition(case, one_kernel, monkeypatch):
+    import mambakit.ops.mixer_step as mixer_step
+
+    monkeypatch.setattr(mixer_step, "M2_CONV_IN_STEP", one_kernel)
     batch, nheads, headdim, d_state, ngroups, per_channel, dt_limit, gate = M2_CASES[case]
     g = torch.Generator().manual_seed(hash(case) % 2**31)
     p64 = _m2_params(g, nheads, headdim, d_state, ngroups, 4, per_channel)

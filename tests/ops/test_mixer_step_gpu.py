@@ -114,3 +114,35 @@ def test_bf16_state_kernels_equal_the_lean_step(layer):
     graphed = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, cuda_graph=True,
                              state_dtype=torch.bfloat16)
     assert torch.equal(eager, graphed)
+
+
+@pytest.mark.parametrize("batch,nheads,ngroups,dtype,state_dtype", [
+    (1, 24, 1, torch.bfloat16, torch.float32), (16, 24, 1, torch.bfloat16, torch.bfloat16),
+    (64, 24, 1, torch.bfloat16, torch.float32), (7, 32, 8, torch.bfloat16, torch.float32),
+    (5, 48, 2, torch.float32, torch.float32)])
+def test_one_kernel_mamba2_step_equals_conv_then_state_kernels(batch, nheads, ngroups, dtype, state_dtype):
+    """The one-kernel Mamba-2 step (`mixer_step.M2_CONV_IN_STEP`; the group's B/C conv windows written by their last
+    reader) against the conv kernel then the state kernel, bitwise, over 200 steps: a reader that saw a window
+    already shifted by the last reader (a missing acquire-release) would differ."""
+    from mambakit.ops.triton.decode import conv1d_update_triton
+    from mambakit.ops.triton.mamba2_conv_step import mamba2_conv_state_step_triton
+    from mambakit.ops.triton.mixer_step import mamba2_state_step_triton
+
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    headdim, d_state = 64, 128 if ngroups < 8 else 64
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    cw, cb = (r(conv_dim, 4) * 0.5).to(dtype), (r(conv_dim) * 0.3).to(dtype)
+    dt_bias, A_log, D = r(nheads) * 0.5 - 2, torch.log(torch.rand(nheads, device="cuda", generator=g) * 8 + 1), r(nheads)
+    conv, ssm = r(batch, conv_dim, 4).to(dtype), r(batch, nheads, headdim, d_state).to(state_dtype)
+    two, one = (conv.clone(), ssm.clone()), (conv.clone(), ssm.clone())
+    for _ in range(200):
+        zx = r(batch, d_inner + conv_dim + nheads).to(dtype)
+        xbc = conv1d_update_triton(zx[:, d_inner:d_inner + conv_dim], two[0], cw, cb, "silu")
+        y2 = mamba2_state_step_triton(xbc, zx, d_inner + conv_dim, dt_bias, A_log, D, two[1], ngroups,
+                                      (0.0, float("inf")), False)
+        y1 = mamba2_conv_state_step_triton(zx, one[0], cw, cb, dt_bias, A_log, D, one[1], ngroups,
+                                           (0.0, float("inf")), False)
+        assert torch.equal(y1, y2) and torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert not one[0]._mambakit_reader_counts.any()

@@ -134,7 +134,8 @@ def test_one_kernel_mamba2_step_equals_conv_then_state_kernels(batch, nheads, ng
     conv_dim = d_inner + 2 * ngroups * d_state
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     cw, cb = (r(conv_dim, 4) * 0.5).to(dtype), (r(conv_dim) * 0.3).to(dtype)
-    dt_bias, A_log, D = r(nheads) * 0.5 - 2, torch.log(torch.rand(nheads, device="cuda", generator=g) * 8 + 1), r(nheads)
+    dt_bias, D = r(nheads) * 0.5 - 2, r(nheads)
+    A_log = torch.log(torch.rand(nheads, device="cuda", generator=g) * 8 + 1)
     conv, ssm = r(batch, conv_dim, 4).to(dtype), r(batch, nheads, headdim, d_state).to(state_dtype)
     two, one = (conv.clone(), ssm.clone()), (conv.clone(), ssm.clone())
     for _ in range(200):

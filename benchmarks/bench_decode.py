@@ -262,6 +262,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="weights and activations (default: bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--gemv-max-batch", type=int, default=None,
                     help="set mambakit.ops.norm_linear.GEMV_MAX_BATCH (the norm-fused GEMV kernels up to this batch)")
+    ap.add_argument("--m2-conv-in-step", action=argparse.BooleanOptionalAction, default=None,
+                    help="Mamba-2's Triton step as one kernel (the conv inside the state step) or as two (default: "
+                         "the library's setting, mambakit.ops.mixer_step.M2_CONV_IN_STEP)")
     ap.add_argument("--plain-gemv", action=argparse.BooleanOptionalAction, default=None,
                     help="send plain projections to the GEMV kernel too, or not (default: the library's setting, "
                          "mambakit.ops.norm_linear.PLAIN_GEMV)")
@@ -272,12 +275,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         norm_linear.GEMV_MAX_BATCH = args.gemv_max_batch
     if args.plain_gemv is not None:
         norm_linear.PLAIN_GEMV = args.plain_gemv
+    import mambakit.ops.mixer_step as mixer_step
+
+    if args.m2_conv_in_step is not None:
+        mixer_step.M2_CONV_IN_STEP = args.m2_conv_in_step
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.tiny:
         args.shapes, args.prompt, args.new_tokens, args.check_tokens, args.vocab = ["tiny"], 16, 4, 4, 256
         args.batches = [b for b in args.batches if b <= 2] or [1]
     print(f"# {device_line()}")
-    print(f"# GEMV_MAX_BATCH={norm_linear.GEMV_MAX_BATCH} PLAIN_GEMV={norm_linear.PLAIN_GEMV}")
+    print(f"# GEMV_MAX_BATCH={norm_linear.GEMV_MAX_BATCH} PLAIN_GEMV={norm_linear.PLAIN_GEMV} "
+          f"M2_CONV_IN_STEP={mixer_step.M2_CONV_IN_STEP}")
     official = None if args.no_official or args.device != "cuda" else import_official()
     rows = Rows("decode")
     for shape in args.shapes:

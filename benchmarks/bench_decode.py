@@ -265,6 +265,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--m2-conv-in-step", action=argparse.BooleanOptionalAction, default=None,
                     help="Mamba-2's Triton step as one kernel (the conv inside the state step) or as two (default: "
                          "the library's setting, mambakit.ops.mixer_step.M2_CONV_IN_STEP)")
+    ap.add_argument("--m2-norm-in-step", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --m2-conv-in-step, the gated RMSNorm inside that kernel beyond the GEMV batch "
+                         "(default: mambakit.ops.mixer_step.M2_NORM_IN_STEP)")
     ap.add_argument("--plain-gemv", action=argparse.BooleanOptionalAction, default=None,
                     help="send plain projections to the GEMV kernel too, or not (default: the library's setting, "
                          "mambakit.ops.norm_linear.PLAIN_GEMV)")
@@ -279,13 +282,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     if args.m2_conv_in_step is not None:
         mixer_step.M2_CONV_IN_STEP = args.m2_conv_in_step
+    if args.m2_norm_in_step is not None:
+        mixer_step.M2_NORM_IN_STEP = args.m2_norm_in_step
     args.dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     if args.tiny:
         args.shapes, args.prompt, args.new_tokens, args.check_tokens, args.vocab = ["tiny"], 16, 4, 4, 256
         args.batches = [b for b in args.batches if b <= 2] or [1]
     print(f"# {device_line()}")
     print(f"# GEMV_MAX_BATCH={norm_linear.GEMV_MAX_BATCH} PLAIN_GEMV={norm_linear.PLAIN_GEMV} "
-          f"M2_CONV_IN_STEP={mixer_step.M2_CONV_IN_STEP}")
+          f"M2_CONV_IN_STEP={mixer_step.M2_CONV_IN_STEP} M2_NORM_IN_STEP={mixer_step.M2_NORM_IN_STEP}")
     official = None if args.no_official or args.device != "cuda" else import_official()
     rows = Rows("decode")
     for shape in args.shapes:

@@ -22,6 +22,7 @@ from mambakit.layers.norm import RMSNormGated
 from mambakit.layers.state import SSMState, float_state, ssm_state_dtype
 from mambakit.layers.step import (PreNorm, gated_norm_project_step, norm_project_step, plain_linear,
                                    project_step)
+from mambakit.ops import mixer_step, norm_linear
 from mambakit.ops.conv1d import causal_conv1d_fn, conv_state_after
 from mambakit.ops.dt import mask_dt, process_dt
 from mambakit.ops.mamba2_inner import fused_available, mamba2_inner
@@ -263,6 +264,17 @@ class Mamba2(DtTransformMixin, nn.Module):
                             eps=self.norm.eps, norm_before_gate=self.norm.norm_before_gate, dt_limit=self.dt_limit,
                             seq_idx=seq_idx, A_log=self.A_log, backend="triton")  # A = -exp(A_log) inside the op
 
+    def _norm_in_step(self, zxbcdt: Tensor) -> bool:
+        """Whether this step's gated RMSNorm runs inside the one-kernel Triton step (`mixer_step.M2_NORM_IN_STEP`):
+        CUDA, a batch beyond the out_proj GEMV's (which fuses the norm itself), the plain norm over groups of
+        d_inner / ngroups, no d_mlp part."""
+        if not (mixer_step.M2_CONV_IN_STEP and mixer_step.M2_NORM_IN_STEP and zxbcdt.is_cuda and self.rmsnorm):
+            return False
+        norm = self.norm
+        return (self.d_mlp == 0 and zxbcdt.shape[0] > norm_linear.GEMV_MAX_BATCH and type(norm) is RMSNormGated
+                and not (norm._forward_hooks or norm._forward_pre_hooks)
+                and norm.group_size == self.d_inner // self.ngroups)
+
     #: `step` takes a `PreNorm` (the block's residual add + RMSNorm, fused into in_proj)
     step_fuses_pre_norm = True
 
@@ -281,11 +293,15 @@ class Mamba2(DtTransformMixin, nn.Module):
         hook = self.dt_transform
         transform = None if hook is None else (lambda dt: hook(dt[:, None])[:, 0])
         ssm_part = zxbcdt if self.d_mlp == 0 else zxbcdt[:, 2 * self.d_mlp:].contiguous()  # [z, x, B, C, dt]
+        norm_here = transform is None and self._norm_in_step(zxbcdt)
         y = mamba2_step(ssm_part, state.conv, state.ssm, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                         self.dt_bias, self.A_log, self.D, self.ngroups, self.dt_limit, gate=not self.rmsnorm,
-                        dt_transform=transform)
+                        dt_transform=transform,
+                        norm=(self.norm.weight, self.norm.eps, self.norm.norm_before_gate) if norm_here else None)
         y = y.to(zxbcdt.dtype)
-        if self.d_mlp > 0:
+        if norm_here:
+            out = project_step(self.out_proj, y)
+        elif self.d_mlp > 0:
             out = project_step(self.out_proj, self._gated(y, zxbcdt[:, :2 * self.d_mlp + self.d_ssm]))
         elif self.rmsnorm:
             out = gated_norm_project_step(self.norm, self.out_proj, y, zxbcdt[:, :self.d_inner])

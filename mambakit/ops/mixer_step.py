@@ -28,6 +28,7 @@ from mambakit.ops.ssd import ssd_step
 
 from mambakit.ops.backends import check_backend
 from mambakit.ops.dt import process_dt
+from mambakit.ops.norm import rms_norm_gated
 
 DtTransform = Callable[[Tensor], Tensor]
 
@@ -144,6 +145,12 @@ _HALF = (torch.bfloat16, torch.float16)
 #: has run on the GPU): the conv kernel, then the state-step kernel (the same results)
 M2_CONV_IN_STEP = False
 
+#: with M2_CONV_IN_STEP, Mamba-2 layers beyond the GEMV batch (`norm_linear.GEMV_MAX_BATCH`, where the out_proj
+#: GEMV fuses the norm instead) also fold their gated RMSNorm into that kernel (`mamba2_step(norm=...)`: the last
+#: program of each row and group normalises it); off by default for the same reason
+M2_NORM_IN_STEP = False
+
+
 
 def _fusable(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or (t.dtype != torch.float64 and t.stride(-1) == 1) for t in tensors)
@@ -239,7 +246,7 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
                 conv_bias: Optional[Tensor], dt_bias: Tensor, A_log: Tensor, D: Optional[Tensor], ngroups: int,
                 dt_limit: tuple[float, float] = (0.0, float("inf")), gate: bool = False,
                 dt_transform: Optional[DtTransform] = None, backend: str = "auto",
-                A: Optional[Tensor] = None) -> Tensor:
+                A: Optional[Tensor] = None, norm: Optional[tuple[Tensor, float, bool]] = None) -> Tensor:
     """One Mamba-2 token after in_proj.
 
     zxbcdt: (batch, 2 * d_inner + 2 * ngroups * d_state + nheads), [z, x, B, C, dt]; conv_state: (batch, conv_dim,
@@ -248,11 +255,19 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
     (nheads,) or (d_inner,); dt_limit: dt clamped to it after the softplus. gate: apply SiLU(z) here (a layer without
     its gated RMSNorm). dt_transform: rewrites the pre-bias dt (batch, nheads) (ReMamba); it runs the PyTorch path.
     backend: as `mamba1_step` ("ref": conv1d update + `ssd_step`). A: (nheads,) -exp(A_log) when the caller keeps it
-    (the lean PyTorch step then skips forming it).
-    Returns y: (batch, d_inner) in zxbcdt's dtype, before the gated norm and out_proj.
+    (the lean PyTorch step then skips forming it). norm: (weight (d_inner,), eps, norm_before_gate): also apply the
+    gated RMSNorm per group of d_inner / ngroups channels (gate must be False); inside the one-kernel Triton step
+    when `M2_CONV_IN_STEP` is on.
+    Returns y: (batch, d_inner) in zxbcdt's dtype, before the gated norm (after it with norm) and out_proj.
     """
     batch, nheads, headdim, d_state = ssm_state.shape
     d_inner = nheads * headdim
+    if norm is not None:
+        if gate:
+            raise MambaKitError("mamba2_step: norm and gate exclude each other (the norm gates by SiLU(z) itself)")
+        if tuple(norm[0].shape) != (d_inner,):
+            raise MambaKitError(f"mamba2_step: the norm weight must have shape ({d_inner},), got "
+                                f"{tuple(norm[0].shape)}")
     conv_dim = d_inner + 2 * ngroups * d_state
     if ngroups < 1 or nheads % ngroups:
         raise MambaKitError(f"ngroups must divide nheads={nheads}, got {ngroups}")
@@ -265,19 +280,22 @@ def mamba2_step(zxbcdt: Tensor, conv_state: Tensor, ssm_state: Tensor, conv_weig
         raise MambaKitError(f"D must have shape ({nheads},) or ({d_inner},), got {tuple(D.shape)}")
     choice = _pick(backend, zxbcdt, lambda: dt_transform is None and ssm_state.is_contiguous()
                    and _fusable(zxbcdt, conv_state, ssm_state, conv_weight))
-    if choice == "triton":
-        if not M2_CONV_IN_STEP:
-            from mambakit.ops.triton.decode import conv1d_update_triton
-            from mambakit.ops.triton.mixer_step import mamba2_state_step_triton
-
-            xbc = conv1d_update_triton(zxbcdt[:, d_inner:d_inner + conv_dim], conv_state, conv_weight, conv_bias,
-                                       "silu")
-            return mamba2_state_step_triton(xbc, zxbcdt, d_inner + conv_dim, dt_bias, A_log, D, ssm_state, ngroups,
-                                            dt_limit, gate)
+    if choice == "triton" and M2_CONV_IN_STEP:
         from mambakit.ops.triton.mamba2_conv_step import mamba2_conv_state_step_triton
 
         return mamba2_conv_state_step_triton(zxbcdt, conv_state, conv_weight.contiguous(), conv_bias, dt_bias, A_log,
-                                             D, ssm_state, ngroups, dt_limit, gate)
+                                             D, ssm_state, ngroups, dt_limit, gate, norm=norm)
+    if norm is not None:  # the step, then the norm on its rounded output (as the layer's own two calls)
+        y = mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, ngroups, dt_limit,
+                        False, dt_transform, choice, A)
+        return rms_norm_gated(y, zxbcdt[:, :d_inner], norm[0], norm[1], d_inner // ngroups, norm[2])
+    if choice == "triton":
+        from mambakit.ops.triton.decode import conv1d_update_triton
+        from mambakit.ops.triton.mixer_step import mamba2_state_step_triton
+
+        xbc = conv1d_update_triton(zxbcdt[:, d_inner:d_inner + conv_dim], conv_state, conv_weight, conv_bias, "silu")
+        return mamba2_state_step_triton(xbc, zxbcdt, d_inner + conv_dim, dt_bias, A_log, D, ssm_state, ngroups,
+                                        dt_limit, gate)
     if ssm_state.dtype in _HALF:  # float32 arithmetic; the state rounded once per step
         work = ssm_state.float()
         y = mamba2_step(zxbcdt, conv_state, work, conv_weight, conv_bias, dt_bias, A_log, D, ngroups, dt_limit, gate,

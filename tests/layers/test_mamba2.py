@@ -54,3 +54,27 @@ def test_padding_mask_leaves_state_untouched():
 def test_invalid_configurations(kwargs, msg):
     with pytest.raises(MambaKitError, match=msg):
         Mamba2(**kwargs)
+
+
+def test_step_with_the_norm_inside_equals_the_separate_norm(monkeypatch):
+    """The step's wiring when the gated norm runs inside the mixer step (`mixer_step.M2_NORM_IN_STEP`; here the
+    PyTorch composition behind `mamba2_step(norm=...)`): same output and states as the norm after the step."""
+    import torch
+
+    from mambakit.layers.mamba2 import Mamba2
+
+    torch.manual_seed(0)
+    layer = Mamba2(d_model=32, d_state=8, headdim=8, ngroups=2).eval()
+    h = torch.randn(3, 1, 32)
+    states = [layer.allocate_state(3) for _ in range(2)]
+    for s in states:
+        s.conv.normal_()
+        s.ssm.normal_()
+    states[1].conv.copy_(states[0].conv)
+    states[1].ssm.copy_(states[0].ssm)
+    with torch.no_grad():
+        ref = layer.step(h, states[0])
+        monkeypatch.setattr(Mamba2, "_norm_in_step", lambda self, zxbcdt: True)
+        out = layer.step(h, states[1])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(states[1].ssm, states[0].ssm, rtol=0, atol=0)

@@ -147,3 +147,29 @@ def test_one_kernel_mamba2_step_equals_conv_then_state_kernels(batch, nheads, ng
                                            (0.0, float("inf")), False)
         assert torch.equal(y1, y2) and torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     assert not one[0]._mambakit_reader_counts.any()
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_lm_one_kernel_step_with_the_norm_inside(state_dtype, monkeypatch):
+    """A Mamba-2 LM (ngroups 2) decoding with the one-kernel step and the gated norm inside it (both switches on,
+    batch 4 beyond the GEMV batch): steps after a prefill equal the forward, graphed equals eager, and the tokens
+    equal the default two-kernel path's."""
+    import mambakit.ops.mixer_step as mixer_step
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(d_model=256, n_layer=3, vocab_size=1000,
+                      ssm_cfg={"layer": "Mamba2", "ngroups": 2, "headdim": 32, "d_state": 64})
+    model = MambaLMHeadModel(cfg, device="cuda", dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (4, 40), device="cuda")
+    baseline = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, state_dtype=state_dtype)
+    monkeypatch.setattr(mixer_step, "M2_CONV_IN_STEP", True)
+    monkeypatch.setattr(mixer_step, "M2_NORM_IN_STEP", True)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.allocate_cache(4, state_dtype=state_dtype)
+        model(ids[:, :30], cache=cache)
+        stepped = torch.stack([model.step(ids[:, t], cache) for t in range(30, 40)], 1)
+    assert rel_err(stepped, full[:, 30:]) < (1e-4 if state_dtype is None else 2e-2)
+    eager = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, state_dtype=state_dtype)
+    graphed = model.generate(ids[:, :8], max_new_tokens=12, temperature=0, cuda_graph=True, state_dtype=state_dtype)
+    assert torch.equal(eager, graphed) and torch.equal(eager, baseline)

@@ -46,11 +46,12 @@ def _conv_window(zx_ptr, cs_ptr, cw_ptr, cb_ptr, b, c, mc, col0, width, s_zxb, s
 
 @triton.jit
 def _m2_conv_state_step_kernel(zx_ptr, cs_ptr, cw_ptr, cb_ptr, cnt_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr,
-                               headdim, dstate, heads_per_group, d_inner, ngroups, width, readers, dt_col,
-                               s_zxb, s_csb, s_csd, s_csw, s_sb, s_sh, s_sp, dt_lo, dt_hi,
+                               nw_ptr, part_ptr, headdim, dstate, heads_per_group, d_inner, ngroups, width, readers,
+                               dt_col, s_zxb, s_csb, s_csd, s_csw, s_sb, s_sh, s_sp, dt_lo, dt_hi, eps,
                                HAS_CB: tl.constexpr, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr,
-                               HAS_Z: tl.constexpr, CLAMP: tl.constexpr, BLOCK_P: tl.constexpr, NP: tl.constexpr,
-                               WP: tl.constexpr):
+                               HAS_Z: tl.constexpr, CLAMP: tl.constexpr, NORM: tl.constexpr,
+                               NORM_BEFORE_GATE: tl.constexpr, BLOCK_P: tl.constexpr, NP: tl.constexpr,
+                               WP: tl.constexpr, RP: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -95,6 +96,44 @@ def _m2_conv_state_step_kernel(zx_ptr, cs_ptr, cw_ptr, cb_ptr, cnt_ptr, dtb_ptr,
         z = tl.load(zx_ptr + b * s_zxb + h * headdim + p, mask=mp, other=0.0).to(tl.float32)
         y = y * (z * tl.sigmoid(z))
     tl.store(y_ptr + b * d_inner + h * headdim + p, y.to(y_ptr.dtype.element_ty), mask=mp)
+    if NORM:
+        _gated_norm_tail(zx_ptr, y_ptr, nw_ptr, part_ptr, cnt_ptr + b * ngroups + g + ngroups * tl.num_programs(2),
+                         b, g, y.to(y_ptr.dtype.element_ty).to(tl.float32), h * headdim + p, mp,
+                         (h - g * heads_per_group) * tl.num_programs(0) + pid_p, readers, heads_per_group * headdim,
+                         d_inner, ngroups, s_zxb, eps, NORM_BEFORE_GATE, RP, BLOCK_C)
+
+
+@triton.jit
+def _gated_norm_tail(zx_ptr, y_ptr, nw_ptr, part_ptr, cnt_ptr, b, g, y, c, mc, reader, readers, group_size, d_inner,
+                     ngroups, s_zxb, eps, NORM_BEFORE_GATE: tl.constexpr, RP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The gated RMSNorm of the group after its last writer: this program's y (its channels c, rounded to the output
+    dtype as stored) adds its sum of squares to the group's partials; the last of the group's programs to get here
+    sums them in reader order and rewrites the group's channels normalised (norm(y * silu(z)) * w, or norm(y) * w *
+    silu(z)), then resets the count."""
+    gate = y
+    if not NORM_BEFORE_GATE:
+        z = tl.load(zx_ptr + b * s_zxb + c, mask=mc, other=0.0).to(tl.float32)
+        gate = y * (z * tl.sigmoid(z))
+    row = b * ngroups + g
+    tl.store(part_ptr + row * readers + reader, tl.sum(tl.where(mc, gate * gate, 0.0), axis=0))
+    done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+    if done == readers - 1:
+        r = tl.arange(0, RP)
+        total = tl.sum(tl.load(part_ptr + row * readers + r, mask=r < readers, other=0.0), axis=0)
+        rstd = 1.0 / tl.sqrt(total / group_size + eps)
+        for c0 in range(0, group_size, BLOCK_C):
+            cc = g * group_size + c0 + tl.arange(0, BLOCK_C)
+            m = c0 + tl.arange(0, BLOCK_C) < group_size
+            yv = tl.load(y_ptr + b * d_inner + cc, mask=m, other=0.0).to(tl.float32)
+            zv = tl.load(zx_ptr + b * s_zxb + cc, mask=m, other=0.0).to(tl.float32)
+            sz = zv * tl.sigmoid(zv)
+            w = tl.load(nw_ptr + cc, mask=m, other=0.0).to(tl.float32)
+            if NORM_BEFORE_GATE:
+                out = yv * rstd * w * sz
+            else:
+                out = yv * sz * rstd * w
+            tl.store(y_ptr + b * d_inner + cc, out.to(y_ptr.dtype.element_ty), mask=m)
+        tl.atomic_xchg(cnt_ptr, 0, sem="release")
 
 
 def _reader_counts(conv_state: Tensor, rows: int) -> Tensor:
@@ -110,12 +149,15 @@ def _reader_counts(conv_state: Tensor, rows: int) -> Tensor:
 def mamba2_conv_state_step_triton(zxbcdt: Tensor, conv_state: Tensor, conv_weight: Tensor,
                                   conv_bias: Optional[Tensor], dt_bias: Tensor, A_log: Tensor, D: Optional[Tensor],
                                   ssm_state: Tensor, ngroups: int, dt_limit: tuple[float, float], gate: bool,
-                                  block_p: int = 0, num_warps: int = 8) -> Tensor:
+                                  norm: Optional[tuple[Tensor, float, bool]] = None, block_p: int = 0,
+                                  num_warps: int = 8) -> Tensor:
     """zxbcdt: (batch, 2 * d_inner + 2 * ngroups * d_state + nheads) in_proj output [z, x, B, C, dt], last dim
     contiguous; conv_state: (batch, conv_dim, width) and ssm_state: (batch, nheads, headdim, d_state, contiguous)
     updated in place; conv_weight: (conv_dim, width) contiguous; gate: multiply by SiLU(z) here. block_p: head-dim
     rows per program (a power of two; 0: 2048 // d_state, the state step's default). Shapes are checked by
-    `mambakit.ops.mixer_step.mamba2_step`. Returns y: (batch, nheads * headdim) in zxbcdt's dtype."""
+    `mambakit.ops.mixer_step.mamba2_step`. norm: (weight (d_inner,), eps, norm_before_gate): the gated RMSNorm per
+    group of d_inner / ngroups channels applied here too (z from zxbcdt; gate must then be False). Returns y:
+    (batch, nheads * headdim) in zxbcdt's dtype."""
     batch, nheads, headdim, d_state = ssm_state.shape
     d_inner = nheads * headdim
     width = conv_state.shape[2]
@@ -123,15 +165,21 @@ def mamba2_conv_state_step_triton(zxbcdt: Tensor, conv_state: Tensor, conv_weigh
     block_p = block_p or max(1, min(next_power_of_2(headdim), 2048 // np_))
     heads_per_group = nheads // ngroups
     readers = cdiv(headdim, block_p) * heads_per_group
-    counts = _reader_counts(conv_state, batch * ngroups)
+    counts = _reader_counts(conv_state, 2 * batch * ngroups)  # the conv windows' readers, then the norm's writers
     y = torch.empty(batch, d_inner, device=zxbcdt.device, dtype=zxbcdt.dtype)
     clamp = tuple(dt_limit) != (0.0, float("inf"))
+    norm_weight, eps, norm_before_gate = norm if norm is not None else (A_log, 0.0, False)
+    partials = torch.empty(batch * ngroups * readers if norm is not None else 1, device=zxbcdt.device,
+                           dtype=torch.float32)
     _m2_conv_state_step_kernel[(cdiv(headdim, block_p), nheads, batch)](
         zxbcdt, conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight, counts, dt_bias, A_log,
-        D if D is not None else A_log, ssm_state, y,
+        D if D is not None else A_log, ssm_state, y, norm_weight, partials,
         headdim, d_state, heads_per_group, d_inner, ngroups, width, readers, 2 * d_inner + 2 * ngroups * d_state,
         zxbcdt.stride(0), conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), float(dt_limit[0]), float(dt_limit[1]),
-        HAS_CB=conv_bias is not None, HAS_D=D is not None, D_HAS_HDIM=D is not None and D.numel() == d_inner,
-        HAS_Z=gate, CLAMP=clamp, BLOCK_P=block_p, NP=np_, WP=next_power_of_2(width), num_warps=num_warps)
+        float(eps), HAS_CB=conv_bias is not None, HAS_D=D is not None,
+        D_HAS_HDIM=D is not None and D.numel() == d_inner, HAS_Z=gate, CLAMP=clamp, NORM=norm is not None,
+        NORM_BEFORE_GATE=bool(norm_before_gate), BLOCK_P=block_p, NP=np_, WP=next_power_of_2(width),
+        RP=next_power_of_2(readers), BLOCK_C=min(1024, next_power_of_2(heads_per_group * headdim)),
+        num_warps=num_warps)
     return y

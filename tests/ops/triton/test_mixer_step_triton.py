@@ -155,9 +155,10 @@ kernels = {
                       dict(HAS_D=True, D_HAS_HDIM=False, HAS_Z=False, CLAMP=False, BLOCK_P=8, NP=128)),
     "m2_conv_state_step": (cs._m2_conv_state_step_kernel,
                            dict(zx_ptr=bf, cs_ptr=bf, cw_ptr=bf, cb_ptr=bf, cnt_ptr="*i32", dtb_ptr=f32,
-                                alog_ptr=f32, D_ptr=f32, st_ptr=f32, y_ptr=bf, dt_lo="fp32", dt_hi="fp32"),
-                           dict(HAS_CB=True, HAS_D=True, D_HAS_HDIM=False, HAS_Z=False, CLAMP=False, BLOCK_P=16,
-                                NP=128, WP=4)),
+                                alog_ptr=f32, D_ptr=f32, st_ptr=f32, y_ptr=bf, nw_ptr=bf, part_ptr=f32, dt_lo="fp32",
+                                dt_hi="fp32", eps="fp32"),
+                           dict(HAS_CB=True, HAS_D=True, D_HAS_HDIM=False, HAS_Z=False, CLAMP=False, NORM=True,
+                                NORM_BEFORE_GATE=False, BLOCK_P=16, NP=128, WP=4, RP=128, BLOCK_C=1024)),
 }
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for name, (fn, types, consts) in kernels.items():
@@ -287,3 +288,43 @@ def test_mamba2_one_kernel_step_equals_the_conv_then_state_kernels(block_p):
         assert torch.equal(out, ref)
         assert torch.equal(fused_states[0], ref_states[0]) and torch.equal(fused_states[1], ref_states[1])
         assert not fused_states[0]._mambakit_reader_counts.any()
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("block_p", [4, 0])
+def test_mamba2_one_kernel_step_with_the_gated_norm(norm_before_gate, block_p):
+    """The gated RMSNorm inside the one-kernel step (its group's last writer normalises the group) against the
+    two-kernel step followed by the PyTorch norm, per group of d_inner / ngroups channels; the counts back at zero;
+    mamba2_step(norm=...) takes it with M2_CONV_IN_STEP and equals the same composition without."""
+    import mambakit.ops.mixer_step as mixer_step
+    from mambakit.ops.norm.naive import rms_norm_gated_torch
+    from mambakit.ops.triton.mamba2_conv_step import mamba2_conv_state_step_triton
+
+    g = torch.Generator().manual_seed(17 + block_p + norm_before_gate)
+    batch, nheads, headdim, d_state, ngroups = 3, 6, 12, 10, 2
+    p = _f32(_m2_params(g, nheads, headdim, d_state, ngroups, 4, False))
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    weight, eps = torch.randn(d_inner, generator=g), 1e-5
+    conv, ssm = torch.randn(batch, conv_dim, 4, generator=g), torch.randn(batch, nheads, headdim, d_state, generator=g)
+    one, two, three = ((conv.clone(), ssm.clone()) for _ in range(3))
+    args = (p["conv_weight"], p["conv_bias"], p["dt_bias"], p["A_log"], p["D"])
+    for _ in range(3):
+        zx = torch.randn(batch, d_inner + conv_dim + nheads, generator=g) * 2
+        y = mamba2_step(zx, *two, *args, ngroups=ngroups, backend="triton")
+        ref = rms_norm_gated_torch(y, zx[:, :d_inner], weight, eps, d_inner // ngroups, norm_before_gate)
+        out = mamba2_conv_state_step_triton(zx, *one[:1], *args, one[1], ngroups, (0.0, float("inf")), False,
+                                            norm=(weight, eps, norm_before_gate), block_p=block_p)
+        assert rel_err(out, ref) < 1e-5 and torch.equal(one[1], two[1]) and torch.equal(one[0], two[0])
+        assert not one[0]._mambakit_reader_counts.any()
+        mixer_step.M2_CONV_IN_STEP = True
+        try:
+            via_step = mamba2_step(zx, *three, *args, ngroups=ngroups, backend="triton",
+                                   norm=(weight, eps, norm_before_gate))
+        finally:
+            mixer_step.M2_CONV_IN_STEP = False
+        assert rel_err(via_step, ref) < 1e-5
+    with pytest.raises(MambaKitError, match="norm and gate exclude each other"):
+        mamba2_step(zx, *two, *args, ngroups=ngroups, gate=True, norm=(weight, eps, False))
+    with pytest.raises(MambaKitError, match=r"norm weight must have shape \(72,\)"):
+        mamba2_step(zx, *two, *args, ngroups=ngroups, norm=(weight[:5], eps, False))

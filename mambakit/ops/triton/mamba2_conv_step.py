@@ -1,4 +1,4 @@
-"""Mamba-2's one-token step between in_proj and the gated norm in ONE kernel: the conv-state update, the depthwise
+"""Mamba-2's one-token step between in_proj and the gated norm (optionally through it) in ONE kernel: the conv-state update, the depthwise
 conv + SiLU, dt processing, the per-head state update, the read-out and the D skip (before: a conv kernel, then
 `mixer_step._m2_state_step_kernel`).
 
@@ -8,8 +8,13 @@ programs convolves them from the old windows, and the LAST of those programs to 
 (batch row, group), acquire-release: every earlier reader's loads are done by then) writes their new windows and
 sets the count back to zero for the next step. Deterministic: every program computes the same B and C.
 
+With a norm (`mamba2_conv_state_step_triton(norm=...)`), the gated RMSNorm follows in the same kernel: each program
+adds its channels' sum of squares to its (batch row, group)'s partials, and the group's last writer (a second count)
+sums them in reader order and rewrites the group normalised. Before each count a CTA barrier, so that every warp's
+loads (the windows) and stores (y, the partials) happen before the one thread's release.
+
 The conv output is rounded to the input dtype as the separate conv kernel stores it, so the results equal the
-two-kernel path's. Inference only.
+two-kernel path's (the norm's: up to its sum's order). Inference only.
 """
 from __future__ import annotations
 
@@ -70,6 +75,9 @@ def _m2_conv_state_step_kernel(zx_ptr, cs_ptr, cw_ptr, cb_ptr, cnt_ptr, dtb_ptr,
                                      width, s_zxb, s_csb, s_csd, s_csw, HAS_CB, WP)
     Cv, c_win, c_addr = _conv_window(zx_ptr, cs_ptr, cw_ptr, cb_ptr, b, d_inner + (ngroups + g) * dstate + n, mn,
                                      d_inner, width, s_zxb, s_csb, s_csd, s_csw, HAS_CB, WP)
+    # every warp's window loads are bound before the count moves (one thread performs the atomic; the barrier makes
+    # the others' loads happen before its release)
+    tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr + b * ngroups + g, 1, sem="acq_rel")
     if done == readers - 1:
         mw = mn[:, None] & (k[None, :] < width)
@@ -116,6 +124,7 @@ def _gated_norm_tail(zx_ptr, y_ptr, nw_ptr, part_ptr, cnt_ptr, b, g, y, c, mc, r
         gate = y * (z * tl.sigmoid(z))
     row = b * ngroups + g
     tl.store(part_ptr + row * readers + reader, tl.sum(tl.where(mc, gate * gate, 0.0), axis=0))
+    tl.debug_barrier()  # every warp's y stores happen before the release (see the window count above)
     done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
     if done == readers - 1:
         r = tl.arange(0, RP)

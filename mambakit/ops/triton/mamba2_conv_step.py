@@ -1,6 +1,6 @@
-"""Mamba-2's one-token step between in_proj and the gated norm (optionally through it) in ONE kernel: the conv-state update, the depthwise
-conv + SiLU, dt processing, the per-head state update, the read-out and the D skip (before: a conv kernel, then
-`mixer_step._m2_state_step_kernel`).
+"""Mamba-2's one-token step between in_proj and the gated norm (optionally through it) in ONE kernel: the
+conv-state update, the depthwise conv + SiLU, dt processing, the per-head state update, the read-out and the D skip
+(before: a conv kernel, then `mixer_step._m2_state_step_kernel`).
 
 Program (p block, head, batch row) owns its head's x channels: it convolves them and writes their conv-state windows
 (no other program touches them). The group's B and C channels are read by every head of the group, so each of its

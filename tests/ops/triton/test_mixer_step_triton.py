@@ -328,3 +328,33 @@ def test_mamba2_one_kernel_step_with_the_gated_norm(norm_before_gate, block_p):
         mamba2_step(zx, *two, *args, ngroups=ngroups, gate=True, norm=(weight, eps, False))
     with pytest.raises(MambaKitError, match=r"norm weight must have shape \(72,\)"):
         mamba2_step(zx, *two, *args, ngroups=ngroups, norm=(weight[:5], eps, False))
+
+
+def test_mamba2_one_kernel_rows_are_independent_even_with_nan():
+    """A NaN in one row's B/C input (read by every head of its group) reaches that row only: the other rows' outputs,
+    normalised by their own groups' last writers, and states equal the clean run's."""
+    from mambakit.ops.triton.mamba2_conv_step import mamba2_conv_state_step_triton
+
+    g = torch.Generator().manual_seed(9)
+    batch, nheads, headdim, d_state, ngroups = 3, 6, 12, 10, 2
+    p = _f32(_m2_params(g, nheads, headdim, d_state, ngroups, 4, False))
+    d_inner = nheads * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    conv, ssm = torch.randn(batch, conv_dim, 4, generator=g), torch.randn(batch, nheads, headdim, d_state, generator=g)
+    zx = torch.randn(batch, d_inner + conv_dim + nheads, generator=g)
+    norm = (torch.randn(d_inner, generator=g), 1e-5, False)
+    args = (p["conv_weight"], p["conv_bias"], p["dt_bias"], p["A_log"], p["D"])
+    runs = []
+    for bad in (False, True):
+        x = zx.clone()
+        if bad:
+            x[1, d_inner + d_inner + 3] = float("nan")  # a B channel of group 0, row 1
+        states = (conv.clone(), ssm.clone())
+        out = mamba2_conv_state_step_triton(x, states[0], *args, states[1], ngroups, (0.0, float("inf")), False,
+                                            norm=norm, block_p=4)
+        runs.append((out, *states))
+    (clean, conv_c, ssm_c), (dirty, conv_d, ssm_d) = runs
+    keep = [0, 2]
+    assert torch.equal(dirty[keep], clean[keep]) and torch.equal(ssm_d[keep], ssm_c[keep])
+    assert torch.equal(conv_d[keep], conv_c[keep])
+    assert not torch.isfinite(dirty[1]).all() and not torch.isfinite(ssm_d[1]).all()

@@ -124,7 +124,8 @@ def main() -> None:
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    print(f"# {args.arch} LM, d_model {D_MODEL}, {N_LAYER} layers, batch {args.batch}, fp32, torch {torch.__version__}, "
+    print(f"# {args.arch} LM, d_model {D_MODEL}, {N_LAYER} layers, batch {args.batch}, "
+          f"fp32, torch {torch.__version__}, "
           f"{threads} threads, {'process CPU time' if args.cpu_time else 'wall time'}")
     results = {}
     for seqlen in args.seqlens:

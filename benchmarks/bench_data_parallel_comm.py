@@ -63,7 +63,8 @@ def main() -> None:
                     comm = summary["comm_per_step"]
                     mode = "fsdp" if fsdp else "ddp"
                     design = expected_comm_bytes(model, mode, world, accum)
-                    measured = ", ".join(f"{k} {v / 2**10:.1f} KiB ×{comm['calls'][k]}" for k, v in comm["bytes"].items())
+                    measured = ", ".join(f"{k} {v / 2**10:.1f} KiB ×{comm['calls'][k]}"
+                                         for k, v in comm["bytes"].items())
                     match = "= design" if comm["bytes"] == design else f"design {design}"
                     wire = sum(_ring_wire(k, v, world) for k, v in comm["bytes"].items())
                     print(f"| {mode.upper() if not fsdp else 'FSDP2'} | {world} | {accum} | {measured} | {match} | "

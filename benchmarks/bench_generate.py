@@ -126,7 +126,8 @@ class TransformerDecoder:
     def fill_random(self, length: int) -> None:
         """Make the cache hold `length` tokens of random keys/values (for latency against context length)."""
         self.cache.reset()
-        self.model(input_ids=self.tokens, past_key_values=self.cache, use_cache=True, logits_to_keep=1)  # allocates the cache tensors
+        # allocates the cache tensors
+        self.model(input_ids=self.tokens, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         for layer in self.cache.layers:
             layer.keys.normal_()
             layer.values.normal_()
@@ -219,7 +220,8 @@ def throughput(args, device, dtype, mamba, tf, results: dict) -> None:
         rows.append(row)
         print(f"  batch {batch}: {row}", flush=True)
     results["throughput"] = rows
-    print(f"\n| batch | Mamba prefill s | Mamba ms/token | Mamba tokens/s | Mamba eager ms/token | Transformer prefill s "
+    print(f"\n| batch | Mamba prefill s | Mamba ms/token | Mamba tokens/s | Mamba eager ms/token "
+          f"| Transformer prefill s "
           f"| Transformer ms/token | Transformer tokens/s | throughput ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

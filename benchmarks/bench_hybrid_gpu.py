@@ -20,7 +20,8 @@ ms), which Mamba-2 kernels transformers used (mamba_ssm / causal_conv1d when imp
 and, for decode, how many of the first 8 greedy tokens agree (greedy_agree, the leading ones equal) and
 greedy_gap: the most transformers' own logits, teacher-forced on mambakit's tokens, prefer another token over
 mambakit's in those 8 steps (0: each of mambakit's tokens is transformers' greedy choice too; of the size of a
-bfloat16 rounding of the logits: the two differ at a tie, which random weights make likely). Without transformers it times mambakit alone and
+bfloat16 rounding of the logits: the two differ at a tie, which random weights make likely). Without transformers
+it times mambakit alone and
 says so. JSON rows go to $OUT/hybrid_gpu.jsonl (or --out); a markdown table is printed at the end.
 """
 from __future__ import annotations
@@ -259,7 +260,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; cpu with --tiny)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                    help="the models' dtype (default: bfloat16; float32 with --tiny: 16-bit products are slow on a CPU)")
+                    help="the models' dtype (default: bfloat16; float32 with --tiny: "
+                         "16-bit products are slow on a CPU)")
     ap.add_argument("--d-model", type=int, default=2048)
     ap.add_argument("--n-layer", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=2048, help="prefill, prompt and training length")

@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--skip-decode", action="store_true", help="only the training steps")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"| LM ({args.d_model}, {args.n_layer} layers) | batch x seqlen | step ms | tokens/s | first step s | peak GiB |")
+    print(f"| LM ({args.d_model}, {args.n_layer} layers) | batch x seqlen | step ms | tokens/s | "
+          f"first step s | peak GiB |")
     print("|---|---|---|---|---|---|")
     for arch in ("mamba1", "mamba2"):
         try:

@@ -8,5 +8,6 @@ from mambakit.models import io as _io  # noqa: F401  (gives MambaLMHeadModel fro
 from mambakit.ops import mamba_chunk_scan_combined, selective_scan_fn, selective_scan_ref
 
 __version__ = "0.1.0"
-__all__ = ["Mamba", "Mamba2", "mamba_chunk_scan_combined", "MambaConfig", "MambaLMHeadModel", "MambaKitError", "CheckpointError", "selective_scan_fn",
+__all__ = ["Mamba", "Mamba2", "mamba_chunk_scan_combined", "MambaConfig", "MambaLMHeadModel", "MambaKitError",
+           "CheckpointError", "selective_scan_fn",
            "selective_scan_ref", "__version__"]

@@ -108,7 +108,8 @@ def load_text_corpus(path: str | os.PathLike[str] | None = None) -> bytes:
         chunks = [c for c in (_read_text_bytes(f) for f in files if f.is_file()) if c and c.strip()]
         if not chunks:
             raise MambaKitError(
-                f"data folder {str(path)!r} holds {len(files)} file(s) but no UTF-8 text (all binary, empty or undecodable)"
+                f"data folder {str(path)!r} holds {len(files)} file(s) "
+                f"but no UTF-8 text (all binary, empty or undecodable)"
             )
         return _join(chunks)
     raise MambaKitError(f"data path {str(path)!r} is neither a file nor a folder")

@@ -28,7 +28,8 @@ LAYERS: Dict[str, int] = {
     "layers": 2,
     "models": 3,
     # applications
-    "data": 4, "train": 4, "finetune": 4, "training": 4, "tasks": 4, "nd": 4, "remamba": 4, "interpret": 4, "distributed": 4,
+    "data": 4, "train": 4, "finetune": 4, "training": 4, "tasks": 4, "nd": 4, "remamba": 4, "interpret": 4,
+    "distributed": 4,
     "io": 4, "compat": 4,
     # the command line
     "cli": 5, "__main__": 5,

@@ -14,7 +14,8 @@ def require_prompt(prompt: str) -> None:
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as exc:  # bytes of the command line that are not UTF-8 arrive as lone surrogates
-        raise MambaKitError(f"--prompt must be valid UTF-8 text, got undecodable bytes at position {exc.start}") from None
+        raise MambaKitError(f"--prompt must be valid UTF-8 text, "
+                            f"got undecodable bytes at position {exc.start}") from None
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, vocab_size: int, max_tokens: int) -> List[int]:

@@ -184,7 +184,8 @@ def list_tasks() -> str:
         flags = ", ".join(f"--{_FLAGS.get(k, k).replace('_', '-')} {_value(v)}" for k, v in d.items())
         lines += _entry(task, flags)
     d_state = ", ".join(f"{m} {n}" for m, n in DEFAULT_D_STATE.items() if n)
-    lines += _entry("  and all of these", f"--mixer mamba, --d-state per mixer ({d_state}), --seed 0, --eval-samples 256, "
+    lines += _entry("  and all of these", f"--mixer mamba, --d-state per mixer ({d_state}), --seed 0, "
+                    "--eval-samples 256, "
                     "--warmup min(100, steps / 10), --eval-interval steps / 10 (the rest: 'mambakit tasks --help')")
     for task in ND_TASKS:
         flags = ", ".join(f"{flag} {value}" for flag, value in _nd_defaults(task).items() if value != "none")

@@ -39,7 +39,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Train a byte-level Mamba LM. With no options: the built-in corpus (the Python standard "
         "library's sources) and a small model sized for a few minutes on a laptop CPU.",
     )
-    p.add_argument("--data", type=non_empty, help="a text file or a folder of text files (default: the built-in corpus)")
+    p.add_argument("--data", type=non_empty,
+                   help="a text file or a folder of text files (default: the built-in corpus)")
     p.add_argument("--out", default="runs/mamba", help="output folder: checkpoint/, loss.png, summary.json "
                    "(default: %(default)s)")
     p.add_argument("--steps", type=positive_int, help=f"optimizer steps (default: {DEFAULTS['steps']})")

@@ -50,7 +50,8 @@ def _env_int(name: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise MambaKitError(f"environment variable {name} must be an integer (set by torchrun), got {value!r}") from None
+        raise MambaKitError(f"environment variable {name} must be an integer (set by torchrun), "
+                            f"got {value!r}") from None
 
 
 def _rank_device(name: str, local_rank: int, distributed: bool) -> torch.device:

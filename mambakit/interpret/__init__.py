@@ -37,6 +37,7 @@ __all__ = [
     "BlockAttention", "Explanation", "FORMS", "attention_rollout", "block_attention", "byte_token_labels",
     "conv_toeplitz", "explain", "gradient_weighted_attentions", "hidden_attention", "layer_attentions",
     "mamba1_block_attention", "mamba1_hidden_attention", "mamba2_block_attention", "mamba2_hidden_attention",
-    "mixer_layer_indices", "mixer_layers", "plot_attention", "plot_explanation", "plot_relevance", "selective_scan_attention",
+    "mixer_layer_indices", "mixer_layers", "plot_attention", "plot_explanation", "plot_relevance",
+    "selective_scan_attention",
     "softmax_attention", "attention_values", "token_relevance",
 ]

@@ -266,7 +266,8 @@ def layer_attentions(model: nn.Module, input_ids: Tensor, form: str = "block", a
                      block_rows: Optional[int] = None,
                      max_block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> List[Tensor]:
     """Per token-mixing layer (`mixer_layers`), the mean over channels (or Mamba-2 heads) of the hidden-attention
-    matrices, or over heads of an attention layer's softmax attention: a list of tensors (batch, L, L). absolute: average |matrix| (default; the rollout needs non-negative maps) or the
+    matrices, or over heads of an attention layer's softmax attention: a list of tensors (batch, L, L). absolute:
+    average |matrix| (default; the rollout needs non-negative maps) or the
     signed matrices. form: "block" (the full-block matrices, mean over inner channels) or "ssm" (alpha: mean over
     inner channels for Mamba-1, over heads for Mamba-2)."""
     _check_form(form)

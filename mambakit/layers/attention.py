@@ -67,7 +67,8 @@ class MHA(nn.Module):
         super().__init__()
         num_heads_kv = num_heads_kv or num_heads
         if num_heads <= 0 or num_heads % num_heads_kv != 0:
-            raise MambaKitError(f"MHA num_heads={num_heads} must be positive and divisible by num_heads_kv={num_heads_kv}")
+            raise MambaKitError(f"MHA num_heads={num_heads} must be positive "
+                                f"and divisible by num_heads_kv={num_heads_kv}")
         if head_dim is None:
             if d_model % num_heads != 0:
                 raise MambaKitError(f"MHA d_model={d_model} must be divisible by num_heads={num_heads}")

@@ -125,7 +125,8 @@ class ParallelMixer(nn.Module):
         k = self.attn.k_proj
         self.attn.k_proj = scaled(k, [(k.out_features, key_multiplier)])
         self.key_multiplier = float(key_multiplier)
-        self.multipliers = dict(attention_in=float(attention_in_multiplier), attention_out=float(attention_out_multiplier),
+        self.multipliers = dict(attention_in=float(attention_in_multiplier),
+                                attention_out=float(attention_out_multiplier),
                                 ssm_in=float(ssm_in_multiplier), ssm_out=float(ssm_out_multiplier))
 
     #: allocate_state takes a state_dtype for the Mamba part (`mambakit.layers.state.SSM_STATE_DTYPES`)

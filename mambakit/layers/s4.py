@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from mambakit.errors import MambaKitError
 from mambakit.layers.state import SSMState
 from mambakit.ops.conv1d import causal_conv1d_fn, causal_conv1d_update, conv_state_after
-from mambakit.ops.lti import DISCRETIZATIONS, S4D_INITS, causal_fft_conv, discretize, lti_recurrent, s4d_init, ssm_kernel
+from mambakit.ops.lti import (DISCRETIZATIONS, S4D_INITS, causal_fft_conv, discretize, lti_recurrent, s4d_init,
+                              ssm_kernel)
 
 
 class S4(nn.Module):

@@ -69,7 +69,8 @@ class MambaConfig:
             self.ssm_cfg = {**self.ssm_cfg, "layer": name}
         bad = [i for i in self.attn_layer_idx if not (isinstance(i, int) and 0 <= i < self.n_layer)]
         if bad:
-            raise MambaKitError(f"MambaConfig.attn_layer_idx entries must lie in [0, n_layer={self.n_layer}), got {bad}")
+            raise MambaKitError(f"MambaConfig.attn_layer_idx entries must lie in [0, n_layer={self.n_layer}), "
+                                f"got {bad}")
 
     @property
     def mixer_layer(self) -> str:

@@ -86,7 +86,8 @@ def check_shared_cache(model, cache, batch_size: int, dtype: Optional[torch.dtyp
         where = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
         expected, actual = (v[where] if where < len(v) else "none" for v in (want, got))
         raise MambaKitError(f"cache must hold the states of model.allocate_cache(batch_size={batch_size}, "
-                            f"dtype={dtype}, device={device}, state_dtype={state_dtype}): state tensor {where} should be (shape, dtype, "
+                            f"dtype={dtype}, device={device}, state_dtype={state_dtype}): "
+                            f"state tensor {where} should be (shape, dtype, "
                             f"device) {expected}, got {actual}")
 
 

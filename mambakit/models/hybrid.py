@@ -123,7 +123,8 @@ class HybridConfig:
             raise MambaKitError(f"HybridConfig.layers[{i}]: 'shared' must index one of the "
                                 f"shared['num_blocks']={blocks} shared blocks, on a 'mamba2' layer; got {spec!r}")
         if not {"num_heads", "d_intermediate"} <= set(self.shared):
-            raise MambaKitError(f"HybridConfig.shared must give num_heads and d_intermediate when a layer uses a shared "
+            raise MambaKitError(f"HybridConfig.shared must give num_heads and d_intermediate "
+                                f"when a layer uses a shared "
                                 f"block, got {self.shared!r}")
 
     @property

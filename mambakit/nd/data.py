@@ -125,7 +125,8 @@ def random_starts(directions: Tensor, frames: int, canvas: Tuple[int, int], spee
     for axis, size in ((0, H), (1, W)):
         step = torch.tensor([_STEPS[d][axis] for d in DIRECTIONS])[directions]  # (N,) -1, 0 or 1
         lo = torch.where(step < 0, torch.full_like(step, travel), torch.zeros_like(step))
-        hi = torch.where(step > 0, torch.full_like(step, size - DIGIT_SIZE - travel), torch.full_like(step, size - DIGIT_SIZE))
+        hi = torch.where(step > 0, torch.full_like(step, size - DIGIT_SIZE - travel),
+                         torch.full_like(step, size - DIGIT_SIZE))
         u = torch.rand(n, generator=generator)
         starts[:, axis] = lo + (u * (hi - lo + 1).float()).long().clamp(max=(hi - lo))
     return starts

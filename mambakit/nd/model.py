@@ -130,7 +130,8 @@ class NDBlock(nn.Module):
             raise MambaKitError("NDBlock needs at least one scan order")
         route_mixer = list(route_mixer) if route_mixer is not None else [0] * len(routes)
         if len(route_mixer) != len(routes) or any(not 0 <= i < len(mixers) for i in route_mixer):
-            raise MambaKitError(f"route_mixer {route_mixer} must give one index into the {len(mixers)} mixers per route")
+            raise MambaKitError(f"route_mixer {route_mixer} must give one index into the {len(mixers)} mixers "
+                                f"per route")
         self.norm = RMSNorm(d_model, eps=norm_eps)
         self.mixers = nn.ModuleList(mixers)
         self.routes = list(routes)

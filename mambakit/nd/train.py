@@ -141,7 +141,8 @@ def run_nd_task(name: str, **options: Any) -> Dict[str, Any]:
     Options (defaults in COMMON_DEFAULTS and TASK_DEFAULTS): model 'mamba' | 'vit' (ViT of equal parameter count,
     same depth and patching), head 'classify' (one prediction per sample) | 'dense' (every token predicts its
     sample's label: each position needs context from the whole grid, which a single scan order cannot give the
-    tokens at its start; accuracy is then per token), mixer 'mamba1' | 'mamba2', order_mode 'alternate' | 'fixed' | 'bidirectional' |
+    tokens at its start; accuracy is then per token), mixer 'mamba1' | 'mamba2', order_mode 'alternate' | 'fixed' |
+    'bidirectional' |
     'multi', steps, batch_size, lr, weight_decay, warmup_steps, grad_clip, d_model, depth, d_state (mixer state
     size; None = the mixer's default), patch, image_size / frames / canvas, augment (random shifts for digits),
     seed, device ('cpu', 'cuda', 'auto'), threads (torch CPU threads during the run, restored afterwards; default 1:
@@ -215,7 +216,8 @@ def _train_and_evaluate(name: str, opts: Dict[str, Any], device: torch.device) -
     wall = time.perf_counter() - t0
     tail = losses[-50:]
     return {
-        "task": name, "model": opts["model"], "head": opts["head"], "mixer": opts["mixer"] if opts["model"] == "mamba" else None,
+        "task": name, "model": opts["model"], "head": opts["head"],
+        "mixer": opts["mixer"] if opts["model"] == "mamba" else None,
         "order_mode": opts["order_mode"] if opts["model"] == "mamba" else None, "seed": opts["seed"],
         "steps": steps, "batch_size": batch_size, "params": sum(p.numel() for p in model.parameters()),
         "d_model": built_config.d_model, "depth": built_config.depth,

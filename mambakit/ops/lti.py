@@ -2,7 +2,8 @@
 same SSM computed two ways, as a recurrence and as a long convolution (applied by FFT).
 
 Continuous SSM per channel: x'(t) = A x(t) + B u(t), y(t) = C x(t) + D u(t).
-Discrete: x_k = Ā x_{k-1} + B̄ u_k, y_k = C x_k + D u_k, i.e. y = K * u + D u with K = (C B̄, C Ā B̄, C Ā² B̄, ...).
+Discrete: x_k = Ā x_{k-1} + B̄ u_k, y_k = C x_k + D u_k, i.e. y = K * u + D u with
+K = (C B̄, C Ā B̄, C Ā² B̄, ...).
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def s4d_init(N: int, kind: str = "legs") -> tuple[Tensor, Tensor]:
         raise MambaKitError(f"init must be one of {S4D_INITS}, got {kind!r}")
     n = torch.arange(N, dtype=torch.float64)
     if kind == "lin":
-        return torch.complex(torch.full((N,), -0.5, dtype=torch.float64), math.pi * n), torch.ones(N, dtype=torch.complex128)
+        return (torch.complex(torch.full((N,), -0.5, dtype=torch.float64), math.pi * n),
+                torch.ones(N, dtype=torch.complex128))
     if kind == "real":
         return torch.complex(-(n + 1), torch.zeros(N, dtype=torch.float64)), torch.ones(N, dtype=torch.complex128)
     A, B = hippo_legs(N)

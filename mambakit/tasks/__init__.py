@@ -18,5 +18,6 @@ from mambakit.tasks.generators import (
 from mambakit.tasks.runner import MIXERS, TASK_DEFAULTS, build_model_config, run_sweep, run_task
 from mambakit.tasks.state_tracking import modular_arithmetic, parity
 
-__all__ = ["IGNORE", "TASKS", "MIXERS", "TASK_DEFAULTS", "induction_heads", "make_batch", "modular_arithmetic", "mqar", "parity", "selective_copying",
+__all__ = ["IGNORE", "TASKS", "MIXERS", "TASK_DEFAULTS", "induction_heads", "make_batch", "modular_arithmetic", "mqar",
+           "parity", "selective_copying",
            "task_vocab_size", "build_model_config", "run_sweep", "run_task"]

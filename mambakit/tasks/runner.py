@@ -111,7 +111,8 @@ def train_task(cfg: TaskConfig, log: Callable[[str], None] = print) -> dict[str,
                "n_layer": cfg.n_layer, "d_state": d_state_used, "seq_len": cfg.seq_len, "seed": cfg.seed,
                "vocab": cfg.vocab, "vocab_size": vocab_size, "warmup": warmup, "weight_decay": cfg.weight_decay,
                "grad_clip": cfg.grad_clip,
-               "dt_init": None if cfg.dt_init is None else list(cfg.dt_init), "eval_interval": eval_interval, "eval_samples": cfg.eval_samples,
+               "dt_init": None if cfg.dt_init is None else list(cfg.dt_init), "eval_interval": eval_interval,
+               "eval_samples": cfg.eval_samples,
                "stop_at": cfg.stop_at, "max_time": cfg.max_time, "device": str(dev),
                "model_config": config.to_dict()}
     if name in ("selective-copying", "copying"):

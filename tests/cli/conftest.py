@@ -27,7 +27,8 @@ def run_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def bpe_tokenizer_json(files: list[Path], vocab_size: int, path: Path) -> Path:
-    """Train a byte-level BPE tokenizer of at most vocab_size ids on `files` and save it as `path` (a tokenizer.json)."""
+    """Train a byte-level BPE tokenizer of at most vocab_size ids on `files` and save it as `path` (a
+    tokenizer.json)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

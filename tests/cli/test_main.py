@@ -113,7 +113,8 @@ def test_main_draws_headless(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_only_the_command_line_changes_the_process() -> None:
-    """No library module selects a matplotlib backend or changes the C allocator: the CLI does (mambakit.cli.process)."""
+    """No library module selects a matplotlib backend or changes the C allocator: the CLI does
+    (mambakit.cli.process)."""
     package = Path(mambakit.__file__).parent
     offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
                  if p.parent.name != "cli" and re.search(r"matplotlib\.use\(|\bmallopt\b", p.read_text())]

@@ -138,7 +138,8 @@ def test_list_prints_every_task_with_its_defaults(capsys):
     joined = " ".join(text.split())
     for task in (*TASK_DEFAULTS, *ND_TASKS):
         assert re.search(rf"^{task}: ", text, re.M), task
-    assert "--steps 5000" in joined and "--n-pairs 32" in joined and "--eval-lengths 256 1024 4096 16384 65536" in joined
+    assert ("--steps 5000" in joined and "--n-pairs 32" in joined
+            and "--eval-lengths 256 1024 4096 16384 65536" in joined)
     for task in ND_TASKS:
         section = joined.split(f"{task}: ")[1]
         assert f"--steps {ND_DEFAULTS[task]['steps']}" in section and "--mixer mamba2" in section

@@ -55,5 +55,6 @@ def test_bad_threads_is_one_error_line(capsys):
 
 def test_threads_applied_before_the_subcommand(tmp_path, capsys):
     torch.set_num_threads(2)
-    assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x", "--threads", "1"]) == 2  # no folder
+    # no folder
+    assert main(["generate", "--checkpoint", str(tmp_path / "none"), "--prompt", "x", "--threads", "1"]) == 2
     assert torch.get_num_threads() == 1

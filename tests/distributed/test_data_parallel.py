@@ -235,8 +235,10 @@ def test_cli_nproc_launches_torchrun(tmp_path: Path) -> None:
     corpus.write_text("".join(f"x{i} = {i} * {i % 5}\n" for i in range(3000)))
     out = tmp_path / "run"
     repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "mambakit", "train", "--nproc", "2", "--fsdp", "--device", "cpu", "--data", str(corpus),
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "mambakit", "train", "--nproc", "2", "--fsdp", "--device", "cpu",
+           "--data", str(corpus),
            "--out", str(out), "--steps", "2", "--d-model", "16", "--n-layer", "1", "--d-state", "4", "--seq-len", "16",
            "--batch-size", "4", "--eval-batches", "1", "--sample-tokens", "8", "--no-progress"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)

@@ -1,4 +1,5 @@
-"""Tests of the native checkpoints (mambakit.models.io.native, through the old path mambakit.models.checkpoint): round trip, tied weights, optimizer state, atomic saves, clear errors."""
+"""Tests of the native checkpoints (mambakit.models.io.native, through the old path mambakit.models.checkpoint):
+round trip, tied weights, optimizer state, atomic saves, clear errors."""
 from __future__ import annotations
 
 import json

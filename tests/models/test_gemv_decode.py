@@ -1,5 +1,6 @@
 """Decoding through the norm-fused GEMV kernels (`mambakit.ops.norm_linear`): on the CPU the decode path is the
-unfused one, bit for bit (with bfloat16 weights, the unfused one in float32: `mambakit.ops.cpu_linear`); on CUDA (gpu-marked) bfloat16 greedy tokens through the fused steps, eager and graphed,
+unfused one, bit for bit (with bfloat16 weights, the unfused one in float32: `mambakit.ops.cpu_linear`); on CUDA
+(gpu-marked) bfloat16 greedy tokens through the fused steps, eager and graphed,
 equal those of the unfused steps, and the fused step continues the parallel forward."""
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ def test_greedy_generate_equals_the_argmax_loop_and_left_padding(model):
     padded = torch.cat((torch.zeros(1, 3, dtype=torch.long), prompts[:1, :4]), 1)
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
     batch = torch.cat((padded, prompts[1:2]))
-    both = model.generate(batch, max_new_tokens=4, temperature=0, attention_mask=torch.cat((mask, torch.ones_like(mask))))
+    both = model.generate(batch, max_new_tokens=4, temperature=0,
+                          attention_mask=torch.cat((mask, torch.ones_like(mask))))
     assert torch.equal(both[0, 7:], model.generate(prompts[:1, :4], max_new_tokens=4, temperature=0)[0, 4:])
     assert torch.equal(both[1], model.generate(prompts[1:2], max_new_tokens=4, temperature=0)[0])
 

@@ -227,7 +227,8 @@ def test_dense_training_runs_and_threads_are_restored():
 
 @pytest.mark.parametrize("options,match", [
     (dict(mixer="s6"), "mixer"), (dict(order_mode="zigzag"), "order_mode"), (dict(steps=0), "steps"),
-    (dict(model="cnn"), "model"), (dict(head="boxes"), "head"), (dict(lr=-1.0), "lr"), (dict(colour="red"), "unknown option"),
+    (dict(model="cnn"), "model"), (dict(head="boxes"), "head"), (dict(lr=-1.0), "lr"),
+    (dict(colour="red"), "unknown option"),
     (dict(patch=3), "multiple"), (dict(seed=-1), "seed"),
     (dict(d_state=0), "d_state"), (dict(threads=0), "threads"),
 ])

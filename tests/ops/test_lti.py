@@ -25,7 +25,8 @@ def test_hippo_legs_values():
 
 def test_s4d_inits():
     A, _ = s4d_init(6, "lin")
-    assert torch.allclose(A, torch.complex(torch.full((6,), -0.5, dtype=torch.float64), math.pi * torch.arange(6.0, dtype=torch.float64)))
+    assert torch.allclose(A, torch.complex(torch.full((6,), -0.5, dtype=torch.float64),
+                                           math.pi * torch.arange(6.0, dtype=torch.float64)))
     A, _ = s4d_init(6, "real")
     assert torch.allclose(A.real, -torch.arange(1, 7.0, dtype=torch.float64))
     A, _ = s4d_init(6, "legs")  # normal part of HiPPO-LegS: real parts -1/2, conjugate pairs

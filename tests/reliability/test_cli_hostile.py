@@ -93,7 +93,8 @@ for key, value in [("lr", "x"), ("min_lr_ratio", "x"), ("data", 5), ("device", 5
 HUGE = "1000000000"
 for flag, value in [("--d-model", "10000000"), ("--n-layer", "1000000"), ("--batch-size", HUGE), ("--seq-len", HUGE),
                     ("--eval-batches", HUGE)]:
-    CASES.append((f"train {flag} huge", ["train", "--data", "{corpus}", "--out", "{tmp}/f", "--steps", "2", flag, value],
+    CASES.append((f"train {flag} huge",
+                  ["train", "--data", "{corpus}", "--out", "{tmp}/f", "--steps", "2", flag, value],
                   None, "needs at least"))
     if flag != "--eval-batches":
         CASES.append((f"tasks {flag} huge", ["tasks", "mqar", "--steps", "1", flag, value], None, "needs at least"))
@@ -102,7 +103,8 @@ for task, flag, value in [("mamba-nd-digits", "--d-model", "10000000"), ("mamba-
     CASES.append((f"{task} {flag} huge", ["tasks", task, "--steps", "1", flag, value], None, "needs at least"))
 CASES.append(("tasks --vocab huge", ["tasks", "mqar", "--steps", "1", "--vocab", "1000000000000"], None,
               "needs at least"))
-for command in (["train", "--data", "{corpus}", "--out", "{tmp}/g", *TINY], ["generate", "--checkpoint", RUN, "--prompt", "ab"],
+for command in (["train", "--data", "{corpus}", "--out", "{tmp}/g", *TINY],
+                ["generate", "--checkpoint", RUN, "--prompt", "ab"],
                 ["explain", "--checkpoint", RUN, "--prompt", "ab", "--out", "{tmp}/e"], ["info"],
                 ["tasks", "mqar", "--steps", "1"], ["tasks", "mamba-nd-digits", "--steps", "1"]):
     for value in (BIG, "0", "1e3"):

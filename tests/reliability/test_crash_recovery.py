@@ -44,7 +44,8 @@ def crash_at_rename(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
 real_rmtree = atomic.shutil.rmtree
 
 
-def interrupted_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+def interrupted_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     n: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     old, new = tiny_model(0), tiny_model(1)
     save_checkpoint(old, tmp_path / "ck", trainer_state={"step": 1})
     crash_at_rename(monkeypatch, n)

@@ -44,7 +44,9 @@ def _model_save_pretrained(self: MambaLMHeadModel, path: Union[str, os.PathLike]
 
 
 # The one place the model class learns about files: the names users of transformers and mamba_ssm expect.
-_model_from_pretrained.__name__, _model_from_pretrained.__qualname__ = "from_pretrained", "MambaLMHeadModel.from_pretrained"
-_model_save_pretrained.__name__, _model_save_pretrained.__qualname__ = "save_pretrained", "MambaLMHeadModel.save_pretrained"
+_model_from_pretrained.__name__, _model_from_pretrained.__qualname__ = ("from_pretrained",
+                                                                       "MambaLMHeadModel.from_pretrained")
+_model_save_pretrained.__name__, _model_save_pretrained.__qualname__ = ("save_pretrained",
+                                                                       "MambaLMHeadModel.save_pretrained")
 MambaLMHeadModel.from_pretrained = classmethod(_model_from_pretrained)
 MambaLMHeadModel.save_pretrained = _model_save_pretrained

@@ -140,7 +140,8 @@ def load_checkpoint(
                       allow_non_finite=allow_non_finite)
 
 
-def load_optimizer_state(directory: PathLike, map_location: Union[str, torch.device] = "cpu") -> Optional[dict[str, Any]]:
+def load_optimizer_state(directory: PathLike,
+                         map_location: Union[str, torch.device] = "cpu") -> Optional[dict[str, Any]]:
     """The optimizer state dict saved in a checkpoint, or None when it holds none (read with weights_only=True)."""
     path = resolve_folder(directory, need_config=False) / OPTIMIZER_NAME
     if not path.is_file():

@@ -133,11 +133,14 @@ def resolve_dtype(dtype: object) -> Union[torch.dtype, str, None]:
                         f"got {dtype!r}")
 
 
-def load_model(config: Union[MambaConfig, HybridConfig], weights: WeightFiles, where: str, device: Union[str, torch.device] = "cpu",
+def load_model(config: Union[MambaConfig, HybridConfig], weights: WeightFiles, where: str,
+               device: Union[str, torch.device] = "cpu",
                dtype: Union[torch.dtype, str, None] = None,
                rename: Optional[Callable[[list[str]], dict[str, str]]] = None,
-               to_file: Callable[[str], str] = lambda k: k, allow_non_finite: bool = False) -> Union[MambaLMHeadModel, HybridLM]:
-    """A `MambaLMHeadModel` (a `HybridLM` for a HybridConfig) of `config` holding the tensors of `weights`, in eval mode.
+               to_file: Callable[[str], str] = lambda k: k,
+               allow_non_finite: bool = False) -> Union[MambaLMHeadModel, HybridLM]:
+    """A `MambaLMHeadModel` (a `HybridLM` for a HybridConfig) of `config` holding the tensors of `weights`, in eval
+    mode.
 
     rename(file keys) maps the file's keys to mambakit's (default: the same names); to_file(key) names a mambakit
     key as the format would (for tensors the file lacks). dtype: a torch dtype, None (torch's default) or "auto"

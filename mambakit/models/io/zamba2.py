@@ -218,7 +218,8 @@ def zamba2_hf(model: HybridLM, problems: list[str]) -> dict[str, Any]:
     if (m.out_proj.bias is not None) != bias:
         problems.append("in_proj and out_proj must both have a bias or both have none (add_bias_linear)")
     types = ["hybrid" if s.get("shared") is not None else "linear_attention" for s in config.layers]
-    hf: dict[str, Any] = dict(vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layer,
+    hf: dict[str, Any] = dict(vocab_size=config.vocab_size, hidden_size=config.d_model,
+                              num_hidden_layers=config.n_layer,
                               layers_block_type=types, rms_norm_eps=config.norm_epsilon, add_bias_linear=bias,
                               tie_word_embeddings=bool(config.tie_embeddings), **_mamba_fields(model, problems))
     hf.update(_shared_fields(model, bias, problems))

@@ -15,7 +15,8 @@ from mambakit.ops.backends import BACKENDS, check_backend, kernels
 from mambakit.ops.checks import require_tensors
 from mambakit.ops.norm.naive import gated_norm_input, group_rms_scale, norm_dtype, rms_norm_gated_torch, rms_norm_torch
 
-__all__ = ["BACKENDS", "add_rms_norm", "gated_norm_input", "group_rms_scale", "norm_dtype", "rms_norm", "rms_norm_gated",
+__all__ = ["BACKENDS", "add_rms_norm", "gated_norm_input", "group_rms_scale", "norm_dtype", "rms_norm",
+           "rms_norm_gated",
            "use_triton"]
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

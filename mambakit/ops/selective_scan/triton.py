@@ -502,7 +502,8 @@ def selective_scan_triton(
     """Selective scan with Triton kernels; same contract as `selective_scan_ref` (differentiable in every tensor input).
 
     Inputs float32/float16/bfloat16 (float64 falls back to the chunked PyTorch path, which computes in float64), any
-    strides, read in place (y and the gradients of u and delta are laid out like u and delta). d_state <= 256. Runs on CUDA tensors, or on the CPU under
+    strides, read in place (y and the gradients of u and delta are laid out like u and delta). d_state <= 256. Runs
+    on CUDA tensors, or on the CPU under
     TRITON_INTERPRET=1.
     chunk / fwd_block_t / bwd_block_t override the time tiling (chunk = steps between saved states; for tests);
     config replaces the whole launch configuration (for benchmarks).

@@ -24,7 +24,8 @@ class ScanConfig:
     chunk: int
     bwd_NH: Optional[int] = None
     bwd_NL: Optional[int] = None
-    fwd_spans: int = 0  # the sequence spans run at once (0: enough to fill the GPU, see triton_spans.span_split; 1: none)
+    # the sequence spans run at once (0: enough to fill the GPU, see triton_spans.span_split; 1: none)
+    fwd_spans: int = 0
     bwd_spans: int = 0
 
     @property

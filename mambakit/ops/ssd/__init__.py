@@ -34,7 +34,8 @@ Layouts (official ``mamba_ssm``)::
     seq_idx        (batch, seqlen) integer; the state is reset to zero wherever seq_idx[:, t] != seq_idx[:, t-1],
                    so the initial state only reaches the positions before the first change.
 
-dt processing (as the official op; `mambakit.ops.dt`): ``dt = dt + dt_bias``; ``dt = softplus(dt)`` if ``dt_softplus``; clamp to
+dt processing (as the official op; `mambakit.ops.dt`): ``dt = dt + dt_bias``; ``dt = softplus(dt)`` if
+``dt_softplus``; clamp to
 ``dt_limit`` unless it is the default ``(0, inf)``.
 
 Precision: inputs in float16/bfloat16/float32 are computed in float32, float64 inputs in float64. ``y`` has x's

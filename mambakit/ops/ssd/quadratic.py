@@ -34,7 +34,8 @@ def _log_decays(dt: Tensor, A: Tensor) -> Tensor:
 
 
 def _attention_matrix(dt: Tensor, A: Tensor, B: Tensor, C: Tensor, seg: Optional[Tensor]) -> Tensor:
-    """The quadratic form's matrix (batch, nheads, seqlen, seqlen) in dt's dtype; seg from `mambakit.ops.segments.segments`."""
+    """The quadratic form's matrix (batch, nheads, seqlen, seqlen) in dt's dtype; seg from
+    `mambakit.ops.segments.segments`."""
     batch, seqlen, nheads = dt.shape
     ngroups = B.shape[2]
     r = nheads // ngroups

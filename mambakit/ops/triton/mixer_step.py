@@ -5,7 +5,8 @@ Mamba-1 takes two kernels: (1) conv-state update + depthwise conv + SiLU + this 
 softplus, the state update, the D skip and the SiLU(z) gate. At large batches (`mamba1_step_config`) x_proj is one
 cuBLAS product between the two instead (its output rounded to the input dtype, as the partial sums are). Mamba-2
 takes one kernel after the conv update: dt processing (bias, softplus, clamp), the per-head state update, the
-read-out and the D skip (the gated RMSNorm follows). A = -exp(A_log) is formed in the kernels, so no per-step PyTorch kernels remain.
+read-out and the D skip (the gated RMSNorm follows). A = -exp(A_log) is formed in the kernels, so no per-step
+PyTorch kernels remain.
 
 Inference only (no autograd). Intermediates are rounded to the input dtype where the PyTorch step rounds them (the
 conv output, x_proj's output, dt_proj's output), everything else is float32; the SSM state is read and written in

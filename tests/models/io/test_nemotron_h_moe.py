@@ -31,7 +31,8 @@ CASES = {
     "grouped": dict(_BASE, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, norm_topk_prob=True,
                     routed_scaling_factor=2.5,
                     layers_block_type=["linear_attention", "moe", "full_attention", "moe", "linear_attention", "mlp"]),
-    # one group (transformers needs an attention layer for its cache), weights not renormalised, experts in a narrower latent width with biases, silu
+    # one group (transformers needs an attention layer for its cache), weights not renormalised, experts in a
+    # narrower latent width with biases, silu
     "latent": dict(_BASE, n_routed_experts=6, num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=False,
                    moe_latent_size=16, mlp_bias=True, mlp_hidden_act="silu",
                    layers_block_type=["moe", "linear_attention", "full_attention", "moe"]),

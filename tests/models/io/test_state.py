@@ -111,7 +111,8 @@ def test_mamba_ssm_huge_config_fails_before_allocating(tmp_path, layer):
     save_pretrained(tiny(layer), tmp_path / "ssm", format="mamba_ssm")
     edit_config(tmp_path / "ssm", d_model=HUGE)
     msg = refused_fast(from_pretrained, tmp_path / "ssm")
-    assert "(pytorch_model.bin)" in msg and f"backbone.embedding.weight: shape (64, 16) in the file, (64, {HUGE})" in msg
+    assert ("(pytorch_model.bin)" in msg
+            and f"backbone.embedding.weight: shape (64, 16) in the file, (64, {HUGE})" in msg)
 
 
 def test_huge_n_layer_fails_before_building_the_blocks(tmp_path):
@@ -143,7 +144,8 @@ def test_report_is_one_line_and_complete():
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(layer="Mamba2"), dict(layer="S4"), dict(d_intermediate=32), dict(attn_layer_idx=[1], attn_cfg={"num_heads": 2}),
+    dict(layer="Mamba2"), dict(layer="S4"), dict(d_intermediate=32),
+    dict(attn_layer_idx=[1], attn_cfg={"num_heads": 2}),
     dict(tie_embeddings=False)], ids=["mamba2", "s4", "mlp", "attention", "untied"])
 def test_native_round_trip_of_every_block_kind(tmp_path, overrides):
     """The meta-device build + assignment gives back exactly the saved model, for every mixer and block option."""

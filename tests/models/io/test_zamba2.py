@@ -35,7 +35,8 @@ CASES = {
     # two shared blocks used alternately (0, 1, 0), q/k/v adapters, GELU
     "two-blocks": dict(_BASE, vocab_size=53, num_hidden_layers=6, num_mem_blocks=2, use_shared_attention_adapter=True,
                        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"]),
-    # one block with RoPE, biases, GQA 4:2 (no attention adapters), SiLU, two SSM groups, a narrower conv, another epsilon and time_step_min
+    # one block with RoPE, biases, GQA 4:2 (no attention adapters), SiLU, two SSM groups, a narrower conv, another
+    # epsilon and time_step_min
     "rope-bias-gqa": dict(_BASE, vocab_size=41, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                           layers_block_type=["hybrid", "linear_attention", "hybrid"], use_mem_rope=True,
                           rope_parameters=dict(rope_type="default", rope_theta=300.0), add_bias_linear=True,

@@ -6,7 +6,8 @@ seqlen), grouped (batch, groups, d_state, seqlen) or time-invariant (dim, d_stat
 the official reference reads them; mambakit's scan takes them all); with complex A the varying B, C
 are real (batch, [groups,] d_state, 2 * seqlen), (re, im) pairs along time (complex tensors of seqlen are taken
 too), the time-invariant ones complex, y_t = 2 * Re(<C_t, h_t>) + D * u_t; D, delta_bias (dim,); last state
-(batch, dim, d_state), complex for complex A. `mamba_inner_fn` is `mambakit.ops.mamba_inner` (on CUDA the fused Triton form, as the official
+(batch, dim, d_state), complex for complex A. `mamba_inner_fn` is `mambakit.ops.mamba_inner` (on CUDA the fused
+Triton form, as the official
 fused kernel: little saved, the conv output and delta recomputed in the backward) when B and C come from x_proj
 without extra biases or norms, else the composition conv -> x_proj -> dt_proj -> scan -> out_proj by autograd.
 """

@@ -1,7 +1,8 @@
 """mambakit.compat's Mamba2(process_group=) and mamba_ssm.distributed.tensor_parallel on 2 gloo CPU processes (and
 3 for d_ssm < d_inner): the sharded layer (with and without sequence_parallel, with and without the gated MLP part
 of d_ssm < d_inner) equals the unsharded one in outputs, input and parameter gradients and decode steps, and its
-full_state_dict / load_full_state_dict round-trip the unsharded state dict; the column / row parallel linears and the parallel embeddings equal their unsharded
+full_state_dict / load_full_state_dict round-trip the unsharded state dict; the column / row parallel linears and
+the parallel embeddings equal their unsharded
 modules. One spawn runs every check; each rank returns relative errors (float64 everywhere, so the tolerance is
 tight)."""
 from __future__ import annotations

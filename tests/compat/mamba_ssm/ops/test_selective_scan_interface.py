@@ -57,7 +57,8 @@ def inputs(layout, seed=0, batch=2, dim=6, d_state=4, seqlen=9, c_layout=None):
     shapes = {"variable": (batch, d_state, seqlen), "grouped": (batch, 3, d_state, seqlen),
               "grouped2": (batch, 2, d_state, seqlen), "invariant": (dim, d_state)}
     B, C = torch.randn(shapes[layout], generator=g), torch.randn(shapes[c_layout or layout], generator=g)
-    D, z, bias = torch.randn(dim, generator=g), torch.randn(batch, dim, seqlen, generator=g), torch.randn(dim, generator=g)
+    D, z, bias = (torch.randn(dim, generator=g), torch.randn(batch, dim, seqlen, generator=g),
+                  torch.randn(dim, generator=g))
     return u, delta, A, B, C, D, z, bias
 
 

@@ -5,26 +5,12 @@ from __future__ import annotations
 
 import os
 
-_BEFORE = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # as in every Triton test here, before triton is imported
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_for_this_module_only():
-    """The ops read TRITON_INTERPRET at call time: left set, it would send later modules' CPU tests into the
-    interpreter, where Triton's own helpers decorated before it was set (triton imported by an earlier test module)
-    fail with "Cannot call @triton.jit'd outside of the scope of a kernel"."""
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if _BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _BEFORE
 
 from mambakit.layers.first_call import compile_first_call  # noqa: E402
 from mambakit.layers.mamba import Mamba  # noqa: E402

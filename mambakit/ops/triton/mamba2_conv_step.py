@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops.triton.grid import cdiv, next_power_of_2
-from mambakit.ops.triton.math import softplus
+from mambakit.ops.triton.mixer_step import m2_head_update
 
 
 @triton.jit
@@ -84,26 +84,8 @@ def _m2_conv_state_step_kernel(zx_ptr, cs_ptr, cw_ptr, cb_ptr, cnt_ptr, dtb_ptr,
         tl.store(b_addr, b_win, mask=mw)
         tl.store(c_addr, c_win, mask=mw)
         tl.atomic_xchg(cnt_ptr + b * ngroups + g, 0, sem="release")
-    dt = tl.load(zx_ptr + b * s_zxb + dt_col + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
-    dt = softplus(dt)
-    if CLAMP:
-        dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
-    dA = tl.exp(dt * -tl.exp(tl.load(alog_ptr + h).to(tl.float32)))
-    m2 = mp[:, None] & mn[None, :]
-    s_off = b * s_sb + h * s_sh + p[:, None] * s_sp + n[None, :]
-    s = tl.load(st_ptr + s_off, mask=m2, other=0.0).to(tl.float32)
-    s = s * dA + (dt * x)[:, None] * Bv[None, :]
-    tl.store(st_ptr + s_off, s.to(st_ptr.dtype.element_ty), mask=m2)
-    y = tl.sum(s * Cv[None, :], axis=1)
-    if HAS_D:
-        if D_HAS_HDIM:
-            y += x * tl.load(D_ptr + h * headdim + p, mask=mp, other=0.0).to(tl.float32)
-        else:
-            y += x * tl.load(D_ptr + h).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(zx_ptr + b * s_zxb + h * headdim + p, mask=mp, other=0.0).to(tl.float32)
-        y = y * (z * tl.sigmoid(z))
-    tl.store(y_ptr + b * d_inner + h * headdim + p, y.to(y_ptr.dtype.element_ty), mask=mp)
+    y = m2_head_update(zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr, b, h, p, mp, n, mn, x, Bv, Cv, headdim,
+                       d_inner, dt_col, 0, s_zxb, s_sb, s_sh, s_sp, dt_lo, dt_hi, HAS_D, D_HAS_HDIM, HAS_Z, CLAMP)
     if NORM:
         _gated_norm_tail(zx_ptr, y_ptr, nw_ptr, part_ptr, cnt_ptr + b * ngroups + g + ngroups * tl.num_programs(2),
                          b, g, y.to(y_ptr.dtype.element_ty).to(tl.float32), h * headdim + p, mp,

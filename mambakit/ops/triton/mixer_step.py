@@ -180,28 +180,17 @@ def mamba1_step_triton(xz: Tensor, conv_state: Tensor, conv_weight: Tensor, conv
 
 
 @triton.jit
-def _m2_state_step_kernel(xbc_ptr, zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr,
-                          headdim, dstate, heads_per_group, d_inner, ngroups, dt_col, z_col, s_xbcb, s_zxb,
-                          s_sb, s_sh, s_sp, dt_lo, dt_hi,
-                          HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, CLAMP: tl.constexpr,
-                          BLOCK_P: tl.constexpr, NP: tl.constexpr):
-    pid_p = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    g = h // heads_per_group
+def m2_head_update(zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr, b, h, p, mp, n, mn, x, Bv, Cv, headdim, d_inner,
+                   dt_col, z_col, s_zxb, s_sb, s_sh, s_sp, dt_lo, dt_hi, HAS_D: tl.constexpr,
+                   D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, CLAMP: tl.constexpr):
+    """Mamba-2's step for head h's rows p (BLOCK_P,) of batch row b after the conv: dt (bias, softplus, clamp), the
+    state update from x (BLOCK_P,), B and C (NP,) (float32), the read-out, the D skip, the SiLU(z) gate (HAS_Z; z
+    from column z_col of the in_proj output); stores y and returns it (float32, before rounding)."""
     dt = tl.load(zx_ptr + b * s_zxb + dt_col + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
     dt = softplus(dt)
     if CLAMP:
         dt = tl.minimum(tl.maximum(dt, dt_lo), dt_hi)
     dA = tl.exp(dt * -tl.exp(tl.load(alog_ptr + h).to(tl.float32)))
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mp = p < headdim
-    n = tl.arange(0, NP)
-    mn = n < dstate
-    row = xbc_ptr + b * s_xbcb
-    x = tl.load(row + h * headdim + p, mask=mp, other=0.0).to(tl.float32)
-    Bv = tl.load(row + d_inner + g * dstate + n, mask=mn, other=0.0).to(tl.float32)
-    Cv = tl.load(row + d_inner + (ngroups + g) * dstate + n, mask=mn, other=0.0).to(tl.float32)
     m2 = mp[:, None] & mn[None, :]
     s_off = b * s_sb + h * s_sh + p[:, None] * s_sp + n[None, :]
     s = tl.load(st_ptr + s_off, mask=m2, other=0.0).to(tl.float32)
@@ -216,7 +205,30 @@ def _m2_state_step_kernel(xbc_ptr, zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_p
     if HAS_Z:
         z = tl.load(zx_ptr + b * s_zxb + z_col + h * headdim + p, mask=mp, other=0.0).to(tl.float32)
         y = y * (z * tl.sigmoid(z))
-    tl.store(y_ptr + b * (d_inner) + h * headdim + p, y.to(y_ptr.dtype.element_ty), mask=mp)
+    tl.store(y_ptr + b * d_inner + h * headdim + p, y.to(y_ptr.dtype.element_ty), mask=mp)
+    return y
+
+
+@triton.jit
+def _m2_state_step_kernel(xbc_ptr, zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr,
+                          headdim, dstate, heads_per_group, d_inner, ngroups, dt_col, z_col, s_xbcb, s_zxb,
+                          s_sb, s_sh, s_sp, dt_lo, dt_hi,
+                          HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, CLAMP: tl.constexpr,
+                          BLOCK_P: tl.constexpr, NP: tl.constexpr):
+    pid_p = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    g = h // heads_per_group
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mp = p < headdim
+    n = tl.arange(0, NP)
+    mn = n < dstate
+    row = xbc_ptr + b * s_xbcb
+    x = tl.load(row + h * headdim + p, mask=mp, other=0.0).to(tl.float32)
+    Bv = tl.load(row + d_inner + g * dstate + n, mask=mn, other=0.0).to(tl.float32)
+    Cv = tl.load(row + d_inner + (ngroups + g) * dstate + n, mask=mn, other=0.0).to(tl.float32)
+    m2_head_update(zx_ptr, dtb_ptr, alog_ptr, D_ptr, st_ptr, y_ptr, b, h, p, mp, n, mn, x, Bv, Cv, headdim, d_inner,
+                   dt_col, z_col, s_zxb, s_sb, s_sh, s_sp, dt_lo, dt_hi, HAS_D, D_HAS_HDIM, HAS_Z, CLAMP)
 
 
 def mamba2_state_step_triton(xbc: Tensor, zxbcdt: Tensor, dt_col: int, dt_bias: Tensor, A_log: Tensor, D,

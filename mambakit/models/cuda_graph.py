@@ -81,7 +81,7 @@ def check_shared_cache(model, cache, batch_size: int, dtype: Optional[torch.dtyp
         raise MambaKitError(f"cache must be an InferenceCache (model.allocate_cache or a GraphedDecoder's .cache), "
                             f"got {type(cache).__name__}")
     want, got = ([(tuple(t.shape), t.dtype, t.device) for t in _state_tensors(c)]
-                 for c in (_allocate(model, batch_size, dtype, device, state_dtype), cache))
+                 for c in (allocate_cache(model, batch_size, dtype, device, state_dtype), cache))
     if want != got:
         where = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
         expected, actual = (v[where] if where < len(v) else "none" for v in (want, got))
@@ -91,8 +91,10 @@ def check_shared_cache(model, cache, batch_size: int, dtype: Optional[torch.dtyp
                             f"device) {expected}, got {actual}")
 
 
-def _allocate(model, batch_size: int, dtype, device, state_dtype):
-    """model.allocate_cache, passing state_dtype only when given (a duck-typed model may not take it)."""
+def allocate_cache(model, batch_size: int, dtype: Optional[torch.dtype] = None, device=None,
+                   state_dtype: Optional[torch.dtype] = None):
+    """model.allocate_cache(batch_size, dtype, device), passing state_dtype only when given (a duck-typed model may
+    not take it)."""
     if state_dtype is None:
         return model.allocate_cache(batch_size, dtype=dtype, device=device)
     return model.allocate_cache(batch_size, dtype=dtype, device=device, state_dtype=state_dtype)
@@ -125,7 +127,7 @@ class GraphedDecoder:
         self.batch_size = batch_size
         self.decoding_seqlen = decoding_seqlen
         self.vocab_size = model.config.padded_vocab_size
-        self.cache = _allocate(model, batch_size, dtype, self.device, state_dtype) if cache is None else cache
+        self.cache = allocate_cache(model, batch_size, dtype, self.device, state_dtype) if cache is None else cache
         self.tokens = torch.zeros(batch_size, decoding_seqlen, dtype=torch.long, device=self.device)
         kept = [t.clone() for t in _state_tensors(self.cache)], self.cache.seqlen_offset
         self.logits = self._capture(warmup)  # (batch_size, decoding_seqlen, padded_vocab_size), the graph's output

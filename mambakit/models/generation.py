@@ -132,8 +132,9 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
         logits = decoder.prefill(input_ids, attention_mask=attention_mask)
         step = decoder.step
     else:
-        cache = (model.allocate_cache(batch, device=input_ids.device) if state_dtype is None else
-                 model.allocate_cache(batch, device=input_ids.device, state_dtype=state_dtype))
+        from mambakit.models.cuda_graph import allocate_cache
+
+        cache = allocate_cache(model, batch, None, input_ids.device, state_dtype)
         logits = model(input_ids, cache=cache, num_last_tokens=1, attention_mask=attention_mask).logits[:, -1]
 
         def step(next_token: Tensor) -> Tensor:
